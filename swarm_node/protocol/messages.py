@@ -1,0 +1,192 @@
+"""The wire messages: frozen, slotted dataclasses listed in one table, ``MESSAGE_TYPES``.
+
+Each message field has a rule (its type and, for ints, the smallest sensible value) that both ends
+check: the sender raises ``LocalProtocolError``, the receiver ``RemoteProtocolError``. This module
+does NOT know bytes, framing or msgpack (see framing.py), what a codec means (compression/), or
+whether a request makes sense to a server (an unknown session, a span it does not hold): those are
+answered with an ``ErrorResponse`` by node/.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from swarm_node.errors import ProtocolError
+from swarm_node.protocol.tensors import WireTensor, _short
+
+MAX_INT = 2**63 - 1  # every int field must fit an int64 on both ends
+
+
+def _at_least(minimum: int, **kwargs: Any) -> Any:
+    """A dataclass field whose int value must be >= ``minimum`` (the default minimum is 0)."""
+    return field(metadata={"min": minimum}, **kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class InfoRequest:
+    """Ask a server what it serves."""
+
+
+@dataclass(frozen=True, slots=True)
+class InfoResponse:
+    model: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    num_blocks: int  # blocks in the whole model
+    hidden_size: int
+    dtype: str
+    throughput: float  # requests per second the server announces (>= 0, finite)
+    cache_tokens_left: int
+    version: str  # the server's swarm-node version
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSessionRequest:
+    model: str
+    start: int
+    end: int
+    max_length: int = _at_least(1)
+    dtype: str
+    compression: str
+    batch_size: int = _at_least(1, default=1)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSessionResponse:
+    session_id: str
+    max_length: int = _at_least(1)
+
+
+@dataclass(frozen=True, slots=True)
+class StepRequest:
+    session_id: str
+    step_id: int
+    position: int  # tokens the client believes are already in the server's cache
+    hidden: WireTensor  # (B, T, H)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResponse:
+    session_id: str
+    step_id: int
+    hidden: WireTensor  # (B, T, H)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSessionRequest:
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSessionResponse:
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """A cache-less forward pass through blocks [start, end)."""
+
+    model: str
+    start: int
+    end: int
+    compression: str
+    hidden: WireTensor  # (B, T, H)
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResponse:
+    hidden: WireTensor  # (B, T, H)
+
+
+# Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
+ERROR_CODES = frozenset(
+    {"bad_request", "unknown_session", "out_of_range", "cache_full", "too_long", "internal"}
+)
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    """A refusal: the peer is alive and says why it will not answer (see ``ERROR_CODES``)."""
+
+    code: str
+    message: str
+
+
+Message = (
+    InfoRequest
+    | InfoResponse
+    | OpenSessionRequest
+    | OpenSessionResponse
+    | StepRequest
+    | StepResponse
+    | CloseSessionRequest
+    | CloseSessionResponse
+    | ForwardRequest
+    | ForwardResponse
+    | ErrorResponse
+)
+
+# The one table of messages: wire name -> class. A wire name never changes meaning once released.
+MESSAGE_TYPES: dict[str, type] = {
+    "info_request": InfoRequest,
+    "info_response": InfoResponse,
+    "open_session_request": OpenSessionRequest,
+    "open_session_response": OpenSessionResponse,
+    "step_request": StepRequest,
+    "step_response": StepResponse,
+    "close_session_request": CloseSessionRequest,
+    "close_session_response": CloseSessionResponse,
+    "forward_request": ForwardRequest,
+    "forward_response": ForwardResponse,
+    "error_response": ErrorResponse,
+}
+WIRE_NAMES: dict[type, str] = {cls: name for name, cls in MESSAGE_TYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldRule:
+    """What one message field must hold on the wire."""
+
+    name: str
+    kind: type  # int, float, str or WireTensor
+    minimum: int  # for ints only
+    default: Any  # dataclasses.MISSING when the field is required
+
+
+def _rules(cls: type) -> tuple[FieldRule, ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        FieldRule(f.name, hints[f.name], f.metadata.get("min", 0), f.default) for f in fields(cls)
+    )
+
+
+FIELD_RULES: dict[type, tuple[FieldRule, ...]] = {cls: _rules(cls) for cls in WIRE_NAMES}
+
+
+def check_scalar(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
+    """Check an int, float or str field against its rule; returns the value (floats as float)."""
+    name = rule.name
+    if rule.kind is int:
+        if type(value) is not int or not rule.minimum <= value <= MAX_INT:
+            raise error(f"{name!r} must be an int >= {rule.minimum}, got {_short(value)}")
+        return value
+    if rule.kind is float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            raise error(f"{name!r} must be a finite number >= 0, got {_short(value)}")
+        return float(value)
+    if rule.kind is str:
+        if type(value) is not str:
+            raise error(f"{name!r} must be a str, got {_short(value)}")
+        if name == "code" and not _ERROR_CODE.fullmatch(value):
+            raise error(f"'code' must be a snake_case str of at most 64 chars, got {_short(value)}")
+        return value
+    raise AssertionError(f"no rule for field {name!r} of kind {rule.kind!r}")  # our bug
+
+
+def is_required(rule: FieldRule) -> bool:
+    return rule.default is MISSING
