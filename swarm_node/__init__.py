@@ -7,3 +7,24 @@ the LM head; hidden states travel peer to peer over py-libp2p.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from typing import Any
+
+__all__ = ["ClientConfig", "DistributedModelForCausalLM", "PeerConfig", "ServerConfig", "open_peer"]
+
+_LAZY = {
+    "open_peer": "swarm_node.node.peer",
+    "DistributedModelForCausalLM": "swarm_node.node.distributed_model",
+    "PeerConfig": "swarm_node.node.config",
+    "ServerConfig": "swarm_node.node.config",
+    "ClientConfig": "swarm_node.node.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import swarm_node` (and `swarm-node --help`) stays fast: torch and libp2p load on use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'swarm_node' has no attribute {name!r}")

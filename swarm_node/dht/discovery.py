@@ -1,0 +1,176 @@
+"""The one file of dht/ that talks to the network: announcing and finding servers on py-libp2p's KadDHT.
+
+KadDHT shortcuts we do not rely on (see DESIGN.md): ``find_providers`` answers from the local store
+alone when it has anything, and ``get_value`` returns a local (possibly stale) value. Lookups here
+ask the closest peers on the network, merge with the local store, deduplicate and check expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator
+from multiaddr import Multiaddr
+
+from swarm_node.dht.records import (
+    RECORD_NAMESPACE,
+    ServerRecord,
+    block_key,
+    decode_record,
+    encode_record,
+    record_key,
+    select_newest,
+)
+from swarm_node.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+QUERY_TIMEOUT = 5.0  # seconds for one peer's answer during a lookup
+PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
+
+
+class RecordValidator(Validator):
+    """KadDHT validator for ``/swarmnode/<peer_id>`` values: well-formed, written for that peer."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        record = decode_record(value)  # raises RemoteProtocolError on garbage
+        if key != record_key(record.peer_id):
+            raise RemoteProtocolError(f"record for {record.peer_id} stored under {key!r}")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        records = []
+        for v in values:
+            try:
+                records.append(decode_record(v))
+            except RemoteProtocolError:
+                records.append(None)
+        valid = [(i, r) for i, r in enumerate(records) if r is not None]
+        if not valid:
+            return 0
+        best = select_newest([r for _, r in valid])
+        return valid[best][0]
+
+
+class SwarmDHT:
+    """Announces this peer's server record and finds the servers of a model's blocks."""
+
+    def __init__(self, host: IHost) -> None:
+        self.host = host
+        self.kad = KadDHT(host, DHTMode.SERVER)
+        self.kad.register_validator(RECORD_NAMESPACE, RecordValidator())
+
+    async def add_bootstrap_peer(self, peer_id: ID) -> None:
+        await self.kad.routing_table.add_peer(peer_id)
+
+    # -- announcing ----------------------------------------------------------------------------
+    async def announce(self, record: ServerRecord, *, provide_blocks: bool = True) -> None:
+        """Store the record under its key and, if asked, register as provider of each block."""
+        await self.kad.put_value(record_key(record.peer_id), encode_record(record))
+        if provide_blocks:
+            async with trio.open_nursery() as nursery:
+                for block in range(record.start, record.end):
+                    nursery.start_soon(self.kad.provide, block_key(record.model, block))
+
+    # -- finding -------------------------------------------------------------------------------
+    async def _closest_peers(self, key: bytes) -> list[ID]:
+        peers = await self.kad.peer_routing.find_closest_peers_network(key)
+        return [p for p in peers if p != self.host.get_id()]
+
+    async def find_providers(self, key_hex: str) -> dict[ID, PeerInfo]:
+        """Providers of a block key: the local store merged with the answers of the closest peers."""
+        key = bytes.fromhex(key_hex)
+        found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    providers, _ = await self.kad.provider_store._get_providers_from_peer_with_closers(
+                        peer, key
+                    )
+                except (OSError, trio.BrokenResourceError, RuntimeError, ValueError) as exc:
+                    log.debug("provider query to %s failed: %s", peer, exc)
+                    return
+                for info in providers:
+                    found.setdefault(info.peer_id, info)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest_peers(key):
+                nursery.start_soon(ask, peer)
+        return found
+
+    async def get_record(self, peer_id: ID) -> ServerRecord | None:
+        """The newest valid record of a server: local copy, the server itself and the closest peers."""
+        key_str = record_key(peer_id.to_base58())
+        key = key_str.encode()
+        values: list[bytes] = []
+        local = self.kad.value_store.get(key)
+        if local is not None:
+            values.append(local.value)
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    value = await self.kad.value_store._get_from_peer(peer, key)
+                except (OSError, trio.BrokenResourceError, RuntimeError, ValueError) as exc:
+                    log.debug("value query to %s failed: %s", peer, exc)
+                    return
+                if isinstance(value, bytes):
+                    values.append(value)
+
+        candidates = set(await self._closest_peers(key))
+        if peer_id != self.host.get_id():
+            candidates.add(peer_id)
+        async with trio.open_nursery() as nursery:
+            for peer in candidates:
+                nursery.start_soon(ask, peer)
+        records: list[ServerRecord] = []
+        for v in values:
+            try:
+                rec = decode_record(v)
+            except RemoteProtocolError as exc:
+                log.warning("dropping a malformed record for %s: %s", peer_id, exc)
+                continue
+            if rec.peer_id == peer_id.to_base58():
+                records.append(rec)
+        if not records:
+            return None
+        return records[select_newest(records)]
+
+    async def find_servers(
+        self, model: str, blocks: Iterable[int], *, now: float | None = None
+    ) -> list[ServerRecord]:
+        """Live servers of any of ``blocks`` of ``model``, looked up in parallel."""
+        providers: dict[ID, PeerInfo] = {}
+
+        async def lookup_block(block: int) -> None:
+            providers.update(await self.find_providers(block_key(model, block)))
+
+        async with trio.open_nursery() as nursery:
+            for block in blocks:
+                nursery.start_soon(lookup_block, block)
+
+        records: list[ServerRecord] = []
+
+        async def fetch(info: PeerInfo) -> None:
+            if info.addrs:
+                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
+            rec = await self.get_record(info.peer_id)
+            if rec is not None:
+                records.append(rec)
+
+        async with trio.open_nursery() as nursery:
+            for info in providers.values():
+                nursery.start_soon(fetch, info)
+        now = time.time() if now is None else now
+        live = [r for r in records if r.model == model and r.is_live(now)]
+        for rec in live:
+            addrs = [Multiaddr(a) for a in rec.addrs]
+            self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
+        return sorted(live, key=lambda r: (r.start, r.peer_id))

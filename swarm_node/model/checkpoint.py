@@ -1,0 +1,136 @@
+"""A local Hugging Face model folder: its config and lazy, per-tensor access to its safetensors.
+
+Reads only the tensors asked for (safetensors memory-maps the file and copies just those bytes).
+Never torch.load, never pickle. Knows nothing of layers, spans or peers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm_node.errors import ModelError
+from swarm_node.model.families import Family, family_for
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+NameFilter = Iterable[str] | Callable[[str], bool]
+
+
+class Checkpoint:
+    """Config + tensor index of one model folder; open with `Checkpoint.open(path)`."""
+
+    def __init__(self, path: Path, config: Any, family: Family, weight_map: dict[str, str]) -> None:
+        self.path = path
+        self.config = config
+        self.family = family
+        self._weight_map = weight_map  # tensor name -> file name inside `path`
+        self.names_read: list[str] = []  # every tensor name load_tensors has read, in order
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"model folder {str(path)!r} must be an existing directory, it is not")
+        if not (path / "config.json").is_file():
+            found = sorted(p.name for p in path.iterdir())[:20]
+            raise ModelError(f"model folder {str(path)!r} must hold config.json, found {found}")
+        config = _read_config(path)
+        family = family_for(config)
+        return cls(path, config, family, _read_weight_map(path))
+
+    @property
+    def model_type(self) -> str:
+        return self.family.model_type
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self._weight_map)
+
+    def has_tensor(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def load_tensors(
+        self, names: NameFilter, *, dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors named (or accepted by a predicate), read one by one, cast to `dtype` if set.
+
+        An explicit name list must all exist (ModelError lists the missing ones).
+        """
+        if callable(names):
+            wanted = [n for n in self._weight_map if names(n)]
+        else:
+            wanted = list(dict.fromkeys(names))
+            missing = [n for n in wanted if n not in self._weight_map]
+            if missing:
+                raise ModelError(
+                    f"checkpoint {str(self.path)!r} must hold tensors {missing[:5]}"
+                    f"{' ...' if len(missing) > 5 else ''}, they are absent"
+                )
+        by_file: dict[str, list[str]] = {}
+        for name in wanted:
+            by_file.setdefault(self._weight_map[name], []).append(name)
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for file_name, file_names in by_file.items():
+            with safe_open(str(self.path / file_name), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    tensor = f.get_tensor(name)
+                    out[name] = tensor.to(dtype) if dtype is not None else tensor
+                    self.names_read.append(name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {self.model_type}, {self.num_blocks} blocks)"
+
+
+def _read_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:  # transformers' ways of saying "unknown/bad"
+        raise ModelError(f"config.json in {str(path)!r} cannot be read: {exc}") from exc
+
+
+def _read_weight_map(path: Path) -> dict[str, str]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"{str(index)!r} must be JSON with a 'weight_map', it is not") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise ModelError(f"{str(index)!r}: 'weight_map' must map str to str")
+        for shard in sorted(set(weight_map.values())):
+            if "/" in shard or "\\" in shard or shard.startswith("."):
+                raise ModelError(
+                    f"{str(index)!r}: shard names must be plain file names, got {shard!r}"
+                )
+            if not (path / shard).is_file():
+                raise ModelError(f"{str(index)!r} names shard {shard!r}, which is missing")
+        return dict(weight_map)
+    single = path / SINGLE_FILE
+    if single.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(single), framework="pt", device="cpu") as f:
+                return {name: SINGLE_FILE for name in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{str(single)!r} is not a readable safetensors file: {exc}") from exc
+    found = sorted(p.name for p in path.iterdir())[:20]
+    raise ModelError(
+        f"model folder {str(path)!r} must hold {SINGLE_FILE} or {INDEX_FILE}, found {found}"
+    )

@@ -1,0 +1,58 @@
+"""Build a transformers `*ForCausalLM` on the meta device (no memory) and materialise parts of it.
+
+Only the modules a caller takes out (a span's layers, the client's head) ever get real tensors,
+loaded from a Checkpoint by name. Knows nothing of caches or peers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from swarm_node.errors import ModelError
+from swarm_node.model.checkpoint import Checkpoint
+
+
+def meta_skeleton(config: Any) -> torch.nn.Module:
+    """The whole model with every parameter on the meta device; its config is a private copy."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)  # from_config mutates (attn implementation) and keeps it
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def submodule(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as exc:
+        raise ModelError(f"model has no module {dotted!r}: the families table is wrong") from exc
+
+
+def materialize(
+    module: torch.nn.Module,
+    checkpoint: Checkpoint,
+    prefix: str,
+    *,
+    dtype: torch.dtype,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Give `module` (on meta) real weights: tensors `prefix + local_name` from the checkpoint.
+
+    Loads exactly the module's own parameter/buffer names (strict), frozen (requires_grad False).
+    `extra` supplies local names that do not come from the file (e.g. a tied lm_head).
+    """
+    extra = extra or {}
+    local_names = [n for n in module.state_dict() if n not in extra]
+    loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
+    state = {n: loaded[prefix + n] for n in local_names} | extra
+    module.to_empty(device="cpu")
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:  # shape mismatch between config and file
+        raise ModelError(
+            f"tensors under {prefix!r} in {str(checkpoint.path)!r} do not fit the config: {exc}"
+        ) from exc
+    module.requires_grad_(False)

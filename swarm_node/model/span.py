@@ -1,0 +1,209 @@
+"""A contiguous span of decoder blocks run with transformers' own layer classes.
+
+`BlockSpan(hidden, cache) -> hidden`: hidden states of new positions in, of the same positions out,
+the cache (one per session) grows. Knows nothing of tokens, sessions, peers or the wire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from swarm_node.errors import ConfigError, ModelError
+from swarm_node.model.checkpoint import Checkpoint
+from swarm_node.model.families import layer_types
+from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.skeleton import materialize, meta_skeleton, submodule
+
+MAX_CACHE_LENGTH = 1 << 20  # sanity bound for new_cache arguments
+
+
+class BlockSpan(torch.nn.Module):
+    """Decoder blocks `start..end-1` of one model, plus a rotary embedding; load with `.load`."""
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        start: int,
+        end: int,
+        layers: torch.nn.ModuleList,
+        rotary: torch.nn.Module,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.start = start
+        self.end = end
+        self.hidden_size = int(config.hidden_size)
+        self.dtype = dtype
+        self.layers = layers
+        self.rotary = rotary
+        self.layer_types = layer_types(config)[start:end]
+
+    @classmethod
+    def load(
+        cls, checkpoint: Checkpoint, start: int, end: int, *, dtype: torch.dtype = torch.float32
+    ) -> BlockSpan:
+        total = checkpoint.num_blocks
+        if not (
+            isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total
+        ):
+            raise ConfigError(
+                f"span must satisfy 0 <= start < end <= {total} (the model has {total} blocks), "
+                f"got {start}:{end}"
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ConfigError(f"'dtype' must be a floating torch.dtype, got {dtype!r}")
+        layer_types(checkpoint.config)  # ModelError now for attention kinds we cannot mask
+        skeleton = meta_skeleton(checkpoint.config)
+        family = checkpoint.family
+        all_layers = submodule(skeleton, family.layers)
+        layers = torch.nn.ModuleList(all_layers[start:end])
+        for local, layer in enumerate(layers):
+            materialize(layer, checkpoint, family.layer_prefix(start + local), dtype=dtype)
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or not hasattr(attn, "layer_idx"):
+                raise ModelError(f"{type(layer).__name__} has no self_attn.layer_idx to re-index")
+            attn.layer_idx = local  # the span's cache holds only its own layers
+        config = skeleton.config
+        rotary_cls = type(submodule(skeleton, family.rotary))
+        with torch.device("cpu"):  # real inv_freq buffers, not the skeleton's meta ones
+            rotary = rotary_cls(config=config)
+        return cls(config=config, start=start, end=end, layers=layers, rotary=rotary, dtype=dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    def new_cache(
+        self, max_length: int, batch_size: int = 1, *, start: int | None = None, end: int | None = None
+    ) -> SpanCache:
+        """A cache for blocks `start..end-1` (default: the whole span; a sub-span must lie inside it)."""
+        start, end = self._sub_span(start, end)
+        for name, value, high in (
+            ("max_length", max_length, MAX_CACHE_LENGTH),
+            ("batch_size", batch_size, 1 << 16),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise ConfigError(f"{name!r} must be an int in [1, {high}], got {value!r}")
+        return SpanCache(
+            config=self.config,
+            start=start,
+            end=end,
+            max_length=max_length,
+            batch_size=batch_size,
+        )
+
+    def _sub_span(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ConfigError(
+                f"sub-span must lie within blocks {self.start}:{self.end}, got {start}:{end}"
+            )
+        return start, end
+
+    def cache_bytes_per_token(self, batch_size: int = 1) -> int:
+        """Bytes of keys + values one position costs in this span's cache."""
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * batch_size * kv_heads * head_dim * element
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None = None,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Hidden states `# (B, T, H)` of new positions -> the output of blocks `start..end-1`.
+
+        `start`/`end` default to the whole span; a sub-span runs only its layers (a cache must have
+        been made for the same sub-span). With a cache, positions continue from `cache.length` and
+        the cache grows by T; without one, a plain causal forward from position 0 (keeps autograd
+        when asked). Calls on one BlockSpan must not run concurrently (a server's compute limiter
+        serialises them): a sub-span renumbers its layers' cache indices while it runs.
+        """
+        self._check_hidden(hidden)
+        start, end = self._sub_span(start, end)
+        batch, new_tokens, _ = hidden.shape
+        past = 0
+        if cache is not None:
+            cache.check_step(start=start, end=end, batch_size=batch, new_tokens=new_tokens)
+            past = cache.length
+        needs_grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        mode = contextlib.nullcontext() if needs_grad else torch.inference_mode()
+        with mode:
+            out = self._run(hidden.to(self.dtype), cache, past, start - self.start, end - self.start)
+        if cache is not None:
+            cache.advance(new_tokens)
+        return out
+
+    def _run(
+        self, hidden: torch.Tensor, cache: SpanCache | None, past: int, first: int, stop: int
+    ) -> torch.Tensor:
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
+
+        new_tokens = hidden.shape[1]
+        dynamic = cache.dynamic if cache is not None else None
+        position_ids = torch.arange(past, past + new_tokens).unsqueeze(0)  # (1, T)
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=None,
+            cache=dynamic,
+            position_ids=position_ids,
+        )
+        layers = self.layers[first:stop]
+        kinds = self.layer_types[first:stop]
+        masks = {}
+        if "full_attention" in kinds:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in kinds:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
+        if first:  # a sub-span: its cache holds only its own layers, indexed from 0
+            for local, layer in enumerate(layers):
+                layer.self_attn.layer_idx = local
+        try:
+            for layer, kind in zip(layers, kinds, strict=True):
+                hidden = layer(
+                    hidden,
+                    attention_mask=masks[kind],
+                    position_ids=position_ids,
+                    cache=dynamic,
+                    use_cache=dynamic is not None,
+                    position_embeddings=position_embeddings,
+                )
+        finally:
+            if first:
+                for local, layer in enumerate(layers, start=first):
+                    layer.self_attn.layer_idx = local
+        return hidden  # (B, T, H)
+
+    def _check_hidden(self, hidden: Any) -> None:
+        if not isinstance(hidden, torch.Tensor):
+            raise ConfigError(f"'hidden' must be a torch.Tensor, got {type(hidden).__name__}")
+        if hidden.dim() != 3 or hidden.shape[2] != self.hidden_size or 0 in hidden.shape[:2]:
+            raise ConfigError(
+                f"'hidden' must have shape (B, T, {self.hidden_size}) with B, T >= 1, "
+                f"got {tuple(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise ConfigError(f"'hidden' must be a floating tensor, got {hidden.dtype}")
+
+    def extra_repr(self) -> str:
+        return f"blocks {self.start}:{self.end} of {self.config.num_hidden_layers}, {self.dtype}"

@@ -1,0 +1,118 @@
+"""The ``swarm-node`` command: a thin shell over ``open_peer``.
+
+    swarm-node demo                                  # a local 2-server swarm answers a prompt
+    swarm-node serve --blocks 0:15                   # start a swarm, serve blocks 0..14
+    swarm-node serve --blocks 15:30 --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3...
+    swarm-node generate "The capital of France is" --initial-peers /ip4/.../p2p/12D3...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from swarm_node.errors import SwarmError
+
+log = logging.getLogger("swarm_node.cli")
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"SWARM_{name}", default)
+
+
+def _env_list(name: str) -> list[str]:
+    value = _env(name)
+    return value.split() if value else []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm-node",
+        description="Run large language models collaboratively over a peer-to-peer swarm: servers hold "
+        "spans of transformer blocks, clients hold the embeddings and LM head.",
+        epilog="Every flag has an environment default SWARM_<FLAG> (e.g. SWARM_INITIAL_PEERS, SWARM_MODEL).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                       help=f"bundled model name or a local Hugging Face folder (default: {DEFAULT_MODEL})")
+        p.add_argument("--dtype", default=_env("DTYPE", "float32"), choices=["float32", "bfloat16"],
+                       help="weights and hidden-state dtype (default: float32)")
+        p.add_argument("--initial-peers", nargs="+", default=_env_list("INITIAL_PEERS"), metavar="MULTIADDR",
+                       help="full multiaddrs (/ip4/HOST/tcp/PORT/p2p/ID) of peers already in the swarm")
+        p.add_argument("--identity", type=Path, default=_env("IDENTITY"), metavar="FILE",
+                       help="key file keeping this peer's id across restarts (created if missing)")
+
+    serve = sub.add_parser("serve", help="serve a span of transformer blocks",
+                           description="Serve blocks START..END-1 of a model. With no --initial-peers, start a new swarm.")
+    common(serve)
+    serve.add_argument("--blocks", required=True, metavar="START:END", help="blocks to serve, e.g. 20:40")
+    serve.add_argument("--listen", nargs="+", default=_env_list("LISTEN") or ["/ip4/0.0.0.0/tcp/0"],
+                       metavar="MULTIADDR", help="where to listen (default: /ip4/0.0.0.0/tcp/0, any free port)")
+    serve.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
+    serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce (default: measured)")
+    serve.add_argument("--max-session-length", type=int, default=4096, help="tokens one session may hold")
+    serve.add_argument("--cache-tokens", type=int, default=64 * 1024,
+                       help="attention-cache budget in tokens across all sessions (default: 65536)")
+
+    gen = sub.add_parser("generate", help="generate text through the swarm",
+                         description="Generate a continuation of PROMPT through the swarm, streaming tokens to stdout.")
+    common(gen)
+    gen.add_argument("prompt", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--timeout", type=float, default=60.0, help="seconds one remote step may take")
+
+    demo = sub.add_parser("demo", help="start a local swarm of servers and answer a prompt",
+                          description="Start a local swarm on 127.0.0.1 with the model split between servers, "
+                          "answer a prompt, and show which peer served which blocks.")
+    demo.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    demo.add_argument("--servers", type=int, default=2, help="number of server peers (default: 2)")
+    demo.add_argument("--prompt", default="The capital of France is")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--chat", action="store_true")
+    return parser
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("swarm_node").setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
+    # py-libp2p logs routine DHT chatter as warnings; keep it out of the user's way.
+    logging.getLogger("libp2p").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
+    logging.getLogger("multiaddr").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from swarm_node.node import commands
+
+    runners: dict[str, Any] = {"serve": commands.serve, "generate": commands.generate, "demo": commands.demo}
+    try:
+        return trio.run(runners[args.command], args)
+    except SwarmError as exc:
+        print(f"swarm-node {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

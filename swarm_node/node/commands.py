@@ -1,0 +1,173 @@
+"""What each ``swarm-node`` subcommand does, over the library's front door ``open_peer``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
+from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
+from swarm_node.node.peer import Peer, model_id_of, open_peer
+from swarm_node.node.server import TORCH_DTYPES
+
+log = logging.getLogger(__name__)
+
+CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    start, end = parse_blocks(args.blocks)
+    server = ServerConfig(
+        model=args.model,
+        start=start,
+        end=end,
+        dtype=args.dtype,
+        torch_threads=args.torch_threads,
+        throughput=args.throughput,
+        max_session_length=args.max_session_length,
+        cache_budget_tokens=args.cache_tokens,
+    )
+    config = PeerConfig(listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_peer(config, server=server) as peer:
+            for addr in peer.addrs:
+                print(addr, flush=True)
+            if not args.initial_peers:
+                log.info("started a new swarm; others join with --initial-peers %s", peer.addrs[0])
+            async for signum in signals:
+                log.info("got %s: withdrawing and shutting down", signal.Signals(signum).name)
+                break
+    log.info("stopped cleanly")
+    return 0
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive, correct across multi-byte characters."""
+
+    def __init__(self, tokenizer: Any, out: Any = sys.stdout) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # half a character; wait for the rest
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        return ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
+    from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
+
+    path = await trio.to_thread.run_sync(resolve_model, args.model)
+    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
+    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
+    head = await trio.to_thread.run_sync(
+        lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
+    )
+    input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=getattr(args, "temperature", 0.0),
+        top_p=getattr(args, "top_p", 1.0),
+        seed=getattr(args, "seed", None),
+        eos_token_ids=_eos_ids(checkpoint.config, tokenizer),
+    )
+    if not args.chat:
+        out.write(args.prompt)
+    stream = TextStream(tokenizer, out)
+    _, stats = await generate_tokens(
+        peer, head, input_ids, model=model_id_of(args.model),
+        num_blocks=checkpoint.config.num_hidden_layers, dtype=args.dtype,
+        sampling=sampling, on_tokens=stream,
+    )
+    out.write("\n")
+    out.flush()
+    return stats
+
+
+def _describe(stats: GenerationStats) -> str:
+    hops = ", ".join(f"blocks {h.start}:{h.end} on {h.server.peer_id[-8:]}" for h in stats.chain)
+    return (
+        f"chain: {hops}\n{stats.new_tokens} new tokens, first after {stats.time_to_first_token:.2f} s, "
+        f"{stats.tokens_per_second:.1f} tokens/s after that"
+    )
+
+
+async def generate(args: argparse.Namespace) -> int:
+    config = PeerConfig(listen=CLIENT_LISTEN, initial_peers=tuple(args.initial_peers), identity=args.identity)
+    if not args.initial_peers:
+        from swarm_node.errors import ConfigError
+
+        raise ConfigError("'--initial-peers' must name at least one peer of the swarm (or set SWARM_INITIAL_PEERS)")
+    async with open_peer(config, client=ClientConfig(step_timeout=args.timeout)) as peer:
+        stats = await _generate_with(peer, args, sys.stdout)
+    print(_describe(stats), file=sys.stderr)
+    return 0
+
+
+def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+async def demo(args: argparse.Namespace) -> int:
+    from swarm_node.errors import ConfigError
+    from swarm_node.model import Checkpoint, resolve_model
+
+    if not 1 <= args.servers <= 8:
+        raise ConfigError(f"'--servers' must be in [1, 8], got {args.servers}")
+    t0 = time.perf_counter()
+    print(f"preparing {args.model} (converted once, then cached)...", file=sys.stderr, flush=True)
+    path = await trio.to_thread.run_sync(resolve_model, args.model)
+    num_blocks = Checkpoint.open(path).config.num_hidden_layers
+    spans = split_blocks(num_blocks, args.servers)
+    async with AsyncExitStack() as stack:
+        servers: list[Peer] = []
+        for start, end in spans:
+            initial = tuple(servers[0].addrs[:1]) if servers else ()
+            peer = await stack.enter_async_context(
+                open_peer(
+                    PeerConfig(listen=CLIENT_LISTEN, initial_peers=initial),
+                    server=ServerConfig(model=args.model, start=start, end=end, dtype=args.dtype),
+                )
+            )
+            servers.append(peer)
+            print(f"server {peer.peer_id[-8:]} serves blocks {start}:{end} at {peer.addrs[0]}", file=sys.stderr)
+        client = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=CLIENT_LISTEN, initial_peers=tuple(servers[0].addrs[:1])))
+        )
+        print(f"swarm ready in {time.perf_counter() - t0:.1f} s; asking: {args.prompt!r}\n", file=sys.stderr, flush=True)
+        args.temperature, args.top_p, args.seed = 0.0, 1.0, None
+        stats = await _generate_with(client, args, sys.stdout)
+    print("\n" + _describe(stats), file=sys.stderr)
+    return 0

@@ -1,0 +1,98 @@
+"""Settings of a peer, one frozen dataclass per role, validated on construction.
+
+Defaults < environment (``SWARM_*``, read by the CLI) < flags.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swarm_node.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+COMPRESSIONS = ("none", "float16", "bfloat16")
+_BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """'20:40' -> (20, 40): blocks 20..39."""
+    match = _BLOCKS_RE.match(text)
+    if not match:
+        raise ConfigError(f"'--blocks' must look like START:END (e.g. 0:15), got {text!r}")
+    start, end = int(match.group(1)), int(match.group(2))
+    if start >= end:
+        raise ConfigError(f"'--blocks' must have START < END, got {text!r}")
+    return start, end
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name!r} must be a number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{name!r} must be in {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """What every peer has: a libp2p host and a seat in the DHT."""
+
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs to listen on
+    initial_peers: tuple[str, ...] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
+    identity: Path | None = None  # key file; created on first use, so the peer id stays stable
+    max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
+    dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it
+
+    def __post_init__(self) -> None:
+        if not self.listen:
+            raise ConfigError("'listen' must name at least one multiaddr, got none")
+        _check_range("max_frame_size", self.max_frame_size, 1024)
+        _check_range("dht_ttl", self.dht_ttl, 3.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """A server holds blocks ``start..end-1`` of one model."""
+
+    model: str  # bundled model name or a local Hugging Face folder
+    start: int
+    end: int
+    dtype: str = "float32"
+    max_session_length: int = 4096  # tokens one session may hold
+    cache_budget_tokens: int = 64 * 1024  # tokens of attention cache across all sessions
+    max_sessions_per_peer: int = 16
+    session_idle_timeout: float = 120.0  # seconds without a message before a session is closed
+    torch_threads: int | None = None  # None: torch's default
+    throughput: float | None = None  # tokens/s to announce; None: measured at start
+    compressions: tuple[str, ...] = field(default=COMPRESSIONS)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        if not 0 <= self.start < self.end:
+            raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+        _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
+        _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
+        _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)
+        _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
+        if self.torch_threads is not None:
+            _check_range("torch_threads", self.torch_threads, 1, 256)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How a client runs inference sessions over the swarm."""
+
+    step_timeout: float = 60.0  # seconds one remote step may take, prefill included
+    lookup_timeout: float = 30.0  # seconds to find every block's servers
+    compression: str = "none"  # codec for hidden states on the wire
+    max_length: int = 2048  # default session length (prompt + new tokens)
+
+    def __post_init__(self) -> None:
+        _check_range("step_timeout", self.step_timeout, 0.001)
+        _check_range("lookup_timeout", self.lookup_timeout, 0.001)
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+        _check_range("max_length", self.max_length, 1, 1 << 20)

@@ -1,0 +1,170 @@
+"""A client's inference session over a chain of servers: one stream and one remote session per hop.
+
+Each step sends the hidden states of the new positions through every hop in order (client-star) and
+returns the last hop's output. The session is an async context manager: leaving it closes every
+remote session and stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import trio
+from libp2p.peer.id import ID
+
+from swarm_node import compression
+from swarm_node.dht.routing import Hop
+from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
+from swarm_node.node.message_stream import MessageStream
+from swarm_node.protocol import PROTOCOL_ID
+from swarm_node.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+
+async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
+    """Send one request and wait for its answer under a deadline; ErrorResponse -> RemoteError."""
+    with trio.fail_after(timeout):
+        await conn.send(message)
+        reply = await conn.receive()
+    if reply is None:
+        raise RemoteProtocolError(f"{conn.peer_id} closed the stream instead of answering")
+    if isinstance(reply, m.ErrorResponse):
+        raise RemoteError(reply.code, f"{reply.message} (from {conn.peer_id})")
+    if not isinstance(reply, expect):
+        raise RemoteProtocolError(
+            f"{conn.peer_id} answered {type(message).__name__} with {type(reply).__name__}"
+        )
+    return reply
+
+
+async def open_stream(host: Any, peer_id: str, *, max_frame_size: int, timeout: float) -> MessageStream:
+    with trio.fail_after(timeout):
+        stream = await host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+    return MessageStream(stream, max_frame_size=max_frame_size)
+
+
+class _RemoteSpan:
+    def __init__(self, hop: Hop, conn: MessageStream, session_id: str) -> None:
+        self.hop = hop
+        self.conn = conn
+        self.session_id = session_id
+
+
+class InferenceSession:
+    """Runs hidden states through ``chain`` with a KV cache kept on every server."""
+
+    def __init__(
+        self,
+        host: Any,
+        chain: list[Hop],
+        *,
+        model: str,
+        max_length: int,
+        dtype: str,
+        compression: str,
+        step_timeout: float,
+        max_frame_size: int,
+        batch_size: int = 1,
+    ) -> None:
+        self.host = host
+        self.chain = chain
+        self.model = model
+        self.max_length = max_length
+        self.dtype = dtype
+        self.compression = compression
+        self.step_timeout = step_timeout
+        self.max_frame_size = max_frame_size
+        self.batch_size = batch_size
+        self.position = 0
+        self._step_id = 0
+        self._spans: list[_RemoteSpan] = []
+
+    async def __aenter__(self) -> InferenceSession:
+        try:
+            for hop in self.chain:
+                conn = await open_stream(
+                    self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=self.step_timeout
+                )
+                reply = await request(
+                    conn,
+                    m.OpenSessionRequest(
+                        model=self.model,
+                        start=hop.start,
+                        end=hop.end,
+                        max_length=self.max_length,
+                        dtype=self.dtype,
+                        compression=self.compression,
+                        batch_size=self.batch_size,
+                    ),
+                    m.OpenSessionResponse,
+                    timeout=self.step_timeout,
+                )
+                self._spans.append(_RemoteSpan(hop, conn, reply.session_id))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        spans, self._spans = self._spans, []
+        with trio.CancelScope(shield=True):
+            for span in spans:
+                with trio.move_on_after(2.0):
+                    try:
+                        await request(
+                            span.conn,
+                            m.CloseSessionRequest(session_id=span.session_id),
+                            m.CloseSessionResponse,
+                            timeout=2.0,
+                        )
+                    except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
+                        log.debug("closing session on %s: %s", span.conn.peer_id, exc)
+                    except Exception as exc:  # the server may be gone; the close is best effort
+                        log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
+                    await span.conn.close()
+
+    @property
+    def hops(self) -> list[Hop]:
+        return [span.hop for span in self._spans]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the new positions ``# (B, T, H)`` -> the chain's output ``# (B, T, H)``."""
+        if not self._spans:
+            raise SessionError("the inference session is not open")
+        tokens = hidden.shape[1]
+        if self.position + tokens > self.max_length:
+            raise SessionError(
+                f"session max_length is {self.max_length}: {self.position} tokens so far + {tokens} "
+                "new would exceed it"
+            )
+        self._step_id += 1
+        for span in self._spans:
+            reply = await request(
+                span.conn,
+                m.StepRequest(
+                    session_id=span.session_id,
+                    step_id=self._step_id,
+                    position=self.position,
+                    hidden=compression.encode(hidden, self.compression),
+                ),
+                m.StepResponse,
+                timeout=self.step_timeout,
+            )
+            out = compression.decode(reply.hidden, max_numel=hidden.numel())
+            if out.shape != hidden.shape:
+                raise RemoteProtocolError(
+                    f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
+                )
+            hidden = out
+            if reply.step_id != self._step_id:
+                raise RemoteProtocolError(
+                    f"{span.conn.peer_id} answered step {reply.step_id}, expected {self._step_id}"
+                )
+        self.position += tokens
+        return hidden

@@ -1,0 +1,312 @@
+"""The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
+
+One stream from a client is one connection; the sessions opened on it live as long as the stream (the
+stream's handler task is their scope, so leaving it frees their caches). Heavy torch work goes to the
+one compute thread through ``compute_limiter``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node import __version__, compression
+from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
+from swarm_node.node.config import COMPRESSIONS, ServerConfig
+from swarm_node.node.message_stream import ConnectionLost, MessageStream
+from swarm_node.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward
+
+
+class RequestError(Exception):
+    """A request we refuse; becomes an ErrorResponse and the stream keeps going."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(slots=True)
+class _Session:
+    session_id: str
+    peer_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    dtype: str
+    compression: str
+    cache: Any  # model.SpanCache
+    reserved_tokens: int
+    steps: int = 0
+
+
+class BlockServer:
+    """Serves blocks ``span.start..span.end-1`` of ``model_id``."""
+
+    def __init__(
+        self,
+        *,
+        span: Any,  # model.BlockSpan
+        model_id: str,
+        config: ServerConfig,
+        max_frame_size: int,
+        compute_limiter: trio.CapacityLimiter,
+        throughput: float,
+    ) -> None:
+        self.span = span
+        self.model_id = model_id
+        self.config = config
+        self.max_frame_size = max_frame_size
+        self.compute_limiter = compute_limiter
+        self.throughput = throughput
+        self.reserved_tokens = 0
+        self.sessions_per_peer: Counter[str] = Counter()
+        self.active_sessions = 0
+        self.closing = False
+
+    @property
+    def start(self) -> int:
+        return self.config.start
+
+    @property
+    def end(self) -> int:
+        return self.config.end
+
+    @property
+    def cache_tokens_left(self) -> int:
+        return max(0, self.config.cache_budget_tokens - self.reserved_tokens)
+
+    # -- the connection loop ----------------------------------------------------------------------
+    async def handle_stream(self, stream: Any) -> None:
+        conn = MessageStream(stream, max_frame_size=self.max_frame_size)
+        peer = conn.peer_id
+        sessions: dict[str, _Session] = {}
+        try:
+            while True:
+                with trio.move_on_after(self.config.session_idle_timeout) as idle:
+                    message = await conn.receive()
+                if idle.cancelled_caught:
+                    if sessions:
+                        log.info("closing %d idle session(s) of %s", len(sessions), peer)
+                        for session in sessions.values():
+                            self._release(session)
+                        sessions.clear()
+                        await conn.send(
+                            m.ErrorResponse(
+                                code="idle_timeout",
+                                message=f"no message for {self.config.session_idle_timeout} s; "
+                                "sessions closed",
+                            )
+                        )
+                    break
+                if message is None:
+                    break
+                try:
+                    reply = await self._dispatch(message, sessions, peer)
+                except RequestError as exc:
+                    log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
+                    reply = m.ErrorResponse(code=exc.code, message=exc.message)
+                await conn.send(reply)
+        except RemoteProtocolError as exc:
+            log.warning("peer %s broke the protocol: %s", peer, exc)
+            with trio.move_on_after(1.0):
+                try:
+                    await conn.send(m.ErrorResponse(code="bad_request", message=str(exc)))
+                except ProtocolError:
+                    pass
+        except ConnectionLost as exc:
+            log.debug("connection from %s lost: %s", peer, exc)
+        except Exception:  # one catch-all per connection: keep serving everyone else
+            log.warning("stream from %s failed; closing it", peer, exc_info=True)
+        finally:
+            for session in sessions.values():
+                self._release(session)
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await conn.close()
+
+    async def _dispatch(self, message: Any, sessions: dict[str, _Session], peer: str) -> Any:
+        if isinstance(message, m.StepRequest):
+            return await self._step(message, sessions)
+        if isinstance(message, m.InfoRequest):
+            return self.info()
+        if isinstance(message, m.OpenSessionRequest):
+            return self._open(message, sessions, peer)
+        if isinstance(message, m.CloseSessionRequest):
+            session = sessions.pop(message.session_id, None)
+            if session is None:
+                raise RequestError("unknown_session", f"no session {message.session_id!r} here")
+            self._release(session)
+            return m.CloseSessionResponse(session_id=message.session_id)
+        if isinstance(message, m.ForwardRequest):
+            return await self._forward(message)
+        raise RequestError("bad_request", f"a server does not accept {type(message).__name__}")
+
+    def info(self) -> m.InfoResponse:
+        return m.InfoResponse(
+            model=self.model_id,
+            start=self.start,
+            end=self.end,
+            num_blocks=self.span.config.num_hidden_layers,
+            hidden_size=self.span.hidden_size,
+            dtype=self.config.dtype,
+            throughput=float(self.throughput),
+            cache_tokens_left=self.cache_tokens_left,
+            version=__version__,
+        )
+
+    # -- checks shared by requests ----------------------------------------------------------------
+    def _check_span(self, model: str, start: int, end: int) -> None:
+        if model != self.model_id:
+            raise RequestError("unknown_model", f"this server serves {self.model_id!r}, not {model!r}")
+        if not self.start <= start < end <= self.end:
+            raise RequestError(
+                "out_of_range",
+                f"blocks {start}:{end} are not within the served blocks {self.start}:{self.end}",
+            )
+
+    def _decode_hidden(self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str) -> torch.Tensor:
+        hidden_size = self.span.hidden_size
+        max_numel = (batch or MAX_FORWARD_BATCH) * max_tokens * hidden_size
+        try:
+            hidden = compression.decode(wire, max_numel=max_numel)
+        except RemoteProtocolError as exc:
+            raise RequestError("bad_request", f"hidden states: {exc}") from None
+        if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
+            raise RequestError(
+                "bad_request",
+                f"hidden states must have shape (batch, tokens >= 1, {hidden_size}), "
+                f"got {tuple(hidden.shape)}",
+            )
+        if batch is not None and hidden.shape[0] != batch:
+            raise RequestError("bad_request", f"hidden states must have batch {batch}, got {hidden.shape[0]}")
+        if hidden.dtype != TORCH_DTYPES[dtype]:
+            raise RequestError(
+                "bad_request", f"hidden states must be {dtype}, got {str(hidden.dtype).removeprefix('torch.')}"
+            )
+        return hidden
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _open(self, req: m.OpenSessionRequest, sessions: dict[str, _Session], peer: str) -> Any:
+        if self.closing:
+            raise RequestError("shutting_down", "this server is shutting down; use another")
+        self._check_span(req.model, req.start, req.end)
+        if req.dtype != self.config.dtype:
+            raise RequestError("bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}")
+        if req.compression not in COMPRESSIONS:
+            raise RequestError("bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}")
+        if not 1 <= req.max_length <= self.config.max_session_length:
+            raise RequestError(
+                "too_long",
+                f"'max_length' must be in [1, {self.config.max_session_length}], got {req.max_length}",
+            )
+        if not 1 <= req.batch_size <= MAX_FORWARD_BATCH:
+            raise RequestError("bad_request", f"'batch_size' must be in [1, {MAX_FORWARD_BATCH}], got {req.batch_size}")
+        if self.sessions_per_peer[peer] >= self.config.max_sessions_per_peer:
+            raise RequestError(
+                "too_many_sessions",
+                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
+            )
+        tokens = req.max_length * req.batch_size
+        if tokens > self.cache_tokens_left:
+            raise RequestError(
+                "cache_full",
+                f"attention cache full: the session needs {tokens} tokens, {self.cache_tokens_left} "
+                f"of {self.config.cache_budget_tokens} are free; retry later or use another server",
+            )
+        session_id = secrets.token_hex(8)
+        cache = self.span.new_cache(req.max_length, batch_size=req.batch_size, start=req.start, end=req.end)
+        sessions[session_id] = _Session(
+            session_id=session_id,
+            peer_id=peer,
+            start=req.start,
+            end=req.end,
+            max_length=req.max_length,
+            batch_size=req.batch_size,
+            dtype=req.dtype,
+            compression=req.compression,
+            cache=cache,
+            reserved_tokens=tokens,
+        )
+        self.reserved_tokens += tokens
+        self.sessions_per_peer[peer] += 1
+        self.active_sessions += 1
+        log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
+        return m.OpenSessionResponse(session_id=session_id, max_length=req.max_length)
+
+    def _release(self, session: _Session) -> None:
+        self.reserved_tokens -= session.reserved_tokens
+        self.sessions_per_peer[session.peer_id] -= 1
+        if self.sessions_per_peer[session.peer_id] <= 0:
+            del self.sessions_per_peer[session.peer_id]
+        self.active_sessions -= 1
+        session.cache = None
+
+    async def _step(self, req: m.StepRequest, sessions: dict[str, _Session]) -> m.StepResponse:
+        session = sessions.get(req.session_id)
+        if session is None:
+            raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
+        length = session.cache.length
+        if req.position != length:
+            raise RequestError(
+                "bad_request", f"'position' must equal the session's cache length {length}, got {req.position}"
+            )
+        shape = req.hidden.shape  # checked against the bytes when decoded below
+        if len(shape) == 3 and length + shape[1] > session.max_length:
+            raise RequestError(
+                "too_long",
+                f"session max_length is {session.max_length}: {length} tokens cached + "
+                f"{shape[1]} new would exceed it",
+            )
+        hidden = self._decode_hidden(
+            req.hidden, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
+        )
+        run = functools.partial(self._run_span, hidden, session.cache, session.start, session.end)
+        try:
+            out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
+        except SessionError as exc:
+            raise RequestError("too_long", str(exc)) from None
+        session.steps += 1
+        wire = compression.encode(out, session.compression)
+        return m.StepResponse(session_id=req.session_id, step_id=req.step_id, hidden=wire)
+
+    async def _forward(self, req: m.ForwardRequest) -> m.ForwardResponse:
+        self._check_span(req.model, req.start, req.end)
+        if req.compression not in COMPRESSIONS:
+            raise RequestError("bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}")
+        hidden = self._decode_hidden(
+            req.hidden, batch=None, max_tokens=self.config.max_session_length, dtype=self.config.dtype
+        )
+        run = functools.partial(self._run_span, hidden, None, req.start, req.end)
+        out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
+        return m.ForwardResponse(hidden=compression.encode(out, req.compression))
+
+    def _run_span(self, hidden: torch.Tensor, cache: Any, start: int, end: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(hidden, cache, start=start, end=end)
+
+
+def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:
+    """Tokens/s of one sequence's decode steps through the whole span (a quick local estimate)."""
+    cache = span.new_cache(repeats + 1, batch_size=1)
+    hidden = torch.zeros(1, 1, span.hidden_size, dtype=dtype)
+    with torch.inference_mode():
+        span.forward(hidden, cache, start=span.start, end=span.end)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            span.forward(hidden, cache, start=span.start, end=span.end)
+        elapsed = time.perf_counter() - t0
+    return repeats / max(elapsed, 1e-9)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.model_fixtures import make_tiny_model_dir
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libp2p() -> None:
+    # py-libp2p logs routine DHT chatter as warnings.
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama", num_layers=6)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The bundled SmolLM2, converted once into the default cache folder."""
+    from swarm_node.model import resolve_model
+
+    return resolve_model("smollm2-135m")

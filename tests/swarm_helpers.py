@@ -1,0 +1,42 @@
+"""A local swarm in one process: real libp2p hosts on 127.0.0.1, a real DHT, real servers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.peer import Peer, open_peer
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@asynccontextmanager
+async def local_swarm(
+    model: Path | str,
+    spans: Sequence[tuple[int, int]],
+    *,
+    dtype: str = "float32",
+    client: ClientConfig | None = None,
+    **server_fields: Any,
+) -> AsyncIterator[tuple[list[Peer], Peer]]:
+    """Servers for ``spans`` (the first one starts the swarm) and a client peer joined to it."""
+    async with AsyncExitStack() as stack:
+        servers: list[Peer] = []
+        for start, end in spans:
+            initial = tuple(servers[0].addrs[:1]) if servers else ()
+            server = ServerConfig(model=str(model), start=start, end=end, dtype=dtype, throughput=100.0)
+            peer = await stack.enter_async_context(
+                open_peer(
+                    PeerConfig(listen=LOOPBACK, initial_peers=initial),
+                    server=replace(server, **server_fields),
+                )
+            )
+            servers.append(peer)
+        client_peer = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1])), client=client)
+        )
+        yield servers, client_peer

@@ -1,0 +1,58 @@
+"""Real processes: two `swarm-node serve` and the `swarm-node generate` CLI on the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+pytestmark = pytest.mark.slow
+
+CLI = str(Path(sys.executable).with_name("swarm-node"))
+
+
+async def _first_line(process: trio.Process) -> str:
+    assert process.stdout is not None
+    data = b""
+    while b"\n" not in data:
+        chunk = await process.stdout.receive_some(4096)
+        if not chunk:
+            raise AssertionError(f"process exited before printing its address: {data!r}")
+        data += chunk
+    return data.split(b"\n", 1)[0].decode()
+
+
+async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
+    serve = [CLI, "serve", "--listen", "/ip4/127.0.0.1/tcp/0", "--throughput", "10"]
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            first = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [*serve, "--blocks", "0:15"], stdout=subprocess.PIPE, task_status=task_status, check=False
+                )
+            )
+            addr = await _first_line(first)
+            assert addr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3" in addr
+            second = await nursery.start(
+                lambda task_status: trio.run_process(
+                    [*serve, "--blocks", "15:30", "--initial-peers", addr],
+                    stdout=subprocess.PIPE, task_status=task_status, check=False,
+                )
+            )
+            await _first_line(second)
+            result = await trio.run_process(
+                [CLI, "generate", "The capital of France is", "--initial-peers", addr, "--max-new-tokens", "8"],
+                capture_stdout=True, capture_stderr=True, check=False,
+            )
+            out = result.stdout.decode()
+            assert result.returncode == 0, result.stderr.decode()[-3000:]
+            assert out.startswith("The capital of France is Paris"), out
+            assert "blocks 0:15 on" in result.stderr.decode() and "blocks 15:30 on" in result.stderr.decode()
+            for process in (first, second):  # Ctrl-C: records withdrawn, clean exit
+                process.send_signal(signal.SIGINT)
+            assert await first.wait() == 0
+            assert await second.wait() == 0
