@@ -93,16 +93,20 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("swarm_node").setLevel(logging.INFO if verbose < 2 else logging.DEBUG)
-    # py-libp2p logs routine DHT chatter as warnings; keep it out of the user's way.
-    logging.getLogger("libp2p").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
+    # py-libp2p logs routine DHT chatter as warnings (to its own logger, which does not propagate):
+    # keep it out of the user's way unless asked.
+    libp2p_log = logging.getLogger("libp2p")
+    libp2p_log.setLevel({0: logging.CRITICAL, 1: logging.ERROR}.get(verbose, logging.DEBUG))
+    libp2p_log.propagate = verbose >= 2
     logging.getLogger("multiaddr").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from swarm_node.node import commands  # imports libp2p, which resets its loggers on import
+
     _setup_logging(args.verbose)
-    from swarm_node.node import commands
 
     runners: dict[str, Any] = {"serve": commands.serve, "generate": commands.generate, "demo": commands.demo}
     try:
