@@ -56,3 +56,15 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
                 process.send_signal(signal.SIGINT)
             assert await first.wait() == 0
             assert await second.wait() == 0
+
+
+async def test_demo_command(smollm2_path: Path) -> None:
+    with trio.fail_after(300):
+        result = await trio.run_process(
+            [CLI, "demo", "--max-new-tokens", "6"], capture_stdout=True, capture_stderr=True, check=False
+        )
+    err = result.stderr.decode()
+    assert result.returncode == 0, err[-3000:]
+    assert result.stdout.decode().startswith("The capital of France is Paris")
+    assert "serves blocks 0:15" in err and "serves blocks 15:30" in err
+    assert "chain: blocks 0:15 on" in err and "tokens/s" in err

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import trio
 from libp2p.abc import IHost
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.common import ALPHA
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
@@ -31,8 +35,11 @@ from swarm_node.dht.records import (
 from swarm_node.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-QUERY_TIMEOUT = 5.0  # seconds for one peer's answer during a lookup
+QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
+UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
+LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 
 
@@ -65,6 +72,7 @@ class SwarmDHT:
         self.host = host
         self.kad = KadDHT(host, DHTMode.SERVER)
         self.kad.register_validator(RECORD_NAMESPACE, RecordValidator())
+        self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
 
     async def add_bootstrap_peer(self, peer_id: ID) -> None:
         await self.kad.routing_table.add_peer(peer_id)
@@ -79,9 +87,62 @@ class SwarmDHT:
                     nursery.start_soon(self.kad.provide, block_key(record.model, block))
 
     # -- finding -------------------------------------------------------------------------------
-    async def _closest_peers(self, key: bytes) -> list[ID]:
-        peers = await self.kad.peer_routing.find_closest_peers_network(key)
-        return [p for p in peers if p != self.host.get_id()]
+    def _skip(self, peer: ID) -> bool:
+        until = self._unreachable.get(peer)
+        if until is None:
+            return peer == self.host.get_id()
+        if until <= trio.current_time():
+            del self._unreachable[peer]
+            return False
+        return True
+
+    def _mark_unreachable(self, peer: ID, why: object) -> None:
+        log.debug("peer %s did not answer a lookup (%r); skipping it for %.0f s", peer, why, UNREACHABLE_FOR)
+        self._unreachable[peer] = trio.current_time() + UNREACHABLE_FOR
+        self.kad.routing_table.remove_peer(peer)
+
+    async def _ask(self, peer: ID, query: Callable[[], Awaitable[T]]) -> T | None:
+        """One query to one peer under QUERY_TIMEOUT; a peer that fails is skipped for a while."""
+        with trio.move_on_after(QUERY_TIMEOUT):
+            try:
+                return await query()
+            except (BaseLibp2pError, OSError, RuntimeError, ValueError, trio.BrokenResourceError) as exc:
+                self._mark_unreachable(peer, exc)
+                return None
+        self._mark_unreachable(peer, "timeout")
+        return None
+
+    async def _closest_peers(self, key: bytes, count: int = 20) -> list[ID]:
+        """The peers closest to ``key``: an iterative FIND_NODE with short per-peer deadlines.
+
+        KadDHT's own lookup waits 10 s for each dead peer still in a routing table; this one gives a
+        peer QUERY_TIMEOUT and then leaves it out of lookups for UNREACHABLE_FOR seconds.
+        """
+        known = set(self.kad.routing_table.find_local_closest_peers(key, count))
+        known.update(self.host.get_connected_peers())
+        known = {p for p in known if not self._skip(p)}
+        queried: set[ID] = set()
+        for _ in range(LOOKUP_ROUNDS):
+            batch = [p for p in sort_peer_ids_by_distance(key, list(known)) if p not in queried][:ALPHA]
+            if not batch:
+                break
+            found: set[ID] = set()
+
+            async def query(peer: ID) -> None:
+                peers = await self._ask(
+                    peer, lambda: self.kad.peer_routing._query_peer_for_closest(peer, key)
+                )
+                found.update(peers or ())
+
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    queried.add(peer)
+                    nursery.start_soon(query, peer)
+            new = {p for p in found if p not in known and not self._skip(p)}
+            known = {p for p in known if not self._skip(p)} | new
+            if not new:
+                break
+        return sort_peer_ids_by_distance(key, list(known))[:count]
 
     async def find_providers(self, key_hex: str) -> dict[ID, PeerInfo]:
         """Providers of a block key: the local store merged with the answers of the closest peers."""
@@ -89,16 +150,11 @@ class SwarmDHT:
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
 
         async def ask(peer: ID) -> None:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                try:
-                    providers, _ = await self.kad.provider_store._get_providers_from_peer_with_closers(
-                        peer, key
-                    )
-                except (OSError, trio.BrokenResourceError, RuntimeError, ValueError) as exc:
-                    log.debug("provider query to %s failed: %s", peer, exc)
-                    return
-                for info in providers:
-                    found.setdefault(info.peer_id, info)
+            answer = await self._ask(
+                peer, lambda: self.kad.provider_store._get_providers_from_peer_with_closers(peer, key)
+            )
+            for info in answer[0] if answer else ():
+                found.setdefault(info.peer_id, info)
 
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
@@ -115,18 +171,13 @@ class SwarmDHT:
             values.append(local.value)
 
         async def ask(peer: ID) -> None:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                try:
-                    value = await self.kad.value_store._get_from_peer(peer, key)
-                except (OSError, trio.BrokenResourceError, RuntimeError, ValueError) as exc:
-                    log.debug("value query to %s failed: %s", peer, exc)
-                    return
-                if isinstance(value, bytes):
-                    values.append(value)
+            value = await self._ask(peer, lambda: self.kad.value_store._get_from_peer(peer, key))
+            if isinstance(value, bytes):
+                values.append(value)
 
         candidates = set(await self._closest_peers(key))
-        if peer_id != self.host.get_id():
-            candidates.add(peer_id)
+        if not self._skip(peer_id):
+            candidates.add(peer_id)  # the server itself knows its newest record
         async with trio.open_nursery() as nursery:
             for peer in candidates:
                 nursery.start_soon(ask, peer)

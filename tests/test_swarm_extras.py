@@ -1,0 +1,88 @@
+"""Cache-less forward, bfloat16 sessions, withdrawal on shutdown, stable identities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.errors import ConfigError
+from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.node.config import PeerConfig, ServerConfig
+from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.identity import load_or_create_identity
+from swarm_node.node.inference_session import open_stream, request
+from swarm_node.node.peer import open_peer
+from swarm_node.protocol import messages as m
+from tests.swarm_helpers import LOOPBACK, local_swarm
+
+
+async def test_cacheless_forward_equals_local(tiny_llama: Path) -> None:
+    torch.manual_seed(4)
+    hidden = torch.randn(3, 5, 64)
+    local = BlockSpan.load(Checkpoint.open(tiny_llama), 2, 5)
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            req = m.ForwardRequest(model=tiny_llama.name, start=2, end=5, compression="none",
+                                   hidden=compression.encode(hidden, "none"))
+            reply = await request(conn, req, m.ForwardResponse, timeout=10)
+            await conn.close()
+    out = compression.decode(reply.hidden, max_numel=hidden.numel())
+    torch.testing.assert_close(out, local(hidden), atol=1e-5, rtol=0)
+
+
+async def test_bfloat16_swarm_equals_local_bfloat16(tiny_llama: Path) -> None:
+    checkpoint = Checkpoint.open(tiny_llama)
+    head = ClientHead.load(checkpoint, dtype=torch.bfloat16)
+    spans = [BlockSpan.load(checkpoint, a, b, dtype=torch.bfloat16) for a, b in ((0, 3), (3, 6))]
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, 256, (1, 5))
+    # the same decode loop computed here, in bfloat16
+    caches = [s.new_cache(16) for s in spans]
+    ids, hidden = input_ids, head.embed(input_ids)
+    for _ in range(6):
+        for span, cache in zip(spans, caches, strict=True):
+            hidden = span(hidden, cache)
+        token = head.logits(hidden[:, -1:])[:, -1].float().argmax(-1)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        hidden = head.embed(token[:, None])
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], dtype="bfloat16") as (servers, client):
+            remote, _ = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="bfloat16",
+                sampling=SamplingConfig(max_new_tokens=6),
+            )
+    assert remote.tolist() == ids.tolist()
+
+
+async def test_shutdown_withdraws_the_record(tiny_llama: Path) -> None:
+    with trio.fail_after(60):
+        async with open_peer(
+            PeerConfig(listen=LOOPBACK), server=ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=1.0)
+        ) as first:
+            boot = tuple(first.addrs[:1])
+            async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot)) as client:
+                async with open_peer(
+                    PeerConfig(listen=LOOPBACK, initial_peers=boot),
+                    server=ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=1.0),
+                ) as second:
+                    leaving = second.peer_id
+                    found = {s.peer_id for s in await client.find_servers(tiny_llama.name, 6)}
+                    assert found == {first.peer_id, leaving}
+                found = {s.peer_id for s in await client.find_servers(tiny_llama.name, 6)}
+                assert found == {first.peer_id}
+
+
+def test_identity_file_keeps_the_peer_id(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "peer.key"
+    a = load_or_create_identity(path)
+    b = load_or_create_identity(path)
+    assert a.public_key.serialize() == b.public_key.serialize()
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_bytes(b"not a key")
+    with pytest.raises(ConfigError, match="is not a libp2p private key file"):
+        load_or_create_identity(path)
