@@ -32,6 +32,7 @@ from swarm_node.node.peer import open_peer
 
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 PROMPT = "The capital of France is"
+RUNS = ("local", "1-server", "2-server")
 
 
 class Clock:
@@ -80,6 +81,7 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
 
 async def swarm_runs(addrs: dict[str, str], head: Any, input_ids: torch.Tensor, local: Any, args: argparse.Namespace) -> dict:
     results: dict[str, list[tuple[float, float]]] = {"local": [], "1-server": [], "2-server": []}
+    remote: dict[str, list[float]] = {"1-server": [], "2-server": []}
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     async with open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one, \
             open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two:
@@ -97,8 +99,10 @@ async def swarm_runs(addrs: dict[str, str], head: Any, input_ids: torch.Tensor, 
                     sampling=sampling, chain=chains[name],
                 )
                 results[name].append((stats.time_to_first_token, stats.tokens_per_second))
+                remote[name].append(stats.remote_time / stats.new_tokens)
             print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
                 f"{k} {v[-1][1]:.1f} tok/s" for k, v in results.items()), file=sys.stderr)
+    results["remote_ms_per_token"] = {k: round(1000 * statistics.median(v), 1) for k, v in remote.items()}
     return results
 
 
@@ -144,8 +148,9 @@ def main() -> None:
         "repeats": args.repeats,
         "server_torch_threads": args.server_threads,
         "torch_threads_local": torch.get_num_threads(),
-        "tokens_per_s_median": {k: round(statistics.median(v[1] for v in vals), 2) for k, vals in results.items()},
-        "ttft_s_median": {k: round(statistics.median(v[0] for v in vals), 4) for k, vals in results.items()},
+        "tokens_per_s_median": {k: round(statistics.median(v[1] for v in results[k]), 2) for k in RUNS},
+        "ttft_s_median": {k: round(statistics.median(v[0] for v in results[k]), 4) for k in RUNS},
+        "remote_ms_per_token_median": results["remote_ms_per_token"],
         "ratio_1server_vs_local_tokens_per_s": paired("1-server", 1),
         "ratio_2server_vs_local_tokens_per_s": paired("2-server", 1),
         "ratio_local_vs_1server_ttft": paired("1-server", 0, invert=True),

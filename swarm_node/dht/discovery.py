@@ -40,6 +40,7 @@ T = TypeVar("T")
 QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
+MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 
 
@@ -73,6 +74,8 @@ class SwarmDHT:
         self.kad = KadDHT(host, DHTMode.SERVER)
         self.kad.register_validator(RECORD_NAMESPACE, RecordValidator())
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
+        # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
+        self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
 
     async def add_bootstrap_peer(self, peer_id: ID) -> None:
         await self.kad.routing_table.add_peer(peer_id)
@@ -102,13 +105,18 @@ class SwarmDHT:
         self.kad.routing_table.remove_peer(peer)
 
     async def _ask(self, peer: ID, query: Callable[[], Awaitable[T]]) -> T | None:
-        """One query to one peer under QUERY_TIMEOUT; a peer that fails is skipped for a while."""
-        with trio.move_on_after(QUERY_TIMEOUT):
-            try:
-                return await query()
-            except (BaseLibp2pError, OSError, RuntimeError, ValueError, trio.BrokenResourceError) as exc:
-                self._mark_unreachable(peer, exc)
-                return None
+        """One query to one peer under QUERY_TIMEOUT, at most MAX_CONCURRENT_QUERIES at a time.
+
+        A peer that does not answer in time is skipped by lookups for a while; a peer that answers
+        with an error (say, it reset a stream because it was busy) is not.
+        """
+        async with self._query_limiter:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                try:
+                    return await query()
+                except (BaseLibp2pError, OSError, RuntimeError, ValueError, trio.BrokenResourceError) as exc:
+                    log.debug("query to %s failed: %r", peer, exc)
+                    return None
         self._mark_unreachable(peer, "timeout")
         return None
 

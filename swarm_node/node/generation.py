@@ -42,6 +42,7 @@ class GenerationStats:
     new_tokens: int = 0
     time_to_first_token: float = 0.0
     total_time: float = 0.0
+    remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
 
     @property
     def tokens_per_second(self) -> float:
@@ -86,7 +87,9 @@ async def generate_tokens(
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
         for i in range(sampling.max_new_tokens):
+            t_step = time.perf_counter()
             out = await session.step(hidden)  # (B, T, H)
+            stats.remote_time += time.perf_counter() - t_step
 
             def pick(out: torch.Tensor = out) -> torch.Tensor:
                 logits = head.logits(out[:, -1:, :])[:, -1, :].float()  # (B, V)
