@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from swarm_node.dht.records import ServerRecord, decode_record, encode_record, record_key, select_newest
+from swarm_node.dht.records import (
+    ServerRecord,
+    decode_record,
+    encode_record,
+    record_fields,
+    record_key,
+    select_newest,
+)
 from swarm_node.dht.routing import choose_chain, format_blocks
 from swarm_node.errors import MissingBlocksError, RemoteProtocolError
 
@@ -42,8 +47,7 @@ def test_record_round_trip_and_unknown_fields_ignored() -> None:
     ],
 )
 def test_bad_records_rejected(patch: dict, message: str) -> None:
-    data = dataclasses.asdict(rec("A", 0, 5))
-    data["addrs"] = list(data["addrs"])
+    data = record_fields(rec("A", 0, 5))
     data.update(patch)
     with pytest.raises(RemoteProtocolError, match=message):
         decode_record(msgpack.packb(data))

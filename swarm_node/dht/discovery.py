@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import trio
 from libp2p.abc import IHost
+from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.common import ALPHA
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -28,10 +29,10 @@ from swarm_node.dht.records import (
     ServerRecord,
     block_key,
     decode_record,
-    encode_record,
     record_key,
     select_newest,
 )
+from swarm_node.dht.signing import sign_record, verify_record
 from swarm_node.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -45,18 +46,23 @@ PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from recor
 
 
 class RecordValidator(Validator):
-    """KadDHT validator for ``/swarmnode/<peer_id>`` values: well-formed, written for that peer."""
+    """KadDHT validator for ``/swarmnode/<peer_id>`` values: signed by that peer, unexpired, not older.
+
+    Runs on every peer that receives a PUT_VALUE and on every value a lookup returns. Expiry is
+    wall-clock time (records cross machines), so this is the one place that reads ``time.time()``.
+    """
+
+    def __init__(self, held_seq: Callable[[str], int | None]) -> None:
+        self._held_seq = held_seq
 
     def validate(self, key: str, value: bytes) -> None:
-        record = decode_record(value)  # raises RemoteProtocolError on garbage
-        if key != record_key(record.peer_id):
-            raise RemoteProtocolError(f"record for {record.peer_id} stored under {key!r}")
+        verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
 
     def select(self, key: str, values: list[bytes]) -> int:
-        records = []
+        records: list[ServerRecord | None] = []
         for v in values:
             try:
-                records.append(decode_record(v))
+                records.append(verify_record(v, key=key, now=time.time()))
             except RemoteProtocolError:
                 records.append(None)
         valid = [(i, r) for i, r in enumerate(records) if r is not None]
@@ -72,10 +78,21 @@ class SwarmDHT:
     def __init__(self, host: IHost) -> None:
         self.host = host
         self.kad = KadDHT(host, DHTMode.SERVER)
-        self.kad.register_validator(RECORD_NAMESPACE, RecordValidator())
+        self.kad.register_validator(RECORD_NAMESPACE, RecordValidator(self._held_seq))
+        self._key_pair = KeyPair(host.get_private_key(), host.get_public_key())
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
+
+    def _held_seq(self, key: str) -> int | None:
+        """The seq of the record this peer holds under ``key``, so older ones are refused."""
+        held = self.kad.value_store.get(key.encode())
+        if held is None:
+            return None
+        try:
+            return decode_record(held.value).seq
+        except RemoteProtocolError:
+            return None
 
     async def add_bootstrap_peer(self, peer_id: ID) -> None:
         await self.kad.routing_table.add_peer(peer_id)
@@ -83,7 +100,7 @@ class SwarmDHT:
     # -- announcing ----------------------------------------------------------------------------
     async def announce(self, record: ServerRecord, *, provide_blocks: bool = True) -> None:
         """Store the record under its key and, if asked, register as provider of each block."""
-        await self.kad.put_value(record_key(record.peer_id), encode_record(record))
+        await self.kad.put_value(record_key(record.peer_id), sign_record(record, self._key_pair))
         if provide_blocks:
             async with trio.open_nursery() as nursery:
                 for block in range(record.start, record.end):
@@ -191,13 +208,10 @@ class SwarmDHT:
                 nursery.start_soon(ask, peer)
         records: list[ServerRecord] = []
         for v in values:
-            try:
-                rec = decode_record(v)
+            try:  # signature, key, expiry: a stale local copy is dropped here too
+                records.append(verify_record(v, key=key_str, now=time.time()))
             except RemoteProtocolError as exc:
-                log.warning("dropping a malformed record for %s: %s", peer_id, exc)
-                continue
-            if rec.peer_id == peer_id.to_base58():
-                records.append(rec)
+                log.info("dropping a record for %s: %s", peer_id, exc)
         if not records:
             return None
         return records[select_newest(records)]

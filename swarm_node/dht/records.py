@@ -1,13 +1,15 @@
 """Server records: what a server tells the swarm about itself, and the DHT keys they live under.
 
-Pure data: no sockets, no clocks (callers pass ``now``), no libp2p imports. A record is a msgpack
-map; unknown fields are ignored so that newer servers work with older clients.
+Pure data: no sockets, no clocks (callers pass ``now``), no libp2p imports (signatures live in
+signing.py). A record is a msgpack map; unknown fields are ignored so that newer servers work with
+older clients.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +20,9 @@ from swarm_node.errors import RemoteProtocolError
 RECORD_NAMESPACE = "swarmnode"
 MAX_RECORD_SIZE = 8 * 1024  # bytes; a record lists a few addresses and numbers
 MAX_ADDRS = 16
+MAX_ADAPTERS = 64
+MAX_NEXT_RTTS = 32  # round trips a server publishes to servers of its next blocks
+MAX_BIN_LEN = 1024  # bytes; the public key and signature are the only bin fields (Ed25519: 36, 64)
 STATES = ("JOINING", "ONLINE", "OFFLINE")
 
 
@@ -32,6 +37,8 @@ class ServerRecord:
     cache_tokens_left: int  # attention-cache room, in tokens of one sequence
     dtype: str
     version: str
+    adapters: tuple[str, ...] = ()  # names of the fine-tuned adapters (LoRA, prompts) it can apply
+    next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, round trip s) to next-block servers
     state: str = "ONLINE"
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
@@ -54,10 +61,18 @@ def block_key(model: str, block: int) -> str:
     return (bytes([0x12, 0x20]) + digest).hex()  # sha2-256 multihash
 
 
-def encode_record(record: ServerRecord) -> bytes:
+def record_fields(record: ServerRecord) -> dict[str, Any]:
+    """The msgpack map of a record (lists and maps where the dataclass holds tuples)."""
     data = dataclasses.asdict(record)
     data["addrs"] = list(record.addrs)
-    return msgpack.packb(data, use_bin_type=True)
+    data["adapters"] = list(record.adapters)
+    data["next_rtts"] = {peer: float(rtt) for peer, rtt in record.next_rtts}
+    return data
+
+
+def encode_record(record: ServerRecord) -> bytes:
+    """An unsigned record (tests, local use); what goes into the DHT is signing.sign_record's."""
+    return msgpack.packb(record_fields(record), use_bin_type=True)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -73,22 +88,58 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "seq": (int,),
     "expires_at": (int, float),
 }
+_OPTIONAL = ("state", "seq", "expires_at")
 
 
-def decode_record(value: bytes) -> ServerRecord:
-    """Parse a record from the DHT; raise RemoteProtocolError on anything malformed."""
+def unpack_map(value: bytes) -> dict[Any, Any]:
+    """The msgpack map in ``value``, size-checked; raise RemoteProtocolError on anything else."""
+    if not isinstance(value, bytes | bytearray):
+        raise RemoteProtocolError(f"server record must be bytes, got {type(value).__name__}")
     if len(value) > MAX_RECORD_SIZE:
         raise RemoteProtocolError(f"server record must be <= {MAX_RECORD_SIZE} bytes, got {len(value)}")
     try:
-        data: Any = msgpack.unpackb(value, raw=False, strict_map_key=True, max_bin_len=0)
+        data: Any = msgpack.unpackb(
+            value, raw=False, strict_map_key=True, max_bin_len=MAX_BIN_LEN, max_ext_len=0
+        )
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise RemoteProtocolError(f"server record is not valid msgpack: {exc}") from None
+        raise RemoteProtocolError(f"server record is not valid msgpack: {exc!r}") from None
     if not isinstance(data, dict):
         raise RemoteProtocolError(f"server record must be a map, got {type(data).__name__}")
+    return data
+
+
+def _str_list(data: dict[Any, Any], name: str, limit: int) -> tuple[str, ...]:
+    items = data.get(name, [])
+    ok = isinstance(items, list) and len(items) <= limit
+    if not (ok and all(isinstance(a, str) for a in items)):
+        raise RemoteProtocolError(f"server record {name!r} must be a list of <= {limit} strings")
+    return tuple(items)
+
+
+def _next_rtts(data: dict[Any, Any]) -> tuple[tuple[str, float], ...]:
+    items = data.get("next_rtts", {})
+    if not isinstance(items, dict) or len(items) > MAX_NEXT_RTTS:
+        raise RemoteProtocolError(
+            f"server record 'next_rtts' must be a map of <= {MAX_NEXT_RTTS} entries"
+        )
+    out = []
+    for peer, rtt in items.items():
+        number = isinstance(rtt, int | float) and not isinstance(rtt, bool)
+        if not (isinstance(peer, str) and number and math.isfinite(rtt) and rtt >= 0):
+            raise RemoteProtocolError(
+                "server record 'next_rtts' must map peer ids to seconds >= 0, "
+                f"got {peer!r}: {rtt!r}"
+            )
+        out.append((peer, float(rtt)))
+    return tuple(sorted(out))
+
+
+def record_from_map(data: dict[Any, Any]) -> ServerRecord:
+    """Check and convert an unpacked record map; unknown fields are ignored."""
     fields: dict[str, Any] = {}
     for name, types in _FIELD_TYPES.items():
         if name not in data:
-            if name in ("state", "seq", "expires_at"):
+            if name in _OPTIONAL:
                 continue
             raise RemoteProtocolError(f"server record lacks {name!r}")
         item = data[name]
@@ -97,17 +148,37 @@ def decode_record(value: bytes) -> ServerRecord:
                 f"server record {name!r} must be {types[0].__name__}, got {type(item).__name__}"
             )
         fields[name] = item
-    addrs = data.get("addrs")
-    if not isinstance(addrs, list) or len(addrs) > MAX_ADDRS or not all(isinstance(a, str) for a in addrs):
-        raise RemoteProtocolError(f"server record 'addrs' must be a list of <= {MAX_ADDRS} strings")
-    fields["addrs"] = tuple(addrs)
+    fields["addrs"] = _str_list(data, "addrs", MAX_ADDRS) if "addrs" in data else None
+    if fields["addrs"] is None:
+        raise RemoteProtocolError("server record lacks 'addrs'")
+    fields["adapters"] = _str_list(data, "adapters", MAX_ADAPTERS)
+    fields["next_rtts"] = _next_rtts(data)
     if not 0 <= fields["start"] < fields["end"]:
         raise RemoteProtocolError(
             f"server record span must satisfy 0 <= start < end, got {fields['start']}:{fields['end']}"
         )
+    throughput, cache = fields["throughput"], fields["cache_tokens_left"]
+    if not (math.isfinite(throughput) and throughput >= 0):
+        raise RemoteProtocolError(
+            f"server record 'throughput' must be finite and >= 0, got {throughput}"
+        )
+    if cache < 0:
+        raise RemoteProtocolError(f"server record 'cache_tokens_left' must be >= 0, got {cache}")
+    if not math.isfinite(fields.get("expires_at", 0.0)):
+        raise RemoteProtocolError(
+            f"server record 'expires_at' must be finite, got {fields['expires_at']}"
+        )
     if fields.get("state", "ONLINE") not in STATES:
         raise RemoteProtocolError(f"server record 'state' must be one of {STATES}, got {fields['state']!r}")
     return ServerRecord(**fields)
+
+
+def decode_record(value: bytes) -> ServerRecord:
+    """Parse a record WITHOUT checking its signature; RemoteProtocolError on anything malformed.
+
+    Anything read from the network goes through ``signing.verify_record`` instead.
+    """
+    return record_from_map(unpack_map(value))
 
 
 def select_newest(records: list[ServerRecord]) -> int:

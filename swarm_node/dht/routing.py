@@ -1,17 +1,24 @@
 """Choosing a chain of servers that covers every block of a model.
 
-Pure: takes the server records and measured latencies, returns hops. Knows nothing of the network.
+Pure: takes the server records, measured round trips and ``now``, returns hops. Knows nothing of the
+network or the clock; the shell measures round trips and feeds them to an RttEstimator.
+
+Three choices: ``choose_chain`` (fewest hops, then latency), ``choose_inference_chain`` (lowest
+expected per-token latency, client-star or server-to-server push) and ``choose_training_chain``
+(servers drawn in proportion to their throughput, to spread forward/backward load).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import math
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from swarm_node.dht.records import ServerRecord
 from swarm_node.errors import MissingBlocksError
 
-DEFAULT_LATENCY = 0.05  # seconds assumed for a server we have not measured
+DEFAULT_LATENCY = 0.05  # seconds assumed for a server we have not measured (a round trip)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +96,204 @@ def choose_chain(
         chain.append(hop)
         pos = hop.start
     return chain[::-1]
+
+
+# -- round trips -----------------------------------------------------------------------------------
+@dataclass(slots=True)
+class RttEstimator:
+    """Smoothed round trip per peer, as TCP does it (RFC 6298): EWMAs of samples and of spread.
+
+    Pure: the shell measures (a ping under a deadline) and calls ``observe(peer, seconds)``.
+    """
+
+    alpha: float = 0.125  # weight of a new sample in the mean
+    beta: float = 0.25  # weight of a new deviation in the spread
+    _srtt: dict[str, float] = field(default_factory=dict)
+    _rttvar: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, peer: str, sample: float) -> float:
+        """Fold one measured round trip (seconds) in; return the new smoothed value."""
+        if not (math.isfinite(sample) and sample >= 0):
+            raise ValueError(f"a round-trip sample must be finite and >= 0 seconds, got {sample}")
+        old = self._srtt.get(peer)
+        if old is None:
+            self._srtt[peer], self._rttvar[peer] = sample, sample / 2
+        else:
+            spread = abs(old - sample)
+            self._rttvar[peer] = (1 - self.beta) * self._rttvar[peer] + self.beta * spread
+            self._srtt[peer] = (1 - self.alpha) * old + self.alpha * sample
+        return self._srtt[peer]
+
+    def get(self, peer: str) -> float | None:
+        return self._srtt.get(peer)
+
+    def timeout(self, peer: str, *, floor: float = 0.2) -> float | None:
+        """A deadline for one request to ``peer``: srtt + 4 x spread, at least ``floor``."""
+        if peer not in self._srtt:
+            return None
+        return max(floor, self._srtt[peer] + 4 * self._rttvar[peer])
+
+    def forget(self, peer: str) -> None:
+        self._srtt.pop(peer, None)
+        self._rttvar.pop(peer, None)
+
+    def as_dict(self) -> dict[str, float]:
+        """Peer -> smoothed round trip, the ``rtt`` mapping the chain choices take."""
+        return dict(self._srtt)
+
+
+def server_rtts(servers: Iterable[ServerRecord]) -> dict[tuple[str, str], float]:
+    """(from, to) -> round trip in seconds, from what servers publish about their next servers."""
+    return {(s.peer_id, peer): rtt for s in servers for peer, rtt in s.next_rtts}
+
+
+# -- latency-aware inference chains ----------------------------------------------------------------
+def _usable(
+    servers: Iterable[ServerRecord], *, model: str, start: int, end: int, now: float,
+    exclude: frozenset[str], cache_tokens: int,
+) -> list[ServerRecord]:
+    """Live servers of ``model`` with room for the session; MissingBlocksError names what lacks."""
+    candidates = [
+        s for s in servers if s.model == model and s.peer_id not in exclude and s.is_live(now)
+    ]
+    usable = [s for s in candidates if s.throughput > 0 and s.cache_tokens_left >= cache_tokens]
+    gaps = missing_blocks(usable, start, end)
+    if gaps:
+        full = [b for b in gaps if b not in missing_blocks(candidates, start, end)]
+        why = ""
+        if full:
+            why = f" ({format_blocks(full)} only on servers without room for {cache_tokens} tokens)"
+        raise MissingBlocksError(f"no server for blocks {format_blocks(gaps)} of {model}{why}")
+    return sorted(usable, key=lambda s: (s.peer_id, s.start))
+
+
+def compute_time(server: ServerRecord, start: int, end: int) -> float:
+    """Seconds per token for blocks ``start..end-1`` on ``server`` (throughput is for its span)."""
+    return (end - start) / (server.end - server.start) / server.throughput
+
+
+def _one_way(rtt: Mapping[str, float], peer: str) -> float:
+    return rtt.get(peer, DEFAULT_LATENCY) / 2
+
+
+def _link(
+    a: str, b: str, rtt: Mapping[str, float], server_rtt: Mapping[tuple[str, str], float]
+) -> float:
+    """One-way seconds from server a to server b: half the published round trip when known, else the
+    mean of the client's one-way delays to a and b (servers as far from each other as from us)."""
+    if (a, b) in server_rtt:
+        return server_rtt[(a, b)] / 2
+    return (_one_way(rtt, a) + _one_way(rtt, b)) / 2
+
+
+def chain_latency(
+    chain: Sequence[Hop], *, rtt: Mapping[str, float],
+    server_rtt: Mapping[tuple[str, str], float] | None = None, push: bool,
+) -> float:
+    """Expected seconds per token: compute of every hop plus the network path.
+
+    Client-star: a round trip client <-> server per hop (2N one-way delays). Push: client -> first,
+    server -> server along the chain, last -> client (N + 1 one-way delays).
+    """
+    server_rtt = server_rtt or {}
+    total = sum(compute_time(h.server, h.start, h.end) for h in chain)
+    if not chain:
+        return total
+    if not push:
+        return total + sum(2 * _one_way(rtt, h.server.peer_id) for h in chain)
+    total += _one_way(rtt, chain[0].server.peer_id) + _one_way(rtt, chain[-1].server.peer_id)
+    for a, b in zip(chain, chain[1:], strict=False):
+        total += _link(a.server.peer_id, b.server.peer_id, rtt, server_rtt)
+    return total
+
+
+def choose_inference_chain(
+    servers: Iterable[ServerRecord],
+    *,
+    model: str,
+    start: int,
+    end: int,
+    rtt: Mapping[str, float],
+    server_rtt: Mapping[tuple[str, str], float] | None = None,
+    push: bool,
+    now: float,
+    max_length: int,
+    batch_size: int = 1,
+    exclude: frozenset[str] = frozenset(),
+) -> list[Hop]:
+    """The chain with the lowest expected per-token latency (``chain_latency``), then fewest hops.
+
+    Only live servers whose cache can hold ``max_length * batch_size`` tokens take part. Dynamic
+    programming over (block position, last server), since a push hop's cost depends on the server
+    before it; a hop ends at its server's end or where another server starts (the only places a
+    switch can pay off, as compute is linear in blocks).
+    """
+    server_rtt = server_rtt or {}
+    usable = _usable(
+        servers, model=model, start=start, end=end, now=now, exclude=exclude,
+        cache_tokens=max_length * batch_size,
+    )
+    starts = sorted({s.start for s in usable if start < s.start < end})
+    positions = sorted({start, *starts, *(min(s.end, end) for s in usable if s.end > start)})
+    # best[pos][last] = (seconds, hops, previous (pos, last), hop); last = -1: nothing sent yet
+    Entry = tuple[float, int, tuple[int, int] | None, Hop | None]
+    best: dict[int, dict[int, Entry]] = {p: {} for p in positions}
+    best[start][-1] = (0.0, 0, None, None)
+    for pos in positions:
+        if pos >= end:
+            break
+        for last, (cost, hops, _, _) in list(best[pos].items()):
+            for i, s in enumerate(usable):
+                if not s.covers(pos):
+                    continue
+                stop_max = min(s.end, end)
+                for stop in (stop_max, *(p for p in starts if pos < p < stop_max)):
+                    step = compute_time(s, pos, stop)
+                    if not push:
+                        step += 2 * _one_way(rtt, s.peer_id)
+                    elif last < 0:
+                        step += _one_way(rtt, s.peer_id)
+                    else:
+                        step += _link(usable[last].peer_id, s.peer_id, rtt, server_rtt)
+                    if push and stop == end:
+                        step += _one_way(rtt, s.peer_id)
+                    old = best[stop].get(i)
+                    if old is None or (cost + step, hops + 1) < old[:2]:
+                        best[stop][i] = (cost + step, hops + 1, (pos, last), Hop(s, pos, stop))
+    assert best[end], "every block is covered, so the DP reaches the end"
+    last = min(best[end], key=lambda i: best[end][i][:2])
+    state: tuple[int, int] | None = (end, last)
+    chain: list[Hop] = []
+    while state is not None:
+        _, _, prev, hop = best[state[0]][state[1]]
+        if hop is not None:
+            chain.append(hop)
+        state = prev
+    return chain[::-1]
+
+
+# -- training chains -------------------------------------------------------------------------------
+def choose_training_chain(
+    servers: Iterable[ServerRecord],
+    *,
+    model: str,
+    start: int,
+    end: int,
+    rng: random.Random,
+    now: float,
+    exclude: frozenset[str] = frozenset(),
+) -> list[Hop]:
+    """A chain for forward/backward passes: at each position, a server drawn in proportion to its
+    throughput among the live ones covering it, so many clients spread their load over the swarm."""
+    usable = _usable(
+        servers, model=model, start=start, end=end, now=now, exclude=exclude, cache_tokens=0
+    )
+    chain: list[Hop] = []
+    pos = start
+    while pos < end:
+        here = [s for s in usable if s.covers(pos)]
+        (server,) = rng.choices(here, weights=[s.throughput for s in here])
+        stop = min(server.end, end)
+        chain.append(Hop(server, pos, stop))
+        pos = stop
+    return chain

@@ -1,0 +1,140 @@
+"""Signed server records: the signature lives inside the DHT value, so every reader can check it.
+
+A signed value is one msgpack map: the record's fields, ``public_key`` (the server's libp2p public
+key, protobuf-serialized) and ``signature`` over the canonical encoding of every other entry of the
+map, unknown fields included (a newer server's extra fields are covered, an older client ignores
+them). Canonical: msgpack of the map with keys sorted at every level, floats as float64, ints in
+their shortest form: what ``canonical_bytes`` returns.
+
+Pure: libp2p's crypto and peer-id code, no sockets, no clocks (callers pass ``now``). Knows nothing
+of KadDHT; discovery.py plugs ``verify_record`` into its validator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+from libp2p.crypto.keys import KeyPair, PublicKey
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.peer.id import ID
+
+from swarm_node.dht.records import (
+    MAX_RECORD_SIZE,
+    ServerRecord,
+    record_fields,
+    record_from_map,
+    record_key,
+    unpack_map,
+)
+from swarm_node.errors import LocalProtocolError, RemoteProtocolError
+
+PUBLIC_KEY = "public_key"
+SIGNATURE = "signature"
+SIGNING_CONTEXT = b"swarm-node/server-record/v1\x00"  # so a record signature is never anything else
+MAX_DEPTH = 16  # nesting of maps/lists in a record (ours use 2)
+
+
+def _canonical(item: Any, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise RemoteProtocolError(f"server record nests deeper than {MAX_DEPTH} levels")
+    if isinstance(item, dict):
+        # strict_map_key keeps keys to str and bytes; order str before bytes, then by value
+        keys = sorted(item, key=lambda k: (isinstance(k, bytes), k))
+        return {k: _canonical(item[k], depth + 1) for k in keys}
+    if isinstance(item, list | tuple):
+        return [_canonical(x, depth + 1) for x in item]
+    return item
+
+
+def canonical_bytes(fields: Mapping[Any, Any]) -> bytes:
+    """What a signature covers: the map less ``signature``, keys sorted, floats as float64."""
+    unsigned = {k: v for k, v in fields.items() if k != SIGNATURE}
+    return msgpack.packb(_canonical(unsigned, 0), use_bin_type=True, use_single_float=False)
+
+
+def sign_fields(fields: Mapping[str, Any], key_pair: KeyPair) -> bytes:
+    """Sign any record map (``sign_record`` for ServerRecords; tests add unknown fields)."""
+    data = {k: v for k, v in fields.items() if k not in (PUBLIC_KEY, SIGNATURE)}
+    data[PUBLIC_KEY] = key_pair.public_key.serialize()
+    data[SIGNATURE] = key_pair.private_key.sign(SIGNING_CONTEXT + canonical_bytes(data))
+    value = msgpack.packb(data, use_bin_type=True)
+    if len(value) > MAX_RECORD_SIZE:
+        raise LocalProtocolError(
+            f"signed server record must be <= {MAX_RECORD_SIZE} bytes, got {len(value)}"
+        )
+    return value
+
+
+def sign_record(record: ServerRecord, key_pair: KeyPair) -> bytes:
+    """The DHT value of ``record``, signed with the server's key (its peer id: the record's)."""
+    own_id = ID.from_pubkey(key_pair.public_key).to_base58()
+    if own_id != record.peer_id:
+        raise LocalProtocolError(
+            f"record of peer {record.peer_id} cannot be signed with the key of {own_id}"
+        )
+    return sign_fields(record_fields(record), key_pair)
+
+
+def _public_key(data: Mapping[Any, Any]) -> PublicKey:
+    raw = data.get(PUBLIC_KEY)
+    if not isinstance(raw, bytes):
+        raise RemoteProtocolError(
+            f"server record {PUBLIC_KEY!r} must be bytes, got {type(raw).__name__}"
+        )
+    try:
+        return deserialize_public_key(raw)
+    except Exception as exc:  # noqa: BLE001 - protobuf and key backends raise many types on garbage
+        raise RemoteProtocolError(
+            f"server record {PUBLIC_KEY!r} is not a libp2p public key: {exc!r}"
+        ) from None
+
+
+def _check_signature(data: Mapping[Any, Any], public_key: PublicKey, peer_id: str) -> None:
+    signature = data.get(SIGNATURE)
+    if not isinstance(signature, bytes):
+        raise RemoteProtocolError(
+            f"server record {SIGNATURE!r} must be bytes, got {type(signature).__name__}"
+        )
+    try:
+        ok = public_key.verify(SIGNING_CONTEXT + canonical_bytes(data), signature)
+    except RemoteProtocolError:
+        raise
+    except Exception:  # noqa: BLE001 - nacl: ValueError on a short signature; others differ
+        ok = False
+    if not ok:
+        raise RemoteProtocolError(f"server record of {peer_id} has a bad signature")
+
+
+def verify_record(
+    value: bytes, *, key: str, now: float, previous_seq: int | None = None
+) -> ServerRecord:
+    """The record in a signed DHT value, or RemoteProtocolError saying which rule it breaks.
+
+    Rules: at most MAX_RECORD_SIZE bytes; well-formed; stored under its own peer's key; a public key
+    whose peer id is the record's; a valid signature; ``expires_at > now``; ``seq >= previous_seq``.
+    """
+    data = unpack_map(value)
+    record = record_from_map(data)
+    if key != record_key(record.peer_id):
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} stored under another key {key!r}"
+        )
+    public_key = _public_key(data)
+    signer = ID.from_pubkey(public_key).to_base58()
+    if signer != record.peer_id:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} carries the public key of {signer}"
+        )
+    _check_signature(data, public_key, record.peer_id)
+    if record.expires_at <= now:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} expired at {record.expires_at:.3f}, now is {now:.3f}"
+        )
+    if previous_seq is not None and record.seq < previous_seq:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} has seq {record.seq}, "
+            f"older than the {previous_seq} already held"
+        )
+    return record
