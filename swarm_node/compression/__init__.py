@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
-from swarm_node.compression.codecs import CODECS, DTYPES, ERROR_BOUNDS, decode, encode
+from swarm_node.compression.codecs import (
+    BLOCK_ERROR_BOUNDS,
+    CODECS,
+    DTYPES,
+    ERROR_BOUNDS,
+    decode,
+    encode,
+    error_bound,
+)
 
-__all__ = ["CODECS", "DTYPES", "ERROR_BOUNDS", "decode", "encode"]
+__all__ = [
+    "BLOCK_ERROR_BOUNDS",
+    "CODECS",
+    "DTYPES",
+    "ERROR_BOUNDS",
+    "decode",
+    "encode",
+    "error_bound",
+]

@@ -9,6 +9,11 @@ Codecs and their error for a value ``x`` (per element, for values inside the cod
   +-65504 are clamped to +-65504 (as hivemind does) rather than sent as inf; NaN stays NaN.
 - ``"bfloat16"``: half the bytes of float32, float32's range. Relative error <= 2**-8 (~3.9e-3);
   absolute error <= 2**-134 for float32 subnormals.
+- ``"blockwise8"`` / ``"blockwise8-64"``: bitsandbytes-compatible dynamic 8-bit codes, one float32
+  absmax per block of 4096 / 64 elements (see blockwise8.py): ~1.0 byte per element. The error is
+  per block, not per element: ``|decoded - x| <= BLOCK_ERROR_BOUNDS[codec] * absmax`` of the
+  element's block (~0.0070 * absmax), so these codecs are not in ``ERROR_BOUNDS``.
+  ``error_bound(x, codec)`` gives the bound per element of a tensor for every codec.
 
 ``WireTensor.dtype`` records the ORIGINAL dtype (float32, float16 or bfloat16) and ``decode``
 restores it, so a float32 tensor sent as "float16" comes back float32 (with float16's error). A
@@ -32,10 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from swarm_node.compression import blockwise8
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
 from swarm_node.protocol.tensors import MAX_NDIM, WireTensor
 
-CODECS = ("none", "float16", "bfloat16")
+CODECS = ("none", "float16", "bfloat16", "blockwise8", "blockwise8-64")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -46,6 +52,9 @@ ERROR_BOUNDS: dict[str, tuple[float, float]] = {  # codec -> (relative, absolute
     "none": (0.0, 0.0),
     "float16": (2.0**-11, 2.0**-25),
     "bfloat16": (2.0**-8, 2.0**-134),
+}
+BLOCK_ERROR_BOUNDS: dict[str, float] = {  # codec -> bound relative to its block's absmax
+    name: blockwise8.MAX_HALF_GAP for name in blockwise8.BLOCK_SIZES
 }
 _FLOAT16_MAX = torch.finfo(torch.float16).max
 
@@ -108,12 +117,38 @@ def _two_bytes(numel: int, dtype: torch.dtype) -> int:
     return numel * 2
 
 
+def _blockwise_codec(block: int) -> _Codec:
+    return _Codec(
+        encode=lambda tensor: blockwise8.encode_payload(tensor, block),
+        decode=lambda payload, numel, dtype: blockwise8.decode_payload(
+            payload, numel, block, dtype
+        ),
+        payload_nbytes=lambda numel, dtype: blockwise8.payload_nbytes(numel, block),
+    )
+
+
 _CODECS: dict[str, _Codec] = {
     "none": _Codec(_encode_none, _decode_none, _own_itemsize),
     "float16": _Codec(_encode_float16, _decode_float16, _two_bytes),
     "bfloat16": _Codec(_encode_bfloat16, _decode_bfloat16, _two_bytes),
+    "blockwise8": _blockwise_codec(blockwise8.BLOCK_SIZES["blockwise8"]),
+    "blockwise8-64": _blockwise_codec(blockwise8.BLOCK_SIZES["blockwise8-64"]),
 }
 assert tuple(_CODECS) == CODECS  # our own invariant: one table, one tuple
+
+
+def error_bound(tensor: torch.Tensor, codec: str) -> torch.Tensor:
+    """The largest ``|decode(encode(tensor, codec)) - tensor|`` per element, as float64.
+
+    For finite values (float16 within +-65504), before the cast back to a 16-bit original dtype
+    other than the codec's own, which adds that dtype's rounding (about 2**-8 relative at most).
+    """
+    if codec in blockwise8.BLOCK_SIZES:
+        return blockwise8.error_bound(tensor, blockwise8.BLOCK_SIZES[codec])
+    if codec not in ERROR_BOUNDS:
+        raise LocalProtocolError(f"'codec' must be one of {CODECS}, got {codec!r}")
+    relative, absolute = ERROR_BOUNDS[codec]
+    return tensor.detach().to(torch.float64).abs() * relative + absolute
 
 
 def encode(tensor: torch.Tensor, codec: str) -> WireTensor:

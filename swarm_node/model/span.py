@@ -15,6 +15,7 @@ from swarm_node.errors import ConfigError, ModelError
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.families import layer_types
 from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.quantization import check_quant, quantize_linears, weight_bytes
 from swarm_node.model.skeleton import materialize, meta_skeleton, submodule
 
 MAX_CACHE_LENGTH = 1 << 20  # sanity bound for new_cache arguments
@@ -32,6 +33,7 @@ class BlockSpan(torch.nn.Module):
         layers: torch.nn.ModuleList,
         rotary: torch.nn.Module,
         dtype: torch.dtype,
+        quant: str | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -39,14 +41,26 @@ class BlockSpan(torch.nn.Module):
         self.end = end
         self.hidden_size = int(config.hidden_size)
         self.dtype = dtype
+        self.quant = quant  # None, "int8" or "nf4": how the layers' linear weights are held
         self.layers = layers
         self.rotary = rotary
         self.layer_types = layer_types(config)[start:end]
 
     @classmethod
     def load(
-        cls, checkpoint: Checkpoint, start: int, end: int, *, dtype: torch.dtype = torch.float32
+        cls,
+        checkpoint: Checkpoint,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        quant: str | None = None,
     ) -> BlockSpan:
+        """Blocks `start..end-1` from the checkpoint; `quant` "int8"/"nf4" quantizes their linears.
+
+        Quantizing imports bitsandbytes (seconds) and replaces each layer's nn.Linear weights one
+        layer at a time, so the float weights of only one layer are ever held at once.
+        """
         total = checkpoint.num_blocks
         if not (
             isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total
@@ -57,6 +71,7 @@ class BlockSpan(torch.nn.Module):
             )
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"'dtype' must be a floating torch.dtype, got {dtype!r}")
+        check_quant(quant)
         layer_types(checkpoint.config)  # ModelError now for attention kinds we cannot mask
         skeleton = meta_skeleton(checkpoint.config)
         family = checkpoint.family
@@ -64,6 +79,8 @@ class BlockSpan(torch.nn.Module):
         layers = torch.nn.ModuleList(all_layers[start:end])
         for local, layer in enumerate(layers):
             materialize(layer, checkpoint, family.layer_prefix(start + local), dtype=dtype)
+            if quant is not None:
+                quantize_linears(layer, quant, compute_dtype=dtype)
             attn = getattr(layer, "self_attn", None)
             if attn is None or not hasattr(attn, "layer_idx"):
                 raise ModelError(f"{type(layer).__name__} has no self_attn.layer_idx to re-index")
@@ -72,7 +89,15 @@ class BlockSpan(torch.nn.Module):
         rotary_cls = type(submodule(skeleton, family.rotary))
         with torch.device("cpu"):  # real inv_freq buffers, not the skeleton's meta ones
             rotary = rotary_cls(config=config)
-        return cls(config=config, start=start, end=end, layers=layers, rotary=rotary, dtype=dtype)
+        return cls(
+            config=config,
+            start=start,
+            end=end,
+            layers=layers,
+            rotary=rotary,
+            dtype=dtype,
+            quant=quant,
+        )
 
     @property
     def num_layers(self) -> int:
@@ -105,6 +130,10 @@ class BlockSpan(torch.nn.Module):
                 f"sub-span must lie within blocks {self.start}:{self.end}, got {start}:{end}"
             )
         return start, end
+
+    def memory_bytes(self) -> int:
+        """Bytes the span's block weights occupy (quantization statistics included)."""
+        return weight_bytes(self.layers)
 
     def cache_bytes_per_token(self, batch_size: int = 1) -> int:
         """Bytes of keys + values one position costs in this span's cache."""
@@ -206,4 +235,6 @@ class BlockSpan(torch.nn.Module):
             raise ConfigError(f"'hidden' must be a floating tensor, got {hidden.dtype}")
 
     def extra_repr(self) -> str:
-        return f"blocks {self.start}:{self.end} of {self.config.num_hidden_layers}, {self.dtype}"
+        quant = f", {self.quant} weights" if self.quant else ""
+        blocks = f"blocks {self.start}:{self.end} of {self.config.num_hidden_layers}"
+        return f"{blocks}, {self.dtype}{quant}"

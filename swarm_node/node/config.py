@@ -9,10 +9,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from swarm_node.compression import CODECS
 from swarm_node.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
-COMPRESSIONS = ("none", "float16", "bfloat16")
+COMPRESSIONS = CODECS  # wire codecs a session may name
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
