@@ -26,8 +26,11 @@ def check_quant(quant: Any) -> str | None:
     return quant
 
 
-def quantize_linears(module: torch.nn.Module, quant: str, *, compute_dtype: torch.dtype) -> int:
-    """Replace each nn.Linear under `module` by its bitsandbytes form, in place; -> count."""
+def quantize_linears(
+    module: torch.nn.Module, quant: str, *, compute_dtype: torch.dtype, device: str = "cpu"
+) -> int:
+    """Replace each nn.Linear under `module` (float weights on the CPU) by its bitsandbytes form,
+    quantized on `device` ("cpu", or "cuda" for bitsandbytes' GPU kernels), in place; -> count."""
     check_quant(quant)
     try:
         import bitsandbytes as bnb
@@ -42,11 +45,13 @@ def quantize_linears(module: torch.nn.Module, quant: str, *, compute_dtype: torc
         if type(child) is torch.nn.Linear
     ]
     for parent, name, linear in targets:
-        setattr(parent, name, _convert(bnb, linear, quant, compute_dtype))
+        setattr(parent, name, _convert(bnb, linear, quant, compute_dtype, device))
     return len(targets)
 
 
-def _convert(bnb: Any, linear: torch.nn.Linear, quant: str, compute_dtype: torch.dtype) -> Any:
+def _convert(
+    bnb: Any, linear: torch.nn.Linear, quant: str, compute_dtype: torch.dtype, device: str
+) -> Any:
     has_bias = linear.bias is not None
     weight = linear.weight.data  # (out, in), float
     with torch.device("meta"):  # no float-sized placeholder weight
@@ -73,9 +78,10 @@ def _convert(bnb: Any, linear: torch.nn.Linear, quant: str, compute_dtype: torch
         param = bnb.nn.Params4bit(
             weight, requires_grad=False, compress_statistics=True, quant_type="nf4"
         )
-    new.weight = param.to("cpu")  # quantizes: bitsandbytes does it when a CPU tensor "moves"
+    new.weight = param.to(device)  # quantizes: bitsandbytes does it when a CPU tensor "moves"
     if has_bias:
-        new.bias = torch.nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        bias = linear.bias.data.to(device=device, dtype=compute_dtype)
+        new.bias = torch.nn.Parameter(bias, requires_grad=False)
     new.requires_grad_(False)
     return new
 

@@ -188,7 +188,7 @@ class BlockSpan(torch.nn.Module):
 
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
-        position_ids = torch.arange(past, past + new_tokens).unsqueeze(0)  # (1, T)
+        position_ids = torch.arange(past, past + new_tokens, device=hidden.device).unsqueeze(0)  # (1, T)
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,
