@@ -21,9 +21,11 @@ async def local_swarm(
     *,
     dtype: str = "float32",
     client: ClientConfig | None = None,
+    max_frame_size: int | None = None,
     **server_fields: Any,
 ) -> AsyncIterator[tuple[list[Peer], Peer]]:
     """Servers for ``spans`` (the first one starts the swarm) and a client peer joined to it."""
+    frames = {} if max_frame_size is None else {"max_frame_size": max_frame_size}
     async with AsyncExitStack() as stack:
         servers: list[Peer] = []
         for start, end in spans:
@@ -31,12 +33,15 @@ async def local_swarm(
             server = ServerConfig(model=str(model), start=start, end=end, dtype=dtype, throughput=100.0)
             peer = await stack.enter_async_context(
                 open_peer(
-                    PeerConfig(listen=LOOPBACK, initial_peers=initial),
+                    PeerConfig(listen=LOOPBACK, initial_peers=initial, **frames),
                     server=replace(server, **server_fields),
                 )
             )
             servers.append(peer)
         client_peer = await stack.enter_async_context(
-            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1])), client=client)
+            open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1]), **frames),
+                client=client,
+            )
         )
         yield servers, client_peer

@@ -92,3 +92,4 @@ def test_missing_blocks_named() -> None:
     with pytest.raises(MissingBlocksError, match=r"blocks 4-5, 9 of m"):
         choose_chain([rec("A", 0, 4), rec("B", 6, 9)], model="m", start=0, end=10)
     assert format_blocks([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+

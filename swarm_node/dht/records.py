@@ -39,6 +39,8 @@ class ServerRecord:
     version: str
     adapters: tuple[str, ...] = ()  # names of the fine-tuned adapters (LoRA, prompts) it can apply
     next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, round trip s) to next-block servers
+    quant: str = "none"  # how the weights are held: "none" (dtype), "int8" or "nf4"
+    bytes_per_block: int = 0  # weight memory of one block as held
     state: str = "ONLINE"
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
@@ -87,8 +89,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "state": (str,),
     "seq": (int,),
     "expires_at": (int, float),
+    "quant": (str,),
+    "bytes_per_block": (int,),
 }
-_OPTIONAL = ("state", "seq", "expires_at")
+_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block")
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -164,6 +168,10 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
         )
     if cache < 0:
         raise RemoteProtocolError(f"server record 'cache_tokens_left' must be >= 0, got {cache}")
+    if fields.get("bytes_per_block", 0) < 0:
+        raise RemoteProtocolError(
+            f"server record 'bytes_per_block' must be >= 0, got {fields['bytes_per_block']}"
+        )
     if not math.isfinite(fields.get("expires_at", 0.0)):
         raise RemoteProtocolError(
             f"server record 'expires_at' must be finite, got {fields['expires_at']}"

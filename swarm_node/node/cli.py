@@ -20,6 +20,8 @@ import trio
 
 from swarm_node.errors import SwarmError
 
+CODECS = ["none", "float16", "bfloat16", "blockwise8", "blockwise8-64"]  # compression.CODECS, without importing torch
+
 log = logging.getLogger("swarm_node.cli")
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -65,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-session-length", type=int, default=4096, help="tokens one session may hold")
     serve.add_argument("--cache-tokens", type=int, default=64 * 1024,
                        help="attention-cache budget in tokens across all sessions (default: 65536)")
+    serve.add_argument("--compression", default=_env("COMPRESSION", "none"), choices=CODECS,
+                       help="codec of hidden states this server sends when a client leaves it the "
+                       "choice (default: none; blockwise8 sends ~4x fewer bytes)")
+    serve.add_argument("--quant", default=_env("QUANT"), choices=["int8", "nf4"],
+                       help="hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: "
+                       "~4x / ~8x less memory per block, slower on CPU (default: --dtype weights)")
 
     gen = sub.add_parser("generate", help="generate text through the swarm",
                          description="Generate a continuation of PROMPT through the swarm, streaming tokens to stdout.")
@@ -76,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--timeout", type=float, default=60.0, help="seconds one remote step may take")
+    gen.add_argument("--compression", default=_env("COMPRESSION"), choices=CODECS,
+                     help="codec of hidden states on the wire, both ways (default: send uncompressed "
+                     "and let each server answer in its own --compression)")
 
     demo = sub.add_parser("demo", help="start a local swarm of servers and answer a prompt",
                           description="Start a local swarm on 127.0.0.1 with the model split between servers, "

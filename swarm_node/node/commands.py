@@ -34,6 +34,8 @@ async def serve(args: argparse.Namespace) -> int:
         throughput=args.throughput,
         max_session_length=args.max_session_length,
         cache_budget_tokens=args.cache_tokens,
+        compression=args.compression,
+        quant=args.quant,
     )
     config = PeerConfig(listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -129,7 +131,8 @@ async def generate(args: argparse.Namespace) -> int:
         from swarm_node.errors import ConfigError
 
         raise ConfigError("'--initial-peers' must name at least one peer of the swarm (or set SWARM_INITIAL_PEERS)")
-    async with open_peer(config, client=ClientConfig(step_timeout=args.timeout)) as peer:
+    client = ClientConfig(step_timeout=args.timeout, compression=args.compression)
+    async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)
     return 0

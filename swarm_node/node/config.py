@@ -6,7 +6,7 @@ Defaults < environment (``SWARM_*``, read by the CLI) < flags.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from swarm_node.compression import CODECS
@@ -14,6 +14,8 @@ from swarm_node.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 COMPRESSIONS = CODECS  # wire codecs a session may name
+SERVER_DEFAULT = "default"  # a session asking for this gets the server's own --compression
+QUANTS = (None, "int8", "nf4")
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -67,7 +69,8 @@ class ServerConfig:
     session_idle_timeout: float = 120.0  # seconds without a message before a session is closed
     torch_threads: int | None = None  # None: torch's default
     throughput: float | None = None  # tokens/s to announce; None: measured at start
-    compressions: tuple[str, ...] = field(default=COMPRESSIONS)
+    compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
+    quant: str | None = None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -80,6 +83,10 @@ class ServerConfig:
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
+        if self.compression not in COMPRESSIONS:
+            raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+        if self.quant not in QUANTS:
+            raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,12 +95,14 @@ class ClientConfig:
 
     step_timeout: float = 60.0  # seconds one remote step may take, prefill included
     lookup_timeout: float = 30.0  # seconds to find every block's servers
-    compression: str = "none"  # codec for hidden states on the wire
+    # Codec of hidden states on the wire, both ways. None: send uncompressed, and let each server
+    # answer in its own default (its --compression).
+    compression: str | None = None
     max_length: int = 2048  # default session length (prompt + new tokens)
 
     def __post_init__(self) -> None:
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
-        if self.compression not in COMPRESSIONS:
+        if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
         _check_range("max_length", self.max_length, 1, 1 << 20)

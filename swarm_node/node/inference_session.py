@@ -17,11 +17,14 @@ from libp2p.peer.id import ID
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
+from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.message_stream import MessageStream
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # tokens per step frame when a long prompt streams through the chain
 
 
 async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
@@ -64,7 +67,7 @@ class InferenceSession:
         model: str,
         max_length: int,
         dtype: str,
-        compression: str,
+        compression: str | None,
         step_timeout: float,
         max_frame_size: int,
         batch_size: int = 1,
@@ -74,7 +77,8 @@ class InferenceSession:
         self.model = model
         self.max_length = max_length
         self.dtype = dtype
-        self.compression = compression
+        self.uplink = compression or "none"  # codec of what we send
+        self.downlink = compression or SERVER_DEFAULT  # codec we ask the servers to answer in
         self.step_timeout = step_timeout
         self.max_frame_size = max_frame_size
         self.batch_size = batch_size
@@ -96,7 +100,7 @@ class InferenceSession:
                         end=hop.end,
                         max_length=self.max_length,
                         dtype=self.dtype,
-                        compression=self.compression,
+                        compression=self.downlink,
                         batch_size=self.batch_size,
                     ),
                     m.OpenSessionResponse,
@@ -134,7 +138,11 @@ class InferenceSession:
         return [span.hop for span in self._spans]
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Hidden states of the new positions ``# (B, T, H)`` -> the chain's output ``# (B, T, H)``."""
+        """Hidden states of the new positions ``# (B, T, H)`` -> the chain's output ``# (B, T, H)``.
+
+        A long step (a prefill) is cut into chunks that stream through the chain: while hop i runs
+        chunk k, hop i-1 already runs chunk k+1, and no frame outgrows the frame-size limit.
+        """
         if not self._spans:
             raise SessionError("the inference session is not open")
         tokens = hidden.shape[1]
@@ -143,28 +151,81 @@ class InferenceSession:
                 f"session max_length is {self.max_length}: {self.position} tokens so far + {tokens} "
                 "new would exceed it"
             )
-        self._step_id += 1
-        for span in self._spans:
-            reply = await request(
-                span.conn,
-                m.StepRequest(
-                    session_id=span.session_id,
-                    step_id=self._step_id,
-                    position=self.position,
-                    hidden=compression.encode(hidden, self.compression),
-                ),
-                m.StepResponse,
-                timeout=self.step_timeout,
-            )
-            out = compression.decode(reply.hidden, max_numel=hidden.numel())
-            if out.shape != hidden.shape:
-                raise RemoteProtocolError(
-                    f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
-                )
-            hidden = out
-            if reply.step_id != self._step_id:
-                raise RemoteProtocolError(
-                    f"{span.conn.peer_id} answered step {reply.step_id}, expected {self._step_id}"
-                )
+        chunk = self.chunk_tokens(hidden)
+        if tokens <= chunk:
+            out = await self._through_chain(hidden, self.position)
+        else:
+            out = await self._pipelined(hidden, chunk)
         self.position += tokens
+        return out
+
+    def chunk_tokens(self, hidden: torch.Tensor) -> int:
+        """Tokens per chunk: at most PREFILL_CHUNK, and a frame of them well under the size limit."""
+        batch, _, width = hidden.shape
+        per_token = batch * width * 4  # bytes of one position in float32, the widest wire dtype
+        return max(1, min(PREFILL_CHUNK, (self.max_frame_size // 2) // per_token))
+
+    def _next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
+
+    async def _through_chain(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        step_id = self._next_step_id()  # one id per step, the same on every hop
+        for span in self._spans:
+            hidden = await self._hop(span, hidden, position, step_id)
         return hidden
+
+    async def _hop(
+        self, span: _RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        reply = await request(
+            span.conn,
+            m.StepRequest(
+                session_id=span.session_id,
+                step_id=step_id,
+                position=position,
+                hidden=compression.encode(hidden, self.uplink),
+            ),
+            m.StepResponse,
+            timeout=self.step_timeout,
+        )
+        out = compression.decode(reply.hidden, max_numel=hidden.numel())
+        if out.shape != hidden.shape:
+            raise RemoteProtocolError(
+                f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
+            )
+        if reply.step_id != step_id:
+            raise RemoteProtocolError(f"{span.conn.peer_id} answered step {reply.step_id}, expected {step_id}")
+        return out
+
+    async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Chunks flow hop to hop through memory channels; one task per hop keeps each stream serial."""
+        pieces = [
+            (self._next_step_id(), self.position + a, hidden[:, a : a + chunk])
+            for a in range(0, hidden.shape[1], chunk)
+        ]
+        outputs: list[torch.Tensor] = []
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
+            for piece in pieces:
+                send.send_nowait(piece)
+            send.close()
+            for span in self._spans:
+                next_send, next_receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
+                nursery.start_soon(self._hop_worker, span, receive, next_send)
+                receive = next_receive
+            async with receive:
+                async for _, _, out in receive:
+                    outputs.append(out)
+        return torch.cat(outputs, dim=1)
+
+    async def _hop_worker(
+        self,
+        span: _RemoteSpan,
+        inbox: trio.MemoryReceiveChannel[tuple[int, int, torch.Tensor]],
+        outbox: trio.MemorySendChannel[tuple[int, int, torch.Tensor]],
+    ) -> None:
+        async with inbox, outbox:
+            async for step_id, position, piece in inbox:
+                out = await self._hop(span, piece, position, step_id)
+                await outbox.send((step_id, position, out))

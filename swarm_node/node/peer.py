@@ -113,6 +113,8 @@ class Peer:
             cache_tokens_left=self.server.cache_tokens_left,
             dtype=self.server.config.dtype,
             version=__version__,
+            quant=self.server.config.quant or "none",
+            bytes_per_block=self.server.span.memory_bytes() // (self.server.end - self.server.start),
             state=state,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
@@ -186,6 +188,7 @@ class Peer:
         batch_size: int = 1,
         compression: str | None = None,
     ) -> InferenceSession:
+        """A session over ``chain``; ``compression`` overrides the client's codec for it."""
         return InferenceSession(
             self.host,
             chain,
@@ -216,9 +219,13 @@ async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
     dtype = TORCH_DTYPES[config.dtype]
     t0 = time.perf_counter()
     span = await trio.to_thread.run_sync(
-        lambda: BlockSpan.load(checkpoint, config.start, config.end, dtype=dtype)
+        lambda: BlockSpan.load(checkpoint, config.start, config.end, dtype=dtype, quant=config.quant)
     )
-    log.info("loaded blocks %d:%d in %.1f s", config.start, config.end, time.perf_counter() - t0)
+    per_block = span.memory_bytes() // (config.end - config.start)
+    log.info(
+        "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
+        config.start, config.end, time.perf_counter() - t0, per_block / 1e6, config.quant or config.dtype,
+    )
     throughput = config.throughput
     if throughput is None:
         throughput = await trio.to_thread.run_sync(lambda: measure_throughput(span, dtype=dtype))

@@ -20,7 +20,7 @@ import trio
 
 from swarm_node import __version__, compression
 from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
-from swarm_node.node.config import COMPRESSIONS, ServerConfig
+from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
 
@@ -206,8 +206,11 @@ class BlockServer:
         self._check_span(req.model, req.start, req.end)
         if req.dtype != self.config.dtype:
             raise RequestError("bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}")
-        if req.compression not in COMPRESSIONS:
-            raise RequestError("bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}")
+        if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
+            raise RequestError(
+                "bad_request",
+                f"'compression' must be one of {(*COMPRESSIONS, SERVER_DEFAULT)}, got {req.compression!r}",
+            )
         if not 1 <= req.max_length <= self.config.max_session_length:
             raise RequestError(
                 "too_long",
@@ -237,7 +240,7 @@ class BlockServer:
             max_length=req.max_length,
             batch_size=req.batch_size,
             dtype=req.dtype,
-            compression=req.compression,
+            compression=self.config.compression if req.compression == SERVER_DEFAULT else req.compression,
             cache=cache,
             reserved_tokens=tokens,
         )
