@@ -68,13 +68,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
+    print(json.dumps(codec_report(args.repeats)))
+
+
+def codec_report(repeats: int) -> dict:
+    """Speed of our blockwise8 against bitsandbytes and bytes on the wire under every codec."""
     import bitsandbytes.functional as functional
 
     results = [
-        {"case": name, **bench_shape(functional, shape, codec, args.repeats)}
+        {"case": name, **bench_shape(functional, shape, codec, repeats)}
         for codec in BLOCK_SIZES
         for name, shape in SHAPES.items()
     ]
+    args = argparse.Namespace(repeats=repeats)
     wire_bytes = {
         codec: {
             "per_token": encode(torch.randn(SHAPES["token"]), codec).nbytes,
@@ -93,7 +99,7 @@ def main() -> None:
         ),
         "wire_bytes": wire_bytes,
     }
-    print(json.dumps(line))
+    return line
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ async def generate_tokens(
     sampling: SamplingConfig,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     chain: Sequence[Hop] | None = None,
+    compression: str | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
@@ -83,7 +84,8 @@ async def generate_tokens(
     ids = input_ids
     max_length = prompt_len + sampling.max_new_tokens
     async with peer.inference_session(
-        list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch
+        list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
+        compression=compression,
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
         for i in range(sampling.max_new_tokens):

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Compression: codec speed against bitsandbytes, bytes on the wire, and quality through a swarm.
+
+One JSON line with:
+- `codecs`: encode/decode MB/s of our blockwise8 vs bitsandbytes' quantize/dequantize_blockwise on
+  the same tensors, interleaved, median ratio (target >= 1.0); bytes on the wire per generated
+  token and for a 2048-token prefill under every codec (see bench_compression_codecs.py);
+- `quality`: through a 2-server loopback swarm of SmolLM2 (float32, blocks 0:15 and 15:30, in this
+  process), greedy-token agreement of blockwise8 vs none over 10 prompts x 64 new tokens (target
+  >= 0.95) and perplexity of a held-out text (tests/data/heldout.txt) under each codec (target:
+  blockwise8 within 1% of none).
+
+    .venv/bin/python scripts/bench_compression.py [--repeats 30] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_compression_codecs.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from contextlib import AsyncExitStack  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import trio  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compression_codecs import codec_report  # noqa: E402
+
+from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
+from swarm_node.node.config import PeerConfig, ServerConfig  # noqa: E402
+from swarm_node.node.generation import SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.peer import open_peer  # noqa: E402
+
+MODEL = "smollm2-135m"
+HELDOUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "heldout.txt"
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+    "Water boils at a temperature of",
+    "The largest planet in our solar system is",
+    "A good way to learn a new language is",
+    "In computer science, a hash table is",
+    "The human heart has four chambers:",
+    "Photosynthesis is the process by which",
+]
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+async def quality(new_tokens: int) -> dict:
+    path = resolve_model(MODEL)
+    checkpoint = Checkpoint.open(path)
+    tokenizer = load_tokenizer(path)
+    head = ClientHead.load(checkpoint)
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=LOOPBACK), server=ServerConfig(model=MODEL, start=0, end=15, throughput=1.0))
+        )
+        boot = tuple(first.addrs[:1])
+        await stack.enter_async_context(
+            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot),
+                      server=ServerConfig(model=MODEL, start=15, end=30, throughput=1.0))
+        )
+        client = await stack.enter_async_context(open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot)))
+        chain = await client.find_chain(MODEL, 30)
+        agree = total = 0
+        prefix: list[int] = []
+        for prompt in PROMPTS:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            outs = {}
+            for codec in ("none", "blockwise8"):
+                out, _ = await generate_tokens(
+                    client, head, ids, model=MODEL, num_blocks=30, dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=new_tokens), chain=chain, compression=codec,
+                )
+                outs[codec] = out[0, ids.shape[1]:].tolist()
+            pairs = list(zip(outs["none"], outs["blockwise8"], strict=True))
+            agree += sum(a == b for a, b in pairs)
+            total += len(pairs)
+            same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+            prefix.append(same)
+            print(f"{prompt!r}: {same}/{len(pairs)} tokens before the first difference", file=sys.stderr)
+        ids = tokenizer(HELDOUT.read_text(), return_tensors="pt").input_ids
+        perplexity = {}
+        for codec in ("none", "float16", "blockwise8", "blockwise8-64"):
+            async with client.inference_session(
+                chain, model=MODEL, max_length=ids.shape[1], compression=codec
+            ) as session:
+                hidden = await session.step(head.embed(ids))
+            with torch.inference_mode():
+                logits = head.logits(hidden)[0, :-1].float()  # (T-1, V)
+                nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+            perplexity[codec] = round(float(torch.exp(nll)), 4)
+    return {
+        "prompts": len(PROMPTS),
+        "new_tokens": new_tokens,
+        "greedy_token_agreement_blockwise8_vs_none": round(agree / total, 4),
+        "tokens_before_first_difference": prefix,
+        "heldout_tokens": int(ids.shape[1]),
+        "perplexity": perplexity,
+        "perplexity_ratio_blockwise8_vs_none": round(perplexity["blockwise8"] / perplexity["none"], 5),
+        "targets": {"agreement": 0.95, "perplexity_ratio_max": 1.01},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    report = {"benchmark": "compression", "codecs": codec_report(args.repeats)}
+    report["quality"] = trio.run(quality, args.new_tokens)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
