@@ -90,6 +90,7 @@ class ClientConfig:
     lookup_timeout: float = 30.0  # seconds to find every block's servers
     compression: str = "none"  # codec for hidden states on the wire
     max_length: int = 2048  # default session length (prompt + new tokens)
+    push: bool = False  # servers send each step's output straight to the next server
 
     def __post_init__(self) -> None:
         _check_range("step_timeout", self.step_timeout, 0.001)

@@ -23,8 +23,8 @@ from multiaddr import Multiaddr
 
 from swarm_node import __version__
 from swarm_node.dht.discovery import SwarmDHT
-from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.routing import Hop, choose_chain
+from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
+from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
@@ -65,6 +65,8 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
+        self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
 
     @property
     def peer_id(self) -> str:
@@ -113,6 +115,7 @@ class Peer:
             cache_tokens_left=self.server.cache_tokens_left,
             dtype=self.server.config.dtype,
             version=__version__,
+            next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
@@ -125,9 +128,23 @@ class Peer:
         while True:
             await trio.sleep(self.config.dht_ttl / 3)
             try:
+                await self.measure_next_rtts()
                 await self.announce()
             except Exception:  # a failed re-announce must not take the server down
                 log.warning("re-announcing failed; will retry", exc_info=True)
+
+    async def measure_next_rtts(self) -> dict[str, float]:
+        """Ping the servers of the block after this server's span; fold the round trips into
+        ``next_rtt`` (published in the record as ``next_rtts``). Returns this round's samples."""
+        assert self.server is not None
+        if self.server.end >= self.server.span.config.num_hidden_layers:
+            return {}
+        with trio.move_on_after(self.client_config.lookup_timeout):
+            servers = await self.dht.find_servers(self.server.model_id, [self.server.end])
+        samples = await self._ping_all([s for s in servers if s.peer_id != self.peer_id])
+        for peer_id, seconds in samples.items():
+            self.next_rtt.observe(peer_id, seconds)
+        return samples
 
     async def _withdraw(self) -> None:
         if self.server is None:
@@ -155,25 +172,50 @@ class Peer:
         with trio.fail_after(self.client_config.lookup_timeout):
             return await self.dht.find_servers(model, range(num_blocks))
 
-    async def find_chain(self, model: str, num_blocks: int, *, start: int = 0, end: int | None = None) -> list[Hop]:
-        """The chain covering blocks start..end-1: fewest hops, then the lowest measured round trips."""
-        end = num_blocks if end is None else end
-        servers = await self.find_servers(model, num_blocks)
-        latency: dict[str, float] = {}
-        unreachable: set[str] = set()
+    async def _ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
+        """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
+        samples: dict[str, float] = {}
 
         async def measure(rec: ServerRecord) -> None:
             try:
-                latency[rec.peer_id], _ = await self.ping(rec.peer_id)
+                samples[rec.peer_id], _ = await self.ping(rec.peer_id)
             except (SwarmError, trio.TooSlowError, OSError, Exception) as exc:  # any failure = skip it
                 log.info("server %s did not answer a ping: %r", rec.peer_id, exc)
-                unreachable.add(rec.peer_id)
 
         async with trio.open_nursery() as nursery:
             for rec in servers:
                 nursery.start_soon(measure, rec)
-        return choose_chain(
-            servers, model=model, start=start, end=end, latency=latency, exclude=frozenset(unreachable)
+        return samples
+
+    async def find_chain(
+        self,
+        model: str,
+        num_blocks: int,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        push: bool | None = None,
+        max_length: int = 1,
+        batch_size: int = 1,
+    ) -> list[Hop]:
+        """The chain covering blocks start..end-1 with the lowest expected per-token latency.
+
+        Pings every server found (the samples feed ``self.rtt``), costs server-to-server hops from
+        the round trips servers publish, and leaves out servers that did not answer or whose cache
+        cannot hold ``max_length * batch_size`` tokens. ``push``: cost the chain for server-to-server
+        push (default: the client config's choice).
+        """
+        end = num_blocks if end is None else end
+        push = self.client_config.push if push is None else push
+        servers = await self.find_servers(model, num_blocks)
+        samples = await self._ping_all(servers)
+        for peer_id, seconds in samples.items():
+            self.rtt.observe(peer_id, seconds)
+        unreachable = frozenset(s.peer_id for s in servers if s.peer_id not in samples)
+        return choose_inference_chain(
+            servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
+            server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
+            batch_size=batch_size, exclude=unreachable,
         )
 
     def inference_session(
