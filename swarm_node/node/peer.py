@@ -93,6 +93,7 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             compute_limiter=self.compute_limiter,
             throughput=throughput,
+            host=self.host,
         )
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)
         await self.announce()
@@ -227,6 +228,7 @@ class Peer:
         dtype: str = "float32",
         batch_size: int = 1,
         compression: str | None = None,
+        push: bool | None = None,
     ) -> InferenceSession:
         return InferenceSession(
             self.host,
@@ -238,6 +240,7 @@ class Peer:
             step_timeout=self.client_config.step_timeout,
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
+            push=self.client_config.push if push is None else push,
         )
 
 
