@@ -42,6 +42,7 @@ class PeerConfig:
 
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs to listen on
     initial_peers: tuple[str, ...] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
+    announce_addrs: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listening ones
     identity: Path | None = None  # key file; created on first use, so the peer id stays stable
     max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
     dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it

@@ -160,14 +160,15 @@ class Peer:
 
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
-        """Round trip (seconds) and info of a server."""
-        t0 = trio.current_time()
+        """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
         conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=PING_TIMEOUT)
         try:
+            t0 = trio.current_time()
             info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=PING_TIMEOUT)
+            elapsed = trio.current_time() - t0
         finally:
             await conn.close()
-        return trio.current_time() - t0, info
+        return elapsed, info
 
     async def find_servers(self, model: str, num_blocks: int) -> list[ServerRecord]:
         with trio.fail_after(self.client_config.lookup_timeout):
@@ -322,8 +323,13 @@ async def open_peer(
     client = client or ClientConfig()
     key_pair = load_or_create_identity(config.identity)
     listen = [_parse_multiaddr(a, "listen") for a in config.listen]
+    announce = [_parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
     prepared = await _prepare_span(server) if server is not None else None
-    host = new_host(key_pair=key_pair, connection_config=ConnectionConfig(max_connections_per_peer=1))
+    host = new_host(
+        key_pair=key_pair,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        announce_addrs=announce,
+    )
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
