@@ -30,6 +30,7 @@ from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
 from swarm_node.node.server import TORCH_DTYPES, BlockServer, measure_throughput
+from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
@@ -271,7 +272,9 @@ async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
     return span, throughput
 
 
-async def _connect_initial_peers(host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float) -> None:
+async def _connect_initial_peers(
+    host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float, private: bool
+) -> None:
     if not addrs:
         return
     reached = 0
@@ -288,10 +291,16 @@ async def _connect_initial_peers(host: Any, dht: SwarmDHT, addrs: Sequence[str],
             await dht.add_bootstrap_peer(info.peer_id)
             reached += 1
         except Exception as exc:  # unreachable peer: try the others
-            errors.append(f"{text}: {exc!r}")
+            why = f"no handshake within {timeout} s" if isinstance(exc, trio.TooSlowError) else repr(exc)
+            errors.append(f"{text}: {why}")
             log.warning("could not reach initial peer %s: %r", text, exc)
     if not reached:
-        raise SwarmError("could not reach any initial peer:\n  " + "\n  ".join(errors))
+        hint = (
+            "this peer uses a swarm key: the initial peers must use the same --swarm-key"
+            if private
+            else "if the swarm is private, start this peer with its --swarm-key FILE"
+        )
+        raise SwarmError(f"could not reach any initial peer ({hint}):\n  " + "\n  ".join(errors))
 
 
 def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
@@ -324,16 +333,20 @@ async def open_peer(
     key_pair = load_or_create_identity(config.identity)
     listen = [_parse_multiaddr(a, "listen") for a in config.listen]
     announce = [_parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
+    psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
     prepared = await _prepare_span(server) if server is not None else None
     host = new_host(
         key_pair=key_pair,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         announce_addrs=announce,
+        psk=psk,
     )
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
-            await _connect_initial_peers(host, dht, config.initial_peers, timeout=10.0)
+            await _connect_initial_peers(
+                host, dht, config.initial_peers, timeout=config.connect_timeout, private=config.swarm_key is not None
+            )
             async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
                 peer = Peer(host, dht, config, client)
                 try:
