@@ -4,6 +4,8 @@
     swarm-node serve --blocks 0:15                   # start a swarm, serve blocks 0..14
     swarm-node serve --blocks 15:30 --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3...
     swarm-node generate "The capital of France is" --initial-peers /ip4/.../p2p/12D3...
+    swarm-node status --initial-peers /ip4/.../p2p/12D3... [--model M] [--json]
+    swarm-node keygen --swarm-key swarm.key           # then --swarm-key swarm.key on every peer
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="full multiaddrs (/ip4/HOST/tcp/PORT/p2p/ID) of peers already in the swarm")
         p.add_argument("--identity", type=Path, default=_env("IDENTITY"), metavar="FILE",
                        help="key file keeping this peer's id across restarts (created if missing)")
+        p.add_argument("--swarm-key", type=Path, default=_env("SWARM_KEY"), metavar="FILE",
+                       help="pre-shared key of a private swarm (make one with `swarm-node keygen`)")
 
     serve = sub.add_parser("serve", help="serve a span of transformer blocks",
                            description="Serve blocks START..END-1 of a model. With no --initial-peers, start a new swarm.")
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--blocks", required=True, metavar="START:END", help="blocks to serve, e.g. 20:40")
     serve.add_argument("--listen", nargs="+", default=_env_list("LISTEN") or ["/ip4/0.0.0.0/tcp/0"],
                        metavar="MULTIADDR", help="where to listen (default: /ip4/0.0.0.0/tcp/0, any free port)")
+    serve.add_argument("--announce", nargs="+", default=_env_list("ANNOUNCE"), metavar="MULTIADDR",
+                       help="addresses to advertise instead of the listening ones (e.g. behind NAT or a proxy)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce (default: measured)")
     serve.add_argument("--max-session-length", type=int, default=4096, help="tokens one session may hold")
@@ -87,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compression", default=_env("COMPRESSION"), choices=CODECS,
                      help="codec of hidden states on the wire, both ways (default: send uncompressed "
                      "and let each server answer in its own --compression)")
+    gen.add_argument("--push", action="store_true",
+                     help="servers pass hidden states straight to the next server (N+1 delays a token, not 2N)")
+
+    status = sub.add_parser("status", help="show which servers cover which blocks of a model",
+                            description="Print the block coverage map of a model: every block, the servers "
+                            "covering it, their throughput, free cache and round trip; missing blocks stand out.")
+    common(status)
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    status.add_argument("--num-blocks", type=int, default=None,
+                        help="blocks of the model (default: asked from a server)")
+
+    keygen = sub.add_parser("keygen", help="make a swarm key file for a private swarm")
+    keygen.add_argument("--swarm-key", type=Path, required=True, metavar="FILE", help="where to write the key")
 
     demo = sub.add_parser("demo", help="start a local swarm of servers and answer a prompt",
                           description="Start a local swarm on 127.0.0.1 with the model split between servers, "
@@ -119,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup_logging(args.verbose)
 
-    runners: dict[str, Any] = {"serve": commands.serve, "generate": commands.generate, "demo": commands.demo}
+    runners: dict[str, Any] = {
+        "serve": commands.serve, "generate": commands.generate, "demo": commands.demo, "status": commands.status,
+    }
     try:
+        if args.command == "keygen":
+            return commands.keygen(args)
         return trio.run(runners[args.command], args)
     except SwarmError as exc:
         print(f"swarm-node {args.command}: error: {exc}", file=sys.stderr)

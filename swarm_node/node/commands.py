@@ -37,7 +37,10 @@ async def serve(args: argparse.Namespace) -> int:
         compression=args.compression,
         quant=args.quant,
     )
-    config = PeerConfig(listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity)
+    config = PeerConfig(
+        listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity,
+        swarm_key=args.swarm_key, announce_addrs=tuple(args.announce or ()),
+    )
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_peer(config, server=server) as peer:
             for addr in peer.addrs:
@@ -126,15 +129,49 @@ def _describe(stats: GenerationStats) -> str:
 
 
 async def generate(args: argparse.Namespace) -> int:
-    config = PeerConfig(listen=CLIENT_LISTEN, initial_peers=tuple(args.initial_peers), identity=args.identity)
+    config = PeerConfig(
+        listen=CLIENT_LISTEN, initial_peers=tuple(args.initial_peers), identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    _need_initial_peers(args)
+    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression)
+    async with open_peer(config, client=client) as peer:
+        stats = await _generate_with(peer, args, sys.stdout)
+    print(_describe(stats), file=sys.stderr)
+    return 0
+
+
+def _need_initial_peers(args: argparse.Namespace) -> None:
     if not args.initial_peers:
         from swarm_node.errors import ConfigError
 
         raise ConfigError("'--initial-peers' must name at least one peer of the swarm (or set SWARM_INITIAL_PEERS)")
-    client = ClientConfig(step_timeout=args.timeout, compression=args.compression)
-    async with open_peer(config, client=client) as peer:
-        stats = await _generate_with(peer, args, sys.stdout)
-    print(_describe(stats), file=sys.stderr)
+
+
+async def status(args: argparse.Namespace, out: Any = None) -> int:
+    """Print the block coverage map of ``args.model`` (text, or one JSON object with --json)."""
+    import json
+
+    from swarm_node.node.swarm_status import format_report, gather_status
+
+    out = out or sys.stdout
+    _need_initial_peers(args)
+    config = PeerConfig(
+        listen=CLIENT_LISTEN, initial_peers=tuple(args.initial_peers), identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    async with open_peer(config) as peer:
+        report = await gather_status(peer, model_id_of(args.model), num_blocks=args.num_blocks)
+    out.write((json.dumps(report) if args.json else format_report(report)) + "\n")
+    out.flush()
+    return 0
+
+
+def keygen(args: argparse.Namespace) -> int:
+    from swarm_node.node.swarm_key import write_swarm_key
+
+    write_swarm_key(args.swarm_key)
+    print(f"wrote a new swarm key to {args.swarm_key}; give it to every peer of the private swarm")
     return 0
 
 

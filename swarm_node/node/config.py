@@ -44,15 +44,19 @@ class PeerConfig:
 
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs to listen on
     initial_peers: tuple[str, ...] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
+    announce_addrs: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listening ones
     identity: Path | None = None  # key file; created on first use, so the peer id stays stable
+    swarm_key: Path | None = None  # pre-shared key file of a private swarm; None: a public swarm
     max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
     dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it
+    connect_timeout: float = 10.0  # seconds to reach each initial peer
 
     def __post_init__(self) -> None:
         if not self.listen:
             raise ConfigError("'listen' must name at least one multiaddr, got none")
         _check_range("max_frame_size", self.max_frame_size, 1024)
         _check_range("dht_ttl", self.dht_ttl, 3.0)
+        _check_range("connect_timeout", self.connect_timeout, 0.01)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +103,7 @@ class ClientConfig:
     # answer in its own default (its --compression).
     compression: str | None = None
     max_length: int = 2048  # default session length (prompt + new tokens)
+    push: bool = False  # servers send each step's output straight to the next server
 
     def __post_init__(self) -> None:
         _check_range("step_timeout", self.step_timeout, 0.001)

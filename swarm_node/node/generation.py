@@ -72,8 +72,9 @@ async def generate_tokens(
     t0 = time.perf_counter()
     batch, prompt_len = input_ids.shape
     stats = GenerationStats(prompt_tokens=prompt_len)
+    max_length = prompt_len + sampling.max_new_tokens
     if chain is None:
-        chain = await peer.find_chain(model, num_blocks)
+        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch)
     stats.chain = list(chain)
     generator = None
     if sampling.seed is not None:
@@ -82,7 +83,6 @@ async def generate_tokens(
     pad = sampling.pad_token_id if sampling.pad_token_id is not None else (sampling.eos_token_ids or (0,))[0]
     finished = torch.zeros(batch, dtype=torch.bool)
     ids = input_ids
-    max_length = prompt_len + sampling.max_new_tokens
     async with peer.inference_session(
         list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
         compression=compression,

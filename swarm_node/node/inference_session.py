@@ -1,8 +1,11 @@
 """A client's inference session over a chain of servers: one stream and one remote session per hop.
 
-Each step sends the hidden states of the new positions through every hop in order (client-star) and
-returns the last hop's output. The session is an async context manager: leaving it closes every
-remote session and stream.
+Client-star (the default): each step sends the hidden states of the new positions to every hop in
+order and returns the last hop's output (2N one-way delays a token). Push: the client sends a step
+to the first hop only; each server sends its output straight to the next one and to the client (N + 1
+delays). The client reads every hop's answer in order and, where a hop says it could not push
+(``pushed=0``) or the next server says the push failed, sends that step on itself. The session is an
+async context manager: leaving it closes every remote session and stream.
 """
 
 from __future__ import annotations
@@ -50,10 +53,11 @@ async def open_stream(host: Any, peer_id: str, *, max_frame_size: int, timeout: 
 
 
 class _RemoteSpan:
-    def __init__(self, hop: Hop, conn: MessageStream, session_id: str) -> None:
+    def __init__(self, hop: Hop, conn: MessageStream, session_id: str, pushes: bool = False) -> None:
         self.hop = hop
         self.conn = conn
         self.session_id = session_id
+        self.pushes = pushes  # this server pushes its output to the next span's server
 
 
 class InferenceSession:
@@ -71,7 +75,9 @@ class InferenceSession:
         step_timeout: float,
         max_frame_size: int,
         batch_size: int = 1,
+        push: bool = False,
     ) -> None:
+        self.push = push
         self.host = host
         self.chain = chain
         self.model = model
@@ -88,7 +94,9 @@ class InferenceSession:
 
     async def __aenter__(self) -> InferenceSession:
         try:
-            for hop in self.chain:
+            following: _RemoteSpan | None = None
+            # push: open from the last hop back, so each server learns the next one's session id
+            for hop in reversed(self.chain) if self.push else self.chain:
                 conn = await open_stream(
                     self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=self.step_timeout
                 )
@@ -102,15 +110,28 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
+                        **self._next_fields(following),
                     ),
                     m.OpenSessionResponse,
                     timeout=self.step_timeout,
                 )
-                self._spans.append(_RemoteSpan(hop, conn, reply.session_id))
+                following = _RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
+                self._spans.append(following)
+            if self.push:
+                self._spans.reverse()
         except BaseException:
             await self.aclose()
             raise
         return self
+
+    def _next_fields(self, following: _RemoteSpan | None) -> dict[str, str]:
+        if not self.push or following is None:
+            return {}
+        return {
+            "next_peer": following.hop.server.peer_id,
+            "next_addrs": " ".join(following.hop.server.addrs),
+            "next_session": following.session_id,
+        }
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -152,7 +173,13 @@ class InferenceSession:
                 "new would exceed it"
             )
         chunk = self.chunk_tokens(hidden)
-        if tokens <= chunk:
+        if self.push:  # chunks one after another: each travels the whole chain by itself
+            outs = []
+            for a in range(0, tokens, chunk):
+                piece = hidden[:, a : a + chunk]
+                outs.append(await self._push_step(piece, self._next_step_id(), self.position + a))
+            out = torch.cat(outs, dim=1)
+        elif tokens <= chunk:
             out = await self._through_chain(hidden, self.position)
         else:
             out = await self._pipelined(hidden, chunk)
@@ -229,3 +256,61 @@ class InferenceSession:
             async for step_id, position, piece in inbox:
                 out = await self._hop(span, piece, position, step_id)
                 await outbox.send((step_id, position, out))
+
+    async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
+        """One step with server-to-server push; any hop that did not get the step is sent it."""
+        send = True  # the first hop always hears from us
+        for span in self._spans:
+            if send:
+                await self._send_step(span, hidden, step_id, position)
+            reply = await self._receive_step(span, step_id)
+            if reply is None:  # the previous server's push failed here: send it ourselves
+                if send:
+                    raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
+                await self._send_step(span, hidden, step_id, position)
+                reply = await self._receive_step(span, step_id)
+                if reply is None:
+                    raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push twice")
+            out = compression.decode(reply.hidden, max_numel=hidden.numel())
+            if out.shape != hidden.shape:
+                raise RemoteProtocolError(
+                    f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
+                )
+            hidden = out
+            send = not (span.pushes and reply.pushed)
+        return hidden
+
+    async def _send_step(self, span: _RemoteSpan, hidden: torch.Tensor, step_id: int, position: int) -> None:
+        with trio.fail_after(self.step_timeout):
+            await span.conn.send(
+                m.StepRequest(
+                    session_id=span.session_id,
+                    step_id=step_id,
+                    position=position,
+                    hidden=compression.encode(hidden, self.uplink),
+                )
+            )
+
+    async def _receive_step(self, span: _RemoteSpan, step_id: int) -> m.StepResponse | None:
+        """The hop's answer to the current step (older duplicates skipped); None: push failed."""
+        with trio.fail_after(self.step_timeout):
+            while True:
+                reply = await span.conn.receive()
+                if reply is None:
+                    raise RemoteProtocolError(f"{span.conn.peer_id} closed the stream instead of answering")
+                if isinstance(reply, m.ErrorResponse):
+                    if reply.code == "push_failed":
+                        log.info("push to %s failed: %s", span.conn.peer_id, reply.message)
+                        return None
+                    raise RemoteError(reply.code, f"{reply.message} (from {span.conn.peer_id})")
+                if not isinstance(reply, m.StepResponse):
+                    raise RemoteProtocolError(
+                        f"{span.conn.peer_id} answered a step with {type(reply).__name__}"
+                    )
+                if reply.step_id == step_id:
+                    return reply
+                if reply.step_id > step_id:
+                    raise RemoteProtocolError(
+                        f"{span.conn.peer_id} answered step {reply.step_id}, expected {step_id}"
+                    )
+                log.debug("dropping a duplicate answer to step %d from %s", reply.step_id, span.conn.peer_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import trio
+
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 
@@ -27,6 +29,7 @@ class MessageStream:
         self.stream = stream
         self.max_frame_size = max_frame_size
         self._decoder = FrameDecoder(max_frame_size=max_frame_size)
+        self._send_lock = trio.Lock()  # whole frames: a server answers a client from several tasks
 
     @property
     def peer_id(self) -> str:
@@ -35,7 +38,8 @@ class MessageStream:
     async def send(self, message: Message) -> None:
         frame = encode_message(message, max_frame_size=self.max_frame_size)
         try:
-            await self.stream.write(frame)
+            async with self._send_lock:
+                await self.stream.write(frame)
         except (BaseLibp2pError, OSError) as exc:
             raise ConnectionLost(f"stream to {self.peer_id} broke while sending: {exc!r}") from exc
 

@@ -23,13 +23,14 @@ from multiaddr import Multiaddr
 
 from swarm_node import __version__
 from swarm_node.dht.discovery import SwarmDHT
-from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.routing import Hop, choose_chain
+from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
+from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
 from swarm_node.node.server import TORCH_DTYPES, BlockServer, measure_throughput
+from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
@@ -65,6 +66,8 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
+        self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
 
     @property
     def peer_id(self) -> str:
@@ -91,6 +94,7 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             compute_limiter=self.compute_limiter,
             throughput=throughput,
+            host=self.host,
         )
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)
         await self.announce()
@@ -115,6 +119,7 @@ class Peer:
             version=__version__,
             quant=self.server.config.quant or "none",
             bytes_per_block=self.server.span.memory_bytes() // (self.server.end - self.server.start),
+            next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
@@ -127,9 +132,23 @@ class Peer:
         while True:
             await trio.sleep(self.config.dht_ttl / 3)
             try:
+                await self.measure_next_rtts()
                 await self.announce()
             except Exception:  # a failed re-announce must not take the server down
                 log.warning("re-announcing failed; will retry", exc_info=True)
+
+    async def measure_next_rtts(self) -> dict[str, float]:
+        """Ping the servers of the block after this server's span; fold the round trips into
+        ``next_rtt`` (published in the record as ``next_rtts``). Returns this round's samples."""
+        assert self.server is not None
+        if self.server.end >= self.server.span.config.num_hidden_layers:
+            return {}
+        with trio.move_on_after(self.client_config.lookup_timeout):
+            servers = await self.dht.find_servers(self.server.model_id, [self.server.end])
+        samples = await self._ping_all([s for s in servers if s.peer_id != self.peer_id])
+        for peer_id, seconds in samples.items():
+            self.next_rtt.observe(peer_id, seconds)
+        return samples
 
     async def _withdraw(self) -> None:
         if self.server is None:
@@ -144,38 +163,64 @@ class Peer:
 
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
-        """Round trip (seconds) and info of a server."""
-        t0 = trio.current_time()
+        """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
         conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=PING_TIMEOUT)
         try:
+            t0 = trio.current_time()
             info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=PING_TIMEOUT)
+            elapsed = trio.current_time() - t0
         finally:
             await conn.close()
-        return trio.current_time() - t0, info
+        return elapsed, info
 
     async def find_servers(self, model: str, num_blocks: int) -> list[ServerRecord]:
         with trio.fail_after(self.client_config.lookup_timeout):
             return await self.dht.find_servers(model, range(num_blocks))
 
-    async def find_chain(self, model: str, num_blocks: int, *, start: int = 0, end: int | None = None) -> list[Hop]:
-        """The chain covering blocks start..end-1: fewest hops, then the lowest measured round trips."""
-        end = num_blocks if end is None else end
-        servers = await self.find_servers(model, num_blocks)
-        latency: dict[str, float] = {}
-        unreachable: set[str] = set()
+    async def _ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
+        """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
+        samples: dict[str, float] = {}
 
         async def measure(rec: ServerRecord) -> None:
             try:
-                latency[rec.peer_id], _ = await self.ping(rec.peer_id)
+                samples[rec.peer_id], _ = await self.ping(rec.peer_id)
             except (SwarmError, trio.TooSlowError, OSError, Exception) as exc:  # any failure = skip it
                 log.info("server %s did not answer a ping: %r", rec.peer_id, exc)
-                unreachable.add(rec.peer_id)
 
         async with trio.open_nursery() as nursery:
             for rec in servers:
                 nursery.start_soon(measure, rec)
-        return choose_chain(
-            servers, model=model, start=start, end=end, latency=latency, exclude=frozenset(unreachable)
+        return samples
+
+    async def find_chain(
+        self,
+        model: str,
+        num_blocks: int,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        push: bool | None = None,
+        max_length: int = 1,
+        batch_size: int = 1,
+    ) -> list[Hop]:
+        """The chain covering blocks start..end-1 with the lowest expected per-token latency.
+
+        Pings every server found (the samples feed ``self.rtt``), costs server-to-server hops from
+        the round trips servers publish, and leaves out servers that did not answer or whose cache
+        cannot hold ``max_length * batch_size`` tokens. ``push``: cost the chain for server-to-server
+        push (default: the client config's choice).
+        """
+        end = num_blocks if end is None else end
+        push = self.client_config.push if push is None else push
+        servers = await self.find_servers(model, num_blocks)
+        samples = await self._ping_all(servers)
+        for peer_id, seconds in samples.items():
+            self.rtt.observe(peer_id, seconds)
+        unreachable = frozenset(s.peer_id for s in servers if s.peer_id not in samples)
+        return choose_inference_chain(
+            servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
+            server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
+            batch_size=batch_size, exclude=unreachable,
         )
 
     def inference_session(
@@ -187,6 +232,7 @@ class Peer:
         dtype: str = "float32",
         batch_size: int = 1,
         compression: str | None = None,
+        push: bool | None = None,
     ) -> InferenceSession:
         """A session over ``chain``; ``compression`` overrides the client's codec for it."""
         return InferenceSession(
@@ -199,6 +245,7 @@ class Peer:
             step_timeout=self.client_config.step_timeout,
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
+            push=self.client_config.push if push is None else push,
         )
 
 
@@ -232,7 +279,9 @@ async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
     return span, throughput
 
 
-async def _connect_initial_peers(host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float) -> None:
+async def _connect_initial_peers(
+    host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float, private: bool
+) -> None:
     if not addrs:
         return
     reached = 0
@@ -249,10 +298,16 @@ async def _connect_initial_peers(host: Any, dht: SwarmDHT, addrs: Sequence[str],
             await dht.add_bootstrap_peer(info.peer_id)
             reached += 1
         except Exception as exc:  # unreachable peer: try the others
-            errors.append(f"{text}: {exc!r}")
+            why = f"no handshake within {timeout} s" if isinstance(exc, trio.TooSlowError) else repr(exc)
+            errors.append(f"{text}: {why}")
             log.warning("could not reach initial peer %s: %r", text, exc)
     if not reached:
-        raise SwarmError("could not reach any initial peer:\n  " + "\n  ".join(errors))
+        hint = (
+            "this peer uses a swarm key: the initial peers must use the same --swarm-key"
+            if private
+            else "if the swarm is private, start this peer with its --swarm-key FILE"
+        )
+        raise SwarmError(f"could not reach any initial peer ({hint}):\n  " + "\n  ".join(errors))
 
 
 def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
@@ -284,12 +339,21 @@ async def open_peer(
     client = client or ClientConfig()
     key_pair = load_or_create_identity(config.identity)
     listen = [_parse_multiaddr(a, "listen") for a in config.listen]
+    announce = [_parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
+    psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
     prepared = await _prepare_span(server) if server is not None else None
-    host = new_host(key_pair=key_pair, connection_config=ConnectionConfig(max_connections_per_peer=1))
+    host = new_host(
+        key_pair=key_pair,
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        announce_addrs=announce,
+        psk=psk,
+    )
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
-            await _connect_initial_peers(host, dht, config.initial_peers, timeout=10.0)
+            await _connect_initial_peers(
+                host, dht, config.initial_peers, timeout=config.connect_timeout, private=config.swarm_key is not None
+            )
             async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
                 peer = Peer(host, dht, config, client)
                 try:

@@ -22,6 +22,7 @@ from swarm_node import __version__, compression
 from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
+from swarm_node.node.push import PushLink, open_push_link
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,12 @@ class _Session:
     compression: str
     cache: Any  # model.SpanCache
     reserved_tokens: int
+    conn: MessageStream  # the client's stream: answers to pushed steps go there
     steps: int = 0
+    last_active: float = 0.0  # trio time of the last step
+    push: PushLink | None = None  # to the next span's server, when the client asked for push
+    last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
+    lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
 
 
 class BlockServer:
@@ -66,7 +72,10 @@ class BlockServer:
         max_frame_size: int,
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
+        host: Any = None,  # libp2p host, to open push streams to next servers
     ) -> None:
+        self.host = host
+        self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
         self.config = config
@@ -77,6 +86,7 @@ class BlockServer:
         self.sessions_per_peer: Counter[str] = Counter()
         self.active_sessions = 0
         self.closing = False
+        self.pushed_steps = 0  # steps that arrived from the previous server and were computed
 
     @property
     def start(self) -> int:
@@ -95,15 +105,20 @@ class BlockServer:
         conn = MessageStream(stream, max_frame_size=self.max_frame_size)
         peer = conn.peer_id
         sessions: dict[str, _Session] = {}
+        carries_pushes = False
+        timeout = self.config.session_idle_timeout
         try:
             while True:
-                with trio.move_on_after(self.config.session_idle_timeout) as idle:
+                with trio.move_on_after(timeout) as idle:
                     message = await conn.receive()
                 if idle.cancelled_caught:
+                    now = trio.current_time()
+                    if carries_pushes or any(now - s.last_active < timeout for s in sessions.values()):
+                        continue  # steps arrive by push; the sessions are busy
                     if sessions:
                         log.info("closing %d idle session(s) of %s", len(sessions), peer)
                         for session in sessions.values():
-                            self._release(session)
+                            await self._end(session)
                         sessions.clear()
                         await conn.send(
                             m.ErrorResponse(
@@ -115,8 +130,14 @@ class BlockServer:
                     break
                 if message is None:
                     break
+                if isinstance(message, m.PushStepRequest):
+                    carries_pushes = True
+                    if not await self._pushed_step(message):
+                        await conn.reset()  # the pushing server's next write fails: it stops
+                        break
+                    continue
                 try:
-                    reply = await self._dispatch(message, sessions, peer)
+                    reply = await self._dispatch(message, sessions, conn)
                 except RequestError as exc:
                     log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
                     reply = m.ErrorResponse(code=exc.code, message=exc.message)
@@ -133,23 +154,24 @@ class BlockServer:
         except Exception:  # one catch-all per connection: keep serving everyone else
             log.warning("stream from %s failed; closing it", peer, exc_info=True)
         finally:
-            for session in sessions.values():
-                self._release(session)
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await conn.close()
+            with trio.CancelScope(shield=True):
+                for session in sessions.values():
+                    await self._end(session)
+                with trio.move_on_after(1.0):
+                    await conn.close()
 
-    async def _dispatch(self, message: Any, sessions: dict[str, _Session], peer: str) -> Any:
+    async def _dispatch(self, message: Any, sessions: dict[str, _Session], conn: MessageStream) -> Any:
         if isinstance(message, m.StepRequest):
             return await self._step(message, sessions)
         if isinstance(message, m.InfoRequest):
             return self.info()
         if isinstance(message, m.OpenSessionRequest):
-            return self._open(message, sessions, peer)
+            return await self._open(message, sessions, conn)
         if isinstance(message, m.CloseSessionRequest):
             session = sessions.pop(message.session_id, None)
             if session is None:
                 raise RequestError("unknown_session", f"no session {message.session_id!r} here")
-            self._release(session)
+            await self._end(session)
             return m.CloseSessionResponse(session_id=message.session_id)
         if isinstance(message, m.ForwardRequest):
             return await self._forward(message)
@@ -200,7 +222,8 @@ class BlockServer:
         return hidden
 
     # -- sessions -----------------------------------------------------------------------------
-    def _open(self, req: m.OpenSessionRequest, sessions: dict[str, _Session], peer: str) -> Any:
+    async def _open(self, req: m.OpenSessionRequest, sessions: dict[str, _Session], conn: MessageStream) -> Any:
+        peer = conn.peer_id
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
         self._check_span(req.model, req.start, req.end)
@@ -232,7 +255,7 @@ class BlockServer:
             )
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(req.max_length, batch_size=req.batch_size, start=req.start, end=req.end)
-        sessions[session_id] = _Session(
+        session = sessions[session_id] = self.sessions[session_id] = _Session(
             session_id=session_id,
             peer_id=peer,
             start=req.start,
@@ -243,14 +266,31 @@ class BlockServer:
             compression=self.config.compression if req.compression == SERVER_DEFAULT else req.compression,
             cache=cache,
             reserved_tokens=tokens,
+            conn=conn,
+            last_active=trio.current_time(),
+            lock=trio.Lock(),
         )
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
+        if req.next_peer and self.host is not None:  # the room is reserved before this await
+            session.push = await open_push_link(
+                self.host, peer_id=req.next_peer, addrs=req.next_addrs, next_session=req.next_session,
+                max_frame_size=self.max_frame_size,
+            )
         log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
-        return m.OpenSessionResponse(session_id=session_id, max_length=req.max_length)
+        return m.OpenSessionResponse(
+            session_id=session_id, max_length=req.max_length, push=int(session.push is not None)
+        )
+
+    async def _end(self, session: _Session) -> None:
+        self._release(session)
+        if session.push is not None:
+            await session.push.aclose()
 
     def _release(self, session: _Session) -> None:
+        if self.sessions.pop(session.session_id, None) is None:
+            return  # released already
         self.reserved_tokens -= session.reserved_tokens
         self.sessions_per_peer[session.peer_id] -= 1
         if self.sessions_per_peer[session.peer_id] <= 0:
@@ -262,12 +302,48 @@ class BlockServer:
         session = sessions.get(req.session_id)
         if session is None:
             raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
+        assert session.lock is not None
+        async with session.lock:
+            last = session.last_reply
+            if req.step_id > 0 and last is not None and last.step_id == req.step_id:
+                return last  # the previous server pushed this step here already
+            return await self._run_step(session, req.step_id, req.position, req.hidden)
+
+    async def _pushed_step(self, req: m.PushStepRequest) -> bool:
+        """A step the previous server pushed: compute it and answer the session's client.
+
+        False when the session is unknown (the pushing stream should go). A step the client sent
+        first is dropped; one that fails is reported to the client as ``push_failed``, so it sends
+        the step itself.
+        """
+        session = self.sessions.get(req.session_id)
+        if session is None or session.lock is None:
+            log.info("dropping a push for unknown session %r", req.session_id)
+            return False
+        async with session.lock:
+            last = session.last_reply
+            if last is not None and req.step_id <= last.step_id:
+                log.debug("dropping pushed step %d of %s: done already", req.step_id, req.session_id)
+                return True
+            try:
+                reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
+                self.pushed_steps += 1
+            except RequestError as exc:
+                reply = m.ErrorResponse(code="push_failed", message=f"pushed step {req.step_id}: {exc.message}")
+            try:
+                await session.conn.send(reply)
+            except ProtocolError as exc:
+                log.debug("could not answer the client of %s: %s", req.session_id, exc)
+        return True
+
+    async def _run_step(self, session: _Session, step_id: int, position: int, wire: Any) -> m.StepResponse:
+        """Compute one step, push the output to the next server (if asked) and make the answer."""
         length = session.cache.length
-        if req.position != length:
+        if position != length:
             raise RequestError(
-                "bad_request", f"'position' must equal the session's cache length {length}, got {req.position}"
+                "bad_request", f"'position' must equal the session's cache length {length}, got {position}"
             )
-        shape = req.hidden.shape  # checked against the bytes when decoded below
+        shape = wire.shape  # checked against the bytes when decoded below
         if len(shape) == 3 and length + shape[1] > session.max_length:
             raise RequestError(
                 "too_long",
@@ -275,7 +351,7 @@ class BlockServer:
                 f"{shape[1]} new would exceed it",
             )
         hidden = self._decode_hidden(
-            req.hidden, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
+            wire, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
         )
         run = functools.partial(self._run_span, hidden, session.cache, session.start, session.end)
         try:
@@ -283,8 +359,12 @@ class BlockServer:
         except SessionError as exc:
             raise RequestError("too_long", str(exc)) from None
         session.steps += 1
-        wire = compression.encode(out, session.compression)
-        return m.StepResponse(session_id=req.session_id, step_id=req.step_id, hidden=wire)
+        session.last_active = trio.current_time()
+        out_wire = compression.encode(out, session.compression)
+        pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
+        reply = m.StepResponse(session_id=session.session_id, step_id=step_id, hidden=out_wire, pushed=int(pushed))
+        session.last_reply = reply
+        return reply
 
     async def _forward(self, req: m.ForwardRequest) -> m.ForwardResponse:
         self._check_span(req.model, req.start, req.end)

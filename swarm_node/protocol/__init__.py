@@ -26,6 +26,7 @@ from swarm_node.protocol.messages import (
     Message,
     OpenSessionRequest,
     OpenSessionResponse,
+    PushStepRequest,
     StepRequest,
     StepResponse,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "Message",
     "OpenSessionRequest",
     "OpenSessionResponse",
+    "PushStepRequest",
     "StepRequest",
     "StepResponse",
     "WireTensor",

@@ -53,12 +53,19 @@ class OpenSessionRequest:
     dtype: str
     compression: str
     batch_size: int = _at_least(1, default=1)
+    # Server-to-server push (all empty: client-star). Where the next span lives: its peer id, its
+    # multiaddrs (space-separated) and the session the client opened there; this server then sends
+    # each step's output to that session too (PushStepRequest), besides answering the client.
+    next_peer: str = ""
+    next_addrs: str = ""
+    next_session: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class OpenSessionResponse:
     session_id: str
     max_length: int = _at_least(1)
+    push: int = 0  # 1: this server will push every step's output to the next server
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,18 @@ class StepRequest:
 class StepResponse:
     session_id: str
     step_id: int
+    hidden: WireTensor  # (B, T, H)
+    pushed: int = 0  # 1: the output also went to the next server (the client need not send it)
+
+
+@dataclass(frozen=True, slots=True)
+class PushStepRequest:
+    """A step pushed by the server of the previous span (no reply on this stream: the receiver
+    answers the session's client with a StepResponse, as if the client had sent the step)."""
+
+    session_id: str  # the receiver's session, opened there by the client
+    step_id: int
+    position: int
     hidden: WireTensor  # (B, T, H)
 
 
@@ -104,7 +123,7 @@ class ForwardResponse:
 
 # Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
 ERROR_CODES = frozenset(
-    {"bad_request", "unknown_session", "out_of_range", "cache_full", "too_long", "internal"}
+    {"bad_request", "unknown_session", "out_of_range", "cache_full", "too_long", "internal", "push_failed"}
 )
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -124,6 +143,7 @@ Message = (
     | OpenSessionResponse
     | StepRequest
     | StepResponse
+    | PushStepRequest
     | CloseSessionRequest
     | CloseSessionResponse
     | ForwardRequest
@@ -139,6 +159,7 @@ MESSAGE_TYPES: dict[str, type] = {
     "open_session_response": OpenSessionResponse,
     "step_request": StepRequest,
     "step_response": StepResponse,
+    "push_step_request": PushStepRequest,
     "close_session_request": CloseSessionRequest,
     "close_session_response": CloseSessionResponse,
     "forward_request": ForwardRequest,

@@ -1,0 +1,94 @@
+"""Server-to-server push: the same tokens as transformers, pushes really happen, failures fall back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.config import ClientConfig
+from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.inference_session import open_stream
+from swarm_node.protocol import messages as m
+from tests.model_fixtures import reference_model
+from tests.swarm_helpers import local_swarm
+
+CHAINS = {2: [(0, 3), (3, 6)], 3: [(0, 2), (2, 4), (4, 6)]}
+NEW_TOKENS = 10
+H = 64  # hidden size of the tiny models
+
+
+def expected_tokens(model: Path, input_ids: torch.Tensor) -> list[list[int]]:
+    ref = reference_model(model)
+    out = ref.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out.tolist()
+
+
+@pytest.mark.parametrize("servers", [2, 3])
+async def test_push_greedy_equals_transformers(tiny_llama: Path, servers: int) -> None:
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 256, (1, 6))
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, CHAINS[servers], client=ClientConfig(push=True)) as (peers, client):
+            ids, stats = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+            )
+            pushed = [p.server.pushed_steps for p in peers]
+    assert ids.tolist() == expected_tokens(tiny_llama, input_ids)
+    assert [(h.start, h.end) for h in stats.chain] == CHAINS[servers]
+    # every step after the first hop arrived by push (prefill + NEW_TOKENS - 1 decode steps)
+    assert pushed == [0] + [NEW_TOKENS] * (servers - 1)
+
+
+async def test_push_falls_back_to_client_star_when_a_push_fails(tiny_llama: Path) -> None:
+    torch.manual_seed(6)
+    inputs = [torch.randn(1, 3, H)] + [torch.randn(1, 1, H) for _ in range(5)]
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, CHAINS[3]) as (peers, client):
+            chain = await client.find_chain(tiny_llama.name, 6)
+            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as star:
+                expected = [await star.step(x) for x in inputs]
+            async with client.inference_session(chain, model=tiny_llama.name, max_length=8, push=True) as s:
+                outputs = [await s.step(x) for x in inputs[:3]]
+                (session,) = peers[0].server.sessions.values()
+                await session.push.conn.reset()  # the first server's next push fails
+                outputs += [await s.step(x) for x in inputs[3:]]
+            pushed = [p.server.pushed_steps for p in peers]
+    for out, ref in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, ref)
+    assert pushed == [0, 3, 6]  # pushes until the break, the client's copies after it
+
+
+async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Path) -> None:
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, CHAINS[2]) as (peers, client):
+            chain = await client.find_chain(tiny_llama.name, 6)
+            async with client.inference_session(chain, model=tiny_llama.name, max_length=8, push=True) as s:
+                assert [span.pushes for span in s._spans] == [True, False]
+                x = torch.randn(1, 2, H)
+                first = await s.step(x)
+                # a stray push with a wrong position: the second server tells our client push_failed
+                (target,) = peers[1].server.sessions
+                conn = await open_stream(client.host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
+                bad = m.PushStepRequest(session_id=target, step_id=9, position=5,
+                                        hidden=compression.encode(torch.randn(1, 1, H), "none"))
+                await conn.send(bad)
+                # the next step still works: the client resends it, the server answers from its
+                # record of the pushed step (no second computation), the extra answer is dropped
+                steps_before = peers[1].server.sessions[target].steps
+                y = torch.randn(1, 1, H)
+                second = await s.step(y)
+                assert peers[1].server.sessions[target].steps == steps_before + 1
+                third = await s.step(torch.randn(1, 1, H))
+                assert first.shape == (1, 2, H) and second.shape == third.shape == (1, 1, H)
+                await conn.close()
+            # the same inputs client-star give the same outputs
+            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as star:
+                torch.testing.assert_close(await star.step(x), first)
+                torch.testing.assert_close(await star.step(y), second)

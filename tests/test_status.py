@@ -1,0 +1,65 @@
+"""``swarm-node status``: the coverage map of a live swarm, as text and as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from swarm_node.errors import ConfigError
+from swarm_node.node import commands
+from swarm_node.node.cli import build_parser
+from tests.swarm_helpers import local_swarm
+
+
+def status_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["status", *argv])
+
+
+async def run_status(args: argparse.Namespace) -> str:
+    out = io.StringIO()
+    assert await commands.status(args, out) == 0
+    return out.getvalue()
+
+
+async def test_status_text_and_json(tiny_llama: Path) -> None:
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 2), (0, 3), (4, 6)]) as (servers, client):
+            entry = client.addrs[0]
+            text = await run_status(status_args("--initial-peers", entry, "--model", str(tiny_llama)))
+            report = json.loads(await run_status(status_args("--initial-peers", entry, "--model", "tiny-llama", "--json")))
+    print(text)
+    lines = text.splitlines()
+    assert lines[0] == "tiny-llama: 6 blocks, 3 server(s), MISSING blocks 3"
+    assert lines[1].startswith("  block 0  ##") and "2 server(s), 200.0 tok/s" in lines[1]
+    assert lines[4] == "  block 3  !! MISSING: no server"
+    assert lines[7] == "servers:" and len(lines) == 11
+    for peer in servers:
+        (row,) = [line for line in lines[8:] if peer.peer_id[-8:] in line]
+        assert f"blocks {peer.server.start}:{peer.server.end}  100.0 tok/s" in row and " ms  " in row
+        assert f"{peer.server.cache_tokens_left} cache tokens free" in row
+
+    assert (report["model"], report["num_blocks"], report["missing"]) == ("tiny-llama", 6, [3])
+    by_block = {b["block"]: set(b["servers"]) for b in report["blocks"]}
+    ids = [p.peer_id for p in servers]
+    assert by_block == {0: {ids[0], ids[1]}, 1: {ids[0], ids[1]}, 2: {ids[1]}, 3: set(), 4: {ids[2]}, 5: {ids[2]}}
+    assert {s["peer_id"] for s in report["servers"]} == set(ids)
+    for s in report["servers"]:
+        assert s["throughput"] == 100.0 and 0 < s["rtt_ms"] < 5000 and s["cache_tokens_left"] > 0
+
+
+async def test_status_needs_initial_peers_and_a_known_model(tiny_llama: Path) -> None:
+    with pytest.raises(ConfigError, match="'--initial-peers' must name at least one peer"):
+        await commands.status(status_args())
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model")
+            with pytest.raises(Exception, match="no server of 'no-such-model' answered"):
+                await commands.status(args, io.StringIO())
+            args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model", "--num-blocks", "3")
+            text = await run_status(args)
+    assert text.splitlines()[0] == "no-such-model: 3 blocks, 0 server(s), MISSING blocks 0-2"
