@@ -42,6 +42,8 @@ def coverage_report(
                 "rtt_ms": None if s.peer_id not in rtt else round(rtt[s.peer_id] * 1000, 2),
                 "next_rtts_ms": {p: round(r * 1000, 2) for p, r in s.next_rtts},
                 "dtype": s.dtype,
+                "quant": s.quant,
+                "bytes_per_block": s.bytes_per_block,
                 "version": s.version,
             }
             for s in servers
@@ -77,7 +79,8 @@ def format_report(report: dict[str, Any]) -> str:
         rtt = "unreachable" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms"
         lines.append(
             f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
-            f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  {s['dtype']}  v{s['version']}"
+            f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
+            f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
         )
     return "\n".join(lines)
 
