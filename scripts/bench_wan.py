@@ -7,7 +7,7 @@ The bound for each run is ``1 / (compute + hops x delay)``: compute is the per-t
 same blocks and head run locally (measured here, in the same run), hops N + 1 with push, 2N
 client-star. The rate is the steady decode rate (tokens after the first).
 
-    .venv/bin/python scripts/bench_wan.py [--delay 0.05] [--new-tokens 64] [--servers 2 3]
+    .venv/bin/python scripts/bench_wan.py [--delay 0.05] [--new-tokens 64] [--servers 2 3] [--torch-threads N]
 
 Prints one JSON line.
 """
@@ -91,7 +91,10 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="one-way seconds in front of every peer")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     path = resolve_model(MODEL)
     checkpoint = Checkpoint.open(path)
