@@ -8,8 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
+from tests.delay_proxy import DelayProxy
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -45,3 +48,33 @@ async def local_swarm(
             )
         )
         yield servers, client_peer
+
+
+@asynccontextmanager
+async def proxied_swarm(
+    model: Path | str, spans: Sequence[tuple[int, int]], delay: float, nursery: trio.Nursery,
+    *, client: ClientConfig | None = None, **server_fields: Any,
+) -> AsyncIterator[tuple[list[Peer], Peer]]:
+    """Every peer, the client too, behind its own proxy and announcing only the proxy's address:
+    every connection passes exactly one proxy (the dialed peer's), so every link has ``delay``."""
+    async with AsyncExitStack() as stack:
+        peers: list[Peer] = []
+        entry: tuple[str, ...] = ()
+        for span in [*spans, None]:
+            proxy = DelayProxy(target_port=0, delay=delay)  # the target is known once the peer listens
+            port = await nursery.start(proxy.run)
+            config = PeerConfig(
+                listen=LOOPBACK, initial_peers=entry, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)
+            )
+            server = None
+            if span is not None:
+                fields = {"throughput": 1000.0, **server_fields}
+                server = ServerConfig(model=str(model), start=span[0], end=span[1], **fields)
+            peer = await stack.enter_async_context(
+                open_peer(config, server=server, client=client if server is None else None)
+            )
+            proxy.target_port = int(peer.host.get_transport_addrs()[0].value_for_protocol("tcp"))
+            assert peer.addrs == [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer.peer_id}"]
+            entry = entry or tuple(peer.addrs)
+            peers.append(peer)
+        yield peers[:-1], peers[-1]

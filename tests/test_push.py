@@ -9,6 +9,7 @@ import torch
 import trio
 
 from swarm_node import compression
+from swarm_node.errors import ProtocolError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.generation import SamplingConfig, generate_tokens
@@ -73,11 +74,17 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
                 assert [span.pushes for span in s._spans] == [True, False]
                 x = torch.randn(1, 2, H)
                 first = await s.step(x)
-                # a stray push with a wrong position: the second server tells our client push_failed
                 (target,) = peers[1].server.sessions
-                conn = await open_stream(client.host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
                 bad = m.PushStepRequest(session_id=target, step_id=9, position=5,
                                         hidden=compression.encode(torch.randn(1, 1, H), "none"))
+                # pushes from anyone but the previous server are refused: the stream is reset
+                stranger = await open_stream(client.host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
+                await stranger.send(bad)
+                assert await stranger.receive() is None  # the server reset the stream: no answer
+                with pytest.raises(ProtocolError, match="broke while sending"):  # and the pusher sees it
+                    await stranger.send(bad)
+                # a push from the previous server with a wrong position: our client hears push_failed
+                conn = await open_stream(peers[0].host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
                 await conn.send(bad)
                 # the next step still works: the client resends it, the server answers from its
                 # record of the pushed step (no second computation), the extra answer is dropped

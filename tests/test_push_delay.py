@@ -4,48 +4,18 @@ delays and a client-star token 2N (medians over several steps, generous margins)
 from __future__ import annotations
 
 import statistics
-from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import trio
 
-from swarm_node.node.config import PeerConfig, ServerConfig
-from swarm_node.node.peer import Peer, open_peer
-from tests.delay_proxy import DelayProxy
-from tests.swarm_helpers import LOOPBACK
+from swarm_node.node.peer import Peer
+from tests.swarm_helpers import proxied_swarm
 
 DELAY = 0.05  # seconds one way, in front of every peer
 H = 64  # hidden size of the tiny models
 STEPS = 9
-
-
-@asynccontextmanager
-async def proxied_swarm(
-    model: Path, spans: Sequence[tuple[int, int]], delay: float, nursery: trio.Nursery
-) -> AsyncIterator[tuple[list[Peer], Peer]]:
-    """Every peer, the client too, behind its own proxy and announcing only the proxy's address:
-    every connection passes exactly one proxy (the dialed peer's), so every link has ``delay``."""
-    async with AsyncExitStack() as stack:
-        peers: list[Peer] = []
-        entry: tuple[str, ...] = ()
-        for span in [*spans, None]:
-            proxy = DelayProxy(target_port=0, delay=delay)  # the target is known once the peer listens
-            port = await nursery.start(proxy.run)
-            config = PeerConfig(
-                listen=LOOPBACK, initial_peers=entry, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)
-            )
-            server = None
-            if span is not None:
-                server = ServerConfig(model=str(model), start=span[0], end=span[1], throughput=1000.0)
-            peer = await stack.enter_async_context(open_peer(config, server=server))
-            proxy.target_port = int(peer.host.get_transport_addrs()[0].value_for_protocol("tcp"))
-            assert peer.addrs == [f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer.peer_id}"]
-            entry = entry or tuple(peer.addrs)
-            peers.append(peer)
-        yield peers[:-1], peers[-1]
 
 
 async def median_step_time(client: Peer, chain: list, model: str, *, push: bool) -> float:

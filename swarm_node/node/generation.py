@@ -63,6 +63,7 @@ async def generate_tokens(
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     chain: Sequence[Hop] | None = None,
     compression: str | None = None,
+    push: bool | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
@@ -74,7 +75,7 @@ async def generate_tokens(
     stats = GenerationStats(prompt_tokens=prompt_len)
     max_length = prompt_len + sampling.max_new_tokens
     if chain is None:
-        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch)
+        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch, push=push)
     stats.chain = list(chain)
     generator = None
     if sampling.seed is not None:
@@ -85,7 +86,7 @@ async def generate_tokens(
     ids = input_ids
     async with peer.inference_session(
         list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
-        compression=compression,
+        compression=compression, push=push,
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
         for i in range(sampling.max_new_tokens):

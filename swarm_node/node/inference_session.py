@@ -96,7 +96,9 @@ class InferenceSession:
         try:
             following: _RemoteSpan | None = None
             # push: open from the last hop back, so each server learns the next one's session id
-            for hop in reversed(self.chain) if self.push else self.chain:
+            for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
+                hop = self.chain[i]
+                previous = self.chain[i - 1].server.peer_id if i > 0 else ""
                 conn = await open_stream(
                     self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=self.step_timeout
                 )
@@ -110,7 +112,7 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
-                        **self._next_fields(following),
+                        **self._push_fields(following, previous),
                     ),
                     m.OpenSessionResponse,
                     timeout=self.step_timeout,
@@ -124,14 +126,18 @@ class InferenceSession:
             raise
         return self
 
-    def _next_fields(self, following: _RemoteSpan | None) -> dict[str, str]:
-        if not self.push or following is None:
+    def _push_fields(self, following: _RemoteSpan | None, previous: str) -> dict[str, str]:
+        """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""
+        if not self.push:
             return {}
-        return {
-            "next_peer": following.hop.server.peer_id,
-            "next_addrs": " ".join(following.hop.server.addrs),
-            "next_session": following.session_id,
-        }
+        fields = {"prev_peer": previous}
+        if following is not None:
+            fields.update(
+                next_peer=following.hop.server.peer_id,
+                next_addrs=" ".join(following.hop.server.addrs),
+                next_session=following.session_id,
+            )
+        return fields
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -143,6 +143,7 @@ class Peer:
         assert self.server is not None
         if self.server.end >= self.server.span.config.num_hidden_layers:
             return {}
+        servers: list[ServerRecord] = []
         with trio.move_on_after(self.client_config.lookup_timeout):
             servers = await self.dht.find_servers(self.server.model_id, [self.server.end])
         samples = await self._ping_all([s for s in servers if s.peer_id != self.peer_id])

@@ -56,6 +56,7 @@ class _Session:
     steps: int = 0
     last_active: float = 0.0  # trio time of the last step
     push: PushLink | None = None  # to the next span's server, when the client asked for push
+    prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
     last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
     lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
 
@@ -132,7 +133,7 @@ class BlockServer:
                     break
                 if isinstance(message, m.PushStepRequest):
                     carries_pushes = True
-                    if not await self._pushed_step(message):
+                    if not await self._pushed_step(message, peer):
                         await conn.reset()  # the pushing server's next write fails: it stops
                         break
                     continue
@@ -267,6 +268,7 @@ class BlockServer:
             cache=cache,
             reserved_tokens=tokens,
             conn=conn,
+            prev_peer=req.prev_peer,
             last_active=trio.current_time(),
             lock=trio.Lock(),
         )
@@ -309,16 +311,21 @@ class BlockServer:
                 return last  # the previous server pushed this step here already
             return await self._run_step(session, req.step_id, req.position, req.hidden)
 
-    async def _pushed_step(self, req: m.PushStepRequest) -> bool:
+    async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
         """A step the previous server pushed: compute it and answer the session's client.
 
-        False when the session is unknown (the pushing stream should go). A step the client sent
+        False when the session is unknown or expects no pushes from ``sender`` (the pushing stream
+        should go). A step the client sent
         first is dropped; one that fails is reported to the client as ``push_failed``, so it sends
         the step itself.
         """
         session = self.sessions.get(req.session_id)
         if session is None or session.lock is None:
             log.info("dropping a push for unknown session %r", req.session_id)
+            return False
+        if not session.prev_peer or sender != session.prev_peer:
+            log.warning("peer %s pushed to session %s, which takes pushes only from %r", sender,
+                        req.session_id, session.prev_peer)
             return False
         async with session.lock:
             last = session.last_reply

@@ -59,6 +59,7 @@ class OpenSessionRequest:
     next_peer: str = ""
     next_addrs: str = ""
     next_session: str = ""
+    prev_peer: str = ""  # the only peer whose pushes this session accepts (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
