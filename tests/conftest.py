@@ -9,6 +9,14 @@ from tests.model_fixtures import make_tiny_model_dir
 
 
 @pytest.fixture(autouse=True)
+def _seeded_torch() -> None:
+    # Every test sees the same random tensors on every run: no test may pass by luck of the draw.
+    import torch
+
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_libp2p() -> None:
     # py-libp2p logs routine DHT chatter as warnings.
     logging.getLogger("libp2p").setLevel(logging.ERROR)

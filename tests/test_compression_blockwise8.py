@@ -135,6 +135,7 @@ def test_we_decode_bitsandbytes_output_exactly(bnb_functional, codec, dtype):
 
 @pytest.mark.parametrize("codec", BLOCKWISE)
 def test_our_codes_are_nearest_and_agree_with_bitsandbytes(bnb_functional, codec):
+    torch.manual_seed(18)  # a seed with exact ties: x/absmax sits on a midpoint to the last ulp
     x = torch.randn(64, 4096)
     block = BLOCK_SIZES[codec]
     absmax, ours = _split(encode(x, codec))
@@ -145,8 +146,11 @@ def test_our_codes_are_nearest_and_agree_with_bitsandbytes(bnb_functional, codec
     our_err = (scaled - code[ours.long()]).abs()
     their_err = (scaled - code[theirs.reshape(-1).long()]).abs()
     nearest_err = (scaled[:, None] - code[None, :]).abs().amin(dim=1)
-    assert torch.equal(our_err, nearest_err)
-    assert bool((our_err <= their_err).all())
+    # nearest up to a float tie: the encoder and this check divide in a different order, so on an
+    # exact midpoint they may round x/absmax one ulp apart (seen: <= 6e-8) and pick either neighbour
+    tie = 1e-7
+    assert bool((our_err <= nearest_err + tie).all())
+    assert bool((our_err <= their_err + tie).all())
     agree = (ours == theirs.reshape(-1)).float().mean().item()
     assert agree > 0.99  # bitsandbytes' CPU search misses the nearest code near midpoints
 
