@@ -174,3 +174,14 @@ def test_tensor_through_a_frame_and_back(codec, dtype, array):
     y = decode(msg.hidden, max_numel=max(1, x.numel()))
     expected = decode(encode(x, codec), max_numel=max(1, x.numel()))
     assert y.dtype == x.dtype and torch.equal(_bits(y), _bits(expected))
+
+
+def test_absurd_empty_shapes_are_refused_not_crashing() -> None:
+    # an empty tensor whose other sides overflow torch's stride arithmetic (found by hypothesis)
+    from swarm_node.compression import decode as decode_wire
+    from swarm_node.errors import RemoteProtocolError as Refused
+    from swarm_node.protocol import WireTensor as Wire
+
+    for codec in ("none", "blockwise8"):
+        with pytest.raises(Refused, match="at most 2\\*\\*48 elements"):
+            decode_wire(Wire(codec, "float32", (0, 2**30, 2**30, 2**30), b""), max_numel=10**6)

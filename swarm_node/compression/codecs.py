@@ -41,6 +41,7 @@ from swarm_node.compression import blockwise8
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
 from swarm_node.protocol.tensors import MAX_NDIM, WireTensor
 
+MAX_EXTENT = 2**48  # torch's stride arithmetic overflows on absurd shapes, even empty ones
 CODECS = ("none", "float16", "bfloat16", "blockwise8", "blockwise8-64")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -200,6 +201,11 @@ def decode(wire: WireTensor, *, max_numel: int) -> torch.Tensor:
     if numel > max_numel:
         raise RemoteProtocolError(
             f"tensor must have at most {max_numel} elements, got shape {shape} ({numel})"
+        )
+    extent = math.prod(max(d, 1) for d in shape)  # an empty tensor's other sides must be sane too
+    if extent > MAX_EXTENT:
+        raise RemoteProtocolError(
+            f"tensor shape must span at most 2**48 elements (zero sides counted as 1), got {shape}"
         )
     if not isinstance(wire.data, bytes | bytearray | memoryview):
         raise RemoteProtocolError(f"'data' must be bytes, got {type(wire.data).__name__}")
