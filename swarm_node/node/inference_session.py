@@ -211,24 +211,19 @@ class InferenceSession:
     async def _hop(
         self, span: _RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
     ) -> torch.Tensor:
-        reply = await request(
-            span.conn,
-            m.StepRequest(
-                session_id=span.session_id,
-                step_id=step_id,
-                position=position,
-                hidden=compression.encode(hidden, self.uplink),
-            ),
-            m.StepResponse,
-            timeout=self.step_timeout,
-        )
-        out = compression.decode(reply.hidden, max_numel=hidden.numel())
-        if out.shape != hidden.shape:
+        await self._send_step(span, hidden, step_id, position)
+        reply = await self._receive_step(span, step_id)
+        if reply is None:
+            raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
+        return self._output(span, reply, hidden)
+
+    def _output(self, span: _RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
+        """The hidden states of a step's answer, which must have the shape of what was sent."""
+        out = compression.decode(reply.hidden, max_numel=sent.numel())
+        if out.shape != sent.shape:
             raise RemoteProtocolError(
-                f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
+                f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(sent.shape)}"
             )
-        if reply.step_id != step_id:
-            raise RemoteProtocolError(f"{span.conn.peer_id} answered step {reply.step_id}, expected {step_id}")
         return out
 
     async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -277,12 +272,7 @@ class InferenceSession:
                 reply = await self._receive_step(span, step_id)
                 if reply is None:
                     raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push twice")
-            out = compression.decode(reply.hidden, max_numel=hidden.numel())
-            if out.shape != hidden.shape:
-                raise RemoteProtocolError(
-                    f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(hidden.shape)}"
-                )
-            hidden = out
+            hidden = self._output(span, reply, hidden)
             send = not (span.pushes and reply.pushed)
         return hidden
 
