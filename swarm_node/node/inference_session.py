@@ -76,8 +76,10 @@ class InferenceSession:
         max_frame_size: int,
         batch_size: int = 1,
         push: bool = False,
+        prompts: torch.Tensor | None = None,
     ) -> None:
         self.push = push
+        self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
         self.host = host
         self.chain = chain
         self.model = model
@@ -112,6 +114,7 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
+                        prompts=self._hop_prompts(hop),
                         **self._push_fields(following, previous),
                     ),
                     m.OpenSessionResponse,
@@ -125,6 +128,12 @@ class InferenceSession:
             await self.aclose()
             raise
         return self
+
+    def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
+        if self.prompts is None:
+            return None
+        part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
+        return compression.encode(part, "none")  # prompts travel exactly
 
     def _push_fields(self, following: _RemoteSpan | None, previous: str) -> dict[str, str]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""

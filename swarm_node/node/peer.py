@@ -234,8 +234,10 @@ class Peer:
         batch_size: int = 1,
         compression: str | None = None,
         push: bool | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> InferenceSession:
-        """A session over ``chain``; ``compression`` overrides the client's codec for it."""
+        """A session over ``chain``; ``compression`` overrides the client's codec for it;
+        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open."""
         return InferenceSession(
             self.host,
             chain,
@@ -247,6 +249,7 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
             push=self.client_config.push if push is None else push,
+            prompts=prompts,
         )
 
 
