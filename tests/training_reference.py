@@ -61,9 +61,12 @@ def embeds_with_prompt(ref: Any, input_ids: torch.Tensor, prompt: torch.Tensor |
 def causal_lm_loss(
     ref: Any, input_ids: torch.Tensor, labels: torch.Tensor, prompt: torch.Tensor | None, deep: torch.Tensor | None
 ) -> torch.Tensor:
-    """transformers' own loss (labels shifted inside) with the soft prompt's positions ignored."""
+    """transformers' own loss (labels shifted inside) with the soft prompt's positions ignored; as in
+    Petals, the first token is not predicted from the prompt's last position either."""
     n = 0 if prompt is None else prompt.shape[0]
     ignore = torch.full((labels.shape[0], n), -100, dtype=labels.dtype)
+    labels = labels.clone()
+    labels[:, 0] = -100
     with deep_prompt_hooks(ref, deep):
         out = ref(inputs_embeds=embeds_with_prompt(ref, input_ids, prompt), labels=torch.cat([ignore, labels], dim=1))
     return out.loss
