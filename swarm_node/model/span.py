@@ -15,6 +15,7 @@ from swarm_node.errors import ConfigError, ModelError
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.families import layer_types
 from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.lora import LoraWeights, check_lora, linear_shapes, lora_applied
 from swarm_node.model.prompts import add_prompt
 from swarm_node.model.quantization import check_quant, quantize_linears, weight_bytes
 from swarm_node.model.skeleton import materialize, meta_skeleton, submodule
@@ -46,6 +47,7 @@ class BlockSpan(torch.nn.Module):
         self.layers = layers
         self.rotary = rotary
         self.layer_types = layer_types(config)[start:end]
+        self._lora_shapes: dict[str, tuple[int, int]] | None = None
 
     @classmethod
     def load(
@@ -132,6 +134,13 @@ class BlockSpan(torch.nn.Module):
             )
         return start, end
 
+    @property
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """The Linears a LoRA may adapt in each block: name -> (in_features, out_features)."""
+        if self._lora_shapes is None:
+            self._lora_shapes = linear_shapes(self.layers[0])
+        return self._lora_shapes
+
     def memory_bytes(self) -> int:
         """Bytes the span's block weights occupy (quantization statistics included)."""
         return weight_bytes(self.layers)
@@ -154,6 +163,7 @@ class BlockSpan(torch.nn.Module):
         start: int | None = None,
         end: int | None = None,
         prompts: torch.Tensor | None = None,
+        lora: LoraWeights | None = None,
     ) -> torch.Tensor:
         """Hidden states `# (B, T, H)` of new positions -> the output of blocks `start..end-1`.
 
@@ -165,9 +175,14 @@ class BlockSpan(torch.nn.Module):
         the cache grows by T; without one, a plain causal forward from position 0 (keeps autograd
         when asked). Calls on one BlockSpan must not run concurrently (a server's compute limiter
         serialises them): a sub-span renumbers its layers' cache indices while it runs.
+
+        `lora` (blocks of this span; see lora.py) adds a LoRA to the blocks' Linears for this call
+        only, without touching the frozen weights; its tensors may require grad.
         """
         self._check_hidden(hidden)
         start, end = self._sub_span(start, end)
+        if lora is not None:
+            check_lora(lora, shapes=self.lora_shapes, start=self.start, end=self.end)
         batch, new_tokens, _ = hidden.shape
         past = 0
         if cache is not None:
@@ -181,9 +196,10 @@ class BlockSpan(torch.nn.Module):
             hidden.requires_grad
             or (prompts is not None and prompts.requires_grad)
             or any(p.requires_grad for p in self.parameters())
+            or (lora is not None and lora.requires_grad)
         )
         mode = contextlib.nullcontext() if needs_grad else torch.inference_mode()
-        with mode:
+        with mode, lora_applied(self.layers, self.start, lora):
             out = self._run(
                 hidden.to(self.dtype), cache, past, start - self.start, end - self.start, prompts
             )
