@@ -64,8 +64,12 @@ async def generate_tokens(
     chain: Sequence[Hop] | None = None,
     compression: str | None = None,
     push: bool | None = None,
+    adapter: str | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate."""
+    """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate.
+
+    ``adapter``: a LoRA adapter servers hold, by name (default: the client config's).
+    """
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}")
     from swarm_node.model import sample_next_token
@@ -75,7 +79,9 @@ async def generate_tokens(
     stats = GenerationStats(prompt_tokens=prompt_len)
     max_length = prompt_len + sampling.max_new_tokens
     if chain is None:
-        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch, push=push)
+        chain = await peer.find_chain(
+            model, num_blocks, max_length=max_length, batch_size=batch, push=push, adapter=adapter
+        )
     stats.chain = list(chain)
     generator = None
     if sampling.seed is not None:
@@ -86,7 +92,7 @@ async def generate_tokens(
     ids = input_ids
     async with peer.inference_session(
         list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
-        compression=compression, push=push,
+        compression=compression, push=push, adapter=adapter,
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
         for i in range(sampling.max_new_tokens):

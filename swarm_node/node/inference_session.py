@@ -76,8 +76,10 @@ class InferenceSession:
         max_frame_size: int,
         batch_size: int = 1,
         push: bool = False,
+        adapter: str = "",
     ) -> None:
         self.push = push
+        self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
         self.host = host
         self.chain = chain
         self.model = model
@@ -112,6 +114,7 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
+                        adapter=self.adapter,
                         **self._push_fields(following, previous),
                     ),
                     m.OpenSessionResponse,

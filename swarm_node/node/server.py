@@ -19,7 +19,8 @@ import torch
 import trio
 
 from swarm_node import __version__, compression
-from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
+from swarm_node.errors import ConfigError, ProtocolError, RemoteProtocolError, SessionError
+from swarm_node.node.adapters import adapter_for
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node.push import PushLink, open_push_link
@@ -59,6 +60,7 @@ class _Session:
     prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
     last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
     lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
+    lora: Any = None  # model.LoraWeights of the adapter the session named, or None
 
 
 class BlockServer:
@@ -74,8 +76,10 @@ class BlockServer:
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
         host: Any = None,  # libp2p host, to open push streams to next servers
+        adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
     ) -> None:
         self.host = host
+        self.adapters = adapters or {}
         self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
@@ -192,6 +196,12 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
+    def _adapter(self, name: str) -> Any:
+        try:
+            return adapter_for(self.adapters, name)
+        except ConfigError as exc:
+            raise RequestError("unknown_adapter", str(exc)) from None
+
     def _check_span(self, model: str, start: int, end: int) -> None:
         if model != self.model_id:
             raise RequestError("unknown_model", f"this server serves {self.model_id!r}, not {model!r}")
@@ -228,6 +238,7 @@ class BlockServer:
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
         self._check_span(req.model, req.start, req.end)
+        lora = self._adapter(req.adapter)
         if req.dtype != self.config.dtype:
             raise RequestError("bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}")
         if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
@@ -271,6 +282,7 @@ class BlockServer:
             prev_peer=req.prev_peer,
             last_active=trio.current_time(),
             lock=trio.Lock(),
+            lora=lora,
         )
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
@@ -360,7 +372,7 @@ class BlockServer:
         hidden = self._decode_hidden(
             wire, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
         )
-        run = functools.partial(self._run_span, hidden, session.cache, session.start, session.end)
+        run = functools.partial(self._run_span, hidden, session.cache, session.start, session.end, session.lora)
         try:
             out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
         except SessionError as exc:
@@ -375,18 +387,19 @@ class BlockServer:
 
     async def _forward(self, req: m.ForwardRequest) -> m.ForwardResponse:
         self._check_span(req.model, req.start, req.end)
+        lora = self._adapter(req.adapter)
         if req.compression not in COMPRESSIONS:
             raise RequestError("bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}")
         hidden = self._decode_hidden(
             req.hidden, batch=None, max_tokens=self.config.max_session_length, dtype=self.config.dtype
         )
-        run = functools.partial(self._run_span, hidden, None, req.start, req.end)
+        run = functools.partial(self._run_span, hidden, None, req.start, req.end, lora)
         out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
         return m.ForwardResponse(hidden=compression.encode(out, req.compression))
 
-    def _run_span(self, hidden: torch.Tensor, cache: Any, start: int, end: int) -> torch.Tensor:
+    def _run_span(self, hidden: torch.Tensor, cache: Any, start: int, end: int, lora: Any = None) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span.forward(hidden, cache, start=start, end=end)
+            return self.span.forward(hidden, cache, start=start, end=end, lora=lora)
 
 
 def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:

@@ -60,6 +60,7 @@ class OpenSessionRequest:
     next_addrs: str = ""
     next_session: str = ""
     prev_peer: str = ""  # the only peer whose pushes this session accepts (empty: none)
+    adapter: str = ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class ForwardRequest:
     end: int
     compression: str
     hidden: WireTensor  # (B, T, H)
+    adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
