@@ -77,9 +77,11 @@ class InferenceSession:
         batch_size: int = 1,
         push: bool = False,
         adapter: str = "",
+        prompts: torch.Tensor | None = None,
     ) -> None:
         self.push = push
         self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
+        self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
         self.host = host
         self.chain = chain
         self.model = model
@@ -115,6 +117,7 @@ class InferenceSession:
                         compression=self.downlink,
                         batch_size=self.batch_size,
                         adapter=self.adapter,
+                        prompts=self._hop_prompts(hop),
                         **self._push_fields(following, previous),
                     ),
                     m.OpenSessionResponse,
@@ -128,6 +131,12 @@ class InferenceSession:
             await self.aclose()
             raise
         return self
+
+    def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
+        if self.prompts is None:
+            return None
+        part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
+        return compression.encode(part, "none")  # prompts travel exactly
 
     def _push_fields(self, following: _RemoteSpan | None, previous: str) -> dict[str, str]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""

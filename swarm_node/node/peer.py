@@ -241,8 +241,10 @@ class Peer:
         compression: str | None = None,
         push: bool | None = None,
         adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> InferenceSession:
-        """A session over ``chain``; ``compression`` and ``adapter`` override the client config's."""
+        """A session over ``chain``; ``compression`` and ``adapter`` override the client config's;
+        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open."""
         return InferenceSession(
             self.host,
             chain,
@@ -255,6 +257,7 @@ class Peer:
             batch_size=batch_size,
             push=self.client_config.push if push is None else push,
             adapter=(self.client_config.adapter if adapter is None else adapter) or "",
+            prompts=prompts,
         )
 
 
