@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import trio
 
+from swarm_node.node.adapters import is_adapter_file, parse_adapter_flags
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.peer import Peer, model_id_of, open_peer
@@ -36,6 +37,7 @@ async def serve(args: argparse.Namespace) -> int:
         cache_budget_tokens=args.cache_tokens,
         compression=args.compression,
         quant=args.quant,
+        adapters=parse_adapter_flags(args.adapters),
     )
     config = PeerConfig(
         listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity,
@@ -134,7 +136,8 @@ async def generate(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
     )
     _need_initial_peers(args)
-    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression)
+    adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
+    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression, adapter=adapter)
     async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)

@@ -64,11 +64,13 @@ async def generate_tokens(
     chain: Sequence[Hop] | None = None,
     compression: str | None = None,
     push: bool | None = None,
+    adapter: str | None = None,
     prefix: torch.Tensor | None = None,
     deep_prompts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate.
 
+    ``adapter``: a LoRA adapter servers hold, by name (default: the client config's).
     Prompt tuning: ``prefix`` ``# (P, H)`` goes before the prompt's embeddings, and the servers add
     ``deep_prompts`` ``# (L, P, H)`` to those P positions before each block (model/prompts.py).
     """
@@ -81,7 +83,9 @@ async def generate_tokens(
     stats = GenerationStats(prompt_tokens=prompt_len)
     max_length = prompt_len + sampling.max_new_tokens + (0 if prefix is None else prefix.shape[0])
     if chain is None:
-        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch, push=push)
+        chain = await peer.find_chain(
+            model, num_blocks, max_length=max_length, batch_size=batch, push=push, adapter=adapter
+        )
     stats.chain = list(chain)
     generator = None
     if sampling.seed is not None:
@@ -92,7 +96,7 @@ async def generate_tokens(
     ids = input_ids
     async with peer.inference_session(
         list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
-        compression=compression, push=push, prompts=deep_prompts,
+        compression=compression, push=push, adapter=adapter, prompts=deep_prompts,
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
         if prefix is not None:

@@ -76,9 +76,11 @@ class InferenceSession:
         max_frame_size: int,
         batch_size: int = 1,
         push: bool = False,
+        adapter: str = "",
         prompts: torch.Tensor | None = None,
     ) -> None:
         self.push = push
+        self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
         self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
         self.host = host
         self.chain = chain
@@ -114,6 +116,7 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
+                        adapter=self.adapter,
                         prompts=self._hop_prompts(hop),
                         **self._push_fields(following, previous),
                     ),

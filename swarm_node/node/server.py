@@ -19,7 +19,8 @@ import torch
 import trio
 
 from swarm_node import __version__, compression
-from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
+from swarm_node.errors import ConfigError, ProtocolError, RemoteProtocolError, SessionError
+from swarm_node.node.adapters import adapter_for
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node import server_training
@@ -54,6 +55,7 @@ class _Session:
     last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
     prompts: torch.Tensor | None = None  # deep prompts (end - start, P, H) the client opened with
     lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
+    lora: Any = None  # model.LoraWeights of the adapter the session named, or None
 
 
 class BlockServer:
@@ -69,8 +71,10 @@ class BlockServer:
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
         host: Any = None,  # libp2p host, to open push streams to next servers
+        adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
     ) -> None:
         self.host = host
+        self.adapters = adapters or {}
         self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
@@ -189,6 +193,12 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
+    def _adapter(self, name: str) -> Any:
+        try:
+            return adapter_for(self.adapters, name)
+        except ConfigError as exc:
+            raise RequestError("unknown_adapter", str(exc)) from None
+
     def _check_span(self, model: str, start: int, end: int) -> None:
         if model != self.model_id:
             raise RequestError("unknown_model", f"this server serves {self.model_id!r}, not {model!r}")
@@ -225,6 +235,7 @@ class BlockServer:
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
         self._check_span(req.model, req.start, req.end)
+        lora = self._adapter(req.adapter)
         if req.dtype != self.config.dtype:
             raise RequestError("bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}")
         if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
@@ -270,6 +281,7 @@ class BlockServer:
             prompts=prompts,
             last_active=trio.current_time(),
             lock=trio.Lock(),
+            lora=lora,
         )
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
@@ -360,7 +372,7 @@ class BlockServer:
             wire, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
         )
         run = functools.partial(
-            self._run_span, hidden, session.cache, session.start, session.end, session.prompts
+            self._run_span, hidden, session.cache, session.start, session.end, session.prompts, session.lora
         )
         try:
             out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
@@ -375,10 +387,11 @@ class BlockServer:
         return reply
 
     def _run_span(
-        self, hidden: torch.Tensor, cache: Any, start: int, end: int, prompts: torch.Tensor | None = None
+        self, hidden: torch.Tensor, cache: Any, start: int, end: int, prompts: torch.Tensor | None = None,
+        lora: Any = None,
     ) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span.forward(hidden, cache, start=start, end=end, prompts=prompts)
+            return self.span.forward(hidden, cache, start=start, end=end, prompts=prompts, lora=lora)
 
 
 def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:

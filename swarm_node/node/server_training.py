@@ -68,7 +68,8 @@ async def forward(server: Any, req: m.ForwardRequest) -> m.ForwardResponse:
     _check_batch(hidden)
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts)
+    lora = server._adapter(req.adapter)
+    run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts, lora)
     out = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     return m.ForwardResponse(hidden=compression.encode(out, req.compression))
 
@@ -87,7 +88,8 @@ async def backward(server: Any, req: m.BackwardRequest) -> m.BackwardResponse:
         )
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    run = functools.partial(_backward, server.span, hidden, grad_output, req.start, req.end, prompts)
+    lora = server._adapter(req.adapter)
+    run = functools.partial(_backward, server.span, hidden, grad_output, req.start, req.end, prompts, lora)
     grad_input, grad_prompts = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     return m.BackwardResponse(
         grad_input=compression.encode(grad_input, req.compression),
@@ -102,9 +104,11 @@ def _check_batch(hidden: torch.Tensor) -> None:
         )
 
 
-def _forward(span: Any, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None) -> torch.Tensor:
+def _forward(
+    span: Any, hidden: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None, lora: Any
+) -> torch.Tensor:
     with torch.inference_mode():
-        return span.forward(hidden, None, start=start, end=end, prompts=prompts)
+        return span.forward(hidden, None, start=start, end=end, prompts=prompts, lora=lora)
 
 
 def _backward(
@@ -114,6 +118,7 @@ def _backward(
     start: int,
     end: int,
     prompts: torch.Tensor | None,
+    lora: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     with torch.enable_grad():
         hidden = hidden.detach().requires_grad_(True)
@@ -121,6 +126,6 @@ def _backward(
         if prompts is not None:
             prompts = prompts.detach().requires_grad_(True)
             inputs.append(prompts)
-        out = span.forward(hidden, None, start=start, end=end, prompts=prompts)  # (B, T, H)
+        out = span.forward(hidden, None, start=start, end=end, prompts=prompts, lora=lora)  # (B, T, H)
         grads = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
     return grads[0], (grads[1] if prompts is not None else None)

@@ -63,6 +63,7 @@ class OpenSessionRequest:
     # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
     # step carries (absent: none). Sent once here, so replays and pushed steps use it too.
     prompts: WireTensor | None = None
+    adapter: str = ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,7 @@ class ForwardRequest:
     compression: str
     hidden: WireTensor  # (B, T, H)
     prompts: WireTensor | None = None  # (end - start, P, H), added to positions [0, P) before each block
+    adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +141,7 @@ class BackwardRequest:
     hidden: WireTensor  # (B, T, H): the input of block `start`, as in the forward
     grad_output: WireTensor  # (B, T, H): gradient of the loss with respect to the output
     prompts: WireTensor | None = None  # (end - start, P, H), as in ForwardRequest
+    adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,163 @@
+"""Server-held LoRA adapters through a real loopback swarm: announced, routed to, applied exactly."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.dht.records import ServerRecord
+from swarm_node.dht.routing import choose_chain, choose_inference_chain, choose_training_chain
+from swarm_node.errors import ConfigError, MissingBlocksError, RemoteError
+from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.model.lora import load_peft_adapter
+from swarm_node.node.adapters import parse_adapter_flags
+from swarm_node.node.cli import main
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.inference_session import open_stream, request
+from swarm_node.node.peer import open_peer
+from swarm_node.protocol import messages as m
+from tests.lora_fixtures import merged_reference, save_peft_adapter
+from tests.model_fixtures import reference_model
+from tests.swarm_helpers import LOOPBACK, local_swarm
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_peft_adapter(tiny_llama, tmp_path_factory.mktemp("lora") / "chat", seed=7)
+
+
+def _greedy(model: object, input_ids: torch.Tensor, new: int) -> list[list[int]]:
+    out = model.generate(input_ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out.tolist()
+
+
+async def test_adapter_swarm_equals_merged_model_and_skips_servers_without_it(
+    tiny_llama: Path, adapter: Path
+) -> None:
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = _greedy(merged_reference(tiny_llama, adapter), input_ids, 12)
+    base = _greedy(reference_model(tiny_llama), input_ids, 12)
+    assert expected != base  # the adapter changes the greedy tokens
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    held = {"adapters": (("chat", str(adapter)),)}
+    sampling = SamplingConfig(max_new_tokens=12)
+    with trio.fail_after(90):
+        # the one-hop server of every block is the cheapest chain, but it does not hold "chat"
+        async with local_swarm(
+            tiny_llama, [(0, 3), (3, 6), (0, 6)], per_server=[held, held, {}]
+        ) as (servers, client):
+            records = await client.find_servers(tiny_llama.name, 6)
+            assert {r.peer_id: r.adapters for r in records} == {
+                servers[0].peer_id: ("chat",), servers[1].peer_id: ("chat",), servers[2].peer_id: ()
+            }
+            ids, stats = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                sampling=sampling, adapter="chat",
+            )
+            assert ids.tolist() == expected
+            assert [(h.server.peer_id, h.start, h.end) for h in stats.chain] == [
+                (servers[0].peer_id, 0, 3), (servers[1].peer_id, 3, 6)
+            ]
+            plain, plain_stats = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32", sampling=sampling,
+            )
+            assert plain.tolist() == base
+            assert [h.server.peer_id for h in plain_stats.chain] == [servers[2].peer_id]
+            with pytest.raises(MissingBlocksError, match="no server holding adapter 'sql' for blocks 0-5"):
+                await client.find_chain(tiny_llama.name, 6, adapter="sql")
+
+
+async def test_unknown_adapter_and_forward_with_adapter(tiny_llama: Path, adapter: Path) -> None:
+    checkpoint = Checkpoint.open(tiny_llama)
+    span = BlockSpan.load(checkpoint, 1, 4)
+    lora = load_peft_adapter(adapter, checkpoint.config, start=1, end=4)
+    hidden = torch.randn(2, 5, 64)
+    with trio.fail_after(60):
+        async with local_swarm(
+            tiny_llama, [(0, 6)], adapters=(("chat", str(adapter)),),
+            client=ClientConfig(adapter="chat"),
+        ) as (servers, client):
+            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            opening = m.OpenSessionRequest(
+                model=tiny_llama.name, start=0, end=6, max_length=8, dtype="float32", compression="none",
+                adapter="sql",
+            )
+            with pytest.raises(RemoteError, match=r"unknown_adapter: 'adapter' must be one this server holds \(\['chat'\]\), got 'sql'"):
+                await request(conn, opening, m.OpenSessionResponse, timeout=5)
+            forward = m.ForwardRequest(
+                model=tiny_llama.name, start=1, end=4, compression="none",
+                hidden=compression.encode(hidden, "none"), adapter="chat",
+            )
+            reply = await request(conn, forward, m.ForwardResponse, timeout=10)
+            torch.testing.assert_close(compression.decode(reply.hidden, max_numel=hidden.numel()), span(hidden, lora=lora), atol=1e-6, rtol=0)
+            with pytest.raises(RemoteError, match="unknown_adapter"):
+                await request(conn, m.ForwardRequest(**{**_fields(forward), "adapter": "nope"}), m.ForwardResponse, timeout=5)
+            # the stream still serves; the client config's adapter picks the chain by default
+            chain = await client.find_chain(tiny_llama.name, 6)
+            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as session:
+                assert session.adapter == "chat"
+            await conn.close()
+
+
+def _fields(msg: object) -> dict:
+    return {name: getattr(msg, name) for name in msg.__dataclass_fields__}
+
+
+async def test_server_with_a_bad_adapter_does_not_start(tiny_llama: Path, tmp_path: Path) -> None:
+    config = ServerConfig(model=str(tiny_llama), start=0, end=3, throughput=1.0, adapters=(("x", str(tmp_path)),))
+    with trio.fail_after(30):
+        with pytest.raises(ConfigError, match=r"'--adapters' x=.*: adapter folder .* must hold adapter_config.json"):
+            async with open_peer(PeerConfig(listen=LOOPBACK), server=config):
+                pass  # pragma: no cover
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["chat"], "'--adapters' entries must look like NAME=PATH"),
+        (["chat="], "'--adapters' entries must look like NAME=PATH"),
+        (["a b=/x"], "'adapters' names must be 1-64 letters"),
+        (["a=/x", "a=/y"], "'adapters' names must be distinct, got 'a' twice"),
+    ],
+)
+def test_bad_adapter_flags(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_adapter_flags(flags)
+
+
+def test_cli_reports_bad_adapters(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--model", str(tiny_llama), "--blocks", "0:3", "--adapters", "chat"]) == 2
+    assert "error: '--adapters' entries must look like NAME=PATH" in capsys.readouterr().err
+    args = ["serve", "--model", str(tiny_llama), "--blocks", "0:3", "--throughput", "1", "--adapters", f"x={tmp_path}/none"]
+    assert main(args) == 2
+    assert "error: '--adapters' x=" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="'adapter' names must be 1-64"):
+        ClientConfig(adapter="../etc")
+
+
+def _record(peer: str, start: int, end: int, adapters: tuple[str, ...] = ()) -> ServerRecord:
+    return ServerRecord(
+        peer_id=peer, addrs=(), model="m", start=start, end=end, throughput=10.0, cache_tokens_left=1000,
+        dtype="float32", version="0", adapters=adapters, expires_at=time.time() + 60,
+    )
+
+
+def test_routing_picks_only_servers_holding_the_adapter() -> None:
+    import random
+
+    servers = [_record("whole", 0, 4), _record("a", 0, 2, ("chat",)), _record("b", 2, 4, ("chat", "sql"))]
+    common = dict(model="m", start=0, end=4, now=time.time())
+    assert [h.server.peer_id for h in choose_chain(servers, model="m", start=0, end=4)] == ["whole"]
+    assert [h.server.peer_id for h in choose_chain(servers, model="m", start=0, end=4, adapter="chat")] == ["a", "b"]
+    chain = choose_inference_chain(servers, rtt={}, push=False, max_length=8, adapter="chat", **common)
+    assert [h.server.peer_id for h in chain] == ["a", "b"]
+    chain = choose_training_chain(servers, rng=random.Random(0), adapter="chat", **common)
+    assert [h.server.peer_id for h in chain] == ["a", "b"]
+    with pytest.raises(MissingBlocksError, match="no server holding adapter 'sql' for blocks 0-1 of m"):
+        choose_inference_chain(servers, rtt={}, push=False, max_length=8, adapter="sql", **common)
