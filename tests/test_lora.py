@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -239,3 +240,40 @@ def test_bad_lora_weights_given_to_a_span(tiny_llama: Path) -> None:
         lora_from_state({"model.layers.2.self_attn.q_proj.lora_A.weight": good.a,
                          "model.layers.2.self_attn.q_proj.lora_B.weight": good.b}, {},
                         shapes=span.lora_shapes, start=2, end=4)
+
+
+def test_pack_round_trip_and_gradients_land_in_the_flat_tensor(tiny_llama: Path, adapter: Path) -> None:
+    from swarm_node.model.lora_pack import manifest_entries, pack_lora, unpack_lora
+
+    checkpoint = Checkpoint.open(tiny_llama)
+    span = BlockSpan.load(checkpoint, 2, 5)
+    lora = load_peft_adapter(adapter, checkpoint.config, start=2, end=5)
+    flat, manifest = pack_lora(lora)
+    assert flat.shape == (lora.numel(),)
+    leaf = flat.detach().clone().requires_grad_(True)
+    back = unpack_lora(leaf, manifest, shapes=span.lora_shapes, start=2, end=5)
+    hidden = torch.randn(1, 4, 64)
+    out = span(hidden, lora=back)
+    torch.testing.assert_close(out, span(hidden, lora=lora), atol=0, rtol=0)
+    out.pow(2).mean().backward()
+    tensors = lora.to(torch.float32)
+    for _, mod in tensors.items():
+        mod.a.requires_grad_(True)
+        mod.b.requires_grad_(True)
+    span(hidden, lora=tensors).pow(2).mean().backward()
+    expected, _ = pack_lora(LoraWeights({i: {n: LoraModule(m.a.grad, m.b.grad, m.scale) for n, m in mods.items()}
+                                         for i, mods in tensors.modules.items()}))
+    torch.testing.assert_close(leaf.grad, expected, atol=1e-6, rtol=0)
+    shapes = span.lora_shapes
+    for bad, message in [
+        ("[", "must be JSON"),
+        ("[]", "must list 1 to"),
+        ('[["model.layers.7.self_attn.q_proj", 4, 1.0]]', "must be a distinct Linear of blocks 2:5"),
+        ('[["model.layers.2.self_attn.q_proj", 0, 1.0]]', "rank of 'model.layers.2.self_attn.q_proj' must be an int"),
+        ('[["model.layers.2.self_attn.q_proj", 4, "x"]]', "must be a finite number"),
+        ('[["x", 4, 1.0]]', "entries must be"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            manifest_entries(bad, shapes=shapes, start=2, end=5)
+    with pytest.raises(ConfigError, match=f"must be a flat tensor of {flat.numel()} numbers"):
+        unpack_lora(flat[:-1], manifest, shapes=shapes, start=2, end=5)

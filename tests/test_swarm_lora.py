@@ -161,3 +161,89 @@ def test_routing_picks_only_servers_holding_the_adapter() -> None:
     assert [h.server.peer_id for h in chain] == ["a", "b"]
     with pytest.raises(MissingBlocksError, match="no server holding adapter 'sql' for blocks 0-1 of m"):
         choose_inference_chain(servers, rtt={}, push=False, max_length=8, adapter="sql", **common)
+
+
+async def test_client_owned_lora_file_and_prompt_file(tiny_llama: Path, adapter: Path, tmp_path: Path) -> None:
+    """generate's --adapter FILE and --prompt-file FILE, through servers that hold no adapter."""
+    import argparse
+
+    from swarm_node.model.tuned_files import TunedFile, save_tuned
+    from swarm_node.node.commands import tuned_inputs
+
+    checkpoint = Checkpoint.open(tiny_llama)
+    config = checkpoint.config
+    lora = load_peft_adapter(adapter, config, start=0, end=6)
+    lora_file = save_tuned(tmp_path / "mine.safetensors", TunedFile(model=tiny_llama.name, method="lora", start=0,
+                                                                   end=6, lora=lora), config=config)
+    prefix = torch.randn(3, 64) * 0.5
+    prompt_file = save_tuned(tmp_path / "p.safetensors", TunedFile(model=tiny_llama.name, method="ptune", start=0,
+                                                                  end=6, prompts=prefix), config=config)
+    args = argparse.Namespace(model=str(tiny_llama), dtype="float32", adapter=str(lora_file), prompt_file=prompt_file)
+    tuned = tuned_inputs(args, config)
+    assert torch.equal(tuned["prefix"], prefix) and tuned["deep_prompts"] is None
+    input_ids = torch.randint(0, 256, (1, 5))
+    head = ClientHead.load(checkpoint)
+    merged = merged_reference(tiny_llama, adapter)
+    expected = _greedy(merged, input_ids, 8)
+    embeds = torch.cat([prefix[None], head.embed(input_ids)], dim=1)  # (1, P + T, H)
+    expected_prompted = []
+    with torch.no_grad():  # greedy by hand: the merged model after the soft prompt
+        for _ in range(8):
+            token = merged(inputs_embeds=embeds).logits[:, -1].argmax(-1)  # (1,)
+            expected_prompted.append(int(token))
+            embeds = torch.cat([embeds, head.embed(token[:, None])], dim=1)
+    sampling = SamplingConfig(max_new_tokens=8)
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 2), (2, 6)]) as (servers, client):
+            ids, _ = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                sampling=sampling, lora=tuned["lora"],
+            )
+            assert ids.tolist() == expected
+            ids, _ = await generate_tokens(
+                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                sampling=sampling, **tuned,
+            )
+            assert ids[0, 5:].tolist() == expected_prompted
+
+
+async def test_bad_client_owned_lora_is_refused(tiny_llama: Path, adapter: Path) -> None:
+    from swarm_node.model.lora_pack import pack_lora
+
+    lora = load_peft_adapter(adapter, Checkpoint.open(tiny_llama).config, start=0, end=3)
+    flat, manifest = pack_lora(lora)
+    base = dict(model=tiny_llama.name, start=0, end=3, max_length=8, dtype="float32", compression="none")
+    cases = [
+        (dict(lora=compression.encode(flat, "none"), lora_manifest=manifest, adapter="chat"),
+         "an 'adapter' name or a 'lora', not both"),
+        (dict(lora_manifest=manifest), "'lora_manifest' came without 'lora'"),
+        (dict(lora=compression.encode(flat, "none"), lora_manifest="[]"), "lora: 'lora_manifest' must list 1 to"),
+        (dict(lora=compression.encode(flat[:-1].contiguous(), "none"), lora_manifest=manifest),
+         f"lora: 'lora' must be a flat tensor of {flat.numel()} numbers"),
+        (dict(lora=compression.encode(torch.cat([flat, flat]), "none"), lora_manifest=manifest), "lora: "),
+        (dict(lora=compression.encode(torch.full_like(flat, float("inf")), "none"), lora_manifest=manifest),
+         "lora: the weights must be finite"),
+        (dict(lora=compression.encode(flat, "none"), lora_manifest=manifest.replace("layers.0", "layers.4")),
+         "must be a distinct Linear of blocks 0:3"),
+    ]
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)], adapters=(("chat", str(adapter)),)) as (servers, client):
+            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            for fields, message in cases:
+                with pytest.raises(RemoteError) as info:
+                    await request(conn, m.OpenSessionRequest(**base, **fields), m.OpenSessionResponse, timeout=5)
+                assert info.value.code == "bad_request" and message in info.value.message
+            good = m.OpenSessionRequest(**base, lora=compression.encode(flat, "none"), lora_manifest=manifest)
+            assert (await request(conn, good, m.OpenSessionResponse, timeout=5)).session_id  # still serving
+            await conn.close()
+
+
+def test_cli_generate_checks_tuned_files_before_networking(
+    tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    peer = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuq"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 16)
+    for flag in ("--prompt-file", "--adapter"):
+        assert main(["generate", "hi", "--model", str(tiny_llama), "--initial-peers", peer, flag, str(bad)]) == 2
+        assert "must start with a safetensors header" in capsys.readouterr().err

@@ -242,9 +242,11 @@ class Peer:
         push: bool | None = None,
         adapter: str | None = None,
         prompts: torch.Tensor | None = None,
+        lora: Any = None,
     ) -> InferenceSession:
         """A session over ``chain``; ``compression`` and ``adapter`` override the client config's;
-        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open."""
+        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open;
+        ``lora``: a client-owned model.LoraWeights, each server gets its blocks' part at open."""
         return InferenceSession(
             self.host,
             chain,
@@ -258,6 +260,7 @@ class Peer:
             push=self.client_config.push if push is None else push,
             adapter=(self.client_config.adapter if adapter is None else adapter) or "",
             prompts=prompts,
+            lora=lora,
         )
 
 

@@ -256,6 +256,10 @@ class BlockServer:
                 f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
             )
         prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
+        if req.lora is not None or req.lora_manifest:
+            if req.adapter:
+                raise RequestError("bad_request", "a session takes an 'adapter' name or a 'lora', not both")
+            lora = server_training.decode_lora(self, req.lora, req.lora_manifest, start=req.start, end=req.end)
         tokens = req.max_length * req.batch_size
         if tokens > self.cache_tokens_left:
             raise RequestError(

@@ -16,7 +16,8 @@ import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.errors import RemoteProtocolError
+from swarm_node.errors import ConfigError, RemoteProtocolError
+from swarm_node.model.lora_pack import manifest_entries, unpack_lora
 from swarm_node.model.prompts import MAX_PRE_SEQ_LEN, check_prompts
 from swarm_node.node.config import COMPRESSIONS
 from swarm_node.node.request_error import RequestError
@@ -39,6 +40,25 @@ def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Ten
     if why is not None:
         raise RequestError("bad_request", why)
     return prompts
+
+
+def decode_lora(server: Any, wire: Any, manifest: str, *, start: int, end: int) -> Any:
+    """The client-owned LoRA of a request for blocks [start, end) (model.LoraWeights), checked, or
+    None when it sent none. The manifest is checked first: it fixes how many numbers to accept."""
+    if wire is None:
+        if manifest:
+            raise RequestError("bad_request", "'lora_manifest' came without 'lora'")
+        return None
+    shapes = server.span.lora_shapes
+    try:
+        _, numel = manifest_entries(manifest, shapes=shapes, start=start, end=end)
+        flat = compression.decode(wire, max_numel=numel).to(server.span.dtype)  # (N,)
+        lora = unpack_lora(flat, manifest, shapes=shapes, start=start, end=end)
+    except (ConfigError, RemoteProtocolError) as exc:
+        raise RequestError("bad_request", f"lora: {exc}") from None
+    if not bool(torch.isfinite(flat).all()):
+        raise RequestError("bad_request", "lora: the weights must be finite, got inf or nan")
+    return lora
 
 
 def _check_codec(codec: str) -> None:

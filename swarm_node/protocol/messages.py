@@ -64,6 +64,10 @@ class OpenSessionRequest:
     # step carries (absent: none). Sent once here, so replays and pushed steps use it too.
     prompts: WireTensor | None = None
     adapter: str = ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
+    # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
+    # their JSON manifest ([module key, rank, scale] each), for blocks [start, end).
+    lora: WireTensor | None = None
+    lora_manifest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
