@@ -92,6 +92,7 @@ class RemoteSequential(torch.nn.Module):
         self._servers_at = -float("inf")
         self._idle: dict[str, list[MessageStream]] = {}  # open streams per server, for reuse
         self.failures = 0  # hops that failed and were re-routed, over this module's life
+        self.adapter = peer.client_config.adapter or ""  # a LoRA the servers hold, by name ("": none)
         self._call_failures = 0  # ... in the current forward or backward pass
 
     def forward(
@@ -165,7 +166,7 @@ class RemoteSequential(torch.nn.Module):
 
     # -- one piece through the chain ---------------------------------------------------------
     async def _forward_range(self, x: torch.Tensor, start: int, end: int, tuned: _Tuned) -> tuple[torch.Tensor, Trace]:
-        chain = await self._route(start, end)
+        chain = await self._route(start, end, tuned.adapter)
         trace: Trace = []
         i = 0
         while i < len(chain):
@@ -174,7 +175,7 @@ class RemoteSequential(torch.nn.Module):
                 y = await self._remote_forward(hop, x, tuned)
             except _HopFailed as failure:
                 self._fail(failure)
-                chain = chain[:i] + await self._route(hop.start, end)
+                chain = chain[:i] + await self._route(hop.start, end, tuned.adapter)
                 continue
             trace.append((hop, x))
             x = y
@@ -203,14 +204,15 @@ class RemoteSequential(torch.nn.Module):
         self._banned[failure.hop.server.peer_id] = trio.current_time() + BAN_SECONDS
         self._servers_at = -float("inf")  # look the servers up again
 
-    async def _route(self, start: int, end: int) -> list[Hop]:
+    async def _route(self, start: int, end: int, adapter: str) -> list[Hop]:
         now = trio.current_time()
         if now - self._servers_at > SERVERS_MAX_AGE:
             self._servers = await self.peer.find_servers(self.model, self.num_blocks)
             self._servers_at = now
         banned = frozenset(p for p, until in self._banned.items() if until > now)
         return choose_training_chain(
-            self._servers, model=self.model, start=start, end=end, rng=self._rng, now=time.time(), exclude=banned
+            self._servers, model=self.model, start=start, end=end, rng=self._rng, now=time.time(), exclude=banned,
+            adapter=adapter,
         )
 
     # -- one hop -------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ class _Tuned:
 
     def __init__(self, blocks: RemoteSequential, prompts: torch.Tensor | None, lora: Any, flat: Any) -> None:
         self.first = blocks.start
+        self.adapter = blocks.adapter if lora is None else ""  # a client-owned LoRA replaces it
         self.dtype = TORCH_DTYPES[blocks.dtype]
         self.prompts = None if prompts is None else prompts.detach().to(self.dtype)
         self.lora = lora
@@ -318,6 +321,8 @@ class _Tuned:
     def fields(self, hop: Hop) -> dict[str, Any]:
         """The request fields for ``hop``'s blocks (prompts travel exactly, as the weights do)."""
         out: dict[str, Any] = {}
+        if self.adapter:
+            out["adapter"] = self.adapter
         if self.prompts is not None:
             part = self.prompts[hop.start - self.first : hop.end - self.first].contiguous()
             out["prompts"] = compression.encode(part, "none")
