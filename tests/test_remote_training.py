@@ -11,6 +11,7 @@ import trio
 
 from swarm_node import compression
 from swarm_node.errors import RemoteError
+from swarm_node.model.client_lora import ClientLora
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.inference_session import open_stream, request
 from swarm_node.node.peer import open_peer
@@ -18,7 +19,7 @@ from swarm_node.node.remote_sequential import RemoteSequential
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
-from tests.training_reference import blocks_output
+from tests.training_reference import blocks_output, lora_hooks
 
 # within 1e-5, and float32 rounding (1e-6 relative) on values of magnitude ~100 that batch-size
 # dependent kernels sum in another order
@@ -58,6 +59,48 @@ async def test_gradients_for_inputs_and_deep_prompts_match_local(tiny_llama: Pat
     for span in spans:  # the servers' weights got no gradient
         assert all(p.grad is None and not p.requires_grad for p in span.parameters())
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in before.items())
+
+
+def _client_lora(seed: int) -> ClientLora:
+    shapes = {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32), "mlp.down_proj": (128, 64)}
+    torch.manual_seed(seed)
+    lora = ClientLora(shapes=shapes, blocks=[1, 2, 4], targets=sorted(shapes), rank=4, alpha=8.0)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.normal_(std=0.1)  # a trained-looking adapter: B is zeros only before training
+    return lora
+
+
+async def test_gradients_for_client_owned_lora_match_local(tiny_llama: Path) -> None:
+    ref = reference_model(tiny_llama)
+    torch.manual_seed(5)
+    hidden, prompts, weight = torch.randn(2, 6, 64), torch.randn(6, 2, 64) * 0.1, torch.randn(2, 6, 64)
+    remote_lora, local_lora = _client_lora(0), _client_lora(0)
+
+    def remote_pass(remote):
+        h = hidden.clone().requires_grad_(True)
+        out = remote(h, prompts, remote_lora.weights())
+        (out * weight).sum().backward()
+        return out.detach(), h.grad
+
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
+            remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6)
+            out, grad_hidden = await trio.to_thread.run_sync(remote_pass, remote)
+            spans = [s.server.span for s in servers]
+    h = hidden.clone().requires_grad_(True)
+    with lora_hooks(ref, local_lora.weights()):
+        expected = blocks_output(ref, h, prompts)
+    (expected * weight).sum().backward()
+    torch.testing.assert_close(out, expected.detach(), **TOL)
+    torch.testing.assert_close(grad_hidden, h.grad, **TOL)
+    for (name, got), (_, want) in zip(remote_lora.named_parameters(), local_lora.named_parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, **TOL, msg=name)
+        assert want.grad.abs().max() > 1e-4, name
+    for span in spans:  # the servers keep nothing of the client's adapter and no gradient
+        assert all(p.grad is None for p in span.parameters())
+    # the adapter took part: without it the blocks give another output
+    assert not torch.allclose(out, blocks_output(ref, hidden, prompts).detach(), atol=1e-3)
 
 
 async def test_a_big_batch_travels_in_concurrent_pieces(tiny_llama: Path) -> None:

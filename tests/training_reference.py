@@ -97,3 +97,20 @@ def classifier_logits(
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
+
+
+@contextmanager
+def lora_hooks(ref: Any, lora: Any) -> Iterator[None]:
+    """While open, every adapted Linear of ``ref`` adds ``scale * B (A x)`` (a model.LoraWeights)."""
+    handles = []
+    for block, modules in ([] if lora is None else lora.modules.items()):
+        for name, mod in modules.items():
+            linear = ref.model.layers[block].get_submodule(name)
+            handles.append(linear.register_forward_hook(
+                lambda module, args, out, mod=mod: out + (args[0] @ mod.a.T @ mod.b.T) * mod.scale
+            ))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,7 +1,8 @@
 """Transformers-style clients: ``DistributedModelForCausalLM.from_pretrained(model, initial_peers=[...])``.
 
 A torch module holding what a client holds (embeddings, final norm, LM head, all frozen) and, with
-``tuning_mode="ptune"`` or ``"deep_ptune"``, trainable prompts (``model.ptune``); the transformer
+``tuning_mode="ptune"`` or ``"deep_ptune"``, trainable prompts (``model.ptune``), with
+``tuning_mode="lora"`` a trainable client-owned LoRA (``model.lora``, sent with every request); the transformer
 blocks run on the swarm through ``model.transformer`` (a RemoteSequential), so ``loss.backward()``
 reaches the prompts through remote blocks and a normal torch optimizer trains them. The peer runs in a
 background thread with its own trio loop (``ClientLoop``); inside a trio application use ``open_peer``
@@ -18,12 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from swarm_node.errors import ConfigError
+from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
+from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
 from swarm_node.node.client_loop import ClientLoop
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.peer import model_id_of
 from swarm_node.node.remote_sequential import RemoteSequential
 from swarm_node.node.server import TORCH_DTYPES
+
+TUNING_MODES = (*PROMPT_MODES, "lora")
 
 
 class DistributedModelBase(torch.nn.Module):
@@ -41,7 +46,11 @@ class DistributedModelBase(torch.nn.Module):
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         compression: str | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] = DEFAULT_TARGETS,
     ) -> None:
+        from swarm_node.model.lora import config_linear_shapes
         from swarm_node.model.prompts import PromptTuning
 
         super().__init__()
@@ -53,7 +62,13 @@ class DistributedModelBase(torch.nn.Module):
         self.loop = loop
         self.tuning_mode = tuning_mode
         self.ptune = None
-        if tuning_mode is not None:
+        self.lora = None
+        if tuning_mode == "lora":  # client-owned: the servers apply it per request, the client trains it
+            self.lora = ClientLora(
+                shapes=config_linear_shapes(config), blocks=range(config.num_hidden_layers), targets=lora_targets,
+                rank=lora_rank, alpha=lora_alpha, dtype=TORCH_DTYPES[dtype],
+            )
+        elif tuning_mode is not None:
             std = float(head.embed_tokens.weight.float().std())
             self.ptune = PromptTuning(
                 mode=tuning_mode, pre_seq_len=pre_seq_len, hidden_size=head.hidden_size,
@@ -75,11 +90,14 @@ class DistributedModelBase(torch.nn.Module):
         pre_seq_len: int = 16,
         client_config: ClientConfig | None = None,
         compression: str | None = None,
-        **head_fields: Any,
+        **fields: Any,
     ) -> Any:
-        """Load the client's part of ``model`` and join the swarm at ``initial_peers``."""
+        """Load the client's part of ``model`` and join the swarm at ``initial_peers``.
+
+        ``tuning_mode``: None (nothing to train), ``"ptune"`` / ``"deep_ptune"`` (``pre_seq_len``
+        prompt vectors) or ``"lora"`` (client-owned LoRA; ``lora_rank``, ``lora_alpha``,
+        ``lora_targets`` among ``fields``)."""
         from swarm_node.model import Checkpoint, ClientHead, resolve_model
-        from swarm_node.model.prompts import TUNING_MODES
 
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
@@ -95,7 +113,7 @@ class DistributedModelBase(torch.nn.Module):
             return cls(
                 path=path, model_id=model_id_of(model), head=head, config=checkpoint.config, dtype=dtype,
                 loop=loop, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, compression=compression,
-                **head_fields,
+                **fields,
             )
         except BaseException:
             loop.close()
@@ -117,7 +135,7 @@ class DistributedModelBase(torch.nn.Module):
         if self.ptune is not None:
             hidden = self.ptune.prepend(hidden)  # (B, P + T, H)
             prompts = self.ptune.deep_prompts
-        return self.transformer(hidden, prompts)
+        return self.transformer(hidden, prompts, None if self.lora is None else self.lora.weights())
 
     def close(self) -> None:
         self.loop.close()
@@ -179,7 +197,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
         streamer: Any = None,
     ) -> torch.Tensor:
         """Like transformers' generate: the prompt followed by the new tokens ``# (B, T + new)``.
-        Trained prompts (``ptune``, ``deep_ptune``) take part, as in training."""
+        Trained prompts or the client's LoRA take part, as in training."""
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         if eos_token_id is None:
@@ -207,6 +225,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
                 self.loop.peer, self.head, input_ids, model=self.model_id,
                 num_blocks=self.config.num_hidden_layers, dtype=self.dtype, sampling=sampling,
                 on_tokens=on_tokens, prefix=prefix, deep_prompts=deep,
+                lora=None if self.lora is None else self.lora.weights(),
             )
             self.last_stats = stats
             return ids

@@ -1,7 +1,8 @@
 """What a server runs for training clients: cache-less forward and backward passes over its blocks.
 
 A backward recomputes the forward of the inputs the client sends (the server keeps nothing between
-requests) and returns the gradients for those inputs and for the client's deep prompts. The server's
+requests) and returns the gradients for those inputs, for the client's deep prompts and for the
+LoRA weights a client owns and sends along (or the server applies a named adapter it holds). The server's
 own weights are frozen: ``torch.autograd.grad`` asks only for the inputs' gradients, so no weight ever
 gets a ``.grad`` and no optimizer touches them. Every tensor a client sends is checked (shape, dtype,
 size, finiteness of prompts) before any compute. Knows nothing of streams: server.py dispatches here.
@@ -17,7 +18,7 @@ import trio
 
 from swarm_node import compression
 from swarm_node.errors import ConfigError, RemoteProtocolError
-from swarm_node.model.lora_pack import manifest_entries, unpack_lora
+from swarm_node.model.lora_pack import manifest_entries, pack_lora, unpack_lora
 from swarm_node.model.prompts import MAX_PRE_SEQ_LEN, check_prompts
 from swarm_node.node.config import COMPRESSIONS
 from swarm_node.node.request_error import RequestError
@@ -88,7 +89,7 @@ async def forward(server: Any, req: m.ForwardRequest) -> m.ForwardResponse:
     _check_batch(hidden)
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    lora = server._adapter(req.adapter)
+    lora = _request_lora(server, req)
     run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts, lora)
     out = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     return m.ForwardResponse(hidden=compression.encode(out, req.compression))
@@ -108,13 +109,24 @@ async def backward(server: Any, req: m.BackwardRequest) -> m.BackwardResponse:
         )
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    lora = server._adapter(req.adapter)
-    run = functools.partial(_backward, server.span, hidden, grad_output, req.start, req.end, prompts, lora)
-    grad_input, grad_prompts = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
+    lora = _request_lora(server, req)
+    owned = req.lora is not None  # the client's own LoRA: its gradient goes back
+    run = functools.partial(_backward, server.span, hidden, grad_output, req.start, req.end, prompts, lora, owned)
+    grad_input, grad_prompts, grad_lora = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     return m.BackwardResponse(
         grad_input=compression.encode(grad_input, req.compression),
         grad_prompts=None if grad_prompts is None else compression.encode(grad_prompts, req.compression),
+        grad_lora=None if grad_lora is None else compression.encode(grad_lora, "none"),  # exact, like the weights
     )
+
+
+def _request_lora(server: Any, req: m.ForwardRequest | m.BackwardRequest) -> Any:
+    """A named adapter the server holds or the client's own LoRA (not both), or None."""
+    if req.lora is None and not req.lora_manifest:
+        return server._adapter(req.adapter)
+    if req.adapter:
+        raise RequestError("bad_request", "a request takes an 'adapter' name or a 'lora', not both")
+    return decode_lora(server, req.lora, req.lora_manifest, start=req.start, end=req.end)
 
 
 def _check_batch(hidden: torch.Tensor) -> None:
@@ -139,13 +151,21 @@ def _backward(
     end: int,
     prompts: torch.Tensor | None,
     lora: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    owned: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     with torch.enable_grad():
         hidden = hidden.detach().requires_grad_(True)
         inputs = [hidden]
         if prompts is not None:
             prompts = prompts.detach().requires_grad_(True)
             inputs.append(prompts)
+        flat = None
+        if owned:  # views of one flat leaf: its gradient is the flat gradient the client expects
+            flat, manifest = pack_lora(lora)
+            flat = flat.detach().requires_grad_(True)
+            lora = unpack_lora(flat, manifest, shapes=span.lora_shapes, start=start, end=end)
+            inputs.append(flat)
         out = span.forward(hidden, None, start=start, end=end, prompts=prompts, lora=lora)  # (B, T, H)
-        grads = torch.autograd.grad(out, inputs, grad_output.to(out.dtype))
-    return grads[0], (grads[1] if prompts is not None else None)
+        grads = list(torch.autograd.grad(out, inputs, grad_output.to(out.dtype)))
+    grad_flat = grads.pop() if flat is not None else None
+    return grads[0], (grads[1] if prompts is not None else None), grad_flat

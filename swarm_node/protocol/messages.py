@@ -125,6 +125,8 @@ class ForwardRequest:
     hidden: WireTensor  # (B, T, H)
     prompts: WireTensor | None = None  # (end - start, P, H), added to positions [0, P) before each block
     adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
+    lora: WireTensor | None = None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
+    lora_manifest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,12 +148,15 @@ class BackwardRequest:
     grad_output: WireTensor  # (B, T, H): gradient of the loss with respect to the output
     prompts: WireTensor | None = None  # (end - start, P, H), as in ForwardRequest
     adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
+    lora: WireTensor | None = None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
+    lora_manifest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class BackwardResponse:
     grad_input: WireTensor  # (B, T, H)
     grad_prompts: WireTensor | None = None  # (end - start, P, H), summed over the batch
+    grad_lora: WireTensor | None = None  # (N,): the client-owned LoRA's gradient, in its layout
 
 
 # Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
