@@ -247,3 +247,39 @@ def test_cli_generate_checks_tuned_files_before_networking(
     for flag in ("--prompt-file", "--adapter"):
         assert main(["generate", "hi", "--model", str(tiny_llama), "--initial-peers", peer, flag, str(bad)]) == 2
         assert "must start with a safetensors header" in capsys.readouterr().err
+
+
+async def test_forward_and_backward_with_client_owned_lora(tiny_llama: Path, adapter: Path) -> None:
+    """The wire contract of a training client's own LoRA: its gradient comes back in its flat layout."""
+    from swarm_node.model.lora_pack import pack_lora, unpack_lora
+
+    checkpoint = Checkpoint.open(tiny_llama)
+    span = BlockSpan.load(checkpoint, 1, 4)
+    flat, manifest = pack_lora(load_peft_adapter(adapter, checkpoint.config, start=1, end=4))
+    hidden = torch.randn(2, 5, 64)
+    grad_output = torch.randn(2, 5, 64)
+    leaf, x = flat.clone().requires_grad_(True), hidden.clone().requires_grad_(True)
+    local = span(x, lora=unpack_lora(leaf, manifest, shapes=span.lora_shapes, start=1, end=4))
+    local_grad_x, local_grad_lora = torch.autograd.grad(local, [x, leaf], grad_output)
+    wire = dict(model=tiny_llama.name, start=1, end=4, compression="none", hidden=compression.encode(hidden, "none"),
+                lora=compression.encode(flat, "none"), lora_manifest=manifest)
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            reply = await request(conn, m.ForwardRequest(**wire), m.ForwardResponse, timeout=10)
+            out = compression.decode(reply.hidden, max_numel=hidden.numel())
+            torch.testing.assert_close(out, local.detach(), atol=1e-6, rtol=0)
+            back = m.BackwardRequest(**wire, grad_output=compression.encode(grad_output, "none"))
+            reply = await request(conn, back, m.BackwardResponse, timeout=10)
+            assert reply.grad_prompts is None
+            grad_x = compression.decode(reply.grad_input, max_numel=hidden.numel())
+            grad_lora = compression.decode(reply.grad_lora, max_numel=flat.numel())
+            torch.testing.assert_close(grad_x, local_grad_x, atol=1e-5, rtol=0)
+            torch.testing.assert_close(grad_lora, local_grad_lora, atol=1e-5, rtol=0)
+            plain = await request(conn, m.BackwardRequest(**{**wire, "lora": None, "lora_manifest": ""},
+                                                          grad_output=back.grad_output), m.BackwardResponse, timeout=10)
+            assert plain.grad_lora is None
+            with pytest.raises(RemoteError, match="bad_request: lora: 'lora_manifest' module"):
+                bad = {**wire, "lora_manifest": manifest.replace("layers.1", "layers.5")}
+                await request(conn, m.ForwardRequest(**bad), m.ForwardResponse, timeout=10)
+            await conn.close()

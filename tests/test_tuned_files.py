@@ -143,3 +143,35 @@ def test_bad_lora_files_and_bad_saves(tiny_llama: Path, config, tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"'prompts' must have shape \(P, 64\)"):
         save_tuned(tmp_path / "z.safetensors", TunedFile(model=MODEL, method="ptune", start=0, end=6,
                                                           prompts=torch.zeros(2, 63)), config=config)
+
+
+@pytest.mark.parametrize("fields", [{"tuning_mode": "deep_ptune", "pre_seq_len": 3},
+                                    {"tuning_mode": "lora", "lora_rank": 2}], ids=["deep_ptune", "lora"])
+async def test_a_model_saves_and_loads_what_it_trains(tiny_llama: Path, tmp_path: Path, fields: dict) -> None:
+    from tests.test_prompt_tuning import _with_swarm
+
+    def run(model):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for p in trainable:
+                p.normal_()
+        saved = [p.detach().clone() for p in trainable]
+        path = model.save_tuned(tmp_path / "mine.safetensors")
+        with torch.no_grad():
+            for p in trainable:
+                p.zero_()
+        model.load_tuned(path)
+        other = tmp_path / "other.safetensors"
+        wrong = TunedFile(model=MODEL, method="ptune", start=0, end=6, prompts=torch.zeros(5, 64))
+        save_tuned(other, wrong, config=model.config)
+        with pytest.raises(ConfigError) as info:
+            model.load_tuned(other)
+        return saved, [p.detach().clone() for p in trainable], str(info.value)
+
+    saved, loaded, error = await _with_swarm(tiny_llama, run, **fields)
+    assert len(saved) == len(loaded) > 0
+    assert all(torch.equal(a, b) for a, b in zip(saved, loaded, strict=True))
+    if fields["tuning_mode"] == "lora":
+        assert "method 'ptune' must be the model's tuning_mode, got 'lora'" in error
+    else:
+        assert "method 'ptune' must be the model's tuning_mode, got 'deep_ptune'" in error

@@ -152,6 +152,46 @@ def load_tuned(
     return TunedFile(**common, prompts=tensors["prompts"], deep_prompts=tensors.get("deep_prompts"))
 
 
+def tuned_of(model: str, method: str | None, *, num_blocks: int, ptune: Any = None, lora: LoraWeights | None = None) -> TunedFile:
+    """What a client trained (a prompts.PromptTuning or a LoRA) as a TunedFile over every block."""
+    if method == "lora" and lora is not None:
+        return TunedFile(model=model, method="lora", start=0, end=num_blocks, lora=lora)
+    if method in ("ptune", "deep_ptune") and ptune is not None:
+        deep = ptune.deep_prompts.detach() if ptune.deep_prompts is not None else None
+        return TunedFile(model=model, method=method, start=0, end=num_blocks, prompts=ptune.prompts.detach(),
+                         deep_prompts=deep)
+    raise ConfigError(f"only a model with tuning_mode 'ptune', 'deep_ptune' or 'lora' has something to save, "
+                      f"got tuning_mode {method!r}")
+
+
+def copy_tuned(tuned: TunedFile, *, ptune: Any = None, lora: LoraWeights | None = None) -> None:
+    """Put a loaded file's tensors into the trainable ones (same method, shapes and LoRA layout), in place."""
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    if tuned.method == "lora" and lora is not None and tuned.lora is not None:
+        mine, theirs = dict(lora.items()), dict(tuned.lora.items())
+        if mine.keys() != theirs.keys():
+            raise ConfigError(f"the tuned file's LoRA must adapt the model's modules {sorted(mine)[:4]}..., "
+                              f"got {sorted(theirs)[:4]}...")
+        for key, mod in mine.items():
+            if theirs[key].scale != mod.scale:
+                raise ConfigError(f"LoRA scale of {key!r} must be {mod.scale} (the model's), got {theirs[key].scale}")
+            pairs += [(f"{key} A", mod.a, theirs[key].a), (f"{key} B", mod.b, theirs[key].b)]
+    elif tuned.method in ("ptune", "deep_ptune") and ptune is not None and tuned.method == ptune.mode:
+        pairs.append(("prompts", ptune.prompts, tuned.prompts))
+        if ptune.deep_prompts is not None:
+            pairs.append(("deep_prompts", ptune.deep_prompts, tuned.deep_prompts_for(ptune.deep_prompts.shape[0])))
+    else:
+        have = "lora" if lora is not None else getattr(ptune, "mode", None)
+        raise ConfigError(f"the tuned file's method {tuned.method!r} must be the model's tuning_mode, got {have!r}")
+    for name, into, value in pairs:
+        if value is None or into.shape != value.shape:
+            got = None if value is None else tuple(value.shape)
+            raise ConfigError(f"tuned {name} must have shape {tuple(into.shape)} (the model's), got {got}")
+    with torch.no_grad():
+        for _, into, value in pairs:
+            into.copy_(value)
+
+
 def _field(metadata: dict[str, str], name: str, where: str) -> str:
     value = metadata.get(name)
     if not isinstance(value, str):

@@ -137,6 +137,22 @@ class DistributedModelBase(torch.nn.Module):
             prompts = self.ptune.deep_prompts
         return self.transformer(hidden, prompts, None if self.lora is None else self.lora.weights())
 
+    def save_tuned(self, path: Any) -> Any:
+        """Save what this model trains (prompts or its own LoRA) as a tuned file (model/tuned_files.py)."""
+        from swarm_node.model.tuned_files import save_tuned, tuned_of
+
+        lora = None if self.lora is None else self.lora.weights()
+        tuned = tuned_of(self.model_id, self.tuning_mode, num_blocks=self.config.num_hidden_layers,
+                         ptune=self.ptune, lora=lora)
+        return save_tuned(path, tuned, config=self.config)
+
+    def load_tuned(self, path: Any) -> None:
+        """Load a tuned file saved for this model and tuning mode into the trainable tensors."""
+        from swarm_node.model.tuned_files import copy_tuned, load_tuned
+
+        tuned = load_tuned(path, model=self.model_id, config=self.config, dtype=TORCH_DTYPES[self.dtype])
+        copy_tuned(tuned, ptune=self.ptune, lora=None if self.lora is None else self.lora.weights())
+
     def close(self) -> None:
         self.loop.close()
 
