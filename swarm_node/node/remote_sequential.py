@@ -74,6 +74,9 @@ class RemoteSequential(torch.nn.Module):
             raise ConfigError(f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}")
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+        for name, value, low in (("max_retries", max_retries, 0), ("max_concurrent_pieces", max_concurrent_pieces, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name!r} must be an int >= {low}, got {value!r}")
         self.peer = peer
         self.model = model
         self.num_blocks = num_blocks
@@ -116,7 +119,9 @@ class RemoteSequential(torch.nn.Module):
         return _RemoteBlocks.apply(hidden, prompts, flat, lora, self)
 
     def run(self, fn: Any, *args: Any) -> Any:
-        """Run ``await fn(*args)`` in the peer's trio loop from this (non-trio) thread."""
+        """Run ``await fn(*args)`` in the peer's trio loop from this (non-trio) thread: call the module
+        from a worker thread (``trio.to_thread.run_sync``) or give ``trio_token``, never from the
+        trio loop's own thread, which the network work needs."""
         return trio.from_thread.run(fn, *args, trio_token=self.trio_token)
 
     # -- pieces ----------------------------------------------------------------------------------
