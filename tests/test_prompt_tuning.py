@@ -157,3 +157,24 @@ def test_bad_tuning_arguments() -> None:
 
     with pytest.raises(ConfigError, match="must mark right padding"):
         _check_right_padded(torch.tensor([[0, 1, 1]]), torch.zeros(1, 3, dtype=torch.long))
+
+
+async def test_deep_prompts_in_push_sessions_generate_like_local(tiny_llama: Path) -> None:
+    from swarm_node.model import Checkpoint, ClientHead
+    from swarm_node.node.config import ClientConfig
+    from swarm_node.node.generation import SamplingConfig, generate_tokens
+
+    ref = reference_model(tiny_llama)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    torch.manual_seed(9)
+    prompt, deep = torch.randn(3, 64) * 0.3, torch.randn(6, 3, 64) * 0.3
+    ids = torch.randint(0, 256, (2, 4))
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, SPANS, client=ClientConfig(push=True)) as (servers, client):
+            out, _ = await generate_tokens(
+                client, head, ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=6), prefix=prompt, deep_prompts=deep, push=True,
+            )
+            pushed = sum(s.server.pushed_steps for s in servers)
+    assert pushed > 0  # the second server got its steps from the first, and still added its prompts
+    assert out.tolist() == greedy_tokens(ref, ids, prompt, deep, 6).tolist()

@@ -196,3 +196,19 @@ async def test_backward_refuses_bad_requests_and_keeps_serving(tiny_llama: Path,
             reply = await request(conn, good, m.BackwardResponse, timeout=10)  # the same stream goes on
             await conn.close()
     assert reply.grad_input.shape == (1, 3, 64) and reply.grad_prompts.shape == (3, 2, 64)
+
+
+async def test_a_session_refuses_deep_prompts_of_the_wrong_shape(tiny_llama: Path) -> None:
+    fields = dict(model=tiny_llama.name, start=0, end=3, max_length=8, dtype="float32", compression="none")
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            for prompts, match in ((torch.zeros(2, 2, 64), "prompts must have shape (3, P, 64), got (2, 2, 64)"),
+                                   (torch.zeros(3, 2000, 64), "prompts: tensor must have at most 196608 elements")):
+                with pytest.raises(RemoteError, match=re.escape(match)):
+                    await request(conn, m.OpenSessionRequest(**fields, prompts=_wire(prompts)),
+                                  m.OpenSessionResponse, timeout=10)
+            reply = await request(conn, m.OpenSessionRequest(**fields, prompts=_wire(torch.zeros(3, 2, 64))),
+                                  m.OpenSessionResponse, timeout=10)
+            await conn.close()
+    assert reply.session_id
