@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,10 @@ async def test_unknown_adapter_and_forward_with_adapter(tiny_llama: Path, adapte
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as session:
                 assert session.adapter == "chat"
+            client.client_config = replace(client.client_config, adapter="sql")
+            with pytest.raises(MissingBlocksError, match="no server holding adapter 'sql' for blocks 0-5"):
+                await client.find_chain(tiny_llama.name, 6)
+            assert await client.find_chain(tiny_llama.name, 6, adapter="")  # "": any server
             await conn.close()
 
 

@@ -310,7 +310,12 @@ def _hook_for(block: int, name: str) -> Any:
 
 
 def _install_hooks(layers: torch.nn.ModuleList, first_block: int) -> None:
-    """Once per layer: a forward hook on each of its Linears (a no-op while no adapter is active)."""
+    """Once per layer: a forward hook on each of its Linears (a no-op while no adapter is active).
+
+    Installed on first use, so a span that never sees a LoRA keeps torch's hook-free fast path.
+    Registering adds to a module's hook dict, which a concurrent call reads in one C-level copy
+    under the GIL; the lock only keeps two first uses from installing twice.
+    """
     with _HOOK_LOCK:
         for local, layer in enumerate(layers):
             if _HOOKED.get(layer) is not None:

@@ -215,9 +215,11 @@ class Peer:
         Pings every server found (the samples feed ``self.rtt``), costs server-to-server hops from
         the round trips servers publish, and leaves out servers that did not answer or whose cache
         cannot hold ``max_length * batch_size`` tokens. ``push``: cost the chain for server-to-server
-        push (default: the client config's choice).
+        push (default: the client config's choice). ``adapter``: only servers holding this LoRA
+        adapter (default: the client config's; "": any server).
         """
         end = num_blocks if end is None else end
+        adapter = self.client_config.adapter if adapter is None else adapter
         push = self.client_config.push if push is None else push
         servers = await self.find_servers(model, num_blocks)
         samples = await self._ping_all(servers)
