@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--pre-seq-len", type=int, default=16)
     parser.add_argument("--spans", default="0:30", help="comma-separated START:END of the servers")
     parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--pieces", type=int, default=1, help="cut each batch into this many pieces (pipelining)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("libp2p").setLevel(logging.ERROR)
@@ -84,7 +85,7 @@ def main() -> None:
     processes, entry = start_servers(spans, args.server_threads)
     try:
         model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=[entry], tuning_mode="ptune",
-                                                            pre_seq_len=args.pre_seq_len)
+                                                            pre_seq_len=args.pre_seq_len, min_pieces=args.pieces)
         ptune = PromptTuning(mode="ptune", pre_seq_len=args.pre_seq_len, hidden_size=ref.config.hidden_size,
                              num_blocks=ref.config.num_hidden_layers)
         ptune.load_state_dict(model.ptune.state_dict())
@@ -106,7 +107,7 @@ def main() -> None:
     ratios = [s / t for s, t in zip(swarm_times, local_times, strict=True)]
     print(json.dumps({
         "model": "smollm2-135m", "dtype": "float32", "batch": args.batch, "tokens": args.tokens,
-        "pre_seq_len": args.pre_seq_len, "spans": args.spans, "server_threads": args.server_threads,
+        "pre_seq_len": args.pre_seq_len, "spans": args.spans, "pieces": args.pieces, "server_threads": args.server_threads,
         "torch_threads_client": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": args.repeats,
         "local_step_s": [round(t, 4) for t in local_times], "swarm_step_s": [round(t, 4) for t in swarm_times],

@@ -111,6 +111,7 @@ async def test_a_big_batch_travels_in_concurrent_pieces(tiny_llama: Path) -> Non
         async with local_swarm(tiny_llama, [(0, 2), (2, 6)], max_frame_size=16 * 1024) as (_, client):
             remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6)
             assert remote.piece_rows(hidden) == 2  # 3 pieces: 2 + 2 + 1 sequences
+            assert RemoteSequential(client, model=tiny_llama.name, num_blocks=6, min_pieces=5).piece_rows(hidden) == 1
             got = await trio.to_thread.run_sync(_remote_grads, remote, hidden, prompts, weight)
     for a, b in zip(got, _local_grads(ref, hidden, prompts, weight), strict=True):
         torch.testing.assert_close(a, b, **TOL)

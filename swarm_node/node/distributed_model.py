@@ -49,6 +49,7 @@ class DistributedModelBase(torch.nn.Module):
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_targets: Sequence[str] = DEFAULT_TARGETS,
+        min_pieces: int = 1,
     ) -> None:
         from swarm_node.model.lora import config_linear_shapes
         from swarm_node.model.prompts import PromptTuning
@@ -76,7 +77,7 @@ class DistributedModelBase(torch.nn.Module):
             )
         self.transformer = RemoteSequential(
             loop.peer, model=model_id, num_blocks=config.num_hidden_layers, dtype=dtype,
-            compression=compression, trio_token=loop.token,
+            compression=compression, trio_token=loop.token, min_pieces=min_pieces,
         )
 
     @classmethod

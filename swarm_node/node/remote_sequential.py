@@ -66,6 +66,7 @@ class RemoteSequential(torch.nn.Module):
         trio_token: trio.lowlevel.TrioToken | None = None,
         max_retries: int = 3,
         max_concurrent_pieces: int = 4,
+        min_pieces: int = 1,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -74,7 +75,9 @@ class RemoteSequential(torch.nn.Module):
             raise ConfigError(f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}")
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
-        for name, value, low in (("max_retries", max_retries, 0), ("max_concurrent_pieces", max_concurrent_pieces, 1)):
+        for name, value, low in (
+            ("max_retries", max_retries, 0), ("max_concurrent_pieces", max_concurrent_pieces, 1), ("min_pieces", min_pieces, 1)
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name!r} must be an int >= {low}, got {value!r}")
         self.peer = peer
@@ -89,6 +92,7 @@ class RemoteSequential(torch.nn.Module):
         self.timeout = peer.client_config.step_timeout
         self.max_frame_size = peer.config.max_frame_size
         self._pieces = trio.CapacityLimiter(max_concurrent_pieces)
+        self.min_pieces = min_pieces  # cut every batch into at least this many: hops work on several at once
         self._rng = random.Random(seed)
         self._banned: dict[str, float] = {}  # peer id -> trio time until which it is left out
         self._servers: list[Any] = []
@@ -134,7 +138,7 @@ class RemoteSequential(torch.nn.Module):
                 f"one sequence of {hidden.shape[1]} tokens takes {per_row} bytes; a backward needs "
                 f"frames of about 4x that, over 'max_frame_size' {self.max_frame_size}: send shorter ones"
             )
-        return min(rows, MAX_FORWARD_BATCH)
+        return min(rows, MAX_FORWARD_BATCH, -(-hidden.shape[0] // self.min_pieces))
 
     async def forward_async(self, hidden: torch.Tensor, tuned: _Tuned) -> tuple[torch.Tensor, list[Trace]]:
         rows = self.piece_rows(hidden)
