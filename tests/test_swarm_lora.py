@@ -53,6 +53,11 @@ async def test_adapter_swarm_equals_merged_model_and_skips_servers_without_it(
         async with local_swarm(
             tiny_llama, [(0, 3), (3, 6), (0, 6)], per_server=[held, held, {}]
         ) as (servers, client):
+            from swarm_node.node.swarm_status import format_report, gather_status
+
+            report = await gather_status(client, tiny_llama.name, num_blocks=6)
+            assert {s["peer_id"]: s["adapters"] for s in report["servers"]}[servers[0].peer_id] == ["chat"]
+            assert format_report(report).count("adapters: chat") == 2  # `swarm-node status` shows them
             records = await client.find_servers(tiny_llama.name, 6)
             assert {r.peer_id: r.adapters for r in records} == {
                 servers[0].peer_id: ("chat",), servers[1].peer_id: ("chat",), servers[2].peer_id: ()

@@ -19,8 +19,7 @@ import torch
 import trio
 
 from swarm_node import __version__, compression
-from swarm_node.errors import ConfigError, ProtocolError, RemoteProtocolError, SessionError
-from swarm_node.node.adapters import adapter_for
+from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node import server_training
@@ -193,12 +192,6 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
-    def _adapter(self, name: str) -> Any:
-        try:
-            return adapter_for(self.adapters, name)
-        except ConfigError as exc:
-            raise RequestError("unknown_adapter", str(exc)) from None
-
     def _check_span(self, model: str, start: int, end: int) -> None:
         if model != self.model_id:
             raise RequestError("unknown_model", f"this server serves {self.model_id!r}, not {model!r}")
@@ -235,7 +228,6 @@ class BlockServer:
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
         self._check_span(req.model, req.start, req.end)
-        lora = self._adapter(req.adapter)
         if req.dtype != self.config.dtype:
             raise RequestError("bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}")
         if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
@@ -256,10 +248,7 @@ class BlockServer:
                 f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
             )
         prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
-        if req.lora is not None or req.lora_manifest:
-            if req.adapter:
-                raise RequestError("bad_request", "a session takes an 'adapter' name or a 'lora', not both")
-            lora = server_training.decode_lora(self, req.lora, req.lora_manifest, start=req.start, end=req.end)
+        lora = server_training.request_lora(self, req)
         tokens = req.max_length * req.batch_size
         if tokens > self.cache_tokens_left:
             raise RequestError(

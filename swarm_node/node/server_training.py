@@ -20,6 +20,7 @@ from swarm_node import compression
 from swarm_node.errors import ConfigError, RemoteProtocolError
 from swarm_node.model.lora_pack import manifest_entries, pack_lora, unpack_lora
 from swarm_node.model.prompts import MAX_PRE_SEQ_LEN, check_prompts
+from swarm_node.node.adapters import adapter_for
 from swarm_node.node.config import COMPRESSIONS
 from swarm_node.node.request_error import RequestError
 from swarm_node.protocol import messages as m
@@ -89,7 +90,7 @@ async def forward(server: Any, req: m.ForwardRequest) -> m.ForwardResponse:
     _check_batch(hidden)
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    lora = _request_lora(server, req)
+    lora = request_lora(server, req)
     run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts, lora)
     out = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     return m.ForwardResponse(hidden=compression.encode(out, req.compression))
@@ -109,7 +110,7 @@ async def backward(server: Any, req: m.BackwardRequest) -> m.BackwardResponse:
         )
     prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     _check_prompt_length(prompts, hidden)
-    lora = _request_lora(server, req)
+    lora = request_lora(server, req)
     owned = req.lora is not None  # the client's own LoRA: its gradient goes back
     run = functools.partial(_backward, server.span, hidden, grad_output, req.start, req.end, prompts, lora, owned)
     grad_input, grad_prompts, grad_lora = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
@@ -120,10 +121,13 @@ async def backward(server: Any, req: m.BackwardRequest) -> m.BackwardResponse:
     )
 
 
-def _request_lora(server: Any, req: m.ForwardRequest | m.BackwardRequest) -> Any:
+def request_lora(server: Any, req: m.OpenSessionRequest | m.ForwardRequest | m.BackwardRequest) -> Any:
     """A named adapter the server holds or the client's own LoRA (not both), or None."""
     if req.lora is None and not req.lora_manifest:
-        return server._adapter(req.adapter)
+        try:
+            return adapter_for(server.adapters, req.adapter)
+        except ConfigError as exc:
+            raise RequestError("unknown_adapter", str(exc)) from None
     if req.adapter:
         raise RequestError("bad_request", "a request takes an 'adapter' name or a 'lora', not both")
     return decode_lora(server, req.lora, req.lora_manifest, start=req.start, end=req.end)
