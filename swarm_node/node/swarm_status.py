@@ -45,6 +45,7 @@ def coverage_report(
                 "quant": s.quant,
                 "bytes_per_block": s.bytes_per_block,
                 "version": s.version,
+                "state": s.state,
             }
             for s in servers
         ],
