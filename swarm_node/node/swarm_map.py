@@ -34,6 +34,7 @@ class GenerationTracker:
     completed: int = 0
     failed: int = 0
     tokens_generated: int = 0
+    peak_active: int = 0  # most requests generating at the same time so far
     _next_id: int = 0
 
     def start(self, *, model: str, kind: str, prompt_tokens: int, now: float) -> int:
@@ -41,6 +42,7 @@ class GenerationTracker:
         self.active[self._next_id] = _Active(
             id=self._next_id, model=model, kind=kind, prompt_tokens=prompt_tokens, started=now
         )
+        self.peak_active = max(self.peak_active, len(self.active))
         return self._next_id
 
     def token(self, request_id: int, now: float) -> None:
@@ -87,6 +89,7 @@ class GenerationTracker:
             "completed": self.completed,
             "failed": self.failed,
             "tokens_generated": self.tokens_generated,
+            "peak_active": self.peak_active,
             "recent": list(self.recent),
         }
 

@@ -131,7 +131,9 @@ class TextAssembler:
         return self._release(len(text) - self._held_back(text))
 
     def finish(self) -> str:
-        """Generation ended: whatever was held back goes out."""
+        """Generation ended: whatever was held back goes out (a cut-off character as U+FFFD)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         return self._release(len(self.text))
 
     def _held_back(self, text: str) -> int:
