@@ -12,7 +12,7 @@ PAGE = """<!doctype html>
 <title>swarm-node map</title>
 <style>
   :root { --bg:#0f1419; --card:#182029; --line:#2a3642; --text:#e6edf3; --dim:#8b9bab;
-          --none:#d9534f; --one:#d4a72c; --two:#3fb950; --many:#2ea8d8; --accent:#58a6ff; }
+          --none:#e5534b; --one:#3fb950; --two:#2ea8d8; --many:#a371f7; --warn:#d4a72c; --accent:#58a6ff; }
   * { box-sizing: border-box; }
   body { margin:0; background:var(--bg); color:var(--text); font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif; }
   header { padding:16px 24px; border-bottom:1px solid var(--line); display:flex; align-items:baseline; gap:16px; }
@@ -20,7 +20,7 @@ PAGE = """<!doctype html>
   main { padding:16px 24px; display:grid; gap:16px; }
   .card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
   .card h2 { margin:0 0 4px; font-size:16px; } .sub { color:var(--dim); margin-bottom:10px; }
-  .bad { color:var(--none); font-weight:600; } .good { color:var(--two); font-weight:600; }
+  .bad { color:var(--none); font-weight:600; } .good { color:var(--one); font-weight:600; }
   .bar { display:flex; gap:2px; height:26px; margin:6px 0 2px; }
   .bar div { flex:1; border-radius:3px; min-width:3px; }
   .c0 { background:var(--none); } .c1 { background:var(--one); } .c2 { background:var(--two); } .c3 { background:var(--many); }
@@ -35,7 +35,7 @@ PAGE = """<!doctype html>
   code { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size:12px; }
   .legend span { display:inline-block; width:10px; height:10px; border-radius:2px; margin:0 4px 0 12px; }
   .stats { display:flex; gap:28px; margin-bottom:8px; } .stats b { font-size:22px; display:block; }
-  .state-ONLINE { color:var(--two); } .state-JOINING { color:var(--one); } .state-OFFLINE { color:var(--none); }
+  .state-ONLINE { color:var(--one); } .state-JOINING { color:var(--warn); } .state-OFFLINE { color:var(--none); }
 </style>
 </head>
 <body>

@@ -25,6 +25,7 @@ from swarm_node.node.api.app import EventStream, build_app
 from swarm_node.node.api.engine import ModelRuntime, run_generation
 from swarm_node.node.api.schema import ApiError, ChatRequest, CompletionRequest, chunk_object, completion_object, usage
 from swarm_node.node.config import DTYPES
+from swarm_node.node.peer import _single_leaf
 from swarm_node.node.swarm_map import GenerationTracker, model_view, swarm_state
 
 log = logging.getLogger(__name__)
@@ -180,20 +181,41 @@ async def serve_api(peer: Any, config: ApiConfig, *, task_status: Any = trio.TAS
     hconfig.bind = [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"]
     hconfig.accesslog = None
     hconfig.errorlog = logging.getLogger("hypercorn.error")
-    async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, build_app(api), hconfig))
-        api.url = binds[0]
-        log.info("OpenAI-compatible API and swarm map at %s (models: %s)", api.url, ", ".join(runtimes))
-        nursery.start_soon(api._refresh_loop)
-        task_status.started(api)
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, build_app(api), hconfig))
+            api.url = binds[0]
+            log.info("OpenAI-compatible API and swarm map at %s (models: %s)", api.url, ", ".join(runtimes))
+            nursery.start_soon(api._refresh_loop)
+            task_status.started(api)
+    except BaseExceptionGroup as group:
+        raise _unwrapped(group, hconfig.bind[0]) from None
+    except OSError as exc:
+        raise _unwrapped(exc, hconfig.bind[0]) from None
+
+
+def _unwrapped(error: BaseException, bind: str) -> BaseException:
+    """The one real error out of nurseries' groups; a socket error as a ConfigError a user can act on."""
+    leaf = _single_leaf(error) if isinstance(error, BaseExceptionGroup) else error
+    if leaf is None:
+        return error
+    if isinstance(leaf, OSError):
+        return ConfigError(f"the API cannot listen on {bind}: {leaf.strerror or leaf} (choose another --port/--host)")
+    return leaf
 
 
 @asynccontextmanager
 async def open_api(peer: Any, config: ApiConfig | None = None) -> AsyncIterator[ApiServer]:
     """Serve the API beside ``peer`` until the block ends."""
-    async with trio.open_nursery() as nursery:
-        api = await nursery.start(serve_api, peer, config or ApiConfig())
-        try:
-            yield api
-        finally:
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            api = await nursery.start(serve_api, peer, config or ApiConfig())
+            try:
+                yield api
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
