@@ -189,6 +189,7 @@ async def run_generation(
     except (ConfigError, ModelError) as exc:
         raise ApiError(400, str(exc)) from None
     except (SwarmError, trio.TooSlowError) as exc:
+        log.warning("a request to %s failed in the swarm: %r", runtime.name, exc)
         raise ApiError(502, f"the swarm failed this request: {exc!r}", type="server_error", code="swarm_error") from None
     rest = assembler.finish()
     if rest and on_text is not None:
