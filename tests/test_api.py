@@ -261,3 +261,26 @@ async def test_chat_template_of_smollm2(smollm2_path: Path) -> None:
             ))
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_client_that_leaves_mid_stream_ends_its_session(tiny_chat_llama: Path) -> None:
+    with trio.fail_after(120):
+        async with api_swarm(tiny_chat_llama, [(0, 6)]) as api:
+            async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
+                body = {"model": MODEL, "prompt": "leave", "max_tokens": 400, "stream": True, "temperature": 0}
+                async with http.stream("POST", "/v1/completions", json=body) as reply:
+                    async for line in reply.aiter_lines():
+                        if line.startswith("data: "):
+                            break  # the first event: generation is under way; hang up now
+            while api.tracker.active:  # the server notices the hang-up and cancels the generation
+                await trio.sleep(0.05)
+            recent = api.state()["generation"]["recent"][0]
+            after = await http_completion(api)
+    assert recent["error"] == "cancelled" and 1 <= recent["new_tokens"] < 400
+    assert after == 3  # and it keeps serving
+
+
+async def http_completion(api: ApiServer) -> int:
+    async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
+        reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+    return int(reply.json()["usage"]["completion_tokens"])
