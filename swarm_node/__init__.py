@@ -10,7 +10,10 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["ClientConfig", "DistributedModelForCausalLM", "PeerConfig", "ServerConfig", "open_peer"]
+__all__ = [
+    "ApiConfig", "ClientConfig", "DistributedModelForCausalLM", "PeerConfig", "ServerConfig", "open_api",
+    "open_peer", "serve_api",
+]
 
 _LAZY = {
     "open_peer": "swarm_node.node.peer",
@@ -18,6 +21,9 @@ _LAZY = {
     "PeerConfig": "swarm_node.node.config",
     "ServerConfig": "swarm_node.node.config",
     "ClientConfig": "swarm_node.node.config",
+    "ApiConfig": "swarm_node.node.api",
+    "open_api": "swarm_node.node.api",
+    "serve_api": "swarm_node.node.api",
 }
 
 
