@@ -284,3 +284,19 @@ async def http_completion(api: ApiServer) -> int:
     async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
         reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
     return int(reply.json()["usage"]["completion_tokens"])
+
+
+async def test_requests_beyond_max_concurrent_wait_their_turn(tiny_chat_llama: Path) -> None:
+    with trio.fail_after(120):
+        async with api_swarm(tiny_chat_llama, [(0, 6)], max_concurrent=2) as api:
+            counts: list[int] = []
+
+            async def one() -> None:
+                counts.append(await http_completion(api))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(one)
+            generation = api.state()["generation"]
+    assert counts == [3] * 5 and generation["completed"] == 5
+    assert generation["peak_active"] == 2

@@ -139,7 +139,8 @@ def api_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=int(_env("API_PORT", "8000") or 8000),
                    help="HTTP port (default: 8000; 0 picks a free one)")
     p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of a request")
-    p.add_argument("--max-concurrent", type=int, default=32, help="requests generating at once; more wait")
+    p.add_argument("--max-concurrent", type=int, default=16,
+                   help="requests generating at once, more wait their turn (default 16: servers allow 16 sessions a peer)")
     p.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads for the swarm map")
 
 

@@ -39,7 +39,7 @@ class ApiConfig:
     dtype: str = "float32"  # of the client head and hidden states
     max_context: int = 2048  # prompt + completion tokens of one request (at most the model's own limit)
     default_max_tokens: int = 256  # completion tokens when a request names no max_tokens
-    max_concurrent: int = 32  # requests generating at once; more wait their turn
+    max_concurrent: int = 16  # requests generating at once, more wait their turn (servers allow 16 sessions a peer)
     refresh_interval: float = 5.0  # seconds between DHT reads for the swarm map
 
     def __post_init__(self) -> None:
@@ -129,6 +129,9 @@ class ApiServer:
                     error = None
                 except ApiError as exc:
                     error = exc.message
+                    raise
+                except Exception as exc:  # our bug: the map shows it, the app answers 500
+                    error = repr(exc)
                     raise
                 finally:
                     self.tracker.finish(request_id, trio.current_time(), error=error,
