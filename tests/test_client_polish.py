@@ -150,3 +150,31 @@ def test_repetition_penalty_and_top_k_are_transformers_rules() -> None:
         apply_repetition_penalty(logits, seen, 0.0)
     with pytest.raises(ConfigError, match="'top_k' must be an int >= 0"):
         sample_next_token(logits, temperature=1.0, top_p=1.0, top_k=-1)
+
+
+@pytest.mark.slow
+async def test_a_real_chat_in_one_session(smollm2_path: Path) -> None:
+    """SmolLM2's chat template over two turns in one session: the second answer is what the whole
+    conversation sent at once gives, and names Rome."""
+    from swarm_node.model import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_path)
+    with trio.fail_after(300):
+        async with local_swarm(smollm2_path, [(0, 15), (15, 30)]) as (servers, _):
+
+            def use(model: DistributedModelForCausalLM) -> tuple[str, bool]:
+                with model.inference_session(max_length=256) as session:
+                    ids = tokenizer.apply_chat_template(
+                        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+                        return_tensors="pt", return_dict=True,
+                    )["input_ids"]
+                    model.generate(ids, max_new_tokens=24)
+                    more = tokenizer("\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt").input_ids
+                    out = model.generate(more, max_new_tokens=24)
+                    history = session.token_session.ids[:, :-(out.shape[1] - more.shape[1])]
+                new = out.shape[1] - more.shape[1]
+                whole = model.generate(history, max_new_tokens=new)  # no session: everything sent at once
+                return tokenizer.decode(out[0, more.shape[1]:], skip_special_tokens=True), torch.equal(whole[:, -new:], out[:, -new:])
+
+            answer, same = await trio.to_thread.run_sync(_with_model, smollm2_path, servers, use)
+    assert "Rome" in answer and same
