@@ -41,6 +41,7 @@ class ApiConfig:
     default_max_tokens: int = 256  # completion tokens when a request names no max_tokens
     max_concurrent: int = 16  # requests generating at once, more wait their turn (servers allow 16 sessions a peer)
     refresh_interval: float = 5.0  # seconds between DHT reads for the swarm map
+    chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
 
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
@@ -53,6 +54,8 @@ class ApiConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
+        if not self.chain_ttl >= 0:
+            raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
         if not self.refresh_interval >= 0.1:
             raise ConfigError(f"'refresh_interval' must be >= 0.1 seconds, got {self.refresh_interval!r}")
 
@@ -69,6 +72,8 @@ class ApiServer:
         self.created = int(time.time())
         self.url = ""  # http://host:port, once listening
         self.refreshed_at: float | None = None
+        self._chains: dict[str, tuple[float, int, list[Any]]] = {}  # model -> (found at, room, chain)
+        self._lookup_locks: dict[str, trio.Lock] = {}
         self._views = {name: model_view(None, model=name, num_blocks=r.num_blocks, error=None) for name, r in runtimes.items()}
 
     # -- the map ------------------------------------------------------------------------------------
@@ -129,6 +134,8 @@ class ApiServer:
                     error = None
                 except ApiError as exc:
                     error = exc.message
+                    if exc.status >= 500:
+                        self.forget_chain(runtime.name)
                     raise
                 except Exception as exc:  # our bug: the map shows it, the app answers 500
                     error = repr(exc)
@@ -158,14 +165,30 @@ class ApiServer:
         return EventStream(produce)
 
     async def _chain(self, runtime: ModelRuntime, max_length: int) -> list[Any]:
-        try:
-            return await self.peer.find_chain(runtime.name, runtime.num_blocks, max_length=max_length)
-        except MissingBlocksError as exc:
-            raise ApiError(503, f"the swarm cannot serve {runtime.name!r} now: {exc}", type="server_error",
-                           code="missing_blocks") from None
-        except trio.TooSlowError:
-            raise ApiError(503, f"looking up the servers of {runtime.name!r} timed out", type="server_error",
-                           code="lookup_timeout") from None
+        """A chain for ``max_length`` tokens: the one found for this model in the last
+        ``chain_ttl`` seconds when it has room, else a new lookup. One lookup at a time per model:
+        a burst of requests waits for one DHT lookup instead of making as many."""
+        name = runtime.name
+        async with self._lookup_locks.setdefault(name, trio.Lock()):
+            cached = self._chains.get(name)
+            now = trio.current_time()
+            if cached is not None and now - cached[0] < self.config.chain_ttl and cached[1] >= max_length:
+                return cached[2]
+            room = max(max_length, runtime.context_length // 4)  # ask for room enough for most requests
+            try:
+                chain = await self.peer.find_chain(name, runtime.num_blocks, max_length=room)
+            except MissingBlocksError as exc:
+                raise ApiError(503, f"the swarm cannot serve {name!r} now: {exc}", type="server_error",
+                               code="missing_blocks") from None
+            except trio.TooSlowError:
+                raise ApiError(503, f"looking up the servers of {name!r} timed out", type="server_error",
+                               code="lookup_timeout") from None
+            self._chains[name] = (now, room, chain)
+            return chain
+
+    def forget_chain(self, name: str) -> None:
+        """A request failed in the swarm: the next one looks the servers up again."""
+        self._chains.pop(name, None)
 
 
 async def serve_api(peer: Any, config: ApiConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
