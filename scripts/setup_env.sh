@@ -5,6 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.swarm-node-installed
+
+# The swarm map's browser test (tests/test_swarm_map.py) drives headless Chromium: Debian's chromium.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+    && ! command -v google-chrome >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "swarm-node setup: installing chromium (headless browser for the swarm map test)" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "swarm-node setup: WARNING: no chromium; the swarm map test needs it: sudo apt-get install chromium" >&2
+  fi
+fi
+
 WANT="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0

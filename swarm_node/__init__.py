@@ -11,13 +11,16 @@ __version__ = "0.1.0"
 from typing import Any
 
 __all__ = [
+    "ApiConfig",
     "ClientConfig",
     "DistributedModelForCausalLM",
     "DistributedModelForSequenceClassification",
     "PeerConfig",
     "RemoteSequential",
     "ServerConfig",
+    "open_api",
     "open_peer",
+    "serve_api",
 ]
 
 _LAZY = {
@@ -28,6 +31,9 @@ _LAZY = {
     "PeerConfig": "swarm_node.node.config",
     "ServerConfig": "swarm_node.node.config",
     "ClientConfig": "swarm_node.node.config",
+    "ApiConfig": "swarm_node.node.api",
+    "open_api": "swarm_node.node.api",
+    "serve_api": "swarm_node.node.api",
 }
 
 

@@ -33,3 +33,12 @@ def smollm2_path() -> Path:
     from swarm_node.model import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a byte-level tokenizer and a chat template (for API tests)."""
+    from tests.model_fixtures import add_byte_tokenizer
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-chat", family="llama", num_layers=6)
+    return add_byte_tokenizer(path)

@@ -15,7 +15,7 @@ from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.client_head import ClientHead
 from swarm_node.model.families import FAMILIES, Family, family_for
 from swarm_node.model.kv_cache import SpanCache
-from swarm_node.model.sampling import sample_next_token
+from swarm_node.model.sampling import apply_repetition_penalty, sample_next_token
 from swarm_node.model.span import BlockSpan
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "ClientHead",
     "Family",
     "SpanCache",
+    "apply_repetition_penalty",
     "default_cache_dir",
     "family_for",
     "load_tokenizer",

@@ -7,9 +7,11 @@ the cache (one per session) grows. Knows nothing of tokens, sessions, peers or t
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from swarm_node.errors import ConfigError, ModelError
 from swarm_node.model.checkpoint import Checkpoint
@@ -80,7 +82,12 @@ class BlockSpan(torch.nn.Module):
         family = checkpoint.family
         all_layers = submodule(skeleton, family.layers)
         layers = torch.nn.ModuleList(all_layers[start:end])
-        for local, layer in enumerate(layers):
+        # a bar on a terminal only (tqdm turns itself off when stderr is not one): loading a big span,
+        # or quantizing it, takes a while
+        progress = tqdm(
+            layers, desc=f"loading blocks {start}:{end}", unit="block", disable=None, file=sys.stderr, leave=False
+        )
+        for local, layer in enumerate(progress):
             materialize(layer, checkpoint, family.layer_prefix(start + local), dtype=dtype)
             if quant is not None:
                 quantize_linears(layer, quant, compute_dtype=dtype)

@@ -6,6 +6,8 @@
     swarm-node generate "The capital of France is" --initial-peers /ip4/.../p2p/12D3...
     swarm-node status --initial-peers /ip4/.../p2p/12D3... [--model M] [--json]
     swarm-node keygen --swarm-key swarm.key           # then --swarm-key swarm.key on every peer
+    swarm-node api --initial-peers /ip4/.../p2p/12D3... --port 8000   # OpenAI-compatible API + swarm map
+    swarm-node demo --api                             # a local swarm that keeps serving the API
 """
 
 from __future__ import annotations
@@ -113,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--num-blocks", type=int, default=None,
                         help="blocks of the model (default: asked from a server)")
 
+    api = sub.add_parser("api", help="serve an OpenAI-compatible HTTP API and a live swarm map",
+                         description="Serve /v1/models, /v1/completions and /v1/chat/completions (OpenAI's "
+                         "shapes, streaming as server-sent events) over the swarm, and a live swarm map at / "
+                         "(JSON at /api/v1/state). Point any OpenAI client at http://HOST:PORT/v1.")
+    common(api)
+    api.add_argument("--also-model", nargs="+", default=[], metavar="MODEL",
+                     help="more models to serve besides --model (bundled names or folders)")
+    api_flags(api)
+
     keygen = sub.add_parser("keygen", help="make a swarm key file for a private swarm")
     keygen.add_argument("--swarm-key", type=Path, required=True, metavar="FILE", help="where to write the key")
 
@@ -125,7 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="The capital of France is")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument("--chat", action="store_true")
+    demo.add_argument("--api", action="store_true",
+                      help="after answering, keep the swarm up and serve the OpenAI-compatible API and map")
+    api_flags(demo)
     return parser
+
+
+def api_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=_env("API_HOST", "127.0.0.1"),
+                   help="address the HTTP API listens on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=int(_env("API_PORT", "8000") or 8000),
+                   help="HTTP port (default: 8000; 0 picks a free one)")
+    p.add_argument("--max-context", type=int, default=2048, help="prompt + completion tokens of a request")
+    p.add_argument("--max-concurrent", type=int, default=16,
+                   help="requests generating at once, more wait their turn (default 16: servers allow 16 sessions a peer)")
+    p.add_argument("--refresh", type=float, default=5.0, help="seconds between DHT reads for the swarm map")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -149,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runners: dict[str, Any] = {
         "serve": commands.serve, "generate": commands.generate, "demo": commands.demo, "status": commands.status,
+        "api": commands.api,
     }
     try:
         if args.command == "keygen":

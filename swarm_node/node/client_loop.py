@@ -2,7 +2,7 @@
 
 ``ClientLoop(peer_config, client_config)`` starts the thread and waits until the peer has joined the
 swarm (or raises what stopped it); ``run(async_fn, *args)`` runs a coroutine function there from any
-other thread and returns its result; ``close()`` leaves the swarm and ends the thread. Inside a trio
+other thread and returns its result; ``nursery`` hosts tasks that outlive one call; ``close()`` leaves the swarm and ends the thread. Inside a trio
 application use ``open_peer`` directly instead.
 """
 
@@ -24,6 +24,8 @@ T = TypeVar("T")
 class ClientLoop:
     def __init__(self, peer_config: PeerConfig, client_config: ClientConfig) -> None:
         self.peer: Any = None
+        self.nursery: trio.Nursery | None = None
+        self.client_config = client_config
         self.token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self._ready = threading.Event()
@@ -39,12 +41,14 @@ class ClientLoop:
     def _main(self, peer_config: PeerConfig, client_config: ClientConfig) -> None:
         async def main() -> None:
             try:
-                async with open_peer(peer_config, client=client_config) as peer:
+                async with open_peer(peer_config, client=client_config) as peer, trio.open_nursery() as nursery:
                     self.peer = peer
+                    self.nursery = nursery  # for tasks that outlive one call (an open inference session)
                     self.token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()
                     self._ready.set()
                     await self._stop.wait()
+                    nursery.cancel_scope.cancel()
             except BaseException as exc:
                 self._error = exc
                 self._ready.set()

@@ -194,6 +194,41 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
     return 0
 
 
+def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> Any:
+    from swarm_node.node.api import ApiConfig
+
+    return ApiConfig(
+        models=models, host=args.host, port=args.port, dtype=args.dtype, max_context=args.max_context,
+        max_concurrent=args.max_concurrent, refresh_interval=args.refresh,
+    )
+
+
+async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
+    from swarm_node.node.api import open_api
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_api(peer, config) as api:
+            print(f"OpenAI-compatible API at {api.url}/v1 (models: {', '.join(api.runtimes)}); "
+                  f"swarm map at {api.url}/", file=sys.stderr)
+            print(api.url, flush=True)
+            async for signum in signals:
+                log.info("got %s: stopping the API", signal.Signals(signum).name)
+                break
+
+
+async def api(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API and the swarm map over the swarm until SIGINT/SIGTERM."""
+    _need_initial_peers(args)
+    config = _api_config(args, (args.model, *args.also_model))
+    peer_config = PeerConfig(
+        listen=CLIENT_LISTEN, initial_peers=tuple(args.initial_peers), identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    async with open_peer(peer_config) as peer:
+        await _serve_api_until_signal(peer, config)
+    return 0
+
+
 def keygen(args: argparse.Namespace) -> int:
     from swarm_node.node.swarm_key import write_swarm_key
 
@@ -236,5 +271,7 @@ async def demo(args: argparse.Namespace) -> int:
         print(f"swarm ready in {time.perf_counter() - t0:.1f} s; asking: {args.prompt!r}\n", file=sys.stderr, flush=True)
         args.temperature, args.top_p, args.seed = 0.0, 1.0, None
         stats = await _generate_with(client, args, sys.stdout)
-    print("\n" + _describe(stats), file=sys.stderr)
+        print("\n" + _describe(stats), file=sys.stderr, flush=True)
+        if args.api:
+            await _serve_api_until_signal(client, _api_config(args, (args.model,)))
     return 0

@@ -23,7 +23,9 @@ from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
 from swarm_node.node.client_loop import ClientLoop
 from swarm_node.node.config import ClientConfig, PeerConfig
-from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
+from swarm_node.node.generation import GenerationStats, generate_tokens
+from swarm_node.node.generation_options import sampling_from, stop_string_checker
+from swarm_node.node.model_session import ModelSession
 from swarm_node.node.peer import model_id_of
 from swarm_node.node.remote_sequential import RemoteSequential
 from swarm_node.node.server import TORCH_DTYPES
@@ -176,6 +178,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
     """``forward(input_ids, labels=...)`` -> loss and logits; ``generate`` like transformers'."""
 
     last_stats: GenerationStats | None = None
+    active_session: ModelSession | None = None
 
     def forward(
         self,
@@ -200,39 +203,53 @@ class DistributedModelForCausalLM(DistributedModelBase):
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        streamer: Any = None,
-    ) -> torch.Tensor:
-        """Like transformers' generate: the prompt followed by the new tokens ``# (B, T + new)``.
-        Trained prompts or the client's LoRA take part, as in training."""
-        if eos_token_id is None:
-            eos_token_id = self.config.eos_token_id
-        if eos_token_id is None:
-            eos_ids: tuple[int, ...] = ()
-        elif isinstance(eos_token_id, int):
-            eos_ids = (eos_token_id,)
-        else:
-            eos_ids = tuple(eos_token_id)
-        if pad_token_id is None:
-            pad_token_id = getattr(self.config, "pad_token_id", None)
-        sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p,
-            seed=seed, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
-        )
+    def tuned_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
+        """What training made that generation uses too: (soft prompt, deep prompts, client LoRA)."""
         prefix = deep = None
         if self.ptune is not None:
             prefix = self.ptune.prompts.detach()
             deep = None if self.ptune.deep_prompts is None else self.ptune.deep_prompts.detach()
+        return prefix, deep, None if self.lora is None else self.lora.weights()
+
+    def inference_session(self, *, max_length: int | None = None) -> ModelSession:
+        """A session kept open across ``generate`` calls (a chat): each call inside
+        ``with model.inference_session(max_length=512):`` continues the text so far, and only the new
+        tokens travel; the servers keep the rest in their attention caches."""
+        return ModelSession(self, max_length or self.loop.client_config.max_length)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        generation_config: Any = None,
+        *,
+        streamer: Any = None,
+        stop_strings: str | Sequence[str] | None = None,
+        tokenizer: Any = None,
+        session: ModelSession | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Like transformers' generate: returns ``input_ids`` followed by the new tokens ``# (B, T + new)``.
+
+        Settings come from ``generation_config`` (a transformers ``GenerationConfig``) overridden by
+        keyword arguments of the same names: max_new_tokens, do_sample, temperature, top_p, top_k,
+        repetition_penalty, eos_token_id, pad_token_id. ``stop_strings`` need the ``tokenizer``.
+        Inside ``inference_session()`` (or with ``session=``) the call continues that session.
+        Trained prompts or the client's LoRA take part, as in training.
+        """
+        if self.loop.closed:
+            raise ConfigError("the model is closed")
+        session = session or self.active_session
+        if input_ids is None:
+            if session is None:
+                raise ConfigError("'input_ids' are needed outside an inference session")
+            input_ids = torch.zeros(1, 0, dtype=torch.int64)
+        sampling = sampling_from(generation_config, kwargs, self.config, seed=seed)
+        stopping = stop_string_checker(stop_strings, tokenizer, input_ids.shape[1])
+        tuned: dict[str, Any] = {}
+        if session is None:  # an open session carries its own (set when it opened)
+            prefix, deep, lora = self.tuned_inputs()
+            tuned = {"prefix": prefix, "deep_prompts": deep, "lora": lora}
         if streamer is not None:
             streamer.put(input_ids.cpu())
         on_tokens = (lambda t: streamer.put(t.cpu())) if streamer is not None else None
@@ -240,9 +257,9 @@ class DistributedModelForCausalLM(DistributedModelBase):
         async def run() -> torch.Tensor:
             ids, stats = await generate_tokens(
                 self.loop.peer, self.head, input_ids, model=self.model_id,
-                num_blocks=self.config.num_hidden_layers, dtype=self.dtype, sampling=sampling,
-                on_tokens=on_tokens, prefix=prefix, deep_prompts=deep,
-                lora=None if self.lora is None else self.lora.weights(),
+                num_blocks=self.config.num_hidden_layers, dtype=self.dtype,
+                sampling=sampling, on_tokens=on_tokens, stopping=stopping,
+                session=session.token_session if session is not None else None, **tuned,
             )
             self.last_stats = stats
             return ids

@@ -46,6 +46,7 @@ def coverage_report(
                 "bytes_per_block": s.bytes_per_block,
                 "version": s.version,
                 "adapters": list(s.adapters),
+                "state": s.state,
             }
             for s in servers
         ],
