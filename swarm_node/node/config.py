@@ -97,13 +97,18 @@ class ServerConfig:
 class ClientConfig:
     """How a client runs inference sessions over the swarm."""
 
-    step_timeout: float = 60.0  # seconds one remote step may take, prefill included
+    # Seconds one server may take to answer one step (a prefill chunk included); a server that
+    # misses it counts as failed: the client bans it and moves its blocks to other servers.
+    step_timeout: float = 60.0
     lookup_timeout: float = 30.0  # seconds to find every block's servers
     # Codec of hidden states on the wire, both ways. None: send uncompressed, and let each server
     # answer in its own default (its --compression).
     compression: str | None = None
     max_length: int = 2048  # default session length (prompt + new tokens)
     push: bool = False  # servers send each step's output straight to the next server
+    max_attempts: int = 5  # attempts to replace a failed server's blocks; 0: a failure ends the session
+    retry_delay: float = 0.5  # seconds before retrying when no server was found; doubles each time
+    ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
 
     def __post_init__(self) -> None:
         _check_range("step_timeout", self.step_timeout, 0.001)
@@ -111,3 +116,8 @@ class ClientConfig:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
         _check_range("max_length", self.max_length, 1, 1 << 20)
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ConfigError(f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}")
+        _check_range("max_attempts", self.max_attempts, 0, 100)
+        _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
+        _check_range("ban_time", self.ban_time, 0.0)

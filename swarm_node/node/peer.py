@@ -22,6 +22,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from swarm_node import __version__
+from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
@@ -29,6 +30,8 @@ from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
+from swarm_node.node.recovery import Recovery
+from swarm_node.node.recovery import sole_error as _single_leaf
 from swarm_node.node.server import TORCH_DTYPES, BlockServer, measure_throughput
 from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
@@ -66,6 +69,8 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
+        self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by the last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
 
@@ -165,18 +170,24 @@ class Peer:
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
         """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
-        conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=PING_TIMEOUT)
+        timeout = min(PING_TIMEOUT, self.client_config.step_timeout)  # a hung server holds nobody longer
+        conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout)
         try:
             t0 = trio.current_time()
-            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=PING_TIMEOUT)
+            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
             elapsed = trio.current_time() - t0
         finally:
             await conn.close()
         return elapsed, info
 
-    async def find_servers(self, model: str, num_blocks: int) -> list[ServerRecord]:
+    async def find_servers(self, model: str, num_blocks: int, *, start: int = 0) -> list[ServerRecord]:
+        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)."""
         with trio.fail_after(self.client_config.lookup_timeout):
-            return await self.dht.find_servers(model, range(num_blocks))
+            servers = await self.dht.find_servers(model, range(start, num_blocks))
+        known = {s.peer_id: s for s in self._known.get(model, [])}
+        known.update((s.peer_id, s) for s in servers)
+        self._known[model] = list(known.values())
+        return servers
 
     async def _ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
         """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
@@ -214,14 +225,47 @@ class Peer:
         end = num_blocks if end is None else end
         push = self.client_config.push if push is None else push
         servers = await self.find_servers(model, num_blocks)
-        samples = await self._ping_all(servers)
+        banned = self.bans.banned(trio.current_time())
+        return await self._choose(
+            servers, model=model, start=start, end=end, push=push, max_length=max_length,
+            batch_size=batch_size, exclude=banned,
+        )
+
+    async def _choose(
+        self, servers: list[ServerRecord], *, model: str, start: int, end: int, push: bool,
+        max_length: int, batch_size: int, exclude: frozenset[str],
+    ) -> list[Hop]:
+        """Ping the candidates (not ``exclude``), then the lowest-latency chain among those that answered."""
+        candidates = [s for s in servers if s.peer_id not in exclude]
+        samples = await self._ping_all(candidates)
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
-        unreachable = frozenset(s.peer_id for s in servers if s.peer_id not in samples)
+        unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
             servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
-            batch_size=batch_size, exclude=unreachable,
+            batch_size=batch_size, exclude=exclude | unreachable,
+        )
+
+    def _recovery(self, model: str, *, max_length: int, batch_size: int) -> Recovery | None:
+        """How a session of ``model`` replaces a failed server (None when the config turns it off)."""
+        config = self.client_config
+        if config.max_attempts == 0:
+            return None
+
+        async def reroute(start: int, end: int, exclude: frozenset[str], attempt: int) -> list[Hop]:
+            # first from the servers already known (no lookup: fastest); then ask the DHT again
+            servers = self._known.get(model, []) if attempt == 0 else []
+            if not servers:
+                servers = await self.find_servers(model, end, start=start)
+            return await self._choose(
+                servers, model=model, start=start, end=end, push=False, max_length=max_length,
+                batch_size=batch_size, exclude=exclude,
+            )
+
+        return Recovery(
+            reroute=reroute, bans=self.bans, max_attempts=config.max_attempts,
+            retry_delay=config.retry_delay, clock=trio.current_time,
         )
 
     def inference_session(
@@ -247,6 +291,7 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
             push=self.client_config.push if push is None else push,
+            recovery=self._recovery(model, max_length=max_length, batch_size=batch_size),
         )
 
 
@@ -309,19 +354,6 @@ async def _connect_initial_peers(
             else "if the swarm is private, start this peer with its --swarm-key FILE"
         )
         raise SwarmError(f"could not reach any initial peer ({hint}):\n  " + "\n  ".join(errors))
-
-
-def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
-    """The one real error inside nested groups (ignoring Cancelled), or None if there are several."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else None
 
 
 @asynccontextmanager
