@@ -1,0 +1,123 @@
+"""A generation survives a dying server: real `swarm-node serve` processes killed or frozen mid-generation.
+
+The client runs here; the tokens it generates are compared with transformers' greedy generate on the
+same weights (the failure-free answer).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm_node.errors import MissingBlocksError
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.config import ClientConfig, PeerConfig
+from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.peer import open_peer
+from tests.model_fixtures import make_tiny_model_dir, reference_model
+from tests.process_swarm import ServerProcess, server_processes
+from tests.swarm_helpers import LOOPBACK
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 12
+FAIL_AFTER = 4  # tokens generated before the server is killed or frozen
+STEP_TIMEOUT = 3.0  # the client's deadline for one server's answer
+FAST_THROUGHPUT = ["--throughput", "100"]  # no measuring at start: the test starts faster
+
+
+class SignalAt:
+    """A token callback that sends ``signum`` to a process after ``at`` tokens, noting every token's time."""
+
+    def __init__(self, at: int, server: ServerProcess, signum: int) -> None:
+        self.at, self.server, self.signum = at, server, signum
+        self.times: list[float] = []
+        self.sent_at: float | None = None
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) == self.at:
+            self.server.process.send_signal(self.signum)
+            self.sent_at = time.perf_counter()
+
+    @property
+    def recovery_seconds(self) -> float:
+        """From the signal to the next token."""
+        assert self.sent_at is not None and len(self.times) > self.at
+        return self.times[self.at] - self.sent_at
+
+
+def _setup(tmp_path: Path) -> tuple[Path, torch.Tensor, list[int], ClientHead]:
+    model = make_tiny_model_dir(tmp_path / "tiny-failover", num_layers=6, seed=5)
+    input_ids = torch.randint(0, 256, (1, 5))
+    expected = reference_model(model).generate(
+        input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return model, input_ids, expected[0].tolist(), ClientHead.load(Checkpoint.open(model))
+
+
+def _client(servers: list[ServerProcess], *, push: bool, max_attempts: int = 3):
+    config = ClientConfig(step_timeout=STEP_TIMEOUT, retry_delay=0.2, max_attempts=max_attempts, push=push)
+    return open_peer(PeerConfig(listen=LOOPBACK, initial_peers=(servers[0].addr,)), client=config)
+
+
+@pytest.mark.parametrize(("push", "victim"), [(False, 1), (True, 0)], ids=["client-star", "push-first-hop"])
+async def test_sigkill_of_the_server_in_use_changes_no_token(tmp_path: Path, push: bool, victim: int) -> None:
+    model, input_ids, expected, head = _setup(tmp_path)
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "0:3", "3:6", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            async with _client(servers, push=push) as client:
+                chain = await client.find_chain(model.name, 6)
+                used = {s.peer_id: s for s in servers}[chain[victim].server.peer_id]
+                kill = SignalAt(FAIL_AFTER, used, signal.SIGKILL)
+                ids, _ = await generate_tokens(
+                    client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), chain=chain, push=push, on_tokens=kill,
+                )
+                assert client.bans.is_banned(used.peer_id, trio.current_time())
+            assert await used.process.wait() == -signal.SIGKILL
+            for server in servers:  # the others shut down cleanly on SIGTERM
+                if server is not used:
+                    server.process.send_signal(signal.SIGTERM)
+                    assert await server.process.wait() == 0
+    assert ids[0].tolist() == expected
+    assert kill.recovery_seconds < 2.0 + STEP_TIMEOUT  # a refused connection is seen at once
+
+
+async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None:
+    model, input_ids, expected, head = _setup(tmp_path)
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "3:6", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            async with _client(servers, push=True) as client:
+                chain = await client.find_chain(model.name, 6)
+                frozen = {s.peer_id: s for s in servers}[chain[1].server.peer_id]
+                stop = SignalAt(FAIL_AFTER, frozen, signal.SIGSTOP)  # accepts bytes, never answers
+                ids, _ = await generate_tokens(
+                    client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), chain=chain, push=True, on_tokens=stop,
+                )
+            # server_processes SIGCONTs and kills the frozen server on the way out
+    assert ids[0].tolist() == expected
+    assert STEP_TIMEOUT <= stop.recovery_seconds < STEP_TIMEOUT + 3.0
+
+
+async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None:
+    model, input_ids, _, head = _setup(tmp_path)
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            async with _client(servers, push=False) as client:
+                kill = SignalAt(FAIL_AFTER, servers[1], signal.SIGKILL)
+                with pytest.raises(MissingBlocksError) as caught:
+                    await generate_tokens(
+                        client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
+                        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), on_tokens=kill,
+                    )
+                failed_after = time.perf_counter() - (kill.sent_at or 0.0)
+    assert str(caught.value).startswith("no server for blocks 3-5 of tiny-failover after 3 attempts")
+    assert len(kill.times) == FAIL_AFTER
+    assert failed_after < 15.0  # three lookups and two short waits, not a hang
