@@ -32,7 +32,7 @@ from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
 from swarm_node.node.recovery import Recovery
 from swarm_node.node.recovery import sole_error as _single_leaf
-from swarm_node.node.server import TORCH_DTYPES, BlockServer, measure_throughput
+from swarm_node.node.server import TORCH_DTYPES, BlockServer
 from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
@@ -321,8 +321,22 @@ async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
     )
     throughput = config.throughput
     if throughput is None:
-        throughput = await trio.to_thread.run_sync(lambda: measure_throughput(span, dtype=dtype))
+        throughput = await trio.to_thread.run_sync(lambda: _measured_throughput(span, config, dtype))
     return span, throughput
+
+
+def _measured_throughput(span: Any, config: ServerConfig, dtype: torch.dtype) -> float:
+    from swarm_node.model.bundled import default_cache_dir
+    from swarm_node.node.throughput import cache_key, device_name, span_throughput
+
+    key = cache_key(
+        model=model_id_of(config.model), dtype=config.dtype, quant=config.quant, device=device_name(),
+        threads=torch.get_num_threads(),
+    )
+    throughput, cached = span_throughput(span, key=key, dtype=dtype, cache_dir=default_cache_dir())
+    log.info("throughput %.1f tokens/s for blocks %d:%d (%s %s)", throughput, config.start, config.end,
+             "cached as" if cached else "measured, cached as", key)
+    return throughput
 
 
 async def _connect_initial_peers(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -388,15 +387,3 @@ class BlockServer:
         with torch.inference_mode():
             return self.span.forward(hidden, cache, start=start, end=end)
 
-
-def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:
-    """Tokens/s of one sequence's decode steps through the whole span (a quick local estimate)."""
-    cache = span.new_cache(repeats + 1, batch_size=1)
-    hidden = torch.zeros(1, 1, span.hidden_size, dtype=dtype)
-    with torch.inference_mode():
-        span.forward(hidden, cache, start=span.start, end=span.end)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            span.forward(hidden, cache, start=span.start, end=span.end)
-        elapsed = time.perf_counter() - t0
-    return repeats / max(elapsed, 1e-9)
