@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--compression", default=_env("COMPRESSION", "none"), choices=CODECS,
                        help="codec of hidden states this server sends when a client leaves it the "
                        "choice (default: none; blockwise8 sends ~4x fewer bytes)")
+    serve.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "5")), metavar="SECONDS",
+                       help="on Ctrl-C or SIGTERM: refuse new sessions, withdraw the record, and give the "
+                       "steps being computed this long to finish (default: 5)")
     serve.add_argument("--quant", default=_env("QUANT"), choices=["int8", "nf4"],
                        help="hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: "
                        "~4x / ~8x less memory per block, slower on CPU (default: --dtype weights)")

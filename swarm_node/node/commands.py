@@ -36,6 +36,7 @@ async def serve(args: argparse.Namespace) -> int:
         cache_budget_tokens=args.cache_tokens,
         compression=args.compression,
         quant=args.quant,
+        shutdown_grace=args.shutdown_grace,
     )
     config = PeerConfig(
         listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity,

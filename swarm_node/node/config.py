@@ -75,6 +75,7 @@ class ServerConfig:
     throughput: float | None = None  # tokens/s to announce; None: measured at start
     compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
     quant: str | None = None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
+    shutdown_grace: float = 5.0  # seconds a stopping server gives the steps it is computing to finish
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -89,6 +90,7 @@ class ServerConfig:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         if self.compression not in COMPRESSIONS:
             raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+        _check_range("shutdown_grace", self.shutdown_grace, 0.0, 600.0)
         if self.quant not in QUANTS:
             raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
 

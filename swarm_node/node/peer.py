@@ -157,6 +157,8 @@ class Peer:
         return samples
 
     async def _withdraw(self) -> None:
+        """Shutting down: refuse new sessions, withdraw the record (OFFLINE), then give the steps
+        being computed up to ``shutdown_grace`` seconds to be answered."""
         if self.server is None:
             return
         self.server.closing = True
@@ -166,6 +168,9 @@ class Peer:
                 log.info("withdrew the record of blocks %d:%d", self.server.start, self.server.end)
             except Exception:  # shutting down anyway
                 log.warning("could not withdraw the server record", exc_info=True)
+        if not await self.server.drain(self.server.config.shutdown_grace):
+            log.warning("%d step(s) still running after %.1f s; leaving them to the clients' recovery",
+                        self.server.steps_in_flight, self.server.config.shutdown_grace)
 
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:

@@ -7,10 +7,12 @@ one compute thread through ``compute_limiter``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +87,31 @@ class BlockServer:
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
         self.active_sessions = 0
-        self.closing = False
+        self.closing = False  # shutting down or moving: new sessions are refused
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
+        self.steps_in_flight = 0  # requests being computed and answered right now
+        self._no_steps = trio.Event()
+        self._no_steps.set()
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        if self.steps_in_flight == 0:
+            self._no_steps = trio.Event()
+        self.steps_in_flight += 1
+        try:
+            yield
+        finally:
+            self.steps_in_flight -= 1
+            if self.steps_in_flight == 0:
+                self._no_steps.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new sessions and wait, at most ``grace`` s, until no step is being computed or
+        answered; True if none is. Admitted sessions keep being served meanwhile."""
+        self.closing = True
+        with trio.move_on_after(grace):
+            await self._no_steps.wait()
+        return self.steps_in_flight == 0
 
     @property
     def start(self) -> int:
@@ -132,16 +157,19 @@ class BlockServer:
                     break
                 if isinstance(message, m.PushStepRequest):
                     carries_pushes = True
-                    if not await self._pushed_step(message, peer):
+                    with self._in_flight():
+                        pushed = await self._pushed_step(message, peer)
+                    if not pushed:
                         await conn.reset()  # the pushing server's next write fails: it stops
                         break
                     continue
-                try:
-                    reply = await self._dispatch(message, sessions, conn)
-                except RequestError as exc:
-                    log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
-                    reply = m.ErrorResponse(code=exc.code, message=exc.message)
-                await conn.send(reply)
+                with self._in_flight():
+                    try:
+                        reply = await self._dispatch(message, sessions, conn)
+                    except RequestError as exc:
+                        log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
+                        reply = m.ErrorResponse(code=exc.code, message=exc.message)
+                    await conn.send(reply)
         except RemoteProtocolError as exc:
             log.warning("peer %s broke the protocol: %s", peer, exc)
             with trio.move_on_after(1.0):
