@@ -24,11 +24,15 @@ CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
 
 async def serve(args: argparse.Namespace) -> int:
-    start, end = parse_blocks(args.blocks)
+    start, end = parse_blocks(args.blocks) if args.blocks is not None else (0, 0)
     server = ServerConfig(
         model=args.model,
         start=start,
         end=end,
+        num_blocks=args.num_blocks,
+        start_delay=args.start_delay,
+        rebalance_interval=args.rebalance_interval,
+        min_gain=args.min_gain,
         dtype=args.dtype,
         torch_threads=args.torch_threads,
         throughput=args.throughput,

@@ -61,11 +61,18 @@ class PeerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    """A server holds blocks ``start..end-1`` of one model."""
+    """A server holds blocks ``start..end-1`` of one model, or ``num_blocks`` blocks it chooses itself."""
 
     model: str  # bundled model name or a local Hugging Face folder
-    start: int
-    end: int
+    start: int = 0
+    end: int = 0
+    # Choose the span: this many blocks where the swarm needs them most (start/end are then set by
+    # the server), re-checked every ~rebalance_interval s; a move needs a gain over min_gain.
+    num_blocks: int | None = None
+    start_delay: float = 3.0  # at most this many random seconds before choosing, so joiners do not race
+    rebalance_interval: float = 60.0  # mean seconds between re-checks of the chosen span
+    min_gain: float = 0.2  # a move must raise the weakest block's coverage by this fraction
+    move_grace: float = 60.0  # seconds sessions on the old span may take to finish before a move cuts them
     dtype: str = "float32"
     max_session_length: int = 4096  # tokens one session may hold
     cache_budget_tokens: int = 64 * 1024  # tokens of attention cache across all sessions
@@ -80,8 +87,20 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
-        if not 0 <= self.start < self.end:
-            raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+        if self.num_blocks is None or (self.start, self.end) != (0, 0):
+            if not 0 <= self.start < self.end:
+                raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+        if self.num_blocks is not None:
+            if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+                raise ConfigError(f"'num_blocks' must be an int >= 1, got {self.num_blocks!r}")
+            if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
+                raise ConfigError(
+                    f"'blocks' {self.start}:{self.end} must hold 'num_blocks' = {self.num_blocks} blocks"
+                )
+        _check_range("start_delay", self.start_delay, 0.0, 3600.0)
+        _check_range("rebalance_interval", self.rebalance_interval, 0.01)
+        _check_range("min_gain", self.min_gain, 0.0)
+        _check_range("move_grace", self.move_grace, 0.0)
         _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
         _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
         _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)

@@ -13,26 +13,25 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-import torch
 import trio
 from libp2p import new_host
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
-from multiaddr import Multiaddr
 
 from swarm_node import __version__
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
-from swarm_node.errors import ConfigError, SwarmError
+from swarm_node.errors import SwarmError
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
+from swarm_node.node.placement import start_placed
 from swarm_node.node.recovery import Recovery
 from swarm_node.node.recovery import sole_error as _single_leaf
-from swarm_node.node.server import TORCH_DTYPES, BlockServer
+from swarm_node.node.server import BlockServer
+from swarm_node.node.startup import connect_initial_peers, model_id_of, parse_multiaddr, prepare_span
 from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
@@ -40,22 +39,6 @@ from swarm_node.protocol import messages as m
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
-
-
-def model_id_of(model: str) -> str:
-    """The name a model is announced under: a bundled name as is, a folder by its last component."""
-    from swarm_node.model import BUNDLED_MODELS
-
-    if model in BUNDLED_MODELS:
-        return model
-    return model.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _parse_multiaddr(text: str, field: str) -> Multiaddr:
-    try:
-        return Multiaddr(text)
-    except Exception as exc:  # multiaddr raises several types for bad text
-        raise ConfigError(f"{field!r} must be a multiaddr like /ip4/127.0.0.1/tcp/31337/p2p/12D3..., got {text!r}: {exc}") from None
 
 
 class Peer:
@@ -91,7 +74,14 @@ class Peer:
 
     # -- serving ---------------------------------------------------------------------------------
     async def _start_serving(self, config: ServerConfig, prepared: tuple[Any, float], nursery: trio.Nursery) -> None:
+        await self.switch_server(config, prepared)
+        nursery.start_soon(self._announce_loop)
+
+    async def switch_server(self, config: ServerConfig, prepared: tuple[Any, float]) -> BlockServer | None:
+        """Serve ``prepared`` (a loaded span and its throughput) from now on and announce it; returns
+        the server it replaces, whose open streams keep running until their sessions end."""
         span, throughput = prepared
+        old = self.server
         self.server = BlockServer(
             span=span,
             model_id=model_id_of(config.model),
@@ -103,11 +93,11 @@ class Peer:
         )
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)
         await self.announce()
-        nursery.start_soon(self._announce_loop)
         log.info(
             "serving blocks %d:%d of %s (%s, %.1f tokens/s)",
             config.start, config.end, self.server.model_id, config.dtype, throughput,
         )
+        return old
 
     def _record(self, state: str, ttl: float) -> ServerRecord:
         assert self.server is not None
@@ -300,81 +290,6 @@ class Peer:
         )
 
 
-async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
-    """Load the span a server will hold (before any networking) and measure its throughput."""
-    from swarm_node.model import BlockSpan, Checkpoint, resolve_model
-
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    path = await trio.to_thread.run_sync(resolve_model, config.model)
-    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
-    num_blocks = checkpoint.config.num_hidden_layers
-    if config.end > num_blocks:
-        raise ConfigError(
-            f"'--blocks' {config.start}:{config.end} is out of range: {model_id_of(config.model)} "
-            f"has {num_blocks} blocks (0:{num_blocks})"
-        )
-    dtype = TORCH_DTYPES[config.dtype]
-    t0 = time.perf_counter()
-    span = await trio.to_thread.run_sync(
-        lambda: BlockSpan.load(checkpoint, config.start, config.end, dtype=dtype, quant=config.quant)
-    )
-    per_block = span.memory_bytes() // (config.end - config.start)
-    log.info(
-        "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
-        config.start, config.end, time.perf_counter() - t0, per_block / 1e6, config.quant or config.dtype,
-    )
-    throughput = config.throughput
-    if throughput is None:
-        throughput = await trio.to_thread.run_sync(lambda: _measured_throughput(span, config, dtype))
-    return span, throughput
-
-
-def _measured_throughput(span: Any, config: ServerConfig, dtype: torch.dtype) -> float:
-    from swarm_node.model.bundled import default_cache_dir
-    from swarm_node.node.throughput import cache_key, device_name, span_throughput
-
-    key = cache_key(
-        model=model_id_of(config.model), dtype=config.dtype, quant=config.quant, device=device_name(),
-        threads=torch.get_num_threads(),
-    )
-    throughput, cached = span_throughput(span, key=key, dtype=dtype, cache_dir=default_cache_dir())
-    log.info("throughput %.1f tokens/s for blocks %d:%d (%s %s)", throughput, config.start, config.end,
-             "cached as" if cached else "measured, cached as", key)
-    return throughput
-
-
-async def _connect_initial_peers(
-    host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float, private: bool
-) -> None:
-    if not addrs:
-        return
-    reached = 0
-    errors = []
-    for text in addrs:
-        addr = _parse_multiaddr(text, "initial_peers")
-        try:
-            info = info_from_p2p_addr(addr)
-        except Exception as exc:  # libp2p raises several types for a multiaddr without /p2p/
-            raise ConfigError(f"'initial_peers' entry {text!r} must end with /p2p/<peer id>: {exc}") from None
-        try:
-            with trio.fail_after(timeout):
-                await host.connect(info)
-            await dht.add_bootstrap_peer(info.peer_id)
-            reached += 1
-        except Exception as exc:  # unreachable peer: try the others
-            why = f"no handshake within {timeout} s" if isinstance(exc, trio.TooSlowError) else repr(exc)
-            errors.append(f"{text}: {why}")
-            log.warning("could not reach initial peer %s: %r", text, exc)
-    if not reached:
-        hint = (
-            "this peer uses a swarm key: the initial peers must use the same --swarm-key"
-            if private
-            else "if the swarm is private, start this peer with its --swarm-key FILE"
-        )
-        raise SwarmError(f"could not reach any initial peer ({hint}):\n  " + "\n  ".join(errors))
-
-
 @asynccontextmanager
 async def open_peer(
     config: PeerConfig | None = None,
@@ -390,10 +305,11 @@ async def open_peer(
     config = config or PeerConfig()
     client = client or ClientConfig()
     key_pair = load_or_create_identity(config.identity)
-    listen = [_parse_multiaddr(a, "listen") for a in config.listen]
-    announce = [_parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
+    listen = [parse_multiaddr(a, "listen") for a in config.listen]
+    announce = [parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
-    prepared = await _prepare_span(server) if server is not None else None
+    placed = server is not None and server.num_blocks is not None and server.end == 0
+    prepared = await prepare_span(server) if server is not None and not placed else None
     host = new_host(
         key_pair=key_pair,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
@@ -403,7 +319,7 @@ async def open_peer(
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
-            await _connect_initial_peers(
+            await connect_initial_peers(
                 host, dht, config.initial_peers, timeout=config.connect_timeout, private=config.swarm_key is not None
             )
             async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
@@ -411,6 +327,8 @@ async def open_peer(
                 try:
                     if server is not None and prepared is not None:
                         await peer._start_serving(server, prepared, nursery)
+                    elif server is not None:  # --num-blocks: choose where, with the swarm in view
+                        await start_placed(peer, server, nursery)
                     yield peer
                 finally:
                     with trio.CancelScope(shield=True):

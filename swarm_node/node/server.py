@@ -7,13 +7,10 @@ one compute thread through ``compute_limiter``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,43 +20,14 @@ from swarm_node import __version__, compression
 from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
-from swarm_node.node.push import PushLink, open_push_link
+from swarm_node.node.push import open_push_link
+from swarm_node.node.server_state import Gauge, RequestError, ServerSession
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward
-
-
-class RequestError(Exception):
-    """A request we refuse; becomes an ErrorResponse and the stream keeps going."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(slots=True)
-class _Session:
-    session_id: str
-    peer_id: str
-    start: int
-    end: int
-    max_length: int
-    batch_size: int
-    dtype: str
-    compression: str
-    cache: Any  # model.SpanCache
-    reserved_tokens: int
-    conn: MessageStream  # the client's stream: answers to pushed steps go there
-    steps: int = 0
-    last_active: float = 0.0  # trio time of the last step
-    push: PushLink | None = None  # to the next span's server, when the client asked for push
-    prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
-    last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
-    lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
 
 
 class BlockServer:
@@ -77,7 +45,7 @@ class BlockServer:
         host: Any = None,  # libp2p host, to open push streams to next servers
     ) -> None:
         self.host = host
-        self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
+        self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
         self.config = config
@@ -89,29 +57,29 @@ class BlockServer:
         self.active_sessions = 0
         self.closing = False  # shutting down or moving: new sessions are refused
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
-        self.steps_in_flight = 0  # requests being computed and answered right now
-        self._no_steps = trio.Event()
-        self._no_steps.set()
+        self.steps = Gauge()  # requests being computed and answered right now
+        self.open_sessions = Gauge()  # sessions open on this server
 
-    @contextlib.contextmanager
-    def _in_flight(self) -> Iterator[None]:
-        if self.steps_in_flight == 0:
-            self._no_steps = trio.Event()
-        self.steps_in_flight += 1
-        try:
-            yield
-        finally:
-            self.steps_in_flight -= 1
-            if self.steps_in_flight == 0:
-                self._no_steps.set()
+    @property
+    def steps_in_flight(self) -> int:
+        return self.steps.value
 
     async def drain(self, grace: float) -> bool:
         """Refuse new sessions and wait, at most ``grace`` s, until no step is being computed or
         answered; True if none is. Admitted sessions keep being served meanwhile."""
         self.closing = True
-        with trio.move_on_after(grace):
-            await self._no_steps.wait()
-        return self.steps_in_flight == 0
+        return await self.steps.wait_zero(grace)
+
+    async def hand_over(self, grace: float) -> bool:
+        """Refuse new sessions, give the open ones ``grace`` s to end, then cut those left (their
+        clients recover elsewhere). True if every session ended by itself."""
+        self.closing = True
+        ended = await self.open_sessions.wait_zero(grace)
+        with trio.CancelScope(shield=True):
+            for session in list(self.sessions.values()):
+                with trio.move_on_after(1.0):
+                    await session.conn.reset()
+        return ended
 
     @property
     def start(self) -> int:
@@ -129,7 +97,7 @@ class BlockServer:
     async def handle_stream(self, stream: Any) -> None:
         conn = MessageStream(stream, max_frame_size=self.max_frame_size)
         peer = conn.peer_id
-        sessions: dict[str, _Session] = {}
+        sessions: dict[str, ServerSession] = {}
         carries_pushes = False
         timeout = self.config.session_idle_timeout
         try:
@@ -157,13 +125,13 @@ class BlockServer:
                     break
                 if isinstance(message, m.PushStepRequest):
                     carries_pushes = True
-                    with self._in_flight():
+                    with self.steps.held():
                         pushed = await self._pushed_step(message, peer)
                     if not pushed:
                         await conn.reset()  # the pushing server's next write fails: it stops
                         break
                     continue
-                with self._in_flight():
+                with self.steps.held():
                     try:
                         reply = await self._dispatch(message, sessions, conn)
                     except RequestError as exc:
@@ -188,7 +156,7 @@ class BlockServer:
                 with trio.move_on_after(1.0):
                     await conn.close()
 
-    async def _dispatch(self, message: Any, sessions: dict[str, _Session], conn: MessageStream) -> Any:
+    async def _dispatch(self, message: Any, sessions: dict[str, ServerSession], conn: MessageStream) -> Any:
         if isinstance(message, m.StepRequest):
             return await self._step(message, sessions)
         if isinstance(message, m.InfoRequest):
@@ -250,7 +218,7 @@ class BlockServer:
         return hidden
 
     # -- sessions -----------------------------------------------------------------------------
-    async def _open(self, req: m.OpenSessionRequest, sessions: dict[str, _Session], conn: MessageStream) -> Any:
+    async def _open(self, req: m.OpenSessionRequest, sessions: dict[str, ServerSession], conn: MessageStream) -> Any:
         peer = conn.peer_id
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
@@ -283,7 +251,7 @@ class BlockServer:
             )
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(req.max_length, batch_size=req.batch_size, start=req.start, end=req.end)
-        session = sessions[session_id] = self.sessions[session_id] = _Session(
+        session = sessions[session_id] = self.sessions[session_id] = ServerSession(
             session_id=session_id,
             peer_id=peer,
             start=req.start,
@@ -302,6 +270,7 @@ class BlockServer:
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
+        self.open_sessions.add(1)
         if req.next_peer and self.host is not None:  # the room is reserved before this await
             session.push = await open_push_link(
                 self.host, peer_id=req.next_peer, addrs=req.next_addrs, next_session=req.next_session,
@@ -312,12 +281,12 @@ class BlockServer:
             session_id=session_id, max_length=req.max_length, push=int(session.push is not None)
         )
 
-    async def _end(self, session: _Session) -> None:
+    async def _end(self, session: ServerSession) -> None:
         self._release(session)
         if session.push is not None:
             await session.push.aclose()
 
-    def _release(self, session: _Session) -> None:
+    def _release(self, session: ServerSession) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return  # released already
         self.reserved_tokens -= session.reserved_tokens
@@ -325,9 +294,10 @@ class BlockServer:
         if self.sessions_per_peer[session.peer_id] <= 0:
             del self.sessions_per_peer[session.peer_id]
         self.active_sessions -= 1
+        self.open_sessions.add(-1)
         session.cache = None
 
-    async def _step(self, req: m.StepRequest, sessions: dict[str, _Session]) -> m.StepResponse:
+    async def _step(self, req: m.StepRequest, sessions: dict[str, ServerSession]) -> m.StepResponse:
         session = sessions.get(req.session_id)
         if session is None:
             raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
@@ -370,7 +340,7 @@ class BlockServer:
                 log.debug("could not answer the client of %s: %s", req.session_id, exc)
         return True
 
-    async def _run_step(self, session: _Session, step_id: int, position: int, wire: Any) -> m.StepResponse:
+    async def _run_step(self, session: ServerSession, step_id: int, position: int, wire: Any) -> m.StepResponse:
         """Compute one step, push the output to the next server (if asked) and make the answer."""
         length = session.cache.length
         if position != length:
