@@ -43,6 +43,7 @@ class GenerationStats:
     time_to_first_token: float = 0.0
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
+    recoveries: list[Any] = field(default_factory=list)  # recovery.RecoveryEvent per replaced server
 
     @property
     def tokens_per_second(self) -> float:
@@ -112,5 +113,7 @@ async def generate_tokens(
             if bool(finished.all()) or i + 1 == sampling.max_new_tokens:
                 break
             hidden = await trio.to_thread.run_sync(head.embed, token[:, None])
+        if session.recovery is not None:
+            stats.recoveries = list(session.recovery.events)
     stats.total_time = time.perf_counter() - t0
     return ids, stats

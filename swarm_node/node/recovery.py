@@ -83,6 +83,20 @@ class Slot:
 Reroute = Callable[[int, int, frozenset[str], int], Awaitable[list[Hop]]]
 
 
+@dataclass(frozen=True, slots=True)
+class RecoveryEvent:
+    """One replaced slot: what failed, where its blocks went, and what it cost (seconds)."""
+
+    start: int
+    end: int
+    failed: str  # peer id of the server that failed
+    replacements: tuple[str, ...]  # peer ids now running blocks start..end-1
+    attempts: int
+    replayed_steps: int
+    seconds: float  # from the failure to the replayed caches (the step itself not included)
+    replay_seconds: float  # of which replaying the history
+
+
 @dataclass(kw_only=True)
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
@@ -92,11 +106,12 @@ class Recovery:
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
     clock: Callable[[], float] = time.monotonic  # the bans' clock
-    recoveries: int = 0  # slots replaced so far (for stats and tests)
+    events: list[RecoveryEvent] = field(default_factory=list)  # slots replaced so far
 
     async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
         naming the slot's blocks when ``max_attempts`` attempts found no server that works."""
+        t0 = time.perf_counter()
         self._ban(failure.span, failure.cause)
         old = slot.spans
         last_error: BaseException = failure.cause
@@ -112,16 +127,21 @@ class Recovery:
                     delay *= 2
                 continue
             try:
-                spans = await self._open_and_replay(session, slot, chain)
+                spans, replay_seconds = await self._open_and_replay(session, slot, chain)
             except HopFailed as exc:
                 last_error = exc.cause
                 self._ban(exc.span, exc.cause)
                 continue
             slot.spans = spans
-            self.recoveries += 1
+            event = RecoveryEvent(
+                start=slot.start, end=slot.end, failed=failure.span.hop.server.peer_id,
+                replacements=tuple(s.hop.server.peer_id for s in spans), attempts=attempt + 1,
+                replayed_steps=len(slot.history), seconds=time.perf_counter() - t0, replay_seconds=replay_seconds,
+            )
+            self.events.append(event)
             log.info(
-                "blocks %d:%d moved to %s; replayed %d step(s)",
-                slot.start, slot.end, ", ".join(s.hop.server.peer_id[-8:] for s in spans), len(slot.history),
+                "blocks %d:%d moved to %s in %.2f s (replaying %d step(s): %.2f s)", slot.start, slot.end,
+                ", ".join(p[-8:] for p in event.replacements), event.seconds, event.replayed_steps, replay_seconds,
             )
             await _close_quietly(old)
             return
@@ -138,8 +158,11 @@ class Recovery:
         log.warning("server %s failed blocks %d:%d (%s); banned for %.0f s", peer, span.hop.start,
                     span.hop.end, cause, seconds)
 
-    async def _open_and_replay(self, session: InferenceSession, slot: Slot, chain: list[Hop]) -> list[RemoteSpan]:
-        """Sessions on ``chain`` (no push: the client sends every step) with the slot's history replayed."""
+    async def _open_and_replay(
+        self, session: InferenceSession, slot: Slot, chain: list[Hop]
+    ) -> tuple[list[RemoteSpan], float]:
+        """Sessions on ``chain`` (no push: the client sends every step) with the slot's history
+        replayed; returns them and the seconds the replay took."""
         spans: list[RemoteSpan] = []
         try:
             for hop in chain:
@@ -150,13 +173,14 @@ class Recovery:
                         raise
                     raise HopFailed(_Unopened(hop), exc) from exc  # type: ignore[arg-type]
                 spans.append(span)
+            t0 = time.perf_counter()
             inputs = [hidden for _, _, hidden in slot.history]
             for span in spans:
                 inputs = await replay(session, span, slot.history, inputs)
         except BaseException:
             await _close_quietly(spans)
             raise
-        return spans
+        return spans, time.perf_counter() - t0
 
 
 @dataclass(slots=True)
