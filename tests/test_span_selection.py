@@ -124,3 +124,42 @@ async def test_three_servers_cover_every_block_and_recover_when_one_leaves(
             await trio.sleep(300)
             assert min(board.coverage()) > 0
             nursery.cancel_scope.cancel()
+
+
+def test_serve_takes_blocks_or_num_blocks_not_both() -> None:
+    from swarm_node.node.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--num-blocks", "3", "--min-gain", "0.5"])
+    assert (args.num_blocks, args.blocks, args.min_gain) == (3, None, 0.5)
+    for argv in (["serve"], ["serve", "--blocks", "0:3", "--num-blocks", "3"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+
+
+def test_placement_and_recovery_settings_are_checked() -> None:
+    from swarm_node.errors import ConfigError
+    from swarm_node.node.config import ClientConfig, ServerConfig
+
+    assert ServerConfig(model="m", num_blocks=2).end == 0  # chosen at start
+    for fields, message in [
+        ({}, "'blocks' must satisfy"), ({"num_blocks": 0}, "'num_blocks' must be an int >= 1"),
+        ({"num_blocks": 2, "start": 1, "end": 4}, "must hold 'num_blocks' = 2"),
+        ({"num_blocks": 2, "rebalance_interval": 0}, "'rebalance_interval'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ServerConfig(model="m", **fields)
+    with pytest.raises(ConfigError, match="'max_attempts' must be an int"):
+        ClientConfig(max_attempts=1.5)
+
+
+def test_bans_grow_with_each_failure_and_expire() -> None:
+    from swarm_node.dht.bans import BanList
+
+    bans = BanList(base=10.0, cap=25.0)
+    assert bans.ban("a", now=0.0) == 10.0
+    assert bans.banned(now=5.0) == {"a"} and bans.is_banned("a", now=9.9)
+    assert bans.banned(now=10.0) == frozenset()
+    assert bans.ban("a", now=10.0) == 20.0  # the second failure in a row
+    assert bans.ban("a", now=11.0) == 25.0  # capped
+    bans.forgive("a")
+    assert bans.ban("a", now=100.0) == 10.0

@@ -108,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--timeout", type=float, default=60.0, help="seconds one remote step may take")
+    gen.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds one server may take to answer a step; one that misses it (or fails) is "
+                     "banned for a while and its blocks move to other servers (default: 60)")
+    gen.add_argument("--max-attempts", type=int, default=5,
+                     help="attempts to find new servers for a failed server's blocks before giving up "
+                     "with the blocks named (default: 5; 0: fail at once)")
     gen.add_argument("--compression", default=_env("COMPRESSION"), choices=CODECS,
                      help="codec of hidden states on the wire, both ways (default: send uncompressed "
                      "and let each server answer in its own --compression)")

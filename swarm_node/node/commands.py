@@ -127,10 +127,17 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
 
 def _describe(stats: GenerationStats) -> str:
     hops = ", ".join(f"blocks {h.start}:{h.end} on {h.server.peer_id[-8:]}" for h in stats.chain)
-    return (
+    text = (
         f"chain: {hops}\n{stats.new_tokens} new tokens, first after {stats.time_to_first_token:.2f} s, "
         f"{stats.tokens_per_second:.1f} tokens/s after that"
     )
+    for event in stats.recoveries:
+        text += (
+            f"\nrecovered: blocks {event.start}:{event.end} moved from {event.failed[-8:]} to "
+            f"{', '.join(p[-8:] for p in event.replacements)} in {event.seconds:.2f} s "
+            f"({event.replayed_steps} steps replayed)"
+        )
+    return text
 
 
 async def generate(args: argparse.Namespace) -> int:
@@ -139,7 +146,9 @@ async def generate(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
     )
     _need_initial_peers(args)
-    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression)
+    client = ClientConfig(
+        step_timeout=args.timeout, push=args.push, compression=args.compression, max_attempts=args.max_attempts
+    )
     async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)

@@ -133,6 +133,8 @@ class Recovery:
                 self._ban(exc.span, exc.cause)
                 continue
             slot.spans = spans
+            for span in spans:
+                self.bans.forgive(span.hop.server.peer_id)  # it served a whole replay: trusted again
             event = RecoveryEvent(
                 start=slot.start, end=slot.end, failed=failure.span.hop.server.peer_id,
                 replacements=tuple(s.hop.server.peer_id for s in spans), attempts=attempt + 1,
