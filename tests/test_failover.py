@@ -116,7 +116,9 @@ async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None
 async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None:
     model, input_ids, _, head = _setup(tmp_path)
     with trio.fail_after(180):
-        async with server_processes(model, ["0:3", "3:6"], extra=FAST_THROUGHPUT) as servers:
+        # placed by `serve --num-blocks`: the first takes 0:3, the one joining after it 3:6
+        placed = "--num-blocks 3 --start-delay 0"
+        async with server_processes(model, [placed, placed], extra=FAST_THROUGHPUT) as servers:
             async with _client(servers, push=False) as client:
                 kill = SignalAt(FAIL_AFTER, servers[1], signal.SIGKILL)
                 with pytest.raises(MissingBlocksError) as caught:

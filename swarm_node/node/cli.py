@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-session-length", type=int, default=4096, help="tokens one session may hold")
     serve.add_argument("--cache-tokens", type=int, default=64 * 1024,
                        help="attention-cache budget in tokens across all sessions (default: 65536)")
+    serve.add_argument("--max-sessions-per-peer", type=int, default=16,
+                       help="sessions one client may hold here at once; more are refused (default: 16)")
+    serve.add_argument("--session-idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="close a client's sessions after this long without a message (default: 120)")
     serve.add_argument("--compression", default=_env("COMPRESSION", "none"), choices=CODECS,
                        help="codec of hidden states this server sends when a client leaves it the "
                        "choice (default: none; blockwise8 sends ~4x fewer bytes)")

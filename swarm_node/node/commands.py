@@ -38,6 +38,8 @@ async def serve(args: argparse.Namespace) -> int:
         throughput=args.throughput,
         max_session_length=args.max_session_length,
         cache_budget_tokens=args.cache_tokens,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        session_idle_timeout=args.session_idle_timeout,
         compression=args.compression,
         quant=args.quant,
         shutdown_grace=args.shutdown_grace,

@@ -240,7 +240,8 @@ class BlockServer:
         if self.sessions_per_peer[peer] >= self.config.max_sessions_per_peer:
             raise RequestError(
                 "too_many_sessions",
-                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
+                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit); "
+                "close one or use another server",
             )
         tokens = req.max_length * req.batch_size
         if tokens > self.cache_tokens_left:
