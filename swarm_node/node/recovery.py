@@ -75,9 +75,11 @@ class Slot:
     end: int
     spans: list[RemoteSpan]
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (step id, position, (B, T, H))
+    failures: int = 0  # recoveries since the slot last completed a step
 
     def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         self.history.append((step_id, position, hidden))
+        self.failures = 0
 
 
 Reroute = Callable[[int, int, frozenset[str], int], Awaitable[list[Hop]]]
@@ -113,6 +115,13 @@ class Recovery:
         naming the slot's blocks when ``max_attempts`` attempts found no server that works."""
         t0 = time.perf_counter()
         self._ban(failure.span, failure.cause)
+        slot.failures += 1
+        if slot.failures > self.max_attempts:  # replacements keep failing the same step
+            await _close_quietly(slot.spans)
+            raise MissingBlocksError(
+                f"no server for blocks {format_blocks(range(slot.start, slot.end))} of {session.model} after "
+                f"{self.max_attempts} attempts (every replacement failed: last {failure.cause})"
+            ) from failure.cause
         old = slot.spans
         last_error: BaseException = failure.cause
         delay = self.retry_delay
