@@ -25,7 +25,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.message_stream import MessageStream
-from swarm_node.node.recovery import HopFailed, Recovery, Slot, sole_error
+from swarm_node.node.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
@@ -109,8 +109,17 @@ class InferenceSession:
             for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
                 hop = self.chain[i]
                 previous = self.chain[i - 1].server.peer_id if i > 0 else ""
-                following = await self.open_span(hop, **self._push_fields(following, previous))
-                self._slots.append(Slot(start=hop.start, end=hop.end, spans=[following]))
+                slot = Slot(start=hop.start, end=hop.end, spans=[])
+                try:
+                    with HopFailed.on_failure(UnopenedSpan(hop)):
+                        following = await self.open_span(hop, **self._push_fields(following, previous))
+                    slot.spans.append(following)
+                except HopFailed as failure:  # gone since the lookup: its blocks go elsewhere now
+                    if self.recovery is None:
+                        raise failure.cause from None
+                    await self.recovery.recover(self, slot, failure)
+                    following = None  # the replacements take no pushes: the hop before sends to us
+                self._slots.append(slot)
             if self.push:
                 self._slots.reverse()
         except BaseException:

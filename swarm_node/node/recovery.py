@@ -41,14 +41,14 @@ CLOSE_TIMEOUT = 0.5  # seconds to spend closing a failed server's stream
 class HopFailed(Exception):
     """A server of the chain failed a step (``cause`` says how)."""
 
-    def __init__(self, span: RemoteSpan, cause: BaseException) -> None:
+    def __init__(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
         super().__init__(f"{span.hop.server.peer_id} failed blocks {span.hop.start}:{span.hop.end}: {cause}")
         self.span = span
         self.cause = cause
 
     @staticmethod
     @contextmanager
-    def on_failure(span: RemoteSpan) -> Iterator[None]:
+    def on_failure(span: RemoteSpan | UnopenedSpan) -> Iterator[None]:
         """Turn a server's failure inside the block into HopFailed; anything else passes through."""
         try:
             yield
@@ -163,7 +163,7 @@ class Recovery:
             f"(last: {last_error})"
         ) from last_error
 
-    def _ban(self, span: RemoteSpan, cause: BaseException) -> None:
+    def _ban(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
         peer = span.hop.server.peer_id
         seconds = self.bans.ban(peer, self.clock())
         log.warning("server %s failed blocks %d:%d (%s); banned for %.0f s", peer, span.hop.start,
@@ -177,13 +177,8 @@ class Recovery:
         spans: list[RemoteSpan] = []
         try:
             for hop in chain:
-                try:
-                    span = await session.open_span(hop)
-                except Exception as exc:
-                    if not is_server_failure(exc):
-                        raise
-                    raise HopFailed(_Unopened(hop), exc) from exc  # type: ignore[arg-type]
-                spans.append(span)
+                with HopFailed.on_failure(UnopenedSpan(hop)):
+                    spans.append(await session.open_span(hop))
             t0 = time.perf_counter()
             inputs = [hidden for _, _, hidden in slot.history]
             for span in spans:
@@ -195,8 +190,8 @@ class Recovery:
 
 
 @dataclass(slots=True)
-class _Unopened:
-    """A hop whose session never opened, standing in for a RemoteSpan in HopFailed."""
+class UnopenedSpan:
+    """A hop whose session did not open, standing in for a RemoteSpan in HopFailed."""
 
     hop: Hop
 
