@@ -68,8 +68,11 @@ def _client(servers: list[ServerProcess], *, push: bool, max_attempts: int = 3):
 
 
 async def _chain(client, model: Path, servers: list[ServerProcess], spans: list[tuple[int, int, int]]) -> list[Hop]:
-    """The chain [(server index, start, end), ...] built from the servers' DHT records."""
-    records = {r.peer_id: r for r in await client.find_servers(model.name, 6)}
+    """The chain [(server index, start, end), ...] built from the servers' DHT records (on a loaded
+    machine a lookup may miss a server that answered late: look again until every one is found)."""
+    records: dict = {}
+    while not all(servers[i].peer_id in records for i, _, _ in spans):
+        records.update((r.peer_id, r) for r in await client.find_servers(model.name, 6))
     return [Hop(records[servers[i].peer_id], start, end) for i, start, end in spans]
 
 

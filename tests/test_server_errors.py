@@ -112,7 +112,8 @@ async def test_client_side_length_check(tiny_llama: Path) -> None:
 
 async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 6)], cache_budget_tokens=100) as (servers, client):
+        no_recovery = ClientConfig(max_attempts=0)  # the server's own refusal, not the client's recovery
+        async with local_swarm(tiny_llama, [(0, 6)], cache_budget_tokens=100, client=no_recovery) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(chain, model=tiny_llama.name, max_length=80) as first:
                 await first.step(torch.randn(1, 2, H))

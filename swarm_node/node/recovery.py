@@ -158,9 +158,11 @@ class Recovery:
             return
         await _close_quietly(old)
         blocks = format_blocks(range(slot.start, slot.end))
+        first = f"{failure.span.hop.server.peer_id[-8:]}: {failure.cause}"
+        last = "" if last_error is failure.cause else f"; then {last_error}"
         raise MissingBlocksError(
             f"no server for blocks {blocks} of {session.model} after {self.max_attempts} attempts "
-            f"(last: {last_error})"
+            f"(first {first}{last})"
         ) from last_error
 
     def _ban(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
