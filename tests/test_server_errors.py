@@ -19,7 +19,7 @@ from swarm_node.errors import (
     SessionError,
 )
 from swarm_node.node.cli import main
-from swarm_node.node.config import PeerConfig, ServerConfig, parse_blocks
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.inference_session import open_stream, request
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
@@ -112,7 +112,8 @@ async def test_client_side_length_check(tiny_llama: Path) -> None:
 
 async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 6)], cache_budget_tokens=100) as (servers, client):
+        no_recovery = ClientConfig(max_attempts=0)  # the server's own refusal, not the client's recovery
+        async with local_swarm(tiny_llama, [(0, 6)], cache_budget_tokens=100, client=no_recovery) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(chain, model=tiny_llama.name, max_length=80) as first:
                 await first.step(torch.randn(1, 2, H))
@@ -128,7 +129,8 @@ async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
 async def test_idle_sessions_time_out(tiny_llama: Path) -> None:
     # No sleeping here: the client waits for the server's own idle-timeout message.
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 6)], session_idle_timeout=0.3) as (servers, client):
+        no_recovery = ClientConfig(max_attempts=0)  # the session sees the closed stream itself
+        async with local_swarm(tiny_llama, [(0, 6)], session_idle_timeout=0.3, client=no_recovery) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             server = servers[0].server
             async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as s:

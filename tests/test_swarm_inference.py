@@ -72,8 +72,9 @@ async def test_overlapping_servers_use_sub_spans(tmp_path: Path) -> None:
                 client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
                 sampling=SamplingConfig(max_new_tokens=6),
             )
-    # both splits cost the same (compute is linear in blocks, one round trip per server)
-    assert [(h.start, h.end) for h in stats.chain] in ([(0, 4), (4, 6)], [(0, 2), (2, 6)])
+    # every switch point in 2..4 costs the same (compute is linear in blocks, one round trip per
+    # server): which one wins is float rounding of the measured round trips
+    assert [(h.start, h.end) for h in stats.chain] in ([(0, k), (k, 6)] for k in (2, 3, 4))
     assert ids.tolist() == expected.tolist()
 
 

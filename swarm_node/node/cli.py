@@ -63,21 +63,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-shared key of a private swarm (make one with `swarm-node keygen`)")
 
     serve = sub.add_parser("serve", help="serve a span of transformer blocks",
-                           description="Serve blocks START..END-1 of a model. With no --initial-peers, start a new swarm.")
+                           description="Serve blocks START..END-1 of a model (--blocks), or N blocks where the "
+                           "swarm needs them most (--num-blocks). With no --initial-peers, start a new swarm.")
     common(serve)
-    serve.add_argument("--blocks", required=True, metavar="START:END", help="blocks to serve, e.g. 20:40")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", metavar="START:END", help="blocks to serve, e.g. 20:40")
+    where.add_argument("--num-blocks", type=int, metavar="N",
+                       help="serve N blocks chosen from the DHT records: where the weakest coverage (by "
+                       "throughput) rises most; re-checked every --rebalance-interval s, moving only when "
+                       "the gain passes --min-gain and no block is left uncovered")
+    serve.add_argument("--start-delay", type=float, default=3.0, metavar="SECONDS",
+                       help="with --num-blocks: wait a random time up to this before choosing, so servers "
+                       "starting together do not pile onto the same blocks (default: 3)")
+    serve.add_argument("--rebalance-interval", type=float, default=60.0, metavar="SECONDS",
+                       help="with --num-blocks: mean seconds between re-checks of the chosen blocks (default: 60)")
+    serve.add_argument("--min-gain", type=float, default=0.2,
+                       help="with --num-blocks: move only if the weakest block's coverage rises by this "
+                       "fraction (default: 0.2)")
     serve.add_argument("--listen", nargs="+", default=_env_list("LISTEN") or ["/ip4/0.0.0.0/tcp/0"],
                        metavar="MULTIADDR", help="where to listen (default: /ip4/0.0.0.0/tcp/0, any free port)")
     serve.add_argument("--announce", nargs="+", default=_env_list("ANNOUNCE"), metavar="MULTIADDR",
                        help="addresses to advertise instead of the listening ones (e.g. behind NAT or a proxy)")
     serve.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
-    serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce (default: measured)")
+    serve.add_argument("--throughput", type=float, default=None,
+                       help="tokens/s to announce (default: measured at start, cached per model, dtype and "
+                       "device in the cache folder: $SWARM_CACHE_DIR or ~/.cache/swarm-node)")
     serve.add_argument("--max-session-length", type=int, default=4096, help="tokens one session may hold")
     serve.add_argument("--cache-tokens", type=int, default=64 * 1024,
                        help="attention-cache budget in tokens across all sessions (default: 65536)")
+    serve.add_argument("--max-sessions-per-peer", type=int, default=16,
+                       help="sessions one client may hold here at once; more are refused (default: 16)")
+    serve.add_argument("--session-idle-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="close a client's sessions after this long without a message (default: 120)")
     serve.add_argument("--compression", default=_env("COMPRESSION", "none"), choices=CODECS,
                        help="codec of hidden states this server sends when a client leaves it the "
                        "choice (default: none; blockwise8 sends ~4x fewer bytes)")
+    serve.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "5")), metavar="SECONDS",
+                       help="on Ctrl-C or SIGTERM: refuse new sessions, withdraw the record, and give the "
+                       "steps being computed this long to finish (default: 5)")
     serve.add_argument("--quant", default=_env("QUANT"), choices=["int8", "nf4"],
                        help="hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: "
                        "~4x / ~8x less memory per block, slower on CPU (default: --dtype weights)")
@@ -94,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    gen.add_argument("--timeout", type=float, default=60.0, help="seconds one remote step may take")
+    gen.add_argument("--timeout", type=float, default=60.0,
+                     help="seconds one server may take to answer a step; one that misses it (or fails) is "
+                     "banned for a while and its blocks move to other servers (default: 60)")
+    gen.add_argument("--max-attempts", type=int, default=5,
+                     help="attempts to find new servers for a failed server's blocks before giving up "
+                     "with the blocks named (default: 5; 0: fail at once)")
     gen.add_argument("--compression", default=_env("COMPRESSION"), choices=CODECS,
                      help="codec of hidden states on the wire, both ways (default: send uncompressed "
                      "and let each server answer in its own --compression)")

@@ -25,19 +25,26 @@ CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
 
 async def serve(args: argparse.Namespace) -> int:
-    start, end = parse_blocks(args.blocks)
+    start, end = parse_blocks(args.blocks) if args.blocks is not None else (0, 0)
     server = ServerConfig(
         model=args.model,
         start=start,
         end=end,
+        num_blocks=args.num_blocks,
+        start_delay=args.start_delay,
+        rebalance_interval=args.rebalance_interval,
+        min_gain=args.min_gain,
         dtype=args.dtype,
         torch_threads=args.torch_threads,
         throughput=args.throughput,
         max_session_length=args.max_session_length,
         cache_budget_tokens=args.cache_tokens,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        session_idle_timeout=args.session_idle_timeout,
         compression=args.compression,
         quant=args.quant,
         adapters=parse_adapter_flags(args.adapters),
+        shutdown_grace=args.shutdown_grace,
     )
     config = PeerConfig(
         listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity,
@@ -143,10 +150,17 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
 
 def _describe(stats: GenerationStats) -> str:
     hops = ", ".join(f"blocks {h.start}:{h.end} on {h.server.peer_id[-8:]}" for h in stats.chain)
-    return (
+    text = (
         f"chain: {hops}\n{stats.new_tokens} new tokens, first after {stats.time_to_first_token:.2f} s, "
         f"{stats.tokens_per_second:.1f} tokens/s after that"
     )
+    for event in stats.recoveries:
+        text += (
+            f"\nrecovered: blocks {event.start}:{event.end} moved from {event.failed[-8:]} to "
+            f"{', '.join(p[-8:] for p in event.replacements)} in {event.seconds:.2f} s "
+            f"({event.replayed_steps} steps replayed)"
+        )
+    return text
 
 
 async def generate(args: argparse.Namespace) -> int:
@@ -161,7 +175,10 @@ async def generate(args: argparse.Namespace) -> int:
         checkpoint = await trio.to_thread.run_sync(Checkpoint.open, await trio.to_thread.run_sync(resolve_model, args.model))
         await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
-    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression, adapter=adapter)
+    client = ClientConfig(
+        step_timeout=args.timeout, push=args.push, compression=args.compression, adapter=adapter,
+        max_attempts=args.max_attempts,
+    )
     async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)

@@ -62,11 +62,18 @@ class PeerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ServerConfig:
-    """A server holds blocks ``start..end-1`` of one model."""
+    """A server holds blocks ``start..end-1`` of one model, or ``num_blocks`` blocks it chooses itself."""
 
     model: str  # bundled model name or a local Hugging Face folder
-    start: int
-    end: int
+    start: int = 0
+    end: int = 0
+    # Choose the span: this many blocks where the swarm needs them most (start/end are then set by
+    # the server), re-checked every ~rebalance_interval s; a move needs a gain over min_gain.
+    num_blocks: int | None = None
+    start_delay: float = 3.0  # at most this many random seconds before choosing, so joiners do not race
+    rebalance_interval: float = 60.0  # mean seconds between re-checks of the chosen span
+    min_gain: float = 0.2  # a move must raise the weakest block's coverage by this fraction
+    move_grace: float = 60.0  # seconds sessions on the old span may take to finish before a move cuts them
     dtype: str = "float32"
     max_session_length: int = 4096  # tokens one session may hold
     cache_budget_tokens: int = 64 * 1024  # tokens of attention cache across all sessions
@@ -77,13 +84,26 @@ class ServerConfig:
     compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
     quant: str | None = None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
     adapters: tuple[tuple[str, str], ...] = ()  # (name, PEFT LoRA folder) pairs, loaded at start
+    shutdown_grace: float = 5.0  # seconds a stopping server gives the steps it is computing to finish
 
     def __post_init__(self) -> None:
         check_server_adapters(self.adapters)
         if self.dtype not in DTYPES:
             raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
-        if not 0 <= self.start < self.end:
-            raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+        if self.num_blocks is None or (self.start, self.end) != (0, 0):
+            if not 0 <= self.start < self.end:
+                raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+        if self.num_blocks is not None:
+            if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+                raise ConfigError(f"'num_blocks' must be an int >= 1, got {self.num_blocks!r}")
+            if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
+                raise ConfigError(
+                    f"'blocks' {self.start}:{self.end} must hold 'num_blocks' = {self.num_blocks} blocks"
+                )
+        _check_range("start_delay", self.start_delay, 0.0, 3600.0)
+        _check_range("rebalance_interval", self.rebalance_interval, 0.01)
+        _check_range("min_gain", self.min_gain, 0.0)
+        _check_range("move_grace", self.move_grace, 0.0)
         _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
         _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
         _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)
@@ -92,6 +112,7 @@ class ServerConfig:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         if self.compression not in COMPRESSIONS:
             raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+        _check_range("shutdown_grace", self.shutdown_grace, 0.0, 600.0)
         if self.quant not in QUANTS:
             raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
 
@@ -100,7 +121,9 @@ class ServerConfig:
 class ClientConfig:
     """How a client runs inference sessions over the swarm."""
 
-    step_timeout: float = 60.0  # seconds one remote step may take, prefill included
+    # Seconds one server may take to answer one step (a prefill chunk included); a server that
+    # misses it counts as failed: the client bans it and moves its blocks to other servers.
+    step_timeout: float = 60.0
     lookup_timeout: float = 30.0  # seconds to find every block's servers
     # Codec of hidden states on the wire, both ways. None: send uncompressed, and let each server
     # answer in its own default (its --compression).
@@ -108,6 +131,9 @@ class ClientConfig:
     max_length: int = 2048  # default session length (prompt + new tokens)
     push: bool = False  # servers send each step's output straight to the next server
     adapter: str | None = None  # a LoRA adapter servers hold, by name: only they are chosen
+    max_attempts: int = 5  # attempts to replace a failed server's blocks; 0: a failure ends the session
+    retry_delay: float = 0.5  # seconds before retrying when no server was found; doubles each time
+    ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
@@ -117,3 +143,8 @@ class ClientConfig:
         if self.compression is not None and self.compression not in COMPRESSIONS:
             raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
         _check_range("max_length", self.max_length, 1, 1 << 20)
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ConfigError(f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}")
+        _check_range("max_attempts", self.max_attempts, 0, 100)
+        _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
+        _check_range("ban_time", self.ban_time, 0.0)

@@ -57,6 +57,7 @@ class GenerationStats:
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
+    recoveries: list[Any] = field(default_factory=list)  # recovery.RecoveryEvent per replaced server
 
     @property
     def tokens_per_second(self) -> float:
@@ -202,6 +203,8 @@ async def _decode(
     finished = torch.zeros(batch, dtype=torch.bool)
     ts.ids = torch.cat([ts.ids, input_ids.to(torch.int64)], dim=1)
     ids = input_ids
+    recovery = getattr(ts.session, "recovery", None)
+    recoveries_before = 0 if recovery is None else len(recovery.events)
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
         hidden = torch.cat([ts.prefix.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1)  # (B, P + T', H)
@@ -239,5 +242,7 @@ async def _decode(
         if i + 1 == sampling.max_new_tokens:
             break
         hidden = await trio.to_thread.run_sync(head.embed, token[:, None])
+    if recovery is not None:
+        stats.recoveries = list(recovery.events[recoveries_before:])
     stats.total_time = time.perf_counter() - t0
     return ids, stats

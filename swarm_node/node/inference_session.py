@@ -6,6 +6,9 @@ to the first hop only; each server sends its output straight to the next one and
 delays). The client reads every hop's answer in order and, where a hop says it could not push
 (``pushed=0``) or the next server says the push failed, sends that step on itself. The session is an
 async context manager: leaving it closes every remote session and stream.
+
+Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
+servers fails the slot is re-routed to other servers and its history replayed there.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.message_stream import MessageStream
+from swarm_node.node.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
@@ -52,7 +56,7 @@ async def open_stream(host: Any, peer_id: str, *, max_frame_size: int, timeout: 
     return MessageStream(stream, max_frame_size=max_frame_size)
 
 
-class _RemoteSpan:
+class RemoteSpan:
     def __init__(self, hop: Hop, conn: MessageStream, session_id: str, pushes: bool = False) -> None:
         self.hop = hop
         self.conn = conn
@@ -79,11 +83,13 @@ class InferenceSession:
         adapter: str = "",
         prompts: torch.Tensor | None = None,
         lora: Any = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self.push = push
         self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
         self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
         self.lora = lora  # a client-owned model.LoraWeights; each hop gets its blocks' at open
+        self.recovery = recovery  # None: a failed server ends the session
         self.host = host
         self.chain = chain
         self.model = model
@@ -96,44 +102,66 @@ class InferenceSession:
         self.batch_size = batch_size
         self.position = 0
         self._step_id = 0
-        self._spans: list[_RemoteSpan] = []
+        self._slots: list[Slot] = []
+
+    @property
+    def _spans(self) -> list[RemoteSpan]:
+        return [span for slot in self._slots for span in slot.spans]
 
     async def __aenter__(self) -> InferenceSession:
         try:
-            following: _RemoteSpan | None = None
+            following: RemoteSpan | None = None
             # push: open from the last hop back, so each server learns the next one's session id
             for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
                 hop = self.chain[i]
                 previous = self.chain[i - 1].server.peer_id if i > 0 else ""
-                conn = await open_stream(
-                    self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=self.step_timeout
-                )
-                reply = await request(
-                    conn,
-                    m.OpenSessionRequest(
-                        model=self.model,
-                        start=hop.start,
-                        end=hop.end,
-                        max_length=self.max_length,
-                        dtype=self.dtype,
-                        compression=self.downlink,
-                        batch_size=self.batch_size,
-                        adapter=self.adapter,
-                        prompts=self._hop_prompts(hop),
-                        **self._hop_lora(hop),
-                        **self._push_fields(following, previous),
-                    ),
-                    m.OpenSessionResponse,
-                    timeout=self.step_timeout,
-                )
-                following = _RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
-                self._spans.append(following)
+                slot = Slot(start=hop.start, end=hop.end, spans=[])
+                try:
+                    with HopFailed.on_failure(UnopenedSpan(hop)):
+                        following = await self.open_span(hop, **self._push_fields(following, previous))
+                    slot.spans.append(following)
+                except HopFailed as failure:  # gone since the lookup: its blocks go elsewhere now
+                    if self.recovery is None:
+                        raise failure.cause from None
+                    await self.recovery.recover(self, slot, failure)
+                    following = None  # the replacements take no pushes: the hop before sends to us
+                self._slots.append(slot)
             if self.push:
-                self._spans.reverse()
+                self._slots.reverse()
         except BaseException:
             await self.aclose()
             raise
         return self
+
+    async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
+        """A stream to ``hop``'s server and a session there for its blocks."""
+        conn = await open_stream(
+            self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=self.step_timeout
+        )
+        try:
+            reply = await request(
+                conn,
+                m.OpenSessionRequest(
+                    model=self.model,
+                    start=hop.start,
+                    end=hop.end,
+                    max_length=self.max_length,
+                    dtype=self.dtype,
+                    compression=self.downlink,
+                    batch_size=self.batch_size,
+                    adapter=self.adapter,
+                    prompts=self._hop_prompts(hop),
+                    **self._hop_lora(hop),
+                    **push_fields,
+                ),
+                m.OpenSessionResponse,
+                timeout=self.step_timeout,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await conn.close()
+            raise
+        return RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
 
     def _hop_lora(self, hop: Hop) -> dict[str, Any]:
         """The ``lora`` and ``lora_manifest`` fields of this hop's blocks (none: no fields)."""
@@ -152,7 +180,7 @@ class InferenceSession:
         part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
         return compression.encode(part, "none")  # prompts travel exactly
 
-    def _push_fields(self, following: _RemoteSpan | None, previous: str) -> dict[str, str]:
+    def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, str]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""
         if not self.push:
             return {}
@@ -169,7 +197,8 @@ class InferenceSession:
         await self.aclose()
 
     async def aclose(self) -> None:
-        spans, self._spans = self._spans, []
+        spans = self._spans
+        self._slots = []
         with trio.CancelScope(shield=True):
             for span in spans:
                 with trio.move_on_after(2.0):
@@ -230,20 +259,43 @@ class InferenceSession:
 
     async def _through_chain(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
         step_id = self._next_step_id()  # one id per step, the same on every hop
-        for span in self._spans:
-            hidden = await self._hop(span, hidden, position, step_id)
+        for slot in self._slots:
+            hidden = await self._through_slot(slot, hidden, position, step_id)
         return hidden
 
-    async def _hop(
-        self, span: _RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
-    ) -> torch.Tensor:
-        await self._send_step(span, hidden, step_id, position)
-        reply = await self._receive_step(span, step_id)
-        if reply is None:
-            raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
-        return self._output(span, reply, hidden)
+    async def _through_slot(self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int) -> torch.Tensor:
+        """One step through one slot, client-star; a failed server is replaced and the step redone."""
+        while True:
+            try:
+                out = hidden
+                for span in slot.spans:
+                    out = await self._hop(span, out, position, step_id)
+            except HopFailed as failure:
+                await self._recover(slot, failure)
+                continue
+            slot.remember(step_id, position, hidden)
+            return out
 
-    def _output(self, span: _RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
+    async def _recover(self, slot: Slot, failure: HopFailed) -> None:
+        if self.recovery is None:
+            raise failure.cause
+        await self.recovery.recover(self, slot, failure)
+        index = self._slots.index(slot)
+        if index > 0:  # the previous server pushes to the lost session: the client sends from now on
+            self._slots[index - 1].spans[-1].pushes = False
+
+    async def _hop(
+        self, span: RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        """Send a step to one server and read its answer; a failure of the server -> HopFailed."""
+        with HopFailed.on_failure(span):
+            await self.send_step(span, hidden, step_id, position)
+            reply = await self.receive_step(span, step_id)
+            if reply is None:
+                raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
+            return self.output(span, reply, hidden)
+
+    def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
         """The hidden states of a step's answer, which must have the shape of what was sent."""
         out = compression.decode(reply.hidden, max_numel=sent.numel())
         if out.shape != sent.shape:
@@ -259,50 +311,74 @@ class InferenceSession:
             for a in range(0, hidden.shape[1], chunk)
         ]
         outputs: list[torch.Tensor] = []
+        try:
+            await self._run_pipeline(pieces, outputs)
+        except BaseExceptionGroup as group:  # one failure of one hop: raise it as itself
+            raise sole_error(group) or group from None
+        return torch.cat(outputs, dim=1)
+
+    async def _run_pipeline(self, pieces: list[tuple[int, int, torch.Tensor]], outputs: list[torch.Tensor]) -> None:
         async with trio.open_nursery() as nursery:
             send, receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
             for piece in pieces:
                 send.send_nowait(piece)
             send.close()
-            for span in self._spans:
+            for slot in self._slots:
                 next_send, next_receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
-                nursery.start_soon(self._hop_worker, span, receive, next_send)
+                nursery.start_soon(self._hop_worker, slot, receive, next_send)
                 receive = next_receive
             async with receive:
                 async for _, _, out in receive:
                     outputs.append(out)
-        return torch.cat(outputs, dim=1)
 
     async def _hop_worker(
         self,
-        span: _RemoteSpan,
+        slot: Slot,
         inbox: trio.MemoryReceiveChannel[tuple[int, int, torch.Tensor]],
         outbox: trio.MemorySendChannel[tuple[int, int, torch.Tensor]],
     ) -> None:
         async with inbox, outbox:
             async for step_id, position, piece in inbox:
-                out = await self._hop(span, piece, position, step_id)
+                out = await self._through_slot(slot, piece, position, step_id)
                 await outbox.send((step_id, position, out))
 
     async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
         """One step with server-to-server push; any hop that did not get the step is sent it."""
         send = True  # the first hop always hears from us
-        for span in self._spans:
-            if send:
-                await self._send_step(span, hidden, step_id, position)
-            reply = await self._receive_step(span, step_id)
-            if reply is None:  # the previous server's push failed here: send it ourselves
-                if send:
-                    raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
-                await self._send_step(span, hidden, step_id, position)
-                reply = await self._receive_step(span, step_id)
-                if reply is None:
-                    raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push twice")
-            hidden = self._output(span, reply, hidden)
-            send = not (span.pushes and reply.pushed)
+        for slot in self._slots:
+            while True:
+                try:
+                    out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
+                except HopFailed as failure:
+                    await self._recover(slot, failure)
+                    send = True  # the replacement servers were opened without push
+                    continue
+                break
+            slot.remember(step_id, position, hidden)
+            hidden, send = out, send_next
         return hidden
 
-    async def _send_step(self, span: _RemoteSpan, hidden: torch.Tensor, step_id: int, position: int) -> None:
+    async def _push_slot(
+        self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """The slot's output, and whether the client must send the step to the next slot itself."""
+        for span in slot.spans:
+            with HopFailed.on_failure(span):
+                if send:
+                    await self.send_step(span, hidden, step_id, position)
+                reply = await self.receive_step(span, step_id)
+                if reply is None:  # the previous server's push failed here: send it ourselves
+                    if send:
+                        raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push for a step we sent")
+                    await self.send_step(span, hidden, step_id, position)
+                    reply = await self.receive_step(span, step_id)
+                    if reply is None:
+                        raise RemoteProtocolError(f"{span.conn.peer_id} reported a failed push twice")
+                hidden = self.output(span, reply, hidden)
+            send = not (span.pushes and reply.pushed)
+        return hidden, send
+
+    async def send_step(self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int) -> None:
         with trio.fail_after(self.step_timeout):
             await span.conn.send(
                 m.StepRequest(
@@ -313,7 +389,7 @@ class InferenceSession:
                 )
             )
 
-    async def _receive_step(self, span: _RemoteSpan, step_id: int) -> m.StepResponse | None:
+    async def receive_step(self, span: RemoteSpan, step_id: int) -> m.StepResponse | None:
         """The hop's answer to the current step (older duplicates skipped); None: push failed."""
         with trio.fail_after(self.step_timeout):
             while True:

@@ -13,24 +13,25 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
-import torch
 import trio
 from libp2p import new_host
 from libp2p.network.config import ConnectionConfig
-from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
-from multiaddr import Multiaddr
 
 from swarm_node import __version__
+from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
-from swarm_node.errors import ConfigError, SwarmError
-from swarm_node.node.adapters import load_server_adapters
+from swarm_node.errors import SwarmError
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
-from swarm_node.node.server import TORCH_DTYPES, BlockServer, measure_throughput
+from swarm_node.node.placement import start_placed
+from swarm_node.node.recovery import Recovery
+from swarm_node.node.recovery import sole_error as _single_leaf
+from swarm_node.node.server import BlockServer
+from swarm_node.node.startup import connect_initial_peers, model_id_of, parse_multiaddr, prepare_span
 from swarm_node.node.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
@@ -38,22 +39,6 @@ from swarm_node.protocol import messages as m
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
-
-
-def model_id_of(model: str) -> str:
-    """The name a model is announced under: a bundled name as is, a folder by its last component."""
-    from swarm_node.model import BUNDLED_MODELS
-
-    if model in BUNDLED_MODELS:
-        return model
-    return model.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _parse_multiaddr(text: str, field: str) -> Multiaddr:
-    try:
-        return Multiaddr(text)
-    except Exception as exc:  # multiaddr raises several types for bad text
-        raise ConfigError(f"{field!r} must be a multiaddr like /ip4/127.0.0.1/tcp/31337/p2p/12D3..., got {text!r}: {exc}") from None
 
 
 class Peer:
@@ -67,6 +52,8 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
+        self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by the last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
 
@@ -89,7 +76,17 @@ class Peer:
     async def _start_serving(
         self, config: ServerConfig, prepared: tuple[Any, float, dict[str, Any]], nursery: trio.Nursery
     ) -> None:
+        await self.switch_server(config, prepared)
+        nursery.start_soon(self._announce_loop)
+
+    async def switch_server(
+        self, config: ServerConfig, prepared: tuple[Any, float, dict[str, Any]]
+    ) -> BlockServer | None:
+        """Serve ``prepared`` (a loaded span, its throughput and its LoRA adapters) from now on and
+        announce it; returns the server it replaces, whose open streams keep running until their
+        sessions end."""
         span, throughput, adapters = prepared
+        old = self.server
         self.server = BlockServer(
             adapters=adapters,
             span=span,
@@ -102,11 +99,11 @@ class Peer:
         )
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)
         await self.announce()
-        nursery.start_soon(self._announce_loop)
         log.info(
             "serving blocks %d:%d of %s (%s, %.1f tokens/s)",
             config.start, config.end, self.server.model_id, config.dtype, throughput,
         )
+        return old
 
     def _record(self, state: str, ttl: float) -> ServerRecord:
         assert self.server is not None
@@ -157,6 +154,8 @@ class Peer:
         return samples
 
     async def _withdraw(self) -> None:
+        """Shutting down: refuse new sessions, withdraw the record (OFFLINE), then give the steps
+        being computed up to ``shutdown_grace`` seconds to be answered."""
         if self.server is None:
             return
         self.server.closing = True
@@ -166,22 +165,31 @@ class Peer:
                 log.info("withdrew the record of blocks %d:%d", self.server.start, self.server.end)
             except Exception:  # shutting down anyway
                 log.warning("could not withdraw the server record", exc_info=True)
+        if not await self.server.drain(self.server.config.shutdown_grace):
+            log.warning("%d step(s) still running after %.1f s; leaving them to the clients' recovery",
+                        self.server.steps_in_flight, self.server.config.shutdown_grace)
 
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
         """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
-        conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=PING_TIMEOUT)
+        timeout = min(PING_TIMEOUT, self.client_config.step_timeout)  # a hung server holds nobody longer
+        conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout)
         try:
             t0 = trio.current_time()
-            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=PING_TIMEOUT)
+            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
             elapsed = trio.current_time() - t0
         finally:
             await conn.close()
         return elapsed, info
 
-    async def find_servers(self, model: str, num_blocks: int) -> list[ServerRecord]:
+    async def find_servers(self, model: str, num_blocks: int, *, start: int = 0) -> list[ServerRecord]:
+        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)."""
         with trio.fail_after(self.client_config.lookup_timeout):
-            return await self.dht.find_servers(model, range(num_blocks))
+            servers = await self.dht.find_servers(model, range(start, num_blocks))
+        known = {s.peer_id: s for s in self._known.get(model, [])}
+        known.update((s.peer_id, s) for s in servers)
+        self._known[model] = list(known.values())
+        return servers
 
     async def _ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
         """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
@@ -222,14 +230,48 @@ class Peer:
         adapter = self.client_config.adapter if adapter is None else adapter
         push = self.client_config.push if push is None else push
         servers = await self.find_servers(model, num_blocks)
-        samples = await self._ping_all(servers)
+        banned = self.bans.banned(trio.current_time())
+        return await self._choose(
+            servers, model=model, start=start, end=end, push=push, max_length=max_length,
+            batch_size=batch_size, exclude=banned, adapter=adapter or "",
+        )
+
+    async def _choose(
+        self, servers: list[ServerRecord], *, model: str, start: int, end: int, push: bool,
+        max_length: int, batch_size: int, exclude: frozenset[str], adapter: str = "",
+    ) -> list[Hop]:
+        """Ping the candidates (not ``exclude``), then the lowest-latency chain among those that answered
+        (and hold ``adapter``, when one is named)."""
+        candidates = [s for s in servers if s.peer_id not in exclude]
+        samples = await self._ping_all(candidates)
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
-        unreachable = frozenset(s.peer_id for s in servers if s.peer_id not in samples)
+        unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
             servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
-            batch_size=batch_size, exclude=unreachable, adapter=adapter or "",
+            batch_size=batch_size, exclude=exclude | unreachable, adapter=adapter,
+        )
+
+    def _recovery(self, model: str, *, max_length: int, batch_size: int, adapter: str) -> Recovery | None:
+        """How a session of ``model`` replaces a failed server (None when the config turns it off)."""
+        config = self.client_config
+        if config.max_attempts == 0:
+            return None
+
+        async def reroute(start: int, end: int, exclude: frozenset[str], attempt: int) -> list[Hop]:
+            # first from the servers already known (no lookup: fastest); then ask the DHT again
+            servers = self._known.get(model, []) if attempt == 0 else []
+            if not servers:
+                servers = await self.find_servers(model, end, start=start)
+            return await self._choose(
+                servers, model=model, start=start, end=end, push=False, max_length=max_length,
+                batch_size=batch_size, exclude=exclude, adapter=adapter,
+            )
+
+        return Recovery(
+            reroute=reroute, bans=self.bans, max_attempts=config.max_attempts,
+            retry_delay=config.retry_delay, clock=trio.current_time,
         )
 
     def inference_session(
@@ -249,6 +291,7 @@ class Peer:
         """A session over ``chain``; ``compression`` and ``adapter`` override the client config's;
         ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open;
         ``lora``: a client-owned model.LoraWeights, each server gets its blocks' part at open."""
+        adapter = (self.client_config.adapter if adapter is None else adapter) or ""
         return InferenceSession(
             self.host,
             chain,
@@ -260,88 +303,11 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
             push=self.client_config.push if push is None else push,
-            adapter=(self.client_config.adapter if adapter is None else adapter) or "",
+            adapter=adapter,
             prompts=prompts,
             lora=lora,
+            recovery=self._recovery(model, max_length=max_length, batch_size=batch_size, adapter=adapter),
         )
-
-
-async def _prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]]:
-    """Load the span a server will hold and its adapters (before any networking), and measure its
-    throughput."""
-    from swarm_node.model import BlockSpan, Checkpoint, resolve_model
-
-    if config.torch_threads is not None:
-        torch.set_num_threads(config.torch_threads)
-    path = await trio.to_thread.run_sync(resolve_model, config.model)
-    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
-    num_blocks = checkpoint.config.num_hidden_layers
-    if config.end > num_blocks:
-        raise ConfigError(
-            f"'--blocks' {config.start}:{config.end} is out of range: {model_id_of(config.model)} "
-            f"has {num_blocks} blocks (0:{num_blocks})"
-        )
-    dtype = TORCH_DTYPES[config.dtype]
-    t0 = time.perf_counter()
-    span = await trio.to_thread.run_sync(
-        lambda: BlockSpan.load(checkpoint, config.start, config.end, dtype=dtype, quant=config.quant)
-    )
-    per_block = span.memory_bytes() // (config.end - config.start)
-    log.info(
-        "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
-        config.start, config.end, time.perf_counter() - t0, per_block / 1e6, config.quant or config.dtype,
-    )
-    adapters = await trio.to_thread.run_sync(
-        lambda: load_server_adapters(config.adapters, checkpoint.config, start=config.start, end=config.end, dtype=dtype)
-    )
-    throughput = config.throughput
-    if throughput is None:
-        throughput = await trio.to_thread.run_sync(lambda: measure_throughput(span, dtype=dtype))
-    return span, throughput, adapters
-
-
-async def _connect_initial_peers(
-    host: Any, dht: SwarmDHT, addrs: Sequence[str], timeout: float, private: bool
-) -> None:
-    if not addrs:
-        return
-    reached = 0
-    errors = []
-    for text in addrs:
-        addr = _parse_multiaddr(text, "initial_peers")
-        try:
-            info = info_from_p2p_addr(addr)
-        except Exception as exc:  # libp2p raises several types for a multiaddr without /p2p/
-            raise ConfigError(f"'initial_peers' entry {text!r} must end with /p2p/<peer id>: {exc}") from None
-        try:
-            with trio.fail_after(timeout):
-                await host.connect(info)
-            await dht.add_bootstrap_peer(info.peer_id)
-            reached += 1
-        except Exception as exc:  # unreachable peer: try the others
-            why = f"no handshake within {timeout} s" if isinstance(exc, trio.TooSlowError) else repr(exc)
-            errors.append(f"{text}: {why}")
-            log.warning("could not reach initial peer %s: %r", text, exc)
-    if not reached:
-        hint = (
-            "this peer uses a swarm key: the initial peers must use the same --swarm-key"
-            if private
-            else "if the swarm is private, start this peer with its --swarm-key FILE"
-        )
-        raise SwarmError(f"could not reach any initial peer ({hint}):\n  " + "\n  ".join(errors))
-
-
-def _single_leaf(group: BaseExceptionGroup) -> BaseException | None:
-    """The one real error inside nested groups (ignoring Cancelled), or None if there are several."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-    return leaves[0] if len(leaves) == 1 else None
 
 
 @asynccontextmanager
@@ -359,10 +325,11 @@ async def open_peer(
     config = config or PeerConfig()
     client = client or ClientConfig()
     key_pair = load_or_create_identity(config.identity)
-    listen = [_parse_multiaddr(a, "listen") for a in config.listen]
-    announce = [_parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
+    listen = [parse_multiaddr(a, "listen") for a in config.listen]
+    announce = [parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
-    prepared = await _prepare_span(server) if server is not None else None
+    placed = server is not None and server.num_blocks is not None and server.end == 0
+    prepared = await prepare_span(server) if server is not None and not placed else None
     host = new_host(
         key_pair=key_pair,
         connection_config=ConnectionConfig(max_connections_per_peer=1),
@@ -372,7 +339,7 @@ async def open_peer(
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
-            await _connect_initial_peers(
+            await connect_initial_peers(
                 host, dht, config.initial_peers, timeout=config.connect_timeout, private=config.swarm_key is not None
             )
             async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
@@ -380,6 +347,8 @@ async def open_peer(
                 try:
                     if server is not None and prepared is not None:
                         await peer._start_serving(server, prepared, nursery)
+                    elif server is not None:  # --num-blocks: choose where, with the swarm in view
+                        await start_placed(peer, server, nursery)
                     yield peer
                 finally:
                     with trio.CancelScope(shield=True):

@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,38 +21,16 @@ from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node import server_training
-from swarm_node.node.push import PushLink, open_push_link
+from swarm_node.node.push import open_push_link
 from swarm_node.node.request_error import RequestError
+from swarm_node.node.server_state import Gauge, ServerSession
 from swarm_node.node.server_training import MAX_FORWARD_BATCH
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-__all__ = ["MAX_FORWARD_BATCH", "TORCH_DTYPES", "BlockServer", "RequestError", "measure_throughput"]
-
-
-@dataclass(slots=True)
-class _Session:
-    session_id: str
-    peer_id: str
-    start: int
-    end: int
-    max_length: int
-    batch_size: int
-    dtype: str
-    compression: str
-    cache: Any  # model.SpanCache
-    reserved_tokens: int
-    conn: MessageStream  # the client's stream: answers to pushed steps go there
-    steps: int = 0
-    last_active: float = 0.0  # trio time of the last step
-    push: PushLink | None = None  # to the next span's server, when the client asked for push
-    prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
-    last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
-    prompts: torch.Tensor | None = None  # deep prompts (end - start, P, H) the client opened with
-    lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
-    lora: Any = None  # model.LoraWeights of the adapter the session named, or None
+__all__ = ["MAX_FORWARD_BATCH", "TORCH_DTYPES", "BlockServer", "RequestError"]
 
 
 class BlockServer:
@@ -74,7 +50,7 @@ class BlockServer:
     ) -> None:
         self.host = host
         self.adapters = adapters or {}
-        self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
+        self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
         self.config = config
@@ -84,8 +60,31 @@ class BlockServer:
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
         self.active_sessions = 0
-        self.closing = False
+        self.closing = False  # shutting down or moving: new sessions are refused
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
+        self.steps = Gauge()  # requests being computed and answered right now
+        self.open_sessions = Gauge()  # sessions open on this server
+
+    @property
+    def steps_in_flight(self) -> int:
+        return self.steps.value
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new sessions and wait, at most ``grace`` s, until no step is being computed or
+        answered; True if none is. Admitted sessions keep being served meanwhile."""
+        self.closing = True
+        return await self.steps.wait_zero(grace)
+
+    async def hand_over(self, grace: float) -> bool:
+        """Refuse new sessions, give the open ones ``grace`` s to end, then cut those left (their
+        clients recover elsewhere). True if every session ended by itself."""
+        self.closing = True
+        ended = await self.open_sessions.wait_zero(grace)
+        with trio.CancelScope(shield=True):
+            for session in list(self.sessions.values()):
+                with trio.move_on_after(1.0):
+                    await session.conn.reset()
+        return ended
 
     @property
     def start(self) -> int:
@@ -103,7 +102,7 @@ class BlockServer:
     async def handle_stream(self, stream: Any) -> None:
         conn = MessageStream(stream, max_frame_size=self.max_frame_size)
         peer = conn.peer_id
-        sessions: dict[str, _Session] = {}
+        sessions: dict[str, ServerSession] = {}
         carries_pushes = False
         timeout = self.config.session_idle_timeout
         try:
@@ -131,16 +130,19 @@ class BlockServer:
                     break
                 if isinstance(message, m.PushStepRequest):
                     carries_pushes = True
-                    if not await self._pushed_step(message, peer):
+                    with self.steps.held():
+                        pushed = await self._pushed_step(message, peer)
+                    if not pushed:
                         await conn.reset()  # the pushing server's next write fails: it stops
                         break
                     continue
-                try:
-                    reply = await self._dispatch(message, sessions, conn)
-                except RequestError as exc:
-                    log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
-                    reply = m.ErrorResponse(code=exc.code, message=exc.message)
-                await conn.send(reply)
+                with self.steps.held():
+                    try:
+                        reply = await self._dispatch(message, sessions, conn)
+                    except RequestError as exc:
+                        log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
+                        reply = m.ErrorResponse(code=exc.code, message=exc.message)
+                    await conn.send(reply)
         except RemoteProtocolError as exc:
             log.warning("peer %s broke the protocol: %s", peer, exc)
             with trio.move_on_after(1.0):
@@ -159,7 +161,7 @@ class BlockServer:
                 with trio.move_on_after(1.0):
                     await conn.close()
 
-    async def _dispatch(self, message: Any, sessions: dict[str, _Session], conn: MessageStream) -> Any:
+    async def _dispatch(self, message: Any, sessions: dict[str, ServerSession], conn: MessageStream) -> Any:
         if isinstance(message, m.StepRequest):
             return await self._step(message, sessions)
         if isinstance(message, m.InfoRequest):
@@ -223,7 +225,7 @@ class BlockServer:
         return hidden
 
     # -- sessions -----------------------------------------------------------------------------
-    async def _open(self, req: m.OpenSessionRequest, sessions: dict[str, _Session], conn: MessageStream) -> Any:
+    async def _open(self, req: m.OpenSessionRequest, sessions: dict[str, ServerSession], conn: MessageStream) -> Any:
         peer = conn.peer_id
         if self.closing:
             raise RequestError("shutting_down", "this server is shutting down; use another")
@@ -245,7 +247,8 @@ class BlockServer:
         if self.sessions_per_peer[peer] >= self.config.max_sessions_per_peer:
             raise RequestError(
                 "too_many_sessions",
-                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
+                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit); "
+                "close one or use another server",
             )
         prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
         lora = server_training.request_lora(self, req)
@@ -258,7 +261,7 @@ class BlockServer:
             )
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(req.max_length, batch_size=req.batch_size, start=req.start, end=req.end)
-        session = sessions[session_id] = self.sessions[session_id] = _Session(
+        session = sessions[session_id] = self.sessions[session_id] = ServerSession(
             session_id=session_id,
             peer_id=peer,
             start=req.start,
@@ -279,6 +282,7 @@ class BlockServer:
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
+        self.open_sessions.add(1)
         if req.next_peer and self.host is not None:  # the room is reserved before this await
             session.push = await open_push_link(
                 self.host, peer_id=req.next_peer, addrs=req.next_addrs, next_session=req.next_session,
@@ -289,12 +293,12 @@ class BlockServer:
             session_id=session_id, max_length=req.max_length, push=int(session.push is not None)
         )
 
-    async def _end(self, session: _Session) -> None:
+    async def _end(self, session: ServerSession) -> None:
         self._release(session)
         if session.push is not None:
             await session.push.aclose()
 
-    def _release(self, session: _Session) -> None:
+    def _release(self, session: ServerSession) -> None:
         if self.sessions.pop(session.session_id, None) is None:
             return  # released already
         self.reserved_tokens -= session.reserved_tokens
@@ -302,9 +306,10 @@ class BlockServer:
         if self.sessions_per_peer[session.peer_id] <= 0:
             del self.sessions_per_peer[session.peer_id]
         self.active_sessions -= 1
+        self.open_sessions.add(-1)
         session.cache = None
 
-    async def _step(self, req: m.StepRequest, sessions: dict[str, _Session]) -> m.StepResponse:
+    async def _step(self, req: m.StepRequest, sessions: dict[str, ServerSession]) -> m.StepResponse:
         session = sessions.get(req.session_id)
         if session is None:
             raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
@@ -347,7 +352,7 @@ class BlockServer:
                 log.debug("could not answer the client of %s: %s", req.session_id, exc)
         return True
 
-    async def _run_step(self, session: _Session, step_id: int, position: int, wire: Any) -> m.StepResponse:
+    async def _run_step(self, session: ServerSession, step_id: int, position: int, wire: Any) -> m.StepResponse:
         """Compute one step, push the output to the next server (if asked) and make the answer."""
         length = session.cache.length
         if position != length:
@@ -386,15 +391,3 @@ class BlockServer:
         with torch.inference_mode():
             return self.span.forward(hidden, cache, start=start, end=end, prompts=prompts, lora=lora)
 
-
-def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:
-    """Tokens/s of one sequence's decode steps through the whole span (a quick local estimate)."""
-    cache = span.new_cache(repeats + 1, batch_size=1)
-    hidden = torch.zeros(1, 1, span.hidden_size, dtype=dtype)
-    with torch.inference_mode():
-        span.forward(hidden, cache, start=span.start, end=span.end)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            span.forward(hidden, cache, start=span.start, end=span.end)
-        elapsed = time.perf_counter() - t0
-    return repeats / max(elapsed, 1e-9)

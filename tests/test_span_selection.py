@@ -1,0 +1,165 @@
+"""Choosing blocks: pure span selection, and the placement loop's timing under trio's mock clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from swarm_node.dht.records import ServerRecord
+from swarm_node.dht.span_selection import better_start, block_coverage, choose_span
+from swarm_node.node.placement import choose_start, rebalance_loop
+
+FOREVER = 1e12
+
+
+def rec(peer: str, start: int, end: int, throughput: float = 10.0, **kw: object) -> ServerRecord:
+    fields: dict = dict(
+        peer_id=peer, addrs=(), model="m", start=start, end=end, throughput=throughput, cache_tokens_left=1000,
+        dtype="float32", version="0", expires_at=FOREVER,
+    )
+    fields.update(kw)
+    return ServerRecord(**fields)
+
+
+def test_coverage_sums_live_servers_of_the_model() -> None:
+    servers = [rec("a", 0, 3), rec("b", 2, 6, 5.0), rec("c", 0, 6, state="OFFLINE"),
+               rec("d", 0, 6, model="other"), rec("e", 0, 6, expires_at=1.0)]
+    assert block_coverage(servers, model="m", num_blocks=6, now=2.0) == [10, 10, 15, 5, 5, 5]
+    assert block_coverage(servers, model="m", num_blocks=6, now=2.0, exclude=frozenset({"b"})) == [10] * 3 + [0] * 3
+
+
+def test_joiners_fill_gaps_first_then_the_weakest_blocks() -> None:
+    assert choose_span([0.0] * 6, length=2, throughput=1) == 0  # an empty swarm: from the start
+    assert choose_span([5, 5, 0, 0, 0, 0], length=2, throughput=1) == 2  # the gap
+    assert choose_span([5, 5, 0, 0, 0, 0], length=3, throughput=1) == 2  # three uncovered blocks
+    assert choose_span([5, 5, 5, 0, 0, 0], length=2, throughput=1) == 3
+    assert choose_span([10, 10, 1, 1, 10, 10], length=2, throughput=1) == 2  # the weakest pair
+    assert choose_span([4, 4, 8, 8, 4, 4], length=4, throughput=4) == 0  # ties: the thinnest, then lowest
+    with pytest.raises(ValueError, match="does not fit"):
+        choose_span([1.0] * 3, length=4, throughput=1)
+
+
+def test_a_server_moves_only_when_it_pays_and_uncovers_nothing() -> None:
+    me = rec("me", 0, 4)
+    # b left blocks 4-5 uncovered; c still covers 0-3: moving there covers everything
+    assert better_start([me, rec("c", 0, 4)], me=me, num_blocks=6, now=0, min_gain=0.2) == 2
+    # alone on 0-3: a move would uncover them
+    assert better_start([me, rec("c", 4, 6)], me=me, num_blocks=6, now=0, min_gain=0.2) is None
+    # every block covered; a move would lift the weakest from 10 to 11: under the 20% threshold
+    servers = [me, rec("b", 2, 6), rec("c", 0, 6, 1.0)]
+    assert better_start(servers, me=me, num_blocks=6, now=0, min_gain=0.2) is None
+    assert better_start(servers, me=me, num_blocks=6, now=0, min_gain=0.05) is None  # 0-3 at 11, 4-5 at 11
+    slow = [me, rec("b", 0, 4), rec("c", 4, 6, 1.0)]  # blocks 4-5 at 1 token/s: a move to 2-5 lifts them
+    assert better_start(slow, me=me, num_blocks=6, now=0, min_gain=0.2) == 2
+
+
+class Board:
+    """The swarm's records in memory, for placement loops under the mock clock (the DHT's role)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, ServerRecord] = {}
+        self.moves = 0
+
+    async def fetch(self) -> list[ServerRecord]:
+        await trio.sleep(0.5)  # a lookup takes a while
+        return list(self.records.values())
+
+    def coverage(self) -> list[float]:
+        return block_coverage(self.records.values(), model="m", num_blocks=6, now=trio.current_time())
+
+    async def serve(self, name: str, seed: int, *, task_status: trio.TaskStatus[None]) -> None:
+        rng = random.Random(seed)
+        start = await choose_start(self.fetch, model="m", total_blocks=6, length=4, throughput=10.0,
+                                   start_delay=5.0, rng=rng, now=trio.current_time)
+        self.records[name] = rec(name, start, start + 4)
+        task_status.started()
+
+        async def move(target: int) -> None:
+            await trio.sleep(2.0)  # loading the new blocks
+            self.records[name] = rec(name, target, target + 4)
+            self.moves += 1
+
+        try:
+            await rebalance_loop(self.fetch, me=lambda: self.records[name], move=move, total_blocks=6,
+                                 interval=60.0, min_gain=0.2, rng=rng, now=trio.current_time)
+        finally:
+            del self.records[name]  # leaving: the record is withdrawn
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["one-after-another", "all-at-once"])
+async def test_three_servers_cover_every_block_and_recover_when_one_leaves(
+    autojump_clock: trio.testing.MockClock, together: bool
+) -> None:
+    board = Board()
+    with trio.fail_after(10_000):  # virtual seconds: the whole test takes well under a real second
+        async with trio.open_nursery() as nursery:
+            scopes: dict[str, trio.CancelScope] = {}
+            for i, name in enumerate("abc"):
+                scopes[name] = trio.CancelScope()
+
+                async def run(
+                    name: str = name, seed: int = i, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+                    with scopes[name]:
+                        await board.serve(name, seed, task_status=task_status)
+
+                if together:
+                    nursery.start_soon(run)
+                else:
+                    await nursery.start(run)
+            await trio.sleep(300)  # a few re-check rounds
+            assert min(board.coverage()) > 0
+            moves_before = board.moves
+            await trio.sleep(600)
+            assert board.moves == moves_before  # settled: nobody moves back and forth
+            # the server alone on some blocks leaves; the others re-cover them
+            covering = {n: r for n, r in board.records.items()}
+            leaver = next(n for n, r in covering.items() if any(
+                all(not o.covers(b) for m, o in covering.items() if m != n) for b in range(r.start, r.end)))
+            scopes[leaver].cancel()
+            await trio.sleep(1)
+            assert min(board.coverage()) == 0
+            await trio.sleep(300)
+            assert min(board.coverage()) > 0
+            nursery.cancel_scope.cancel()
+
+
+def test_serve_takes_blocks_or_num_blocks_not_both() -> None:
+    from swarm_node.node.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--num-blocks", "3", "--min-gain", "0.5"])
+    assert (args.num_blocks, args.blocks, args.min_gain) == (3, None, 0.5)
+    for argv in (["serve"], ["serve", "--blocks", "0:3", "--num-blocks", "3"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+
+
+def test_placement_and_recovery_settings_are_checked() -> None:
+    from swarm_node.errors import ConfigError
+    from swarm_node.node.config import ClientConfig, ServerConfig
+
+    assert ServerConfig(model="m", num_blocks=2).end == 0  # chosen at start
+    for fields, message in [
+        ({}, "'blocks' must satisfy"), ({"num_blocks": 0}, "'num_blocks' must be an int >= 1"),
+        ({"num_blocks": 2, "start": 1, "end": 4}, "must hold 'num_blocks' = 2"),
+        ({"num_blocks": 2, "rebalance_interval": 0}, "'rebalance_interval'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            ServerConfig(model="m", **fields)
+    with pytest.raises(ConfigError, match="'max_attempts' must be an int"):
+        ClientConfig(max_attempts=1.5)
+
+
+def test_bans_grow_with_each_failure_and_expire() -> None:
+    from swarm_node.dht.bans import BanList
+
+    bans = BanList(base=10.0, cap=25.0)
+    assert bans.ban("a", now=0.0) == 10.0
+    assert bans.banned(now=5.0) == {"a"} and bans.is_banned("a", now=9.9)
+    assert bans.banned(now=10.0) == frozenset()
+    assert bans.ban("a", now=10.0) == 20.0  # the second failure in a row
+    assert bans.ban("a", now=11.0) == 25.0  # capped
+    bans.forgive("a")
+    assert bans.ban("a", now=100.0) == 10.0
