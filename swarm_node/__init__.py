@@ -10,11 +10,21 @@ __version__ = "0.1.0"
 
 from typing import Any
 
-__all__ = ["ClientConfig", "DistributedModelForCausalLM", "PeerConfig", "ServerConfig", "open_peer"]
+__all__ = [
+    "ClientConfig",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+    "PeerConfig",
+    "RemoteSequential",
+    "ServerConfig",
+    "open_peer",
+]
 
 _LAZY = {
     "open_peer": "swarm_node.node.peer",
     "DistributedModelForCausalLM": "swarm_node.node.distributed_model",
+    "DistributedModelForSequenceClassification": "swarm_node.node.distributed_model",
+    "RemoteSequential": "swarm_node.node.remote_sequential",
     "PeerConfig": "swarm_node.node.config",
     "ServerConfig": "swarm_node.node.config",
     "ClientConfig": "swarm_node.node.config",

@@ -25,19 +25,23 @@ async def local_swarm(
     dtype: str = "float32",
     client: ClientConfig | None = None,
     max_frame_size: int | None = None,
+    per_server: Sequence[dict[str, Any]] | None = None,
     **server_fields: Any,
 ) -> AsyncIterator[tuple[list[Peer], Peer]]:
-    """Servers for ``spans`` (the first one starts the swarm) and a client peer joined to it."""
+    """Servers for ``spans`` (the first one starts the swarm) and a client peer joined to it.
+
+    ``per_server``: ServerConfig fields for each server, over ``server_fields``."""
     frames = {} if max_frame_size is None else {"max_frame_size": max_frame_size}
     async with AsyncExitStack() as stack:
         servers: list[Peer] = []
-        for start, end in spans:
+        for i, (start, end) in enumerate(spans):
+            own = per_server[i] if per_server is not None else {}
             initial = tuple(servers[0].addrs[:1]) if servers else ()
             server = ServerConfig(model=str(model), start=start, end=end, dtype=dtype, throughput=100.0)
             peer = await stack.enter_async_context(
                 open_peer(
                     PeerConfig(listen=LOOPBACK, initial_peers=initial, **frames),
-                    server=replace(server, **server_fields),
+                    server=replace(server, **{**server_fields, **own}),
                 )
             )
             servers.append(peer)

@@ -61,17 +61,23 @@ def choose_chain(
     end: int,
     latency: Mapping[str, float] | None = None,
     exclude: frozenset[str] = frozenset(),
+    adapter: str = "",
 ) -> list[Hop]:
-    """The chain covering blocks ``start..end-1`` with the fewest hops, then the lowest latency.
+    """The chain covering blocks ``start..end-1`` with the fewest hops, then the lowest latency
+    (only servers holding ``adapter``, when one is named).
 
     Dynamic programming over block positions: from position p, a server covering p takes the
     sequence to its end. Raises MissingBlocksError naming the blocks nobody serves.
     """
     latency = latency or {}
-    usable = [s for s in servers if s.model == model and s.peer_id not in exclude]
+    usable = [
+        s for s in servers
+        if s.model == model and s.peer_id not in exclude and (not adapter or adapter in s.adapters)
+    ]
     gaps = missing_blocks(usable, start, end)
     if gaps:
-        raise MissingBlocksError(f"no server for blocks {format_blocks(gaps)} of {model}")
+        holding = f" holding adapter {adapter!r}" if adapter else ""
+        raise MissingBlocksError(f"no server{holding} for blocks {format_blocks(gaps)} of {model}")
     inf = (float("inf"), float("inf"))
     best: list[tuple[float, float]] = [inf] * (end + 1)
     back: list[Hop | None] = [None] * (end + 1)
@@ -150,20 +156,22 @@ def server_rtts(servers: Iterable[ServerRecord]) -> dict[tuple[str, str], float]
 # -- latency-aware inference chains ----------------------------------------------------------------
 def _usable(
     servers: Iterable[ServerRecord], *, model: str, start: int, end: int, now: float,
-    exclude: frozenset[str], cache_tokens: int,
+    exclude: frozenset[str], cache_tokens: int, adapter: str = "",
 ) -> list[ServerRecord]:
-    """Live servers of ``model`` with room for the session; MissingBlocksError names what lacks."""
-    candidates = [
-        s for s in servers if s.model == model and s.peer_id not in exclude and s.is_live(now)
-    ]
+    """Live servers of ``model`` (holding ``adapter``, when one is named) with room for the session;
+    MissingBlocksError names what lacks."""
+    live = [s for s in servers if s.model == model and s.peer_id not in exclude and s.is_live(now)]
+    candidates = [s for s in live if not adapter or adapter in s.adapters]
     usable = [s for s in candidates if s.throughput > 0 and s.cache_tokens_left >= cache_tokens]
     gaps = missing_blocks(usable, start, end)
     if gaps:
+        lacking = [b for b in gaps if b not in missing_blocks(live, start, end)]
         full = [b for b in gaps if b not in missing_blocks(candidates, start, end)]
+        holding = f" holding adapter {adapter!r}" if adapter and lacking else ""
         why = ""
         if full:
             why = f" ({format_blocks(full)} only on servers without room for {cache_tokens} tokens)"
-        raise MissingBlocksError(f"no server for blocks {format_blocks(gaps)} of {model}{why}")
+        raise MissingBlocksError(f"no server{holding} for blocks {format_blocks(gaps)} of {model}{why}")
     return sorted(usable, key=lambda s: (s.peer_id, s.start))
 
 
@@ -220,10 +228,12 @@ def choose_inference_chain(
     max_length: int,
     batch_size: int = 1,
     exclude: frozenset[str] = frozenset(),
+    adapter: str = "",
 ) -> list[Hop]:
     """The chain with the lowest expected per-token latency (``chain_latency``), then fewest hops.
 
-    Only live servers whose cache can hold ``max_length * batch_size`` tokens take part. Dynamic
+    Only live servers whose cache can hold ``max_length * batch_size`` tokens (and that hold
+    ``adapter``, when one is named) take part. Dynamic
     programming over (block position, last server), since a push hop's cost depends on the server
     before it; a hop may end at any block (servers of different speeds make mid-span switches pay
     off), so the work is O(blocks^2 x servers^2): fine for the tens of blocks and servers a chain
@@ -232,7 +242,7 @@ def choose_inference_chain(
     server_rtt = server_rtt or {}
     usable = _usable(
         servers, model=model, start=start, end=end, now=now, exclude=exclude,
-        cache_tokens=max_length * batch_size,
+        cache_tokens=max_length * batch_size, adapter=adapter,
     )
     positions = list(range(start, end + 1))
     # best[pos][last] = (seconds, hops, previous (pos, last), hop); last = -1: nothing sent yet
@@ -282,11 +292,14 @@ def choose_training_chain(
     rng: random.Random,
     now: float,
     exclude: frozenset[str] = frozenset(),
+    adapter: str = "",
 ) -> list[Hop]:
     """A chain for forward/backward passes: at each position, a server drawn in proportion to its
-    throughput among the live ones covering it, so many clients spread their load over the swarm."""
+    throughput among the live ones covering it (and holding ``adapter``, when one is named), so
+    many clients spread their load over the swarm."""
     usable = _usable(
-        servers, model=model, start=start, end=end, now=now, exclude=exclude, cache_tokens=0
+        servers, model=model, start=start, end=end, now=now, exclude=exclude, cache_tokens=0,
+        adapter=adapter,
     )
     chain: list[Hop] = []
     pos = start

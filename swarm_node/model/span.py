@@ -15,6 +15,8 @@ from swarm_node.errors import ConfigError, ModelError
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.families import layer_types
 from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.lora import LoraWeights, check_lora, linear_shapes, lora_applied
+from swarm_node.model.prompts import add_prompt
 from swarm_node.model.quantization import check_quant, quantize_linears, weight_bytes
 from swarm_node.model.skeleton import materialize, meta_skeleton, submodule
 
@@ -45,6 +47,7 @@ class BlockSpan(torch.nn.Module):
         self.layers = layers
         self.rotary = rotary
         self.layer_types = layer_types(config)[start:end]
+        self._lora_shapes: dict[str, tuple[int, int]] | None = None
 
     @classmethod
     def load(
@@ -131,6 +134,13 @@ class BlockSpan(torch.nn.Module):
             )
         return start, end
 
+    @property
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """The Linears a LoRA may adapt in each block: name -> (in_features, out_features)."""
+        if self._lora_shapes is None:
+            self._lora_shapes = linear_shapes(self.layers[0])
+        return self._lora_shapes
+
     def memory_bytes(self) -> int:
         """Bytes the span's block weights occupy (quantization statistics included)."""
         return weight_bytes(self.layers)
@@ -152,34 +162,59 @@ class BlockSpan(torch.nn.Module):
         *,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        lora: LoraWeights | None = None,
     ) -> torch.Tensor:
         """Hidden states `# (B, T, H)` of new positions -> the output of blocks `start..end-1`.
+
+        `prompts` `# (end - start, P, H)`: deep prompt tuning, prompts[j] is added before the j-th
+        block to the positions p < P among the new ones (see model/prompts.py).
 
         `start`/`end` default to the whole span; a sub-span runs only its layers (a cache must have
         been made for the same sub-span). With a cache, positions continue from `cache.length` and
         the cache grows by T; without one, a plain causal forward from position 0 (keeps autograd
         when asked). Calls on one BlockSpan must not run concurrently (a server's compute limiter
         serialises them): a sub-span renumbers its layers' cache indices while it runs.
+
+        `lora` (blocks of this span; see lora.py) adds a LoRA to the blocks' Linears for this call
+        only, without touching the frozen weights; its tensors may require grad.
         """
         self._check_hidden(hidden)
         start, end = self._sub_span(start, end)
+        if lora is not None:
+            check_lora(lora, shapes=self.lora_shapes, start=self.start, end=self.end)
         batch, new_tokens, _ = hidden.shape
         past = 0
         if cache is not None:
             cache.check_step(start=start, end=end, batch_size=batch, new_tokens=new_tokens)
             past = cache.length
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != end - start):
+            raise ConfigError(
+                f"'prompts' must have shape ({end - start}, P, H), got {tuple(prompts.shape)}"
+            )
         needs_grad = torch.is_grad_enabled() and (
-            hidden.requires_grad or any(p.requires_grad for p in self.parameters())
+            hidden.requires_grad
+            or (prompts is not None and prompts.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
+            or (lora is not None and lora.requires_grad)
         )
         mode = contextlib.nullcontext() if needs_grad else torch.inference_mode()
-        with mode:
-            out = self._run(hidden.to(self.dtype), cache, past, start - self.start, end - self.start)
+        with mode, lora_applied(self.layers, self.start, lora):
+            out = self._run(
+                hidden.to(self.dtype), cache, past, start - self.start, end - self.start, prompts
+            )
         if cache is not None:
             cache.advance(new_tokens)
         return out
 
     def _run(
-        self, hidden: torch.Tensor, cache: SpanCache | None, past: int, first: int, stop: int
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        past: int,
+        first: int,
+        stop: int,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from transformers.masking_utils import (
             create_causal_mask,
@@ -208,7 +243,9 @@ class BlockSpan(torch.nn.Module):
             for local, layer in enumerate(layers):
                 layer.self_attn.layer_idx = local
         try:
-            for layer, kind in zip(layers, kinds, strict=True):
+            for j, (layer, kind) in enumerate(zip(layers, kinds, strict=True)):
+                if prompts is not None:
+                    hidden = add_prompt(hidden, prompts[j], past)
                 hidden = layer(
                     hidden,
                     attention_mask=masks[kind],

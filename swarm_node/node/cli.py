@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--quant", default=_env("QUANT"), choices=["int8", "nf4"],
                        help="hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: "
                        "~4x / ~8x less memory per block, slower on CPU (default: --dtype weights)")
+    serve.add_argument("--adapters", nargs="+", default=_env_list("ADAPTERS"), metavar="NAME=PATH",
+                       help="LoRA adapters to hold, each a folder in PEFT's format (adapter_config.json + "
+                       "adapter_model.safetensors); announced by NAME, applied to the sessions that name it")
 
     gen = sub.add_parser("generate", help="generate text through the swarm",
                          description="Generate a continuation of PROMPT through the swarm, streaming tokens to stdout.")
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "and let each server answer in its own --compression)")
     gen.add_argument("--push", action="store_true",
                      help="servers pass hidden states straight to the next server (N+1 delays a token, not 2N)")
+    gen.add_argument("--adapter", default=_env("ADAPTER"), metavar="NAME|FILE",
+                     help="a LoRA adapter: the NAME servers announce (only they are chosen), or a FILE "
+                     "saved by swarm-node (a client-owned LoRA, sent with the requests)")
+    gen.add_argument("--prompt-file", type=Path, default=_env("PROMPT_FILE"), metavar="FILE",
+                     help="a trained soft prompt saved by swarm-node (tuned file, method ptune or "
+                     "deep_ptune), put before the prompt")
 
     status = sub.add_parser("status", help="show which servers cover which blocks of a model",
                             description="Print the block coverage map of a model: every block, the servers "

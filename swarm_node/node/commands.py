@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import trio
 
+from swarm_node.node.adapters import is_adapter_file, parse_adapter_flags
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.peer import Peer, model_id_of, open_peer
@@ -36,6 +37,7 @@ async def serve(args: argparse.Namespace) -> int:
         cache_budget_tokens=args.cache_tokens,
         compression=args.compression,
         quant=args.quant,
+        adapters=parse_adapter_flags(args.adapters),
     )
     config = PeerConfig(
         listen=tuple(args.listen), initial_peers=tuple(args.initial_peers), identity=args.identity,
@@ -90,6 +92,24 @@ def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
     return (eos,) if isinstance(eos, int) else tuple(eos)
 
 
+def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """``generate``'s ``--prompt-file FILE`` and ``--adapter FILE`` as ``generate_tokens`` arguments
+    (``prefix``, ``deep_prompts``, ``lora``), each file checked against the model."""
+    from swarm_node.model.tuned_files import load_tuned
+
+    out: dict[str, Any] = {}
+    dtype = TORCH_DTYPES[args.dtype]
+    model = model_id_of(args.model)
+    if getattr(args, "prompt_file", None) is not None:
+        tuned = load_tuned(args.prompt_file, model=model, config=config, methods=("ptune", "deep_ptune"), dtype=dtype)
+        out["prefix"] = tuned.prompts  # (P, H)
+        out["deep_prompts"] = tuned.deep_prompts_for(int(config.num_hidden_layers))  # (L, P, H) or None
+    adapter = getattr(args, "adapter", None)
+    if adapter and is_adapter_file(adapter):
+        out["lora"] = load_tuned(adapter, model=model, config=config, methods=("lora",), dtype=dtype).lora
+    return out
+
+
 async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
     from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
 
@@ -100,6 +120,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
     )
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    tuned = await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=getattr(args, "temperature", 0.0),
@@ -113,7 +134,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     _, stats = await generate_tokens(
         peer, head, input_ids, model=model_id_of(args.model),
         num_blocks=checkpoint.config.num_hidden_layers, dtype=args.dtype,
-        sampling=sampling, on_tokens=stream,
+        sampling=sampling, on_tokens=stream, **tuned,
     )
     out.write("\n")
     out.flush()
@@ -134,7 +155,13 @@ async def generate(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
     )
     _need_initial_peers(args)
-    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression)
+    if args.prompt_file is not None or (args.adapter and is_adapter_file(args.adapter)):
+        from swarm_node.model import Checkpoint, resolve_model  # bad files fail before any networking
+
+        checkpoint = await trio.to_thread.run_sync(Checkpoint.open, await trio.to_thread.run_sync(resolve_model, args.model))
+        await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
+    adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
+    client = ClientConfig(step_timeout=args.timeout, push=args.push, compression=args.compression, adapter=adapter)
     async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from swarm_node.compression import CODECS
 from swarm_node.errors import ConfigError
+from swarm_node.node.adapters import check_adapter_name, check_server_adapters
 
 DTYPES = ("float32", "bfloat16")
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -75,8 +76,10 @@ class ServerConfig:
     throughput: float | None = None  # tokens/s to announce; None: measured at start
     compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
     quant: str | None = None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, PEFT LoRA folder) pairs, loaded at start
 
     def __post_init__(self) -> None:
+        check_server_adapters(self.adapters)
         if self.dtype not in DTYPES:
             raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 <= self.start < self.end:
@@ -104,8 +107,11 @@ class ClientConfig:
     compression: str | None = None
     max_length: int = 2048  # default session length (prompt + new tokens)
     push: bool = False  # servers send each step's output straight to the next server
+    adapter: str | None = None  # a LoRA adapter servers hold, by name: only they are chosen
 
     def __post_init__(self) -> None:
+        if self.adapter is not None:
+            check_adapter_name(self.adapter)
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
         if self.compression is not None and self.compression not in COMPRESSIONS:

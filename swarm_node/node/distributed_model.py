@@ -1,47 +1,84 @@
-"""A transformers-style client: ``DistributedModelForCausalLM.from_pretrained(model, initial_peers=[...])``.
+"""Transformers-style clients: ``DistributedModelForCausalLM.from_pretrained(model, initial_peers=[...])``.
 
-For plain (non-trio) Python: a client peer runs in a background thread with its own trio loop, and
-``generate`` hands work to it. Inside a trio application use ``open_peer`` directly instead.
+A torch module holding what a client holds (embeddings, final norm, LM head, all frozen) and, with
+``tuning_mode="ptune"`` or ``"deep_ptune"``, trainable prompts (``model.ptune``), with
+``tuning_mode="lora"`` a trainable client-owned LoRA (``model.lora``, sent with every request); the transformer
+blocks run on the swarm through ``model.transformer`` (a RemoteSequential), so ``loss.backward()``
+reaches the prompts through remote blocks and a normal torch optimizer trains them. The peer runs in a
+background thread with its own trio loop (``ClientLoop``); inside a trio application use ``open_peer``
+and ``RemoteSequential`` directly. Batches are right-padded: positions after a sequence's last token
+do not change its earlier ones (causal attention), so ``attention_mask`` only marks them.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import trio
+import torch.nn.functional as F
 
 from swarm_node.errors import ConfigError
+from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
+from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
+from swarm_node.node.client_loop import ClientLoop
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens
-from swarm_node.node.peer import model_id_of, open_peer
+from swarm_node.node.peer import model_id_of
+from swarm_node.node.remote_sequential import RemoteSequential
 from swarm_node.node.server import TORCH_DTYPES
 
+TUNING_MODES = (*PROMPT_MODES, "lora")
 
-class DistributedModelForCausalLM:
-    """Embeddings, final norm and LM head here; the transformer blocks on the swarm."""
 
-    def __init__(self, *, path: Any, model_id: str, head: Any, config: Any, dtype: str, peer_config: PeerConfig, client_config: ClientConfig) -> None:
+class DistributedModelBase(torch.nn.Module):
+    """Embeddings, norm and head here (frozen), optional prompts (trainable), blocks on the swarm."""
+
+    def __init__(
+        self,
+        *,
+        path: Any,
+        model_id: str,
+        head: Any,
+        config: Any,
+        dtype: str,
+        loop: ClientLoop,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        compression: str | None = None,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_targets: Sequence[str] = DEFAULT_TARGETS,
+        min_pieces: int = 1,
+    ) -> None:
+        from swarm_node.model.lora import config_linear_shapes
+        from swarm_node.model.prompts import PromptTuning
+
+        super().__init__()
         self.path = path
         self.model_id = model_id
-        self.head = head
         self.config = config
         self.dtype = dtype
-        self.last_stats: GenerationStats | None = None
-        self._peer: Any = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._thread_main, args=(peer_config, client_config), name="swarm-node-client", daemon=True
+        self.head = head
+        self.loop = loop
+        self.tuning_mode = tuning_mode
+        self.ptune = None
+        self.lora = None
+        if tuning_mode == "lora":  # client-owned: the servers apply it per request, the client trains it
+            self.lora = ClientLora(
+                shapes=config_linear_shapes(config), blocks=range(config.num_hidden_layers), targets=lora_targets,
+                rank=lora_rank, alpha=lora_alpha, dtype=TORCH_DTYPES[dtype],
+            )
+        elif tuning_mode is not None:
+            std = float(head.embed_tokens.weight.float().std())
+            self.ptune = PromptTuning(
+                mode=tuning_mode, pre_seq_len=pre_seq_len, hidden_size=head.hidden_size,
+                num_blocks=config.num_hidden_layers, init_std=std, dtype=TORCH_DTYPES[dtype],
+            )
+        self.transformer = RemoteSequential(
+            loop.peer, model=model_id, num_blocks=config.num_hidden_layers, dtype=dtype,
+            compression=compression, trio_token=loop.token, min_pieces=min_pieces,
         )
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
 
     @classmethod
     def from_pretrained(
@@ -50,43 +87,118 @@ class DistributedModelForCausalLM:
         *,
         initial_peers: Sequence[str],
         dtype: str = "float32",
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 16,
         client_config: ClientConfig | None = None,
-    ) -> DistributedModelForCausalLM:
+        compression: str | None = None,
+        **fields: Any,
+    ) -> Any:
+        """Load the client's part of ``model`` and join the swarm at ``initial_peers``.
+
+        ``tuning_mode``: None (nothing to train), ``"ptune"`` / ``"deep_ptune"`` (``pre_seq_len``
+        prompt vectors) or ``"lora"`` (client-owned LoRA; ``lora_rank``, ``lora_alpha``,
+        ``lora_targets`` among ``fields``)."""
         from swarm_node.model import Checkpoint, ClientHead, resolve_model
 
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+        if tuning_mode not in TUNING_MODES:
+            raise ConfigError(f"'tuning_mode' must be one of {TUNING_MODES}, got {tuning_mode!r}")
         if not initial_peers:
             raise ConfigError("'initial_peers' must name at least one peer of the swarm, got none")
         path = resolve_model(model)
         checkpoint = Checkpoint.open(path)
         head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype])
-        return cls(
-            path=path,
-            model_id=model_id_of(model),
-            head=head,
-            config=checkpoint.config,
-            dtype=dtype,
-            peer_config=PeerConfig(initial_peers=tuple(initial_peers)),
-            client_config=client_config or ClientConfig(),
-        )
+        loop = ClientLoop(PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig())
+        try:
+            return cls(
+                path=path, model_id=model_id_of(model), head=head, config=checkpoint.config, dtype=dtype,
+                loop=loop, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, compression=compression,
+                **fields,
+            )
+        except BaseException:
+            loop.close()
+            raise
 
-    def _thread_main(self, peer_config: PeerConfig, client_config: ClientConfig) -> None:
-        async def main() -> None:
-            try:
-                async with open_peer(peer_config, client=client_config) as peer:
-                    self._peer = peer
-                    self._token = trio.lowlevel.current_trio_token()
-                    self._stop = trio.Event()
-                    self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                if not isinstance(exc, Exception):
-                    raise
+    @property
+    def pre_seq_len(self) -> int:
+        return 0 if self.ptune is None else self.ptune.pre_seq_len
 
-        trio.run(main)
+    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``# (B, T)`` -> the last block's output ``# (B, P + T, H)`` (soft prompt first)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1:
+            raise ConfigError(f"'input_ids' must be a (batch, tokens >= 1) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+        if attention_mask is not None:
+            _check_right_padded(attention_mask, input_ids)
+        with torch.no_grad():
+            hidden = self.head.embed(input_ids).clone()  # (B, T, H); a normal tensor, not an inference one
+        prompts = None
+        if self.ptune is not None:
+            hidden = self.ptune.prepend(hidden)  # (B, P + T, H)
+            prompts = self.ptune.deep_prompts
+        return self.transformer(hidden, prompts, None if self.lora is None else self.lora.weights())
+
+    def save_tuned(self, path: Any) -> Any:
+        """Save what this model trains (prompts or its own LoRA) as a tuned file (model/tuned_files.py)."""
+        from swarm_node.model.tuned_files import save_tuned, tuned_of
+
+        lora = None if self.lora is None else self.lora.weights()
+        tuned = tuned_of(self.model_id, self.tuning_mode, num_blocks=self.config.num_hidden_layers,
+                         ptune=self.ptune, lora=lora)
+        return save_tuned(path, tuned, config=self.config)
+
+    def load_tuned(self, path: Any) -> None:
+        """Load a tuned file saved for this model and tuning mode into the trainable tensors."""
+        from swarm_node.model.tuned_files import copy_tuned, load_tuned
+
+        tuned = load_tuned(path, model=self.model_id, config=self.config, dtype=TORCH_DTYPES[self.dtype])
+        copy_tuned(tuned, ptune=self.ptune, lora=None if self.lora is None else self.lora.weights())
+
+    def close(self) -> None:
+        self.loop.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _check_right_padded(mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+        raise ConfigError(f"'attention_mask' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {getattr(mask, 'shape', mask)!r}")
+    ones = mask.long()
+    if bool((ones[:, 1:] > ones[:, :-1]).any()) or bool((ones[:, 0] == 0).any()):
+        raise ConfigError("'attention_mask' must mark right padding (1s then 0s, at least one 1): pad on the right")
+
+
+class DistributedModelForCausalLM(DistributedModelBase):
+    """``forward(input_ids, labels=...)`` -> loss and logits; ``generate`` like transformers'."""
+
+    last_stats: GenerationStats | None = None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        """Logits ``# (B, T, V)`` of the input positions (not the prompt's), and with ``labels``
+        (-100: ignored) the mean next-token cross-entropy, as transformers computes it."""
+        from transformers.modeling_outputs import CausalLMOutput
+
+        hidden = self.body(input_ids, attention_mask)[:, self.pre_seq_len :]  # (B, T, H)
+        logits = self.head.logits(hidden)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ConfigError(f"'labels' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, -100)
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
 
     def generate(
         self,
@@ -101,9 +213,8 @@ class DistributedModelForCausalLM:
         pad_token_id: int | None = None,
         streamer: Any = None,
     ) -> torch.Tensor:
-        """Like transformers' generate: returns the prompt followed by the new tokens ``# (B, T + new)``."""
-        if self._token is None:
-            raise ConfigError("the model is closed")
+        """Like transformers' generate: the prompt followed by the new tokens ``# (B, T + new)``.
+        Trained prompts or the client's LoRA take part, as in training."""
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         if eos_token_id is None:
@@ -115,40 +226,67 @@ class DistributedModelForCausalLM:
         if pad_token_id is None:
             pad_token_id = getattr(self.config, "pad_token_id", None)
         sampling = SamplingConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0,
-            top_p=top_p,
-            seed=seed,
-            eos_token_ids=eos_ids,
-            pad_token_id=pad_token_id,
+            max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0, top_p=top_p,
+            seed=seed, eos_token_ids=eos_ids, pad_token_id=pad_token_id,
         )
+        prefix = deep = None
+        if self.ptune is not None:
+            prefix = self.ptune.prompts.detach()
+            deep = None if self.ptune.deep_prompts is None else self.ptune.deep_prompts.detach()
         if streamer is not None:
             streamer.put(input_ids.cpu())
         on_tokens = (lambda t: streamer.put(t.cpu())) if streamer is not None else None
 
         async def run() -> torch.Tensor:
             ids, stats = await generate_tokens(
-                self._peer, self.head, input_ids, model=self.model_id,
-                num_blocks=self.config.num_hidden_layers, dtype=self.dtype,
-                sampling=sampling, on_tokens=on_tokens,
+                self.loop.peer, self.head, input_ids, model=self.model_id,
+                num_blocks=self.config.num_hidden_layers, dtype=self.dtype, sampling=sampling,
+                on_tokens=on_tokens, prefix=prefix, deep_prompts=deep,
+                lora=None if self.lora is None else self.lora.weights(),
             )
             self.last_stats = stats
             return ids
 
         try:
-            return trio.from_thread.run(run, trio_token=self._token)
+            return self.loop.run(run)
         finally:
             if streamer is not None:
                 streamer.end()
 
-    def close(self) -> None:
-        if self._token is not None and self._stop is not None:
-            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
-            self._token = None
-            self._thread.join(timeout=10)
 
-    def __enter__(self) -> DistributedModelForCausalLM:
-        return self
+class DistributedModelForSequenceClassification(DistributedModelBase):
+    """A trainable linear ``score`` head on the last real token's final hidden state (as
+    transformers' LlamaForSequenceClassification), over the remote blocks."""
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    def __init__(self, *, num_labels: int = 2, **fields: Any) -> None:
+        super().__init__(**fields)
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"'num_labels' must be an int >= 1, got {num_labels!r}")
+        self.num_labels = num_labels
+        self.score = torch.nn.Linear(self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype])
+        torch.nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        """Logits ``# (B, num_labels)``; with ``labels``, cross-entropy (or MSE for one label)."""
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = self.body(input_ids, attention_mask)  # (B, P + T, H)
+        lengths = (
+            torch.full((input_ids.shape[0],), input_ids.shape[1])
+            if attention_mask is None
+            else attention_mask.long().sum(dim=1)
+        )
+        last = hidden[torch.arange(hidden.shape[0]), self.pre_seq_len + lengths - 1]  # (B, H)
+        logits = self.score(self.head.norm(last.to(self.score.weight.dtype)))  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return SequenceClassifierOutput(loss=loss, logits=logits)

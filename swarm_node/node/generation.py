@@ -64,18 +64,32 @@ async def generate_tokens(
     chain: Sequence[Hop] | None = None,
     compression: str | None = None,
     push: bool | None = None,
+    adapter: str | None = None,
+    prefix: torch.Tensor | None = None,
+    deep_prompts: torch.Tensor | None = None,
+    lora: Any = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate."""
+    """input_ids ``# (B, T)`` -> all ids ``# (B, T + new)``, like transformers' generate.
+
+    ``adapter``: a LoRA adapter servers hold, by name (default: the client config's).
+    Prompt tuning: ``prefix`` ``# (P, H)`` goes before the prompt's embeddings, and the servers add
+    ``deep_prompts`` ``# (L, P, H)`` to those P positions before each block (model/prompts.py).
+    ``lora``: a client-owned model.LoraWeights the servers apply (instead of a named ``adapter``).
+    """
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}")
     from swarm_node.model import sample_next_token
 
+    if lora is not None:
+        adapter = ""  # a client-owned LoRA replaces any named adapter of the client config
     t0 = time.perf_counter()
     batch, prompt_len = input_ids.shape
     stats = GenerationStats(prompt_tokens=prompt_len)
-    max_length = prompt_len + sampling.max_new_tokens
+    max_length = prompt_len + sampling.max_new_tokens + (0 if prefix is None else prefix.shape[0])
     if chain is None:
-        chain = await peer.find_chain(model, num_blocks, max_length=max_length, batch_size=batch, push=push)
+        chain = await peer.find_chain(
+            model, num_blocks, max_length=max_length, batch_size=batch, push=push, adapter=adapter
+        )
     stats.chain = list(chain)
     generator = None
     if sampling.seed is not None:
@@ -86,9 +100,11 @@ async def generate_tokens(
     ids = input_ids
     async with peer.inference_session(
         list(chain), model=model, max_length=max_length, dtype=dtype, batch_size=batch,
-        compression=compression, push=push,
+        compression=compression, push=push, adapter=adapter, prompts=deep_prompts, lora=lora,
     ) as session:
         hidden = await trio.to_thread.run_sync(head.embed, input_ids)  # (B, T, H)
+        if prefix is not None:
+            hidden = torch.cat([prefix.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1)  # (B, P + T, H)
         for i in range(sampling.max_new_tokens):
             t_step = time.perf_counter()
             out = await session.step(hidden)  # (B, T, H)

@@ -76,8 +76,14 @@ class InferenceSession:
         max_frame_size: int,
         batch_size: int = 1,
         push: bool = False,
+        adapter: str = "",
+        prompts: torch.Tensor | None = None,
+        lora: Any = None,
     ) -> None:
         self.push = push
+        self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
+        self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
+        self.lora = lora  # a client-owned model.LoraWeights; each hop gets its blocks' at open
         self.host = host
         self.chain = chain
         self.model = model
@@ -112,6 +118,9 @@ class InferenceSession:
                         dtype=self.dtype,
                         compression=self.downlink,
                         batch_size=self.batch_size,
+                        adapter=self.adapter,
+                        prompts=self._hop_prompts(hop),
+                        **self._hop_lora(hop),
                         **self._push_fields(following, previous),
                     ),
                     m.OpenSessionResponse,
@@ -125,6 +134,23 @@ class InferenceSession:
             await self.aclose()
             raise
         return self
+
+    def _hop_lora(self, hop: Hop) -> dict[str, Any]:
+        """The ``lora`` and ``lora_manifest`` fields of this hop's blocks (none: no fields)."""
+        part = self.lora.for_blocks(hop.start, hop.end) if self.lora is not None else None
+        if part is None or not part.modules:
+            return {}
+        from swarm_node.model.lora_pack import pack_lora
+
+        flat, manifest = pack_lora(part)
+        flat = flat.detach().to(getattr(torch, self.dtype)).contiguous()
+        return {"lora": compression.encode(flat, "none"), "lora_manifest": manifest}  # travels exactly
+
+    def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
+        if self.prompts is None:
+            return None
+        part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
+        return compression.encode(part, "none")  # prompts travel exactly
 
     def _push_fields(self, following: _RemoteSpan | None, previous: str) -> dict[str, str]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""

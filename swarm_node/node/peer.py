@@ -26,6 +26,7 @@ from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
 from swarm_node.errors import ConfigError, SwarmError
+from swarm_node.node.adapters import load_server_adapters
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
@@ -85,9 +86,12 @@ class Peer:
         return out
 
     # -- serving ---------------------------------------------------------------------------------
-    async def _start_serving(self, config: ServerConfig, prepared: tuple[Any, float], nursery: trio.Nursery) -> None:
-        span, throughput = prepared
+    async def _start_serving(
+        self, config: ServerConfig, prepared: tuple[Any, float, dict[str, Any]], nursery: trio.Nursery
+    ) -> None:
+        span, throughput, adapters = prepared
         self.server = BlockServer(
+            adapters=adapters,
             span=span,
             model_id=model_id_of(config.model),
             config=config,
@@ -118,6 +122,7 @@ class Peer:
             dtype=self.server.config.dtype,
             version=__version__,
             quant=self.server.config.quant or "none",
+            adapters=tuple(sorted(self.server.adapters)),
             bytes_per_block=self.server.span.memory_bytes() // (self.server.end - self.server.start),
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
@@ -203,15 +208,18 @@ class Peer:
         push: bool | None = None,
         max_length: int = 1,
         batch_size: int = 1,
+        adapter: str | None = None,
     ) -> list[Hop]:
         """The chain covering blocks start..end-1 with the lowest expected per-token latency.
 
         Pings every server found (the samples feed ``self.rtt``), costs server-to-server hops from
         the round trips servers publish, and leaves out servers that did not answer or whose cache
         cannot hold ``max_length * batch_size`` tokens. ``push``: cost the chain for server-to-server
-        push (default: the client config's choice).
+        push (default: the client config's choice). ``adapter``: only servers holding this LoRA
+        adapter (default: the client config's; "": any server).
         """
         end = num_blocks if end is None else end
+        adapter = self.client_config.adapter if adapter is None else adapter
         push = self.client_config.push if push is None else push
         servers = await self.find_servers(model, num_blocks)
         samples = await self._ping_all(servers)
@@ -221,7 +229,7 @@ class Peer:
         return choose_inference_chain(
             servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
-            batch_size=batch_size, exclude=unreachable,
+            batch_size=batch_size, exclude=unreachable, adapter=adapter or "",
         )
 
     def inference_session(
@@ -234,8 +242,13 @@ class Peer:
         batch_size: int = 1,
         compression: str | None = None,
         push: bool | None = None,
+        adapter: str | None = None,
+        prompts: torch.Tensor | None = None,
+        lora: Any = None,
     ) -> InferenceSession:
-        """A session over ``chain``; ``compression`` overrides the client's codec for it."""
+        """A session over ``chain``; ``compression`` and ``adapter`` override the client config's;
+        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open;
+        ``lora``: a client-owned model.LoraWeights, each server gets its blocks' part at open."""
         return InferenceSession(
             self.host,
             chain,
@@ -247,11 +260,15 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             batch_size=batch_size,
             push=self.client_config.push if push is None else push,
+            adapter=(self.client_config.adapter if adapter is None else adapter) or "",
+            prompts=prompts,
+            lora=lora,
         )
 
 
-async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
-    """Load the span a server will hold (before any networking) and measure its throughput."""
+async def _prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]]:
+    """Load the span a server will hold and its adapters (before any networking), and measure its
+    throughput."""
     from swarm_node.model import BlockSpan, Checkpoint, resolve_model
 
     if config.torch_threads is not None:
@@ -274,10 +291,13 @@ async def _prepare_span(config: ServerConfig) -> tuple[Any, float]:
         "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
         config.start, config.end, time.perf_counter() - t0, per_block / 1e6, config.quant or config.dtype,
     )
+    adapters = await trio.to_thread.run_sync(
+        lambda: load_server_adapters(config.adapters, checkpoint.config, start=config.start, end=config.end, dtype=dtype)
+    )
     throughput = config.throughput
     if throughput is None:
         throughput = await trio.to_thread.run_sync(lambda: measure_throughput(span, dtype=dtype))
-    return span, throughput
+    return span, throughput, adapters
 
 
 async def _connect_initial_peers(

@@ -22,22 +22,16 @@ from swarm_node import __version__, compression
 from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
+from swarm_node.node import server_training
 from swarm_node.node.push import PushLink, open_push_link
+from swarm_node.node.request_error import RequestError
+from swarm_node.node.server_training import MAX_FORWARD_BATCH
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward
-
-
-class RequestError(Exception):
-    """A request we refuse; becomes an ErrorResponse and the stream keeps going."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["MAX_FORWARD_BATCH", "TORCH_DTYPES", "BlockServer", "RequestError", "measure_throughput"]
 
 
 @dataclass(slots=True)
@@ -58,7 +52,9 @@ class _Session:
     push: PushLink | None = None  # to the next span's server, when the client asked for push
     prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
     last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
+    prompts: torch.Tensor | None = None  # deep prompts (end - start, P, H) the client opened with
     lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
+    lora: Any = None  # model.LoraWeights of the adapter the session named, or None
 
 
 class BlockServer:
@@ -74,8 +70,10 @@ class BlockServer:
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
         host: Any = None,  # libp2p host, to open push streams to next servers
+        adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
     ) -> None:
         self.host = host
+        self.adapters = adapters or {}
         self.sessions: dict[str, _Session] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
@@ -175,7 +173,9 @@ class BlockServer:
             await self._end(session)
             return m.CloseSessionResponse(session_id=message.session_id)
         if isinstance(message, m.ForwardRequest):
-            return await self._forward(message)
+            return await server_training.forward(self, message)
+        if isinstance(message, m.BackwardRequest):
+            return await server_training.backward(self, message)
         raise RequestError("bad_request", f"a server does not accept {type(message).__name__}")
 
     def info(self) -> m.InfoResponse:
@@ -247,6 +247,8 @@ class BlockServer:
                 "too_many_sessions",
                 f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit)",
             )
+        prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
+        lora = server_training.request_lora(self, req)
         tokens = req.max_length * req.batch_size
         if tokens > self.cache_tokens_left:
             raise RequestError(
@@ -269,8 +271,10 @@ class BlockServer:
             reserved_tokens=tokens,
             conn=conn,
             prev_peer=req.prev_peer,
+            prompts=prompts,
             last_active=trio.current_time(),
             lock=trio.Lock(),
+            lora=lora,
         )
         self.reserved_tokens += tokens
         self.sessions_per_peer[peer] += 1
@@ -360,7 +364,9 @@ class BlockServer:
         hidden = self._decode_hidden(
             wire, batch=session.batch_size, max_tokens=session.max_length - length, dtype=session.dtype
         )
-        run = functools.partial(self._run_span, hidden, session.cache, session.start, session.end)
+        run = functools.partial(
+            self._run_span, hidden, session.cache, session.start, session.end, session.prompts, session.lora
+        )
         try:
             out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
         except SessionError as exc:
@@ -373,20 +379,12 @@ class BlockServer:
         session.last_reply = reply
         return reply
 
-    async def _forward(self, req: m.ForwardRequest) -> m.ForwardResponse:
-        self._check_span(req.model, req.start, req.end)
-        if req.compression not in COMPRESSIONS:
-            raise RequestError("bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}")
-        hidden = self._decode_hidden(
-            req.hidden, batch=None, max_tokens=self.config.max_session_length, dtype=self.config.dtype
-        )
-        run = functools.partial(self._run_span, hidden, None, req.start, req.end)
-        out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
-        return m.ForwardResponse(hidden=compression.encode(out, req.compression))
-
-    def _run_span(self, hidden: torch.Tensor, cache: Any, start: int, end: int) -> torch.Tensor:
+    def _run_span(
+        self, hidden: torch.Tensor, cache: Any, start: int, end: int, prompts: torch.Tensor | None = None,
+        lora: Any = None,
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            return self.span.forward(hidden, cache, start=start, end=end)
+            return self.span.forward(hidden, cache, start=start, end=end, prompts=prompts, lora=lora)
 
 
 def measure_throughput(span: Any, *, dtype: torch.dtype, repeats: int = 8) -> float:

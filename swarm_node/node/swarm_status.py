@@ -45,6 +45,7 @@ def coverage_report(
                 "quant": s.quant,
                 "bytes_per_block": s.bytes_per_block,
                 "version": s.version,
+                "adapters": list(s.adapters),
             }
             for s in servers
         ],
@@ -81,6 +82,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
+            + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
         )
     return "\n".join(lines)
 

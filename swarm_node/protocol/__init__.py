@@ -16,6 +16,8 @@ from swarm_node.protocol.framing import (
 from swarm_node.protocol.messages import (
     ERROR_CODES,
     MESSAGE_TYPES,
+    BackwardRequest,
+    BackwardResponse,
     CloseSessionRequest,
     CloseSessionResponse,
     ErrorResponse,
@@ -40,6 +42,8 @@ __all__ = [
     "MAX_HEADER_SIZE",
     "MAX_NDIM",
     "MESSAGE_TYPES",
+    "BackwardRequest",
+    "BackwardResponse",
     "PROTOCOL_ID",
     "PROTOCOL_VERSION",
     "CloseSessionRequest",

@@ -3,7 +3,8 @@
 A frame is ``[u32 big-endian length of the rest][msgpack header map][tensor bytes ...]``. The header
 is ``{"t": wire_name, "v": PROTOCOL_VERSION, ...fields}``; a WireTensor field becomes
 ``{"codec", "dtype", "shape", "nbytes"}`` in the header and its bytes follow the header, in field
-order. Unknown header fields are ignored so that newer peers can add some.
+order; an optional tensor (``WireTensor | None``) left as None is absent from the header. Unknown
+header fields are ignored so that newer peers can add some.
 
 This module does NOT know sockets, streams or time (the trio shell in node/ reads bytes and feeds
 them here), nor what a codec means or whether a tensor's bytes fit its shape (compression/ checks
@@ -53,6 +54,8 @@ def encode_message(msg: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     payloads: list[memoryview] = []
     for rule in FIELD_RULES[cls]:
         value = getattr(msg, rule.name)
+        if value is None and rule.kind is WireTensor and rule.default is None:
+            continue  # an optional tensor left out: absent from the frame
         if rule.kind is WireTensor:
             check_wire_tensor(rule.name, value, LocalProtocolError)
             data = check_payload(rule.name, value.data, LocalProtocolError)

@@ -60,6 +60,14 @@ class OpenSessionRequest:
     next_addrs: str = ""
     next_session: str = ""
     prev_peer: str = ""  # the only peer whose pushes this session accepts (empty: none)
+    # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
+    # step carries (absent: none). Sent once here, so replays and pushed steps use it too.
+    prompts: WireTensor | None = None
+    adapter: str = ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
+    # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
+    # their JSON manifest ([module key, rank, scale] each), for blocks [start, end).
+    lora: WireTensor | None = None
+    lora_manifest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,11 +123,40 @@ class ForwardRequest:
     end: int
     compression: str
     hidden: WireTensor  # (B, T, H)
+    prompts: WireTensor | None = None  # (end - start, P, H), added to positions [0, P) before each block
+    adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
+    lora: WireTensor | None = None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
+    lora_manifest: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardResponse:
     hidden: WireTensor  # (B, T, H)
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardRequest:
+    """Gradients through blocks [start, end): the server recomputes the forward of ``hidden`` and
+    returns the gradient of ``sum(output * grad_output)`` with respect to its inputs. Its own
+    weights get no gradient and never change."""
+
+    model: str
+    start: int
+    end: int
+    compression: str  # codec of the answer's gradients
+    hidden: WireTensor  # (B, T, H): the input of block `start`, as in the forward
+    grad_output: WireTensor  # (B, T, H): gradient of the loss with respect to the output
+    prompts: WireTensor | None = None  # (end - start, P, H), as in ForwardRequest
+    adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
+    lora: WireTensor | None = None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
+    lora_manifest: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BackwardResponse:
+    grad_input: WireTensor  # (B, T, H)
+    grad_prompts: WireTensor | None = None  # (end - start, P, H), summed over the batch
+    grad_lora: WireTensor | None = None  # (N,): the client-owned LoRA's gradient, in its layout
 
 
 # Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
@@ -149,6 +186,8 @@ Message = (
     | CloseSessionResponse
     | ForwardRequest
     | ForwardResponse
+    | BackwardRequest
+    | BackwardResponse
     | ErrorResponse
 )
 
@@ -165,6 +204,8 @@ MESSAGE_TYPES: dict[str, type] = {
     "close_session_response": CloseSessionResponse,
     "forward_request": ForwardRequest,
     "forward_response": ForwardResponse,
+    "backward_request": BackwardRequest,
+    "backward_response": BackwardResponse,
     "error_response": ErrorResponse,
 }
 WIRE_NAMES: dict[type, str] = {cls: name for name, cls in MESSAGE_TYPES.items()}
@@ -177,13 +218,21 @@ class FieldRule:
     name: str
     kind: type  # int, float, str or WireTensor
     minimum: int  # for ints only
-    default: Any  # dataclasses.MISSING when the field is required
+    default: Any  # dataclasses.MISSING when the field is required; None for an optional tensor
+
+
+def _kind(hint: Any) -> type:
+    """The field's wire kind; ``WireTensor | None`` is an optional tensor (absent from the frame)."""
+    args = typing.get_args(hint)
+    if args and set(args) == {WireTensor, type(None)}:
+        return WireTensor
+    return hint
 
 
 def _rules(cls: type) -> tuple[FieldRule, ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
-        FieldRule(f.name, hints[f.name], f.metadata.get("min", 0), f.default) for f in fields(cls)
+        FieldRule(f.name, _kind(hints[f.name]), f.metadata.get("min", 0), f.default) for f in fields(cls)
     )
 
 
