@@ -25,7 +25,12 @@ from swarm_node.compression import CODECS, decode, encode  # noqa: E402
 from swarm_node.compression.blockwise8 import BLOCK_SIZES  # noqa: E402
 
 HIDDEN = 576
-SHAPES = {"prefill_2048": (1, 2048, HIDDEN), "token": (1, 1, HIDDEN)}
+SHAPES = {  # a token, a batch of 8 tokens, one streamed prefill chunk, a whole 2048-token prefill
+    "token": (1, 1, HIDDEN),
+    "token_batch8": (8, 1, HIDDEN),
+    "chunk_256": (1, 256, HIDDEN),
+    "prefill_2048": (1, 2048, HIDDEN),
+}
 
 
 def _seconds(fn, inner: int) -> float:
@@ -40,7 +45,7 @@ def bench_shape(functional, shape: tuple[int, ...], codec: str, repeats: int) ->
     block = BLOCK_SIZES[codec]
     wire = encode(x, codec)
     codes, state = functional.quantize_blockwise(x, blocksize=block)
-    inner = 200 if x.numel() < 10_000 else 3
+    inner = max(3, 200_000 // x.numel())
     jobs = {
         "encode_ours": lambda: encode(x, codec),
         "encode_bnb": lambda: functional.quantize_blockwise(x, blocksize=block),

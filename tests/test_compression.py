@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from swarm_node.compression import CODECS, DTYPES, ERROR_BOUNDS, decode, encode
+from swarm_node.compression import (
+    CODECS,
+    DTYPES,
+    ERROR_BOUNDS,
+    check_codec,
+    decode,
+    encode,
+    error_bound,
+)
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
 from swarm_node.protocol import FrameDecoder, StepRequest, WireTensor, encode_message
 
@@ -185,3 +193,28 @@ def test_absurd_empty_shapes_are_refused_not_crashing() -> None:
     for codec in ("none", "blockwise8"):
         with pytest.raises(Refused, match="at most 2\\*\\*48 elements"):
             decode_wire(Wire(codec, "float32", (0, 2**30, 2**30, 2**30), b""), max_numel=10**6)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_round_trip_within_the_codec_bound(codec, dtype):
+    """The gradient direction: a real gradient (requires grad upstream, from autograd) travels
+    under every codec and comes back within the codec's bound, in its own dtype."""
+    layer = torch.nn.Linear(576, 576).to(dtype)
+    hidden = torch.randn(2, 7, 576, dtype=dtype, requires_grad=True)  # (B, T, H)
+    layer(hidden).pow(2).sum().backward()
+    grad = hidden.grad  # (B, T, H)
+    y = decode(encode(grad, codec), max_numel=grad.numel())
+    assert y.dtype == dtype and y.shape == grad.shape
+    bound = error_bound(grad, codec)
+    if dtype != torch.float32 and codec != "none":  # one more rounding back into bfloat16
+        bound = bound + 2.0**-8 * (grad.double().abs() + bound)
+    assert bool(((y.double() - grad.double()).abs() <= bound).all())
+
+
+def test_check_codec_names_the_field_and_the_choices():
+    assert check_codec("blockwise8-64") == "blockwise8-64"
+    with pytest.raises(RemoteProtocolError, match=r"'grad_compression' must be one of .*got 'zstd'"):
+        check_codec("zstd", field="grad_compression")
+    with pytest.raises(LocalProtocolError, match=r"'compression' must be one of .*got 3"):
+        check_codec(3, remote=False)

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from swarm_node.compression import BLOCK_ERROR_BOUNDS, DTYPES, decode, encode, error_bound
-from swarm_node.compression.blockwise8 import BLOCK_SIZES, DYNAMIC_MAP, MAX_HALF_GAP
+from swarm_node.compression.blockwise8 import (
+    BLOCK_SIZES,
+    DYNAMIC_MAP,
+    GATHER_MIN_NUMEL,
+    MAX_HALF_GAP,
+)
 from swarm_node.errors import RemoteProtocolError
 from swarm_node.protocol import WireTensor
 
@@ -106,10 +111,15 @@ def test_outlier_channels_keep_normal_channels_accurate_unlike_plain_absmax_int8
     )
 
 
+SIZES = [(2, 3000), (40, 3000)]  # partial last blocks under both sizes; small and large paths
+assert SIZES[0][0] * SIZES[0][1] < GATHER_MIN_NUMEL <= SIZES[1][0] * SIZES[1][1]
+
+
 @pytest.mark.parametrize("codec", BLOCKWISE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_bitsandbytes_dequantizes_our_payload_exactly(bnb_functional, codec, dtype):
-    x = (torch.randn(2, 3000) * 3).to(dtype)  # (2, 3000): a partial last block under both sizes
+@pytest.mark.parametrize("shape", SIZES)
+def test_bitsandbytes_dequantizes_our_payload_exactly(bnb_functional, codec, dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype)
     wire = encode(x, codec)
     absmax, codes = _split(wire)
     theirs = bnb_functional.dequantize_blockwise(
@@ -121,13 +131,14 @@ def test_bitsandbytes_dequantizes_our_payload_exactly(bnb_functional, codec, dty
 
 @pytest.mark.parametrize("codec", BLOCKWISE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_we_decode_bitsandbytes_output_exactly(bnb_functional, codec, dtype):
-    x = (torch.randn(2, 3000) * 3).to(dtype)
+@pytest.mark.parametrize("shape", SIZES)
+def test_we_decode_bitsandbytes_output_exactly(bnb_functional, codec, dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype)
     codes, state = bnb_functional.quantize_blockwise(x, blocksize=BLOCK_SIZES[codec])
     theirs = bnb_functional.dequantize_blockwise(codes, state)
     payload = state.absmax.numpy().astype("<f4").tobytes() + codes.numpy().tobytes()
     ours = decode(
-        WireTensor(codec, str(dtype).removeprefix("torch."), (2, 3000), payload),
+        WireTensor(codec, str(dtype).removeprefix("torch."), shape, payload),
         max_numel=x.numel(),
     )
     assert ours.dtype == theirs.dtype == dtype and torch.equal(ours, theirs)
@@ -153,6 +164,28 @@ def test_our_codes_are_nearest_and_agree_with_bitsandbytes(bnb_functional, codec
     assert bool((our_err <= their_err + tie).all())
     agree = (ours == theirs.reshape(-1)).float().mean().item()
     assert agree > 0.99  # bitsandbytes' CPU search misses the nearest code near midpoints
+
+
+@pytest.mark.parametrize("codec", BLOCKWISE)
+def test_large_and_small_paths_give_the_same_bytes(codec):
+    """Blocks are independent: a tensor past GATHER_MIN_NUMEL (torch's table lookups) encodes and
+    decodes exactly like its block-aligned slices below it (numpy's), ties, zeros and NaN included."""
+    torch.manual_seed(18)  # exact ties, as above
+    block = BLOCK_SIZES[codec]
+    x = torch.randn(2 * GATHER_MIN_NUMEL + 3 * block + 5) * torch.logspace(-4, 4, 7).repeat(20000)[
+        : 2 * GATHER_MIN_NUMEL + 3 * block + 5
+    ]  # (N,), a partial last block
+    x[block : 2 * block] = 0.0
+    x[3 * block + 1] = float("nan")
+    step = block * (GATHER_MIN_NUMEL // block // 2)  # block-aligned, below the threshold
+    whole = encode(x, codec)
+    absmax, codes = _split(whole)
+    parts = [_split(encode(x[i : i + step], codec)) for i in range(0, x.numel(), step)]
+    assert torch.equal(codes, torch.cat([c for _, c in parts]))
+    assert torch.equal(absmax.nan_to_num(7.0), torch.cat([a for a, _ in parts]).nan_to_num(7.0))
+    y = decode(whole, max_numel=x.numel())
+    pieces = [decode(encode(x[i : i + step], codec), max_numel=step) for i in range(0, x.numel(), step)]
+    assert torch.equal(y.nan_to_num(7.0), torch.cat(pieces).nan_to_num(7.0))
 
 
 @settings(max_examples=300, deadline=None)

@@ -24,6 +24,18 @@ A codec is one pair of functions, ``encode(tensor) -> bytes-like`` and ``decode(
 dtype) -> 1-D tensor``, plus ``payload_nbytes(numel, dtype)`` so that ``decode`` checks the length
 before it allocates anything. Add one to ``_CODECS`` and ``CODECS``.
 
+Directions. Every encoded tensor names its own codec, so a receiver never needs to be told how
+to read one; what a session or request negotiates is the codec of what comes BACK:
+- client -> server: the client encodes with its own codec (``--compression`` on ``generate``);
+- server -> client: ``OpenSessionRequest.compression`` / ``ForwardRequest.compression`` (or
+  "default": the server's ``--compression``);
+- server -> server (push): the session's codec, the same as server -> client;
+- gradients: a backward request carries the client's gradient w.r.t. the span's output, encoded
+  with the client's codec, and names (like ``ForwardRequest.compression``) the codec of the
+  gradient w.r.t. the span's input that the server sends back. ``encode``/``decode`` take any
+  float32/float16/bfloat16 tensor of up to ``MAX_NDIM`` dimensions, a gradient included (a tensor
+  that requires grad, a non-contiguous view); ``check_codec`` validates the name a request carries.
+
 This module does NOT know frames, sessions or peers (protocol/ and node/ carry the WireTensor),
 nor which codec a session negotiated: the caller passes it.
 """
@@ -220,3 +232,15 @@ def decode(wire: WireTensor, *, max_numel: int) -> torch.Tensor:
             f"got {payload.nbytes}"
         )
     return codec.decode(payload, numel, dtype).reshape(shape)
+
+
+def check_codec(name: object, *, field: str = "compression", remote: bool = True) -> str:
+    """``name`` if it is one of ``CODECS``, else RemoteProtocolError (or LocalProtocolError when
+    ``remote`` is False) saying which field, what was expected and what came.
+
+    For the codec a request asks its answer in (a forward's output, a backward's gradients).
+    """
+    if type(name) is str and name in _CODECS:
+        return name
+    error = RemoteProtocolError if remote else LocalProtocolError
+    raise error(f"{field!r} must be one of {CODECS}, got {name!r}")

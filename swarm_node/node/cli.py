@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="close a client's sessions after this long without a message (default: 120)")
     serve.add_argument("--compression", default=_env("COMPRESSION", "none"), choices=CODECS,
                        help="codec of hidden states this server sends when a client leaves it the "
-                       "choice (default: none; blockwise8 sends ~4x fewer bytes)")
+                       "choice (default: none; blockwise8-64 sends ~3.8x fewer bytes with ~1%% error per token; "
+                       "blockwise8's 4096-value blocks share one scale between ~7 prompt tokens)")
     serve.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", "5")), metavar="SECONDS",
                        help="on Ctrl-C or SIGTERM: refuse new sessions, withdraw the record, and give the "
                        "steps being computed this long to finish (default: 5)")
