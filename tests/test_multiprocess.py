@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.process_swarm import first_line
+
 pytestmark = pytest.mark.slow
 
 CLI = str(Path(sys.executable).with_name("swarm-node"))
-
-
-async def _first_line(process: trio.Process) -> str:
-    assert process.stdout is not None
-    data = b""
-    while b"\n" not in data:
-        chunk = await process.stdout.receive_some(4096)
-        if not chunk:
-            raise AssertionError(f"process exited before printing its address: {data!r}")
-        data += chunk
-    return data.split(b"\n", 1)[0].decode()
 
 
 async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
@@ -35,7 +26,7 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
                     [*serve, "--blocks", "0:15"], stdout=subprocess.PIPE, task_status=task_status, check=False
                 )
             )
-            addr = await _first_line(first)
+            addr = await first_line(first)
             assert addr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3" in addr
             second = await nursery.start(
                 lambda task_status: trio.run_process(
@@ -43,7 +34,7 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
                     stdout=subprocess.PIPE, task_status=task_status, check=False,
                 )
             )
-            await _first_line(second)
+            await first_line(second)
             result = await trio.run_process(
                 [CLI, "generate", "The capital of France is", "--initial-peers", addr, "--max-new-tokens", "8"],
                 capture_stdout=True, capture_stderr=True, check=False,
