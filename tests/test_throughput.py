@@ -43,10 +43,10 @@ async def test_server_start_uses_the_cache_dir_and_the_override(
 ) -> None:
     monkeypatch.setenv("SWARM_CACHE_DIR", str(tmp_path))
     with trio.fail_after(60):
-        _, measured = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3))
+        _, measured, _ = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3))
         (key,) = json.loads((tmp_path / CACHE_FILE).read_text())
         assert key.startswith(f"{tiny_llama.name}|float32|none|cpu|threads=")
-        _, again = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3))
+        _, again, _ = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3))
         assert again == measured
-        _, given = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3, throughput=7.5))
+        _, given, _ = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3, throughput=7.5))
     assert given == 7.5
