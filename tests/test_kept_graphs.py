@@ -48,9 +48,15 @@ async def test_kept_graphs_give_the_gradients_of_local_autograd_and_of_the_recom
             plain = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, keep_graphs=False)
             again = await trio.to_thread.run_sync(_pass, plain, hidden, prompts, lora, weight)
             after = [(s.hits, s.misses, len(s)) for s in stores]
+            # an evaluation pass (no_grad in the thread that runs it): no backward will come, nothing kept
+            await trio.to_thread.run_sync(lambda: torch.no_grad()(kept)(hidden, prompts.requires_grad_(True)))
+            prompts.requires_grad_(False)
+            await trio.to_thread.run_sync(kept, hidden)  # nothing requires grad: nothing kept either
+            idle = [len(s) for s in stores]
             spans = [s.server.span for s in servers]
     assert hits == [(1, 0, 0), (1, 0, 0)]  # one hop per server, each backward on its kept graph
     assert after == hits  # the recompute path keeps nothing
+    assert idle == [0, 0]
     h, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
     with lora_hooks(ref, local_lora.weights()):
         out = blocks_output(ref, h, p)

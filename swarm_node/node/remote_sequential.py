@@ -123,7 +123,11 @@ class RemoteSequential(torch.nn.Module):
             if not all(self.start <= b < self.end for b in lora.blocks):
                 raise ConfigError(f"'lora' blocks must lie in {self.start}:{self.end}, got {lora.blocks}")
             flat, _ = pack_lora(lora)  # (N,), differentiable: gradients reach every A and B
-        return _RemoteBlocks.apply(hidden, prompts, flat, lora, self)
+        # keep graphs only for a pass that will have a backward (not under no_grad, not for constants)
+        keep = self.keep_graphs and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, prompts, flat)
+        )
+        return _RemoteBlocks.apply(hidden, prompts, flat, lora, self, keep)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """Run ``await fn(*args)`` in the peer's trio loop from this (non-trio) thread: call the module
@@ -232,7 +236,7 @@ class RemoteSequential(torch.nn.Module):
         """The hop's output and the id of the graph its server kept ("": none)."""
         req = m.ForwardRequest(
             model=self.model, start=hop.start, end=hop.end, compression=self.codec,
-            hidden=compression.encode(x, self.codec), keep_graph=int(self.keep_graphs), **tuned.fields(hop),
+            hidden=compression.encode(x, self.codec), keep_graph=int(tuned.keep), **tuned.fields(hop),
         )
         reply = await self._call(hop, req, m.ForwardResponse)
         return self._tensor(hop, reply.hidden, x.shape, "hidden"), reply.graph_id
@@ -321,6 +325,7 @@ class _Tuned:
         self.dtype = TORCH_DTYPES[blocks.dtype]
         self.prompts = None if prompts is None else prompts.detach().to(self.dtype)
         self.lora = lora
+        self.keep = False  # ask the servers to keep the forward graphs for this pass's backward
         self.grad_prompts = None if prompts is None else torch.zeros_like(self.prompts)
         self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=self.dtype)
         self._offsets: dict[int, tuple[int, int]] = {}  # block -> its numbers' range in the flat LoRA
@@ -366,8 +371,10 @@ class _RemoteBlocks(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, flat: torch.Tensor | None, lora: Any,
         blocks: RemoteSequential,
+        keep: bool,
     ) -> torch.Tensor:
         tuned = _Tuned(blocks, prompts, lora, flat)
+        tuned.keep = keep
         out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
         ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
         ctx.dtypes = (None if prompts is None else prompts.dtype, None if flat is None else flat.dtype)
@@ -381,4 +388,4 @@ class _RemoteBlocks(torch.autograd.Function):
         prompts_dtype, flat_dtype = ctx.dtypes
         grad_prompts = None if tuned.grad_prompts is None else tuned.grad_prompts.to(prompts_dtype)
         grad_flat = None if tuned.grad_lora is None else tuned.grad_lora.to(flat_dtype)
-        return grad_hidden, grad_prompts, grad_flat, None, None
+        return grad_hidden, grad_prompts, grad_flat, None, None, None
