@@ -122,7 +122,8 @@ async def test_a_peer_keeps_at_most_its_limit_and_a_closed_stream_drops_them(tin
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
             store = servers[0].server.kept_graphs
             conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
-            ids = [(await request(conn, req, m.ForwardResponse, timeout=10)).graph_id for _ in range(store.per_peer + 1)]
+            ids = [(await request(conn, req, m.ForwardResponse, timeout=10)).graph_id
+                   for _ in range(store.per_peer + 1)]
             assert len(set(ids)) == len(ids) and all(ids)
             assert len(store) == store.per_peer and store.evicted == 1  # the oldest went
             old = m.BackwardRequest(model=tiny_llama.name, start=0, end=2, compression="none", hidden=req.hidden,

@@ -5,8 +5,8 @@ input it sent; backward walks the chain in reverse, sending each hop that input 
 its output, and receives the gradient of its input (and of the deep prompts and the client-owned LoRA
 of its blocks, which travel with every request). Each forward asks its server to keep the graph
 (``keep_graphs``); the backward names it, and the server runs on it instead of recomputing the forward
-(it recomputes when it no longer holds it). Servers never change their weights. A batch too big for one frame is cut into
-pieces along the batch that travel concurrently. A hop that fails (error, lost stream, deadline) is
+(it recomputes when it no longer holds it). Servers never change their weights. A batch too big
+for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error, lost stream, deadline) is
 left out for a while and its blocks re-routed: a forward goes on from there over the replacement; a
 backward first recomputes the forward of the failed hop's blocks on the replacement.
 

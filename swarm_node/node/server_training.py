@@ -1,8 +1,9 @@
 """What a server runs for training clients: cache-less forward and backward passes over its blocks.
 
 A backward recomputes the forward of the inputs the client sends, or, when the forward asked the
-server to keep its graph (``keep_graph``) and the backward names it, runs on that graph (kept_graphs.py;
-the inputs must be the same, else it recomputes: the answer never depends on the cache), and returns the gradients for those inputs, for the client's deep prompts and for the
+server to keep its graph (``keep_graph``) and the backward names it, runs on that graph
+(kept_graphs.py; the inputs must be the same, else it recomputes: the answer never depends on the
+cache). It returns the gradients for those inputs, for the client's deep prompts and for the
 LoRA weights a client owns and sends along (or the server applies a named adapter it holds). The server's
 own weights are frozen: ``torch.autograd.grad`` asks only for the inputs' gradients, so no weight ever
 gets a ``.grad`` and no optimizer touches them. Every tensor a client sends is checked (shape, dtype,
