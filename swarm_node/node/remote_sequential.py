@@ -6,9 +6,10 @@ its output, and receives the gradient of its input (and of the deep prompts and 
 of its blocks, which travel with every request). Each forward asks its server to keep the graph
 (``keep_graphs``); the backward names it, and the server runs on it instead of recomputing the forward
 (it recomputes when it no longer holds it). Servers never change their weights. A batch too big
-for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error, lost stream, deadline) is
-left out for a while and its blocks re-routed: a forward goes on from there over the replacement; a
-backward first recomputes the forward of the failed hop's blocks on the replacement.
+for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error,
+lost stream, deadline) is left out for a while and its blocks re-routed: a forward goes on from there
+over the replacement; a backward first recomputes the forward of the failed hop's blocks on the
+replacement (which keeps that graph in turn).
 
 The torch side is synchronous: the autograd function hands the network work to the peer's trio loop
 with ``trio.from_thread.run`` (give ``trio_token`` when torch runs in a thread trio did not start).
