@@ -148,7 +148,7 @@ async def test_a_server_that_dies_between_forward_and_backward_is_rerouted(tiny_
                 h = hidden.clone().requires_grad_(True)
                 p = prompts.clone().requires_grad_(True)
                 out = await trio.to_thread.run_sync(remote, h, p)
-                used = {hop.server.peer_id for trace in out.grad_fn.traces for hop, _ in trace}
+                used = {hop.server.peer_id for trace in out.grad_fn.traces for hop, *_ in trace}
                 victim = next(i for i, peer in enumerate(peers) if peer.peer_id in used)
                 scopes[victim].cancel()  # the server of blocks 3:6 that ran the forward leaves
                 await trio.to_thread.run_sync(lambda: (out * weight).sum().backward())

@@ -3,11 +3,13 @@
 Forward sends whole sequences through a chain of servers (no cache) and keeps, for every hop, the
 input it sent; backward walks the chain in reverse, sending each hop that input and the gradient of
 its output, and receives the gradient of its input (and of the deep prompts and the client-owned LoRA
-of its blocks, which travel with every request). Servers recompute their forward and never change
-their weights. A batch too big for one frame is cut into
-pieces along the batch that travel concurrently. A hop that fails (error, lost stream, deadline) is
-left out for a while and its blocks re-routed: a forward goes on from there over the replacement; a
-backward first recomputes the forward of the failed hop's blocks on the replacement.
+of its blocks, which travel with every request). Each forward asks its server to keep the graph
+(``keep_graphs``); the backward names it, and the server runs on it instead of recomputing the forward
+(it recomputes when it no longer holds it). Servers never change their weights. A batch too big
+for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error,
+lost stream, deadline) is left out for a while and its blocks re-routed: a forward goes on from there
+over the replacement; a backward first recomputes the forward of the failed hop's blocks on the
+replacement (which keeps that graph in turn).
 
 The torch side is synchronous: the autograd function hands the network work to the peer's trio loop
 with ``trio.from_thread.run`` (give ``trio_token`` when torch runs in a thread trio did not start).
@@ -47,7 +49,7 @@ class _HopFailed(SwarmError):
         self.cause = cause
 
 
-Trace = list[tuple[Hop, torch.Tensor]]  # (hop, the input sent to it), in chain order
+Trace = list[tuple[Hop, torch.Tensor, str]]  # (hop, the input sent to it, its kept graph's id or ""), in chain order
 
 
 class RemoteSequential(torch.nn.Module):
@@ -68,6 +70,7 @@ class RemoteSequential(torch.nn.Module):
         max_concurrent_pieces: int = 4,
         min_pieces: int = 1,
         seed: int | None = None,
+        keep_graphs: bool = True,
     ) -> None:
         super().__init__()
         end = num_blocks if end is None else end
@@ -101,6 +104,7 @@ class RemoteSequential(torch.nn.Module):
         self.failures = 0  # hops that failed and were re-routed, over this module's life
         self.adapter = peer.client_config.adapter or ""  # a LoRA the servers hold, by name ("": none)
         self._call_failures = 0  # ... in the current forward or backward pass
+        self.keep_graphs = bool(keep_graphs)  # ask servers to keep forward graphs for the backward
 
     def forward(
         self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: Any = None
@@ -120,7 +124,11 @@ class RemoteSequential(torch.nn.Module):
             if not all(self.start <= b < self.end for b in lora.blocks):
                 raise ConfigError(f"'lora' blocks must lie in {self.start}:{self.end}, got {lora.blocks}")
             flat, _ = pack_lora(lora)  # (N,), differentiable: gradients reach every A and B
-        return _RemoteBlocks.apply(hidden, prompts, flat, lora, self)
+        # keep graphs only for a pass that will have a backward (not under no_grad, not for constants)
+        keep = self.keep_graphs and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, prompts, flat)
+        )
+        return _RemoteBlocks.apply(hidden, prompts, flat, lora, self, keep)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """Run ``await fn(*args)`` in the peer's trio loop from this (non-trio) thread: call the module
@@ -181,20 +189,20 @@ class RemoteSequential(torch.nn.Module):
         while i < len(chain):
             hop = chain[i]
             try:
-                y = await self._remote_forward(hop, x, tuned)
+                y, graph_id = await self._remote_forward(hop, x, tuned)
             except _HopFailed as failure:
                 self._fail(failure)
                 chain = chain[:i] + await self._route(hop.start, end, tuned.adapter)
                 continue
-            trace.append((hop, x))
+            trace.append((hop, x, graph_id))
             x = y
             i += 1
         return x, trace
 
     async def _backward_trace(self, grad: torch.Tensor, trace: Trace, tuned: _Tuned) -> torch.Tensor:
-        for hop, x in reversed(trace):
+        for hop, x, graph_id in reversed(trace):
             try:
-                grad = await self._remote_backward(hop, x, grad, tuned)
+                grad = await self._remote_backward(hop, x, grad, tuned, graph_id)
             except _HopFailed as failure:
                 self._fail(failure)  # recompute the forward of these blocks on their new servers
                 _, again = await self._forward_range(x, hop.start, hop.end, tuned)
@@ -225,20 +233,24 @@ class RemoteSequential(torch.nn.Module):
         )
 
     # -- one hop -------------------------------------------------------------------------------
-    async def _remote_forward(self, hop: Hop, x: torch.Tensor, tuned: _Tuned) -> torch.Tensor:
+    async def _remote_forward(self, hop: Hop, x: torch.Tensor, tuned: _Tuned) -> tuple[torch.Tensor, str]:
+        """The hop's output and the id of the graph its server kept ("": none)."""
         req = m.ForwardRequest(
             model=self.model, start=hop.start, end=hop.end, compression=self.codec,
-            hidden=compression.encode(x, self.codec), **tuned.fields(hop),
+            hidden=compression.encode(x, self.codec), keep_graph=int(tuned.keep), **tuned.fields(hop),
         )
         reply = await self._call(hop, req, m.ForwardResponse)
-        return self._tensor(hop, reply.hidden, x.shape, "hidden")
+        return self._tensor(hop, reply.hidden, x.shape, "hidden"), reply.graph_id
 
-    async def _remote_backward(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned) -> torch.Tensor:
+    async def _remote_backward(
+        self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned, graph_id: str = ""
+    ) -> torch.Tensor:
         """The gradient for the hop's input; its prompts' and LoRA's are added to ``tuned``'s."""
         fields = tuned.fields(hop)
         req = m.BackwardRequest(
             model=self.model, start=hop.start, end=hop.end, compression=self.codec,
-            hidden=compression.encode(x, self.codec), grad_output=compression.encode(grad, self.codec), **fields,
+            hidden=compression.encode(x, self.codec), grad_output=compression.encode(grad, self.codec),
+            graph_id=graph_id, **fields,
         )
         reply = await self._call(hop, req, m.BackwardResponse)
         grad_input = self._tensor(hop, reply.grad_input, x.shape, "grad_input")
@@ -314,6 +326,7 @@ class _Tuned:
         self.dtype = TORCH_DTYPES[blocks.dtype]
         self.prompts = None if prompts is None else prompts.detach().to(self.dtype)
         self.lora = lora
+        self.keep = False  # ask the servers to keep the forward graphs for this pass's backward
         self.grad_prompts = None if prompts is None else torch.zeros_like(self.prompts)
         self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=self.dtype)
         self._offsets: dict[int, tuple[int, int]] = {}  # block -> its numbers' range in the flat LoRA
@@ -359,8 +372,10 @@ class _RemoteBlocks(torch.autograd.Function):
     def forward(
         ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, flat: torch.Tensor | None, lora: Any,
         blocks: RemoteSequential,
+        keep: bool,
     ) -> torch.Tensor:
         tuned = _Tuned(blocks, prompts, lora, flat)
+        tuned.keep = keep
         out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
         ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
         ctx.dtypes = (None if prompts is None else prompts.dtype, None if flat is None else flat.dtype)
@@ -374,4 +389,4 @@ class _RemoteBlocks(torch.autograd.Function):
         prompts_dtype, flat_dtype = ctx.dtypes
         grad_prompts = None if tuned.grad_prompts is None else tuned.grad_prompts.to(prompts_dtype)
         grad_flat = None if tuned.grad_lora is None else tuned.grad_lora.to(flat_dtype)
-        return grad_hidden, grad_prompts, grad_flat, None, None
+        return grad_hidden, grad_prompts, grad_flat, None, None, None

@@ -21,6 +21,7 @@ from swarm_node.errors import ProtocolError, RemoteProtocolError, SessionError
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node import server_training
+from swarm_node.node.kept_graphs import KeptGraphs
 from swarm_node.node.push import open_push_link
 from swarm_node.node.request_error import RequestError
 from swarm_node.node.server_state import Gauge, ServerSession
@@ -64,6 +65,7 @@ class BlockServer:
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
         self.steps = Gauge()  # requests being computed and answered right now
         self.open_sessions = Gauge()  # sessions open on this server
+        self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
 
     @property
     def steps_in_flight(self) -> int:
@@ -105,6 +107,7 @@ class BlockServer:
         sessions: dict[str, ServerSession] = {}
         carries_pushes = False
         timeout = self.config.session_idle_timeout
+        self.kept_graphs.stream_opened(peer)
         try:
             while True:
                 with trio.move_on_after(timeout) as idle:
@@ -155,6 +158,7 @@ class BlockServer:
         except Exception:  # one catch-all per connection: keep serving everyone else
             log.warning("stream from %s failed; closing it", peer, exc_info=True)
         finally:
+            self.kept_graphs.stream_closed(peer)  # the peer's graphs go with its last stream
             with trio.CancelScope(shield=True):
                 for session in sessions.values():
                     await self._end(session)
@@ -175,9 +179,9 @@ class BlockServer:
             await self._end(session)
             return m.CloseSessionResponse(session_id=message.session_id)
         if isinstance(message, m.ForwardRequest):
-            return await server_training.forward(self, message)
+            return await server_training.forward(self, message, conn.peer_id)
         if isinstance(message, m.BackwardRequest):
-            return await server_training.backward(self, message)
+            return await server_training.backward(self, message, conn.peer_id)
         raise RequestError("bad_request", f"a server does not accept {type(message).__name__}")
 
     def info(self) -> m.InfoResponse:

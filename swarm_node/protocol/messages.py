@@ -127,16 +127,21 @@ class ForwardRequest:
     adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
     lora: WireTensor | None = None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
     lora_manifest: str = ""
+    # 1: keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
+    # names it in 'graph_id'; the server may decline, answering ""). 0: keep nothing.
+    keep_graph: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardResponse:
     hidden: WireTensor  # (B, T, H)
+    graph_id: str = ""  # the kept graph, for BackwardRequest.graph_id ("": none kept)
 
 
 @dataclass(frozen=True, slots=True)
 class BackwardRequest:
-    """Gradients through blocks [start, end): the server recomputes the forward of ``hidden`` and
+    """Gradients through blocks [start, end): the server recomputes the forward of ``hidden`` (or uses
+    the graph it kept, see ``graph_id``) and
     returns the gradient of ``sum(output * grad_output)`` with respect to its inputs. Its own
     weights get no gradient and never change."""
 
@@ -150,6 +155,10 @@ class BackwardRequest:
     adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
     lora: WireTensor | None = None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
     lora_manifest: str = ""
+    # ForwardResponse.graph_id of this span's forward ("": none): the server then runs the backward
+    # on that kept graph instead of recomputing, when it still holds it and the inputs match; the
+    # result is the same either way. Used once.
+    graph_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
