@@ -29,7 +29,7 @@ from swarm_node.node.identity import load_or_create_identity
 from swarm_node.node.inference_session import InferenceSession, open_stream, request
 from swarm_node.node.placement import start_placed
 from swarm_node.node.recovery import Recovery
-from swarm_node.node.recovery import sole_error as _single_leaf
+from swarm_node.node.recovery import sole_error
 from swarm_node.node.server import BlockServer
 from swarm_node.node.startup import connect_initial_peers, model_id_of, parse_multiaddr, prepare_span
 from swarm_node.node.swarm_key import load_swarm_key
@@ -355,10 +355,7 @@ async def open_peer(
                         await peer._withdraw()
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        leaf = _single_leaf(group)
-        if leaf is None:
-            raise
-        raise leaf from None
+        raise sole_error(group) or group from None  # one failure comes out as itself
 
 
 def with_listen(config: PeerConfig, listen: Sequence[str]) -> PeerConfig:

@@ -25,7 +25,7 @@ from swarm_node.node.api.app import EventStream, build_app
 from swarm_node.node.api.engine import ModelRuntime, run_generation
 from swarm_node.node.api.schema import ApiError, ChatRequest, CompletionRequest, chunk_object, completion_object, usage
 from swarm_node.node.config import DTYPES
-from swarm_node.node.peer import _single_leaf
+from swarm_node.node.recovery import sole_error
 from swarm_node.node.swarm_map import GenerationTracker, model_view, swarm_state
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ async def serve_api(peer: Any, config: ApiConfig, *, task_status: Any = trio.TAS
 
 def _unwrapped(error: BaseException, bind: str) -> BaseException:
     """The one real error out of nurseries' groups; a socket error as a ConfigError a user can act on."""
-    leaf = _single_leaf(error) if isinstance(error, BaseExceptionGroup) else error
+    leaf = sole_error(error) if isinstance(error, BaseExceptionGroup) else error
     if leaf is None:
         return error
     if isinstance(leaf, OSError):
@@ -241,7 +241,4 @@ async def open_api(peer: Any, config: ApiConfig | None = None) -> AsyncIterator[
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        leaf = _single_leaf(group)
-        if leaf is None:
-            raise
-        raise leaf from None
+        raise sole_error(group) or group from None  # one failure comes out as itself
