@@ -9,23 +9,15 @@ import torch
 from swarm_node.model.client_lora import ClientLora
 from swarm_node.model.lora import config_linear_shapes
 from tests.model_fixtures import reference_model, tiny_config
-from tests.test_prompt_tuning import _batch, _with_swarm
+from tests.test_prompt_tuning import _train as train
+from tests.test_prompt_tuning import _with_swarm
 from tests.training_reference import causal_lm_loss, greedy_tokens, lora_hooks
 
 TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")
 
 
 def _train(model, loss_of, steps: int) -> list[float]:
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(steps):
-        ids, mask, labels = _batch(200 + step % 3, batch=3, tokens=9)
-        opt.zero_grad()
-        loss = loss_of(model, ids, mask, labels)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train(model, loss_of, steps, lr=1e-2, seed=200, cycle=3, batch=3, tokens=9)
 
 
 async def test_lora_training_and_generation_match_local(tiny_llama: Path) -> None:

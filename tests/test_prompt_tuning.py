@@ -82,11 +82,15 @@ class LocalPromptModel(torch.nn.Module):
         return causal_lm_loss(self.ref, ids, labels, self.ptune.prompts, self.ptune.deep_prompts)
 
 
-def _train(model, loss_of, steps: int = 20) -> list[float]:
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+def _train(
+    model, loss_of, steps: int = 20, *, lr: float = 3e-2, seed: int = 100, cycle: int = 4, batch: int = 4,
+    tokens: int = 12,
+) -> list[float]:
+    """Adam over the trainable parameters for ``steps`` steps on ``cycle`` fixed batches; the losses."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for step in range(steps):
-        ids, mask, labels = _batch(100 + step % 4, batch=4, tokens=12)
+        ids, mask, labels = _batch(seed + step % cycle, batch=batch, tokens=tokens)
         opt.zero_grad()
         loss = loss_of(model, ids, mask, labels)
         loss.backward()
