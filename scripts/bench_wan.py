@@ -4,10 +4,14 @@
 Every peer (servers and the client) sits behind a userspace proxy adding DELAY seconds one way
 (tests/delay_proxy.py), so every link has that delay. SmolLM2-135M, float32, greedy, 64 new tokens.
 The bound for each run is ``1 / (compute + hops x delay)``: compute is the per-token time of the
-same blocks and head run locally (measured here, in the same run), hops N + 1 with push, 2N
-client-star. The rate is the steady decode rate (tokens after the first).
+same blocks and head run locally, measured right before and right after that very swarm run (their
+mean: these machines drift by +-20% from minute to minute, so one figure taken at the start would
+judge later runs against another machine); hops N + 1 with push, 2N client-star. The rate is the
+steady decode rate (tokens after the first). Each mode runs ``--repeats`` times, interleaved; the
+figure is the median of the per-run ``of_bound``.
 
-    .venv/bin/python scripts/bench_wan.py [--delay 0.05] [--new-tokens 64] [--servers 2 3] [--torch-threads N]
+    .venv/bin/python scripts/bench_wan.py [--delay 0.05] [--new-tokens 64] [--servers 2 3] [--repeats 3]
+                                          [--torch-threads N]
 
 Prints one JSON line.
 """
@@ -37,10 +41,9 @@ PROMPT = "The capital of France is"
 MODEL = "smollm2-135m"
 
 
-def local_compute(checkpoint: Any, head: Any, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Median seconds a token through every block plus the head, greedy, here (no network)."""
-    num_blocks = checkpoint.config.num_hidden_layers
-    span = BlockSpan.load(checkpoint, 0, num_blocks)
+def local_compute(span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int) -> float:
+    """Median seconds a token through every block of ``span`` plus the head, greedy, here (no network)."""
+    num_blocks = span.end
     cache = span.new_cache(input_ids.shape[1] + new_tokens + 1, batch_size=1)
     times = []
     with torch.inference_mode():
@@ -54,8 +57,10 @@ def local_compute(checkpoint: Any, head: Any, input_ids: torch.Tensor, new_token
     return statistics.median(times[1:])  # the first is the prompt
 
 
-async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace, compute: float) -> dict:
-    num_blocks = Checkpoint.open(path).config.num_hidden_layers
+async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    checkpoint = Checkpoint.open(path)
+    num_blocks = checkpoint.config.num_hidden_layers
+    span = BlockSpan.load(checkpoint, 0, num_blocks)  # every block, for the local baseline
     out: dict[str, Any] = {}
     for n in args.servers:
         async with trio.open_nursery() as nursery:
@@ -64,21 +69,32 @@ async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argpa
                 chain = await client.find_chain(MODEL, num_blocks, push=True, max_length=256)
                 runs: dict[str, Any] = {"chain": [[h.start, h.end] for h in chain]}
                 outputs = []
-                for mode, push in (("client-star", False), ("push", True), ("client-star-2", False), ("push-2", True)):
-                    ids, stats = await generate_tokens(
-                        client, head, input_ids, model=MODEL, num_blocks=num_blocks, dtype="float32",
-                        sampling=SamplingConfig(max_new_tokens=args.new_tokens), chain=chain, push=push,
-                    )
-                    outputs.append(ids.tolist())
-                    hops = len(chain) + 1 if push else 2 * len(chain)
-                    bound = 1 / (compute + hops * args.delay)
+                per_mode: dict[str, list[dict[str, Any]]] = {"client-star": [], "push": []}
+                compute = local_compute(span, head, input_ids, args.new_tokens // 2)
+                for _ in range(args.repeats):
+                    for mode, push in (("client-star", False), ("push", True)):
+                        ids, stats = await generate_tokens(
+                            client, head, input_ids, model=MODEL, num_blocks=num_blocks, dtype="float32",
+                            sampling=SamplingConfig(max_new_tokens=args.new_tokens), chain=chain, push=push,
+                        )
+                        after = local_compute(span, head, input_ids, args.new_tokens // 2)
+                        here = (compute + after) / 2  # the local rate around this very run
+                        compute = after
+                        outputs.append(ids.tolist())
+                        hops = len(chain) + 1 if push else 2 * len(chain)
+                        bound = 1 / (here + hops * args.delay)
+                        per_mode[mode].append({
+                            "ms_per_token": round(1000 / stats.tokens_per_second, 1),
+                            "compute_ms_per_token": round(here * 1000, 1),
+                            "bound_ms_per_token": round(1000 / bound, 1),
+                            "of_bound": round(stats.tokens_per_second / bound, 3),
+                        })
+                for mode, rows in per_mode.items():
                     runs[mode] = {
-                        "tokens_per_s": round(stats.tokens_per_second, 3),
-                        "ms_per_token": round(1000 / stats.tokens_per_second, 1),
-                        "bound_tokens_per_s": round(bound, 3),
-                        "bound_ms_per_token": round(1000 / bound, 1),
-                        "of_bound": round(stats.tokens_per_second / bound, 3),
-                        "hops": hops,
+                        "hops": len(chain) + 1 if mode == "push" else 2 * len(chain),
+                        "of_bound_median": round(statistics.median(r["of_bound"] for r in rows), 3),
+                        "ms_per_token_median": round(statistics.median(r["ms_per_token"] for r in rows), 1),
+                        "runs": rows,
                     }
                 runs["same_tokens"] = all(o == outputs[0] for o in outputs)
                 out[f"{n}-server"] = runs
@@ -91,6 +107,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.05, help="one-way seconds in front of every peer")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, interleaved")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.torch_threads is not None:
@@ -100,11 +117,10 @@ def main() -> None:
     checkpoint = Checkpoint.open(path)
     head = ClientHead.load(checkpoint)
     input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
-    compute = local_compute(checkpoint, head, input_ids, args.new_tokens)
-    runs = trio.run(swarm_runs, path, head, input_ids, args, compute)
+    runs = trio.run(swarm_runs, path, head, input_ids, args)
     print(json.dumps({
         "bench": "wan", "model": MODEL, "delay_s": args.delay, "new_tokens": args.new_tokens,
-        "compute_ms_per_token": round(compute * 1000, 1), "torch_threads": torch.get_num_threads(), **runs,
+        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "target_push_of_bound": 0.9, **runs,
     }))
 
 

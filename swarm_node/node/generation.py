@@ -215,16 +215,20 @@ async def _decode(
         stats.remote_time += time.perf_counter() - t_step
         seen = ts.ids
 
-        def pick(out: torch.Tensor = out, seen: torch.Tensor = seen) -> torch.Tensor:
+        def pick(
+            out: torch.Tensor = out, seen: torch.Tensor = seen, finished: torch.Tensor = finished
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             logits = head.logits(out[:, -1:, :])[:, -1, :].float()  # (B, V)
             logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-            return sample_next_token(
+            token = sample_next_token(
                 logits, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
                 generator=generator,
             )
+            token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
+            return token, head.embed(token[:, None])  # the next step's input, in the same thread hop
 
-        token = await trio.to_thread.run_sync(pick)  # (B,)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+        # one worker-thread hop a token (each hop costs ~0.5-1 ms on these machines)
+        token, next_hidden = await trio.to_thread.run_sync(pick)  # (B,), (B, 1, H)
         ids = torch.cat([ids, token[:, None]], dim=1)
         ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
         if i == 0:
@@ -241,7 +245,7 @@ async def _decode(
             break
         if i + 1 == sampling.max_new_tokens:
             break
-        hidden = await trio.to_thread.run_sync(head.embed, token[:, None])
+        hidden = next_hidden
     if recovery is not None:
         stats.recoveries = list(recovery.events[recoveries_before:])
     stats.total_time = time.perf_counter() - t0
