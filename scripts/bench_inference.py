@@ -2,8 +2,9 @@
 """Inference speed: local transformers generate vs the same weights through 1- and 2-server loopback swarms.
 
 SmolLM2-135M, float32, greedy, 64 new tokens. The servers are real `swarm-node serve` processes; the
-client runs here. Runs are interleaved (local, 1-server, 2-server) and repeated; the figures are the
-medians of the ratios paired within each repetition, because these 2-core machines drift.
+client runs here. Runs are interleaved (local, 1-server, 2-server client-star, 2-server with push:
+the first server hands its output straight to the second) and repeated; the figures are the medians
+of the ratios paired within each repetition, because these 2-core machines drift.
 
     .venv/bin/python scripts/bench_inference.py [--repeats 5] [--new-tokens 64] [--server-threads 2]
 
@@ -32,7 +33,7 @@ from swarm_node.node.peer import open_peer
 
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 PROMPT = "The capital of France is"
-RUNS = ("local", "1-server", "2-server")
+RUNS = ("local", "1-server", "2-server", "2-server-push")
 
 
 class Clock:
@@ -80,23 +81,25 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
 
 
 async def swarm_runs(addrs: dict[str, str], head: Any, input_ids: torch.Tensor, local: Any, args: argparse.Namespace) -> dict:
-    results: dict[str, list[tuple[float, float]]] = {"local": [], "1-server": [], "2-server": []}
-    remote: dict[str, list[float]] = {"1-server": [], "2-server": []}
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}
+    remote: dict[str, list[float]] = {name: [] for name in RUNS[1:]}
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     async with open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one, \
             open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two:
         clients = {"1-server": one, "2-server": two}
         chains = {name: await peer.find_chain("smollm2-135m", 30) for name, peer in clients.items()}
-        for name, peer in clients.items():  # warm-up: caches, allocators, connections
+        runs = [(name, clients[name], chains[name], False) for name in clients]
+        runs.append(("2-server-push", two, chains["2-server"], True))
+        for name, peer, chain, push in runs:  # warm-up: caches, allocators, connections
             await generate_tokens(peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
-                                  sampling=SamplingConfig(max_new_tokens=4), chain=chains[name])
+                                  sampling=SamplingConfig(max_new_tokens=4), chain=chain, push=push)
         local_run(local, input_ids, 4)
         for rep in range(args.repeats):
             results["local"].append(await trio.to_thread.run_sync(local_run, local, input_ids, args.new_tokens))
-            for name, peer in clients.items():
+            for name, peer, chain, push in runs:
                 _, stats = await generate_tokens(
                     peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
-                    sampling=sampling, chain=chains[name],
+                    sampling=sampling, chain=chain, push=push,
                 )
                 results[name].append((stats.time_to_first_token, stats.tokens_per_second))
                 remote[name].append(stats.remote_time / stats.new_tokens)
@@ -153,8 +156,10 @@ def main() -> None:
         "remote_ms_per_token_median": results["remote_ms_per_token"],
         "ratio_1server_vs_local_tokens_per_s": paired("1-server", 1),
         "ratio_2server_vs_local_tokens_per_s": paired("2-server", 1),
+        "ratio_2server_push_vs_local_tokens_per_s": paired("2-server-push", 1),
         "ratio_local_vs_1server_ttft": paired("1-server", 0, invert=True),
         "ratio_local_vs_2server_ttft": paired("2-server", 0, invert=True),
+        "ratio_local_vs_2server_push_ttft": paired("2-server-push", 0, invert=True),
         "targets": {"1server_vs_local": 0.95, "2server_vs_local": 0.8},
     }
     print(json.dumps(out))
