@@ -109,3 +109,27 @@ async def test_forged_records_are_refused(tiny_llama: Path) -> None:
                 await client.dht.kad.put_value(record_key(servers[0].peer_id), sign_record(mine, client.dht._key_pair))
             again = await client.dht.get_record(servers[0].host.get_id())
             assert again is not None and (again.start, again.end) == (0, 6)
+
+
+async def test_a_record_is_asked_of_its_server_first_then_of_what_others_hold(tiny_llama: Path) -> None:
+    from swarm_node.dht.records import record_key
+    from swarm_node.dht.signing import sign_record
+
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
+            target = servers[0].host.get_id()
+            key = record_key(servers[0].peer_id).encode()
+            client.dht.kad.value_store.remove(key)  # no local copy: the answer comes from the server
+            assert client.dht.kad.value_store.get(key) is None
+            direct = await client.dht.get_record(target)
+            assert direct is not None and direct.peer_id == servers[0].peer_id
+            # the server stops answering lookups (as after a timeout): a signed copy held by a peer
+            # (here the client's own store) is what the lookup falls back to
+            client.dht._mark_unreachable(target, "test")
+            client.dht.kad.value_store.remove(key)
+            elsewhere = servers[1].dht.kad.value_store.get(key) is not None
+            assert (await client.dht.get_record(target) is not None) == elsewhere  # nothing else to ask
+            client.dht.kad.value_store.put(key, sign_record(direct, servers[0].dht._key_pair))
+            fallback = await client.dht.get_record(target)
+            assert fallback is not None
+            assert (fallback.peer_id, fallback.start, fallback.end) == (servers[0].peer_id, 0, 3)

@@ -43,6 +43,7 @@ UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by loo
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
+MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 
 
 class RecordValidator(Validator):
@@ -147,7 +148,11 @@ class SwarmDHT:
         known.update(self.host.get_connected_peers())
         known = {p for p in known if not self._skip(p)}
         queried: set[ID] = set()
-        for _ in range(LOOKUP_ROUNDS):
+        # KadDHT answers FIND_NODE only for keys of at most MAX_FIND_NODE_KEY bytes (peer ids, block
+        # keys); a record key ("/swarmnode/<peer id>", 63 bytes) gets a reset stream from every
+        # peer, so asking costs a stream each and teaches nothing: such keys use what we know.
+        rounds = LOOKUP_ROUNDS if len(key) <= MAX_FIND_NODE_KEY else 0
+        for _ in range(rounds):
             batch = [p for p in sort_peer_ids_by_distance(key, list(known)) if p not in queried][:ALPHA]
             if not batch:
                 break
@@ -170,7 +175,11 @@ class SwarmDHT:
         return sort_peer_ids_by_distance(key, list(known))[:count]
 
     async def find_providers(self, key_hex: str) -> dict[ID, PeerInfo]:
-        """Providers of a block key: the local store merged with the answers of the closest peers."""
+        """Providers of a block key: the local store merged with the answers of the closest peers.
+
+        All of the (up to 20) closest: a provider stores itself at the peers *it* finds closest,
+        and routing tables differ; asking only the 8 closest missed 2 of 12 servers in a 20-peer
+        swarm."""
         key = bytes.fromhex(key_hex)
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
 
@@ -187,7 +196,13 @@ class SwarmDHT:
         return found
 
     async def get_record(self, peer_id: ID) -> ServerRecord | None:
-        """The newest valid record of a server: local copy, the server itself and the closest peers."""
+        """The newest valid record of a server.
+
+        The server itself signs and re-announces its record, so its own copy is the newest one there
+        is: it is asked first, together with our local copy. Only when it gives no valid record (it
+        is down, unreachable or answers garbage) are the peers closest to the key asked too, so a
+        lookup of N servers costs N queries instead of N x k on a healthy swarm.
+        """
         key_str = record_key(peer_id.to_base58())
         key = key_str.encode()
         values: list[bytes] = []
@@ -200,21 +215,27 @@ class SwarmDHT:
             if isinstance(value, bytes):
                 values.append(value)
 
-        candidates = set(await self._closest_peers(key))
+        def newest() -> ServerRecord | None:
+            records: list[ServerRecord] = []
+            for v in values:
+                try:  # signature, key, expiry: a stale local copy is dropped here too
+                    records.append(verify_record(v, key=key_str, now=time.time()))
+                except RemoteProtocolError as exc:
+                    log.info("dropping a record for %s: %s", peer_id, exc)
+            return records[select_newest(records)] if records else None
+
+        asked: set[ID] = set()
         if not self._skip(peer_id):
-            candidates.add(peer_id)  # the server itself knows its newest record
+            asked.add(peer_id)
+            before = len(values)
+            await ask(peer_id)
+            if len(values) > before and (found := newest()) is not None:
+                return found
         async with trio.open_nursery() as nursery:
-            for peer in candidates:
-                nursery.start_soon(ask, peer)
-        records: list[ServerRecord] = []
-        for v in values:
-            try:  # signature, key, expiry: a stale local copy is dropped here too
-                records.append(verify_record(v, key=key_str, now=time.time()))
-            except RemoteProtocolError as exc:
-                log.info("dropping a record for %s: %s", peer_id, exc)
-        if not records:
-            return None
-        return records[select_newest(records)]
+            for peer in await self._closest_peers(key):
+                if peer not in asked:
+                    nursery.start_soon(ask, peer)
+        return newest()
 
     async def find_servers(
         self, model: str, blocks: Iterable[int], *, now: float | None = None
