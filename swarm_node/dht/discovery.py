@@ -126,9 +126,13 @@ class SwarmDHT:
         """One query to one peer under QUERY_TIMEOUT, at most MAX_CONCURRENT_QUERIES at a time.
 
         A peer that does not answer in time is skipped by lookups for a while; a peer that answers
-        with an error (say, it reset a stream because it was busy) is not.
+        with an error (say, it reset a stream because it was busy) is not. The deadline starts once
+        the query has a slot, and a query still waiting for one when its peer is marked unreachable
+        is dropped: queries queued behind a silent peer do not each wait QUERY_TIMEOUT for it.
         """
         async with self._query_limiter:
+            if self._skip(peer):  # marked unreachable while this query waited for a slot
+                return None
             with trio.move_on_after(QUERY_TIMEOUT):
                 try:
                     return await query()
