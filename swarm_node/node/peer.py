@@ -7,6 +7,7 @@ runs inference sessions over the swarm as a client.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -132,7 +133,9 @@ class Peer:
 
     async def _announce_loop(self) -> None:
         while True:
-            await trio.sleep(self.config.dht_ttl / 3)
+            # every third of the TTL, minus up to a quarter of it at random: servers started together
+            # (a swarm brought up at once, a test) would otherwise flood the DHT all in the same second
+            await trio.sleep(self.config.dht_ttl / 3 * (1 - 0.25 * random.random()))
             try:
                 await self.measure_next_rtts()
                 await self.announce()
