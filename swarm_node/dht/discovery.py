@@ -228,16 +228,14 @@ class SwarmDHT:
                     log.info("dropping a record for %s: %s", peer_id, exc)
             return records[select_newest(records)] if records else None
 
-        asked: set[ID] = set()
         if not self._skip(peer_id):
-            asked.add(peer_id)
-            before = len(values)
+            answered = len(values)
             await ask(peer_id)
-            if len(values) > before and (found := newest()) is not None:
+            if len(values) > answered and (found := newest()) is not None:
                 return found
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
-                if peer not in asked:
+                if peer != peer_id:  # asked above, or skipped as unreachable
                     nursery.start_soon(ask, peer)
         return newest()
 
