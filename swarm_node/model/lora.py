@@ -326,6 +326,11 @@ def _install_hooks(layers: torch.nn.ModuleList, first_block: int) -> None:
             _HOOKED[layer] = first_block + local
 
 
+def active_lora() -> LoraWeights | None:
+    """The LoRA this thread's calls of hooked layers use now (None: the frozen weights)."""
+    return _ACTIVE.get()
+
+
 @contextlib.contextmanager
 def lora_applied(layers: torch.nn.ModuleList, first_block: int, lora: LoraWeights | None) -> Iterator[None]:
     """Within the block, this thread's calls of ``layers`` (blocks ``first_block..``) use ``lora``."""

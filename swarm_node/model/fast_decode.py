@@ -1,0 +1,110 @@
+"""One decode step (one new position) through Llama-like blocks, without transformers' module plumbing.
+
+transformers' decoder layers spend a sixth of a SmolLM2 decode step in Python between the tensor
+ops (module calls, keyword plumbing, mask building, attention dispatch): 38-45 ms against 33-38 ms
+for the same 30 blocks here (`scripts/bench_decode_step.py`). This module replays, op for op, what
+the pinned transformers' Llama, Mistral, Qwen2 and Qwen3 layers do for one new position with an
+sdpa cache and no mask, so the result is bit-for-bit theirs (tests/test_fast_decode.py compares
+`torch.equal` per family) and the cache is the same DynamicCache the slow path fills.
+
+Anything else (prefill, LoRA, deep prompts, quantized or unknown layers, sliding windows, eager
+attention) takes transformers' path: `supports(...)` says which. Knows nothing of sessions or peers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Layer classes whose forward (pinned transformers 5.24.0) `decode_step` replays exactly.
+LAYER_CLASSES = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"}
+)
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_NORM_CLASSES = ("RMSNorm",)  # LlamaRMSNorm, MistralRMSNorm, ...: x * rsqrt(mean(x^2) + eps) * w
+
+
+def supports(layers: torch.nn.ModuleList, config: Any, kinds: list[str]) -> bool:
+    """Whether every layer is one `decode_step` replays exactly (checked once per span)."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False  # eager attention sums in another order
+    if any(kind != "full_attention" for kind in kinds):
+        return False  # a sliding window masks old positions: transformers builds that mask
+    for layer in layers:
+        if type(layer).__name__ not in LAYER_CLASSES:
+            return False
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None:
+            return False
+        linears = [getattr(attn, n, None) for n in _PROJECTIONS] + [getattr(mlp, n, None) for n in _MLP]
+        if any(type(m) is not torch.nn.Linear for m in linears):  # bitsandbytes layers, adapters
+            return False
+        norms = [layer.input_layernorm, layer.post_attention_layernorm]
+        norms += [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
+        if any(not type(n).__name__.endswith(_NORM_CLASSES) for n in norms):
+            return False
+        groups = getattr(attn, "num_key_value_groups", 1)
+        if groups > 1 and attn.head_dim > 256:  # transformers packs the query heads instead
+            return False
+        if getattr(attn, "attention_dropout", 0.0) != 0.0:  # transformers drops out in train mode
+            return False
+    return True
+
+
+def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decode_step(
+    layers: torch.nn.ModuleList,
+    hidden: torch.Tensor,
+    dynamic: Any,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """`hidden` `# (B, 1, H)` of one new position through `layers`; layer j appends to cache layer j.
+
+    Call only where `supports(...)` holds, under inference mode (no autograd).
+    """
+    batch, new_tokens, _ = hidden.shape
+    cos, sin = position_embeddings  # (1, 1, D) each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, 1, D): broadcast over heads
+    for j, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        residual = hidden
+        x = _rms_norm(hidden, layer.input_layernorm)
+        shape = (batch, new_tokens, -1, attn.head_dim)
+        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(shape)
+        k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(shape)
+        v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(shape).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norm before the rotation
+            q, k = _rms_norm(q, attn.q_norm), _rms_norm(k, attn.k_norm)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, 1, D)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        k, v = dynamic.update(k, v, j)  # (B, kv_heads, L, D): the past and this position
+        gqa = getattr(attn, "num_key_value_groups", 1) > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None, dropout_p=0.0, scale=attn.scaling, is_causal=False,
+            **({"enable_gqa": True} if gqa else {}),
+        )
+        out = out.reshape(out.shape[0], -1, new_tokens, v.shape[-1]).transpose(1, 2).contiguous()
+        out = out.reshape(batch, new_tokens, -1).contiguous()
+        hidden = residual + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+        residual = hidden
+        x = _rms_norm(hidden, layer.post_attention_layernorm)
+        gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+        up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+        hidden = residual + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+    return hidden  # (B, 1, H)
