@@ -19,6 +19,11 @@ import trio
 
 READ_SIZE = 64 * 1024
 QUEUE_CHUNKS = 1024  # chunks in flight per direction before the reader waits (backpressure)
+# trio's epoll wait rounds its timeout up to whole milliseconds, so sleep_until alone writes a chunk
+# 0.5 ms late on average (up to 0.9; a worker thread's nanosleep is later still on these VMs, 0.8 ms,
+# its wake-up being slow): the proxy wakes TIMER_SLACK early and spins the rest (0.5 ms of CPU a
+# chunk on average), so a link's delay is what was asked within microseconds.
+TIMER_SLACK = 0.001
 
 
 @dataclass(kw_only=True)
@@ -86,7 +91,9 @@ class DelayProxy:
     ) -> None:
         async with queue:
             async for release, data in queue:
-                await trio.sleep_until(release)
+                await trio.sleep_until(release - TIMER_SLACK)
+                while trio.current_time() < release:
+                    pass  # at most TIMER_SLACK + the loop's lateness; see TIMER_SLACK
                 try:
                     if not data:
                         await dst.send_eof()
