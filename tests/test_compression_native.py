@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from swarm_node.compression import DTYPES, decode, encode, native
 from swarm_node.compression.blockwise8 import (
     BLOCK_SIZES,
+    DYNAMIC_MAP,
     NATIVE_BUILD_MIN_NUMEL,
     THREAD_MIN_NUMEL,
     decode_payload,
@@ -46,6 +48,15 @@ def _both(monkeypatch, payload: bytes, numel: int, block: int, dtype=torch.float
     return ours, fallback
 
 
+def _scalar(kernel, payload: bytes, numel: int, block: int, threads: int) -> torch.Tensor:
+    """The kernel's plain C loop, without its AVX-512 VBMI path -> (N,) float32."""
+    address = np.frombuffer(payload, dtype=np.uint8).__array_interface__["data"][0]
+    out = torch.empty(numel, dtype=torch.float32)
+    codes, table = address + 4 * -(numel // -block), DYNAMIC_MAP.__array_interface__["data"][0]
+    assert kernel(codes, address, table, out.data_ptr(), numel, block, threads, 0) == 0
+    return out
+
+
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
@@ -69,6 +80,14 @@ def _random_payload(numel: int, block: int, seed: int) -> bytes:
 def test_the_kernel_is_built_and_used_in_this_environment(kernel):
     assert kernel is not None, "a C compiler is here, yet the kernel did not build or load"
     assert native.library_path().exists()
+    payload = _random_payload(100, 64, 0)
+    address = np.frombuffer(payload, dtype=np.uint8).__array_interface__["data"][0]
+    out = torch.empty(100)
+    table = DYNAMIC_MAP.__array_interface__["data"][0]
+    vbmi = kernel(address + 8, address, table, out.data_ptr(), 100, 64, 1, 1)
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    assert vbmi == ({"avx512f", "avx512bw", "avx512vbmi"} <= flags)  # the fast path, where it can
 
 
 @settings(max_examples=150, deadline=None)
@@ -78,6 +97,8 @@ def test_native_and_fallback_give_the_same_bytes(monkeypatch_module, block, nume
     payload = _random_payload(numel, block, seed)
     ours, fallback = _both(monkeypatch_module, payload, numel, block, DTYPES[dtype])
     assert _same_bytes(ours, fallback)
+    scalar = _scalar(native.decode_kernel(), payload, numel, block, 1).to(DTYPES[dtype])
+    assert _same_bytes(scalar, fallback)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +108,18 @@ def monkeypatch_module():
 
 
 @pytest.mark.parametrize("block", sorted(BLOCK_SIZES.values()))
-@pytest.mark.parametrize("numel", [THREAD_MIN_NUMEL - 1, 2048 * 576, 600 * 577, 2 * 4096 * 41 + 1])
+@pytest.mark.parametrize(
+    "numel", [THREAD_MIN_NUMEL - 1, THREAD_MIN_NUMEL + 4097, 2048 * 576, 4096 * 41 + 1]
+)
 def test_threaded_large_tensors_give_the_same_bytes(monkeypatch, block, numel):
-    ours, fallback = _both(monkeypatch, _random_payload(numel, block, numel + block), numel, block)
+    payload = _random_payload(numel, block, numel + block)
+    ours, fallback = _both(monkeypatch, payload, numel, block)
     assert _same_bytes(ours, fallback)
+    assert _same_bytes(_scalar(native.decode_kernel(), payload, numel, block, 2), fallback)
     threads = torch.get_num_threads()
     try:  # one thread and more than there are blocks
         for count in (1, 100):
             torch.set_num_threads(count)
-            payload = _random_payload(numel, block, numel + block)
             again, _ = _both(monkeypatch, payload, numel, block)
             assert _same_bytes(again, fallback)
     finally:

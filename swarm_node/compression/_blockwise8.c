@@ -4,10 +4,62 @@
    use and calls it through ctypes (which releases the GIL). It trusts its lengths: the caller has
    checked that the payload holds ceil(numel / block) absmax values and numel codes. The product is
    one IEEE float32 multiply, the same as numpy's and torch's, so the bytes are the same (build
-   without -ffast-math). absmax is read with memcpy: a payload inside a frame may be unaligned. */
+   without -ffast-math). absmax is read with memcpy: a payload inside a frame may be unaligned.
+
+   On x86-64 CPUs with AVX-512 VBMI (checked at run time; gcc and clang only), 64 codes at a time
+   look up the 4 bytes of their map values in 4 byte tables held in registers (vpermi2b), ~3x
+   faster than the scalar loop, which does the rest: other CPUs, tails shorter than 64. */
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define VBMI_PATH 1
+#include <immintrin.h>
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+
+typedef struct {
+    __m512i bytes[4][4];  /* byte p of map[64 * q + i]: [p][q], lane i */
+    __m512i order;        /* puts code 16m + 4k + j where the unpacks below leave register m,
+                             128-bit lane k, slot j: the 4 outputs come out in order */
+} tables_t;
+
+VBMI static void vbmi_tables(const float *map, tables_t *t) {
+    uint8_t bytes[4][256], order[64];
+    for (int v = 0; v < 256; v++) {
+        uint32_t u;
+        memcpy(&u, map + v, sizeof u);
+        for (int p = 0; p < 4; p++) bytes[p][v] = (uint8_t)(u >> (8 * p));
+    }
+    for (int p = 0; p < 4; p++)
+        for (int q = 0; q < 4; q++) t->bytes[p][q] = _mm512_loadu_si512(bytes[p] + 64 * q);
+    for (int m = 0; m < 4; m++)
+        for (int k = 0; k < 4; k++)
+            for (int j = 0; j < 4; j++) order[16 * k + 4 * m + j] = (uint8_t)(16 * m + 4 * k + j);
+    t->order = _mm512_loadu_si512(order);
+}
+
+VBMI static void vbmi_decode64(const uint8_t *codes, const tables_t *t, float scale, float *out) {
+    const __m512i c = _mm512_permutexvar_epi8(t->order, _mm512_loadu_si512(codes));  /* (64,) */
+    const __mmask64 upper = _mm512_movepi8_mask(c);  /* codes >= 128 */
+    __m512i b[4];  /* byte p of each code's map value */
+    for (int p = 0; p < 4; p++) {
+        const __m512i lo = _mm512_permutex2var_epi8(t->bytes[p][0], c, t->bytes[p][1]);
+        const __m512i hi = _mm512_permutex2var_epi8(t->bytes[p][2], c, t->bytes[p][3]);
+        b[p] = _mm512_mask_blend_epi8(upper, lo, hi);
+    }
+    const __m512i w01l = _mm512_unpacklo_epi8(b[0], b[1]), w01h = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w23l = _mm512_unpacklo_epi8(b[2], b[3]), w23h = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512 s = _mm512_set1_ps(scale);
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l)), s));
+    _mm512_storeu_ps(out + 16,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l)), s));
+    _mm512_storeu_ps(out + 32,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h)), s));
+    _mm512_storeu_ps(out + 48,
+                     _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h)), s));
+}
+#endif
 
 #define MAX_THREADS 64
 
@@ -17,18 +69,28 @@ typedef struct {
     const float *map;       /* (256,) */
     float *out;             /* (numel,) */
     int64_t numel, block, first, last;  /* this job's blocks: [first, last) */
+    int vbmi;  /* use the AVX-512 VBMI path */
 } job_t;
 
 static void decode_blocks(const job_t *job) {
     const uint8_t *codes = job->codes;
     const float *map = job->map;
     float *out = job->out;
+#ifdef VBMI_PATH
+    tables_t tables;
+    if (job->vbmi) vbmi_tables(map, &tables);
+#endif
     for (int64_t b = job->first; b < job->last; b++) {
         float scale;
         memcpy(&scale, job->absmax + 4 * b, sizeof scale);
         const int64_t start = b * job->block;
         const int64_t end = job->numel - start < job->block ? job->numel : start + job->block;
-        for (int64_t i = start; i < end; i++) out[i] = map[codes[i]] * scale;
+        int64_t i = start;
+#ifdef VBMI_PATH
+        if (job->vbmi)
+            for (; i + 64 <= end; i += 64) vbmi_decode64(codes + i, &tables, scale, out + i);
+#endif
+        for (; i < end; i++) out[i] = map[codes[i]] * scale;
     }
 }
 
@@ -38,10 +100,16 @@ static void *run_job(void *job) {
 }
 
 /* Splits the blocks over `threads` threads (the caller's one included); a thread that cannot be
-   started leaves its share to the caller. Returns 0. */
+   started leaves its share to the caller. `simd`: 0 forces the scalar loop (tests compare the
+   two). Returns 1 when the AVX-512 VBMI path ran, else 0. */
 int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *map, float *out,
-                      int64_t numel, int64_t block, int32_t threads) {
+                      int64_t numel, int64_t block, int32_t threads, int32_t simd) {
     if (numel <= 0 || block <= 0) return 0;
+    int vbmi = 0;
+#ifdef VBMI_PATH
+    vbmi = simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vbmi");
+#endif
     const int64_t blocks = (numel - 1) / block + 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int32_t)blocks;
@@ -51,7 +119,7 @@ int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *
     int started[MAX_THREADS];
     for (int32_t t = 0; t < threads; t++) {
         job_t job = {codes, absmax, map, out, numel, block, blocks * t / threads,
-                     blocks * (t + 1) / threads};
+                     blocks * (t + 1) / threads, vbmi};
         jobs[t] = job;
     }
     for (int32_t t = 1; t < threads; t++)
@@ -63,5 +131,5 @@ int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *
         else
             decode_blocks(&jobs[t]);
     }
-    return 0;
+    return vbmi;
 }

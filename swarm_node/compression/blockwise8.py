@@ -21,9 +21,10 @@ Assumes a little-endian machine (x86, ARM). Encoding finds the exactly nearest c
 search: a table indexed by the upper 16 bits of the float32 ``x / absmax`` gives the code below,
 and one comparison with the only midpoint that can fall inside that bit range moves it up
 (``build_tables`` checks there is never more than one). Decoding is one pass of a small C kernel,
-``code value * absmax`` per element, split over threads for large tensors (native.py builds it with
-the system C compiler on first use); without it (no compiler, ``SWARM_NODE_NATIVE=0``) numpy and
-torch read codes two at a time from a table of value pairs and multiply per block: the same bytes.
+``code value * absmax`` per element (64 at a time with AVX-512 VBMI), split over threads for large
+tensors (native.py builds it with the system C compiler on first use); without it (no compiler,
+``SWARM_NODE_NATIVE=0``) numpy and torch read codes two at a time from a table of value pairs and
+multiply per block: the same bytes.
 bitsandbytes' CPU kernel is approximate near midpoints: its codes differ from ours on ~0.2% of
 elements, each time by one step, and ours is the nearer. Knows nothing of WireTensor or peers.
 """
@@ -148,12 +149,13 @@ def _encode_scaled(scaled: np.ndarray, codes: np.ndarray) -> None:
     np.add(low, above, out=codes, casting="unsafe")  # < 256: the cast to uint8 is exact
 
 
-# The C kernel (native.py) decodes in one pass, on threads from THREAD_MIN_NUMEL elements on (below
-# it, starting a thread costs more than it saves). Only a tensor of NATIVE_BUILD_MIN_NUMEL elements
-# or more compiles the kernel when it is not built yet (~0.5 s, once per machine); smaller ones use
-# it once it is loaded, or a built one from the cache, and else numpy, never waiting for a compiler.
+# The C kernel (native.py) decodes in one pass, on torch.get_num_threads() threads from
+# THREAD_MIN_NUMEL elements on (below it, measured here, one thread is as fast or faster). Only a
+# tensor of NATIVE_BUILD_MIN_NUMEL elements or more compiles the kernel when it is not built yet
+# (~0.3 s, once per machine); smaller ones use it once it is loaded, or one built earlier from the
+# cache, and else numpy, never waiting for a compiler.
 NATIVE_BUILD_MIN_NUMEL = GATHER_MIN_NUMEL
-THREAD_MIN_NUMEL = 1 << 18
+THREAD_MIN_NUMEL = 1 << 19
 _MAP_ADDRESS = DYNAMIC_MAP.__array_interface__["data"][0]  # (256,) float32, lives with the module
 
 
@@ -165,7 +167,8 @@ def decode_payload(payload: memoryview, numel: int, block: int, dtype: torch.dty
         address = np.frombuffer(payload, dtype=np.uint8).__array_interface__["data"][0]
         absmax_bytes = 4 * -(numel // -block)
         threads = 1 if numel < THREAD_MIN_NUMEL else torch.get_num_threads()
-        kernel(address + absmax_bytes, address, _MAP_ADDRESS, out.data_ptr(), numel, block, threads)
+        codes = address + absmax_bytes
+        kernel(codes, address, _MAP_ADDRESS, out.data_ptr(), numel, block, threads, 1)
     else:
         out = _decode_numpy(payload, numel, block)
     return out if dtype == torch.float32 else out.to(dtype)

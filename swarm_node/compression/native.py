@@ -102,7 +102,8 @@ def _load() -> None:
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.info("blockwise8: no native decode kernel, decoding with numpy/torch (%s)", exc)
         return
-    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+    # (codes, absmax, map, out, numel, block, threads, simd) -> 1 when AVX-512 VBMI ran, see the C
+    kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int32] * 2
     kernel.restype = ctypes.c_int
     log.debug("blockwise8: native decode kernel %s", path)
     _kernel = kernel
