@@ -90,6 +90,8 @@ def test_the_kernel_is_built_and_used_in_this_environment(kernel):
     assert vbmi == ({"avx512f", "avx512bw", "avx512vbmi"} <= flags)  # the fast path, where it can
 
 
+# inf absmax * the code for 0 is NaN: numpy says so, the kernel and torch do not
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(sorted(BLOCK_SIZES.values())), st.integers(1, 3 * 4096 + 77),
        st.integers(0, 2**32 - 1), st.sampled_from(sorted(DTYPES)))

@@ -62,46 +62,59 @@ VBMI static void vbmi_decode64(const uint8_t *codes, const tables_t *t, float sc
 #endif
 
 #define MAX_THREADS 64
+#define CHUNK_NUMEL 65536  /* elements a thread claims at a time */
 
+/* Threads claim chunks of blocks until none is left, rather than a fixed share each: when another
+   process holds a core, the thread that runs does the work instead of waiting for one that does
+   not (and a thread that cannot be started costs nothing). */
 typedef struct {
     const uint8_t *codes;   /* (numel,) */
     const uint8_t *absmax;  /* (blocks,) little-endian float32, maybe unaligned */
     const float *map;       /* (256,) */
     float *out;             /* (numel,) */
-    int64_t numel, block, first, last;  /* this job's blocks: [first, last) */
-    int vbmi;  /* use the AVX-512 VBMI path */
-} job_t;
+    int64_t numel, block, blocks, chunk;  /* chunk: blocks claimed at a time */
+    int64_t next;           /* the next chunk to claim, under lock */
+    pthread_mutex_t lock;
+    int vbmi;               /* use the AVX-512 VBMI path */
+} work_t;
 
-static void decode_blocks(const job_t *job) {
-    const uint8_t *codes = job->codes;
-    const float *map = job->map;
-    float *out = job->out;
-#ifdef VBMI_PATH
-    tables_t tables;
-    if (job->vbmi) vbmi_tables(map, &tables);
-#endif
-    for (int64_t b = job->first; b < job->last; b++) {
-        float scale;
-        memcpy(&scale, job->absmax + 4 * b, sizeof scale);
-        const int64_t start = b * job->block;
-        const int64_t end = job->numel - start < job->block ? job->numel : start + job->block;
-        int64_t i = start;
-#ifdef VBMI_PATH
-        if (job->vbmi)
-            for (; i + 64 <= end; i += 64) vbmi_decode64(codes + i, &tables, scale, out + i);
-#endif
-        for (; i < end; i++) out[i] = map[codes[i]] * scale;
-    }
+static int64_t claim(work_t *work) {
+    pthread_mutex_lock(&work->lock);
+    const int64_t chunk = work->next++;
+    pthread_mutex_unlock(&work->lock);
+    return chunk;
 }
 
-static void *run_job(void *job) {
-    decode_blocks(job);
+static void *run(void *arg) {
+    work_t *work = arg;
+    const uint8_t *codes = work->codes;
+    const float *map = work->map;
+    float *out = work->out;
+#ifdef VBMI_PATH
+    tables_t tables;
+    if (work->vbmi) vbmi_tables(map, &tables);
+#endif
+    const int64_t numel = work->numel, block = work->block, blocks = work->blocks;
+    for (int64_t first; (first = claim(work) * work->chunk) < blocks;) {
+        const int64_t last = blocks - first < work->chunk ? blocks : first + work->chunk;
+        for (int64_t b = first; b < last; b++) {
+            float scale;
+            memcpy(&scale, work->absmax + 4 * b, sizeof scale);
+            const int64_t start = b * block;
+            const int64_t end = numel - start < block ? numel : start + block;
+            int64_t i = start;
+#ifdef VBMI_PATH
+            if (work->vbmi)
+                for (; i + 64 <= end; i += 64) vbmi_decode64(codes + i, &tables, scale, out + i);
+#endif
+            for (; i < end; i++) out[i] = map[codes[i]] * scale;
+        }
+    }
     return NULL;
 }
 
-/* Splits the blocks over `threads` threads (the caller's one included); a thread that cannot be
-   started leaves its share to the caller. `simd`: 0 forces the scalar loop (tests compare the
-   two). Returns 1 when the AVX-512 VBMI path ran, else 0. */
+/* Decodes on up to `threads` threads, the caller's one included. `simd`: 0 forces the scalar loop
+   (tests compare the two). Returns 1 when the AVX-512 VBMI path ran, else 0. */
 int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *map, float *out,
                       int64_t numel, int64_t block, int32_t threads, int32_t simd) {
     if (numel <= 0 || block <= 0) return 0;
@@ -111,25 +124,18 @@ int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *
            && __builtin_cpu_supports("avx512vbmi");
 #endif
     const int64_t blocks = (numel - 1) / block + 1;
+    const int64_t chunk = block < CHUNK_NUMEL ? CHUNK_NUMEL / block : 1;
+    const int64_t chunks = (blocks - 1) / chunk + 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > blocks) threads = (int32_t)blocks;
-    if (threads < 1) threads = 1;
-    job_t jobs[MAX_THREADS];
+    if (threads > chunks) threads = (int32_t)chunks;
+    work_t work = {codes, absmax, map, out, numel, block, blocks, chunk, 0,
+                   PTHREAD_MUTEX_INITIALIZER, vbmi};
     pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    for (int32_t t = 0; t < threads; t++) {
-        job_t job = {codes, absmax, map, out, numel, block, blocks * t / threads,
-                     blocks * (t + 1) / threads, vbmi};
-        jobs[t] = job;
-    }
+    int started = 0;
     for (int32_t t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_job, &jobs[t]) == 0;
-    decode_blocks(&jobs[0]);
-    for (int32_t t = 1; t < threads; t++) {
-        if (started[t])
-            pthread_join(ids[t], NULL);
-        else
-            decode_blocks(&jobs[t]);
-    }
+        if (pthread_create(&ids[started], NULL, run, &work) == 0) started++;
+    run(&work);
+    for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+    pthread_mutex_destroy(&work.lock);
     return vbmi;
 }
