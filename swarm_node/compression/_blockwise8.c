@@ -6,14 +6,15 @@
    one IEEE float32 multiply, the same as numpy's and torch's, so the bytes are the same (build
    without -ffast-math). absmax is read with memcpy: a payload inside a frame may be unaligned.
 
-   On x86-64 CPUs with AVX-512 VBMI (checked at run time; gcc and clang only), 64 codes at a time
+   On x86-64 CPUs with AVX-512 VBMI (checked at run time; gcc >= 8, clang >= 7), 64 codes at a time
    look up the 4 bytes of their map values in 4 byte tables held in registers (vpermi2b), ~3x
    faster than the scalar loop, which does the rest: other CPUs, tails shorter than 64. */
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 7) || (!defined(__clang__) && __GNUC__ >= 8))
 #define VBMI_PATH 1
 #include <immintrin.h>
 #define VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))

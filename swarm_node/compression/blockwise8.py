@@ -152,7 +152,7 @@ def _encode_scaled(scaled: np.ndarray, codes: np.ndarray) -> None:
 # The C kernel (native.py) decodes in one pass, on torch.get_num_threads() threads from
 # THREAD_MIN_NUMEL elements on (below it, measured here, one thread is as fast or faster). Only a
 # tensor of NATIVE_BUILD_MIN_NUMEL elements or more compiles the kernel when it is not built yet
-# (~0.3 s, once per machine); smaller ones use it once it is loaded, or one built earlier from the
+# (~0.5 s, once per machine); smaller ones use it once it is loaded, or one built earlier from the
 # cache, and else numpy, never waiting for a compiler.
 NATIVE_BUILD_MIN_NUMEL = GATHER_MIN_NUMEL
 THREAD_MIN_NUMEL = 1 << 19

@@ -3,7 +3,7 @@
 ``decode_kernel()`` returns the loaded kernel, or None when it is switched off
 (``SWARM_NODE_NATIVE=0``), when there is no C compiler, or when compiling or loading failed (logged
 once at INFO); callers then use their numpy/torch path, which gives the same bytes. Nothing is
-compiled at import: the first call that may build compiles ``_blockwise8.c`` (~0.3 s) into
+compiled at import: the first call that may build compiles ``_blockwise8.c`` (~0.5 s) into
 ``$SWARM_CACHE_DIR/native`` (default ``~/.cache/swarm-node/native``) under a name hashed from the
 source, compiler, flags and platform, writing a temporary file and renaming it, so processes
 building at once do not collide. scripts/setup_env.sh (``make setup``) builds it ahead of time.
