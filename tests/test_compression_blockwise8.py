@@ -18,6 +18,7 @@ from swarm_node.compression.blockwise8 import (
     DYNAMIC_MAP,
     GATHER_MIN_NUMEL,
     MAX_HALF_GAP,
+    THREAD_MIN_NUMEL,
 )
 from swarm_node.errors import RemoteProtocolError
 from swarm_node.protocol import WireTensor
@@ -111,8 +112,11 @@ def test_outlier_channels_keep_normal_channels_accurate_unlike_plain_absmax_int8
     )
 
 
-SIZES = [(2, 3000), (40, 3000)]  # partial last blocks under both sizes; small and large paths
+# partial last blocks under both sizes; small and large paths; the C kernel on two threads (when
+# built: tests/test_compression_native.py checks it is here)
+SIZES = [(2, 3000), (40, 3000), (1000, 577)]
 assert SIZES[0][0] * SIZES[0][1] < GATHER_MIN_NUMEL <= SIZES[1][0] * SIZES[1][1]
+assert THREAD_MIN_NUMEL <= SIZES[2][0] * SIZES[2][1]
 
 
 @pytest.mark.parametrize("codec", BLOCKWISE)
@@ -166,10 +170,12 @@ def test_our_codes_are_nearest_and_agree_with_bitsandbytes(bnb_functional, codec
     assert agree > 0.99  # bitsandbytes' CPU search misses the nearest code near midpoints
 
 
+@pytest.mark.parametrize("native", ["1", "0"])  # decoding: the C kernel (when built), numpy/torch
 @pytest.mark.parametrize("codec", BLOCKWISE)
-def test_large_and_small_paths_give_the_same_bytes(codec):
+def test_large_and_small_paths_give_the_same_bytes(monkeypatch, codec, native):
     """Blocks are independent: a tensor past GATHER_MIN_NUMEL (torch's table lookups) encodes and
     decodes exactly like its block-aligned slices below it (numpy's), ties, zeros and NaN included."""
+    monkeypatch.setenv("SWARM_NODE_NATIVE", native)
     torch.manual_seed(18)  # exact ties, as above
     block = BLOCK_SIZES[codec]
     x = torch.randn(2 * GATHER_MIN_NUMEL + 3 * block + 5) * torch.logspace(-4, 4, 7).repeat(20000)[

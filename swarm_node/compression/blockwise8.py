@@ -20,7 +20,11 @@ Non-finite values poison their own block (it decodes as NaN); a block of zeros d
 Assumes a little-endian machine (x86, ARM). Encoding finds the exactly nearest code without a
 search: a table indexed by the upper 16 bits of the float32 ``x / absmax`` gives the code below,
 and one comparison with the only midpoint that can fall inside that bit range moves it up
-(``build_tables`` checks there is never more than one). Decoding reads codes two at a time.
+(``build_tables`` checks there is never more than one). Decoding is one pass of a small C kernel,
+``code value * absmax`` per element (64 at a time with AVX-512 VBMI), split over threads for large
+tensors (native.py builds it with the system C compiler on first use); without it (no compiler,
+``SWARM_NODE_NATIVE=0``) numpy and torch read codes two at a time from a table of value pairs and
+multiply per block: the same bytes.
 bitsandbytes' CPU kernel is approximate near midpoints: its codes differ from ours on ~0.2% of
 elements, each time by one step, and ours is the nearer. Knows nothing of WireTensor or peers.
 """
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from swarm_node.compression import native
 
 BLOCK_SIZES = {"blockwise8": 4096, "blockwise8-64": 64}  # codec name -> elements per block
 
@@ -143,8 +149,33 @@ def _encode_scaled(scaled: np.ndarray, codes: np.ndarray) -> None:
     np.add(low, above, out=codes, casting="unsafe")  # < 256: the cast to uint8 is exact
 
 
+# The C kernel (native.py) decodes in one pass, on torch.get_num_threads() threads from
+# THREAD_MIN_NUMEL elements on (below it, measured here, one thread is as fast or faster). Only a
+# tensor of NATIVE_BUILD_MIN_NUMEL elements or more compiles the kernel when it is not built yet
+# (~0.5 s, once per machine); smaller ones use it once it is loaded, or one built earlier from the
+# cache, and else numpy, never waiting for a compiler.
+NATIVE_BUILD_MIN_NUMEL = GATHER_MIN_NUMEL
+THREAD_MIN_NUMEL = 1 << 19
+_MAP_ADDRESS = DYNAMIC_MAP.__array_interface__["data"][0]  # (256,) float32, lives with the module
+
+
 def decode_payload(payload: memoryview, numel: int, block: int, dtype: torch.dtype) -> torch.Tensor:
     """Bytes checked to be ``payload_nbytes(numel, block)`` long -> a 1-D tensor of ``dtype``."""
+    kernel = native.decode_kernel(build=numel >= NATIVE_BUILD_MIN_NUMEL) if numel else None
+    if kernel is not None:
+        out = torch.empty(numel, dtype=torch.float32)  # (N,)
+        address = np.frombuffer(payload, dtype=np.uint8).__array_interface__["data"][0]
+        absmax_bytes = 4 * -(numel // -block)
+        threads = 1 if numel < THREAD_MIN_NUMEL else torch.get_num_threads()
+        codes = address + absmax_bytes
+        kernel(codes, address, _MAP_ADDRESS, out.data_ptr(), numel, block, threads, 1)
+    else:
+        out = _decode_numpy(payload, numel, block)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _decode_numpy(payload: memoryview, numel: int, block: int) -> torch.Tensor:
+    """The same as the C kernel, in numpy and torch passes -> (N,) float32."""
     blocks = -(numel // -block)
     absmax = np.frombuffer(payload, dtype="<f4", count=blocks).astype(np.float32)  # (nblocks,)
     pairs = numel // 2
@@ -167,7 +198,7 @@ def decode_payload(payload: memoryview, numel: int, block: int, dtype: torch.dty
         by_block *= absmax[: full // block, None]
     if full < numel:
         values[full:] *= absmax[-1]
-    return out if dtype == torch.float32 else out.to(dtype)
+    return out
 
 
 def error_bound(tensor: torch.Tensor, block: int) -> torch.Tensor:
