@@ -3,6 +3,8 @@
 KadDHT shortcuts we do not rely on (see DESIGN.md): ``find_providers`` answers from the local store
 alone when it has anything, and ``get_value`` returns a local (possibly stale) value. Lookups here
 ask the closest peers on the network, merge with the local store, deduplicate and check expiry.
+Each query to one peer goes through kad_requests, whose streams are released when a query is
+cancelled (py-libp2p's own request functions leave the remote waiting on them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 from multiaddr import Multiaddr
 
+from swarm_node.dht import kad_requests
 from swarm_node.dht.records import (
     RECORD_NAMESPACE,
     ServerRecord,
@@ -44,6 +47,10 @@ LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
+# a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
+QUERY_ERRORS = (
+    BaseLibp2pError, RemoteProtocolError, OSError, RuntimeError, ValueError, trio.BrokenResourceError
+)
 
 
 class RecordValidator(Validator):
@@ -136,7 +143,7 @@ class SwarmDHT:
             with trio.move_on_after(QUERY_TIMEOUT):
                 try:
                     return await query()
-                except (BaseLibp2pError, OSError, RuntimeError, ValueError, trio.BrokenResourceError) as exc:
+                except QUERY_ERRORS as exc:
                     log.debug("query to %s failed: %r", peer, exc)
                     return None
         self._mark_unreachable(peer, "timeout")
@@ -163,9 +170,7 @@ class SwarmDHT:
             found: set[ID] = set()
 
             async def query(peer: ID) -> None:
-                peers = await self._ask(
-                    peer, lambda: self.kad.peer_routing._query_peer_for_closest(peer, key)
-                )
+                peers = await self._ask(peer, lambda: kad_requests.find_node(self.kad, peer, key))
                 found.update(peers or ())
 
             async with trio.open_nursery() as nursery:
@@ -188,9 +193,7 @@ class SwarmDHT:
         found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
 
         async def ask(peer: ID) -> None:
-            answer = await self._ask(
-                peer, lambda: self.kad.provider_store._get_providers_from_peer_with_closers(peer, key)
-            )
+            answer = await self._ask(peer, lambda: kad_requests.get_providers(self.kad, peer, key))
             for info in answer[0] if answer else ():
                 found.setdefault(info.peer_id, info)
 
@@ -215,7 +218,7 @@ class SwarmDHT:
             values.append(local.value)
 
         async def ask(peer: ID) -> None:
-            value = await self._ask(peer, lambda: self.kad.value_store._get_from_peer(peer, key))
+            value = await self._ask(peer, lambda: kad_requests.get_value(self.kad, peer, key))
             if isinstance(value, bytes):
                 values.append(value)
 

@@ -1,0 +1,177 @@
+"""FIND_NODE, GET_PROVIDERS and GET_VALUE requests to one KadDHT peer, on streams we always release.
+
+py-libp2p's own request functions (``PeerRouting._query_peer_for_closest``,
+``ProviderStore._get_providers_from_peer_with_closers``, ``ValueStore._get_from_peer``) close their
+stream in a ``finally`` that a cancelled query never gets through: the close takes a lock, a
+checkpoint, so it raises Cancelled before anything is sent. The remote handler then waits on that
+stream for good and holds one of the 12 inbound slots KadDHT has; once they are taken, it resets
+every new stream and lookups get empty answers from a live peer. Here the stream is closed after
+an answer and reset otherwise, under a shield, so a query cut off by its deadline frees the slot.
+
+Each function reads the answer exactly as py-libp2p's does (the same signed-record checks, the same
+peers, providers and value out, the same peerstore and routing-table updates); it raises instead of
+returning an empty answer when the request fails, so the caller can tell "no answer" from "nothing".
+Values are returned as sent: checking a record (signature, key, expiry) is the caller's job, as
+with ``_get_from_peer``. Knows nothing of swarm records, lookups or deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from google.protobuf.message import DecodeError
+from libp2p.abc import INetStream
+from libp2p.exceptions import BaseLibp2pError, ParseError
+from libp2p.io.exceptions import MessageTooLarge
+from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
+from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.utils import maybe_consume_signed_record
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.peer.peerstore import PeerStoreError, env_to_send_in_RPC
+from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
+from multiaddr import Multiaddr
+from multiaddr.exceptions import Error as MultiaddrError
+
+from swarm_node.errors import RemoteProtocolError
+
+log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT = 1.0  # seconds to send the FIN or RST of a finished or abandoned query
+CLOSER_PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses from FIND_NODE (as py-libp2p)
+
+
+async def _exchange(
+    kad: KadDHT,
+    peer: ID,
+    kind: Message.MessageType.ValueType,
+    key: bytes,
+    *,
+    forget_unreachable: bool = False,
+) -> Message:
+    """One request, one answer on a new stream; the stream is released however this ends.
+
+    ``forget_unreachable``: a peer no stream can be opened to leaves the routing table (what
+    py-libp2p's FIND_NODE does; a peer that opens one and then resets it, say busy, stays)."""
+    request = Message()
+    request.type = kind
+    request.key = key
+    request.senderRecord = env_to_send_in_RPC(kad.host)[0]
+    try:
+        stream = await kad.host.new_stream(peer, [PROTOCOL_ID])  # resets its stream if cancelled
+    except (BaseLibp2pError, OSError):
+        if forget_unreachable:
+            kad.routing_table.remove_peer(peer)
+        raise
+    answered = False
+    try:
+        await stream.write(encode_varint_prefixed(request.SerializeToString()))
+        try:  # the length is checked against the limit before the body is read
+            data = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
+        except (MessageTooLarge, ParseError) as exc:
+            raise RemoteProtocolError(
+                f"DHT answer from {peer} must be a varint-prefixed message of at most "
+                f"{MAX_DHT_MESSAGE_SIZE} bytes, got {exc}"
+            ) from None
+        answered = True
+    finally:
+        await _release(stream, peer, answered)
+    response = Message()
+    try:
+        response.ParseFromString(data)
+    except DecodeError as exc:
+        raise RemoteProtocolError(
+            f"DHT answer from {peer} must be a Kademlia Message, got {exc}"
+        ) from None
+    return response
+
+
+async def _release(stream: INetStream, peer: ID, answered: bool) -> None:
+    """Close after an answer (the remote handler sees EOF), reset otherwise: the remote slot is
+    freed either way. Shielded, so a cancelled query still sends it; bounded, so a stuck
+    connection cannot hold the caller."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(RELEASE_TIMEOUT):
+            try:
+                await (stream.close() if answered else stream.reset())
+            except (
+                BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError
+            ) as exc:
+                log.debug("releasing a DHT stream to %s failed: %r", peer, exc)
+
+
+def _addrs(raw: list[bytes]) -> list[Multiaddr]:
+    addrs = []
+    for addr in raw:
+        try:
+            addrs.append(Multiaddr(addr))
+        except MultiaddrError:  # py-libp2p skips these too
+            log.debug("skipping an unparsable address in a DHT answer")
+    return addrs
+
+
+async def find_node(kad: KadDHT, peer: ID, key: bytes) -> list[ID]:
+    """FIND_NODE: the peers ``peer`` knows closest to ``key``, their addresses learned."""
+    if peer == kad.host.get_id():
+        return []
+    try:
+        addrs = kad.host.get_peerstore().addrs(peer)
+    except PeerStoreError:  # unknown or expired: opening the stream fails below, as in py-libp2p
+        addrs = []
+    if addrs:  # py-libp2p adds the asked peer to the routing table whatever the answer
+        await kad.routing_table.add_peer(PeerInfo(peer, addrs))
+    response = await _exchange(kad, peer, Message.MessageType.FIND_NODE, key, forget_unreachable=True)
+    if response.type != Message.MessageType.FIND_NODE:
+        return []
+    if not maybe_consume_signed_record(response, kad.host, peer):
+        log.debug("FIND_NODE answer of %s ignored: its signed peer record was refused", peer)
+        kad.routing_table.remove_peer(peer)
+        return []
+    found: list[ID] = []
+    for closer in response.closerPeers:
+        if not maybe_consume_signed_record(closer, kad.host) or not closer.id:
+            continue
+        closer_id = ID(closer.id)
+        if closer_id == kad.host.get_id():
+            continue
+        if closer_id not in found:
+            found.append(closer_id)
+        if addrs := _addrs(list(closer.addrs)):
+            kad.host.get_peerstore().add_addrs(closer_id, addrs, CLOSER_PEER_ADDR_TTL)
+            await kad.routing_table.add_peer(PeerInfo(closer_id, addrs))
+    return found
+
+
+async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]]:
+    """GET_PROVIDERS: the providers of ``key`` that ``peer`` holds, and the closer peers it names."""
+    response = await _exchange(kad, peer, Message.MessageType.GET_PROVIDERS, key)
+    if response.type != Message.MessageType.GET_PROVIDERS:
+        return [], []
+    if not maybe_consume_signed_record(response, kad.host, peer):
+        log.debug("GET_PROVIDERS answer of %s ignored: its signed peer record was refused", peer)
+        return [], []
+    providers = [
+        PeerInfo(ID(p.id), _addrs(list(p.addrs)))
+        for p in response.providerPeers
+        if maybe_consume_signed_record(p, kad.host)
+    ]
+    closer = [ID(p.id) for p in response.closerPeers]
+    return providers, [p for p in closer if p != kad.host.get_id()]
+
+
+async def get_value(kad: KadDHT, peer: ID, key: bytes) -> bytes | None:
+    """GET_VALUE: the value ``peer`` holds under ``key``, unchecked; None when it holds none."""
+    if peer == kad.host.get_id():
+        local = kad.value_store.get(key)
+        return None if local is None else local.value
+    response = await _exchange(kad, peer, Message.MessageType.GET_VALUE, key)
+    if response.type != Message.MessageType.GET_VALUE or not response.HasField("record"):
+        return None
+    if not response.record.value:
+        return None
+    if not maybe_consume_signed_record(response, kad.host, peer):
+        log.debug("GET_VALUE answer of %s ignored: its signed peer record was refused", peer)
+        return None
+    return response.record.value
