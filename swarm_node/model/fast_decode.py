@@ -1,8 +1,9 @@
 """One decode step (one new position) through Llama-like blocks, without transformers' module plumbing.
 
-transformers' decoder layers spend a sixth of a SmolLM2 decode step in Python between the tensor
-ops (module calls, keyword plumbing, mask building, attention dispatch): 38-45 ms against 33-38 ms
-for the same 30 blocks here (`scripts/bench_decode_step.py`). This module replays, op for op, what
+transformers' decoder layers spend part of a SmolLM2 decode step in Python between the tensor ops
+(module calls, keyword plumbing, mask building, attention dispatch): the same 30 blocks take 1.05-1.07x
+the time through them, step for step (`scripts/bench_decode_step.py`; a first probe, steps not
+interleaved, saw 44.6 against 37.5 ms). This module replays, op for op, what
 the pinned transformers' Llama, Mistral, Qwen2 and Qwen3 layers do for one new position with an
 sdpa cache and no mask, so the result is bit-for-bit theirs (tests/test_fast_decode.py compares
 `torch.equal` per family) and the cache is the same DynamicCache the slow path fills.
