@@ -51,9 +51,24 @@ async def request(conn: MessageStream, message: Any, expect: type, *, timeout: f
 
 
 async def open_stream(host: Any, peer_id: str, *, max_frame_size: int, timeout: float) -> MessageStream:
+    peer = ID.from_base58(peer_id)
+    forget_closed_connections(host, peer)
     with trio.fail_after(timeout):
-        stream = await host.new_stream(ID.from_base58(peer_id), [PROTOCOL_ID])
+        stream = await host.new_stream(peer, [PROTOCOL_ID])
     return MessageStream(stream, max_frame_size=max_frame_size)
+
+
+def forget_closed_connections(host: Any, peer: ID) -> None:
+    """Drop the swarm's closed connections to ``peer`` so that new_stream dials a fresh one.
+
+    py-libp2p 0.8.1 can keep a closed connection listed (seen after a session was cancelled
+    mid-stream); new_stream then finds "connections", filters them all out as closed and raises
+    "No valid connections available" instead of dialling, and the server gets banned as failed.
+    """
+    network = host.get_network()
+    for conn in list(network.get_connections(peer)):
+        if conn.is_closed:
+            network.remove_conn(conn)
 
 
 class RemoteSpan:
