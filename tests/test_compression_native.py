@@ -1,4 +1,4 @@
-"""blockwise8's C decode kernel: built and used here, numpy/torch's bytes, a quiet fallback."""
+"""blockwise8's C kernels: built and used here, numpy/torch's bytes, a quiet fallback."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from swarm_node.compression.blockwise8 import (
     NATIVE_BUILD_MIN_NUMEL,
     THREAD_MIN_NUMEL,
     decode_payload,
+    encode_payload,
     payload_nbytes,
 )
 
@@ -195,5 +196,105 @@ assert native.decode_kernel() is None and float((y - x).abs().max()) < 1
 @pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])  # no compiler; a failing one
 def test_without_a_working_compiler_it_falls_back_and_says_so_once(tmp_path, cc):
     err = _run(FALLBACK, tmp_path, CC=cc).stderr
-    assert err.count("swarm_node.compression.native blockwise8: no native decode kernel") == 1, err
+    assert err.count("swarm_node.compression.native blockwise8: no native kernels") == 1, err
     assert not list((tmp_path / "native").glob("*.so*"))  # no temporary file left behind
+
+
+# ---- encoding -------------------------------------------------------------------------------------
+
+HAVE_AVX512F = "avx512f" in (
+    set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+)
+
+
+def _encode_both(monkeypatch, tensor: torch.Tensor, block: int) -> tuple[bytes, bytes]:
+    """(native, numpy) payloads of one tensor."""
+    monkeypatch.setenv("SWARM_NODE_NATIVE", "1")
+    ours = bytes(encode_payload(tensor, block))
+    monkeypatch.setenv("SWARM_NODE_NATIVE", "0")
+    fallback = bytes(encode_payload(tensor, block))
+    monkeypatch.setenv("SWARM_NODE_NATIVE", "1")
+    return ours, fallback
+
+
+def _random_values(numel: int, seed: int, kind: int) -> np.ndarray:
+    """(numel,) float32 of one kind: normal at any scale, random finite bit patterns, subnormals,
+    signed zeros among normals, a few channels x60, NaN or infinity somewhere."""
+    rng = np.random.default_rng(seed)
+    if kind == 0:
+        return (rng.standard_normal(numel) * 10.0 ** rng.integers(-40, 38)).astype(np.float32)
+    if kind == 1:
+        bits = rng.integers(0, 2**32, numel, dtype=np.uint64).astype(np.uint32)
+        values = bits.view(np.float32)
+        return np.where(np.isfinite(values), values, np.float32(1.5))
+    if kind == 2:
+        return (rng.standard_normal(numel) * 1e-42).astype(np.float32)
+    values = rng.standard_normal(numel).astype(np.float32)
+    if kind == 3:
+        values[: numel // 3] = -0.0
+        values[rng.integers(0, numel, 3)] = 0.0
+    elif kind == 4:
+        values[rng.integers(0, numel, max(1, numel // 100))] *= 60
+    else:
+        values[rng.integers(0, numel)] = [np.nan, np.inf, -np.inf][seed % 3]
+    return values
+
+
+def _kernel_encode(tensor: torch.Tensor, block: int, threads: int) -> tuple[int, bytes]:
+    """What the C encoder returns for a float32 tensor, and its payload."""
+    from swarm_node.compression import blockwise8
+
+    x = tensor.reshape(-1).contiguous()
+    numel, blocks = x.numel(), -(x.numel() // -block)
+    out = np.zeros(payload_nbytes(numel, block), dtype=np.uint8)
+    address = out.__array_interface__["data"][0]
+    done = native.encode_kernel()(
+        x.data_ptr(), address, address + 4 * blocks, blockwise8._LOW32_ADDRESS,
+        blockwise8._THRESHOLD_ADDRESS, numel, block, threads,
+    )
+    return done, out.tobytes()
+
+
+def test_the_encoder_runs_where_the_cpu_has_avx512f(kernel):
+    assert native.encode_kernel() is not None
+    x = torch.randn(100)
+    done, payload = _kernel_encode(x, 64, 1)
+    assert done == (1 if HAVE_AVX512F else 0)
+    if done:
+        assert payload == bytes(encode_payload(x, 64))
+        done, payload = _kernel_encode(torch.tensor([1.0, float("nan")]), 64, 1)
+        assert done == -1  # numpy's turn
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([*sorted(BLOCK_SIZES.values()), 1, 7, 100]), st.integers(1, 2 * 4096 + 77),
+       st.integers(0, 2**32 - 1), st.integers(0, 5), st.sampled_from(sorted(DTYPES)))
+def test_native_and_numpy_encode_to_the_same_bytes(monkeypatch_module, block, numel, seed, kind, dtype):
+    tensor = torch.from_numpy(_random_values(numel, seed, kind)).to(DTYPES[dtype])
+    ours, fallback = _encode_both(monkeypatch_module, tensor, block)
+    assert ours == fallback
+    if HAVE_AVX512F and kind < 5 and dtype == "float32":  # the kernel itself, not numpy's fallback
+        assert _kernel_encode(tensor, block, 1) == (1, fallback)
+
+
+@pytest.mark.parametrize("block", sorted(BLOCK_SIZES.values()))
+@pytest.mark.parametrize("numel", [THREAD_MIN_NUMEL + 4097, 2048 * 576])
+def test_threaded_encoding_gives_the_same_bytes(monkeypatch, block, numel):
+    tensor = torch.from_numpy(_random_values(numel, numel, 4))
+    ours, fallback = _encode_both(monkeypatch, tensor, block)
+    assert ours == fallback
+    if HAVE_AVX512F:
+        for threads in (1, 2, 100):
+            assert _kernel_encode(tensor, block, threads) == (1, fallback)
+    tensor[-1] = float("nan")  # in the last block: the threads stop, numpy encodes it all
+    ours, fallback = _encode_both(monkeypatch, tensor, block)
+    assert ours == fallback
+    assert np.isnan(np.frombuffer(ours, "<f4", count=-(numel // -block))[-1])
+
+
+def test_a_strided_tensor_encodes_as_its_copy(monkeypatch):
+    base = torch.randn(2 * 5000)
+    strided = base[::2]  # (5000,), stride 2: reshape(-1) keeps the view
+    ours, fallback = _encode_both(monkeypatch, strided, 64)
+    assert ours == fallback == bytes(encode_payload(strided.contiguous(), 64))

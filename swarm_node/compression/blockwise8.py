@@ -20,7 +20,9 @@ Non-finite values poison their own block (it decodes as NaN); a block of zeros d
 Assumes a little-endian machine (x86, ARM). Encoding finds the exactly nearest code without a
 search: a table indexed by the upper 16 bits of the float32 ``x / absmax`` gives the code below,
 and one comparison with the only midpoint that can fall inside that bit range moves it up
-(``build_tables`` checks there is never more than one). Decoding is one pass of a small C kernel,
+(``build_tables`` checks there is never more than one). The C kernel (native.py) does this 16 values
+at a time with AVX-512 gathers where the CPU has AVX-512F, else numpy does it in passes; a tensor
+holding NaN or infinity always goes through numpy. Decoding is one pass of a small C kernel,
 ``code value * absmax`` per element (64 at a time with AVX-512 VBMI), split over threads for large
 tensors (native.py builds it with the system C compiler on first use); without it (no compiler,
 ``SWARM_NODE_NATIVE=0``) numpy and torch read codes two at a time from a table of value pairs and
@@ -113,12 +115,29 @@ def encode_payload(tensor: torch.Tensor, block: int) -> memoryview:
     out = np.empty(payload_nbytes(numel, block), dtype=np.uint8)
     absmax = out[: 4 * blocks].view("<f4")  # (nblocks,)
     codes = out[4 * blocks :]  # (N,)
+    if numel and _encode_native(x, out, numel, block, blocks):
+        return memoryview(out)
     full = numel - numel % block
     if full:
         _encode_blocks(x[:full].reshape(-1, block), absmax[: full // block], codes[:full])
     if full < numel:
         _encode_blocks(x[full:].reshape(1, -1), absmax[full // block :], codes[full:])
     return memoryview(out)
+
+
+def _encode_native(x: np.ndarray, out: np.ndarray, numel: int, block: int, blocks: int) -> bool:
+    """The C kernel's encoding into ``out``; False (numpy's turn) when it is not there, the CPU has
+    no AVX-512F, or a block holds a NaN or an infinity (numpy's NaN bytes are kept)."""
+    kernel = native.encode_kernel(build=numel >= NATIVE_BUILD_MIN_NUMEL)
+    if kernel is None or not x.flags.c_contiguous:  # a strided 1-D view: numpy's passes take it
+        return False
+    address = out.__array_interface__["data"][0]
+    threads = 1 if numel < THREAD_MIN_NUMEL else torch.get_num_threads()
+    done = kernel(
+        x.__array_interface__["data"][0], address, address + 4 * blocks, _LOW32_ADDRESS,
+        _THRESHOLD_ADDRESS, numel, block, threads,
+    )
+    return done == 1
 
 
 def _encode_blocks(x: np.ndarray, absmax: np.ndarray, codes: np.ndarray) -> None:
@@ -157,6 +176,8 @@ def _encode_scaled(scaled: np.ndarray, codes: np.ndarray) -> None:
 NATIVE_BUILD_MIN_NUMEL = GATHER_MIN_NUMEL
 THREAD_MIN_NUMEL = 1 << 19
 _MAP_ADDRESS = DYNAMIC_MAP.__array_interface__["data"][0]  # (256,) float32, lives with the module
+_LOW32_ADDRESS = _LOW32.data_ptr()  # (65536,) int32, lives with the module
+_THRESHOLD_ADDRESS = _THRESHOLD.__array_interface__["data"][0]  # (65536,) float32
 
 
 def decode_payload(payload: memoryview, numel: int, block: int, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The optional C kernel for blockwise8 decoding, built with the system C compiler, run by ctypes.
+"""The optional C kernels for blockwise8, built with the system C compiler, run by ctypes.
 
-``decode_kernel()`` returns the loaded kernel, or None when it is switched off
+``decode_kernel()`` and ``encode_kernel()`` return the loaded kernel, or None when it is switched off
 (``SWARM_NODE_NATIVE=0``), when there is no C compiler, or when compiling or loading failed (logged
 once at INFO); callers then use their numpy/torch path, which gives the same bytes. Nothing is
 compiled at import: the first call that may build compiles ``_blockwise8.c`` (~0.5 s) into
@@ -37,6 +37,7 @@ COMPILE_TIMEOUT_S = 120.0
 
 _lock = threading.Lock()
 _kernel: Callable[..., int] | None = None  # blockwise8_decode, once loaded
+_encoder: Callable[..., int] | None = None  # blockwise8_encode, loaded with it
 _tried = False  # whether loading (and building when needed) was tried: never twice in a process
 _looked = False  # whether the cache was looked at without building
 
@@ -71,18 +72,29 @@ def decode_kernel(*, build: bool = True) -> Callable[..., int] | None:
     ``build``: compile it when it is not in the cache yet (once per process at most); else only
     load one built earlier, never waiting for a compiler.
     """
+    _find(build)
+    return _kernel if enabled() else None
+
+
+def encode_kernel(*, build: bool = True) -> Callable[..., int] | None:
+    """``blockwise8_encode`` of _blockwise8.c (same library and rules as ``decode_kernel``).
+
+    It returns 0 where the CPU has no AVX-512F: the caller then encodes with numpy.
+    """
+    _find(build)
+    return _encoder if enabled() else None
+
+
+def _find(build: bool) -> None:
     global _tried, _looked
-    if not enabled():
-        return None
-    if _tried or (_looked and not build):
-        return _kernel
+    if not enabled() or _tried or (_looked and not build):
+        return
     with _lock:
         if not _tried and (build or not _looked):
             _looked = True
             if build or _built():
                 _tried = True
                 _load()
-    return _kernel
 
 
 def _built() -> bool:
@@ -93,20 +105,24 @@ def _built() -> bool:
 
 
 def _load() -> None:
-    global _kernel
+    global _kernel, _encoder
     try:
         path = library_path()
         if not path.exists():
             _build(path)
-        kernel = ctypes.CDLL(str(path)).blockwise8_decode
+        library = ctypes.CDLL(str(path))
+        kernel, encoder = library.blockwise8_decode, library.blockwise8_encode
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-        log.info("blockwise8: no native decode kernel, decoding with numpy/torch (%s)", exc)
+        log.info("blockwise8: no native kernels, coding with numpy/torch (%s)", exc)
         return
     # (codes, absmax, map, out, numel, block, threads, simd) -> 1 when AVX-512 VBMI ran, see the C
     kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int32] * 2
     kernel.restype = ctypes.c_int
-    log.debug("blockwise8: native decode kernel %s", path)
-    _kernel = kernel
+    # (x, absmax, codes, low, threshold, numel, block, threads) -> 1 done, 0 no AVX-512F, -1 NaN/inf
+    encoder.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_int32]
+    encoder.restype = ctypes.c_int
+    log.debug("blockwise8: native kernels %s", path)
+    _kernel, _encoder = kernel, encoder
 
 
 def _build(path: Path) -> None:
