@@ -20,6 +20,7 @@ import trio
 
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError
+from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class TokenSession:
         self.prefix_len = 0 if prefix is None else prefix.shape[0]
         self.ids = torch.zeros(batch_size, 0, dtype=torch.int64)  # (B, n)
         self.fed = 0
+        # the head and sampling run inline while quick (a worker-thread hop costs ~0.5-1 ms here)
+        self.quick_jobs = QuickJobs(CLIENT_MAX_INLINE_S)
 
     @property
     def pending(self) -> torch.Tensor:
@@ -227,8 +230,7 @@ async def _decode(
             token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
             return token, head.embed(token[:, None])  # the next step's input, in the same thread hop
 
-        # one worker-thread hop a token (each hop costs ~0.5-1 ms on these machines)
-        token, next_hidden = await trio.to_thread.run_sync(pick)  # (B,), (B, 1, H)
+        token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
         ids = torch.cat([ids, token[:, None]], dim=1)
         ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
         if i == 0:

@@ -23,6 +23,7 @@ from swarm_node.node.message_stream import ConnectionLost, MessageStream
 from swarm_node.node import server_training
 from swarm_node.node.kept_graphs import KeptGraphs
 from swarm_node.node.push import open_push_link
+from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs
 from swarm_node.node.request_error import RequestError
 from swarm_node.node.server_state import Gauge, ServerSession
 from swarm_node.node.server_training import MAX_FORWARD_BATCH
@@ -57,6 +58,8 @@ class BlockServer:
         self.config = config
         self.max_frame_size = max_frame_size
         self.compute_limiter = compute_limiter
+        # decode steps (one new position) run on the loop's thread while they take <= 0.1 s
+        self.quick_jobs = QuickJobs(SERVER_MAX_INLINE_S, compute_limiter)
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
@@ -377,7 +380,7 @@ class BlockServer:
             self._run_span, hidden, session.cache, session.start, session.end, session.prompts, session.lora
         )
         try:
-            out = await trio.to_thread.run_sync(run, limiter=self.compute_limiter)
+            out = await self.quick_jobs.run(run, small=hidden.dim() == 3 and hidden.shape[1] == 1)
         except SessionError as exc:
             raise RequestError("too_long", str(exc)) from None
         session.steps += 1
