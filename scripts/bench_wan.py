@@ -3,15 +3,17 @@
 
 Every peer (servers and the client) sits behind a userspace proxy adding DELAY seconds one way
 (tests/delay_proxy.py), so every link has that delay. SmolLM2-135M, float32, greedy, 64 new tokens.
-The bound for each run is ``1 / (compute + hops x delay)``: compute is the per-token time of the
-same blocks and head run locally, measured right before and right after that very swarm run (their
-mean: these machines drift by +-20% from minute to minute, so one figure taken at the start would
-judge later runs against another machine); hops N + 1 with push, 2N client-star. The rate is the
-steady decode rate (tokens after the first). Each mode runs ``--repeats`` times, interleaved; the
-figure is the median of the per-run ``of_bound``.
+The bound is ``1 / (compute + hops x delay)``: compute is the per-token time of the same blocks and
+head run locally, back to back (one BlockSpan of every block, no network), hops N + 1 with push, 2N
+client-star. These machines drift by +-20% within a minute, so each run generates its tokens in
+segments of ``--segment`` tokens through one session and measures the local compute
+(``--local-tokens`` tokens) before the first segment and after each one: a segment is judged against
+the mean of the two figures around it, and a run's ``of_bound`` is its bound time over its measured
+time, summed over its segments (steady decode steps only: the prompt's prefill is left out). Each
+mode runs ``--repeats`` times, interleaved; the figure is the median of the per-run ``of_bound``.
 
     .venv/bin/python scripts/bench_wan.py [--delay 0.05] [--new-tokens 64] [--servers 2 3] [--repeats 3]
-                                          [--torch-threads N]
+                                          [--segment 16] [--local-tokens 8] [--torch-threads N]
 
 Prints one JSON line.
 """
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.commands import split_blocks  # noqa: E402
-from swarm_node.node.generation import SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.generation import SamplingConfig, generate_tokens, open_token_session  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -57,6 +59,49 @@ def local_compute(span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int
     return statistics.median(times[1:])  # the first is the prompt
 
 
+async def one_run(
+    client: Any, head: Any, span: Any, input_ids: torch.Tensor, chain: list[Any], push: bool,
+    args: argparse.Namespace,
+) -> tuple[list[int], dict[str, Any]]:
+    """One generation of ``--new-tokens`` in segments of ``--segment`` tokens, the local compute
+    measured before the first segment and after each one; each segment is judged against the mean
+    of the two local figures around it (the machine drifts within one run)."""
+    hops = len(chain) + 1 if push else 2 * len(chain)
+    seconds = tokens = bound_seconds = 0.0
+    compute_ms: list[float] = []
+    before = local_compute(span, head, input_ids, args.local_tokens)
+    async with open_token_session(
+        client, model=MODEL, num_blocks=span.end, max_length=input_ids.shape[1] + args.new_tokens + 1,
+        dtype="float32", chain=chain, push=push,
+    ) as ts:
+        ids = input_ids
+        while ids.shape[1] < input_ids.shape[1] + args.new_tokens:
+            count = min(args.segment, input_ids.shape[1] + args.new_tokens - ids.shape[1])
+            fresh = ids if ts.fed == 0 else ids[:, :0]  # the prompt once, then go on
+            out, stats = await generate_tokens(
+                client, head, fresh, model=MODEL, num_blocks=span.end, dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=count), session=ts,
+            )
+            ids = torch.cat([ids, out[:, fresh.shape[1]:]], dim=1)
+            after = local_compute(span, head, input_ids, args.local_tokens)
+            here = (before + after) / 2  # the local rate around this very segment
+            before = after
+            if fresh.shape[1]:  # the first segment: its first token comes with the prompt's prefill
+                steady, step_seconds = stats.new_tokens - 1, stats.total_time - stats.time_to_first_token
+            else:  # a later one: every token is a decode step (the first also embeds the last token)
+                steady, step_seconds = stats.new_tokens, stats.total_time
+            seconds += step_seconds
+            tokens += steady
+            bound_seconds += steady * (here + hops * args.delay)
+            compute_ms.append(round(here * 1000, 1))
+    return ids[0].tolist(), {
+        "ms_per_token": round(1000 * seconds / tokens, 1),
+        "bound_ms_per_token": round(1000 * bound_seconds / tokens, 1),
+        "of_bound": round(bound_seconds / seconds, 3),
+        "compute_ms_per_token": compute_ms,  # per segment
+    }
+
+
 async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace) -> dict:
     checkpoint = Checkpoint.open(path)
     num_blocks = checkpoint.config.num_hidden_layers
@@ -70,29 +115,16 @@ async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argpa
                 runs: dict[str, Any] = {"chain": [[h.start, h.end] for h in chain]}
                 outputs = []
                 per_mode: dict[str, list[dict[str, Any]]] = {"client-star": [], "push": []}
-                compute = local_compute(span, head, input_ids, args.new_tokens // 2)
                 for _ in range(args.repeats):
                     for mode, push in (("client-star", False), ("push", True)):
-                        ids, stats = await generate_tokens(
-                            client, head, input_ids, model=MODEL, num_blocks=num_blocks, dtype="float32",
-                            sampling=SamplingConfig(max_new_tokens=args.new_tokens), chain=chain, push=push,
-                        )
-                        after = local_compute(span, head, input_ids, args.new_tokens // 2)
-                        here = (compute + after) / 2  # the local rate around this very run
-                        compute = after
-                        outputs.append(ids.tolist())
-                        hops = len(chain) + 1 if push else 2 * len(chain)
-                        bound = 1 / (here + hops * args.delay)
-                        per_mode[mode].append({
-                            "ms_per_token": round(1000 / stats.tokens_per_second, 1),
-                            "compute_ms_per_token": round(here * 1000, 1),
-                            "bound_ms_per_token": round(1000 / bound, 1),
-                            "of_bound": round(stats.tokens_per_second / bound, 3),
-                        })
+                        ids, row = await one_run(client, head, span, input_ids, chain, push, args)
+                        outputs.append(ids)
+                        per_mode[mode].append(row)
                 for mode, rows in per_mode.items():
                     runs[mode] = {
                         "hops": len(chain) + 1 if mode == "push" else 2 * len(chain),
                         "of_bound_median": round(statistics.median(r["of_bound"] for r in rows), 3),
+                        "of_bound_min": min(r["of_bound"] for r in rows),
                         "ms_per_token_median": round(statistics.median(r["ms_per_token"] for r in rows), 1),
                         "runs": rows,
                     }
@@ -108,6 +140,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, interleaved")
+    parser.add_argument("--segment", type=int, default=16, help="tokens between two local measurements")
+    parser.add_argument("--local-tokens", type=int, default=8, help="tokens of each local measurement")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.torch_threads is not None:
@@ -120,7 +154,8 @@ def main() -> None:
     runs = trio.run(swarm_runs, path, head, input_ids, args)
     print(json.dumps({
         "bench": "wan", "model": MODEL, "delay_s": args.delay, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "target_push_of_bound": 0.9, **runs,
+        "repeats": args.repeats, "segment": args.segment, "local_tokens": args.local_tokens,
+        "torch_threads": torch.get_num_threads(), "target_push_of_bound": 0.9, **runs,
     }))
 
 
