@@ -24,7 +24,7 @@ from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.config import SERVER_DEFAULT
-from swarm_node.node.message_stream import MessageStream
+from swarm_node.node.message_stream import MessageStream, forget_closed_connections
 from swarm_node.node.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
@@ -56,19 +56,6 @@ async def open_stream(host: Any, peer_id: str, *, max_frame_size: int, timeout: 
     with trio.fail_after(timeout):
         stream = await host.new_stream(peer, [PROTOCOL_ID])
     return MessageStream(stream, max_frame_size=max_frame_size)
-
-
-def forget_closed_connections(host: Any, peer: ID) -> None:
-    """Drop the swarm's closed connections to ``peer`` so that new_stream dials a fresh one.
-
-    py-libp2p 0.8.1 can keep a closed connection listed (seen after a session was cancelled
-    mid-stream); new_stream then finds "connections", filters them all out as closed and raises
-    "No valid connections available" instead of dialling, and the server gets banned as failed.
-    """
-    network = host.get_network()
-    for conn in list(network.get_connections(peer)):
-        if conn.is_closed:
-            network.remove_conn(conn)
 
 
 class RemoteSpan:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 
 from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
 
 from swarm_node.errors import ProtocolError, RemoteProtocolError
 from swarm_node.protocol import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_message
@@ -72,3 +74,16 @@ class MessageStream:
             await self.stream.reset()
         except (BaseLibp2pError, OSError) as exc:
             log.debug("resetting a stream to %s: %r", self.peer_id, exc)
+
+
+def forget_closed_connections(host: Any, peer: ID) -> None:
+    """Drop the swarm's closed connections to ``peer`` so that new_stream dials a fresh one.
+
+    py-libp2p 0.8.1 can keep a closed connection listed (seen after a session was cancelled
+    mid-stream); new_stream then finds "connections", filters them all out as closed and raises
+    "No valid connections available" instead of dialling, and the server gets banned as failed.
+    """
+    network = host.get_network()
+    for conn in list(network.get_connections(peer)):
+        if conn.is_closed:
+            network.remove_conn(conn)

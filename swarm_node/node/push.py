@@ -16,7 +16,7 @@ import trio
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
-from swarm_node.node.message_stream import ConnectionLost, MessageStream
+from swarm_node.node.message_stream import ConnectionLost, MessageStream, forget_closed_connections
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
@@ -75,6 +75,7 @@ async def open_push_link(
     if multiaddrs:
         host.get_peerstore().add_addrs(peer, multiaddrs, ADDR_TTL)
     try:
+        forget_closed_connections(host, peer)  # else py-libp2p may refuse to dial (see there)
         with trio.fail_after(PUSH_OPEN_TIMEOUT):
             stream = await host.new_stream(peer, [PROTOCOL_ID])
     except Exception as exc:  # unreachable next server: the session runs client-star
