@@ -86,6 +86,21 @@ typedef struct {
     int vbmi;               /* use the AVX-512 VBMI path */
 } work_t;
 
+/* Blocks a thread claims at a time (about CHUNK_NUMEL elements, at least one block). */
+static int64_t chunk_blocks(int64_t block) { return block < CHUNK_NUMEL ? CHUNK_NUMEL / block : 1; }
+
+/* fn(work) on up to `threads` threads, the caller's one included, never more than `chunks`. */
+static void run_on_threads(void *(*fn)(void *), void *work, int32_t threads, int64_t chunks) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > chunks) threads = (int32_t)chunks;
+    pthread_t ids[MAX_THREADS];
+    int started = 0;
+    for (int32_t t = 1; t < threads; t++)
+        if (pthread_create(&ids[started], NULL, fn, work) == 0) started++;
+    fn(work);
+    for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+}
+
 static int64_t claim(work_t *work) {
     pthread_mutex_lock(&work->lock);
     const int64_t chunk = work->next++;
@@ -131,19 +146,10 @@ int blockwise8_decode(const uint8_t *codes, const uint8_t *absmax, const float *
     vbmi = simd && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vbmi");
 #endif
-    const int64_t blocks = (numel - 1) / block + 1;
-    const int64_t chunk = block < CHUNK_NUMEL ? CHUNK_NUMEL / block : 1;
-    const int64_t chunks = (blocks - 1) / chunk + 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > chunks) threads = (int32_t)chunks;
+    const int64_t blocks = (numel - 1) / block + 1, chunk = chunk_blocks(block);
     work_t work = {codes, absmax, map, out, numel, block, blocks, chunk, 0,
                    PTHREAD_MUTEX_INITIALIZER, vbmi};
-    pthread_t ids[MAX_THREADS];
-    int started = 0;
-    for (int32_t t = 1; t < threads; t++)
-        if (pthread_create(&ids[started], NULL, run, &work) == 0) started++;
-    run(&work);
-    for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+    run_on_threads(run, &work, threads, (blocks - 1) / chunk + 1);
     pthread_mutex_destroy(&work.lock);
     return vbmi;
 }
@@ -232,19 +238,10 @@ int blockwise8_encode(const float *x, uint8_t *absmax, uint8_t *codes, const int
 #ifdef VBMI_PATH
     if (numel <= 0 || block <= 0) return 1;
     if (!__builtin_cpu_supports("avx512f")) return 0;
-    const int64_t blocks = (numel - 1) / block + 1;
-    const int64_t chunk = block < CHUNK_NUMEL ? CHUNK_NUMEL / block : 1;
-    const int64_t chunks = (blocks - 1) / chunk + 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > chunks) threads = (int32_t)chunks;
+    const int64_t blocks = (numel - 1) / block + 1, chunk = chunk_blocks(block);
     encode_work_t work = {x, absmax, codes, low, threshold, numel, block, blocks, chunk, 0, 0,
                           PTHREAD_MUTEX_INITIALIZER};
-    pthread_t ids[MAX_THREADS];
-    int started = 0;
-    for (int32_t t = 1; t < threads; t++)
-        if (pthread_create(&ids[started], NULL, run_encode, &work) == 0) started++;
-    run_encode(&work);
-    for (int t = 0; t < started; t++) pthread_join(ids[t], NULL);
+    run_on_threads(run_encode, &work, threads, (blocks - 1) / chunk + 1);
     pthread_mutex_destroy(&work.lock);
     return work.failed ? -1 : 1;
 #else
