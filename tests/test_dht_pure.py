@@ -36,6 +36,15 @@ def test_record_round_trip_and_unknown_fields_ignored() -> None:
     assert decode_record(msgpack.packb(data)) == r
 
 
+def test_move_claims_round_trip_and_older_records_claim_nothing() -> None:
+    moving = rec("A", 0, 4, moving_to=2)
+    assert decode_record(encode_record(moving)) == moving
+    assert moving.moving_span == (2, 6)
+    older = record_fields(moving)
+    del older["moving_to"]  # a record from a server that predates claims
+    assert decode_record(msgpack.packb(older)).moving_span is None
+
+
 @pytest.mark.parametrize(
     "patch, message",
     [
@@ -44,6 +53,8 @@ def test_record_round_trip_and_unknown_fields_ignored() -> None:
         ({"state": "DANCING"}, "'state' must be one of"),
         ({"addrs": "nope"}, "'addrs' must be a list"),
         ({"throughput": True}, "'throughput' must be int"),
+        ({"moving_to": -2}, "'moving_to' must be a block number or -1, got -2"),
+        ({"moving_to": 1.5}, "'moving_to' must be int"),
     ],
 )
 def test_bad_records_rejected(patch: dict, message: str) -> None:

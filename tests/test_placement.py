@@ -16,7 +16,8 @@ from tests.swarm_helpers import LOOPBACK
 
 
 def spans(peers: list[Peer]) -> list[tuple[int, int]]:
-    return sorted((p.server.start, p.server.end) for p in peers if p.server is not None)
+    """The spans the peers have announced (the announcements completed), which is what clients find."""
+    return sorted((p.announced.start, p.announced.end) for p in peers if p.announced is not None)
 
 
 def covered(peers: list[Peer], num_blocks: int = 6) -> bool:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import random
+from dataclasses import replace
 
 import pytest
 import trio
 
 from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.span_selection import better_start, block_coverage, choose_span
+from swarm_node.dht.span_selection import better_start, block_coverage, choose_span, conflicting_moves
 from swarm_node.node.placement import choose_start, rebalance_loop
 
 FOREVER = 1e12
@@ -61,31 +63,55 @@ class Board:
     def __init__(self) -> None:
         self.records: dict[str, ServerRecord] = {}
         self.moves = 0
+        self.history: list[list[float]] = []  # the coverage after every change of a record
 
     async def fetch(self) -> list[ServerRecord]:
-        await trio.sleep(0.5)  # a lookup takes a while
+        await trio.sleep(0.5)  # a lookup takes a while; it sees the records as they are when it ends
         return list(self.records.values())
+
+    def write(self, name: str, record: ServerRecord | None) -> None:
+        if record is None:
+            del self.records[name]
+        else:
+            self.records[name] = record
+        self.history.append(self.coverage())
 
     def coverage(self) -> list[float]:
         return block_coverage(self.records.values(), model="m", num_blocks=6, now=trio.current_time())
 
-    async def serve(self, name: str, seed: int, *, task_status: trio.TaskStatus[None]) -> None:
-        rng = random.Random(seed)
-        start = await choose_start(self.fetch, model="m", total_blocks=6, length=4, throughput=10.0,
-                                   start_delay=5.0, rng=rng, now=trio.current_time)
-        self.records[name] = rec(name, start, start + 4)
+    async def serve(self, name: str, seed: int | random.Random, *, start: int | None = None,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+        if start is None:
+            start = await choose_start(self.fetch, model="m", total_blocks=6, length=4, throughput=10.0,
+                                       start_delay=5.0, rng=rng, now=trio.current_time)
+        self.write(name, rec(name, start, start + 4))
         task_status.started()
+
+        async def claim(target: int | None) -> None:
+            self.write(name, replace(self.records[name], moving_to=-1 if target is None else target))
 
         async def move(target: int) -> None:
             await trio.sleep(2.0)  # loading the new blocks
-            self.records[name] = rec(name, target, target + 4)
+            self.write(name, rec(name, target, target + 4))
             self.moves += 1
 
         try:
-            await rebalance_loop(self.fetch, me=lambda: self.records[name], move=move, total_blocks=6,
+            await rebalance_loop(self.fetch, me=lambda: self.records[name], claim=claim, move=move, total_blocks=6,
                                  interval=60.0, min_gain=0.2, rng=rng, now=trio.current_time)
         finally:
-            del self.records[name]  # leaving: the record is withdrawn
+            self.write(name, None)  # leaving: the record is withdrawn
+
+
+class Scripted(random.Random):
+    """An rng whose ``uniform`` gives the interval factors listed, then the last one forever."""
+
+    def __init__(self, factors: list[float]) -> None:
+        super().__init__(0)
+        self.factors = factors
+
+    def uniform(self, a: float, b: float) -> float:
+        return self.factors.pop(0) if len(self.factors) > 1 else self.factors[0]
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one-after-another", "all-at-once"])
@@ -163,3 +189,35 @@ def test_bans_grow_with_each_failure_and_expire() -> None:
     assert bans.ban("a", now=11.0) == 25.0  # capped
     bans.forgive("a")
     assert bans.ban("a", now=100.0) == 10.0
+
+
+def test_claimed_moves_conflict_when_they_touch_the_same_blocks() -> None:
+    me = rec("me", 0, 4)
+    twin = rec("twin", 0, 4, moving_to=2)  # claims 2:6 from 0:4
+    far = rec("far", 8, 10, moving_to=10)  # 8:10 -> 10:12: blocks neither of us touches
+    done = rec("done", 4, 6)  # not moving
+    gone = rec("gone", 0, 4, moving_to=2, state="OFFLINE")
+    assert conflicting_moves([me, twin, far, done, gone], me=me, target=2, now=0) == [twin]
+    assert conflicting_moves([me, far, done], me=me, target=4, now=0) == []  # 0:4 -> 4:8 misses 8:12
+    assert conflicting_moves([me, far, done], me=me, target=7, now=0) == [far]  # 7:11 meets 8:10 and 10:12
+    assert conflicting_moves([replace(me, moving_to=2)], me=me, target=2, now=0) == []  # my own claim
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3, -0.3, 1.0, 2.4], ids=lambda o: f"second-look-{o:+.1f}s")
+async def test_two_servers_seeing_the_same_gap_do_not_both_move_off_their_blocks(
+    autojump_clock: trio.testing.MockClock, offset: float
+) -> None:
+    """Twins on 0:4 and nobody on 4-5: each sees that moving to 2:6 covers everything. Without claims
+    both move when their re-checks fall within a load time (2 s) of each other, and blocks 0-1 go
+    uncovered; with claims exactly one moves and 0-3 stay covered throughout."""
+    board = Board()
+    with trio.fail_after(10_000):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(board.serve, "a", Scripted([1.0, 1.0]), start=0))
+            await nursery.start(functools.partial(board.serve, "b", Scripted([1.0 + offset / 60, 1.2]), start=0))
+            await trio.sleep(200)  # three re-checks each, whatever happened in the first
+            assert sorted((r.start, r.end) for r in board.records.values()) == [(0, 4), (2, 6)]
+            assert board.moves == 1
+            assert all(r.moving_to == -1 for r in board.records.values())  # no claim left behind
+            assert all(min(c[:4]) > 0 for c in board.history)  # 0-3 were never uncovered
+            nursery.cancel_scope.cancel()

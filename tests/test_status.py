@@ -63,3 +63,18 @@ async def test_status_needs_initial_peers_and_a_known_model(tiny_llama: Path) ->
             args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model", "--num-blocks", "3")
             text = await run_status(args)
     assert text.splitlines()[0] == "no-such-model: 3 blocks, 0 server(s), MISSING blocks 0-2"
+
+
+def test_status_shows_a_server_moving() -> None:
+    from swarm_node.dht.records import ServerRecord
+    from swarm_node.node.swarm_status import coverage_report, format_report
+
+    def rec(peer: str, start: int, end: int, **kw: object) -> ServerRecord:
+        return ServerRecord(peer_id=peer, addrs=(), model="m", start=start, end=end, throughput=5.0,
+                            cache_tokens_left=10, dtype="float32", version="0", **kw)  # type: ignore[arg-type]
+
+    report = coverage_report([rec("peer-aaaaaaaa", 0, 4, moving_to=2), rec("peer-bbbbbbbb", 0, 4)],
+                             model="m", num_blocks=6, rtt={})
+    assert [s["moving_to"] for s in report["servers"]] == [[2, 6], None]
+    rows = format_report(report).splitlines()[-2:]
+    assert rows[0].endswith("moving to blocks 2:6") and "moving" not in rows[1]

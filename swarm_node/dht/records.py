@@ -42,11 +42,19 @@ class ServerRecord:
     quant: str = "none"  # how the weights are held: "none" (dtype), "int8" or "nf4"
     bytes_per_block: int = 0  # weight memory of one block as held
     state: str = "ONLINE"
+    # first block of the span this server is loading to move to (same length), -1 when not moving:
+    # placement's claim, so that two servers do not both leave the same blocks (node/placement.py)
+    moving_to: int = -1
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
     def covers(self, block: int) -> bool:
         return self.start <= block < self.end
+
+    @property
+    def moving_span(self) -> tuple[int, int] | None:
+        """The span this server is moving to, or None."""
+        return None if self.moving_to < 0 else (self.moving_to, self.moving_to + self.end - self.start)
 
     def is_live(self, now: float) -> bool:
         return self.state == "ONLINE" and self.expires_at > now
@@ -91,8 +99,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "expires_at": (int, float),
     "quant": (str,),
     "bytes_per_block": (int,),
+    "moving_to": (int,),
 }
-_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block")
+_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block", "moving_to")
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -171,6 +180,10 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     if fields.get("bytes_per_block", 0) < 0:
         raise RemoteProtocolError(
             f"server record 'bytes_per_block' must be >= 0, got {fields['bytes_per_block']}"
+        )
+    if fields.get("moving_to", -1) < -1:
+        raise RemoteProtocolError(
+            f"server record 'moving_to' must be a block number or -1, got {fields['moving_to']}"
         )
     if not math.isfinite(fields.get("expires_at", 0.0)):
         raise RemoteProtocolError(

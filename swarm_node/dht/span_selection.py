@@ -9,6 +9,11 @@ weakest block most, then sits where coverage is thinnest (the smallest summed co
 then the lowest start. A serving server moves only if the move leaves no block uncovered that is
 covered now, and either covers more blocks or raises the weakest coverage by more than ``min_gain``
 (a fraction).
+
+Moves are claimed: a server about to move announces ``moving_to`` first, then looks again, and gives
+the move up if another server's claim touches the same blocks (``conflicting_moves``). Of two servers
+that claim at once, at least one sees the other's claim, so two moves never both leave the same blocks
+on a stale view of each other.
 """
 
 from __future__ import annotations
@@ -90,3 +95,22 @@ def better_start(
     if new_score.uncovered == now_score.uncovered and new_score.weakest > now_score.weakest * (1 + min_gain):
         return best
     return None
+
+
+def conflicting_moves(
+    servers: Iterable[ServerRecord], *, me: ServerRecord, target: int, now: float,
+) -> list[ServerRecord]:
+    """Other live servers of ``me``'s model moving now whose blocks (where they are and where they
+    go) overlap ``me``'s (where it is and ``target``): a move of ``me`` to ``target`` must wait for
+    them, since each move was judged on a view without the other."""
+    length = me.end - me.start
+    mine = set(range(me.start, me.end)) | set(range(target, target + length))
+    out = []
+    for s in servers:
+        moving = s.moving_span
+        if s.peer_id == me.peer_id or moving is None or s.model != me.model or not s.is_live(now):
+            continue
+        theirs = set(range(s.start, s.end)) | set(range(*moving))
+        if mine & theirs:
+            out.append(s)
+    return out

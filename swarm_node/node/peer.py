@@ -53,6 +53,8 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self.moving_to: int | None = None  # first block of the span a placed server is moving to
+        self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by the last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
@@ -124,12 +126,15 @@ class Peer:
             bytes_per_block=self.server.span.memory_bytes() // (self.server.end - self.server.start),
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
+            moving_to=-1 if self.moving_to is None else self.moving_to,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )
 
     async def announce(self, state: str = "ONLINE") -> None:
-        await self.dht.announce(self._record(state, self.config.dht_ttl), provide_blocks=state == "ONLINE")
+        record = self._record(state, self.config.dht_ttl)
+        await self.dht.announce(record, provide_blocks=state == "ONLINE")
+        self.announced = record
 
     async def _announce_loop(self) -> None:
         while True:

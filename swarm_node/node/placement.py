@@ -3,7 +3,8 @@
 The trio shell around dht/span_selection.py. At start: a random delay (servers joining together do
 not all see the same swarm and pile onto the same blocks), a lookup of the model's servers, the
 choice, then the span is loaded and served. Then every ~``rebalance_interval`` seconds (jittered)
-it looks again and moves when span_selection says the move pays and uncovers nothing. A move loads
+it looks again and moves when span_selection says the move pays and uncovers nothing. A move is
+claimed in the record first and checked once more (rebalance_loop says why). A move loads
 the new span first, sends new sessions there and announces it, then gives the sessions on the old
 span up to ``move_grace`` seconds to finish; those left are cut, and their clients' recovery hands
 them to other servers. Knows nothing of what sessions compute or of the wire.
@@ -22,7 +23,7 @@ from typing import Any
 import trio
 
 from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.span_selection import better_start, block_coverage, choose_span
+from swarm_node.dht.span_selection import better_start, block_coverage, choose_span, conflicting_moves
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.config import ServerConfig
 from swarm_node.node.startup import model_id_of, prepare_span
@@ -44,20 +45,56 @@ async def choose_start(
 
 
 async def rebalance_loop(
-    fetch: Fetch, *, me: Callable[[], ServerRecord], move: Callable[[int], Awaitable[None]],
-    total_blocks: int, interval: float, min_gain: float, rng: random.Random, now: Callable[[], float],
+    fetch: Fetch, *, me: Callable[[], ServerRecord], claim: Callable[[int | None], Awaitable[None]],
+    move: Callable[[int], Awaitable[None]], total_blocks: int, interval: float, min_gain: float,
+    rng: random.Random, now: Callable[[], float],
 ) -> None:
-    """Forever: sleep ~``interval`` (0.5x to 1.5x, so servers do not re-check in step), look, maybe move."""
+    """Forever: sleep ~``interval`` (0.5x to 1.5x, so servers do not re-check in step), look, maybe move.
+
+    A move is claimed before it is made: ``claim(target)`` announces it, a second look checks that
+    no other server claims a move touching the same blocks and that the move still pays, and only
+    then ``move(target)`` loads and switches (announcing the new span clears the claim); otherwise
+    ``claim(None)`` withdraws it. Two servers claiming at once: the later claim is announced after the
+    earlier one, so the later server's second look sees the earlier claim (or both see each other's
+    and both give up, to retry at their next jittered re-check) -- never two moves off the same blocks.
+    """
     while True:
         await trio.sleep(interval * rng.uniform(0.5, 1.5))
-        try:
-            servers = await fetch()
-        except (SwarmError, trio.TooSlowError) as exc:
-            log.warning("could not look up the swarm to re-check the span: %s", exc)
+        servers = await _look(fetch)
+        if servers is None:
             continue
         target = better_start(servers, me=me(), num_blocks=total_blocks, now=now(), min_gain=min_gain)
-        if target is not None:
+        if target is None or _waits_for_others(servers, me(), target, now()):
+            continue
+        await claim(target)
+        fresh = await _look(fetch)
+        still = fresh is not None and not _waits_for_others(fresh, me(), target, now()) and better_start(
+            fresh, me=me(), num_blocks=total_blocks, now=now(), min_gain=min_gain) == target
+        if not still:
+            log.info("gave up the move to block %d: the swarm changed while it was claimed", target)
+            await claim(None)
+            continue
+        try:
             await move(target)
+        except (SwarmError, OSError, MemoryError) as exc:  # keep serving where it is
+            log.warning("could not move to block %d (%s); staying", target, exc)
+            await claim(None)
+
+
+async def _look(fetch: Fetch) -> list[ServerRecord] | None:
+    try:
+        return await fetch()
+    except (SwarmError, trio.TooSlowError) as exc:
+        log.warning("could not look up the swarm to re-check the span: %s", exc)
+        return None
+
+
+def _waits_for_others(servers: list[ServerRecord], me: ServerRecord, target: int, now: float) -> bool:
+    others = conflicting_moves(servers, me=me, target=target, now=now)
+    if others:
+        log.info("not moving to block %d yet: %s moving over the same blocks", target,
+                 ", ".join(f"{s.peer_id[-8:]} ({s.start}:{s.end} -> {s.moving_to})" for s in others))
+    return bool(others)
 
 
 async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -> None:
@@ -87,10 +124,16 @@ async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -
     nursery.start_soon(
         functools.partial(
             rebalance_loop, fetch, me=lambda: peer._record("ONLINE", peer.config.dht_ttl),
-            move=functools.partial(move_to, peer), total_blocks=total, interval=config.rebalance_interval,
-            min_gain=config.min_gain, rng=rng, now=time.time,
+            claim=functools.partial(claim_move, peer), move=functools.partial(move_to, peer), total_blocks=total,
+            interval=config.rebalance_interval, min_gain=config.min_gain, rng=rng, now=time.time,
         )
     )
+
+
+async def claim_move(peer: Any, start: int | None) -> None:
+    """Announce that ``peer`` is moving to blocks ``start..`` (None: is not moving any more)."""
+    peer.moving_to = start
+    await peer.announce()
 
 
 async def move_to(peer: Any, start: int) -> None:
@@ -98,7 +141,9 @@ async def move_to(peer: Any, start: int) -> None:
     config = peer.server.config
     moved = replace(config, start=start, end=start + config.num_blocks)
     log.info("moving from blocks %d:%d to %d:%d", config.start, config.end, moved.start, moved.end)
-    old = await peer.switch_server(moved, await prepare_span(moved))
+    prepared = await prepare_span(moved)
+    peer.moving_to = None  # the record announced with the new span claims nothing more
+    old = await peer.switch_server(moved, prepared)
     if not await old.hand_over(moved.move_grace):
         log.info("cut %d session(s) still on blocks %d:%d; their clients move them", old.active_sessions,
                  config.start, config.end)

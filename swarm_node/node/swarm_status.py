@@ -47,6 +47,7 @@ def coverage_report(
                 "version": s.version,
                 "adapters": list(s.adapters),
                 "state": s.state,
+                "moving_to": None if s.moving_span is None else list(s.moving_span),
             }
             for s in servers
         ],
@@ -84,6 +85,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
+            + (f"  moving to blocks {s['moving_to'][0]}:{s['moving_to'][1]}" if s.get("moving_to") else "")
         )
     return "\n".join(lines)
 
