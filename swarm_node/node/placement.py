@@ -133,7 +133,10 @@ async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -
 async def claim_move(peer: Any, start: int | None) -> None:
     """Announce that ``peer`` is moving to blocks ``start..`` (None: is not moving any more)."""
     peer.moving_to = start
-    await peer.announce()
+    try:
+        await peer.announce()
+    except Exception:  # like a failed re-announce: the server goes on; its own copy is already updated
+        log.warning("announcing the move claim (%s) failed", start, exc_info=True)
 
 
 async def move_to(peer: Any, start: int) -> None:
