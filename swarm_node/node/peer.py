@@ -131,9 +131,11 @@ class Peer:
             expires_at=time.time() + ttl,
         )
 
-    async def announce(self, state: str = "ONLINE") -> None:
+    async def announce(self, state: str = "ONLINE", *, provide_blocks: bool = True) -> None:
+        """Sign and store this server's record; an ONLINE one also re-provides its blocks unless
+        ``provide_blocks`` is False (the span did not change, say a move claim)."""
         record = self._record(state, self.config.dht_ttl)
-        await self.dht.announce(record, provide_blocks=state == "ONLINE")
+        await self.dht.announce(record, provide_blocks=provide_blocks and state == "ONLINE")
         self.announced = record
 
     async def _announce_loop(self) -> None:

@@ -133,8 +133,8 @@ async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -
 async def claim_move(peer: Any, start: int | None) -> None:
     """Announce that ``peer`` is moving to blocks ``start..`` (None: is not moving any more)."""
     peer.moving_to = start
-    try:
-        await peer.announce()
+    try:  # the blocks it holds did not change: the record is enough
+        await peer.announce(provide_blocks=False)
     except Exception:  # like a failed re-announce: the server goes on; its own copy is already updated
         log.warning("announcing the move claim (%s) failed", start, exc_info=True)
 
