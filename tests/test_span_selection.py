@@ -221,3 +221,26 @@ async def test_two_servers_seeing_the_same_gap_do_not_both_move_off_their_blocks
             assert all(r.moving_to == -1 for r in board.records.values())  # no claim left behind
             assert all(min(c[:4]) > 0 for c in board.history)  # 0-3 were never uncovered
             nursery.cancel_scope.cancel()
+
+
+async def test_a_move_that_fails_to_load_keeps_the_server_where_it_was(autojump_clock: trio.testing.MockClock) -> None:
+    board = Board()
+    claims: list[int | None] = []
+    me = rec("me", 0, 4)
+    board.write("me", me)
+    board.write("twin", rec("twin", 0, 4))  # 0:4 twice, 4-5 uncovered: moving pays
+
+    async def claim(target: int | None) -> None:
+        claims.append(target)
+        board.write("me", replace(board.records["me"], moving_to=-1 if target is None else target))
+
+    async def move(target: int) -> None:
+        await trio.sleep(2.0)
+        raise OSError(28, "No space left on device")  # loading the new blocks failed
+
+    with trio.fail_after(10_000):
+        with trio.move_on_after(100):  # ~1 check a minute: one or two tries
+            await rebalance_loop(board.fetch, me=lambda: board.records["me"], claim=claim, move=move,
+                                 total_blocks=6, interval=60.0, min_gain=0.2, rng=Scripted([1.0]), now=trio.current_time)
+    assert claims == [2, None]  # claimed, failed, withdrew the claim, and went on serving
+    assert board.records["me"] == replace(me, moving_to=-1)
