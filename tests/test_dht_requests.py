@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -28,6 +29,7 @@ from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.record import make_signed_put_record
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
@@ -62,11 +64,11 @@ async def link(a: SwarmDHT, b: SwarmDHT) -> None:
     await a.add_bootstrap_peer(b.host.get_id())
 
 
-def signed_record(dht: SwarmDHT) -> bytes:
+def signed_record(dht: SwarmDHT, seq: int = 1) -> bytes:
     peer_id = dht.host.get_id().to_base58()
     record = ServerRecord(
         peer_id=peer_id, addrs=(f"{dht.host.get_addrs()[0]}/p2p/{peer_id}",), model=MODEL, start=0,
-        end=3, throughput=1.0, cache_tokens_left=128, dtype="float32", version="0", seq=1,
+        end=3, throughput=1.0, cache_tokens_left=128, dtype="float32", version="0", seq=seq,
         expires_at=time.time() + 600,
     )
     return sign_record(record, dht._key_pair)
@@ -196,12 +198,20 @@ async def test_cancelled_queries_leave_no_stream_open_at_the_remote() -> None:
             key_str = record_key(peer.to_base58())
             block = bytes.fromhex(block_key(MODEL, 0))
             near = others[0].host.get_id().to_bytes()
+            own_key = record_key(asker.host.get_id().to_base58()).encode()
+            seqs = itertools.count(1)
+
+            def own_record() -> Any:  # a newer one each time: the remote refuses a seq it holds
+                value = signed_record(asker, seq=next(seqs))
+                return make_signed_put_record(own_key, value, asker.host.get_private_key())
+
             queries = [
                 lambda: kad_requests.get_value(kad, peer, key_str.encode()),
                 lambda: kad_requests.find_node(kad, peer, near),
                 lambda: kad_requests.get_providers(kad, peer, block),
+                lambda: kad_requests.put_value(kad, peer, own_key, own_record()),
             ]
-            reached = [await cut_off(slow, queries[i % 3]) for i in range(CANCELLED)]
+            reached = [await cut_off(slow, queries[i % len(queries)]) for i in range(CANCELLED)]
 
             slow.holding = False
             value = await kad_requests.get_value(kad, peer, key_str.encode())
@@ -216,7 +226,7 @@ async def test_cancelled_queries_leave_no_stream_open_at_the_remote() -> None:
     assert providers == set(other_ids[:2])
     assert record is not None and record.peer_id == peer.to_base58()
     assert set(other_ids[:2]) <= found
-    assert reached == [True] * CANCELLED  # every cut-off query had a slot at the remote
+    assert reached == [True] * CANCELLED, reached  # every cut-off query had a slot at the remote
 
 
 @asynccontextmanager
@@ -262,3 +272,47 @@ async def test_oversize_or_garbled_answers_raise_and_release_the_stream(
             with pytest.raises(RemoteProtocolError, match=match):
                 await kad_requests.get_value(asker.kad, host.get_id(), b"/swarmnode/x")
             await released.wait()
+
+
+class HandledStreams:
+    """In front of a peer's real KadDHT handler: reports each DHT stream it has finished with, so a
+    test can wait for a request that gets no answer (ADD_PROVIDER) to have been processed."""
+
+    def __init__(self, kad: KadDHT) -> None:
+        self.kad = kad
+        self._done, self.done = trio.open_memory_channel[None](math.inf)
+
+    async def handle(self, stream: INetStream) -> None:
+        try:
+            await self.kad.handle_stream(stream)
+        finally:
+            self._done.send_nowait(None)
+
+
+async def test_put_value_and_add_provider_are_taken_as_py_libp2p_s() -> None:
+    with trio.fail_after(30):
+        async with small_swarm() as (asker, asked, others):
+            handled = HandledStreams(asked.kad)
+            asked.host.set_stream_handler(KAD_PROTOCOL, handled.handle)
+            peer, me = asked.host.get_id(), asker.host.get_id()
+            key = record_key(me.to_base58()).encode()
+            value = signed_record(asker)
+            await kad_requests.put_value(asker.kad, peer, key, make_signed_put_record(key, value, asker.host.get_private_key()))
+            held = asked.kad.value_store.get(key)
+            # the asked peer's validator refuses a record put under another peer's key
+            theirs = record_key(others[0].host.get_id().to_base58()).encode()
+            refused = False
+            try:
+                await kad_requests.put_value(asker.kad, peer, theirs, make_signed_put_record(theirs, value, asker.host.get_private_key()))
+            except QUERY_ERRORS:
+                refused = True
+            not_held = asked.kad.value_store.get(theirs)
+            block = bytes.fromhex(block_key(MODEL, 5))
+            await kad_requests.add_provider(asker.kad, peer, block)
+            while not asked.kad.provider_store.get_providers(block):  # no answer comes: wait for the handler
+                await handled.done.receive()
+            providers = asked.kad.provider_store.get_providers(block)
+    assert held is not None and held.value == value
+    assert verify_record(held.value, key=key.decode(), now=time.time()).peer_id == me.to_base58()
+    assert refused and not_held is None, "a record for another peer's key was taken"
+    assert [(p.peer_id, p.addrs) for p in providers] == [(me, asker.host.get_addrs())]

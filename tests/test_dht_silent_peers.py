@@ -14,7 +14,7 @@ from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.network.config import ConnectionConfig
 from multiaddr import Multiaddr
 
-from swarm_node.dht.discovery import QUERY_TIMEOUT
+from swarm_node.dht.discovery import LOOKUP_ROUNDS, QUERY_TIMEOUT
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -57,3 +57,30 @@ async def test_lookup_finds_every_server_past_silent_peers(tiny_llama: Path) -> 
             assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)]
             assert {r.peer_id for r in found} == {s.peer_id for s in servers}
             assert len(client.dht._unreachable) == SILENT
+
+
+async def test_announcing_past_silent_peers_takes_one_query_deadline(tiny_llama: Path) -> None:
+    # A server whose routing table is full of peers that never answer: its re-announcement (record
+    # and 6 provider records) costs at most a lookup's rounds and one store, each one query deadline
+    # (9 s here), and reaches the others. KadDHT's own put_value and provide took 40 s here (their
+    # lookup's 30 s cap, then a 10 s store), and left remote slots taken when cut off.
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            (server, other), client = await stack.enter_async_context(local_swarm(tiny_llama, [(0, 6), (0, 6)]))
+            silent = [await stack.enter_async_context(silent_peer()) for _ in range(SILENT)]
+            for addr in silent:
+                info = info_from_p2p_addr(Multiaddr(addr))
+                await server.host.connect(info)
+                await server.dht.add_bootstrap_peer(info.peer_id)
+            started = trio.current_time()
+            await server.announce()
+            took = trio.current_time() - started
+            record = await client.dht.get_record(ID.from_base58(server.peer_id))
+            # the other server holds the new record too (stored there, not only asked for)
+            held = other.dht.kad.value_store.get(f"/swarmnode/{server.peer_id}".encode())
+    assert took < (LOOKUP_ROUNDS + 1) * QUERY_TIMEOUT, took
+    assert record is not None and record.seq == server.announced.seq
+    assert held is not None and held.value and len(server.dht._unreachable) == SILENT

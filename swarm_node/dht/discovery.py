@@ -9,10 +9,11 @@ cancelled (py-libp2p's own request functions leave the remote waiting on them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 from libp2p.abc import IHost
@@ -23,6 +24,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.record import make_signed_put_record
 from libp2p.records.validator import Validator
 from multiaddr import Multiaddr
 
@@ -107,12 +109,35 @@ class SwarmDHT:
 
     # -- announcing ----------------------------------------------------------------------------
     async def announce(self, record: ServerRecord, *, provide_blocks: bool = True) -> None:
-        """Store the record under its key and, if asked, register as provider of each block."""
-        await self.kad.put_value(record_key(record.peer_id), sign_record(record, self._key_pair))
-        if provide_blocks:
-            async with trio.open_nursery() as nursery:
+        """Store the record under its key and, if asked, register as provider of each block.
+
+        Locally first (a peer asking this one sees the new record at once), then at the closest
+        peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
+        run their own lookups, which wait up to 30 s on a wedged connection and leave remote slots
+        taken when cancelled. A peer that does not take the record is skipped; it still has the
+        older one, which expires."""
+        key = record_key(record.peer_id)
+        value = sign_record(record, self._key_pair)
+        self.kad.validator.validate(key, value)  # our own record: a failure here is a bug, loudly
+        key_bytes = key.encode()
+        self.kad.value_store.put(key_bytes, value)
+        put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._store_at_closest, key_bytes, put_record)
+            if provide_blocks:
                 for block in range(record.start, record.end):
-                    nursery.start_soon(self.kad.provide, block_key(record.model, block))
+                    nursery.start_soon(self._provide, bytes.fromhex(block_key(record.model, block)))
+
+    async def _store_at_closest(self, key: bytes, put_record: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest_peers(key):
+                nursery.start_soon(self._ask, peer, functools.partial(kad_requests.put_value, self.kad, peer, key, put_record))
+
+    async def _provide(self, key: bytes) -> None:
+        self.kad.provider_store.add_provider(key, PeerInfo(self.host.get_id(), self.host.get_addrs()))
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest_peers(key):
+                nursery.start_soon(self._ask, peer, functools.partial(kad_requests.add_provider, self.kad, peer, key))
 
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:

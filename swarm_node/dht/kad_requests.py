@@ -1,7 +1,9 @@
-"""FIND_NODE, GET_PROVIDERS and GET_VALUE requests to one KadDHT peer, on streams we always release.
+"""FIND_NODE, GET_PROVIDERS, GET_VALUE, PUT_VALUE and ADD_PROVIDER requests to one KadDHT peer, on
+streams we always release.
 
 py-libp2p's own request functions (``PeerRouting._query_peer_for_closest``,
-``ProviderStore._get_providers_from_peer_with_closers``, ``ValueStore._get_from_peer``) close their
+``ProviderStore._get_providers_from_peer_with_closers``, ``ValueStore._get_from_peer``,
+``ValueStore._store_at_peer``, ``ProviderStore._send_add_provider``) close their
 stream in a ``finally`` that a cancelled query never gets through: the close takes a lock, a
 checkpoint, so it raises Cancelled before anything is sent. The remote handler then waits on that
 stream for good and holds one of the 12 inbound slots KadDHT has; once they are taken, it resets
@@ -26,7 +28,7 @@ from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.io.exceptions import MessageTooLarge
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
-from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.utils import maybe_consume_signed_record
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -55,10 +57,21 @@ async def _exchange(
 
     ``forget_unreachable``: a peer no stream can be opened to leaves the routing table (what
     py-libp2p's FIND_NODE does; a peer that opens one and then resets it, say busy, stays)."""
+    return await _send(kad, peer, _request(kad, kind, key), forget_unreachable=forget_unreachable)
+
+
+def _request(kad: KadDHT, kind: Message.MessageType.ValueType, key: bytes) -> Message:
     request = Message()
     request.type = kind
     request.key = key
     request.senderRecord = env_to_send_in_RPC(kad.host)[0]
+    return request
+
+
+async def _send(kad: KadDHT, peer: ID, request: Message, *, forget_unreachable: bool = False,
+                answer: bool = True) -> Message:
+    """``request`` on a new stream, then its answer (``answer=False``: none is read, the stream is
+    closed once the request is written)."""
     try:
         stream = await kad.host.new_stream(peer, [PROTOCOL_ID])  # resets its stream if cancelled
     except (BaseLibp2pError, OSError):
@@ -68,6 +81,9 @@ async def _exchange(
     answered = False
     try:
         await stream.write(encode_varint_prefixed(request.SerializeToString()))
+        if not answer:
+            answered = True  # sent whole: close, the remote handler reads it and sees EOF
+            return Message()
         try:  # the length is checked against the limit before the body is read
             data = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
         except (MessageTooLarge, ParseError) as exc:
@@ -175,3 +191,27 @@ async def get_value(kad: KadDHT, peer: ID, key: bytes) -> bytes | None:
         log.debug("GET_VALUE answer of %s ignored: its signed peer record was refused", peer)
         return None
     return response.record.value
+
+
+async def put_value(kad: KadDHT, peer: ID, key: bytes, record: Record) -> None:
+    """PUT_VALUE: store ``record`` (a signed put record of ``key``) at ``peer``; raises unless it
+    echoes the key back, the answer py-libp2p's ``_store_at_peer`` counts as stored."""
+    request = _request(kad, Message.MessageType.PUT_VALUE, key)
+    request.record.CopyFrom(record)
+    request.record.ClearField("timeReceived")  # the receiver sets it
+    response = await _send(kad, peer, request)
+    if response.type != Message.MessageType.PUT_VALUE or response.key != key:
+        raise RemoteProtocolError(f"{peer} did not confirm storing the value (answer type {response.type})")
+    if not maybe_consume_signed_record(response, kad.host, peer):
+        raise RemoteProtocolError(f"PUT_VALUE answer of {peer} refused: its signed peer record is invalid")
+
+
+async def add_provider(kad: KadDHT, peer: ID, key: bytes) -> None:
+    """ADD_PROVIDER: tell ``peer`` this host provides ``key``. Fire-and-forget, as Kubo and
+    py-libp2p send it: no answer comes, so "sent" is all that can be known."""
+    request = _request(kad, Message.MessageType.ADD_PROVIDER, key)
+    provider = request.providerPeers.add()
+    provider.id = kad.host.get_id().to_bytes()
+    provider.addrs.extend(addr.to_bytes() for addr in kad.host.get_addrs())
+    provider.signedRecord = request.senderRecord
+    await _send(kad, peer, request, answer=False)
