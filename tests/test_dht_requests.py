@@ -316,3 +316,37 @@ async def test_put_value_and_add_provider_are_taken_as_py_libp2p_s() -> None:
     assert verify_record(held.value, key=key.decode(), now=time.time()).peer_id == me.to_base58()
     assert refused and not_held is None, "a record for another peer's key was taken"
     assert [(p.peer_id, p.addrs) for p in providers] == [(me, asker.host.get_addrs())]
+
+
+async def test_more_blocks_than_one_provide_window_all_reach_a_peer() -> None:
+    # py-libp2p takes 10 ADD_PROVIDER from one peer per 10 s and drops the rest: a server of 15
+    # blocks that sent them all at once was listed at its peers for 10 of them only, for good
+    # (every re-announcement sent the same first 10 again). Paced, all 15 land.
+    from swarm_node.dht.discovery import PROVIDE_WINDOW, PROVIDES_PER_WINDOW
+
+    blocks = PROVIDES_PER_WINDOW + 5
+    with trio.fail_after(PROVIDE_WINDOW + 20):
+        async with AsyncExitStack() as stack:
+            server, peer = [await stack.enter_async_context(dht_peer()) for _ in range(2)]
+            await link(server, peer)
+            handled = HandledStreams(peer.kad)
+            peer.host.set_stream_handler(KAD_PROTOCOL, handled.handle)
+            me = server.host.get_id()
+            record = ServerRecord(
+                peer_id=me.to_base58(), addrs=(f"{server.host.get_addrs()[0]}/p2p/{me.to_base58()}",), model=MODEL,
+                start=0, end=blocks, throughput=1.0, cache_tokens_left=128, dtype="float32", version="0", seq=1,
+                expires_at=time.time() + 600,
+            )
+            keys = [bytes.fromhex(block_key(MODEL, b)) for b in range(blocks)]
+
+            def listed() -> list[int]:
+                return [b for b, k in enumerate(keys) if any(p.peer_id == me for p in peer.kad.provider_store.get_providers(k))]
+
+            async with trio.open_nursery() as later:
+                await server.announce(record, later=later)
+                while len(listed()) < PROVIDES_PER_WINDOW:  # no answers come: wait for the handlers
+                    await handled.done.receive()
+                first = listed()  # what the announcement itself sent
+                while len(listed()) < blocks:  # the rest, one window later
+                    await handled.done.receive()
+    assert first == list(range(PROVIDES_PER_WINDOW))

@@ -49,6 +49,9 @@ LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
+# py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
+PROVIDES_PER_WINDOW = 10
+PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError, RemoteProtocolError, OSError, RuntimeError, ValueError, trio.BrokenResourceError
@@ -93,6 +96,7 @@ class SwarmDHT:
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
+        self._paced = trio.CancelScope()  # the batches of provider records still to send
 
     def _held_seq(self, key: str) -> int | None:
         """The seq of the record this peer holds under ``key``, so older ones are refused."""
@@ -108,25 +112,50 @@ class SwarmDHT:
         await self.kad.routing_table.add_peer(peer_id)
 
     # -- announcing ----------------------------------------------------------------------------
-    async def announce(self, record: ServerRecord, *, provide_blocks: bool = True) -> None:
+    async def announce(
+        self, record: ServerRecord, *, provide_blocks: bool = True, later: trio.Nursery | None = None
+    ) -> None:
         """Store the record under its key and, if asked, register as provider of each block.
 
         Locally first (a peer asking this one sees the new record at once), then at the closest
         peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
         run their own lookups, which wait up to 30 s on a wedged connection and leave remote slots
         taken when cancelled. A peer that does not take the record is skipped; it still has the
-        older one, which expires."""
+        older one, which expires.
+
+        py-libp2p peers drop ADD_PROVIDER beyond PROVIDES_PER_WINDOW from one peer in
+        PROVIDE_WINDOW: the first blocks are provided before this returns, the others in batches
+        one window apart in ``later`` (a nursery; without one, all at once). A newer announcement
+        stops what is left of an older one's batches.
+        """
         key = record_key(record.peer_id)
         value = sign_record(record, self._key_pair)
         self.kad.validator.validate(key, value)  # our own record: a failure here is a bug, loudly
         key_bytes = key.encode()
         self.kad.value_store.put(key_bytes, value)
         put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
+        self._paced.cancel()
+        blocks = [bytes.fromhex(block_key(record.model, b)) for b in range(record.start, record.end)]
+        blocks = blocks if provide_blocks else []
+        now, rest = (blocks[:PROVIDES_PER_WINDOW], blocks[PROVIDES_PER_WINDOW:]) if later else (blocks, [])
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._store_at_closest, key_bytes, put_record)
-            if provide_blocks:
-                for block in range(record.start, record.end):
-                    nursery.start_soon(self._provide, bytes.fromhex(block_key(record.model, block)))
+            for block in now:
+                nursery.start_soon(self._provide, block)
+        if rest and later is not None:
+            self._paced = trio.CancelScope()
+            later.start_soon(self._provide_paced, rest, self._paced)
+
+    async def _provide_paced(self, keys: list[bytes], scope: trio.CancelScope) -> None:
+        with scope:
+            for i in range(0, len(keys), PROVIDES_PER_WINDOW):
+                await trio.sleep(PROVIDE_WINDOW)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for key in keys[i : i + PROVIDES_PER_WINDOW]:
+                            nursery.start_soon(self._provide, key)
+                except Exception:  # in the background of a running peer: the next announcement retries
+                    log.warning("providing blocks failed; the next announcement tries again", exc_info=True)
 
     async def _store_at_closest(self, key: bytes, put_record: Any) -> None:
         async with trio.open_nursery() as nursery:

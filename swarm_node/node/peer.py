@@ -53,6 +53,7 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
+        self._nursery: trio.Nursery | None = None  # open_peer's: background work (paced provider records)
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
@@ -135,7 +136,7 @@ class Peer:
         """Sign and store this server's record; an ONLINE one also re-provides its blocks unless
         ``provide_blocks`` is False (the span did not change, say a move claim)."""
         record = self._record(state, self.config.dht_ttl)
-        await self.dht.announce(record, provide_blocks=provide_blocks and state == "ONLINE")
+        await self.dht.announce(record, provide_blocks=provide_blocks and state == "ONLINE", later=self._nursery)
         self.announced = record
 
     async def _announce_loop(self) -> None:
@@ -354,6 +355,7 @@ async def open_peer(
             )
             async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
                 peer = Peer(host, dht, config, client)
+                peer._nursery = nursery
                 try:
                     if server is not None and prepared is not None:
                         await peer._start_serving(server, prepared, nursery)
