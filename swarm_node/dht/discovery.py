@@ -126,7 +126,7 @@ class SwarmDHT:
         py-libp2p peers drop ADD_PROVIDER beyond PROVIDES_PER_WINDOW from one peer in
         PROVIDE_WINDOW: the first blocks are provided before this returns, the others in batches
         one window apart in ``later`` (a nursery; without one, all at once). A newer announcement
-        stops what is left of an older one's batches.
+        that provides blocks, or is not ONLINE, stops what is left of an older one's batches.
         """
         key = record_key(record.peer_id)
         value = sign_record(record, self._key_pair)
@@ -134,7 +134,8 @@ class SwarmDHT:
         key_bytes = key.encode()
         self.kad.value_store.put(key_bytes, value)
         put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
-        self._paced.cancel()
+        if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
+            self._paced.cancel()
         blocks = [bytes.fromhex(block_key(record.model, b)) for b in range(record.start, record.end)]
         blocks = blocks if provide_blocks else []
         now, rest = (blocks[:PROVIDES_PER_WINDOW], blocks[PROVIDES_PER_WINDOW:]) if later else (blocks, [])
