@@ -24,6 +24,19 @@ def covered(peers: list[Peer], num_blocks: int = 6) -> bool:
     return all(any(a <= b < e for a, e in spans(peers)) for b in range(num_blocks))
 
 
+async def any_announcement(peers: list[Peer]) -> None:
+    """Return once any of ``peers`` completes an announcement after this call."""
+    seen = [p.announcements for p in peers]  # read before waiting: none can be missed
+    async with trio.open_nursery() as nursery:
+
+        async def wait(peer: Peer, after: int) -> None:
+            await peer.wait_announcement(after)
+            nursery.cancel_scope.cancel()
+
+        for peer, after in zip(peers, seen, strict=True):
+            nursery.start_soon(wait, peer, after)
+
+
 async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_leaves(tiny_llama: Path) -> None:
     config = ServerConfig(model=str(tiny_llama), num_blocks=4, start_delay=0.0, rebalance_interval=1.0,
                           throughput=100.0, move_grace=5.0)
@@ -50,7 +63,7 @@ async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_lea
             stops[peers.index(leaver)].set()  # leaves: withdraws its record; 4-5 are uncovered
             staying = [p for p in peers if p is not leaver]
             while not covered(staying):  # one of the two on 0:4 moves to 2:6 at its next re-check
-                await trio.sleep(0.1)
+                await any_announcement(staying)
             assert spans(staying) == [(0, 4), (2, 6)]
             # and the swarm answers exactly like transformers
             async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(first.addrs[:1]))) as client:

@@ -56,6 +56,8 @@ class Peer:
         self._nursery: trio.Nursery | None = None  # open_peer's: background work (paced provider records)
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
+        self.announcements = 0  # how many have completed
+        self._announced_lot = trio.lowlevel.ParkingLot()
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by the last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
@@ -138,6 +140,14 @@ class Peer:
         record = self._record(state, self.config.dht_ttl)
         await self.dht.announce(record, provide_blocks=provide_blocks and state == "ONLINE", later=self._nursery)
         self.announced = record
+        self.announcements += 1
+        self._announced_lot.unpark_all()
+
+    async def wait_announcement(self, after: int) -> None:
+        """Return once more than ``after`` announcements have completed (``after``: a value of
+        ``announcements`` read before)."""
+        while self.announcements <= after:
+            await self._announced_lot.park()
 
     async def _announce_loop(self) -> None:
         while True:
