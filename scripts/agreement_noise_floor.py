@@ -28,13 +28,15 @@ def run(path: Path, tokenizer, threads: int, attention: str, new_tokens: int) ->
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attention
+    ).eval()
     outs = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        outs.append(out[0, ids.shape[1]:].tolist())
+        outs.append(out[0, ids.shape[1] :].tolist())
     return outs
 
 
@@ -49,8 +51,13 @@ def main() -> None:
     for threads, attention in ((1, "sdpa"), (2, "eager"), (1, "eager")):
         other = run(path, tokenizer, threads, attention, args.new_tokens)
         same = sum(int(a == b) for r, o in zip(reference, other) for a, b in zip(r, o))
-        first = [next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None) for r, o in zip(reference, other)]
-        print(f"{threads} thread(s), {attention}: agreement {same / total:.4f}, first difference per prompt {first}")
+        first = [
+            next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None)
+            for r, o in zip(reference, other)
+        ]
+        print(
+            f"{threads} thread(s), {attention}: agreement {same / total:.4f}, first difference per prompt {first}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,15 +28,20 @@ from typing import Any
 
 import trio
 
-from swarm_node.node.api import ApiConfig, open_api
+from swarm_node.node.apps.api import ApiConfig, open_api
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
 
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 QUESTIONS = [
-    "Tell me about the history of Paris.", "How do plants make food?", "Explain how a bicycle works.",
-    "Why is the sky blue?", "What do bees do in winter?", "Describe a good breakfast.",
-    "How does a computer store numbers?", "What makes a good friend?",
+    "Tell me about the history of Paris.",
+    "How do plants make food?",
+    "Explain how a bicycle works.",
+    "Why is the sky blue?",
+    "What do bees do in winter?",
+    "Describe a good breakfast.",
+    "How does a computer store numbers?",
+    "What makes a good friend?",
 ]
 
 
@@ -44,8 +49,18 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
     processes: list[subprocess.Popen] = []
     first = ""
     for start, end in spans:
-        cmd = [CLI, "serve", "--blocks", f"{start}:{end}", "--listen", "/ip4/127.0.0.1/tcp/0",
-               "--torch-threads", str(threads), "--throughput", "100"]
+        cmd = [
+            CLI,
+            "serve",
+            "--blocks",
+            f"{start}:{end}",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--torch-threads",
+            str(threads),
+            "--throughput",
+            "100",
+        ]
         if first:
             cmd += ["--initial-peers", first]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -59,7 +74,10 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
 
 def chat_once(client: Any, question: str, max_tokens: int) -> int:
     reply = client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0,
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=max_tokens,
+        temperature=0,
     )
     return reply.usage.completion_tokens
 
@@ -95,24 +113,35 @@ async def run(addr: str, args: argparse.Namespace) -> dict[str, Any]:
     import openai
 
     results: dict[str, list[Any]] = {"sequential": [], "concurrent": [], "peak_active": []}
-    async with open_peer(PeerConfig(initial_peers=(addr,))) as peer, \
-            open_api(peer, ApiConfig(models=("smollm2-135m",), port=0, refresh_interval=60.0)) as api:
-        client = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    async with (
+        open_peer(PeerConfig(initial_peers=(addr,))) as peer,
+        open_api(peer, ApiConfig(models=("smollm2-135m",), port=0, refresh_interval=60.0)) as api,
+    ):
+        client = openai.OpenAI(
+            base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=600
+        )
         await trio.to_thread.run_sync(chat_once, client, QUESTIONS[0], 4)  # warm-up
         for rep in range(args.repeats):
             tokens, wall = await trio.to_thread.run_sync(sequential, client, args.max_tokens)
             results["sequential"].append((tokens, wall))
             api.tracker.peak_active = 0
-            ctokens, cwall, latencies = await trio.to_thread.run_sync(concurrent, client, args.max_tokens)
+            ctokens, cwall, latencies = await trio.to_thread.run_sync(
+                concurrent, client, args.max_tokens
+            )
             results["concurrent"].append((ctokens, cwall, latencies))
             results["peak_active"].append(api.tracker.peak_active)
-            print(f"repeat {rep + 1}/{args.repeats}: sequential {tokens / wall:.1f} tok/s, "
-                  f"concurrent {ctokens / cwall:.1f} tok/s (peak {api.tracker.peak_active} in flight)", file=sys.stderr)
+            print(
+                f"repeat {rep + 1}/{args.repeats}: sequential {tokens / wall:.1f} tok/s, "
+                f"concurrent {ctokens / cwall:.1f} tok/s (peak {api.tracker.peak_active} in flight)",
+                file=sys.stderr,
+            )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--server-threads", type=int, default=1)
@@ -141,10 +170,16 @@ def main() -> None:
         "completion_tokens_per_round": [t for t, _ in results["sequential"]],
         "sequential_tokens_per_s": [round(x, 2) for x in seq],
         "concurrent_tokens_per_s": [round(x, 2) for x in conc],
-        "concurrent_request_latency_s_median": [round(statistics.median(lat), 2) for _, _, lat in results["concurrent"]],
-        "sequential_request_latency_s_mean": [round(wall / len(QUESTIONS), 2) for _, wall in results["sequential"]],
+        "concurrent_request_latency_s_median": [
+            round(statistics.median(lat), 2) for _, _, lat in results["concurrent"]
+        ],
+        "sequential_request_latency_s_mean": [
+            round(wall / len(QUESTIONS), 2) for _, wall in results["sequential"]
+        ],
         "peak_requests_in_flight": results["peak_active"],
-        "ratio_concurrent_vs_single_tokens_per_s": round(statistics.median(c / s for c, s in zip(conc, seq, strict=True)), 3),
+        "ratio_concurrent_vs_single_tokens_per_s": round(
+            statistics.median(c / s for c, s in zip(conc, seq, strict=True)), 3
+        ),
     }
     print(json.dumps(out))
 

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compression_codecs import codec_report  # noqa: E402
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens  # noqa: E402
 from swarm_node.node.config import PeerConfig, ServerConfig  # noqa: E402
-from swarm_node.node.generation import SamplingConfig, generate_tokens  # noqa: E402
 from swarm_node.node.peer import open_peer  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -58,7 +58,9 @@ LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 LOSSY = ("float16", "blockwise8", "blockwise8-64")  # codecs whose agreement with "none" is measured
 
 
-async def teacher_forced(session, head, ids: torch.Tensor, reference: list[int]) -> tuple[list[int], list[float]]:
+async def teacher_forced(
+    session, head, ids: torch.Tensor, reference: list[int]
+) -> tuple[list[int], list[float]]:
     """Top-1 token and top-1 minus top-2 logit at each position, the session being fed the
     reference tokens rather than its own."""
     tops, margins = [], []
@@ -89,26 +91,42 @@ async def quality(new_tokens: int) -> dict:
     head = ClientHead.load(checkpoint)
     async with AsyncExitStack() as stack:
         first = await stack.enter_async_context(
-            open_peer(PeerConfig(listen=LOOPBACK), server=ServerConfig(model=MODEL, start=0, end=15, throughput=1.0))
+            open_peer(
+                PeerConfig(listen=LOOPBACK),
+                server=ServerConfig(model=MODEL, start=0, end=15, throughput=1.0),
+            )
         )
         boot = tuple(first.addrs[:1])
         await stack.enter_async_context(
-            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot),
-                      server=ServerConfig(model=MODEL, start=15, end=30, throughput=1.0))
+            open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=boot),
+                server=ServerConfig(model=MODEL, start=15, end=30, throughput=1.0),
+            )
         )
-        client = await stack.enter_async_context(open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot)))
+        client = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot))
+        )
         chain = await client.find_chain(MODEL, 30)
-        per_codec = {codec: {"agree": 0, "forced": 0, "prefix": [], "margins": []} for codec in LOSSY}
+        per_codec = {
+            codec: {"agree": 0, "forced": 0, "prefix": [], "margins": []} for codec in LOSSY
+        }
         total = 0
         for prompt in PROMPTS:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             outs = {}
             for codec in ("none", *LOSSY):
                 out, _ = await generate_tokens(
-                    client, head, ids, model=MODEL, num_blocks=30, dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=new_tokens), chain=chain, compression=codec,
+                    client,
+                    head,
+                    ids,
+                    model=MODEL,
+                    num_blocks=30,
+                    dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=new_tokens),
+                    chain=chain,
+                    compression=codec,
                 )
-                outs[codec] = out[0, ids.shape[1]:].tolist()
+                outs[codec] = out[0, ids.shape[1] :].tolist()
             reference = outs["none"]
             total += len(reference)
             async with client.inference_session(
@@ -129,8 +147,10 @@ async def quality(new_tokens: int) -> dict:
                 ) as session:
                     tops, _ = await teacher_forced(session, head, ids, reference)
                 stats["forced"] += sum(a == b for a, b in zip(reference, tops, strict=True))
-                print(f"{codec} {prompt!r}: {same}/{len(pairs)} tokens before the first difference",
-                      file=sys.stderr)
+                print(
+                    f"{codec} {prompt!r}: {same}/{len(pairs)} tokens before the first difference",
+                    file=sys.stderr,
+                )
         ids = tokenizer(HELDOUT.read_text(), return_tensors="pt").input_ids
         perplexity = {}
         for codec in ("none", *LOSSY):
@@ -165,7 +185,9 @@ async def quality(new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()

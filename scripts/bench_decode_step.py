@@ -21,8 +21,12 @@ from swarm_node.model import BlockSpan, Checkpoint, resolve_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="decode steps of each path (default 200)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=200, help="decode steps of each path (default 200)"
+    )
     parser.add_argument("--blocks", default="0:30", help="START:END of the span (default 0:30)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args()
@@ -42,7 +46,9 @@ def main() -> None:
             step = torch.randn(1, 1, hidden_size, generator=gen, dtype=dtype)
             outs = []
             for name, cache in caches.items():
-                span._fast_decode = None if name == "fast" else False  # None: asks fast_decode.supports
+                span._fast_decode = (
+                    None if name == "fast" else False
+                )  # None: asks fast_decode.supports
                 t0 = time.perf_counter()
                 outs.append(span(step, cache))
                 times[name].append(time.perf_counter() - t0)
@@ -53,18 +59,25 @@ def main() -> None:
         used = span.uses_fast_decode(1)
     fast = statistics.median(times["fast"][5:])
     slow = statistics.median(times["transformers"][5:])
-    print(json.dumps({
-        "benchmark": "decode_step",
-        "model": "smollm2-135m",
-        "blocks": f"{start}:{end}",
-        "dtype": args.dtype,
-        "steps": args.steps,
-        "torch_threads": torch.get_num_threads(),
-        "fast_path_used": used,
-        "bitwise_equal": True,
-        "ms_per_step_median": {"fast": round(fast * 1e3, 2), "transformers": round(slow * 1e3, 2)},
-        "ratio_transformers_vs_fast_time": round(slow / fast, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode_step",
+                "model": "smollm2-135m",
+                "blocks": f"{start}:{end}",
+                "dtype": args.dtype,
+                "steps": args.steps,
+                "torch_threads": torch.get_num_threads(),
+                "fast_path_used": used,
+                "bitwise_equal": True,
+                "ms_per_step_median": {
+                    "fast": round(fast * 1e3, 2),
+                    "transformers": round(slow * 1e3, 2),
+                },
+                "ratio_transformers_vs_fast_time": round(slow / fast, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

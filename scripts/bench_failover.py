@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 from swarm_node.dht.routing import Hop  # noqa: E402
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
+from swarm_node.model.bundled import model_id_of  # noqa: E402
+from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens  # noqa: E402
 from swarm_node.node.config import ClientConfig, PeerConfig  # noqa: E402
-from swarm_node.node.generation import GenerationStats, SamplingConfig, generate_tokens  # noqa: E402
-from swarm_node.node.peer import model_id_of, open_peer  # noqa: E402
+from swarm_node.node.peer import open_peer  # noqa: E402
 from tests.process_swarm import ServerProcess, server_processes  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -62,26 +63,43 @@ async def run(args: argparse.Namespace) -> dict:
     head = ClientHead.load(checkpoint)
     input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
     model = model_id_of(args.model)
-    extra = ["--throughput", "100"] + (["--torch-threads", str(args.server_threads)] if args.server_threads else [])
+    extra = ["--throughput", "100"] + (
+        ["--torch-threads", str(args.server_threads)] if args.server_threads else []
+    )
     client_config = ClientConfig(push=args.push, step_timeout=args.step_timeout)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     spans = [f"0:{half}"] + [f"{half}:{layers}"] * (args.repeats + 1)  # a spare for every kill
     runs: list[dict] = []
     async with server_processes(args.model, spans, extra=extra) as servers:
-        async with open_peer(PeerConfig(initial_peers=(servers[0].addr,)), client=client_config) as client:
+        async with open_peer(
+            PeerConfig(initial_peers=(servers[0].addr,)), client=client_config
+        ) as client:
             records = {r.peer_id: r for r in await client.find_servers(model, layers)}
 
-            async def generate(chain: list[Hop], timeline: Timeline) -> tuple[list[int], float, GenerationStats]:
+            async def generate(
+                chain: list[Hop], timeline: Timeline
+            ) -> tuple[list[int], float, GenerationStats]:
                 t0 = time.perf_counter()
                 ids, stats = await generate_tokens(
-                    client, head, input_ids, model=model, num_blocks=layers, dtype="float32",
-                    sampling=sampling, chain=chain, push=args.push, on_tokens=timeline,
+                    client,
+                    head,
+                    input_ids,
+                    model=model,
+                    num_blocks=layers,
+                    dtype="float32",
+                    sampling=sampling,
+                    chain=chain,
+                    push=args.push,
+                    on_tokens=timeline,
                 )
                 return ids[0].tolist(), time.perf_counter() - t0, stats
 
             for r in range(args.repeats):  # pairs, side by side: these machines drift
                 victim = servers[1 + r]
-                chain = [Hop(records[servers[0].peer_id], 0, half), Hop(records[victim.peer_id], half, layers)]
+                chain = [
+                    Hop(records[servers[0].peer_id], 0, half),
+                    Hop(records[victim.peer_id], half, layers),
+                ]
                 if r == 0:
                     await generate(chain, Timeline())  # warm-up: connections, first-call costs
                 free = Timeline()
@@ -91,31 +109,42 @@ async def run(args: argparse.Namespace) -> dict:
                 assert failing.killed_at is not None and len(stats.recoveries) == 1
                 event = stats.recoveries[0]
                 gaps = [b - a for a, b in zip(free.times[1:], free.times[2:], strict=False)]
-                after = failing.times[args.kill_after:]
+                after = failing.times[args.kill_after :]
                 gaps_after = [b - a for a, b in zip(after, after[1:], strict=False)]
-                runs.append({
-                    "kill_to_next_token_s": failing.times[args.kill_after] - failing.killed_at,
-                    "recovery_s": event.seconds,
-                    "replay_s": event.replay_seconds,
-                    "recovery_without_replay_s": event.seconds - event.replay_seconds,
-                    "replayed_steps": event.replayed_steps,
-                    "usual_token_s": statistics.median(gaps),
-                    "token_after_failover_s": statistics.median(gaps_after) if gaps_after else 0.0,
-                    "failure_free_total_s": free_total,
-                    "with_failover_total_s": fail_total,
-                    "slowdown_s": fail_total - free_total,
-                    "same_tokens": fail_ids == free_ids,
-                })
+                runs.append(
+                    {
+                        "kill_to_next_token_s": failing.times[args.kill_after] - failing.killed_at,
+                        "recovery_s": event.seconds,
+                        "replay_s": event.replay_seconds,
+                        "recovery_without_replay_s": event.seconds - event.replay_seconds,
+                        "replayed_steps": event.replayed_steps,
+                        "usual_token_s": statistics.median(gaps),
+                        "token_after_failover_s": statistics.median(gaps_after)
+                        if gaps_after
+                        else 0.0,
+                        "failure_free_total_s": free_total,
+                        "with_failover_total_s": fail_total,
+                        "slowdown_s": fail_total - free_total,
+                        "same_tokens": fail_ids == free_ids,
+                    }
+                )
 
     def median(key: str) -> float:
         return round(statistics.median(run[key] for run in runs), 3)
 
     keys = [k for k in runs[0] if k.endswith("_s")]
     return {
-        "model": model, "push": args.push, "new_tokens": args.new_tokens, "killed_after_tokens": args.kill_after,
-        "repeats": args.repeats, **{k: median(k) for k in keys},
-        "replayed_steps": runs[0]["replayed_steps"], "same_tokens": all(run["same_tokens"] for run in runs),
-        "runs": [{k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()} for run in runs],
+        "model": model,
+        "push": args.push,
+        "new_tokens": args.new_tokens,
+        "killed_after_tokens": args.kill_after,
+        "repeats": args.repeats,
+        **{k: median(k) for k in keys},
+        "replayed_steps": runs[0]["replayed_steps"],
+        "same_tokens": all(run["same_tokens"] for run in runs),
+        "runs": [
+            {k: round(v, 3) if isinstance(v, float) else v for k, v in run.items()} for run in runs
+        ],
     }
 
 
@@ -127,7 +156,12 @@ def main() -> None:
     parser.add_argument("--push", action="store_true", help="server-to-server push")
     parser.add_argument("--step-timeout", type=float, default=10.0)
     parser.add_argument("--server-threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2, help="failure-free / failover pairs (one server killed each)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="failure-free / failover pairs (one server killed each)",
+    )
     args = parser.parse_args()
     if not 1 <= args.kill_after < args.new_tokens:
         parser.error("--kill-after must be in [1, --new-tokens)")

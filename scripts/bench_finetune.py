@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--pre-seq-len", type=int, default=16)
     parser.add_argument("--spans", default="0:30", help="comma-separated START:END of the servers")
     parser.add_argument("--server-threads", type=int, default=2)
-    parser.add_argument("--pieces", type=int, default=1, help="cut each batch into this many pieces (pipelining)")
+    parser.add_argument(
+        "--pieces", type=int, default=1, help="cut each batch into this many pieces (pipelining)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("libp2p").setLevel(logging.ERROR)
@@ -84,10 +86,19 @@ def main() -> None:
     ids = torch.randint(0, ref.config.vocab_size, (args.batch, args.tokens))
     processes, entry = start_servers(spans, args.server_threads)
     try:
-        model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=[entry], tuning_mode="ptune",
-                                                            pre_seq_len=args.pre_seq_len, min_pieces=args.pieces)
-        ptune = PromptTuning(mode="ptune", pre_seq_len=args.pre_seq_len, hidden_size=ref.config.hidden_size,
-                             num_blocks=ref.config.num_hidden_layers)
+        model = DistributedModelForCausalLM.from_pretrained(
+            "smollm2-135m",
+            initial_peers=[entry],
+            tuning_mode="ptune",
+            pre_seq_len=args.pre_seq_len,
+            min_pieces=args.pieces,
+        )
+        ptune = PromptTuning(
+            mode="ptune",
+            pre_seq_len=args.pre_seq_len,
+            hidden_size=ref.config.hidden_size,
+            num_blocks=ref.config.num_hidden_layers,
+        )
         ptune.load_state_dict(model.ptune.state_dict())
         local_opt = torch.optim.Adam(ptune.parameters(), lr=1e-3)
         swarm_opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -105,17 +116,29 @@ def main() -> None:
         for proc in processes:
             proc.wait(timeout=30)
     ratios = [s / t for s, t in zip(swarm_times, local_times, strict=True)]
-    print(json.dumps({
-        "model": "smollm2-135m", "dtype": "float32", "batch": args.batch, "tokens": args.tokens,
-        "pre_seq_len": args.pre_seq_len, "spans": args.spans, "pieces": args.pieces, "server_threads": args.server_threads,
-        "torch_threads_client": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "repeats": args.repeats,
-        "local_step_s": [round(t, 4) for t in local_times], "swarm_step_s": [round(t, 4) for t in swarm_times],
-        "local_median_s": round(statistics.median(local_times), 4),
-        "swarm_median_s": round(statistics.median(swarm_times), 4),
-        "ratio_median": round(statistics.median(ratios), 3),
-        "ratios": [round(r, 3) for r in ratios],
-    }))
+    print(
+        json.dumps(
+            {
+                "model": "smollm2-135m",
+                "dtype": "float32",
+                "batch": args.batch,
+                "tokens": args.tokens,
+                "pre_seq_len": args.pre_seq_len,
+                "spans": args.spans,
+                "pieces": args.pieces,
+                "server_threads": args.server_threads,
+                "torch_threads_client": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "repeats": args.repeats,
+                "local_step_s": [round(t, 4) for t in local_times],
+                "swarm_step_s": [round(t, 4) for t in swarm_times],
+                "local_median_s": round(statistics.median(local_times), 4),
+                "swarm_median_s": round(statistics.median(swarm_times), 4),
+                "ratio_median": round(statistics.median(ratios), 3),
+                "ratios": [round(r, 3) for r in ratios],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ import torch
 import trio
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.config import PeerConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
 from swarm_node.node.peer import open_peer
 
 CLI = str(Path(sys.executable).with_name("swarm-node"))
@@ -62,13 +62,21 @@ def local_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[flo
     clock = Clock()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+        model.generate(
+            input_ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            streamer=clock,
+        )
     ttft = clock.times[0] - t0
     tps = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
     return ttft, tps
 
 
-def local_loop_run(span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def local_loop_run(
+    span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int
+) -> tuple[float, float]:
     """Greedy decoding with the swarm's own pieces (BlockSpan of all blocks, ClientHead) in this process."""
     cache = span.new_cache(input_ids.shape[1] + new_tokens)
     times = []
@@ -86,8 +94,18 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
     processes: list[subprocess.Popen] = []
     first_addr = ""
     for start, end in spans:
-        cmd = [CLI, "serve", "--blocks", f"{start}:{end}", "--listen", "/ip4/127.0.0.1/tcp/0",
-               "--torch-threads", str(threads), "--throughput", "100"]
+        cmd = [
+            CLI,
+            "serve",
+            "--blocks",
+            f"{start}:{end}",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--torch-threads",
+            str(threads),
+            "--throughput",
+            "100",
+        ]
         if first_addr:
             cmd += ["--initial-peers", first_addr]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -100,42 +118,78 @@ def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subp
 
 
 async def swarm_runs(
-    addrs: dict[str, str], head: Any, input_ids: torch.Tensor, local: Any, span: Any, args: argparse.Namespace
+    addrs: dict[str, str],
+    head: Any,
+    input_ids: torch.Tensor,
+    local: Any,
+    span: Any,
+    args: argparse.Namespace,
 ) -> dict:
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}
-    remote: dict[str, list[float]] = {name: [] for name in ("1-server", "2-server", "2-server-push")}
+    remote: dict[str, list[float]] = {
+        name: [] for name in ("1-server", "2-server", "2-server-push")
+    }
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    async with open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one, \
-            open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two:
+    async with (
+        open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one,
+        open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two,
+    ):
         clients = {"1-server": one, "2-server": two}
         chains = {name: await peer.find_chain("smollm2-135m", 30) for name, peer in clients.items()}
         runs = [(name, clients[name], chains[name], False) for name in clients]
         runs.append(("2-server-push", two, chains["2-server"], True))
         for name, peer, chain, push in runs:  # warm-up: caches, allocators, connections
-            await generate_tokens(peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
-                                  sampling=SamplingConfig(max_new_tokens=4), chain=chain, push=push)
+            await generate_tokens(
+                peer,
+                head,
+                input_ids,
+                model="smollm2-135m",
+                num_blocks=30,
+                dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=4),
+                chain=chain,
+                push=push,
+            )
         local_run(local, input_ids, 4)
         local_loop_run(span, head, input_ids, 4)
         for rep in range(args.repeats):
-            results["local"].append(await trio.to_thread.run_sync(local_run, local, input_ids, args.new_tokens))
+            results["local"].append(
+                await trio.to_thread.run_sync(local_run, local, input_ids, args.new_tokens)
+            )
             for name, peer, chain, push in runs:
                 _, stats = await generate_tokens(
-                    peer, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
-                    sampling=sampling, chain=chain, push=push,
+                    peer,
+                    head,
+                    input_ids,
+                    model="smollm2-135m",
+                    num_blocks=30,
+                    dtype="float32",
+                    sampling=sampling,
+                    chain=chain,
+                    push=push,
                 )
                 results[name].append((stats.time_to_first_token, stats.tokens_per_second))
                 remote[name].append(stats.remote_time / stats.new_tokens)
             results["local-loop"].append(
-                await trio.to_thread.run_sync(local_loop_run, span, head, input_ids, args.new_tokens)
+                await trio.to_thread.run_sync(
+                    local_loop_run, span, head, input_ids, args.new_tokens
+                )
             )
-            print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(
-                f"{k} {v[-1][1]:.1f} tok/s" for k, v in results.items()), file=sys.stderr)
-    results["remote_ms_per_token"] = {k: round(1000 * statistics.median(v), 1) for k, v in remote.items()}
+            print(
+                f"repeat {rep + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {v[-1][1]:.1f} tok/s" for k, v in results.items()),
+                file=sys.stderr,
+            )
+    results["remote_ms_per_token"] = {
+        k: round(1000 * statistics.median(v), 1) for k, v in remote.items()
+    }
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--server-threads", type=int, default=2)
@@ -157,7 +211,9 @@ def main() -> None:
         procs += p1
         p2, a2 = start_servers([(0, 15), (15, 30)], args.server_threads)
         procs += p2
-        results = trio.run(swarm_runs, {"1-server": a1, "2-server": a2}, head, input_ids, local, span, args)
+        results = trio.run(
+            swarm_runs, {"1-server": a1, "2-server": a2}, head, input_ids, local, span, args
+        )
     finally:
         for p in procs:
             p.terminate()
@@ -178,7 +234,9 @@ def main() -> None:
         "repeats": args.repeats,
         "server_torch_threads": args.server_threads,
         "torch_threads_local": torch.get_num_threads(),
-        "tokens_per_s_median": {k: round(statistics.median(v[1] for v in results[k]), 2) for k in RUNS},
+        "tokens_per_s_median": {
+            k: round(statistics.median(v[1] for v in results[k]), 2) for k in RUNS
+        },
         "ttft_s_median": {k: round(statistics.median(v[0] for v in results[k]), 4) for k in RUNS},
         "remote_ms_per_token_median": results["remote_ms_per_token"],
         "ratio_1server_vs_local_tokens_per_s": paired("1-server", 1),

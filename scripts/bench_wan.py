@@ -35,8 +35,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
-from swarm_node.node.commands import split_blocks  # noqa: E402
-from swarm_node.node.generation import SamplingConfig, generate_tokens, open_token_session  # noqa: E402
+from swarm_node.node.apps.commands import split_blocks  # noqa: E402
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens, open_token_session  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -60,7 +60,12 @@ def local_compute(span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int
 
 
 async def one_run(
-    client: Any, head: Any, span: Any, input_ids: torch.Tensor, chain: list[Any], push: bool,
+    client: Any,
+    head: Any,
+    span: Any,
+    input_ids: torch.Tensor,
+    chain: list[Any],
+    push: bool,
     args: argparse.Namespace,
 ) -> tuple[list[int], dict[str, Any]]:
     """One generation of ``--new-tokens`` in segments of ``--segment`` tokens, the local compute
@@ -71,23 +76,37 @@ async def one_run(
     compute_ms: list[float] = []
     before = local_compute(span, head, input_ids, args.local_tokens)
     async with open_token_session(
-        client, model=MODEL, num_blocks=span.end, max_length=input_ids.shape[1] + args.new_tokens + 1,
-        dtype="float32", chain=chain, push=push,
+        client,
+        model=MODEL,
+        num_blocks=span.end,
+        max_length=input_ids.shape[1] + args.new_tokens + 1,
+        dtype="float32",
+        chain=chain,
+        push=push,
     ) as ts:
         ids = input_ids
         while ids.shape[1] < input_ids.shape[1] + args.new_tokens:
             count = min(args.segment, input_ids.shape[1] + args.new_tokens - ids.shape[1])
             fresh = ids if ts.fed == 0 else ids[:, :0]  # the prompt once, then go on
             out, stats = await generate_tokens(
-                client, head, fresh, model=MODEL, num_blocks=span.end, dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=count), session=ts,
+                client,
+                head,
+                fresh,
+                model=MODEL,
+                num_blocks=span.end,
+                dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=count),
+                session=ts,
             )
-            ids = torch.cat([ids, out[:, fresh.shape[1]:]], dim=1)
+            ids = torch.cat([ids, out[:, fresh.shape[1] :]], dim=1)
             after = local_compute(span, head, input_ids, args.local_tokens)
             here = (before + after) / 2  # the local rate around this very segment
             before = after
             if fresh.shape[1]:  # the first segment: its first token comes with the prompt's prefill
-                steady, step_seconds = stats.new_tokens - 1, stats.total_time - stats.time_to_first_token
+                steady, step_seconds = (
+                    stats.new_tokens - 1,
+                    stats.total_time - stats.time_to_first_token,
+                )
             else:  # a later one: every token is a decode step (the first also embeds the last token)
                 steady, step_seconds = stats.new_tokens, stats.total_time
             seconds += step_seconds
@@ -102,7 +121,9 @@ async def one_run(
     }
 
 
-async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace) -> dict:
+async def swarm_runs(
+    path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace
+) -> dict:
     checkpoint = Checkpoint.open(path)
     num_blocks = checkpoint.config.num_hidden_layers
     span = BlockSpan.load(checkpoint, 0, num_blocks)  # every block, for the local baseline
@@ -110,7 +131,10 @@ async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argpa
     for n in args.servers:
         async with trio.open_nursery() as nursery:
             spans = split_blocks(num_blocks, n)
-            async with proxied_swarm(MODEL, spans, args.delay, nursery, throughput=None) as (servers, client):
+            async with proxied_swarm(MODEL, spans, args.delay, nursery, throughput=None) as (
+                servers,
+                client,
+            ):
                 chain = await client.find_chain(MODEL, num_blocks, push=True, max_length=256)
                 runs: dict[str, Any] = {"chain": [[h.start, h.end] for h in chain]}
                 outputs = []
@@ -125,7 +149,9 @@ async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argpa
                         "hops": len(chain) + 1 if mode == "push" else 2 * len(chain),
                         "of_bound_median": round(statistics.median(r["of_bound"] for r in rows), 3),
                         "of_bound_min": min(r["of_bound"] for r in rows),
-                        "ms_per_token_median": round(statistics.median(r["ms_per_token"] for r in rows), 1),
+                        "ms_per_token_median": round(
+                            statistics.median(r["ms_per_token"] for r in rows), 1
+                        ),
                         "runs": rows,
                     }
                 runs["same_tokens"] = all(o == outputs[0] for o in outputs)
@@ -136,13 +162,21 @@ async def swarm_runs(path: Path, head: Any, input_ids: torch.Tensor, args: argpa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--delay", type=float, default=0.05, help="one-way seconds in front of every peer")
+    parser.add_argument(
+        "--delay", type=float, default=0.05, help="one-way seconds in front of every peer"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--repeats", type=int, default=3, help="runs of each mode, interleaved")
-    parser.add_argument("--segment", type=int, default=16, help="tokens between two local measurements")
-    parser.add_argument("--local-tokens", type=int, default=8, help="tokens of each local measurement")
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--segment", type=int, default=16, help="tokens between two local measurements"
+    )
+    parser.add_argument(
+        "--local-tokens", type=int, default=8, help="tokens of each local measurement"
+    )
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
@@ -152,11 +186,22 @@ def main() -> None:
     head = ClientHead.load(checkpoint)
     input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
     runs = trio.run(swarm_runs, path, head, input_ids, args)
-    print(json.dumps({
-        "bench": "wan", "model": MODEL, "delay_s": args.delay, "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "segment": args.segment, "local_tokens": args.local_tokens,
-        "torch_threads": torch.get_num_threads(), "target_push_of_bound": 0.9, **runs,
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "wan",
+                "model": MODEL,
+                "delay_s": args.delay,
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "segment": args.segment,
+                "local_tokens": args.local_tokens,
+                "torch_threads": torch.get_num_threads(),
+                "target_push_of_bound": 0.9,
+                **runs,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -41,12 +41,16 @@ def start_swarm(model: str, spans: list[tuple[int, int]]) -> tuple[str, threadin
     started, stop = threading.Event(), threading.Event()
 
     async def main() -> None:
-        async with open_peer(PeerConfig(listen=LOOPBACK), server=ServerConfig(
-            model=model, start=spans[0][0], end=spans[0][1], throughput=100.0)
+        async with open_peer(
+            PeerConfig(listen=LOOPBACK),
+            server=ServerConfig(model=model, start=spans[0][0], end=spans[0][1], throughput=100.0),
         ) as first:
             entry = tuple(first.addrs[:1])
-            async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry), server=ServerConfig(
-                model=model, start=spans[1][0], end=spans[1][1], throughput=100.0)
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=entry),
+                server=ServerConfig(
+                    model=model, start=spans[1][0], end=spans[1][1], throughput=100.0
+                ),
             ):
                 ready.append(entry[0])
                 started.set()
@@ -61,7 +65,7 @@ def start_swarm(model: str, spans: list[tuple[int, int]]) -> tuple[str, threadin
 def answer(model: DistributedModelForCausalLM, tokenizer, question: str) -> str:
     ids = tokenizer(question, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=16, eos_token_id=tokenizer.convert_tokens_to_ids("\n"))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
 
 
 def main() -> None:
@@ -89,15 +93,22 @@ def main() -> None:
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         t0 = time.perf_counter()
         for step in range(1, args.steps + 1):
-            batch = tokenizer(rng.sample(lines, args.batch), return_tensors="pt", padding=True,
-                              padding_side="right")
+            batch = tokenizer(
+                rng.sample(lines, args.batch),
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+            )
             labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
             opt.zero_grad()
             loss = model(batch.input_ids, attention_mask=batch.attention_mask, labels=labels).loss
             loss.backward()
             opt.step()
             if step == 1 or step % 5 == 0:
-                print(f"step {step:3d}  loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(
+                    f"step {step:3d}  loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
         after = [answer(model, tokenizer, q) for q in QUESTIONS]
     stop.set()
     for question, old, new in zip(QUESTIONS, before, after, strict=True):

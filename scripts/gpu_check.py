@@ -40,7 +40,9 @@ def sync() -> None:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+    return float(
+        torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+    )
 
 
 def run_span(span: BlockSpan, x: torch.Tensor, steps: int = 16) -> tuple[torch.Tensor, float]:
@@ -59,7 +61,9 @@ def span_checks(folder: Path, x: torch.Tensor) -> dict:
     ck = Checkpoint.open(folder)
     ref = BlockSpan.load(ck, 0, LAYERS, dtype=torch.float32).to(DEVICE)
     ref_out, ref_t = run_span(ref, x.float())
-    results: dict = {"float32": {"ms_per_step": round(ref_t * 1e3, 3), "weight_bytes": weight_bytes(ref)}}
+    results: dict = {
+        "float32": {"ms_per_step": round(ref_t * 1e3, 3), "weight_bytes": weight_bytes(ref)}
+    }
     for mode in ("float16", "int8", "nf4"):
         try:
             span = BlockSpan.load(ck, 0, LAYERS, dtype=torch.float16)
@@ -74,7 +78,9 @@ def span_checks(folder: Path, x: torch.Tensor) -> dict:
                 "update_rel_error": round(float((delta - delta_ref).norm() / delta_ref.norm()), 4),
                 "weight_bytes": weight_bytes(span),
                 "ms_per_step": round(t * 1e3, 3),
-                "weight_classes": sorted({type(m).__name__ for m in span.modules() if "Linear" in type(m).__name__}),
+                "weight_classes": sorted(
+                    {type(m).__name__ for m in span.modules() if "Linear" in type(m).__name__}
+                ),
             }
         except Exception as exc:  # report what failed, keep checking the rest
             results[mode] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -91,14 +97,21 @@ def codec_checks() -> dict:
     for codec, block in (("blockwise8", 4096), ("blockwise8-64", 64)):
         codes, state = F.quantize_blockwise(x, blocksize=block)
         theirs = F.dequantize_blockwise(codes, state)
-        payload = state.absmax.float().cpu().numpy().astype("<f4").tobytes() + codes.cpu().numpy().tobytes()
-        ours_of_theirs = decode(WireTensor(codec, "float32", tuple(x.shape), payload), max_numel=x.numel())
+        payload = (
+            state.absmax.float().cpu().numpy().astype("<f4").tobytes()
+            + codes.cpu().numpy().tobytes()
+        )
+        ours_of_theirs = decode(
+            WireTensor(codec, "float32", tuple(x.shape), payload), max_numel=x.numel()
+        )
         wire = encode(x.cpu(), codec)
         n_blocks = -(-x.numel() // block)
         data = bytes(wire.data)
         absmax = torch.frombuffer(bytearray(data[: 4 * n_blocks]), dtype=torch.float32).to(DEVICE)
         our_codes = torch.frombuffer(bytearray(data[4 * n_blocks :]), dtype=torch.uint8).to(DEVICE)
-        theirs_of_ours = F.dequantize_blockwise(our_codes, absmax=absmax, blocksize=block).reshape(x.shape)
+        theirs_of_ours = F.dequantize_blockwise(our_codes, absmax=absmax, blocksize=block).reshape(
+            x.shape
+        )
         ours = decode(wire, max_numel=x.numel())
         normal = (ours.to(DEVICE) - x)[..., 4:].norm() / x[..., 4:].norm()
         code_agree = float((our_codes == codes.flatten()).float().mean())
@@ -122,8 +135,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model_dir(
-            Path(tmp) / "llama-576", num_layers=LAYERS, hidden_size=576, intermediate_size=1536,
-            num_attention_heads=9, num_key_value_heads=3, initializer_range=0.02,
+            Path(tmp) / "llama-576",
+            num_layers=LAYERS,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            initializer_range=0.02,
         )
         torch.manual_seed(1)
         x = torch.randn(1, 32, 576, device=DEVICE)

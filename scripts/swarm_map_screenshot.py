@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/browser.py drives Chromium
 
-from swarm_node.node.api import ApiConfig, open_api  # noqa: E402
+from swarm_node.node.apps.api import ApiConfig, open_api  # noqa: E402
 from swarm_node.node.config import PeerConfig, ServerConfig  # noqa: E402
 from swarm_node.node.peer import open_peer  # noqa: E402
 from tests.browser import screenshot  # noqa: E402
@@ -29,10 +29,15 @@ SPANS = [(0, 15), (10, 25), (15, 30)]
 
 
 async def chat(http: httpx.AsyncClient, question: str, max_tokens: int) -> None:
-    reply = await http.post("/v1/chat/completions", json={
-        "model": "smollm2-135m", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-        "temperature": 0,
-    })
+    reply = await http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+        },
+    )
     if reply.status_code != 200:
         raise SystemExit(f"{reply.status_code}: {reply.text}")
 
@@ -42,22 +47,37 @@ async def main(out: Path) -> None:
         servers = []
         for start, end in SPANS:
             initial = tuple(servers[0].addrs[:1]) if servers else ()
-            servers.append(await stack.enter_async_context(open_peer(
-                PeerConfig(listen=LOOPBACK, initial_peers=initial),
-                server=ServerConfig(model="smollm2-135m", start=start, end=end),
-            )))
+            servers.append(
+                await stack.enter_async_context(
+                    open_peer(
+                        PeerConfig(listen=LOOPBACK, initial_peers=initial),
+                        server=ServerConfig(model="smollm2-135m", start=start, end=end),
+                    )
+                )
+            )
         client = await stack.enter_async_context(
             open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1])))
         )
-        api = await stack.enter_async_context(open_api(client, ApiConfig(models=("smollm2-135m",), port=0)))
+        api = await stack.enter_async_context(
+            open_api(client, ApiConfig(models=("smollm2-135m",), port=0))
+        )
         http = await stack.enter_async_context(httpx.AsyncClient(base_url=api.url, timeout=300))
         for question in ("What is the capital of France?", "Name a primary colour."):
             await chat(http, question, 12)
         async with trio.open_nursery() as nursery:
-            for question in ("Write a poem about peers.", "Explain the DHT.", "Why is the sky blue?"):
+            for question in (
+                "Write a poem about peers.",
+                "Explain the DHT.",
+                "Why is the sky blue?",
+            ):
                 nursery.start_soon(chat, http, question, 64)
-            while len(api.tracker.active) < 3 or min(a.new_tokens for a in api.tracker.active.values()) < 4:
-                await trio.sleep(0.2)  # a script, not a test: wait until all three are well under way
+            while (
+                len(api.tracker.active) < 3
+                or min(a.new_tokens for a in api.tracker.active.values()) < 4
+            ):
+                await trio.sleep(
+                    0.2
+                )  # a script, not a test: wait until all three are well under way
             await api.refresh()
             await screenshot(api.url + "/", out, width=1280, height=780, budget_ms=1500)
             print(f"wrote {out}", file=sys.stderr)
@@ -65,7 +85,9 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/swarm_map.png"))
     args = parser.parse_args()
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)

@@ -31,9 +31,10 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
-from swarm_node.node import message_stream, server  # noqa: E402
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens  # noqa: E402
 from swarm_node.node.config import parse_blocks  # noqa: E402
-from swarm_node.node.generation import SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.net import message_stream  # noqa: E402
+from swarm_node.node.server import block_server as server  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -85,8 +86,13 @@ def instrument(head: ClientHead) -> None:
     head.logits, head.embed = timed_logits, timed_embed  # type: ignore[method-assign]
 
 
-def local_times(checkpoint: Checkpoint, head: ClientHead, spans: list[tuple[int, int]], ids: torch.Tensor,
-                tokens: int) -> dict[str, float]:
+def local_times(
+    checkpoint: Checkpoint,
+    head: ClientHead,
+    spans: list[tuple[int, int]],
+    ids: torch.Tensor,
+    tokens: int,
+) -> dict[str, float]:
     """Median ms of each span and of the head, computed back to back here."""
     loaded = [BlockSpan.load(checkpoint, a, b) for a, b in spans]
     caches = [s.new_cache(ids.shape[1] + tokens + 1, batch_size=1) for s in loaded]
@@ -111,17 +117,42 @@ async def trace(args: argparse.Namespace) -> None:
     head = ClientHead.load(checkpoint)
     ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
     num_blocks = args.spans[-1][1]
-    print("local, back to back (ms):", local_times(checkpoint, head, args.spans, ids, args.new_tokens))
+    print(
+        "local, back to back (ms):", local_times(checkpoint, head, args.spans, ids, args.new_tokens)
+    )
     instrument(head)
     async with trio.open_nursery() as nursery:
-        async with proxied_swarm(MODEL, args.spans, args.delay, nursery, throughput=None) as (_, client):
-            chain = await client.find_chain(MODEL, num_blocks, end=num_blocks, push=args.push, max_length=256)
+        async with proxied_swarm(MODEL, args.spans, args.delay, nursery, throughput=None) as (
+            _,
+            client,
+        ):
+            chain = await client.find_chain(
+                MODEL, num_blocks, end=num_blocks, push=args.push, max_length=256
+            )
             sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-            await generate_tokens(client, head, ids, model=MODEL, num_blocks=num_blocks, dtype="float32",
-                                  sampling=SamplingConfig(max_new_tokens=4), chain=chain, push=args.push)
+            await generate_tokens(
+                client,
+                head,
+                ids,
+                model=MODEL,
+                num_blocks=num_blocks,
+                dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=4),
+                chain=chain,
+                push=args.push,
+            )
             EVENTS.clear()
-            await generate_tokens(client, head, ids, model=MODEL, num_blocks=num_blocks, dtype="float32",
-                                  sampling=sampling, chain=chain, push=args.push)
+            await generate_tokens(
+                client,
+                head,
+                ids,
+                model=MODEL,
+                num_blocks=num_blocks,
+                dtype="float32",
+                sampling=sampling,
+                chain=chain,
+                push=args.push,
+            )
         nursery.cancel_scope.cancel()
     starts = [i for i, (label, _) in enumerate(EVENTS) if label == "embedded"][2:]  # steady tokens
     gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
@@ -130,8 +161,10 @@ async def trace(args: argparse.Namespace) -> None:
             gaps[(first, second)].append(1000 * (t1 - t0))
     cycles = [1000 * (EVENTS[b][1] - EVENTS[a][1]) for a, b in zip(starts, starts[1:])]
     mode = "push" if args.push else "client-star"
-    print(f"swarm ({mode}, {len(args.spans)} servers, {args.delay * 1000:.0f} ms one way): "
-          f"median {statistics.median(cycles):.1f} ms a token over {len(cycles)} tokens")
+    print(
+        f"swarm ({mode}, {len(args.spans)} servers, {args.delay * 1000:.0f} ms one way): "
+        f"median {statistics.median(cycles):.1f} ms a token over {len(cycles)} tokens"
+    )
     for (first, second), values in gaps.items():  # events in the order they first happened
         share = len(values) / len(cycles)  # a pair can happen twice a token, or only in some tokens
         note = "" if share == 1 else f"  ({share:.1f} times a token)"
@@ -139,10 +172,18 @@ async def trace(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spans", nargs="+", default=["0:15", "15:30"], help="each server's blocks, START:END")
-    parser.add_argument("--delay", type=float, default=0.05, help="one-way seconds in front of every peer")
-    parser.add_argument("--push", action="store_true", help="servers pass hidden states straight on")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--spans", nargs="+", default=["0:15", "15:30"], help="each server's blocks, START:END"
+    )
+    parser.add_argument(
+        "--delay", type=float, default=0.05, help="one-way seconds in front of every peer"
+    )
+    parser.add_argument(
+        "--push", action="store_true", help="servers pass hidden states straight on"
+    )
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args()

@@ -27,13 +27,13 @@ _LAZY = {
     "open_peer": "swarm_node.node.peer",
     "DistributedModelForCausalLM": "swarm_node.node.distributed_model",
     "DistributedModelForSequenceClassification": "swarm_node.node.distributed_model",
-    "RemoteSequential": "swarm_node.node.remote_sequential",
+    "RemoteSequential": "swarm_node.node.client.remote_sequential",
     "PeerConfig": "swarm_node.node.config",
     "ServerConfig": "swarm_node.node.config",
     "ClientConfig": "swarm_node.node.config",
-    "ApiConfig": "swarm_node.node.api",
-    "open_api": "swarm_node.node.api",
-    "serve_api": "swarm_node.node.api",
+    "ApiConfig": "swarm_node.node.apps.api",
+    "open_api": "swarm_node.node.apps.api",
+    "serve_api": "swarm_node.node.apps.api",
 }
 
 

@@ -40,6 +40,16 @@ class RemoteError(SwarmError):
         self.message = message
 
 
+class RequestError(SwarmError):
+    """A request a server refuses: answered as an ErrorResponse with ``code``, and the stream keeps
+    going (the client sees it as a RemoteError with the same code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class MissingBlocksError(SwarmError):
     """No server in the swarm covers some blocks of the model."""
 

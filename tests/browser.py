@@ -18,22 +18,38 @@ def find_chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise FileNotFoundError(f"no headless browser found (looked for {', '.join(CANDIDATES)}); {INSTALL_HINT}")
+    raise FileNotFoundError(
+        f"no headless browser found (looked for {', '.join(CANDIDATES)}); {INSTALL_HINT}"
+    )
 
 
-async def run_chromium(url: str, *flags: str, budget_ms: int = 4000, timeout: float = 60.0) -> bytes:
+async def run_chromium(
+    url: str, *flags: str, budget_ms: int = 4000, timeout: float = 60.0
+) -> bytes:
     """Load ``url`` with the page's timers run for ``budget_ms`` of virtual time (network waits do
     not count against it); returns what Chromium wrote to stdout."""
     with tempfile.TemporaryDirectory(prefix="swarm-node-chromium-") as profile:
         command = [
-            find_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-            f"--virtual-time-budget={budget_ms}", *flags, url,
+            find_chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            *flags,
+            url,
         ]
         with trio.fail_after(timeout):
-            result = await trio.run_process(command, capture_stdout=True, capture_stderr=True, check=False)
+            result = await trio.run_process(
+                command, capture_stdout=True, capture_stderr=True, check=False
+            )
     if result.returncode != 0:
-        raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr.decode()[-2000:]}")
+        raise RuntimeError(
+            f"chromium exited with {result.returncode}: {result.stderr.decode()[-2000:]}"
+        )
     return result.stdout
 
 
@@ -41,8 +57,12 @@ async def dump_dom(url: str, **kwargs: float) -> str:
     return (await run_chromium(url, "--dump-dom", **kwargs)).decode()  # type: ignore[arg-type]
 
 
-async def screenshot(url: str, path: Path, *, width: int = 1280, height: int = 900, budget_ms: int = 4000) -> Path:
-    await run_chromium(url, f"--screenshot={path}", f"--window-size={width},{height}", budget_ms=budget_ms)
+async def screenshot(
+    url: str, path: Path, *, width: int = 1280, height: int = 900, budget_ms: int = 4000
+) -> Path:
+    await run_chromium(
+        url, f"--screenshot={path}", f"--window-size={width},{height}", budget_ms=budget_ms
+    )
     if not path.is_file():
         raise RuntimeError(f"chromium did not write the screenshot {path}")
     return path

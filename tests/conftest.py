@@ -24,7 +24,9 @@ def _quiet_libp2p() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama", family="llama", num_layers=6)
+    return make_tiny_model_dir(
+        tmp_path_factory.mktemp("models") / "tiny-llama", family="llama", num_layers=6
+    )
 
 
 @pytest.fixture(scope="session")
@@ -40,5 +42,7 @@ def tiny_chat_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a byte-level tokenizer and a chat template (for API tests)."""
     from tests.model_fixtures import add_byte_tokenizer
 
-    path = make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-chat", family="llama", num_layers=6)
+    path = make_tiny_model_dir(
+        tmp_path_factory.mktemp("models") / "tiny-chat", family="llama", num_layers=6
+    )
     return add_byte_tokenizer(path)

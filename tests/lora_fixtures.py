@@ -17,7 +17,9 @@ def make_peft_model(model_dir: Path, *, seed: int = 0, **lora_fields: Any) -> An
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    fields = dict(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False)
+    fields = dict(
+        r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=False
+    )
     fields.update(lora_fields)
     model = get_peft_model(reference_model(model_dir), LoraConfig(**fields))
     with torch.no_grad():  # init_lora_weights=False is random but small: make the adapter matter
@@ -37,4 +39,6 @@ def merged_reference(model_dir: Path, adapter_dir: Path) -> Any:
     """The base model with the adapter merged into its weights by PEFT (merge_and_unload)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(reference_model(model_dir), adapter_dir).merge_and_unload().eval()
+    return (
+        PeftModel.from_pretrained(reference_model(model_dir), adapter_dir).merge_and_unload().eval()
+    )

@@ -44,7 +44,9 @@ async def start_server(
     The process is appended to ``started`` as soon as it exists (for clean-up)."""
     command = [CLI, "serve", "--listen", "/ip4/127.0.0.1/tcp/0", *args]
     process = await nursery.start(
-        lambda task_status: trio.run_process(command, stdout=subprocess.PIPE, task_status=task_status, check=False)
+        lambda task_status: trio.run_process(
+            command, stdout=subprocess.PIPE, task_status=task_status, check=False
+        )
     )
     if started is not None:
         started.append(process)
@@ -76,7 +78,9 @@ async def server_processes(
 
             async def join(i: int, span: str) -> None:
                 joined[i] = await start_server(
-                    nursery, [*common, *_span_args(span), "--initial-peers", servers[0].addr], started
+                    nursery,
+                    [*common, *_span_args(span), "--initial-peers", servers[0].addr],
+                    started,
                 )
 
             async with trio.open_nursery() as starting:

@@ -37,7 +37,9 @@ async def local_swarm(
         for i, (start, end) in enumerate(spans):
             own = per_server[i] if per_server is not None else {}
             initial = tuple(servers[0].addrs[:1]) if servers else ()
-            server = ServerConfig(model=str(model), start=start, end=end, dtype=dtype, throughput=100.0)
+            server = ServerConfig(
+                model=str(model), start=start, end=end, dtype=dtype, throughput=100.0
+            )
             peer = await stack.enter_async_context(
                 open_peer(
                     PeerConfig(listen=LOOPBACK, initial_peers=initial, **frames),
@@ -56,8 +58,13 @@ async def local_swarm(
 
 @asynccontextmanager
 async def proxied_swarm(
-    model: Path | str, spans: Sequence[tuple[int, int]], delay: float, nursery: trio.Nursery,
-    *, client: ClientConfig | None = None, **server_fields: Any,
+    model: Path | str,
+    spans: Sequence[tuple[int, int]],
+    delay: float,
+    nursery: trio.Nursery,
+    *,
+    client: ClientConfig | None = None,
+    **server_fields: Any,
 ) -> AsyncIterator[tuple[list[Peer], Peer]]:
     """Every peer, the client too, behind its own proxy and announcing only the proxy's address:
     every connection passes exactly one proxy (the dialed peer's), so every link has ``delay``."""
@@ -65,7 +72,9 @@ async def proxied_swarm(
         peers: list[Peer] = []
         entry: tuple[str, ...] = ()
         for span in [*spans, None]:
-            proxy = DelayProxy(target_port=0, delay=delay)  # the target is known once the peer listens
+            proxy = DelayProxy(
+                target_port=0, delay=delay
+            )  # the target is known once the peer listens
             port = await nursery.start(proxy.run)
             config = PeerConfig(
                 listen=LOOPBACK, initial_peers=entry, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import trio
 
-from swarm_node.node.api import ApiConfig, ApiServer, open_api
+from swarm_node.node.apps.api import ApiConfig, ApiServer, open_api
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 
@@ -23,7 +23,9 @@ MODEL = "tiny-chat"
 
 
 @asynccontextmanager
-async def api_swarm(model: Path, spans: list[tuple[int, int]], **config: Any) -> AsyncIterator[ApiServer]:
+async def api_swarm(
+    model: Path, spans: list[tuple[int, int]], **config: Any
+) -> AsyncIterator[ApiServer]:
     async with local_swarm(model, spans) as (_, client_peer):
         async with open_api(client_peer, ApiConfig(models=(str(model),), port=0, **config)) as api:
             yield api
@@ -40,7 +42,9 @@ def reference_text(model: Path, ids: list[int], max_new_tokens: int) -> str:
     out = reference_model(model).generate(
         torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
     )
-    return AutoTokenizer.from_pretrained(model).decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    return AutoTokenizer.from_pretrained(model).decode(
+        out[0, len(ids) :].tolist(), skip_special_tokens=True
+    )
 
 
 async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: Path) -> None:
@@ -49,7 +53,9 @@ async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
     prompt = "The swarm says"
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
-    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    chat_ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     want_completion = reference_text(tiny_chat_llama, tokenizer(prompt).input_ids, 10)
     want_chat = reference_text(tiny_chat_llama, list(chat_ids), 7)
     with trio.fail_after(120):
@@ -58,17 +64,42 @@ async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: 
             def use() -> dict[str, Any]:
                 client = client_of(api)
                 out: dict[str, Any] = {"models": [m.id for m in client.models.list().data]}
-                out["completion"] = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
-                out["chat"] = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=7, temperature=0)
-                out["completion_chunks"] = list(client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=10, temperature=0, stream=True,
-                    stream_options={"include_usage": True},
-                ))
-                out["chat_chunks"] = list(client.chat.completions.create(
-                    model=MODEL, messages=messages, max_tokens=7, temperature=0, stream=True,
-                ))
+                out["completion"] = client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=10, temperature=0
+                )
+                out["chat"] = client.chat.completions.create(
+                    model=MODEL, messages=messages, max_tokens=7, temperature=0
+                )
+                out["completion_chunks"] = list(
+                    client.completions.create(
+                        model=MODEL,
+                        prompt=prompt,
+                        max_tokens=10,
+                        temperature=0,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                    )
+                )
+                out["chat_chunks"] = list(
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=messages,
+                        max_tokens=7,
+                        temperature=0,
+                        stream=True,
+                    )
+                )
                 sampled = [
-                    client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, top_p=0.9, seed=7).choices[0].text
+                    client.completions.create(
+                        model=MODEL,
+                        prompt=prompt,
+                        max_tokens=12,
+                        temperature=1.0,
+                        top_p=0.9,
+                        seed=7,
+                    )
+                    .choices[0]
+                    .text
                     for _ in range(2)
                 ]
                 out["sampled"] = sampled
@@ -81,9 +112,11 @@ async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: 
     assert completion.object == "text_completion" and completion.model == MODEL
     assert completion.choices[0].text == want_completion
     assert completion.choices[0].finish_reason == "length"
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (
-        len(tokenizer(prompt).input_ids), 10, len(tokenizer(prompt).input_ids) + 10
-    )
+    assert (
+        completion.usage.prompt_tokens,
+        completion.usage.completion_tokens,
+        completion.usage.total_tokens,
+    ) == (len(tokenizer(prompt).input_ids), 10, len(tokenizer(prompt).input_ids) + 10)
     chat = got["chat"]
     assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
     assert chat.choices[0].message.content == want_chat
@@ -109,20 +142,35 @@ async def test_stop_strings_cut_the_text_streamed_or_not(tiny_chat_llama: Path) 
     from transformers import AutoTokenizer
 
     prompt = "stop here"
-    full = reference_text(tiny_chat_llama, AutoTokenizer.from_pretrained(tiny_chat_llama)(prompt).input_ids, 16)
+    full = reference_text(
+        tiny_chat_llama, AutoTokenizer.from_pretrained(tiny_chat_llama)(prompt).input_ids, 16
+    )
     clean = full.replace("\ufffd", "")
-    stop = clean[len(clean) // 2:len(clean) // 2 + 2]  # two characters from the middle of the text
-    want = full[:full.find(stop)]
+    stop = clean[
+        len(clean) // 2 : len(clean) // 2 + 2
+    ]  # two characters from the middle of the text
+    want = full[: full.find(stop)]
     with trio.fail_after(120):
         async with api_swarm(tiny_chat_llama, [(0, 6)]) as api:
 
             def use() -> tuple[Any, list[Any], Any]:
                 client = client_of(api)
-                whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "never"])
-                chunks = list(client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=stop, stream=True
-                ))
-                unstopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop="never")
+                whole = client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop=[stop, "never"]
+                )
+                chunks = list(
+                    client.completions.create(
+                        model=MODEL,
+                        prompt=prompt,
+                        max_tokens=16,
+                        temperature=0,
+                        stop=stop,
+                        stream=True,
+                    )
+                )
+                unstopped = client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stop="never"
+                )
                 return whole, chunks, unstopped
 
             whole, chunks, unstopped = await trio.to_thread.run_sync(use)
@@ -152,19 +200,43 @@ async def test_each_error_has_openai_shape(tiny_chat_llama: Path) -> None:
 
                 chat = client.chat.completions.create
                 user = [{"role": "user", "content": "hi"}]
-                catch("unknown_model", lambda: client.completions.create(model="gpt-4o", prompt="x"))
+                catch(
+                    "unknown_model", lambda: client.completions.create(model="gpt-4o", prompt="x")
+                )
                 catch("temperature", lambda: chat(model=MODEL, messages=user, temperature=3.5))
                 catch("top_p", lambda: chat(model=MODEL, messages=user, top_p=0))
-                catch("max_tokens", lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=0))
-                catch("too_long", lambda: client.completions.create(model=MODEL, prompt="x" * 600, max_tokens=4))
-                catch("room", lambda: client.completions.create(model=MODEL, prompt="x" * 500, max_tokens=20))
+                catch(
+                    "max_tokens",
+                    lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=0),
+                )
+                catch(
+                    "too_long",
+                    lambda: client.completions.create(model=MODEL, prompt="x" * 600, max_tokens=4),
+                )
+                catch(
+                    "room",
+                    lambda: client.completions.create(model=MODEL, prompt="x" * 500, max_tokens=20),
+                )
                 catch("messages", lambda: chat(model=MODEL, messages=[]))
-                catch("role", lambda: chat(model=MODEL, messages=[{"role": "wizard", "content": "x"}]))
+                catch(
+                    "role", lambda: chat(model=MODEL, messages=[{"role": "wizard", "content": "x"}])
+                )
                 catch("n", lambda: chat(model=MODEL, messages=user, n=3))
-                catch("stop", lambda: chat(model=MODEL, messages=user, stop=["a", "b", "c", "d", "e"]))
-                catch("stream_too_long", lambda: list(client.completions.create(model=MODEL, prompt="x" * 600, stream=True)))
+                catch(
+                    "stop", lambda: chat(model=MODEL, messages=user, stop=["a", "b", "c", "d", "e"])
+                )
+                catch(
+                    "stream_too_long",
+                    lambda: list(
+                        client.completions.create(model=MODEL, prompt="x" * 600, stream=True)
+                    ),
+                )
                 with httpx.Client(base_url=api.url, timeout=30) as raw:
-                    bad_json = raw.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+                    bad_json = raw.post(
+                        "/v1/chat/completions",
+                        content=b"{not json",
+                        headers={"content-type": "application/json"},
+                    )
                     errors["bad_json"] = (bad_json.status_code, bad_json.json()["error"])
                     not_object = raw.post("/v1/completions", json=[1, 2])
                     errors["not_object"] = (not_object.status_code, not_object.json()["error"])
@@ -190,10 +262,24 @@ async def test_each_error_has_openai_shape(tiny_chat_llama: Path) -> None:
         assert says in body["message"], (name, body)
 
     check("unknown_model", 404, "model", "model_not_found", "'gpt-4o' does not exist")
-    check("temperature", 400, "temperature", "invalid_value", "'temperature' must be in [0.0, 2.0], got 3.5")
+    check(
+        "temperature",
+        400,
+        "temperature",
+        "invalid_value",
+        "'temperature' must be in [0.0, 2.0], got 3.5",
+    )
     check("top_p", 400, "top_p", "invalid_value", "'top_p' must be in (0.0, 1.0]")
-    check("max_tokens", 400, "max_tokens", "invalid_value", "'max_tokens' must be an integer >= 1, got 0")
-    check("too_long", 400, "prompt", "context_length_exceeded", "maximum context length is 512 tokens")
+    check(
+        "max_tokens",
+        400,
+        "max_tokens",
+        "invalid_value",
+        "'max_tokens' must be an integer >= 1, got 0",
+    )
+    check(
+        "too_long", 400, "prompt", "context_length_exceeded", "maximum context length is 512 tokens"
+    )
     check("room", 400, "prompt", "context_length_exceeded", "500 prompt tokens and asks for 20")
     check("messages", 400, "messages", "invalid_value", "'messages' must be a non-empty list")
     check("role", 400, "messages[0]", "invalid_value", "role system, developer, user or assistant")
@@ -237,7 +323,10 @@ async def test_concurrent_requests_run_concurrently(tiny_chat_llama: Path) -> No
                 client = client_of(api)
                 barrier.wait(timeout=30)
                 results[i] = client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": f"request {i}"}], max_tokens=16, temperature=0
+                    model=MODEL,
+                    messages=[{"role": "user", "content": f"request {i}"}],
+                    max_tokens=16,
+                    temperature=0,
                 )
 
             async with trio.open_nursery() as nursery:
@@ -255,10 +344,14 @@ async def test_chat_template_of_smollm2(smollm2_path: Path) -> None:
     """The real model's chat template, end to end: a greedy answer names Paris."""
     with trio.fail_after(300):
         async with api_swarm(smollm2_path, [(0, 15), (15, 30)]) as api:
-            reply = await trio.to_thread.run_sync(lambda: client_of(api).chat.completions.create(
-                model="smollm2-135m",
-                messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16, temperature=0,
-            ))
+            reply = await trio.to_thread.run_sync(
+                lambda: client_of(api).chat.completions.create(
+                    model="smollm2-135m",
+                    messages=[{"role": "user", "content": "What is the capital of France?"}],
+                    max_tokens=16,
+                    temperature=0,
+                )
+            )
     assert "Paris" in reply.choices[0].message.content
     assert reply.choices[0].finish_reason in ("stop", "length")
 
@@ -267,7 +360,13 @@ async def test_a_client_that_leaves_mid_stream_ends_its_session(tiny_chat_llama:
     with trio.fail_after(120):
         async with api_swarm(tiny_chat_llama, [(0, 6)]) as api:
             async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
-                body = {"model": MODEL, "prompt": "leave", "max_tokens": 400, "stream": True, "temperature": 0}
+                body = {
+                    "model": MODEL,
+                    "prompt": "leave",
+                    "max_tokens": 400,
+                    "stream": True,
+                    "temperature": 0,
+                }
                 async with http.stream("POST", "/v1/completions", json=body) as reply:
                     async for line in reply.aiter_lines():
                         if line.startswith("data: "):
@@ -282,7 +381,9 @@ async def test_a_client_that_leaves_mid_stream_ends_its_session(tiny_chat_llama:
 
 async def http_completion(api: ApiServer) -> int:
     async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
-        reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+        reply = await http.post(
+            "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}
+        )
     return int(reply.json()["usage"]["completion_tokens"])
 
 

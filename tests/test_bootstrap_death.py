@@ -12,7 +12,11 @@ from tests.swarm_helpers import LOOPBACK
 
 
 async def hold_peer(
-    config: PeerConfig, server: ServerConfig | None, stop: trio.Event, stopped: trio.Event | None = None, *,
+    config: PeerConfig,
+    server: ServerConfig | None,
+    stop: trio.Event,
+    stopped: trio.Event | None = None,
+    *,
     task_status: trio.TaskStatus[Peer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A peer in its own task, so it can leave before peers started after it."""
@@ -50,7 +54,10 @@ async def test_bootstrap_peer_dies_new_peers_still_join_and_find_blocks(tiny_lla
             via_first = PeerConfig(listen=LOOPBACK, initial_peers=tuple(first.addrs))
             third = await nursery.start(hold_peer, via_first, serving(0, 6), stop_all)
             new_client = await nursery.start(
-                hold_peer, PeerConfig(listen=LOOPBACK, initial_peers=tuple(second.addrs)), None, stop_all
+                hold_peer,
+                PeerConfig(listen=LOOPBACK, initial_peers=tuple(second.addrs)),
+                None,
+                stop_all,
             )
             expected = {(first.peer_id, 0, 3), (second.peer_id, 3, 6), (third.peer_id, 0, 6)}
             for client in (new_client, old_client):

@@ -26,16 +26,26 @@ async def test_lora_training_and_generation_match_local(tiny_llama: Path) -> Non
     prompt_ids = torch.randint(0, 256, (2, 4))
 
     def run(model):
-        assert [n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad] == ["lora"] * 36
+        assert [n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad] == [
+            "lora"
+        ] * 36
         init = {k: v.clone() for k, v in model.lora.state_dict().items()}
-        losses = _train(model, lambda m, ids, mask, labels: m(ids, attention_mask=mask, labels=labels).loss, 8)
+        losses = _train(
+            model, lambda m, ids, mask, labels: m(ids, attention_mask=mask, labels=labels).loss, 8
+        )
         trained = {k: v.clone() for k, v in model.lora.state_dict().items()}
         return init, losses, trained, model.generate(prompt_ids, max_new_tokens=5)
 
     init, losses, trained, generated = await _with_swarm(
         tiny_llama, run, tuning_mode="lora", lora_rank=4, lora_alpha=8.0, lora_targets=TARGETS
     )
-    local = ClientLora(shapes=config_linear_shapes(tiny_config()), blocks=range(6), targets=TARGETS, rank=4, alpha=8.0)
+    local = ClientLora(
+        shapes=config_linear_shapes(tiny_config()),
+        blocks=range(6),
+        targets=TARGETS,
+        rank=4,
+        alpha=8.0,
+    )
     local.load_state_dict(init)
 
     def local_loss(m, ids, mask, labels):

@@ -18,7 +18,9 @@ from tests.swarm_helpers import local_swarm
 
 
 def _with_model(tiny: Path, servers: Any, use: Any) -> Any:
-    with DistributedModelForCausalLM.from_pretrained(str(tiny), initial_peers=servers[0].addrs[:1]) as model:
+    with DistributedModelForCausalLM.from_pretrained(
+        str(tiny), initial_peers=servers[0].addrs[:1]
+    ) as model:
         return use(model)
 
 
@@ -29,16 +31,20 @@ async def test_generation_config_streamer_and_stop_strings(tiny_chat_llama: Path
     reference = reference_model(tiny_chat_llama)
     input_ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
     # < 1 favours tokens already seen: this random model never repeats by itself
-    config = GenerationConfig(max_new_tokens=12, do_sample=False, repetition_penalty=0.3, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=12, do_sample=False, repetition_penalty=0.3, pad_token_id=0
+    )
     want_penalized = reference.generate(input_ids, generation_config=config)
     want_plain = reference.generate(input_ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    text = tokenizer.decode(want_plain[0, input_ids.shape[1]:])
-    stop = max(text.split("\ufffd"), key=len)[-2:]  # two whole characters near the middle of the text
-    new = want_plain[0, input_ids.shape[1]:].tolist()
+    text = tokenizer.decode(want_plain[0, input_ids.shape[1] :])
+    stop = max(text.split("\ufffd"), key=len)[
+        -2:
+    ]  # two whole characters near the middle of the text
+    new = want_plain[0, input_ids.shape[1] :].tolist()
     # transformers' own stop strings cannot read this byte-level vocabulary; its rule: stop after the
     # token that completes the first occurrence
     first = next(n for n in range(1, len(new) + 1) if stop in tokenizer.decode(new[:n]))
-    want_stopped = want_plain[:, :input_ids.shape[1] + first]
+    want_stopped = want_plain[:, : input_ids.shape[1] + first]
 
     class Captured(TextStreamer):
         def __init__(self) -> None:
@@ -58,7 +64,9 @@ async def test_generation_config_streamer_and_stop_strings(tiny_chat_llama: Path
                 return {
                     "penalized": model.generate(input_ids, config),
                     "plain": model.generate(input_ids, max_new_tokens=12, streamer=streamer),
-                    "stopped": model.generate(input_ids, max_new_tokens=12, stop_strings=stop, tokenizer=tokenizer),
+                    "stopped": model.generate(
+                        input_ids, max_new_tokens=12, stop_strings=stop, tokenizer=tokenizer
+                    ),
                     "stats": model.last_stats,
                 }
 
@@ -66,8 +74,14 @@ async def test_generation_config_streamer_and_stop_strings(tiny_chat_llama: Path
     assert not torch.equal(want_penalized, want_plain)  # the penalty changes this text
     assert got["penalized"].tolist() == want_penalized.tolist()
     assert got["plain"].tolist() == want_plain.tolist()
-    assert "".join(streamer.pieces) == tokenizer.decode(want_plain[0, input_ids.shape[1]:]) and streamer.ended
-    assert got["stopped"].tolist() == want_stopped.tolist() and got["stopped"].shape[1] < want_plain.shape[1]
+    assert (
+        "".join(streamer.pieces) == tokenizer.decode(want_plain[0, input_ids.shape[1] :])
+        and streamer.ended
+    )
+    assert (
+        got["stopped"].tolist() == want_stopped.tolist()
+        and got["stopped"].shape[1] < want_plain.shape[1]
+    )
     assert got["stats"].finish_reason == "stop"
 
 
@@ -77,11 +91,21 @@ async def test_generate_calls_continue_one_session(tiny_chat_llama: Path) -> Non
     turn2 = torch.randint(0, 256, (1, 4))
     reference = reference_model(tiny_chat_llama)
 
-    def greedy(ids: torch.Tensor, new: int) -> torch.Tensor:  # token 0 is a real token here, not padding
-        return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    def greedy(
+        ids: torch.Tensor, new: int
+    ) -> torch.Tensor:  # token 0 is a real token here, not padding
+        return reference.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     want1 = greedy(turn1, 4)
-    history = torch.cat([want1, turn2], dim=1)  # what the second turn sees: all of the first, then its own
+    history = torch.cat(
+        [want1, turn2], dim=1
+    )  # what the second turn sees: all of the first, then its own
     want2 = greedy(history, 3)
     want3 = greedy(want2, 2)
     with trio.fail_after(120):
@@ -106,11 +130,13 @@ async def test_generate_calls_continue_one_session(tiny_chat_llama: Path) -> Non
 
             got = await trio.to_thread.run_sync(_with_model, tiny_chat_llama, servers, use)
     assert got["one"].tolist() == want1.tolist()
-    assert got["two"].tolist() == torch.cat([turn2, want2[:, history.shape[1]:]], dim=1).tolist()
-    assert got["three"].tolist() == want3[:, want2.shape[1]:].tolist()
+    assert got["two"].tolist() == torch.cat([turn2, want2[:, history.shape[1] :]], dim=1).tolist()
+    assert got["three"].tolist() == want3[:, want2.shape[1] :].tolist()
     assert got["sent_two"] == 4
     assert got["position"] == want3.shape[1] == 5 + 4 + 4 + 3 + 2
-    assert got["fed"] == got["remote_position"] == got["position"] - 1  # the servers hold all but the last
+    assert (
+        got["fed"] == got["remote_position"] == got["position"] - 1
+    )  # the servers hold all but the last
     assert "do not fit" in got["full"]
     assert got["after"].tolist() == want1.tolist()
 
@@ -135,7 +161,10 @@ async def test_unsupported_settings_are_refused(tiny_chat_llama: Path) -> None:
 
 
 def test_repetition_penalty_and_top_k_are_transformers_rules() -> None:
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+    )
 
     logits = torch.randn(2, 50)
     seen = torch.tensor([[1, 4, 4, 9], [0, 2, 3, 49]])
@@ -165,16 +194,25 @@ async def test_a_real_chat_in_one_session(smollm2_path: Path) -> None:
             def use(model: DistributedModelForCausalLM) -> tuple[str, bool]:
                 with model.inference_session(max_length=256) as session:
                     ids = tokenizer.apply_chat_template(
-                        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-                        return_tensors="pt", return_dict=True,
+                        [{"role": "user", "content": "What is the capital of France?"}],
+                        add_generation_prompt=True,
+                        return_tensors="pt",
+                        return_dict=True,
                     )["input_ids"]
                     model.generate(ids, max_new_tokens=24)
-                    more = tokenizer("\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt").input_ids
+                    more = tokenizer(
+                        "\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n",
+                        return_tensors="pt",
+                    ).input_ids
                     out = model.generate(more, max_new_tokens=24)
-                    history = session.token_session.ids[:, :-(out.shape[1] - more.shape[1])]
+                    history = session.token_session.ids[:, : -(out.shape[1] - more.shape[1])]
                 new = out.shape[1] - more.shape[1]
-                whole = model.generate(history, max_new_tokens=new)  # no session: everything sent at once
-                return tokenizer.decode(out[0, more.shape[1]:], skip_special_tokens=True), torch.equal(whole[:, -new:], out[:, -new:])
+                whole = model.generate(
+                    history, max_new_tokens=new
+                )  # no session: everything sent at once
+                return tokenizer.decode(
+                    out[0, more.shape[1] :], skip_special_tokens=True
+                ), torch.equal(whole[:, -new:], out[:, -new:])
 
             answer, same = await trio.to_thread.run_sync(_with_model, smollm2_path, servers, use)
     assert "Rome" in answer and same

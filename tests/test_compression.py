@@ -214,7 +214,9 @@ def test_gradients_round_trip_within_the_codec_bound(codec, dtype):
 
 def test_check_codec_names_the_field_and_the_choices():
     assert check_codec("blockwise8-64") == "blockwise8-64"
-    with pytest.raises(RemoteProtocolError, match=r"'grad_compression' must be one of .*got 'zstd'"):
+    with pytest.raises(
+        RemoteProtocolError, match=r"'grad_compression' must be one of .*got 'zstd'"
+    ):
         check_codec("zstd", field="grad_compression")
     with pytest.raises(LocalProtocolError, match=r"'compression' must be one of .*got 3"):
         check_codec(3, remote=False)

@@ -178,9 +178,10 @@ def test_large_and_small_paths_give_the_same_bytes(monkeypatch, codec, native):
     monkeypatch.setenv("SWARM_NODE_NATIVE", native)
     torch.manual_seed(18)  # exact ties, as above
     block = BLOCK_SIZES[codec]
-    x = torch.randn(2 * GATHER_MIN_NUMEL + 3 * block + 5) * torch.logspace(-4, 4, 7).repeat(20000)[
-        : 2 * GATHER_MIN_NUMEL + 3 * block + 5
-    ]  # (N,), a partial last block
+    x = (
+        torch.randn(2 * GATHER_MIN_NUMEL + 3 * block + 5)
+        * torch.logspace(-4, 4, 7).repeat(20000)[: 2 * GATHER_MIN_NUMEL + 3 * block + 5]
+    )  # (N,), a partial last block
     x[block : 2 * block] = 0.0
     x[3 * block + 1] = float("nan")
     step = block * (GATHER_MIN_NUMEL // block // 2)  # block-aligned, below the threshold
@@ -190,7 +191,9 @@ def test_large_and_small_paths_give_the_same_bytes(monkeypatch, codec, native):
     assert torch.equal(codes, torch.cat([c for _, c in parts]))
     assert torch.equal(absmax.nan_to_num(7.0), torch.cat([a for a, _ in parts]).nan_to_num(7.0))
     y = decode(whole, max_numel=x.numel())
-    pieces = [decode(encode(x[i : i + step], codec), max_numel=step) for i in range(0, x.numel(), step)]
+    pieces = [
+        decode(encode(x[i : i + step], codec), max_numel=step) for i in range(0, x.numel(), step)
+    ]
     assert torch.equal(y.nan_to_num(7.0), torch.cat(pieces).nan_to_num(7.0))
 
 

@@ -68,8 +68,11 @@ def _random_payload(numel: int, block: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     blocks = -(numel // -block)
     kinds = rng.integers(0, 6, blocks)
-    absmax = np.where(kinds == 0, rng.integers(0, 2**32, blocks, dtype=np.uint32).view(np.float32),
-                      rng.lognormal(0, 4, blocks).astype(np.float32))
+    absmax = np.where(
+        kinds == 0,
+        rng.integers(0, 2**32, blocks, dtype=np.uint32).view(np.float32),
+        rng.lognormal(0, 4, blocks).astype(np.float32),
+    )
     absmax[kinds == 1] = 0.0
     absmax[kinds == 2] = np.float32(np.inf) * np.sign(rng.standard_normal(int((kinds == 2).sum())))
     absmax[kinds == 3] = np.nan
@@ -94,8 +97,12 @@ def test_the_kernel_is_built_and_used_in_this_environment(kernel):
 # inf absmax * the code for 0 is NaN: numpy says so, the kernel and torch do not
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from(sorted(BLOCK_SIZES.values())), st.integers(1, 3 * 4096 + 77),
-       st.integers(0, 2**32 - 1), st.sampled_from(sorted(DTYPES)))
+@given(
+    st.sampled_from(sorted(BLOCK_SIZES.values())),
+    st.integers(1, 3 * 4096 + 77),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from(sorted(DTYPES)),
+)
 def test_native_and_fallback_give_the_same_bytes(monkeypatch_module, block, numel, seed, dtype):
     payload = _random_payload(numel, block, seed)
     ours, fallback = _both(monkeypatch_module, payload, numel, block, DTYPES[dtype])
@@ -152,8 +159,14 @@ def test_switched_off_it_falls_back(monkeypatch):
 
 def _run(code: str, cache, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "SWARM_CACHE_DIR": str(cache), "SWARM_NODE_NATIVE": "1", **env}
-    return subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
-                          text=True, timeout=120, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 LAZY = f"""
@@ -173,9 +186,11 @@ print(path.exists(), native.decode_kernel(build=False) is not None)
 @pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler")
 def test_built_lazily_on_the_first_large_decode_and_by_two_processes_at_once(tmp_path):
     assert _run(LAZY, tmp_path / "one").stdout.split() == ["True", "True"]
-    code = "import torch; from swarm_node.compression import decode, encode, native\n" \
-        "x = torch.randn(100000); y = decode(encode(x, 'blockwise8'), max_numel=x.numel())\n" \
+    code = (
+        "import torch; from swarm_node.compression import decode, encode, native\n"
+        "x = torch.randn(100000); y = decode(encode(x, 'blockwise8'), max_numel=x.numel())\n"
         "assert native.decode_kernel() is not None and (y - x).abs().max() < 1"
+    )
     environ = {**os.environ, "SWARM_CACHE_DIR": str(tmp_path / "two"), "SWARM_NODE_NATIVE": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=environ) for _ in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
@@ -249,8 +264,14 @@ def _kernel_encode(tensor: torch.Tensor, block: int, threads: int) -> tuple[int,
     out = np.zeros(payload_nbytes(numel, block), dtype=np.uint8)
     address = out.__array_interface__["data"][0]
     done = native.encode_kernel()(
-        x.data_ptr(), address, address + 4 * blocks, blockwise8._LOW32_ADDRESS,
-        blockwise8._THRESHOLD_ADDRESS, numel, block, threads,
+        x.data_ptr(),
+        address,
+        address + 4 * blocks,
+        blockwise8._LOW32_ADDRESS,
+        blockwise8._THRESHOLD_ADDRESS,
+        numel,
+        block,
+        threads,
     )
     return done, out.tobytes()
 
@@ -268,9 +289,16 @@ def test_the_encoder_runs_where_the_cpu_has_avx512f(kernel):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @settings(max_examples=200, deadline=None)
-@given(st.sampled_from([*sorted(BLOCK_SIZES.values()), 1, 7, 100]), st.integers(1, 2 * 4096 + 77),
-       st.integers(0, 2**32 - 1), st.integers(0, 5), st.sampled_from(sorted(DTYPES)))
-def test_native_and_numpy_encode_to_the_same_bytes(monkeypatch_module, block, numel, seed, kind, dtype):
+@given(
+    st.sampled_from([*sorted(BLOCK_SIZES.values()), 1, 7, 100]),
+    st.integers(1, 2 * 4096 + 77),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 5),
+    st.sampled_from(sorted(DTYPES)),
+)
+def test_native_and_numpy_encode_to_the_same_bytes(
+    monkeypatch_module, block, numel, seed, kind, dtype
+):
     tensor = torch.from_numpy(_random_values(numel, seed, kind)).to(DTYPES[dtype])
     ours, fallback = _encode_both(monkeypatch_module, tensor, block)
     assert ours == fallback

@@ -21,8 +21,17 @@ from swarm_node.errors import MissingBlocksError, RemoteProtocolError
 
 def rec(peer: str, start: int, end: int, **kw: object) -> ServerRecord:
     fields: dict[str, object] = dict(
-        peer_id=peer, addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{peer}",), model="m", start=start, end=end,
-        throughput=10.0, cache_tokens_left=100, dtype="float32", version="0.1.0", seq=1, expires_at=100.0,
+        peer_id=peer,
+        addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{peer}",),
+        model="m",
+        start=start,
+        end=end,
+        throughput=10.0,
+        cache_tokens_left=100,
+        dtype="float32",
+        version="0.1.0",
+        seq=1,
+        expires_at=100.0,
     )
     fields.update(kw)
     return ServerRecord(**fields)  # type: ignore[arg-type]
@@ -103,4 +112,3 @@ def test_missing_blocks_named() -> None:
     with pytest.raises(MissingBlocksError, match=r"blocks 4-5, 9 of m"):
         choose_chain([rec("A", 0, 4), rec("B", 6, 9)], model="m", start=0, end=10)
     assert format_blocks([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
-

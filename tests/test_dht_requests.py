@@ -67,8 +67,16 @@ async def link(a: SwarmDHT, b: SwarmDHT) -> None:
 def signed_record(dht: SwarmDHT, seq: int = 1) -> bytes:
     peer_id = dht.host.get_id().to_base58()
     record = ServerRecord(
-        peer_id=peer_id, addrs=(f"{dht.host.get_addrs()[0]}/p2p/{peer_id}",), model=MODEL, start=0,
-        end=3, throughput=1.0, cache_tokens_left=128, dtype="float32", version="0", seq=seq,
+        peer_id=peer_id,
+        addrs=(f"{dht.host.get_addrs()[0]}/p2p/{peer_id}",),
+        model=MODEL,
+        start=0,
+        end=3,
+        throughput=1.0,
+        cache_tokens_left=128,
+        dtype="float32",
+        version="0",
+        seq=seq,
         expires_at=time.time() + 600,
     )
     return sign_record(record, dht._key_pair)
@@ -110,8 +118,12 @@ async def test_answers_equal_those_of_py_libp2p() -> None:
             near, block = others[0].host.get_id().to_bytes(), bytes.fromhex(block_key(MODEL, 0))
             for name, key in (("peer", near), ("block", block)):
                 ours[f"find_node {name}"] = await kad_requests.find_node(kad, peer, key)
-                theirs[f"find_node {name}"] = await kad.peer_routing._query_peer_for_closest(peer, key)
-            dialable = all(kad.host.get_peerstore().addrs(p) for p in other_ids)  # for the next round
+                theirs[f"find_node {name}"] = await kad.peer_routing._query_peer_for_closest(
+                    peer, key
+                )
+            dialable = all(
+                kad.host.get_peerstore().addrs(p) for p in other_ids
+            )  # for the next round
             for block in (0, 1):  # two providers; none (closer peers only)
                 key = bytes.fromhex(block_key(MODEL, block))
                 answer = await kad_requests.get_providers(kad, peer, key)
@@ -132,7 +144,10 @@ async def test_answers_equal_those_of_py_libp2p() -> None:
     for block in (0, 1):  # the closer peers: all the asked peer knows but the asker
         closer = ours[f"providers {block}"][1]
         assert len(closer) == 3 and set(closer) == other_ids
-    assert verify_record(ours["value record"], key=key_str, now=time.time()).peer_id == peer.to_base58()
+    assert (
+        verify_record(ours["value record"], key=key_str, now=time.time()).peer_id
+        == peer.to_base58()
+    )
     assert ours["value missing"] is None
 
 
@@ -297,19 +312,31 @@ async def test_put_value_and_add_provider_are_taken_as_py_libp2p_s() -> None:
             peer, me = asked.host.get_id(), asker.host.get_id()
             key = record_key(me.to_base58()).encode()
             value = signed_record(asker)
-            await kad_requests.put_value(asker.kad, peer, key, make_signed_put_record(key, value, asker.host.get_private_key()))
+            await kad_requests.put_value(
+                asker.kad,
+                peer,
+                key,
+                make_signed_put_record(key, value, asker.host.get_private_key()),
+            )
             held = asked.kad.value_store.get(key)
             # the asked peer's validator refuses a record put under another peer's key
             theirs = record_key(others[0].host.get_id().to_base58()).encode()
             refused = False
             try:
-                await kad_requests.put_value(asker.kad, peer, theirs, make_signed_put_record(theirs, value, asker.host.get_private_key()))
+                await kad_requests.put_value(
+                    asker.kad,
+                    peer,
+                    theirs,
+                    make_signed_put_record(theirs, value, asker.host.get_private_key()),
+                )
             except QUERY_ERRORS:
                 refused = True
             not_held = asked.kad.value_store.get(theirs)
             block = bytes.fromhex(block_key(MODEL, 5))
             await kad_requests.add_provider(asker.kad, peer, block)
-            while not asked.kad.provider_store.get_providers(block):  # no answer comes: wait for the handler
+            while not asked.kad.provider_store.get_providers(
+                block
+            ):  # no answer comes: wait for the handler
                 await handled.done.receive()
             providers = asked.kad.provider_store.get_providers(block)
     assert held is not None and held.value == value
@@ -333,14 +360,26 @@ async def test_more_blocks_than_one_provide_window_all_reach_a_peer() -> None:
             peer.host.set_stream_handler(KAD_PROTOCOL, handled.handle)
             me = server.host.get_id()
             record = ServerRecord(
-                peer_id=me.to_base58(), addrs=(f"{server.host.get_addrs()[0]}/p2p/{me.to_base58()}",), model=MODEL,
-                start=0, end=blocks, throughput=1.0, cache_tokens_left=128, dtype="float32", version="0", seq=1,
+                peer_id=me.to_base58(),
+                addrs=(f"{server.host.get_addrs()[0]}/p2p/{me.to_base58()}",),
+                model=MODEL,
+                start=0,
+                end=blocks,
+                throughput=1.0,
+                cache_tokens_left=128,
+                dtype="float32",
+                version="0",
+                seq=1,
                 expires_at=time.time() + 600,
             )
             keys = [bytes.fromhex(block_key(MODEL, b)) for b in range(blocks)]
 
             def listed() -> list[int]:
-                return [b for b, k in enumerate(keys) if any(p.peer_id == me for p in peer.kad.provider_store.get_providers(k))]
+                return [
+                    b
+                    for b, k in enumerate(keys)
+                    if any(p.peer_id == me for p in peer.kad.provider_store.get_providers(k))
+                ]
 
             async with trio.open_nursery() as later:
                 await server.announce(record, later=later)

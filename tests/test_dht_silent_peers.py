@@ -69,7 +69,9 @@ async def test_announcing_past_silent_peers_takes_one_query_deadline(tiny_llama:
 
     with trio.fail_after(60):
         async with AsyncExitStack() as stack:
-            (server, other), client = await stack.enter_async_context(local_swarm(tiny_llama, [(0, 6), (0, 6)]))
+            (server, other), client = await stack.enter_async_context(
+                local_swarm(tiny_llama, [(0, 6), (0, 6)])
+            )
             silent = [await stack.enter_async_context(silent_peer()) for _ in range(SILENT)]
             for addr in silent:
                 info = info_from_p2p_addr(Multiaddr(addr))

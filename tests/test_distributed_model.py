@@ -28,8 +28,12 @@ async def test_generate_like_transformers(tiny_llama: Path) -> None:
                     str(tiny_llama), initial_peers=servers[0].addrs[:1]
                 ) as model:
                     greedy = model.generate(input_ids, max_new_tokens=8)
-                    a = model.generate(input_ids[:1], max_new_tokens=5, do_sample=True, temperature=0.8, seed=3)
-                    b = model.generate(input_ids[:1], max_new_tokens=5, do_sample=True, temperature=0.8, seed=3)
+                    a = model.generate(
+                        input_ids[:1], max_new_tokens=5, do_sample=True, temperature=0.8, seed=3
+                    )
+                    b = model.generate(
+                        input_ids[:1], max_new_tokens=5, do_sample=True, temperature=0.8, seed=3
+                    )
                     return greedy, a, b
 
             greedy, a, b = await trio.to_thread.run_sync(use_model)
@@ -41,4 +45,6 @@ def test_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="'initial_peers' must name at least one peer"):
         DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=[])
     with pytest.raises(ConfigError, match="'dtype' must be one of"):
-        DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=["x"], dtype="int3")
+        DistributedModelForCausalLM.from_pretrained(
+            "smollm2-135m", initial_peers=["x"], dtype="int3"
+        )

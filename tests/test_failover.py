@@ -17,8 +17,8 @@ import trio
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import MissingBlocksError
 from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.config import ClientConfig, PeerConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
 from swarm_node.node.peer import open_peer
 from tests.model_fixtures import make_tiny_model_dir, reference_model
 from tests.process_swarm import ServerProcess, server_processes
@@ -63,11 +63,15 @@ def _setup(tmp_path: Path) -> tuple[Path, torch.Tensor, list[int], ClientHead]:
 
 
 def _client(servers: list[ServerProcess], *, push: bool, max_attempts: int = 3):
-    config = ClientConfig(step_timeout=STEP_TIMEOUT, retry_delay=0.2, max_attempts=max_attempts, push=push)
+    config = ClientConfig(
+        step_timeout=STEP_TIMEOUT, retry_delay=0.2, max_attempts=max_attempts, push=push
+    )
     return open_peer(PeerConfig(listen=LOOPBACK, initial_peers=(servers[0].addr,)), client=config)
 
 
-async def _chain(client, model: Path, servers: list[ServerProcess], spans: list[tuple[int, int, int]]) -> list[Hop]:
+async def _chain(
+    client, model: Path, servers: list[ServerProcess], spans: list[tuple[int, int, int]]
+) -> list[Hop]:
     """The chain [(server index, start, end), ...] built from the servers' DHT records (on a loaded
     machine a lookup may miss a server that answered late: look again until every one is found)."""
     records: dict = {}
@@ -86,12 +90,23 @@ async def test_sigkill_of_the_server_in_use_changes_no_token(tmp_path: Path, pus
                 victim = servers[0] if push else servers[1]  # with push: the server that pushes
                 kill = SignalAt(FAIL_AFTER, victim, signal.SIGKILL)
                 ids, stats = await generate_tokens(
-                    client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), chain=chain, push=push, on_tokens=kill,
+                    client,
+                    head,
+                    input_ids,
+                    model=model.name,
+                    num_blocks=6,
+                    dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    chain=chain,
+                    push=push,
+                    on_tokens=kill,
                 )
                 assert client.bans.is_banned(victim.peer_id, trio.current_time())
                 (event,) = stats.recoveries
-                assert (event.failed, event.replayed_steps) == (victim.peer_id, FAIL_AFTER)  # prompt + 3 tokens
+                assert (event.failed, event.replayed_steps) == (
+                    victim.peer_id,
+                    FAIL_AFTER,
+                )  # prompt + 3 tokens
             assert await victim.process.wait() == -signal.SIGKILL
             for server in servers:  # the others shut down cleanly on SIGTERM
                 if server is not victim:
@@ -112,8 +127,15 @@ async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None
                 # accepts bytes, never answers; its blocks move to the two other servers
                 stop = SignalAt(FAIL_AFTER, servers[0], signal.SIGSTOP)
                 ids, _ = await generate_tokens(
-                    client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), chain=chain, on_tokens=stop,
+                    client,
+                    head,
+                    input_ids,
+                    model=model.name,
+                    num_blocks=6,
+                    dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    chain=chain,
+                    on_tokens=stop,
                 )
             # server_processes SIGCONTs and kills the frozen server on the way out
     assert ids[0].tolist() == expected
@@ -130,10 +152,18 @@ async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None
                 kill = SignalAt(FAIL_AFTER, servers[1], signal.SIGKILL)
                 with pytest.raises(MissingBlocksError) as caught:
                     await generate_tokens(
-                        client, head, input_ids, model=model.name, num_blocks=6, dtype="float32",
-                        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS), on_tokens=kill,
+                        client,
+                        head,
+                        input_ids,
+                        model=model.name,
+                        num_blocks=6,
+                        dtype="float32",
+                        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                        on_tokens=kill,
                     )
                 failed_after = time.perf_counter() - (kill.sent_at or 0.0)
-    assert str(caught.value).startswith("no server for blocks 3-5 of tiny-failover after 3 attempts")
+    assert str(caught.value).startswith(
+        "no server for blocks 3-5 of tiny-failover after 3 attempts"
+    )
     assert len(kill.times) == FAIL_AFTER
     assert failed_after < 15.0  # three lookups and two short waits, not a hang

@@ -28,7 +28,9 @@ def _slow(span: BlockSpan) -> BlockSpan:
     return span
 
 
-def _decode(span: BlockSpan, prompt: torch.Tensor, steps: list[torch.Tensor], **sub) -> list[torch.Tensor]:
+def _decode(
+    span: BlockSpan, prompt: torch.Tensor, steps: list[torch.Tensor], **sub
+) -> list[torch.Tensor]:
     """Outputs of a prefill and of each one-position step, then each layer's cached keys and values."""
     cache = span.new_cache(32, batch_size=prompt.shape[0], **sub)
     with torch.inference_mode():
@@ -91,4 +93,3 @@ def test_what_takes_transformers_path(dirs, tiny_llama) -> None:
         assert span.uses_fast_decode(1)
         step = torch.randn(1, 1, TINY_HIDDEN)
         assert (span(step, adapted, lora=lora) - span(step, plain)).abs().max() > 1e-2
-

@@ -32,7 +32,9 @@ def adapter(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_peft_adapter(tiny_llama, tmp_path_factory.mktemp("lora") / "adapter")
 
 
-def _peft_hidden(model_dir: Path, adapter_dir: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _peft_hidden(
+    model_dir: Path, adapter_dir: Path, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     from peft import PeftModel
 
     from tests.model_fixtures import reference_model
@@ -74,7 +76,9 @@ def test_span_with_adapter_equals_peft(tiny_llama: Path, tmp_path: Path, fields:
     torch.testing.assert_close(torch.cat(steps, dim=1), expected[3], atol=1e-4, rtol=1e-5)
 
 
-def test_frozen_weights_never_change_and_no_adapter_is_the_base(tiny_llama: Path, adapter: Path) -> None:
+def test_frozen_weights_never_change_and_no_adapter_is_the_base(
+    tiny_llama: Path, adapter: Path
+) -> None:
     checkpoint = Checkpoint.open(tiny_llama)
     span = BlockSpan.load(checkpoint, 0, 6)
     before = {k: v.clone() for k, v in span.state_dict().items()}
@@ -91,7 +95,12 @@ def test_two_threads_with_different_adapters_at_once(tiny_llama: Path, tmp_path:
     checkpoint = Checkpoint.open(tiny_llama)
     span = BlockSpan.load(checkpoint, 0, 6)
     adapters = [None] + [
-        load_peft_adapter(save_peft_adapter(tiny_llama, tmp_path / f"a{i}", seed=i), checkpoint.config, start=0, end=6)
+        load_peft_adapter(
+            save_peft_adapter(tiny_llama, tmp_path / f"a{i}", seed=i),
+            checkpoint.config,
+            start=0,
+            end=6,
+        )
         for i in (1, 2)
     ]
     hidden = torch.randn(1, 5, 64)
@@ -127,7 +136,10 @@ def test_client_owned_lora_gradients_equal_peft(tiny_llama: Path) -> None:
     out = peft_model(input_ids, output_hidden_states=True).hidden_states
     (out[4] ** 2).mean().backward()  # a loss on the output of blocks 0..3
     state = get_peft_model_state_dict(peft_model)  # PEFT's saved names
-    tensors = {k.removeprefix(PEFT_PREFIX): v.detach().clone().requires_grad_(True) for k, v in state.items()}
+    tensors = {
+        k.removeprefix(PEFT_PREFIX): v.detach().clone().requires_grad_(True)
+        for k, v in state.items()
+    }
     scales = {
         name.removeprefix(PEFT_PREFIX.removesuffix(".") + "."): m.scaling["default"]
         for name, m in peft_model.named_modules()
@@ -138,7 +150,9 @@ def test_client_owned_lora_gradients_equal_peft(tiny_llama: Path) -> None:
     lora = lora_from_state(
         {k: v for k, v in tensors.items() if int(k.split(".")[2]) < 4},
         {k: v for k, v in scales.items() if int(k.split(".")[2]) < 4},
-        shapes=span.lora_shapes, start=0, end=4,
+        shapes=span.lora_shapes,
+        start=0,
+        end=4,
     )
     hidden = out[0].detach().requires_grad_(True)
     mine = span(hidden, lora=lora)
@@ -181,26 +195,61 @@ Q_A = f"{PEFT_PREFIX}model.layers.1.self_attn.q_proj.lora_A.weight"
         (lambda f: (f / ADAPTER_CONFIG).unlink(), "must hold adapter_config.json"),
         (lambda f: (f / ADAPTER_WEIGHTS).unlink(), "must hold adapter_model.safetensors"),
         (lambda f: (f / ADAPTER_CONFIG).write_text("{not json"), "must be JSON"),
-        (lambda f: _edit_config(f, use_dora=True), "'use_dora' must be one of [False, None], got True"),
-        (lambda f: _edit_config(f, peft_type="IA3"), "'peft_type' must be one of ['LORA'], got 'IA3'"),
+        (
+            lambda f: _edit_config(f, use_dora=True),
+            "'use_dora' must be one of [False, None], got True",
+        ),
+        (
+            lambda f: _edit_config(f, peft_type="IA3"),
+            "'peft_type' must be one of ['LORA'], got 'IA3'",
+        ),
         (lambda f: _edit_config(f, r=-2), "'r' must be a number > 0, got -2"),
         (lambda f: _edit_config(f, r=8), "A must have shape (8, "),
-        (lambda f: _edit_config(f, target_modules=["q_proj"]), "which 'target_modules' ['q_proj'] does not name"),
-        (lambda f: (f / ADAPTER_WEIGHTS).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!"),
-         "is not a readable safetensors file"),
-        (lambda f: _edit_tensors(f, lambda t: {**t, Q_A: torch.zeros(4, 65)}), "A must have shape (4, 64)"),
-        (lambda f: _edit_tensors(f, lambda t: {k: v for k, v in t.items() if k != Q_A}),
-         "must have both lora_A and lora_B, got ['B']"),
-        (lambda f: _edit_tensors(f, lambda t: {**t, Q_A.replace("layers.1", "layers.9"): t[Q_A].clone()}),
-         "names block 9, the model has blocks 0:6"),
-        (lambda f: _edit_tensors(f, lambda t: {**t, Q_A.replace("q_proj", "rotary"): t[Q_A].clone()}),
-         "names module 'self_attn.rotary', which must be a Linear of the block"),
-        (lambda f: _edit_tensors(f, lambda t: {**t, f"{PEFT_PREFIX}lm_head.lora_A.weight": t[Q_A].clone()}),
-         "LoRA on embeddings, the LM head, biases or DoRA is not supported"),
-        (lambda f: _edit_tensors(f, lambda t: {**t, Q_A: t[Q_A].to(torch.int32)}), "must be a float tensor, got I32"),
+        (
+            lambda f: _edit_config(f, target_modules=["q_proj"]),
+            "which 'target_modules' ['q_proj'] does not name",
+        ),
+        (
+            lambda f: (f / ADAPTER_WEIGHTS).write_bytes(
+                b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!"
+            ),
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda f: _edit_tensors(f, lambda t: {**t, Q_A: torch.zeros(4, 65)}),
+            "A must have shape (4, 64)",
+        ),
+        (
+            lambda f: _edit_tensors(f, lambda t: {k: v for k, v in t.items() if k != Q_A}),
+            "must have both lora_A and lora_B, got ['B']",
+        ),
+        (
+            lambda f: _edit_tensors(
+                f, lambda t: {**t, Q_A.replace("layers.1", "layers.9"): t[Q_A].clone()}
+            ),
+            "names block 9, the model has blocks 0:6",
+        ),
+        (
+            lambda f: _edit_tensors(
+                f, lambda t: {**t, Q_A.replace("q_proj", "rotary"): t[Q_A].clone()}
+            ),
+            "names module 'self_attn.rotary', which must be a Linear of the block",
+        ),
+        (
+            lambda f: _edit_tensors(
+                f, lambda t: {**t, f"{PEFT_PREFIX}lm_head.lora_A.weight": t[Q_A].clone()}
+            ),
+            "LoRA on embeddings, the LM head, biases or DoRA is not supported",
+        ),
+        (
+            lambda f: _edit_tensors(f, lambda t: {**t, Q_A: t[Q_A].to(torch.int32)}),
+            "must be a float tensor, got I32",
+        ),
     ],
 )
-def test_bad_adapter_folders(tiny_llama: Path, adapter: Path, tmp_path: Path, damage, message: str) -> None:
+def test_bad_adapter_folders(
+    tiny_llama: Path, adapter: Path, tmp_path: Path, damage, message: str
+) -> None:
     folder = _copy(adapter, tmp_path / "bad")
     damage(folder)
     with pytest.raises(ModelError) as info:
@@ -210,9 +259,13 @@ def test_bad_adapter_folders(tiny_llama: Path, adapter: Path, tmp_path: Path, da
 
 def test_adapter_file_size_is_checked_before_reading(tiny_llama: Path, adapter: Path) -> None:
     with pytest.raises(ModelError, match="must be at most 100 bytes"):
-        load_peft_adapter(adapter, Checkpoint.open(tiny_llama).config, start=0, end=6, max_bytes=100)
+        load_peft_adapter(
+            adapter, Checkpoint.open(tiny_llama).config, start=0, end=6, max_bytes=100
+        )
     with pytest.raises(ModelError, match="must be a folder in PEFT's format"):
-        load_peft_adapter(adapter / ADAPTER_WEIGHTS, Checkpoint.open(tiny_llama).config, start=0, end=6)
+        load_peft_adapter(
+            adapter / ADAPTER_WEIGHTS, Checkpoint.open(tiny_llama).config, start=0, end=6
+        )
 
 
 def test_bad_lora_weights_given_to_a_span(tiny_llama: Path) -> None:
@@ -223,10 +276,20 @@ def test_bad_lora_weights_given_to_a_span(tiny_llama: Path) -> None:
         (LoraWeights({5: {"self_attn.q_proj": good}}), "block indices must lie in 2:4, got 5"),
         (LoraWeights({2: {"self_attn.nope": good}}), "the module must be a Linear of the block"),
         (LoraWeights({2: {"mlp.down_proj": good}}), "A must have shape (2, 128) and B (64, 2)"),
-        (LoraWeights({2: {"self_attn.q_proj": LoraModule(torch.zeros(0, 64), torch.zeros(64, 0), 1.0)}}),
-         "rank must be an int in [1, 1024], got 0"),
-        (LoraWeights({2: {"self_attn.q_proj": LoraModule(good.a, good.b, float("nan"))}}), "'scale' must be a finite"),
-        (LoraWeights({2: {"self_attn.q_proj": LoraModule(good.a.long(), good.b, 1.0)}}), "must be a floating tensor"),
+        (
+            LoraWeights(
+                {2: {"self_attn.q_proj": LoraModule(torch.zeros(0, 64), torch.zeros(64, 0), 1.0)}}
+            ),
+            "rank must be an int in [1, 1024], got 0",
+        ),
+        (
+            LoraWeights({2: {"self_attn.q_proj": LoraModule(good.a, good.b, float("nan"))}}),
+            "'scale' must be a finite",
+        ),
+        (
+            LoraWeights({2: {"self_attn.q_proj": LoraModule(good.a.long(), good.b, 1.0)}}),
+            "must be a floating tensor",
+        ),
     ]
     for lora, message in cases:
         with pytest.raises(ConfigError) as info:
@@ -234,15 +297,26 @@ def test_bad_lora_weights_given_to_a_span(tiny_llama: Path) -> None:
         assert message in str(info.value)
     with pytest.raises(ConfigError, match="must be a LoraWeights, got dict"):
         check_lora({}, shapes=span.lora_shapes, start=2, end=4)
-    with pytest.raises(ConfigError, match="must look like 'model.layers.<i>.<module>.lora_A.weight'"):
+    with pytest.raises(
+        ConfigError, match="must look like 'model.layers.<i>.<module>.lora_A.weight'"
+    ):
         lora_from_state({"layers.2.q.lora_A": good.a}, {}, shapes=span.lora_shapes, start=2, end=4)
     with pytest.raises(ConfigError, match="scales must name exactly the adapted modules"):
-        lora_from_state({"model.layers.2.self_attn.q_proj.lora_A.weight": good.a,
-                         "model.layers.2.self_attn.q_proj.lora_B.weight": good.b}, {},
-                        shapes=span.lora_shapes, start=2, end=4)
+        lora_from_state(
+            {
+                "model.layers.2.self_attn.q_proj.lora_A.weight": good.a,
+                "model.layers.2.self_attn.q_proj.lora_B.weight": good.b,
+            },
+            {},
+            shapes=span.lora_shapes,
+            start=2,
+            end=4,
+        )
 
 
-def test_pack_round_trip_and_gradients_land_in_the_flat_tensor(tiny_llama: Path, adapter: Path) -> None:
+def test_pack_round_trip_and_gradients_land_in_the_flat_tensor(
+    tiny_llama: Path, adapter: Path
+) -> None:
     from swarm_node.model.lora_pack import manifest_entries, pack_lora, unpack_lora
 
     checkpoint = Checkpoint.open(tiny_llama)
@@ -261,15 +335,27 @@ def test_pack_round_trip_and_gradients_land_in_the_flat_tensor(tiny_llama: Path,
         mod.a.requires_grad_(True)
         mod.b.requires_grad_(True)
     span(hidden, lora=tensors).pow(2).mean().backward()
-    expected, _ = pack_lora(LoraWeights({i: {n: LoraModule(m.a.grad, m.b.grad, m.scale) for n, m in mods.items()}
-                                         for i, mods in tensors.modules.items()}))
+    expected, _ = pack_lora(
+        LoraWeights(
+            {
+                i: {n: LoraModule(m.a.grad, m.b.grad, m.scale) for n, m in mods.items()}
+                for i, mods in tensors.modules.items()
+            }
+        )
+    )
     torch.testing.assert_close(leaf.grad, expected, atol=1e-6, rtol=0)
     shapes = span.lora_shapes
     for bad, message in [
         ("[", "must be JSON"),
         ("[]", "must list 1 to"),
-        ('[["model.layers.7.self_attn.q_proj", 4, 1.0]]', "must be a distinct Linear of blocks 2:5"),
-        ('[["model.layers.2.self_attn.q_proj", 0, 1.0]]', "rank of 'model.layers.2.self_attn.q_proj' must be an int"),
+        (
+            '[["model.layers.7.self_attn.q_proj", 4, 1.0]]',
+            "must be a distinct Linear of blocks 2:5",
+        ),
+        (
+            '[["model.layers.2.self_attn.q_proj", 0, 1.0]]',
+            "rank of 'model.layers.2.self_attn.q_proj' must be an int",
+        ),
         ('[["model.layers.2.self_attn.q_proj", 4, "x"]]', "must be a finite number"),
         ('[["x", 4, 1.0]]', "entries must be"),
     ]:

@@ -176,8 +176,10 @@ def test_bfloat16_span_close_to_float32(model_dirs, references):
     logits = head.logits(spans[1](hidden, spans[1].new_cache(16))).float()
     cosine = torch.nn.functional.cosine_similarity(logits.flatten(), expected.logits.flatten(), 0)
     assert cosine > 0.99
-    assert spans[0].cache_bytes_per_token() * 2 == load_chain(
-        model_dirs["llama"], SPLITS[2])[1][0].cache_bytes_per_token()
+    assert (
+        spans[0].cache_bytes_per_token() * 2
+        == load_chain(model_dirs["llama"], SPLITS[2])[1][0].cache_bytes_per_token()
+    )
 
 
 # --- what gets read, and how much the cache costs ---------------------------------------------
@@ -298,24 +300,27 @@ def test_sampling_greedy_seeded_and_top_p():
 
     def draw(seed):
         gen = torch.Generator().manual_seed(seed)
-        return [sample_next_token(logits, temperature=1.0, top_p=0.9, generator=gen)
-                for _ in range(5)]
+        return [
+            sample_next_token(logits, temperature=1.0, top_p=0.9, generator=gen) for _ in range(5)
+        ]
 
     assert torch.equal(torch.stack(draw(3)), torch.stack(draw(3)))
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         picked = sample_next_token(logits, temperature=1.5, top_p=1e-6, generator=gen)
         assert picked.tolist() == logits.argmax(-1).tolist()
-    many = torch.stack([sample_next_token(logits, temperature=5.0, top_p=1.0, generator=gen)
-                        for _ in range(50)])
+    many = torch.stack(
+        [sample_next_token(logits, temperature=5.0, top_p=1.0, generator=gen) for _ in range(50)]
+    )
     assert len(set(many[:, 0].tolist())) > 5  # it really samples
 
 
 def test_top_p_keeps_the_nucleus_only():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    seen = {int(sample_next_token(logits, temperature=1, top_p=0.8, generator=gen))
-            for _ in range(200)}
+    seen = {
+        int(sample_next_token(logits, temperature=1, top_p=0.8, generator=gen)) for _ in range(200)
+    }
     assert seen == {0, 1}
 
 

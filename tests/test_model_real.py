@@ -44,19 +44,24 @@ def test_two_spans_generate_like_transformers(smollm2):
 
     reference = reference_model(path)
     expected = reference.generate(
-        prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=16,
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=16,
         eos_token_id=None,  # compare all 16 tokens even past an end-of-text
     )
     assert ids.tolist() == expected.tolist()
-    assert "Paris" in tokenizer.decode(ids[0, prompt.shape[1]:])
+    assert "Paris" in tokenizer.decode(ids[0, prompt.shape[1] :])
 
 
 def test_bfloat16_spans_still_answer_paris(smollm2):
     path, tokenizer = smollm2
     checkpoint = Checkpoint.open(path)
     head = ClientHead.load(checkpoint, dtype=torch.bfloat16)
-    spans = [BlockSpan.load(checkpoint, 0, 15, dtype=torch.bfloat16),
-             BlockSpan.load(checkpoint, 15, 30, dtype=torch.bfloat16)]
+    spans = [
+        BlockSpan.load(checkpoint, 0, 15, dtype=torch.bfloat16),
+        BlockSpan.load(checkpoint, 15, 30, dtype=torch.bfloat16),
+    ]
     # 15 layers x (K, V) x 3 KV heads x head_dim 64 x 2 bytes
     assert spans[0].cache_bytes_per_token() == 15 * 2 * 3 * 64 * 2
     prompt = tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -69,4 +74,4 @@ def test_bfloat16_spans_still_answer_paris(smollm2):
         token = sample_next_token(head.logits(hidden)[:, -1].float(), temperature=0, top_p=1.0)
         ids = torch.cat([ids, token[:, None]], dim=1)
         step = token[:, None]
-    assert "Paris" in tokenizer.decode(ids[0, prompt.shape[1]:])
+    assert "Paris" in tokenizer.decode(ids[0, prompt.shape[1] :])

@@ -23,7 +23,10 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             first = await nursery.start(
                 lambda task_status: trio.run_process(
-                    [*serve, "--blocks", "0:15"], stdout=subprocess.PIPE, task_status=task_status, check=False
+                    [*serve, "--blocks", "0:15"],
+                    stdout=subprocess.PIPE,
+                    task_status=task_status,
+                    check=False,
                 )
             )
             addr = await first_line(first)
@@ -31,18 +34,33 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
             second = await nursery.start(
                 lambda task_status: trio.run_process(
                     [*serve, "--blocks", "15:30", "--initial-peers", addr],
-                    stdout=subprocess.PIPE, task_status=task_status, check=False,
+                    stdout=subprocess.PIPE,
+                    task_status=task_status,
+                    check=False,
                 )
             )
             await first_line(second)
             result = await trio.run_process(
-                [CLI, "generate", "The capital of France is", "--initial-peers", addr, "--max-new-tokens", "8"],
-                capture_stdout=True, capture_stderr=True, check=False,
+                [
+                    CLI,
+                    "generate",
+                    "The capital of France is",
+                    "--initial-peers",
+                    addr,
+                    "--max-new-tokens",
+                    "8",
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
             )
             out = result.stdout.decode()
             assert result.returncode == 0, result.stderr.decode()[-3000:]
             assert out.startswith("The capital of France is Paris"), out
-            assert "blocks 0:15 on" in result.stderr.decode() and "blocks 15:30 on" in result.stderr.decode()
+            assert (
+                "blocks 0:15 on" in result.stderr.decode()
+                and "blocks 15:30 on" in result.stderr.decode()
+            )
             for process in (first, second):  # Ctrl-C: records withdrawn, clean exit
                 process.send_signal(signal.SIGINT)
             assert await first.wait() == 0
@@ -52,7 +70,10 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
 async def test_demo_command(smollm2_path: Path) -> None:
     with trio.fail_after(300):
         result = await trio.run_process(
-            [CLI, "demo", "--max-new-tokens", "6"], capture_stdout=True, capture_stderr=True, check=False
+            [CLI, "demo", "--max-new-tokens", "6"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
     err = result.stderr.decode()
     assert result.returncode == 0, err[-3000:]

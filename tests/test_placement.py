@@ -8,8 +8,8 @@ import torch
 import trio
 
 from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.config import PeerConfig, ServerConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
 from swarm_node.node.peer import Peer, open_peer
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK
@@ -37,19 +37,31 @@ async def any_announcement(peers: list[Peer]) -> None:
             nursery.start_soon(wait, peer, after)
 
 
-async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_leaves(tiny_llama: Path) -> None:
-    config = ServerConfig(model=str(tiny_llama), num_blocks=4, start_delay=0.0, rebalance_interval=1.0,
-                          throughput=100.0, move_grace=5.0)
+async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_leaves(
+    tiny_llama: Path,
+) -> None:
+    config = ServerConfig(
+        model=str(tiny_llama),
+        num_blocks=4,
+        start_delay=0.0,
+        rebalance_interval=1.0,
+        throughput=100.0,
+        move_grace=5.0,
+    )
     # ~10 s normally; a move makes two announcements (its claim, then the new span), each at most
     # (LOOKUP_ROUNDS + 1) query deadlines, 15 s, past a peer that does not answer
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             stops: list[trio.Event] = []
 
-            async def run_server(initial: tuple[str, ...], *, task_status: trio.TaskStatus[Peer]) -> None:
+            async def run_server(
+                initial: tuple[str, ...], *, task_status: trio.TaskStatus[Peer]
+            ) -> None:
                 stop = trio.Event()
                 stops.append(stop)
-                async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial), server=config) as peer:
+                async with open_peer(
+                    PeerConfig(listen=LOOPBACK, initial_peers=initial), server=config
+                ) as peer:
                     task_status.started(peer)
                     await stop.wait()
 
@@ -66,11 +78,18 @@ async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_lea
                 await any_announcement(staying)
             assert spans(staying) == [(0, 4), (2, 6)]
             # and the swarm answers exactly like transformers
-            async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(first.addrs[:1]))) as client:
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=tuple(first.addrs[:1]))
+            ) as client:
                 input_ids = torch.randint(0, 256, (1, 4))
                 ids, stats = await generate_tokens(
-                    client, ClientHead.load(Checkpoint.open(tiny_llama)), input_ids, model=tiny_llama.name,
-                    num_blocks=6, dtype="float32", sampling=SamplingConfig(max_new_tokens=5),
+                    client,
+                    ClientHead.load(Checkpoint.open(tiny_llama)),
+                    input_ids,
+                    model=tiny_llama.name,
+                    num_blocks=6,
+                    dtype="float32",
+                    sampling=SamplingConfig(max_new_tokens=5),
                 )
             expected = reference_model(tiny_llama).generate(
                 input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0

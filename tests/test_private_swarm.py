@@ -9,8 +9,8 @@ import trio
 
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.config import PeerConfig, ServerConfig
+from swarm_node.node.net.swarm_key import load_swarm_key, write_swarm_key
 from swarm_node.node.peer import open_peer
-from swarm_node.node.swarm_key import load_swarm_key, write_swarm_key
 from tests.swarm_helpers import LOOPBACK
 
 
@@ -45,18 +45,28 @@ async def test_only_peers_with_the_key_connect(tiny_llama: Path, tmp_path: Path)
             # either way the error must say why and name the fix
             hint = r"could not reach any initial peer \(if the swarm is private, start this peer with its --swarm-key FILE\)"
             with pytest.raises(SwarmError, match=hint):
-                async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry, connect_timeout=2.0)):
+                async with open_peer(
+                    PeerConfig(listen=LOOPBACK, initial_peers=entry, connect_timeout=2.0)
+                ):
                     pass
             with pytest.raises(SwarmError, match="initial peers must use the same --swarm-key"):
-                async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry, swarm_key=other, connect_timeout=2.0)):
+                async with open_peer(
+                    PeerConfig(
+                        listen=LOOPBACK, initial_peers=entry, swarm_key=other, connect_timeout=2.0
+                    )
+                ):
                     pass
-            async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry, swarm_key=key)) as member:
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=entry, swarm_key=key)
+            ) as member:
                 chain = await member.find_chain(tiny_llama.name, 6)
-                assert [(h.server.peer_id, h.start, h.end) for h in chain] == [(private.peer_id, 0, 6)]
+                assert [(h.server.peer_id, h.start, h.end) for h in chain] == [
+                    (private.peer_id, 0, 6)
+                ]
 
 
 def test_keygen_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from swarm_node.node.cli import main
+    from swarm_node.node.apps.cli import main
 
     path = tmp_path / "swarm.key"
     assert main(["keygen", "--swarm-key", str(path)]) == 0

@@ -19,7 +19,9 @@ TOL = dict(atol=1e-5, rtol=1e-6)  # see test_remote_training.py
 SPANS = [(0, 3), (3, 6)]
 
 
-def _batch(seed: int, batch: int = 3, tokens: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    seed: int, batch: int = 3, tokens: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (batch, tokens), generator=g)
     mask = torch.ones_like(ids)
@@ -37,7 +39,9 @@ def _with_swarm(tiny_llama: Path, fn, **model_fields):
 
                 def use():
                     cls = model_fields.pop("cls", DistributedModelForCausalLM)
-                    with cls.from_pretrained(str(tiny_llama), initial_peers=servers[0].addrs[:1], **model_fields) as model:
+                    with cls.from_pretrained(
+                        str(tiny_llama), initial_peers=servers[0].addrs[:1], **model_fields
+                    ) as model:
                         return fn(model)
 
                 return await trio.to_thread.run_sync(use)
@@ -50,16 +54,26 @@ async def test_soft_and_deep_prompt_gradients_match_local(tiny_llama: Path) -> N
     ids, mask, labels = _batch(0)
 
     def run(model):
-        assert [n for n, p in model.named_parameters() if p.requires_grad] == ["ptune.prompts", "ptune.deep_prompts"]
+        assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+            "ptune.prompts",
+            "ptune.deep_prompts",
+        ]
         with torch.no_grad():
             model.ptune.deep_prompts.normal_(std=0.1)  # trained-looking, not zeros
         out = model(ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         assert out.logits.shape == (3, 10, 256)
-        return out.loss.detach(), model.ptune.prompts.detach().clone(), model.ptune.deep_prompts.detach().clone(), \
-            model.ptune.prompts.grad, model.ptune.deep_prompts.grad
+        return (
+            out.loss.detach(),
+            model.ptune.prompts.detach().clone(),
+            model.ptune.deep_prompts.detach().clone(),
+            model.ptune.prompts.grad,
+            model.ptune.deep_prompts.grad,
+        )
 
-    loss, prompt, deep, g_prompt, g_deep = await _with_swarm(tiny_llama, run, tuning_mode="deep_ptune", pre_seq_len=4)
+    loss, prompt, deep, g_prompt, g_deep = await _with_swarm(
+        tiny_llama, run, tuning_mode="deep_ptune", pre_seq_len=4
+    )
     prompt.requires_grad_(True)
     deep.requires_grad_(True)
     expected = causal_lm_loss(ref, ids, labels, prompt, deep)
@@ -83,7 +97,14 @@ class LocalPromptModel(torch.nn.Module):
 
 
 def _train(
-    model, loss_of, steps: int = 20, *, lr: float = 3e-2, seed: int = 100, cycle: int = 4, batch: int = 4,
+    model,
+    loss_of,
+    steps: int = 20,
+    *,
+    lr: float = 3e-2,
+    seed: int = 100,
+    cycle: int = 4,
+    batch: int = 4,
     tokens: int = 12,
 ) -> list[float]:
     """Adam over the trainable parameters for ``steps`` steps on ``cycle`` fixed batches; the losses."""
@@ -99,14 +120,18 @@ def _train(
     return losses
 
 
-async def test_twenty_training_steps_match_local_and_the_trained_prompts_generate(tiny_llama: Path) -> None:
+async def test_twenty_training_steps_match_local_and_the_trained_prompts_generate(
+    tiny_llama: Path,
+) -> None:
     ref = reference_model(tiny_llama)
     ref.requires_grad_(False)
     prompt_ids = torch.randint(0, 256, (2, 5))
 
     def run(model):
         init = {k: v.clone() for k, v in model.ptune.state_dict().items()}
-        losses = _train(model, lambda m, ids, mask, labels: m(ids, attention_mask=mask, labels=labels).loss)
+        losses = _train(
+            model, lambda m, ids, mask, labels: m(ids, attention_mask=mask, labels=labels).loss
+        )
         generated = model.generate(prompt_ids, max_new_tokens=6)
         return init, losses, {k: v.clone() for k, v in model.ptune.state_dict().items()}, generated
 
@@ -121,8 +146,13 @@ async def test_twenty_training_steps_match_local_and_the_trained_prompts_generat
     assert max(abs(a - b) for a, b in zip(losses, expected, strict=True)) < 1e-4, (losses, expected)
     assert trained["deep_prompts"].abs().max() > 1e-2  # the deep prompts moved away from zero
     # the trained prompts take part in generation (sessions carry the deep prompts)
-    assert generated.tolist() == greedy_tokens(ref, prompt_ids, trained["prompts"], trained["deep_prompts"], 6).tolist()
-    assert generated.tolist() != greedy_tokens(ref, prompt_ids, trained["prompts"], None, 6).tolist()
+    assert (
+        generated.tolist()
+        == greedy_tokens(ref, prompt_ids, trained["prompts"], trained["deep_prompts"], 6).tolist()
+    )
+    assert (
+        generated.tolist() != greedy_tokens(ref, prompt_ids, trained["prompts"], None, 6).tolist()
+    )
 
 
 async def test_sequence_classification_head_matches_local(tiny_llama: Path) -> None:
@@ -133,11 +163,21 @@ async def test_sequence_classification_head_matches_local(tiny_llama: Path) -> N
     def run(model):
         out = model(ids, attention_mask=mask, labels=labels)
         out.loss.backward()
-        return (out.logits.detach(), out.loss.detach(), model.score.weight.detach().clone(), model.score.weight.grad,
-                model.ptune.prompts.detach().clone(), model.ptune.prompts.grad)
+        return (
+            out.logits.detach(),
+            out.loss.detach(),
+            model.score.weight.detach().clone(),
+            model.score.weight.grad,
+            model.ptune.prompts.detach().clone(),
+            model.ptune.prompts.grad,
+        )
 
     logits, loss, weight, g_weight, prompt, g_prompt = await _with_swarm(
-        tiny_llama, run, cls=DistributedModelForSequenceClassification, num_labels=3, tuning_mode="ptune",
+        tiny_llama,
+        run,
+        cls=DistributedModelForSequenceClassification,
+        num_labels=3,
+        tuning_mode="ptune",
         pre_seq_len=2,
     )
     score = torch.nn.Linear(64, 3, bias=False)
@@ -154,7 +194,9 @@ async def test_sequence_classification_head_matches_local(tiny_llama: Path) -> N
 
 def test_bad_tuning_arguments() -> None:
     with pytest.raises(ConfigError, match="'tuning_mode' must be one of"):
-        DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=["x"], tuning_mode="lora9")
+        DistributedModelForCausalLM.from_pretrained(
+            "smollm2-135m", initial_peers=["x"], tuning_mode="lora9"
+        )
     with pytest.raises(ConfigError, match="'pre_seq_len' must be an int in"):
         PromptTuning(mode="ptune", pre_seq_len=0, hidden_size=8, num_blocks=2)
     from swarm_node.node.distributed_model import _check_right_padded
@@ -165,8 +207,8 @@ def test_bad_tuning_arguments() -> None:
 
 async def test_deep_prompts_in_push_sessions_generate_like_local(tiny_llama: Path) -> None:
     from swarm_node.model import Checkpoint, ClientHead
+    from swarm_node.node.client.generation import SamplingConfig, generate_tokens
     from swarm_node.node.config import ClientConfig
-    from swarm_node.node.generation import SamplingConfig, generate_tokens
 
     ref = reference_model(tiny_llama)
     head = ClientHead.load(Checkpoint.open(tiny_llama))
@@ -174,10 +216,21 @@ async def test_deep_prompts_in_push_sessions_generate_like_local(tiny_llama: Pat
     prompt, deep = torch.randn(3, 64) * 0.3, torch.randn(6, 3, 64) * 0.3
     ids = torch.randint(0, 256, (2, 4))
     with trio.fail_after(90):
-        async with local_swarm(tiny_llama, SPANS, client=ClientConfig(push=True)) as (servers, client):
+        async with local_swarm(tiny_llama, SPANS, client=ClientConfig(push=True)) as (
+            servers,
+            client,
+        ):
             out, _ = await generate_tokens(
-                client, head, ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=6), prefix=prompt, deep_prompts=deep, push=True,
+                client,
+                head,
+                ids,
+                model=tiny_llama.name,
+                num_blocks=6,
+                dtype="float32",
+                sampling=SamplingConfig(max_new_tokens=6),
+                prefix=prompt,
+                deep_prompts=deep,
+                push=True,
             )
             pushed = sum(s.server.pushed_steps for s in servers)
     assert pushed > 0  # the second server got its steps from the first, and still added its prompts

@@ -6,7 +6,13 @@ import msgpack
 import pytest
 
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
-from swarm_node.protocol import BackwardRequest, BackwardResponse, FrameDecoder, WireTensor, encode_message
+from swarm_node.protocol import (
+    BackwardRequest,
+    BackwardResponse,
+    FrameDecoder,
+    WireTensor,
+    encode_message,
+)
 from swarm_node.protocol.messages import FIELD_RULES
 
 
@@ -14,7 +20,9 @@ def _wire(*shape: int) -> WireTensor:
     n = 1
     for d in shape:
         n *= d
-    return WireTensor("none", "float32", shape, bytes(range(256)) * (4 * n // 256) + bytes(4 * n % 256))
+    return WireTensor(
+        "none", "float32", shape, bytes(range(256)) * (4 * n // 256) + bytes(4 * n % 256)
+    )
 
 
 def _round_trip(msg):
@@ -27,9 +35,17 @@ def _round_trip(msg):
 @pytest.mark.parametrize("prompts", [None, _wire(3, 2, 8)])
 @pytest.mark.parametrize("lora", [None, _wire(40)])
 def test_backward_request_round_trips_with_and_without_optional_tensors(prompts, lora) -> None:
-    msg = BackwardRequest(model="m", start=1, end=4, compression="none", hidden=_wire(2, 5, 8),
-                          grad_output=_wire(2, 5, 8), prompts=prompts, lora=lora,
-                          lora_manifest='[["model.layers.1.self_attn.q_proj",2,2.0]]' if lora else "")
+    msg = BackwardRequest(
+        model="m",
+        start=1,
+        end=4,
+        compression="none",
+        hidden=_wire(2, 5, 8),
+        grad_output=_wire(2, 5, 8),
+        prompts=prompts,
+        lora=lora,
+        lora_manifest='[["model.layers.1.self_attn.q_proj",2,2.0]]' if lora else "",
+    )
     back, frame = _round_trip(msg)
     assert back == msg
     header = msgpack.Unpacker(raw=False)
@@ -49,9 +65,19 @@ def test_optional_tensor_rules_and_errors() -> None:
     assert rules["prompts"].kind is WireTensor and rules["prompts"].default is None
     assert rules["grad_output"].kind is WireTensor
     with pytest.raises(LocalProtocolError, match="'grad_output' must be a WireTensor"):
-        encode_message(BackwardRequest(model="m", start=0, end=1, compression="none", hidden=_wire(1, 1, 8),
-                                       grad_output=None))
-    frame = bytearray(encode_message(BackwardResponse(grad_input=_wire(1, 1, 8), grad_prompts=_wire(1, 1, 8))))
+        encode_message(
+            BackwardRequest(
+                model="m",
+                start=0,
+                end=1,
+                compression="none",
+                hidden=_wire(1, 1, 8),
+                grad_output=None,
+            )
+        )
+    frame = bytearray(
+        encode_message(BackwardResponse(grad_input=_wire(1, 1, 8), grad_prompts=_wire(1, 1, 8)))
+    )
     decoder = FrameDecoder()
     decoder.feed(_cut(frame))
     with pytest.raises(RemoteProtocolError, match="tensor bytes after its header"):

@@ -11,9 +11,9 @@ import trio
 from swarm_node import compression
 from swarm_node.errors import ProtocolError
 from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.inference_session import open_stream
 from swarm_node.node.config import ClientConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
-from swarm_node.node.inference_session import open_stream
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
@@ -25,7 +25,9 @@ H = 64  # hidden size of the tiny models
 
 def expected_tokens(model: Path, input_ids: torch.Tensor) -> list[list[int]]:
     ref = reference_model(model)
-    out = ref.generate(input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = ref.generate(
+        input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     return out.tolist()
 
 
@@ -35,9 +37,17 @@ async def test_push_greedy_equals_transformers(tiny_llama: Path, servers: int) -
     input_ids = torch.randint(0, 256, (1, 6))
     head = ClientHead.load(Checkpoint.open(tiny_llama))
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, CHAINS[servers], client=ClientConfig(push=True)) as (peers, client):
+        async with local_swarm(tiny_llama, CHAINS[servers], client=ClientConfig(push=True)) as (
+            peers,
+            client,
+        ):
             ids, stats = await generate_tokens(
-                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                client,
+                head,
+                input_ids,
+                model=tiny_llama.name,
+                num_blocks=6,
+                dtype="float32",
                 sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
             )
             pushed = [p.server.pushed_steps for p in peers]
@@ -55,7 +65,9 @@ async def test_push_falls_back_to_client_star_when_a_push_fails(tiny_llama: Path
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as star:
                 expected = [await star.step(x) for x in inputs]
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=8, push=True) as s:
+            async with client.inference_session(
+                chain, model=tiny_llama.name, max_length=8, push=True
+            ) as s:
                 outputs = [await s.step(x) for x in inputs[:3]]
                 (session,) = peers[0].server.sessions.values()
                 await session.push.conn.reset()  # the first server's next push fails
@@ -70,21 +82,33 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, CHAINS[2]) as (peers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=8, push=True) as s:
+            async with client.inference_session(
+                chain, model=tiny_llama.name, max_length=8, push=True
+            ) as s:
                 assert [span.pushes for span in s._spans] == [True, False]
                 x = torch.randn(1, 2, H)
                 first = await s.step(x)
                 (target,) = peers[1].server.sessions
-                bad = m.PushStepRequest(session_id=target, step_id=9, position=5,
-                                        hidden=compression.encode(torch.randn(1, 1, H), "none"))
+                bad = m.PushStepRequest(
+                    session_id=target,
+                    step_id=9,
+                    position=5,
+                    hidden=compression.encode(torch.randn(1, 1, H), "none"),
+                )
                 # pushes from anyone but the previous server are refused: the stream is reset
-                stranger = await open_stream(client.host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
+                stranger = await open_stream(
+                    client.host, peers[1].peer_id, max_frame_size=2**20, timeout=5
+                )
                 await stranger.send(bad)
                 assert await stranger.receive() is None  # the server reset the stream: no answer
-                with pytest.raises(ProtocolError, match="broke while sending"):  # and the pusher sees it
+                with pytest.raises(
+                    ProtocolError, match="broke while sending"
+                ):  # and the pusher sees it
                     await stranger.send(bad)
                 # a push from the previous server with a wrong position: our client hears push_failed
-                conn = await open_stream(peers[0].host, peers[1].peer_id, max_frame_size=2**20, timeout=5)
+                conn = await open_stream(
+                    peers[0].host, peers[1].peer_id, max_frame_size=2**20, timeout=5
+                )
                 await conn.send(bad)
                 # the next step still works: the client resends it, the server answers from its
                 # record of the pushed step (no second computation), the extra answer is dropped

@@ -12,8 +12,8 @@ import trio
 import trio.testing
 
 from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.config import ClientConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
 from swarm_node.node.quick_jobs import QuickJobs
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
@@ -93,18 +93,30 @@ def test_a_negative_threshold_is_refused() -> None:
 
 
 @pytest.mark.parametrize("push", [False, True])
-async def test_decode_steps_run_inline_in_a_swarm_and_give_transformers_tokens(tiny_llama: Path, push: bool) -> None:
+async def test_decode_steps_run_inline_in_a_swarm_and_give_transformers_tokens(
+    tiny_llama: Path, push: bool
+) -> None:
     torch.manual_seed(3)
     input_ids = torch.randint(0, 256, (1, 5))
     head = ClientHead.load(Checkpoint.open(tiny_llama))
     new_tokens = 8
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], client=ClientConfig(push=push)) as (peers, client):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], client=ClientConfig(push=push)) as (
+            peers,
+            client,
+        ):
             ids, _ = await generate_tokens(
-                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="float32",
+                client,
+                head,
+                input_ids,
+                model=tiny_llama.name,
+                num_blocks=6,
+                dtype="float32",
                 sampling=SamplingConfig(max_new_tokens=new_tokens),
             )
-            runs = [(p.server.quick_jobs.thread_runs, p.server.quick_jobs.inline_runs) for p in peers]
+            runs = [
+                (p.server.quick_jobs.thread_runs, p.server.quick_jobs.inline_runs) for p in peers
+            ]
     expected = reference_model(tiny_llama).generate(
         input_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )

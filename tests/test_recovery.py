@@ -21,17 +21,23 @@ FAST = ClientConfig(step_timeout=5.0, retry_delay=0.05, max_attempts=3)
 
 
 @pytest.mark.parametrize(
-    ("push", "break_at"), [(False, 0), (False, 2), (True, 2)],
+    ("push", "break_at"),
+    [(False, 0), (False, 2), (True, 2)],
     ids=["client-star-during-pipelined-prefill", "client-star", "push"],
 )
-async def test_a_broken_stream_moves_exactly_that_span(tiny_llama: Path, push: bool, break_at: int) -> None:
+async def test_a_broken_stream_moves_exactly_that_span(
+    tiny_llama: Path, push: bool, break_at: int
+) -> None:
     model = tiny_llama.name
     torch.manual_seed(4)
     # a 20-token prompt in 8-token chunks (pipelined hop to hop when client-star), then decode steps
     inputs = [torch.randn(1, 20, H)] + [torch.randn(1, 1, H) for _ in range(4)]
     with trio.fail_after(90):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6), (3, 6)], client=FAST, max_frame_size=4096) as (
-            peers, client,
+        async with local_swarm(
+            tiny_llama, [(0, 3), (3, 6), (3, 6)], client=FAST, max_frame_size=4096
+        ) as (
+            peers,
+            client,
         ):
             by_id = {p.peer_id: p for p in peers}
             records = {r.peer_id: r for r in await client.find_servers(model, 6)}
@@ -55,7 +61,9 @@ async def test_a_refusal_at_open_moves_the_span_before_the_first_step(tiny_llama
     model = tiny_llama.name
     x = torch.randn(1, 3, H)
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 6), (0, 6)], client=FAST, cache_budget_tokens=16) as (peers, client):
+        async with local_swarm(
+            tiny_llama, [(0, 6), (0, 6)], client=FAST, cache_budget_tokens=16
+        ) as (peers, client):
             records = {r.peer_id: r for r in await client.find_servers(model, 6)}
             first = [Hop(records[peers[0].peer_id], 0, 6)]
             async with client.inference_session(first, model=model, max_length=16) as holder:

@@ -12,10 +12,11 @@ import trio
 from swarm_node import compression
 from swarm_node.errors import RemoteError
 from swarm_node.model.client_lora import ClientLora
+from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.config import PeerConfig, ServerConfig
-from swarm_node.node.inference_session import open_stream, request
+from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.peer import open_peer
-from swarm_node.node.remote_sequential import RemoteSequential
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -45,7 +46,11 @@ def _remote_grads(remote, hidden, prompts, weight):
 async def test_gradients_for_inputs_and_deep_prompts_match_local(tiny_llama: Path) -> None:
     ref = reference_model(tiny_llama)
     torch.manual_seed(1)
-    hidden, prompts, weight = torch.randn(3, 7, 64), torch.randn(6, 4, 64) * 0.1, torch.randn(3, 7, 64)
+    hidden, prompts, weight = (
+        torch.randn(3, 7, 64),
+        torch.randn(6, 4, 64) * 0.1,
+        torch.randn(3, 7, 64),
+    )
     before = {k: v.clone() for k, v in ref.state_dict().items()}
     with trio.fail_after(90):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
@@ -62,7 +67,11 @@ async def test_gradients_for_inputs_and_deep_prompts_match_local(tiny_llama: Pat
 
 
 def _client_lora(seed: int) -> ClientLora:
-    shapes = {"self_attn.q_proj": (64, 64), "self_attn.v_proj": (64, 32), "mlp.down_proj": (128, 64)}
+    shapes = {
+        "self_attn.q_proj": (64, 64),
+        "self_attn.v_proj": (64, 32),
+        "mlp.down_proj": (128, 64),
+    }
     torch.manual_seed(seed)
     lora = ClientLora(shapes=shapes, blocks=[1, 2, 4], targets=sorted(shapes), rank=4, alpha=8.0)
     with torch.no_grad():
@@ -74,7 +83,11 @@ def _client_lora(seed: int) -> ClientLora:
 async def test_gradients_for_client_owned_lora_match_local(tiny_llama: Path) -> None:
     ref = reference_model(tiny_llama)
     torch.manual_seed(5)
-    hidden, prompts, weight = torch.randn(2, 6, 64), torch.randn(6, 2, 64) * 0.1, torch.randn(2, 6, 64)
+    hidden, prompts, weight = (
+        torch.randn(2, 6, 64),
+        torch.randn(6, 2, 64) * 0.1,
+        torch.randn(2, 6, 64),
+    )
     remote_lora, local_lora = _client_lora(0), _client_lora(0)
 
     def remote_pass(remote):
@@ -94,7 +107,9 @@ async def test_gradients_for_client_owned_lora_match_local(tiny_llama: Path) -> 
     (expected * weight).sum().backward()
     torch.testing.assert_close(out, expected.detach(), **TOL)
     torch.testing.assert_close(grad_hidden, h.grad, **TOL)
-    for (name, got), (_, want) in zip(remote_lora.named_parameters(), local_lora.named_parameters(), strict=True):
+    for (name, got), (_, want) in zip(
+        remote_lora.named_parameters(), local_lora.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(got.grad, want.grad, **TOL, msg=name)
         assert want.grad.abs().max() > 1e-4, name
     for span in spans:  # the servers keep nothing of the client's adapter and no gradient
@@ -106,27 +121,47 @@ async def test_gradients_for_client_owned_lora_match_local(tiny_llama: Path) -> 
 async def test_a_big_batch_travels_in_concurrent_pieces(tiny_llama: Path) -> None:
     ref = reference_model(tiny_llama)
     torch.manual_seed(2)
-    hidden, prompts, weight = torch.randn(5, 7, 64), torch.randn(6, 3, 64) * 0.1, torch.randn(5, 7, 64)
+    hidden, prompts, weight = (
+        torch.randn(5, 7, 64),
+        torch.randn(6, 3, 64) * 0.1,
+        torch.randn(5, 7, 64),
+    )
     with trio.fail_after(90):
-        async with local_swarm(tiny_llama, [(0, 2), (2, 6)], max_frame_size=16 * 1024) as (_, client):
+        async with local_swarm(tiny_llama, [(0, 2), (2, 6)], max_frame_size=16 * 1024) as (
+            _,
+            client,
+        ):
             remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6)
             assert remote.piece_rows(hidden) == 2  # 3 pieces: 2 + 2 + 1 sequences
-            assert RemoteSequential(client, model=tiny_llama.name, num_blocks=6, min_pieces=5).piece_rows(hidden) == 1
+            assert (
+                RemoteSequential(
+                    client, model=tiny_llama.name, num_blocks=6, min_pieces=5
+                ).piece_rows(hidden)
+                == 1
+            )
             got = await trio.to_thread.run_sync(_remote_grads, remote, hidden, prompts, weight)
     for a, b in zip(got, _local_grads(ref, hidden, prompts, weight), strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 
-async def _serve(config: ServerConfig, initial: tuple[str, ...], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def _serve(
+    config: ServerConfig, initial: tuple[str, ...], *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial), server=config) as peer:
         task_status.started(peer)
         await trio.sleep_forever()
 
 
-async def test_a_server_that_dies_between_forward_and_backward_is_rerouted(tiny_llama: Path) -> None:
+async def test_a_server_that_dies_between_forward_and_backward_is_rerouted(
+    tiny_llama: Path,
+) -> None:
     ref = reference_model(tiny_llama)
     torch.manual_seed(3)
-    hidden, prompts, weight = torch.randn(2, 6, 64), torch.randn(6, 2, 64) * 0.1, torch.randn(2, 6, 64)
+    hidden, prompts, weight = (
+        torch.randn(2, 6, 64),
+        torch.randn(6, 2, 64) * 0.1,
+        torch.randn(2, 6, 64),
+    )
     expected = _local_grads(ref, hidden, prompts, weight)
     config = {"model": str(tiny_llama), "throughput": 100.0}
     with trio.fail_after(120):
@@ -140,7 +175,9 @@ async def test_a_server_that_dies_between_forward_and_backward_is_rerouted(tiny_
 
                 async def run(scope=scope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
                     with scope:
-                        await _serve(ServerConfig(start=3, end=6, **config), entry, task_status=task_status)
+                        await _serve(
+                            ServerConfig(start=3, end=6, **config), entry, task_status=task_status
+                        )
 
                 peers.append(await nursery.start(run))
             async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry)) as client:
@@ -167,49 +204,96 @@ def _wire(t: torch.Tensor) -> m.WireTensor:
 
 
 BAD_BACKWARDS = [
-    ({"grad_output": torch.zeros(2, 4, 64)}, "'grad_output' must have the shape of 'hidden' (2, 5, 64)"),
+    (
+        {"grad_output": torch.zeros(2, 4, 64)},
+        "'grad_output' must have the shape of 'hidden' (2, 5, 64)",
+    ),
     ({"prompts": torch.zeros(2, 3, 64)}, r"prompts must have shape (3, P, 64), got (2, 3, 64)"),
     ({"prompts": torch.full((3, 2, 64), float("nan"))}, "prompts must be finite"),
     ({"prompts": torch.zeros(3, 6, 64)}, "prompts must cover at most the 5 positions sent, got 6"),
-    ({"prompts": torch.zeros(3, 2, 64, dtype=torch.float16)}, "prompts must be float32, got float16"),
-    ({"hidden": torch.zeros(65, 1, 64), "grad_output": torch.zeros(65, 1, 64)}, "at most 64 sequences, got 65"),
-    ({"hidden": torch.zeros(2, 5, 32), "grad_output": torch.zeros(2, 5, 32)}, "shape (batch, tokens >= 1, 64)"),
+    (
+        {"prompts": torch.zeros(3, 2, 64, dtype=torch.float16)},
+        "prompts must be float32, got float16",
+    ),
+    (
+        {"hidden": torch.zeros(65, 1, 64), "grad_output": torch.zeros(65, 1, 64)},
+        "at most 64 sequences, got 65",
+    ),
+    (
+        {"hidden": torch.zeros(2, 5, 32), "grad_output": torch.zeros(2, 5, 32)},
+        "shape (batch, tokens >= 1, 64)",
+    ),
     ({"compression": "zip"}, "'compression' must be one of"),
     ({"start": 4, "end": 7}, "not within the served blocks 0:6"),
 ]
 
 
-@pytest.mark.parametrize(("change", "match"), [pytest.param(*case, id=case[1][:30]) for case in BAD_BACKWARDS])
-async def test_backward_refuses_bad_requests_and_keeps_serving(tiny_llama: Path, change, match) -> None:
-    fields = {"model": tiny_llama.name, "start": 1, "end": 4, "compression": "none",
-              "hidden": torch.randn(2, 5, 64), "grad_output": torch.randn(2, 5, 64), "prompts": None}
+@pytest.mark.parametrize(
+    ("change", "match"), [pytest.param(*case, id=case[1][:30]) for case in BAD_BACKWARDS]
+)
+async def test_backward_refuses_bad_requests_and_keeps_serving(
+    tiny_llama: Path, change, match
+) -> None:
+    fields = {
+        "model": tiny_llama.name,
+        "start": 1,
+        "end": 4,
+        "compression": "none",
+        "hidden": torch.randn(2, 5, 64),
+        "grad_output": torch.randn(2, 5, 64),
+        "prompts": None,
+    }
     fields.update(change)
     wired = {k: _wire(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
-    good = m.BackwardRequest(model=tiny_llama.name, start=1, end=4, compression="none",
-                             hidden=_wire(torch.randn(1, 3, 64)), grad_output=_wire(torch.randn(1, 3, 64)),
-                             prompts=_wire(torch.zeros(3, 2, 64)))
+    good = m.BackwardRequest(
+        model=tiny_llama.name,
+        start=1,
+        end=4,
+        compression="none",
+        hidden=_wire(torch.randn(1, 3, 64)),
+        grad_output=_wire(torch.randn(1, 3, 64)),
+        prompts=_wire(torch.zeros(3, 2, 64)),
+    )
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
-            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
+            conn = await open_stream(
+                client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5
+            )
             with pytest.raises(RemoteError, match=re.escape(match)) as info:
                 await request(conn, m.BackwardRequest(**wired), m.BackwardResponse, timeout=10)
             assert info.value.code in ("bad_request", "out_of_range")
-            reply = await request(conn, good, m.BackwardResponse, timeout=10)  # the same stream goes on
+            reply = await request(
+                conn, good, m.BackwardResponse, timeout=10
+            )  # the same stream goes on
             await conn.close()
     assert reply.grad_input.shape == (1, 3, 64) and reply.grad_prompts.shape == (3, 2, 64)
 
 
 async def test_a_session_refuses_deep_prompts_of_the_wrong_shape(tiny_llama: Path) -> None:
-    fields = dict(model=tiny_llama.name, start=0, end=3, max_length=8, dtype="float32", compression="none")
+    fields = dict(
+        model=tiny_llama.name, start=0, end=3, max_length=8, dtype="float32", compression="none"
+    )
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
-            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
-            for prompts, match in ((torch.zeros(2, 2, 64), "prompts must have shape (3, P, 64), got (2, 2, 64)"),
-                                   (torch.zeros(3, 2000, 64), "prompts: tensor must have at most 196608 elements")):
+            conn = await open_stream(
+                client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5
+            )
+            for prompts, match in (
+                (torch.zeros(2, 2, 64), "prompts must have shape (3, P, 64), got (2, 2, 64)"),
+                (torch.zeros(3, 2000, 64), "prompts: tensor must have at most 196608 elements"),
+            ):
                 with pytest.raises(RemoteError, match=re.escape(match)):
-                    await request(conn, m.OpenSessionRequest(**fields, prompts=_wire(prompts)),
-                                  m.OpenSessionResponse, timeout=10)
-            reply = await request(conn, m.OpenSessionRequest(**fields, prompts=_wire(torch.zeros(3, 2, 64))),
-                                  m.OpenSessionResponse, timeout=10)
+                    await request(
+                        conn,
+                        m.OpenSessionRequest(**fields, prompts=_wire(prompts)),
+                        m.OpenSessionResponse,
+                        timeout=10,
+                    )
+            reply = await request(
+                conn,
+                m.OpenSessionRequest(**fields, prompts=_wire(torch.zeros(3, 2, 64))),
+                m.OpenSessionResponse,
+                timeout=10,
+            )
             await conn.close()
     assert reply.session_id

@@ -18,9 +18,10 @@ from swarm_node.errors import (
     RemoteError,
     SessionError,
 )
-from swarm_node.node.cli import main
+from swarm_node.node.apps.cli import main
+from swarm_node.node.client.inference_session import request
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
-from swarm_node.node.inference_session import open_stream, request
+from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -29,7 +30,9 @@ H = 64  # tiny model hidden size
 
 
 def _open(model: str, **kw: object) -> m.OpenSessionRequest:
-    fields: dict = dict(model=model, start=0, end=6, max_length=16, dtype="float32", compression="none")
+    fields: dict = dict(
+        model=model, start=0, end=6, max_length=16, dtype="float32", compression="none"
+    )
     fields.update(kw)
     return m.OpenSessionRequest(**fields)
 
@@ -50,35 +53,65 @@ async def test_bad_requests_get_specific_errors_and_others_keep_working(tiny_lla
                     expected.append(await good.step(token))
 
                 async def fresh() -> object:
-                    return await open_stream(client.host, server_id, max_frame_size=2**26, timeout=5)
+                    return await open_stream(
+                        client.host, server_id, max_frame_size=2**26, timeout=5
+                    )
 
                 conn = await fresh()
                 # blocks out of range / unknown model / too long / unknown session
-                with pytest.raises(RemoteError, match="out_of_range: blocks 2:9 are not within the served blocks 0:6"):
-                    await request(conn, _open(model, start=2, end=9), m.OpenSessionResponse, timeout=5)
+                with pytest.raises(
+                    RemoteError,
+                    match="out_of_range: blocks 2:9 are not within the served blocks 0:6",
+                ):
+                    await request(
+                        conn, _open(model, start=2, end=9), m.OpenSessionResponse, timeout=5
+                    )
                 with pytest.raises(RemoteError, match="unknown_model: this server serves"):
                     await request(conn, _open("no-such-model"), m.OpenSessionResponse, timeout=5)
-                with pytest.raises(RemoteError, match=r"too_long: 'max_length' must be in \[1, 32\], got 100"):
-                    await request(conn, _open(model, max_length=100), m.OpenSessionResponse, timeout=5)
-                step = m.StepRequest(session_id="feedbeef", step_id=1, position=0, hidden=compression.encode(x, "none"))
+                with pytest.raises(
+                    RemoteError, match=r"too_long: 'max_length' must be in \[1, 32\], got 100"
+                ):
+                    await request(
+                        conn, _open(model, max_length=100), m.OpenSessionResponse, timeout=5
+                    )
+                step = m.StepRequest(
+                    session_id="feedbeef",
+                    step_id=1,
+                    position=0,
+                    hidden=compression.encode(x, "none"),
+                )
                 with pytest.raises(RemoteError, match="unknown_session: no session 'feedbeef'"):
                     await request(conn, step, m.StepResponse, timeout=5)
                 await still_serving()
 
-                opened = await request(conn, _open(model, max_length=4), m.OpenSessionResponse, timeout=5)
+                opened = await request(
+                    conn, _open(model, max_length=4), m.OpenSessionResponse, timeout=5
+                )
                 sid = opened.session_id
                 # wrong hidden size, wrong dtype, wrong position, prompt longer than max_length
                 bad_cases = [
                     (torch.randn(1, 2, H + 1), "bad_request: hidden states must have shape"),
-                    (torch.randn(1, 2, H, dtype=torch.float16), "bad_request: hidden states must be float32, got float16"),
+                    (
+                        torch.randn(1, 2, H, dtype=torch.float16),
+                        "bad_request: hidden states must be float32, got float16",
+                    ),
                     (torch.randn(1, 5, H), "too_long: session max_length is 4"),
                 ]
                 for tensor, message in bad_cases:
-                    req = m.StepRequest(session_id=sid, step_id=1, position=0, hidden=compression.encode(tensor, "none"))
+                    req = m.StepRequest(
+                        session_id=sid,
+                        step_id=1,
+                        position=0,
+                        hidden=compression.encode(tensor, "none"),
+                    )
                     with pytest.raises(RemoteError, match=message):
                         await request(conn, req, m.StepResponse, timeout=5)
-                req = m.StepRequest(session_id=sid, step_id=1, position=7, hidden=compression.encode(x, "none"))
-                with pytest.raises(RemoteError, match="'position' must equal the session's cache length 0, got 7"):
+                req = m.StepRequest(
+                    session_id=sid, step_id=1, position=7, hidden=compression.encode(x, "none")
+                )
+                with pytest.raises(
+                    RemoteError, match="'position' must equal the session's cache length 0, got 7"
+                ):
                     await request(conn, req, m.StepResponse, timeout=5)
                 await still_serving()
 
@@ -112,17 +145,30 @@ async def test_client_side_length_check(tiny_llama: Path) -> None:
 
 async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
     with trio.fail_after(60):
-        no_recovery = ClientConfig(max_attempts=0)  # the server's own refusal, not the client's recovery
-        async with local_swarm(tiny_llama, [(0, 6)], cache_budget_tokens=100, client=no_recovery) as (servers, client):
+        no_recovery = ClientConfig(
+            max_attempts=0
+        )  # the server's own refusal, not the client's recovery
+        async with local_swarm(
+            tiny_llama, [(0, 6)], cache_budget_tokens=100, client=no_recovery
+        ) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=80) as first:
+            async with client.inference_session(
+                chain, model=tiny_llama.name, max_length=80
+            ) as first:
                 await first.step(torch.randn(1, 2, H))
-                with pytest.raises(RemoteError, match="cache_full: attention cache full: the session needs 80 tokens, 20 of 100"):
-                    async with client.inference_session(chain, model=tiny_llama.name, max_length=80):
+                with pytest.raises(
+                    RemoteError,
+                    match="cache_full: attention cache full: the session needs 80 tokens, 20 of 100",
+                ):
+                    async with client.inference_session(
+                        chain, model=tiny_llama.name, max_length=80
+                    ):
                         pass
                 await first.step(torch.randn(1, 1, H))
             # closing the first session frees its room
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=80) as again:
+            async with client.inference_session(
+                chain, model=tiny_llama.name, max_length=80
+            ) as again:
                 await again.step(torch.randn(1, 2, H))
 
 
@@ -130,7 +176,9 @@ async def test_idle_sessions_time_out(tiny_llama: Path) -> None:
     # No sleeping here: the client waits for the server's own idle-timeout message.
     with trio.fail_after(60):
         no_recovery = ClientConfig(max_attempts=0)  # the session sees the closed stream itself
-        async with local_swarm(tiny_llama, [(0, 6)], session_idle_timeout=0.3, client=no_recovery) as (servers, client):
+        async with local_swarm(
+            tiny_llama, [(0, 6)], session_idle_timeout=0.3, client=no_recovery
+        ) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             server = servers[0].server
             async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as s:
@@ -146,11 +194,19 @@ async def test_idle_sessions_time_out(tiny_llama: Path) -> None:
 
 async def test_blocks_out_of_range_and_unknown_model(tiny_llama: Path) -> None:
     with trio.fail_after(30):
-        with pytest.raises(ConfigError, match=r"'--blocks' 4:10 is out of range: tiny-llama has 6 blocks \(0:6\)"):
-            async with open_peer(PeerConfig(listen=LOOPBACK), server=ServerConfig(model=str(tiny_llama), start=4, end=10)):
+        with pytest.raises(
+            ConfigError, match=r"'--blocks' 4:10 is out of range: tiny-llama has 6 blocks \(0:6\)"
+        ):
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK),
+                server=ServerConfig(model=str(tiny_llama), start=4, end=10),
+            ):
                 pass
         with pytest.raises(ModelError, match="smollm2-135m"):
-            async with open_peer(PeerConfig(listen=LOOPBACK), server=ServerConfig(model="no-such-model", start=0, end=1)):
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK),
+                server=ServerConfig(model="no-such-model", start=0, end=1),
+            ):
                 pass
 
 
@@ -169,8 +225,22 @@ def test_malformed_blocks_flag(text: str) -> None:
 
 def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--blocks", "ten:20"]) == 2
-    assert "'--blocks' must look like START:END (e.g. 0:15), got 'ten:20'" in capsys.readouterr().err
-    assert main(["generate", "hi", "--model", "no-such-model", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHPevRC5wBG7ooxYwFP8HLN7Hn682edvYswGWx2Dk5jYz"]) == 2
+    assert (
+        "'--blocks' must look like START:END (e.g. 0:15), got 'ten:20'" in capsys.readouterr().err
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--model",
+                "no-such-model",
+                "--initial-peers",
+                "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHPevRC5wBG7ooxYwFP8HLN7Hn682edvYswGWx2Dk5jYz",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "could not reach any initial peer" in err or "no-such-model" in err
     assert main(["generate", "hi"]) == 2

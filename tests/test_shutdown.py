@@ -24,7 +24,9 @@ async def test_stopping_server_answers_the_step_in_flight(tiny_llama: Path) -> N
             stop = trio.Event()
 
             async def run_server(task_status: trio.TaskStatus[Peer]) -> None:
-                config = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0, shutdown_grace=30.0)
+                config = ServerConfig(
+                    model=str(tiny_llama), start=0, end=6, throughput=100.0, shutdown_grace=30.0
+                )
                 async with open_peer(PeerConfig(listen=LOOPBACK), server=config) as peer:
                     task_status.started(peer)
                     await stop.wait()
@@ -33,8 +35,10 @@ async def test_stopping_server_answers_the_step_in_flight(tiny_llama: Path) -> N
             blocks = server.server
             assert blocks is not None
             no_recovery = ClientConfig(max_attempts=0)
-            async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(server.addrs[:1])),
-                                 client=no_recovery) as client:
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=tuple(server.addrs[:1])),
+                client=no_recovery,
+            ) as client:
                 chain = await client.find_chain(model, 6)
                 async with client.inference_session(chain, model=model, max_length=8) as s:
                     await s.step(torch.randn(1, 2, H))

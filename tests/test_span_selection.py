@@ -10,26 +10,47 @@ import pytest
 import trio
 
 from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.span_selection import better_start, block_coverage, choose_span, conflicting_moves
-from swarm_node.node.placement import choose_start, rebalance_loop
+from swarm_node.dht.span_selection import (
+    better_start,
+    block_coverage,
+    choose_span,
+    conflicting_moves,
+)
+from swarm_node.node.server.placement import choose_start, rebalance_loop
 
 FOREVER = 1e12
 
 
 def rec(peer: str, start: int, end: int, throughput: float = 10.0, **kw: object) -> ServerRecord:
     fields: dict = dict(
-        peer_id=peer, addrs=(), model="m", start=start, end=end, throughput=throughput, cache_tokens_left=1000,
-        dtype="float32", version="0", expires_at=FOREVER,
+        peer_id=peer,
+        addrs=(),
+        model="m",
+        start=start,
+        end=end,
+        throughput=throughput,
+        cache_tokens_left=1000,
+        dtype="float32",
+        version="0",
+        expires_at=FOREVER,
     )
     fields.update(kw)
     return ServerRecord(**fields)
 
 
 def test_coverage_sums_live_servers_of_the_model() -> None:
-    servers = [rec("a", 0, 3), rec("b", 2, 6, 5.0), rec("c", 0, 6, state="OFFLINE"),
-               rec("d", 0, 6, model="other"), rec("e", 0, 6, expires_at=1.0)]
+    servers = [
+        rec("a", 0, 3),
+        rec("b", 2, 6, 5.0),
+        rec("c", 0, 6, state="OFFLINE"),
+        rec("d", 0, 6, model="other"),
+        rec("e", 0, 6, expires_at=1.0),
+    ]
     assert block_coverage(servers, model="m", num_blocks=6, now=2.0) == [10, 10, 15, 5, 5, 5]
-    assert block_coverage(servers, model="m", num_blocks=6, now=2.0, exclude=frozenset({"b"})) == [10] * 3 + [0] * 3
+    assert (
+        block_coverage(servers, model="m", num_blocks=6, now=2.0, exclude=frozenset({"b"}))
+        == [10] * 3 + [0] * 3
+    )
 
 
 def test_joiners_fill_gaps_first_then_the_weakest_blocks() -> None:
@@ -38,7 +59,9 @@ def test_joiners_fill_gaps_first_then_the_weakest_blocks() -> None:
     assert choose_span([5, 5, 0, 0, 0, 0], length=3, throughput=1) == 2  # three uncovered blocks
     assert choose_span([5, 5, 5, 0, 0, 0], length=2, throughput=1) == 3
     assert choose_span([10, 10, 1, 1, 10, 10], length=2, throughput=1) == 2  # the weakest pair
-    assert choose_span([4, 4, 8, 8, 4, 4], length=4, throughput=4) == 0  # ties: the thinnest, then lowest
+    assert (
+        choose_span([4, 4, 8, 8, 4, 4], length=4, throughput=4) == 0
+    )  # ties: the thinnest, then lowest
     with pytest.raises(ValueError, match="does not fit"):
         choose_span([1.0] * 3, length=4, throughput=1)
 
@@ -52,8 +75,14 @@ def test_a_server_moves_only_when_it_pays_and_uncovers_nothing() -> None:
     # every block covered; a move would lift the weakest from 10 to 11: under the 20% threshold
     servers = [me, rec("b", 2, 6), rec("c", 0, 6, 1.0)]
     assert better_start(servers, me=me, num_blocks=6, now=0, min_gain=0.2) is None
-    assert better_start(servers, me=me, num_blocks=6, now=0, min_gain=0.05) is None  # 0-3 at 11, 4-5 at 11
-    slow = [me, rec("b", 0, 4), rec("c", 4, 6, 1.0)]  # blocks 4-5 at 1 token/s: a move to 2-5 lifts them
+    assert (
+        better_start(servers, me=me, num_blocks=6, now=0, min_gain=0.05) is None
+    )  # 0-3 at 11, 4-5 at 11
+    slow = [
+        me,
+        rec("b", 0, 4),
+        rec("c", 4, 6, 1.0),
+    ]  # blocks 4-5 at 1 token/s: a move to 2-5 lifts them
     assert better_start(slow, me=me, num_blocks=6, now=0, min_gain=0.2) == 2
 
 
@@ -66,7 +95,9 @@ class Board:
         self.history: list[list[float]] = []  # the coverage after every change of a record
 
     async def fetch(self) -> list[ServerRecord]:
-        await trio.sleep(0.5)  # a lookup takes a while; it sees the records as they are when it ends
+        await trio.sleep(
+            0.5
+        )  # a lookup takes a while; it sees the records as they are when it ends
         return list(self.records.values())
 
     def write(self, name: str, record: ServerRecord | None) -> None:
@@ -77,19 +108,37 @@ class Board:
         self.history.append(self.coverage())
 
     def coverage(self) -> list[float]:
-        return block_coverage(self.records.values(), model="m", num_blocks=6, now=trio.current_time())
+        return block_coverage(
+            self.records.values(), model="m", num_blocks=6, now=trio.current_time()
+        )
 
-    async def serve(self, name: str, seed: int | random.Random, *, start: int | None = None,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        name: str,
+        seed: int | random.Random,
+        *,
+        start: int | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         rng = seed if isinstance(seed, random.Random) else random.Random(seed)
         if start is None:
-            start = await choose_start(self.fetch, model="m", total_blocks=6, length=4, throughput=10.0,
-                                       start_delay=5.0, rng=rng, now=trio.current_time)
+            start = await choose_start(
+                self.fetch,
+                model="m",
+                total_blocks=6,
+                length=4,
+                throughput=10.0,
+                start_delay=5.0,
+                rng=rng,
+                now=trio.current_time,
+            )
         self.write(name, rec(name, start, start + 4))
         task_status.started()
 
         async def claim(target: int | None) -> None:
-            self.write(name, replace(self.records[name], moving_to=-1 if target is None else target))
+            self.write(
+                name, replace(self.records[name], moving_to=-1 if target is None else target)
+            )
 
         async def move(target: int) -> None:
             await trio.sleep(2.0)  # loading the new blocks
@@ -97,8 +146,17 @@ class Board:
             self.moves += 1
 
         try:
-            await rebalance_loop(self.fetch, me=lambda: self.records[name], claim=claim, move=move, total_blocks=6,
-                                 interval=60.0, min_gain=0.2, rng=rng, now=trio.current_time)
+            await rebalance_loop(
+                self.fetch,
+                me=lambda: self.records[name],
+                claim=claim,
+                move=move,
+                total_blocks=6,
+                interval=60.0,
+                min_gain=0.2,
+                rng=rng,
+                now=trio.current_time,
+            )
         finally:
             self.write(name, None)  # leaving: the record is withdrawn
 
@@ -126,7 +184,10 @@ async def test_three_servers_cover_every_block_and_recover_when_one_leaves(
                 scopes[name] = trio.CancelScope()
 
                 async def run(
-                    name: str = name, seed: int = i, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    name: str = name,
+                    seed: int = i,
+                    *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                 ) -> None:
                     with scopes[name]:
                         await board.serve(name, seed, task_status=task_status)
@@ -142,8 +203,14 @@ async def test_three_servers_cover_every_block_and_recover_when_one_leaves(
             assert board.moves == moves_before  # settled: nobody moves back and forth
             # the server alone on some blocks leaves; the others re-cover them
             covering = {n: r for n, r in board.records.items()}
-            leaver = next(n for n, r in covering.items() if any(
-                all(not o.covers(b) for m, o in covering.items() if m != n) for b in range(r.start, r.end)))
+            leaver = next(
+                n
+                for n, r in covering.items()
+                if any(
+                    all(not o.covers(b) for m, o in covering.items() if m != n)
+                    for b in range(r.start, r.end)
+                )
+            )
             scopes[leaver].cancel()
             await trio.sleep(1)
             assert min(board.coverage()) == 0
@@ -153,7 +220,7 @@ async def test_three_servers_cover_every_block_and_recover_when_one_leaves(
 
 
 def test_serve_takes_blocks_or_num_blocks_not_both() -> None:
-    from swarm_node.node.cli import build_parser
+    from swarm_node.node.apps.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--num-blocks", "3", "--min-gain", "0.5"])
     assert (args.num_blocks, args.blocks, args.min_gain) == (3, None, 0.5)
@@ -168,7 +235,8 @@ def test_placement_and_recovery_settings_are_checked() -> None:
 
     assert ServerConfig(model="m", num_blocks=2).end == 0  # chosen at start
     for fields, message in [
-        ({}, "'blocks' must satisfy"), ({"num_blocks": 0}, "'num_blocks' must be an int >= 1"),
+        ({}, "'blocks' must satisfy"),
+        ({"num_blocks": 0}, "'num_blocks' must be an int >= 1"),
         ({"num_blocks": 2, "start": 1, "end": 4}, "must hold 'num_blocks' = 2"),
         ({"num_blocks": 2, "rebalance_interval": 0}, "'rebalance_interval'"),
     ]:
@@ -198,12 +266,20 @@ def test_claimed_moves_conflict_when_they_touch_the_same_blocks() -> None:
     done = rec("done", 4, 6)  # not moving
     gone = rec("gone", 0, 4, moving_to=2, state="OFFLINE")
     assert conflicting_moves([me, twin, far, done, gone], me=me, target=2, now=0) == [twin]
-    assert conflicting_moves([me, far, done], me=me, target=4, now=0) == []  # 0:4 -> 4:8 misses 8:12
-    assert conflicting_moves([me, far, done], me=me, target=7, now=0) == [far]  # 7:11 meets 8:10 and 10:12
-    assert conflicting_moves([replace(me, moving_to=2)], me=me, target=2, now=0) == []  # my own claim
+    assert (
+        conflicting_moves([me, far, done], me=me, target=4, now=0) == []
+    )  # 0:4 -> 4:8 misses 8:12
+    assert conflicting_moves([me, far, done], me=me, target=7, now=0) == [
+        far
+    ]  # 7:11 meets 8:10 and 10:12
+    assert (
+        conflicting_moves([replace(me, moving_to=2)], me=me, target=2, now=0) == []
+    )  # my own claim
 
 
-@pytest.mark.parametrize("offset", [0.0, 0.3, -0.3, 1.0, 2.4], ids=lambda o: f"second-look-{o:+.1f}s")
+@pytest.mark.parametrize(
+    "offset", [0.0, 0.3, -0.3, 1.0, 2.4], ids=lambda o: f"second-look-{o:+.1f}s"
+)
 async def test_two_servers_seeing_the_same_gap_do_not_both_move_off_their_blocks(
     autojump_clock: trio.testing.MockClock, offset: float
 ) -> None:
@@ -214,7 +290,9 @@ async def test_two_servers_seeing_the_same_gap_do_not_both_move_off_their_blocks
     with trio.fail_after(10_000):
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(board.serve, "a", Scripted([1.0, 1.0]), start=0))
-            await nursery.start(functools.partial(board.serve, "b", Scripted([1.0 + offset / 60, 1.2]), start=0))
+            await nursery.start(
+                functools.partial(board.serve, "b", Scripted([1.0 + offset / 60, 1.2]), start=0)
+            )
             await trio.sleep(200)  # three re-checks each, whatever happened in the first
             assert sorted((r.start, r.end) for r in board.records.values()) == [(0, 4), (2, 6)]
             assert board.moves == 1
@@ -223,7 +301,9 @@ async def test_two_servers_seeing_the_same_gap_do_not_both_move_off_their_blocks
             nursery.cancel_scope.cancel()
 
 
-async def test_a_move_that_fails_to_load_keeps_the_server_where_it_was(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_move_that_fails_to_load_keeps_the_server_where_it_was(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     board = Board()
     claims: list[int | None] = []
     me = rec("me", 0, 4)
@@ -240,7 +320,16 @@ async def test_a_move_that_fails_to_load_keeps_the_server_where_it_was(autojump_
 
     with trio.fail_after(10_000):
         with trio.move_on_after(100):  # ~1 check a minute: one or two tries
-            await rebalance_loop(board.fetch, me=lambda: board.records["me"], claim=claim, move=move,
-                                 total_blocks=6, interval=60.0, min_gain=0.2, rng=Scripted([1.0]), now=trio.current_time)
+            await rebalance_loop(
+                board.fetch,
+                me=lambda: board.records["me"],
+                claim=claim,
+                move=move,
+                total_blocks=6,
+                interval=60.0,
+                min_gain=0.2,
+                rng=Scripted([1.0]),
+                now=trio.current_time,
+            )
     assert claims == [2, None]  # claimed, failed, withdrew the claim, and went on serving
     assert board.records["me"] == replace(me, moving_to=-1)

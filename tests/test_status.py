@@ -11,8 +11,8 @@ import pytest
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.node import commands
-from swarm_node.node.cli import build_parser
+from swarm_node.node.apps import commands
+from swarm_node.node.apps.cli import build_parser
 from tests.swarm_helpers import local_swarm
 
 
@@ -30,8 +30,14 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 2), (0, 3), (4, 6)]) as (servers, client):
             entry = client.addrs[0]
-            text = await run_status(status_args("--initial-peers", entry, "--model", str(tiny_llama)))
-            report = json.loads(await run_status(status_args("--initial-peers", entry, "--model", "tiny-llama", "--json")))
+            text = await run_status(
+                status_args("--initial-peers", entry, "--model", str(tiny_llama))
+            )
+            report = json.loads(
+                await run_status(
+                    status_args("--initial-peers", entry, "--model", "tiny-llama", "--json")
+                )
+            )
     print(text)
     lines = text.splitlines()
     assert lines[0] == "tiny-llama: 6 blocks, 3 server(s), MISSING blocks 3"
@@ -40,13 +46,22 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
     assert lines[7] == "servers:" and len(lines) == 11
     for peer in servers:
         (row,) = [line for line in lines[8:] if peer.peer_id[-8:] in line]
-        assert f"blocks {peer.server.start}:{peer.server.end}  100.0 tok/s" in row and " ms  " in row
+        assert (
+            f"blocks {peer.server.start}:{peer.server.end}  100.0 tok/s" in row and " ms  " in row
+        )
         assert f"{peer.server.cache_tokens_left} cache tokens free" in row
 
     assert (report["model"], report["num_blocks"], report["missing"]) == ("tiny-llama", 6, [3])
     by_block = {b["block"]: set(b["servers"]) for b in report["blocks"]}
     ids = [p.peer_id for p in servers]
-    assert by_block == {0: {ids[0], ids[1]}, 1: {ids[0], ids[1]}, 2: {ids[1]}, 3: set(), 4: {ids[2]}, 5: {ids[2]}}
+    assert by_block == {
+        0: {ids[0], ids[1]},
+        1: {ids[0], ids[1]},
+        2: {ids[1]},
+        3: set(),
+        4: {ids[2]},
+        5: {ids[2]},
+    }
     assert {s["peer_id"] for s in report["servers"]} == set(ids)
     for s in report["servers"]:
         assert s["throughput"] == 100.0 and 0 < s["rtt_ms"] < 5000 and s["cache_tokens_left"] > 0
@@ -60,21 +75,37 @@ async def test_status_needs_initial_peers_and_a_known_model(tiny_llama: Path) ->
             args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model")
             with pytest.raises(Exception, match="no server of 'no-such-model' answered"):
                 await commands.status(args, io.StringIO())
-            args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model", "--num-blocks", "3")
+            args = status_args(
+                "--initial-peers", client.addrs[0], "--model", "no-such-model", "--num-blocks", "3"
+            )
             text = await run_status(args)
     assert text.splitlines()[0] == "no-such-model: 3 blocks, 0 server(s), MISSING blocks 0-2"
 
 
 def test_status_shows_a_server_moving() -> None:
     from swarm_node.dht.records import ServerRecord
-    from swarm_node.node.swarm_status import coverage_report, format_report
+    from swarm_node.node.apps.swarm_status import coverage_report, format_report
 
     def rec(peer: str, start: int, end: int, **kw: object) -> ServerRecord:
-        return ServerRecord(peer_id=peer, addrs=(), model="m", start=start, end=end, throughput=5.0,
-                            cache_tokens_left=10, dtype="float32", version="0", **kw)  # type: ignore[arg-type]
+        return ServerRecord(
+            peer_id=peer,
+            addrs=(),
+            model="m",
+            start=start,
+            end=end,
+            throughput=5.0,
+            cache_tokens_left=10,
+            dtype="float32",
+            version="0",
+            **kw,
+        )  # type: ignore[arg-type]
 
-    report = coverage_report([rec("peer-aaaaaaaa", 0, 4, moving_to=2), rec("peer-bbbbbbbb", 0, 4)],
-                             model="m", num_blocks=6, rtt={})
+    report = coverage_report(
+        [rec("peer-aaaaaaaa", 0, 4, moving_to=2), rec("peer-bbbbbbbb", 0, 4)],
+        model="m",
+        num_blocks=6,
+        rtt={},
+    )
     assert [s["moving_to"] for s in report["servers"]] == [[2, 6], None]
     rows = format_report(report).splitlines()[-2:]
     assert rows[0].endswith("moving to blocks 2:6") and "moving" not in rows[1]

@@ -11,10 +11,11 @@ import trio
 from swarm_node import compression
 from swarm_node.errors import ConfigError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.inference_session import request
 from swarm_node.node.config import PeerConfig, ServerConfig
-from swarm_node.node.generation import SamplingConfig, generate_tokens
-from swarm_node.node.identity import load_or_create_identity
-from swarm_node.node.inference_session import open_stream, request
+from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -26,9 +27,16 @@ async def test_cacheless_forward_equals_local(tiny_llama: Path) -> None:
     local = BlockSpan.load(Checkpoint.open(tiny_llama), 2, 5)
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
-            conn = await open_stream(client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5)
-            req = m.ForwardRequest(model=tiny_llama.name, start=2, end=5, compression="none",
-                                   hidden=compression.encode(hidden, "none"))
+            conn = await open_stream(
+                client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5
+            )
+            req = m.ForwardRequest(
+                model=tiny_llama.name,
+                start=2,
+                end=5,
+                compression="none",
+                hidden=compression.encode(hidden, "none"),
+            )
             reply = await request(conn, req, m.ForwardResponse, timeout=10)
             await conn.close()
     out = compression.decode(reply.hidden, max_numel=hidden.numel())
@@ -53,7 +61,12 @@ async def test_bfloat16_swarm_equals_local_bfloat16(tiny_llama: Path) -> None:
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)], dtype="bfloat16") as (servers, client):
             remote, _ = await generate_tokens(
-                client, head, input_ids, model=tiny_llama.name, num_blocks=6, dtype="bfloat16",
+                client,
+                head,
+                input_ids,
+                model=tiny_llama.name,
+                num_blocks=6,
+                dtype="bfloat16",
                 sampling=SamplingConfig(max_new_tokens=6),
             )
     assert remote.tolist() == ids.tolist()
@@ -62,7 +75,8 @@ async def test_bfloat16_swarm_equals_local_bfloat16(tiny_llama: Path) -> None:
 async def test_shutdown_withdraws_the_record(tiny_llama: Path) -> None:
     with trio.fail_after(60):
         async with open_peer(
-            PeerConfig(listen=LOOPBACK), server=ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=1.0)
+            PeerConfig(listen=LOOPBACK),
+            server=ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=1.0),
         ) as first:
             boot = tuple(first.addrs[:1])
             async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=boot)) as client:
@@ -106,12 +120,16 @@ async def test_forged_records_are_refused(tiny_llama: Path) -> None:
             # ... and a record signed by the client but stored under the server's key is refused
             mine = dataclasses.replace(forged, peer_id=client.peer_id)
             with pytest.raises(RemoteProtocolError):
-                await client.dht.kad.put_value(record_key(servers[0].peer_id), sign_record(mine, client.dht._key_pair))
+                await client.dht.kad.put_value(
+                    record_key(servers[0].peer_id), sign_record(mine, client.dht._key_pair)
+                )
             again = await client.dht.get_record(servers[0].host.get_id())
             assert again is not None and (again.start, again.end) == (0, 6)
 
 
-async def test_a_record_is_asked_of_its_server_first_then_of_what_others_hold(tiny_llama: Path) -> None:
+async def test_a_record_is_asked_of_its_server_first_then_of_what_others_hold(
+    tiny_llama: Path,
+) -> None:
     from swarm_node.dht.records import record_key
     from swarm_node.dht.signing import sign_record
 
@@ -119,7 +137,9 @@ async def test_a_record_is_asked_of_its_server_first_then_of_what_others_hold(ti
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
             target = servers[0].host.get_id()
             key = record_key(servers[0].peer_id).encode()
-            client.dht.kad.value_store.remove(key)  # no local copy: the answer comes from the server
+            client.dht.kad.value_store.remove(
+                key
+            )  # no local copy: the answer comes from the server
             assert client.dht.kad.value_store.get(key) is None
             direct = await client.dht.get_record(target)
             assert direct is not None and direct.peer_id == servers[0].peer_id
@@ -128,7 +148,9 @@ async def test_a_record_is_asked_of_its_server_first_then_of_what_others_hold(ti
             client.dht._mark_unreachable(target, "test")
             client.dht.kad.value_store.remove(key)
             elsewhere = servers[1].dht.kad.value_store.get(key) is not None
-            assert (await client.dht.get_record(target) is not None) == elsewhere  # nothing else to ask
+            assert (
+                await client.dht.get_record(target) is not None
+            ) == elsewhere  # nothing else to ask
             client.dht.kad.value_store.put(key, sign_record(direct, servers[0].dht._key_pair))
             fallback = await client.dht.get_record(target)
             assert fallback is not None

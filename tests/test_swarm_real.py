@@ -9,7 +9,7 @@ import torch
 import trio
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
-from swarm_node.node.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 
@@ -24,11 +24,16 @@ async def test_smollm2_two_servers_exact(smollm2_path: Path) -> None:
     with trio.fail_after(240):
         async with local_swarm("smollm2-135m", [(0, 15), (15, 30)]) as (servers, client):
             ids, stats = await generate_tokens(
-                client, head, input_ids, model="smollm2-135m", num_blocks=30, dtype="float32",
+                client,
+                head,
+                input_ids,
+                model="smollm2-135m",
+                num_blocks=30,
+                dtype="float32",
                 sampling=SamplingConfig(max_new_tokens=16, eos_token_ids=(2,)),
             )
     assert ids.tolist() == expected[:, : ids.shape[1]].tolist()
     assert ids.shape[1] == expected.shape[1]
-    assert " Paris" in tokenizer.decode(ids[0, input_ids.shape[1]:])
+    assert " Paris" in tokenizer.decode(ids[0, input_ids.shape[1] :])
     assert [(h.start, h.end) for h in stats.chain] == [(0, 15), (15, 30)]
     assert torch.equal(ids[:, : input_ids.shape[1]], input_ids)

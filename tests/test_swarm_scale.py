@@ -28,14 +28,20 @@ async def test_twenty_peers_every_client_finds_every_block(tiny_llama: Path) -> 
                     await stack.enter_async_context(
                         open_peer(
                             PeerConfig(listen=LOOPBACK, initial_peers=initial),
-                            server=ServerConfig(model=str(tiny_llama), start=start, end=end, throughput=1.0),
+                            server=ServerConfig(
+                                model=str(tiny_llama), start=start, end=end, throughput=1.0
+                            ),
                         )
                     )
                 )
             clients = []
             for _ in range(CLIENTS):
                 initial = tuple(rng.choice(peers).addrs[:1])
-                clients.append(await stack.enter_async_context(open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial))))
+                clients.append(
+                    await stack.enter_async_context(
+                        open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial))
+                    )
+                )
             server_ids = {p.peer_id for p in peers}
             for client in clients:
                 found = await client.find_servers(tiny_llama.name, 6)

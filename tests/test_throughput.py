@@ -11,8 +11,8 @@ import trio
 
 from swarm_node.model import BlockSpan, Checkpoint
 from swarm_node.node.config import ServerConfig
-from swarm_node.node.startup import prepare_span
-from swarm_node.node.throughput import CACHE_FILE, cache_key, span_throughput
+from swarm_node.node.server.loading import prepare_span
+from swarm_node.node.server.throughput import CACHE_FILE, cache_key, span_throughput
 
 
 def test_measured_once_then_read_from_the_cache(tiny_llama: Path, tmp_path: Path) -> None:
@@ -26,7 +26,9 @@ def test_measured_once_then_read_from_the_cache(tiny_llama: Path, tmp_path: Path
     again, cached = span_throughput(span, key=key, dtype=torch.float32, cache_dir=tmp_path)
     assert cached and again == first
     # another span of the same model: the same per-block rate, scaled to its length
-    wider, cached = span_throughput(BlockSpan.load(checkpoint, 0, 6), key=key, dtype=torch.float32, cache_dir=tmp_path)
+    wider, cached = span_throughput(
+        BlockSpan.load(checkpoint, 0, 6), key=key, dtype=torch.float32, cache_dir=tmp_path
+    )
     assert cached and wider == pytest.approx(first * 2 / 6)
 
 
@@ -48,5 +50,7 @@ async def test_server_start_uses_the_cache_dir_and_the_override(
         assert key.startswith(f"{tiny_llama.name}|float32|none|cpu|threads=")
         _, again, _ = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3))
         assert again == measured
-        _, given, _ = await prepare_span(ServerConfig(model=str(tiny_llama), start=0, end=3, throughput=7.5))
+        _, given, _ = await prepare_span(
+            ServerConfig(model=str(tiny_llama), start=0, end=3, throughput=7.5)
+        )
     assert given == 7.5

@@ -31,7 +31,10 @@ def deep_prompt_hooks(ref: Any, deep: torch.Tensor | None) -> Iterator[None]:
 
         return add
 
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(ref.model.layers)]
+    handles = [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, layer in enumerate(ref.model.layers)
+    ]
     try:
         yield
     finally:
@@ -42,7 +45,9 @@ def deep_prompt_hooks(ref: Any, deep: torch.Tensor | None) -> Iterator[None]:
 def blocks_output(ref: Any, hidden: torch.Tensor, deep: torch.Tensor | None = None) -> torch.Tensor:
     """The last decoder layer's output ``# (B, T, H)`` (before the final norm) for input embeddings."""
     seen: dict[str, torch.Tensor] = {}
-    handle = ref.model.norm.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    handle = ref.model.norm.register_forward_pre_hook(
+        lambda module, args: seen.setdefault("x", args[0])
+    )
     try:
         with deep_prompt_hooks(ref, deep):
             ref.model(inputs_embeds=hidden)
@@ -51,7 +56,9 @@ def blocks_output(ref: Any, hidden: torch.Tensor, deep: torch.Tensor | None = No
     return seen["x"]
 
 
-def embeds_with_prompt(ref: Any, input_ids: torch.Tensor, prompt: torch.Tensor | None) -> torch.Tensor:
+def embeds_with_prompt(
+    ref: Any, input_ids: torch.Tensor, prompt: torch.Tensor | None
+) -> torch.Tensor:
     embeds = ref.model.embed_tokens(input_ids)  # (B, T, H)
     if prompt is None:
         return embeds
@@ -59,7 +66,11 @@ def embeds_with_prompt(ref: Any, input_ids: torch.Tensor, prompt: torch.Tensor |
 
 
 def causal_lm_loss(
-    ref: Any, input_ids: torch.Tensor, labels: torch.Tensor, prompt: torch.Tensor | None, deep: torch.Tensor | None
+    ref: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    prompt: torch.Tensor | None,
+    deep: torch.Tensor | None,
 ) -> torch.Tensor:
     """transformers' own loss (labels shifted inside) with the soft prompt's positions ignored; as in
     Petals, the first token is not predicted from the prompt's last position either."""
@@ -68,29 +79,44 @@ def causal_lm_loss(
     labels = labels.clone()
     labels[:, 0] = -100
     with deep_prompt_hooks(ref, deep):
-        out = ref(inputs_embeds=embeds_with_prompt(ref, input_ids, prompt), labels=torch.cat([ignore, labels], dim=1))
+        out = ref(
+            inputs_embeds=embeds_with_prompt(ref, input_ids, prompt),
+            labels=torch.cat([ignore, labels], dim=1),
+        )
     return out.loss
 
 
 def greedy_tokens(
-    ref: Any, input_ids: torch.Tensor, prompt: torch.Tensor | None, deep: torch.Tensor | None, new: int
+    ref: Any,
+    input_ids: torch.Tensor,
+    prompt: torch.Tensor | None,
+    deep: torch.Tensor | None,
+    new: int,
 ) -> torch.Tensor:
     """Greedy continuation, recomputing the whole sequence every step (no cache)."""
     ids = input_ids
     with torch.no_grad():
         for _ in range(new):
             with deep_prompt_hooks(ref, deep):
-                logits = ref(inputs_embeds=embeds_with_prompt(ref, ids, prompt)).logits  # (B, P + T, V)
+                logits = ref(
+                    inputs_embeds=embeds_with_prompt(ref, ids, prompt)
+                ).logits  # (B, P + T, V)
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
 
 def classifier_logits(
-    ref: Any, score: torch.nn.Linear, input_ids: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor | None
+    ref: Any,
+    score: torch.nn.Linear,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    prompt: torch.Tensor | None,
 ) -> torch.Tensor:
     """A score head on the normed state of each sequence's last real token (right padding)."""
     n = 0 if prompt is None else prompt.shape[0]
-    hidden = ref.model(inputs_embeds=embeds_with_prompt(ref, input_ids, prompt)).last_hidden_state  # normed
+    hidden = ref.model(
+        inputs_embeds=embeds_with_prompt(ref, input_ids, prompt)
+    ).last_hidden_state  # normed
     last = hidden[torch.arange(input_ids.shape[0]), n + mask.sum(1) - 1]  # (B, H)
     return score(last)
 
@@ -103,12 +129,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def lora_hooks(ref: Any, lora: Any) -> Iterator[None]:
     """While open, every adapted Linear of ``ref`` adds ``scale * B (A x)`` (a model.LoraWeights)."""
     handles = []
-    for block, modules in ([] if lora is None else lora.modules.items()):
+    for block, modules in [] if lora is None else lora.modules.items():
         for name, mod in modules.items():
             linear = ref.model.layers[block].get_submodule(name)
-            handles.append(linear.register_forward_hook(
-                lambda module, args, out, mod=mod: out + (args[0] @ mod.a.T @ mod.b.T) * mod.scale
-            ))
+            handles.append(
+                linear.register_forward_hook(
+                    lambda module, args, out, mod=mod: (
+                        out + (args[0] @ mod.a.T @ mod.b.T) * mod.scale
+                    )
+                )
+            )
     try:
         yield
     finally:

@@ -134,8 +134,14 @@ def _encode_native(x: np.ndarray, out: np.ndarray, numel: int, block: int, block
     address = out.__array_interface__["data"][0]
     threads = 1 if numel < THREAD_MIN_NUMEL else torch.get_num_threads()
     done = kernel(
-        x.__array_interface__["data"][0], address, address + 4 * blocks, _LOW32_ADDRESS,
-        _THRESHOLD_ADDRESS, numel, block, threads,
+        x.__array_interface__["data"][0],
+        address,
+        address + 4 * blocks,
+        _LOW32_ADDRESS,
+        _THRESHOLD_ADDRESS,
+        numel,
+        block,
+        threads,
     )
     return done == 1
 
@@ -214,7 +220,9 @@ def _decode_numpy(payload: memoryview, numel: int, block: int) -> torch.Tensor:
     full = numel - numel % block
     if full >= GATHER_MIN_NUMEL:  # torch broadcasts rows of 64 ~2x faster than numpy
         out[:full].view(-1, block).mul_(torch.from_numpy(absmax[: full // block, None]))
-    with np.errstate(invalid="ignore", over="ignore"):  # a NaN/inf block decodes to NaN/inf, as encoded
+    with np.errstate(
+        invalid="ignore", over="ignore"
+    ):  # a NaN/inf block decodes to NaN/inf, as encoded
         if full and full < GATHER_MIN_NUMEL:
             by_block = values[:full].reshape(-1, block)
             by_block *= absmax[: full // block, None]

@@ -133,7 +133,10 @@ def _build(path: Path) -> None:
     try:
         done = subprocess.run(
             [*compiler(), *FLAGS, "-o", tmp, str(SOURCE)],
-            capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False,
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_TIMEOUT_S,
+            check=False,
         )
         if done.returncode != 0:
             raise subprocess.SubprocessError(

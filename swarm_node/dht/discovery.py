@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -26,6 +27,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
@@ -54,7 +56,12 @@ PROVIDES_PER_WINDOW = 10
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
-    BaseLibp2pError, RemoteProtocolError, OSError, RuntimeError, ValueError, trio.BrokenResourceError
+    BaseLibp2pError,
+    RemoteProtocolError,
+    OSError,
+    RuntimeError,
+    ValueError,
+    trio.BrokenResourceError,
 )
 
 
@@ -108,12 +115,22 @@ class SwarmDHT:
         except RemoteProtocolError:
             return None
 
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SwarmDHT]:
+        """Run KadDHT's own service (routing table refresh, inbound queries) inside the block."""
+        async with background_trio_service(self.kad):
+            yield self
+
     async def add_bootstrap_peer(self, peer_id: ID) -> None:
         await self.kad.routing_table.add_peer(peer_id)
 
     # -- announcing ----------------------------------------------------------------------------
     async def announce(
-        self, record: ServerRecord, *, provide_blocks: bool = True, later: trio.Nursery | None = None
+        self,
+        record: ServerRecord,
+        *,
+        provide_blocks: bool = True,
+        later: trio.Nursery | None = None,
     ) -> None:
         """Store the record under its key and, if asked, register as provider of each block.
 
@@ -136,9 +153,13 @@ class SwarmDHT:
         put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
-        blocks = [bytes.fromhex(block_key(record.model, b)) for b in range(record.start, record.end)]
+        blocks = [
+            bytes.fromhex(block_key(record.model, b)) for b in range(record.start, record.end)
+        ]
         blocks = blocks if provide_blocks else []
-        now, rest = (blocks[:PROVIDES_PER_WINDOW], blocks[PROVIDES_PER_WINDOW:]) if later else (blocks, [])
+        now, rest = (
+            (blocks[:PROVIDES_PER_WINDOW], blocks[PROVIDES_PER_WINDOW:]) if later else (blocks, [])
+        )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._store_at_closest, key_bytes, put_record)
             for block in now:
@@ -155,19 +176,33 @@ class SwarmDHT:
                     async with trio.open_nursery() as nursery:
                         for key in keys[i : i + PROVIDES_PER_WINDOW]:
                             nursery.start_soon(self._provide, key)
-                except Exception:  # in the background of a running peer: the next announcement retries
-                    log.warning("providing blocks failed; the next announcement tries again", exc_info=True)
+                except (
+                    Exception
+                ):  # in the background of a running peer: the next announcement retries
+                    log.warning(
+                        "providing blocks failed; the next announcement tries again", exc_info=True
+                    )
 
     async def _store_at_closest(self, key: bytes, put_record: Any) -> None:
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
-                nursery.start_soon(self._ask, peer, functools.partial(kad_requests.put_value, self.kad, peer, key, put_record))
+                nursery.start_soon(
+                    self._ask,
+                    peer,
+                    functools.partial(kad_requests.put_value, self.kad, peer, key, put_record),
+                )
 
     async def _provide(self, key: bytes) -> None:
-        self.kad.provider_store.add_provider(key, PeerInfo(self.host.get_id(), self.host.get_addrs()))
+        self.kad.provider_store.add_provider(
+            key, PeerInfo(self.host.get_id(), self.host.get_addrs())
+        )
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
-                nursery.start_soon(self._ask, peer, functools.partial(kad_requests.add_provider, self.kad, peer, key))
+                nursery.start_soon(
+                    self._ask,
+                    peer,
+                    functools.partial(kad_requests.add_provider, self.kad, peer, key),
+                )
 
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:
@@ -180,7 +215,12 @@ class SwarmDHT:
         return True
 
     def _mark_unreachable(self, peer: ID, why: object) -> None:
-        log.debug("peer %s did not answer a lookup (%r); skipping it for %.0f s", peer, why, UNREACHABLE_FOR)
+        log.debug(
+            "peer %s did not answer a lookup (%r); skipping it for %.0f s",
+            peer,
+            why,
+            UNREACHABLE_FOR,
+        )
         self._unreachable[peer] = trio.current_time() + UNREACHABLE_FOR
         self.kad.routing_table.remove_peer(peer)
 
@@ -219,7 +259,9 @@ class SwarmDHT:
         # peer, so asking costs a stream each and teaches nothing: such keys use what we know.
         rounds = LOOKUP_ROUNDS if len(key) <= MAX_FIND_NODE_KEY else 0
         for _ in range(rounds):
-            batch = [p for p in sort_peer_ids_by_distance(key, list(known)) if p not in queried][:ALPHA]
+            batch = [p for p in sort_peer_ids_by_distance(key, list(known)) if p not in queried][
+                :ALPHA
+            ]
             if not batch:
                 break
             found: set[ID] = set()
@@ -245,7 +287,9 @@ class SwarmDHT:
         and routing tables differ; asking only the 8 closest missed 2 of 12 servers in a 20-peer
         swarm."""
         key = bytes.fromhex(key_hex)
-        found: dict[ID, PeerInfo] = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
+        found: dict[ID, PeerInfo] = {
+            p.peer_id: p for p in self.kad.provider_store.get_providers(key)
+        }
 
         async def ask(peer: ID) -> None:
             answer = await self._ask(peer, lambda: kad_requests.get_providers(self.kad, peer, key))

@@ -68,8 +68,14 @@ def _request(kad: KadDHT, kind: Message.MessageType.ValueType, key: bytes) -> Me
     return request
 
 
-async def _send(kad: KadDHT, peer: ID, request: Message, *, forget_unreachable: bool = False,
-                answer: bool = True) -> Message:
+async def _send(
+    kad: KadDHT,
+    peer: ID,
+    request: Message,
+    *,
+    forget_unreachable: bool = False,
+    answer: bool = True,
+) -> Message:
     """``request`` on a new stream, then its answer (``answer=False``: none is read, the stream is
     closed once the request is written)."""
     try:
@@ -113,7 +119,10 @@ async def _release(stream: INetStream, peer: ID, answered: bool) -> None:
             try:
                 await (stream.close() if answered else stream.reset())
             except (
-                BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError
+                BaseLibp2pError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
             ) as exc:
                 log.debug("releasing a DHT stream to %s failed: %r", peer, exc)
 
@@ -138,7 +147,9 @@ async def find_node(kad: KadDHT, peer: ID, key: bytes) -> list[ID]:
         addrs = []
     if addrs:  # py-libp2p adds the asked peer to the routing table whatever the answer
         await kad.routing_table.add_peer(PeerInfo(peer, addrs))
-    response = await _exchange(kad, peer, Message.MessageType.FIND_NODE, key, forget_unreachable=True)
+    response = await _exchange(
+        kad, peer, Message.MessageType.FIND_NODE, key, forget_unreachable=True
+    )
     if response.type != Message.MessageType.FIND_NODE:
         return []
     if not maybe_consume_signed_record(response, kad.host, peer):
@@ -201,9 +212,13 @@ async def put_value(kad: KadDHT, peer: ID, key: bytes, record: Record) -> None:
     request.record.ClearField("timeReceived")  # the receiver sets it
     response = await _send(kad, peer, request)
     if response.type != Message.MessageType.PUT_VALUE or response.key != key:
-        raise RemoteProtocolError(f"{peer} did not confirm storing the value (answer type {response.type})")
+        raise RemoteProtocolError(
+            f"{peer} did not confirm storing the value (answer type {response.type})"
+        )
     if not maybe_consume_signed_record(response, kad.host, peer):
-        raise RemoteProtocolError(f"PUT_VALUE answer of {peer} refused: its signed peer record is invalid")
+        raise RemoteProtocolError(
+            f"PUT_VALUE answer of {peer} refused: its signed peer record is invalid"
+        )
 
 
 async def add_provider(kad: KadDHT, peer: ID, key: bytes) -> None:

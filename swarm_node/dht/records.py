@@ -54,7 +54,9 @@ class ServerRecord:
     @property
     def moving_span(self) -> tuple[int, int] | None:
         """The span this server is moving to, or None."""
-        return None if self.moving_to < 0 else (self.moving_to, self.moving_to + self.end - self.start)
+        return (
+            None if self.moving_to < 0 else (self.moving_to, self.moving_to + self.end - self.start)
+        )
 
     def is_live(self, now: float) -> bool:
         return self.state == "ONLINE" and self.expires_at > now
@@ -109,7 +111,9 @@ def unpack_map(value: bytes) -> dict[Any, Any]:
     if not isinstance(value, bytes | bytearray):
         raise RemoteProtocolError(f"server record must be bytes, got {type(value).__name__}")
     if len(value) > MAX_RECORD_SIZE:
-        raise RemoteProtocolError(f"server record must be <= {MAX_RECORD_SIZE} bytes, got {len(value)}")
+        raise RemoteProtocolError(
+            f"server record must be <= {MAX_RECORD_SIZE} bytes, got {len(value)}"
+        )
     try:
         data: Any = msgpack.unpackb(
             value, raw=False, strict_map_key=True, max_bin_len=MAX_BIN_LEN, max_ext_len=0
@@ -190,7 +194,9 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
             f"server record 'expires_at' must be finite, got {fields['expires_at']}"
         )
     if fields.get("state", "ONLINE") not in STATES:
-        raise RemoteProtocolError(f"server record 'state' must be one of {STATES}, got {fields['state']!r}")
+        raise RemoteProtocolError(
+            f"server record 'state' must be one of {STATES}, got {fields['state']!r}"
+        )
     return ServerRecord(**fields)
 
 

@@ -71,7 +71,8 @@ def choose_chain(
     """
     latency = latency or {}
     usable = [
-        s for s in servers
+        s
+        for s in servers
         if s.model == model and s.peer_id not in exclude and (not adapter or adapter in s.adapters)
     ]
     gaps = missing_blocks(usable, start, end)
@@ -155,8 +156,15 @@ def server_rtts(servers: Iterable[ServerRecord]) -> dict[tuple[str, str], float]
 
 # -- latency-aware inference chains ----------------------------------------------------------------
 def _usable(
-    servers: Iterable[ServerRecord], *, model: str, start: int, end: int, now: float,
-    exclude: frozenset[str], cache_tokens: int, adapter: str = "",
+    servers: Iterable[ServerRecord],
+    *,
+    model: str,
+    start: int,
+    end: int,
+    now: float,
+    exclude: frozenset[str],
+    cache_tokens: int,
+    adapter: str = "",
 ) -> list[ServerRecord]:
     """Live servers of ``model`` (holding ``adapter``, when one is named) with room for the session;
     MissingBlocksError names what lacks."""
@@ -171,7 +179,9 @@ def _usable(
         why = ""
         if full:
             why = f" ({format_blocks(full)} only on servers without room for {cache_tokens} tokens)"
-        raise MissingBlocksError(f"no server{holding} for blocks {format_blocks(gaps)} of {model}{why}")
+        raise MissingBlocksError(
+            f"no server{holding} for blocks {format_blocks(gaps)} of {model}{why}"
+        )
     return sorted(usable, key=lambda s: (s.peer_id, s.start))
 
 
@@ -195,8 +205,11 @@ def _link(
 
 
 def chain_latency(
-    chain: Sequence[Hop], *, rtt: Mapping[str, float],
-    server_rtt: Mapping[tuple[str, str], float] | None = None, push: bool,
+    chain: Sequence[Hop],
+    *,
+    rtt: Mapping[str, float],
+    server_rtt: Mapping[tuple[str, str], float] | None = None,
+    push: bool,
 ) -> float:
     """Expected seconds per token: compute of every hop plus the network path.
 
@@ -241,8 +254,14 @@ def choose_inference_chain(
     """
     server_rtt = server_rtt or {}
     usable = _usable(
-        servers, model=model, start=start, end=end, now=now, exclude=exclude,
-        cache_tokens=max_length * batch_size, adapter=adapter,
+        servers,
+        model=model,
+        start=start,
+        end=end,
+        now=now,
+        exclude=exclude,
+        cache_tokens=max_length * batch_size,
+        adapter=adapter,
     )
     positions = list(range(start, end + 1))
     # best[pos][last] = (seconds, hops, previous (pos, last), hop); last = -1: nothing sent yet
@@ -298,7 +317,13 @@ def choose_training_chain(
     throughput among the live ones covering it (and holding ``adapter``, when one is named), so
     many clients spread their load over the swarm."""
     usable = _usable(
-        servers, model=model, start=start, end=end, now=now, exclude=exclude, cache_tokens=0,
+        servers,
+        model=model,
+        start=start,
+        end=end,
+        now=now,
+        exclude=exclude,
+        cache_tokens=0,
         adapter=adapter,
     )
     chain: list[Hop] = []

@@ -25,7 +25,11 @@ from swarm_node.dht.records import ServerRecord
 
 
 def block_coverage(
-    servers: Iterable[ServerRecord], *, model: str, num_blocks: int, now: float,
+    servers: Iterable[ServerRecord],
+    *,
+    model: str,
+    num_blocks: int,
+    now: float,
     exclude: frozenset[str] = frozenset(),
 ) -> list[float]:
     """Summed throughput per block of ``model`` over the live servers not in ``exclude``."""
@@ -55,13 +59,17 @@ class Score:
 
 
 def score(coverage: Sequence[float]) -> Score:
-    return Score(uncovered=sum(1 for c in coverage if c <= 0), weakest=min(coverage) if coverage else 0.0)
+    return Score(
+        uncovered=sum(1 for c in coverage if c <= 0), weakest=min(coverage) if coverage else 0.0
+    )
 
 
 def choose_span(coverage: Sequence[float], *, length: int, throughput: float) -> int:
     """The start of the best window of ``length`` blocks for a server of ``throughput`` tokens/s."""
     if not 1 <= length <= len(coverage):
-        raise ValueError(f"a span of {length} blocks does not fit a model of {len(coverage)} blocks")
+        raise ValueError(
+            f"a span of {length} blocks does not fit a model of {len(coverage)} blocks"
+        )
     throughput = max(throughput, 1e-9)  # even an unmeasured server covers its blocks
 
     def key(start: int) -> tuple[int, float, float, int]:
@@ -72,7 +80,12 @@ def choose_span(coverage: Sequence[float], *, length: int, throughput: float) ->
 
 
 def better_start(
-    servers: Iterable[ServerRecord], *, me: ServerRecord, num_blocks: int, now: float, min_gain: float,
+    servers: Iterable[ServerRecord],
+    *,
+    me: ServerRecord,
+    num_blocks: int,
+    now: float,
+    min_gain: float,
 ) -> int | None:
     """Where ``me`` should move to, or None to stay.
 
@@ -81,7 +94,9 @@ def better_start(
     or raises the weakest block's coverage by more than ``min_gain`` (0.2 = 20%).
     """
     length = me.end - me.start
-    others = block_coverage(servers, model=me.model, num_blocks=num_blocks, now=now, exclude=frozenset({me.peer_id}))
+    others = block_coverage(
+        servers, model=me.model, num_blocks=num_blocks, now=now, exclude=frozenset({me.peer_id})
+    )
     best = choose_span(others, length=length, throughput=me.throughput)
     if best == me.start:
         return None
@@ -92,13 +107,19 @@ def better_start(
     now_score, new_score = score(here), score(there)
     if new_score.uncovered < now_score.uncovered:
         return best
-    if new_score.uncovered == now_score.uncovered and new_score.weakest > now_score.weakest * (1 + min_gain):
+    if new_score.uncovered == now_score.uncovered and new_score.weakest > now_score.weakest * (
+        1 + min_gain
+    ):
         return best
     return None
 
 
 def conflicting_moves(
-    servers: Iterable[ServerRecord], *, me: ServerRecord, target: int, now: float,
+    servers: Iterable[ServerRecord],
+    *,
+    me: ServerRecord,
+    target: int,
+    now: float,
 ) -> list[ServerRecord]:
     """Other live servers of ``me``'s model moving now whose blocks (where they are and where they
     go) overlap ``me``'s (where it is and ``target``): a move of ``me`` to ``target`` must wait for

@@ -9,6 +9,7 @@ from swarm_node.model.bundled import (
     BundledModel,
     default_cache_dir,
     load_tokenizer,
+    model_id_of,
     resolve_model,
 )
 from swarm_node.model.checkpoint import Checkpoint
@@ -31,6 +32,7 @@ __all__ = [
     "default_cache_dir",
     "family_for",
     "load_tokenizer",
+    "model_id_of",
     "resolve_model",
     "sample_next_token",
 ]

@@ -25,6 +25,14 @@ from swarm_node.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
+
+def model_id_of(model: str) -> str:
+    """The name a model is announced under: a bundled name as is, a folder by its last component."""
+    if model in BUNDLED_MODELS:
+        return model
+    return model.rstrip("/").rsplit("/", 1)[-1]
+
+
 COMPLETE_MARKER = ".swarm-node-complete"  # written last: a folder without it is not a model
 
 

@@ -85,8 +85,10 @@ class ClientHead(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states `# (B, T, H)` -> logits `# (B, T, V)` (norm, then head)."""
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or (
-            hidden.shape[2] != self.hidden_size
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or (hidden.shape[2] != self.hidden_size)
         ):
             raise ConfigError(
                 f"'hidden' must have shape (B, T, {self.hidden_size}), "

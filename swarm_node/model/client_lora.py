@@ -35,11 +35,17 @@ class ClientLora(torch.nn.Module):
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
             raise ConfigError(f"'lora_rank' must be an int in [1, {MAX_RANK}], got {rank!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, int | float)
+            or not (math.isfinite(alpha) and alpha > 0)
+        ):
             raise ConfigError(f"'lora_alpha' must be a number > 0, got {alpha!r}")
         unknown = [t for t in targets if t not in shapes]
         if not targets or unknown:
-            raise ConfigError(f"'lora_targets' must name Linears of a block, some of {sorted(shapes)}, got {list(targets)!r}")
+            raise ConfigError(
+                f"'lora_targets' must name Linears of a block, some of {sorted(shapes)}, got {list(targets)!r}"
+            )
         if not blocks or len(set(blocks)) != len(blocks):
             raise ConfigError(f"'blocks' must be distinct block indices, got {list(blocks)!r}")
         self.blocks = tuple(sorted(blocks))
@@ -54,7 +60,9 @@ class ClientLora(torch.nn.Module):
                 a = torch.empty(rank, fan_in, dtype=dtype)
                 torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT's lora_A
                 self.a[self._key(block, name)] = torch.nn.Parameter(a)
-                self.b[self._key(block, name)] = torch.nn.Parameter(torch.zeros(fan_out, rank, dtype=dtype))
+                self.b[self._key(block, name)] = torch.nn.Parameter(
+                    torch.zeros(fan_out, rank, dtype=dtype)
+                )
 
     @staticmethod
     def _key(block: int, name: str) -> str:
@@ -62,11 +70,17 @@ class ClientLora(torch.nn.Module):
 
     def weights(self) -> LoraWeights:
         """The adapter as the model/ API takes it; its tensors are this module's Parameters."""
-        return LoraWeights({
-            block: {name: LoraModule(self.a[self._key(block, name)], self.b[self._key(block, name)], self.scale)
-                    for name in self.targets}
-            for block in self.blocks
-        })
+        return LoraWeights(
+            {
+                block: {
+                    name: LoraModule(
+                        self.a[self._key(block, name)], self.b[self._key(block, name)], self.scale
+                    )
+                    for name in self.targets
+                }
+                for block in self.blocks
+            }
+        )
 
     def extra_repr(self) -> str:
         return f"blocks={len(self.blocks)}, targets={list(self.targets)}, rank={self.rank}, scale={self.scale:g}"

@@ -46,9 +46,7 @@ def family_for(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
-        raise ModelError(
-            f"'model_type' must be one of {sorted(FAMILIES)}, got {model_type!r}"
-        )
+        raise ModelError(f"'model_type' must be one of {sorted(FAMILIES)}, got {model_type!r}")
     return family
 
 

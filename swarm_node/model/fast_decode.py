@@ -40,7 +40,9 @@ def supports(layers: torch.nn.ModuleList, config: Any, kinds: list[str]) -> bool
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         if attn is None or mlp is None:
             return False
-        linears = [getattr(attn, n, None) for n in _PROJECTIONS] + [getattr(mlp, n, None) for n in _MLP]
+        linears = [getattr(attn, n, None) for n in _PROJECTIONS] + [
+            getattr(mlp, n, None) for n in _MLP
+        ]
         if any(type(m) is not torch.nn.Linear for m in linears):  # bitsandbytes layers, adapters
             return False
         norms = [layer.input_layernorm, layer.post_attention_layernorm]
@@ -97,7 +99,13 @@ def decode_step(
         k, v = dynamic.update(k, v, j)  # (B, kv_heads, L, D): the past and this position
         gqa = getattr(attn, "num_key_value_groups", 1) > 1
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None, dropout_p=0.0, scale=attn.scaling, is_causal=False,
+            q,
+            k,
+            v,
+            attn_mask=None,
+            dropout_p=0.0,
+            scale=attn.scaling,
+            is_causal=False,
             **({"enable_gqa": True} if gqa else {}),
         )
         out = out.reshape(out.shape[0], -1, new_tokens, v.shape[-1]).transpose(1, 2).contiguous()
@@ -107,5 +115,7 @@ def decode_step(
         x = _rms_norm(hidden, layer.post_attention_layernorm)
         gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
         up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
-        hidden = residual + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+        hidden = residual + F.linear(
+            mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias
+        )
     return hidden  # (B, 1, H)

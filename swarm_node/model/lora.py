@@ -122,7 +122,9 @@ def check_lora(
         for name, mod in mods.items():
             where = f"{what} block {block} {name!r}"
             if name not in shapes:
-                raise ConfigError(f"{where}: the module must be a Linear of the block, one of {sorted(shapes)}")
+                raise ConfigError(
+                    f"{where}: the module must be a Linear of the block, one of {sorted(shapes)}"
+                )
             if not isinstance(mod, LoraModule):
                 raise ConfigError(f"{where} must be a LoraModule, got {type(mod).__name__}")
             fan_in, fan_out = shapes[name]
@@ -135,13 +137,20 @@ def check_lora(
 
 
 def check_pair(
-    where: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], fan_in: int, fan_out: int,
-    max_rank: int, rank: int | None = None,
+    where: str,
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    fan_in: int,
+    fan_out: int,
+    max_rank: int,
+    rank: int | None = None,
 ) -> None:
     """ConfigError unless A is ``(r, fan_in)`` and B ``(fan_out, r)`` with r in [1, max_rank]."""
     r = a_shape[0] if rank is None and a_shape else rank
     if not (isinstance(r, int) and 1 <= r <= max_rank):
-        raise ConfigError(f"{where}: rank must be an int in [1, {max_rank}], got {r!r} (A shape {a_shape})")
+        raise ConfigError(
+            f"{where}: rank must be an int in [1, {max_rank}], got {r!r} (A shape {a_shape})"
+        )
     if a_shape != (r, fan_in) or b_shape != (fan_out, r):
         raise ConfigError(
             f"{where}: A must have shape ({r}, {fan_in}) and B ({fan_out}, {r}), got A {a_shape} and B {b_shape}"
@@ -154,7 +163,9 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     if not file.is_file():
         raise ModelError(f"adapter folder {str(path)!r} must hold {ADAPTER_CONFIG}, it does not")
     if file.stat().st_size > MAX_CONFIG_BYTES:
-        raise ModelError(f"{str(file)!r} must be at most {MAX_CONFIG_BYTES} bytes, got {file.stat().st_size}")
+        raise ModelError(
+            f"{str(file)!r} must be at most {MAX_CONFIG_BYTES} bytes, got {file.stat().st_size}"
+        )
     try:
         data = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -172,7 +183,9 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     for key, allowed in refuse.items():
         value = data.get(key, allowed[-1])
         if value not in allowed:
-            raise ModelError(f"{str(file)!r}: {key!r} must be one of {list(allowed)}, got {value!r}")
+            raise ModelError(
+                f"{str(file)!r}: {key!r} must be one of {list(allowed)}, got {value!r}"
+            )
     for key in ("r", "lora_alpha"):
         value = data.get(key)
         if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
@@ -182,7 +195,9 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and type(v) in (int, float) and v > 0 for k, v in value.items()
         ):
-            raise ModelError(f"{str(file)!r}: {key!r} must map patterns to numbers > 0, got {value!r}")
+            raise ModelError(
+                f"{str(file)!r}: {key!r} must map patterns to numbers > 0, got {value!r}"
+            )
         data[key] = value
     return data
 
@@ -233,10 +248,14 @@ def load_peft_adapter(
     if not weights.is_file():
         raise ModelError(f"adapter folder {str(path)!r} must hold {ADAPTER_WEIGHTS}, it does not")
     if weights.stat().st_size > max_bytes:
-        raise ModelError(f"{str(weights)!r} must be at most {max_bytes} bytes, got {weights.stat().st_size}")
+        raise ModelError(
+            f"{str(weights)!r} must be at most {max_bytes} bytes, got {weights.stat().st_size}"
+        )
     num_blocks = int(config.num_hidden_layers)
     layers = family_for(config).layers
-    key_re = re.compile(rf"{re.escape(PEFT_PREFIX + layers)}\.(\d+)\.([A-Za-z0-9_.]+)\.lora_([AB])\.weight")
+    key_re = re.compile(
+        rf"{re.escape(PEFT_PREFIX + layers)}\.(\d+)\.([A-Za-z0-9_.]+)\.lora_([AB])\.weight"
+    )
     shapes = config_linear_shapes(config)
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
@@ -251,32 +270,51 @@ def load_peft_adapter(
                     )
                 block, module, side = int(match.group(1)), match.group(2), match.group(3)
                 if block >= num_blocks:
-                    raise ModelError(f"{str(weights)!r}: tensor {tensor_name!r} names block {block}, "
-                                     f"the model has blocks 0:{num_blocks}")
+                    raise ModelError(
+                        f"{str(weights)!r}: tensor {tensor_name!r} names block {block}, "
+                        f"the model has blocks 0:{num_blocks}"
+                    )
                 if module not in shapes:
-                    raise ModelError(f"{str(weights)!r}: tensor {tensor_name!r} names module {module!r}, "
-                                     f"which must be a Linear of the block, one of {sorted(shapes)}")
+                    raise ModelError(
+                        f"{str(weights)!r}: tensor {tensor_name!r} names module {module!r}, "
+                        f"which must be a Linear of the block, one of {sorted(shapes)}"
+                    )
                 found.setdefault((block, module), {})[side] = tensor_name
             out: dict[int, dict[str, LoraModule]] = {}
             for (block, module), pair in sorted(found.items()):
                 key = f"{layers}.{block}.{module}"
                 if set(pair) != {"A", "B"}:
-                    raise ModelError(f"{str(weights)!r}: {key!r} must have both lora_A and lora_B, got {sorted(pair)}")
+                    raise ModelError(
+                        f"{str(weights)!r}: {key!r} must have both lora_A and lora_B, got {sorted(pair)}"
+                    )
                 if not _targeted(cfg.get("target_modules"), key):
-                    raise ModelError(f"{str(weights)!r} holds LoRA for {key!r}, which 'target_modules' "
-                                     f"{cfg.get('target_modules')!r} does not name")
+                    raise ModelError(
+                        f"{str(weights)!r} holds LoRA for {key!r}, which 'target_modules' "
+                        f"{cfg.get('target_modules')!r} does not name"
+                    )
                 rank = _pattern_value(cfg["rank_pattern"], key, cfg["r"])
                 alpha = _pattern_value(cfg["alpha_pattern"], key, cfg["lora_alpha"])
                 a_slice, b_slice = f.get_slice(pair["A"]), f.get_slice(pair["B"])
                 fan_in, fan_out = shapes[module]
                 try:
-                    check_pair(f"{str(weights)!r} {key!r}", tuple(a_slice.get_shape()),
-                               tuple(b_slice.get_shape()), fan_in, fan_out, max_rank, rank=rank)
+                    check_pair(
+                        f"{str(weights)!r} {key!r}",
+                        tuple(a_slice.get_shape()),
+                        tuple(b_slice.get_shape()),
+                        fan_in,
+                        fan_out,
+                        max_rank,
+                        rank=rank,
+                    )
                 except ConfigError as exc:
-                    raise ModelError(f"{exc} (adapter_config 'r' or 'rank_pattern' gives rank {rank})") from None
+                    raise ModelError(
+                        f"{exc} (adapter_config 'r' or 'rank_pattern' gives rank {rank})"
+                    ) from None
                 for s, name in ((a_slice, pair["A"]), (b_slice, pair["B"])):
                     if s.get_dtype() not in ("F32", "F16", "BF16", "F64"):
-                        raise ModelError(f"{str(weights)!r}: {name!r} must be a float tensor, got {s.get_dtype()}")
+                        raise ModelError(
+                            f"{str(weights)!r}: {name!r} must be a float tensor, got {s.get_dtype()}"
+                        )
                 if not start <= block < end:
                     continue  # checked, not read
                 scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
@@ -291,13 +329,17 @@ def load_peft_adapter(
 
 
 # -- application ---------------------------------------------------------------------------------------
-_ACTIVE: contextvars.ContextVar[LoraWeights | None] = contextvars.ContextVar("swarm_node_lora", default=None)
+_ACTIVE: contextvars.ContextVar[LoraWeights | None] = contextvars.ContextVar(
+    "swarm_node_lora", default=None
+)
 _HOOK_LOCK = threading.Lock()
 _HOOKED: weakref.WeakKeyDictionary[torch.nn.Module, int] = weakref.WeakKeyDictionary()
 
 
 def _hook_for(block: int, name: str) -> Any:
-    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+    def hook(
+        module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
         lora = _ACTIVE.get()
         mod = lora.modules.get(block, {}).get(name) if lora is not None else None
         if mod is None:
@@ -332,7 +374,9 @@ def active_lora() -> LoraWeights | None:
 
 
 @contextlib.contextmanager
-def lora_applied(layers: torch.nn.ModuleList, first_block: int, lora: LoraWeights | None) -> Iterator[None]:
+def lora_applied(
+    layers: torch.nn.ModuleList, first_block: int, lora: LoraWeights | None
+) -> Iterator[None]:
     """Within the block, this thread's calls of ``layers`` (blocks ``first_block..``) use ``lora``."""
     if lora is None and _ACTIVE.get() is None:
         yield
@@ -366,8 +410,13 @@ _STATE_KEY = re.compile(r"model\.layers\.(\d{1,6})\.([A-Za-z0-9_.]{1,128})\.lora
 
 
 def lora_from_state(
-    tensors: Mapping[str, torch.Tensor], scales: Mapping[str, float], *, shapes: Shapes, start: int,
-    end: int, max_rank: int = MAX_RANK,
+    tensors: Mapping[str, torch.Tensor],
+    scales: Mapping[str, float],
+    *,
+    shapes: Shapes,
+    start: int,
+    end: int,
+    max_rank: int = MAX_RANK,
 ) -> LoraWeights:
     """The inverse of ``lora_state``, checked with ``check_lora`` (ConfigError on any mismatch)."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -381,12 +430,16 @@ def lora_from_state(
         pairs.setdefault((int(match.group(1)), match.group(2)), {})[match.group(3)] = tensor
     keys = {f"model.layers.{block}.{module}" for block, module in pairs}
     if set(scales) != keys:
-        raise ConfigError(f"LoRA scales must name exactly the adapted modules {sorted(keys)[:8]}, "
-                          f"got {sorted(map(str, scales))[:8]}")
+        raise ConfigError(
+            f"LoRA scales must name exactly the adapted modules {sorted(keys)[:8]}, "
+            f"got {sorted(map(str, scales))[:8]}"
+        )
     modules: dict[int, dict[str, LoraModule]] = {}
     for (block, module), pair in pairs.items():
         if set(pair) != {"A", "B"}:
-            raise ConfigError(f"LoRA block {block} {module!r} must have both A and B, got {sorted(pair)}")
+            raise ConfigError(
+                f"LoRA block {block} {module!r} must have both A and B, got {sorted(pair)}"
+            )
         scale = scales[f"model.layers.{block}.{module}"]
         modules.setdefault(block, {})[module] = LoraModule(pair["A"], pair["B"], scale)
     lora = LoraWeights(modules)

@@ -43,7 +43,9 @@ def manifest_entries(
     ConfigError (field, expectation, what came) for anything a span ``start..end-1`` cannot take.
     """
     if not isinstance(manifest, str) or len(manifest.encode()) > MAX_MANIFEST_BYTES:
-        raise ConfigError(f"'lora_manifest' must be a JSON str of at most {MAX_MANIFEST_BYTES} bytes")
+        raise ConfigError(
+            f"'lora_manifest' must be a JSON str of at most {MAX_MANIFEST_BYTES} bytes"
+        )
     try:
         raw = json.loads(manifest)
     except ValueError as exc:
@@ -58,17 +60,25 @@ def manifest_entries(
         ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
         match = _KEY.fullmatch(item[0]) if ok else None
         if match is None:
-            raise ConfigError(f"'lora_manifest' entries must be [\"model.layers.<i>.<module>\", rank, scale], "
-                              f"got {str(item)[:80]!r}")
+            raise ConfigError(
+                f"'lora_manifest' entries must be [\"model.layers.<i>.<module>\", rank, scale], "
+                f"got {str(item)[:80]!r}"
+            )
         key, rank, scale = item
         block, module = int(match.group(1)), match.group(2)
         if not start <= block < end or module not in shapes or key in seen:
-            raise ConfigError(f"'lora_manifest' module {key!r} must be a distinct Linear of blocks {start}:{end}, "
-                              f"one of {sorted(shapes)}")
+            raise ConfigError(
+                f"'lora_manifest' module {key!r} must be a distinct Linear of blocks {start}:{end}, "
+                f"one of {sorted(shapes)}"
+            )
         if type(rank) is not int or not 1 <= rank <= max_rank:
-            raise ConfigError(f"'lora_manifest' rank of {key!r} must be an int in [1, {max_rank}], got {rank!r}")
+            raise ConfigError(
+                f"'lora_manifest' rank of {key!r} must be an int in [1, {max_rank}], got {rank!r}"
+            )
         if type(scale) not in (int, float) or not math.isfinite(scale):
-            raise ConfigError(f"'lora_manifest' scale of {key!r} must be a finite number, got {scale!r}")
+            raise ConfigError(
+                f"'lora_manifest' scale of {key!r} must be a finite number, got {scale!r}"
+            )
         seen.add(key)
         fan_in, fan_out = shapes[module]
         numel += rank * (fan_in + fan_out)
@@ -77,13 +87,23 @@ def manifest_entries(
 
 
 def unpack_lora(
-    flat: torch.Tensor, manifest: Any, *, shapes: Shapes, start: int, end: int, max_rank: int = MAX_RANK
+    flat: torch.Tensor,
+    manifest: Any,
+    *,
+    shapes: Shapes,
+    start: int,
+    end: int,
+    max_rank: int = MAX_RANK,
 ) -> LoraWeights:
     """The LoraWeights of ``pack_lora``'s output, as views of ``flat`` (checked: ConfigError)."""
-    entries, numel = manifest_entries(manifest, shapes=shapes, start=start, end=end, max_rank=max_rank)
+    entries, numel = manifest_entries(
+        manifest, shapes=shapes, start=start, end=end, max_rank=max_rank
+    )
     if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.numel() != numel:
         got = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
-        raise ConfigError(f"'lora' must be a flat tensor of {numel} numbers (as the manifest says), got {got}")
+        raise ConfigError(
+            f"'lora' must be a flat tensor of {numel} numbers (as the manifest says), got {got}"
+        )
     if not flat.is_floating_point():
         raise ConfigError(f"'lora' must be a floating tensor, got {flat.dtype}")
     modules: dict[int, dict[str, LoraModule]] = {}

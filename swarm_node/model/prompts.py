@@ -30,7 +30,9 @@ def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, past: int) -> torch.T
     return torch.cat([head, hidden[:, n:]], dim=1)
 
 
-def check_prompts(prompts: torch.Tensor, *, num_blocks: int, hidden_size: int, dtype: torch.dtype) -> str | None:
+def check_prompts(
+    prompts: torch.Tensor, *, num_blocks: int, hidden_size: int, dtype: torch.dtype
+) -> str | None:
     """Why ``prompts`` cannot be the deep prompts of ``num_blocks`` blocks (None: they can)."""
     shape = tuple(prompts.shape)
     if prompts.ndim != 3 or shape[0] != num_blocks or shape[2] != hidden_size:
@@ -61,11 +63,19 @@ class PromptTuning(torch.nn.Module):
         super().__init__()
         if mode not in TUNING_MODES[1:]:
             raise ConfigError(f"'tuning_mode' must be one of {TUNING_MODES}, got {mode!r}")
-        if isinstance(pre_seq_len, bool) or not isinstance(pre_seq_len, int) or not 1 <= pre_seq_len <= MAX_PRE_SEQ_LEN:
-            raise ConfigError(f"'pre_seq_len' must be an int in [1, {MAX_PRE_SEQ_LEN}], got {pre_seq_len!r}")
+        if (
+            isinstance(pre_seq_len, bool)
+            or not isinstance(pre_seq_len, int)
+            or not 1 <= pre_seq_len <= MAX_PRE_SEQ_LEN
+        ):
+            raise ConfigError(
+                f"'pre_seq_len' must be an int in [1, {MAX_PRE_SEQ_LEN}], got {pre_seq_len!r}"
+            )
         self.mode = mode
         self.pre_seq_len = pre_seq_len
-        self.prompts = torch.nn.Parameter(torch.randn(pre_seq_len, hidden_size, dtype=dtype) * init_std)
+        self.prompts = torch.nn.Parameter(
+            torch.randn(pre_seq_len, hidden_size, dtype=dtype) * init_std
+        )
         self.deep_prompts = (
             torch.nn.Parameter(torch.zeros(num_blocks, pre_seq_len, hidden_size, dtype=dtype))
             if mode == "deep_ptune"
@@ -74,7 +84,9 @@ class PromptTuning(torch.nn.Module):
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``# (B, T, H)`` -> the soft prompt followed by them ``# (B, P + T, H)``."""
-        prefix = self.prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)  # (B, P, H)
+        prefix = (
+            self.prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        )  # (B, P, H)
         return torch.cat([prefix, embeds], dim=1)
 
     def extra_repr(self) -> str:

@@ -63,12 +63,16 @@ def sample_next_token(
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """Logits `# (B, V)` with every token of `seen` `# (B, T)` made less likely (CTRL's rule, as in
     transformers): a positive logit is divided by `penalty`, a negative one multiplied by it.
     `penalty` 1.0 changes nothing; > 1 discourages repeats."""
-    if isinstance(penalty, bool) or not isinstance(penalty, int | float) or not (
-        math.isfinite(penalty) and penalty > 0
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, int | float)
+        or not (math.isfinite(penalty) and penalty > 0)
     ):
         raise ConfigError(f"'repetition_penalty' must be a finite number > 0, got {penalty!r}")
     if penalty == 1.0 or seen.numel() == 0:

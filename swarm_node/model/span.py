@@ -72,9 +72,7 @@ class BlockSpan(torch.nn.Module):
         layer at a time, so the float weights of only one layer are ever held at once.
         """
         total = checkpoint.num_blocks
-        if not (
-            isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total
-        ):
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total):
             raise ConfigError(
                 f"span must satisfy 0 <= start < end <= {total} (the model has {total} blocks), "
                 f"got {start}:{end}"
@@ -90,7 +88,12 @@ class BlockSpan(torch.nn.Module):
         # a bar on a terminal only (tqdm turns itself off when stderr is not one): loading a big span,
         # or quantizing it, takes a while
         progress = tqdm(
-            layers, desc=f"loading blocks {start}:{end}", unit="block", disable=None, file=sys.stderr, leave=False
+            layers,
+            desc=f"loading blocks {start}:{end}",
+            unit="block",
+            disable=None,
+            file=sys.stderr,
+            leave=False,
         )
         for local, layer in enumerate(progress):
             materialize(layer, checkpoint, family.layer_prefix(start + local), dtype=dtype)
@@ -119,7 +122,12 @@ class BlockSpan(torch.nn.Module):
         return self.end - self.start
 
     def new_cache(
-        self, max_length: int, batch_size: int = 1, *, start: int | None = None, end: int | None = None
+        self,
+        max_length: int,
+        batch_size: int = 1,
+        *,
+        start: int | None = None,
+        end: int | None = None,
     ) -> SpanCache:
         """A cache for blocks `start..end-1` (default: the whole span; a sub-span must lie inside it)."""
         start, end = self._sub_span(start, end)
@@ -235,10 +243,14 @@ class BlockSpan(torch.nn.Module):
 
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
-        position_ids = torch.arange(past, past + new_tokens, device=hidden.device).unsqueeze(0)  # (1, T)
+        position_ids = torch.arange(past, past + new_tokens, device=hidden.device).unsqueeze(
+            0
+        )  # (1, T)
         if dynamic is not None and prompts is None and self.uses_fast_decode(new_tokens):
             position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
-            return fast_decode.decode_step(self.layers[first:stop], hidden, dynamic, position_embeddings)
+            return fast_decode.decode_step(
+                self.layers[first:stop], hidden, dynamic, position_embeddings
+            )
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,

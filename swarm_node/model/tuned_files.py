@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from swarm_node.errors import ConfigError, ModelError
-from swarm_node.model.lora import LoraWeights, check_lora, config_linear_shapes, lora_from_state, lora_state
+from swarm_node.model.lora import (
+    LoraWeights,
+    check_lora,
+    config_linear_shapes,
+    lora_from_state,
+    lora_state,
+)
 from swarm_node.model.prompts import MAX_PRE_SEQ_LEN
 
 FORMAT = "swarm-node-tuned"
@@ -75,8 +81,12 @@ def save_tuned(path: str | Path, tuned: TunedFile, *, config: Any) -> Path:
         raise ConfigError(f"'method' must be one of {METHODS}, got {tuned.method!r}")
     tensors, scales = _tensors_of(tuned)
     if tuned.lora is not None:
-        check_lora(tuned.lora, shapes=config_linear_shapes(config), start=tuned.start, end=tuned.end)
-    tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+        check_lora(
+            tuned.lora, shapes=config_linear_shapes(config), start=tuned.start, end=tuned.end
+        )
+    tensors = {
+        name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()
+    }
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -90,8 +100,14 @@ def save_tuned(path: str | Path, tuned: TunedFile, *, config: Any) -> Path:
         "scales": json.dumps(scales, sort_keys=True),
     }
     try:
-        _check_header(metadata, tensors_meta={n: (list(t.shape), "F32") for n, t in tensors.items()},
-                      model=tuned.model, config=config, methods=METHODS, where="tuned file to save")
+        _check_header(
+            metadata,
+            tensors_meta={n: (list(t.shape), "F32") for n, t in tensors.items()},
+            model=tuned.model,
+            config=config,
+            methods=METHODS,
+            where="tuned file to save",
+        )
     except ModelError as exc:
         raise ConfigError(str(exc)) from None
     path = Path(path).expanduser()
@@ -132,9 +148,16 @@ def load_tuned(
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors_meta = {n: (list(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()}
+            tensors_meta = {
+                n: (list(f.get_slice(n).get_shape()), f.get_slice(n).get_dtype()) for n in f.keys()
+            }
             method, start, end, scales = _check_header(
-                metadata, tensors_meta=tensors_meta, model=model, config=config, methods=methods, where=where
+                metadata,
+                tensors_meta=tensors_meta,
+                model=model,
+                config=config,
+                methods=methods,
+                where=where,
             )
             tensors = {name: f.get_tensor(name).to(dtype) for name in tensors_meta}
     except SafetensorError as exc:
@@ -145,23 +168,40 @@ def load_tuned(
     common = dict(model=metadata["model"], method=method, start=start, end=end)
     if method == "lora":
         try:
-            lora = lora_from_state(tensors, scales, shapes=config_linear_shapes(config), start=start, end=end)
+            lora = lora_from_state(
+                tensors, scales, shapes=config_linear_shapes(config), start=start, end=end
+            )
         except ConfigError as exc:
             raise ModelError(f"{where}: {exc}") from None
         return TunedFile(**common, lora=lora)
     return TunedFile(**common, prompts=tensors["prompts"], deep_prompts=tensors.get("deep_prompts"))
 
 
-def tuned_of(model: str, method: str | None, *, num_blocks: int, ptune: Any = None, lora: LoraWeights | None = None) -> TunedFile:
+def tuned_of(
+    model: str,
+    method: str | None,
+    *,
+    num_blocks: int,
+    ptune: Any = None,
+    lora: LoraWeights | None = None,
+) -> TunedFile:
     """What a client trained (a prompts.PromptTuning or a LoRA) as a TunedFile over every block."""
     if method == "lora" and lora is not None:
         return TunedFile(model=model, method="lora", start=0, end=num_blocks, lora=lora)
     if method in ("ptune", "deep_ptune") and ptune is not None:
         deep = ptune.deep_prompts.detach() if ptune.deep_prompts is not None else None
-        return TunedFile(model=model, method=method, start=0, end=num_blocks, prompts=ptune.prompts.detach(),
-                         deep_prompts=deep)
-    raise ConfigError(f"only a model with tuning_mode 'ptune', 'deep_ptune' or 'lora' has something to save, "
-                      f"got tuning_mode {method!r}")
+        return TunedFile(
+            model=model,
+            method=method,
+            start=0,
+            end=num_blocks,
+            prompts=ptune.prompts.detach(),
+            deep_prompts=deep,
+        )
+    raise ConfigError(
+        f"only a model with tuning_mode 'ptune', 'deep_ptune' or 'lora' has something to save, "
+        f"got tuning_mode {method!r}"
+    )
 
 
 def copy_tuned(tuned: TunedFile, *, ptune: Any = None, lora: LoraWeights | None = None) -> None:
@@ -170,23 +210,39 @@ def copy_tuned(tuned: TunedFile, *, ptune: Any = None, lora: LoraWeights | None 
     if tuned.method == "lora" and lora is not None and tuned.lora is not None:
         mine, theirs = dict(lora.items()), dict(tuned.lora.items())
         if mine.keys() != theirs.keys():
-            raise ConfigError(f"the tuned file's LoRA must adapt the model's modules {sorted(mine)[:4]}..., "
-                              f"got {sorted(theirs)[:4]}...")
+            raise ConfigError(
+                f"the tuned file's LoRA must adapt the model's modules {sorted(mine)[:4]}..., "
+                f"got {sorted(theirs)[:4]}..."
+            )
         for key, mod in mine.items():
             if theirs[key].scale != mod.scale:
-                raise ConfigError(f"LoRA scale of {key!r} must be {mod.scale} (the model's), got {theirs[key].scale}")
+                raise ConfigError(
+                    f"LoRA scale of {key!r} must be {mod.scale} (the model's), got {theirs[key].scale}"
+                )
             pairs += [(f"{key} A", mod.a, theirs[key].a), (f"{key} B", mod.b, theirs[key].b)]
-    elif tuned.method in ("ptune", "deep_ptune") and ptune is not None and tuned.method == ptune.mode:
+    elif (
+        tuned.method in ("ptune", "deep_ptune") and ptune is not None and tuned.method == ptune.mode
+    ):
         pairs.append(("prompts", ptune.prompts, tuned.prompts))
         if ptune.deep_prompts is not None:
-            pairs.append(("deep_prompts", ptune.deep_prompts, tuned.deep_prompts_for(ptune.deep_prompts.shape[0])))
+            pairs.append(
+                (
+                    "deep_prompts",
+                    ptune.deep_prompts,
+                    tuned.deep_prompts_for(ptune.deep_prompts.shape[0]),
+                )
+            )
     else:
         have = "lora" if lora is not None else getattr(ptune, "mode", None)
-        raise ConfigError(f"the tuned file's method {tuned.method!r} must be the model's tuning_mode, got {have!r}")
+        raise ConfigError(
+            f"the tuned file's method {tuned.method!r} must be the model's tuning_mode, got {have!r}"
+        )
     for name, into, value in pairs:
         if value is None or into.shape != value.shape:
             got = None if value is None else tuple(value.shape)
-            raise ConfigError(f"tuned {name} must have shape {tuple(into.shape)} (the model's), got {got}")
+            raise ConfigError(
+                f"tuned {name} must have shape {tuple(into.shape)} (the model's), got {got}"
+            )
     with torch.no_grad():
         for _, into, value in pairs:
             into.copy_(value)
@@ -202,19 +258,28 @@ def _field(metadata: dict[str, str], name: str, where: str) -> str:
 def _int_field(metadata: dict[str, str], name: str, where: str) -> int:
     text = _field(metadata, name, where)
     if not text.isdigit() or len(text) > 9:
-        raise ModelError(f"{where}: header field {name!r} must be a non-negative int, got {text[:40]!r}")
+        raise ModelError(
+            f"{where}: header field {name!r} must be a non-negative int, got {text[:40]!r}"
+        )
     return int(text)
 
 
 def _check_header(
-    metadata: dict[str, str], *, tensors_meta: dict[str, tuple[list[int], str]], model: str | None,
-    config: Any, methods: tuple[str, ...], where: str,
+    metadata: dict[str, str],
+    *,
+    tensors_meta: dict[str, tuple[list[int], str]],
+    model: str | None,
+    config: Any,
+    methods: tuple[str, ...],
+    where: str,
 ) -> tuple[str, int, int, dict[str, float]]:
     """Check the header and every tensor's declared shape and dtype; (method, start, end, scales)."""
     err = ModelError
     if metadata.get("format") != FORMAT or metadata.get("version") != VERSION:
-        raise err(f"{where}: header 'format'/'version' must be {FORMAT!r}/{VERSION!r} (a file saved by "
-                  f"swarm-node), got {metadata.get('format')!r}/{metadata.get('version')!r}")
+        raise err(
+            f"{where}: header 'format'/'version' must be {FORMAT!r}/{VERSION!r} (a file saved by "
+            f"swarm-node), got {metadata.get('format')!r}/{metadata.get('version')!r}"
+        )
     method = _field(metadata, "method", where)
     if method not in methods:
         raise err(f"{where}: 'method' must be one of {list(methods)} here, got {method!r}")
@@ -225,10 +290,14 @@ def _check_header(
     for name, want in (("num_blocks", num_blocks), ("hidden_size", hidden)):
         got = _int_field(metadata, name, where)
         if got != want:
-            raise err(f"{where}: header {name!r} must be {want} (the model's), got {got}: a different model")
+            raise err(
+                f"{where}: header {name!r} must be {want} (the model's), got {got}: a different model"
+            )
     start, end = _int_field(metadata, "start", where), _int_field(metadata, "end", where)
     if not 0 <= start < end <= num_blocks:
-        raise err(f"{where}: block range must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}")
+        raise err(
+            f"{where}: block range must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}"
+        )
     try:
         declared = json.loads(_field(metadata, "shapes", where))
         scales = json.loads(metadata.get("scales", "{}"))
@@ -236,31 +305,46 @@ def _check_header(
         raise err(f"{where}: header 'shapes' and 'scales' must be JSON: {exc}") from None
     actual = {name: shape for name, (shape, _) in tensors_meta.items()}
     if declared != actual:
-        raise err(f"{where}: header 'shapes' must list every tensor's shape, declared {_short(declared)}, "
-                  f"file holds {_short(actual)}")
+        raise err(
+            f"{where}: header 'shapes' must list every tensor's shape, declared {_short(declared)}, "
+            f"file holds {_short(actual)}"
+        )
     for name, (_, dtype) in tensors_meta.items():
         if dtype not in _FLOAT_DTYPES:
-            raise err(f"{where}: tensor {name!r} must be one of {sorted(_FLOAT_DTYPES)}, got {dtype}")
+            raise err(
+                f"{where}: tensor {name!r} must be one of {sorted(_FLOAT_DTYPES)}, got {dtype}"
+            )
     if not isinstance(scales, dict) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in scales.values()
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in scales.values()
     ):
-        raise err(f"{where}: header 'scales' must map module names to finite numbers, got {_short(scales)}")
+        raise err(
+            f"{where}: header 'scales' must map module names to finite numbers, got {_short(scales)}"
+        )
     if method != "lora":
         _check_prompt_shapes(actual, method, end - start, hidden, where)
     return method, start, end, scales
 
 
-def _check_prompt_shapes(shapes: dict[str, list[int]], method: str, blocks: int, hidden: int, where: str) -> None:
+def _check_prompt_shapes(
+    shapes: dict[str, list[int]], method: str, blocks: int, hidden: int, where: str
+) -> None:
     want = {"prompts", "deep_prompts"} if method == "deep_ptune" else {"prompts"}
     if set(shapes) != want:
-        raise ModelError(f"{where}: a {method!r} file must hold tensors {sorted(want)}, got {sorted(shapes)[:8]}")
+        raise ModelError(
+            f"{where}: a {method!r} file must hold tensors {sorted(want)}, got {sorted(shapes)[:8]}"
+        )
     prompts = shapes["prompts"]
     if len(prompts) != 2 or prompts[1] != hidden or not 1 <= prompts[0] <= MAX_PRE_SEQ_LEN:
-        raise ModelError(f"{where}: 'prompts' must have shape (P, {hidden}) with 1 <= P <= {MAX_PRE_SEQ_LEN}, "
-                         f"got {tuple(prompts)}")
+        raise ModelError(
+            f"{where}: 'prompts' must have shape (P, {hidden}) with 1 <= P <= {MAX_PRE_SEQ_LEN}, "
+            f"got {tuple(prompts)}"
+        )
     if "deep_prompts" in shapes and shapes["deep_prompts"] != [blocks, prompts[0], hidden]:
-        raise ModelError(f"{where}: 'deep_prompts' must have shape ({blocks}, {prompts[0]}, {hidden}) "
-                         f"(blocks, P, H), got {tuple(shapes['deep_prompts'])}")
+        raise ModelError(
+            f"{where}: 'deep_prompts' must have shape ({blocks}, {prompts[0]}, {hidden}) "
+            f"(blocks, P, H), got {tuple(shapes['deep_prompts'])}"
+        )
 
 
 def _short(value: Any) -> str:

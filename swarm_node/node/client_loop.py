@@ -31,7 +31,10 @@ class ClientLoop:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._main, args=(peer_config, client_config), name="swarm-node-client", daemon=True
+            target=self._main,
+            args=(peer_config, client_config),
+            name="swarm-node-client",
+            daemon=True,
         )
         self._thread.start()
         self._ready.wait()
@@ -41,9 +44,14 @@ class ClientLoop:
     def _main(self, peer_config: PeerConfig, client_config: ClientConfig) -> None:
         async def main() -> None:
             try:
-                async with open_peer(peer_config, client=client_config) as peer, trio.open_nursery() as nursery:
+                async with (
+                    open_peer(peer_config, client=client_config) as peer,
+                    trio.open_nursery() as nursery,
+                ):
                     self.peer = peer
-                    self.nursery = nursery  # for tasks that outlive one call (an open inference session)
+                    self.nursery = (
+                        nursery  # for tasks that outlive one call (an open inference session)
+                    )
                     self.token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()
                     self._ready.set()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from swarm_node.compression import CODECS
 from swarm_node.errors import ConfigError
-from swarm_node.node.adapters import check_adapter_name, check_server_adapters
+from swarm_node.node.server.adapters import check_adapter_name, check_server_adapters
 
 DTYPES = ("float32", "bfloat16")
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -44,7 +44,9 @@ class PeerConfig:
     """What every peer has: a libp2p host and a seat in the DHT."""
 
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs to listen on
-    initial_peers: tuple[str, ...] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
+    initial_peers: tuple[
+        str, ...
+    ] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
     announce_addrs: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listening ones
     identity: Path | None = None  # key file; created on first use, so the peer id stays stable
     swarm_key: Path | None = None  # pre-shared key file of a private swarm; None: a public swarm
@@ -70,10 +72,14 @@ class ServerConfig:
     # Choose the span: this many blocks where the swarm needs them most (start/end are then set by
     # the server), re-checked every ~rebalance_interval s; a move needs a gain over min_gain.
     num_blocks: int | None = None
-    start_delay: float = 3.0  # at most this many random seconds before choosing, so joiners do not race
+    start_delay: float = (
+        3.0  # at most this many random seconds before choosing, so joiners do not race
+    )
     rebalance_interval: float = 60.0  # mean seconds between re-checks of the chosen span
     min_gain: float = 0.2  # a move must raise the weakest block's coverage by this fraction
-    move_grace: float = 60.0  # seconds sessions on the old span may take to finish before a move cuts them
+    move_grace: float = (
+        60.0  # seconds sessions on the old span may take to finish before a move cuts them
+    )
     dtype: str = "float32"
     max_session_length: int = 4096  # tokens one session may hold
     cache_budget_tokens: int = 64 * 1024  # tokens of attention cache across all sessions
@@ -82,9 +88,13 @@ class ServerConfig:
     torch_threads: int | None = None  # None: torch's default
     throughput: float | None = None  # tokens/s to announce; None: measured at start
     compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
-    quant: str | None = None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
+    quant: str | None = (
+        None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
+    )
     adapters: tuple[tuple[str, str], ...] = ()  # (name, PEFT LoRA folder) pairs, loaded at start
-    shutdown_grace: float = 5.0  # seconds a stopping server gives the steps it is computing to finish
+    shutdown_grace: float = (
+        5.0  # seconds a stopping server gives the steps it is computing to finish
+    )
 
     def __post_init__(self) -> None:
         check_server_adapters(self.adapters)
@@ -92,9 +102,15 @@ class ServerConfig:
             raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
         if self.num_blocks is None or (self.start, self.end) != (0, 0):
             if not 0 <= self.start < self.end:
-                raise ConfigError(f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}")
+                raise ConfigError(
+                    f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}"
+                )
         if self.num_blocks is not None:
-            if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            if (
+                isinstance(self.num_blocks, bool)
+                or not isinstance(self.num_blocks, int)
+                or self.num_blocks < 1
+            ):
                 raise ConfigError(f"'num_blocks' must be an int >= 1, got {self.num_blocks!r}")
             if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
                 raise ConfigError(
@@ -111,7 +127,9 @@ class ServerConfig:
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         if self.compression not in COMPRESSIONS:
-            raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+            raise ConfigError(
+                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
+            )
         _check_range("shutdown_grace", self.shutdown_grace, 0.0, 600.0)
         if self.quant not in QUANTS:
             raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
@@ -131,7 +149,9 @@ class ClientConfig:
     max_length: int = 2048  # default session length (prompt + new tokens)
     push: bool = False  # servers send each step's output straight to the next server
     adapter: str | None = None  # a LoRA adapter servers hold, by name: only they are chosen
-    max_attempts: int = 5  # attempts to replace a failed server's blocks; 0: a failure ends the session
+    max_attempts: int = (
+        5  # attempts to replace a failed server's blocks; 0: a failure ends the session
+    )
     retry_delay: float = 0.5  # seconds before retrying when no server was found; doubles each time
     ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
 
@@ -141,10 +161,14 @@ class ClientConfig:
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
         if self.compression is not None and self.compression not in COMPRESSIONS:
-            raise ConfigError(f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}")
+            raise ConfigError(
+                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
+            )
         _check_range("max_length", self.max_length, 1, 1 << 20)
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigError(f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}")
+            raise ConfigError(
+                f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}"
+            )
         _check_range("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)

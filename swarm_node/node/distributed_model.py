@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from swarm_node.errors import ConfigError
+from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
+from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
+from swarm_node.node.client.generation import GenerationStats, generate_tokens
+from swarm_node.node.client.generation_options import sampling_from, stop_string_checker
+from swarm_node.node.client.model_session import ModelSession
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client_loop import ClientLoop
 from swarm_node.node.config import ClientConfig, PeerConfig
-from swarm_node.node.generation import GenerationStats, generate_tokens
-from swarm_node.node.generation_options import sampling_from, stop_string_checker
-from swarm_node.node.model_session import ModelSession
-from swarm_node.node.peer import model_id_of
-from swarm_node.node.remote_sequential import RemoteSequential
-from swarm_node.node.server import TORCH_DTYPES
 
 TUNING_MODES = (*PROMPT_MODES, "lora")
 
@@ -66,20 +66,35 @@ class DistributedModelBase(torch.nn.Module):
         self.tuning_mode = tuning_mode
         self.ptune = None
         self.lora = None
-        if tuning_mode == "lora":  # client-owned: the servers apply it per request, the client trains it
+        if (
+            tuning_mode == "lora"
+        ):  # client-owned: the servers apply it per request, the client trains it
             self.lora = ClientLora(
-                shapes=config_linear_shapes(config), blocks=range(config.num_hidden_layers), targets=lora_targets,
-                rank=lora_rank, alpha=lora_alpha, dtype=TORCH_DTYPES[dtype],
+                shapes=config_linear_shapes(config),
+                blocks=range(config.num_hidden_layers),
+                targets=lora_targets,
+                rank=lora_rank,
+                alpha=lora_alpha,
+                dtype=TORCH_DTYPES[dtype],
             )
         elif tuning_mode is not None:
             std = float(head.embed_tokens.weight.float().std())
             self.ptune = PromptTuning(
-                mode=tuning_mode, pre_seq_len=pre_seq_len, hidden_size=head.hidden_size,
-                num_blocks=config.num_hidden_layers, init_std=std, dtype=TORCH_DTYPES[dtype],
+                mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                hidden_size=head.hidden_size,
+                num_blocks=config.num_hidden_layers,
+                init_std=std,
+                dtype=TORCH_DTYPES[dtype],
             )
         self.transformer = RemoteSequential(
-            loop.peer, model=model_id, num_blocks=config.num_hidden_layers, dtype=dtype,
-            compression=compression, trio_token=loop.token, min_pieces=min_pieces,
+            loop.peer,
+            model=model_id,
+            num_blocks=config.num_hidden_layers,
+            dtype=dtype,
+            compression=compression,
+            trio_token=loop.token,
+            min_pieces=min_pieces,
         )
 
     @classmethod
@@ -111,11 +126,20 @@ class DistributedModelBase(torch.nn.Module):
         path = resolve_model(model)
         checkpoint = Checkpoint.open(path)
         head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype])
-        loop = ClientLoop(PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig())
+        loop = ClientLoop(
+            PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig()
+        )
         try:
             return cls(
-                path=path, model_id=model_id_of(model), head=head, config=checkpoint.config, dtype=dtype,
-                loop=loop, tuning_mode=tuning_mode, pre_seq_len=pre_seq_len, compression=compression,
+                path=path,
+                model_id=model_id_of(model),
+                head=head,
+                config=checkpoint.config,
+                dtype=dtype,
+                loop=loop,
+                tuning_mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                compression=compression,
                 **fields,
             )
         except BaseException:
@@ -126,14 +150,20 @@ class DistributedModelBase(torch.nn.Module):
     def pre_seq_len(self) -> int:
         return 0 if self.ptune is None else self.ptune.pre_seq_len
 
-    def body(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def body(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids ``# (B, T)`` -> the last block's output ``# (B, P + T, H)`` (soft prompt first)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1:
-            raise ConfigError(f"'input_ids' must be a (batch, tokens >= 1) tensor, got {getattr(input_ids, 'shape', input_ids)!r}")
+            raise ConfigError(
+                f"'input_ids' must be a (batch, tokens >= 1) tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
+            )
         if attention_mask is not None:
             _check_right_padded(attention_mask, input_ids)
         with torch.no_grad():
-            hidden = self.head.embed(input_ids).clone()  # (B, T, H); a normal tensor, not an inference one
+            hidden = self.head.embed(
+                input_ids
+            ).clone()  # (B, T, H); a normal tensor, not an inference one
         prompts = None
         if self.ptune is not None:
             hidden = self.ptune.prepend(hidden)  # (B, P + T, H)
@@ -145,15 +175,22 @@ class DistributedModelBase(torch.nn.Module):
         from swarm_node.model.tuned_files import save_tuned, tuned_of
 
         lora = None if self.lora is None else self.lora.weights()
-        tuned = tuned_of(self.model_id, self.tuning_mode, num_blocks=self.config.num_hidden_layers,
-                         ptune=self.ptune, lora=lora)
+        tuned = tuned_of(
+            self.model_id,
+            self.tuning_mode,
+            num_blocks=self.config.num_hidden_layers,
+            ptune=self.ptune,
+            lora=lora,
+        )
         return save_tuned(path, tuned, config=self.config)
 
     def load_tuned(self, path: Any) -> None:
         """Load a tuned file saved for this model and tuning mode into the trainable tensors."""
         from swarm_node.model.tuned_files import copy_tuned, load_tuned
 
-        tuned = load_tuned(path, model=self.model_id, config=self.config, dtype=TORCH_DTYPES[self.dtype])
+        tuned = load_tuned(
+            path, model=self.model_id, config=self.config, dtype=TORCH_DTYPES[self.dtype]
+        )
         copy_tuned(tuned, ptune=self.ptune, lora=None if self.lora is None else self.lora.weights())
 
     def close(self) -> None:
@@ -168,10 +205,14 @@ class DistributedModelBase(torch.nn.Module):
 
 def _check_right_padded(mask: torch.Tensor, input_ids: torch.Tensor) -> None:
     if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
-        raise ConfigError(f"'attention_mask' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {getattr(mask, 'shape', mask)!r}")
+        raise ConfigError(
+            f"'attention_mask' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {getattr(mask, 'shape', mask)!r}"
+        )
     ones = mask.long()
     if bool((ones[:, 1:] > ones[:, :-1]).any()) or bool((ones[:, 0] == 0).any()):
-        raise ConfigError("'attention_mask' must mark right padding (1s then 0s, at least one 1): pad on the right")
+        raise ConfigError(
+            "'attention_mask' must mark right padding (1s then 0s, at least one 1): pad on the right"
+        )
 
 
 class DistributedModelForCausalLM(DistributedModelBase):
@@ -195,11 +236,15 @@ class DistributedModelForCausalLM(DistributedModelBase):
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ConfigError(f"'labels' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+                raise ConfigError(
+                    f"'labels' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                )
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
@@ -256,10 +301,17 @@ class DistributedModelForCausalLM(DistributedModelBase):
 
         async def run() -> torch.Tensor:
             ids, stats = await generate_tokens(
-                self.loop.peer, self.head, input_ids, model=self.model_id,
-                num_blocks=self.config.num_hidden_layers, dtype=self.dtype,
-                sampling=sampling, on_tokens=on_tokens, stopping=stopping,
-                session=session.token_session if session is not None else None, **tuned,
+                self.loop.peer,
+                self.head,
+                input_ids,
+                model=self.model_id,
+                num_blocks=self.config.num_hidden_layers,
+                dtype=self.dtype,
+                sampling=sampling,
+                on_tokens=on_tokens,
+                stopping=stopping,
+                session=session.token_session if session is not None else None,
+                **tuned,
             )
             self.last_stats = stats
             return ids
@@ -280,7 +332,9 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ConfigError(f"'num_labels' must be an int >= 1, got {num_labels!r}")
         self.num_labels = num_labels
-        self.score = torch.nn.Linear(self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype])
+        self.score = torch.nn.Linear(
+            self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype]
+        )
         torch.nn.init.normal_(self.score.weight, std=0.02)
 
     def forward(

@@ -12,12 +12,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
-from libp2p import new_host
-from libp2p.network.config import ConnectionConfig
-from libp2p.tools.anyio_service import background_trio_service
 
 from swarm_node import __version__
 from swarm_node.dht.bans import BanList
@@ -25,17 +22,22 @@ from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
 from swarm_node.errors import SwarmError
+from swarm_node.model.bundled import model_id_of
+from swarm_node.node.client.inference_session import InferenceSession, request
+from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
-from swarm_node.node.identity import load_or_create_identity
-from swarm_node.node.inference_session import InferenceSession, open_stream, request
-from swarm_node.node.placement import start_placed
-from swarm_node.node.recovery import Recovery
-from swarm_node.node.recovery import sole_error
-from swarm_node.node.server import BlockServer
-from swarm_node.node.startup import connect_initial_peers, model_id_of, parse_multiaddr, prepare_span
-from swarm_node.node.swarm_key import load_swarm_key
+from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
+from swarm_node.node.net.host import build_host, host_peer_id
+from swarm_node.node.net.identity import load_or_create_identity
+from swarm_node.node.net.swarm_key import load_swarm_key
+from swarm_node.node.server.block_server import BlockServer
+from swarm_node.node.server.loading import prepare_span
+from swarm_node.node.server.placement import start_placed
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
-        self._nursery: trio.Nursery | None = None  # open_peer's: background work (paced provider records)
+        self._nursery: trio.Nursery | None = (
+            None  # open_peer's: background work (paced provider records)
+        )
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.announcements = 0  # how many have completed
@@ -65,7 +69,7 @@ class Peer:
 
     @property
     def peer_id(self) -> str:
-        return self.host.get_id().to_base58()
+        return host_peer_id(self.host)
 
     @property
     def addrs(self) -> list[str]:
@@ -79,8 +83,11 @@ class Peer:
         return out
 
     # -- serving ---------------------------------------------------------------------------------
-    async def _start_serving(
-        self, config: ServerConfig, prepared: tuple[Any, float, dict[str, Any]], nursery: trio.Nursery
+    async def start_serving(
+        self,
+        config: ServerConfig,
+        prepared: tuple[Any, float, dict[str, Any]],
+        nursery: trio.Nursery,
     ) -> None:
         await self.switch_server(config, prepared)
         nursery.start_soon(self._announce_loop)
@@ -107,11 +114,16 @@ class Peer:
         await self.announce()
         log.info(
             "serving blocks %d:%d of %s (%s, %.1f tokens/s)",
-            config.start, config.end, self.server.model_id, config.dtype, throughput,
+            config.start,
+            config.end,
+            self.server.model_id,
+            config.dtype,
+            throughput,
         )
         return old
 
-    def _record(self, state: str, ttl: float) -> ServerRecord:
+    def make_record(self, state: str, ttl: float) -> ServerRecord:
+        """This server's record as it would be announced now (a new seq each call)."""
         assert self.server is not None
         self._seq += 1
         return ServerRecord(
@@ -126,7 +138,8 @@ class Peer:
             version=__version__,
             quant=self.server.config.quant or "none",
             adapters=tuple(sorted(self.server.adapters)),
-            bytes_per_block=self.server.span.memory_bytes() // (self.server.end - self.server.start),
+            bytes_per_block=self.server.span.memory_bytes()
+            // (self.server.end - self.server.start),
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             moving_to=-1 if self.moving_to is None else self.moving_to,
@@ -137,8 +150,10 @@ class Peer:
     async def announce(self, state: str = "ONLINE", *, provide_blocks: bool = True) -> None:
         """Sign and store this server's record; an ONLINE one also re-provides its blocks unless
         ``provide_blocks`` is False (the span did not change, say a move claim)."""
-        record = self._record(state, self.config.dht_ttl)
-        await self.dht.announce(record, provide_blocks=provide_blocks and state == "ONLINE", later=self._nursery)
+        record = self.make_record(state, self.config.dht_ttl)
+        await self.dht.announce(
+            record, provide_blocks=provide_blocks and state == "ONLINE", later=self._nursery
+        )
         self.announced = record
         self.announcements += 1
         self._announced_lot.unpark_all()
@@ -169,7 +184,7 @@ class Peer:
         servers: list[ServerRecord] = []
         with trio.move_on_after(self.client_config.lookup_timeout):
             servers = await self.dht.find_servers(self.server.model_id, [self.server.end])
-        samples = await self._ping_all([s for s in servers if s.peer_id != self.peer_id])
+        samples = await self.ping_all([s for s in servers if s.peer_id != self.peer_id])
         for peer_id, seconds in samples.items():
             self.next_rtt.observe(peer_id, seconds)
         return samples
@@ -187,14 +202,21 @@ class Peer:
             except Exception:  # shutting down anyway
                 log.warning("could not withdraw the server record", exc_info=True)
         if not await self.server.drain(self.server.config.shutdown_grace):
-            log.warning("%d step(s) still running after %.1f s; leaving them to the clients' recovery",
-                        self.server.steps_in_flight, self.server.config.shutdown_grace)
+            log.warning(
+                "%d step(s) still running after %.1f s; leaving them to the clients' recovery",
+                self.server.steps_in_flight,
+                self.server.config.shutdown_grace,
+            )
 
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
         """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
-        timeout = min(PING_TIMEOUT, self.client_config.step_timeout)  # a hung server holds nobody longer
-        conn = await open_stream(self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout)
+        timeout = min(
+            PING_TIMEOUT, self.client_config.step_timeout
+        )  # a hung server holds nobody longer
+        conn = await open_stream(
+            self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout
+        )
         try:
             t0 = trio.current_time()
             info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
@@ -203,7 +225,9 @@ class Peer:
             await conn.close()
         return elapsed, info
 
-    async def find_servers(self, model: str, num_blocks: int, *, start: int = 0) -> list[ServerRecord]:
+    async def find_servers(
+        self, model: str, num_blocks: int, *, start: int = 0
+    ) -> list[ServerRecord]:
         """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)."""
         with trio.fail_after(self.client_config.lookup_timeout):
             servers = await self.dht.find_servers(model, range(start, num_blocks))
@@ -212,14 +236,19 @@ class Peer:
         self._known[model] = list(known.values())
         return servers
 
-    async def _ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
+    async def ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
         """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
         samples: dict[str, float] = {}
 
         async def measure(rec: ServerRecord) -> None:
             try:
                 samples[rec.peer_id], _ = await self.ping(rec.peer_id)
-            except (SwarmError, trio.TooSlowError, OSError, Exception) as exc:  # any failure = skip it
+            except (
+                SwarmError,
+                trio.TooSlowError,
+                OSError,
+                Exception,
+            ) as exc:  # any failure = skip it
                 log.info("server %s did not answer a ping: %r", rec.peer_id, exc)
 
         async with trio.open_nursery() as nursery:
@@ -253,28 +282,55 @@ class Peer:
         servers = await self.find_servers(model, num_blocks)
         banned = self.bans.banned(trio.current_time())
         return await self._choose(
-            servers, model=model, start=start, end=end, push=push, max_length=max_length,
-            batch_size=batch_size, exclude=banned, adapter=adapter or "",
+            servers,
+            model=model,
+            start=start,
+            end=end,
+            push=push,
+            max_length=max_length,
+            batch_size=batch_size,
+            exclude=banned,
+            adapter=adapter or "",
         )
 
     async def _choose(
-        self, servers: list[ServerRecord], *, model: str, start: int, end: int, push: bool,
-        max_length: int, batch_size: int, exclude: frozenset[str], adapter: str = "",
+        self,
+        servers: list[ServerRecord],
+        *,
+        model: str,
+        start: int,
+        end: int,
+        push: bool,
+        max_length: int,
+        batch_size: int,
+        exclude: frozenset[str],
+        adapter: str = "",
     ) -> list[Hop]:
         """Ping the candidates (not ``exclude``), then the lowest-latency chain among those that answered
         (and hold ``adapter``, when one is named)."""
         candidates = [s for s in servers if s.peer_id not in exclude]
-        samples = await self._ping_all(candidates)
+        samples = await self.ping_all(candidates)
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
-            servers, model=model, start=start, end=end, rtt=self.rtt.as_dict(),
-            server_rtt=server_rtts(servers), push=push, now=time.time(), max_length=max_length,
-            batch_size=batch_size, exclude=exclude | unreachable, adapter=adapter,
+            servers,
+            model=model,
+            start=start,
+            end=end,
+            rtt=self.rtt.as_dict(),
+            server_rtt=server_rtts(servers),
+            push=push,
+            now=time.time(),
+            max_length=max_length,
+            batch_size=batch_size,
+            exclude=exclude | unreachable,
+            adapter=adapter,
         )
 
-    def _recovery(self, model: str, *, max_length: int, batch_size: int, adapter: str) -> Recovery | None:
+    def _recovery(
+        self, model: str, *, max_length: int, batch_size: int, adapter: str
+    ) -> Recovery | None:
         """How a session of ``model`` replaces a failed server (None when the config turns it off)."""
         config = self.client_config
         if config.max_attempts == 0:
@@ -286,13 +342,23 @@ class Peer:
             if not servers:
                 servers = await self.find_servers(model, end, start=start)
             return await self._choose(
-                servers, model=model, start=start, end=end, push=False, max_length=max_length,
-                batch_size=batch_size, exclude=exclude, adapter=adapter,
+                servers,
+                model=model,
+                start=start,
+                end=end,
+                push=False,
+                max_length=max_length,
+                batch_size=batch_size,
+                exclude=exclude,
+                adapter=adapter,
             )
 
         return Recovery(
-            reroute=reroute, bans=self.bans, max_attempts=config.max_attempts,
-            retry_delay=config.retry_delay, clock=trio.current_time,
+            reroute=reroute,
+            bans=self.bans,
+            max_attempts=config.max_attempts,
+            retry_delay=config.retry_delay,
+            clock=trio.current_time,
         )
 
     def inference_session(
@@ -327,7 +393,9 @@ class Peer:
             adapter=adapter,
             prompts=prompts,
             lora=lora,
-            recovery=self._recovery(model, max_length=max_length, batch_size=batch_size, adapter=adapter),
+            recovery=self._recovery(
+                model, max_length=max_length, batch_size=batch_size, adapter=adapter
+            ),
         )
 
 
@@ -351,24 +419,23 @@ async def open_peer(
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
     placed = server is not None and server.num_blocks is not None and server.end == 0
     prepared = await prepare_span(server) if server is not None and not placed else None
-    host = new_host(
-        key_pair=key_pair,
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
-        announce_addrs=announce,
-        psk=psk,
-    )
+    host = build_host(key_pair=key_pair, announce=announce, psk=psk)
     try:
         async with host.run(listen_addrs=listen):
             dht = SwarmDHT(host)
             await connect_initial_peers(
-                host, dht, config.initial_peers, timeout=config.connect_timeout, private=config.swarm_key is not None
+                host,
+                dht,
+                config.initial_peers,
+                timeout=config.connect_timeout,
+                private=config.swarm_key is not None,
             )
-            async with background_trio_service(dht.kad), trio.open_nursery() as nursery:
+            async with dht.running(), trio.open_nursery() as nursery:
                 peer = Peer(host, dht, config, client)
                 peer._nursery = nursery
                 try:
                     if server is not None and prepared is not None:
-                        await peer._start_serving(server, prepared, nursery)
+                        await peer.start_serving(server, prepared, nursery)
                     elif server is not None:  # --num-blocks: choose where, with the swarm in view
                         await start_placed(peer, server, nursery)
                     yield peer

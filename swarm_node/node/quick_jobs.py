@@ -25,7 +25,9 @@ import trio
 
 T = TypeVar("T")
 
-SERVER_MAX_INLINE_S = 0.1  # a server's decode step: its loop answers pings and DHT queries meanwhile
+SERVER_MAX_INLINE_S = (
+    0.1  # a server's decode step: its loop answers pings and DHT queries meanwhile
+)
 CLIENT_MAX_INLINE_S = 0.025  # a client's head and sampling: the loop may be an application's
 
 
@@ -37,7 +39,9 @@ class QuickJobs:
             raise ValueError(f"'max_inline_s' must be >= 0 seconds, got {max_inline_s}")
         self.max_inline_s = max_inline_s
         self.limiter = limiter
-        self.recent: float | None = None  # seconds a small job took lately (slow ones count at once)
+        self.recent: float | None = (
+            None  # seconds a small job took lately (slow ones count at once)
+        )
         self.inline_runs = 0
         self.thread_runs = 0
 
@@ -52,7 +56,9 @@ class QuickJobs:
             self.thread_runs += 1
             return await trio.to_thread.run_sync(self._timed(fn, small), limiter=self.limiter)
         self.inline_runs += 1
-        limiter: AbstractAsyncContextManager[object] = self.limiter if self.limiter is not None else nullcontext()
+        limiter: AbstractAsyncContextManager[object] = (
+            self.limiter if self.limiter is not None else nullcontext()
+        )
         async with limiter:
             await trio.lowlevel.checkpoint()  # a cancellation point, as entering a thread is
             return self._timed(fn, small)()

@@ -31,11 +31,11 @@ from swarm_node.protocol.messages import (
 )
 from swarm_node.protocol.tensors import (
     WireTensor,
-    _short,
     check_name,
     check_payload,
     check_shape,
     check_wire_tensor,
+    short_repr,
 )
 
 PROTOCOL_VERSION = 1
@@ -78,9 +78,7 @@ def encode_message(msg: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
         )
     size = len(packed) + sum(p.nbytes for p in payloads)
     if size > max_frame_size:
-        raise LocalProtocolError(
-            f"{name} frame must be at most {max_frame_size} bytes, got {size}"
-        )
+        raise LocalProtocolError(f"{name} frame must be at most {max_frame_size} bytes, got {size}")
     return b"".join([_PREFIX.pack(size), packed, *payloads])
 
 
@@ -175,17 +173,17 @@ def _unpack_header(body: memoryview) -> tuple[Any, int]:
 def _decode_body(body: memoryview) -> Message:
     header, offset = _unpack_header(body)
     if type(header) is not dict:
-        raise RemoteProtocolError(f"frame header must be a msgpack map, got {_short(header)}")
+        raise RemoteProtocolError(f"frame header must be a msgpack map, got {short_repr(header)}")
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise RemoteProtocolError(
-            f"'v' must be protocol version {PROTOCOL_VERSION}, got {_short(version)}"
+            f"'v' must be protocol version {PROTOCOL_VERSION}, got {short_repr(version)}"
         )
     name = header.get("t")
     cls = MESSAGE_TYPES.get(name) if type(name) is str else None
     if cls is None:
         raise RemoteProtocolError(
-            f"'t' must be one of {sorted(MESSAGE_TYPES)}, got {_short(name)}"
+            f"'t' must be one of {sorted(MESSAGE_TYPES)}, got {short_repr(name)}"
         )
     values: dict[str, Any] = {}
     tensors: list[tuple[str, str, str, tuple[int, ...], int]] = []
@@ -217,7 +215,7 @@ def _tensor_meta(
     """(codec, dtype, shape, nbytes) from a tensor's header map."""
     if type(value) is not dict:
         raise error(
-            f"{field!r} must be a map with codec, dtype, shape, nbytes, got {_short(value)}"
+            f"{field!r} must be a map with codec, dtype, shape, nbytes, got {short_repr(value)}"
         )
     missing = [k for k in ("codec", "dtype", "shape", "nbytes") if k not in value]
     if missing:
@@ -227,5 +225,5 @@ def _tensor_meta(
     shape = check_shape(f"{field}.shape", value["shape"], error)
     nbytes = value["nbytes"]
     if type(nbytes) is not int or nbytes < 0:
-        raise error(f"'{field}.nbytes' must be an int >= 0, got {_short(nbytes)}")
+        raise error(f"'{field}.nbytes' must be an int >= 0, got {short_repr(nbytes)}")
     return codec, dtype, shape, nbytes

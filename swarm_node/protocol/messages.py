@@ -16,9 +16,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from swarm_node.errors import ProtocolError
-from swarm_node.protocol.tensors import WireTensor, _short
+from swarm_node.protocol.tensors import WireTensor, short_repr
 
 MAX_INT = 2**63 - 1  # every int field must fit an int64 on both ends
+MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward or backward (servers refuse more)
 
 
 def _at_least(minimum: int, **kwargs: Any) -> Any:
@@ -63,7 +64,9 @@ class OpenSessionRequest:
     # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
     # step carries (absent: none). Sent once here, so replays and pushed steps use it too.
     prompts: WireTensor | None = None
-    adapter: str = ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
+    adapter: str = (
+        ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
+    )
     # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
     # their JSON manifest ([module key, rank, scale] each), for blocks [start, end).
     lora: WireTensor | None = None
@@ -123,9 +126,13 @@ class ForwardRequest:
     end: int
     compression: str
     hidden: WireTensor  # (B, T, H)
-    prompts: WireTensor | None = None  # (end - start, P, H), added to positions [0, P) before each block
+    prompts: WireTensor | None = (
+        None  # (end - start, P, H), added to positions [0, P) before each block
+    )
     adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
-    lora: WireTensor | None = None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
+    lora: WireTensor | None = (
+        None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
+    )
     lora_manifest: str = ""
     # 1: keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
     # names it in 'graph_id'; the server may decline, answering ""). 0: keep nothing.
@@ -153,7 +160,9 @@ class BackwardRequest:
     grad_output: WireTensor  # (B, T, H): gradient of the loss with respect to the output
     prompts: WireTensor | None = None  # (end - start, P, H), as in ForwardRequest
     adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
-    lora: WireTensor | None = None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
+    lora: WireTensor | None = (
+        None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
+    )
     lora_manifest: str = ""
     # ForwardResponse.graph_id of this span's forward ("": none): the server then runs the backward
     # on that kept graph instead of recomputing, when it still holds it and the inputs match; the
@@ -170,7 +179,15 @@ class BackwardResponse:
 
 # Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
 ERROR_CODES = frozenset(
-    {"bad_request", "unknown_session", "out_of_range", "cache_full", "too_long", "internal", "push_failed"}
+    {
+        "bad_request",
+        "unknown_session",
+        "out_of_range",
+        "cache_full",
+        "too_long",
+        "internal",
+        "push_failed",
+    }
 )
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -241,7 +258,8 @@ def _kind(hint: Any) -> type:
 def _rules(cls: type) -> tuple[FieldRule, ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
-        FieldRule(f.name, _kind(hints[f.name]), f.metadata.get("min", 0), f.default) for f in fields(cls)
+        FieldRule(f.name, _kind(hints[f.name]), f.metadata.get("min", 0), f.default)
+        for f in fields(cls)
     )
 
 
@@ -253,17 +271,19 @@ def check_scalar(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any
     name = rule.name
     if rule.kind is int:
         if type(value) is not int or not rule.minimum <= value <= MAX_INT:
-            raise error(f"{name!r} must be an int >= {rule.minimum}, got {_short(value)}")
+            raise error(f"{name!r} must be an int >= {rule.minimum}, got {short_repr(value)}")
         return value
     if rule.kind is float:
         if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-            raise error(f"{name!r} must be a finite number >= 0, got {_short(value)}")
+            raise error(f"{name!r} must be a finite number >= 0, got {short_repr(value)}")
         return float(value)
     if rule.kind is str:
         if type(value) is not str:
-            raise error(f"{name!r} must be a str, got {_short(value)}")
+            raise error(f"{name!r} must be a str, got {short_repr(value)}")
         if name == "code" and not _ERROR_CODE.fullmatch(value):
-            raise error(f"'code' must be a snake_case str of at most 64 chars, got {_short(value)}")
+            raise error(
+                f"'code' must be a snake_case str of at most 64 chars, got {short_repr(value)}"
+            )
         return value
     raise AssertionError(f"no rule for field {name!r} of kind {rule.kind!r}")  # our bug
 

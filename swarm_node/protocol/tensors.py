@@ -61,7 +61,7 @@ def check_name(field: str, value: Any, error: type[ProtocolError]) -> str:
     """A codec or dtype name: a non-empty str of at most ``MAX_NAME_LEN`` characters."""
     if type(value) is not str or not 0 < len(value) <= MAX_NAME_LEN:
         raise error(
-            f"{field!r} must be a str of 1 to {MAX_NAME_LEN} characters, got {_short(value)}"
+            f"{field!r} must be a str of 1 to {MAX_NAME_LEN} characters, got {short_repr(value)}"
         )
     return value
 
@@ -70,11 +70,11 @@ def check_shape(field: str, value: Any, error: type[ProtocolError]) -> tuple[int
     """A shape: a list or tuple of at most ``MAX_NDIM`` ints in [0, 2**63 - 1]; returns a tuple."""
     if type(value) not in (list, tuple) or len(value) > MAX_NDIM:
         raise error(
-            f"{field!r} must be a list of at most {MAX_NDIM} ints >= 0, got {_short(value)}"
+            f"{field!r} must be a list of at most {MAX_NDIM} ints >= 0, got {short_repr(value)}"
         )
     for dim in value:
         if type(dim) is not int or not 0 <= dim <= MAX_DIM:
-            raise error(f"{field!r} must be a list of ints >= 0, got {_short(value)}")
+            raise error(f"{field!r} must be a list of ints >= 0, got {short_repr(value)}")
     return tuple(value)
 
 
@@ -101,7 +101,7 @@ def check_wire_tensor(field: str, value: Any, error: type[ProtocolError]) -> Wir
     return value
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     """repr() of a value cut to ``limit`` characters, for error messages about peer input."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

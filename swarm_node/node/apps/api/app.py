@@ -1,0 +1,154 @@
+"""The ASGI application (Starlette): routes, OpenAI-shaped errors, server-sent event streams.
+
+Every route is a thin layer over ``ApiServer`` (service.py); this module knows HTTP and JSON, not
+the swarm. Errors always come out as ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from swarm_node.node.apps.api.map_page import PAGE
+from swarm_node.node.apps.api.schema import ApiError, parse_chat, parse_completion
+
+if TYPE_CHECKING:
+    from swarm_node.node.apps.api.service import ApiServer
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+class EventStream:
+    """``text/event-stream`` of JSON events, ended by ``data: [DONE]``. ``produce(emit)`` runs in its
+    own task; a client that goes away cancels it (and with it the inference session)."""
+
+    def __init__(self, produce: Callable[[Emit], Awaitable[None]]) -> None:
+        self.produce = produce
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
+        events_in, events_out = trio.open_memory_channel[dict[str, Any]](math.inf)
+
+        async def run() -> None:
+            with events_in:
+                try:
+                    await self.produce(events_in.send_nowait)
+                except ApiError as exc:  # headers are gone: the error travels as an event
+                    events_in.send_nowait(exc.body())
+                except Exception:  # our bug: say so in the stream, keep serving others
+                    log.exception("a streamed request failed")
+                    events_in.send_nowait(
+                        ApiError(500, "internal error", type="server_error").body()
+                    )
+
+        async def watch(cancel_scope: trio.CancelScope) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            nursery.start_soon(watch, nursery.cancel_scope)
+            async with events_out:
+                async for event in events_out:
+                    data = json.dumps(event, separators=(",", ":")).encode()
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"data: " + data + b"\n\n",
+                            "more_body": True,
+                        }
+                    )
+            await send(
+                {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+            )
+            nursery.cancel_scope.cancel()
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(
+            400, f"the request body must be valid JSON: {exc}", code="invalid_json"
+        ) from None
+
+
+def build_app(api: ApiServer) -> Starlette:
+    async def page(request: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    async def state(request: Request) -> Response:
+        return JSONResponse(api.state())
+
+    async def models(request: Request) -> Response:
+        return JSONResponse(
+            {"object": "list", "data": [api.model_card(name) for name in api.runtimes]}
+        )
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        api.runtime(name)  # 404 for an unknown model
+        return JSONResponse(api.model_card(name))
+
+    async def completions(request: Request) -> Response:
+        return await api.respond(parse_completion(await _body(request)))
+
+    async def chat(request: Request) -> Response:
+        return await api.respond(parse_chat(await _body(request)))
+
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(
+            ApiError(exc.status_code, message, type=kind).body(), status_code=exc.status_code
+        )
+
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            ApiError(500, "internal error", type="server_error").body(), status_code=500
+        )
+
+    return Starlette(
+        routes=[
+            Route("/", page),
+            Route("/api/v1/state", state),
+            Route("/v1/models", models),
+            Route("/v1/models/{name:path}", model),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat, methods=["POST"]),
+        ],
+        exception_handlers={
+            ApiError: on_api_error,
+            HTTPException: on_http_error,
+            Exception: on_crash,
+        },
+    )

@@ -1,0 +1,337 @@
+"""The API service inside a peer: ``async with open_api(peer, config) as api:`` or
+``await nursery.start(serve_api, peer, config)``.
+
+Hypercorn's trio worker serves the Starlette app in the caller's nursery; each request runs in its
+own task and its own inference session, so requests run concurrently. A background task reads the
+swarm's state from the DHT every ``refresh_interval`` seconds for the map.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import trio
+from starlette.responses import JSONResponse, Response
+
+from swarm_node.errors import ConfigError, MissingBlocksError
+from swarm_node.node.apps.api.app import EventStream, build_app
+from swarm_node.node.apps.api.engine import ModelRuntime, run_generation
+from swarm_node.node.apps.api.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chunk_object,
+    completion_object,
+    usage,
+)
+from swarm_node.node.apps.swarm_map import GenerationTracker, model_view, swarm_state
+from swarm_node.node.client.recovery import sole_error
+from swarm_node.node.config import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    models: tuple[str, ...] = (
+        "smollm2-135m",
+    )  # bundled names or model folders served by the swarm
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    port: int = 8000  # 0: any free port (see ApiServer.url)
+    dtype: str = "float32"  # of the client head and hidden states
+    max_context: int = (
+        2048  # prompt + completion tokens of one request (at most the model's own limit)
+    )
+    default_max_tokens: int = 256  # completion tokens when a request names no max_tokens
+    max_concurrent: int = (
+        16  # requests generating at once, more wait their turn (servers allow 16 sessions a peer)
+    )
+    refresh_interval: float = 5.0  # seconds between DHT reads for the swarm map
+    chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
+
+    def __post_init__(self) -> None:
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        for name, low, high in (
+            ("port", 0, 65535),
+            ("max_context", 2, 1 << 20),
+            ("default_max_tokens", 1, 1 << 20),
+            ("max_concurrent", 1, 4096),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
+        if not self.chain_ttl >= 0:
+            raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
+        if not self.refresh_interval >= 0.1:
+            raise ConfigError(
+                f"'refresh_interval' must be >= 0.1 seconds, got {self.refresh_interval!r}"
+            )
+
+
+class ApiServer:
+    """A running API: its runtimes, the map's state, and how a request becomes a response."""
+
+    def __init__(self, peer: Any, config: ApiConfig, runtimes: dict[str, ModelRuntime]) -> None:
+        self.peer = peer
+        self.config = config
+        self.runtimes = runtimes
+        self.tracker = GenerationTracker()
+        self.limiter = trio.CapacityLimiter(config.max_concurrent)
+        self.created = int(time.time())
+        self.url = ""  # http://host:port, once listening
+        self.refreshed_at: float | None = None
+        self._chains: dict[
+            str, tuple[float, int, list[Any]]
+        ] = {}  # model -> (found at, room, chain)
+        self._lookup_locks: dict[str, trio.Lock] = {}
+        self._views = {
+            name: model_view(None, model=name, num_blocks=r.num_blocks, error=None)
+            for name, r in runtimes.items()
+        }
+
+    # -- the map ------------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Read every model's servers from the DHT now (the map shows the result)."""
+        from swarm_node.node.apps.swarm_status import gather_status
+
+        for name, runtime in self.runtimes.items():
+            try:
+                report = await gather_status(self.peer, name, num_blocks=runtime.num_blocks)
+                self._views[name] = model_view(
+                    report, model=name, num_blocks=runtime.num_blocks, error=None
+                )
+            except (
+                MissingBlocksError,
+                trio.TooSlowError,
+                Exception,
+            ) as exc:  # the map shows it; the API goes on
+                log.warning("reading the swarm state of %s failed: %r", name, exc)
+                self._views[name] = {**self._views[name], "error": f"DHT lookup failed: {exc!r}"}
+        self.refreshed_at = time.time()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await self.refresh()
+            await trio.sleep(self.config.refresh_interval)
+
+    def state(self) -> dict[str, Any]:
+        return swarm_state(
+            self._views,
+            self.tracker.snapshot(trio.current_time()),
+            now=time.time(),
+            refreshed_at=self.refreshed_at,
+            api_peer=self.peer.peer_id,
+            refresh_interval=self.config.refresh_interval,
+        )
+
+    # -- requests -----------------------------------------------------------------------------------
+    def runtime(self, name: str) -> ModelRuntime:
+        if name not in self.runtimes:
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist here; served models: {sorted(self.runtimes)}",
+                param="model",
+                code="model_not_found",
+            )
+        return self.runtimes[name]
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "swarm-node"}
+
+    async def respond(self, request: CompletionRequest | ChatRequest) -> Response | EventStream:
+        runtime = self.runtime(request.model)
+        chat = isinstance(request, ChatRequest)
+        prompt_ids = runtime.encode(request)
+        sampling = runtime.sampling(request, len(prompt_ids), self.config.default_max_tokens)
+        chain = await self._chain(runtime, len(prompt_ids) + sampling.max_new_tokens)
+        meta = dict(
+            id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=runtime.name,
+            chat=chat,
+        )
+
+        async def generate(on_text: Any) -> tuple[str, str, int]:
+            async with self.limiter:
+                request_id = self.tracker.start(
+                    model=runtime.name,
+                    kind="chat" if chat else "completion",
+                    prompt_tokens=len(prompt_ids),
+                    now=trio.current_time(),
+                )
+                error: str | None = "cancelled"
+                try:
+                    text, finish, stats = await run_generation(
+                        self.peer,
+                        runtime,
+                        prompt_ids,
+                        sampling,
+                        request.stop,
+                        chain=chain,
+                        on_text=on_text,
+                        on_token=lambda _t: self.tracker.token(request_id, trio.current_time()),
+                    )
+                    error = None
+                except ApiError as exc:
+                    error = exc.message
+                    if exc.status >= 500:
+                        self.forget_chain(runtime.name)
+                    raise
+                except Exception as exc:  # our bug: the map shows it, the app answers 500
+                    error = repr(exc)
+                    raise
+                finally:
+                    self.tracker.finish(
+                        request_id,
+                        trio.current_time(),
+                        error=error,
+                        chain=[f"{h.start}:{h.end}@{h.server.peer_id[-8:]}" for h in chain],
+                    )
+            return text, finish, stats.new_tokens
+
+        if not request.stream:
+            text, finish, new_tokens = await generate(None)
+            return JSONResponse(
+                completion_object(
+                    **meta,
+                    text=text,
+                    finish_reason=finish,
+                    usage_counts=usage(len(prompt_ids), new_tokens),
+                )
+            )
+
+        async def produce(emit: Any) -> None:
+            first = [True]
+
+            def on_text(piece: str) -> None:
+                emit(chunk_object(**meta, text=piece, finish_reason=None, first=first[0]))
+                first[0] = False
+
+            _, finish, new_tokens = await generate(on_text)
+            emit(chunk_object(**meta, text="", finish_reason=finish, first=first[0]))
+            if request.include_usage:
+                emit(
+                    chunk_object(
+                        **meta,
+                        text=None,
+                        finish_reason=None,
+                        usage_counts=usage(len(prompt_ids), new_tokens),
+                    )
+                )
+
+        return EventStream(produce)
+
+    async def _chain(self, runtime: ModelRuntime, max_length: int) -> list[Any]:
+        """A chain for ``max_length`` tokens: the one found for this model in the last
+        ``chain_ttl`` seconds when it has room, else a new lookup. One lookup at a time per model:
+        a burst of requests waits for one DHT lookup instead of making as many."""
+        name = runtime.name
+        async with self._lookup_locks.setdefault(name, trio.Lock()):
+            cached = self._chains.get(name)
+            now = trio.current_time()
+            if (
+                cached is not None
+                and now - cached[0] < self.config.chain_ttl
+                and cached[1] >= max_length
+            ):
+                return cached[2]
+            room = max(
+                max_length, runtime.context_length // 4
+            )  # ask for room enough for most requests
+            try:
+                chain = await self.peer.find_chain(name, runtime.num_blocks, max_length=room)
+            except MissingBlocksError as exc:
+                raise ApiError(
+                    503,
+                    f"the swarm cannot serve {name!r} now: {exc}",
+                    type="server_error",
+                    code="missing_blocks",
+                ) from None
+            except trio.TooSlowError:
+                raise ApiError(
+                    503,
+                    f"looking up the servers of {name!r} timed out",
+                    type="server_error",
+                    code="lookup_timeout",
+                ) from None
+            self._chains[name] = (now, room, chain)
+            return chain
+
+    def forget_chain(self, name: str) -> None:
+        """A request failed in the swarm: the next one looks the servers up again."""
+        self._chains.pop(name, None)
+
+
+async def serve_api(
+    peer: Any, config: ApiConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Load the client side of every model, listen, report the ``ApiServer`` (``.url``), serve."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+
+    runtimes: dict[str, ModelRuntime] = {}
+    for model in config.models:
+        runtime = await trio.to_thread.run_sync(
+            lambda model=model: ModelRuntime.load(
+                model, dtype=config.dtype, max_context=config.max_context
+            )
+        )
+        runtimes[runtime.name] = runtime
+    api = ApiServer(peer, config, runtimes)
+    hconfig = HypercornConfig()
+    hconfig.bind = [
+        f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"
+    ]
+    hconfig.accesslog = None
+    hconfig.errorlog = logging.getLogger("hypercorn.error")
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(partial(serve, build_app(api), hconfig))
+            api.url = binds[0]
+            log.info(
+                "OpenAI-compatible API and swarm map at %s (models: %s)",
+                api.url,
+                ", ".join(runtimes),
+            )
+            nursery.start_soon(api._refresh_loop)
+            task_status.started(api)
+    except BaseExceptionGroup as group:
+        raise _unwrapped(group, hconfig.bind[0]) from None
+    except OSError as exc:
+        raise _unwrapped(exc, hconfig.bind[0]) from None
+
+
+def _unwrapped(error: BaseException, bind: str) -> BaseException:
+    """The one real error out of nurseries' groups; a socket error as a ConfigError a user can act on."""
+    leaf = sole_error(error) if isinstance(error, BaseExceptionGroup) else error
+    if leaf is None:
+        return error
+    if isinstance(leaf, OSError):
+        return ConfigError(
+            f"the API cannot listen on {bind}: {leaf.strerror or leaf} (choose another --port/--host)"
+        )
+    return leaf
+
+
+@asynccontextmanager
+async def open_api(peer: Any, config: ApiConfig | None = None) -> AsyncIterator[ApiServer]:
+    """Serve the API beside ``peer`` until the block ends."""
+    try:
+        async with trio.open_nursery() as nursery:
+            api = await nursery.start(serve_api, peer, config or ApiConfig())
+            try:
+                yield api
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise sole_error(group) or group from None  # one failure comes out as itself

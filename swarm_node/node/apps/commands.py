@@ -1,0 +1,347 @@
+"""What each ``swarm-node`` subcommand does, over the library's front door ``open_peer``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.model.bundled import model_id_of
+from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
+from swarm_node.node.peer import Peer, open_peer
+from swarm_node.node.server.adapters import is_adapter_file, parse_adapter_flags
+
+log = logging.getLogger(__name__)
+
+CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    start, end = parse_blocks(args.blocks) if args.blocks is not None else (0, 0)
+    server = ServerConfig(
+        model=args.model,
+        start=start,
+        end=end,
+        num_blocks=args.num_blocks,
+        start_delay=args.start_delay,
+        rebalance_interval=args.rebalance_interval,
+        min_gain=args.min_gain,
+        dtype=args.dtype,
+        torch_threads=args.torch_threads,
+        throughput=args.throughput,
+        max_session_length=args.max_session_length,
+        cache_budget_tokens=args.cache_tokens,
+        max_sessions_per_peer=args.max_sessions_per_peer,
+        session_idle_timeout=args.session_idle_timeout,
+        compression=args.compression,
+        quant=args.quant,
+        adapters=parse_adapter_flags(args.adapters),
+        shutdown_grace=args.shutdown_grace,
+    )
+    config = PeerConfig(
+        listen=tuple(args.listen),
+        initial_peers=tuple(args.initial_peers),
+        identity=args.identity,
+        swarm_key=args.swarm_key,
+        announce_addrs=tuple(args.announce or ()),
+    )
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_peer(config, server=server) as peer:
+            for addr in peer.addrs:
+                print(addr, flush=True)
+            if not args.initial_peers:
+                log.info("started a new swarm; others join with --initial-peers %s", peer.addrs[0])
+            async for signum in signals:
+                log.info("got %s: withdrawing and shutting down", signal.Signals(signum).name)
+                break
+    log.info("stopped cleanly")
+    return 0
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive, correct across multi-byte characters."""
+
+    def __init__(self, tokenizer: Any, out: Any = sys.stdout) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # half a character; wait for the rest
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
+    if chat:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        return ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """``generate``'s ``--prompt-file FILE`` and ``--adapter FILE`` as ``generate_tokens`` arguments
+    (``prefix``, ``deep_prompts``, ``lora``), each file checked against the model."""
+    from swarm_node.model.tuned_files import load_tuned
+
+    out: dict[str, Any] = {}
+    dtype = TORCH_DTYPES[args.dtype]
+    model = model_id_of(args.model)
+    if getattr(args, "prompt_file", None) is not None:
+        tuned = load_tuned(
+            args.prompt_file,
+            model=model,
+            config=config,
+            methods=("ptune", "deep_ptune"),
+            dtype=dtype,
+        )
+        out["prefix"] = tuned.prompts  # (P, H)
+        out["deep_prompts"] = tuned.deep_prompts_for(
+            int(config.num_hidden_layers)
+        )  # (L, P, H) or None
+    adapter = getattr(args, "adapter", None)
+    if adapter and is_adapter_file(adapter):
+        out["lora"] = load_tuned(
+            adapter, model=model, config=config, methods=("lora",), dtype=dtype
+        ).lora
+    return out
+
+
+async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
+    from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
+
+    path = await trio.to_thread.run_sync(resolve_model, args.model)
+    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
+    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
+    head = await trio.to_thread.run_sync(
+        lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
+    )
+    input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    tuned = await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=getattr(args, "temperature", 0.0),
+        top_p=getattr(args, "top_p", 1.0),
+        seed=getattr(args, "seed", None),
+        eos_token_ids=_eos_ids(checkpoint.config, tokenizer),
+    )
+    if not args.chat:
+        out.write(args.prompt)
+    stream = TextStream(tokenizer, out)
+    _, stats = await generate_tokens(
+        peer,
+        head,
+        input_ids,
+        model=model_id_of(args.model),
+        num_blocks=checkpoint.config.num_hidden_layers,
+        dtype=args.dtype,
+        sampling=sampling,
+        on_tokens=stream,
+        **tuned,
+    )
+    out.write("\n")
+    out.flush()
+    return stats
+
+
+def _describe(stats: GenerationStats) -> str:
+    hops = ", ".join(f"blocks {h.start}:{h.end} on {h.server.peer_id[-8:]}" for h in stats.chain)
+    text = (
+        f"chain: {hops}\n{stats.new_tokens} new tokens, first after {stats.time_to_first_token:.2f} s, "
+        f"{stats.tokens_per_second:.1f} tokens/s after that"
+    )
+    for event in stats.recoveries:
+        text += (
+            f"\nrecovered: blocks {event.start}:{event.end} moved from {event.failed[-8:]} to "
+            f"{', '.join(p[-8:] for p in event.replacements)} in {event.seconds:.2f} s "
+            f"({event.replayed_steps} steps replayed)"
+        )
+    return text
+
+
+async def generate(args: argparse.Namespace) -> int:
+    config = PeerConfig(
+        listen=CLIENT_LISTEN,
+        initial_peers=tuple(args.initial_peers),
+        identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    _need_initial_peers(args)
+    if args.prompt_file is not None or (args.adapter and is_adapter_file(args.adapter)):
+        from swarm_node.model import (  # bad files fail before any networking
+            Checkpoint,
+            resolve_model,
+        )
+
+        checkpoint = await trio.to_thread.run_sync(
+            Checkpoint.open, await trio.to_thread.run_sync(resolve_model, args.model)
+        )
+        await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
+    adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
+    client = ClientConfig(
+        step_timeout=args.timeout,
+        push=args.push,
+        compression=args.compression,
+        adapter=adapter,
+        max_attempts=args.max_attempts,
+    )
+    async with open_peer(config, client=client) as peer:
+        stats = await _generate_with(peer, args, sys.stdout)
+    print(_describe(stats), file=sys.stderr)
+    return 0
+
+
+def _need_initial_peers(args: argparse.Namespace) -> None:
+    if not args.initial_peers:
+        from swarm_node.errors import ConfigError
+
+        raise ConfigError(
+            "'--initial-peers' must name at least one peer of the swarm (or set SWARM_INITIAL_PEERS)"
+        )
+
+
+async def status(args: argparse.Namespace, out: Any = None) -> int:
+    """Print the block coverage map of ``args.model`` (text, or one JSON object with --json)."""
+    import json
+
+    from swarm_node.node.apps.swarm_status import format_report, gather_status
+
+    out = out or sys.stdout
+    _need_initial_peers(args)
+    config = PeerConfig(
+        listen=CLIENT_LISTEN,
+        initial_peers=tuple(args.initial_peers),
+        identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    async with open_peer(config) as peer:
+        report = await gather_status(peer, model_id_of(args.model), num_blocks=args.num_blocks)
+    out.write((json.dumps(report) if args.json else format_report(report)) + "\n")
+    out.flush()
+    return 0
+
+
+def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> Any:
+    from swarm_node.node.apps.api import ApiConfig
+
+    return ApiConfig(
+        models=models,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        max_context=args.max_context,
+        max_concurrent=args.max_concurrent,
+        refresh_interval=args.refresh,
+    )
+
+
+async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
+    from swarm_node.node.apps.api import open_api
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_api(peer, config) as api:
+            print(
+                f"OpenAI-compatible API at {api.url}/v1 (models: {', '.join(api.runtimes)}); "
+                f"swarm map at {api.url}/",
+                file=sys.stderr,
+            )
+            print(api.url, flush=True)
+            async for signum in signals:
+                log.info("got %s: stopping the API", signal.Signals(signum).name)
+                break
+
+
+async def api(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible API and the swarm map over the swarm until SIGINT/SIGTERM."""
+    _need_initial_peers(args)
+    config = _api_config(args, (args.model, *args.also_model))
+    peer_config = PeerConfig(
+        listen=CLIENT_LISTEN,
+        initial_peers=tuple(args.initial_peers),
+        identity=args.identity,
+        swarm_key=args.swarm_key,
+    )
+    async with open_peer(peer_config) as peer:
+        await _serve_api_until_signal(peer, config)
+    return 0
+
+
+def keygen(args: argparse.Namespace) -> int:
+    from swarm_node.node.net.swarm_key import write_swarm_key
+
+    write_swarm_key(args.swarm_key)
+    print(f"wrote a new swarm key to {args.swarm_key}; give it to every peer of the private swarm")
+    return 0
+
+
+def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+async def demo(args: argparse.Namespace) -> int:
+    from swarm_node.errors import ConfigError
+    from swarm_node.model import Checkpoint, resolve_model
+
+    if not 1 <= args.servers <= 8:
+        raise ConfigError(f"'--servers' must be in [1, 8], got {args.servers}")
+    t0 = time.perf_counter()
+    print(f"preparing {args.model} (converted once, then cached)...", file=sys.stderr, flush=True)
+    path = await trio.to_thread.run_sync(resolve_model, args.model)
+    num_blocks = Checkpoint.open(path).config.num_hidden_layers
+    spans = split_blocks(num_blocks, args.servers)
+    async with AsyncExitStack() as stack:
+        servers: list[Peer] = []
+        for start, end in spans:
+            initial = tuple(servers[0].addrs[:1]) if servers else ()
+            peer = await stack.enter_async_context(
+                open_peer(
+                    PeerConfig(listen=CLIENT_LISTEN, initial_peers=initial),
+                    server=ServerConfig(model=args.model, start=start, end=end, dtype=args.dtype),
+                )
+            )
+            servers.append(peer)
+            print(
+                f"server {peer.peer_id[-8:]} serves blocks {start}:{end} at {peer.addrs[0]}",
+                file=sys.stderr,
+            )
+        client = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=CLIENT_LISTEN, initial_peers=tuple(servers[0].addrs[:1])))
+        )
+        print(
+            f"swarm ready in {time.perf_counter() - t0:.1f} s; asking: {args.prompt!r}\n",
+            file=sys.stderr,
+            flush=True,
+        )
+        args.temperature, args.top_p, args.seed = 0.0, 1.0, None
+        stats = await _generate_with(client, args, sys.stdout)
+        print("\n" + _describe(stats), file=sys.stderr, flush=True)
+        if args.api:
+            await _serve_api_until_signal(client, _api_config(args, (args.model,)))
+    return 0

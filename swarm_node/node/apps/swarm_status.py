@@ -1,0 +1,124 @@
+"""``swarm-node status``: the block coverage map of a model, as text or JSON.
+
+``coverage_report`` and ``format_report`` are pure (records and measured round trips in, a dict or
+text out); ``gather_status`` is the part that asks the swarm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+from swarm_node.dht.records import ServerRecord
+from swarm_node.dht.routing import format_blocks
+from swarm_node.errors import MissingBlocksError
+
+# blocks looked up to find any server (and, through it, how many blocks the model has)
+PROBE_BLOCKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128)
+
+
+def coverage_report(
+    servers: Sequence[ServerRecord], *, model: str, num_blocks: int, rtt: Mapping[str, float]
+) -> dict[str, Any]:
+    """Every block with the servers covering it; servers with their numbers and round trip."""
+    servers = sorted(servers, key=lambda s: (s.start, s.end, s.peer_id))
+    blocks = [
+        {"block": b, "servers": [s.peer_id for s in servers if s.covers(b)]}
+        for b in range(num_blocks)
+    ]
+    return {
+        "model": model,
+        "num_blocks": num_blocks,
+        "servers": [
+            {
+                "peer_id": s.peer_id,
+                "addrs": list(s.addrs),
+                "start": s.start,
+                "end": s.end,
+                "throughput": s.throughput,
+                "cache_tokens_left": s.cache_tokens_left,
+                "rtt_ms": None if s.peer_id not in rtt else round(rtt[s.peer_id] * 1000, 2),
+                "next_rtts_ms": {p: round(r * 1000, 2) for p, r in s.next_rtts},
+                "dtype": s.dtype,
+                "quant": s.quant,
+                "bytes_per_block": s.bytes_per_block,
+                "version": s.version,
+                "adapters": list(s.adapters),
+                "state": s.state,
+                "moving_to": None if s.moving_span is None else list(s.moving_span),
+            }
+            for s in servers
+        ],
+        "blocks": blocks,
+        "missing": [b["block"] for b in blocks if not b["servers"]],
+    }
+
+
+def _short(peer_id: str) -> str:
+    return "…" + peer_id[-8:]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The coverage map for a terminal: one line a block, missing blocks marked, then the servers."""
+    servers = {s["peer_id"]: s for s in report["servers"]}
+    missing = report["missing"]
+    lines = [
+        f"{report['model']}: {report['num_blocks']} blocks, {len(servers)} server(s), "
+        + (f"MISSING blocks {format_blocks(missing)}" if missing else "every block served")
+    ]
+    width = len(str(max(report["num_blocks"] - 1, 0)))
+    for entry in report["blocks"]:
+        ids = entry["servers"]
+        if not ids:
+            lines.append(f"  block {entry['block']:>{width}}  !! MISSING: no server")
+            continue
+        total = sum(servers[p]["throughput"] for p in ids)
+        names = ", ".join(_short(p) for p in ids)
+        lines.append(
+            f"  block {entry['block']:>{width}}  {'#' * min(len(ids), 8):<8} {len(ids)} server(s), {total:.1f} tok/s: {names}"
+        )
+    lines.append("servers:")
+    for s in report["servers"]:
+        rtt = "unreachable" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms"
+        lines.append(
+            f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
+            f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
+            f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
+            + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
+            + (
+                f"  moving to blocks {s['moving_to'][0]}:{s['moving_to'][1]}"
+                if s.get("moving_to")
+                else ""
+            )
+        )
+    return "\n".join(lines)
+
+
+async def gather_status(peer: Any, model: str, *, num_blocks: int | None = None) -> dict[str, Any]:
+    """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
+    with trio.fail_after(peer.client_config.lookup_timeout):
+        if num_blocks is None:
+            found = await peer.dht.find_servers(model, PROBE_BLOCKS)
+            num_blocks = await _num_blocks(peer, model, found)
+        servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
+    rtt = await peer.ping_all(servers)
+    for peer_id, seconds in rtt.items():
+        peer.rtt.observe(peer_id, seconds)
+    return coverage_report(servers, model=model, num_blocks=num_blocks, rtt=rtt)
+
+
+async def _num_blocks(peer: Any, model: str, servers: Sequence[ServerRecord]) -> int:
+    """The model's block count, as the first server that answers tells it."""
+    for rec in servers:
+        try:
+            _, info = await peer.ping(rec.peer_id)
+        except Exception:  # try the next one
+            continue
+        return int(info.num_blocks)
+    raise MissingBlocksError(
+        f"no server of {model!r} answered (looked up blocks {format_blocks(PROBE_BLOCKS)}); "
+        "check the model name, or pass --num-blocks to see the empty map anyway"
+    )

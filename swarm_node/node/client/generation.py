@@ -1,0 +1,315 @@
+"""The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally.
+
+``generate_tokens`` opens a session for one call; ``open_token_session`` keeps one open across calls
+(a chat): each call sends only the tokens the servers' caches do not hold yet. Knows nothing of
+tokenizers or text: stopping on strings is the caller's ``stopping`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.dht.routing import Hop
+from swarm_node.errors import ConfigError
+from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the context
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or self.max_new_tokens < 1
+        ):
+            raise ConfigError(f"'max_new_tokens' must be an int >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"'temperature' must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"'top_p' must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"'top_k' must be an int >= 0, got {self.top_k!r}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ConfigError(
+                f"'repetition_penalty' must be a finite number > 0, got {self.repetition_penalty!r}"
+            )
+
+
+@dataclass(kw_only=True)
+class GenerationStats:
+    chain: list[Hop] = field(default_factory=list)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0
+    total_time: float = 0.0
+    remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
+    finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
+    recoveries: list[Any] = field(
+        default_factory=list
+    )  # recovery.RecoveryEvent per replaced server
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Steady decode rate: tokens after the first over the time after the first."""
+        steady = self.total_time - self.time_to_first_token
+        return (self.new_tokens - 1) / steady if self.new_tokens > 1 and steady > 0 else 0.0
+
+
+class TokenSession:
+    """An inference session plus the tokens behind it: ``ids`` ``# (B, n)``, of which the first
+    ``fed`` went through the chain (the servers cache them); the rest wait for the next call."""
+
+    def __init__(
+        self,
+        session: Any,
+        chain: list[Hop],
+        *,
+        max_length: int,
+        batch_size: int,
+        prefix: torch.Tensor | None = None,
+    ) -> None:
+        self.session = session
+        self.chain = chain
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.prefix = prefix  # (P, H) soft prompt before the first tokens (prompt tuning), or None
+        self.prefix_len = 0 if prefix is None else prefix.shape[0]
+        self.ids = torch.zeros(batch_size, 0, dtype=torch.int64)  # (B, n)
+        self.fed = 0
+        # the head and sampling run inline while quick (a worker-thread hop costs ~0.5-1 ms here)
+        self.quick_jobs = QuickJobs(CLIENT_MAX_INLINE_S)
+
+    @property
+    def pending(self) -> torch.Tensor:
+        return self.ids[:, self.fed :]  # (B, n - fed)
+
+
+@asynccontextmanager
+async def open_token_session(
+    peer: Any,
+    *,
+    model: str,
+    num_blocks: int,
+    max_length: int,
+    dtype: str,
+    batch_size: int = 1,
+    chain: Sequence[Hop] | None = None,
+    compression: str | None = None,
+    push: bool | None = None,
+    adapter: str | None = None,
+    prefix: torch.Tensor | None = None,
+    deep_prompts: torch.Tensor | None = None,
+    lora: Any = None,
+) -> AsyncIterator[TokenSession]:
+    """A session holding up to ``max_length`` positions for ``generate_tokens(..., session=)`` calls.
+
+    ``adapter``: a LoRA adapter servers hold, by name (default: the client config's).
+    Prompt tuning: ``prefix`` ``# (P, H)`` goes before the first tokens' embeddings (it takes P of
+    the ``max_length`` positions), and the servers add ``deep_prompts`` ``# (L, P, H)`` to those P
+    positions before each block (model/prompts.py).
+    ``lora``: a client-owned model.LoraWeights the servers apply (instead of a named ``adapter``).
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(f"'max_length' must be an int >= 1, got {max_length!r}")
+    if lora is not None:
+        adapter = ""  # a client-owned LoRA replaces any named adapter of the client config
+    if chain is None:
+        chain = await peer.find_chain(
+            model,
+            num_blocks,
+            max_length=max_length,
+            batch_size=batch_size,
+            push=push,
+            adapter=adapter,
+        )
+    async with peer.inference_session(
+        list(chain),
+        model=model,
+        max_length=max_length,
+        dtype=dtype,
+        batch_size=batch_size,
+        compression=compression,
+        push=push,
+        adapter=adapter,
+        prompts=deep_prompts,
+        lora=lora,
+    ) as session:
+        yield TokenSession(
+            session, list(chain), max_length=max_length, batch_size=batch_size, prefix=prefix
+        )
+
+
+async def generate_tokens(
+    peer: Any,
+    head: Any,
+    input_ids: torch.Tensor,
+    *,
+    model: str,
+    num_blocks: int,
+    dtype: str,
+    sampling: SamplingConfig,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+    stopping: Callable[[torch.Tensor], bool] | None = None,
+    chain: Sequence[Hop] | None = None,
+    compression: str | None = None,
+    push: bool | None = None,
+    session: TokenSession | None = None,
+    adapter: str | None = None,
+    prefix: torch.Tensor | None = None,
+    deep_prompts: torch.Tensor | None = None,
+    lora: Any = None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate.
+
+    ``on_tokens(token # (B,))`` sees each new token; ``stopping(ids # (B, T + new))`` returning True
+    ends generation after that token. With ``session``, ``input_ids`` continue what the session
+    already holds (they may be empty, ``# (B, 0)``, to just go on). ``adapter``, ``prefix``,
+    ``deep_prompts`` and ``lora`` (fine-tuning results) are those of ``open_token_session``; a given
+    ``session`` already carries its own.
+    """
+    if input_ids.ndim != 2:
+        raise ConfigError(
+            f"'input_ids' must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+        )
+    if session is not None and (prefix is not None or deep_prompts is not None or lora is not None):
+        raise ConfigError(
+            "'prefix', 'deep_prompts' and 'lora' are set when a session opens, not per call"
+        )
+    if session is None:
+        if input_ids.shape[1] < 1:
+            raise ConfigError(
+                f"'input_ids' must have at least one token, got shape {tuple(input_ids.shape)}"
+            )
+        max_length = (
+            input_ids.shape[1]
+            + sampling.max_new_tokens
+            + (0 if prefix is None else prefix.shape[0])
+        )
+        async with open_token_session(
+            peer,
+            model=model,
+            num_blocks=num_blocks,
+            max_length=max_length,
+            dtype=dtype,
+            batch_size=input_ids.shape[0],
+            chain=chain,
+            compression=compression,
+            push=push,
+            adapter=adapter,
+            prefix=prefix,
+            deep_prompts=deep_prompts,
+            lora=lora,
+        ) as new_session:
+            return await _decode(head, new_session, input_ids, sampling, on_tokens, stopping)
+    return await _decode(head, session, input_ids, sampling, on_tokens, stopping)
+
+
+async def _decode(
+    head: Any,
+    ts: TokenSession,
+    input_ids: torch.Tensor,
+    sampling: SamplingConfig,
+    on_tokens: Callable[[torch.Tensor], None] | None,
+    stopping: Callable[[torch.Tensor], bool] | None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    from swarm_node.model import apply_repetition_penalty, sample_next_token
+
+    if input_ids.shape[0] != ts.batch_size:
+        raise ConfigError(
+            f"'input_ids' must have batch size {ts.batch_size} (the session's), got {input_ids.shape[0]}"
+        )
+    new = torch.cat([ts.pending, input_ids.to(torch.int64)], dim=1)  # (B, T')
+    if new.shape[1] < 1:
+        raise ConfigError("'input_ids' must have at least one token when the session holds none")
+    needed = ts.prefix_len + ts.fed + new.shape[1] + sampling.max_new_tokens - 1
+    if needed > ts.max_length:
+        raise ConfigError(
+            f"the session holds {ts.prefix_len + ts.fed} positions and max_length {ts.max_length}: "
+            f"{new.shape[1]} more plus {sampling.max_new_tokens} new tokens do not fit ({needed})"
+        )
+    t0 = time.perf_counter()
+    batch = new.shape[0]
+    stats = GenerationStats(prompt_tokens=input_ids.shape[1], chain=list(ts.chain))
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    eos = torch.tensor(sampling.eos_token_ids or [-1])
+    pad = (
+        sampling.pad_token_id
+        if sampling.pad_token_id is not None
+        else (sampling.eos_token_ids or (0,))[0]
+    )
+    finished = torch.zeros(batch, dtype=torch.bool)
+    ts.ids = torch.cat([ts.ids, input_ids.to(torch.int64)], dim=1)
+    ids = input_ids
+    recovery = getattr(ts.session, "recovery", None)
+    recoveries_before = 0 if recovery is None else len(recovery.events)
+    hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
+    if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
+        hidden = torch.cat(
+            [ts.prefix.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1
+        )  # (B, P + T', H)
+    for i in range(sampling.max_new_tokens):
+        t_step = time.perf_counter()
+        out = await ts.session.step(hidden)  # (B, T', H)
+        ts.fed += hidden.shape[1] - (ts.prefix_len if ts.fed == 0 else 0)
+        stats.remote_time += time.perf_counter() - t_step
+        seen = ts.ids
+
+        def pick(
+            out: torch.Tensor = out, seen: torch.Tensor = seen, finished: torch.Tensor = finished
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = head.logits(out[:, -1:, :])[:, -1, :].float()  # (B, V)
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+            token = sample_next_token(
+                logits,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                generator=generator,
+            )
+            token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
+            return token, head.embed(
+                token[:, None]
+            )  # the next step's input, in the same thread hop
+
+        token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
+        if i == 0:
+            stats.time_to_first_token = time.perf_counter() - t0
+        stats.new_tokens += 1
+        if on_tokens is not None:
+            on_tokens(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            stats.finish_reason = "eos"
+            break
+        if stopping is not None and stopping(ids):
+            stats.finish_reason = "stop"
+            break
+        if i + 1 == sampling.max_new_tokens:
+            break
+        hidden = next_hidden
+    if recovery is not None:
+        stats.recoveries = list(recovery.events[recoveries_before:])
+    stats.total_time = time.perf_counter() - t0
+    return ids, stats

@@ -1,0 +1,439 @@
+"""A client's inference session over a chain of servers: one stream and one remote session per hop.
+
+Client-star (the default): each step sends the hidden states of the new positions to every hop in
+order and returns the last hop's output (2N one-way delays a token). Push: the client sends a step
+to the first hop only; each server sends its output straight to the next one and to the client (N + 1
+delays). The client reads every hop's answer in order and, where a hop says it could not push
+(``pushed=0``) or the next server says the push failed, sends that step on itself. The session is an
+async context manager: leaving it closes every remote session and stream.
+
+Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
+servers fails the slot is re-routed to other servers and its history replayed there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.dht.routing import Hop
+from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
+from swarm_node.node.client.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
+from swarm_node.node.config import SERVER_DEFAULT
+from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 256  # tokens per step frame when a long prompt streams through the chain
+
+
+async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
+    """Send one request and wait for its answer under a deadline; ErrorResponse -> RemoteError."""
+    with trio.fail_after(timeout):
+        await conn.send(message)
+        reply = await conn.receive()
+    if reply is None:
+        raise RemoteProtocolError(f"{conn.peer_id} closed the stream instead of answering")
+    if isinstance(reply, m.ErrorResponse):
+        raise RemoteError(reply.code, f"{reply.message} (from {conn.peer_id})")
+    if not isinstance(reply, expect):
+        raise RemoteProtocolError(
+            f"{conn.peer_id} answered {type(message).__name__} with {type(reply).__name__}"
+        )
+    return reply
+
+
+class RemoteSpan:
+    def __init__(
+        self, hop: Hop, conn: MessageStream, session_id: str, pushes: bool = False
+    ) -> None:
+        self.hop = hop
+        self.conn = conn
+        self.session_id = session_id
+        self.pushes = pushes  # this server pushes its output to the next span's server
+
+
+class InferenceSession:
+    """Runs hidden states through ``chain`` with a KV cache kept on every server."""
+
+    def __init__(
+        self,
+        host: Any,
+        chain: list[Hop],
+        *,
+        model: str,
+        max_length: int,
+        dtype: str,
+        compression: str | None,
+        step_timeout: float,
+        max_frame_size: int,
+        batch_size: int = 1,
+        push: bool = False,
+        adapter: str = "",
+        prompts: torch.Tensor | None = None,
+        lora: Any = None,
+        recovery: Recovery | None = None,
+    ) -> None:
+        self.push = push
+        self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
+        self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
+        self.lora = lora  # a client-owned model.LoraWeights; each hop gets its blocks' at open
+        self.recovery = recovery  # None: a failed server ends the session
+        self.host = host
+        self.chain = chain
+        self.model = model
+        self.max_length = max_length
+        self.dtype = dtype
+        self.uplink = compression or "none"  # codec of what we send
+        self.downlink = compression or SERVER_DEFAULT  # codec we ask the servers to answer in
+        self.step_timeout = step_timeout
+        self.max_frame_size = max_frame_size
+        self.batch_size = batch_size
+        self.position = 0
+        self._step_id = 0
+        self._slots: list[Slot] = []
+
+    @property
+    def _spans(self) -> list[RemoteSpan]:
+        return [span for slot in self._slots for span in slot.spans]
+
+    async def __aenter__(self) -> InferenceSession:
+        try:
+            following: RemoteSpan | None = None
+            # push: open from the last hop back, so each server learns the next one's session id
+            for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
+                hop = self.chain[i]
+                previous = self.chain[i - 1].server.peer_id if i > 0 else ""
+                slot = Slot(start=hop.start, end=hop.end, spans=[])
+                try:
+                    with HopFailed.on_failure(UnopenedSpan(hop)):
+                        following = await self.open_span(
+                            hop, **self._push_fields(following, previous)
+                        )
+                    slot.spans.append(following)
+                except HopFailed as failure:  # gone since the lookup: its blocks go elsewhere now
+                    if self.recovery is None:
+                        raise failure.cause from None
+                    await self.recovery.recover(self, slot, failure)
+                    following = None  # the replacements take no pushes: the hop before sends to us
+                self._slots.append(slot)
+            if self.push:
+                self._slots.reverse()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
+        """A stream to ``hop``'s server and a session there for its blocks."""
+        conn = await open_stream(
+            self.host,
+            hop.server.peer_id,
+            max_frame_size=self.max_frame_size,
+            timeout=self.step_timeout,
+        )
+        try:
+            reply = await request(
+                conn,
+                m.OpenSessionRequest(
+                    model=self.model,
+                    start=hop.start,
+                    end=hop.end,
+                    max_length=self.max_length,
+                    dtype=self.dtype,
+                    compression=self.downlink,
+                    batch_size=self.batch_size,
+                    adapter=self.adapter,
+                    prompts=self._hop_prompts(hop),
+                    **self._hop_lora(hop),
+                    **push_fields,
+                ),
+                m.OpenSessionResponse,
+                timeout=self.step_timeout,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await conn.close()
+            raise
+        return RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
+
+    def _hop_lora(self, hop: Hop) -> dict[str, Any]:
+        """The ``lora`` and ``lora_manifest`` fields of this hop's blocks (none: no fields)."""
+        part = self.lora.for_blocks(hop.start, hop.end) if self.lora is not None else None
+        if part is None or not part.modules:
+            return {}
+        from swarm_node.model.lora_pack import pack_lora
+
+        flat, manifest = pack_lora(part)
+        flat = flat.detach().to(getattr(torch, self.dtype)).contiguous()
+        return {
+            "lora": compression.encode(flat, "none"),
+            "lora_manifest": manifest,
+        }  # travels exactly
+
+    def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
+        if self.prompts is None:
+            return None
+        part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
+        return compression.encode(part, "none")  # prompts travel exactly
+
+    def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, str]:
+        """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""
+        if not self.push:
+            return {}
+        fields = {"prev_peer": previous}
+        if following is not None:
+            fields.update(
+                next_peer=following.hop.server.peer_id,
+                next_addrs=" ".join(following.hop.server.addrs),
+                next_session=following.session_id,
+            )
+        return fields
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        spans = self._spans
+        self._slots = []
+        with trio.CancelScope(shield=True):
+            for span in spans:
+                with trio.move_on_after(2.0):
+                    try:
+                        await request(
+                            span.conn,
+                            m.CloseSessionRequest(session_id=span.session_id),
+                            m.CloseSessionResponse,
+                            timeout=2.0,
+                        )
+                    except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
+                        log.debug("closing session on %s: %s", span.conn.peer_id, exc)
+                    except Exception as exc:  # the server may be gone; the close is best effort
+                        log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
+                    await span.conn.close()
+
+    @property
+    def hops(self) -> list[Hop]:
+        return [span.hop for span in self._spans]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the new positions ``# (B, T, H)`` -> the chain's output ``# (B, T, H)``.
+
+        A long step (a prefill) is cut into chunks that stream through the chain: while hop i runs
+        chunk k, hop i-1 already runs chunk k+1, and no frame outgrows the frame-size limit.
+        """
+        if not self._spans:
+            raise SessionError("the inference session is not open")
+        tokens = hidden.shape[1]
+        if self.position + tokens > self.max_length:
+            raise SessionError(
+                f"session max_length is {self.max_length}: {self.position} tokens so far + {tokens} "
+                "new would exceed it"
+            )
+        chunk = self.chunk_tokens(hidden)
+        if self.push:  # chunks one after another: each travels the whole chain by itself
+            outs = []
+            for a in range(0, tokens, chunk):
+                piece = hidden[:, a : a + chunk]
+                outs.append(await self._push_step(piece, self._next_step_id(), self.position + a))
+            out = torch.cat(outs, dim=1)
+        elif tokens <= chunk:
+            out = await self._through_chain(hidden, self.position)
+        else:
+            out = await self._pipelined(hidden, chunk)
+        self.position += tokens
+        return out
+
+    def chunk_tokens(self, hidden: torch.Tensor) -> int:
+        """Tokens per chunk: at most PREFILL_CHUNK, and a frame of them well under the size limit."""
+        batch, _, width = hidden.shape
+        per_token = batch * width * 4  # bytes of one position in float32, the widest wire dtype
+        return max(1, min(PREFILL_CHUNK, (self.max_frame_size // 2) // per_token))
+
+    def _next_step_id(self) -> int:
+        self._step_id += 1
+        return self._step_id
+
+    async def _through_chain(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        step_id = self._next_step_id()  # one id per step, the same on every hop
+        for slot in self._slots:
+            hidden = await self._through_slot(slot, hidden, position, step_id)
+        return hidden
+
+    async def _through_slot(
+        self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        """One step through one slot, client-star; a failed server is replaced and the step redone."""
+        while True:
+            try:
+                out = hidden
+                for span in slot.spans:
+                    out = await self._hop(span, out, position, step_id)
+            except HopFailed as failure:
+                await self._recover(slot, failure)
+                continue
+            slot.remember(step_id, position, hidden)
+            return out
+
+    async def _recover(self, slot: Slot, failure: HopFailed) -> None:
+        if self.recovery is None:
+            raise failure.cause
+        await self.recovery.recover(self, slot, failure)
+        index = self._slots.index(slot)
+        if (
+            index > 0
+        ):  # the previous server pushes to the lost session: the client sends from now on
+            self._slots[index - 1].spans[-1].pushes = False
+
+    async def _hop(
+        self, span: RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        """Send a step to one server and read its answer; a failure of the server -> HopFailed."""
+        with HopFailed.on_failure(span):
+            await self.send_step(span, hidden, step_id, position)
+            reply = await self.receive_step(span, step_id)
+            if reply is None:
+                raise RemoteProtocolError(
+                    f"{span.conn.peer_id} reported a failed push for a step we sent"
+                )
+            return self.output(span, reply, hidden)
+
+    def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
+        """The hidden states of a step's answer, which must have the shape of what was sent."""
+        out = compression.decode(reply.hidden, max_numel=sent.numel())
+        if out.shape != sent.shape:
+            raise RemoteProtocolError(
+                f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(sent.shape)}"
+            )
+        return out
+
+    async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Chunks flow hop to hop through memory channels; one task per hop keeps each stream serial."""
+        pieces = [
+            (self._next_step_id(), self.position + a, hidden[:, a : a + chunk])
+            for a in range(0, hidden.shape[1], chunk)
+        ]
+        outputs: list[torch.Tensor] = []
+        try:
+            await self._run_pipeline(pieces, outputs)
+        except BaseExceptionGroup as group:  # one failure of one hop: raise it as itself
+            raise sole_error(group) or group from None
+        return torch.cat(outputs, dim=1)
+
+    async def _run_pipeline(
+        self, pieces: list[tuple[int, int, torch.Tensor]], outputs: list[torch.Tensor]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
+            for piece in pieces:
+                send.send_nowait(piece)
+            send.close()
+            for slot in self._slots:
+                next_send, next_receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](
+                    len(pieces)
+                )
+                nursery.start_soon(self._hop_worker, slot, receive, next_send)
+                receive = next_receive
+            async with receive:
+                async for _, _, out in receive:
+                    outputs.append(out)
+
+    async def _hop_worker(
+        self,
+        slot: Slot,
+        inbox: trio.MemoryReceiveChannel[tuple[int, int, torch.Tensor]],
+        outbox: trio.MemorySendChannel[tuple[int, int, torch.Tensor]],
+    ) -> None:
+        async with inbox, outbox:
+            async for step_id, position, piece in inbox:
+                out = await self._through_slot(slot, piece, position, step_id)
+                await outbox.send((step_id, position, out))
+
+    async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
+        """One step with server-to-server push; any hop that did not get the step is sent it."""
+        send = True  # the first hop always hears from us
+        for slot in self._slots:
+            while True:
+                try:
+                    out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
+                except HopFailed as failure:
+                    await self._recover(slot, failure)
+                    send = True  # the replacement servers were opened without push
+                    continue
+                break
+            slot.remember(step_id, position, hidden)
+            hidden, send = out, send_next
+        return hidden
+
+    async def _push_slot(
+        self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool
+    ) -> tuple[torch.Tensor, bool]:
+        """The slot's output, and whether the client must send the step to the next slot itself."""
+        for span in slot.spans:
+            with HopFailed.on_failure(span):
+                if send:
+                    await self.send_step(span, hidden, step_id, position)
+                reply = await self.receive_step(span, step_id)
+                if reply is None:  # the previous server's push failed here: send it ourselves
+                    if send:
+                        raise RemoteProtocolError(
+                            f"{span.conn.peer_id} reported a failed push for a step we sent"
+                        )
+                    await self.send_step(span, hidden, step_id, position)
+                    reply = await self.receive_step(span, step_id)
+                    if reply is None:
+                        raise RemoteProtocolError(
+                            f"{span.conn.peer_id} reported a failed push twice"
+                        )
+                hidden = self.output(span, reply, hidden)
+            send = not (span.pushes and reply.pushed)
+        return hidden, send
+
+    async def send_step(
+        self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int
+    ) -> None:
+        with trio.fail_after(self.step_timeout):
+            await span.conn.send(
+                m.StepRequest(
+                    session_id=span.session_id,
+                    step_id=step_id,
+                    position=position,
+                    hidden=compression.encode(hidden, self.uplink),
+                )
+            )
+
+    async def receive_step(self, span: RemoteSpan, step_id: int) -> m.StepResponse | None:
+        """The hop's answer to the current step (older duplicates skipped); None: push failed."""
+        with trio.fail_after(self.step_timeout):
+            while True:
+                reply = await span.conn.receive()
+                if reply is None:
+                    raise RemoteProtocolError(
+                        f"{span.conn.peer_id} closed the stream instead of answering"
+                    )
+                if isinstance(reply, m.ErrorResponse):
+                    if reply.code == "push_failed":
+                        log.info("push to %s failed: %s", span.conn.peer_id, reply.message)
+                        return None
+                    raise RemoteError(reply.code, f"{reply.message} (from {span.conn.peer_id})")
+                if not isinstance(reply, m.StepResponse):
+                    raise RemoteProtocolError(
+                        f"{span.conn.peer_id} answered a step with {type(reply).__name__}"
+                    )
+                if reply.step_id == step_id:
+                    return reply
+                if reply.step_id > step_id:
+                    raise RemoteProtocolError(
+                        f"{span.conn.peer_id} answered step {reply.step_id}, expected {step_id}"
+                    )
+                log.debug(
+                    "dropping a duplicate answer to step %d from %s",
+                    reply.step_id,
+                    span.conn.peer_id,
+                )

@@ -1,0 +1,76 @@
+"""``with model.inference_session(max_length=...) as session:``: one inference session over the swarm,
+kept open in the client loop's nursery until the block ends and continued by every ``generate`` call
+inside it (a chat: only new tokens travel; the servers' caches hold the rest).
+
+Knows nothing of sampling or text: ``generate`` does that; this module only holds the session open.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from swarm_node.errors import ConfigError
+from swarm_node.node.client.generation import open_token_session
+
+
+class ModelSession:
+    def __init__(self, model: Any, max_length: int) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ConfigError(f"'max_length' must be an int >= 1, got {max_length!r}")
+        self.model = model
+        self.max_length = max_length
+        self.token_session: Any = None
+        self._close: trio.Event | None = None
+        self._closed: trio.Event | None = None
+
+    @property
+    def position(self) -> int:
+        """Tokens the session holds (the servers' caches hold all but the last sampled one)."""
+        return 0 if self.token_session is None else int(self.token_session.ids.shape[1])
+
+    async def _hold(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        model = self.model
+        prefix, deep, lora = model.tuned_inputs()
+        self._close, self._closed = trio.Event(), trio.Event()
+        try:
+            async with open_token_session(
+                model.loop.peer,
+                model=model.model_id,
+                num_blocks=model.config.num_hidden_layers,
+                max_length=self.max_length,
+                dtype=model.dtype,
+                prefix=prefix,
+                deep_prompts=deep,
+                lora=lora,
+            ) as token_session:
+                self.token_session = token_session
+                task_status.started()
+                await self._close.wait()
+        finally:
+            self._closed.set()
+
+    def __enter__(self) -> ModelSession:
+        model = self.model
+        loop = model.loop
+        if loop.closed or loop.nursery is None:
+            raise ConfigError("the model is closed")
+        if model.active_session is not None:
+            raise ConfigError("an inference session is already open on this model; close it first")
+        loop.run(loop.nursery.start, self._hold)
+        model.active_session = self
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        model = self.model
+        model.active_session = None
+        if model.loop.closed or self._close is None or self._closed is None:
+            return
+        close, closed = self._close, self._closed
+
+        async def finish() -> None:
+            close.set()
+            await closed.wait()
+
+        model.loop.run(finish)

@@ -1,0 +1,286 @@
+"""Client recovery: when a server fails mid-session, replace exactly its blocks and rebuild the caches.
+
+A slot is the part of an inference chain one hop was chosen for (blocks ``start..end-1``); it keeps
+every input the client sent it (step id, position, hidden states). When a server of the slot fails
+(an error answer, a broken stream, a missed deadline), the client bans that server (growing
+backoff), finds a new chain for exactly the slot's blocks (one or several servers), opens sessions
+there, replays the history step by step (the same steps as the first time, so the new caches hold the
+same numbers) and goes on with the step that failed. Attempts are bounded; when they run out the error
+names the blocks: ``no server for blocks 3-5 of tiny after 5 attempts``.
+
+This module does NOT know the DHT, sampling or the model: ``reroute`` finds the servers, and the
+session (inference_session.py) owns the streams and the wire format.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import trio
+
+from swarm_node.dht.bans import BanList
+from swarm_node.dht.routing import Hop, format_blocks
+from swarm_node.errors import MissingBlocksError, ProtocolError, RemoteError, RemoteProtocolError
+from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
+
+if TYPE_CHECKING:
+    from swarm_node.node.client.inference_session import InferenceSession, RemoteSpan
+
+log = logging.getLogger(__name__)
+
+CALLER_ERRORS = (
+    "too_long",
+)  # error codes that are the caller's fault: another server would refuse too
+CLOSE_TIMEOUT = 0.5  # seconds to spend closing a failed server's stream
+
+
+class HopFailed(Exception):
+    """A server of the chain failed a step (``cause`` says how)."""
+
+    def __init__(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
+        super().__init__(
+            f"{span.hop.server.peer_id} failed blocks {span.hop.start}:{span.hop.end}: {cause}"
+        )
+        self.span = span
+        self.cause = cause
+
+    @staticmethod
+    @contextmanager
+    def on_failure(span: RemoteSpan | UnopenedSpan) -> Iterator[None]:
+        """Turn a server's failure inside the block into HopFailed; anything else passes through."""
+        try:
+            yield
+        except Exception as exc:
+            if is_server_failure(exc):
+                raise HopFailed(span, exc) from exc
+            raise
+
+
+def is_server_failure(exc: BaseException) -> bool:
+    """Is ``exc`` a server's fault (so another server may do better), not the caller's?"""
+    if isinstance(exc, RemoteError):
+        return exc.code not in CALLER_ERRORS
+    if isinstance(
+        exc, (ProtocolError, trio.TooSlowError, trio.BrokenResourceError, *TRANSPORT_ERRORS)
+    ):
+        return True
+    return False
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """Blocks ``start..end-1`` of the chain, the servers running them now, and what was sent to them."""
+
+    start: int
+    end: int
+    spans: list[RemoteSpan]
+    history: list[tuple[int, int, torch.Tensor]] = field(
+        default_factory=list
+    )  # (step id, position, (B, T, H))
+    failures: int = 0  # recoveries since the slot last completed a step
+
+    def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
+        self.history.append((step_id, position, hidden))
+        self.failures = 0
+
+
+Reroute = Callable[[int, int, frozenset[str], int], Awaitable[list[Hop]]]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryEvent:
+    """One replaced slot: what failed, where its blocks went, and what it cost (seconds)."""
+
+    start: int
+    end: int
+    failed: str  # peer id of the server that failed
+    replacements: tuple[str, ...]  # peer ids now running blocks start..end-1
+    attempts: int
+    replayed_steps: int
+    seconds: float  # from the failure to the replayed caches (the step itself not included)
+    replay_seconds: float  # of which replaying the history
+
+
+@dataclass(kw_only=True)
+class Recovery:
+    """How a session recovers: where to find servers, whom not to use, how many attempts."""
+
+    reroute: Reroute  # (start, end, exclude, attempt) -> a chain for exactly those blocks
+    bans: BanList
+    max_attempts: int = 5
+    retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
+    clock: Callable[[], float] = time.monotonic  # the bans' clock
+    events: list[RecoveryEvent] = field(default_factory=list)  # slots replaced so far
+
+    async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
+        """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
+        naming the slot's blocks when ``max_attempts`` attempts found no server that works."""
+        t0 = time.perf_counter()
+        self._ban(failure.span, failure.cause)
+        slot.failures += 1
+        if slot.failures > self.max_attempts:  # replacements keep failing the same step
+            await _close_quietly(slot.spans)
+            raise MissingBlocksError(
+                f"no server for blocks {format_blocks(range(slot.start, slot.end))} of {session.model} after "
+                f"{self.max_attempts} attempts (every replacement failed: last {failure.cause})"
+            ) from failure.cause
+        old = slot.spans
+        last_error: BaseException = failure.cause
+        delay = self.retry_delay
+        for attempt in range(self.max_attempts):
+            try:
+                chain = await self.reroute(
+                    slot.start, slot.end, self.bans.banned(self.clock()), attempt
+                )
+            except (MissingBlocksError, trio.TooSlowError) as exc:
+                last_error = exc
+                log.info(
+                    "attempt %d: no server for blocks %d:%d yet (%s)",
+                    attempt + 1,
+                    slot.start,
+                    slot.end,
+                    exc,
+                )
+                if attempt + 1 < self.max_attempts:
+                    await trio.sleep(delay)
+                    delay *= 2
+                continue
+            try:
+                spans, replay_seconds = await self._open_and_replay(session, slot, chain)
+            except HopFailed as exc:
+                last_error = exc.cause
+                self._ban(exc.span, exc.cause)
+                continue
+            slot.spans = spans
+            for span in spans:
+                self.bans.forgive(
+                    span.hop.server.peer_id
+                )  # it served a whole replay: trusted again
+            event = RecoveryEvent(
+                start=slot.start,
+                end=slot.end,
+                failed=failure.span.hop.server.peer_id,
+                replacements=tuple(s.hop.server.peer_id for s in spans),
+                attempts=attempt + 1,
+                replayed_steps=len(slot.history),
+                seconds=time.perf_counter() - t0,
+                replay_seconds=replay_seconds,
+            )
+            self.events.append(event)
+            log.info(
+                "blocks %d:%d moved to %s in %.2f s (replaying %d step(s): %.2f s)",
+                slot.start,
+                slot.end,
+                ", ".join(p[-8:] for p in event.replacements),
+                event.seconds,
+                event.replayed_steps,
+                replay_seconds,
+            )
+            await _close_quietly(old)
+            return
+        await _close_quietly(old)
+        blocks = format_blocks(range(slot.start, slot.end))
+        first = f"{failure.span.hop.server.peer_id[-8:]}: {failure.cause}"
+        last = "" if last_error is failure.cause else f"; then {last_error}"
+        raise MissingBlocksError(
+            f"no server for blocks {blocks} of {session.model} after {self.max_attempts} attempts "
+            f"(first {first}{last})"
+        ) from last_error
+
+    def _ban(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
+        peer = span.hop.server.peer_id
+        seconds = self.bans.ban(peer, self.clock())
+        log.warning(
+            "server %s failed blocks %d:%d (%s); banned for %.0f s",
+            peer,
+            span.hop.start,
+            span.hop.end,
+            cause,
+            seconds,
+        )
+
+    async def _open_and_replay(
+        self, session: InferenceSession, slot: Slot, chain: list[Hop]
+    ) -> tuple[list[RemoteSpan], float]:
+        """Sessions on ``chain`` (no push: the client sends every step) with the slot's history
+        replayed; returns them and the seconds the replay took."""
+        spans: list[RemoteSpan] = []
+        try:
+            for hop in chain:
+                with HopFailed.on_failure(UnopenedSpan(hop)):
+                    spans.append(await session.open_span(hop))
+            t0 = time.perf_counter()
+            inputs = [hidden for _, _, hidden in slot.history]
+            for span in spans:
+                inputs = await replay(session, span, slot.history, inputs)
+        except BaseException:
+            await _close_quietly(spans)
+            raise
+        return spans, time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class UnopenedSpan:
+    """A hop whose session did not open, standing in for a RemoteSpan in HopFailed."""
+
+    hop: Hop
+
+
+async def replay(
+    session: InferenceSession,
+    span: RemoteSpan,
+    history: list[tuple[int, int, torch.Tensor]],
+    inputs: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Send ``inputs`` as the steps of ``history`` to ``span`` and return its outputs.
+
+    One task sends while another reads, so neither side's buffers fill up while the other waits.
+    """
+    outputs: list[torch.Tensor] = []
+
+    async def send_all() -> None:
+        with HopFailed.on_failure(span):
+            for (step_id, position, _), hidden in zip(history, inputs, strict=True):
+                await session.send_step(span, hidden, step_id, position)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all)
+            with HopFailed.on_failure(span):
+                for (step_id, _, _), hidden in zip(history, inputs, strict=True):
+                    reply = await session.receive_step(span, step_id)
+                    if reply is None:
+                        raise RemoteProtocolError(
+                            f"{span.conn.peer_id} reported a failed push during a replay"
+                        )
+                    outputs.append(session.output(span, reply, hidden))
+    except BaseExceptionGroup as group:
+        raise sole_error(group) or group from None
+    return outputs
+
+
+def sole_error(group: BaseExceptionGroup) -> BaseException | None:
+    """The one real error inside nested groups (ignoring Cancelled), or None if there are several."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None
+
+
+async def _close_quietly(spans: list[RemoteSpan]) -> None:
+    """Drop streams to servers we stopped using, without waiting on a server that may be hung."""
+    with trio.CancelScope(shield=True):
+        for span in spans:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await span.conn.reset()

@@ -1,0 +1,470 @@
+"""The swarm's blocks as one differentiable torch module: ``RemoteSequential(peer, ...)(hidden)``.
+
+Forward sends whole sequences through a chain of servers (no cache) and keeps, for every hop, the
+input it sent; backward walks the chain in reverse, sending each hop that input and the gradient of
+its output, and receives the gradient of its input (and of the deep prompts and the client-owned LoRA
+of its blocks, which travel with every request). Each forward asks its server to keep the graph
+(``keep_graphs``); the backward names it, and the server runs on it instead of recomputing the forward
+(it recomputes when it no longer holds it). Servers never change their weights. A batch too big
+for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error,
+lost stream, deadline) is left out for a while and its blocks re-routed: a forward goes on from there
+over the replacement; a backward first recomputes the forward of the failed hop's blocks on the
+replacement (which keeps that graph in turn).
+
+The torch side is synchronous: the autograd function hands the network work to the peer's trio loop
+with ``trio.from_thread.run`` (give ``trio_token`` when torch runs in a thread trio did not start).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.dht.routing import Hop, choose_training_chain
+from swarm_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError, SwarmError
+from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.model.lora import LoraWeights
+from swarm_node.model.lora_pack import pack_lora
+from swarm_node.node.client.inference_session import open_stream, request
+from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
+from swarm_node.protocol import messages as m
+from swarm_node.protocol.messages import MAX_FORWARD_BATCH
+
+log = logging.getLogger(__name__)
+
+BAN_SECONDS = 60.0  # a server that failed is left out of routes this long
+SERVERS_MAX_AGE = 30.0  # seconds a DHT lookup of the servers is reused
+
+
+class _HopFailed(SwarmError):
+    def __init__(self, hop: Hop, cause: BaseException) -> None:
+        super().__init__(f"blocks {hop.start}:{hop.end} on {hop.server.peer_id} failed: {cause!r}")
+        self.hop = hop
+        self.cause = cause
+
+
+Trace = list[
+    tuple[Hop, torch.Tensor, str]
+]  # (hop, the input sent to it, its kept graph's id or ""), in chain order
+
+
+class RemoteSequential(torch.nn.Module):
+    """Blocks ``start..end-1`` of ``model`` on the swarm: ``hidden # (B, T, H) -> # (B, T, H)``."""
+
+    def __init__(
+        self,
+        peer: Any,  # node.peer.Peer
+        *,
+        model: str,
+        num_blocks: int,
+        start: int = 0,
+        end: int | None = None,
+        dtype: str = "float32",
+        compression: str | None = None,
+        trio_token: trio.lowlevel.TrioToken | None = None,
+        max_retries: int = 3,
+        max_concurrent_pieces: int = 4,
+        min_pieces: int = 1,
+        seed: int | None = None,
+        keep_graphs: bool = True,
+    ) -> None:
+        super().__init__()
+        end = num_blocks if end is None else end
+        if not 0 <= start < end <= num_blocks:
+            raise ConfigError(
+                f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}"
+            )
+        if dtype not in TORCH_DTYPES:
+            raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
+        for name, value, low in (
+            ("max_retries", max_retries, 0),
+            ("max_concurrent_pieces", max_concurrent_pieces, 1),
+            ("min_pieces", min_pieces, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name!r} must be an int >= {low}, got {value!r}")
+        self.peer = peer
+        self.model = model
+        self.num_blocks = num_blocks
+        self.start = start
+        self.end = end
+        self.dtype = dtype
+        self.codec = compression or "none"
+        self.trio_token = trio_token
+        self.max_retries = max_retries
+        self.timeout = peer.client_config.step_timeout
+        self.max_frame_size = peer.config.max_frame_size
+        self._pieces = trio.CapacityLimiter(max_concurrent_pieces)
+        self.min_pieces = (
+            min_pieces  # cut every batch into at least this many: hops work on several at once
+        )
+        self._rng = random.Random(seed)
+        self._banned: dict[str, float] = {}  # peer id -> trio time until which it is left out
+        self._servers: list[Any] = []
+        self._servers_at = -float("inf")
+        self._idle: dict[str, list[MessageStream]] = {}  # open streams per server, for reuse
+        self.failures = 0  # hops that failed and were re-routed, over this module's life
+        self.adapter = (
+            peer.client_config.adapter or ""
+        )  # a LoRA the servers hold, by name ("": none)
+        self._call_failures = 0  # ... in the current forward or backward pass
+        self.keep_graphs = bool(keep_graphs)  # ask servers to keep forward graphs for the backward
+
+    def forward(
+        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: Any = None
+    ) -> torch.Tensor:
+        """``hidden # (B, T, H)``, deep ``prompts # (end - start, P, H)`` and a client-owned ``lora``
+        (model.LoraWeights of some of these blocks) -> the blocks' output; differentiable in all three."""
+        if hidden.ndim != 3 or 0 in hidden.shape:
+            raise ConfigError(
+                f"'hidden' must have shape (B >= 1, T >= 1, H), got {tuple(hidden.shape)}"
+            )
+        if prompts is not None and (prompts.ndim != 3 or prompts.shape[0] != self.end - self.start):
+            raise ConfigError(
+                f"'prompts' must have shape ({self.end - self.start}, P, H), got {tuple(prompts.shape)}"
+            )
+        flat = None
+        if lora is not None:
+            if not isinstance(lora, LoraWeights) or not lora.modules:
+                raise ConfigError(
+                    f"'lora' must be a non-empty LoraWeights, got {type(lora).__name__}"
+                )
+            if not all(self.start <= b < self.end for b in lora.blocks):
+                raise ConfigError(
+                    f"'lora' blocks must lie in {self.start}:{self.end}, got {lora.blocks}"
+                )
+            flat, _ = pack_lora(lora)  # (N,), differentiable: gradients reach every A and B
+        # keep graphs only for a pass that will have a backward (not under no_grad, not for constants)
+        keep = (
+            self.keep_graphs
+            and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (hidden, prompts, flat))
+        )
+        return _RemoteBlocks.apply(hidden, prompts, flat, lora, self, keep)
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """Run ``await fn(*args)`` in the peer's trio loop from this (non-trio) thread: call the module
+        from a worker thread (``trio.to_thread.run_sync``) or give ``trio_token``, never from the
+        trio loop's own thread, which the network work needs."""
+        return trio.from_thread.run(fn, *args, trio_token=self.trio_token)
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def piece_rows(self, hidden: torch.Tensor) -> int:
+        """Sequences per piece: a backward frame (input, gradient, prompts) well under the limit."""
+        per_row = hidden.shape[1] * hidden.shape[2] * 4  # bytes of one sequence in float32
+        rows = (self.max_frame_size // 4) // per_row
+        if rows < 1:
+            raise ConfigError(
+                f"one sequence of {hidden.shape[1]} tokens takes {per_row} bytes; a backward needs "
+                f"frames of about 4x that, over 'max_frame_size' {self.max_frame_size}: send shorter ones"
+            )
+        return min(rows, MAX_FORWARD_BATCH, -(-hidden.shape[0] // self.min_pieces))
+
+    async def forward_async(
+        self, hidden: torch.Tensor, tuned: _Tuned
+    ) -> tuple[torch.Tensor, list[Trace]]:
+        rows = self.piece_rows(hidden)
+        self._call_failures = 0
+        pieces = list(hidden.to(TORCH_DTYPES[self.dtype]).split(rows))
+        outs: list[Any] = [None] * len(pieces)
+        traces: list[Trace] = [[] for _ in pieces]
+
+        async def one(i: int) -> None:
+            async with self._pieces:
+                outs[i], traces[i] = await self._forward_range(
+                    pieces[i], self.start, self.end, tuned
+                )
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(pieces)):
+                nursery.start_soon(one, i)
+        return torch.cat(outs).to(hidden.dtype), traces
+
+    async def backward_async(
+        self, grad: torch.Tensor, traces: list[Trace], tuned: _Tuned
+    ) -> torch.Tensor:
+        """The gradient for the input; those of the prompts and LoRA accumulate in ``tuned``."""
+        rows = self.piece_rows(grad)  # as the forward cut the batch
+        self._call_failures = 0
+        tuned.zero_grads()  # a second backward of the same graph starts over
+        grads = list(grad.to(TORCH_DTYPES[self.dtype]).split(rows))
+        outs: list[Any] = [None] * len(grads)
+
+        async def one(i: int) -> None:
+            async with self._pieces:
+                outs[i] = await self._backward_trace(grads[i], traces[i], tuned)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(grads)):
+                nursery.start_soon(one, i)
+        return torch.cat(outs).to(grad.dtype)
+
+    # -- one piece through the chain ---------------------------------------------------------
+    async def _forward_range(
+        self, x: torch.Tensor, start: int, end: int, tuned: _Tuned
+    ) -> tuple[torch.Tensor, Trace]:
+        chain = await self._route(start, end, tuned.adapter)
+        trace: Trace = []
+        i = 0
+        while i < len(chain):
+            hop = chain[i]
+            try:
+                y, graph_id = await self._remote_forward(hop, x, tuned)
+            except _HopFailed as failure:
+                self._fail(failure)
+                chain = chain[:i] + await self._route(hop.start, end, tuned.adapter)
+                continue
+            trace.append((hop, x, graph_id))
+            x = y
+            i += 1
+        return x, trace
+
+    async def _backward_trace(
+        self, grad: torch.Tensor, trace: Trace, tuned: _Tuned
+    ) -> torch.Tensor:
+        for hop, x, graph_id in reversed(trace):
+            try:
+                grad = await self._remote_backward(hop, x, grad, tuned, graph_id)
+            except _HopFailed as failure:
+                self._fail(failure)  # recompute the forward of these blocks on their new servers
+                _, again = await self._forward_range(x, hop.start, hop.end, tuned)
+                grad = await self._backward_trace(grad, again, tuned)
+        return grad
+
+    def _fail(self, failure: _HopFailed) -> None:
+        self.failures += 1
+        self._call_failures += 1
+        if self._call_failures > self.max_retries:
+            raise SwarmError(
+                f"{self._call_failures} hops failed in one pass ('max_retries' is {self.max_retries}); "
+                f"the last: {failure}"
+            ) from failure.cause
+        log.warning("re-routing: %s", failure)
+        self._banned[failure.hop.server.peer_id] = trio.current_time() + BAN_SECONDS
+        self._servers_at = -float("inf")  # look the servers up again
+
+    async def _route(self, start: int, end: int, adapter: str) -> list[Hop]:
+        now = trio.current_time()
+        if now - self._servers_at > SERVERS_MAX_AGE:
+            self._servers = await self.peer.find_servers(self.model, self.num_blocks)
+            self._servers_at = now
+        banned = frozenset(p for p, until in self._banned.items() if until > now)
+        return choose_training_chain(
+            self._servers,
+            model=self.model,
+            start=start,
+            end=end,
+            rng=self._rng,
+            now=time.time(),
+            exclude=banned,
+            adapter=adapter,
+        )
+
+    # -- one hop -------------------------------------------------------------------------------
+    async def _remote_forward(
+        self, hop: Hop, x: torch.Tensor, tuned: _Tuned
+    ) -> tuple[torch.Tensor, str]:
+        """The hop's output and the id of the graph its server kept ("": none)."""
+        req = m.ForwardRequest(
+            model=self.model,
+            start=hop.start,
+            end=hop.end,
+            compression=self.codec,
+            hidden=compression.encode(x, self.codec),
+            keep_graph=int(tuned.keep),
+            **tuned.fields(hop),
+        )
+        reply = await self._call(hop, req, m.ForwardResponse)
+        return self._tensor(hop, reply.hidden, x.shape, "hidden"), reply.graph_id
+
+    async def _remote_backward(
+        self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned, graph_id: str = ""
+    ) -> torch.Tensor:
+        """The gradient for the hop's input; its prompts' and LoRA's are added to ``tuned``'s."""
+        fields = tuned.fields(hop)
+        req = m.BackwardRequest(
+            model=self.model,
+            start=hop.start,
+            end=hop.end,
+            compression=self.codec,
+            hidden=compression.encode(x, self.codec),
+            grad_output=compression.encode(grad, self.codec),
+            graph_id=graph_id,
+            **fields,
+        )
+        reply = await self._call(hop, req, m.BackwardResponse)
+        grad_input = self._tensor(hop, reply.grad_input, x.shape, "grad_input")
+        parts = {}
+        for name, sent in (
+            ("grad_prompts", fields.get("prompts")),
+            ("grad_lora", fields.get("lora")),
+        ):
+            wire = getattr(reply, name)
+            if (wire is None) != (sent is None):
+                raise _HopFailed(
+                    hop, RemoteProtocolError(f"{name!r} must come back exactly when sent")
+                )
+            if sent is not None:
+                parts[name] = self._tensor(hop, wire, sent.shape, name)
+        tuned.accumulate(hop, parts.get("grad_prompts"), parts.get("grad_lora"))
+        return grad_input
+
+    def _tensor(self, hop: Hop, wire: m.WireTensor, shape: Any, name: str) -> torch.Tensor:
+        """A tensor a server answered, which must have ``shape`` and be finite."""
+        try:
+            out = compression.decode(wire, max_numel=int(torch.Size(shape).numel()))
+        except RemoteProtocolError as exc:
+            raise _HopFailed(hop, exc) from None
+        if tuple(out.shape) != tuple(shape) or not out.is_floating_point():
+            raise _HopFailed(
+                hop,
+                RemoteProtocolError(
+                    f"{name!r} must have shape {tuple(shape)}, got {tuple(out.shape)}"
+                ),
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise _HopFailed(hop, RemoteProtocolError(f"{name!r} must be finite, got inf or nan"))
+        return out
+
+    async def _call(self, hop: Hop, message: Any, expect: type) -> Any:
+        """One request on a pooled stream (a stale one is replaced once); failures -> _HopFailed."""
+        peer_id = hop.server.peer_id
+        for attempt in range(2):
+            pool = self._idle.setdefault(peer_id, [])
+            reused = bool(pool) and attempt == 0
+            try:
+                conn = (
+                    pool.pop()
+                    if reused
+                    else await open_stream(
+                        self.peer.host,
+                        peer_id,
+                        max_frame_size=self.max_frame_size,
+                        timeout=self.timeout,
+                    )
+                )
+            except (LocalProtocolError, ConfigError):
+                raise
+            except Exception as exc:  # any failure to reach the server: re-route
+                raise _HopFailed(hop, exc) from exc
+            try:
+                reply = await request(conn, message, expect, timeout=self.timeout)
+            except (LocalProtocolError, ConfigError):
+                await conn.close()
+                raise
+            except (ConnectionLost, RemoteProtocolError) as exc:
+                await conn.close()
+                if reused:  # the server may have closed an idle stream: try a fresh one
+                    log.debug("pooled stream to %s is gone (%r); opening another", peer_id, exc)
+                    continue
+                raise _HopFailed(hop, exc) from exc
+            except Exception as exc:  # an error answer, a deadline, a broken stream: re-route
+                await conn.close()
+                raise _HopFailed(hop, exc) from exc
+            pool.append(conn)
+            return reply
+        raise AssertionError("unreachable: the second attempt opens a fresh stream")
+
+    async def aclose(self) -> None:
+        """Close the pooled streams (the module stays usable: later calls open new ones)."""
+        idle, self._idle = self._idle, {}
+        for streams in idle.values():
+            for conn in streams:
+                await conn.close()
+
+
+class _Tuned:
+    """What a pass carries besides hidden states, per hop: deep prompts and a client-owned LoRA; and
+    where the gradients the hops send back for them add up."""
+
+    def __init__(
+        self, blocks: RemoteSequential, prompts: torch.Tensor | None, lora: Any, flat: Any
+    ) -> None:
+        self.first = blocks.start
+        self.adapter = blocks.adapter if lora is None else ""  # a client-owned LoRA replaces it
+        self.dtype = TORCH_DTYPES[blocks.dtype]
+        self.prompts = None if prompts is None else prompts.detach().to(self.dtype)
+        self.lora = lora
+        self.keep = False  # ask the servers to keep the forward graphs for this pass's backward
+        self.grad_prompts = None if prompts is None else torch.zeros_like(self.prompts)
+        self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=self.dtype)
+        self._offsets: dict[
+            int, tuple[int, int]
+        ] = {}  # block -> its numbers' range in the flat LoRA
+        offset = 0
+        for block in [] if lora is None else lora.blocks:
+            size = sum(mod.a.numel() + mod.b.numel() for mod in lora.modules[block].values())
+            self._offsets[block] = (offset, offset + size)
+            offset += size
+
+    def _lora_range(self, hop: Hop) -> tuple[int, int] | None:
+        ranges = [r for b, r in self._offsets.items() if hop.start <= b < hop.end]
+        return (ranges[0][0], ranges[-1][1]) if ranges else None
+
+    def fields(self, hop: Hop) -> dict[str, Any]:
+        """The request fields for ``hop``'s blocks (prompts travel exactly, as the weights do)."""
+        out: dict[str, Any] = {}
+        if self.adapter:
+            out["adapter"] = self.adapter
+        if self.prompts is not None:
+            part = self.prompts[hop.start - self.first : hop.end - self.first].contiguous()
+            out["prompts"] = compression.encode(part, "none")
+        if self._lora_range(hop) is not None:
+            flat, manifest = pack_lora(self.lora.for_blocks(hop.start, hop.end))
+            out["lora"] = compression.encode(flat.detach().to(self.dtype).contiguous(), "none")
+            out["lora_manifest"] = manifest
+        return out
+
+    def zero_grads(self) -> None:
+        for grad in (self.grad_prompts, self.grad_lora):
+            if grad is not None:
+                grad.zero_()
+
+    def accumulate(
+        self, hop: Hop, grad_prompts: torch.Tensor | None, grad_lora: torch.Tensor | None
+    ) -> None:
+        if grad_prompts is not None and self.grad_prompts is not None:
+            self.grad_prompts[hop.start - self.first : hop.end - self.first] += grad_prompts.to(
+                self.dtype
+            )
+        span = self._lora_range(hop)
+        if grad_lora is not None and self.grad_lora is not None and span is not None:
+            self.grad_lora[span[0] : span[1]] += grad_lora.to(self.dtype)
+
+
+class _RemoteBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        flat: torch.Tensor | None,
+        lora: Any,
+        blocks: RemoteSequential,
+        keep: bool,
+    ) -> torch.Tensor:
+        tuned = _Tuned(blocks, prompts, lora, flat)
+        tuned.keep = keep
+        out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
+        ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
+        ctx.dtypes = (
+            None if prompts is None else prompts.dtype,
+            None if flat is None else flat.dtype,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        blocks: RemoteSequential = ctx.blocks
+        tuned: _Tuned = ctx.tuned
+        grad_hidden = blocks.run(blocks.backward_async, grad.contiguous(), ctx.traces, tuned)
+        prompts_dtype, flat_dtype = ctx.dtypes
+        grad_prompts = None if tuned.grad_prompts is None else tuned.grad_prompts.to(prompts_dtype)
+        grad_flat = None if tuned.grad_lora is None else tuned.grad_lora.to(flat_dtype)
+        return grad_hidden, grad_prompts, grad_flat, None, None, None

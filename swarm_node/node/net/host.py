@@ -1,0 +1,41 @@
+"""Building a peer's libp2p host, and quieting py-libp2p's loggers for the command line.
+
+The only place in the node layer where host options are chosen: a key pair (identity.py), the
+addresses to announce, an optional private-swarm key (swarm_key.py) and one connection per peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from libp2p import new_host
+from libp2p.crypto.keys import KeyPair
+from libp2p.network.config import ConnectionConfig
+from multiaddr import Multiaddr
+
+
+def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: str | None) -> Any:
+    """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it)."""
+    return new_host(
+        key_pair=key_pair,
+        # one connection per peer: with more, every dial waits 250 ms for a second connection
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        announce_addrs=list(announce) if announce else None,
+        psk=psk,
+    )
+
+
+def host_peer_id(host: Any) -> str:
+    return host.get_id().to_base58()
+
+
+def quiet_libp2p_logging(verbose: int) -> None:
+    """py-libp2p logs routine DHT chatter as warnings (to its own logger, which does not propagate):
+    keep it out of the user's way unless asked (``verbose`` >= 2). Call after importing libp2p, which
+    resets its loggers on import."""
+    libp2p_log = logging.getLogger("libp2p")
+    libp2p_log.setLevel({0: logging.CRITICAL, 1: logging.ERROR}.get(verbose, logging.DEBUG))
+    libp2p_log.propagate = verbose >= 2
+    logging.getLogger("multiaddr").setLevel(logging.ERROR)

@@ -1,0 +1,42 @@
+"""Peer identities: an Ed25519 key pair, optionally kept in a file so the peer id survives restarts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from libp2p import generate_new_ed25519_identity
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.serialization import deserialize_private_key
+
+from swarm_node.errors import ConfigError
+
+MAX_KEY_FILE = 4096  # bytes; an Ed25519 key in libp2p's protobuf form is ~70
+
+
+def load_or_create_identity(path: Path | None) -> KeyPair:
+    """The key pair in ``path`` (created with mode 0600 if missing), or a fresh one if ``path`` is None."""
+    if path is None:
+        return generate_new_ed25519_identity()
+    path = Path(path)
+    if path.exists():
+        size = path.stat().st_size
+        if size > MAX_KEY_FILE:
+            raise ConfigError(
+                f"'--identity' {path} must be a key file of <= {MAX_KEY_FILE} bytes, got {size}"
+            )
+        try:
+            private = deserialize_private_key(path.read_bytes())
+        except Exception as exc:  # protobuf/crypto raise several types on a bad file
+            raise ConfigError(
+                f"'--identity' {path} is not a libp2p private key file: {exc}"
+            ) from None
+        return KeyPair(private, private.get_public_key())
+    key_pair = generate_new_ed25519_identity()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pair.private_key.serialize())
+    os.replace(tmp, path)
+    return key_pair

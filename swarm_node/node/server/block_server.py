@@ -1,0 +1,450 @@
+"""The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
+
+One stream from a client is one connection; the sessions opened on it live as long as the stream (the
+stream's handler task is their scope, so leaving it frees their caches). Heavy torch work goes to the
+one compute thread through ``compute_limiter``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections import Counter
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node import __version__, compression
+from swarm_node.errors import ProtocolError, RemoteProtocolError, RequestError, SessionError
+from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
+from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
+from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs
+from swarm_node.node.server import training as server_training
+from swarm_node.node.server.kept_graphs import KeptGraphs
+from swarm_node.node.server.push import open_push_link
+from swarm_node.node.server.sessions import Gauge, ServerSession
+from swarm_node.protocol import messages as m
+from swarm_node.protocol.messages import MAX_FORWARD_BATCH
+
+log = logging.getLogger(__name__)
+
+
+class BlockServer:
+    """Serves blocks ``span.start..span.end-1`` of ``model_id``."""
+
+    def __init__(
+        self,
+        *,
+        span: Any,  # model.BlockSpan
+        model_id: str,
+        config: ServerConfig,
+        max_frame_size: int,
+        compute_limiter: trio.CapacityLimiter,
+        throughput: float,
+        host: Any = None,  # libp2p host, to open push streams to next servers
+        adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
+    ) -> None:
+        self.host = host
+        self.adapters = adapters or {}
+        self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
+        self.span = span
+        self.model_id = model_id
+        self.config = config
+        self.max_frame_size = max_frame_size
+        self.compute_limiter = compute_limiter
+        # decode steps (one new position) run on the loop's thread while they take <= 0.1 s
+        self.quick_jobs = QuickJobs(SERVER_MAX_INLINE_S, compute_limiter)
+        self.throughput = throughput
+        self.reserved_tokens = 0
+        self.sessions_per_peer: Counter[str] = Counter()
+        self.active_sessions = 0
+        self.closing = False  # shutting down or moving: new sessions are refused
+        self.pushed_steps = 0  # steps that arrived from the previous server and were computed
+        self.steps = Gauge()  # requests being computed and answered right now
+        self.open_sessions = Gauge()  # sessions open on this server
+        self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
+
+    @property
+    def steps_in_flight(self) -> int:
+        return self.steps.value
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new sessions and wait, at most ``grace`` s, until no step is being computed or
+        answered; True if none is. Admitted sessions keep being served meanwhile."""
+        self.closing = True
+        return await self.steps.wait_zero(grace)
+
+    async def hand_over(self, grace: float) -> bool:
+        """Refuse new sessions, give the open ones ``grace`` s to end, then cut those left (their
+        clients recover elsewhere). True if every session ended by itself."""
+        self.closing = True
+        ended = await self.open_sessions.wait_zero(grace)
+        with trio.CancelScope(shield=True):
+            for session in list(self.sessions.values()):
+                with trio.move_on_after(1.0):
+                    await session.conn.reset()
+        return ended
+
+    @property
+    def start(self) -> int:
+        return self.config.start
+
+    @property
+    def end(self) -> int:
+        return self.config.end
+
+    @property
+    def cache_tokens_left(self) -> int:
+        return max(0, self.config.cache_budget_tokens - self.reserved_tokens)
+
+    # -- the connection loop ----------------------------------------------------------------------
+    async def handle_stream(self, stream: Any) -> None:
+        conn = MessageStream(stream, max_frame_size=self.max_frame_size)
+        peer = conn.peer_id
+        sessions: dict[str, ServerSession] = {}
+        carries_pushes = False
+        timeout = self.config.session_idle_timeout
+        self.kept_graphs.stream_opened(peer)
+        try:
+            while True:
+                with trio.move_on_after(timeout) as idle:
+                    message = await conn.receive()
+                if idle.cancelled_caught:
+                    now = trio.current_time()
+                    if carries_pushes or any(
+                        now - s.last_active < timeout for s in sessions.values()
+                    ):
+                        continue  # steps arrive by push; the sessions are busy
+                    if sessions:
+                        log.info("closing %d idle session(s) of %s", len(sessions), peer)
+                        for session in sessions.values():
+                            await self._end(session)
+                        sessions.clear()
+                        await conn.send(
+                            m.ErrorResponse(
+                                code="idle_timeout",
+                                message=f"no message for {self.config.session_idle_timeout} s; "
+                                "sessions closed",
+                            )
+                        )
+                    break
+                if message is None:
+                    break
+                if isinstance(message, m.PushStepRequest):
+                    carries_pushes = True
+                    with self.steps.held():
+                        pushed = await self._pushed_step(message, peer)
+                    if not pushed:
+                        await conn.reset()  # the pushing server's next write fails: it stops
+                        break
+                    continue
+                with self.steps.held():
+                    try:
+                        reply = await self._dispatch(message, sessions, conn)
+                    except RequestError as exc:
+                        log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
+                        reply = m.ErrorResponse(code=exc.code, message=exc.message)
+                    await conn.send(reply)
+        except RemoteProtocolError as exc:
+            log.warning("peer %s broke the protocol: %s", peer, exc)
+            with trio.move_on_after(1.0):
+                try:
+                    await conn.send(m.ErrorResponse(code="bad_request", message=str(exc)))
+                except ProtocolError:
+                    pass
+        except ConnectionLost as exc:
+            log.debug("connection from %s lost: %s", peer, exc)
+        except Exception:  # one catch-all per connection: keep serving everyone else
+            log.warning("stream from %s failed; closing it", peer, exc_info=True)
+        finally:
+            self.kept_graphs.stream_closed(peer)  # the peer's graphs go with its last stream
+            with trio.CancelScope(shield=True):
+                for session in sessions.values():
+                    await self._end(session)
+                with trio.move_on_after(1.0):
+                    await conn.close()
+
+    async def _dispatch(
+        self, message: Any, sessions: dict[str, ServerSession], conn: MessageStream
+    ) -> Any:
+        if isinstance(message, m.StepRequest):
+            return await self._step(message, sessions)
+        if isinstance(message, m.InfoRequest):
+            return self.info()
+        if isinstance(message, m.OpenSessionRequest):
+            return await self._open(message, sessions, conn)
+        if isinstance(message, m.CloseSessionRequest):
+            session = sessions.pop(message.session_id, None)
+            if session is None:
+                raise RequestError("unknown_session", f"no session {message.session_id!r} here")
+            await self._end(session)
+            return m.CloseSessionResponse(session_id=message.session_id)
+        if isinstance(message, m.ForwardRequest):
+            return await server_training.forward(self, message, conn.peer_id)
+        if isinstance(message, m.BackwardRequest):
+            return await server_training.backward(self, message, conn.peer_id)
+        raise RequestError("bad_request", f"a server does not accept {type(message).__name__}")
+
+    def info(self) -> m.InfoResponse:
+        return m.InfoResponse(
+            model=self.model_id,
+            start=self.start,
+            end=self.end,
+            num_blocks=self.span.config.num_hidden_layers,
+            hidden_size=self.span.hidden_size,
+            dtype=self.config.dtype,
+            throughput=float(self.throughput),
+            cache_tokens_left=self.cache_tokens_left,
+            version=__version__,
+        )
+
+    # -- checks shared by requests ----------------------------------------------------------------
+    def check_span(self, model: str, start: int, end: int) -> None:
+        if model != self.model_id:
+            raise RequestError(
+                "unknown_model", f"this server serves {self.model_id!r}, not {model!r}"
+            )
+        if not self.start <= start < end <= self.end:
+            raise RequestError(
+                "out_of_range",
+                f"blocks {start}:{end} are not within the served blocks {self.start}:{self.end}",
+            )
+
+    def decode_hidden(
+        self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str
+    ) -> torch.Tensor:
+        hidden_size = self.span.hidden_size
+        max_numel = (batch or MAX_FORWARD_BATCH) * max_tokens * hidden_size
+        try:
+            hidden = compression.decode(wire, max_numel=max_numel)
+        except RemoteProtocolError as exc:
+            raise RequestError("bad_request", f"hidden states: {exc}") from None
+        if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
+            raise RequestError(
+                "bad_request",
+                f"hidden states must have shape (batch, tokens >= 1, {hidden_size}), "
+                f"got {tuple(hidden.shape)}",
+            )
+        if batch is not None and hidden.shape[0] != batch:
+            raise RequestError(
+                "bad_request", f"hidden states must have batch {batch}, got {hidden.shape[0]}"
+            )
+        if hidden.dtype != TORCH_DTYPES[dtype]:
+            raise RequestError(
+                "bad_request",
+                f"hidden states must be {dtype}, got {str(hidden.dtype).removeprefix('torch.')}",
+            )
+        return hidden
+
+    # -- sessions -----------------------------------------------------------------------------
+    async def _open(
+        self, req: m.OpenSessionRequest, sessions: dict[str, ServerSession], conn: MessageStream
+    ) -> Any:
+        peer = conn.peer_id
+        if self.closing:
+            raise RequestError("shutting_down", "this server is shutting down; use another")
+        self.check_span(req.model, req.start, req.end)
+        if req.dtype != self.config.dtype:
+            raise RequestError(
+                "bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}"
+            )
+        if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
+            raise RequestError(
+                "bad_request",
+                f"'compression' must be one of {(*COMPRESSIONS, SERVER_DEFAULT)}, got {req.compression!r}",
+            )
+        if not 1 <= req.max_length <= self.config.max_session_length:
+            raise RequestError(
+                "too_long",
+                f"'max_length' must be in [1, {self.config.max_session_length}], got {req.max_length}",
+            )
+        if not 1 <= req.batch_size <= MAX_FORWARD_BATCH:
+            raise RequestError(
+                "bad_request",
+                f"'batch_size' must be in [1, {MAX_FORWARD_BATCH}], got {req.batch_size}",
+            )
+        if self.sessions_per_peer[peer] >= self.config.max_sessions_per_peer:
+            raise RequestError(
+                "too_many_sessions",
+                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit); "
+                "close one or use another server",
+            )
+        prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
+        lora = server_training.request_lora(self, req)
+        tokens = req.max_length * req.batch_size
+        if tokens > self.cache_tokens_left:
+            raise RequestError(
+                "cache_full",
+                f"attention cache full: the session needs {tokens} tokens, {self.cache_tokens_left} "
+                f"of {self.config.cache_budget_tokens} are free; retry later or use another server",
+            )
+        session_id = secrets.token_hex(8)
+        cache = self.span.new_cache(
+            req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
+        )
+        session = sessions[session_id] = self.sessions[session_id] = ServerSession(
+            session_id=session_id,
+            peer_id=peer,
+            start=req.start,
+            end=req.end,
+            max_length=req.max_length,
+            batch_size=req.batch_size,
+            dtype=req.dtype,
+            compression=self.config.compression
+            if req.compression == SERVER_DEFAULT
+            else req.compression,
+            cache=cache,
+            reserved_tokens=tokens,
+            conn=conn,
+            prev_peer=req.prev_peer,
+            prompts=prompts,
+            last_active=trio.current_time(),
+            lock=trio.Lock(),
+            lora=lora,
+        )
+        self.reserved_tokens += tokens
+        self.sessions_per_peer[peer] += 1
+        self.active_sessions += 1
+        self.open_sessions.add(1)
+        if req.next_peer and self.host is not None:  # the room is reserved before this await
+            session.push = await open_push_link(
+                self.host,
+                peer_id=req.next_peer,
+                addrs=req.next_addrs,
+                next_session=req.next_session,
+                max_frame_size=self.max_frame_size,
+            )
+        log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
+        return m.OpenSessionResponse(
+            session_id=session_id, max_length=req.max_length, push=int(session.push is not None)
+        )
+
+    async def _end(self, session: ServerSession) -> None:
+        self._release(session)
+        if session.push is not None:
+            await session.push.aclose()
+
+    def _release(self, session: ServerSession) -> None:
+        if self.sessions.pop(session.session_id, None) is None:
+            return  # released already
+        self.reserved_tokens -= session.reserved_tokens
+        self.sessions_per_peer[session.peer_id] -= 1
+        if self.sessions_per_peer[session.peer_id] <= 0:
+            del self.sessions_per_peer[session.peer_id]
+        self.active_sessions -= 1
+        self.open_sessions.add(-1)
+        session.cache = None
+
+    async def _step(self, req: m.StepRequest, sessions: dict[str, ServerSession]) -> m.StepResponse:
+        session = sessions.get(req.session_id)
+        if session is None:
+            raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
+        assert session.lock is not None
+        async with session.lock:
+            last = session.last_reply
+            if req.step_id > 0 and last is not None and last.step_id == req.step_id:
+                return last  # the previous server pushed this step here already
+            return await self._run_step(session, req.step_id, req.position, req.hidden)
+
+    async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
+        """A step the previous server pushed: compute it and answer the session's client.
+
+        False when the session is unknown or expects no pushes from ``sender`` (the pushing stream
+        should go). A step the client sent
+        first is dropped; one that fails is reported to the client as ``push_failed``, so it sends
+        the step itself.
+        """
+        session = self.sessions.get(req.session_id)
+        if session is None or session.lock is None:
+            log.info("dropping a push for unknown session %r", req.session_id)
+            return False
+        if not session.prev_peer or sender != session.prev_peer:
+            log.warning(
+                "peer %s pushed to session %s, which takes pushes only from %r",
+                sender,
+                req.session_id,
+                session.prev_peer,
+            )
+            return False
+        async with session.lock:
+            last = session.last_reply
+            if last is not None and req.step_id <= last.step_id:
+                log.debug(
+                    "dropping pushed step %d of %s: done already", req.step_id, req.session_id
+                )
+                return True
+            try:
+                reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
+                self.pushed_steps += 1
+            except RequestError as exc:
+                reply = m.ErrorResponse(
+                    code="push_failed", message=f"pushed step {req.step_id}: {exc.message}"
+                )
+            try:
+                await session.conn.send(reply)
+            except ProtocolError as exc:
+                log.debug("could not answer the client of %s: %s", req.session_id, exc)
+        return True
+
+    async def _run_step(
+        self, session: ServerSession, step_id: int, position: int, wire: Any
+    ) -> m.StepResponse:
+        """Compute one step, push the output to the next server (if asked) and make the answer."""
+        length = session.cache.length
+        if position != length:
+            raise RequestError(
+                "bad_request",
+                f"'position' must equal the session's cache length {length}, got {position}",
+            )
+        shape = wire.shape  # checked against the bytes when decoded below
+        if len(shape) == 3 and length + shape[1] > session.max_length:
+            raise RequestError(
+                "too_long",
+                f"session max_length is {session.max_length}: {length} tokens cached + "
+                f"{shape[1]} new would exceed it",
+            )
+        hidden = self.decode_hidden(
+            wire,
+            batch=session.batch_size,
+            max_tokens=session.max_length - length,
+            dtype=session.dtype,
+        )
+        run = functools.partial(
+            self._run_span,
+            hidden,
+            session.cache,
+            session.start,
+            session.end,
+            session.prompts,
+            session.lora,
+        )
+        try:
+            out = await self.quick_jobs.run(run, small=hidden.dim() == 3 and hidden.shape[1] == 1)
+        except SessionError as exc:
+            raise RequestError("too_long", str(exc)) from None
+        session.steps += 1
+        session.last_active = trio.current_time()
+        out_wire = compression.encode(out, session.compression)
+        pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
+        reply = m.StepResponse(
+            session_id=session.session_id, step_id=step_id, hidden=out_wire, pushed=int(pushed)
+        )
+        session.last_reply = reply
+        return reply
+
+    def _run_span(
+        self,
+        hidden: torch.Tensor,
+        cache: Any,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None = None,
+        lora: Any = None,
+    ) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.span.forward(
+                hidden, cache, start=start, end=end, prompts=prompts, lora=lora
+            )

@@ -1,0 +1,87 @@
+"""Loading the span a server will hold: its weights, its LoRA adapters and its measured throughput.
+
+Runs before the peer exists (loading weights) or before a placed server moves; knows nothing of
+networking, sessions or routing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.errors import ConfigError
+from swarm_node.model.bundled import model_id_of
+from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.node.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]]:
+    """Load the span a server will hold and its LoRA adapters (before any networking), and measure
+    its throughput."""
+    from swarm_node.model import BlockSpan, Checkpoint, resolve_model
+    from swarm_node.node.server.adapters import load_server_adapters
+
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    path = await trio.to_thread.run_sync(resolve_model, config.model)
+    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
+    num_blocks = checkpoint.config.num_hidden_layers
+    if config.end > num_blocks:
+        raise ConfigError(
+            f"'--blocks' {config.start}:{config.end} is out of range: {model_id_of(config.model)} "
+            f"has {num_blocks} blocks (0:{num_blocks})"
+        )
+    dtype = TORCH_DTYPES[config.dtype]
+    t0 = time.perf_counter()
+    span = await trio.to_thread.run_sync(
+        lambda: BlockSpan.load(
+            checkpoint, config.start, config.end, dtype=dtype, quant=config.quant
+        )
+    )
+    per_block = span.memory_bytes() // (config.end - config.start)
+    log.info(
+        "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
+        config.start,
+        config.end,
+        time.perf_counter() - t0,
+        per_block / 1e6,
+        config.quant or config.dtype,
+    )
+    adapters = await trio.to_thread.run_sync(
+        lambda: load_server_adapters(
+            config.adapters, checkpoint.config, start=config.start, end=config.end, dtype=dtype
+        )
+    )
+    throughput = config.throughput
+    if throughput is None:
+        throughput = await trio.to_thread.run_sync(lambda: measured_throughput(span, config, dtype))
+    return span, throughput, adapters
+
+
+def measured_throughput(span: Any, config: ServerConfig, dtype: torch.dtype) -> float:
+    from swarm_node.model.bundled import default_cache_dir
+    from swarm_node.node.server.throughput import cache_key, device_name, span_throughput
+
+    key = cache_key(
+        model=model_id_of(config.model),
+        dtype=config.dtype,
+        quant=config.quant,
+        device=device_name(),
+        threads=torch.get_num_threads(),
+    )
+    throughput, cached = span_throughput(span, key=key, dtype=dtype, cache_dir=default_cache_dir())
+    log.info(
+        "throughput %.1f tokens/s for blocks %d:%d (%s %s)",
+        throughput,
+        config.start,
+        config.end,
+        "cached as" if cached else "measured, cached as",
+        key,
+    )
+    return throughput

@@ -1,0 +1,82 @@
+"""Server-to-server push: the stream a server opens to the next span's server for one session.
+
+After computing a step, a server sends its output to the next server's session (a PushStepRequest,
+no reply) as well as to the client. A push that cannot be written (the stream broke, the next
+server is gone or reset the stream) turns the link off: the client sees ``pushed=0`` in the step's
+answer and sends that step to the next server itself (client-star). This module does NOT know
+sessions, caches or models: the server decides what to push.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+
+from swarm_node.node.net.dialing import open_stream, remember_addrs
+from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
+from swarm_node.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+PUSH_OPEN_TIMEOUT = 10.0  # seconds to reach the next server when a session opens
+PUSH_SEND_TIMEOUT = 5.0  # seconds one push may wait for the stream (flow control)
+MAX_NEXT_ADDRS = 16
+
+
+class PushLink:
+    """A stream to the next server, carrying one session's steps there."""
+
+    def __init__(self, conn: MessageStream, next_session: str) -> None:
+        self.conn: MessageStream | None = conn
+        self.next_session = next_session
+
+    @property
+    def alive(self) -> bool:
+        return self.conn is not None
+
+    async def push(self, step_id: int, position: int, hidden: Any) -> bool:
+        """Send one step's output on; False (and the link is off from now on) if it failed."""
+        if self.conn is None:
+            return False
+        message = m.PushStepRequest(
+            session_id=self.next_session, step_id=step_id, position=position, hidden=hidden
+        )
+        with trio.move_on_after(PUSH_SEND_TIMEOUT):
+            try:
+                await self.conn.send(message)
+                return True
+            except ConnectionLost as exc:
+                log.info(
+                    "push to %s failed (%s); the client sends steps there itself",
+                    self.conn.peer_id,
+                    exc,
+                )
+        await self.aclose()
+        return False
+
+    async def aclose(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await conn.close()
+
+
+async def open_push_link(
+    host: Any, *, peer_id: str, addrs: str, next_session: str, max_frame_size: int
+) -> PushLink | None:
+    """A push stream to ``peer_id`` (reached at the space-separated ``addrs``); None if unreachable."""
+    try:
+        remember_addrs(host, peer_id, addrs.split()[:MAX_NEXT_ADDRS])
+    except ValueError as exc:
+        log.info("not pushing: %s", exc)
+        return None
+    try:
+        conn = await open_stream(
+            host, peer_id, max_frame_size=max_frame_size, timeout=PUSH_OPEN_TIMEOUT
+        )
+    except Exception as exc:  # unreachable next server (any failure): the session runs client-star
+        log.info("not pushing to %s: %r", peer_id, exc)
+        return None
+    return PushLink(conn, next_session)

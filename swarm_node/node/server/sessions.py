@@ -1,0 +1,71 @@
+"""What a server keeps per session and gauges of work (RequestError lives in request_error.py).
+
+Plain state for server.py; no streams are read or written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.node.server.push import PushLink
+from swarm_node.protocol import messages as m
+
+
+@dataclass(slots=True)
+class ServerSession:
+    session_id: str
+    peer_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int
+    dtype: str
+    compression: str
+    cache: Any  # model.SpanCache
+    reserved_tokens: int
+    conn: MessageStream  # the client's stream: answers to pushed steps go there
+    steps: int = 0
+    last_active: float = 0.0  # trio time of the last step
+    push: PushLink | None = None  # to the next span's server, when the client asked for push
+    prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
+    last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
+    prompts: Any = None  # deep prompts (end - start, P, H) the client opened with
+    lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
+    lora: Any = None  # model.LoraWeights of the adapter the session named, or None
+
+
+class Gauge:
+    """A count of things in progress that can be waited on until it drops to zero."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._zero = trio.Event()
+        self._zero.set()
+
+    def add(self, delta: int) -> None:
+        if self.value == 0 and delta > 0:
+            self._zero = trio.Event()
+        self.value += delta
+        if self.value <= 0:
+            self.value = 0
+            self._zero.set()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.add(1)
+        try:
+            yield
+        finally:
+            self.add(-1)
+
+    async def wait_zero(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` s for the count to be zero; True if it is."""
+        with trio.move_on_after(timeout):
+            await self._zero.wait()
+        return self.value == 0
