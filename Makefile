@@ -1,6 +1,7 @@
 # make demo   set up .venv (first time: a few minutes) and run a local 2-server swarm answering a prompt
 # make test   set up .venv and run the whole test suite (what CI runs)
-.PHONY: setup demo test bench
+# make lint   ruff check, ruff format --check and the layer rules (scripts/check_layers.py; CI runs it too)
+.PHONY: setup demo test lint bench
 
 setup:
 	@bash scripts/setup_env.sh
@@ -10,6 +11,11 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check swarm_node tests scripts
+	.venv/bin/ruff format --check swarm_node tests scripts
+	.venv/bin/python scripts/check_layers.py
 
 bench: setup
 	.venv/bin/python scripts/bench_inference.py

@@ -50,10 +50,14 @@ def main() -> None:
     total = sum(len(r) for r in reference)
     for threads, attention in ((1, "sdpa"), (2, "eager"), (1, "eager")):
         other = run(path, tokenizer, threads, attention, args.new_tokens)
-        same = sum(int(a == b) for r, o in zip(reference, other) for a, b in zip(r, o))
+        same = sum(
+            int(a == b)
+            for r, o in zip(reference, other, strict=True)
+            for a, b in zip(r, o, strict=False)
+        )
         first = [
-            next((i for i, (a, b) in enumerate(zip(r, o)) if a != b), None)
-            for r, o in zip(reference, other)
+            next((i for i, (a, b) in enumerate(zip(r, o, strict=False)) if a != b), None)
+            for r, o in zip(reference, other, strict=True)
         ]
         print(
             f"{threads} thread(s), {attention}: agreement {same / total:.4f}, first difference per prompt {first}"

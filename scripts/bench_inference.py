@@ -138,7 +138,7 @@ async def swarm_runs(
         chains = {name: await peer.find_chain("smollm2-135m", 30) for name, peer in clients.items()}
         runs = [(name, clients[name], chains[name], False) for name in clients]
         runs.append(("2-server-push", two, chains["2-server"], True))
-        for name, peer, chain, push in runs:  # warm-up: caches, allocators, connections
+        for _name, peer, chain, push in runs:  # warm-up: caches, allocators, connections
             await generate_tokens(
                 peer,
                 head,

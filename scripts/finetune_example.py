@@ -54,7 +54,8 @@ def start_swarm(model: str, spans: list[tuple[int, int]]) -> tuple[str, threadin
             ):
                 ready.append(entry[0])
                 started.set()
-                while not stop.is_set():
+                # `stop` is a threading.Event set by the main thread: trio cannot wait on it
+                while not stop.is_set():  # noqa: ASYNC110
                     await trio.sleep(0.2)
 
     threading.Thread(target=trio.run, args=(main,), daemon=True, name="swarm").start()

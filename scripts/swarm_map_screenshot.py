@@ -71,7 +71,8 @@ async def main(out: Path) -> None:
                 "Why is the sky blue?",
             ):
                 nursery.start_soon(chat, http, question, 64)
-            while (
+            # the picture needs three replies under way: poll the tracker the map itself reads
+            while (  # noqa: ASYNC110
                 len(api.tracker.active) < 3
                 or min(a.new_tokens for a in api.tracker.active.values()) < 4
             ):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import logging
 import statistics
 import sys
@@ -156,10 +157,10 @@ async def trace(args: argparse.Namespace) -> None:
         nursery.cancel_scope.cancel()
     starts = [i for i, (label, _) in enumerate(EVENTS) if label == "embedded"][2:]  # steady tokens
     gaps: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    for a, b in zip(starts, starts[1:]):
-        for (first, t0), (second, t1) in zip(EVENTS[a:b], EVENTS[a + 1 : b + 1]):
+    for a, b in itertools.pairwise(starts):
+        for (first, t0), (second, t1) in zip(EVENTS[a:b], EVENTS[a + 1 : b + 1], strict=False):
             gaps[(first, second)].append(1000 * (t1 - t0))
-    cycles = [1000 * (EVENTS[b][1] - EVENTS[a][1]) for a, b in zip(starts, starts[1:])]
+    cycles = [1000 * (EVENTS[b][1] - EVENTS[a][1]) for a, b in itertools.pairwise(starts)]
     mode = "push" if args.push else "client-star"
     print(
         f"swarm ({mode}, {len(args.spans)} servers, {args.delay * 1000:.0f} ms one way): "

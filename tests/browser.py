@@ -63,6 +63,6 @@ async def screenshot(
     await run_chromium(
         url, f"--screenshot={path}", f"--window-size={width},{height}", budget_ms=budget_ms
     )
-    if not path.is_file():
+    if not await trio.Path(path).is_file():
         raise RuntimeError(f"chromium did not write the screenshot {path}")
     return path

@@ -44,7 +44,7 @@ async def start_server(
     The process is appended to ``started`` as soon as it exists (for clean-up)."""
     command = [CLI, "serve", "--listen", "/ip4/127.0.0.1/tcp/0", *args]
     process = await nursery.start(
-        lambda task_status: trio.run_process(
+        lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
             command, stdout=subprocess.PIPE, task_status=task_status, check=False
         )
     )

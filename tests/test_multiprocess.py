@@ -22,7 +22,7 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
     with trio.fail_after(300):
         async with trio.open_nursery() as nursery:
             first = await nursery.start(
-                lambda task_status: trio.run_process(
+                lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
                     [*serve, "--blocks", "0:15"],
                     stdout=subprocess.PIPE,
                     task_status=task_status,
@@ -32,7 +32,7 @@ async def test_two_servers_and_generate_cli(smollm2_path: Path) -> None:
             addr = await first_line(first)
             assert addr.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3" in addr
             second = await nursery.start(
-                lambda task_status: trio.run_process(
+                lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
                     [*serve, "--blocks", "15:30", "--initial-peers", addr],
                     stdout=subprocess.PIPE,
                     task_status=task_status,

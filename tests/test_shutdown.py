@@ -51,10 +51,11 @@ async def test_stopping_server_answers_the_step_in_flight(tiny_llama: Path) -> N
 
                     async with trio.open_nursery() as steps:
                         steps.start_soon(step)
-                        while blocks.steps_in_flight == 0:  # wait for the step to reach the server
+                        # the server counts steps in flight (a gauge, not an event): poll it
+                        while blocks.steps_in_flight == 0:  # noqa: ASYNC110
                             await trio.sleep(0.01)
                         stop.set()  # the server starts shutting down with the step in flight
-                        while not blocks.closing:
+                        while not blocks.closing:  # noqa: ASYNC110 (a flag, not an event)
                             await trio.sleep(0.01)
                         with pytest.raises(RemoteError, match="shutting_down"):
                             async with client.inference_session(chain, model=model, max_length=8):

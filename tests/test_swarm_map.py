@@ -77,7 +77,7 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
         async with local_swarm(tiny_chat_llama, [(0, 6)]) as (servers, _):
             async with trio.open_nursery() as nursery:
                 process = await nursery.start(
-                    lambda task_status: trio.run_process(
+                    lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
                         [
                             CLI,
                             "api",

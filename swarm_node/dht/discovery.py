@@ -266,14 +266,14 @@ class SwarmDHT:
                 break
             found: set[ID] = set()
 
-            async def query(peer: ID) -> None:
+            async def query(peer: ID, into: set[ID]) -> None:
                 peers = await self._ask(peer, lambda: kad_requests.find_node(self.kad, peer, key))
-                found.update(peers or ())
+                into.update(peers or ())
 
             async with trio.open_nursery() as nursery:
                 for peer in batch:
                     queried.add(peer)
-                    nursery.start_soon(query, peer)
+                    nursery.start_soon(query, peer, found)
             new = {p for p in found if p not in known and not self._skip(p)}
             known = {p for p in known if not self._skip(p)} | new
             if not new:

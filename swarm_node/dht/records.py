@@ -118,7 +118,7 @@ def unpack_map(value: bytes) -> dict[Any, Any]:
         data: Any = msgpack.unpackb(
             value, raw=False, strict_map_key=True, max_bin_len=MAX_BIN_LEN, max_ext_len=0
         )
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
+    except Exception as exc:  # noqa: BLE001 (msgpack raises several unrelated types on garbage)
         raise RemoteProtocolError(f"server record is not valid msgpack: {exc!r}") from None
     if not isinstance(data, dict):
         raise RemoteProtocolError(f"server record must be a map, got {type(data).__name__}")

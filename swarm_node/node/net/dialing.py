@@ -27,7 +27,7 @@ ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from a request 
 def parse_multiaddr(text: str, field: str) -> Multiaddr:
     try:
         return Multiaddr(text)
-    except Exception as exc:  # multiaddr raises several types for bad text
+    except Exception as exc:  # noqa: BLE001 (multiaddr raises several types for bad text)
         raise ConfigError(
             f"{field!r} must be a multiaddr like /ip4/127.0.0.1/tcp/31337/p2p/12D3..., got {text!r}: {exc}"
         ) from None
@@ -38,7 +38,7 @@ def remember_addrs(host: Any, peer_id: str, addrs: Sequence[str]) -> None:
     try:
         peer = ID.from_base58(peer_id)
         multiaddrs = [Multiaddr(a) for a in addrs]
-    except Exception as exc:  # libp2p and multiaddr raise several types for bad text
+    except Exception as exc:  # noqa: BLE001 (libp2p and multiaddr raise several types for bad text)
         raise ValueError(f"bad peer {peer_id!r} / addresses {list(addrs)!r}: {exc!r}") from None
     if multiaddrs:
         host.get_peerstore().add_addrs(peer, multiaddrs, ADDR_TTL)
@@ -81,7 +81,7 @@ async def connect_initial_peers(
         addr = parse_multiaddr(text, "initial_peers")
         try:
             info = info_from_p2p_addr(addr)
-        except Exception as exc:  # libp2p raises several types for a multiaddr without /p2p/
+        except Exception as exc:  # noqa: BLE001 (libp2p raises several types for a multiaddr without /p2p/)
             raise ConfigError(
                 f"'initial_peers' entry {text!r} must end with /p2p/<peer id>: {exc}"
             ) from None
@@ -90,7 +90,7 @@ async def connect_initial_peers(
                 await host.connect(info)
             await dht.add_bootstrap_peer(info.peer_id)
             reached += 1
-        except Exception as exc:  # unreachable peer: try the others
+        except Exception as exc:  # noqa: BLE001 (unreachable peer: try the others)
             why = (
                 f"no handshake within {timeout} s"
                 if isinstance(exc, trio.TooSlowError)

@@ -27,7 +27,7 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
             )
         try:
             private = deserialize_private_key(path.read_bytes())
-        except Exception as exc:  # protobuf/crypto raise several types on a bad file
+        except Exception as exc:  # noqa: BLE001 (protobuf/crypto raise several types on a bad file)
             raise ConfigError(
                 f"'--identity' {path} is not a libp2p private key file: {exc}"
             ) from None
