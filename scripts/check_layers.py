@@ -65,7 +65,7 @@ def is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def imports(tree: ast.AST, module: str) -> Iterator[tuple[int, str, list[str]]]:
+def imports(tree: ast.AST, module: str, is_package: bool) -> Iterator[tuple[int, str, list[str]]]:
     """(line, imported module, names) for every import not under ``if TYPE_CHECKING:``."""
 
     def walk(node: ast.AST) -> Iterator[ast.AST]:
@@ -80,7 +80,7 @@ def imports(tree: ast.AST, module: str) -> Iterator[tuple[int, str, list[str]]]:
         yield node
         yield from walk(node)
 
-    package = module if module.endswith("__init__") else module.rsplit(".", 1)[0]
+    package = module if is_package else module.rsplit(".", 1)[0]
     for node in walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -112,11 +112,18 @@ def is_private(name: str) -> bool:
 
 
 def check_file(path: Path) -> list[str]:
-    module = module_name(path)
-    tree = ast.parse(path.read_text(), filename=str(path))
-    rel = path.relative_to(ROOT)
+    rel = str(path.relative_to(ROOT))
+    return check_source(
+        path.read_text(), module_name(path), rel, is_package=path.name == "__init__.py"
+    )
+
+
+def check_source(source: str, module: str, rel: str, *, is_package: bool = False) -> list[str]:
+    """The broken rules of one module's ``source`` (``module``: its dotted name; ``rel``: its path;
+    ``is_package``: it is a package's __init__, which anchors relative imports at itself)."""
+    tree = ast.parse(source, filename=rel)
     problems = []
-    for line, target, names in imports(tree, module):
+    for line, target, names in imports(tree, module, is_package):
         for room, banned, why in FORBIDDEN:
             if under(module, room) and under(target, banned):
                 problems.append(f"{rel}:{line}: imports {target} ({why})")
