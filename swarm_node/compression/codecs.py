@@ -22,8 +22,7 @@ as "bfloat16": about 2**-8 + 2**-11 relative).
 
 A codec is one pair of functions, ``encode(tensor) -> bytes-like`` and ``decode(payload, numel,
 dtype) -> 1-D tensor``, plus ``payload_nbytes(numel, dtype)`` so that ``decode`` checks the length
-before it allocates anything. Add one to ``_CODECS`` and
-``swarm_node.choices.CODECS``.
+before it allocates anything. Add one to ``_CODECS`` and ``swarm_node.choices.CODECS``.
 
 Directions. Every encoded tensor names its own codec, so a receiver never needs to be told how
 to read one; what a session or request negotiates is the codec of what comes BACK:
