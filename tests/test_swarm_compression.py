@@ -8,19 +8,13 @@ import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.compression import CODECS
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
-from swarm_node.node.apps.cli import CODECS as CLI_CODECS
 from swarm_node.node.client.inference_session import request
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import make_tiny_model_dir
 from tests.swarm_helpers import local_swarm
-
-
-def test_cli_offers_every_codec() -> None:
-    assert tuple(CLI_CODECS) == CODECS
 
 
 async def test_blockwise8_session_stays_within_the_codec_bound(tmp_path: Path) -> None:

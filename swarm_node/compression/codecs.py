@@ -22,7 +22,7 @@ as "bfloat16": about 2**-8 + 2**-11 relative).
 
 A codec is one pair of functions, ``encode(tensor) -> bytes-like`` and ``decode(payload, numel,
 dtype) -> 1-D tensor``, plus ``payload_nbytes(numel, dtype)`` so that ``decode`` checks the length
-before it allocates anything. Add one to ``_CODECS`` and ``CODECS``.
+before it allocates anything. Add one to ``_CODECS`` and ``swarm_node.choices.CODECS``.
 
 Directions. Every encoded tensor names its own codec, so a receiver never needs to be told how
 to read one; what a session or request negotiates is the codec of what comes BACK:
@@ -49,12 +49,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from swarm_node.choices import CODECS
 from swarm_node.compression import blockwise8
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
 from swarm_node.protocol.tensors import MAX_NDIM, WireTensor
 
 MAX_EXTENT = 2**48  # torch's stride arithmetic overflows on absurd shapes, even empty ones
-CODECS = ("none", "float16", "bfloat16", "blockwise8", "blockwise8-64")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,

@@ -1,23 +1,32 @@
 """Settings of a peer, one frozen dataclass per role, validated on construction.
 
-Defaults < environment (``SWARM_*``, read by the CLI) < flags.
+Defaults < environment (``SWARM_*``, read by the CLI) < flags. A field that is a CLI flag says so in
+its metadata (``flag(help, ...)``): the CLI builds the flag, its default and its help from the field.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from swarm_node.compression import CODECS
+from swarm_node.choices import CODECS, DTYPES
 from swarm_node.errors import ConfigError
 from swarm_node.node.server.adapters import check_adapter_name, check_server_adapters
 
-DTYPES = ("float32", "bfloat16")
 COMPRESSIONS = CODECS  # wire codecs a session may name
 SERVER_DEFAULT = "default"  # a session asking for this gets the server's own --compression
 QUANTS = (None, "int8", "nf4")
+DEFAULT_MODEL = "smollm2-135m"
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def flag(default: Any, help: str, name: str = "", **extras: Any) -> Any:
+    """A field that is also a CLI flag (``--field-name`` unless ``name``): its default, help and
+    argparse extras (metavar, choices), ``env`` where it is not SWARM_<FLAG>, ``cli_default``
+    where the command line's default differs from the library's."""
+    return field(default=default, metadata={"help": help, "flag": name, **extras})
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -43,13 +52,31 @@ def _check_range(name: str, value: float, low: float, high: float | None = None)
 class PeerConfig:
     """What every peer has: a libp2p host and a seat in the DHT."""
 
-    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)  # multiaddrs to listen on
-    initial_peers: tuple[
-        str, ...
-    ] = ()  # full multiaddrs (with /p2p/) of peers already in the swarm
-    announce_addrs: tuple[str, ...] = ()  # multiaddrs to advertise instead of the listening ones
-    identity: Path | None = None  # key file; created on first use, so the peer id stays stable
-    swarm_key: Path | None = None  # pre-shared key file of a private swarm; None: a public swarm
+    listen: tuple[str, ...] = flag(
+        ("/ip4/127.0.0.1/tcp/0",),
+        "where to listen (tcp/0: any free port)",
+        metavar="MULTIADDR",
+        cli_default=("/ip4/0.0.0.0/tcp/0",),
+    )
+    initial_peers: tuple[str, ...] = flag(
+        (),
+        "full multiaddrs (/ip4/HOST/tcp/PORT/p2p/ID) of peers already in the swarm",
+        metavar="MULTIADDR",
+    )
+    announce_addrs: tuple[str, ...] = flag(
+        (),
+        "addresses to advertise instead of the listening ones (e.g. behind NAT or a proxy)",
+        "--announce",
+        metavar="MULTIADDR",
+    )
+    identity: Path | None = flag(
+        None, "key file keeping this peer's id across restarts (created if missing)", metavar="FILE"
+    )
+    swarm_key: Path | None = flag(
+        None,
+        "pre-shared key of a private swarm (make one with `swarm-node keygen`)",
+        metavar="FILE",
+    )
     max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
     dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it
     connect_timeout: float = 10.0  # seconds to reach each initial peer
@@ -66,34 +93,76 @@ class PeerConfig:
 class ServerConfig:
     """A server holds blocks ``start..end-1`` of one model, or ``num_blocks`` blocks it chooses itself."""
 
-    model: str  # bundled model name or a local Hugging Face folder
+    model: str = flag(
+        MISSING, "bundled model name or a local Hugging Face folder", cli_default=DEFAULT_MODEL
+    )
     start: int = 0
     end: int = 0
-    # Choose the span: this many blocks where the swarm needs them most (start/end are then set by
-    # the server), re-checked every ~rebalance_interval s; a move needs a gain over min_gain.
-    num_blocks: int | None = None
-    start_delay: float = (
-        3.0  # at most this many random seconds before choosing, so joiners do not race
+    num_blocks: int | None = flag(
+        None,
+        "serve N blocks chosen from the DHT records: where the weakest coverage (by "
+        "throughput) rises most; re-checked every --rebalance-interval s, moving only when "
+        "the gain passes --min-gain and no block is left uncovered",
+        metavar="N",
     )
-    rebalance_interval: float = 60.0  # mean seconds between re-checks of the chosen span
-    min_gain: float = 0.2  # a move must raise the weakest block's coverage by this fraction
+    start_delay: float = flag(
+        3.0,
+        "with --num-blocks: wait a random time up to this before choosing, so servers "
+        "starting together do not pile onto the same blocks",
+        metavar="SECONDS",
+    )
+    rebalance_interval: float = flag(
+        60.0,
+        "with --num-blocks: mean seconds between re-checks of the chosen blocks",
+        metavar="SECONDS",
+    )
+    min_gain: float = flag(
+        0.2, "with --num-blocks: move only if the weakest block's coverage rises by this fraction"
+    )
     move_grace: float = (
         60.0  # seconds sessions on the old span may take to finish before a move cuts them
     )
-    dtype: str = "float32"
-    max_session_length: int = 4096  # tokens one session may hold
-    cache_budget_tokens: int = 64 * 1024  # tokens of attention cache across all sessions
-    max_sessions_per_peer: int = 16
-    session_idle_timeout: float = 120.0  # seconds without a message before a session is closed
-    torch_threads: int | None = None  # None: torch's default
-    throughput: float | None = None  # tokens/s to announce; None: measured at start
-    compression: str = "none"  # codec for replies when a client asks for "default", and for pushes
-    quant: str | None = (
-        None  # None (weights in `dtype`), "int8" (LLM.int8) or "nf4" (4-bit NormalFloat)
+    dtype: str = flag("float32", "weights and hidden-state dtype", choices=DTYPES)
+    max_session_length: int = flag(4096, "tokens one session may hold")
+    cache_budget_tokens: int = flag(
+        64 * 1024, "attention-cache budget in tokens across all sessions", "--cache-tokens"
     )
-    adapters: tuple[tuple[str, str], ...] = ()  # (name, PEFT LoRA folder) pairs, loaded at start
-    shutdown_grace: float = (
-        5.0  # seconds a stopping server gives the steps it is computing to finish
+    max_sessions_per_peer: int = flag(
+        16, "sessions one client may hold here at once; more are refused"
+    )
+    session_idle_timeout: float = flag(
+        120.0, "close a client's sessions after this long without a message", metavar="SECONDS"
+    )
+    torch_threads: int | None = flag(None, "torch threads (default: torch's)")
+    throughput: float | None = flag(
+        None,
+        "tokens/s to announce (default: measured at start, cached per model, dtype and "
+        "device in the cache folder: $SWARM_CACHE_DIR or ~/.cache/swarm-node)",
+    )
+    compression: str = flag(
+        "none",
+        "codec of hidden states this server sends when a client leaves it the choice, and "
+        "of pushes (blockwise8-64 sends ~3.8x fewer bytes with ~1% error per token; "
+        "blockwise8's 4096-value blocks share one scale between ~7 prompt tokens)",
+        choices=CODECS,
+    )
+    quant: str | None = flag(
+        None,
+        "hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: ~4x / ~8x "
+        "less memory per block, slower on CPU (default: --dtype weights)",
+        choices=QUANTS[1:],
+    )
+    adapters: tuple[tuple[str, str], ...] = flag(
+        (),
+        "LoRA adapters to hold, each a folder in PEFT's format (adapter_config.json + "
+        "adapter_model.safetensors); announced by NAME, applied to the sessions that name it",
+        metavar="NAME=PATH",
+    )
+    shutdown_grace: float = flag(
+        5.0,
+        "on Ctrl-C or SIGTERM: refuse new sessions, withdraw the record, and give the "
+        "steps being computed this long to finish",
+        metavar="SECONDS",
     )
 
     def __post_init__(self) -> None:
@@ -139,18 +208,33 @@ class ServerConfig:
 class ClientConfig:
     """How a client runs inference sessions over the swarm."""
 
-    # Seconds one server may take to answer one step (a prefill chunk included); a server that
-    # misses it counts as failed: the client bans it and moves its blocks to other servers.
-    step_timeout: float = 60.0
+    step_timeout: float = flag(
+        60.0,
+        "seconds one server may take to answer a step (a prefill chunk included); one that "
+        "misses it (or fails) is banned for a while and its blocks move to other servers",
+        "--timeout",
+    )
     lookup_timeout: float = 30.0  # seconds to find every block's servers
-    # Codec of hidden states on the wire, both ways. None: send uncompressed, and let each server
-    # answer in its own default (its --compression).
-    compression: str | None = None
+    compression: str | None = flag(
+        None,
+        "codec of hidden states on the wire, both ways (default: send uncompressed "
+        "and let each server answer in its own --compression)",
+        choices=CODECS,
+    )
     max_length: int = 2048  # default session length (prompt + new tokens)
-    push: bool = False  # servers send each step's output straight to the next server
-    adapter: str | None = None  # a LoRA adapter servers hold, by name: only they are chosen
-    max_attempts: int = (
-        5  # attempts to replace a failed server's blocks; 0: a failure ends the session
+    push: bool = flag(
+        False, "servers pass hidden states straight to the next server (N+1 delays a token, not 2N)"
+    )
+    adapter: str | None = flag(
+        None,
+        "a LoRA adapter: the NAME servers announce (only they are chosen), or on the command "
+        "line a FILE saved by swarm-node (a client-owned LoRA, sent with the requests)",
+        metavar="NAME|FILE",
+    )
+    max_attempts: int = flag(
+        5,
+        "attempts to find new servers for a failed server's blocks before giving up "
+        "with the blocks named (0: fail at once)",
     )
     retry_delay: float = 0.5  # seconds before retrying when no server was found; doubles each time
     ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
@@ -172,3 +256,47 @@ class ClientConfig:
         _check_range("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    """The OpenAI-compatible API and swarm map a peer serves (node/apps/api/)."""
+
+    models: tuple[str, ...] = (DEFAULT_MODEL,)  # bundled names or model folders served by the swarm
+    host: str = flag(
+        "127.0.0.1",
+        "address the HTTP API listens on (0.0.0.0 for every interface)",
+        env="SWARM_API_HOST",
+    )
+    port: int = flag(8000, "HTTP port (0 picks a free one)", env="SWARM_API_PORT")
+    dtype: str = "float32"  # of the client head and hidden states
+    max_context: int = flag(
+        2048, "prompt + completion tokens of a request (at most the model's own limit)"
+    )
+    default_max_tokens: int = 256  # completion tokens when a request names no max_tokens
+    max_concurrent: int = flag(
+        16, "requests generating at once, more wait their turn (servers allow 16 sessions a peer)"
+    )
+    refresh_interval: float = flag(5.0, "seconds between DHT reads for the swarm map", "--refresh")
+    chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
+
+    def __post_init__(self) -> None:
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        for name, low, high in (
+            ("port", 0, 65535),
+            ("max_context", 2, 1 << 20),
+            ("default_max_tokens", 1, 1 << 20),
+            ("max_concurrent", 1, 4096),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
+        if not self.chain_ttl >= 0:
+            raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
+        if not self.refresh_interval >= 0.1:
+            raise ConfigError(
+                f"'refresh_interval' must be >= 0.1 seconds, got {self.refresh_interval!r}"
+            )

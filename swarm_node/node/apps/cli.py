@@ -16,78 +16,121 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, get_args, get_origin, get_type_hints
 
 import trio
 
 from swarm_node.errors import SwarmError
-
-CODECS = [
-    "none",
-    "float16",
-    "bfloat16",
-    "blockwise8",
-    "blockwise8-64",
-]  # compression.CODECS, without importing torch
+from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig
 
 log = logging.getLogger("swarm_node.cli")
 
-DEFAULT_MODEL = "smollm2-135m"
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLS |= {"0": False, "false": False, "no": False, "off": False}
+_KINDS = {int: "an int", float: "a number"}
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"SWARM_{name}", default)
+class _BadEnv:
+    """A SWARM_* value that does not parse: an error unless its flag is given."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
-def _env_list(name: str) -> list[str]:
-    value = _env(name)
-    return value.split() if value else []
+class _Parser(argparse.ArgumentParser):
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        namespace, rest = super().parse_known_args(args, namespace)
+        for value in vars(namespace).values():
+            if isinstance(value, _BadEnv):
+                self.error(value.message)
+        return namespace, rest
+
+
+def _from_env(env: str, raw: str, kind: Any, nargs: str | None, choices: Any) -> Any:
+    if kind is bool:
+        if raw.strip().lower() in _BOOLS:
+            return _BOOLS[raw.strip().lower()]
+        return _BadEnv(f"{env} must be one of {'/'.join(_BOOLS)}, got {raw!r}")
+    values = []
+    for item in raw.split() if nargs else [raw]:
+        try:
+            value = kind(item)
+        except ValueError:
+            return _BadEnv(f"{env} must be {_KINDS[kind]}, got {raw!r}")
+        if choices is not None and value not in choices:
+            return _BadEnv(f"{env} must be one of {', '.join(choices)}, got {raw!r}")
+        values.append(value)
+    return values if nargs else values[0]
+
+
+def _add(p: Any, *names: str, help: str, kind: Any = str, env: str = "", **kw: Any) -> None:
+    """One flag, its default overridden by SWARM_<FLAG>; its help names the default and the variable."""
+    env = env or "SWARM_" + names[-1].lstrip("-").replace("-", "_").upper()
+    default = kw.get("default")
+    shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+    shown = f"{shown:g}" if isinstance(shown, float) else shown
+    note = "" if shown is None or shown is False or shown == "" else f"default: {shown}; "
+    raw = os.environ.get(env)
+    if raw:
+        kw["default"] = _from_env(env, raw, kind, kw.get("nargs"), kw.get("choices"))
+        kw.pop("required", None)
+    if kind is bool:
+        kw.setdefault("action", "store_true")
+    elif "action" not in kw and kind is not str:
+        kw["type"] = kind
+    p.add_argument(*names, help=f"{help} ({note}env {env})".replace("%", "%%"), **kw)
+
+
+def _kind(hint: Any) -> tuple[Any, str | None]:
+    if isinstance(hint, UnionType):
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is tuple:
+        return (get_args(hint)[0] if get_args(hint)[0] in (str, Path) else str), "+"
+    return hint, None
+
+
+def _fields(p: Any, cls: type, *names: str) -> None:
+    """The flags of a config dataclass's fields: name, default, help and choices from the field."""
+    hints, by_name = get_type_hints(cls), {f.name: f for f in fields(cls)}
+    for name in names:
+        meta = dict(by_name[name].metadata)
+        flag = meta.pop("flag") or "--" + name.replace("_", "-")
+        kind, nargs = _kind(hints[name])
+        if kind is not bool and "choices" not in meta:
+            meta.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+        default = meta.pop("cli_default", by_name[name].default)
+        if nargs:
+            meta.update(nargs=nargs, default=list(default))
+        else:
+            meta["default"] = default
+        _add(p, flag, dest=name, kind=kind, **meta)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="swarm-node",
         description="Run large language models collaboratively over a peer-to-peer swarm: servers hold "
         "spans of transformer blocks, clients hold the embeddings and LM head.",
-        epilog="Every flag has an environment default SWARM_<FLAG> (e.g. SWARM_INITIAL_PEERS, SWARM_MODEL).",
+        epilog="Every flag has an environment default SWARM_<FLAG> (e.g. SWARM_INITIAL_PEERS, SWARM_MODEL), "
+        "named in its help; flags override it.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logs (-vv: debug)")
+    _add(
+        parser,
+        "-v",
+        "--verbose",
+        kind=int,
+        action="count",
+        default=0,
+        help="more logs (-vv: debug)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--model",
-            default=_env("MODEL", DEFAULT_MODEL),
-            help=f"bundled model name or a local Hugging Face folder (default: {DEFAULT_MODEL})",
-        )
-        p.add_argument(
-            "--dtype",
-            default=_env("DTYPE", "float32"),
-            choices=["float32", "bfloat16"],
-            help="weights and hidden-state dtype (default: float32)",
-        )
-        p.add_argument(
-            "--initial-peers",
-            nargs="+",
-            default=_env_list("INITIAL_PEERS"),
-            metavar="MULTIADDR",
-            help="full multiaddrs (/ip4/HOST/tcp/PORT/p2p/ID) of peers already in the swarm",
-        )
-        p.add_argument(
-            "--identity",
-            type=Path,
-            default=_env("IDENTITY"),
-            metavar="FILE",
-            help="key file keeping this peer's id across restarts (created if missing)",
-        )
-        p.add_argument(
-            "--swarm-key",
-            type=Path,
-            default=_env("SWARM_KEY"),
-            metavar="FILE",
-            help="pre-shared key of a private swarm (make one with `swarm-node keygen`)",
-        )
+        _fields(p, ServerConfig, "model", "dtype")
+        _fields(p, PeerConfig, "initial_peers", "identity", "swarm_key")
 
     serve = sub.add_parser(
         "serve",
@@ -96,114 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
         "swarm needs them most (--num-blocks). With no --initial-peers, start a new swarm.",
     )
     common(serve)
-    where = serve.add_mutually_exclusive_group(required=True)
-    where.add_argument("--blocks", metavar="START:END", help="blocks to serve, e.g. 20:40")
-    where.add_argument(
-        "--num-blocks",
-        type=int,
-        metavar="N",
-        help="serve N blocks chosen from the DHT records: where the weakest coverage (by "
-        "throughput) rises most; re-checked every --rebalance-interval s, moving only when "
-        "the gain passes --min-gain and no block is left uncovered",
-    )
-    serve.add_argument(
-        "--start-delay",
-        type=float,
-        default=3.0,
-        metavar="SECONDS",
-        help="with --num-blocks: wait a random time up to this before choosing, so servers "
-        "starting together do not pile onto the same blocks (default: 3)",
-    )
-    serve.add_argument(
-        "--rebalance-interval",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="with --num-blocks: mean seconds between re-checks of the chosen blocks (default: 60)",
-    )
-    serve.add_argument(
-        "--min-gain",
-        type=float,
-        default=0.2,
-        help="with --num-blocks: move only if the weakest block's coverage rises by this "
-        "fraction (default: 0.2)",
-    )
-    serve.add_argument(
-        "--listen",
-        nargs="+",
-        default=_env_list("LISTEN") or ["/ip4/0.0.0.0/tcp/0"],
-        metavar="MULTIADDR",
-        help="where to listen (default: /ip4/0.0.0.0/tcp/0, any free port)",
-    )
-    serve.add_argument(
-        "--announce",
-        nargs="+",
-        default=_env_list("ANNOUNCE"),
-        metavar="MULTIADDR",
-        help="addresses to advertise instead of the listening ones (e.g. behind NAT or a proxy)",
-    )
-    serve.add_argument(
-        "--torch-threads", type=int, default=None, help="torch threads (default: torch's)"
-    )
-    serve.add_argument(
-        "--throughput",
-        type=float,
-        default=None,
-        help="tokens/s to announce (default: measured at start, cached per model, dtype and "
-        "device in the cache folder: $SWARM_CACHE_DIR or ~/.cache/swarm-node)",
-    )
-    serve.add_argument(
-        "--max-session-length", type=int, default=4096, help="tokens one session may hold"
-    )
-    serve.add_argument(
-        "--cache-tokens",
-        type=int,
-        default=64 * 1024,
-        help="attention-cache budget in tokens across all sessions (default: 65536)",
-    )
-    serve.add_argument(
-        "--max-sessions-per-peer",
-        type=int,
-        default=16,
-        help="sessions one client may hold here at once; more are refused (default: 16)",
-    )
-    serve.add_argument(
-        "--session-idle-timeout",
-        type=float,
-        default=120.0,
-        metavar="SECONDS",
-        help="close a client's sessions after this long without a message (default: 120)",
-    )
-    serve.add_argument(
-        "--compression",
-        default=_env("COMPRESSION", "none"),
-        choices=CODECS,
-        help="codec of hidden states this server sends when a client leaves it the "
-        "choice (default: none; blockwise8-64 sends ~3.8x fewer bytes with ~1%% error per token; "
-        "blockwise8's 4096-value blocks share one scale between ~7 prompt tokens)",
-    )
-    serve.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=float(_env("SHUTDOWN_GRACE", "5")),
-        metavar="SECONDS",
-        help="on Ctrl-C or SIGTERM: refuse new sessions, withdraw the record, and give the "
-        "steps being computed this long to finish (default: 5)",
-    )
-    serve.add_argument(
-        "--quant",
-        default=_env("QUANT"),
-        choices=["int8", "nf4"],
-        help="hold the weights in 8-bit (LLM.int8) or 4-bit (NF4) via bitsandbytes: "
-        "~4x / ~8x less memory per block, slower on CPU (default: --dtype weights)",
-    )
-    serve.add_argument(
-        "--adapters",
-        nargs="+",
-        default=_env_list("ADAPTERS"),
-        metavar="NAME=PATH",
-        help="LoRA adapters to hold, each a folder in PEFT's format (adapter_config.json + "
-        "adapter_model.safetensors); announced by NAME, applied to the sessions that name it",
+    chosen = any(os.environ.get(env) for env in ("SWARM_BLOCKS", "SWARM_NUM_BLOCKS"))
+    where = serve.add_mutually_exclusive_group(required=not chosen)
+    _add(where, "--blocks", metavar="START:END", help="blocks to serve, e.g. 20:40")
+    _fields(where, ServerConfig, "num_blocks")
+    _fields(serve, ServerConfig, "start_delay", "rebalance_interval", "min_gain")
+    _fields(serve, PeerConfig, "listen", "announce_addrs")
+    _fields(
+        serve,
+        ServerConfig,
+        *("torch_threads", "throughput", "max_session_length", "cache_budget_tokens"),
+        *("max_sessions_per_peer", "session_idle_timeout", "compression", "shutdown_grace"),
+        *("quant", "adapters"),
     )
 
     gen = sub.add_parser(
@@ -213,50 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(gen)
     gen.add_argument("prompt", help="the text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument(
-        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
-    )
-    gen.add_argument(
-        "--timeout",
-        type=float,
-        default=60.0,
-        help="seconds one server may take to answer a step; one that misses it (or fails) is "
-        "banned for a while and its blocks move to other servers (default: 60)",
-    )
-    gen.add_argument(
-        "--max-attempts",
-        type=int,
-        default=5,
-        help="attempts to find new servers for a failed server's blocks before giving up "
-        "with the blocks named (default: 5; 0: fail at once)",
-    )
-    gen.add_argument(
-        "--compression",
-        default=_env("COMPRESSION"),
-        choices=CODECS,
-        help="codec of hidden states on the wire, both ways (default: send uncompressed "
-        "and let each server answer in its own --compression)",
-    )
-    gen.add_argument(
-        "--push",
-        action="store_true",
-        help="servers pass hidden states straight to the next server (N+1 delays a token, not 2N)",
-    )
-    gen.add_argument(
-        "--adapter",
-        default=_env("ADAPTER"),
-        metavar="NAME|FILE",
-        help="a LoRA adapter: the NAME servers announce (only they are chosen), or a FILE "
-        "saved by swarm-node (a client-owned LoRA, sent with the requests)",
-    )
-    gen.add_argument(
+    _add(gen, "--max-new-tokens", kind=int, default=32, help="tokens to generate")
+    _add(gen, "--temperature", kind=float, default=0.0, help="0 = greedy")
+    _add(gen, "--top-p", kind=float, default=1.0, help="nucleus sampling: keep this much mass")
+    _add(gen, "--seed", kind=int, help="seed for sampling")
+    _add(gen, "--chat", kind=bool, help="wrap the prompt in the model's chat template")
+    _fields(gen, ClientConfig, "step_timeout", "max_attempts", "compression", "push", "adapter")
+    _add(
+        gen,
         "--prompt-file",
-        type=Path,
-        default=_env("PROMPT_FILE"),
+        kind=Path,
         metavar="FILE",
         help="a trained soft prompt saved by swarm-node (tuned file, method ptune or "
         "deep_ptune), put before the prompt",
@@ -269,12 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         "covering it, their throughput, free cache and round trip; missing blocks stand out.",
     )
     common(status)
-    status.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    status.add_argument(
-        "--num-blocks",
-        type=int,
-        default=None,
-        help="blocks of the model (default: asked from a server)",
+    _add(status, "--json", kind=bool, help="print one JSON object instead of text")
+    _add(
+        status, "--num-blocks", kind=int, help="blocks of the model (default: asked from a server)"
     )
 
     api = sub.add_parser(
@@ -285,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(JSON at /api/v1/state). Point any OpenAI client at http://HOST:PORT/v1.",
     )
     common(api)
-    api.add_argument(
+    _add(
+        api,
         "--also-model",
         nargs="+",
         default=[],
@@ -295,8 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     api_flags(api)
 
     keygen = sub.add_parser("keygen", help="make a swarm key file for a private swarm")
-    keygen.add_argument(
-        "--swarm-key", type=Path, required=True, metavar="FILE", help="where to write the key"
+    _add(
+        keygen,
+        "--swarm-key",
+        kind=Path,
+        required=True,
+        metavar="FILE",
+        help="where to write the key",
     )
 
     demo = sub.add_parser(
@@ -305,15 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local swarm on 127.0.0.1 with the model split between servers, "
         "answer a prompt, and show which peer served which blocks.",
     )
-    demo.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL))
-    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    demo.add_argument("--servers", type=int, default=2, help="number of server peers (default: 2)")
-    demo.add_argument("--prompt", default="The capital of France is")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--chat", action="store_true")
-    demo.add_argument(
+    _fields(demo, ServerConfig, "model", "dtype")
+    _add(demo, "--servers", kind=int, default=2, help="number of server peers")
+    _add(demo, "--prompt", default="The capital of France is", help="the text to continue")
+    _add(demo, "--max-new-tokens", kind=int, default=24, help="tokens to generate")
+    _add(demo, "--chat", kind=bool, help="wrap the prompt in the model's chat template")
+    _add(
+        demo,
         "--api",
-        action="store_true",
+        kind=bool,
         help="after answering, keep the swarm up and serve the OpenAI-compatible API and map",
     )
     api_flags(demo)
@@ -321,29 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def api_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--host",
-        default=_env("API_HOST", "127.0.0.1"),
-        help="address the HTTP API listens on (default: 127.0.0.1; 0.0.0.0 for every interface)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=int(_env("API_PORT", "8000") or 8000),
-        help="HTTP port (default: 8000; 0 picks a free one)",
-    )
-    p.add_argument(
-        "--max-context", type=int, default=2048, help="prompt + completion tokens of a request"
-    )
-    p.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=16,
-        help="requests generating at once, more wait their turn (default 16: servers allow 16 sessions a peer)",
-    )
-    p.add_argument(
-        "--refresh", type=float, default=5.0, help="seconds between DHT reads for the swarm map"
-    )
+    _fields(p, ApiConfig, "host", "port", "max_context", "max_concurrent", "refresh_interval")
 
 
 def _setup_logging(verbose: int) -> None:

@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from contextlib import AsyncExitStack
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import trio
 from swarm_node.model.bundled import model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
-from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
+from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.peer import Peer, open_peer
 from swarm_node.node.server.adapters import is_adapter_file, parse_adapter_flags
 
@@ -25,35 +26,22 @@ log = logging.getLogger(__name__)
 CLIENT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
 
+def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of config dataclass ``cls`` that ``args`` holds flags for (lists as tuples)."""
+    names = [f.name for f in fields(cls) if "flag" in f.metadata and hasattr(args, f.name)]
+    values = {name: getattr(args, name) for name in names}
+    return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+
+
+def _client_peer(args: argparse.Namespace) -> PeerConfig:
+    return PeerConfig(listen=CLIENT_LISTEN, **flag_values(PeerConfig, args))
+
+
 async def serve(args: argparse.Namespace) -> int:
     start, end = parse_blocks(args.blocks) if args.blocks is not None else (0, 0)
-    server = ServerConfig(
-        model=args.model,
-        start=start,
-        end=end,
-        num_blocks=args.num_blocks,
-        start_delay=args.start_delay,
-        rebalance_interval=args.rebalance_interval,
-        min_gain=args.min_gain,
-        dtype=args.dtype,
-        torch_threads=args.torch_threads,
-        throughput=args.throughput,
-        max_session_length=args.max_session_length,
-        cache_budget_tokens=args.cache_tokens,
-        max_sessions_per_peer=args.max_sessions_per_peer,
-        session_idle_timeout=args.session_idle_timeout,
-        compression=args.compression,
-        quant=args.quant,
-        adapters=parse_adapter_flags(args.adapters),
-        shutdown_grace=args.shutdown_grace,
-    )
-    config = PeerConfig(
-        listen=tuple(args.listen),
-        initial_peers=tuple(args.initial_peers),
-        identity=args.identity,
-        swarm_key=args.swarm_key,
-        announce_addrs=tuple(args.announce or ()),
-    )
+    values = flag_values(ServerConfig, args) | {"adapters": parse_adapter_flags(args.adapters)}
+    server = ServerConfig(**values, start=start, end=end)
+    config = PeerConfig(**flag_values(PeerConfig, args))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_peer(config, server=server) as peer:
             for addr in peer.addrs:
@@ -186,12 +174,7 @@ def _describe(stats: GenerationStats) -> str:
 
 
 async def generate(args: argparse.Namespace) -> int:
-    config = PeerConfig(
-        listen=CLIENT_LISTEN,
-        initial_peers=tuple(args.initial_peers),
-        identity=args.identity,
-        swarm_key=args.swarm_key,
-    )
+    config = _client_peer(args)
     _need_initial_peers(args)
     if args.prompt_file is not None or (args.adapter and is_adapter_file(args.adapter)):
         from swarm_node.model import (  # bad files fail before any networking
@@ -204,13 +187,7 @@ async def generate(args: argparse.Namespace) -> int:
         )
         await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
-    client = ClientConfig(
-        step_timeout=args.timeout,
-        push=args.push,
-        compression=args.compression,
-        adapter=adapter,
-        max_attempts=args.max_attempts,
-    )
+    client = ClientConfig(**flag_values(ClientConfig, args) | {"adapter": adapter})
     async with open_peer(config, client=client) as peer:
         stats = await _generate_with(peer, args, sys.stdout)
     print(_describe(stats), file=sys.stderr)
@@ -234,31 +211,15 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
 
     out = out or sys.stdout
     _need_initial_peers(args)
-    config = PeerConfig(
-        listen=CLIENT_LISTEN,
-        initial_peers=tuple(args.initial_peers),
-        identity=args.identity,
-        swarm_key=args.swarm_key,
-    )
-    async with open_peer(config) as peer:
+    async with open_peer(_client_peer(args)) as peer:
         report = await gather_status(peer, model_id_of(args.model), num_blocks=args.num_blocks)
     out.write((json.dumps(report) if args.json else format_report(report)) + "\n")
     out.flush()
     return 0
 
 
-def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> Any:
-    from swarm_node.node.apps.api import ApiConfig
-
-    return ApiConfig(
-        models=models,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        max_context=args.max_context,
-        max_concurrent=args.max_concurrent,
-        refresh_interval=args.refresh,
-    )
+def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> ApiConfig:
+    return ApiConfig(models=models, dtype=args.dtype, **flag_values(ApiConfig, args))
 
 
 async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
@@ -281,13 +242,7 @@ async def api(args: argparse.Namespace) -> int:
     """Serve the OpenAI-compatible API and the swarm map over the swarm until SIGINT/SIGTERM."""
     _need_initial_peers(args)
     config = _api_config(args, (args.model, *args.also_model))
-    peer_config = PeerConfig(
-        listen=CLIENT_LISTEN,
-        initial_peers=tuple(args.initial_peers),
-        identity=args.identity,
-        swarm_key=args.swarm_key,
-    )
-    async with open_peer(peer_config) as peer:
+    async with open_peer(_client_peer(args)) as peer:
         await _serve_api_until_signal(peer, config)
     return 0
 

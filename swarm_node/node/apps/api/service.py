@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,49 +32,9 @@ from swarm_node.node.apps.api.schema import (
 )
 from swarm_node.node.apps.swarm_map import GenerationTracker, model_view, swarm_state
 from swarm_node.node.client.recovery import sole_error
-from swarm_node.node.config import DTYPES
+from swarm_node.node.config import ApiConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ApiConfig:
-    models: tuple[str, ...] = (
-        "smollm2-135m",
-    )  # bundled names or model folders served by the swarm
-    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
-    port: int = 8000  # 0: any free port (see ApiServer.url)
-    dtype: str = "float32"  # of the client head and hidden states
-    max_context: int = (
-        2048  # prompt + completion tokens of one request (at most the model's own limit)
-    )
-    default_max_tokens: int = 256  # completion tokens when a request names no max_tokens
-    max_concurrent: int = (
-        16  # requests generating at once, more wait their turn (servers allow 16 sessions a peer)
-    )
-    refresh_interval: float = 5.0  # seconds between DHT reads for the swarm map
-    chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
-
-    def __post_init__(self) -> None:
-        if not self.models or not all(isinstance(m, str) and m for m in self.models):
-            raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
-        for name, low, high in (
-            ("port", 0, 65535),
-            ("max_context", 2, 1 << 20),
-            ("default_max_tokens", 1, 1 << 20),
-            ("max_concurrent", 1, 4096),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
-        if not self.chain_ttl >= 0:
-            raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
-        if not self.refresh_interval >= 0.1:
-            raise ConfigError(
-                f"'refresh_interval' must be >= 0.1 seconds, got {self.refresh_interval!r}"
-            )
 
 
 class ApiServer:
