@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from swarm_node.choices import DTYPES
 from swarm_node.model import BlockSpan, Checkpoint, resolve_model
 
 
@@ -28,7 +29,7 @@ def main() -> None:
         "--steps", type=int, default=200, help="decode steps of each path (default 200)"
     )
     parser.add_argument("--blocks", default="0:30", help="START:END of the span (default 0:30)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     args = parser.parse_args()
     start, end = (int(x) for x in args.blocks.split(":"))
     dtype = getattr(torch, args.dtype)
