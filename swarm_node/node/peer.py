@@ -292,26 +292,24 @@ class Peer:
         end: int,
         *,
         adapter: str = "",
-        exclude: frozenset[str] = frozenset(),
         max_age: float = 0.0,
         rng: random.Random | None = None,
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
-        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers and
-        ``exclude``. With ``rng`` (training), drawn in proportion to throughput; else the lowest
+        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With ``rng`` (training), drawn in proportion to throughput; else the lowest
         expected per-token latency among those that answer a ping (the samples feed ``self.rtt``),
         costing server-to-server hops from the round trips servers publish and leaving out servers
         whose cache cannot hold ``max_length * batch_size`` tokens."""
         model = settings.model
-        known = self._known.get(model, [])
+        servers = self._known.get(model, [])
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
-        if not (fresh and known and not missing_blocks(known, start, end)):
-            known = await self.find_servers(model, end, start=start)
-        exclude |= self.bans.banned(trio.current_time())
+        if not (fresh and servers and not missing_blocks(servers, start, end)):
+            servers = await self.find_servers(model, end, start=start)
+        exclude = self.bans.banned(trio.current_time())
         if rng is not None:
             return choose_training_chain(
-                known,
+                servers,
                 model=model,
                 start=start,
                 end=end,
@@ -320,18 +318,18 @@ class Peer:
                 exclude=exclude,
                 adapter=adapter,
             )
-        candidates = [s for s in known if s.peer_id not in exclude]
+        candidates = [s for s in servers if s.peer_id not in exclude]
         samples = await self.ping_all(candidates)
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
-            known,
+            servers,
             model=model,
             start=start,
             end=end,
             rtt=self.rtt.as_dict(),
-            server_rtt=server_rtts(known),
+            server_rtt=server_rtts(servers),
             push=self.client_config.push if settings.push is None else settings.push,
             now=time.time(),
             max_length=settings.max_length,
@@ -348,11 +346,9 @@ class Peer:
             return None
         unpushed = replace(settings, push=False)
 
-        async def reroute(start: int, end: int, exclude: frozenset[str], attempt: int) -> list[Hop]:
+        async def reroute(start: int, end: int, attempt: int) -> list[Hop]:
             age = math.inf if attempt == 0 else 0.0
-            return await self.route(
-                unpushed, start, end, adapter=adapter, exclude=exclude, max_age=age
-            )
+            return await self.route(unpushed, start, end, adapter=adapter, max_age=age)
 
         return Recovery(
             reroute=reroute,

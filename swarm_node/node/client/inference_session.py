@@ -74,7 +74,6 @@ class InferenceSession:
         tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
     ) -> None:
-        self.settings = settings
         self.push = bool(settings.push)
         self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
         self.recovery = recovery  # None: a failed server ends the session
@@ -84,9 +83,8 @@ class InferenceSession:
         self.max_length = settings.max_length
         self.dtype = settings.dtype
         self.uplink = settings.compression or "none"  # codec of what we send
-        self.downlink = (
-            settings.compression or SERVER_DEFAULT
-        )  # codec we ask the servers to answer in
+        # the codec we ask the servers to answer in
+        self.downlink = settings.compression or SERVER_DEFAULT
         self.step_timeout = step_timeout
         self.max_frame_size = max_frame_size
         self.batch_size = settings.batch_size

@@ -98,7 +98,7 @@ class Slot:
         self.failures = 0
 
 
-Reroute = Callable[[int, int, frozenset[str], int], Awaitable[list[Hop]]]
+Reroute = Callable[[int, int, int], Awaitable[list[Hop]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +119,9 @@ class RecoveryEvent:
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
 
-    reroute: Reroute  # (start, end, exclude, attempt) -> a chain for exactly those blocks
+    reroute: (
+        Reroute  # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
+    )
     bans: BanList
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
@@ -143,9 +145,7 @@ class Recovery:
         delay = self.retry_delay
         for attempt in range(self.max_attempts):
             try:
-                chain = await self.reroute(
-                    slot.start, slot.end, self.bans.banned(self.clock()), attempt
-                )
+                chain = await self.reroute(slot.start, slot.end, attempt)
             except (MissingBlocksError, trio.TooSlowError) as exc:
                 last_error = exc
                 log.info(
