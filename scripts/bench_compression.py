@@ -35,6 +35,7 @@ from bench_compression_codecs import codec_report  # noqa: E402
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.client.settings import SessionSettings  # noqa: E402
 from swarm_node.node.config import PeerConfig, ServerConfig  # noqa: E402
 from swarm_node.node.peer import open_peer  # noqa: E402
 
@@ -119,18 +120,18 @@ async def quality(new_tokens: int) -> dict:
                     client,
                     head,
                     ids,
-                    model=MODEL,
-                    num_blocks=30,
-                    dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=new_tokens),
+                    SessionSettings(model=MODEL, num_blocks=30, dtype="float32", compression=codec),
+                    SamplingConfig(max_new_tokens=new_tokens),
                     chain=chain,
-                    compression=codec,
                 )
                 outs[codec] = out[0, ids.shape[1] :].tolist()
             reference = outs["none"]
             total += len(reference)
             async with client.inference_session(
-                chain, model=MODEL, max_length=ids.shape[1] + len(reference), compression="none"
+                chain,
+                SessionSettings(
+                    model=MODEL, compression="none", max_length=ids.shape[1] + len(reference)
+                ),
             ) as session:
                 _, ref_margins = await teacher_forced(session, head, ids, reference)
             for codec in LOSSY:
@@ -143,7 +144,10 @@ async def quality(new_tokens: int) -> dict:
                 if same < len(pairs):
                     stats["margins"].append(round(ref_margins[same], 3))
                 async with client.inference_session(
-                    chain, model=MODEL, max_length=ids.shape[1] + len(reference), compression=codec
+                    chain,
+                    SessionSettings(
+                        model=MODEL, compression=codec, max_length=ids.shape[1] + len(reference)
+                    ),
                 ) as session:
                     tops, _ = await teacher_forced(session, head, ids, reference)
                 stats["forced"] += sum(a == b for a, b in zip(reference, tops, strict=True))
@@ -155,7 +159,7 @@ async def quality(new_tokens: int) -> dict:
         perplexity = {}
         for codec in ("none", *LOSSY):
             async with client.inference_session(
-                chain, model=MODEL, max_length=ids.shape[1], compression=codec
+                chain, SessionSettings(model=MODEL, compression=codec, max_length=ids.shape[1])
             ) as session:
                 hidden = await session.step(head.embed(ids))
             with torch.inference_mode():

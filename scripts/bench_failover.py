@@ -33,6 +33,7 @@ from swarm_node.dht.routing import Hop  # noqa: E402
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.model.bundled import model_id_of  # noqa: E402
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.client.settings import SessionSettings  # noqa: E402
 from swarm_node.node.config import ClientConfig, PeerConfig  # noqa: E402
 from swarm_node.node.peer import open_peer  # noqa: E402
 from tests.process_swarm import ServerProcess, server_processes  # noqa: E402
@@ -84,12 +85,11 @@ async def run(args: argparse.Namespace) -> dict:
                     client,
                     head,
                     input_ids,
-                    model=model,
-                    num_blocks=layers,
-                    dtype="float32",
-                    sampling=sampling,
+                    SessionSettings(
+                        model=model, num_blocks=layers, dtype="float32", push=args.push
+                    ),
+                    sampling,
                     chain=chain,
-                    push=args.push,
                     on_tokens=timeline,
                 )
                 return ids[0].tolist(), time.perf_counter() - t0, stats

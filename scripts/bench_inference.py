@@ -33,6 +33,7 @@ import trio
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
 
@@ -143,12 +144,9 @@ async def swarm_runs(
                 peer,
                 head,
                 input_ids,
-                model="smollm2-135m",
-                num_blocks=30,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=4),
+                SessionSettings(model="smollm2-135m", num_blocks=30, dtype="float32", push=push),
+                SamplingConfig(max_new_tokens=4),
                 chain=chain,
-                push=push,
             )
         local_run(local, input_ids, 4)
         local_loop_run(span, head, input_ids, 4)
@@ -161,12 +159,11 @@ async def swarm_runs(
                     peer,
                     head,
                     input_ids,
-                    model="smollm2-135m",
-                    num_blocks=30,
-                    dtype="float32",
-                    sampling=sampling,
+                    SessionSettings(
+                        model="smollm2-135m", num_blocks=30, dtype="float32", push=push
+                    ),
+                    sampling,
                     chain=chain,
-                    push=push,
                 )
                 results[name].append((stats.time_to_first_token, stats.tokens_per_second))
                 remote[name].append(stats.remote_time / stats.new_tokens)

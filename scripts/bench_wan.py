@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.apps.commands import split_blocks  # noqa: E402
-from swarm_node.node.client.generation import SamplingConfig, generate_tokens, open_token_session  # noqa: E402
+from swarm_node.node.client.generation import SamplingConfig, continue_tokens, open_token_session  # noqa: E402
+from swarm_node.node.client.settings import SessionSettings  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -77,26 +78,21 @@ async def one_run(
     before = local_compute(span, head, input_ids, args.local_tokens)
     async with open_token_session(
         client,
-        model=MODEL,
-        num_blocks=span.end,
-        max_length=input_ids.shape[1] + args.new_tokens + 1,
-        dtype="float32",
+        SessionSettings(
+            model=MODEL,
+            num_blocks=span.end,
+            dtype="float32",
+            push=push,
+            max_length=input_ids.shape[1] + args.new_tokens + 1,
+        ),
         chain=chain,
-        push=push,
     ) as ts:
         ids = input_ids
         while ids.shape[1] < input_ids.shape[1] + args.new_tokens:
             count = min(args.segment, input_ids.shape[1] + args.new_tokens - ids.shape[1])
             fresh = ids if ts.fed == 0 else ids[:, :0]  # the prompt once, then go on
-            out, stats = await generate_tokens(
-                client,
-                head,
-                fresh,
-                model=MODEL,
-                num_blocks=span.end,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=count),
-                session=ts,
+            out, stats = await continue_tokens(
+                head, ts, fresh, SamplingConfig(max_new_tokens=count)
             )
             ids = torch.cat([ids, out[:, fresh.shape[1] :]], dim=1)
             after = local_compute(span, head, input_ids, args.local_tokens)

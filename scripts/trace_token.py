@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens  # noqa: E402
+from swarm_node.node.client.settings import SessionSettings  # noqa: E402
 from swarm_node.node.config import parse_blocks  # noqa: E402
 from swarm_node.node.net import message_stream  # noqa: E402
 from swarm_node.node.server import block_server as server  # noqa: E402
@@ -135,24 +136,22 @@ async def trace(args: argparse.Namespace) -> None:
                 client,
                 head,
                 ids,
-                model=MODEL,
-                num_blocks=num_blocks,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=4),
+                SessionSettings(
+                    model=MODEL, num_blocks=num_blocks, dtype="float32", push=args.push
+                ),
+                SamplingConfig(max_new_tokens=4),
                 chain=chain,
-                push=args.push,
             )
             EVENTS.clear()
             await generate_tokens(
                 client,
                 head,
                 ids,
-                model=MODEL,
-                num_blocks=num_blocks,
-                dtype="float32",
-                sampling=sampling,
+                SessionSettings(
+                    model=MODEL, num_blocks=num_blocks, dtype="float32", push=args.push
+                ),
+                sampling,
                 chain=chain,
-                push=args.push,
             )
         nursery.cancel_scope.cancel()
     starts = [i for i, (label, _) in enumerate(EVENTS) if label == "embedded"][2:]  # steady tokens

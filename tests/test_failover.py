@@ -18,6 +18,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import MissingBlocksError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.peer import open_peer
 from tests.model_fixtures import make_tiny_model_dir, reference_model
@@ -93,12 +94,9 @@ async def test_sigkill_of_the_server_in_use_changes_no_token(tmp_path: Path, pus
                     client,
                     head,
                     input_ids,
-                    model=model.name,
-                    num_blocks=6,
-                    dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    SessionSettings(model=model.name, num_blocks=6, dtype="float32", push=push),
+                    SamplingConfig(max_new_tokens=NEW_TOKENS),
                     chain=chain,
-                    push=push,
                     on_tokens=kill,
                 )
                 assert client.bans.is_banned(victim.peer_id, trio.current_time())
@@ -130,10 +128,8 @@ async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None
                     client,
                     head,
                     input_ids,
-                    model=model.name,
-                    num_blocks=6,
-                    dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    SessionSettings(model=model.name, num_blocks=6, dtype="float32"),
+                    SamplingConfig(max_new_tokens=NEW_TOKENS),
                     chain=chain,
                     on_tokens=stop,
                 )
@@ -155,10 +151,8 @@ async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None
                         client,
                         head,
                         input_ids,
-                        model=model.name,
-                        num_blocks=6,
-                        dtype="float32",
-                        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                        SessionSettings(model=model.name, num_blocks=6, dtype="float32"),
+                        SamplingConfig(max_new_tokens=NEW_TOKENS),
                         on_tokens=kill,
                     )
                 failed_after = time.perf_counter() - (kill.sent_at or 0.0)

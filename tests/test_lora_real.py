@@ -10,6 +10,7 @@ import trio
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from tests.lora_fixtures import merged_reference, save_peft_adapter
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
@@ -42,11 +43,9 @@ async def test_smollm2_with_a_server_held_adapter(smollm2_path: Path, tmp_path: 
                 client,
                 head,
                 input_ids,
-                model="smollm2-135m",
-                num_blocks=30,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=12, eos_token_ids=(2,)),
-                adapter="smol",
+                SessionSettings(model="smollm2-135m", num_blocks=30, dtype="float32"),
+                SamplingConfig(max_new_tokens=12, eos_token_ids=(2,)),
+                tuning=HopTuning(adapter="smol"),
             )
     assert ids.tolist() == expected[:, : ids.shape[1]].tolist()
     assert [(h.start, h.end) for h in stats.chain] == [(0, 15), (15, 30)]

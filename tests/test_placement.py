@@ -9,6 +9,7 @@ import trio
 
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.model_fixtures import reference_model
@@ -86,10 +87,8 @@ async def test_three_placed_servers_cover_every_block_and_re_cover_after_one_lea
                     client,
                     ClientHead.load(Checkpoint.open(tiny_llama)),
                     input_ids,
-                    model=tiny_llama.name,
-                    num_blocks=6,
-                    dtype="float32",
-                    sampling=SamplingConfig(max_new_tokens=5),
+                    SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                    SamplingConfig(max_new_tokens=5),
                 )
             expected = reference_model(tiny_llama).generate(
                 input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0

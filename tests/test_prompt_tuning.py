@@ -11,6 +11,7 @@ import trio
 from swarm_node import DistributedModelForCausalLM, DistributedModelForSequenceClassification
 from swarm_node.errors import ConfigError
 from swarm_node.model.prompts import PromptTuning
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 from tests.training_reference import causal_lm_loss, classifier_logits, cross_entropy, greedy_tokens
@@ -224,13 +225,10 @@ async def test_deep_prompts_in_push_sessions_generate_like_local(tiny_llama: Pat
                 client,
                 head,
                 ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=6),
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32", push=True),
+                SamplingConfig(max_new_tokens=6),
+                tuning=HopTuning(prompts=deep),
                 prefix=prompt,
-                deep_prompts=deep,
-                push=True,
             )
             pushed = sum(s.server.pushed_steps for s in servers)
     assert pushed > 0  # the second server got its steps from the first, and still added its prompts

@@ -13,6 +13,7 @@ from swarm_node.errors import ProtocolError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import open_stream
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model
@@ -45,10 +46,8 @@ async def test_push_greedy_equals_transformers(tiny_llama: Path, servers: int) -
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=NEW_TOKENS),
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                SamplingConfig(max_new_tokens=NEW_TOKENS),
             )
             pushed = [p.server.pushed_steps for p in peers]
     assert ids.tolist() == expected_tokens(tiny_llama, input_ids)
@@ -63,10 +62,12 @@ async def test_push_falls_back_to_client_star_when_a_push_fails(tiny_llama: Path
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, CHAINS[3]) as (peers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as star:
+            async with client.inference_session(
+                chain, SessionSettings(model=tiny_llama.name, max_length=8)
+            ) as star:
                 expected = [await star.step(x) for x in inputs]
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=8, push=True
+                chain, SessionSettings(model=tiny_llama.name, push=True, max_length=8)
             ) as s:
                 outputs = [await s.step(x) for x in inputs[:3]]
                 (session,) = peers[0].server.sessions.values()
@@ -83,7 +84,7 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
         async with local_swarm(tiny_llama, CHAINS[2]) as (peers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=8, push=True
+                chain, SessionSettings(model=tiny_llama.name, push=True, max_length=8)
             ) as s:
                 assert [span.pushes for span in s._spans] == [True, False]
                 x = torch.randn(1, 2, H)
@@ -120,6 +121,8 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
                 assert first.shape == (1, 2, H) and second.shape == third.shape == (1, 1, H)
                 await conn.close()
             # the same inputs client-star give the same outputs
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as star:
+            async with client.inference_session(
+                chain, SessionSettings(model=tiny_llama.name, max_length=8)
+            ) as star:
                 torch.testing.assert_close(await star.step(x), first)
                 torch.testing.assert_close(await star.step(y), second)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import trio
 
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.peer import Peer
 from tests.swarm_helpers import proxied_swarm
 
@@ -20,7 +21,9 @@ STEPS = 9
 
 async def median_step_time(client: Peer, chain: list, model: str, *, push: bool) -> float:
     times = []
-    async with client.inference_session(chain, model=model, max_length=STEPS + 4, push=push) as s:
+    async with client.inference_session(
+        chain, SessionSettings(model=model, push=push, max_length=STEPS + 4)
+    ) as s:
         await s.step(torch.randn(1, 3, H))  # prefill; opens nothing new after this
         for _ in range(STEPS):
             t0 = trio.current_time()

@@ -13,6 +13,7 @@ import trio.testing
 
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.quick_jobs import QuickJobs
 from tests.model_fixtures import reference_model
@@ -109,10 +110,8 @@ async def test_decode_steps_run_inline_in_a_swarm_and_give_transformers_tokens(
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=new_tokens),
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                SamplingConfig(max_new_tokens=new_tokens),
             )
             runs = [
                 (p.server.quick_jobs.thread_runs, p.server.quick_jobs.inline_runs) for p in peers

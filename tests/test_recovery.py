@@ -13,6 +13,7 @@ import torch
 import trio
 
 from swarm_node.dht.routing import Hop
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from tests.swarm_helpers import local_swarm
 
@@ -42,9 +43,13 @@ async def test_a_broken_stream_moves_exactly_that_span(
             by_id = {p.peer_id: p for p in peers}
             records = {r.peer_id: r for r in await client.find_servers(model, 6)}
             chain = [Hop(records[peers[0].peer_id], 0, 3), Hop(records[peers[1].peer_id], 3, 6)]
-            async with client.inference_session(chain, model=model, max_length=32) as star:
+            async with client.inference_session(
+                chain, SessionSettings(model=model, max_length=32)
+            ) as star:
                 expected = [await star.step(x) for x in inputs]
-            async with client.inference_session(chain, model=model, max_length=32, push=push) as s:
+            async with client.inference_session(
+                chain, SessionSettings(model=model, push=push, max_length=32)
+            ) as s:
                 outputs = [await s.step(x) for x in inputs[:break_at]]
                 await s._slots[1].spans[0].conn.reset()  # the stream to blocks 3:6 breaks
                 outputs += [await s.step(x) for x in inputs[break_at:]]
@@ -66,9 +71,13 @@ async def test_a_refusal_at_open_moves_the_span_before_the_first_step(tiny_llama
         ) as (peers, client):
             records = {r.peer_id: r for r in await client.find_servers(model, 6)}
             first = [Hop(records[peers[0].peer_id], 0, 6)]
-            async with client.inference_session(first, model=model, max_length=16) as holder:
+            async with client.inference_session(
+                first, SessionSettings(model=model, max_length=16)
+            ) as holder:
                 expected = await holder.step(x)
                 # peers[0]'s cache is now full: a second session there is refused (cache_full)
-                async with client.inference_session(first, model=model, max_length=16) as s:
+                async with client.inference_session(
+                    first, SessionSettings(model=model, max_length=16)
+                ) as s:
                     assert [span.hop.server.peer_id for span in s._spans] == [peers[1].peer_id]
                     torch.testing.assert_close(await s.step(x), expected, rtol=0, atol=0)

@@ -202,7 +202,9 @@ async def test_a_server_that_dies_between_forward_and_backward_is_rerouted(
                 scopes[victim].cancel()  # the server of blocks 3:6 that ran the forward leaves
                 await trio.to_thread.run_sync(lambda: (out * weight).sum().backward())
                 assert remote.failures == 1
-                again = await trio.to_thread.run_sync(remote, hidden)  # later passes avoid it
+                # banned like a server that failed an inference session: later passes avoid it
+                assert client.bans.is_banned(peers[victim].peer_id, trio.current_time())
+                again = await trio.to_thread.run_sync(remote, hidden)
             nursery.cancel_scope.cancel()
     torch.testing.assert_close(out.detach(), expected[0], **TOL)
     torch.testing.assert_close(h.grad, expected[1], **TOL)

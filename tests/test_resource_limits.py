@@ -10,6 +10,7 @@ import trio
 
 from swarm_node.errors import RemoteError
 from swarm_node.node.apps.cli import build_parser
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from tests.swarm_helpers import local_swarm
 
@@ -27,8 +28,8 @@ async def test_per_peer_limit_refuses_the_extra_session_and_serves_the_others(
         ) as (servers, client):
             chain = await client.find_chain(model, 6)
             async with (
-                client.inference_session(chain, model=model, max_length=8) as a,
-                client.inference_session(chain, model=model, max_length=8) as b,
+                client.inference_session(chain, SessionSettings(model=model, max_length=8)) as a,
+                client.inference_session(chain, SessionSettings(model=model, max_length=8)) as b,
             ):
                 x = torch.randn(1, 2, H)
                 first = await a.step(x)
@@ -37,12 +38,14 @@ async def test_per_peer_limit_refuses_the_extra_session_and_serves_the_others(
                     match="too_many_sessions: peer already holds 2 sessions here "
                     r"\(the limit\); close one or use another server",
                 ):
-                    async with client.inference_session(chain, model=model, max_length=8):
+                    async with client.inference_session(
+                        chain, SessionSettings(model=model, max_length=8)
+                    ):
                         pass
                 torch.testing.assert_close(await b.step(x), first)  # the admitted ones go on
                 await a.step(torch.randn(1, 1, H))
             async with client.inference_session(
-                chain, model=model, max_length=8
+                chain, SessionSettings(model=model, max_length=8)
             ) as c:  # room again
                 torch.testing.assert_close(await c.step(x), first)
             assert servers[0].server.active_sessions == 0

@@ -20,6 +20,7 @@ from swarm_node.errors import (
 )
 from swarm_node.node.apps.cli import main
 from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.peer import open_peer
@@ -45,7 +46,9 @@ async def test_bad_requests_get_specific_errors_and_others_keep_working(tiny_lla
         async with local_swarm(tiny_llama, [(0, 6)], max_session_length=32) as (servers, client):
             server_id = servers[0].peer_id
             chain = await client.find_chain(model, 6)
-            async with client.inference_session(chain, model=model, max_length=32) as good:
+            async with client.inference_session(
+                chain, SessionSettings(model=model, max_length=32)
+            ) as good:
                 expected = [await good.step(x)]
 
                 async def still_serving() -> None:
@@ -138,7 +141,9 @@ async def test_client_side_length_check(tiny_llama: Path) -> None:
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=4) as s:
+            async with client.inference_session(
+                chain, SessionSettings(model=tiny_llama.name, max_length=4)
+            ) as s:
                 with pytest.raises(SessionError, match="max_length is 4"):
                     await s.step(torch.randn(1, 5, H))
 
@@ -153,7 +158,7 @@ async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
         ) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=80
+                chain, SessionSettings(model=tiny_llama.name, max_length=80)
             ) as first:
                 await first.step(torch.randn(1, 2, H))
                 with pytest.raises(
@@ -161,13 +166,13 @@ async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
                     match="cache_full: attention cache full: the session needs 80 tokens, 20 of 100",
                 ):
                     async with client.inference_session(
-                        chain, model=tiny_llama.name, max_length=80
+                        chain, SessionSettings(model=tiny_llama.name, max_length=80)
                     ):
                         pass
                 await first.step(torch.randn(1, 1, H))
             # closing the first session frees its room
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=80
+                chain, SessionSettings(model=tiny_llama.name, max_length=80)
             ) as again:
                 await again.step(torch.randn(1, 2, H))
 
@@ -181,7 +186,9 @@ async def test_idle_sessions_time_out(tiny_llama: Path) -> None:
         ) as (servers, client):
             chain = await client.find_chain(tiny_llama.name, 6)
             server = servers[0].server
-            async with client.inference_session(chain, model=tiny_llama.name, max_length=8) as s:
+            async with client.inference_session(
+                chain, SessionSettings(model=tiny_llama.name, max_length=8)
+            ) as s:
                 await s.step(torch.randn(1, 2, H))
                 assert server.active_sessions == 1
                 notice = await s._spans[0].conn.receive()

@@ -10,6 +10,7 @@ import torch
 import trio
 
 from swarm_node.errors import RemoteError
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.swarm_helpers import LOOPBACK
@@ -40,7 +41,9 @@ async def test_stopping_server_answers_the_step_in_flight(tiny_llama: Path) -> N
                 client=no_recovery,
             ) as client:
                 chain = await client.find_chain(model, 6)
-                async with client.inference_session(chain, model=model, max_length=8) as s:
+                async with client.inference_session(
+                    chain, SessionSettings(model=model, max_length=8)
+                ) as s:
                     await s.step(torch.randn(1, 2, H))
                     # hold the server's compute thread: the next step waits inside the server
                     await server.compute_limiter.acquire_on_behalf_of("test")
@@ -58,7 +61,9 @@ async def test_stopping_server_answers_the_step_in_flight(tiny_llama: Path) -> N
                         while not blocks.closing:  # noqa: ASYNC110 (a flag, not an event)
                             await trio.sleep(0.01)
                         with pytest.raises(RemoteError, match="shutting_down"):
-                            async with client.inference_session(chain, model=model, max_length=8):
+                            async with client.inference_session(
+                                chain, SessionSettings(model=model, max_length=8)
+                            ):
                                 pass
                         server.compute_limiter.release_on_behalf_of("test")
                     assert answer[0].shape == (1, 1, H)

@@ -10,6 +10,7 @@ import trio
 from swarm_node import compression
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.protocol import messages as m
@@ -32,7 +33,9 @@ async def test_blockwise8_session_stays_within_the_codec_bound(tmp_path: Path) -
             client,
         ):
             chain = await client.find_chain(model.name, 6)
-            async with client.inference_session(chain, model=model.name, max_length=16) as session:
+            async with client.inference_session(
+                chain, SessionSettings(model=model.name, max_length=16)
+            ) as session:
                 assert (session.uplink, session.downlink) == ("blockwise8", "blockwise8")
                 remote = await session.step(x)
     # every crossing of the wire goes through the codec: x, span 0's output (twice), span 1's output
@@ -99,7 +102,9 @@ async def test_long_prompt_streams_in_chunks_under_the_frame_limit(tmp_path: Pat
             client,
         ):
             chain = await client.find_chain(model.name, 4)
-            async with client.inference_session(chain, model=model.name, max_length=800) as session:
+            async with client.inference_session(
+                chain, SessionSettings(model=model.name, max_length=800)
+            ) as session:
                 assert session.chunk_tokens(hidden) < 700  # it really is cut up
                 remote = await session.step(hidden)
                 nxt = await session.step(hidden[:, :1])  # decoding goes on from position 700
@@ -122,7 +127,7 @@ async def test_int8_server_announces_its_memory_and_serves(tiny_llama: Path) -> 
             assert 0 < record.bytes_per_block < 0.5 * float_bytes
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=8
+                chain, SessionSettings(model=tiny_llama.name, max_length=8)
             ) as session:
                 out = await session.step(x)
     cosine = torch.nn.functional.cosine_similarity(out.flatten(), exact.flatten(), dim=0)

@@ -13,6 +13,7 @@ from swarm_node.errors import ConfigError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.identity import load_or_create_identity
@@ -64,10 +65,8 @@ async def test_bfloat16_swarm_equals_local_bfloat16(tiny_llama: Path) -> None:
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="bfloat16",
-                sampling=SamplingConfig(max_new_tokens=6),
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="bfloat16"),
+                SamplingConfig(max_new_tokens=6),
             )
     assert remote.tolist() == ids.tolist()
 

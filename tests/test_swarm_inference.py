@@ -11,6 +11,7 @@ import trio
 from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from tests.model_fixtures import make_tiny_model_dir, reference_model
 from tests.swarm_helpers import local_swarm
 
@@ -32,10 +33,8 @@ async def test_greedy_equals_transformers(tiny_llama: Path, servers: int) -> Non
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=12),
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                SamplingConfig(max_new_tokens=12),
             )
     assert ids.tolist() == expected.tolist()
     assert [(h.start, h.end) for h in stats.chain] == CHAINS[servers]
@@ -58,7 +57,7 @@ async def test_each_span_matches_local_computation(tiny_llama: Path) -> None:
             for hop in chain:
                 local = BlockSpan.load(checkpoint, hop.start, hop.end)
                 async with client.inference_session(
-                    [hop], model=tiny_llama.name, max_length=8, batch_size=2
+                    [hop], SessionSettings(model=tiny_llama.name, max_length=8, batch_size=2)
                 ) as s:
                     inputs = head.embed(input_ids) if hop.start == 0 else ref_hidden[hop.start]
                     remote = await s.step(inputs[:, :3])  # prefill in two chunks, then one token
@@ -89,10 +88,8 @@ async def test_overlapping_servers_use_sub_spans(tmp_path: Path) -> None:
                 client,
                 head,
                 input_ids,
-                model=model.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=6),
+                SessionSettings(model=model.name, num_blocks=6, dtype="float32"),
+                SamplingConfig(max_new_tokens=6),
             )
     # every switch point in 2..4 costs the same (compute is linear in blocks, one round trip per
     # server): which one wins is float rounding of the measured round trips

@@ -19,6 +19,7 @@ from swarm_node.model.lora import load_peft_adapter
 from swarm_node.node.apps.cli import main
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.peer import open_peer
@@ -75,11 +76,9 @@ async def test_adapter_swarm_equals_merged_model_and_skips_servers_without_it(
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=sampling,
-                adapter="chat",
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                sampling,
+                tuning=HopTuning(adapter="chat"),
             )
             assert ids.tolist() == expected
             assert [(h.server.peer_id, h.start, h.end) for h in stats.chain] == [
@@ -90,10 +89,8 @@ async def test_adapter_swarm_equals_merged_model_and_skips_servers_without_it(
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=sampling,
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                sampling,
             )
             assert plain.tolist() == base
             assert [h.server.peer_id for h in plain_stats.chain] == [servers[2].peer_id]
@@ -157,9 +154,9 @@ async def test_unknown_adapter_and_forward_with_adapter(tiny_llama: Path, adapte
             # the stream still serves; the client config's adapter picks the chain by default
             chain = await client.find_chain(tiny_llama.name, 6)
             async with client.inference_session(
-                chain, model=tiny_llama.name, max_length=8
+                chain, SessionSettings(model=tiny_llama.name, max_length=8)
             ) as session:
-                assert session.adapter == "chat"
+                assert session.tuning.adapter == "chat"
             client.client_config = replace(client.client_config, adapter="sql")
             with pytest.raises(
                 MissingBlocksError, match="no server holding adapter 'sql' for blocks 0-5"
@@ -289,7 +286,7 @@ async def test_client_owned_lora_file_and_prompt_file(
         model=str(tiny_llama), dtype="float32", adapter=str(lora_file), prompt_file=prompt_file
     )
     tuned = tuned_inputs(args, config)
-    assert torch.equal(tuned["prefix"], prefix) and tuned["deep_prompts"] is None
+    assert torch.equal(tuned["prefix"], prefix) and tuned["tuning"].prompts is None
     input_ids = torch.randint(0, 256, (1, 5))
     head = ClientHead.load(checkpoint)
     merged = merged_reference(tiny_llama, adapter)
@@ -308,21 +305,17 @@ async def test_client_owned_lora_file_and_prompt_file(
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=sampling,
-                lora=tuned["lora"],
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                sampling,
+                tuning=HopTuning(lora=tuned["tuning"].lora),
             )
             assert ids.tolist() == expected
             ids, _ = await generate_tokens(
                 client,
                 head,
                 input_ids,
-                model=tiny_llama.name,
-                num_blocks=6,
-                dtype="float32",
-                sampling=sampling,
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                sampling,
                 **tuned,
             )
             assert ids[0, 5:].tolist() == expected_prompted

@@ -10,6 +10,7 @@ import trio
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 
@@ -27,10 +28,8 @@ async def test_smollm2_two_servers_exact(smollm2_path: Path) -> None:
                 client,
                 head,
                 input_ids,
-                model="smollm2-135m",
-                num_blocks=30,
-                dtype="float32",
-                sampling=SamplingConfig(max_new_tokens=16, eos_token_ids=(2,)),
+                SessionSettings(model="smollm2-135m", num_blocks=30, dtype="float32"),
+                SamplingConfig(max_new_tokens=16, eos_token_ids=(2,)),
             )
     assert ids.tolist() == expected[:, : ids.shape[1]].tolist()
     assert ids.shape[1] == expected.shape[1]

@@ -23,10 +23,11 @@ from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
-from swarm_node.node.client.generation import GenerationStats, generate_tokens
+from swarm_node.node.client.generation import GenerationStats, continue_tokens, generate_tokens
 from swarm_node.node.client.generation_options import sampling_from, stop_string_checker
 from swarm_node.node.client.model_session import ModelSession
 from swarm_node.node.client.remote_sequential import RemoteSequential
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client_loop import ClientLoop
 from swarm_node.node.config import ClientConfig, PeerConfig
 
@@ -87,6 +88,9 @@ class DistributedModelBase(torch.nn.Module):
                 init_std=std,
                 dtype=TORCH_DTYPES[dtype],
             )
+        self.settings = SessionSettings(  # of inference sessions (the client config's codec)
+            model=model_id, num_blocks=config.num_hidden_layers, dtype=dtype
+        )
         self.transformer = RemoteSequential(
             loop.peer,
             model=model_id,
@@ -248,13 +252,15 @@ class DistributedModelForCausalLM(DistributedModelBase):
             )
         return CausalLMOutput(loss=loss, logits=logits)
 
-    def tuned_inputs(self) -> tuple[torch.Tensor | None, torch.Tensor | None, Any]:
-        """What training made that generation uses too: (soft prompt, deep prompts, client LoRA)."""
+    def tuned_inputs(self) -> tuple[torch.Tensor | None, HopTuning]:
+        """What training made that generation uses too: (soft prompt, deep prompts and client LoRA)."""
         prefix = deep = None
         if self.ptune is not None:
             prefix = self.ptune.prompts.detach()
             deep = None if self.ptune.deep_prompts is None else self.ptune.deep_prompts.detach()
-        return prefix, deep, None if self.lora is None else self.lora.weights()
+        return prefix, HopTuning(
+            prompts=deep, lora=None if self.lora is None else self.lora.weights()
+        )
 
     def inference_session(self, *, max_length: int | None = None) -> ModelSession:
         """A session kept open across ``generate`` calls (a chat): each call inside
@@ -291,28 +297,28 @@ class DistributedModelForCausalLM(DistributedModelBase):
             input_ids = torch.zeros(1, 0, dtype=torch.int64)
         sampling = sampling_from(generation_config, kwargs, self.config, seed=seed)
         stopping = stop_string_checker(stop_strings, tokenizer, input_ids.shape[1])
-        tuned: dict[str, Any] = {}
-        if session is None:  # an open session carries its own (set when it opened)
-            prefix, deep, lora = self.tuned_inputs()
-            tuned = {"prefix": prefix, "deep_prompts": deep, "lora": lora}
         if streamer is not None:
             streamer.put(input_ids.cpu())
         on_tokens = (lambda t: streamer.put(t.cpu())) if streamer is not None else None
 
         async def run() -> torch.Tensor:
-            ids, stats = await generate_tokens(
-                self.loop.peer,
-                self.head,
-                input_ids,
-                model=self.model_id,
-                num_blocks=self.config.num_hidden_layers,
-                dtype=self.dtype,
-                sampling=sampling,
-                on_tokens=on_tokens,
-                stopping=stopping,
-                session=session.token_session if session is not None else None,
-                **tuned,
-            )
+            if session is not None:  # an open session carries its own tuning (set when it opened)
+                ids, stats = await continue_tokens(
+                    self.head, session.token_session, input_ids, sampling, on_tokens, stopping
+                )
+            else:
+                prefix, tuning = self.tuned_inputs()
+                ids, stats = await generate_tokens(
+                    self.loop.peer,
+                    self.head,
+                    input_ids,
+                    self.settings,
+                    sampling,
+                    tuning=tuning,
+                    prefix=prefix,
+                    on_tokens=on_tokens,
+                    stopping=stopping,
+                )
             self.last_stats = stats
             return ids
 

@@ -7,12 +7,13 @@ runs inference sessions over the swarm as a client.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -20,11 +21,19 @@ from swarm_node import __version__
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
-from swarm_node.dht.routing import Hop, RttEstimator, choose_inference_chain, server_rtts
-from swarm_node.errors import SwarmError
+from swarm_node.dht.routing import (
+    Hop,
+    RttEstimator,
+    choose_inference_chain,
+    choose_training_chain,
+    missing_blocks,
+    server_rtts,
+)
+from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.model.bundled import model_id_of
 from swarm_node.node.client.inference_session import InferenceSession, request
 from swarm_node.node.client.recovery import Recovery, sole_error
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
 from swarm_node.node.net.host import build_host, host_peer_id
@@ -35,9 +44,6 @@ from swarm_node.node.server.loading import prepare_span
 from swarm_node.node.server.placement import start_placed
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,8 @@ class Peer:
         self.announcements = 0  # how many have completed
         self._announced_lot = trio.lowlevel.ParkingLot()
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
-        self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by the last lookup
+        self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
+        self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
 
@@ -234,6 +241,7 @@ class Peer:
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)
         self._known[model] = list(known.values())
+        self._known_at[model] = trio.current_time()
         return servers
 
     async def ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
@@ -268,46 +276,48 @@ class Peer:
         batch_size: int = 1,
         adapter: str | None = None,
     ) -> list[Hop]:
-        """The chain covering blocks start..end-1 with the lowest expected per-token latency.
-
-        Pings every server found (the samples feed ``self.rtt``), costs server-to-server hops from
-        the round trips servers publish, and leaves out servers that did not answer or whose cache
-        cannot hold ``max_length * batch_size`` tokens. ``push``: cost the chain for server-to-server
-        push (default: the client config's choice). ``adapter``: only servers holding this LoRA
-        adapter (default: the client config's; "": any server).
-        """
-        end = num_blocks if end is None else end
-        adapter = self.client_config.adapter if adapter is None else adapter
-        push = self.client_config.push if push is None else push
-        servers = await self.find_servers(model, num_blocks)
-        banned = self.bans.banned(trio.current_time())
-        return await self._choose(
-            servers,
-            model=model,
-            start=start,
-            end=end,
-            push=push,
-            max_length=max_length,
-            batch_size=batch_size,
-            exclude=banned,
-            adapter=adapter or "",
+        """``route`` over blocks start..end-1 of ``model`` after a new lookup; ``adapter``: only
+        servers holding this LoRA adapter (default: the client config's; "": any server)."""
+        settings = SessionSettings(
+            model=model, push=push, max_length=max_length, batch_size=batch_size
         )
+        adapter = self.client_config.adapter if adapter is None else adapter
+        end = num_blocks if end is None else end
+        return await self.route(settings, start, end, adapter=adapter or "")
 
-    async def _choose(
+    async def route(
         self,
-        servers: list[ServerRecord],
-        *,
-        model: str,
+        settings: SessionSettings,
         start: int,
         end: int,
-        push: bool,
-        max_length: int,
-        batch_size: int,
-        exclude: frozenset[str],
+        *,
         adapter: str = "",
+        max_age: float = 0.0,
+        rng: random.Random | None = None,
     ) -> list[Hop]:
-        """Ping the candidates (not ``exclude``), then the lowest-latency chain among those that answered
-        (and hold ``adapter``, when one is named)."""
+        """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
+        find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
+        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With ``rng`` (training), drawn in proportion to throughput; else the lowest
+        expected per-token latency among those that answer a ping (the samples feed ``self.rtt``),
+        costing server-to-server hops from the round trips servers publish and leaving out servers
+        whose cache cannot hold ``max_length * batch_size`` tokens."""
+        model = settings.model
+        servers = self._known.get(model, [])
+        fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
+        if not (fresh and servers and not missing_blocks(servers, start, end)):
+            servers = await self.find_servers(model, end, start=start)
+        exclude = self.bans.banned(trio.current_time())
+        if rng is not None:
+            return choose_training_chain(
+                servers,
+                model=model,
+                start=start,
+                end=end,
+                rng=rng,
+                now=time.time(),
+                exclude=exclude,
+                adapter=adapter,
+            )
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = await self.ping_all(candidates)
         for peer_id, seconds in samples.items():
@@ -320,38 +330,25 @@ class Peer:
             end=end,
             rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers),
-            push=push,
+            push=self.client_config.push if settings.push is None else settings.push,
             now=time.time(),
-            max_length=max_length,
-            batch_size=batch_size,
+            max_length=settings.max_length,
+            batch_size=settings.batch_size,
             exclude=exclude | unreachable,
             adapter=adapter,
         )
 
-    def _recovery(
-        self, model: str, *, max_length: int, batch_size: int, adapter: str
-    ) -> Recovery | None:
-        """How a session of ``model`` replaces a failed server (None when the config turns it off)."""
+    def _recovery(self, settings: SessionSettings, adapter: str) -> Recovery | None:
+        """How a session replaces a failed server (None when the config turns it off): from the
+        servers already known first (no lookup: fastest), then after new lookups."""
         config = self.client_config
         if config.max_attempts == 0:
             return None
+        unpushed = replace(settings, push=False)
 
-        async def reroute(start: int, end: int, exclude: frozenset[str], attempt: int) -> list[Hop]:
-            # first from the servers already known (no lookup: fastest); then ask the DHT again
-            servers = self._known.get(model, []) if attempt == 0 else []
-            if not servers:
-                servers = await self.find_servers(model, end, start=start)
-            return await self._choose(
-                servers,
-                model=model,
-                start=start,
-                end=end,
-                push=False,
-                max_length=max_length,
-                batch_size=batch_size,
-                exclude=exclude,
-                adapter=adapter,
-            )
+        async def reroute(start: int, end: int, attempt: int) -> list[Hop]:
+            age = math.inf if attempt == 0 else 0.0
+            return await self.route(unpushed, start, end, adapter=adapter, max_age=age)
 
         return Recovery(
             reroute=reroute,
@@ -362,40 +359,28 @@ class Peer:
         )
 
     def inference_session(
-        self,
-        chain: list[Hop],
-        *,
-        model: str,
-        max_length: int,
-        dtype: str = "float32",
-        batch_size: int = 1,
-        compression: str | None = None,
-        push: bool | None = None,
-        adapter: str | None = None,
-        prompts: torch.Tensor | None = None,
-        lora: Any = None,
+        self, chain: list[Hop], settings: SessionSettings, tuning: HopTuning | None = None
     ) -> InferenceSession:
-        """A session over ``chain``; ``compression`` and ``adapter`` override the client config's;
-        ``prompts`` ``# (L, P, H)``: deep prompts of every block of the model, sent at open;
-        ``lora``: a client-owned model.LoraWeights, each server gets its blocks' part at open."""
-        adapter = (self.client_config.adapter if adapter is None else adapter) or ""
+        """A session over ``chain`` (``settings``' None fields: the client config's); ``tuning``:
+        deep prompts of every block of the model and a named adapter or client-owned LoRA, each
+        server getting its blocks' part at open."""
+        if settings.max_length < 1:
+            raise ConfigError(f"'max_length' must be an int >= 1, got {settings.max_length!r}")
+        config = self.client_config
+        settings = replace(
+            settings,
+            compression=settings.compression or config.compression,
+            push=config.push if settings.push is None else settings.push,
+        )
+        tuning = (tuning or HopTuning()).resolved(config.adapter)
         return InferenceSession(
             self.host,
             chain,
-            model=model,
-            max_length=max_length,
-            dtype=dtype,
-            compression=compression or self.client_config.compression,
-            step_timeout=self.client_config.step_timeout,
+            settings,
+            tuning=tuning,
+            step_timeout=config.step_timeout,
             max_frame_size=self.config.max_frame_size,
-            batch_size=batch_size,
-            push=self.client_config.push if push is None else push,
-            adapter=adapter,
-            prompts=prompts,
-            lora=lora,
-            recovery=self._recovery(
-                model, max_length=max_length, batch_size=batch_size, adapter=adapter
-            ),
+            recovery=self._recovery(settings, tuning.adapter or ""),
         )
 
 

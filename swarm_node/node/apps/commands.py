@@ -17,6 +17,7 @@ import trio
 from swarm_node.model.bundled import model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.peer import Peer, open_peer
 from swarm_node.node.server.adapters import is_adapter_file, parse_adapter_flags
@@ -95,10 +96,10 @@ def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
 
 def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """``generate``'s ``--prompt-file FILE`` and ``--adapter FILE`` as ``generate_tokens`` arguments
-    (``prefix``, ``deep_prompts``, ``lora``), each file checked against the model."""
+    (``prefix`` and ``tuning``: deep prompts, client LoRA), each file checked against the model."""
     from swarm_node.model.tuned_files import load_tuned
 
-    out: dict[str, Any] = {}
+    prefix = deep = lora = None
     dtype = TORCH_DTYPES[args.dtype]
     model = model_id_of(args.model)
     if getattr(args, "prompt_file", None) is not None:
@@ -109,16 +110,12 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
             methods=("ptune", "deep_ptune"),
             dtype=dtype,
         )
-        out["prefix"] = tuned.prompts  # (P, H)
-        out["deep_prompts"] = tuned.deep_prompts_for(
-            int(config.num_hidden_layers)
-        )  # (L, P, H) or None
+        prefix = tuned.prompts  # (P, H)
+        deep = tuned.deep_prompts_for(int(config.num_hidden_layers))  # (L, P, H) or None
     adapter = getattr(args, "adapter", None)
     if adapter and is_adapter_file(adapter):
-        out["lora"] = load_tuned(
-            adapter, model=model, config=config, methods=("lora",), dtype=dtype
-        ).lora
-    return out
+        lora = load_tuned(adapter, model=model, config=config, methods=("lora",), dtype=dtype).lora
+    return {"prefix": prefix, "tuning": HopTuning(prompts=deep, lora=lora)}
 
 
 async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
@@ -146,10 +143,12 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         peer,
         head,
         input_ids,
-        model=model_id_of(args.model),
-        num_blocks=checkpoint.config.num_hidden_layers,
-        dtype=args.dtype,
-        sampling=sampling,
+        SessionSettings(
+            model=model_id_of(args.model),
+            num_blocks=checkpoint.config.num_hidden_layers,
+            dtype=args.dtype,
+        ),
+        sampling,
         on_tokens=stream,
         **tuned,
     )

@@ -1,7 +1,7 @@
 """The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally.
 
-``generate_tokens`` opens a session for one call; ``open_token_session`` keeps one open across calls
-(a chat): each call sends only the tokens the servers' caches do not hold yet. Knows nothing of
+``generate_tokens`` opens a session for one call; ``open_token_session`` keeps one open across
+``continue_tokens`` calls (a chat): each sends only the tokens the servers' caches do not hold yet. Knows nothing of
 tokenizers or text: stopping on strings is the caller's ``stopping`` callback.
 """
 
@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ import trio
 
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
 log = logging.getLogger(__name__)
@@ -107,55 +108,30 @@ class TokenSession:
 @asynccontextmanager
 async def open_token_session(
     peer: Any,
+    settings: SessionSettings,
     *,
-    model: str,
-    num_blocks: int,
-    max_length: int,
-    dtype: str,
-    batch_size: int = 1,
-    chain: Sequence[Hop] | None = None,
-    compression: str | None = None,
-    push: bool | None = None,
-    adapter: str | None = None,
+    tuning: HopTuning | None = None,
     prefix: torch.Tensor | None = None,
-    deep_prompts: torch.Tensor | None = None,
-    lora: Any = None,
+    chain: Sequence[Hop] | None = None,
 ) -> AsyncIterator[TokenSession]:
-    """A session holding up to ``max_length`` positions for ``generate_tokens(..., session=)`` calls.
+    """A session holding up to ``settings.max_length`` positions for ``continue_tokens`` calls.
 
-    ``adapter``: a LoRA adapter servers hold, by name (default: the client config's).
-    Prompt tuning: ``prefix`` ``# (P, H)`` goes before the first tokens' embeddings (it takes P of
-    the ``max_length`` positions), and the servers add ``deep_prompts`` ``# (L, P, H)`` to those P
-    positions before each block (model/prompts.py).
-    ``lora``: a client-owned model.LoraWeights the servers apply (instead of a named ``adapter``).
+    Fine-tuning results: ``tuning`` (model/prompts.py's deep prompts ``# (L, P, H)``, a named adapter
+    or a client-owned LoRA) goes to the servers; a soft prompt ``prefix`` ``# (P, H)`` goes before the
+    first tokens' embeddings (it takes P of the ``max_length`` positions).
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise ConfigError(f"'max_length' must be an int >= 1, got {max_length!r}")
-    if lora is not None:
-        adapter = ""  # a client-owned LoRA replaces any named adapter of the client config
+    if settings.max_length < 1:
+        raise ConfigError(f"'max_length' must be an int >= 1, got {settings.max_length!r}")
+    tuning = (tuning or HopTuning()).resolved(peer.client_config.adapter)
     if chain is None:
-        chain = await peer.find_chain(
-            model,
-            num_blocks,
-            max_length=max_length,
-            batch_size=batch_size,
-            push=push,
-            adapter=adapter,
-        )
-    async with peer.inference_session(
-        list(chain),
-        model=model,
-        max_length=max_length,
-        dtype=dtype,
-        batch_size=batch_size,
-        compression=compression,
-        push=push,
-        adapter=adapter,
-        prompts=deep_prompts,
-        lora=lora,
-    ) as session:
+        chain = await peer.route(settings, 0, settings.num_blocks, adapter=tuning.adapter)
+    async with peer.inference_session(list(chain), settings, tuning) as session:
         yield TokenSession(
-            session, list(chain), max_length=max_length, batch_size=batch_size, prefix=prefix
+            session,
+            list(chain),
+            max_length=settings.max_length,
+            batch_size=settings.batch_size,
+            prefix=prefix,
         )
 
 
@@ -163,77 +139,49 @@ async def generate_tokens(
     peer: Any,
     head: Any,
     input_ids: torch.Tensor,
-    *,
-    model: str,
-    num_blocks: int,
-    dtype: str,
+    settings: SessionSettings,
     sampling: SamplingConfig,
+    *,
+    tuning: HopTuning | None = None,
+    prefix: torch.Tensor | None = None,
+    chain: Sequence[Hop] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
-    chain: Sequence[Hop] | None = None,
-    compression: str | None = None,
-    push: bool | None = None,
-    session: TokenSession | None = None,
-    adapter: str | None = None,
-    prefix: torch.Tensor | None = None,
-    deep_prompts: torch.Tensor | None = None,
-    lora: Any = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate.
-
-    ``on_tokens(token # (B,))`` sees each new token; ``stopping(ids # (B, T + new))`` returning True
-    ends generation after that token. With ``session``, ``input_ids`` continue what the session
-    already holds (they may be empty, ``# (B, 0)``, to just go on). ``adapter``, ``prefix``,
-    ``deep_prompts`` and ``lora`` (fine-tuning results) are those of ``open_token_session``; a given
-    ``session`` already carries its own.
-    """
-    if input_ids.ndim != 2:
+    """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate, in a session of
+    ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix`` and
+    ``chain`` are those of ``open_token_session``, the callbacks those of ``continue_tokens``."""
+    if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(
-            f"'input_ids' must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+            f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
         )
-    if session is not None and (prefix is not None or deep_prompts is not None or lora is not None):
-        raise ConfigError(
-            "'prefix', 'deep_prompts' and 'lora' are set when a session opens, not per call"
-        )
-    if session is None:
-        if input_ids.shape[1] < 1:
-            raise ConfigError(
-                f"'input_ids' must have at least one token, got shape {tuple(input_ids.shape)}"
-            )
-        max_length = (
-            input_ids.shape[1]
-            + sampling.max_new_tokens
-            + (0 if prefix is None else prefix.shape[0])
-        )
-        async with open_token_session(
-            peer,
-            model=model,
-            num_blocks=num_blocks,
-            max_length=max_length,
-            dtype=dtype,
-            batch_size=input_ids.shape[0],
-            chain=chain,
-            compression=compression,
-            push=push,
-            adapter=adapter,
-            prefix=prefix,
-            deep_prompts=deep_prompts,
-            lora=lora,
-        ) as new_session:
-            return await _decode(head, new_session, input_ids, sampling, on_tokens, stopping)
-    return await _decode(head, session, input_ids, sampling, on_tokens, stopping)
+    max_length = (
+        input_ids.shape[1] + sampling.max_new_tokens + (0 if prefix is None else prefix.shape[0])
+    )
+    settings = replace(settings, max_length=max_length, batch_size=input_ids.shape[0])
+    async with open_token_session(
+        peer, settings, tuning=tuning, prefix=prefix, chain=chain
+    ) as session:
+        return await continue_tokens(head, session, input_ids, sampling, on_tokens, stopping)
 
 
-async def _decode(
+async def continue_tokens(
     head: Any,
     ts: TokenSession,
     input_ids: torch.Tensor,
     sampling: SamplingConfig,
-    on_tokens: Callable[[torch.Tensor], None] | None,
-    stopping: Callable[[torch.Tensor], bool] | None,
+    on_tokens: Callable[[torch.Tensor], None] | None = None,
+    stopping: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
+    """Go on with what ``ts`` holds: ``input_ids`` ``# (B, T)`` (may be empty, ``# (B, 0)``, to just
+    go on) -> ``# (B, T + new)``. ``on_tokens(token # (B,))`` sees each new token;
+    ``stopping(ids # (B, T + new))`` returning True ends generation after that token."""
     from swarm_node.model import apply_repetition_penalty, sample_next_token
 
+    if input_ids.ndim != 2:
+        raise ConfigError(
+            f"'input_ids' must have shape (batch, tokens), got {tuple(input_ids.shape)}"
+        )
     if input_ids.shape[0] != ts.batch_size:
         raise ConfigError(
             f"'input_ids' must have batch size {ts.batch_size} (the session's), got {input_ids.shape[0]}"

@@ -23,6 +23,7 @@ from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.client.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
@@ -66,35 +67,27 @@ class InferenceSession:
         self,
         host: Any,
         chain: list[Hop],
+        settings: SessionSettings,
         *,
-        model: str,
-        max_length: int,
-        dtype: str,
-        compression: str | None,
         step_timeout: float,
         max_frame_size: int,
-        batch_size: int = 1,
-        push: bool = False,
-        adapter: str = "",
-        prompts: torch.Tensor | None = None,
-        lora: Any = None,
+        tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
     ) -> None:
-        self.push = push
-        self.adapter = adapter  # a LoRA adapter every server of the chain holds ("" = none)
-        self.prompts = prompts  # deep prompts (num_blocks, P, H); each hop gets its blocks' at open
-        self.lora = lora  # a client-owned model.LoraWeights; each hop gets its blocks' at open
+        self.push = bool(settings.push)
+        self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
         self.recovery = recovery  # None: a failed server ends the session
         self.host = host
         self.chain = chain
-        self.model = model
-        self.max_length = max_length
-        self.dtype = dtype
-        self.uplink = compression or "none"  # codec of what we send
-        self.downlink = compression or SERVER_DEFAULT  # codec we ask the servers to answer in
+        self.model = settings.model
+        self.max_length = settings.max_length
+        self.dtype = settings.dtype
+        self.uplink = settings.compression or "none"  # codec of what we send
+        # the codec we ask the servers to answer in
+        self.downlink = settings.compression or SERVER_DEFAULT
         self.step_timeout = step_timeout
         self.max_frame_size = max_frame_size
-        self.batch_size = batch_size
+        self.batch_size = settings.batch_size
         self.position = 0
         self._step_id = 0
         self._slots: list[Slot] = []
@@ -149,9 +142,7 @@ class InferenceSession:
                     dtype=self.dtype,
                     compression=self.downlink,
                     batch_size=self.batch_size,
-                    adapter=self.adapter,
-                    prompts=self._hop_prompts(hop),
-                    **self._hop_lora(hop),
+                    **self.tuning.fields(hop.start, hop.end, self.dtype),
                     **push_fields,
                 ),
                 m.OpenSessionResponse,
@@ -162,26 +153,6 @@ class InferenceSession:
                 await conn.close()
             raise
         return RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
-
-    def _hop_lora(self, hop: Hop) -> dict[str, Any]:
-        """The ``lora`` and ``lora_manifest`` fields of this hop's blocks (none: no fields)."""
-        part = self.lora.for_blocks(hop.start, hop.end) if self.lora is not None else None
-        if part is None or not part.modules:
-            return {}
-        from swarm_node.model.lora_pack import pack_lora
-
-        flat, manifest = pack_lora(part)
-        flat = flat.detach().to(getattr(torch, self.dtype)).contiguous()
-        return {
-            "lora": compression.encode(flat, "none"),
-            "lora_manifest": manifest,
-        }  # travels exactly
-
-    def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
-        if self.prompts is None:
-            return None
-        part = self.prompts[hop.start : hop.end].to(getattr(torch, self.dtype)).contiguous()
-        return compression.encode(part, "none")  # prompts travel exactly
 
     def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, str]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""

@@ -7,6 +7,7 @@ Knows nothing of sampling or text: ``generate`` does that; this module only hold
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import trio
@@ -32,18 +33,12 @@ class ModelSession:
 
     async def _hold(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         model = self.model
-        prefix, deep, lora = model.tuned_inputs()
+        prefix, tuning = model.tuned_inputs()
+        settings = replace(model.settings, max_length=self.max_length)
         self._close, self._closed = trio.Event(), trio.Event()
         try:
             async with open_token_session(
-                model.loop.peer,
-                model=model.model_id,
-                num_blocks=model.config.num_hidden_layers,
-                max_length=self.max_length,
-                dtype=model.dtype,
-                prefix=prefix,
-                deep_prompts=deep,
-                lora=lora,
+                model.loop.peer, settings, tuning=tuning, prefix=prefix
             ) as token_session:
                 self.token_session = token_session
                 task_status.started()

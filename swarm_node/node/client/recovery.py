@@ -26,7 +26,13 @@ import trio
 
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.routing import Hop, format_blocks
-from swarm_node.errors import MissingBlocksError, ProtocolError, RemoteError, RemoteProtocolError
+from swarm_node.errors import (
+    LocalProtocolError,
+    MissingBlocksError,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+)
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
@@ -66,6 +72,8 @@ def is_server_failure(exc: BaseException) -> bool:
     """Is ``exc`` a server's fault (so another server may do better), not the caller's?"""
     if isinstance(exc, RemoteError):
         return exc.code not in CALLER_ERRORS
+    if isinstance(exc, LocalProtocolError):  # we made a bad request: every server would refuse it
+        return False
     if isinstance(
         exc, (ProtocolError, trio.TooSlowError, trio.BrokenResourceError, *TRANSPORT_ERRORS)
     ):
@@ -90,7 +98,7 @@ class Slot:
         self.failures = 0
 
 
-Reroute = Callable[[int, int, frozenset[str], int], Awaitable[list[Hop]]]
+Reroute = Callable[[int, int, int], Awaitable[list[Hop]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +119,9 @@ class RecoveryEvent:
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
 
-    reroute: Reroute  # (start, end, exclude, attempt) -> a chain for exactly those blocks
+    reroute: (
+        Reroute  # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
+    )
     bans: BanList
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
@@ -122,7 +132,7 @@ class Recovery:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
         naming the slot's blocks when ``max_attempts`` attempts found no server that works."""
         t0 = time.perf_counter()
-        self._ban(failure.span, failure.cause)
+        ban(self.bans, failure, self.clock())
         slot.failures += 1
         if slot.failures > self.max_attempts:  # replacements keep failing the same step
             await _close_quietly(slot.spans)
@@ -135,9 +145,7 @@ class Recovery:
         delay = self.retry_delay
         for attempt in range(self.max_attempts):
             try:
-                chain = await self.reroute(
-                    slot.start, slot.end, self.bans.banned(self.clock()), attempt
-                )
+                chain = await self.reroute(slot.start, slot.end, attempt)
             except (MissingBlocksError, trio.TooSlowError) as exc:
                 last_error = exc
                 log.info(
@@ -155,7 +163,7 @@ class Recovery:
                 spans, replay_seconds = await self._open_and_replay(session, slot, chain)
             except HopFailed as exc:
                 last_error = exc.cause
-                self._ban(exc.span, exc.cause)
+                ban(self.bans, exc, self.clock())
                 continue
             slot.spans = spans
             for span in spans:
@@ -193,18 +201,6 @@ class Recovery:
             f"(first {first}{last})"
         ) from last_error
 
-    def _ban(self, span: RemoteSpan | UnopenedSpan, cause: BaseException) -> None:
-        peer = span.hop.server.peer_id
-        seconds = self.bans.ban(peer, self.clock())
-        log.warning(
-            "server %s failed blocks %d:%d (%s); banned for %.0f s",
-            peer,
-            span.hop.start,
-            span.hop.end,
-            cause,
-            seconds,
-        )
-
     async def _open_and_replay(
         self, session: InferenceSession, slot: Slot, chain: list[Hop]
     ) -> tuple[list[RemoteSpan], float]:
@@ -225,9 +221,24 @@ class Recovery:
         return spans, time.perf_counter() - t0
 
 
+def ban(bans: BanList, failure: HopFailed, now: float) -> None:
+    """Leave the server that failed out of chains for a while (longer with each failure in a row)."""
+    hop = failure.span.hop
+    seconds = bans.ban(hop.server.peer_id, now)
+    log.warning(
+        "server %s failed blocks %d:%d (%s); banned for %.0f s",
+        hop.server.peer_id,
+        hop.start,
+        hop.end,
+        failure.cause,
+        seconds,
+    )
+
+
 @dataclass(slots=True)
 class UnopenedSpan:
-    """A hop whose session did not open, standing in for a RemoteSpan in HopFailed."""
+    """A hop without a session (one that did not open, or a training hop), standing in for a
+    RemoteSpan in HopFailed."""
 
     hop: Hop
 

@@ -7,9 +7,9 @@ of its blocks, which travel with every request). Each forward asks its server to
 (``keep_graphs``); the backward names it, and the server runs on it instead of recomputing the forward
 (it recomputes when it no longer holds it). Servers never change their weights. A batch too big
 for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error,
-lost stream, deadline) is left out for a while and its blocks re-routed: a forward goes on from there
-over the replacement; a backward first recomputes the forward of the failed hop's blocks on the
-replacement (which keeps that graph in turn).
+lost stream, deadline) is banned as in inference (the peer's BanList) and its blocks re-routed
+(``Peer.route``): a forward goes on from there over the replacement; a backward first recomputes the
+forward of the failed hop's blocks on the replacement (which keeps that graph in turn).
 
 The torch side is synchronous: the autograd function hands the network work to the peer's trio loop
 with ``trio.from_thread.run`` (give ``trio_token`` when torch runs in a thread trio did not start).
@@ -19,35 +19,27 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from typing import Any
 
 import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.dht.routing import Hop, choose_training_chain
-from swarm_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError, SwarmError
+from swarm_node.dht.routing import Hop
+from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora import LoraWeights
 from swarm_node.model.lora_pack import pack_lora
 from swarm_node.node.client.inference_session import open_stream, request
+from swarm_node.node.client.recovery import HopFailed, UnopenedSpan, ban
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
 
 log = logging.getLogger(__name__)
 
-BAN_SECONDS = 60.0  # a server that failed is left out of routes this long
-SERVERS_MAX_AGE = 30.0  # seconds a DHT lookup of the servers is reused
-
-
-class _HopFailed(SwarmError):
-    def __init__(self, hop: Hop, cause: BaseException) -> None:
-        super().__init__(f"blocks {hop.start}:{hop.end} on {hop.server.peer_id} failed: {cause!r}")
-        self.hop = hop
-        self.cause = cause
-
+SERVERS_MAX_AGE = 30.0  # seconds a lookup of the servers is reused (after a failure: none)
 
 Trace = list[
     tuple[Hop, torch.Tensor, str]
@@ -68,7 +60,6 @@ class RemoteSequential(torch.nn.Module):
         dtype: str = "float32",
         compression: str | None = None,
         trio_token: trio.lowlevel.TrioToken | None = None,
-        max_retries: int = 3,
         max_concurrent_pieces: int = 4,
         min_pieces: int = 1,
         seed: int | None = None,
@@ -80,24 +71,19 @@ class RemoteSequential(torch.nn.Module):
             raise ConfigError(
                 f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}"
             )
-        if dtype not in TORCH_DTYPES:
-            raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
-        for name, value, low in (
-            ("max_retries", max_retries, 0),
-            ("max_concurrent_pieces", max_concurrent_pieces, 1),
-            ("min_pieces", min_pieces, 1),
+        for name, value in (
+            ("max_concurrent_pieces", max_concurrent_pieces),
+            ("min_pieces", min_pieces),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name!r} must be an int >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name!r} must be an int >= 1, got {value!r}")
         self.peer = peer
-        self.model = model
-        self.num_blocks = num_blocks
+        self.settings = SessionSettings(
+            model=model, num_blocks=num_blocks, dtype=dtype, compression=compression or "none"
+        )
         self.start = start
         self.end = end
-        self.dtype = dtype
-        self.codec = compression or "none"
         self.trio_token = trio_token
-        self.max_retries = max_retries
         self.timeout = peer.client_config.step_timeout
         self.max_frame_size = peer.config.max_frame_size
         self._pieces = trio.CapacityLimiter(max_concurrent_pieces)
@@ -105,14 +91,8 @@ class RemoteSequential(torch.nn.Module):
             min_pieces  # cut every batch into at least this many: hops work on several at once
         )
         self._rng = random.Random(seed)
-        self._banned: dict[str, float] = {}  # peer id -> trio time until which it is left out
-        self._servers: list[Any] = []
-        self._servers_at = -float("inf")
         self._idle: dict[str, list[MessageStream]] = {}  # open streams per server, for reuse
         self.failures = 0  # hops that failed and were re-routed, over this module's life
-        self.adapter = (
-            peer.client_config.adapter or ""
-        )  # a LoRA the servers hold, by name ("": none)
         self._call_failures = 0  # ... in the current forward or backward pass
         self.keep_graphs = bool(keep_graphs)  # ask servers to keep forward graphs for the backward
 
@@ -171,7 +151,7 @@ class RemoteSequential(torch.nn.Module):
     ) -> tuple[torch.Tensor, list[Trace]]:
         rows = self.piece_rows(hidden)
         self._call_failures = 0
-        pieces = list(hidden.to(TORCH_DTYPES[self.dtype]).split(rows))
+        pieces = list(hidden.to(TORCH_DTYPES[self.settings.dtype]).split(rows))
         outs: list[Any] = [None] * len(pieces)
         traces: list[Trace] = [[] for _ in pieces]
 
@@ -193,7 +173,7 @@ class RemoteSequential(torch.nn.Module):
         rows = self.piece_rows(grad)  # as the forward cut the batch
         self._call_failures = 0
         tuned.zero_grads()  # a second backward of the same graph starts over
-        grads = list(grad.to(TORCH_DTYPES[self.dtype]).split(rows))
+        grads = list(grad.to(TORCH_DTYPES[self.settings.dtype]).split(rows))
         outs: list[Any] = [None] * len(grads)
 
         async def one(i: int) -> None:
@@ -209,16 +189,16 @@ class RemoteSequential(torch.nn.Module):
     async def _forward_range(
         self, x: torch.Tensor, start: int, end: int, tuned: _Tuned
     ) -> tuple[torch.Tensor, Trace]:
-        chain = await self._route(start, end, tuned.adapter)
+        chain = await self._route(start, end, tuned)
         trace: Trace = []
         i = 0
         while i < len(chain):
             hop = chain[i]
             try:
                 y, graph_id = await self._remote_forward(hop, x, tuned)
-            except _HopFailed as failure:
+            except HopFailed as failure:
                 self._fail(failure)
-                chain = chain[:i] + await self._route(hop.start, end, tuned.adapter)
+                chain = chain[:i] + await self._route(hop.start, end, tuned)
                 continue
             trace.append((hop, x, graph_id))
             x = y
@@ -231,39 +211,31 @@ class RemoteSequential(torch.nn.Module):
         for hop, x, graph_id in reversed(trace):
             try:
                 grad = await self._remote_backward(hop, x, grad, tuned, graph_id)
-            except _HopFailed as failure:
+            except HopFailed as failure:
                 self._fail(failure)  # recompute the forward of these blocks on their new servers
                 _, again = await self._forward_range(x, hop.start, hop.end, tuned)
                 grad = await self._backward_trace(grad, again, tuned)
         return grad
 
-    def _fail(self, failure: _HopFailed) -> None:
+    def _fail(self, failure: HopFailed) -> None:
         self.failures += 1
         self._call_failures += 1
-        if self._call_failures > self.max_retries:
+        attempts = self.peer.client_config.max_attempts
+        if self._call_failures > attempts:
             raise SwarmError(
-                f"{self._call_failures} hops failed in one pass ('max_retries' is {self.max_retries}); "
-                f"the last: {failure}"
+                f"{self._call_failures} hops failed in one pass (the client's 'max_attempts' is "
+                f"{attempts}); the last: {failure}"
             ) from failure.cause
-        log.warning("re-routing: %s", failure)
-        self._banned[failure.hop.server.peer_id] = trio.current_time() + BAN_SECONDS
-        self._servers_at = -float("inf")  # look the servers up again
+        ban(self.peer.bans, failure, trio.current_time())
 
-    async def _route(self, start: int, end: int, adapter: str) -> list[Hop]:
-        now = trio.current_time()
-        if now - self._servers_at > SERVERS_MAX_AGE:
-            self._servers = await self.peer.find_servers(self.model, self.num_blocks)
-            self._servers_at = now
-        banned = frozenset(p for p, until in self._banned.items() if until > now)
-        return choose_training_chain(
-            self._servers,
-            model=self.model,
-            start=start,
-            end=end,
+    async def _route(self, start: int, end: int, tuned: _Tuned) -> list[Hop]:
+        return await self.peer.route(
+            self.settings,
+            start,
+            end,
+            adapter=tuned.hop.adapter,
+            max_age=0.0 if self._call_failures else SERVERS_MAX_AGE,
             rng=self._rng,
-            now=time.time(),
-            exclude=banned,
-            adapter=adapter,
         )
 
     # -- one hop -------------------------------------------------------------------------------
@@ -271,105 +243,64 @@ class RemoteSequential(torch.nn.Module):
         self, hop: Hop, x: torch.Tensor, tuned: _Tuned
     ) -> tuple[torch.Tensor, str]:
         """The hop's output and the id of the graph its server kept ("": none)."""
+        codec = self.settings.compression
         req = m.ForwardRequest(
-            model=self.model,
+            model=self.settings.model,
             start=hop.start,
             end=hop.end,
-            compression=self.codec,
-            hidden=compression.encode(x, self.codec),
+            compression=codec,
+            hidden=compression.encode(x, codec),
             keep_graph=int(tuned.keep),
             **tuned.fields(hop),
         )
-        reply = await self._call(hop, req, m.ForwardResponse)
-        return self._tensor(hop, reply.hidden, x.shape, "hidden"), reply.graph_id
+        with HopFailed.on_failure(UnopenedSpan(hop)):
+            reply = await self._call(hop.server.peer_id, req, m.ForwardResponse)
+            return _tensor(reply.hidden, x.shape, "hidden"), reply.graph_id
 
     async def _remote_backward(
         self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned, graph_id: str = ""
     ) -> torch.Tensor:
         """The gradient for the hop's input; its prompts' and LoRA's are added to ``tuned``'s."""
         fields = tuned.fields(hop)
+        codec = self.settings.compression
         req = m.BackwardRequest(
-            model=self.model,
+            model=self.settings.model,
             start=hop.start,
             end=hop.end,
-            compression=self.codec,
-            hidden=compression.encode(x, self.codec),
-            grad_output=compression.encode(grad, self.codec),
+            compression=codec,
+            hidden=compression.encode(x, codec),
+            grad_output=compression.encode(grad, codec),
             graph_id=graph_id,
             **fields,
         )
-        reply = await self._call(hop, req, m.BackwardResponse)
-        grad_input = self._tensor(hop, reply.grad_input, x.shape, "grad_input")
-        parts = {}
-        for name, sent in (
-            ("grad_prompts", fields.get("prompts")),
-            ("grad_lora", fields.get("lora")),
-        ):
-            wire = getattr(reply, name)
-            if (wire is None) != (sent is None):
-                raise _HopFailed(
-                    hop, RemoteProtocolError(f"{name!r} must come back exactly when sent")
-                )
-            if sent is not None:
-                parts[name] = self._tensor(hop, wire, sent.shape, name)
+        with HopFailed.on_failure(UnopenedSpan(hop)):
+            reply = await self._call(hop.server.peer_id, req, m.BackwardResponse)
+            grad_input = _tensor(reply.grad_input, x.shape, "grad_input")
+            parts = {}
+            for name, sent in (
+                ("grad_prompts", fields.get("prompts")),
+                ("grad_lora", fields.get("lora")),
+            ):
+                wire = getattr(reply, name)
+                if (wire is None) != (sent is None):
+                    raise RemoteProtocolError(f"{name!r} must come back exactly when sent")
+                if sent is not None:
+                    parts[name] = _tensor(wire, sent.shape, name)
         tuned.accumulate(hop, parts.get("grad_prompts"), parts.get("grad_lora"))
         return grad_input
 
-    def _tensor(self, hop: Hop, wire: m.WireTensor, shape: Any, name: str) -> torch.Tensor:
-        """A tensor a server answered, which must have ``shape`` and be finite."""
-        try:
-            out = compression.decode(wire, max_numel=int(torch.Size(shape).numel()))
-        except RemoteProtocolError as exc:
-            raise _HopFailed(hop, exc) from None
-        if tuple(out.shape) != tuple(shape) or not out.is_floating_point():
-            raise _HopFailed(
-                hop,
-                RemoteProtocolError(
-                    f"{name!r} must have shape {tuple(shape)}, got {tuple(out.shape)}"
-                ),
-            )
-        if not bool(torch.isfinite(out).all()):
-            raise _HopFailed(hop, RemoteProtocolError(f"{name!r} must be finite, got inf or nan"))
-        return out
-
-    async def _call(self, hop: Hop, message: Any, expect: type) -> Any:
-        """One request on a pooled stream (a stale one is replaced once); failures -> _HopFailed."""
-        peer_id = hop.server.peer_id
-        for attempt in range(2):
-            pool = self._idle.setdefault(peer_id, [])
-            reused = bool(pool) and attempt == 0
+    async def _call(self, peer_id: str, message: Any, expect: type) -> Any:
+        """One request on a pooled stream; a stale one (closed by the server) is replaced once."""
+        pool = self._idle.setdefault(peer_id, [])
+        if pool:
             try:
-                conn = (
-                    pool.pop()
-                    if reused
-                    else await open_stream(
-                        self.peer.host,
-                        peer_id,
-                        max_frame_size=self.max_frame_size,
-                        timeout=self.timeout,
-                    )
-                )
-            except (LocalProtocolError, ConfigError):
-                raise
-            except Exception as exc:  # any failure to reach the server: re-route
-                raise _HopFailed(hop, exc) from exc
-            try:
-                reply = await request(conn, message, expect, timeout=self.timeout)
-            except (LocalProtocolError, ConfigError):
-                await conn.close()
-                raise
+                return await _ask(pool, pool.pop(), message, expect, self.timeout)
             except (ConnectionLost, RemoteProtocolError) as exc:
-                await conn.close()
-                if reused:  # the server may have closed an idle stream: try a fresh one
-                    log.debug("pooled stream to %s is gone (%r); opening another", peer_id, exc)
-                    continue
-                raise _HopFailed(hop, exc) from exc
-            except Exception as exc:  # an error answer, a deadline, a broken stream: re-route
-                await conn.close()
-                raise _HopFailed(hop, exc) from exc
-            pool.append(conn)
-            return reply
-        raise AssertionError("unreachable: the second attempt opens a fresh stream")
+                log.debug("pooled stream to %s is gone (%r); opening another", peer_id, exc)
+        conn = await open_stream(
+            self.peer.host, peer_id, max_frame_size=self.max_frame_size, timeout=self.timeout
+        )
+        return await _ask(pool, conn, message, expect, self.timeout)
 
     async def aclose(self) -> None:
         """Close the pooled streams (the module stays usable: later calls open new ones)."""
@@ -379,21 +310,50 @@ class RemoteSequential(torch.nn.Module):
                 await conn.close()
 
 
+async def _ask(
+    pool: list[MessageStream], conn: MessageStream, message: Any, expect: type, seconds: float
+) -> Any:
+    """``request`` on ``conn``, which goes back to ``pool`` after an answer and is closed otherwise."""
+    try:
+        reply = await request(conn, message, expect, timeout=seconds)
+    except Exception:
+        await conn.close()
+        raise
+    pool.append(conn)
+    return reply
+
+
+def _tensor(wire: m.WireTensor, shape: Any, name: str) -> torch.Tensor:
+    """A tensor a server answered, which must have ``shape`` and be finite."""
+    out = compression.decode(wire, max_numel=int(torch.Size(shape).numel()))
+    if tuple(out.shape) != tuple(shape) or not out.is_floating_point():
+        raise RemoteProtocolError(
+            f"{name!r} must have shape {tuple(shape)}, got {tuple(out.shape)}"
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise RemoteProtocolError(f"{name!r} must be finite, got inf or nan")
+    return out
+
+
 class _Tuned:
-    """What a pass carries besides hidden states, per hop: deep prompts and a client-owned LoRA; and
-    where the gradients the hops send back for them add up."""
+    """A pass's HopTuning, and where the gradients the hops send back for its prompts and LoRA add up."""
 
     def __init__(
-        self, blocks: RemoteSequential, prompts: torch.Tensor | None, lora: Any, flat: Any
+        self,
+        blocks: RemoteSequential,
+        prompts: torch.Tensor | None,
+        lora: Any,
+        flat: Any,
+        keep: bool,
     ) -> None:
-        self.first = blocks.start
-        self.adapter = blocks.adapter if lora is None else ""  # a client-owned LoRA replaces it
-        self.dtype = TORCH_DTYPES[blocks.dtype]
-        self.prompts = None if prompts is None else prompts.detach().to(self.dtype)
-        self.lora = lora
-        self.keep = False  # ask the servers to keep the forward graphs for this pass's backward
-        self.grad_prompts = None if prompts is None else torch.zeros_like(self.prompts)
-        self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=self.dtype)
+        self.hop = HopTuning(
+            prompts=None if prompts is None else prompts.detach(), first=blocks.start, lora=lora
+        ).resolved(blocks.peer.client_config.adapter)
+        self.dtype = blocks.settings.dtype
+        self.keep = keep  # ask the servers to keep the forward graphs for this pass's backward
+        dtype = TORCH_DTYPES[self.dtype]
+        self.grad_prompts = None if prompts is None else torch.zeros(prompts.shape, dtype=dtype)
+        self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=dtype)
         self._offsets: dict[
             int, tuple[int, int]
         ] = {}  # block -> its numbers' range in the flat LoRA
@@ -403,23 +363,8 @@ class _Tuned:
             self._offsets[block] = (offset, offset + size)
             offset += size
 
-    def _lora_range(self, hop: Hop) -> tuple[int, int] | None:
-        ranges = [r for b, r in self._offsets.items() if hop.start <= b < hop.end]
-        return (ranges[0][0], ranges[-1][1]) if ranges else None
-
     def fields(self, hop: Hop) -> dict[str, Any]:
-        """The request fields for ``hop``'s blocks (prompts travel exactly, as the weights do)."""
-        out: dict[str, Any] = {}
-        if self.adapter:
-            out["adapter"] = self.adapter
-        if self.prompts is not None:
-            part = self.prompts[hop.start - self.first : hop.end - self.first].contiguous()
-            out["prompts"] = compression.encode(part, "none")
-        if self._lora_range(hop) is not None:
-            flat, manifest = pack_lora(self.lora.for_blocks(hop.start, hop.end))
-            out["lora"] = compression.encode(flat.detach().to(self.dtype).contiguous(), "none")
-            out["lora_manifest"] = manifest
-        return out
+        return self.hop.fields(hop.start, hop.end, self.dtype)
 
     def zero_grads(self) -> None:
         for grad in (self.grad_prompts, self.grad_lora):
@@ -429,13 +374,14 @@ class _Tuned:
     def accumulate(
         self, hop: Hop, grad_prompts: torch.Tensor | None, grad_lora: torch.Tensor | None
     ) -> None:
+        first = self.hop.first
         if grad_prompts is not None and self.grad_prompts is not None:
-            self.grad_prompts[hop.start - self.first : hop.end - self.first] += grad_prompts.to(
-                self.dtype
+            self.grad_prompts[hop.start - first : hop.end - first] += grad_prompts.to(
+                self.grad_prompts.dtype
             )
-        span = self._lora_range(hop)
-        if grad_lora is not None and self.grad_lora is not None and span is not None:
-            self.grad_lora[span[0] : span[1]] += grad_lora.to(self.dtype)
+        ranges = [r for b, r in self._offsets.items() if hop.start <= b < hop.end]
+        if grad_lora is not None and self.grad_lora is not None and ranges:
+            self.grad_lora[ranges[0][0] : ranges[-1][1]] += grad_lora.to(self.grad_lora.dtype)
 
 
 class _RemoteBlocks(torch.autograd.Function):
@@ -449,8 +395,7 @@ class _RemoteBlocks(torch.autograd.Function):
         blocks: RemoteSequential,
         keep: bool,
     ) -> torch.Tensor:
-        tuned = _Tuned(blocks, prompts, lora, flat)
-        tuned.keep = keep
+        tuned = _Tuned(blocks, prompts, lora, flat, keep)
         out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
         ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
         ctx.dtypes = (

@@ -25,6 +25,7 @@ from swarm_node.node.apps.api.schema import (
 )
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import find_stop
+from swarm_node.node.client.settings import SessionSettings
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +209,8 @@ async def run_generation(
             peer,
             runtime.head,
             input_ids,
-            model=runtime.name,
-            num_blocks=runtime.num_blocks,
-            dtype=runtime.dtype,
-            sampling=sampling,
+            SessionSettings(model=runtime.name, num_blocks=runtime.num_blocks, dtype=runtime.dtype),
+            sampling,
             on_tokens=on_tokens,
             stopping=lambda _ids: assembler.stopped,
             chain=chain,
