@@ -26,7 +26,7 @@ import trio
 
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.routing import Hop, format_blocks
-from swarm_node.errors import MissingBlocksError, ProtocolError, RemoteError, RemoteProtocolError
+from swarm_node.errors import MissingBlocksError, ProtocolError, RemoteError
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
@@ -254,11 +254,7 @@ async def replay(
             nursery.start_soon(send_all)
             with HopFailed.on_failure(span):
                 for (step_id, _, _), hidden in zip(history, inputs, strict=True):
-                    reply = await session.receive_step(span, step_id)
-                    if reply is None:
-                        raise RemoteProtocolError(
-                            f"{span.conn.peer_id} reported a failed push during a replay"
-                        )
+                    reply = await session.receive_step(span, step_id)  # sent by us: never None
                     outputs.append(session.output(span, reply, hidden))
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None

@@ -277,7 +277,7 @@ class RemoteSequential(torch.nn.Module):
             end=hop.end,
             compression=self.codec,
             hidden=compression.encode(x, self.codec),
-            keep_graph=int(tuned.keep),
+            keep_graph=tuned.keep,
             **tuned.fields(hop),
         )
         reply = await self._call(hop, req, m.ForwardResponse)
