@@ -49,7 +49,12 @@ def _field_strategy(rule):
     if rule.kind is bool:
         return st.booleans()
     if rule.kind is tuple:
-        return st.lists(st.text(max_size=40), max_size=rule.max_items).map(tuple)
+        item = st.text(max_size=40)
+        if rule.item is not str:  # a LoraEntry
+            item = st.tuples(
+                item, st.integers(0, MAX_INT), st.floats(allow_nan=False, allow_infinity=False)
+            )
+        return st.lists(item, max_size=min(rule.max_items, 16)).map(tuple)
     if rule.kind is WireTensor:
         return wire_tensors
     if rule.name == "code":
@@ -128,21 +133,28 @@ def _open_header(**fields) -> dict:
             "max_length": 64, "dtype": "float32", "compression": "none", **fields}  # fmt: skip
 
 
+def _header_of(frame: bytes) -> dict:
+    header = msgpack.Unpacker(raw=False)
+    header.feed(frame[4:])
+    return header.unpack()
+
+
 def test_lists_and_bools_travel_as_themselves():
     addrs = ("/ip4/127.0.0.1/tcp/1", "/ip6/::1/tcp/2")
-    msg = OpenSessionRequest("m", 0, 2, 64, "float32", "none", next_addrs=addrs)
+    entries = (("model.layers.0.mlp.up_proj", 2, 0.5), ("model.layers.1.mlp.up_proj", 4, 2.0))
+    msg = OpenSessionRequest(
+        "m", 0, 2, 64, "float32", "none", next_addrs=addrs, lora_manifest=entries
+    )
     frame = encode_message(msg)
-    header = msgpack.Unpacker(raw=False)
-    header.feed(frame[4:])
-    assert header.unpack()["next_addrs"] == list(addrs)  # a msgpack array, not one string
+    header = _header_of(frame)
+    assert header["next_addrs"] == list(addrs)  # a msgpack array, not one string
+    assert header["lora_manifest"] == [list(e) for e in entries]  # not JSON text
     decoded = decode_one(frame)
-    assert decoded == msg and type(decoded.next_addrs) is tuple
-    hidden = WireTensor("none", "float32", (1,), bytes(4))
-    frame = encode_message(StepResponse("s", 1, hidden, pushed=True))
-    header = msgpack.Unpacker(raw=False)
-    header.feed(frame[4:])
-    assert header.unpack()["pushed"] is True
-    assert decode_one(frame).pushed is True
+    assert decoded == msg and type(decoded.next_addrs) is type(decoded.lora_manifest[0]) is tuple
+    frame = encode_message(
+        StepResponse("s", 1, WireTensor("none", "float32", (1,), bytes(4)), True)
+    )
+    assert _header_of(frame)["pushed"] is True and decode_one(frame).pushed is True
 
 
 def test_float_field_sent_as_int_comes_back_float():
@@ -349,8 +361,16 @@ def test_encode_refuses_frames_over_the_limit():
                     "max_length": 0, "dtype": "float32", "compression": "none"}),
          "'max_length' must be an int >= 1, got 0"),
         (raw_frame(_open_header(next_addrs="/ip4/1.2.3.4/tcp/1 /ip4/5.6.7.8/tcp/2")),
-         "'next_addrs' must be a list of at most 16 strs of at most 1024 chars, got '/ip4"),
+         "'next_addrs' must be a list of at most 16 strs \\(each str at most 1024 chars\\), got '/ip4"),
         (raw_frame(_open_header(next_addrs=["a"] * 17)), "'next_addrs' must be a list of at most 16"),
+        (raw_frame(_open_header(lora_manifest='[["model.layers.0.mlp.up_proj", 2, 1.0]]')),
+         "'lora_manifest' must be a list of at most 4096 \\[str, int, float\\] lists"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", 2]])),
+         "'lora_manifest' must be a list"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", -2, 1.0]])),
+         "'lora_manifest' must be a list"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", 2, float("inf")]])),
+         "'lora_manifest' must be a list"),
         (raw_frame(_open_header(next_addrs=["a", 3])), "'next_addrs' must be a list .*got \\['a', 3\\]"),
         (raw_frame(_open_header(next_addrs=["a" * (MAX_ITEM_CHARS + 1)])), "'next_addrs' must be"),
         (raw_frame({"t": "open_session_response", "v": 1, "session_id": "s", "max_length": 4,

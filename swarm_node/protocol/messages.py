@@ -21,6 +21,8 @@ from swarm_node.protocol.tensors import WireTensor, short_repr
 MAX_INT = 2**63 - 1  # every int field must fit an int64 on both ends
 MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward or backward (servers refuse more)
 MAX_ITEM_CHARS = 1024  # each str of a list field
+MAX_LORA_MODULES = 4096  # entries of a 'lora_manifest'
+LoraEntry = tuple[str, int, float]  # a client-owned LoRA's module: [module key, rank, scale]
 
 
 def _at_least(minimum: int, **kwargs: Any) -> Any:
@@ -28,8 +30,8 @@ def _at_least(minimum: int, **kwargs: Any) -> Any:
     return field(metadata={"min": minimum}, **kwargs)
 
 
-def _strs(max_items: int) -> Any:
-    """A list-of-str field (a tuple here, a msgpack array on the wire) of at most ``max_items``."""
+def _list(max_items: int) -> Any:
+    """A list field (a tuple here, a msgpack array on the wire) of at most ``max_items`` items."""
     return field(metadata={"max_items": max_items}, default=())
 
 
@@ -64,7 +66,7 @@ class OpenSessionRequest:
     # multiaddrs and the session the client opened there; this server then sends each step's output
     # to that session too (PushStepRequest), besides answering the client.
     next_peer: str = ""
-    next_addrs: tuple[str, ...] = _strs(16)
+    next_addrs: tuple[str, ...] = _list(16)
     next_session: str = ""
     prev_peer: str = ""  # the only peer whose pushes this session accepts (empty: none)
     # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
@@ -74,9 +76,9 @@ class OpenSessionRequest:
         ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
     )
     # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
-    # their JSON manifest ([module key, rank, scale] each), for blocks [start, end).
+    # their manifest ([module key, rank, scale] each), for blocks [start, end).
     lora: WireTensor | None = None
-    lora_manifest: str = ""
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,7 @@ class ForwardRequest:
     lora: WireTensor | None = (
         None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
     )
-    lora_manifest: str = ""
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
     # Keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
     # names it in 'graph_id'; the server may decline, answering "").
     keep_graph: bool = False
@@ -169,7 +171,7 @@ class BackwardRequest:
     lora: WireTensor | None = (
         None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
     )
-    lora_manifest: str = ""
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
     # ForwardResponse.graph_id of this span's forward ("": none): the server then runs the backward
     # on that kept graph instead of recomputing, when it still holds it and the inputs match; the
     # result is the same either way. Used once.
@@ -251,10 +253,11 @@ class FieldRule:
     """What one message field must hold on the wire."""
 
     name: str
-    kind: type  # int, float, bool, str, tuple (of str) or WireTensor
+    kind: type  # int, float, bool, str, tuple (a list) or WireTensor
     minimum: int  # for ints only
     default: Any  # dataclasses.MISSING when the field is required; None for an optional tensor
-    max_items: int = 0  # for tuples only
+    max_items: int = 0  # for lists only
+    item: Any = None  # a list's item: str, or a fixed tuple of str/int/float like LoraEntry
 
 
 def _kind(hint: Any) -> type:
@@ -274,6 +277,7 @@ def _rules(cls: type) -> tuple[FieldRule, ...]:
             f.metadata.get("min", 0),
             f.default,
             f.metadata.get("max_items", 0),
+            typing.get_args(hints[f.name])[0] if _kind(hints[f.name]) is tuple else None,
         )
         for f in fields(cls)
     )
@@ -299,13 +303,16 @@ def check_field(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
             raise error(f"{name!r} must be a bool, got {short_repr(value)}")
         return value
     if rule.kind is tuple:
-        ok = type(value) in (tuple, list) and len(value) <= rule.max_items
-        if not ok or not all(type(v) is str and len(v) <= MAX_ITEM_CHARS for v in value):
-            raise error(
-                f"{name!r} must be a list of at most {rule.max_items} strs of at most "
-                f"{MAX_ITEM_CHARS} chars, got {short_repr(value)}"
-            )
-        return tuple(value)
+        if type(value) in (tuple, list) and len(value) <= rule.max_items:
+            items = tuple(_item(v, rule.item) for v in value)
+            if None not in items:
+                return items
+        kinds = typing.get_args(rule.item)
+        what = f"[{', '.join(k.__name__ for k in kinds)}] lists" if kinds else "strs"
+        raise error(
+            f"{name!r} must be a list of at most {rule.max_items} {what} (each str at most "
+            f"{MAX_ITEM_CHARS} chars), got {short_repr(value)}"
+        )
     if rule.kind is str:
         if type(value) is not str:
             raise error(f"{name!r} must be a str, got {short_repr(value)}")
@@ -315,6 +322,22 @@ def check_field(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
             )
         return value
     raise AssertionError(f"no rule for field {name!r} of kind {rule.kind!r}")  # our bug
+
+
+def _item(value: Any, kind: Any) -> Any:
+    """A list field's item as the message holds it, or None when it is not of ``kind``."""
+    if kind is str:
+        return value if type(value) is str and len(value) <= MAX_ITEM_CHARS else None
+    if kind is int:
+        return value if type(value) is int and 0 <= value <= MAX_INT else None
+    if kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+        return float(value) if ok else None
+    kinds = typing.get_args(kind)  # a fixed-length list
+    if type(value) not in (tuple, list) or len(value) != len(kinds):
+        return None
+    items = tuple(_item(v, k) for v, k in zip(value, kinds, strict=True))
+    return None if None in items else items
 
 
 def is_required(rule: FieldRule) -> bool:

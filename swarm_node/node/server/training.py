@@ -45,7 +45,7 @@ def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Ten
     return prompts
 
 
-def decode_lora(server: Any, wire: Any, manifest: str, *, start: int, end: int) -> Any:
+def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int) -> Any:
     """The client-owned LoRA of a request for blocks [start, end) (model.LoraWeights), checked, or
     None when it sent none. The manifest is checked first: it fixes how many numbers to accept."""
     if wire is None:
