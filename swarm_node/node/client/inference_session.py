@@ -169,10 +169,7 @@ class InferenceSession:
 
         flat, manifest = pack_lora(part)
         flat = flat.detach().to(getattr(torch, self.dtype)).contiguous()
-        return {
-            "lora": compression.encode(flat, "none"),
-            "lora_manifest": manifest,
-        }  # travels exactly
+        return {"lora": compression.encode(flat, "none"), "lora_manifest": manifest}  # exact
 
     def _hop_prompts(self, hop: Hop) -> m.WireTensor | None:
         if self.prompts is None:

@@ -33,7 +33,6 @@ from swarm_node.protocol.server_session import (
     ServedSpan,
     SessionRules,
     check_open,
-    check_span,
     find_session,
     refusal,
 )
@@ -220,9 +219,6 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
-    def check_span(self, model: str, start: int, end: int) -> None:
-        check_span(self.served, model, start, end)
-
     def decode_hidden(
         self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str
     ) -> torch.Tensor:
