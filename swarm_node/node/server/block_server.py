@@ -320,7 +320,7 @@ class BlockServer:
     async def _step(self, req: m.StepRequest, sessions: dict[str, ServerSession]) -> m.StepResponse:
         session = find_session(sessions, req.session_id)
         async with session.lock:
-            done = session.rules.step(req, session.cache.length)
+            done = session.rules.step(req, session.cache_length)
             return done or await self._run_step(session, req.step_id, req.position, req.hidden)
 
     async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
@@ -333,7 +333,7 @@ class BlockServer:
             return False
         async with session.lock:
             try:
-                if not session.rules.push(req, sender, session.cache.length):
+                if not session.rules.push(req, sender, session.cache_length):
                     return True  # the client sent it first
                 reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
                 self.pushed_steps += 1

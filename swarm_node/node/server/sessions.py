@@ -39,6 +39,10 @@ class ServerSession:
     def session_id(self) -> str:
         return self.rules.session_id
 
+    @property
+    def cache_length(self) -> int:
+        return 0 if self.cache is None else self.cache.length  # None: closed (the rules refuse)
+
 
 class Gauge:
     """A count of things in progress that can be waited on until it drops to zero."""
