@@ -5,7 +5,8 @@ order and returns the last hop's output (2N one-way delays a token). Push: the c
 to the first hop only; each server sends its output straight to the next one and to the client (N + 1
 delays). The client reads every hop's answer in order and, where a hop says it could not push
 (``pushed=False``) or the next server says the push failed, sends that step on itself. The session is an
-async context manager: leaving it closes every remote session and stream.
+async context manager: leaving it closes every remote session and stream. Step ids and what an
+answer means are protocol/client_session.py's rules.
 
 Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
 servers fails the slot is re-routed to other servers and its history replayed there.
