@@ -110,7 +110,7 @@ async def test_a_backward_naming_an_unknown_or_mismatched_graph_recomputes(
             )
 
             async def kept_forward(x):
-                req = m.ForwardRequest(**base, hidden=_wire(x), keep_graph=1)
+                req = m.ForwardRequest(**base, hidden=_wire(x), keep_graph=True)
                 return await request(conn, req, m.ForwardResponse, timeout=10)
 
             plain = grads(await request(conn, backward(hidden), m.BackwardResponse, timeout=10))
@@ -161,7 +161,7 @@ async def test_a_peer_keeps_at_most_its_limit_and_a_closed_stream_drops_them(
         end=2,
         compression="none",
         hidden=_wire(torch.randn(1, 4, 64)),
-        keep_graph=1,
+        keep_graph=True,
     )
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):

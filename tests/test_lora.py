@@ -346,18 +346,16 @@ def test_pack_round_trip_and_gradients_land_in_the_flat_tensor(
     torch.testing.assert_close(leaf.grad, expected, atol=1e-6, rtol=0)
     shapes = span.lora_shapes
     for bad, message in [
-        ("[", "must be JSON"),
         ("[]", "must list 1 to"),
+        ((), "must list 1 to"),
+        ((("model.layers.7.self_attn.q_proj", 4, 1.0),), "must be a distinct Linear of blocks 2:5"),
         (
-            '[["model.layers.7.self_attn.q_proj", 4, 1.0]]',
-            "must be a distinct Linear of blocks 2:5",
-        ),
-        (
-            '[["model.layers.2.self_attn.q_proj", 0, 1.0]]',
+            (("model.layers.2.self_attn.q_proj", 0, 1.0),),
             "rank of 'model.layers.2.self_attn.q_proj' must be an int",
         ),
-        ('[["model.layers.2.self_attn.q_proj", 4, "x"]]', "must be a finite number"),
-        ('[["x", 4, 1.0]]', "entries must be"),
+        ((("model.layers.2.self_attn.q_proj", 4, "x"),), "must be a finite number"),
+        ((("x", 4, 1.0),), "entries must be"),
+        ((("model.layers.2.self_attn.q_proj", 4),), "entries must be"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             manifest_entries(bad, shapes=shapes, start=2, end=5)

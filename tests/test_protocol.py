@@ -26,7 +26,7 @@ from swarm_node.protocol import (
     WireTensor,
     encode_message,
 )
-from swarm_node.protocol.messages import FIELD_RULES, MAX_INT
+from swarm_node.protocol.messages import FIELD_RULES, MAX_INT, MAX_ITEM_CHARS
 
 # ---------------------------------------------------------------------------------------------
 # strategies
@@ -46,6 +46,15 @@ def _field_strategy(rule):
         return st.integers(rule.minimum, MAX_INT)
     if rule.kind is float:
         return st.floats(min_value=0.0, allow_nan=False, allow_infinity=False)
+    if rule.kind is bool:
+        return st.booleans()
+    if rule.kind is tuple:
+        item = st.text(max_size=40)
+        if rule.item is not str:  # a LoraEntry
+            item = st.tuples(
+                item, st.integers(0, MAX_INT), st.floats(allow_nan=False, allow_infinity=False)
+            )
+        return st.lists(item, max_size=min(rule.max_items, 16)).map(tuple)
     if rule.kind is WireTensor:
         return wire_tensors
     if rule.name == "code":
@@ -117,6 +126,35 @@ def test_decoded_fields_have_wire_types():
     assert type(decoded.hidden.shape) is tuple
     assert bytes(decoded.hidden.data) == bytes(range(24))
     assert decoded.hidden.nbytes == 24
+
+
+def _open_header(**fields) -> dict:
+    return {"t": "open_session_request", "v": 1, "model": "m", "start": 0, "end": 2,
+            "max_length": 64, "dtype": "float32", "compression": "none", **fields}  # fmt: skip
+
+
+def _header_of(frame: bytes) -> dict:
+    header = msgpack.Unpacker(raw=False)
+    header.feed(frame[4:])
+    return header.unpack()
+
+
+def test_lists_and_bools_travel_as_themselves():
+    addrs = ("/ip4/127.0.0.1/tcp/1", "/ip6/::1/tcp/2")
+    entries = (("model.layers.0.mlp.up_proj", 2, 0.5), ("model.layers.1.mlp.up_proj", 4, 2.0))
+    msg = OpenSessionRequest(
+        "m", 0, 2, 64, "float32", "none", next_addrs=addrs, lora_manifest=entries
+    )
+    frame = encode_message(msg)
+    header = _header_of(frame)
+    assert header["next_addrs"] == list(addrs)  # a msgpack array, not one string
+    assert header["lora_manifest"] == [list(e) for e in entries]  # not JSON text
+    decoded = decode_one(frame)
+    assert decoded == msg and type(decoded.next_addrs) is type(decoded.lora_manifest[0]) is tuple
+    frame = encode_message(
+        StepResponse("s", 1, WireTensor("none", "float32", (1,), bytes(4)), True)
+    )
+    assert _header_of(frame)["pushed"] is True and decode_one(frame).pushed is True
 
 
 def test_float_field_sent_as_int_comes_back_float():
@@ -322,6 +360,25 @@ def test_encode_refuses_frames_over_the_limit():
         (raw_frame({"t": "open_session_request", "v": 1, "model": "m", "start": 0, "end": 2,
                     "max_length": 0, "dtype": "float32", "compression": "none"}),
          "'max_length' must be an int >= 1, got 0"),
+        (raw_frame(_open_header(next_addrs="/ip4/1.2.3.4/tcp/1 /ip4/5.6.7.8/tcp/2")),
+         "'next_addrs' must be a list of at most 16 strs \\(each str at most 1024 chars\\), got '/ip4"),
+        (raw_frame(_open_header(next_addrs=["a"] * 17)), "'next_addrs' must be a list of at most 16"),
+        (raw_frame(_open_header(lora_manifest='[["model.layers.0.mlp.up_proj", 2, 1.0]]')),
+         "'lora_manifest' must be a list of at most 4096 \\[str, int, float\\] lists"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", 2]])),
+         "'lora_manifest' must be a list"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", -2, 1.0]])),
+         "'lora_manifest' must be a list"),
+        (raw_frame(_open_header(lora_manifest=[["model.layers.0.mlp.up_proj", 2, float("inf")]])),
+         "'lora_manifest' must be a list"),
+        (raw_frame(_open_header(next_addrs=["a", 3])), "'next_addrs' must be a list .*got \\['a', 3\\]"),
+        (raw_frame(_open_header(next_addrs=["a" * (MAX_ITEM_CHARS + 1)])), "'next_addrs' must be"),
+        (raw_frame({"t": "open_session_response", "v": 1, "session_id": "s", "max_length": 4,
+                    "push": 1}), "'push' must be a bool, got 1"),
+        (raw_frame({"t": "forward_request", "v": 1, "model": "m", "start": 0, "end": 1,
+                    "compression": "none", "keep_graph": 0,
+                    "hidden": {"codec": "none", "dtype": "float32", "shape": [1], "nbytes": 4}},
+                   bytes(4)), "'keep_graph' must be a bool, got 0"),
         (raw_frame(step_header(step_id=msgpack.ExtType(5, b"x")), bytes(8)), "extension types"),
         (raw_frame({1: 2}), "valid msgpack"),  # strict_map_key: only str keys
     ],
@@ -378,6 +435,12 @@ def test_error_is_sticky_and_later_frames_are_not_read():
         (StepRequest("\ud800", 0, 0, WireTensor("none", "float32", (), bytes(4))),
          "cannot be packed"),
         (ErrorResponse("Not Snake", "x"), "'code'"),
+        (OpenSessionRequest("m", 0, 1, 4, "float32", "none", next_addrs="/ip4/1.2.3.4/tcp/1"),
+         "'next_addrs' must be a list"),
+        (OpenSessionRequest("m", 0, 1, 4, "float32", "none", next_addrs=("a",) * 17),
+         "'next_addrs' must be a list of at most 16"),
+        (StepResponse("s", 0, WireTensor("none", "float32", (), bytes(4)), pushed=1),
+         "'pushed' must be a bool, got 1"),
         (InfoRequest, "must be one of MESSAGE_TYPES"),
         ("hello", "must be one of MESSAGE_TYPES"),
     ],

@@ -44,7 +44,7 @@ def test_backward_request_round_trips_with_and_without_optional_tensors(prompts,
         grad_output=_wire(2, 5, 8),
         prompts=prompts,
         lora=lora,
-        lora_manifest='[["model.layers.1.self_attn.q_proj",2,2.0]]' if lora else "",
+        lora_manifest=(("model.layers.1.self_attn.q_proj", 2, 2.0),) if lora else (),
     )
     back, frame = _round_trip(msg)
     assert back == msg

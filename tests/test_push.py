@@ -111,13 +111,18 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
                     peers[0].host, peers[1].peer_id, max_frame_size=2**20, timeout=5
                 )
                 await conn.send(bad)
-                # the next step still works: the client resends it, the server answers from its
-                # record of the pushed step (no second computation), the extra answer is dropped
+                hop = s._spans[1]
+                assert await s.receive_step(hop, 2, sent=False) is None  # push_failed: send it
+                assert (hop.answers.push_failures, hop.answers.duplicates) == (1, 0)
+                # the next step still works; sent again, the server answers from its record of
+                # the pushed step (no second computation) and the client drops the extra answer
                 steps_before = peers[1].server.sessions[target].steps
                 y = torch.randn(1, 1, H)
                 second = await s.step(y)
-                assert peers[1].server.sessions[target].steps == steps_before + 1
+                await s.send_step(hop, torch.randn(1, 1, H), 2, 2)
                 third = await s.step(torch.randn(1, 1, H))
+                assert peers[1].server.sessions[target].steps == steps_before + 2
+                assert (hop.answers.push_failures, hop.answers.duplicates) == (1, 1)
                 assert first.shape == (1, 2, H) and second.shape == third.shape == (1, 1, H)
                 await conn.close()
             # the same inputs client-star give the same outputs

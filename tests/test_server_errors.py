@@ -249,7 +249,7 @@ def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
         == 2
     )
     err = capsys.readouterr().err
-    assert "could not reach any initial peer" in err or "no-such-model" in err
+    assert "could not reach any initial peer" in err  # without files to check, it dials first
     assert main(["generate", "hi"]) == 2
     assert "'--initial-peers' must name at least one peer" in capsys.readouterr().err
     with pytest.raises(SystemExit):

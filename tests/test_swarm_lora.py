@@ -321,6 +321,10 @@ async def test_client_owned_lora_file_and_prompt_file(
             assert ids[0, 5:].tolist() == expected_prompted
 
 
+def _renamed(manifest: tuple, old: str, new: str) -> tuple:
+    return tuple((key.replace(old, new), rank, scale) for key, rank, scale in manifest)
+
+
 async def test_bad_client_owned_lora_is_refused(tiny_llama: Path, adapter: Path) -> None:
     from swarm_node.model.lora_pack import pack_lora
 
@@ -336,7 +340,7 @@ async def test_bad_client_owned_lora_is_refused(tiny_llama: Path, adapter: Path)
         ),
         (dict(lora_manifest=manifest), "'lora_manifest' came without 'lora'"),
         (
-            dict(lora=compression.encode(flat, "none"), lora_manifest="[]"),
+            dict(lora=compression.encode(flat, "none"), lora_manifest=()),
             "lora: 'lora_manifest' must list 1 to",
         ),
         (
@@ -357,7 +361,7 @@ async def test_bad_client_owned_lora_is_refused(tiny_llama: Path, adapter: Path)
         (
             dict(
                 lora=compression.encode(flat, "none"),
-                lora_manifest=manifest.replace("layers.0", "layers.4"),
+                lora_manifest=_renamed(manifest, "layers.0", "layers.4"),
             ),
             "must be a distinct Linear of blocks 0:3",
         ),
@@ -452,13 +456,13 @@ async def test_forward_and_backward_with_client_owned_lora(tiny_llama: Path, ada
             plain = await request(
                 conn,
                 m.BackwardRequest(
-                    **{**wire, "lora": None, "lora_manifest": ""}, grad_output=back.grad_output
+                    **{**wire, "lora": None, "lora_manifest": ()}, grad_output=back.grad_output
                 ),
                 m.BackwardResponse,
                 timeout=10,
             )
             assert plain.grad_lora is None
             with pytest.raises(RemoteError, match="bad_request: lora: 'lora_manifest' module"):
-                bad = {**wire, "lora_manifest": manifest.replace("layers.1", "layers.5")}
+                bad = {**wire, "lora_manifest": _renamed(manifest, "layers.1", "layers.5")}
                 await request(conn, m.ForwardRequest(**bad), m.ForwardResponse, timeout=10)
             await conn.close()

@@ -1,4 +1,4 @@
-"""A LoraWeights as one flat tensor and a small JSON manifest: how a client-owned LoRA travels.
+"""A LoraWeights as one flat tensor and a small manifest: how a client-owned LoRA travels.
 
 ``pack_lora`` -> ``(flat # (N,), manifest)``; the manifest lists ``[module key, rank, scale]`` in
 order and the flat tensor holds each module's A then B, row-major. A receiver reads the manifest
@@ -12,7 +12,6 @@ Knows nothing of the wire's framing or codecs (compression/ turns the flat tenso
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
@@ -22,17 +21,16 @@ import torch
 from swarm_node.errors import ConfigError
 from swarm_node.model.lora import MAX_RANK, LoraModule, LoraWeights, Shapes, check_lora
 
-MAX_MANIFEST_BYTES = 256 * 1024
 _KEY = re.compile(r"model\.layers\.(\d{1,6})\.([A-Za-z0-9_.]{1,128})")
 
 
-def pack_lora(lora: LoraWeights) -> tuple[torch.Tensor, str]:
+def pack_lora(lora: LoraWeights) -> tuple[torch.Tensor, tuple[tuple[str, int, float], ...]]:
     """``(flat # (N,), manifest)``: every A then B flattened in ``lora.items()`` order (autograd
     flows through ``torch.cat``)."""
-    entries = [[key, mod.rank, float(mod.scale)] for key, mod in lora.items()]
+    entries = tuple((key, mod.rank, float(mod.scale)) for key, mod in lora.items())
     parts = [t.reshape(-1) for _, mod in lora.items() for t in (mod.a, mod.b)]
     flat = torch.cat(parts) if parts else torch.zeros(0)
-    return flat, json.dumps(entries, separators=(",", ":"))
+    return flat, entries
 
 
 def manifest_entries(
@@ -42,22 +40,16 @@ def manifest_entries(
 
     ConfigError (field, expectation, what came) for anything a span ``start..end-1`` cannot take.
     """
-    if not isinstance(manifest, str) or len(manifest.encode()) > MAX_MANIFEST_BYTES:
-        raise ConfigError(
-            f"'lora_manifest' must be a JSON str of at most {MAX_MANIFEST_BYTES} bytes"
-        )
-    try:
-        raw = json.loads(manifest)
-    except ValueError as exc:
-        raise ConfigError(f"'lora_manifest' must be JSON: {exc}") from None
     limit = (end - start) * len(shapes)
-    if not isinstance(raw, list) or not 1 <= len(raw) <= limit:
-        raise ConfigError(f"'lora_manifest' must list 1 to {limit} modules, got {str(raw)[:80]!r}")
+    if not isinstance(manifest, list | tuple) or not 1 <= len(manifest) <= limit:
+        raise ConfigError(
+            f"'lora_manifest' must list 1 to {limit} modules, got {str(manifest)[:80]!r}"
+        )
     entries: list[tuple[int, str, int, float]] = []
     seen: set[str] = set()
     numel = 0
-    for item in raw:
-        ok = isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+    for item in manifest:
+        ok = isinstance(item, list | tuple) and len(item) == 3 and isinstance(item[0], str)
         match = _KEY.fullmatch(item[0]) if ok else None
         if match is None:
             raise ConfigError(

@@ -1,4 +1,5 @@
-"""Sans-IO wire protocol: typed messages <-> length-prefixed msgpack frames.
+"""Sans-IO wire protocol: typed messages <-> length-prefixed msgpack frames, and the session rules
+of both ends (server_session.py, client_session.py).
 
 No sockets, trio or torch here: node/ moves the bytes, compression/ turns tensors into
 ``WireTensor`` payloads and back.

@@ -26,7 +26,7 @@ from swarm_node.protocol.messages import (
     MESSAGE_TYPES,
     WIRE_NAMES,
     Message,
-    check_scalar,
+    check_field,
     is_required,
 )
 from swarm_node.protocol.tensors import (
@@ -67,7 +67,7 @@ def encode_message(msg: Message, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
             }
             payloads.append(data)
         else:
-            header[rule.name] = check_scalar(rule, value, LocalProtocolError)
+            header[rule.name] = check_field(rule, value, LocalProtocolError)
     try:
         packed = msgpack.packb(header, use_bin_type=True)
     except (ValueError, TypeError, OverflowError) as exc:  # e.g. a str with lone surrogates
@@ -196,7 +196,7 @@ def _decode_body(body: memoryview) -> Message:
         if rule.kind is WireTensor:
             tensors.append((rule.name, *_tensor_meta(rule.name, value, RemoteProtocolError)))
         else:
-            values[rule.name] = check_scalar(rule, value, RemoteProtocolError)
+            values[rule.name] = check_field(rule, value, RemoteProtocolError)
     expected = sum(t[4] for t in tensors)
     if body.nbytes - offset != expected:
         raise RemoteProtocolError(

@@ -20,11 +20,19 @@ from swarm_node.protocol.tensors import WireTensor, short_repr
 
 MAX_INT = 2**63 - 1  # every int field must fit an int64 on both ends
 MAX_FORWARD_BATCH = 64  # sequences in one cache-less forward or backward (servers refuse more)
+MAX_ITEM_CHARS = 1024  # each str of a list field
+MAX_LORA_MODULES = 4096  # entries of a 'lora_manifest'
+LoraEntry = tuple[str, int, float]  # a client-owned LoRA's module: [module key, rank, scale]
 
 
 def _at_least(minimum: int, **kwargs: Any) -> Any:
     """A dataclass field whose int value must be >= ``minimum`` (the default minimum is 0)."""
     return field(metadata={"min": minimum}, **kwargs)
+
+
+def _list(max_items: int) -> Any:
+    """A list field (a tuple here, a msgpack array on the wire) of at most ``max_items`` items."""
+    return field(metadata={"max_items": max_items}, default=())
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +63,10 @@ class OpenSessionRequest:
     compression: str
     batch_size: int = _at_least(1, default=1)
     # Server-to-server push (all empty: client-star). Where the next span lives: its peer id, its
-    # multiaddrs (space-separated) and the session the client opened there; this server then sends
-    # each step's output to that session too (PushStepRequest), besides answering the client.
+    # multiaddrs and the session the client opened there; this server then sends each step's output
+    # to that session too (PushStepRequest), besides answering the client.
     next_peer: str = ""
-    next_addrs: str = ""
+    next_addrs: tuple[str, ...] = _list(16)
     next_session: str = ""
     prev_peer: str = ""  # the only peer whose pushes this session accepts (empty: none)
     # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
@@ -68,16 +76,16 @@ class OpenSessionRequest:
         ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
     )
     # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
-    # their JSON manifest ([module key, rank, scale] each), for blocks [start, end).
+    # their manifest ([module key, rank, scale] each), for blocks [start, end).
     lora: WireTensor | None = None
-    lora_manifest: str = ""
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
 
 
 @dataclass(frozen=True, slots=True)
 class OpenSessionResponse:
     session_id: str
     max_length: int = _at_least(1)
-    push: int = 0  # 1: this server will push every step's output to the next server
+    push: bool = False  # this server will push every step's output to the next server
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +101,7 @@ class StepResponse:
     session_id: str
     step_id: int
     hidden: WireTensor  # (B, T, H)
-    pushed: int = 0  # 1: the output also went to the next server (the client need not send it)
+    pushed: bool = False  # the output also went to the next server (the client need not send it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +141,10 @@ class ForwardRequest:
     lora: WireTensor | None = (
         None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
     )
-    lora_manifest: str = ""
-    # 1: keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
-    # names it in 'graph_id'; the server may decline, answering ""). 0: keep nothing.
-    keep_graph: int = 0
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
+    # Keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
+    # names it in 'graph_id'; the server may decline, answering "").
+    keep_graph: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +171,7 @@ class BackwardRequest:
     lora: WireTensor | None = (
         None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
     )
-    lora_manifest: str = ""
+    lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
     # ForwardResponse.graph_id of this span's forward ("": none): the server then runs the backward
     # on that kept graph instead of recomputing, when it still holds it and the inputs match; the
     # result is the same either way. Used once.
@@ -177,18 +185,21 @@ class BackwardResponse:
     grad_lora: WireTensor | None = None  # (N,): the client-owned LoRA's gradient, in its layout
 
 
-# Codes a server sends today; a receiver accepts any snake_case code (newer servers may add some).
-ERROR_CODES = frozenset(
-    {
-        "bad_request",
-        "unknown_session",
-        "out_of_range",
-        "cache_full",
-        "too_long",
-        "internal",
-        "push_failed",
-    }
-)
+# The one table of error codes a server sends: code -> (to which request) what it means. A test pins
+# it to the codes in the code; a receiver accepts any snake_case code (newer servers may add some).
+ERROR_CODES: dict[str, str] = {
+    "bad_request": "(any) a field or tensor it cannot take; a broken frame also closes the stream",
+    "unknown_model": "(open, forward, backward) the server serves another model",
+    "out_of_range": "(open, forward, backward) blocks outside the span it serves",
+    "unknown_adapter": "(open, forward, backward) no LoRA adapter of that name here",
+    "unknown_session": "(step, close) no such session open on this stream",
+    "too_long": "(open) 'max_length' over the server's limit; (step) past the session's",
+    "too_many_sessions": "(open) the peer holds as many sessions here as one peer may",
+    "cache_full": "(open) the attention cache has no room for the session now",
+    "shutting_down": "(open) the server is leaving or moving: no new sessions",
+    "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
+    "idle_timeout": "(none, told a client) its sessions were idle too long: closed, with the stream",
+}
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -242,9 +253,11 @@ class FieldRule:
     """What one message field must hold on the wire."""
 
     name: str
-    kind: type  # int, float, str or WireTensor
+    kind: type  # int, float, bool, str, tuple (a list) or WireTensor
     minimum: int  # for ints only
     default: Any  # dataclasses.MISSING when the field is required; None for an optional tensor
+    max_items: int = 0  # for lists only
+    item: Any = None  # a list's item: str, or a fixed tuple of str/int/float like LoraEntry
 
 
 def _kind(hint: Any) -> type:
@@ -252,13 +265,20 @@ def _kind(hint: Any) -> type:
     args = typing.get_args(hint)
     if args and set(args) == {WireTensor, type(None)}:
         return WireTensor
-    return hint
+    return typing.get_origin(hint) or hint
 
 
 def _rules(cls: type) -> tuple[FieldRule, ...]:
     hints = typing.get_type_hints(cls)
     return tuple(
-        FieldRule(f.name, _kind(hints[f.name]), f.metadata.get("min", 0), f.default)
+        FieldRule(
+            f.name,
+            _kind(hints[f.name]),
+            f.metadata.get("min", 0),
+            f.default,
+            f.metadata.get("max_items", 0),
+            typing.get_args(hints[f.name])[0] if _kind(hints[f.name]) is tuple else None,
+        )
         for f in fields(cls)
     )
 
@@ -266,8 +286,9 @@ def _rules(cls: type) -> tuple[FieldRule, ...]:
 FIELD_RULES: dict[type, tuple[FieldRule, ...]] = {cls: _rules(cls) for cls in WIRE_NAMES}
 
 
-def check_scalar(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
-    """Check an int, float or str field against its rule; returns the value (floats as float)."""
+def check_field(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
+    """Check a field that is not a tensor against its rule; returns the value as the message holds
+    it (floats as float, lists as tuples)."""
     name = rule.name
     if rule.kind is int:
         if type(value) is not int or not rule.minimum <= value <= MAX_INT:
@@ -277,6 +298,21 @@ def check_scalar(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any
         if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
             raise error(f"{name!r} must be a finite number >= 0, got {short_repr(value)}")
         return float(value)
+    if rule.kind is bool:
+        if type(value) is not bool:
+            raise error(f"{name!r} must be a bool, got {short_repr(value)}")
+        return value
+    if rule.kind is tuple:
+        if type(value) in (tuple, list) and len(value) <= rule.max_items:
+            items = tuple(_item(v, rule.item) for v in value)
+            if None not in items:
+                return items
+        kinds = typing.get_args(rule.item)
+        what = f"[{', '.join(k.__name__ for k in kinds)}] lists" if kinds else "strs"
+        raise error(
+            f"{name!r} must be a list of at most {rule.max_items} {what} (each str at most "
+            f"{MAX_ITEM_CHARS} chars), got {short_repr(value)}"
+        )
     if rule.kind is str:
         if type(value) is not str:
             raise error(f"{name!r} must be a str, got {short_repr(value)}")
@@ -286,6 +322,22 @@ def check_scalar(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any
             )
         return value
     raise AssertionError(f"no rule for field {name!r} of kind {rule.kind!r}")  # our bug
+
+
+def _item(value: Any, kind: Any) -> Any:
+    """A list field's item as the message holds it, or None when it is not of ``kind``."""
+    if kind is str:
+        return value if type(value) is str and len(value) <= MAX_ITEM_CHARS else None
+    if kind is int:
+        return value if type(value) is int and 0 <= value <= MAX_INT else None
+    if kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value)
+        return float(value) if ok else None
+    kinds = typing.get_args(kind)  # a fixed-length list
+    if type(value) not in (tuple, list) or len(value) != len(kinds):
+        return None
+    items = tuple(_item(v, k) for v, k in zip(value, kinds, strict=True))
+    return None if None in items else items
 
 
 def is_required(rule: FieldRule) -> bool:

@@ -4,8 +4,9 @@ Client-star (the default): each step sends the hidden states of the new position
 order and returns the last hop's output (2N one-way delays a token). Push: the client sends a step
 to the first hop only; each server sends its output straight to the next one and to the client (N + 1
 delays). The client reads every hop's answer in order and, where a hop says it could not push
-(``pushed=0``) or the next server says the push failed, sends that step on itself. The session is an
-async context manager: leaving it closes every remote session and stream.
+(``pushed=False``) or the next server says the push failed, sends that step on itself. The session is an
+async context manager: leaving it closes every remote session and stream. Step ids and what an
+answer means are protocol/client_session.py's rules.
 
 Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
 servers fails the slot is re-routed to other servers and its history replayed there.
@@ -28,6 +29,7 @@ from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.protocol import messages as m
+from swarm_node.protocol.client_session import HopAnswers, SessionSteps, answer
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,7 @@ async def request(conn: MessageStream, message: Any, expect: type, *, timeout: f
     with trio.fail_after(timeout):
         await conn.send(message)
         reply = await conn.receive()
-    if reply is None:
-        raise RemoteProtocolError(f"{conn.peer_id} closed the stream instead of answering")
-    if isinstance(reply, m.ErrorResponse):
-        raise RemoteError(reply.code, f"{reply.message} (from {conn.peer_id})")
-    if not isinstance(reply, expect):
-        raise RemoteProtocolError(
-            f"{conn.peer_id} answered {type(message).__name__} with {type(reply).__name__}"
-        )
-    return reply
+    return answer(reply, expect, peer=conn.peer_id, asked=type(message).__name__)
 
 
 class RemoteSpan:
@@ -58,6 +52,7 @@ class RemoteSpan:
         self.conn = conn
         self.session_id = session_id
         self.pushes = pushes  # this server pushes its output to the next span's server
+        self.answers = HopAnswers(conn.peer_id)
 
 
 class InferenceSession:
@@ -88,9 +83,12 @@ class InferenceSession:
         self.step_timeout = step_timeout
         self.max_frame_size = max_frame_size
         self.batch_size = settings.batch_size
-        self.position = 0
-        self._step_id = 0
+        self.steps = SessionSteps(settings.max_length)
         self._slots: list[Slot] = []
+
+    @property
+    def position(self) -> int:
+        return self.steps.position
 
     @property
     def _spans(self) -> list[RemoteSpan]:
@@ -152,9 +150,9 @@ class InferenceSession:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await conn.close()
             raise
-        return RemoteSpan(hop, conn, reply.session_id, pushes=bool(reply.push))
+        return RemoteSpan(hop, conn, reply.session_id, pushes=reply.push)
 
-    def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, str]:
+    def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, Any]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""
         if not self.push:
             return {}
@@ -162,7 +160,7 @@ class InferenceSession:
         if following is not None:
             fields.update(
                 next_peer=following.hop.server.peer_id,
-                next_addrs=" ".join(following.hop.server.addrs),
+                next_addrs=tuple(following.hop.server.addrs),
                 next_session=following.session_id,
             )
         return fields
@@ -202,23 +200,19 @@ class InferenceSession:
         if not self._spans:
             raise SessionError("the inference session is not open")
         tokens = hidden.shape[1]
-        if self.position + tokens > self.max_length:
-            raise SessionError(
-                f"session max_length is {self.max_length}: {self.position} tokens so far + {tokens} "
-                "new would exceed it"
-            )
+        self.steps.check(tokens)
         chunk = self.chunk_tokens(hidden)
         if self.push:  # chunks one after another: each travels the whole chain by itself
             outs = []
             for a in range(0, tokens, chunk):
                 piece = hidden[:, a : a + chunk]
-                outs.append(await self._push_step(piece, self._next_step_id(), self.position + a))
+                outs.append(await self._push_step(piece, self.steps.next_id(), self.position + a))
             out = torch.cat(outs, dim=1)
         elif tokens <= chunk:
             out = await self._through_chain(hidden, self.position)
         else:
             out = await self._pipelined(hidden, chunk)
-        self.position += tokens
+        self.steps.advance(tokens)
         return out
 
     def chunk_tokens(self, hidden: torch.Tensor) -> int:
@@ -227,12 +221,8 @@ class InferenceSession:
         per_token = batch * width * 4  # bytes of one position in float32, the widest wire dtype
         return max(1, min(PREFILL_CHUNK, (self.max_frame_size // 2) // per_token))
 
-    def _next_step_id(self) -> int:
-        self._step_id += 1
-        return self._step_id
-
     async def _through_chain(self, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        step_id = self._next_step_id()  # one id per step, the same on every hop
+        step_id = self.steps.next_id()  # one id per step, the same on every hop
         for slot in self._slots:
             hidden = await self._through_slot(slot, hidden, position, step_id)
         return hidden
@@ -268,12 +258,7 @@ class InferenceSession:
         """Send a step to one server and read its answer; a failure of the server -> HopFailed."""
         with HopFailed.on_failure(span):
             await self.send_step(span, hidden, step_id, position)
-            reply = await self.receive_step(span, step_id)
-            if reply is None:
-                raise RemoteProtocolError(
-                    f"{span.conn.peer_id} reported a failed push for a step we sent"
-                )
-            return self.output(span, reply, hidden)
+            return self.output(span, await self.receive_step(span, step_id), hidden)
 
     def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
         """The hidden states of a step's answer, which must have the shape of what was sent."""
@@ -287,7 +272,7 @@ class InferenceSession:
     async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
         """Chunks flow hop to hop through memory channels; one task per hop keeps each stream serial."""
         pieces = [
-            (self._next_step_id(), self.position + a, hidden[:, a : a + chunk])
+            (self.steps.next_id(), self.position + a, hidden[:, a : a + chunk])
             for a in range(0, hidden.shape[1], chunk)
         ]
         outputs: list[torch.Tensor] = []
@@ -350,18 +335,10 @@ class InferenceSession:
             with HopFailed.on_failure(span):
                 if send:
                     await self.send_step(span, hidden, step_id, position)
-                reply = await self.receive_step(span, step_id)
+                reply = await self.receive_step(span, step_id, sent=send)
                 if reply is None:  # the previous server's push failed here: send it ourselves
-                    if send:
-                        raise RemoteProtocolError(
-                            f"{span.conn.peer_id} reported a failed push for a step we sent"
-                        )
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
-                    if reply is None:
-                        raise RemoteProtocolError(
-                            f"{span.conn.peer_id} reported a failed push twice"
-                        )
                 hidden = self.output(span, reply, hidden)
             send = not (span.pushes and reply.pushed)
         return hidden, send
@@ -379,32 +356,17 @@ class InferenceSession:
                 )
             )
 
-    async def receive_step(self, span: RemoteSpan, step_id: int) -> m.StepResponse | None:
-        """The hop's answer to the current step (older duplicates skipped); None: push failed."""
+    async def receive_step(
+        self, span: RemoteSpan, step_id: int, *, sent: bool = True
+    ) -> m.StepResponse | None:
+        """The hop's answer to step ``step_id`` (older duplicates skipped); None: the push of a
+        step we did not send failed there."""
         with trio.fail_after(self.step_timeout):
             while True:
-                reply = await span.conn.receive()
-                if reply is None:
-                    raise RemoteProtocolError(
-                        f"{span.conn.peer_id} closed the stream instead of answering"
-                    )
-                if isinstance(reply, m.ErrorResponse):
-                    if reply.code == "push_failed":
-                        log.info("push to %s failed: %s", span.conn.peer_id, reply.message)
-                        return None
-                    raise RemoteError(reply.code, f"{reply.message} (from {span.conn.peer_id})")
-                if not isinstance(reply, m.StepResponse):
-                    raise RemoteProtocolError(
-                        f"{span.conn.peer_id} answered a step with {type(reply).__name__}"
-                    )
-                if reply.step_id == step_id:
+                reply = span.answers.step_answer(await span.conn.receive(), step_id, sent=sent)
+                if reply is False:
+                    log.info("push to %s failed: the client sends the step", span.conn.peer_id)
+                    return None
+                if reply is not None:
                     return reply
-                if reply.step_id > step_id:
-                    raise RemoteProtocolError(
-                        f"{span.conn.peer_id} answered step {reply.step_id}, expected {step_id}"
-                    )
-                log.debug(
-                    "dropping a duplicate answer to step %d from %s",
-                    reply.step_id,
-                    span.conn.peer_id,
-                )
+                log.debug("dropped an answer to an older step from %s", span.conn.peer_id)

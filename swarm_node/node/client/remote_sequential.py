@@ -250,7 +250,7 @@ class RemoteSequential(torch.nn.Module):
             end=hop.end,
             compression=codec,
             hidden=compression.encode(x, codec),
-            keep_graph=int(tuned.keep),
+            keep_graph=tuned.keep,
             **tuned.fields(hop),
         )
         with HopFailed.on_failure(UnopenedSpan(hop)):

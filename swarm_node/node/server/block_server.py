@@ -1,8 +1,9 @@
 """The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
 
 One stream from a client is one connection; the sessions opened on it live as long as the stream (the
-stream's handler task is their scope, so leaving it frees their caches). Heavy torch work goes to the
-one compute thread through ``compute_limiter``.
+stream's handler task is their scope, so leaving it frees their caches). What a message may do and
+what a refusal says are protocol/server_session.py's rules; this is their trio loop. Heavy torch
+work goes to the one compute thread through ``compute_limiter``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from swarm_node.node.server.push import open_push_link
 from swarm_node.node.server.sessions import Gauge, ServerSession
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
+from swarm_node.protocol.server_session import (
+    PushRefused,
+    ServedSpan,
+    SessionRules,
+    check_open,
+    find_session,
+    refusal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +75,16 @@ class BlockServer:
         self.steps = Gauge()  # requests being computed and answered right now
         self.open_sessions = Gauge()  # sessions open on this server
         self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
+        self.served = ServedSpan(
+            model=model_id,
+            start=config.start,
+            end=config.end,
+            dtype=config.dtype,
+            compressions=(*COMPRESSIONS, SERVER_DEFAULT),
+            max_session_length=config.max_session_length,
+            max_sessions_per_peer=config.max_sessions_per_peer,
+            cache_budget_tokens=config.cache_budget_tokens,
+        )
 
     @property
     def steps_in_flight(self) -> int:
@@ -146,7 +165,7 @@ class BlockServer:
                         reply = await self._dispatch(message, sessions, conn)
                     except RequestError as exc:
                         log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
-                        reply = m.ErrorResponse(code=exc.code, message=exc.message)
+                        reply = refusal(exc)
                     await conn.send(reply)
         except RemoteProtocolError as exc:
             log.warning("peer %s broke the protocol: %s", peer, exc)
@@ -177,11 +196,10 @@ class BlockServer:
         if isinstance(message, m.OpenSessionRequest):
             return await self._open(message, sessions, conn)
         if isinstance(message, m.CloseSessionRequest):
-            session = sessions.pop(message.session_id, None)
-            if session is None:
-                raise RequestError("unknown_session", f"no session {message.session_id!r} here")
+            session = find_session(sessions, message.session_id)
+            del sessions[message.session_id]
             await self._end(session)
-            return m.CloseSessionResponse(session_id=message.session_id)
+            return session.rules.close()
         if isinstance(message, m.ForwardRequest):
             return await server_training.forward(self, message, conn.peer_id)
         if isinstance(message, m.BackwardRequest):
@@ -202,17 +220,6 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
-    def check_span(self, model: str, start: int, end: int) -> None:
-        if model != self.model_id:
-            raise RequestError(
-                "unknown_model", f"this server serves {self.model_id!r}, not {model!r}"
-            )
-        if not self.start <= start < end <= self.end:
-            raise RequestError(
-                "out_of_range",
-                f"blocks {start}:{end} are not within the served blocks {self.start}:{self.end}",
-            )
-
     def decode_hidden(
         self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str
     ) -> torch.Tensor:
@@ -244,53 +251,27 @@ class BlockServer:
         self, req: m.OpenSessionRequest, sessions: dict[str, ServerSession], conn: MessageStream
     ) -> Any:
         peer = conn.peer_id
-        if self.closing:
-            raise RequestError("shutting_down", "this server is shutting down; use another")
-        self.check_span(req.model, req.start, req.end)
-        if req.dtype != self.config.dtype:
-            raise RequestError(
-                "bad_request", f"'dtype' must be {self.config.dtype!r} here, got {req.dtype!r}"
-            )
-        if req.compression not in (*COMPRESSIONS, SERVER_DEFAULT):
-            raise RequestError(
-                "bad_request",
-                f"'compression' must be one of {(*COMPRESSIONS, SERVER_DEFAULT)}, got {req.compression!r}",
-            )
-        if not 1 <= req.max_length <= self.config.max_session_length:
-            raise RequestError(
-                "too_long",
-                f"'max_length' must be in [1, {self.config.max_session_length}], got {req.max_length}",
-            )
-        if not 1 <= req.batch_size <= MAX_FORWARD_BATCH:
-            raise RequestError(
-                "bad_request",
-                f"'batch_size' must be in [1, {MAX_FORWARD_BATCH}], got {req.batch_size}",
-            )
-        if self.sessions_per_peer[peer] >= self.config.max_sessions_per_peer:
-            raise RequestError(
-                "too_many_sessions",
-                f"peer already holds {self.config.max_sessions_per_peer} sessions here (the limit); "
-                "close one or use another server",
-            )
+        tokens = check_open(
+            req,
+            self.served,
+            peer_sessions=self.sessions_per_peer[peer],
+            cache_tokens_left=self.cache_tokens_left,
+            closing=self.closing,
+        )
         prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
         lora = server_training.request_lora(self, req)
-        tokens = req.max_length * req.batch_size
-        if tokens > self.cache_tokens_left:
-            raise RequestError(
-                "cache_full",
-                f"attention cache full: the session needs {tokens} tokens, {self.cache_tokens_left} "
-                f"of {self.config.cache_budget_tokens} are free; retry later or use another server",
-            )
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(
             req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
         )
+        rules = SessionRules(
+            session_id=session_id, max_length=req.max_length, prev_peer=req.prev_peer
+        )
         session = sessions[session_id] = self.sessions[session_id] = ServerSession(
-            session_id=session_id,
+            rules=rules,
             peer_id=peer,
             start=req.start,
             end=req.end,
-            max_length=req.max_length,
             batch_size=req.batch_size,
             dtype=req.dtype,
             compression=self.config.compression
@@ -299,10 +280,8 @@ class BlockServer:
             cache=cache,
             reserved_tokens=tokens,
             conn=conn,
-            prev_peer=req.prev_peer,
             prompts=prompts,
             last_active=trio.current_time(),
-            lock=trio.Lock(),
             lora=lora,
         )
         self.reserved_tokens += tokens
@@ -319,10 +298,11 @@ class BlockServer:
             )
         log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
         return m.OpenSessionResponse(
-            session_id=session_id, max_length=req.max_length, push=int(session.push is not None)
+            session_id=session_id, max_length=req.max_length, push=session.push is not None
         )
 
     async def _end(self, session: ServerSession) -> None:
+        session.rules.close()
         self._release(session)
         if session.push is not None:
             await session.push.aclose()
@@ -339,50 +319,30 @@ class BlockServer:
         session.cache = None
 
     async def _step(self, req: m.StepRequest, sessions: dict[str, ServerSession]) -> m.StepResponse:
-        session = sessions.get(req.session_id)
-        if session is None:
-            raise RequestError("unknown_session", f"no session {req.session_id!r} on this stream")
-        assert session.lock is not None
+        session = find_session(sessions, req.session_id)
         async with session.lock:
-            last = session.last_reply
-            if req.step_id > 0 and last is not None and last.step_id == req.step_id:
-                return last  # the previous server pushed this step here already
-            return await self._run_step(session, req.step_id, req.position, req.hidden)
+            done = session.rules.step(req, session.cache_length)
+            return done or await self._run_step(session, req.step_id, req.position, req.hidden)
 
     async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
-        """A step the previous server pushed: compute it and answer the session's client.
-
-        False when the session is unknown or expects no pushes from ``sender`` (the pushing stream
-        should go). A step the client sent
-        first is dropped; one that fails is reported to the client as ``push_failed``, so it sends
-        the step itself.
-        """
+        """A step the previous server pushed: compute it and answer the session's client (a step
+        that fails: ``push_failed``, so the client sends it itself). False when the pushing stream
+        should go (the session is unknown or takes no pushes from ``sender``)."""
         session = self.sessions.get(req.session_id)
-        if session is None or session.lock is None:
+        if session is None:
             log.info("dropping a push for unknown session %r", req.session_id)
             return False
-        if not session.prev_peer or sender != session.prev_peer:
-            log.warning(
-                "peer %s pushed to session %s, which takes pushes only from %r",
-                sender,
-                req.session_id,
-                session.prev_peer,
-            )
-            return False
         async with session.lock:
-            last = session.last_reply
-            if last is not None and req.step_id <= last.step_id:
-                log.debug(
-                    "dropping pushed step %d of %s: done already", req.step_id, req.session_id
-                )
-                return True
             try:
+                if not session.rules.push(req, sender, session.cache_length):
+                    return True  # the client sent it first
                 reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
                 self.pushed_steps += 1
+            except PushRefused as exc:
+                log.warning("%s", exc)
+                return False
             except RequestError as exc:
-                reply = m.ErrorResponse(
-                    code="push_failed", message=f"pushed step {req.step_id}: {exc.message}"
-                )
+                reply = session.rules.push_failed(req.step_id, exc)
             try:
                 await session.conn.send(reply)
             except ProtocolError as exc:
@@ -392,24 +352,12 @@ class BlockServer:
     async def _run_step(
         self, session: ServerSession, step_id: int, position: int, wire: Any
     ) -> m.StepResponse:
-        """Compute one step, push the output to the next server (if asked) and make the answer."""
+        """Compute one step the rules admitted, push the output on (if asked) and make the answer."""
         length = session.cache.length
-        if position != length:
-            raise RequestError(
-                "bad_request",
-                f"'position' must equal the session's cache length {length}, got {position}",
-            )
-        shape = wire.shape  # checked against the bytes when decoded below
-        if len(shape) == 3 and length + shape[1] > session.max_length:
-            raise RequestError(
-                "too_long",
-                f"session max_length is {session.max_length}: {length} tokens cached + "
-                f"{shape[1]} new would exceed it",
-            )
         hidden = self.decode_hidden(
             wire,
             batch=session.batch_size,
-            max_tokens=session.max_length - length,
+            max_tokens=session.rules.max_length - length,
             dtype=session.dtype,
         )
         run = functools.partial(
@@ -429,11 +377,7 @@ class BlockServer:
         session.last_active = trio.current_time()
         out_wire = compression.encode(out, session.compression)
         pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
-        reply = m.StepResponse(
-            session_id=session.session_id, step_id=step_id, hidden=out_wire, pushed=int(pushed)
-        )
-        session.last_reply = reply
-        return reply
+        return session.rules.answered(step_id, out_wire, pushed=pushed)
 
     def _run_span(
         self,

@@ -2,7 +2,7 @@
 
 After computing a step, a server sends its output to the next server's session (a PushStepRequest,
 no reply) as well as to the client. A push that cannot be written (the stream broke, the next
-server is gone or reset the stream) turns the link off: the client sees ``pushed=0`` in the step's
+server is gone or reset the stream) turns the link off: the client sees ``pushed=False`` in the step's
 answer and sends that step to the next server itself (client-star). This module does NOT know
 sessions, caches or models: the server decides what to push.
 """
@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 PUSH_OPEN_TIMEOUT = 10.0  # seconds to reach the next server when a session opens
 PUSH_SEND_TIMEOUT = 5.0  # seconds one push may wait for the stream (flow control)
-MAX_NEXT_ADDRS = 16
 
 
 class PushLink:
@@ -64,11 +63,11 @@ class PushLink:
 
 
 async def open_push_link(
-    host: Any, *, peer_id: str, addrs: str, next_session: str, max_frame_size: int
+    host: Any, *, peer_id: str, addrs: tuple[str, ...], next_session: str, max_frame_size: int
 ) -> PushLink | None:
-    """A push stream to ``peer_id`` (reached at the space-separated ``addrs``); None if unreachable."""
+    """A push stream to ``peer_id`` (reached at ``addrs``); None if unreachable."""
     try:
-        remember_addrs(host, peer_id, addrs.split()[:MAX_NEXT_ADDRS])
+        remember_addrs(host, peer_id, addrs)
     except ValueError as exc:
         log.info("not pushing: %s", exc)
         return None

@@ -1,29 +1,27 @@
-"""What a server keeps per session and gauges of work (RequestError lives in request_error.py).
-
-Plain state for server.py; no streams are read or written here.
+"""What a server keeps per session and gauges of work; the session's rules are in
+protocol/server_session.py. Plain state for block_server.py; no streams are read or written here.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.node.server.push import PushLink
-from swarm_node.protocol import messages as m
+from swarm_node.protocol.server_session import SessionRules
 
 
 @dataclass(slots=True)
 class ServerSession:
-    session_id: str
+    rules: SessionRules  # step ids, positions, whose pushes count; the newest answer
     peer_id: str
     start: int
     end: int
-    max_length: int
     batch_size: int
     dtype: str
     compression: str
@@ -33,11 +31,17 @@ class ServerSession:
     steps: int = 0
     last_active: float = 0.0  # trio time of the last step
     push: PushLink | None = None  # to the next span's server, when the client asked for push
-    prev_peer: str = ""  # the previous span's server: the only peer whose pushes are accepted
-    last_reply: m.StepResponse | None = None  # the answer to the newest step (for duplicates)
     prompts: Any = None  # deep prompts (end - start, P, H) the client opened with
-    lock: trio.Lock | None = None  # one step at a time, whether from the client or pushed
+    lock: trio.Lock = field(default_factory=trio.Lock)  # one step at a time, client's or pushed
     lora: Any = None  # model.LoraWeights of the adapter the session named, or None
+
+    @property
+    def session_id(self) -> str:
+        return self.rules.session_id
+
+    @property
+    def cache_length(self) -> int:
+        return 0 if self.cache is None else self.cache.length  # None: closed (the rules refuse)
 
 
 class Gauge:

@@ -27,6 +27,7 @@ from swarm_node.node.server.adapters import adapter_for
 from swarm_node.node.server.kept_graphs import KeptGraph, SavedBytes
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
+from swarm_node.protocol.server_session import check_span
 
 
 def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Tensor | None:
@@ -45,7 +46,7 @@ def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Ten
     return prompts
 
 
-def decode_lora(server: Any, wire: Any, manifest: str, *, start: int, end: int) -> Any:
+def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int) -> Any:
     """The client-owned LoRA of a request for blocks [start, end) (model.LoraWeights), checked, or
     None when it sent none. The manifest is checked first: it fixes how many numbers to accept."""
     if wire is None:
@@ -88,7 +89,7 @@ def _check_prompt_length(prompts: torch.Tensor | None, hidden: torch.Tensor) -> 
 async def forward(server: Any, req: m.ForwardRequest, peer: str = "") -> m.ForwardResponse:
     """Blocks [start, end) on a batch of whole sequences, from position 0, without a cache; with
     ``keep_graph``, computed with grad and its graph kept for ``peer``'s backward."""
-    server.check_span(req.model, req.start, req.end)
+    check_span(server.served, req.model, req.start, req.end)
     _check_codec(req.compression)
     hidden = _decode_batch(server, req.hidden)  # (B, T, H)
     _check_batch(hidden)
@@ -113,7 +114,7 @@ async def forward(server: Any, req: m.ForwardRequest, peer: str = "") -> m.Forwa
 
 async def backward(server: Any, req: m.BackwardRequest, peer: str = "") -> m.BackwardResponse:
     """Gradients of ``sum(blocks(hidden) * grad_output)`` for ``hidden`` and the prompts."""
-    server.check_span(req.model, req.start, req.end)
+    check_span(server.served, req.model, req.start, req.end)
     _check_codec(req.compression)
     hidden = _decode_batch(server, req.hidden)  # (B, T, H)
     _check_batch(hidden)
