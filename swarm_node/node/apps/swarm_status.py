@@ -115,7 +115,7 @@ async def _num_blocks(peer: Any, model: str, servers: Sequence[ServerRecord]) ->
     for rec in servers:
         try:
             _, info = await peer.ping(rec.peer_id)
-        except Exception:  # try the next one
+        except Exception:  # noqa: BLE001 (any failure: ask the next server)
             continue
         return int(info.num_blocks)
     raise MissingBlocksError(

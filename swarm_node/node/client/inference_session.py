@@ -183,7 +183,7 @@ class InferenceSession:
                         )
                     except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
                         log.debug("closing session on %s: %s", span.conn.peer_id, exc)
-                    except Exception as exc:  # the server may be gone; the close is best effort
+                    except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
                         log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
                     await span.conn.close()
 

@@ -249,9 +249,9 @@ def _same_inputs(
         + ([prompts] if prompts is not None else [])
         + ([pack_lora(lora)[0]] if owned else [])
     )
-    return all(
+    return len(kept.inputs) == len(sent) and all(
         a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b)
-        for a, b in zip(kept.inputs, sent)
+        for a, b in zip(kept.inputs, sent, strict=True)
     )
 
 

@@ -84,9 +84,7 @@ class ModelRuntime:
                     tokenize=True,
                     return_dict=True,
                 )["input_ids"]
-            except (
-                Exception
-            ) as exc:  # jinja raises its own errors for conversations a template refuses
+            except Exception as exc:  # noqa: BLE001 (jinja raises its own errors for conversations a template refuses)
                 raise ApiError(
                     400,
                     f"the chat template of {self.name!r} refused these messages: {exc}",
