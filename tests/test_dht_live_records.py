@@ -156,10 +156,10 @@ async def test_a_peer_refuses_a_replayed_older_record_put_over_the_network() -> 
             with pytest.raises(QUERY_ERRORS):  # the holder resets the stream instead of echoing
                 await put(client, holder, sign_record(record(seq=5), SERVER_KEY))
             assert held_seq(holder) == 6
+            newer_but_expired = record(seq=8, expires_at=time.time() - 1)
             with pytest.raises(QUERY_ERRORS):
-                await put(
-                    client, holder, sign_record(record(expires_at=time.time() - 1), SERVER_KEY)
-                )
+                await put(client, holder, sign_record(newer_but_expired, SERVER_KEY))
+            assert held_seq(holder) == 6
             # the held record has lapsed: comparing records would let the older, unexpired one in,
             # but the seq held (RecordValidator's held_seq) still refuses it
             lapsed = sign_record(record(seq=6, expires_at=time.time() - 1), SERVER_KEY)
