@@ -1,7 +1,9 @@
 # make demo   set up .venv (first time: a few minutes) and run a local 2-server swarm answering a prompt
 # make test   set up .venv and run the whole test suite (what CI runs)
 # make lint   ruff check, ruff format --check and the layer rules (scripts/check_layers.py; CI runs it too)
-.PHONY: setup demo test lint bench
+# make test-fast   the pure and in-process tests only (-m "not slow"), for development:
+#                  8.5 min on 2 shared cores (2026-12-05, 506 tests); `make test` runs everything
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	@bash scripts/setup_env.sh
@@ -11,6 +13,9 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check swarm_node tests scripts

@@ -1,11 +1,23 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.model_fixtures import make_tiny_model_dir
+
+# One hypothesis profile for every test: no per-example deadline (2 shared cores make timings
+# noise), and in CI (CI set) the same examples on every run, so a red build is reproducible.
+settings.register_profile(
+    "swarm",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=bool(os.environ.get("CI")),
+)
+settings.load_profile("swarm")
 
 
 @pytest.fixture(autouse=True)

@@ -138,6 +138,55 @@ async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: 
     assert generation["tokens_generated"] == 10 + 7 + 10 + 7 + 12 + 12
 
 
+async def test_sampling_settings_reach_the_sampler(tiny_chat_llama: Path) -> None:
+    # Fixed seeds, so every draw below is the same on every run.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
+    prompt = "The swarm says"
+    ids = tokenizer(prompt).input_ids
+    greedy = reference_text(tiny_chat_llama, ids, 12)
+    with torch.no_grad():
+        logits = reference_model(tiny_chat_llama)(torch.tensor([ids])).logits[0, -1]  # (V,)
+    probs = torch.softmax(logits / 0.3, -1)
+    top = probs.topk(3)
+    # at temperature 0.3 the three likeliest first tokens hold 0.89, the two first 0.83: top_p 0.85
+    nucleus = {
+        tokenizer.decode([int(t)]): float(q) for t, q in zip(top.indices, top.values, strict=True)
+    }
+    assert top.values[:2].sum() < 0.85 <= top.values.sum() and len(nucleus) == 3
+    with trio.fail_after(180):
+        async with api_swarm(tiny_chat_llama, [(0, 3), (3, 6)]) as api:
+
+            def use() -> dict[str, list[str]]:
+                client = client_of(api)
+
+                def texts(seeds: range, **settings: Any) -> list[str]:
+                    return [
+                        client.completions.create(model=MODEL, prompt=prompt, seed=s, **settings)
+                        .choices[0]
+                        .text
+                        for s in seeds
+                    ]
+
+                return {
+                    "sampled": texts(range(2), max_tokens=12, temperature=1.0),
+                    "tiny_p": texts(range(2), max_tokens=12, temperature=1.0, top_p=1e-6),
+                    "nucleus": texts(range(64), max_tokens=1, temperature=0.3, top_p=0.85),
+                    "hot": texts(range(32), max_tokens=1, temperature=2.0),
+                }
+
+            got = await trio.to_thread.run_sync(use)
+    assert greedy not in got["sampled"] and len(set(got["sampled"])) == 2  # seeds reach the sampler
+    assert got["tiny_p"] == [greedy, greedy]  # top_p that small keeps only the top token
+    assert set(got["nucleus"]) <= set(nucleus)  # temperature and top_p both shape the choice
+    first = max(nucleus, key=nucleus.__getitem__)
+    share = got["nucleus"].count(first) / 64
+    expected = nucleus[first] / sum(nucleus.values())  # 0.80; 3 sd of 64 draws is 0.15
+    assert abs(share - expected) < 0.15, (share, expected)
+    assert got["hot"].count(first) / 32 < 0.2 and len(set(got["hot"])) > 2 * len(nucleus)
+
+
 async def test_stop_strings_cut_the_text_streamed_or_not(tiny_chat_llama: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -371,7 +420,8 @@ async def test_a_client_that_leaves_mid_stream_ends_its_session(tiny_chat_llama:
                     async for line in reply.aiter_lines():
                         if line.startswith("data: "):
                             break  # the first event: generation is under way; hang up now
-            while api.tracker.active:  # the server notices the hang-up and cancels the generation
+            # the server notices the hang-up and cancels the generation; the tracker is a dict, not an event
+            while api.tracker.active:  # noqa: ASYNC110
                 await trio.sleep(0.05)
             recent = api.state()["generation"]["recent"][0]
             after = await http_completion(api)

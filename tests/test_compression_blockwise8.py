@@ -62,7 +62,7 @@ def test_dynamic_map_equals_bitsandbytes_map(bnb_functional):
     assert 0.00703 < MAX_HALF_GAP < 0.00704
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(st.sampled_from(BLOCKWISE), st.sampled_from(sorted(DTYPES)), shapes, st.data())
 def test_round_trip_stays_within_the_per_block_bound(codec, dtype, shape, data):
     x = torch.from_numpy(data.draw(hnp.arrays(np.float32, shape, elements=finite))).to(
@@ -197,7 +197,7 @@ def test_large_and_small_paths_give_the_same_bytes(monkeypatch, codec, native):
     assert torch.equal(y.nan_to_num(7.0), torch.cat(pieces).nan_to_num(7.0))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     st.sampled_from(BLOCKWISE),
     st.sampled_from(sorted(DTYPES)),
@@ -212,7 +212,7 @@ def test_random_bytes_raise_only_remote_protocol_error(codec, dtype, shape, data
     assert tuple(y.shape) == shape and y.dtype == DTYPES[dtype]
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(st.sampled_from(BLOCKWISE), st.integers(1, 300), st.data())
 def test_truncated_or_extended_payloads_are_refused(codec, numel, data):
     wire = encode(torch.randn(numel), codec)

@@ -96,7 +96,7 @@ def test_the_kernel_is_built_and_used_in_this_environment(kernel):
 
 # inf absmax * the code for 0 is NaN: numpy says so, the kernel and torch do not
 @pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     st.sampled_from(sorted(BLOCK_SIZES.values())),
     st.integers(1, 3 * 4096 + 77),
@@ -288,7 +288,7 @@ def test_the_encoder_runs_where_the_cpu_has_avx512f(kernel):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(
     st.sampled_from([*sorted(BLOCK_SIZES.values()), 1, 7, 100]),
     st.integers(1, 2 * 4096 + 77),

@@ -141,7 +141,7 @@ def _all_chains(servers: list[ServerRecord], pos: int, end: int) -> list[list[Ho
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(
     spans=st.lists(
         st.tuples(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from libp2p import generate_new_ed25519_identity
 from libp2p.crypto.keys import KeyPair
@@ -190,7 +190,7 @@ _values = st.recursive(
 )
 
 
-@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=200)
+@settings(max_examples=200)
 @given(
     st.dictionaries(
         st.sampled_from([*record_fields(rec()), "public_key", "signature", "x"]), _values

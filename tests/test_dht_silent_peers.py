@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 from libp2p import new_host
 from libp2p.abc import INetStream
@@ -18,6 +19,8 @@ from swarm_node.dht.discovery import LOOKUP_ROUNDS, QUERY_TIMEOUT
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
 from tests.swarm_helpers import LOOPBACK, local_swarm
+
+pytestmark = pytest.mark.slow  # waits out query deadlines by design
 
 SILENT = 8  # as many as the queries a peer keeps in flight at once
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import trio
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
@@ -47,6 +46,5 @@ async def test_smollm2_with_a_server_held_adapter(smollm2_path: Path, tmp_path: 
                 SamplingConfig(max_new_tokens=12, eos_token_ids=(2,)),
                 tuning=HopTuning(adapter="smol"),
             )
-    assert ids.tolist() == expected[:, : ids.shape[1]].tolist()
+    assert ids.tolist() == expected.tolist()  # the same tokens, as many: none missing, none extra
     assert [(h.start, h.end) for h in stats.chain] == [(0, 15), (15, 30)]
-    assert torch.equal(ids[:, : input_ids.shape[1]], input_ids)

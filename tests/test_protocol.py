@@ -7,7 +7,7 @@ from dataclasses import FrozenInstanceError, fields
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm_node.errors import ConfigError, LocalProtocolError, RemoteProtocolError
@@ -113,7 +113,7 @@ def test_constants():
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGE_TYPES))
-@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40)
 @given(data=st.data())
 def test_round_trip_every_message_type(name, data):
     msg = data.draw(message_strategy(MESSAGE_TYPES[name]))

@@ -14,6 +14,8 @@ from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.peer import Peer
 from tests.swarm_helpers import proxied_swarm
 
+pytestmark = pytest.mark.slow  # real-time delays through proxies
+
 DELAY = 0.1  # seconds one way, in front of every peer: large against the few ms a hop adds
 H = 64  # hidden size of the tiny models
 STEPS = 9

@@ -1,4 +1,5 @@
-"""A server under pressure refuses new sessions with clear errors and keeps serving the admitted ones."""
+"""A server under pressure refuses new sessions with clear errors and keeps serving the admitted ones;
+`swarm-node serve` flags set those limits on a running server."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import torch
 import trio
 
 from swarm_node.errors import RemoteError
-from swarm_node.node.apps.cli import build_parser
 from swarm_node.node.client.settings import SessionSettings
-from swarm_node.node.config import ClientConfig
-from tests.swarm_helpers import local_swarm
+from swarm_node.node.config import ClientConfig, PeerConfig
+from swarm_node.node.peer import Peer, open_peer
+from tests.process_swarm import server_processes
+from tests.swarm_helpers import LOOPBACK, local_swarm
 
 H = 64
 
@@ -51,16 +53,43 @@ async def test_per_peer_limit_refuses_the_extra_session_and_serves_the_others(
             assert servers[0].server.active_sessions == 0
 
 
-def test_serve_flags_reach_the_limits() -> None:
-    args = build_parser().parse_args(
-        [
-            "serve",
-            "--blocks",
-            "0:2",
-            "--max-sessions-per-peer",
-            "3",
-            "--session-idle-timeout",
-            "9.5",
-        ]
-    )
-    assert (args.max_sessions_per_peer, args.session_idle_timeout) == (3, 9.5)
+@pytest.mark.slow  # starts a `swarm-node serve` process
+async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) -> None:
+    model = tiny_llama.name
+    flags = [
+        *("--throughput", "100", "--max-sessions-per-peer", "1"),
+        *("--max-session-length", "16", "--cache-tokens", "24"),
+    ]
+    no_recovery = ClientConfig(max_attempts=0)
+    with trio.fail_after(120):
+        async with server_processes(tiny_llama, ["0:6"], extra=flags) as (server,):
+            config = PeerConfig(listen=LOOPBACK, initial_peers=(server.addr,))
+            async with (
+                open_peer(config, client=no_recovery) as client,
+                open_peer(config, client=no_recovery) as other,
+            ):
+                chain = await client.find_chain(model, 6, max_length=16)
+                (hop,) = chain
+                assert hop.server.cache_tokens_left == 24  # --cache-tokens, in its record
+
+                async def refused(peer: Peer, max_length: int) -> str:
+                    with pytest.raises(RemoteError) as caught:
+                        async with peer.inference_session(
+                            chain, SessionSettings(model=model, max_length=max_length)
+                        ):
+                            pass
+                    return caught.value.code
+
+                assert await refused(client, 17) == "too_long"  # --max-session-length 16
+                async with client.inference_session(
+                    chain, SessionSettings(model=model, max_length=16)
+                ) as a:
+                    x = torch.randn(1, 2, H)
+                    first = await a.step(x)
+                    assert await refused(client, 8) == "too_many_sessions"  # per peer: 1
+                    assert await refused(other, 16) == "cache_full"  # 8 of 24 tokens left
+                    async with other.inference_session(
+                        chain, SessionSettings(model=model, max_length=8)
+                    ) as b:
+                        torch.testing.assert_close(await b.step(x), first)
+                    assert (await a.step(torch.randn(1, 1, H))).shape == (1, 1, H)  # a goes on

@@ -1,4 +1,5 @@
-"""Routing in a live swarm: pings feed the client's RttEstimator, servers publish next_rtts."""
+"""Routing in a live swarm: pings feed the client's RttEstimator, a server without cache room for a
+session is left out of its chain, servers publish next_rtts."""
 
 from __future__ import annotations
 
@@ -10,13 +11,27 @@ from tests.swarm_helpers import local_swarm
 
 
 async def test_find_chain_feeds_rtt_estimator_and_respects_cache(tiny_llama: Path) -> None:
+    # the one-hop server is the fastest chain, but its cache holds 32 tokens of one sequence
+    small_cache = {"cache_budget_tokens": 32, "throughput": 1000.0}
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
-            chain = await client.find_chain(tiny_llama.name, 6, max_length=16)
-            assert [(h.start, h.end) for h in chain] == [(0, 3), (3, 6)]
+        async with local_swarm(
+            tiny_llama, [(0, 6), (0, 3), (3, 6)], per_server=[small_cache, {}, {}]
+        ) as (servers, client):
+            fits = await client.find_chain(tiny_llama.name, 6, max_length=32)
+            assert [(h.server.peer_id, h.start, h.end) for h in fits] == [
+                (servers[0].peer_id, 0, 6)
+            ]
             rtts = client.rtt.as_dict()
             assert set(rtts) == {p.peer_id for p in servers}
             assert all(0 < r < 5 for r in rtts.values())
+            for max_length, batch_size in ((33, 1), (16, 3)):
+                chain = await client.find_chain(
+                    tiny_llama.name, 6, max_length=max_length, batch_size=batch_size
+                )
+                assert [(h.server.peer_id, h.start, h.end) for h in chain] == [
+                    (servers[1].peer_id, 0, 3),
+                    (servers[2].peer_id, 3, 6),
+                ]
 
 
 async def test_servers_publish_round_trips_to_next_servers(tiny_llama: Path) -> None:

@@ -20,6 +20,7 @@ from tests.swarm_helpers import local_swarm
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 
 
+@pytest.mark.slow  # starts a chromium process
 async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     with trio.fail_after(180):
         async with local_swarm(tiny_chat_llama, [(0, 2), (2, 6), (0, 4)]) as (servers, client):

@@ -6,11 +6,14 @@ import random
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
 import trio
 
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.swarm_helpers import LOOPBACK
+
+pytestmark = pytest.mark.slow  # twenty peers: a minute of lookups
 
 SERVERS = [(b, b + 1) for b in range(6)] * 2  # 12 servers: every block of the tiny model twice
 CLIENTS = 8
