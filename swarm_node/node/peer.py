@@ -36,7 +36,7 @@ from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
-from swarm_node.node.net.host import build_host, host_peer_id
+from swarm_node.node.net.host import build_host, close_connections, host_peer_id
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.swarm_key import load_swarm_key
 from swarm_node.node.server.block_server import BlockServer
@@ -422,6 +422,7 @@ async def open_peer(
                 finally:
                     with trio.CancelScope(shield=True):
                         await peer._withdraw()
+                        await close_connections(host)
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None  # one failure comes out as itself

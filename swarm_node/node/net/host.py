@@ -10,6 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import trio
 from libp2p import new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.network.config import ConnectionConfig
@@ -25,6 +26,16 @@ def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: 
         announce_addrs=list(announce) if announce else None,
         psk=psk,
     )
+
+
+async def close_connections(host: Any, *, timeout: float = 2.0) -> None:
+    """Close every connection of ``host`` now, so that its peers see it leave at once.
+
+    Left to py-libp2p's shutdown, a departed peer's connections stayed open at the other end (nobody
+    reading them): a server's next DHT request on one waited out its whole deadline (3 s at every
+    withdrawal in a test swarm, measured)."""
+    with trio.move_on_after(timeout):
+        await host.get_network().close()
 
 
 def host_peer_id(host: Any) -> str:
