@@ -390,11 +390,6 @@ def lora_applied(
         _ACTIVE.reset(token)
 
 
-def merged_weight(weight: torch.Tensor, mod: LoraModule) -> torch.Tensor:
-    """``W + scale * B A``: the weight a merged adapter would have (tests, export)."""
-    return weight + (mod.b @ mod.a) * mod.scale
-
-
 def lora_state(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Flat form for files and the wire: ``{"model.layers.{i}.{name}.lora_A.weight": A, ...lora_B...}``
     and ``{"model.layers.{i}.{name}": scale}``."""

@@ -84,9 +84,7 @@ class PromptTuning(torch.nn.Module):
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``# (B, T, H)`` -> the soft prompt followed by them ``# (B, P + T, H)``."""
-        prefix = (
-            self.prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-        )  # (B, P, H)
+        prefix = self.prompts.to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (B, P, H)
         return torch.cat([prefix, embeds], dim=1)
 
     def extra_repr(self) -> str:

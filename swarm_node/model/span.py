@@ -243,9 +243,7 @@ class BlockSpan(torch.nn.Module):
 
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
-        position_ids = torch.arange(past, past + new_tokens, device=hidden.device).unsqueeze(
-            0
-        )  # (1, T)
+        position_ids = torch.arange(past, past + new_tokens, device=hidden.device)[None]  # (1, T)
         if dynamic is not None and prompts is None and self.uses_fast_decode(new_tokens):
             position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
             return fast_decode.decode_step(

@@ -67,9 +67,7 @@ class DistributedModelBase(torch.nn.Module):
         self.tuning_mode = tuning_mode
         self.ptune = None
         self.lora = None
-        if (
-            tuning_mode == "lora"
-        ):  # client-owned: the servers apply it per request, the client trains it
+        if tuning_mode == "lora":  # client-owned: servers apply it per request and it trains here
             self.lora = ClientLora(
                 shapes=config_linear_shapes(config),
                 blocks=range(config.num_hidden_layers),
@@ -165,9 +163,7 @@ class DistributedModelBase(torch.nn.Module):
         if attention_mask is not None:
             _check_right_padded(attention_mask, input_ids)
         with torch.no_grad():
-            hidden = self.head.embed(
-                input_ids
-            ).clone()  # (B, T, H); a normal tensor, not an inference one
+            hidden = self.head.embed(input_ids).clone()  # (B, T, H), not an inference tensor
         prompts = None
         if self.ptune is not None:
             hidden = self.ptune.prepend(hidden)  # (B, P + T, H)

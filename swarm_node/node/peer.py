@@ -61,9 +61,7 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
-        self._nursery: trio.Nursery | None = (
-            None  # open_peer's: background work (paced provider records)
-        )
+        self._nursery: trio.Nursery | None = None  # open_peer's, for paced provider records
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.announcements = 0  # how many have completed
@@ -218,9 +216,8 @@ class Peer:
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
         """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
-        timeout = min(
-            PING_TIMEOUT, self.client_config.step_timeout
-        )  # a hung server holds nobody longer
+        # a hung server holds nobody longer
+        timeout = min(PING_TIMEOUT, self.client_config.step_timeout)
         conn = await open_stream(
             self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout
         )
@@ -425,7 +422,3 @@ async def open_peer(
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None  # one failure comes out as itself
-
-
-def with_listen(config: PeerConfig, listen: Sequence[str]) -> PeerConfig:
-    return replace(config, listen=tuple(listen))

@@ -65,9 +65,7 @@ class GenerationStats:
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
-    recoveries: list[Any] = field(
-        default_factory=list
-    )  # recovery.RecoveryEvent per replaced server
+    recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
 
     @property
     def tokens_per_second(self) -> float:
@@ -212,9 +210,8 @@ async def continue_tokens(
     recoveries_before = 0 if recovery is None else len(recovery.events)
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
-        hidden = torch.cat(
-            [ts.prefix.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1
-        )  # (B, P + T', H)
+        prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
+        hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
     for i in range(sampling.max_new_tokens):
         t_step = time.perf_counter()
         out = await ts.session.step(hidden)  # (B, T', H)
@@ -235,9 +232,7 @@ async def continue_tokens(
                 generator=generator,
             )
             token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
-            return token, head.embed(
-                token[:, None]
-            )  # the next step's input, in the same thread hop
+            return token, head.embed(token[:, None])  # the next input, in the same thread hop
 
         token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
         ids = torch.cat([ids, token[:, None]], dim=1)

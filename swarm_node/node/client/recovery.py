@@ -87,9 +87,8 @@ class Slot:
     start: int
     end: int
     spans: list[RemoteSpan]
-    history: list[tuple[int, int, torch.Tensor]] = field(
-        default_factory=list
-    )  # (step id, position, (B, T, H))
+    # (step id, position, (B, T, H))
+    history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     failures: int = 0  # recoveries since the slot last completed a step
 
     def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
@@ -165,10 +164,8 @@ class Recovery:
                 ban(self.bans, exc, self.clock())
                 continue
             slot.spans = spans
-            for span in spans:
-                self.bans.forgive(
-                    span.hop.server.peer_id
-                )  # it served a whole replay: trusted again
+            for span in spans:  # it served a whole replay: trusted again
+                self.bans.forgive(span.hop.server.peer_id)
             event = RecoveryEvent(
                 start=slot.start,
                 end=slot.end,

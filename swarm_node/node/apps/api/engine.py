@@ -176,6 +176,15 @@ class TextAssembler:
         return piece
 
 
+def missing_blocks(model: str, exc: MissingBlocksError) -> ApiError:
+    return ApiError(
+        503,
+        f"the swarm cannot serve {model!r} now: {exc}",
+        type="server_error",
+        code="missing_blocks",
+    )
+
+
 async def run_generation(
     peer: Any,
     runtime: ModelRuntime,
@@ -214,12 +223,7 @@ async def run_generation(
             chain=chain,
         )
     except MissingBlocksError as exc:
-        raise ApiError(
-            503,
-            f"the swarm cannot serve {runtime.name!r} now: {exc}",
-            type="server_error",
-            code="missing_blocks",
-        ) from None
+        raise missing_blocks(runtime.name, exc) from None
     except (ConfigError, ModelError) as exc:
         raise ApiError(400, str(exc)) from None
     except (SwarmError, trio.TooSlowError) as exc:
