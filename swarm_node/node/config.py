@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.server.adapters import check_adapter_name, check_server_adapters
 
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -119,9 +119,8 @@ class ServerConfig:
     min_gain: float = flag(
         0.2, "with --num-blocks: move only if the weakest block's coverage rises by this fraction"
     )
-    move_grace: float = (
-        60.0  # seconds sessions on the old span may take to finish before a move cuts them
-    )
+    # seconds sessions on the old span may take to finish before a move cuts them
+    move_grace: float = 60.0
     dtype: str = flag("float32", "weights and hidden-state dtype", choices=DTYPES)
     max_session_length: int = flag(4096, "tokens one session may hold")
     cache_budget_tokens: int = flag(
@@ -175,12 +174,7 @@ class ServerConfig:
                     f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}"
                 )
         if self.num_blocks is not None:
-            if (
-                isinstance(self.num_blocks, bool)
-                or not isinstance(self.num_blocks, int)
-                or self.num_blocks < 1
-            ):
-                raise ConfigError(f"'num_blocks' must be an int >= 1, got {self.num_blocks!r}")
+            check_int("num_blocks", self.num_blocks, 1)
             if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
                 raise ConfigError(
                     f"'blocks' {self.start}:{self.end} must hold 'num_blocks' = {self.num_blocks} blocks"
@@ -249,11 +243,7 @@ class ClientConfig:
                 f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
             )
         _check_range("max_length", self.max_length, 1, 1 << 20)
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigError(
-                f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}"
-            )
-        _check_range("max_attempts", self.max_attempts, 0, 100)
+        check_int("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
 
@@ -291,9 +281,7 @@ class ApiConfig:
             ("default_max_tokens", 1, 1 << 20),
             ("max_concurrent", 1, 4096),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
+            check_int(name, getattr(self, name), low, high)
         if not self.chain_ttl >= 0:
             raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
         if not self.refresh_interval >= 0.1:

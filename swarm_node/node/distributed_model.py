@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
@@ -331,8 +331,7 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
 
     def __init__(self, *, num_labels: int = 2, **fields: Any) -> None:
         super().__init__(**fields)
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ConfigError(f"'num_labels' must be an int >= 1, got {num_labels!r}")
+        check_int("num_labels", num_labels, 1)
         self.num_labels = num_labels
         self.score = torch.nn.Linear(
             self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype]

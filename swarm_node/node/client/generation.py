@@ -19,7 +19,7 @@ import torch
 import trio
 
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
@@ -38,18 +38,12 @@ class SamplingConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
-            raise ConfigError(f"'max_new_tokens' must be an int >= 1, got {self.max_new_tokens!r}")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
         if not self.temperature >= 0:
             raise ConfigError(f"'temperature' must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"'top_p' must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"'top_k' must be an int >= 0, got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0)
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ConfigError(
                 f"'repetition_penalty' must be a finite number > 0, got {self.repetition_penalty!r}"

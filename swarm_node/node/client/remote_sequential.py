@@ -26,7 +26,7 @@ import trio
 
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError
+from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError, check_int
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora import LoraWeights
 from swarm_node.model.lora_pack import pack_lora
@@ -70,12 +70,8 @@ class RemoteSequential(torch.nn.Module):
             raise ConfigError(
                 f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}"
             )
-        for name, value in (
-            ("max_concurrent_pieces", max_concurrent_pieces),
-            ("min_pieces", min_pieces),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name!r} must be an int >= 1, got {value!r}")
+        check_int("max_concurrent_pieces", max_concurrent_pieces, 1)
+        check_int("min_pieces", min_pieces, 1)
         self.peer = peer
         self.settings = SessionSettings(
             model=model, num_blocks=num_blocks, dtype=dtype, compression=compression or "none"
