@@ -134,11 +134,7 @@ class BlockSpan(torch.nn.Module):
         check_int("max_length", max_length, 1, MAX_CACHE_LENGTH)
         check_int("batch_size", batch_size, 1, 1 << 16)
         return SpanCache(
-            config=self.config,
-            start=start,
-            end=end,
-            max_length=max_length,
-            batch_size=batch_size,
+            config=self.config, start=start, end=end, max_length=max_length, batch_size=batch_size
         )
 
     def _sub_span(self, start: int | None, end: int | None) -> tuple[int, int]:
@@ -232,10 +228,7 @@ class BlockSpan(torch.nn.Module):
         stop: int,
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None

@@ -40,6 +40,11 @@ def parse_blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _check_choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name!r} must be one of {choices}, got {value!r}")
+
+
 def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name!r} must be a number, got {value!r}")
@@ -166,8 +171,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_server_adapters(self.adapters)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
         if self.num_blocks is None or (self.start, self.end) != (0, 0):
             if not 0 <= self.start < self.end:
                 raise ConfigError(
@@ -189,13 +193,9 @@ class ServerConfig:
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(
-                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
-            )
+        _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("shutdown_grace", self.shutdown_grace, 0.0, 600.0)
-        if self.quant not in QUANTS:
-            raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
+        _check_choice("quant", self.quant, QUANTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,10 +238,8 @@ class ClientConfig:
             check_adapter_name(self.adapter)
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
-        if self.compression is not None and self.compression not in COMPRESSIONS:
-            raise ConfigError(
-                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
-            )
+        if self.compression is not None:
+            _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("max_length", self.max_length, 1, 1 << 20)
         check_int("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
@@ -273,8 +271,7 @@ class ApiConfig:
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
         for name, low, high in (
             ("port", 0, 65535),
             ("max_context", 2, 1 << 20),

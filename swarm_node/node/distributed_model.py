@@ -254,9 +254,8 @@ class DistributedModelForCausalLM(DistributedModelBase):
         if self.ptune is not None:
             prefix = self.ptune.prompts.detach()
             deep = None if self.ptune.deep_prompts is None else self.ptune.deep_prompts.detach()
-        return prefix, HopTuning(
-            prompts=deep, lora=None if self.lora is None else self.lora.weights()
-        )
+        lora = None if self.lora is None else self.lora.weights()
+        return prefix, HopTuning(prompts=deep, lora=lora)
 
     def inference_session(self, *, max_length: int | None = None) -> ModelSession:
         """A session kept open across ``generate`` calls (a chat): each call inside
@@ -348,11 +347,9 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         hidden = self.body(input_ids, attention_mask)  # (B, P + T, H)
-        lengths = (
-            torch.full((input_ids.shape[0],), input_ids.shape[1])
-            if attention_mask is None
-            else attention_mask.long().sum(dim=1)
-        )
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])  # (B,)
+        if attention_mask is not None:
+            lengths = attention_mask.long().sum(dim=1)
         last = hidden[torch.arange(hidden.shape[0]), self.pre_seq_len + lengths - 1]  # (B, H)
         logits = self.score(self.head.norm(last.to(self.score.weight.dtype)))  # (B, num_labels)
         loss = None

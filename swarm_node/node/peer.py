@@ -79,13 +79,8 @@ class Peer:
     @property
     def addrs(self) -> list[str]:
         """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers."""
-        out = []
-        for addr in self.host.get_addrs():
-            text = str(addr)
-            if "/p2p/" not in text:
-                text = f"{text}/p2p/{self.peer_id}"
-            out.append(text)
-        return out
+        texts = [str(addr) for addr in self.host.get_addrs()]
+        return [text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}" for text in texts]
 
     # -- serving ---------------------------------------------------------------------------------
     async def start_serving(
@@ -299,16 +294,10 @@ class Peer:
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
         exclude = self.bans.banned(trio.current_time())
+        blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
         if rng is not None:
             return choose_training_chain(
-                servers,
-                model=model,
-                start=start,
-                end=end,
-                rng=rng,
-                now=time.time(),
-                exclude=exclude,
-                adapter=adapter,
+                servers, rng=rng, exclude=exclude, adapter=adapter, **blocks
             )
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = await self.ping_all(candidates)
@@ -317,17 +306,14 @@ class Peer:
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
             servers,
-            model=model,
-            start=start,
-            end=end,
             rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers),
             push=self.client_config.push if settings.push is None else settings.push,
-            now=time.time(),
             max_length=settings.max_length,
             batch_size=settings.batch_size,
             exclude=exclude | unreachable,
             adapter=adapter,
+            **blocks,
         )
 
     def _recovery(self, settings: SessionSettings, adapter: str) -> Recovery | None:

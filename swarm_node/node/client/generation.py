@@ -147,9 +147,8 @@ async def generate_tokens(
         raise ConfigError(
             f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
         )
-    max_length = (
-        input_ids.shape[1] + sampling.max_new_tokens + (0 if prefix is None else prefix.shape[0])
-    )
+    prefix_len = 0 if prefix is None else prefix.shape[0]
+    max_length = input_ids.shape[1] + sampling.max_new_tokens + prefix_len
     settings = replace(settings, max_length=max_length, batch_size=input_ids.shape[0])
     async with open_token_session(
         peer, settings, tuning=tuning, prefix=prefix, chain=chain
@@ -192,11 +191,9 @@ async def continue_tokens(
     stats = GenerationStats(prompt_tokens=input_ids.shape[1], chain=list(ts.chain))
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     eos = torch.tensor(sampling.eos_token_ids or [-1])
-    pad = (
-        sampling.pad_token_id
-        if sampling.pad_token_id is not None
-        else (sampling.eos_token_ids or (0,))[0]
-    )
+    pad = sampling.pad_token_id
+    if pad is None:
+        pad = (sampling.eos_token_ids or (0,))[0]
     finished = torch.zeros(batch, dtype=torch.bool)
     ts.ids = torch.cat([ts.ids, input_ids.to(torch.int64)], dim=1)
     ids = input_ids

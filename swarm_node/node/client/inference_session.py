@@ -169,14 +169,10 @@ class InferenceSession:
         self._slots = []
         with trio.CancelScope(shield=True):
             for span in spans:
+                close = m.CloseSessionRequest(session_id=span.session_id)
                 with trio.move_on_after(2.0):
                     try:
-                        await request(
-                            span.conn,
-                            m.CloseSessionRequest(session_id=span.session_id),
-                            m.CloseSessionResponse,
-                            timeout=2.0,
-                        )
+                        await request(span.conn, close, m.CloseSessionResponse, timeout=2.0)
                     except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
                         log.debug("closing session on %s: %s", span.conn.peer_id, exc)
                     except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
@@ -337,15 +333,12 @@ class InferenceSession:
     async def send_step(
         self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int
     ) -> None:
+        wire = compression.encode(hidden, self.uplink)
+        req = m.StepRequest(
+            session_id=span.session_id, step_id=step_id, position=position, hidden=wire
+        )
         with trio.fail_after(self.step_timeout):
-            await span.conn.send(
-                m.StepRequest(
-                    session_id=span.session_id,
-                    step_id=step_id,
-                    position=position,
-                    hidden=compression.encode(hidden, self.uplink),
-                )
-            )
+            await span.conn.send(req)
 
     async def receive_step(
         self, span: RemoteSpan, step_id: int, *, sent: bool = True

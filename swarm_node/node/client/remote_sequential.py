@@ -252,10 +252,8 @@ class RemoteSequential(torch.nn.Module):
             reply = await self._call(hop.server.peer_id, req, m.BackwardResponse)
             grad_input = _tensor(reply.grad_input, x.shape, "grad_input")
             parts = {}
-            for name, sent in (
-                ("grad_prompts", fields.get("prompts")),
-                ("grad_lora", fields.get("lora")),
-            ):
+            asked = {"grad_prompts": fields.get("prompts"), "grad_lora": fields.get("lora")}
+            for name, sent in asked.items():
                 wire = getattr(reply, name)
                 if (wire is None) != (sent is None):
                     raise RemoteProtocolError(f"{name!r} must come back exactly when sent")

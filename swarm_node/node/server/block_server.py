@@ -133,9 +133,8 @@ class BlockServer:
                     message = await conn.receive()
                 if idle.cancelled_caught:
                     now = trio.current_time()
-                    if carries_pushes or any(
-                        now - s.last_active < timeout for s in sessions.values()
-                    ):
+                    busy = any(now - s.last_active < timeout for s in sessions.values())
+                    if carries_pushes or busy:
                         continue  # steps arrive by push; the sessions are busy
                     if sessions:
                         log.info("closing %d idle session(s) of %s", len(sessions), peer)
