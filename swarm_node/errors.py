@@ -56,3 +56,11 @@ class MissingBlocksError(SwarmError):
 
 class SessionError(SwarmError):
     """An inference session cannot continue (closed, timed out, over its max length)."""
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """ConfigError ``'name' must be an int >= low`` (or ``in [low, high]``) unless ``value`` is one."""
+    too_high = high is not None and isinstance(value, int) and value > high
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or too_high:
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name!r} must be an int {bound}, got {value!r}")

@@ -220,9 +220,8 @@ def _decode_numpy(payload: memoryview, numel: int, block: int) -> torch.Tensor:
     full = numel - numel % block
     if full >= GATHER_MIN_NUMEL:  # torch broadcasts rows of 64 ~2x faster than numpy
         out[:full].view(-1, block).mul_(torch.from_numpy(absmax[: full // block, None]))
-    with np.errstate(
-        invalid="ignore", over="ignore"
-    ):  # a NaN/inf block decodes to NaN/inf, as encoded
+    # a NaN/inf block decodes to NaN/inf, as encoded
+    with np.errstate(invalid="ignore", over="ignore"):
         if full and full < GATHER_MIN_NUMEL:
             by_block = values[:full].reshape(-1, block)
             by_block *= absmax[: full // block, None]

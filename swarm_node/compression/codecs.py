@@ -96,14 +96,6 @@ def _from_bytes(payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Te
     return out
 
 
-def _encode_none(tensor: torch.Tensor) -> memoryview:
-    return _as_bytes(tensor)
-
-
-def _decode_none(payload: memoryview, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    return _from_bytes(payload, numel, dtype)
-
-
 def _encode_float16(tensor: torch.Tensor) -> memoryview:
     if tensor.dtype == torch.float16:
         return _as_bytes(tensor)
@@ -141,7 +133,7 @@ def _blockwise_codec(block: int) -> _Codec:
 
 
 _CODECS: dict[str, _Codec] = {
-    "none": _Codec(_encode_none, _decode_none, _own_itemsize),
+    "none": _Codec(_as_bytes, _from_bytes, _own_itemsize),
     "float16": _Codec(_encode_float16, _decode_float16, _two_bytes),
     "bfloat16": _Codec(_encode_bfloat16, _decode_bfloat16, _two_bytes),
     "blockwise8": _blockwise_codec(blockwise8.BLOCK_SIZES["blockwise8"]),

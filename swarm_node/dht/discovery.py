@@ -79,17 +79,21 @@ class RecordValidator(Validator):
         verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
 
     def select(self, key: str, values: list[bytes]) -> int:
-        records: list[ServerRecord | None] = []
-        for v in values:
-            try:
-                records.append(verify_record(v, key=key, now=time.time()))
-            except RemoteProtocolError:
-                records.append(None)
-        valid = [(i, r) for i, r in enumerate(records) if r is not None]
-        if not valid:
-            return 0
-        best = select_newest([r for _, r in valid])
-        return valid[best][0]
+        newest = _newest(values, key)
+        return 0 if newest is None else newest[0]
+
+
+def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, ServerRecord] | None:
+    """(index, record) of the newest of ``values`` that is a valid record under ``key`` now
+    (signature, key, expiry: a stale local copy is dropped too); drops are logged for ``peer``."""
+    valid: list[tuple[int, ServerRecord]] = []
+    for i, value in enumerate(values):
+        try:
+            valid.append((i, verify_record(value, key=key, now=time.time())))
+        except RemoteProtocolError as exc:
+            if peer is not None:
+                log.info("dropping a record for %s: %s", peer, exc)
+    return valid[select_newest([r for _, r in valid])] if valid else None
 
 
 class SwarmDHT:
@@ -153,15 +157,12 @@ class SwarmDHT:
         put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
-        blocks = [
-            bytes.fromhex(block_key(record.model, b)) for b in range(record.start, record.end)
-        ]
-        blocks = blocks if provide_blocks else []
-        now, rest = (
-            (blocks[:PROVIDES_PER_WINDOW], blocks[PROVIDES_PER_WINDOW:]) if later else (blocks, [])
-        )
+        span = range(record.start, record.end) if provide_blocks else range(0)
+        blocks = [bytes.fromhex(block_key(record.model, b)) for b in span]
+        cut = PROVIDES_PER_WINDOW if later is not None else len(blocks)
+        now, rest = blocks[:cut], blocks[cut:]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._store_at_closest, key_bytes, put_record)
+            nursery.start_soon(self._ask_closest, key_bytes, kad_requests.put_value, put_record)
             for block in now:
                 nursery.start_soon(self._provide, block)
         if rest and later is not None:
@@ -176,33 +177,24 @@ class SwarmDHT:
                     async with trio.open_nursery() as nursery:
                         for key in keys[i : i + PROVIDES_PER_WINDOW]:
                             nursery.start_soon(self._provide, key)
-                except (
-                    Exception
-                ):  # in the background of a running peer: the next announcement retries
+                except Exception:  # in a running peer's background: the next announcement retries
                     log.warning(
                         "providing blocks failed; the next announcement tries again", exc_info=True
                     )
 
-    async def _store_at_closest(self, key: bytes, put_record: Any) -> None:
+    async def _ask_closest(
+        self, key: bytes, query: Callable[..., Awaitable[Any]], *args: Any
+    ) -> None:
+        """``query(kad, peer, key, *args)`` to each of the peers closest to ``key``."""
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
-                nursery.start_soon(
-                    self._ask,
-                    peer,
-                    functools.partial(kad_requests.put_value, self.kad, peer, key, put_record),
-                )
+                ask = functools.partial(query, self.kad, peer, key, *args)
+                nursery.start_soon(self._ask, peer, ask)
 
     async def _provide(self, key: bytes) -> None:
-        self.kad.provider_store.add_provider(
-            key, PeerInfo(self.host.get_id(), self.host.get_addrs())
-        )
-        async with trio.open_nursery() as nursery:
-            for peer in await self._closest_peers(key):
-                nursery.start_soon(
-                    self._ask,
-                    peer,
-                    functools.partial(kad_requests.add_provider, self.kad, peer, key),
-                )
+        me = PeerInfo(self.host.get_id(), self.host.get_addrs())
+        self.kad.provider_store.add_provider(key, me)
+        await self._ask_closest(key, kad_requests.add_provider)
 
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:
@@ -259,9 +251,8 @@ class SwarmDHT:
         # peer, so asking costs a stream each and teaches nothing: such keys use what we know.
         rounds = LOOKUP_ROUNDS if len(key) <= MAX_FIND_NODE_KEY else 0
         for _ in range(rounds):
-            batch = [p for p in sort_peer_ids_by_distance(key, list(known)) if p not in queried][
-                :ALPHA
-            ]
+            nearest = sort_peer_ids_by_distance(key, list(known))
+            batch = [p for p in nearest if p not in queried][:ALPHA]
             if not batch:
                 break
             found: set[ID] = set()
@@ -287,9 +278,7 @@ class SwarmDHT:
         and routing tables differ; asking only the 8 closest missed 2 of 12 servers in a 20-peer
         swarm."""
         key = bytes.fromhex(key_hex)
-        found: dict[ID, PeerInfo] = {
-            p.peer_id: p for p in self.kad.provider_store.get_providers(key)
-        }
+        found = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
 
         async def ask(peer: ID) -> None:
             answer = await self._ask(peer, lambda: kad_requests.get_providers(self.kad, peer, key))
@@ -322,13 +311,8 @@ class SwarmDHT:
                 values.append(value)
 
         def newest() -> ServerRecord | None:
-            records: list[ServerRecord] = []
-            for v in values:
-                try:  # signature, key, expiry: a stale local copy is dropped here too
-                    records.append(verify_record(v, key=key_str, now=time.time()))
-                except RemoteProtocolError as exc:
-                    log.info("dropping a record for %s: %s", peer_id, exc)
-            return records[select_newest(records)] if records else None
+            found = _newest(values, key_str, peer_id)
+            return None if found is None else found[1]
 
         if not self._skip(peer_id):
             answered = len(values)

@@ -174,29 +174,20 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
         raise RemoteProtocolError(
             f"server record span must satisfy 0 <= start < end, got {fields['start']}:{fields['end']}"
         )
-    throughput, cache = fields["throughput"], fields["cache_tokens_left"]
-    if not (math.isfinite(throughput) and throughput >= 0):
-        raise RemoteProtocolError(
-            f"server record 'throughput' must be finite and >= 0, got {throughput}"
-        )
-    if cache < 0:
-        raise RemoteProtocolError(f"server record 'cache_tokens_left' must be >= 0, got {cache}")
-    if fields.get("bytes_per_block", 0) < 0:
-        raise RemoteProtocolError(
-            f"server record 'bytes_per_block' must be >= 0, got {fields['bytes_per_block']}"
-        )
-    if fields.get("moving_to", -1) < -1:
-        raise RemoteProtocolError(
-            f"server record 'moving_to' must be a block number or -1, got {fields['moving_to']}"
-        )
-    if not math.isfinite(fields.get("expires_at", 0.0)):
-        raise RemoteProtocolError(
-            f"server record 'expires_at' must be finite, got {fields['expires_at']}"
-        )
-    if fields.get("state", "ONLINE") not in STATES:
-        raise RemoteProtocolError(
-            f"server record 'state' must be one of {STATES}, got {fields['state']!r}"
-        )
+
+    def check(name: str, ok: bool, expectation: str) -> None:
+        if not ok:
+            raise RemoteProtocolError(
+                f"server record {name!r} must be {expectation}, got {fields[name]!r}"
+            )
+
+    throughput = fields["throughput"]
+    check("throughput", math.isfinite(throughput) and throughput >= 0, "finite and >= 0")
+    check("cache_tokens_left", fields["cache_tokens_left"] >= 0, ">= 0")
+    check("bytes_per_block", fields.get("bytes_per_block", 0) >= 0, ">= 0")
+    check("moving_to", fields.get("moving_to", -1) >= -1, "a block number or -1")
+    check("expires_at", math.isfinite(fields.get("expires_at", 0.0)), "finite")
+    check("state", fields.get("state", "ONLINE") in STATES, f"one of {STATES}")
     return ServerRecord(**fields)
 
 
@@ -210,8 +201,4 @@ def decode_record(value: bytes) -> ServerRecord:
 
 def select_newest(records: list[ServerRecord]) -> int:
     """Index of the record to keep among versions of one key: the highest ``seq`` (first on ties)."""
-    best = 0
-    for i, rec in enumerate(records):
-        if rec.seq > records[best].seq:
-            best = i
-    return best
+    return max(range(len(records)), key=lambda i: records[i].seq, default=0)

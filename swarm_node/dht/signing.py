@@ -77,12 +77,15 @@ def sign_record(record: ServerRecord, key_pair: KeyPair) -> bytes:
     return sign_fields(record_fields(record), key_pair)
 
 
-def _public_key(data: Mapping[Any, Any]) -> PublicKey:
-    raw = data.get(PUBLIC_KEY)
+def _bytes_field(data: Mapping[Any, Any], name: str) -> bytes:
+    raw = data.get(name)
     if not isinstance(raw, bytes):
-        raise RemoteProtocolError(
-            f"server record {PUBLIC_KEY!r} must be bytes, got {type(raw).__name__}"
-        )
+        raise RemoteProtocolError(f"server record {name!r} must be bytes, got {type(raw).__name__}")
+    return raw
+
+
+def _public_key(data: Mapping[Any, Any]) -> PublicKey:
+    raw = _bytes_field(data, PUBLIC_KEY)
     try:
         return deserialize_public_key(raw)
     except Exception as exc:  # noqa: BLE001 - protobuf and key backends raise many types on garbage
@@ -92,11 +95,7 @@ def _public_key(data: Mapping[Any, Any]) -> PublicKey:
 
 
 def _check_signature(data: Mapping[Any, Any], public_key: PublicKey, peer_id: str) -> None:
-    signature = data.get(SIGNATURE)
-    if not isinstance(signature, bytes):
-        raise RemoteProtocolError(
-            f"server record {SIGNATURE!r} must be bytes, got {type(signature).__name__}"
-        )
+    signature = _bytes_field(data, SIGNATURE)
     try:
         ok = public_key.verify(SIGNING_CONTEXT + canonical_bytes(data), signature)
     except RemoteProtocolError:

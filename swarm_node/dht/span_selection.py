@@ -115,11 +115,7 @@ def better_start(
 
 
 def conflicting_moves(
-    servers: Iterable[ServerRecord],
-    *,
-    me: ServerRecord,
-    target: int,
-    now: float,
+    servers: Iterable[ServerRecord], *, me: ServerRecord, target: int, now: float
 ) -> list[ServerRecord]:
     """Other live servers of ``me``'s model moving now whose blocks (where they are and where they
     go) overlap ``me``'s (where it is and ``target``): a move of ``me`` to ``target`` must wait for

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.model.lora import MAX_RANK, LoraModule, LoraWeights, Shapes
 
 DEFAULT_TARGETS = ("self_attn.q_proj", "self_attn.v_proj")  # PEFT's default for Llama
@@ -33,8 +33,7 @@ class ClientLora(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
-            raise ConfigError(f"'lora_rank' must be an int in [1, {MAX_RANK}], got {rank!r}")
+        check_int("lora_rank", rank, 1, MAX_RANK)
         if (
             isinstance(alpha, bool)
             or not isinstance(alpha, int | float)

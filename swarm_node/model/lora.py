@@ -158,14 +158,19 @@ def check_pair(
 
 
 # -- PEFT's on-disk format ---------------------------------------------------------------------------
-def _read_adapter_config(path: Path) -> dict[str, Any]:
-    file = path / ADAPTER_CONFIG
+def _adapter_file(folder: Path, name: str, max_bytes: int) -> Path:
+    file = folder / name
     if not file.is_file():
-        raise ModelError(f"adapter folder {str(path)!r} must hold {ADAPTER_CONFIG}, it does not")
-    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ModelError(f"adapter folder {str(folder)!r} must hold {name}, it does not")
+    if file.stat().st_size > max_bytes:
         raise ModelError(
-            f"{str(file)!r} must be at most {MAX_CONFIG_BYTES} bytes, got {file.stat().st_size}"
+            f"{str(file)!r} must be at most {max_bytes} bytes, got {file.stat().st_size}"
         )
+    return file
+
+
+def _read_adapter_config(path: Path) -> dict[str, Any]:
+    file = _adapter_file(path, ADAPTER_CONFIG, MAX_CONFIG_BYTES)
     try:
         data = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
@@ -244,13 +249,7 @@ def load_peft_adapter(
     if not path.is_dir():
         raise ModelError(f"adapter {str(path)!r} must be a folder in PEFT's format, it is not one")
     cfg = _read_adapter_config(path)
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise ModelError(f"adapter folder {str(path)!r} must hold {ADAPTER_WEIGHTS}, it does not")
-    if weights.stat().st_size > max_bytes:
-        raise ModelError(
-            f"{str(weights)!r} must be at most {max_bytes} bytes, got {weights.stat().st_size}"
-        )
+    weights = _adapter_file(path, ADAPTER_WEIGHTS, max_bytes)
     num_blocks = int(config.num_hidden_layers)
     layers = family_for(config).layers
     key_re = re.compile(
@@ -388,11 +387,6 @@ def lora_applied(
         yield
     finally:
         _ACTIVE.reset(token)
-
-
-def merged_weight(weight: torch.Tensor, mod: LoraModule) -> torch.Tensor:
-    """``W + scale * B A``: the weight a merged adapter would have (tests, export)."""
-    return weight + (mod.b @ mod.a) * mod.scale
 
 
 def lora_state(lora: LoraWeights) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

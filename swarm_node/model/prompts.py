@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 
 TUNING_MODES = (None, "ptune", "deep_ptune")
 MAX_PRE_SEQ_LEN = 1024  # prompt positions a client may ask for
@@ -63,14 +63,7 @@ class PromptTuning(torch.nn.Module):
         super().__init__()
         if mode not in TUNING_MODES[1:]:
             raise ConfigError(f"'tuning_mode' must be one of {TUNING_MODES}, got {mode!r}")
-        if (
-            isinstance(pre_seq_len, bool)
-            or not isinstance(pre_seq_len, int)
-            or not 1 <= pre_seq_len <= MAX_PRE_SEQ_LEN
-        ):
-            raise ConfigError(
-                f"'pre_seq_len' must be an int in [1, {MAX_PRE_SEQ_LEN}], got {pre_seq_len!r}"
-            )
+        check_int("pre_seq_len", pre_seq_len, 1, MAX_PRE_SEQ_LEN)
         self.mode = mode
         self.pre_seq_len = pre_seq_len
         self.prompts = torch.nn.Parameter(
@@ -84,9 +77,7 @@ class PromptTuning(torch.nn.Module):
 
     def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``# (B, T, H)`` -> the soft prompt followed by them ``# (B, P + T, H)``."""
-        prefix = (
-            self.prompts.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-        )  # (B, P, H)
+        prefix = self.prompts.to(embeds.dtype).expand(embeds.shape[0], -1, -1)  # (B, P, H)
         return torch.cat([prefix, embeds], dim=1)
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from swarm_node.errors import ConfigError, ModelError
+from swarm_node.errors import ConfigError, ModelError, check_int
 from swarm_node.model import fast_decode
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.families import layer_types
@@ -131,18 +131,10 @@ class BlockSpan(torch.nn.Module):
     ) -> SpanCache:
         """A cache for blocks `start..end-1` (default: the whole span; a sub-span must lie inside it)."""
         start, end = self._sub_span(start, end)
-        for name, value, high in (
-            ("max_length", max_length, MAX_CACHE_LENGTH),
-            ("batch_size", batch_size, 1 << 16),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
-                raise ConfigError(f"{name!r} must be an int in [1, {high}], got {value!r}")
+        check_int("max_length", max_length, 1, MAX_CACHE_LENGTH)
+        check_int("batch_size", batch_size, 1, 1 << 16)
         return SpanCache(
-            config=self.config,
-            start=start,
-            end=end,
-            max_length=max_length,
-            batch_size=batch_size,
+            config=self.config, start=start, end=end, max_length=max_length, batch_size=batch_size
         )
 
     def _sub_span(self, start: int | None, end: int | None) -> tuple[int, int]:
@@ -236,16 +228,11 @@ class BlockSpan(torch.nn.Module):
         stop: int,
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from transformers.masking_utils import (
-            create_causal_mask,
-            create_sliding_window_causal_mask,
-        )
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
-        position_ids = torch.arange(past, past + new_tokens, device=hidden.device).unsqueeze(
-            0
-        )  # (1, T)
+        position_ids = torch.arange(past, past + new_tokens, device=hidden.device)[None]  # (1, T)
         if dynamic is not None and prompts is None and self.uses_fast_decode(new_tokens):
             position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
             return fast_decode.decode_step(

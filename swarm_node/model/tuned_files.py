@@ -220,18 +220,11 @@ def copy_tuned(tuned: TunedFile, *, ptune: Any = None, lora: LoraWeights | None 
                     f"LoRA scale of {key!r} must be {mod.scale} (the model's), got {theirs[key].scale}"
                 )
             pairs += [(f"{key} A", mod.a, theirs[key].a), (f"{key} B", mod.b, theirs[key].b)]
-    elif (
-        tuned.method in ("ptune", "deep_ptune") and ptune is not None and tuned.method == ptune.mode
-    ):
+    elif tuned.method in ("ptune", "deep_ptune") and tuned.method == getattr(ptune, "mode", None):
         pairs.append(("prompts", ptune.prompts, tuned.prompts))
-        if ptune.deep_prompts is not None:
-            pairs.append(
-                (
-                    "deep_prompts",
-                    ptune.deep_prompts,
-                    tuned.deep_prompts_for(ptune.deep_prompts.shape[0]),
-                )
-            )
+        deep = ptune.deep_prompts
+        if deep is not None:
+            pairs.append(("deep_prompts", deep, tuned.deep_prompts_for(deep.shape[0])))
     else:
         have = "lora" if lora is not None else getattr(ptune, "mode", None)
         raise ConfigError(

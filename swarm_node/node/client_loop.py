@@ -49,9 +49,8 @@ class ClientLoop:
                     trio.open_nursery() as nursery,
                 ):
                     self.peer = peer
-                    self.nursery = (
-                        nursery  # for tasks that outlive one call (an open inference session)
-                    )
+                    # for tasks that outlive one call (an open inference session)
+                    self.nursery = nursery
                     self.token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()
                     self._ready.set()

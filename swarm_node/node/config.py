@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.server.adapters import check_adapter_name, check_server_adapters
 
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -38,6 +38,11 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if start >= end:
         raise ConfigError(f"'--blocks' must have START < END, got {text!r}")
     return start, end
+
+
+def _check_choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name!r} must be one of {choices}, got {value!r}")
 
 
 def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
@@ -119,9 +124,8 @@ class ServerConfig:
     min_gain: float = flag(
         0.2, "with --num-blocks: move only if the weakest block's coverage rises by this fraction"
     )
-    move_grace: float = (
-        60.0  # seconds sessions on the old span may take to finish before a move cuts them
-    )
+    # seconds sessions on the old span may take to finish before a move cuts them
+    move_grace: float = 60.0
     dtype: str = flag("float32", "weights and hidden-state dtype", choices=DTYPES)
     max_session_length: int = flag(4096, "tokens one session may hold")
     cache_budget_tokens: int = flag(
@@ -167,20 +171,14 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_server_adapters(self.adapters)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
         if self.num_blocks is None or (self.start, self.end) != (0, 0):
             if not 0 <= self.start < self.end:
                 raise ConfigError(
                     f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}"
                 )
         if self.num_blocks is not None:
-            if (
-                isinstance(self.num_blocks, bool)
-                or not isinstance(self.num_blocks, int)
-                or self.num_blocks < 1
-            ):
-                raise ConfigError(f"'num_blocks' must be an int >= 1, got {self.num_blocks!r}")
+            check_int("num_blocks", self.num_blocks, 1)
             if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
                 raise ConfigError(
                     f"'blocks' {self.start}:{self.end} must hold 'num_blocks' = {self.num_blocks} blocks"
@@ -195,13 +193,9 @@ class ServerConfig:
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
-        if self.compression not in COMPRESSIONS:
-            raise ConfigError(
-                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
-            )
+        _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("shutdown_grace", self.shutdown_grace, 0.0, 600.0)
-        if self.quant not in QUANTS:
-            raise ConfigError(f"'quant' must be one of {QUANTS}, got {self.quant!r}")
+        _check_choice("quant", self.quant, QUANTS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,16 +238,10 @@ class ClientConfig:
             check_adapter_name(self.adapter)
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
-        if self.compression is not None and self.compression not in COMPRESSIONS:
-            raise ConfigError(
-                f"'compression' must be one of {COMPRESSIONS}, got {self.compression!r}"
-            )
+        if self.compression is not None:
+            _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("max_length", self.max_length, 1, 1 << 20)
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigError(
-                f"'max_attempts' must be an int in [0, 100], got {self.max_attempts!r}"
-            )
-        _check_range("max_attempts", self.max_attempts, 0, 100)
+        check_int("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
 
@@ -283,17 +271,14 @@ class ApiConfig:
     def __post_init__(self) -> None:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
         for name, low, high in (
             ("port", 0, 65535),
             ("max_context", 2, 1 << 20),
             ("default_max_tokens", 1, 1 << 20),
             ("max_concurrent", 1, 4096),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ConfigError(f"{name!r} must be an int in [{low}, {high}], got {value!r}")
+            check_int(name, getattr(self, name), low, high)
         if not self.chain_ttl >= 0:
             raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
         if not self.refresh_interval >= 0.1:

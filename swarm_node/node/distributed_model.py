@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
@@ -67,9 +67,7 @@ class DistributedModelBase(torch.nn.Module):
         self.tuning_mode = tuning_mode
         self.ptune = None
         self.lora = None
-        if (
-            tuning_mode == "lora"
-        ):  # client-owned: the servers apply it per request, the client trains it
+        if tuning_mode == "lora":  # client-owned: servers apply it per request and it trains here
             self.lora = ClientLora(
                 shapes=config_linear_shapes(config),
                 blocks=range(config.num_hidden_layers),
@@ -165,9 +163,7 @@ class DistributedModelBase(torch.nn.Module):
         if attention_mask is not None:
             _check_right_padded(attention_mask, input_ids)
         with torch.no_grad():
-            hidden = self.head.embed(
-                input_ids
-            ).clone()  # (B, T, H); a normal tensor, not an inference one
+            hidden = self.head.embed(input_ids).clone()  # (B, T, H), not an inference tensor
         prompts = None
         if self.ptune is not None:
             hidden = self.ptune.prepend(hidden)  # (B, P + T, H)
@@ -258,9 +254,8 @@ class DistributedModelForCausalLM(DistributedModelBase):
         if self.ptune is not None:
             prefix = self.ptune.prompts.detach()
             deep = None if self.ptune.deep_prompts is None else self.ptune.deep_prompts.detach()
-        return prefix, HopTuning(
-            prompts=deep, lora=None if self.lora is None else self.lora.weights()
-        )
+        lora = None if self.lora is None else self.lora.weights()
+        return prefix, HopTuning(prompts=deep, lora=lora)
 
     def inference_session(self, *, max_length: int | None = None) -> ModelSession:
         """A session kept open across ``generate`` calls (a chat): each call inside
@@ -335,8 +330,7 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
 
     def __init__(self, *, num_labels: int = 2, **fields: Any) -> None:
         super().__init__(**fields)
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ConfigError(f"'num_labels' must be an int >= 1, got {num_labels!r}")
+        check_int("num_labels", num_labels, 1)
         self.num_labels = num_labels
         self.score = torch.nn.Linear(
             self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype]
@@ -353,11 +347,9 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         hidden = self.body(input_ids, attention_mask)  # (B, P + T, H)
-        lengths = (
-            torch.full((input_ids.shape[0],), input_ids.shape[1])
-            if attention_mask is None
-            else attention_mask.long().sum(dim=1)
-        )
+        lengths = torch.full((input_ids.shape[0],), input_ids.shape[1])  # (B,)
+        if attention_mask is not None:
+            lengths = attention_mask.long().sum(dim=1)
         last = hidden[torch.arange(hidden.shape[0]), self.pre_seq_len + lengths - 1]  # (B, H)
         logits = self.score(self.head.norm(last.to(self.score.weight.dtype)))  # (B, num_labels)
         loss = None

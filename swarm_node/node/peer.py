@@ -61,9 +61,7 @@ class Peer:
         self.server: BlockServer | None = None
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
-        self._nursery: trio.Nursery | None = (
-            None  # open_peer's: background work (paced provider records)
-        )
+        self._nursery: trio.Nursery | None = None  # open_peer's, for paced provider records
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.announcements = 0  # how many have completed
@@ -81,13 +79,8 @@ class Peer:
     @property
     def addrs(self) -> list[str]:
         """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers."""
-        out = []
-        for addr in self.host.get_addrs():
-            text = str(addr)
-            if "/p2p/" not in text:
-                text = f"{text}/p2p/{self.peer_id}"
-            out.append(text)
-        return out
+        texts = [str(addr) for addr in self.host.get_addrs()]
+        return [text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}" for text in texts]
 
     # -- serving ---------------------------------------------------------------------------------
     async def start_serving(
@@ -218,9 +211,8 @@ class Peer:
     # -- client side -------------------------------------------------------------------------------
     async def ping(self, peer_id: str) -> tuple[float, m.InfoResponse]:
         """Round trip (seconds) of one request to a server (opening the stream not counted), and its info."""
-        timeout = min(
-            PING_TIMEOUT, self.client_config.step_timeout
-        )  # a hung server holds nobody longer
+        # a hung server holds nobody longer
+        timeout = min(PING_TIMEOUT, self.client_config.step_timeout)
         conn = await open_stream(
             self.host, peer_id, max_frame_size=self.config.max_frame_size, timeout=timeout
         )
@@ -302,16 +294,10 @@ class Peer:
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
         exclude = self.bans.banned(trio.current_time())
+        blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
         if rng is not None:
             return choose_training_chain(
-                servers,
-                model=model,
-                start=start,
-                end=end,
-                rng=rng,
-                now=time.time(),
-                exclude=exclude,
-                adapter=adapter,
+                servers, rng=rng, exclude=exclude, adapter=adapter, **blocks
             )
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = await self.ping_all(candidates)
@@ -320,17 +306,14 @@ class Peer:
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
         return choose_inference_chain(
             servers,
-            model=model,
-            start=start,
-            end=end,
             rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers),
             push=self.client_config.push if settings.push is None else settings.push,
-            now=time.time(),
             max_length=settings.max_length,
             batch_size=settings.batch_size,
             exclude=exclude | unreachable,
             adapter=adapter,
+            **blocks,
         )
 
     def _recovery(self, settings: SessionSettings, adapter: str) -> Recovery | None:
@@ -426,7 +409,3 @@ async def open_peer(
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None  # one failure comes out as itself
-
-
-def with_listen(config: PeerConfig, listen: Sequence[str]) -> PeerConfig:
-    return replace(config, listen=tuple(listen))

@@ -25,9 +25,8 @@ import trio
 
 T = TypeVar("T")
 
-SERVER_MAX_INLINE_S = (
-    0.1  # a server's decode step: its loop answers pings and DHT queries meanwhile
-)
+# a server's decode step: its loop answers pings and DHT queries meanwhile
+SERVER_MAX_INLINE_S = 0.1
 CLIENT_MAX_INLINE_S = 0.025  # a client's head and sampling: the loop may be an application's
 
 
@@ -39,9 +38,8 @@ class QuickJobs:
             raise ValueError(f"'max_inline_s' must be >= 0 seconds, got {max_inline_s}")
         self.max_inline_s = max_inline_s
         self.limiter = limiter
-        self.recent: float | None = (
-            None  # seconds a small job took lately (slow ones count at once)
-        )
+        # seconds a small job took lately (slow ones count at once)
+        self.recent: float | None = None
         self.inline_runs = 0
         self.thread_runs = 0
 

@@ -72,9 +72,8 @@ class OpenSessionRequest:
     # Deep prompt tuning: (end - start, P, H), added before each block to the positions [0, P) that a
     # step carries (absent: none). Sent once here, so replays and pushed steps use it too.
     prompts: WireTensor | None = None
-    adapter: str = (
-        ""  # name of a LoRA adapter the server holds, applied to every step (empty: none)
-    )
+    # name of a LoRA adapter the server holds, applied to every step (empty: none)
+    adapter: str = ""
     # A client-owned LoRA instead (absent: none): model/lora_pack.py's flat A/B numbers (N,) and
     # their manifest ([module key, rank, scale] each), for blocks [start, end).
     lora: WireTensor | None = None
@@ -134,13 +133,11 @@ class ForwardRequest:
     end: int
     compression: str
     hidden: WireTensor  # (B, T, H)
-    prompts: WireTensor | None = (
-        None  # (end - start, P, H), added to positions [0, P) before each block
-    )
+    # (end - start, P, H), added to positions [0, P) before each block
+    prompts: WireTensor | None = None
     adapter: str = ""  # name of a LoRA adapter the server holds (empty: none)
-    lora: WireTensor | None = (
-        None  # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
-    )
+    # a client-owned LoRA instead, as in OpenSessionRequest (absent: none)
+    lora: WireTensor | None = None
     lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
     # Keep this forward's autograd graph for a later BackwardRequest from the same peer (the answer
     # names it in 'graph_id'; the server may decline, answering "").
@@ -168,9 +165,8 @@ class BackwardRequest:
     grad_output: WireTensor  # (B, T, H): gradient of the loss with respect to the output
     prompts: WireTensor | None = None  # (end - start, P, H), as in ForwardRequest
     adapter: str = ""  # name of a LoRA adapter the server holds, as in ForwardRequest (empty: none)
-    lora: WireTensor | None = (
-        None  # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
-    )
+    # a client-owned LoRA (N,), as in ForwardRequest: its gradient comes back
+    lora: WireTensor | None = None
     lora_manifest: tuple[LoraEntry, ...] = _list(MAX_LORA_MODULES)
     # ForwardResponse.graph_id of this span's forward ("": none): the server then runs the backward
     # on that kept graph instead of recomputing, when it still holds it and the inputs match; the

@@ -257,18 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     from swarm_node.node.apps import commands  # imports libp2p, which resets its loggers on import
 
     _setup_logging(args.verbose)
-
-    runners: dict[str, Any] = {
-        "serve": commands.serve,
-        "generate": commands.generate,
-        "demo": commands.demo,
-        "status": commands.status,
-        "api": commands.api,
-    }
     try:
         if args.command == "keygen":
             return commands.keygen(args)
-        return trio.run(runners[args.command], args)
+        return trio.run(getattr(commands, args.command), args)  # serve, generate, demo, status, api
     except SwarmError as exc:
         print(f"swarm-node {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 import trio
 
+from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
+from swarm_node.node.client.generation_options import model_eos_ids
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.peer import Peer, open_peer
@@ -77,21 +79,13 @@ class TextStream:
 
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
     if chat:
-        ids = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}],
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
         )["input_ids"]
-        return ids
     return tokenizer(prompt, return_tensors="pt").input_ids
-
-
-def _eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    if eos is None:
-        return ()
-    return (eos,) if isinstance(eos, int) else tuple(eos)
 
 
 def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
@@ -103,12 +97,9 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     dtype = TORCH_DTYPES[args.dtype]
     model = model_id_of(args.model)
     if getattr(args, "prompt_file", None) is not None:
+        methods = ("ptune", "deep_ptune")
         tuned = load_tuned(
-            args.prompt_file,
-            model=model,
-            config=config,
-            methods=("ptune", "deep_ptune"),
-            dtype=dtype,
+            args.prompt_file, model=model, config=config, methods=methods, dtype=dtype
         )
         prefix = tuned.prompts  # (P, H)
         deep = tuned.deep_prompts_for(int(config.num_hidden_layers))  # (L, P, H) or None
@@ -119,10 +110,9 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
 
 async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
-    from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
+    from swarm_node.model import ClientHead, load_tokenizer
 
-    path = await trio.to_thread.run_sync(resolve_model, args.model)
-    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
+    path, checkpoint = await _checkpoint(args.model)
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
     head = await trio.to_thread.run_sync(
         lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
@@ -134,23 +124,18 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         temperature=getattr(args, "temperature", 0.0),
         top_p=getattr(args, "top_p", 1.0),
         seed=getattr(args, "seed", None),
-        eos_token_ids=_eos_ids(checkpoint.config, tokenizer),
+        eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
+    )
+    settings = SessionSettings(
+        model=model_id_of(args.model),
+        num_blocks=checkpoint.config.num_hidden_layers,
+        dtype=args.dtype,
     )
     if not args.chat:
         out.write(args.prompt)
     stream = TextStream(tokenizer, out)
     _, stats = await generate_tokens(
-        peer,
-        head,
-        input_ids,
-        SessionSettings(
-            model=model_id_of(args.model),
-            num_blocks=checkpoint.config.num_hidden_layers,
-            dtype=args.dtype,
-        ),
-        sampling,
-        on_tokens=stream,
-        **tuned,
+        peer, head, input_ids, settings, sampling, on_tokens=stream, **tuned
     )
     out.write("\n")
     out.flush()
@@ -176,14 +161,7 @@ async def generate(args: argparse.Namespace) -> int:
     config = _client_peer(args)
     _need_initial_peers(args)
     if args.prompt_file is not None or (args.adapter and is_adapter_file(args.adapter)):
-        from swarm_node.model import (  # bad files fail before any networking
-            Checkpoint,
-            resolve_model,
-        )
-
-        checkpoint = await trio.to_thread.run_sync(
-            Checkpoint.open, await trio.to_thread.run_sync(resolve_model, args.model)
-        )
+        _, checkpoint = await _checkpoint(args.model)  # bad files fail before any networking
         await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
     client = ClientConfig(**flag_values(ClientConfig, args) | {"adapter": adapter})
@@ -193,10 +171,16 @@ async def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _checkpoint(model: str) -> tuple[Any, Any]:
+    """The model's folder and Checkpoint (a bundled one is converted once, then cached)."""
+    from swarm_node.model import Checkpoint, resolve_model
+
+    path = await trio.to_thread.run_sync(resolve_model, model)
+    return path, await trio.to_thread.run_sync(Checkpoint.open, path)
+
+
 def _need_initial_peers(args: argparse.Namespace) -> None:
     if not args.initial_peers:
-        from swarm_node.errors import ConfigError
-
         raise ConfigError(
             "'--initial-peers' must name at least one peer of the swarm (or set SWARM_INITIAL_PEERS)"
         )
@@ -260,15 +244,12 @@ def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 
 
 async def demo(args: argparse.Namespace) -> int:
-    from swarm_node.errors import ConfigError
-    from swarm_node.model import Checkpoint, resolve_model
-
     if not 1 <= args.servers <= 8:
         raise ConfigError(f"'--servers' must be in [1, 8], got {args.servers}")
     t0 = time.perf_counter()
     print(f"preparing {args.model} (converted once, then cached)...", file=sys.stderr, flush=True)
-    path = await trio.to_thread.run_sync(resolve_model, args.model)
-    num_blocks = Checkpoint.open(path).config.num_hidden_layers
+    _, checkpoint = await _checkpoint(args.model)
+    num_blocks = checkpoint.config.num_hidden_layers
     spans = split_blocks(num_blocks, args.servers)
     async with AsyncExitStack() as stack:
         servers: list[Peer] = []

@@ -83,16 +83,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("servers:")
     for s in report["servers"]:
         rtt = "unreachable" if s["rtt_ms"] is None else f"{s['rtt_ms']:.1f} ms"
+        moving = s.get("moving_to")
         lines.append(
             f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
-            + (
-                f"  moving to blocks {s['moving_to'][0]}:{s['moving_to'][1]}"
-                if s.get("moving_to")
-                else ""
-            )
+            + (f"  moving to blocks {moving[0]}:{moving[1]}" if moving else "")
         )
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ import torch
 import trio
 
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
@@ -38,18 +38,12 @@ class SamplingConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.max_new_tokens, bool)
-            or not isinstance(self.max_new_tokens, int)
-            or self.max_new_tokens < 1
-        ):
-            raise ConfigError(f"'max_new_tokens' must be an int >= 1, got {self.max_new_tokens!r}")
+        check_int("max_new_tokens", self.max_new_tokens, 1)
         if not self.temperature >= 0:
             raise ConfigError(f"'temperature' must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"'top_p' must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ConfigError(f"'top_k' must be an int >= 0, got {self.top_k!r}")
+        check_int("top_k", self.top_k, 0)
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ConfigError(
                 f"'repetition_penalty' must be a finite number > 0, got {self.repetition_penalty!r}"
@@ -65,9 +59,7 @@ class GenerationStats:
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
-    recoveries: list[Any] = field(
-        default_factory=list
-    )  # recovery.RecoveryEvent per replaced server
+    recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
 
     @property
     def tokens_per_second(self) -> float:
@@ -155,9 +147,8 @@ async def generate_tokens(
         raise ConfigError(
             f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
         )
-    max_length = (
-        input_ids.shape[1] + sampling.max_new_tokens + (0 if prefix is None else prefix.shape[0])
-    )
+    prefix_len = 0 if prefix is None else prefix.shape[0]
+    max_length = input_ids.shape[1] + sampling.max_new_tokens + prefix_len
     settings = replace(settings, max_length=max_length, batch_size=input_ids.shape[0])
     async with open_token_session(
         peer, settings, tuning=tuning, prefix=prefix, chain=chain
@@ -200,11 +191,9 @@ async def continue_tokens(
     stats = GenerationStats(prompt_tokens=input_ids.shape[1], chain=list(ts.chain))
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     eos = torch.tensor(sampling.eos_token_ids or [-1])
-    pad = (
-        sampling.pad_token_id
-        if sampling.pad_token_id is not None
-        else (sampling.eos_token_ids or (0,))[0]
-    )
+    pad = sampling.pad_token_id
+    if pad is None:
+        pad = (sampling.eos_token_ids or (0,))[0]
     finished = torch.zeros(batch, dtype=torch.bool)
     ts.ids = torch.cat([ts.ids, input_ids.to(torch.int64)], dim=1)
     ids = input_ids
@@ -212,9 +201,8 @@ async def continue_tokens(
     recoveries_before = 0 if recovery is None else len(recovery.events)
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
-        hidden = torch.cat(
-            [ts.prefix.to(hidden.dtype).expand(batch, -1, -1), hidden], dim=1
-        )  # (B, P + T', H)
+        prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
+        hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
     for i in range(sampling.max_new_tokens):
         t_step = time.perf_counter()
         out = await ts.session.step(hidden)  # (B, T', H)
@@ -235,9 +223,7 @@ async def continue_tokens(
                 generator=generator,
             )
             token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
-            return token, head.embed(
-                token[:, None]
-            )  # the next step's input, in the same thread hop
+            return token, head.embed(token[:, None])  # the next input, in the same thread hop
 
         token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
         ids = torch.cat([ids, token[:, None]], dim=1)

@@ -34,6 +34,12 @@ UNSUPPORTED_OFF = {
 }
 
 
+def model_eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The model's end-of-sequence token ids: its config's, else its tokenizer's."""
+    eos = config.eos_token_id
+    return _eos_tuple(tokenizer.eos_token_id if eos is None else eos)
+
+
 def _eos_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 256  # tokens per step frame when a long prompt streams through the chain
 
+Piece = tuple[int, int, torch.Tensor]  # (step id, position, hidden states # (B, T, H))
+
 
 async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
     """Send one request and wait for its answer under a deadline; ErrorResponse -> RemoteError."""
@@ -123,29 +125,23 @@ class InferenceSession:
 
     async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
         """A stream to ``hop``'s server and a session there for its blocks."""
+        req = m.OpenSessionRequest(
+            model=self.model,
+            start=hop.start,
+            end=hop.end,
+            max_length=self.max_length,
+            dtype=self.dtype,
+            compression=self.downlink,
+            batch_size=self.batch_size,
+            **self.tuning.fields(hop.start, hop.end, self.dtype),
+            **push_fields,
+        )
+        timeout = self.step_timeout
         conn = await open_stream(
-            self.host,
-            hop.server.peer_id,
-            max_frame_size=self.max_frame_size,
-            timeout=self.step_timeout,
+            self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=timeout
         )
         try:
-            reply = await request(
-                conn,
-                m.OpenSessionRequest(
-                    model=self.model,
-                    start=hop.start,
-                    end=hop.end,
-                    max_length=self.max_length,
-                    dtype=self.dtype,
-                    compression=self.downlink,
-                    batch_size=self.batch_size,
-                    **self.tuning.fields(hop.start, hop.end, self.dtype),
-                    **push_fields,
-                ),
-                m.OpenSessionResponse,
-                timeout=self.step_timeout,
-            )
+            reply = await request(conn, req, m.OpenSessionResponse, timeout=timeout)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await conn.close()
@@ -173,14 +169,10 @@ class InferenceSession:
         self._slots = []
         with trio.CancelScope(shield=True):
             for span in spans:
+                close = m.CloseSessionRequest(session_id=span.session_id)
                 with trio.move_on_after(2.0):
                     try:
-                        await request(
-                            span.conn,
-                            m.CloseSessionRequest(session_id=span.session_id),
-                            m.CloseSessionResponse,
-                            timeout=2.0,
-                        )
+                        await request(span.conn, close, m.CloseSessionResponse, timeout=2.0)
                     except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
                         log.debug("closing session on %s: %s", span.conn.peer_id, exc)
                     except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
@@ -247,9 +239,8 @@ class InferenceSession:
             raise failure.cause
         await self.recovery.recover(self, slot, failure)
         index = self._slots.index(slot)
-        if (
-            index > 0
-        ):  # the previous server pushes to the lost session: the client sends from now on
+        # the previous server pushes to the lost session: the client sends from now on
+        if index > 0:
             self._slots[index - 1].spans[-1].pushes = False
 
     async def _hop(
@@ -282,18 +273,14 @@ class InferenceSession:
             raise sole_error(group) or group from None
         return torch.cat(outputs, dim=1)
 
-    async def _run_pipeline(
-        self, pieces: list[tuple[int, int, torch.Tensor]], outputs: list[torch.Tensor]
-    ) -> None:
+    async def _run_pipeline(self, pieces: list[Piece], outputs: list[torch.Tensor]) -> None:
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](len(pieces))
+            send, receive = trio.open_memory_channel[Piece](len(pieces))
             for piece in pieces:
                 send.send_nowait(piece)
             send.close()
             for slot in self._slots:
-                next_send, next_receive = trio.open_memory_channel[tuple[int, int, torch.Tensor]](
-                    len(pieces)
-                )
+                next_send, next_receive = trio.open_memory_channel[Piece](len(pieces))
                 nursery.start_soon(self._hop_worker, slot, receive, next_send)
                 receive = next_receive
             async with receive:
@@ -303,8 +290,8 @@ class InferenceSession:
     async def _hop_worker(
         self,
         slot: Slot,
-        inbox: trio.MemoryReceiveChannel[tuple[int, int, torch.Tensor]],
-        outbox: trio.MemorySendChannel[tuple[int, int, torch.Tensor]],
+        inbox: trio.MemoryReceiveChannel[Piece],
+        outbox: trio.MemorySendChannel[Piece],
     ) -> None:
         async with inbox, outbox:
             async for step_id, position, piece in inbox:
@@ -346,15 +333,12 @@ class InferenceSession:
     async def send_step(
         self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int
     ) -> None:
+        wire = compression.encode(hidden, self.uplink)
+        req = m.StepRequest(
+            session_id=span.session_id, step_id=step_id, position=position, hidden=wire
+        )
         with trio.fail_after(self.step_timeout):
-            await span.conn.send(
-                m.StepRequest(
-                    session_id=span.session_id,
-                    step_id=step_id,
-                    position=position,
-                    hidden=compression.encode(hidden, self.uplink),
-                )
-            )
+            await span.conn.send(req)
 
     async def receive_step(
         self, span: RemoteSpan, step_id: int, *, sent: bool = True

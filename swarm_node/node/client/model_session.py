@@ -12,14 +12,13 @@ from typing import Any
 
 import trio
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.generation import open_token_session
 
 
 class ModelSession:
     def __init__(self, model: Any, max_length: int) -> None:
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise ConfigError(f"'max_length' must be an int >= 1, got {max_length!r}")
+        check_int("max_length", max_length, 1)
         self.model = model
         self.max_length = max_length
         self.token_session: Any = None

@@ -26,12 +26,7 @@ import trio
 
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.routing import Hop, format_blocks
-from swarm_node.errors import (
-    LocalProtocolError,
-    MissingBlocksError,
-    ProtocolError,
-    RemoteError,
-)
+from swarm_node.errors import LocalProtocolError, MissingBlocksError, ProtocolError, RemoteError
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
@@ -39,9 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALLER_ERRORS = (
-    "too_long",
-)  # error codes that are the caller's fault: another server would refuse too
+# error codes that are the caller's fault: another server would refuse too
+CALLER_ERRORS = ("too_long",)
 CLOSE_TIMEOUT = 0.5  # seconds to spend closing a failed server's stream
 
 
@@ -73,11 +67,8 @@ def is_server_failure(exc: BaseException) -> bool:
         return exc.code not in CALLER_ERRORS
     if isinstance(exc, LocalProtocolError):  # we made a bad request: every server would refuse it
         return False
-    if isinstance(
-        exc, (ProtocolError, trio.TooSlowError, trio.BrokenResourceError, *TRANSPORT_ERRORS)
-    ):
-        return True
-    return False
+    failures = (ProtocolError, trio.TooSlowError, trio.BrokenResourceError, *TRANSPORT_ERRORS)
+    return isinstance(exc, failures)
 
 
 @dataclass(slots=True, eq=False)
@@ -87,9 +78,8 @@ class Slot:
     start: int
     end: int
     spans: list[RemoteSpan]
-    history: list[tuple[int, int, torch.Tensor]] = field(
-        default_factory=list
-    )  # (step id, position, (B, T, H))
+    # (step id, position, (B, T, H))
+    history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     failures: int = 0  # recoveries since the slot last completed a step
 
     def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
@@ -118,9 +108,8 @@ class RecoveryEvent:
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
 
-    reroute: (
-        Reroute  # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
-    )
+    # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
+    reroute: Reroute
     bans: BanList
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
@@ -165,10 +154,8 @@ class Recovery:
                 ban(self.bans, exc, self.clock())
                 continue
             slot.spans = spans
-            for span in spans:
-                self.bans.forgive(
-                    span.hop.server.peer_id
-                )  # it served a whole replay: trusted again
+            for span in spans:  # it served a whole replay: trusted again
+                self.bans.forgive(span.hop.server.peer_id)
             event = RecoveryEvent(
                 start=slot.start,
                 end=slot.end,

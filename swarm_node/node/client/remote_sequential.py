@@ -26,7 +26,7 @@ import trio
 
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError
+from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError, check_int
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora import LoraWeights
 from swarm_node.model.lora_pack import pack_lora
@@ -41,9 +41,8 @@ log = logging.getLogger(__name__)
 
 SERVERS_MAX_AGE = 30.0  # seconds a lookup of the servers is reused (after a failure: none)
 
-Trace = list[
-    tuple[Hop, torch.Tensor, str]
-]  # (hop, the input sent to it, its kept graph's id or ""), in chain order
+# (hop, the input sent to it, its kept graph's id or ""), in chain order
+Trace = list[tuple[Hop, torch.Tensor, str]]
 
 
 class RemoteSequential(torch.nn.Module):
@@ -71,12 +70,8 @@ class RemoteSequential(torch.nn.Module):
             raise ConfigError(
                 f"blocks must satisfy 0 <= start < end <= {num_blocks}, got {start}:{end}"
             )
-        for name, value in (
-            ("max_concurrent_pieces", max_concurrent_pieces),
-            ("min_pieces", min_pieces),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name!r} must be an int >= 1, got {value!r}")
+        check_int("max_concurrent_pieces", max_concurrent_pieces, 1)
+        check_int("min_pieces", min_pieces, 1)
         self.peer = peer
         self.settings = SessionSettings(
             model=model, num_blocks=num_blocks, dtype=dtype, compression=compression or "none"
@@ -87,9 +82,7 @@ class RemoteSequential(torch.nn.Module):
         self.timeout = peer.client_config.step_timeout
         self.max_frame_size = peer.config.max_frame_size
         self._pieces = trio.CapacityLimiter(max_concurrent_pieces)
-        self.min_pieces = (
-            min_pieces  # cut every batch into at least this many: hops work on several at once
-        )
+        self.min_pieces = min_pieces  # cut every batch into at least this many, worked on at once
         self._rng = random.Random(seed)
         self._idle: dict[str, list[MessageStream]] = {}  # open streams per server, for reuse
         self.failures = 0  # hops that failed and were re-routed, over this module's life
@@ -152,19 +145,10 @@ class RemoteSequential(torch.nn.Module):
         rows = self.piece_rows(hidden)
         self._call_failures = 0
         pieces = list(hidden.to(TORCH_DTYPES[self.settings.dtype]).split(rows))
-        outs: list[Any] = [None] * len(pieces)
-        traces: list[Trace] = [[] for _ in pieces]
-
-        async def one(i: int) -> None:
-            async with self._pieces:
-                outs[i], traces[i] = await self._forward_range(
-                    pieces[i], self.start, self.end, tuned
-                )
-
-        async with trio.open_nursery() as nursery:
-            for i in range(len(pieces)):
-                nursery.start_soon(one, i)
-        return torch.cat(outs).to(hidden.dtype), traces
+        done = await self._each(
+            lambda x: self._forward_range(x, self.start, self.end, tuned), pieces
+        )
+        return torch.cat([out for out, _ in done]).to(hidden.dtype), [trace for _, trace in done]
 
     async def backward_async(
         self, grad: torch.Tensor, traces: list[Trace], tuned: _Tuned
@@ -174,16 +158,22 @@ class RemoteSequential(torch.nn.Module):
         self._call_failures = 0
         tuned.zero_grads()  # a second backward of the same graph starts over
         grads = list(grad.to(TORCH_DTYPES[self.settings.dtype]).split(rows))
-        outs: list[Any] = [None] * len(grads)
+        outs = await self._each(lambda g, t: self._backward_trace(g, t, tuned), grads, traces)
+        return torch.cat(outs).to(grad.dtype)
+
+    async def _each(self, fn: Any, *columns: list[Any]) -> list[Any]:
+        """``[await fn(*row) for row in zip(*columns)]``, concurrently, at most
+        ``max_concurrent_pieces`` at once."""
+        outs: list[Any] = [None] * len(columns[0])
 
         async def one(i: int) -> None:
             async with self._pieces:
-                outs[i] = await self._backward_trace(grads[i], traces[i], tuned)
+                outs[i] = await fn(*(column[i] for column in columns))
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(grads)):
+            for i in range(len(outs)):
                 nursery.start_soon(one, i)
-        return torch.cat(outs).to(grad.dtype)
+        return outs
 
     # -- one piece through the chain ---------------------------------------------------------
     async def _forward_range(
@@ -243,16 +233,7 @@ class RemoteSequential(torch.nn.Module):
         self, hop: Hop, x: torch.Tensor, tuned: _Tuned
     ) -> tuple[torch.Tensor, str]:
         """The hop's output and the id of the graph its server kept ("": none)."""
-        codec = self.settings.compression
-        req = m.ForwardRequest(
-            model=self.settings.model,
-            start=hop.start,
-            end=hop.end,
-            compression=codec,
-            hidden=compression.encode(x, codec),
-            keep_graph=tuned.keep,
-            **tuned.fields(hop),
-        )
+        req = m.ForwardRequest(keep_graph=tuned.keep, **self._common(hop, x, tuned.fields(hop)))
         with HopFailed.on_failure(UnopenedSpan(hop)):
             reply = await self._call(hop.server.peer_id, req, m.ForwardResponse)
             return _tensor(reply.hidden, x.shape, "hidden"), reply.graph_id
@@ -262,25 +243,17 @@ class RemoteSequential(torch.nn.Module):
     ) -> torch.Tensor:
         """The gradient for the hop's input; its prompts' and LoRA's are added to ``tuned``'s."""
         fields = tuned.fields(hop)
-        codec = self.settings.compression
         req = m.BackwardRequest(
-            model=self.settings.model,
-            start=hop.start,
-            end=hop.end,
-            compression=codec,
-            hidden=compression.encode(x, codec),
-            grad_output=compression.encode(grad, codec),
+            grad_output=compression.encode(grad, self.settings.compression),
             graph_id=graph_id,
-            **fields,
+            **self._common(hop, x, fields),
         )
         with HopFailed.on_failure(UnopenedSpan(hop)):
             reply = await self._call(hop.server.peer_id, req, m.BackwardResponse)
             grad_input = _tensor(reply.grad_input, x.shape, "grad_input")
             parts = {}
-            for name, sent in (
-                ("grad_prompts", fields.get("prompts")),
-                ("grad_lora", fields.get("lora")),
-            ):
+            asked = {"grad_prompts": fields.get("prompts"), "grad_lora": fields.get("lora")}
+            for name, sent in asked.items():
                 wire = getattr(reply, name)
                 if (wire is None) != (sent is None):
                     raise RemoteProtocolError(f"{name!r} must come back exactly when sent")
@@ -288,6 +261,19 @@ class RemoteSequential(torch.nn.Module):
                     parts[name] = _tensor(wire, sent.shape, name)
         tuned.accumulate(hop, parts.get("grad_prompts"), parts.get("grad_lora"))
         return grad_input
+
+    def _common(self, hop: Hop, x: torch.Tensor, fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields a forward and a backward request of ``hop`` share."""
+        codec = self.settings.compression
+        hidden = compression.encode(x, codec)
+        return dict(
+            model=self.settings.model,
+            start=hop.start,
+            end=hop.end,
+            compression=codec,
+            hidden=hidden,
+            **fields,
+        )
 
     async def _call(self, peer_id: str, message: Any, expect: type) -> Any:
         """One request on a pooled stream; a stale one (closed by the server) is replaced once."""
@@ -354,9 +340,7 @@ class _Tuned:
         dtype = TORCH_DTYPES[self.dtype]
         self.grad_prompts = None if prompts is None else torch.zeros(prompts.shape, dtype=dtype)
         self.grad_lora = None if flat is None else torch.zeros(flat.shape, dtype=dtype)
-        self._offsets: dict[
-            int, tuple[int, int]
-        ] = {}  # block -> its numbers' range in the flat LoRA
+        self._offsets: dict[int, tuple[int, int]] = {}  # block -> its range in the flat LoRA
         offset = 0
         for block in [] if lora is None else lora.blocks:
             size = sum(mod.a.numel() + mod.b.numel() for mod in lora.modules[block].values())
@@ -376,9 +360,8 @@ class _Tuned:
     ) -> None:
         first = self.hop.first
         if grad_prompts is not None and self.grad_prompts is not None:
-            self.grad_prompts[hop.start - first : hop.end - first] += grad_prompts.to(
-                self.grad_prompts.dtype
-            )
+            rows = slice(hop.start - first, hop.end - first)
+            self.grad_prompts[rows] += grad_prompts.to(self.grad_prompts.dtype)
         ranges = [r for b, r in self._offsets.items() if hop.start <= b < hop.end]
         if grad_lora is not None and self.grad_lora is not None and ranges:
             self.grad_lora[ranges[0][0] : ranges[-1][1]] += grad_lora.to(self.grad_lora.dtype)
@@ -398,10 +381,7 @@ class _RemoteBlocks(torch.autograd.Function):
         tuned = _Tuned(blocks, prompts, lora, flat, keep)
         out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
         ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
-        ctx.dtypes = (
-            None if prompts is None else prompts.dtype,
-            None if flat is None else flat.dtype,
-        )
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (prompts, flat))
         return out
 
     @staticmethod

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from swarm_node import compression
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora_pack import pack_lora
 
@@ -33,9 +33,7 @@ class SessionSettings:
         if self.dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {self.dtype!r}")
         for name, low in (("num_blocks", 0), ("max_length", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"{name!r} must be an int >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), low)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -133,22 +133,16 @@ class BlockServer:
                     message = await conn.receive()
                 if idle.cancelled_caught:
                     now = trio.current_time()
-                    if carries_pushes or any(
-                        now - s.last_active < timeout for s in sessions.values()
-                    ):
+                    busy = any(now - s.last_active < timeout for s in sessions.values())
+                    if carries_pushes or busy:
                         continue  # steps arrive by push; the sessions are busy
                     if sessions:
                         log.info("closing %d idle session(s) of %s", len(sessions), peer)
                         for session in sessions.values():
                             await self._end(session)
                         sessions.clear()
-                        await conn.send(
-                            m.ErrorResponse(
-                                code="idle_timeout",
-                                message=f"no message for {self.config.session_idle_timeout} s; "
-                                "sessions closed",
-                            )
-                        )
+                        text = f"no message for {timeout} s; sessions closed"
+                        await conn.send(m.ErrorResponse(code="idle_timeout", message=text))
                     break
                 if message is None:
                     break
@@ -267,6 +261,7 @@ class BlockServer:
         rules = SessionRules(
             session_id=session_id, max_length=req.max_length, prev_peer=req.prev_peer
         )
+        codec = self.config.compression if req.compression == SERVER_DEFAULT else req.compression
         session = sessions[session_id] = self.sessions[session_id] = ServerSession(
             rules=rules,
             peer_id=peer,
@@ -274,9 +269,7 @@ class BlockServer:
             end=req.end,
             batch_size=req.batch_size,
             dtype=req.dtype,
-            compression=self.config.compression
-            if req.compression == SERVER_DEFAULT
-            else req.compression,
+            compression=codec,
             cache=cache,
             reserved_tokens=tokens,
             conn=conn,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import trio
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, check_int
 
 KEPT_PER_PEER = 4  # graphs one peer may keep here at once (the client's concurrent pieces)
 KEPT_TTL = 60.0  # seconds a graph waits for its backward
@@ -84,9 +84,8 @@ class KeptGraphs:
         ttl: float = KEPT_TTL,
         budget_bytes: int = KEPT_BUDGET_BYTES,
     ) -> None:
-        for name, value in (("per_peer", per_peer), ("budget_bytes", budget_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name!r} must be an int >= 0, got {value!r}")
+        check_int("per_peer", per_peer, 0)
+        check_int("budget_bytes", budget_bytes, 0)
         if not ttl > 0:
             raise ConfigError(f"'ttl' must be > 0, got {ttl!r}")
         self.per_peer = per_peer
@@ -98,9 +97,8 @@ class KeptGraphs:
         self.nbytes = 0
         self.hits = 0  # backwards that used a kept graph
         self.misses = 0  # backwards that named a graph and recomputed instead
-        self.evicted = (
-            0  # graphs dropped before their backward (limit, budget, expiry, closed stream)
-        )
+        # graphs dropped before their backward (limit, budget, expiry, closed stream)
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -183,9 +183,7 @@ async def claim_move(peer: Any, start: int | None) -> None:
     peer.moving_to = start
     try:  # the blocks it holds did not change: the record is enough
         await peer.announce(provide_blocks=False)
-    except (
-        Exception
-    ):  # like a failed re-announce: the server goes on; its own copy is already updated
+    except Exception:  # as a failed re-announce: the server goes on, its own copy updated
         log.warning("announcing the move claim (%s) failed", start, exc_info=True)
 
 

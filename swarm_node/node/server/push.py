@@ -31,10 +31,6 @@ class PushLink:
         self.conn: MessageStream | None = conn
         self.next_session = next_session
 
-    @property
-    def alive(self) -> bool:
-        return self.conn is not None
-
     async def push(self, step_id: int, position: int, hidden: Any) -> bool:
         """Send one step's output on; False (and the link is off from now on) if it failed."""
         if self.conn is None:

@@ -65,37 +65,40 @@ def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int
     return lora
 
 
-def _check_codec(codec: str) -> None:
-    if codec not in COMPRESSIONS:
-        raise RequestError(
-            "bad_request", f"'compression' must be one of {COMPRESSIONS}, got {codec!r}"
-        )
-
-
 def _decode_batch(server: Any, wire: Any) -> torch.Tensor:
     return server.decode_hidden(
         wire, batch=None, max_tokens=server.config.max_session_length, dtype=server.config.dtype
     )
 
 
-def _check_prompt_length(prompts: torch.Tensor | None, hidden: torch.Tensor) -> None:
+def _inputs(
+    server: Any, req: m.ForwardRequest | m.BackwardRequest
+) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """A forward's or backward's hidden states ``# (B, T, H)``, deep prompts and LoRA, checked."""
+    check_span(server.served, req.model, req.start, req.end)
+    if req.compression not in COMPRESSIONS:
+        raise RequestError(
+            "bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}"
+        )
+    hidden = _decode_batch(server, req.hidden)  # (B, T, H)
+    if hidden.shape[0] > MAX_FORWARD_BATCH:
+        raise RequestError(
+            "bad_request",
+            f"a forward or backward takes at most {MAX_FORWARD_BATCH} sequences, got {hidden.shape[0]}",
+        )
+    prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
     if prompts is not None and prompts.shape[1] > hidden.shape[1]:
         raise RequestError(
             "bad_request",
             f"prompts must cover at most the {hidden.shape[1]} positions sent, got {prompts.shape[1]}",
         )
+    return hidden, prompts, request_lora(server, req)
 
 
 async def forward(server: Any, req: m.ForwardRequest, peer: str = "") -> m.ForwardResponse:
     """Blocks [start, end) on a batch of whole sequences, from position 0, without a cache; with
     ``keep_graph``, computed with grad and its graph kept for ``peer``'s backward."""
-    check_span(server.served, req.model, req.start, req.end)
-    _check_codec(req.compression)
-    hidden = _decode_batch(server, req.hidden)  # (B, T, H)
-    _check_batch(hidden)
-    prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
-    _check_prompt_length(prompts, hidden)
-    lora = request_lora(server, req)
+    hidden, prompts, lora = _inputs(server, req)
     store = getattr(server, "kept_graphs", None)
     if not req.keep_graph or store is None:
         run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts, lora)
@@ -114,27 +117,18 @@ async def forward(server: Any, req: m.ForwardRequest, peer: str = "") -> m.Forwa
 
 async def backward(server: Any, req: m.BackwardRequest, peer: str = "") -> m.BackwardResponse:
     """Gradients of ``sum(blocks(hidden) * grad_output)`` for ``hidden`` and the prompts."""
-    check_span(server.served, req.model, req.start, req.end)
-    _check_codec(req.compression)
-    hidden = _decode_batch(server, req.hidden)  # (B, T, H)
-    _check_batch(hidden)
+    hidden, prompts, lora = _inputs(server, req)
     grad_output = _decode_batch(server, req.grad_output)  # (B, T, H)
     if grad_output.shape != hidden.shape:
         raise RequestError(
             "bad_request",
             f"'grad_output' must have the shape of 'hidden' {tuple(hidden.shape)}, got {tuple(grad_output.shape)}",
         )
-    prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
-    _check_prompt_length(prompts, hidden)
-    lora = request_lora(server, req)
     owned = req.lora is not None  # the client's own LoRA: its gradient goes back
     store = getattr(server, "kept_graphs", None)
     kept = store.take(req.graph_id, peer) if req.graph_id and store is not None else None
-    if kept is not None and (kept.start, kept.end, kept.adapter) != (
-        req.start,
-        req.end,
-        req.adapter,
-    ):
+    wanted = (req.start, req.end, req.adapter)
+    if kept is not None and (kept.start, kept.end, kept.adapter) != wanted:
         kept = None
     run = functools.partial(
         _backward, server.span, hidden, grad_output, req.start, req.end, prompts, lora, owned, kept
@@ -147,14 +141,11 @@ async def backward(server: Any, req: m.BackwardRequest, peer: str = "") -> m.Bac
             store.hits += 1
         else:
             store.misses += 1
+    codec = req.compression
     return m.BackwardResponse(
-        grad_input=compression.encode(grad_input, req.compression),
-        grad_prompts=None
-        if grad_prompts is None
-        else compression.encode(grad_prompts, req.compression),
-        grad_lora=None
-        if grad_lora is None
-        else compression.encode(grad_lora, "none"),  # exact, like the weights
+        grad_input=compression.encode(grad_input, codec),
+        grad_prompts=None if grad_prompts is None else compression.encode(grad_prompts, codec),
+        grad_lora=None if grad_lora is None else compression.encode(grad_lora, "none"),  # exact
     )
 
 
@@ -170,14 +161,6 @@ def request_lora(
     if req.adapter:
         raise RequestError("bad_request", "a request takes an 'adapter' name or a 'lora', not both")
     return decode_lora(server, req.lora, req.lora_manifest, start=req.start, end=req.end)
-
-
-def _check_batch(hidden: torch.Tensor) -> None:
-    if hidden.shape[0] > MAX_FORWARD_BATCH:
-        raise RequestError(
-            "bad_request",
-            f"a forward or backward takes at most {MAX_FORWARD_BATCH} sequences, got {hidden.shape[0]}",
-        )
 
 
 def _forward(
@@ -208,9 +191,8 @@ def _graph(
         flat = flat.detach().requires_grad_(True)
         lora = unpack_lora(flat, manifest, shapes=span.lora_shapes, start=start, end=end)
         inputs.append(flat)
-    return span.forward(
-        hidden, None, start=start, end=end, prompts=prompts, lora=lora
-    ), inputs  # (B, T, H)
+    out = span.forward(hidden, None, start=start, end=end, prompts=prompts, lora=lora)  # (B, T, H)
+    return out, inputs
 
 
 def _forward_kept(

@@ -24,7 +24,7 @@ from swarm_node.node.apps.api.schema import (
     GenerationRequest,
 )
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
-from swarm_node.node.client.generation_options import find_stop
+from swarm_node.node.client.generation_options import find_stop, model_eos_ids
 from swarm_node.node.client.settings import SessionSettings
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,6 @@ class ModelRuntime:
         checkpoint = Checkpoint.open(path)
         tokenizer = load_tokenizer(path)
         config = checkpoint.config
-        eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         limit = int(getattr(config, "max_position_embeddings", max_context) or max_context)
         return cls(
             name=model_id_of(model),
@@ -64,7 +62,7 @@ class ModelRuntime:
             tokenizer=tokenizer,
             num_blocks=int(config.num_hidden_layers),
             context_length=min(limit, max_context),
-            eos_token_ids=eos_ids,
+            eos_token_ids=model_eos_ids(config, tokenizer),
             dtype=dtype,
         )
 
@@ -176,6 +174,15 @@ class TextAssembler:
         return piece
 
 
+def missing_blocks(model: str, exc: MissingBlocksError) -> ApiError:
+    return ApiError(
+        503,
+        f"the swarm cannot serve {model!r} now: {exc}",
+        type="server_error",
+        code="missing_blocks",
+    )
+
+
 async def run_generation(
     peer: Any,
     runtime: ModelRuntime,
@@ -214,12 +221,7 @@ async def run_generation(
             chain=chain,
         )
     except MissingBlocksError as exc:
-        raise ApiError(
-            503,
-            f"the swarm cannot serve {runtime.name!r} now: {exc}",
-            type="server_error",
-            code="missing_blocks",
-        ) from None
+        raise missing_blocks(runtime.name, exc) from None
     except (ConfigError, ModelError) as exc:
         raise ApiError(400, str(exc)) from None
     except (SwarmError, trio.TooSlowError) as exc:

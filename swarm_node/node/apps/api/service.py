@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.node.apps.api.app import EventStream, build_app
-from swarm_node.node.apps.api.engine import ModelRuntime, run_generation
+from swarm_node.node.apps.api.engine import ModelRuntime, missing_blocks, run_generation
 from swarm_node.node.apps.api.schema import (
     ApiError,
     ChatRequest,
@@ -49,9 +49,7 @@ class ApiServer:
         self.created = int(time.time())
         self.url = ""  # http://host:port, once listening
         self.refreshed_at: float | None = None
-        self._chains: dict[
-            str, tuple[float, int, list[Any]]
-        ] = {}  # model -> (found at, room, chain)
+        self._chains: dict[str, tuple[float, int, list[Any]]] = {}  # model: (found at, room, chain)
         self._lookup_locks: dict[str, trio.Lock] = {}
         self._views = {
             name: model_view(None, model=name, num_blocks=r.num_blocks, error=None)
@@ -194,24 +192,13 @@ class ApiServer:
         async with self._lookup_locks.setdefault(name, trio.Lock()):
             cached = self._chains.get(name)
             now = trio.current_time()
-            if (
-                cached is not None
-                and now - cached[0] < self.config.chain_ttl
-                and cached[1] >= max_length
-            ):
+            if cached and now - cached[0] < self.config.chain_ttl and cached[1] >= max_length:
                 return cached[2]
-            room = max(
-                max_length, runtime.context_length // 4
-            )  # ask for room enough for most requests
+            room = max(max_length, runtime.context_length // 4)  # room for most requests
             try:
                 chain = await self.peer.find_chain(name, runtime.num_blocks, max_length=room)
             except MissingBlocksError as exc:
-                raise ApiError(
-                    503,
-                    f"the swarm cannot serve {name!r} now: {exc}",
-                    type="server_error",
-                    code="missing_blocks",
-                ) from None
+                raise missing_blocks(name, exc) from None
             except trio.TooSlowError:
                 raise ApiError(
                     503,
@@ -235,12 +222,9 @@ async def serve_api(
     from hypercorn.trio import serve
 
     runtimes: dict[str, ModelRuntime] = {}
+    load = partial(ModelRuntime.load, dtype=config.dtype, max_context=config.max_context)
     for model in config.models:
-        runtime = await trio.to_thread.run_sync(
-            lambda model=model: ModelRuntime.load(
-                model, dtype=config.dtype, max_context=config.max_context
-            )
-        )
+        runtime = await trio.to_thread.run_sync(load, model)
         runtimes[runtime.name] = runtime
     api = ApiServer(peer, config, runtimes)
     hconfig = HypercornConfig()
