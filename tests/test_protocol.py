@@ -87,7 +87,7 @@ def raw_frame(header: object, tail: bytes = b"") -> bytes:
 def step_header(**overrides) -> dict:
     header = {
         "t": "step_request",
-        "v": 1,
+        "v": PROTOCOL_VERSION,
         "session_id": "abc",
         "step_id": 3,
         "position": 0,
@@ -107,8 +107,8 @@ def decode_one(frame: bytes):
 
 
 def test_constants():
-    assert PROTOCOL_ID == "/swarm-node/1.0.0"
-    assert PROTOCOL_VERSION == 1
+    assert PROTOCOL_ID == "/swarm-node/2.0.0"
+    assert PROTOCOL_VERSION == 2
     assert DEFAULT_MAX_FRAME_SIZE == 64 * 2**20
 
 
@@ -129,7 +129,7 @@ def test_decoded_fields_have_wire_types():
 
 
 def _open_header(**fields) -> dict:
-    return {"t": "open_session_request", "v": 1, "model": "m", "start": 0, "end": 2,
+    return {"t": "open_session_request", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 2,
             "max_length": 64, "dtype": "float32", "compression": "none", **fields}  # fmt: skip
 
 
@@ -158,7 +158,7 @@ def test_lists_and_bools_travel_as_themselves():
 
 
 def test_float_field_sent_as_int_comes_back_float():
-    header = {"t": "info_response", "v": 1, "model": "m", "start": 0, "end": 2, "num_blocks": 2,
+    header = {"t": "info_response", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 2, "num_blocks": 2,
               "hidden_size": 8, "dtype": "float32", "throughput": 3, "cache_tokens_left": 5,
               "version": "0.1.0"}  # fmt: skip
     msg = decode_one(raw_frame(header))
@@ -265,7 +265,9 @@ def test_corrupted_frames_raise_only_remote_protocol_error(msg, data):
     st.binary(max_size=16),
 )  # fmt: skip
 def test_random_headers_raise_only_remote_protocol_error(header, tail):
-    _drain_expecting_only_protocol_errors(raw_frame({"t": "step_request", "v": 1, **header}, tail))
+    _drain_expecting_only_protocol_errors(
+        raw_frame({"t": "step_request", "v": PROTOCOL_VERSION, **header}, tail)
+    )
 
 
 def test_decoder_refuses_a_bad_limit():
@@ -327,8 +329,8 @@ def test_encode_refuses_frames_over_the_limit():
         (struct.pack(">I", 2) + b"\x81\xc1", "valid msgpack"),  # 0xc1 is never used
         (raw_frame(step_header(t="teleport")), "'t' must be one of"),
         (raw_frame(step_header(t=7)), "'t' must be one of"),
-        (raw_frame(step_header(v=2)), "'v' must be protocol version 1, got 2"),
-        (raw_frame(step_header(v=True)), "'v' must be protocol version 1, got True"),
+        (raw_frame(step_header(v=1)), "'v' must be protocol version 2, got 1"),
+        (raw_frame(step_header(v=True)), "'v' must be protocol version 2, got True"),
         (raw_frame({k: v for k, v in step_header().items() if k != "v"}), "'v' must be"),
         (raw_frame({k: v for k, v in step_header().items() if k != "position"}, bytes(8)),
          "must have field 'position'"),
@@ -351,13 +353,13 @@ def test_encode_refuses_frames_over_the_limit():
                                        "nbytes": -4}), bytes(4)), "'hidden.nbytes' must be"),
         (raw_frame(step_header(), bytes(7)), "got 7"),  # too few tensor bytes (whole frame came)
         (raw_frame(step_header(), bytes(9)), "got 9"),  # leftover bytes
-        (raw_frame({"t": "error_response", "v": 1, "code": "Bad Code", "message": ""}),
+        (raw_frame({"t": "error_response", "v": PROTOCOL_VERSION, "code": "Bad Code", "message": ""}),
          "'code' must be a snake_case str"),
-        (raw_frame({"t": "info_response", "v": 1, "model": "m", "start": 0, "end": 2,
+        (raw_frame({"t": "info_response", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 2,
                     "num_blocks": 2, "hidden_size": 8, "dtype": "float32",
                     "throughput": float("nan"), "cache_tokens_left": 5, "version": "1"}),
          "'throughput' must be a finite number >= 0, got nan"),
-        (raw_frame({"t": "open_session_request", "v": 1, "model": "m", "start": 0, "end": 2,
+        (raw_frame({"t": "open_session_request", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 2,
                     "max_length": 0, "dtype": "float32", "compression": "none"}),
          "'max_length' must be an int >= 1, got 0"),
         (raw_frame(_open_header(next_addrs="/ip4/1.2.3.4/tcp/1 /ip4/5.6.7.8/tcp/2")),
@@ -373,9 +375,9 @@ def test_encode_refuses_frames_over_the_limit():
          "'lora_manifest' must be a list"),
         (raw_frame(_open_header(next_addrs=["a", 3])), "'next_addrs' must be a list .*got \\['a', 3\\]"),
         (raw_frame(_open_header(next_addrs=["a" * (MAX_ITEM_CHARS + 1)])), "'next_addrs' must be"),
-        (raw_frame({"t": "open_session_response", "v": 1, "session_id": "s", "max_length": 4,
+        (raw_frame({"t": "open_session_response", "v": PROTOCOL_VERSION, "session_id": "s", "max_length": 4,
                     "push": 1}), "'push' must be a bool, got 1"),
-        (raw_frame({"t": "forward_request", "v": 1, "model": "m", "start": 0, "end": 1,
+        (raw_frame({"t": "forward_request", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 1,
                     "compression": "none", "keep_graph": 0,
                     "hidden": {"codec": "none", "dtype": "float32", "shape": [1], "nbytes": 4}},
                    bytes(4)), "'keep_graph' must be a bool, got 0"),
@@ -402,7 +404,7 @@ def test_unknown_header_fields_are_ignored():
 
 
 def test_default_field_may_be_absent():
-    header = {"t": "open_session_request", "v": 1, "model": "m", "start": 0, "end": 2,
+    header = {"t": "open_session_request", "v": PROTOCOL_VERSION, "model": "m", "start": 0, "end": 2,
               "max_length": 64, "dtype": "float32", "compression": "none"}  # fmt: skip
     assert decode_one(raw_frame(header)).batch_size == 1
 

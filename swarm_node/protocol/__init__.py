@@ -35,7 +35,7 @@ from swarm_node.protocol.messages import (
 )
 from swarm_node.protocol.tensors import MAX_NDIM, WireTensor
 
-PROTOCOL_ID = "/swarm-node/1.0.0"
+PROTOCOL_ID = "/swarm-node/2.0.0"  # 2: list and boolean fields travel as themselves
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

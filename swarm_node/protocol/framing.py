@@ -38,7 +38,7 @@ from swarm_node.protocol.tensors import (
     short_repr,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: next_addrs and lora_manifest are lists, push/pushed/keep_graph booleans
 DEFAULT_MAX_FRAME_SIZE = 64 * 2**20  # bytes after the length prefix
 MAX_HEADER_SIZE = 2**20  # a header is names and numbers; tensors travel after it
 _PREFIX = struct.Struct(">I")
