@@ -20,10 +20,9 @@ from swarm_node.node.apps.cli import main
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_adapter_flags
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.peer import open_peer
-from swarm_node.node.server.adapters import parse_adapter_flags
 from swarm_node.protocol import messages as m
 from tests.lora_fixtures import merged_reference, save_peft_adapter
 from tests.model_fixtures import reference_model

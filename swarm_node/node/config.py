@@ -7,19 +7,21 @@ its metadata (``flag(help, ...)``): the CLI builds the flag, its default and its
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
 from swarm_node.errors import ConfigError, check_int
-from swarm_node.node.server.adapters import check_adapter_name, check_server_adapters
 
 COMPRESSIONS = CODECS  # wire codecs a session may name
 SERVER_DEFAULT = "default"  # a session asking for this gets the server's own --compression
 QUANTS = (None, "int8", "nf4")
 DEFAULT_MODEL = "smollm2-135m"
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+MAX_SERVER_ADAPTERS = 64  # dht.records.MAX_ADAPTERS: a record lists at most this many names
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def flag(default: Any, help: str, name: str = "", **extras: Any) -> Any:
@@ -27,6 +29,56 @@ def flag(default: Any, help: str, name: str = "", **extras: Any) -> Any:
     argparse extras (metavar, choices), ``env`` where it is not SWARM_<FLAG>, ``cli_default``
     where the command line's default differs from the library's."""
     return field(default=default, metadata={"help": help, "flag": name, **extras})
+
+
+def check_adapter_name(name: Any, field: str = "adapter") -> str:
+    """A name announced in the DHT and sent in requests: 1-64 of letters, digits, '.', '_', '-'."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{field!r} names must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
+            f"digit, got {str(name)[:80]!r}"
+        )
+    return name
+
+
+def parse_adapter_flags(texts: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """``["chat=/ad/chat", "sql=~/sql"]`` -> ``(("chat", "/ad/chat"), ("sql", "~/sql"))``, checked."""
+    out: list[tuple[str, str]] = []
+    for text in texts:
+        name, sep, path = text.partition("=")
+        if not sep or not path:
+            raise ConfigError(
+                f"'--adapters' entries must look like NAME=PATH (e.g. chat=./my-lora), got {text!r}"
+            )
+        out.append((name, path))
+    return check_server_adapters(tuple(out))
+
+
+def check_server_adapters(adapters: Any) -> tuple[tuple[str, str], ...]:
+    """ServerConfig.adapters: at most 64 (name, folder) pairs with distinct, valid names."""
+    if not isinstance(adapters, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) for x in p)
+        for p in adapters
+    ):
+        raise ConfigError(
+            f"'adapters' must be a tuple of (name, path) string pairs, got {adapters!r}"
+        )
+    if len(adapters) > MAX_SERVER_ADAPTERS:
+        raise ConfigError(
+            f"'adapters' must list at most {MAX_SERVER_ADAPTERS} adapters, got {len(adapters)}"
+        )
+    seen: set[str] = set()
+    for name, _ in adapters:
+        check_adapter_name(name, "adapters")
+        if name in seen:
+            raise ConfigError(f"'adapters' names must be distinct, got {name!r} twice")
+        seen.add(name)
+    return adapters
+
+
+def is_adapter_file(value: str) -> bool:
+    """A client's ``--adapter`` is a file of its own when it names an existing file, else a name."""
+    return Path(value).expanduser().is_file()
 
 
 def parse_blocks(text: str) -> tuple[int, int]:

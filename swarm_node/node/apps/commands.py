@@ -20,9 +20,16 @@ from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
 from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig, parse_blocks
+from swarm_node.node.config import (
+    ApiConfig,
+    ClientConfig,
+    PeerConfig,
+    ServerConfig,
+    is_adapter_file,
+    parse_adapter_flags,
+    parse_blocks,
+)
 from swarm_node.node.peer import Peer, open_peer
-from swarm_node.node.server.adapters import is_adapter_file, parse_adapter_flags
 
 log = logging.getLogger(__name__)
 
