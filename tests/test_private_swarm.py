@@ -20,6 +20,10 @@ def test_key_file_round_trip_and_bad_files(tmp_path: Path) -> None:
     key = load_swarm_key(path)
     assert len(key) == 64 and int(key, 16) >= 0
     assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by its owner only .mode 0600., got mode 0644"):
+        load_swarm_key(path)
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match="exists already"):
         write_swarm_key(path)
     bad = tmp_path / "bad.key"

@@ -96,6 +96,15 @@ def test_identity_file_keeps_the_peer_id(tmp_path: Path) -> None:
     b = load_or_create_identity(path)
     assert a.public_key.serialize() == b.public_key.serialize()
     assert path.stat().st_mode & 0o777 == 0o600
+    for mode in (0o640, 0o604, 0o620):  # another user could read (or replace) the key: refused
+        path.chmod(mode)
+        with pytest.raises(
+            ConfigError,
+            match=f"must be readable by its owner only .mode 0600., got mode 0{mode:o}.*chmod 600",
+        ):
+            load_or_create_identity(path)
+    path.chmod(0o600)
+    assert load_or_create_identity(path).public_key.serialize() == a.public_key.serialize()
     path.write_bytes(b"not a key")
     with pytest.raises(ConfigError, match="is not a libp2p private key file"):
         load_or_create_identity(path)

@@ -1,7 +1,8 @@
 """Building a peer's libp2p host, and quieting py-libp2p's loggers for the command line.
 
 The only place in the node layer where host options are chosen: a key pair (identity.py), the
-addresses to announce, an optional private-swarm key (swarm_key.py) and one connection per peer.
+addresses to announce, an optional private-swarm key (swarm_key.py), one connection per peer, Noise
+as the only security protocol and yamux as the only stream muxer (TCP only: QUIC stays off).
 """
 
 from __future__ import annotations
@@ -11,16 +12,30 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-from libp2p import new_host
+from libp2p import YAMUX_PROTOCOL_ID, Yamux, create_new_x25519_key_pair, new_host
 from libp2p.crypto.keys import KeyPair
 from libp2p.network.config import ConnectionConfig
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
+
+# What a connection may negotiate, and nothing else. py-libp2p's defaults also accept
+# /plaintext/2.0.0 (its handshake checks only that a claimed id matches a claimed public key, with no
+# proof of the private key: anyone could pose as any server), secio and TLS, and mplex.
+SECURITY_PROTOCOLS = (NOISE_PROTOCOL_ID,)
+MUXER_PROTOCOLS = (YAMUX_PROTOCOL_ID,)
 
 
 def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: str | None) -> Any:
     """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it)."""
     return new_host(
         key_pair=key_pair,
+        sec_opt={
+            NOISE_PROTOCOL_ID: NoiseTransport(
+                key_pair, noise_privkey=create_new_x25519_key_pair().private_key
+            )
+        },
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
         # one connection per peer: with more, every dial waits 250 ms for a second connection
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         announce_addrs=list(announce) if announce else None,

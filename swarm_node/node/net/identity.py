@@ -14,6 +14,16 @@ from swarm_node.errors import ConfigError
 MAX_KEY_FILE = 4096  # bytes; an Ed25519 key in libp2p's protobuf form is ~70
 
 
+def check_private_file(path: Path, flag: str, what: str) -> None:
+    """Refuse a key file that other users may read or write (``what``: what they could then do)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{flag!r} {path} must be readable by its owner only (mode 0600), got mode {mode:04o}: "
+            f"anyone on this machine could {what}; run `chmod 600 {path}`"
+        )
+
+
 def load_or_create_identity(path: Path | None) -> KeyPair:
     """The key pair in ``path`` (created with mode 0600 if missing), or a fresh one if ``path`` is None."""
     if path is None:
@@ -31,6 +41,7 @@ def load_or_create_identity(path: Path | None) -> KeyPair:
             raise ConfigError(
                 f"'--identity' {path} is not a libp2p private key file: {exc}"
             ) from None
+        check_private_file(path, "--identity", "take this peer's id")
         return KeyPair(private, private.get_public_key())
     key_pair = generate_new_ed25519_identity()
     path.parent.mkdir(parents=True, exist_ok=True)

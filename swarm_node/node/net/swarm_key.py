@@ -6,8 +6,11 @@ The file has go-libp2p's swarm.key format (IPFS private networks use the same)::
     /base16/
     <64 hex digits: 32 random bytes>
 
-py-libp2p encrypts every connection with it (Salsa20) before anything else, so a peer without the
-key, or with another one, cannot even finish the handshake.
+py-libp2p encrypts every connection with it (Salsa20 with an 8-byte nonce) before anything else, so
+a peer without the key, or with another one, cannot even finish the handshake. Only the file format
+is go-libp2p's: its private networks use XSalsa20 with a 24-byte nonce, so a swarm key joins
+py-libp2p peers (swarm-node) only, not go-libp2p or IPFS nodes. The key protects who may connect;
+the Noise handshake inside it still authenticates each peer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import secrets
 from pathlib import Path
 
 from swarm_node.errors import ConfigError
+from swarm_node.node.net.identity import check_private_file
 
 HEADER = "/key/swarm/psk/1.0.0/"
 ENCODING = "/base16/"
@@ -46,6 +50,7 @@ def load_swarm_key(path: Path) -> str:
         raise ConfigError(
             f"'--swarm-key' {path}: the key must be 64 hex digits (32 bytes), got {len(key)} characters"
         )
+    check_private_file(path, "--swarm-key", "join this private swarm")
     return key
 
 
