@@ -24,7 +24,14 @@ from libp2p.records.record import make_signed_put_record
 
 from swarm_node.dht import kad_requests
 from swarm_node.dht.discovery import QUERY_ERRORS
-from swarm_node.dht.records import ServerRecord, block_key, decode_record, record_fields, record_key
+from swarm_node.dht.records import (
+    MAX_BLOCKS,
+    ServerRecord,
+    block_key,
+    decode_record,
+    record_fields,
+    record_key,
+)
 from swarm_node.dht.signing import sign_fields, sign_record
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import Peer, open_peer
@@ -169,3 +176,45 @@ async def test_a_peer_refuses_a_replayed_older_record_put_over_the_network() -> 
             assert holder.dht.kad.value_store.get(KEY).value == lapsed
             await put(client, holder, sign_record(record(seq=7), SERVER_KEY))
             assert held_seq(holder) == 7
+
+
+GOOD_KEY = create_new_key_pair(b"an honest server, insane beside".ljust(32, b"."))
+GOOD = ID.from_pubkey(GOOD_KEY.public_key)
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"addrs": ("not a multiaddr",)}, "is not a multiaddr"),
+        ({"addrs": (f"/ip4/127.0.0.1/tcp/9/p2p/{GOOD}",)}, "an address of another peer"),
+        ({"end": 10**9}, f"start < end <= {MAX_BLOCKS}"),
+        ({"throughput": 1e308}, "'throughput' must be in [0, 1e+06]"),
+        ({"expires_at": time.time() + 10**9}, "must expire within"),
+        ({"moving_to": 10**9}, "'moving_to' must be a block number or -1"),
+    ],
+)
+async def test_a_signed_but_insane_record_is_refused_and_the_lookup_goes_on(
+    caplog: pytest.LogCaptureFixture, fields: dict, why: str
+) -> None:
+    # A signature says who wrote a record, not that it is sane: each of these, signed by its own
+    # server, is served by a real peer and dropped by the client, and the honest server of the same
+    # blocks is still found (a record whose address did not parse used to stop the whole lookup).
+    caplog.set_level(logging.INFO, logger="swarm_node.dht.discovery")
+    honest = replace(
+        record(),
+        peer_id=GOOD.to_base58(),
+        addrs=(f"/ip4/127.0.0.1/tcp/10/p2p/{GOOD}",),
+    )
+    with trio.fail_after(60):
+        async with holder_and_client() as (holder, client):
+            provide_for_server(holder)
+            for block in range(BLOCKS):
+                key = bytes.fromhex(block_key(MODEL, block))
+                holder.dht.kad.provider_store.add_provider(key, PeerInfo(GOOD, []))
+            insane = sign_record(record(**fields), SERVER_KEY)
+            holder.dht.kad.value_store.put(KEY, insane)
+            good_key = record_key(GOOD.to_base58()).encode()
+            holder.dht.kad.value_store.put(good_key, sign_record(honest, GOOD_KEY))
+            assert await kad_requests.get_value(client.dht.kad, holder.host.get_id(), KEY) == insane
+            assert await client.find_servers(MODEL, BLOCKS) == [honest]
+    assert f"dropping a record for {SERVER}" in caplog.text and why in caplog.text

@@ -24,6 +24,14 @@ MAX_ADAPTERS = 64
 MAX_NEXT_RTTS = 32  # round trips a server publishes to servers of its next blocks
 MAX_BIN_LEN = 1024  # bytes; the public key and signature are the only bin fields (Ed25519: 36, 64)
 STATES = ("JOINING", "ONLINE", "OFFLINE")
+# Bounds a signed record must keep to be believed: a signature says who wrote a record, not that it
+# is sane. No model has MAX_BLOCKS blocks (the largest served today have ~130); no span pushes
+# MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
+# writer's clock and the reader's.
+MAX_BLOCKS = 4096
+MAX_THROUGHPUT = 1e6
+MAX_TTL = 24 * 3600.0
+CLOCK_SKEW = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,9 +178,10 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
         raise RemoteProtocolError("server record lacks 'addrs'")
     fields["adapters"] = _str_list(data, "adapters", MAX_ADAPTERS)
     fields["next_rtts"] = _next_rtts(data)
-    if not 0 <= fields["start"] < fields["end"]:
+    if not 0 <= fields["start"] < fields["end"] <= MAX_BLOCKS:
         raise RemoteProtocolError(
-            f"server record span must satisfy 0 <= start < end, got {fields['start']}:{fields['end']}"
+            f"server record span must satisfy 0 <= start < end <= {MAX_BLOCKS}, "
+            f"got {fields['start']}:{fields['end']}"
         )
 
     def check(name: str, ok: bool, expectation: str) -> None:
@@ -182,10 +191,14 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
             )
 
     throughput = fields["throughput"]
-    check("throughput", math.isfinite(throughput) and throughput >= 0, "finite and >= 0")
+    check("throughput", 0 <= throughput <= MAX_THROUGHPUT, f"in [0, {MAX_THROUGHPUT:g}]")
     check("cache_tokens_left", fields["cache_tokens_left"] >= 0, ">= 0")
     check("bytes_per_block", fields.get("bytes_per_block", 0) >= 0, ">= 0")
-    check("moving_to", fields.get("moving_to", -1) >= -1, "a block number or -1")
+    moving_to = fields.get("moving_to", -1)
+    span = fields["end"] - fields["start"]
+    check(
+        "moving_to", moving_to == -1 or 0 <= moving_to <= MAX_BLOCKS - span, "a block number or -1"
+    )
     check("expires_at", math.isfinite(fields.get("expires_at", 0.0)), "finite")
     check("state", fields.get("state", "ONLINE") in STATES, f"one of {STATES}")
     return ServerRecord(**fields)

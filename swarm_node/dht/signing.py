@@ -19,9 +19,12 @@ import msgpack
 from libp2p.crypto.keys import KeyPair, PublicKey
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 
 from swarm_node.dht.records import (
+    CLOCK_SKEW,
     MAX_RECORD_SIZE,
+    MAX_TTL,
     ServerRecord,
     record_fields,
     record_from_map,
@@ -111,8 +114,10 @@ def verify_record(
 ) -> ServerRecord:
     """The record in a signed DHT value, or RemoteProtocolError saying which rule it breaks.
 
-    Rules: at most MAX_RECORD_SIZE bytes; well-formed; stored under its own peer's key; a public key
-    whose peer id is the record's; a valid signature; ``expires_at > now``; ``seq >= previous_seq``.
+    Rules: at most MAX_RECORD_SIZE bytes; well-formed and within records.py's bounds; stored under
+    its own peer's key; a public key whose peer id is the record's; a valid signature;
+    ``now < expires_at <= now + MAX_TTL + CLOCK_SKEW``; addresses that parse, each of this peer (no
+    /p2p/ of another); ``seq >= previous_seq``.
     """
     data = unpack_map(value)
     record = record_from_map(data)
@@ -131,9 +136,32 @@ def verify_record(
         raise RemoteProtocolError(
             f"record of peer {record.peer_id} expired at {record.expires_at:.3f}, now is {now:.3f}"
         )
+    if record.expires_at > now + MAX_TTL + CLOCK_SKEW:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} must expire within {MAX_TTL + CLOCK_SKEW:.0f} s, "
+            f"got {record.expires_at - now:.0f} s from now"
+        )
+    _check_addrs(record)
     if previous_seq is not None and record.seq < previous_seq:
         raise RemoteProtocolError(
             f"record of peer {record.peer_id} has seq {record.seq}, "
             f"older than the {previous_seq} already held"
         )
     return record
+
+
+def _check_addrs(record: ServerRecord) -> None:
+    """Every address parses as a multiaddr and names no other peer: a record must not make readers
+    store addresses for a third party's id, nor stop their lookups on one that does not parse."""
+    for text in record.addrs:
+        try:
+            addr = Multiaddr(text)
+            named = addr.get_peer_id()
+        except Exception as exc:  # noqa: BLE001 (multiaddr raises several types for bad text)
+            raise RemoteProtocolError(
+                f"record of peer {record.peer_id}: {text[:100]!r} is not a multiaddr: {exc}"
+            ) from None
+        if named is not None and named != record.peer_id:
+            raise RemoteProtocolError(
+                f"record of peer {record.peer_id} lists an address of another peer: {text[:100]!r}"
+            )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
+from swarm_node.dht.records import MAX_TTL
 from swarm_node.errors import ConfigError, check_int
 
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -142,7 +143,7 @@ class PeerConfig:
         if not self.listen:
             raise ConfigError("'listen' must name at least one multiaddr, got none")
         _check_range("max_frame_size", self.max_frame_size, 1024)
-        _check_range("dht_ttl", self.dht_ttl, 3.0)
+        _check_range("dht_ttl", self.dht_ttl, 3.0, MAX_TTL)
         _check_range("connect_timeout", self.connect_timeout, 0.01)
 
 

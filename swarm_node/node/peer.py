@@ -169,8 +169,11 @@ class Peer:
             # every third of the TTL, minus up to a quarter of it at random: servers started together
             # (a swarm brought up at once, a test) would otherwise flood the DHT all in the same second
             await trio.sleep(self.config.dht_ttl / 3 * (1 - 0.25 * random.random()))
-            try:
+            try:  # a failed measurement must not stop the re-announcement (its rtts stay as they were)
                 await self.measure_next_rtts()
+            except Exception:
+                log.warning("measuring round trips to the next servers failed", exc_info=True)
+            try:
                 await self.announce()
             except Exception:  # a failed re-announce must not take the server down
                 log.warning("re-announcing failed; will retry", exc_info=True)
