@@ -326,3 +326,41 @@ def test_a_strided_tensor_encodes_as_its_copy(monkeypatch):
     strided = base[::2]  # (5000,), stride 2: reshape(-1) keeps the view
     ours, fallback = _encode_both(monkeypatch, strided, 64)
     assert ours == fallback == bytes(encode_payload(strided.contiguous(), 64))
+
+
+def _load_in(cache: Path) -> subprocess.CompletedProcess:
+    """A fresh process with ``cache`` as SWARM_CACHE_DIR asks for the kernel: prints 1 or 0."""
+    code = (
+        "from swarm_node.compression import native; print(int(native.decode_kernel() is not None))"
+    )
+    env = {**os.environ, "SWARM_CACHE_DIR": str(cache)}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler: nothing is built to refuse")
+def test_a_kernel_others_could_replace_is_not_loaded(tmp_path: Path) -> None:
+    # Anyone who can replace the library runs code in every peer on the machine that loads it: a
+    # folder or file that another user owns or may write, or a link, is refused (numpy decodes).
+    first = _load_in(tmp_path)
+    assert first.stdout.strip() == "1", first.stderr
+    folder = tmp_path / "native"
+    (library,) = folder.glob("blockwise8-*.so")
+    attacks = [("folder", lambda: folder.chmod(0o777)), ("file", lambda: library.chmod(0o777))]
+    if os.getuid() == 0:  # root here (CI): give the file to another user
+        attacks.append(("owner", lambda: os.chown(library, 65534, 65534)))
+    for name, attack in attacks:
+        attack()
+        refused = _load_in(tmp_path)
+        assert refused.stdout.strip() == "0", (name, refused.stderr)
+        assert "not loading the native kernels" in refused.stderr, name
+        folder.chmod(0o700)
+        library.chmod(0o755)
+        os.chown(library, os.getuid(), os.getgid())
+        assert _load_in(tmp_path).stdout.strip() == "1", name  # put right, it loads again
+    real = folder / "real.so"
+    library.rename(real)
+    library.symlink_to(real)
+    linked = _load_in(tmp_path)
+    assert linked.stdout.strip() == "0" and "not loading" in linked.stderr

@@ -6,7 +6,10 @@ once at INFO); callers then use their numpy/torch path, which gives the same byt
 compiled at import: the first call that may build compiles ``_blockwise8.c`` (~0.5 s) into
 ``$SWARM_CACHE_DIR/native`` (default ``~/.cache/swarm-node/native``) under a name hashed from the
 source, compiler, flags and platform, writing a temporary file and renaming it, so processes
-building at once do not collide. scripts/setup_env.sh (``make setup``) builds it ahead of time.
+building at once do not collide. scripts/setup_env.sh (``make setup``) builds it ahead of time, and
+a peer builds it in a worker thread as it starts (``open_peer``), so a compile never holds its event
+loop. A library is loaded only from a folder and a file owned by this user that no one else may
+write (``check_owned``): anyone who could replace it could run code in every peer on the machine.
 The kernel splits large tensors over its own short-lived pthreads (the caller says how many).
 
 Knows nothing of payloads or their validation: the caller passes lengths it has already checked.
@@ -20,6 +23,7 @@ import logging
 import os
 import platform
 import shlex
+import stat
 import subprocess
 import sys
 import tempfile
@@ -104,14 +108,34 @@ def _built() -> bool:
         return True
 
 
+class UnsafeLibrary(OSError):
+    """The kernel's file or folder could be replaced by another user."""
+
+
+def check_owned(path: Path) -> None:
+    """Raise OSError unless ``path`` (not a link) and its folder belong to this user and no one else
+    may write them."""
+    for item in (path.parent, path):
+        info = os.lstat(item)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022 or stat.S_ISLNK(info.st_mode):
+            raise UnsafeLibrary(
+                f"{item} must belong to uid {os.getuid()} and be writable by it alone, "
+                f"got uid {info.st_uid}, mode {stat.filemode(info.st_mode)}"
+            )
+
+
 def _load() -> None:
     global _kernel, _encoder
     try:
         path = library_path()
         if not path.exists():
             _build(path)
+        check_owned(path)
         library = ctypes.CDLL(str(path))
         kernel, encoder = library.blockwise8_decode, library.blockwise8_encode
+    except UnsafeLibrary as exc:
+        log.warning("blockwise8: not loading the native kernels, coding with numpy/torch (%s)", exc)
+        return
     except (OSError, subprocess.SubprocessError, AttributeError) as exc:
         log.info("blockwise8: no native kernels, coding with numpy/torch (%s)", exc)
         return

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from swarm_node import __version__
+from swarm_node.compression import native
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
@@ -385,6 +386,7 @@ async def open_peer(
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
     placed = server is not None and server.num_blocks is not None and server.end == 0
     prepared = await prepare_span(server) if server is not None and not placed else None
+    await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
     host = build_host(key_pair=key_pair, announce=announce, psk=psk)
     try:
         async with host.run(listen_addrs=listen):
