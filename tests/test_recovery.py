@@ -81,3 +81,45 @@ async def test_a_refusal_at_open_moves_the_span_before_the_first_step(tiny_llama
                 ) as s:
                     assert [span.hop.server.peer_id for span in s._spans] == [peers[1].peer_id]
                     torch.testing.assert_close(await s.step(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lie", ["nan", "dtype"])
+async def test_a_server_answering_nan_or_another_dtype_is_replaced(
+    tiny_llama: Path, lie: str
+) -> None:
+    # A lying server (its own code changed: the attacker's) answers the step after the prompt with
+    # NaN, or in bfloat16 for a float32 session. The client checks every answer before using it: the
+    # liar is banned and replaced, and the outputs are the honest chain's, to the bit.
+    model = tiny_llama.name
+    torch.manual_seed(5)
+    inputs = [torch.randn(1, 6, H)] + [torch.randn(1, 1, H) for _ in range(3)]
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6), (3, 6)], client=FAST) as (
+            peers,
+            client,
+        ):
+            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            chain = [Hop(records[peers[0].peer_id], 0, 3), Hop(records[peers[1].peer_id], 3, 6)]
+            settings = SessionSettings(model=model, max_length=16)
+            async with client.inference_session(chain, settings) as honest:
+                expected = [await honest.step(x) for x in inputs]
+            liar = peers[1].server
+            run_span = liar._run_span
+            steps = []
+
+            def lying(hidden, *args, **kwargs):
+                out = run_span(hidden, *args, **kwargs)
+                steps.append(1)
+                if len(steps) < 2:
+                    return out
+                return out * float("nan") if lie == "nan" else out.to(torch.bfloat16)
+
+            liar._run_span = lying
+            async with client.inference_session(chain, settings) as s:
+                outputs = [await s.step(x) for x in inputs]
+                (replacement,) = s._slots[1].spans
+                assert replacement.hop.server.peer_id == peers[2].peer_id
+            assert len(steps) == 2  # the liar answered the prompt honestly, then lied once
+            assert client.bans.is_banned(peers[1].peer_id, trio.current_time())
+    for out, ref in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

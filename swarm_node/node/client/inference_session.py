@@ -252,12 +252,17 @@ class InferenceSession:
             return self.output(span, await self.receive_step(span, step_id), hidden)
 
     def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
-        """The hidden states of a step's answer, which must have the shape of what was sent."""
+        """The hidden states of a step's answer, checked before anything uses them: the shape and
+        dtype of what was sent, and finite (a server answering otherwise has failed: recovery
+        replaces it, rather than the next hop or the head being blamed for its output)."""
         out = compression.decode(reply.hidden, max_numel=sent.numel())
-        if out.shape != sent.shape:
+        if out.shape != sent.shape or out.dtype != sent.dtype:
             raise RemoteProtocolError(
-                f"{span.conn.peer_id} returned shape {tuple(out.shape)}, expected {tuple(sent.shape)}"
+                f"{span.conn.peer_id} returned {tuple(out.shape)} {out.dtype}, "
+                f"expected {tuple(sent.shape)} {sent.dtype}"
             )
+        if not bool(torch.isfinite(out).all()):
+            raise RemoteProtocolError(f"{span.conn.peer_id} returned hidden states with inf or nan")
         return out
 
     async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
