@@ -188,7 +188,7 @@ class ServerConfig:
         16, "sessions one client may hold here at once; more are refused"
     )
     session_idle_timeout: float = flag(
-        120.0, "close a client's sessions after this long without a message", metavar="SECONDS"
+        120.0, "close a client's sessions after this long without a step", metavar="SECONDS"
     )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(

@@ -129,7 +129,11 @@ class BlockServer:
         self.kept_graphs.stream_opened(peer)
         try:
             while True:
-                with trio.move_on_after(timeout) as idle:
+                # sessions idle out on steps alone: other messages (a ping every so often) must not
+                # keep a peer's caches reserved forever; a stream without sessions, on any silence
+                last_step = max((s.last_active for s in sessions.values()), default=None)
+                wait = timeout if last_step is None else last_step + timeout - trio.current_time()
+                with trio.move_on_after(max(wait, 0.0)) as idle:
                     message = await conn.receive()
                 if idle.cancelled_caught:
                     now = trio.current_time()
@@ -141,7 +145,7 @@ class BlockServer:
                         for session in sessions.values():
                             await self._end(session)
                         sessions.clear()
-                        text = f"no message for {timeout} s; sessions closed"
+                        text = f"no step for {timeout} s; sessions closed"
                         await conn.send(m.ErrorResponse(code="idle_timeout", message=text))
                     break
                 if message is None:
