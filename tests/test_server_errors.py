@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,54 +180,51 @@ async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
                 await again.step(torch.randn(1, 2, H))
 
 
+@asynccontextmanager
+async def stepped_session(model: Path) -> AsyncIterator[tuple[Any, Any]]:
+    """A 1-server swarm whose sessions idle out after 0.3 s, and a session that took one step:
+    (the server, the session). No recovery: the session sees the closed stream itself."""
+    async with local_swarm(
+        model, [(0, 6)], session_idle_timeout=0.3, client=ClientConfig(max_attempts=0)
+    ) as (servers, client):
+        chain = await client.find_chain(model.name, 6)
+        async with client.inference_session(
+            chain, SessionSettings(model=model.name, max_length=8)
+        ) as s:
+            await s.step(torch.randn(1, 2, H))
+            yield servers[0].server, s
+
+
 async def test_idle_sessions_time_out(tiny_llama: Path) -> None:
     # No sleeping here: the client waits for the server's own idle-timeout message.
     with trio.fail_after(60):
-        no_recovery = ClientConfig(max_attempts=0)  # the session sees the closed stream itself
-        async with local_swarm(
-            tiny_llama, [(0, 6)], session_idle_timeout=0.3, client=no_recovery
-        ) as (servers, client):
-            chain = await client.find_chain(tiny_llama.name, 6)
-            server = servers[0].server
-            async with client.inference_session(
-                chain, SessionSettings(model=tiny_llama.name, max_length=8)
-            ) as s:
-                await s.step(torch.randn(1, 2, H))
-                assert server.active_sessions == 1
-                notice = await s._spans[0].conn.receive()
-                assert isinstance(notice, m.ErrorResponse) and notice.code == "idle_timeout"
-                assert server.active_sessions == 0
-                assert server.cache_tokens_left == server.config.cache_budget_tokens
-                with pytest.raises(ProtocolError):  # the server closed the stream
-                    await s.step(torch.randn(1, 1, H))
+        async with stepped_session(tiny_llama) as (server, s):
+            assert server.active_sessions == 1
+            notice = await s._spans[0].conn.receive()
+            assert isinstance(notice, m.ErrorResponse) and notice.code == "idle_timeout"
+            assert server.active_sessions == 0
+            assert server.cache_tokens_left == server.config.cache_budget_tokens
+            with pytest.raises(ProtocolError):  # the server closed the stream
+                await s.step(torch.randn(1, 1, H))
 
 
 async def test_pings_do_not_keep_an_idle_session_alive(tiny_llama: Path) -> None:
     # The attack: open a session (its cache reserved), then only ping on its stream. Any message used
     # to restart the idle clock, so the reservation lasted forever; sessions now idle out on steps.
     with trio.fail_after(60):
-        no_recovery = ClientConfig(max_attempts=0)
-        async with local_swarm(
-            tiny_llama, [(0, 6)], session_idle_timeout=0.3, client=no_recovery
-        ) as (servers, client):
-            chain = await client.find_chain(tiny_llama.name, 6)
-            server = servers[0].server
-            async with client.inference_session(
-                chain, SessionSettings(model=tiny_llama.name, max_length=8)
-            ) as s:
-                await s.step(torch.randn(1, 2, H))
-                conn, pings = s._spans[0].conn, 0
-                while True:
-                    await conn.send(m.InfoRequest())
-                    reply = await conn.receive()
-                    if not isinstance(reply, m.InfoResponse):
-                        break
-                    pings += 1
-                    await trio.sleep(0.05)  # a ping every 50 ms, six per idle timeout
-                assert isinstance(reply, m.ErrorResponse) and reply.code == "idle_timeout", reply
-                assert pings >= 1 and "no step for 0.3 s" in reply.message
-                assert server.active_sessions == 0
-                assert server.cache_tokens_left == server.config.cache_budget_tokens
+        async with stepped_session(tiny_llama) as (server, s):
+            conn, pings = s._spans[0].conn, 0
+            while True:
+                await conn.send(m.InfoRequest())
+                reply = await conn.receive()
+                if not isinstance(reply, m.InfoResponse):
+                    break
+                pings += 1
+                await trio.sleep(0.05)  # a ping every 50 ms, six per idle timeout
+            assert isinstance(reply, m.ErrorResponse) and reply.code == "idle_timeout", reply
+            assert pings >= 1 and "no step for 0.3 s" in reply.message
+            assert server.active_sessions == 0
+            assert server.cache_tokens_left == server.config.cache_budget_tokens
 
 
 async def test_blocks_out_of_range_and_unknown_model(tiny_llama: Path) -> None:

@@ -170,9 +170,9 @@ class Peer:
             # every third of the TTL, minus up to a quarter of it at random: servers started together
             # (a swarm brought up at once, a test) would otherwise flood the DHT all in the same second
             await trio.sleep(self.config.dht_ttl / 3 * (1 - 0.25 * random.random()))
-            try:  # a failed measurement must not stop the re-announcement (its rtts stay as they were)
+            try:
                 await self.measure_next_rtts()
-            except Exception:
+            except Exception:  # must not stop the re-announcement (the rtts stay as they were)
                 log.warning("measuring round trips to the next servers failed", exc_info=True)
             try:
                 await self.announce()
