@@ -318,6 +318,33 @@ class ApiConfig:
     max_concurrent: int = flag(
         16, "requests generating at once, more wait their turn (servers allow 16 sessions a peer)"
     )
+    max_waiting: int = flag(
+        64,
+        "requests waiting for their turn beyond --max-concurrent; more are answered 429 "
+        "with Retry-After",
+    )
+    max_body_size: int = flag(
+        2**20, "bytes of a request body; a bigger one is answered 413", metavar="BYTES"
+    )
+    allowed_hosts: tuple[str, ...] = flag(
+        (),
+        "names (or addresses) clients may reach the API by, besides its --host, localhost, "
+        "127.0.0.1 and ::1: other Host headers are refused (DNS rebinding); with --host "
+        "0.0.0.0 list the names other machines use, or * to accept any",
+        "--api-allowed-hosts",
+        metavar="HOST",
+    )
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "a secret every request must send as 'Authorization: Bearer KEY' (the "
+            "map page at / stays open: open it as /#key=KEY); prefer the environment "
+            "variable, which `ps` does not show",
+            "flag": "",
+            "metavar": "KEY",
+        },
+    )
     refresh_interval: float = flag(5.0, "seconds between DHT reads for the swarm map", "--refresh")
     chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
 
@@ -330,8 +357,21 @@ class ApiConfig:
             ("max_context", 2, 1 << 20),
             ("default_max_tokens", 1, 1 << 20),
             ("max_concurrent", 1, 4096),
+            ("max_waiting", 0, 1 << 16),
+            ("max_body_size", 1024, 1 << 34),
         ):
             check_int(name, getattr(self, name), low, high)
+        if not all(isinstance(h, str) and h and h.isascii() for h in self.allowed_hosts):
+            raise ConfigError(
+                f"'allowed_hosts' must be host names or addresses, got {self.allowed_hosts!r}"
+            )
+        if self.api_key is not None and not (
+            isinstance(self.api_key, str)
+            and self.api_key
+            and self.api_key.isascii()
+            and self.api_key.isprintable()
+        ):
+            raise ConfigError("'api_key' must be non-empty printable ASCII text")
         if not self.chain_ttl >= 0:
             raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
         if not self.refresh_interval >= 0.1:
