@@ -255,3 +255,15 @@ def test_host_names() -> None:
     assert "a.lan" in (allowed_host_names("10.0.0.5", ("a.lan:80",)) or ())
     assert "fe80::1" in (allowed_host_names("fe80::1", ()) or ())
     assert allowed_host_names("0.0.0.0", ("*",)) is None
+
+
+@pytest.mark.slow  # starts a chromium process
+async def test_the_map_page_sends_the_key_given_in_its_address(tiny_chat_llama: Path) -> None:
+    from tests.browser import dump_dom
+
+    with trio.fail_after(180):
+        async with attacked_api(tiny_chat_llama, [(0, 6)]) as (_, api, _target):
+            keyed = await dump_dom(f"{api.url}/#key={KEY}")
+            bare = await dump_dom(f"{api.url}/")
+    assert 'data-ready="1"' in keyed and "6 blocks" in keyed
+    assert 'data-ready="1"' not in bare and "open this page as /#key=KEY" in bare
