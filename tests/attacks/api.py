@@ -367,6 +367,10 @@ def malformed_bodies(target: AttackTarget) -> list[tuple[str, bytes]]:
         [{"role": "user", "content": [{"type": "text", "text": 5}]}],
         [{"role": "user", "content": "\udfff"}],
     ]
+    for depth in (900, 950, 970, 990):  # values nested about as deep as Python's parser goes
+        nested = b"[" * depth + b"]" * depth
+        raw.append(b'{"model": "%s", "stop": %s}' % (target.model.encode(), nested))
+        raw.append(b'{"model": "%s", "prompt": "x", "seed": %s}' % (target.model.encode(), nested))
     out = [(path, body) for path in ("/v1/completions", "/v1/chat/completions") for body in raw]
     for name, values in wrong.items():
         for value in values:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +48,16 @@ class ApiError(Exception):
         }
 
 
+_SHOWN = reprlib.Repr()  # a value in an error message, briefly (nesting, long strings, ints cut)
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 3, 80, 40, 80
+
+
 def _bad(param: str, expectation: str, got: Any) -> ApiError:
-    shown = repr(got)
-    shown = shown if len(shown) <= 200 else shown[:200] + f"... ({len(shown)} characters)"
     return ApiError(
-        400, f"'{param}' must be {expectation}, got {shown}", param=param, code="invalid_value"
+        400,
+        f"'{param}' must be {expectation}, got {_SHOWN.repr(got)}",
+        param=param,
+        code="invalid_value",
     )
 
 
