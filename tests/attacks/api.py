@@ -148,19 +148,24 @@ async def attack_announced_huge_body(target: AttackTarget) -> bool:
 @bounded
 async def attack_unannounced_huge_body(target: AttackTarget) -> bool:
     """Stream up to 64 MiB of '[' in chunks with no length announced: refused (413) as soon as the
-    body passes the limit (a server without one would read it all and answer 400)."""
+    body passes the limit, before all of it was sent (a server without a limit would read it all
+    and answer 400)."""
     head = request_head(target, "/v1/chat/completions", {"transfer-encoding": "chunked"})
     chunk = b"10000\r\n" + b"[" * 0x10000 + b"\r\n"
+    chunks = 1024
+    sent = [0]
 
     async def flood(stream: trio.SocketStream) -> None:
-        for _ in range(1024):
+        for _ in range(chunks):
             await stream.send_all(chunk)
+            sent[0] += 1
         await stream.send_all(b"0\r\n\r\n")
 
     answer = await raw_exchange(target, head, flood)
     return (
         answer is not None
         and openai_error(answer[0], answer[2], 413)
+        and sent[0] < chunks
         and await still_serving(target)
     )
 
