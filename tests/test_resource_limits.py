@@ -58,7 +58,7 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
     model = tiny_llama.name
     flags = [
         *("--throughput", "100", "--max-sessions-per-peer", "1"),
-        *("--max-session-length", "16", "--cache-tokens", "24"),
+        *("--max-session-length", "16", "--cache-tokens", "30"),
     ]
     no_recovery = ClientConfig(max_attempts=0)
     with trio.fail_after(120):
@@ -70,7 +70,7 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
             ):
                 chain = await client.find_chain(model, 6, max_length=16)
                 (hop,) = chain
-                assert hop.server.cache_tokens_left == 24  # --cache-tokens, in its record
+                assert hop.server.cache_tokens_left == 30  # --cache-tokens, in its record
 
                 async def refused(peer: Peer, max_length: int) -> str:
                     with pytest.raises(RemoteError) as caught:
@@ -87,7 +87,8 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
                     x = torch.randn(1, 2, H)
                     first = await a.step(x)
                     assert await refused(client, 8) == "too_many_sessions"  # per peer: 1
-                    assert await refused(other, 16) == "cache_full"  # 8 of 24 tokens left
+                    # 11 of 30 tokens left: a holds 16 cache + 3 for its kept answer
+                    assert await refused(other, 16) == "cache_full"
                     async with other.inference_session(
                         chain, SessionSettings(model=model, max_length=8)
                     ) as b:

@@ -166,7 +166,8 @@ async def test_cache_budget_refuses_new_sessions(tiny_llama: Path) -> None:
                 await first.step(torch.randn(1, 2, H))
                 with pytest.raises(
                     RemoteError,
-                    match="cache_full: attention cache full: the session needs 80 tokens, 20 of 100",
+                    match=r"cache_full: attention cache full: the session needs 94 tokens \(80 cache "
+                    r"\+ 14 kept answer\), 6 of 100",
                 ):
                     async with client.inference_session(
                         chain, SessionSettings(model=tiny_llama.name, max_length=80)
