@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import trio
 
-from swarm_node.errors import RemoteError
+from swarm_node.errors import ConfigError, RemoteError
 from swarm_node.node.client.settings import SessionSettings
-from swarm_node.node.config import ClientConfig, PeerConfig
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.process_swarm import server_processes
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -94,3 +95,18 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
                     ) as b:
                         torch.testing.assert_close(await b.step(x), first)
                     assert (await a.step(torch.randn(1, 1, H))).shape == (1, 1, H)  # a goes on
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_peer_cache_share", 1.5, "'max_peer_cache_share' must be in [0.0, 1.0], got 1.5"),
+        ("max_peer_cache_share", -0.1, "'max_peer_cache_share' must be in [0.0, 1.0], got -0.1"),
+        ("send_timeout", 0, "'send_timeout' must be in >= 0.01, got 0"),
+    ],
+)
+def test_share_and_send_timeout_are_checked(field: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServerConfig(model="m", start=0, end=1, **{field: value})
+    defaults = ServerConfig(model="m", start=0, end=1)
+    assert (defaults.max_peer_cache_share, defaults.send_timeout) == (0.5, 30.0)
