@@ -1,9 +1,10 @@
 """The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
 
 One stream from a client is one connection; the sessions opened on it live as long as the stream (the
-stream's handler task is their scope, so leaving it frees their caches). What a message may do and
-what a refusal says are protocol/server_session.py's rules; this is their trio loop. Heavy torch
-work goes to the one compute thread through ``compute_limiter``.
+stream's handler task is their scope, so leaving it frees their caches; an answer not read within
+--send-timeout ends the stream too). What a message may do and what a refusal says are
+protocol/server_session.py's rules; this is their trio loop. Heavy torch work goes to the one
+compute thread through ``compute_limiter``.
 """
 
 from __future__ import annotations
