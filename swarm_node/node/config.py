@@ -187,8 +187,21 @@ class ServerConfig:
     max_sessions_per_peer: int = flag(
         16, "sessions one client may hold here at once; more are refused"
     )
+    max_peer_cache_share: float = flag(
+        0.5,
+        "fraction of --cache-tokens one client may hold here (at least one session of "
+        "--max-session-length), counting its sessions' caches and, in cache tokens of the same "
+        "bytes, their deep prompts, own LoRA weights and kept answers; more is refused",
+        metavar="FRACTION",
+    )
     session_idle_timeout: float = flag(
         120.0, "close a client's sessions after this long without a step", metavar="SECONDS"
+    )
+    send_timeout: float = flag(
+        30.0,
+        "seconds one answer may take to reach a client; a client that does not read it in "
+        "time loses its sessions on that stream (and the cache they held)",
+        metavar="SECONDS",
     )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
@@ -243,7 +256,9 @@ class ServerConfig:
         _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
         _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
         _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)
+        _check_range("max_peer_cache_share", self.max_peer_cache_share, 0.0, 1.0)
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
+        _check_range("send_timeout", self.send_timeout, 0.01)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         _check_choice("compression", self.compression, COMPRESSIONS)

@@ -191,6 +191,7 @@ ERROR_CODES: dict[str, str] = {
     "unknown_session": "(step, close) no such session open on this stream",
     "too_long": "(open) 'max_length' over the server's limit; (step) past the session's",
     "too_many_sessions": "(open) the peer holds as many sessions here as one peer may",
+    "peer_share": "(open) the session would take the peer past its share of the attention cache",
     "cache_full": "(open) the attention cache has no room for the session now",
     "shutting_down": "(open) the server is leaving or moving: no new sessions",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",

@@ -1,9 +1,10 @@
 """The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
 
 One stream from a client is one connection; the sessions opened on it live as long as the stream (the
-stream's handler task is their scope, so leaving it frees their caches). What a message may do and
-what a refusal says are protocol/server_session.py's rules; this is their trio loop. Heavy torch
-work goes to the one compute thread through ``compute_limiter``.
+stream's handler task is their scope, so leaving it frees their caches; an answer not read within
+--send-timeout ends the stream too). What a message may do and what a refusal says are
+protocol/server_session.py's rules; this is their trio loop. Heavy torch work goes to the one
+compute thread through ``compute_limiter``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import torch
 import trio
 
 from swarm_node import __version__, compression
-from swarm_node.errors import ProtocolError, RemoteProtocolError, RequestError, SessionError
+from swarm_node.errors import (
+    ConfigError,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestError,
+    SessionError,
+)
 from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.model.lora_pack import manifest_entries
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs
@@ -69,6 +77,7 @@ class BlockServer:
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
+        self.tokens_per_peer: Counter[str] = Counter()  # the cache tokens each peer holds here
         self.active_sessions = 0
         self.closing = False  # shutting down or moving: new sessions are refused
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
@@ -84,6 +93,10 @@ class BlockServer:
             max_session_length=config.max_session_length,
             max_sessions_per_peer=config.max_sessions_per_peer,
             cache_budget_tokens=config.cache_budget_tokens,
+            max_peer_share=config.max_peer_cache_share,
+            hidden_size=span.hidden_size,
+            element_bytes=torch.empty((), dtype=span.dtype).element_size(),
+            token_bytes=span.cache_bytes_per_token(),
         )
 
     @property
@@ -146,7 +159,7 @@ class BlockServer:
                             await self._end(session)
                         sessions.clear()
                         text = f"no step for {timeout} s; sessions closed"
-                        await conn.send(m.ErrorResponse(code="idle_timeout", message=text))
+                        await self._send(conn, m.ErrorResponse(code="idle_timeout", message=text))
                     break
                 if message is None:
                     break
@@ -164,7 +177,8 @@ class BlockServer:
                     except RequestError as exc:
                         log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
                         reply = refusal(exc)
-                    await conn.send(reply)
+                    if not await self._send(conn, reply):
+                        break
         except RemoteProtocolError as exc:
             log.warning("peer %s broke the protocol: %s", peer, exc)
             with trio.move_on_after(1.0):
@@ -183,6 +197,20 @@ class BlockServer:
                     await self._end(session)
                 with trio.move_on_after(1.0):
                     await conn.close()
+
+    async def _send(self, conn: MessageStream, message: Any) -> bool:
+        """Send ``message`` within --send-timeout; False when the peer did not take it in time (the
+        stream is reset: its reader's sessions end and free what they held)."""
+        timeout = self.config.send_timeout
+        with trio.move_on_after(timeout):
+            await conn.send(message)
+            return True
+        log.info(
+            "%s did not read an answer within %s s: resetting its stream", conn.peer_id, timeout
+        )
+        with trio.move_on_after(1.0):
+            await conn.reset()
+        return False
 
     async def _dispatch(
         self, message: Any, sessions: dict[str, ServerSession], conn: MessageStream
@@ -253,8 +281,10 @@ class BlockServer:
             req,
             self.served,
             peer_sessions=self.sessions_per_peer[peer],
+            peer_tokens=self.tokens_per_peer[peer],
             cache_tokens_left=self.cache_tokens_left,
             closing=self.closing,
+            lora_numel=self._lora_numel(req),
         )
         prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
         lora = server_training.request_lora(self, req)
@@ -282,6 +312,7 @@ class BlockServer:
             lora=lora,
         )
         self.reserved_tokens += tokens
+        self.tokens_per_peer[peer] += tokens
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
         self.open_sessions.add(1)
@@ -298,6 +329,19 @@ class BlockServer:
             session_id=session_id, max_length=req.max_length, push=session.push is not None
         )
 
+    def _lora_numel(self, req: m.OpenSessionRequest) -> int:
+        """The numbers of the client-owned LoRA a request's manifest declares, before any decode."""
+        if not req.lora_manifest:
+            return 0
+        shapes = self.span.lora_shapes
+        try:
+            _, numel = manifest_entries(
+                req.lora_manifest, shapes=shapes, start=req.start, end=req.end
+            )
+        except ConfigError as exc:
+            raise RequestError("bad_request", f"lora: {exc}") from None
+        return numel
+
     async def _end(self, session: ServerSession) -> None:
         session.rules.close()
         self._release(session)
@@ -308,9 +352,11 @@ class BlockServer:
         if self.sessions.pop(session.session_id, None) is None:
             return  # released already
         self.reserved_tokens -= session.reserved_tokens
+        self.tokens_per_peer[session.peer_id] -= session.reserved_tokens
         self.sessions_per_peer[session.peer_id] -= 1
         if self.sessions_per_peer[session.peer_id] <= 0:
             del self.sessions_per_peer[session.peer_id]
+            del self.tokens_per_peer[session.peer_id]
         self.active_sessions -= 1
         self.open_sessions.add(-1)
         session.cache = None
@@ -341,7 +387,7 @@ class BlockServer:
             except RequestError as exc:
                 reply = session.rules.push_failed(req.step_id, exc)
             try:
-                await session.conn.send(reply)
+                await self._send(session.conn, reply)
             except ProtocolError as exc:
                 log.debug("could not answer the client of %s: %s", req.session_id, exc)
         return True
