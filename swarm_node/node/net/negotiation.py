@@ -24,7 +24,9 @@ async def bounded_read(self: MultiselectCommunicator) -> str:
     try:
         data = await read_varint_prefixed_bytes_limited(self.read_writer, MAX_NEGOTIATION_MESSAGE)
     except (ParseError, IOException) as error:  # MessageTooLarge is an IOException
-        raise MultiselectCommunicatorError(f"multistream negotiation: {error}") from error
+        raise MultiselectCommunicatorError(
+            f"multistream negotiation message refused or cut off: {error!r}"
+        ) from error
     if data[-1:] != b"\n":
         raise MultiselectCommunicatorError(
             f"multistream negotiation message must end with a newline, got {data[:64]!r}"
