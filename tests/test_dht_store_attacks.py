@@ -3,11 +3,13 @@
 A stranger's PUTs outside the swarm's namespace (or of a record not its own, or oversized) are not
 stored; a peer answering GET_PROVIDERS with thousands of providers, and forged addresses for the
 honest servers' ids, gets at most MAX_PROVIDERS_PER_ANSWER of them read and none of its addresses
-into a peerstore. An honest client generating meanwhile keeps transformers' tokens exactly.
+into a peerstore; a client naming a host that is not the next server as push target gets no push
+sent there. An honest client generating meanwhile keeps transformers' tokens exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -16,13 +18,14 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from swarm_node.dht.kad_requests import MAX_PROVIDERS_PER_ANSWER
-from swarm_node.dht.records import block_key, record_key
+from swarm_node.dht.records import ServerRecord, block_key, push_target_problem, record_key
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.config import ClientConfig
 from swarm_node.node.peer import Peer
 from tests.attacks import AttackTarget
-from tests.attacks.dht import attack_foreign_key_flood, lying_peer
+from tests.attacks.dht import attack_foreign_key_flood, attack_push_redirect, lying_peer
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 
@@ -46,6 +49,7 @@ def expected_tokens(model: Path) -> tuple[torch.Tensor, list]:
 
 
 async def generate(model: Path, client: Peer, input_ids: torch.Tensor) -> list:
+    """Greedy tokens from the swarm (the client pushes when its config says so)."""
     head = ClientHead.load(Checkpoint.open(model))
     ids, _ = await generate_tokens(
         client,
@@ -108,3 +112,57 @@ async def test_a_peer_flooding_providers_and_forging_addresses_is_contained(
                     assert victim not in store.addrs(liar.peer_id)
                 assert liar.victim_dials == 0
     assert results["ids"] == expected
+
+
+async def test_a_push_target_is_checked_against_the_next_servers_record(tiny_llama: Path) -> None:
+    input_ids, expected = expected_tokens(tiny_llama)
+    results: dict[str, object] = {}
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, SPANS, client=ClientConfig(push=True)) as (
+            servers,
+            client,
+        ):
+
+            async def attack() -> None:
+                results["stopped"] = await attack_push_redirect(swarm_target(tiny_llama, servers))
+
+            async def honest() -> None:
+                results["ids"] = await generate(tiny_llama, client, input_ids)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                nursery.start_soon(honest)
+            # the honest client's steps still went by push to the real next server
+            assert servers[1].server.pushed_steps == 10
+            assert servers[0].server.sessions == {}
+    assert results["stopped"] is True
+    assert results["ids"] == expected
+
+
+def test_push_target_problem_names_what_the_record_lacks() -> None:
+    now = 1000.0
+    peer = "12D3KooWPeer"
+    good = ServerRecord(
+        peer_id=peer,
+        addrs=(f"/ip4/127.0.0.1/tcp/9/p2p/{peer}",),
+        model="m",
+        start=3,
+        end=6,
+        throughput=1.0,
+        cache_tokens_left=1,
+        dtype="float32",
+        version="0",
+        expires_at=now + 60,
+    )
+
+    def problem(record: ServerRecord | None, block: int = 3) -> str | None:
+        return push_target_problem(record, peer_id=peer, model="m", block=block, now=now)
+
+    assert problem(good) is None
+    assert "no valid signed server record" in problem(None)
+    assert "is of other" in problem(replace(good, peer_id="other"))
+    assert "serves model 'x'" in problem(replace(good, model="x"))
+    assert "announces blocks 3:6, not block 6" in problem(good, block=6)
+    assert "not live" in problem(replace(good, state="OFFLINE"))
+    assert "not live" in problem(replace(good, expires_at=now))
+    assert "lists no address" in problem(replace(good, addrs=()))

@@ -355,6 +355,14 @@ class SwarmDHT:
                     nursery.start_soon(ask, peer)
         return newest()
 
+    async def server_record(self, peer_id: str) -> ServerRecord | None:
+        """``get_record`` for a peer id as text (None for text that is not a peer id)."""
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:  # noqa: BLE001 (base58 and multihash raise several types on garbage)
+            return None
+        return await self.get_record(peer)
+
     async def find_servers(
         self, model: str, blocks: Iterable[int], *, now: float | None = None
     ) -> list[ServerRecord]:

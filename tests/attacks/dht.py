@@ -10,6 +10,9 @@
   forged addresses never reached a peerstore). The peers that ask are whoever looks servers up
   meanwhile (an honest client starting a session, a server finding its next servers); the test
   makes its client look up and checks the client's peerstore and providers too.
+- push_redirect: a client opens a session on the first server naming a "victim" host (a real
+  libp2p peer that serves nothing) as the next server to push to. Stopped: the session answers
+  push=False and the victim gets no stream and no connection from the server.
 """
 
 from __future__ import annotations
@@ -38,7 +41,11 @@ from swarm_node.dht import kad_requests
 from swarm_node.dht.discovery import QUERY_ERRORS
 from swarm_node.dht.records import ServerRecord, record_key
 from swarm_node.dht.signing import sign_record, verify_record
+from swarm_node.node.client.inference_session import request
+from swarm_node.node.net.dialing import open_stream, remember_addrs
 from swarm_node.node.net.host import build_host
+from swarm_node.protocol import PROTOCOL_ID as SWARM_PROTOCOL
+from swarm_node.protocol import messages as m
 from tests.attacks import AttackTarget
 
 LISTEN = "/ip4/127.0.0.1/tcp/0"
@@ -211,7 +218,53 @@ async def attack_provider_flood(target: AttackTarget) -> bool:
         return liar.victim_dials == 0
 
 
+async def attack_push_redirect(target: AttackTarget) -> bool:
+    victim = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
+    attacker = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
+    server = info_from_p2p_addr(Multiaddr(target.servers[0]))
+    streams: list[object] = []
+
+    async def handle(stream: object) -> None:
+        streams.append(stream)
+        await stream.reset()
+
+    victim.set_stream_handler(SWARM_PROTOCOL, handle)
+    async with (
+        victim.run(listen_addrs=[Multiaddr(LISTEN)]),
+        attacker.run(listen_addrs=[Multiaddr(LISTEN)]),
+    ):
+        with trio.move_on_after(ATTACK_TIMEOUT):
+            server_id = server.peer_id.to_base58()
+            remember_addrs(attacker, server_id, [str(a) for a in server.addrs])
+            conn = await open_stream(attacker, server_id, max_frame_size=1 << 20, timeout=10.0)
+            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=10.0)
+            victim_id = victim.get_id().to_base58()
+            opened = await request(
+                conn,
+                m.OpenSessionRequest(
+                    model=info.model,
+                    start=info.start,
+                    end=info.end,
+                    max_length=8,
+                    dtype=info.dtype,
+                    compression="none",
+                    next_peer=victim_id,
+                    next_addrs=tuple(f"{a}/p2p/{victim_id}" for a in victim.get_addrs()),
+                    next_session="victim",
+                ),
+                m.OpenSessionResponse,
+                timeout=10.0,
+            )
+            close = m.CloseSessionRequest(session_id=opened.session_id)
+            await request(conn, close, m.CloseSessionResponse, timeout=10.0)
+            await conn.close()
+            reached = bool(victim.get_network().get_connections(server.peer_id))
+            return not opened.push and not streams and not reached
+    return False
+
+
 ATTACKS = (
     ("foreign_key_flood", attack_foreign_key_flood),
     ("provider_flood", attack_provider_flood),
+    ("push_redirect", attack_push_redirect),
 )
