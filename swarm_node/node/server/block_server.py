@@ -13,6 +13,7 @@ import functools
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -62,9 +63,12 @@ class BlockServer:
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
         host: Any = None,  # libp2p host, to open push streams to next servers
+        # a peer id's valid signed record (SwarmDHT.server_record): push targets are checked on it
+        push_targets: Callable[[str], Awaitable[Any]] | None = None,
         adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
     ) -> None:
         self.host = host
+        self.push_targets = push_targets
         self.adapters = adapters or {}
         self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
         self.span = span
@@ -316,13 +320,16 @@ class BlockServer:
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
         self.open_sessions.add(1)
-        if req.next_peer and self.host is not None:  # the room is reserved before this await
+        # the room is reserved before this await
+        if req.next_peer and self.host is not None and self.push_targets is not None:
             session.push = await open_push_link(
                 self.host,
                 peer_id=req.next_peer,
-                addrs=req.next_addrs,
                 next_session=req.next_session,
                 max_frame_size=self.max_frame_size,
+                model=self.model_id,
+                block=req.end,
+                find_record=self.push_targets,
             )
         log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
         return m.OpenSessionResponse(
