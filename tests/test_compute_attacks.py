@@ -18,11 +18,14 @@ import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.errors import ConfigError, RequestError
+from swarm_node.errors import ConfigError, RemoteError, RequestError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.inference_session import request
+from swarm_node.node.client.recovery import is_server_failure
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ServerConfig
+from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.quick_jobs import OFF_LOOP_BYTES, off_loop
 from swarm_node.node.server.compute_admission import (
     MB,
@@ -107,6 +110,40 @@ async def test_a_flood_of_forwards_is_bounded_and_the_rest_refused_busy(tiny_lla
     assert queue.refused > 0  # the rest were refused busy
     assert (queue.count, queue.nbytes) == (0, 0)
     assert out["ids"] == out["expected"]
+
+
+async def test_a_prefill_over_the_token_limit_is_refused_and_the_session_goes_on(
+    tiny_llama: Path,
+) -> None:
+    opening = m.OpenSessionRequest(
+        model=tiny_llama.name,
+        start=0,
+        end=6,
+        max_length=64,
+        batch_size=2,
+        dtype="float32",
+        compression="none",
+    )
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)], max_request_tokens=16) as (servers, client):
+            conn = await open_stream(
+                client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5
+            )
+            session = (await request(conn, opening, m.OpenSessionResponse, timeout=5)).session_id
+
+            def step(step_id: int, tokens: int) -> m.StepRequest:
+                hidden = compression.encode(torch.randn(2, tokens, 64), "none")  # (B, T, H)
+                return m.StepRequest(session_id=session, step_id=step_id, position=0, hidden=hidden)
+
+            with pytest.raises(RemoteError, match=r"too_large: .* at most 16 tokens .* got 2 x 9"):
+                await request(conn, step(1, 9), m.StepResponse, timeout=5)
+            reply = await request(conn, step(2, 8), m.StepResponse, timeout=5)
+    assert reply.hidden.shape == (2, 8, 64)
+
+
+def test_clients_take_busy_and_too_large_as_a_server_failure_to_route_around() -> None:
+    for code in ("busy", "too_large"):
+        assert is_server_failure(RemoteError(code, "...")), code
 
 
 # -- the pure parts --------------------------------------------------------------------------
