@@ -23,8 +23,9 @@ from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.recovery import is_server_failure
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import SessionSettings
-from swarm_node.node.config import ServerConfig
+from swarm_node.node.config import MAX_REQUEST_TOKENS, ServerConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.quick_jobs import OFF_LOOP_BYTES, off_loop
 from swarm_node.node.server.compute_admission import (
@@ -36,7 +37,6 @@ from swarm_node.node.server.compute_admission import (
     declared_bytes,
 )
 from swarm_node.node.server.kept_graphs import SavedBytes
-from swarm_node.node.server.training import _graph
 from swarm_node.protocol import messages as m
 from tests.attacks import AttackTarget
 from tests.attacks.compute import attack_compute_flood, attack_huge_backward
@@ -112,7 +112,7 @@ async def test_a_flood_of_forwards_is_bounded_and_the_rest_refused_busy(tiny_lla
     assert out["ids"] == out["expected"]
 
 
-async def test_a_prefill_over_the_token_limit_is_refused_and_the_session_goes_on(
+async def test_a_prefill_over_the_token_limit_is_refused_and_the_session_goes_on_and_clients_cut_pieces(
     tiny_llama: Path,
 ) -> None:
     opening = m.OpenSessionRequest(
@@ -138,6 +138,9 @@ async def test_a_prefill_over_the_token_limit_is_refused_and_the_session_goes_on
             with pytest.raises(RemoteError, match=r"too_large: .* at most 16 tokens .* got 2 x 9"):
                 await request(conn, step(1, 9), m.StepResponse, timeout=5)
             reply = await request(conn, step(2, 8), m.StepResponse, timeout=5)
+            # a training client cuts its pieces to the servers' default token limit
+            remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6)
+            assert remote.piece_rows(torch.zeros(64, 512, 64)) == MAX_REQUEST_TOKENS // 512
     assert reply.hidden.shape == (2, 8, 64)
 
 
@@ -159,8 +162,9 @@ def test_the_estimate_bounds_the_saved_activations_measured(
     checkpoint = Checkpoint.open(make_tiny_model_dir(tmp_path / "m", num_layers=2, **sizes))
     span = BlockSpan.load(checkpoint, 0, 2, dtype=torch.float32)
     saved = SavedBytes(exclude=[*span.parameters(), *span.buffers()])
+    hidden = torch.randn(batch, tokens, span.hidden_size).requires_grad_(True)  # (B, T, H)
     with torch.enable_grad(), saved.counting():
-        _graph(span, torch.randn(batch, tokens, span.hidden_size), 0, 2, None, None, False)
+        span.forward(hidden, None, start=0, end=2)
     estimate = activation_bytes(
         batch=batch,
         tokens=tokens,
@@ -169,7 +173,7 @@ def test_the_estimate_bounds_the_saved_activations_measured(
         model_config=checkpoint.config,
         itemsize=4,
     )
-    assert saved.nbytes <= estimate <= 3 * saved.nbytes + 2 * 9 * tokens * batch * tokens * 4
+    assert 0 < saved.nbytes <= estimate <= 3 * saved.nbytes + 2 * 9 * tokens * batch * tokens * 4
 
 
 def test_the_default_budget_takes_a_normal_smollm2_fine_tuning_batch() -> None:
