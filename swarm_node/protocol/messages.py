@@ -193,8 +193,8 @@ ERROR_CODES: dict[str, str] = {
     "too_many_sessions": "(open) the peer holds as many sessions here as one peer may",
     "cache_full": "(open) the attention cache has no room for the session now",
     "shutting_down": "(open) the server is leaving or moving: no new sessions",
-    "too_large": "(step, forward, backward) more tokens or estimated activation memory than the "
-    "server takes (--max-request-tokens, --max-activation-mb): send less",
+    "too_large": "(any with tensors) more tokens, estimated activation memory or decoded bytes "
+    "than the server takes (--max-request-tokens, --max-activation-mb, --max-queued-mb-per-peer)",
     "busy": "(any with tensors) too many requests wait for this server's compute, from this peer or "
     "all: retry later or elsewhere",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
