@@ -20,6 +20,8 @@ COMPRESSIONS = CODECS  # wire codecs a session may name
 SERVER_DEFAULT = "default"  # a session asking for this gets the server's own --compression
 QUANTS = (None, "int8", "nf4")
 DEFAULT_MODEL = "smollm2-135m"
+# a server's default --max-request-tokens, and what clients put in one forward or backward at most
+MAX_REQUEST_TOKENS = 16384
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_SERVER_ADAPTERS = 64  # dht.records.MAX_ADAPTERS: a record lists at most this many names
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -203,6 +205,31 @@ class ServerConfig:
         "time loses its sessions on that stream (and the cache they held)",
         metavar="SECONDS",
     )
+    max_request_tokens: int = flag(
+        MAX_REQUEST_TOKENS,
+        "tokens (batch x positions) one forward, backward or step may carry; more are "
+        "refused before compute (a client's prefill chunks carry at most 64 x 256)",
+    )
+    max_activation_mb: int = flag(
+        6144,
+        "estimated activation memory one request may need (a backward's or kept graph's "
+        "saved tensors through the span, attention scores); more is refused before "
+        "compute (SmolLM2 in float32: a batch of 8 x 512 tokens through all 30 blocks is "
+        "estimated at ~4.8 GB)",
+        metavar="MB",
+    )
+    max_queued: int = flag(
+        128, "requests with tensors waiting for (or in) compute, server-wide; more get 'busy'"
+    )
+    max_queued_per_peer: int = flag(
+        32, "requests with tensors one peer may have waiting for (or in) compute here"
+    )
+    max_queued_mb: int = flag(
+        1024, "decoded tensors of the waiting requests, server-wide", metavar="MB"
+    )
+    max_queued_mb_per_peer: int = flag(
+        256, "decoded tensors of one peer's waiting requests", metavar="MB"
+    )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
         None,
@@ -259,6 +286,15 @@ class ServerConfig:
         _check_range("max_peer_cache_share", self.max_peer_cache_share, 0.0, 1.0)
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
         _check_range("send_timeout", self.send_timeout, 0.01)
+        for name in (
+            "max_request_tokens",
+            "max_activation_mb",
+            "max_queued",
+            "max_queued_per_peer",
+            "max_queued_mb",
+            "max_queued_mb_per_peer",
+        ):
+            check_int(name, getattr(self, name), 1)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         _check_choice("compression", self.compression, COMPRESSIONS)

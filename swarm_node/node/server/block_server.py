@@ -31,8 +31,14 @@ from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora_pack import manifest_entries
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
-from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs
+from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs, off_loop
 from swarm_node.node.server import training as server_training
+from swarm_node.node.server.compute_admission import (
+    ComputeLimits,
+    ComputeQueue,
+    check_compute,
+    tensor_bytes,
+)
 from swarm_node.node.server.kept_graphs import KeptGraphs
 from swarm_node.node.server.push import open_push_link
 from swarm_node.node.server.sessions import Gauge, ServerSession
@@ -88,6 +94,8 @@ class BlockServer:
         self.steps = Gauge()  # requests being computed and answered right now
         self.open_sessions = Gauge()  # sessions open on this server
         self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
+        self.limits = ComputeLimits.of(config)
+        self.compute_queue = ComputeQueue(self.limits)  # requests waiting for compute
         self.served = ServedSpan(
             model=model_id,
             start=config.start,
@@ -177,7 +185,8 @@ class BlockServer:
                     continue
                 with self.steps.held():
                     try:
-                        reply = await self._dispatch(message, sessions, conn)
+                        with self.compute_queue.admit(peer, message):
+                            reply = await self._dispatch(message, sessions, conn)
                     except RequestError as exc:
                         log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
                         reply = refusal(exc)
@@ -250,13 +259,14 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
-    def decode_hidden(
+    async def decode_hidden(
         self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str
     ) -> torch.Tensor:
         hidden_size = self.span.hidden_size
         max_numel = (batch or MAX_FORWARD_BATCH) * max_tokens * hidden_size
+        decode = functools.partial(compression.decode, wire, max_numel=max_numel)
         try:
-            hidden = compression.decode(wire, max_numel=max_numel)
+            hidden = await off_loop(decode, tensor_bytes(wire))
         except RemoteProtocolError as exc:
             raise RequestError("bad_request", f"hidden states: {exc}") from None
         if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
@@ -290,8 +300,10 @@ class BlockServer:
             closing=self.closing,
             lora_numel=self._lora_numel(req),
         )
-        prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
-        lora = server_training.request_lora(self, req)
+        prompts = await server_training.decode_prompts(
+            self, req.prompts, start=req.start, end=req.end
+        )
+        lora = await server_training.request_lora(self, req)
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(
             req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
@@ -404,7 +416,10 @@ class BlockServer:
     ) -> m.StepResponse:
         """Compute one step the rules admitted, push the output on (if asked) and make the answer."""
         length = session.cache.length
-        hidden = self.decode_hidden(
+        check_compute(
+            self.limits, wire, model_config=self.span.config, dtype=session.dtype, past=length
+        )
+        hidden = await self.decode_hidden(
             wire,
             batch=session.batch_size,
             max_tokens=session.rules.max_length - length,
@@ -425,7 +440,8 @@ class BlockServer:
             raise RequestError("too_long", str(exc)) from None
         session.steps += 1
         session.last_active = trio.current_time()
-        out_wire = compression.encode(out, session.compression)
+        encode = functools.partial(compression.encode, out, session.compression)
+        out_wire = await off_loop(encode, out.nbytes)
         pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
         return session.rules.answered(step_id, out_wire, pushed=pushed)
 
