@@ -33,12 +33,14 @@ work (load average 5.5), an idle machine does better.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
 import os
 import platform
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -157,14 +159,21 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 # -- processes -----------------------------------------------------------------------------------
-async def start_process(nursery: Any, command: list[str], log: Path) -> tuple[Any, str]:
+async def start_process(
+    nursery: Any, command: list[str], log: Path, env: dict[str, str] | None = None
+) -> tuple[Any, str]:
     """Start ``command`` with stderr to ``log``; returns it and the first line it prints."""
     import trio
 
     with open(log, "wb") as err:  # noqa: ASYNC230 (a new local log file)
         process = await nursery.start(
             lambda task_status: trio.run_process(  # noqa: ASYNC105 (nursery.start awaits it)
-                command, stdout=subprocess.PIPE, stderr=err, task_status=task_status, check=False
+                command,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                task_status=task_status,
+                check=False,
             )
         )
     data = b""
@@ -213,7 +222,11 @@ async def health_check(
 
     async def api() -> None:
         try:
-            async with httpx.AsyncClient(base_url=target.api_url, timeout=timeout) as http:
+            key = getattr(target, "api_key", None)
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            async with httpx.AsyncClient(
+                base_url=target.api_url, timeout=timeout, headers=headers
+            ) as http:
                 (await http.get("/v1/models")).raise_for_status()
         except Exception as exc:  # noqa: BLE001 (no answer, whatever the way)
             hangs.append({"process": "api", "after": after, "error": repr(exc)[:200]})
@@ -334,15 +347,16 @@ async def attack_swarm(args: argparse.Namespace, path: Path, expected: list[int]
                     nursery, command, logs / f"server{i}.log"
                 )
                 addrs.append(addr)
-            api_url = None
+            api: dict[str, Any] = {"api_url": None}
             if has_tokenizer(path):  # the API needs one; without, the API's attacks skip
+                if "api_key" in {f.name for f in dataclasses.fields(AttackTarget)}:
+                    api["api_key"] = secrets.token_urlsafe(24)  # by environment, as advised
+                env = {**os.environ, "SWARM_API_KEY": api["api_key"]} if len(api) > 1 else None
                 command = [CLI, "api", "--model", model_arg, "--initial-peers", addrs[0]]
-                processes["api"], api_url = await start_process(
-                    nursery, [*command, "--port", "0"], logs / "api.log"
+                processes["api"], api["api_url"] = await start_process(
+                    nursery, [*command, "--port", "0"], logs / "api.log", env
                 )
-            target = AttackTarget(
-                model=model_id, model_path=path, servers=tuple(addrs), api_url=api_url
-            )
+            target = AttackTarget(model=model_id, model_path=path, servers=tuple(addrs), **api)
             config = PeerConfig(listen=("/ip4/127.0.0.1/tcp/0",), initial_peers=(addrs[0],))
             async with open_peer(config) as client:
                 ready, done = trio.Event(), trio.Event()
