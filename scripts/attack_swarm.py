@@ -4,9 +4,12 @@
 Starts two `swarm-node serve` processes (the model's blocks split in halves) and a `swarm-node api`
 in front of them; an honest client in this process generates greedily, again and again, while every
 attack in tests/attacks/*.py (each module's ``ATTACKS``) runs in turn, then ``--fuzz-frames`` fuzzed
-frames (tests/attacks/fuzz.py) go to the servers in batches, alternating between them. After each
+frames (tests/attacks/fuzz.py) go to the servers in batches, shared by both at once. After each
 attack and each batch every server is asked for its info, and the API for its models, within
-``--hang-timeout`` seconds. Prints one JSON line:
+``--hang-timeout`` seconds. The servers run with ``--cache-tokens`` (16,384) and
+``--session-idle-timeout`` (5 s, so that a session held with pings only closes within an attack's
+time); the API runs only for a model with a tokenizer, with a random key (SWARM_API_KEY) when
+AttackTarget has an ``api_key``. Prints one JSON line:
 
 - ``attacks``: [{name, stopped, seconds, error?}]; ``fuzz``: what the fuzzer sent and got back;
 - ``crashes``: server/api processes that died; ``hangs``: health checks that got no answer in time;
