@@ -12,7 +12,8 @@ time); the API runs only for a model with a tokenizer, with a random key (SWARM_
 AttackTarget has an ``api_key``. Prints one JSON line:
 
 - ``attacks``: [{name, stopped, seconds, error?}]; ``fuzz``: what the fuzzer sent and got back;
-- ``crashes``: server/api processes that died; ``hangs``: health checks that got no answer in time;
+- ``crashes``: server/api processes that died; ``hangs``: health checks that got no answer in time
+  (a fuzzed stream the server neither answered nor closed within 30 s misses that target too);
 - ``honest_exact``: every honest generation equal to transformers' greedy tokens for the same
   prompt, computed in a separate clean subprocess at torch defaults (float32);
 - ``server_peak_rss_mb``: the largest VmHWM (/proc/PID/status) among the servers, read before they
@@ -483,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["targets"] = {
         "every_attack_stopped": all(a["stopped"] for a in result["attacks"]),
         "no_crash": not result["crashes"],
-        "no_hang": not result["hangs"],
+        "no_hang": not result["hangs"] and not result["fuzz"]["stalled"],
         "honest_exact": result["honest_exact"],
         "memory_within_budget": result["within_budget"],
     }

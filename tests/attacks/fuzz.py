@@ -34,6 +34,7 @@ from multiaddr import Multiaddr
 
 from swarm_node import compression
 from swarm_node.errors import ProtocolError, RemoteProtocolError
+from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.host import build_host
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS, MessageStream
@@ -106,7 +107,7 @@ class FuzzStats:
 def valid_messages(info: m.InfoResponse) -> list[Any]:
     """One valid message of every kind a client may send this server (and two it should not)."""
     hidden_size, dtype = info.hidden_size, info.dtype
-    tensor_dtype = getattr(torch, dtype, torch.float32)
+    tensor_dtype = TORCH_DTYPES.get(dtype, torch.float32)
 
     def hidden(tokens: int) -> m.WireTensor:
         return compression.encode(torch.zeros(1, tokens, hidden_size, dtype=tensor_dtype), "none")
