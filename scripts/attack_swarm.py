@@ -7,14 +7,15 @@ attack in tests/attacks/*.py (each module's ``ATTACKS``) runs in turn, then ``--
 frames (tests/attacks/fuzz.py) go to the servers in batches, shared by both at once. After each
 attack and each batch every server is asked for its info, and the API for its models, within
 ``--hang-timeout`` seconds. The servers run with ``--cache-tokens`` (16,384) and
-``--session-idle-timeout`` (5 s, so that a session held with pings only closes within an attack's
-time); the API runs only for a model with a tokenizer, with a random key (SWARM_API_KEY) when
+``--session-idle-timeout`` (10 s, so that a session held with pings only closes within an attack's
+20 s; with 5 s, honest sessions waiting on a server busy with an attack idled out, and recovered); the API runs only for a model with a tokenizer, with a random key (SWARM_API_KEY) when
 AttackTarget has an ``api_key``. Prints one JSON line:
 
 - ``attacks``: [{name, stopped, seconds, error?}]; ``fuzz``: what the fuzzer sent and got back;
 - ``crashes``: server/api processes that died; ``hangs``: health checks that got no answer in time
   (a fuzzed stream the server neither answered nor closed within 30 s misses that target too);
-- ``honest_exact``: every honest generation equal to transformers' greedy tokens for the same
+- ``honest``: generations, exact ones, errors, servers replaced by recovery, the slowest (s);
+  ``honest_exact``: every honest generation equal to transformers' greedy tokens for the same
   prompt, computed in a separate clean subprocess at torch defaults (float32);
 - ``server_peak_rss_mb``: the largest VmHWM (/proc/PID/status) among the servers, read before they
   are stopped; ``memory_budget_mb``: the largest server's configured budget, derived as
@@ -74,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fuzz-concurrency", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=None, help="per honest generation")
     parser.add_argument("--cache-tokens", type=int, default=16_384, help="each server's budget")
-    parser.add_argument("--session-idle-timeout", type=float, default=5.0)
+    parser.add_argument("--session-idle-timeout", type=float, default=10.0)
     parser.add_argument("--hang-timeout", type=float, default=10.0)
     parser.add_argument("--attack-timeout", type=float, default=60.0)
     parser.add_argument("--only", default="", help="run the attacks whose name contains this")
@@ -335,7 +336,8 @@ async def attack_swarm(args: argparse.Namespace, path: Path, expected: list[int]
     attacks = discover_attacks(args.only)
     logs = Path(tempfile.mkdtemp(prefix="attack_swarm_"))
     result: dict[str, Any] = {"attacks": [], "hangs": [], "logs": str(logs)}
-    honest = {"generations": 0, "exact": 0, "errors": []}
+    honest: dict[str, Any] = {"generations": 0, "exact": 0, "errors": [], "recoveries": 0}
+    honest["slowest_s"] = 0.0
     processes: dict[str, Any] = {}
 
     async with trio.open_nursery() as nursery:
@@ -371,10 +373,13 @@ async def attack_swarm(args: argparse.Namespace, path: Path, expected: list[int]
                     while not done.is_set():
                         try:
                             with trio.fail_after(300):
-                                out, _ = await generate_tokens(
+                                out, stats = await generate_tokens(
                                     client, head, ids, settings, sampling
                                 )
                             honest["exact"] += out[0].tolist() == expected
+                            honest["recoveries"] += len(stats.recoveries)
+                            slowest = max(honest["slowest_s"], stats.total_time)
+                            honest["slowest_s"] = round(slowest, 2)
                         except Exception as exc:  # noqa: BLE001 (a failed generation is a finding)
                             honest["errors"].append(repr(exc)[:300])
                         honest["generations"] += 1

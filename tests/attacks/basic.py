@@ -5,7 +5,7 @@
 - a session kept with pings only (its cache reserved): the server closes it after
   --session-idle-timeout seconds without a step. Stopped only if that notice comes within the
   attack's 20 s bound: servers attacked this way need a shorter idle timeout than the default 120 s
-  (scripts/attack_swarm.py starts them with 5 s).
+  (scripts/attack_swarm.py starts them with 10 s).
 """
 
 from __future__ import annotations
