@@ -304,20 +304,40 @@ class InferenceSession:
                 await outbox.send((step_id, position, out))
 
     async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
-        """One step with server-to-server push; any hop that did not get the step is sent it."""
+        """One step with server-to-server push; any hop that did not get the step is sent it.
+
+        A hop that refuses what the hop before pushed it (``bad_push``: not finite, a wrong shape or
+        dtype) blames the pusher: that server is the one banned and replaced, and the client sends
+        the refusing hop the step itself (what the pusher answered the client, checked)."""
         send = True  # the first hop always hears from us
-        for slot in self._slots:
+        for index, slot in enumerate(self._slots):
             while True:
                 try:
                     out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
                 except HopFailed as failure:
-                    await self._recover(slot, failure)
+                    pusher = self._pusher(index, failure)
+                    if pusher is None:
+                        await self._recover(slot, failure)
+                    else:
+                        await self._recover(
+                            self._slots[index - 1], HopFailed(pusher, failure.cause)
+                        )
                     send = True  # the replacement servers were opened without push
                     continue
                 break
             slot.remember(step_id, position, hidden)
             hidden, send = out, send_next
         return hidden
+
+    def _pusher(self, index: int, failure: HopFailed) -> RemoteSpan | None:
+        """The span that pushed what slot ``index``'s first span refused (``bad_push``), if so."""
+        cause = failure.cause
+        if not (isinstance(cause, RemoteError) and cause.code == "bad_push") or index == 0:
+            return None
+        if failure.span is not self._slots[index].spans[0]:
+            return None  # only a slot's first span takes pushes
+        pusher = self._slots[index - 1].spans[-1]
+        return pusher if pusher.pushes else None
 
     async def _push_slot(
         self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool

@@ -1,0 +1,138 @@
+"""Routing among strangers, against real hosts on loopback: what a server claims is capped by what
+the client measured or by the other servers' claims, one server carries a bounded share of a client's
+chains, and a server pushing bad hidden states is the one blamed (not the server that refused them).
+
+Each test runs an honest client's generation at the same time, which must give transformers' tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import trio
+
+from swarm_node import compression
+from swarm_node.dht.routing import Hop
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.config import ClientConfig, PeerConfig
+from swarm_node.node.peer import Peer, open_peer
+from tests.model_fixtures import reference_model
+from tests.swarm_helpers import LOOPBACK, local_swarm
+
+H = 64
+FAST = ClientConfig(step_timeout=5.0, retry_delay=0.05, max_attempts=3)
+
+
+async def honest_generation(model_path: Path, servers: list[Peer], results: dict[str, Any]) -> None:
+    """Generate 10 tokens as an honest client of its own joined to ``servers``; the ids (and
+    transformers' ids for the same prompt) go to ``results``."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 256, (1, 7))
+    results["expected"] = reference_model(model_path).generate(
+        input_ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    head = ClientHead.load(Checkpoint.open(model_path))
+    joined = PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1]))
+    async with open_peer(joined, client=FAST) as client:
+        results["ids"], _ = await generate_tokens(
+            client,
+            head,
+            input_ids,
+            SessionSettings(model=model_path.name, num_blocks=6),
+            SamplingConfig(max_new_tokens=10),
+        )
+
+
+def exact(results: dict[str, Any]) -> bool:
+    return results["ids"].tolist() == results["expected"].tolist()
+
+
+def lie_in_answers_and_pushes(liar: Peer) -> None:
+    """The liar's blocks answer NaN for every one-token step (to the client and in its pushes)."""
+    run_span = liar.server._run_span
+
+    def lying(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = run_span(hidden, *args, **kwargs)
+        return out * float("nan") if hidden.shape[1] == 1 else out
+
+    liar.server._run_span = lying
+
+
+def lie_in_pushes(bad: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Peer], None]:
+    """The liar answers the client honestly but pushes ``bad(output)`` of one-token steps."""
+
+    def install(liar: Peer) -> None:
+        for session in liar.server.sessions.values():
+            link = session.push
+            if link is None:
+                continue
+            push = link.push
+
+            async def lying(step_id: int, position: int, hidden: Any, push: Any = push) -> bool:
+                out = compression.decode(hidden, max_numel=1 << 20)
+                if out.shape[1] == 1:
+                    hidden = compression.encode(bad(out), "none")
+                return await push(step_id, position, hidden)
+
+            link.push = lying
+
+    return install
+
+
+LIES = {
+    "nan-everywhere": lie_in_answers_and_pushes,
+    "pushes-nan": lie_in_pushes(lambda out: out * float("nan")),
+    "pushes-wrong-shape": lie_in_pushes(lambda out: out[..., : H // 2].contiguous()),
+    "pushes-wrong-dtype": lie_in_pushes(lambda out: out.to(torch.bfloat16)),
+}
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+async def test_a_server_pushing_bad_hidden_states_is_the_one_banned(
+    tiny_llama: Path, lie: str
+) -> None:
+    # push mode: the liar (blocks 0-2) sends its output straight to the server of blocks 3-5, which
+    # refuses it (bad_push); the liar is banned and replaced, never the server that refused, and
+    # the outputs are the honest chain's to the bit
+    model = tiny_llama.name
+    torch.manual_seed(5)
+    inputs = [torch.randn(1, 6, H)] + [torch.randn(1, 1, H) for _ in range(3)]
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6), (0, 3)], client=FAST) as (
+            servers,
+            client,
+        ):
+            liar, refuser, spare = servers
+            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            chain = [Hop(records[liar.peer_id], 0, 3), Hop(records[refuser.peer_id], 3, 6)]
+            star = SessionSettings(model=model, max_length=16)
+            async with client.inference_session(chain, star) as honest:
+                expected = [await honest.step(x) for x in inputs]
+            pushed = SessionSettings(model=model, max_length=16, push=True)
+
+            async def lied_to() -> None:
+                async with client.inference_session(chain, pushed) as s:
+                    assert [span.pushes for span in s._spans] == [True, False]
+                    LIES[lie](liar)
+                    results["outputs"] = [await s.step(x) for x in inputs]
+                    results["slots"] = [
+                        [span.hop.server.peer_id for span in slot.spans] for slot in s._slots
+                    ]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lied_to)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+            now = trio.current_time()
+            assert client.bans.is_banned(liar.peer_id, now)
+            assert not client.bans.is_banned(refuser.peer_id, now)
+            assert results["slots"] == [[spare.peer_id], [refuser.peer_id]]
+    for out, ref in zip(results["outputs"], expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert exact(results)
