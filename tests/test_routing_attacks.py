@@ -7,6 +7,7 @@ Each test runs an honest client's generation at the same time, which must give t
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,14 @@ import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.dht.routing import Hop
+from swarm_node.dht.routing import Hop, trusted_throughputs
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.peer import Peer, open_peer
+from tests.attacks import AttackTarget
+from tests.attacks.routing import attack_throughput_liar
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
 
@@ -51,6 +54,78 @@ async def honest_generation(model_path: Path, servers: list[Peer], results: dict
 
 def exact(results: dict[str, Any]) -> bool:
     return results["ids"].tolist() == results["expected"].tolist()
+
+
+async def test_a_throughput_liar_carries_at_most_its_share_of_a_clients_chains(
+    tiny_llama: Path,
+) -> None:
+    # the attack serves every block honestly but announces 1e6 tokens/s (signed: records.py's
+    # ceiling); an honest client's 40 chains (inference and training) go through it at most half
+    # the time, and it ranks as the honest servers' claims, not 1e6
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
+            target = AttackTarget(
+                model=tiny_llama.name,
+                model_path=tiny_llama,
+                servers=tuple(p.addrs[0] for p in servers),
+            )
+
+            async def attack() -> None:
+                results["stopped"] = await attack_throughput_liar(target)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+    assert results["stopped"] is True
+    assert exact(results)
+
+
+async def test_a_liar_ranks_as_the_others_claims_then_as_what_was_measured(
+    tiny_llama: Path,
+) -> None:
+    # three servers of every block, one claiming 1e6 tokens/s; the share bound is off here
+    # (max_server_share=1), so only the throughput cap keeps the liar from every training draw
+    model = tiny_llama.name
+    unbounded = ClientConfig(step_timeout=5.0, max_server_share=1.0)
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(
+            tiny_llama,
+            [(0, 6), (0, 6), (0, 6)],
+            client=unbounded,
+            per_server=[{"throughput": 1e6}, {}, {}],
+        ) as (servers, client):
+            liar = servers[0].peer_id
+
+            async def draws() -> None:
+                rng = random.Random(1)
+                chains = [
+                    await client.route(SessionSettings(model=model), 0, 6, rng=rng, max_age=60)
+                    for _ in range(60)
+                ]
+                results["through_liar"] = sum(c[0].server.peer_id == liar for c in chains)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(draws)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+            assert client.observed.get(liar) is None
+            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            before = {
+                r.peer_id: r.throughput for r in trusted_throughputs(list(records.values()), {})
+            }
+            assert before[liar] == 200.0  # twice the others' claims (100 tokens/s), not 1e6
+            settings = SessionSettings(model=model, max_length=8)
+            async with client.inference_session([Hop(records[liar], 0, 6)], settings) as s:
+                for x in [torch.randn(1, 3, H)] + [torch.randn(1, 1, H) for _ in range(3)]:
+                    await s.step(x)
+            measured = client.observed.get(liar)
+            assert measured is not None and measured < 1e6
+            trusted = trusted_throughputs(list(records.values()), client.observed.as_dict())
+            assert {r.peer_id: r.throughput for r in trusted}[liar] == measured
+    # capped at twice an honest server: half of 60 draws; all 60 if its claim were believed
+    assert results["through_liar"] < 45
+    assert exact(results)
 
 
 def lie_in_answers_and_pushes(liar: Peer) -> None:

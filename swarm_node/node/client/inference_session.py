@@ -15,6 +15,7 @@ servers fails the slot is re-routed to other servers and its history replayed th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,8 +71,10 @@ class InferenceSession:
         max_frame_size: int,
         tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
+        observe: Callable[[Hop, float], None] | None = None,
     ) -> None:
         self.push = bool(settings.push)
+        self.observe = observe  # told the seconds of each one-token client-star step of a hop
         self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
         self.recovery = recovery  # None: a failed server ends the session
         self.host = host
@@ -247,9 +250,13 @@ class InferenceSession:
         self, span: RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
     ) -> torch.Tensor:
         """Send a step to one server and read its answer; a failure of the server -> HopFailed."""
+        t0 = trio.current_time()
         with HopFailed.on_failure(span):
             await self.send_step(span, hidden, step_id, position)
-            return self.output(span, await self.receive_step(span, step_id), hidden)
+            out = self.output(span, await self.receive_step(span, step_id), hidden)
+        if self.observe is not None and hidden.shape[1] == 1:
+            self.observe(span.hop, trio.current_time() - t0)
+        return out
 
     def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
         """The hidden states of a step's answer, checked before anything uses them: the shape and
