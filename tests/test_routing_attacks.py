@@ -20,6 +20,7 @@ from swarm_node import compression
 from swarm_node.dht.routing import Hop, trusted_throughputs
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.peer import Peer, open_peer
@@ -27,6 +28,7 @@ from tests.attacks import AttackTarget
 from tests.attacks.routing import attack_throughput_liar
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
+from tests.training_reference import blocks_output
 
 H = 64
 FAST = ClientConfig(step_timeout=5.0, retry_delay=0.05, max_attempts=3)
@@ -210,4 +212,41 @@ async def test_a_server_pushing_bad_hidden_states_is_the_one_banned(
             assert results["slots"] == [[spare.peer_id], [refuser.peer_id]]
     for out, ref in zip(results["outputs"], expected, strict=True):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert exact(results)
+
+
+async def test_a_training_hop_answering_another_dtype_is_the_one_banned(tiny_llama: Path) -> None:
+    # client-star training: the client checks each forward answer (shape, dtype, finite) before it
+    # sends it on, so the liar answering bfloat16 for float32 is banned, never the next hop that
+    # would have refused it; every pass's output is the local model's
+    ref = reference_model(tiny_llama)
+    torch.manual_seed(6)
+    hidden = torch.randn(2, 5, H)
+    expected = blocks_output(ref, hidden).detach()
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6), (0, 3)], client=FAST) as (
+            servers,
+            client,
+        ):
+            liar, following, _ = servers
+            forward = liar.server.span.forward
+            liar.server.span.forward = lambda *a, **kw: forward(*a, **kw).to(torch.bfloat16)
+
+            async def passes() -> None:
+                remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, seed=0)
+                results["outputs"] = []
+                for _ in range(12):  # until the liar was drawn (half the draws: it claims as much)
+                    results["outputs"].append(await trio.to_thread.run_sync(remote, hidden))
+                    if client.bans.is_banned(liar.peer_id, trio.current_time()):
+                        break
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(passes)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+            now = trio.current_time()
+            assert client.bans.is_banned(liar.peer_id, now)
+            assert not client.bans.is_banned(following.peer_id, now)
+    for out in results["outputs"]:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-6)
     assert exact(results)

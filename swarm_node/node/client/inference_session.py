@@ -10,6 +10,11 @@ answer means are protocol/client_session.py's rules.
 
 Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
 servers fails the slot is re-routed to other servers and its history replayed there.
+
+Which hop is blamed: every answer is checked (the shape and dtype sent, finite) before the client
+uses or forwards it, so client-star, a hop that refuses its input refuses what the client checked
+and is itself at fault. Push: a server refuses a bad pushed input with ``bad_push``, and the server
+that pushed it is the one banned and replaced.
 """
 
 from __future__ import annotations
