@@ -299,7 +299,15 @@ def test_chain_shares_bound_one_server_per_window() -> None:
     for i in range(len(chosen) - 3):
         assert chosen[i : i + 4].count("A") <= 2
     assert chosen[:2] == ["A", "A"]  # the bound does not bite before the server reaches it
-    assert ChainShares(share=1.0, window=4).crowded() == frozenset()
+    fresh = ChainShares(share=0.5, window=4)
+    for chain in ([Hop(a, 0, 8)], [Hop(rec("A", 0, 4), 0, 4), Hop(rec("C", 4, 8), 4, 8)]):
+        fresh.record(chain)
+    # A carried 1.5 chains' worth: one more whole chain would make 2.5 > 2 (C: 0.5, it may)
+    assert fresh.crowded() == {"A": 1.5}
+    fresh.record([Hop(rec("C", 0, 8), 0, 8)])
+    fresh.record([Hop(rec("A", 0, 2), 0, 2), Hop(rec("C", 2, 8), 2, 8)])
+    assert fresh.crowded() == {"C": 2.25}  # of the last 3 chains (the next one makes 4)
+    assert ChainShares(share=1.0, window=4).crowded() == {}
     with pytest.raises(ValueError):
         ChainShares(share=0.0)
 
@@ -307,9 +315,19 @@ def test_chain_shares_bound_one_server_per_window() -> None:
 def test_spread_exclusion_keeps_a_crowded_server_without_alternative() -> None:
     servers = [rec("A", 0, 4), rec("B", 4, 8), rec("C", 4, 8)]
     args: dict[str, object] = dict(model="m", start=0, end=8, now=NOW, exclude=frozenset())
-    out = spread_exclusion(servers, crowded=frozenset({"A", "B"}), **args)  # type: ignore[arg-type]
+    out = spread_exclusion(servers, crowded={"A": 3, "B": 2}, **args)  # type: ignore[arg-type]
     assert out == {"B"}  # A alone holds 0-3: still used; C takes 4-7
-    out = spread_exclusion(  # type: ignore[arg-type]
-        servers, crowded=frozenset({"B", "C"}), **args
-    )
-    assert out == {"B"}  # one of B and C must stay
+    out = spread_exclusion(servers, crowded={"B": 2, "C": 3}, **args)  # type: ignore[arg-type]
+    assert out == {"C"}  # one of B and C must stay: the most crowded goes
+
+
+def test_spread_exclusion_leaves_out_the_most_crowded_of_mutual_alternatives() -> None:
+    # a liar of every block against the two servers that are its only alternative
+    servers = [rec("liar", 0, 8), rec("A", 0, 4), rec("B", 4, 8)]
+    args: dict[str, object] = dict(model="m", start=0, end=8, now=NOW, exclude=frozenset())
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 9}, **args)  # type: ignore[arg-type]
+    assert out == {"liar"}
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 10}, **args)  # type: ignore[arg-type]
+    assert out == {"liar"}  # a tie: the one holding the most blocks goes
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 11}, **args)  # type: ignore[arg-type]
+    assert out == {"A"}  # A is the most crowded: then the liar is needed

@@ -8,7 +8,6 @@ Each test runs an honest client's generation at the same time, which must give t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 import trio
 
-from swarm_node import compression
 from swarm_node.dht.routing import Hop, trusted_throughputs
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
@@ -25,7 +23,7 @@ from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.attacks import AttackTarget
-from tests.attacks.routing import attack_throughput_liar
+from tests.attacks.routing import attack_push_liar, attack_throughput_liar, lie_in_pushes
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
 from tests.training_reference import blocks_output
@@ -141,27 +139,6 @@ def lie_in_answers_and_pushes(liar: Peer) -> None:
     liar.server._run_span = lying
 
 
-def lie_in_pushes(bad: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Peer], None]:
-    """The liar answers the client honestly but pushes ``bad(output)`` of one-token steps."""
-
-    def install(liar: Peer) -> None:
-        for session in liar.server.sessions.values():
-            link = session.push
-            if link is None:
-                continue
-            push = link.push
-
-            async def lying(step_id: int, position: int, hidden: Any, push: Any = push) -> bool:
-                out = compression.decode(hidden, max_numel=1 << 20)
-                if out.shape[1] == 1:
-                    hidden = compression.encode(bad(out), "none")
-                return await push(step_id, position, hidden)
-
-            link.push = lying
-
-    return install
-
-
 LIES = {
     "nan-everywhere": lie_in_answers_and_pushes,
     "pushes-nan": lie_in_pushes(lambda out: out * float("nan")),
@@ -249,4 +226,27 @@ async def test_a_training_hop_answering_another_dtype_is_the_one_banned(tiny_lla
             assert not client.bans.is_banned(following.peer_id, now)
     for out in results["outputs"]:
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-6)
+    assert exact(results)
+
+
+async def test_the_push_liar_attack_is_stopped(tiny_llama: Path) -> None:
+    # the same lie from a server the attacker runs (tests/attacks/routing.py): an honest client in
+    # push mode bans the liar, not the target server it pushed NaN to, and its outputs are exact
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
+            target = AttackTarget(
+                model=tiny_llama.name,
+                model_path=tiny_llama,
+                servers=tuple(p.addrs[0] for p in servers),
+            )
+
+            async def attack() -> None:
+                results["stopped"] = await attack_push_liar(target)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attack)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+            assert servers[1].server is not None and not servers[1].server.sessions
+    assert results["stopped"] is True
     assert exact(results)

@@ -419,15 +419,16 @@ def trusted_throughputs(
 class ChainShares:
     """The servers of a client's last ``window`` chains, to bound any one server's share of them.
 
-    The bound: when alternatives exist for its blocks, a server is in at most
-    ``floor(share x window)`` (at least 1) of any ``window`` consecutive chains the client chooses;
-    a server ``crowded`` now is left out of the next chain where the blocks stay covered without
-    it (``spread_exclusion``). ``share`` >= 1 turns the bound off.
+    A server carries of a chain the fraction of its blocks it runs (a whole chain: 1). The bound:
+    when alternatives exist for its blocks, a server carries at most ``floor(share x window)`` (at
+    least 1) chains' worth of any ``window`` consecutive chains the client chooses; a server
+    ``crowded`` now is left out of the next chain where the blocks stay covered without it
+    (``spread_exclusion``). ``share`` >= 1 turns the bound off.
     """
 
     share: float = 0.5
     window: int = 20
-    _recent: deque[frozenset[str]] = field(default_factory=deque)
+    _recent: deque[dict[str, float]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.share) and self.share > 0):
@@ -441,18 +442,25 @@ class ChainShares:
         return max(1, math.floor(self.share * self.window))
 
     def record(self, chain: Sequence[Hop]) -> None:
-        self._recent.append(frozenset(h.server.peer_id for h in chain))
+        total = sum(h.end - h.start for h in chain)
+        carried: Counter[str] = Counter()
+        for h in chain:
+            carried[h.server.peer_id] += (h.end - h.start) / total
+        self._recent.append(dict(carried))
         while len(self._recent) > self.window:
             self._recent.popleft()
 
-    def crowded(self) -> frozenset[str]:
-        """Servers that one more chain would carry past the bound."""
+    def crowded(self) -> dict[str, float]:
+        """Servers that one more chain could carry past the bound -> chains' worth they carry of
+        the window."""
         if self.share >= 1:
-            return frozenset()
+            return {}
         # only the last window - 1 chains stay in the window once the next one is recorded
         kept = list(self._recent)[-(self.window - 1) :] if self.window > 1 else []
-        counts = Counter(peer for chain in kept for peer in chain)
-        return frozenset(peer for peer, n in counts.items() if n >= self.limit)
+        carried: Counter[str] = Counter()
+        for chain in kept:
+            carried.update(chain)
+        return {peer: n for peer, n in carried.items() if n + 1 > self.limit + 1e-9}
 
 
 def spread_exclusion(
@@ -463,16 +471,20 @@ def spread_exclusion(
     end: int,
     now: float,
     exclude: frozenset[str],
-    crowded: frozenset[str],
+    crowded: Mapping[str, float],
     cache_tokens: int = 0,
     adapter: str = "",
 ) -> frozenset[str]:
-    """``exclude`` plus every ``crowded`` server that can be left out with blocks ``start..end-1``
-    still covered by usable servers (live, of ``model``, with room, holding ``adapter``); a crowded
-    server with no alternative for its blocks stays in."""
+    """``exclude`` plus every ``crowded`` server (-> its chains in the window) that can be left
+    out with blocks ``start..end-1`` still covered by usable servers (live, of ``model``, with
+    room, holding ``adapter``); a crowded server with no alternative for its blocks stays in. When
+    crowded servers are each other's only alternatives, the most crowded is left out first (then
+    the one holding the most blocks: a liar claiming every block before the servers it crowds)."""
     servers = list(servers)
+    blocks = {s.peer_id: s.end - s.start for s in servers}
     out = set(exclude)
-    for peer in sorted(crowded - exclude):
+    order = sorted(set(crowded) - exclude, key=lambda p: (-crowded[p], -blocks.get(p, 0), p))
+    for peer in order:
         try:
             _usable(
                 servers,
