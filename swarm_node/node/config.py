@@ -287,8 +287,8 @@ class ClientConfig:
     ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
     max_server_share: float = flag(
         0.5,
-        "the most of this client's chains (of any 20 in a row) one server may carry when other "
-        "servers hold its blocks (1: no bound)",
+        "the most of this client's chains (of any 20 in a row, in blocks run) one server may "
+        "carry when other servers hold its blocks (1: no bound)",
     )
 
     def __post_init__(self) -> None:
