@@ -250,3 +250,50 @@ async def test_the_push_liar_attack_is_stopped(tiny_llama: Path) -> None:
             assert servers[1].server is not None and not servers[1].server.sessions
     assert results["stopped"] is True
     assert exact(results)
+
+
+async def test_a_push_that_never_comes_bans_no_one_and_the_client_sends_it(
+    tiny_llama: Path,
+) -> None:
+    # a server that says it pushed (pushed=True) but sent nothing, or a next server that ignored
+    # the push: the client cannot tell them apart, so after the step deadline it sends the step
+    # itself, bans neither, and sends that link's steps from then on; the outputs stay exact
+    model = tiny_llama.name
+    torch.manual_seed(7)
+    inputs = [torch.randn(1, 6, H)] + [torch.randn(1, 1, H) for _ in range(3)]
+    quick = ClientConfig(step_timeout=2.0, retry_delay=0.05, max_attempts=3)
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], client=quick) as (servers, client):
+            liar, following = servers
+            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            chain = [Hop(records[liar.peer_id], 0, 3), Hop(records[following.peer_id], 3, 6)]
+            async with client.inference_session(
+                chain, SessionSettings(model=model, max_length=16)
+            ) as honest:
+                expected = [await honest.step(x) for x in inputs]
+
+            async def silent(step_id: int, position: int, hidden: Any) -> bool:
+                return True  # "pushed"
+
+            async def lied_to() -> None:
+                pushed = SessionSettings(model=model, max_length=16, push=True)
+                async with client.inference_session(chain, pushed) as s:
+                    assert liar.server is not None
+                    for session in liar.server.sessions.values():
+                        if session.push is not None:
+                            session.push.push = silent
+                    results["outputs"] = [await s.step(x) for x in inputs]
+                    results["pushes"] = [span.pushes for span in s._spans]
+                    results["peers"] = [span.hop.server.peer_id for span in s._spans]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lied_to)
+                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+            now = trio.current_time()
+            assert not client.bans.banned(now)
+    assert results["peers"] == [liar.peer_id, following.peer_id]
+    assert results["pushes"] == [False, False]  # the lost link is off
+    for out, ref in zip(results["outputs"], expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert exact(results)

@@ -325,7 +325,9 @@ class InferenceSession:
         for index, slot in enumerate(self._slots):
             while True:
                 try:
-                    out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
+                    out, send_next, lost = await self._push_slot(
+                        slot, hidden, step_id, position, send
+                    )
                 except HopFailed as failure:
                     pusher = self._pusher(index, failure)
                     if pusher is None:
@@ -337,6 +339,8 @@ class InferenceSession:
                     send = True  # the replacement servers were opened without push
                     continue
                 break
+            if lost:  # the client sends this link's steps from now on
+                self._slots[index - 1].spans[-1].pushes = False
             slot.remember(step_id, position, hidden)
             hidden, send = out, send_next
         return hidden
@@ -353,19 +357,40 @@ class InferenceSession:
 
     async def _push_slot(
         self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool
-    ) -> tuple[torch.Tensor, bool]:
-        """The slot's output, and whether the client must send the step to the next slot itself."""
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """The slot's output, whether the client must send the step to the next slot itself, and
+        whether the step pushed to the slot never came (``_pushed_answer``)."""
+        lost = False
         for span in slot.spans:
             with HopFailed.on_failure(span):
                 if send:
                     await self.send_step(span, hidden, step_id, position)
-                reply = await self.receive_step(span, step_id, sent=send)
+                    reply = await self.receive_step(span, step_id)
+                else:
+                    reply, lost = await self._pushed_answer(span, step_id)
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
                 hidden = self.output(span, reply, hidden)
             send = not (span.pushes and reply.pushed)
-        return hidden, send
+        return hidden, send, lost
+
+    async def _pushed_answer(
+        self, span: RemoteSpan, step_id: int
+    ) -> tuple[m.StepResponse | None, bool]:
+        """The answer to a step the previous server said it pushed here (None: the push failed,
+        send the step), and whether the push never came within the step deadline. Then the client
+        sends the step itself and neither server is banned: a pusher that did not push and a
+        server that ignored the push look the same from here."""
+        try:
+            return await self.receive_step(span, step_id, sent=False), False
+        except trio.TooSlowError:
+            log.info(
+                "no answer from %s to pushed step %d: the client sends it",
+                span.conn.peer_id,
+                step_id,
+            )
+            return None, True
 
     async def send_step(
         self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int
