@@ -11,12 +11,16 @@ from hypothesis import strategies as st
 
 from swarm_node.dht.records import ServerRecord
 from swarm_node.dht.routing import (
+    ChainShares,
     Hop,
     RttEstimator,
+    ThroughputEstimator,
     chain_latency,
     choose_inference_chain,
     choose_training_chain,
     server_rtts,
+    spread_exclusion,
+    trusted_throughputs,
 )
 from swarm_node.errors import MissingBlocksError
 
@@ -228,3 +232,102 @@ def test_rtt_estimator_smooths_samples() -> None:
     assert est.as_dict() == {}
     with pytest.raises(ValueError, match="finite and >= 0"):
         est.observe("A", float("nan"))
+
+
+# -- what servers claim against what the client saw -------------------------------------------------
+def test_throughput_estimator_folds_timed_steps() -> None:
+    est = ThroughputEstimator(alpha=0.5)
+    assert est.get("A") is None
+    assert est.observe("A", tokens=1, seconds=0.01) == pytest.approx(100)
+    assert est.observe("A", tokens=0.5, seconds=0.01) == pytest.approx(75)  # half the span
+    assert est.as_dict() == {"A": pytest.approx(75)}
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            est.observe("A", tokens=1, seconds=bad)
+        with pytest.raises(ValueError):
+            est.observe("A", tokens=bad, seconds=1)
+
+
+def test_an_observed_server_is_capped_at_what_was_measured() -> None:
+    servers = [rec("liar", 0, 8, throughput=1e6), rec("B", 0, 8, throughput=50)]
+    trusted = {s.peer_id: s for s in trusted_throughputs(servers, {"liar": 40.0, "B": 900.0})}
+    assert trusted["liar"].throughput == 40.0
+    assert trusted["B"].throughput == 50  # never above its own claim
+    assert trusted["liar"].seq == servers[0].seq and trusted["liar"].addrs == servers[0].addrs
+
+
+def test_an_unobserved_server_is_capped_at_twice_the_median_block_rate_of_the_others() -> None:
+    # per-block rates (tokens/s x blocks) of the others covering its blocks: 400, 400, 800
+    servers = [
+        rec("liar", 0, 8, throughput=1e6),
+        rec("A", 0, 4, throughput=100),
+        rec("B", 4, 8, throughput=100),
+        rec("C", 0, 8, throughput=100),
+        rec("far", 8, 12, throughput=1e5),  # covers none of its blocks: not counted
+    ]
+    trusted = {s.peer_id: s for s in trusted_throughputs(servers, {})}
+    assert trusted["liar"].throughput == 2 * 400 / 8
+    assert trusted["A"].throughput == 100  # honest claims up to twice the median stay
+    # alone on its blocks, "far" is compared with every other server of the model, at their
+    # claims (8e6, 400, 400, 800: median 600); one liar among four moves the median, not to 8e6
+    assert trusted["far"].throughput == 2 * 600 / 4
+    assert trusted_throughputs([servers[0]], {}) == [servers[0]]  # alone: nothing to compare with
+
+
+def test_a_liar_no_longer_dominates_training_draws() -> None:
+    servers = [rec("liar", 0, 8, throughput=1e6)] + [rec(p, 0, 8, throughput=100) for p in "ABC"]
+    rng = random.Random(0)
+    draws = Counter(
+        choose_training_chain(
+            trusted_throughputs(servers, {}), model="m", start=0, end=8, rng=rng, now=NOW
+        )[0].server.peer_id
+        for _ in range(400)
+    )
+    # capped at twice an honest server: 2 / 5 of 400 draws; ~400 if its claim were believed
+    assert 120 < draws["liar"] < 200
+
+
+def test_chain_shares_bound_one_server_per_window() -> None:
+    shares = ChainShares(share=0.5, window=4)
+    assert shares.limit == 2
+    a, b = rec("A", 0, 8), rec("B", 0, 8)
+    chosen = []
+    for _ in range(12):  # a client that always takes A unless A is crowded
+        peer = "B" if "A" in shares.crowded() else "A"
+        shares.record([Hop(a if peer == "A" else b, 0, 8)])
+        chosen.append(peer)
+    for i in range(len(chosen) - 3):
+        assert chosen[i : i + 4].count("A") <= 2
+    assert chosen[:2] == ["A", "A"]  # the bound does not bite before the server reaches it
+    fresh = ChainShares(share=0.5, window=4)
+    for chain in ([Hop(a, 0, 8)], [Hop(rec("A", 0, 4), 0, 4), Hop(rec("C", 4, 8), 4, 8)]):
+        fresh.record(chain)
+    # A carried 1.5 chains' worth: one more whole chain would make 2.5 > 2 (C: 0.5, it may)
+    assert fresh.crowded() == {"A": 1.5}
+    fresh.record([Hop(rec("C", 0, 8), 0, 8)])
+    fresh.record([Hop(rec("A", 0, 2), 0, 2), Hop(rec("C", 2, 8), 2, 8)])
+    assert fresh.crowded() == {"C": 2.25}  # of the last 3 chains (the next one makes 4)
+    assert ChainShares(share=1.0, window=4).crowded() == {}
+    with pytest.raises(ValueError):
+        ChainShares(share=0.0)
+
+
+def test_spread_exclusion_keeps_a_crowded_server_without_alternative() -> None:
+    servers = [rec("A", 0, 4), rec("B", 4, 8), rec("C", 4, 8)]
+    args: dict[str, object] = dict(model="m", start=0, end=8, now=NOW, exclude=frozenset())
+    out = spread_exclusion(servers, crowded={"A": 3, "B": 2}, **args)  # type: ignore[arg-type]
+    assert out == {"B"}  # A alone holds 0-3: still used; C takes 4-7
+    out = spread_exclusion(servers, crowded={"B": 2, "C": 3}, **args)  # type: ignore[arg-type]
+    assert out == {"C"}  # one of B and C must stay: the most crowded goes
+
+
+def test_spread_exclusion_leaves_out_the_most_crowded_of_mutual_alternatives() -> None:
+    # a liar of every block against the two servers that are its only alternative
+    servers = [rec("liar", 0, 8), rec("A", 0, 4), rec("B", 4, 8)]
+    args: dict[str, object] = dict(model="m", start=0, end=8, now=NOW, exclude=frozenset())
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 9}, **args)  # type: ignore[arg-type]
+    assert out == {"liar"}
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 10}, **args)  # type: ignore[arg-type]
+    assert out == {"liar"}  # a tie: the one holding the most blocks goes
+    out = spread_exclusion(servers, crowded={"liar": 10, "A": 11}, **args)  # type: ignore[arg-type]
+    assert out == {"A"}  # A is the most crowded: then the liar is needed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import trio
 
 from swarm_node import compression
-from swarm_node.errors import ProtocolError
+from swarm_node.errors import ProtocolError, RemoteError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import open_stream
@@ -106,13 +107,22 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
                     ProtocolError, match="broke while sending"
                 ):  # and the pusher sees it
                     await stranger.send(bad)
-                # a push from the previous server with a wrong position: our client hears push_failed
+                # a push from the previous server with a wrong position: our client hears
+                # bad_push (the pusher's fault: tests/test_routing_attacks.py bans it)
                 conn = await open_stream(
                     peers[0].host, peers[1].peer_id, max_frame_size=2**20, timeout=5
                 )
                 await conn.send(bad)
                 hop = s._spans[1]
-                assert await s.receive_step(hop, 2, sent=False) is None  # push_failed: send it
+                with pytest.raises(RemoteError, match="bad_push: pushed step 9: 'position'"):
+                    await s.receive_step(hop, 2, sent=False)
+                # one past the session's length is push_failed: the client sends it itself
+                await conn.send(
+                    replace(
+                        bad, position=2, hidden=compression.encode(torch.randn(1, 7, H), "none")
+                    )
+                )
+                assert await s.receive_step(hop, 2, sent=False) is None
                 assert (hop.answers.push_failures, hop.answers.duplicates) == (1, 0)
                 # the next step still works; sent again, the server answers from its record of
                 # the pushed step (no second computation) and the client drops the extra answer

@@ -221,17 +221,32 @@ def test_a_pushed_step_done_already_is_dropped_and_a_client_step_repeats_it() ->
     assert rules.step(step(1, 0), 1) is reply  # the client sends it too: the same answer
 
 
-def test_a_failed_push_is_reported_to_the_client_as_push_failed() -> None:
+def test_a_refused_push_is_reported_to_the_client_as_bad_push_or_push_failed() -> None:
+    # a push the server cannot take as sent (here its position) is the pushing server's fault:
+    # bad_push, so the client blames the pusher; one past the session's length is push_failed
     rules = SessionRules(session_id="s1", max_length=8, prev_peer=PREV)
     with pytest.raises(RequestError) as info:
         rules.push(push(9, 5), PREV, 2)
     notice = over_the_wire(rules.push_failed(9, info.value))
     assert notice == ErrorResponse(
-        "push_failed",
+        "bad_push",
         "pushed step 9: 'position' must equal the session's cache length 2, got 5",
     )
-    with pytest.raises(RequestError, match="max_length is 8"):
+    with pytest.raises(RequestError, match="max_length is 8") as info:
         rules.push(push(1, 2, tokens=7), PREV, 2)
+    assert over_the_wire(rules.push_failed(1, info.value)).code == "push_failed"
+
+
+def test_the_client_blames_the_pusher_for_bad_push_only_when_it_did_not_send_the_step() -> None:
+    hop = HopAnswers("next")
+    refused = over_the_wire(
+        ErrorResponse("bad_push", "pushed step 3: hidden states must be finite")
+    )
+    with pytest.raises(RemoteError) as info:
+        hop.step_answer(refused, 3, sent=False)
+    assert info.value.code == "bad_push"
+    assert hop.step_answer(refused, 3, sent=True) is None  # its answer to our own step follows
+    assert hop.refused_pushes == 1
 
 
 # -- the client --------------------------------------------------------------------------------

@@ -6,19 +6,27 @@ network or the clock; the shell measures round trips and feeds them to an RttEst
 Three choices: ``choose_chain`` (fewest hops, then latency), ``choose_inference_chain`` (lowest
 expected per-token latency, client-star or server-to-server push) and ``choose_training_chain``
 (servers drawn in proportion to their throughput, to spread forward/backward load).
+
+What a server claims is not taken on trust: ``trusted_throughputs`` caps each record's throughput
+by what the client measured of it (``ThroughputEstimator``), or by what the other servers claim, and
+``ChainShares`` keeps one server from carrying more than a bounded share of a client's chains.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from swarm_node.dht.records import ServerRecord
 from swarm_node.errors import MissingBlocksError
 
 DEFAULT_LATENCY = 0.05  # seconds assumed for a server we have not measured (a round trip)
+# an unmeasured server is believed up to this many times the median of the others' claims
+UNOBSERVED_CAP = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,3 +343,160 @@ def choose_training_chain(
         chain.append(Hop(server, pos, stop))
         pos = stop
     return chain
+
+
+# -- what a server claims, checked against what the client saw ---------------------------------------
+@dataclass(slots=True)
+class ThroughputEstimator:
+    """Tokens/s per server as this client saw them: an EWMA of its own steps' timings.
+
+    Pure: the shell times a step and calls ``observe(peer, tokens=, seconds=)`` with the step's
+    tokens in units of the server's whole span (a hop over half the span counts half a token per
+    token), so the estimate is comparable with the throughput records announce.
+    """
+
+    alpha: float = 0.25  # weight of a new sample
+    _rate: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, peer: str, *, tokens: float, seconds: float) -> float:
+        """Fold one timed step in; return the new estimate (tokens/s)."""
+        if not (math.isfinite(tokens) and tokens > 0):
+            raise ValueError(f"'tokens' must be finite and > 0, got {tokens}")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"'seconds' must be finite and > 0, got {seconds}")
+        sample = tokens / seconds
+        old = self._rate.get(peer)
+        self._rate[peer] = sample if old is None else (1 - self.alpha) * old + self.alpha * sample
+        return self._rate[peer]
+
+    def get(self, peer: str) -> float | None:
+        return self._rate.get(peer)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self._rate)
+
+
+def _block_rate(server: ServerRecord, throughput: float) -> float:
+    """Blocks/s: a span's tokens/s times its blocks (spans of different lengths compare)."""
+    return throughput * (server.end - server.start)
+
+
+def trusted_throughputs(
+    servers: Sequence[ServerRecord], observed: Mapping[str, float]
+) -> list[ServerRecord]:
+    """``servers`` with each throughput capped by what the client knows, for routing only.
+
+    - Observed (``observed``: the client's ``ThroughputEstimator``): at most what it measured.
+    - Not observed: at most ``UNOBSERVED_CAP`` (2) x the median block rate (throughput x blocks,
+      ``_block_rate``) of the other servers of the same model covering any of its blocks (of all
+      the model's other servers when none does; its own claim when it is alone), where an
+      observed server counts at its capped rate. A liar claiming 1e6 tokens/s thus ranks as at
+      most twice a median server until measured, and then as what it is (an honest fast server
+      keeps an edge before it is measured); it gains more only while liars are at least half of
+      a block's servers.
+
+    Records keep their signature fields; only the throughput routing reads is lowered.
+    """
+    first = {s.peer_id: min(s.throughput, observed.get(s.peer_id, math.inf)) for s in servers}
+    out = []
+    for s in servers:
+        if s.peer_id in observed:
+            out.append(replace(s, throughput=first[s.peer_id]))
+            continue
+        same_model = [o for o in servers if o.model == s.model and o.peer_id != s.peer_id]
+        overlapping = [o for o in same_model if o.start < s.end and s.start < o.end]
+        others = overlapping or same_model
+        if not others:
+            out.append(s)
+            continue
+        median = statistics.median(_block_rate(o, first[o.peer_id]) for o in others)
+        cap = UNOBSERVED_CAP * median / (s.end - s.start)
+        out.append(replace(s, throughput=min(s.throughput, cap)))
+    return out
+
+
+@dataclass(slots=True)
+class ChainShares:
+    """The servers of a client's last ``window`` chains, to bound any one server's share of them.
+
+    A server carries of a chain the fraction of its blocks it runs (a whole chain: 1). The bound:
+    when alternatives exist for its blocks, a server carries at most ``floor(share x window)`` (at
+    least 1) chains' worth of any ``window`` consecutive chains the client chooses; a server
+    ``crowded`` now is left out of the next chain where the blocks stay covered without it
+    (``spread_exclusion``). ``share`` >= 1 turns the bound off.
+    """
+
+    share: float = 0.5
+    window: int = 20
+    _recent: deque[dict[str, float]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.share) and self.share > 0):
+            raise ValueError(f"'share' must be finite and > 0, got {self.share}")
+        if self.window < 1:
+            raise ValueError(f"'window' must be >= 1, got {self.window}")
+
+    @property
+    def limit(self) -> int:
+        """Chains of the window one server may be in."""
+        return max(1, math.floor(self.share * self.window))
+
+    def record(self, chain: Sequence[Hop]) -> None:
+        total = sum(h.end - h.start for h in chain)
+        carried: Counter[str] = Counter()
+        for h in chain:
+            carried[h.server.peer_id] += (h.end - h.start) / total
+        self._recent.append(dict(carried))
+        while len(self._recent) > self.window:
+            self._recent.popleft()
+
+    def crowded(self) -> dict[str, float]:
+        """Servers that one more chain could carry past the bound -> chains' worth they carry of
+        the window."""
+        if self.share >= 1:
+            return {}
+        # only the last window - 1 chains stay in the window once the next one is recorded
+        kept = list(self._recent)[-(self.window - 1) :] if self.window > 1 else []
+        carried: Counter[str] = Counter()
+        for chain in kept:
+            carried.update(chain)
+        return {peer: n for peer, n in carried.items() if n + 1 > self.limit + 1e-9}
+
+
+def spread_exclusion(
+    servers: Iterable[ServerRecord],
+    *,
+    model: str,
+    start: int,
+    end: int,
+    now: float,
+    exclude: frozenset[str],
+    crowded: Mapping[str, float],
+    cache_tokens: int = 0,
+    adapter: str = "",
+) -> frozenset[str]:
+    """``exclude`` plus every ``crowded`` server (-> its chains in the window) that can be left
+    out with blocks ``start..end-1`` still covered by usable servers (live, of ``model``, with
+    room, holding ``adapter``); a crowded server with no alternative for its blocks stays in. When
+    crowded servers are each other's only alternatives, the most crowded is left out first (then
+    the one holding the most blocks: a liar claiming every block before the servers it crowds)."""
+    servers = list(servers)
+    blocks = {s.peer_id: s.end - s.start for s in servers}
+    out = set(exclude)
+    order = sorted(set(crowded) - exclude, key=lambda p: (-crowded[p], -blocks.get(p, 0), p))
+    for peer in order:
+        try:
+            _usable(
+                servers,
+                model=model,
+                start=start,
+                end=end,
+                now=now,
+                exclude=frozenset(out | {peer}),
+                cache_tokens=cache_tokens,
+                adapter=adapter,
+            )
+        except MissingBlocksError:
+            continue
+        out.add(peer)
+    return frozenset(out)

@@ -336,6 +336,11 @@ class ClientConfig:
     )
     retry_delay: float = 0.5  # seconds before retrying when no server was found; doubles each time
     ban_time: float = 15.0  # seconds a failed server is avoided; doubles with each failure in a row
+    max_server_share: float = flag(
+        0.5,
+        "the most of this client's chains (of any 20 in a row, in blocks run) one server may "
+        "carry when other servers hold its blocks (1: no bound)",
+    )
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
@@ -348,6 +353,7 @@ class ClientConfig:
         check_int("max_attempts", self.max_attempts, 0, 100)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
+        _check_range("max_server_share", self.max_server_share, 0.05, 1.0)
 
 
 @dataclass(frozen=True, kw_only=True)

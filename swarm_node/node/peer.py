@@ -23,12 +23,16 @@ from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import (
+    ChainShares,
     Hop,
     RttEstimator,
+    ThroughputEstimator,
     choose_inference_chain,
     choose_training_chain,
     missing_blocks,
     server_rtts,
+    spread_exclusion,
+    trusted_throughputs,
 )
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import model_id_of
@@ -72,6 +76,8 @@ class Peer:
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
+        self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
+        self.shares = ChainShares(share=client.max_server_share)  # the servers of its last chains
 
     @property
     def peer_id(self) -> str:
@@ -289,37 +295,70 @@ class Peer:
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
-        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With ``rng`` (training), drawn in proportion to throughput; else the lowest
-        expected per-token latency among those that answer a ping (the samples feed ``self.rtt``),
-        costing server-to-server hops from the round trips servers publish and leaving out servers
-        whose cache cannot hold ``max_length * batch_size`` tokens."""
+        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With
+        ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
+        latency among those that answer a ping (the samples feed ``self.rtt``), costing
+        server-to-server hops from the round trips servers publish and leaving out servers whose
+        cache cannot hold ``max_length * batch_size`` tokens.
+
+        What servers claim is checked: throughputs are capped by what this peer measured
+        (``self.observed``) or by the other servers' claims (``trusted_throughputs``), and a server
+        already in its share of this peer's recent chains (``self.shares``) is left out where
+        others hold its blocks."""
         model = settings.model
         servers = self._known.get(model, [])
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
+        servers = trusted_throughputs(servers, self.observed.as_dict())
         exclude = self.bans.banned(trio.current_time())
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
+        crowded = self.shares.crowded()
         if rng is not None:
-            return choose_training_chain(
+            exclude = spread_exclusion(
+                servers, exclude=exclude, crowded=crowded, adapter=adapter, **blocks
+            )
+            chain = choose_training_chain(
                 servers, rng=rng, exclude=exclude, adapter=adapter, **blocks
             )
+            self.shares.record(chain)
+            return chain
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = await self.ping_all(candidates)
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
-        return choose_inference_chain(
+        exclude = spread_exclusion(
+            servers,
+            exclude=exclude | unreachable,
+            crowded=crowded,
+            cache_tokens=settings.max_length * settings.batch_size,
+            adapter=adapter,
+            **blocks,
+        )
+        chain = choose_inference_chain(
             servers,
             rtt=self.rtt.as_dict(),
             server_rtt=server_rtts(servers),
             push=self.client_config.push if settings.push is None else settings.push,
             max_length=settings.max_length,
             batch_size=settings.batch_size,
-            exclude=exclude | unreachable,
+            exclude=exclude,
             adapter=adapter,
             **blocks,
         )
+        self.shares.record(chain)
+        return chain
+
+    def observe_step(self, hop: Hop, seconds: float) -> None:
+        """A one-token step of ``hop`` took ``seconds`` (sent to answered): fold the server's
+        compute rate into ``self.observed`` (its round trip taken off, at most 3/4 of the time)."""
+        peer = hop.server.peer_id
+        compute = max(seconds - (self.rtt.get(peer) or 0.0), seconds / 4)
+        if compute <= 0:
+            return
+        share = (hop.end - hop.start) / (hop.server.end - hop.server.start)
+        self.observed.observe(peer, tokens=share, seconds=compute)
 
     def _recovery(self, settings: SessionSettings, adapter: str) -> Recovery | None:
         """How a session replaces a failed server (None when the config turns it off): from the
@@ -364,6 +403,7 @@ class Peer:
             step_timeout=config.step_timeout,
             max_frame_size=self.config.max_frame_size,
             recovery=self._recovery(settings, tuning.adapter or ""),
+            observe=self.observe_step,
         )
 
 

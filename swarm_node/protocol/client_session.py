@@ -60,13 +60,20 @@ class HopAnswers:
         self.peer = peer
         self.duplicates = 0  # answers dropped because they were for an older step
         self.push_failures = 0  # push_failed answers heard
+        self.refused_pushes = 0  # bad_push answers heard for steps the client sent itself
 
     def step_answer(
         self, reply: Message | None, step_id: int, *, sent: bool
     ) -> StepResponse | bool | None:
         """``reply`` read while waiting for step ``step_id`` (``sent``: the client sent it, not a
-        push): its StepResponse; False: the push failed (send the step); None: a duplicate (read
-        on)."""
+        push): its StepResponse; False: the push failed (send the step); None: a duplicate, or a
+        refused push of a step the client sent itself (read on). ``bad_push`` for a step the client
+        did not send: RemoteError with that code (the server that pushed is at fault)."""
+        if isinstance(reply, ErrorResponse) and reply.code == "bad_push":
+            if not sent:
+                raise RemoteError(reply.code, f"{reply.message} (from {self.peer})")
+            self.refused_pushes += 1
+            return None
         if isinstance(reply, ErrorResponse) and reply.code == "push_failed":
             if sent:
                 raise RemoteProtocolError(f"{self.peer} reported a failed push for a step we sent")

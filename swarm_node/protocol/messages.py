@@ -199,6 +199,8 @@ ERROR_CODES: dict[str, str] = {
     "busy": "(any with tensors) too many requests wait for this server's compute, from this peer or "
     "all: retry later or elsewhere",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
+    "bad_push": "(a pushed step, told its client) refused as bad_request: the pushing server is "
+    "at fault; the client sends the step itself",
     "idle_timeout": "(none, told a client) its sessions were idle too long: closed, with the stream",
 }
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")

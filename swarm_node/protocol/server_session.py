@@ -251,7 +251,11 @@ class SessionRules:
 
     @staticmethod
     def push_failed(step_id: int, exc: RequestError) -> ErrorResponse:
-        """What the client hears when a pushed step failed: it then sends the step itself."""
+        """What the client hears when a pushed step failed: it then sends the step itself. A push
+        refused as a bad request (its hidden states' shape, dtype or finiteness, its position) is
+        the pushing server's fault: ``bad_push``, so the client blames that server."""
+        if exc.code == "bad_request":
+            return ErrorResponse(code="bad_push", message=f"pushed step {step_id}: {exc.message}")
         return ErrorResponse(code="push_failed", message=f"pushed step {step_id}: {exc.message}")
 
     def close(self) -> CloseSessionResponse:

@@ -165,7 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add(gen, "--top-p", kind=float, default=1.0, help="nucleus sampling: keep this much mass")
     _add(gen, "--seed", kind=int, help="seed for sampling")
     _add(gen, "--chat", kind=bool, help="wrap the prompt in the model's chat template")
-    _fields(gen, ClientConfig, "step_timeout", "max_attempts", "compression", "push", "adapter")
+    _fields(
+        gen,
+        ClientConfig,
+        "step_timeout",
+        "max_attempts",
+        "compression",
+        "push",
+        "adapter",
+        "max_server_share",
+    )
     _add(
         gen,
         "--prompt-file",

@@ -10,11 +10,17 @@ answer means are protocol/client_session.py's rules.
 
 Each hop of the chain is a slot (recovery.py): it keeps the inputs it was sent, and when one of its
 servers fails the slot is re-routed to other servers and its history replayed there.
+
+Which hop is blamed: every answer is checked (the shape and dtype sent, finite) before the client
+uses or forwards it, so client-star, a hop that refuses its input refuses what the client checked
+and is itself at fault. Push: a server refuses a bad pushed input with ``bad_push``, and the server
+that pushed it is the one banned and replaced.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,8 +76,10 @@ class InferenceSession:
         max_frame_size: int,
         tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
+        observe: Callable[[Hop, float], None] | None = None,
     ) -> None:
         self.push = bool(settings.push)
+        self.observe = observe  # told the seconds of each one-token client-star step of a hop
         self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
         self.recovery = recovery  # None: a failed server ends the session
         self.host = host
@@ -247,9 +255,13 @@ class InferenceSession:
         self, span: RemoteSpan, hidden: torch.Tensor, position: int, step_id: int
     ) -> torch.Tensor:
         """Send a step to one server and read its answer; a failure of the server -> HopFailed."""
+        t0 = trio.current_time()
         with HopFailed.on_failure(span):
             await self.send_step(span, hidden, step_id, position)
-            return self.output(span, await self.receive_step(span, step_id), hidden)
+            out = self.output(span, await self.receive_step(span, step_id), hidden)
+        if self.observe is not None and hidden.shape[1] == 1:
+            self.observe(span.hop, trio.current_time() - t0)
+        return out
 
     def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
         """The hidden states of a step's answer, checked before anything uses them: the shape and
@@ -304,36 +316,81 @@ class InferenceSession:
                 await outbox.send((step_id, position, out))
 
     async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
-        """One step with server-to-server push; any hop that did not get the step is sent it."""
+        """One step with server-to-server push; any hop that did not get the step is sent it.
+
+        A hop that refuses what the hop before pushed it (``bad_push``: not finite, a wrong shape or
+        dtype) blames the pusher: that server is the one banned and replaced, and the client sends
+        the refusing hop the step itself (what the pusher answered the client, checked)."""
         send = True  # the first hop always hears from us
-        for slot in self._slots:
+        for index, slot in enumerate(self._slots):
             while True:
                 try:
-                    out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
+                    out, send_next, lost = await self._push_slot(
+                        slot, hidden, step_id, position, send
+                    )
                 except HopFailed as failure:
-                    await self._recover(slot, failure)
+                    pusher = self._pusher(index, failure)
+                    if pusher is None:
+                        await self._recover(slot, failure)
+                    else:
+                        await self._recover(
+                            self._slots[index - 1], HopFailed(pusher, failure.cause)
+                        )
                     send = True  # the replacement servers were opened without push
                     continue
                 break
+            if lost:  # the client sends this link's steps from now on
+                self._slots[index - 1].spans[-1].pushes = False
             slot.remember(step_id, position, hidden)
             hidden, send = out, send_next
         return hidden
 
+    def _pusher(self, index: int, failure: HopFailed) -> RemoteSpan | None:
+        """The span that pushed what slot ``index``'s first span refused (``bad_push``), if so."""
+        cause = failure.cause
+        if not (isinstance(cause, RemoteError) and cause.code == "bad_push") or index == 0:
+            return None
+        if failure.span is not self._slots[index].spans[0]:
+            return None  # only a slot's first span takes pushes
+        pusher = self._slots[index - 1].spans[-1]
+        return pusher if pusher.pushes else None
+
     async def _push_slot(
         self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool
-    ) -> tuple[torch.Tensor, bool]:
-        """The slot's output, and whether the client must send the step to the next slot itself."""
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """The slot's output, whether the client must send the step to the next slot itself, and
+        whether the step pushed to the slot never came (``_pushed_answer``)."""
+        lost = False
         for span in slot.spans:
             with HopFailed.on_failure(span):
                 if send:
                     await self.send_step(span, hidden, step_id, position)
-                reply = await self.receive_step(span, step_id, sent=send)
+                    reply = await self.receive_step(span, step_id)
+                else:
+                    reply, lost = await self._pushed_answer(span, step_id)
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
                 hidden = self.output(span, reply, hidden)
             send = not (span.pushes and reply.pushed)
-        return hidden, send
+        return hidden, send, lost
+
+    async def _pushed_answer(
+        self, span: RemoteSpan, step_id: int
+    ) -> tuple[m.StepResponse | None, bool]:
+        """The answer to a step the previous server said it pushed here (None: the push failed,
+        send the step), and whether the push never came within the step deadline. Then the client
+        sends the step itself and neither server is banned: a pusher that did not push and a
+        server that ignored the push look the same from here."""
+        try:
+            return await self.receive_step(span, step_id, sent=False), False
+        except trio.TooSlowError:
+            log.info(
+                "no answer from %s to pushed step %d: the client sends it",
+                span.conn.peer_id,
+                step_id,
+            )
+            return None, True
 
     async def send_step(
         self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int

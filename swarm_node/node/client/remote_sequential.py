@@ -238,7 +238,7 @@ class RemoteSequential(torch.nn.Module):
         req = m.ForwardRequest(keep_graph=tuned.keep, **self._common(hop, x, tuned.fields(hop)))
         with HopFailed.on_failure(UnopenedSpan(hop)):
             reply = await self._call(hop.server.peer_id, req, m.ForwardResponse)
-            return _tensor(reply.hidden, x.shape, "hidden"), reply.graph_id
+            return _tensor(reply.hidden, x.shape, "hidden", dtype=x.dtype), reply.graph_id
 
     async def _remote_backward(
         self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned, graph_id: str = ""
@@ -311,13 +311,18 @@ async def _ask(
     return reply
 
 
-def _tensor(wire: m.WireTensor, shape: Any, name: str) -> torch.Tensor:
-    """A tensor a server answered, which must have ``shape`` and be finite."""
+def _tensor(
+    wire: m.WireTensor, shape: Any, name: str, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A tensor a server answered, which must have ``shape`` (and ``dtype``, when named: what the
+    next hop is sent must be what it takes, or it would be blamed for refusing) and be finite."""
     out = compression.decode(wire, max_numel=int(torch.Size(shape).numel()))
     if tuple(out.shape) != tuple(shape) or not out.is_floating_point():
         raise RemoteProtocolError(
             f"{name!r} must have shape {tuple(shape)}, got {tuple(out.shape)}"
         )
+    if dtype is not None and out.dtype != dtype:
+        raise RemoteProtocolError(f"{name!r} must be {dtype}, got {out.dtype}")
     if not bool(torch.isfinite(out).all()):
         raise RemoteProtocolError(f"{name!r} must be finite, got inf or nan")
     return out

@@ -284,6 +284,8 @@ class BlockServer:
                 "bad_request",
                 f"hidden states must be {dtype}, got {str(hidden.dtype).removeprefix('torch.')}",
             )
+        if not bool(torch.isfinite(hidden).all()):
+            raise RequestError("bad_request", "hidden states must be finite, got inf or nan")
         return hidden
 
     # -- sessions -----------------------------------------------------------------------------
