@@ -285,19 +285,20 @@ class Peer:
         adapter: str = "",
         max_age: float = 0.0,
         rng: random.Random | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
         covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With ``rng`` (training), drawn in proportion to throughput; else the lowest
         expected per-token latency among those that answer a ping (the samples feed ``self.rtt``),
         costing server-to-server hops from the round trips servers publish and leaving out servers
-        whose cache cannot hold ``max_length * batch_size`` tokens."""
+        whose cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``."""
         model = settings.model
         servers = self._known.get(model, [])
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
-        exclude = self.bans.banned(trio.current_time())
+        exclude = self.bans.banned(trio.current_time()) | avoid
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
         if rng is not None:
             return choose_training_chain(
@@ -328,9 +329,9 @@ class Peer:
             return None
         unpushed = replace(settings, push=False)
 
-        async def reroute(start: int, end: int, attempt: int) -> list[Hop]:
+        async def reroute(start: int, end: int, attempt: int, avoid: frozenset[str]) -> list[Hop]:
             age = math.inf if attempt == 0 else 0.0
-            return await self.route(unpushed, start, end, adapter=adapter, max_age=age)
+            return await self.route(unpushed, start, end, adapter=adapter, max_age=age, avoid=avoid)
 
         return Recovery(
             reroute=reroute,

@@ -15,6 +15,7 @@ servers fails the slot is re-routed to other servers and its history replayed th
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -23,8 +24,16 @@ import trio
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
-from swarm_node.node.client.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
+from swarm_node.node.client.recovery import (
+    HopFailed,
+    Recovery,
+    Slot,
+    UnopenedSpan,
+    ban,
+    sole_error,
+)
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.step_deadlines import HedgeBudget
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
@@ -87,6 +96,7 @@ class InferenceSession:
         self.batch_size = settings.batch_size
         self.steps = SessionSteps(settings.max_length)
         self._slots: list[Slot] = []
+        self.hedges = HedgeBudget()
 
     @property
     def position(self) -> int:
@@ -222,17 +232,97 @@ class InferenceSession:
     async def _through_slot(
         self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int
     ) -> torch.Tensor:
-        """One step through one slot, client-star; a failed server is replaced and the step redone."""
+        """One step through one slot, client-star; a failed server is replaced and the step redone,
+        a late one hedged (step_deadlines.py)."""
         while True:
+            tokens = hidden.shape[1]
+            late_after = slot.times.late_after(tokens, self.step_timeout)
+            t0 = trio.current_time()
             try:
-                out = hidden
-                for span in slot.spans:
-                    out = await self._hop(span, out, position, step_id)
+                if self.recovery is None or late_after >= self.step_timeout:
+                    out = await self._run_spans(slot.spans, hidden, position, step_id)
+                else:
+                    out = await self._hedged(slot, hidden, position, step_id, late_after)
             except HopFailed as failure:
                 await self._recover(slot, failure)
                 continue
+            slot.times.observe(tokens, trio.current_time() - t0)
+            self.hedges.steps += 1
             slot.remember(step_id, position, hidden)
             return out
+
+    async def _run_spans(
+        self, spans: list[RemoteSpan], hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        for span in spans:
+            hidden = await self._hop(span, hidden, position, step_id)
+        return hidden
+
+    async def _hedged(
+        self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int, late_after: float
+    ) -> torch.Tensor:
+        """The step on the slot's servers and, once it is ``late_after`` s late (and the budget
+        allows), on spare servers with the slot's history replayed: the first answer wins, the other
+        streams are dropped. A late server is not banned (it may be slow, not broken); one that
+        fails is, as always (the spare then carries the step if it can)."""
+        recovery, ours = self.recovery, slot.spans
+        if recovery is None:
+            return await self._run_spans(ours, hidden, position, step_id)
+        won: list[tuple[list[RemoteSpan], torch.Tensor]] = []
+        failed: list[HopFailed] = []
+        spares: list[RemoteSpan] = []
+        running = {"ours": True, "spare": False}
+
+        def give_up(side: str, nursery: trio.Nursery) -> None:
+            running[side] = False
+            if not any(running.values()):
+                nursery.cancel_scope.cancel()
+
+        async def run(side: str, spans: list[RemoteSpan], nursery: trio.Nursery) -> None:
+            try:
+                out = await self._run_spans(spans, hidden, position, step_id)
+            except HopFailed as failure:
+                failed.append(failure)
+                if side == "spare":
+                    ban(recovery.bans, failure, recovery.clock())
+                give_up(side, nursery)
+                return
+            won.append((spans, out))
+            nursery.cancel_scope.cancel()
+
+        async def spare(nursery: trio.Nursery) -> None:
+            await trio.sleep(late_after)
+            if not self.hedges.allows() or not running["ours"]:
+                return
+            self.hedges.spend()
+            running["spare"] = True
+            late = frozenset(span.hop.server.peer_id for span in ours)
+            log.warning(
+                "blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
+                slot.start,
+                slot.end,
+                ", ".join(p[-8:] for p in late),
+                late_after,
+            )
+            spans = await recovery.hedge(self, slot, late)
+            if spans is None:
+                give_up("spare", nursery)
+                return
+            spares.extend(spans)
+            await run("spare", spans, nursery)
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "ours", ours, nursery)
+            nursery.start_soon(spare, nursery)
+        if won and won[0][0] is not ours:
+            await recovery.retire(ours)  # late or failed: the spares have the slot's cache now
+            recovery.adopt(slot, won[0][0], late_after, time.perf_counter() - t0)
+            return won[0][1]
+        await recovery.retire(spares)
+        if won:
+            return won[0][1]
+        raise next(f for f in failed if f.span in ours)  # ours failed, and no spare answered
 
     async def _recover(self, slot: Slot, failure: HopFailed) -> None:
         if self.recovery is None:

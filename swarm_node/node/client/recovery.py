@@ -27,6 +27,7 @@ import trio
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.routing import Hop, format_blocks
 from swarm_node.errors import LocalProtocolError, MissingBlocksError, ProtocolError, RemoteError
+from swarm_node.node.client.step_deadlines import StepTimes
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
@@ -81,13 +82,15 @@ class Slot:
     # (step id, position, (B, T, H))
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     failures: int = 0  # recoveries since the slot last completed a step
+    times: StepTimes = field(default_factory=StepTimes)  # of its steps on the servers it has now
 
     def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         self.history.append((step_id, position, hidden))
         self.failures = 0
 
 
-Reroute = Callable[[int, int, int], Awaitable[list[Hop]]]
+# (start, end, attempt, servers to leave out besides the banned ones) -> a chain for exactly those blocks
+Reroute = Callable[[int, int, int, frozenset[str]], Awaitable[list[Hop]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,17 +107,29 @@ class RecoveryEvent:
     replay_seconds: float  # of which replaying the history
 
 
+@dataclass(frozen=True, slots=True)
+class HedgeEvent:
+    """A late slot's step that spare servers answered first: they carry the slot from then on."""
+
+    start: int
+    end: int
+    late: tuple[str, ...]  # peer ids of the late servers (not banned)
+    replacements: tuple[str, ...]
+    late_after: float  # seconds the step was allowed before it was late
+    seconds: float  # from the step's start to the spare's answer
+
+
 @dataclass(kw_only=True)
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
 
-    # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
     reroute: Reroute
     bans: BanList
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
     clock: Callable[[], float] = time.monotonic  # the bans' clock
     events: list[RecoveryEvent] = field(default_factory=list)  # slots replaced so far
+    hedges: list[HedgeEvent] = field(default_factory=list)  # late slots a spare took over
 
     async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
@@ -133,7 +148,7 @@ class Recovery:
         delay = self.retry_delay
         for attempt in range(self.max_attempts):
             try:
-                chain = await self.reroute(slot.start, slot.end, attempt)
+                chain = await self.reroute(slot.start, slot.end, attempt, frozenset())
             except (MissingBlocksError, trio.TooSlowError) as exc:
                 last_error = exc
                 log.info(
@@ -186,6 +201,54 @@ class Recovery:
             f"no server for blocks {blocks} of {session.model} after {self.max_attempts} attempts "
             f"(first {first}{last})"
         ) from last_error
+
+    async def hedge(
+        self, session: InferenceSession, slot: Slot, late: frozenset[str]
+    ) -> list[RemoteSpan] | None:
+        """Spare servers for ``slot``'s blocks (none of ``late``, which are not banned: only slow)
+        with the slot's history replayed, ready for the step in flight; None when there is none."""
+        try:
+            chain = await self.reroute(slot.start, slot.end, 0, late)
+            spans, replay_seconds = await self._open_and_replay(session, slot, chain)
+        except (MissingBlocksError, trio.TooSlowError) as exc:
+            log.info("no spare for late blocks %d:%d: %s", slot.start, slot.end, exc)
+            return None
+        except HopFailed as exc:
+            ban(self.bans, exc, self.clock())
+            return None
+        log.info(
+            "hedge: blocks %d:%d also on %s (replayed %d step(s) in %.2f s)",
+            slot.start,
+            slot.end,
+            ", ".join(s.hop.server.peer_id[-8:] for s in spans),
+            len(slot.history),
+            replay_seconds,
+        )
+        return spans
+
+    def adopt(self, slot: Slot, spans: list[RemoteSpan], late_after: float, seconds: float) -> None:
+        """``spans`` (a hedge) answered a step of ``slot`` first: they carry it from now on."""
+        event = HedgeEvent(
+            start=slot.start,
+            end=slot.end,
+            late=tuple(s.hop.server.peer_id for s in slot.spans),
+            replacements=tuple(s.hop.server.peer_id for s in spans),
+            late_after=late_after,
+            seconds=seconds,
+        )
+        self.hedges.append(event)
+        log.warning(
+            "blocks %d:%d moved to %s: it answered in %.2f s, before the late server",
+            slot.start,
+            slot.end,
+            ", ".join(p[-8:] for p in event.replacements),
+            seconds,
+        )
+        slot.spans, slot.times = spans, StepTimes()
+
+    async def retire(self, spans: list[RemoteSpan]) -> None:
+        """Drop streams to servers the session stopped using (without a ban)."""
+        await _close_quietly(spans)
 
     async def _open_and_replay(
         self, session: InferenceSession, slot: Slot, chain: list[Hop]

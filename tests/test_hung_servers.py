@@ -1,0 +1,145 @@
+"""A late server costs about a second: deadlines that follow each slot's measured step times, and a
+hedge on a spare server once a step is late. A slow server is not banned; the tokens stay exact.
+
+The frozen (SIGSTOP) server in use is in tests/test_failover.py; here a server becomes 30x slower than
+it was (a DelayProxy in front of it, its delay raised mid-generation)."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+
+from swarm_node.dht.routing import Hop
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import (
+    SamplingConfig,
+    continue_tokens,
+    open_token_session,
+)
+from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.client.step_deadlines import (
+    FACTOR,
+    FLOOR,
+    HEDGE_EVERY,
+    MIN_SAMPLES,
+    HedgeBudget,
+    StepTimes,
+)
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.peer import open_peer
+from tests.delay_proxy import DelayProxy
+from tests.model_fixtures import reference_model
+from tests.swarm_helpers import LOOPBACK
+
+NEW_TOKENS = 10
+SLOW_AFTER = 5  # tokens before the server in use turns slow
+SLOW_DELAY = 0.3  # seconds each way: a step takes 0.6 s more (tens of ms before)
+
+
+def test_a_step_is_late_after_a_multiple_of_its_recent_kind_within_floor_and_ceiling() -> None:
+    times = StepTimes()
+    for _ in range(MIN_SAMPLES - 1):
+        times.observe(1, 0.2)
+    assert times.late_after(1, 60.0) == 60.0  # too few seen: only the ceiling
+    times.observe(1, 0.2)
+    assert times.late_after(1, 60.0) == pytest.approx(FACTOR * 0.2)
+    assert times.late_after(256, 60.0) == 60.0  # a prefill chunk is another kind
+    assert times.late_after(1, 0.5) == 0.5  # never past the ceiling
+    fast = StepTimes()
+    for _ in range(10):
+        fast.observe(1, 0.001)
+    assert fast.late_after(1, 60.0) == FLOOR
+    for _ in range(3):  # a few slow ones among 13: the 90th percentile follows them
+        fast.observe(1, 1.0)
+    assert fast.late_after(1, 60.0) == pytest.approx(FACTOR * 1.0)
+
+
+def test_hedges_stay_a_small_fraction_of_steps() -> None:
+    budget = HedgeBudget()
+    assert budget.allows()
+    budget.spend()
+    assert not budget.allows()
+    budget.steps = HEDGE_EVERY
+    assert budget.allows()
+    for steps in range(1000):
+        budget.steps = steps
+        if budget.allows():
+            budget.spend()
+    assert budget.hedges <= 1 + 1000 // HEDGE_EVERY
+
+
+async def _generate_while_slowing(tiny_llama: Path, *, spare: bool) -> tuple[list[int], bool, int]:
+    """Greedy tokens with the server in use (blocks 0:6, behind a proxy) turned slow after
+    SLOW_AFTER tokens; with ``spare``, a second server of 0:6 is there. Returns the tokens, whether
+    the slow server ended up banned, and how many hedges moved the slot."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 256, (1, 5))
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    server = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0)
+    async with trio.open_nursery() as nursery:
+        async with AsyncExitStack() as stack:
+            proxy = DelayProxy(target_port=0, delay=0.0)
+            port = await nursery.start(proxy.run)
+            slow = await stack.enter_async_context(
+                open_peer(
+                    PeerConfig(listen=LOOPBACK, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)),
+                    server=server,
+                )
+            )
+            proxy.target_port = int(slow.host.get_transport_addrs()[0].value_for_protocol("tcp"))
+            entry = PeerConfig(listen=LOOPBACK, initial_peers=tuple(slow.addrs))
+            if spare:
+                await stack.enter_async_context(open_peer(entry, server=server))
+            client = await stack.enter_async_context(
+                open_peer(entry, client=ClientConfig(step_timeout=20.0))
+            )
+            records: dict = {}
+            while slow.peer_id not in records or (spare and len(records) < 2):
+                records.update(
+                    (r.peer_id, r) for r in await client.find_servers(tiny_llama.name, 6)
+                )
+
+            def slow_down(token: torch.Tensor) -> None:
+                nonlocal made
+                made += 1
+                if made == SLOW_AFTER:
+                    proxy.delay = SLOW_DELAY
+
+            made = 0
+            settings = SessionSettings(
+                model=tiny_llama.name,
+                num_blocks=6,
+                dtype="float32",
+                max_length=input_ids.shape[1] + NEW_TOKENS,
+            )
+            chain = [Hop(records[slow.peer_id], 0, 6)]
+            async with open_token_session(client, settings, chain=chain) as ts:
+                out, _ = await continue_tokens(
+                    head, ts, input_ids, SamplingConfig(max_new_tokens=NEW_TOKENS), slow_down
+                )
+                recovery = ts.session.recovery
+            banned = client.bans.is_banned(slow.peer_id, trio.current_time())
+        nursery.cancel_scope.cancel()  # the proxy
+    assert recovery is not None
+    assert not recovery.events  # no server failed: late is not failed
+    return out[0].tolist(), banned, len(recovery.hedges)
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["no-spare", "spare"])
+async def test_a_server_turned_slow_is_hedged_not_banned_and_the_tokens_stay_exact(
+    tiny_llama: Path, spare: bool
+) -> None:
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 256, (1, 5))
+    expected = reference_model(tiny_llama).generate(
+        input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with trio.fail_after(120):
+        ids, banned, hedges = await _generate_while_slowing(tiny_llama, spare=spare)
+    assert ids == expected[0].tolist()
+    assert not banned
+    assert hedges == (1 if spare else 0)  # with a spare, the first late step moves the slot there
