@@ -86,6 +86,7 @@ async def client_run(args: argparse.Namespace) -> dict:
         "total_s": time.perf_counter() - t0,
         "times": [t - t0 for t in times],
         "recoveries": len(stats.recoveries),
+        "hedges": len(stats.hedges),
     }
 
 
@@ -137,6 +138,7 @@ async def run(args: argparse.Namespace) -> dict:
                     ),
                     "same_tokens": frozen["ids"] == normal["ids"],
                     "recoveries": frozen["recoveries"],
+                    "hedges": frozen["hedges"],
                 }
             )
 

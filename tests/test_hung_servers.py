@@ -2,7 +2,7 @@
 hedge on a spare server once a step is late. A slow server is not banned; the tokens stay exact.
 
 The frozen (SIGSTOP) server in use is in tests/test_failover.py; here a server becomes 30x slower than
-it was (a DelayProxy in front of it, its delay raised mid-generation)."""
+it was (a DelayProxy in front of it, its delay raised mid-generation), in client-star and push chains."""
 
 from __future__ import annotations
 
@@ -72,14 +72,19 @@ def test_hedges_stay_a_small_fraction_of_steps() -> None:
     assert budget.hedges <= 1 + 1000 // HEDGE_EVERY
 
 
-async def _generate_while_slowing(tiny_llama: Path, *, spare: bool) -> tuple[list[int], bool, int]:
-    """Greedy tokens with the server in use (blocks 0:6, behind a proxy) turned slow after
-    SLOW_AFTER tokens; with ``spare``, a second server of 0:6 is there. Returns the tokens, whether
-    the slow server ended up banned, and how many hedges moved the slot."""
+async def _generate_while_slowing(
+    tiny_llama: Path, *, spare: bool, push: bool = False
+) -> tuple[list[int], bool, int]:
+    """Greedy tokens on the chain [0:3, 3:6] whose server of 3:6 (behind a proxy) turns slow after
+    SLOW_AFTER tokens; with ``spare``, a second server of 3:6 is there. Returns the tokens, whether
+    the slow server ended up banned, and how many hedges moved a slot."""
     torch.manual_seed(0)
     input_ids = torch.randint(0, 256, (1, 5))
     head = ClientHead.load(Checkpoint.open(tiny_llama))
-    server = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0)
+
+    def server(start: int, end: int) -> ServerConfig:
+        return ServerConfig(model=str(tiny_llama), start=start, end=end, throughput=100.0)
+
     async with trio.open_nursery() as nursery:
         async with AsyncExitStack() as stack:
             proxy = DelayProxy(target_port=0, delay=0.0)
@@ -87,18 +92,19 @@ async def _generate_while_slowing(tiny_llama: Path, *, spare: bool) -> tuple[lis
             slow = await stack.enter_async_context(
                 open_peer(
                     PeerConfig(listen=LOOPBACK, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)),
-                    server=server,
+                    server=server(3, 6),
                 )
             )
             proxy.target_port = int(slow.host.get_transport_addrs()[0].value_for_protocol("tcp"))
             entry = PeerConfig(listen=LOOPBACK, initial_peers=tuple(slow.addrs))
+            first = await stack.enter_async_context(open_peer(entry, server=server(0, 3)))
             if spare:
-                await stack.enter_async_context(open_peer(entry, server=server))
+                await stack.enter_async_context(open_peer(entry, server=server(3, 6)))
             client = await stack.enter_async_context(
-                open_peer(entry, client=ClientConfig(step_timeout=20.0))
+                open_peer(entry, client=ClientConfig(step_timeout=20.0, push=push))
             )
             records: dict = {}
-            while slow.peer_id not in records or (spare and len(records) < 2):
+            while len(records) < 2 + spare:
                 records.update(
                     (r.peer_id, r) for r in await client.find_servers(tiny_llama.name, 6)
                 )
@@ -115,8 +121,9 @@ async def _generate_while_slowing(tiny_llama: Path, *, spare: bool) -> tuple[lis
                 num_blocks=6,
                 dtype="float32",
                 max_length=input_ids.shape[1] + NEW_TOKENS,
+                push=push,
             )
-            chain = [Hop(records[slow.peer_id], 0, 6)]
+            chain = [Hop(records[first.peer_id], 0, 3), Hop(records[slow.peer_id], 3, 6)]
             async with open_token_session(client, settings, chain=chain) as ts:
                 out, _ = await continue_tokens(
                     head, ts, input_ids, SamplingConfig(max_new_tokens=NEW_TOKENS), slow_down
@@ -129,9 +136,13 @@ async def _generate_while_slowing(tiny_llama: Path, *, spare: bool) -> tuple[lis
     return out[0].tolist(), banned, len(recovery.hedges)
 
 
-@pytest.mark.parametrize("spare", [False, True], ids=["no-spare", "spare"])
+@pytest.mark.parametrize(
+    ("spare", "push"),
+    [(False, False), (True, False), (True, True)],
+    ids=["no-spare", "spare", "spare-push"],
+)
 async def test_a_server_turned_slow_is_hedged_not_banned_and_the_tokens_stay_exact(
-    tiny_llama: Path, spare: bool
+    tiny_llama: Path, spare: bool, push: bool
 ) -> None:
     torch.manual_seed(0)
     input_ids = torch.randint(0, 256, (1, 5))
@@ -139,7 +150,66 @@ async def test_a_server_turned_slow_is_hedged_not_banned_and_the_tokens_stay_exa
         input_ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     with trio.fail_after(120):
-        ids, banned, hedges = await _generate_while_slowing(tiny_llama, spare=spare)
+        ids, banned, hedges = await _generate_while_slowing(tiny_llama, spare=spare, push=push)
     assert ids == expected[0].tolist()
     assert not banned
     assert hedges == (1 if spare else 0)  # with a spare, the first late step moves the slot there
+
+
+async def test_an_idle_session_replaces_a_frozen_server_before_the_next_step(
+    tiny_llama: Path,
+) -> None:
+    """A chat waiting for its user: the session sits idle, its server freezes (a proxy that holds
+    every byte), and the idle watch's ping finds it and moves its blocks to the spare before the
+    next step is asked for; the tokens across both turns are transformers' exactly."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 256, (1, 5))
+    turns = (3, 4)
+    expected = reference_model(tiny_llama).generate(
+        input_ids, max_new_tokens=sum(turns), do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    server = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0)
+    config = ClientConfig(step_timeout=2.0, idle_ping=0.3)
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                proxy = DelayProxy(target_port=0, delay=0.0)
+                port = await nursery.start(proxy.run)
+                frozen = await stack.enter_async_context(
+                    open_peer(
+                        PeerConfig(listen=LOOPBACK, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)),
+                        server=server,
+                    )
+                )
+                tcp = frozen.host.get_transport_addrs()[0].value_for_protocol("tcp")
+                proxy.target_port = int(tcp)
+                entry = PeerConfig(listen=LOOPBACK, initial_peers=tuple(frozen.addrs))
+                await stack.enter_async_context(open_peer(entry, server=server))
+                client = await stack.enter_async_context(open_peer(entry, client=config))
+                records: dict = {}
+                while len(records) < 2:
+                    records.update(
+                        (r.peer_id, r) for r in await client.find_servers(tiny_llama.name, 6)
+                    )
+                settings = SessionSettings(
+                    model=tiny_llama.name,
+                    num_blocks=6,
+                    dtype="float32",
+                    max_length=input_ids.shape[1] + sum(turns),
+                )
+                chain = [Hop(records[frozen.peer_id], 0, 6)]
+                async with open_token_session(client, settings, chain=chain) as ts:
+                    first, _ = await continue_tokens(
+                        head, ts, input_ids, SamplingConfig(max_new_tokens=turns[0])
+                    )
+                    proxy.delay = 1000.0  # frozen: nothing it is sent arrives
+                    recovery = ts.session.recovery
+                    while not recovery.events:  # the user thinks; the watch pings meanwhile
+                        await recovery.changed.wait()
+                    assert recovery.events[0].failed == frozen.peer_id
+                    second, _ = await continue_tokens(
+                        head, ts, first[:, :0], SamplingConfig(max_new_tokens=turns[1])
+                    )
+            nursery.cancel_scope.cancel()  # the proxy
+    assert [*first[0].tolist(), *second[0, 0:].tolist()] == expected[0].tolist()

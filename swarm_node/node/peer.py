@@ -32,7 +32,7 @@ from swarm_node.dht.routing import (
 )
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import model_id_of
-from swarm_node.node.client.inference_session import InferenceSession, request
+from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, request
 from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
@@ -364,6 +364,9 @@ class Peer:
             step_timeout=config.step_timeout,
             max_frame_size=self.config.max_frame_size,
             recovery=self._recovery(settings, tuning.adapter or ""),
+            watch=None
+            if config.idle_ping == 0 or self._nursery is None
+            else IdleWatch(every=config.idle_ping, ping=self.ping, spawn=self._nursery.start_soon),
         )
 
 

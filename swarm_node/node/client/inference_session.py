@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,6 +68,15 @@ class RemoteSpan:
         self.answers = HopAnswers(conn.peer_id)
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdleWatch:
+    """How a session checks its servers while it sits idle (a chat waiting for its user)."""
+
+    every: float  # seconds idle before the servers are pinged
+    ping: Callable[[str], Awaitable[object]]  # peer id -> its answer; raises when there is none
+    spawn: Callable[..., object]  # a nursery's start_soon: the watch outlives no session
+
+
 class InferenceSession:
     """Runs hidden states through ``chain`` with a KV cache kept on every server."""
 
@@ -79,6 +90,7 @@ class InferenceSession:
         max_frame_size: int,
         tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
+        watch: IdleWatch | None = None,
     ) -> None:
         self.push = bool(settings.push)
         self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
@@ -97,6 +109,10 @@ class InferenceSession:
         self.steps = SessionSteps(settings.max_length)
         self._slots: list[Slot] = []
         self.hedges = HedgeBudget()
+        self.watch = watch if recovery is not None else None
+        self._busy = trio.Lock()  # a step, or the idle watch's pings and recovery
+        self._idle_since = 0.0
+        self._watching = trio.CancelScope()
 
     @property
     def position(self) -> int:
@@ -131,7 +147,42 @@ class InferenceSession:
         except BaseException:
             await self.aclose()
             raise
+        if self.watch is not None:
+            self._idle_since = trio.current_time()
+            self.watch.spawn(self._watch_idle)
         return self
+
+    async def _watch_idle(self) -> None:
+        """Every ``watch.every`` s without a step, ping the session's servers: one that does not
+        answer has its blocks moved now (recovery), not when the next step needs them."""
+        if self.watch is None:
+            return
+        with self._watching:
+            while True:
+                await trio.sleep_until(self._idle_since + self.watch.every)
+                if trio.current_time() < self._idle_since + self.watch.every:
+                    continue  # a step ran meanwhile
+                async with self._busy:
+                    try:
+                        await self._ping_slots(self.watch)
+                    except Exception as exc:  # noqa: BLE001 (the next step meets it and says so)
+                        log.warning("checking an idle session's servers failed: %s", exc)
+                    self._idle_since = trio.current_time()
+
+    async def _ping_slots(self, watch: IdleWatch) -> None:
+        for slot in list(self._slots):
+            for span in list(slot.spans):
+                try:
+                    with HopFailed.on_failure(span):
+                        await watch.ping(span.conn.peer_id)
+                except HopFailed as failure:
+                    log.warning(
+                        "%s did not answer a ping while the session sat idle (%s): "
+                        "moving blocks %d:%d now",
+                        *(span.conn.peer_id, failure.cause, slot.start, slot.end),
+                    )
+                    await self._recover(slot, failure)
+                    break
 
     async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
         """A stream to ``hop``'s server and a session there for its blocks."""
@@ -175,6 +226,7 @@ class InferenceSession:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._watching.cancel()
         spans = self._spans
         self._slots = []
         with trio.CancelScope(shield=True):
@@ -199,6 +251,13 @@ class InferenceSession:
         A long step (a prefill) is cut into chunks that stream through the chain: while hop i runs
         chunk k, hop i-1 already runs chunk k+1, and no frame outgrows the frame-size limit.
         """
+        async with self._busy:
+            try:
+                return await self._step(hidden)
+            finally:
+                self._idle_since = trio.current_time()
+
+    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self._spans:
             raise SessionError("the inference session is not open")
         tokens = hidden.shape[1]
@@ -215,6 +274,7 @@ class InferenceSession:
         else:
             out = await self._pipelined(hidden, chunk)
         self.steps.advance(tokens)
+        self.hedges.steps += 1
         return out
 
     def chunk_tokens(self, hidden: torch.Tensor) -> int:
@@ -235,19 +295,17 @@ class InferenceSession:
         """One step through one slot, client-star; a failed server is replaced and the step redone,
         a late one hedged (step_deadlines.py)."""
         while True:
-            tokens = hidden.shape[1]
-            late_after = slot.times.late_after(tokens, self.step_timeout)
             t0 = trio.current_time()
+
+            async def ours_step() -> tuple[torch.Tensor, bool]:
+                return await self._run_spans(slot.spans, hidden, position, step_id), True
+
             try:
-                if self.recovery is None or late_after >= self.step_timeout:
-                    out = await self._run_spans(slot.spans, hidden, position, step_id)
-                else:
-                    out = await self._hedged(slot, hidden, position, step_id, late_after)
+                out, _, _ = await self._hedged(slot, hidden, position, step_id, ours_step)
             except HopFailed as failure:
                 await self._recover(slot, failure)
                 continue
-            slot.times.observe(tokens, trio.current_time() - t0)
-            self.hedges.steps += 1
+            slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden)
             return out
 
@@ -259,38 +317,44 @@ class InferenceSession:
         return hidden
 
     async def _hedged(
-        self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int, late_after: float
-    ) -> torch.Tensor:
-        """The step on the slot's servers and, once it is ``late_after`` s late (and the budget
-        allows), on spare servers with the slot's history replayed: the first answer wins, the other
+        self,
+        slot: Slot,
+        hidden: torch.Tensor,
+        position: int,
+        step_id: int,
+        ours_step: Callable[[], Awaitable[tuple[torch.Tensor, bool]]],
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """``ours_step`` (the step on the slot's servers: its output and whether the client sends
+        the next slot the step) and, once it is late (step_deadlines.py) and the budget allows, the
+        step on spare servers with the slot's history replayed: the first answer wins, the other
         streams are dropped. A late server is not banned (it may be slow, not broken); one that
-        fails is, as always (the spare then carries the step if it can)."""
+        fails is, as always. Returns the output, whether the client sends the next slot the step,
+        and whether spares took the slot over."""
         recovery, ours = self.recovery, slot.spans
-        if recovery is None:
-            return await self._run_spans(ours, hidden, position, step_id)
-        won: list[tuple[list[RemoteSpan], torch.Tensor]] = []
+        late_after = slot.times.late_after(hidden.shape[1], self.step_timeout)
+        if recovery is None or late_after >= self.step_timeout:
+            return (*await ours_step(), False)
+        won: list[tuple[list[RemoteSpan], tuple[torch.Tensor, bool]]] = []
         failed: list[HopFailed] = []
         spares: list[RemoteSpan] = []
         running = {"ours": True, "spare": False}
 
-        def give_up(side: str, nursery: trio.Nursery) -> None:
-            running[side] = False
-            if not any(running.values()):
-                nursery.cancel_scope.cancel()
+        async def spare_step() -> tuple[torch.Tensor, bool]:
+            return await self._run_spans(spares, hidden, position, step_id), True
 
-        async def run(side: str, spans: list[RemoteSpan], nursery: trio.Nursery) -> None:
+        async def run(side: str, step: Callable[[], Awaitable[tuple[torch.Tensor, bool]]]) -> None:
             try:
-                out = await self._run_spans(spans, hidden, position, step_id)
+                result = await step()
             except HopFailed as failure:
                 failed.append(failure)
-                if side == "spare":
-                    ban(recovery.bans, failure, recovery.clock())
-                give_up(side, nursery)
+                running[side] = False
+                if not any(running.values()):
+                    nursery.cancel_scope.cancel()
                 return
-            won.append((spans, out))
+            won.append((ours if side == "ours" else spares, result))
             nursery.cancel_scope.cancel()
 
-        async def spare(nursery: trio.Nursery) -> None:
+        async def spare() -> None:
             await trio.sleep(late_after)
             if not self.hedges.allows() or not running["ours"]:
                 return
@@ -299,29 +363,32 @@ class InferenceSession:
             late = frozenset(span.hop.server.peer_id for span in ours)
             log.warning(
                 "blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
-                slot.start,
-                slot.end,
-                ", ".join(p[-8:] for p in late),
-                late_after,
+                *(slot.start, slot.end, ", ".join(p[-8:] for p in late), late_after),
             )
-            spans = await recovery.hedge(self, slot, late)
-            if spans is None:
-                give_up("spare", nursery)
+            spares.extend(await recovery.hedge(self, slot, late) or ())
+            if spares:
+                await run("spare", spare_step)
                 return
-            spares.extend(spans)
-            await run("spare", spans, nursery)
+            running["spare"] = False
+            if not running["ours"]:
+                nursery.cancel_scope.cancel()
 
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "ours", ours, nursery)
-            nursery.start_soon(spare, nursery)
-        if won and won[0][0] is not ours:
-            await recovery.retire(ours)  # late or failed: the spares have the slot's cache now
-            recovery.adopt(slot, won[0][0], late_after, time.perf_counter() - t0)
-            return won[0][1]
+            nursery.start_soon(run, "ours", ours_step)
+            nursery.start_soon(spare)
+        for (
+            failure
+        ) in failed:  # a server that failed is banned (ours by recovery, if nobody answered)
+            if won or failure.span not in ours:
+                ban(recovery.bans, failure, recovery.clock())
+        if won and won[0][0] is spares:
+            await recovery.retire(ours)  # late or failed: the spares hold the slot's cache now
+            recovery.adopt(slot, spares, late_after, time.perf_counter() - t0)
+            return (*won[0][1], True)
         await recovery.retire(spares)
         if won:
-            return won[0][1]
+            return (*won[0][1], False)
         raise next(f for f in failed if f.span in ours)  # ours failed, and no spare answered
 
     async def _recover(self, slot: Slot, failure: HopFailed) -> None:
@@ -396,15 +463,25 @@ class InferenceSession:
     async def _push_step(self, hidden: torch.Tensor, step_id: int, position: int) -> torch.Tensor:
         """One step with server-to-server push; any hop that did not get the step is sent it."""
         send = True  # the first hop always hears from us
-        for slot in self._slots:
+        for index, slot in enumerate(self._slots):
             while True:
+                t0 = trio.current_time()
+
+                async def ours_step() -> tuple[torch.Tensor, bool]:
+                    return await self._push_slot(slot, hidden, step_id, position, send)  # noqa: B023
+
                 try:
-                    out, send_next = await self._push_slot(slot, hidden, step_id, position, send)
+                    out, send_next, moved = await self._hedged(
+                        slot, hidden, position, step_id, ours_step
+                    )
                 except HopFailed as failure:
                     await self._recover(slot, failure)
                     send = True  # the replacement servers were opened without push
                     continue
                 break
+            if moved and index > 0:  # the previous server pushes to the late one: we send now
+                self._slots[index - 1].spans[-1].pushes = False
+            slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden)
             hidden, send = out, send_next
         return hidden

@@ -130,6 +130,13 @@ class Recovery:
     clock: Callable[[], float] = time.monotonic  # the bans' clock
     events: list[RecoveryEvent] = field(default_factory=list)  # slots replaced so far
     hedges: list[HedgeEvent] = field(default_factory=list)  # late slots a spare took over
+    # set (and replaced by a new one) each time ``events`` or ``hedges`` grows: watchers wait on it
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def _note(self, events: list, event: RecoveryEvent | HedgeEvent) -> None:
+        events.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
 
     async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
@@ -181,7 +188,7 @@ class Recovery:
                 seconds=time.perf_counter() - t0,
                 replay_seconds=replay_seconds,
             )
-            self.events.append(event)
+            self._note(self.events, event)
             log.info(
                 "blocks %d:%d moved to %s in %.2f s (replaying %d step(s): %.2f s)",
                 slot.start,
@@ -236,7 +243,7 @@ class Recovery:
             late_after=late_after,
             seconds=seconds,
         )
-        self.hedges.append(event)
+        self._note(self.hedges, event)
         log.warning(
             "blocks %d:%d moved to %s: it answered in %.2f s, before the late server",
             slot.start,
