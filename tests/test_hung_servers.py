@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import trio
+import trio.testing
 
 from swarm_node.dht.routing import Hop
 from swarm_node.model import Checkpoint, ClientHead
@@ -20,6 +21,7 @@ from swarm_node.node.client.generation import (
     continue_tokens,
     open_token_session,
 )
+from swarm_node.node.client.hedging import hedged
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.client.step_deadlines import (
     FACTOR,
@@ -72,6 +74,63 @@ def test_hedges_stay_a_small_fraction_of_steps() -> None:
     assert budget.hedges <= 1 + 1000 // HEDGE_EVERY
 
 
+class Late(Exception):
+    pass
+
+
+def _race(primary_s: float, primary_fails: bool, spare_s: float | None, spare_fails: bool = False):
+    """hedged() on trio's mock clock: a primary answering (or failing) after ``primary_s``, a spare
+    answering after ``spare_s`` more (None: it has nothing). Returns (result or the exception,
+    the clock when it came, whether the spare was asked)."""
+    asked: list[float] = []
+
+    async def primary() -> str:
+        await trio.sleep(primary_s)
+        if primary_fails:
+            raise Late("primary failed")
+        return "primary"
+
+    async def spare() -> str | None:
+        asked.append(trio.current_time())
+        if spare_s is None:
+            return None
+        await trio.sleep(spare_s)
+        return None if spare_fails else "spare"
+
+    async def main() -> tuple[object, float]:
+        try:
+            result: object = await hedged(primary, spare, 1.0, (Late,))
+        except Late as exc:
+            result = exc
+        return result, trio.current_time()
+
+    result, at = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return result, at, bool(asked)
+
+
+def test_a_hedge_starts_only_when_late_and_the_first_answer_wins() -> None:
+    result, at, asked = _race(0.4, False, 0.1)
+    assert (result.value, result.by_spare, at, asked) == ("primary", False, 0.4, False)
+    result, at, asked = _race(10.0, False, 0.5)  # late at 1.0; the spare answers at 1.5
+    assert (result.value, result.by_spare, result.failure, at) == ("spare", True, None, 1.5)
+    result, at, _ = _race(1.2, False, 0.5)  # late, but the primary still answers first
+    assert (result.value, result.by_spare, at) == ("primary", False, 1.2)
+    result, at, _ = _race(10.0, False, None)  # no spare: the primary, however late
+    assert (result.value, at) == ("primary", 10.0)
+    result, at, _ = _race(10.0, False, 0.5, spare_fails=True)
+    assert (result.value, at) == ("primary", 10.0)
+
+
+def test_a_failure_before_the_hedge_is_raised_and_one_during_it_waits_for_the_spare() -> None:
+    result, at, asked = _race(0.3, True, 0.5)
+    assert isinstance(result, Late) and at == 0.3 and not asked
+    result, at, _ = _race(1.2, True, 0.5)  # failed while the spare worked: the spare's answer
+    assert (result.value, result.by_spare, at) == ("spare", True, 1.5)
+    assert isinstance(result.failure, Late)
+    result, at, _ = _race(1.2, True, 0.5, spare_fails=True)  # both: the primary's failure
+    assert isinstance(result, Late) and at == 1.5
+
+
 async def _generate_while_slowing(
     tiny_llama: Path, *, spare: bool, push: bool = False
 ) -> tuple[list[int], bool, int]:
@@ -98,8 +157,10 @@ async def _generate_while_slowing(
             proxy.target_port = int(slow.host.get_transport_addrs()[0].value_for_protocol("tcp"))
             entry = PeerConfig(listen=LOOPBACK, initial_peers=tuple(slow.addrs))
             first = await stack.enter_async_context(open_peer(entry, server=server(0, 3)))
-            if spare:
+            spares = [
                 await stack.enter_async_context(open_peer(entry, server=server(3, 6)))
+                for _ in range(spare)
+            ]
             client = await stack.enter_async_context(
                 open_peer(entry, client=ClientConfig(step_timeout=20.0, push=push))
             )
@@ -108,6 +169,8 @@ async def _generate_while_slowing(
                 records.update(
                     (r.peer_id, r) for r in await client.find_servers(tiny_llama.name, 6)
                 )
+            for peer in spares:  # connected before the test's clock starts (a loaded CI machine
+                await client.ping(peer.peer_id)  # may need seconds for a first handshake)
 
             def slow_down(token: torch.Tensor) -> None:
                 nonlocal made

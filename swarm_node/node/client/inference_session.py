@@ -26,6 +26,7 @@ import trio
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
+from swarm_node.node.client.hedging import hedged
 from swarm_node.node.client.recovery import (
     HopFailed,
     Recovery,
@@ -325,71 +326,50 @@ class InferenceSession:
         ours_step: Callable[[], Awaitable[tuple[torch.Tensor, bool]]],
     ) -> tuple[torch.Tensor, bool, bool]:
         """``ours_step`` (the step on the slot's servers: its output and whether the client sends
-        the next slot the step) and, once it is late (step_deadlines.py) and the budget allows, the
-        step on spare servers with the slot's history replayed: the first answer wins, the other
-        streams are dropped. A late server is not banned (it may be slow, not broken); one that
-        fails is, as always. Returns the output, whether the client sends the next slot the step,
-        and whether spares took the slot over."""
+        the next slot the step), hedged (hedging.py) once late (step_deadlines.py) by the step on
+        spare servers with the slot's history replayed. A late server is not banned (it may be
+        slow, not broken); one that fails is. Returns the output, whether the client sends the
+        next slot the step, and whether spares took the slot over."""
         recovery, ours = self.recovery, slot.spans
         late_after = slot.times.late_after(hidden.shape[1], self.step_timeout)
         if recovery is None or late_after >= self.step_timeout:
             return (*await ours_step(), False)
-        won: list[tuple[list[RemoteSpan], tuple[torch.Tensor, bool]]] = []
-        failed: list[HopFailed] = []
         spares: list[RemoteSpan] = []
-        running = {"ours": True, "spare": False}
 
-        async def spare_step() -> tuple[torch.Tensor, bool]:
-            return await self._run_spans(spares, hidden, position, step_id), True
-
-        async def run(side: str, step: Callable[[], Awaitable[tuple[torch.Tensor, bool]]]) -> None:
-            try:
-                result = await step()
-            except HopFailed as failure:
-                failed.append(failure)
-                running[side] = False
-                if not any(running.values()):
-                    nursery.cancel_scope.cancel()
-                return
-            won.append((ours if side == "ours" else spares, result))
-            nursery.cancel_scope.cancel()
-
-        async def spare() -> None:
-            await trio.sleep(late_after)
-            if not self.hedges.allows() or not running["ours"]:
-                return
+        async def spare_step() -> tuple[torch.Tensor, bool] | None:
+            if not self.hedges.allows():
+                return None
             self.hedges.spend()
-            running["spare"] = True
             late = frozenset(span.hop.server.peer_id for span in ours)
             log.warning(
                 "blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
                 *(slot.start, slot.end, ", ".join(p[-8:] for p in late), late_after),
             )
             spares.extend(await recovery.hedge(self, slot, late) or ())
-            if spares:
-                await run("spare", spare_step)
-                return
-            running["spare"] = False
-            if not running["ours"]:
-                nursery.cancel_scope.cancel()
+            try:
+                return (
+                    (await self._run_spans(spares, hidden, position, step_id), True)
+                    if spares
+                    else None
+                )
+            except HopFailed as failure:
+                ban(recovery.bans, failure, recovery.clock())
+                return None
 
         t0 = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(run, "ours", ours_step)
-            nursery.start_soon(spare)
-        for (
-            failure
-        ) in failed:  # a server that failed is banned (ours by recovery, if nobody answered)
-            if won or failure.span not in ours:
-                ban(recovery.bans, failure, recovery.clock())
-        if won and won[0][0] is spares:
-            await recovery.retire(ours)  # late or failed: the spares hold the slot's cache now
-            recovery.adopt(slot, spares, late_after, time.perf_counter() - t0)
-            return (*won[0][1], True)
-        await recovery.retire(spares)
-        if won:
-            return (*won[0][1], False)
-        raise next(f for f in failed if f.span in ours)  # ours failed, and no spare answered
+        try:
+            result = await hedged(ours_step, spare_step, late_after, (HopFailed,))
+        except BaseException:
+            await recovery.retire(spares)
+            raise
+        if not result.by_spare:
+            await recovery.retire(spares)
+            return (*result.value, False)
+        if isinstance(result.failure, HopFailed):
+            ban(recovery.bans, result.failure, recovery.clock())
+        await recovery.retire(ours)  # late or failed: the spares hold the slot's cache now
+        recovery.adopt(slot, spares, late_after, time.perf_counter() - t0)
+        return (*result.value, True)
 
     async def _recover(self, slot: Slot, failure: HopFailed) -> None:
         if self.recovery is None:
