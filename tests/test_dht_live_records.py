@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -62,11 +63,12 @@ def record(**fields: object) -> ServerRecord:
 
 
 @asynccontextmanager
-async def holder_and_client() -> AsyncIterator[tuple[Peer, Peer]]:
-    """Two real peers: one whose stores the test fills directly, and a client joined through it."""
+async def holder_and_client(identity: Path | None = None) -> AsyncIterator[tuple[Peer, Peer]]:
+    """Two real peers: one whose stores the test fills directly, and a client joined through it
+    (with the key in ``identity``, if given)."""
     async with open_peer(PeerConfig(listen=LOOPBACK)) as holder:
         async with open_peer(
-            PeerConfig(listen=LOOPBACK, initial_peers=tuple(holder.addrs[:1]))
+            PeerConfig(listen=LOOPBACK, initial_peers=tuple(holder.addrs[:1]), identity=identity)
         ) as client:
             yield holder, client
 
@@ -153,9 +155,13 @@ def held_seq(holder: Peer) -> int:
     return decode_record(held.value).seq
 
 
-async def test_a_peer_refuses_a_replayed_older_record_put_over_the_network() -> None:
+async def test_a_peer_refuses_a_replayed_older_record_put_over_the_network(tmp_path: Path) -> None:
+    # the server itself puts (a peer stores only its own record: tests/test_dht_store_attacks.py)
+    key_file = tmp_path / "server.key"
+    key_file.write_bytes(SERVER_KEY.private_key.serialize())
+    key_file.chmod(0o600)
     with trio.fail_after(60):
-        async with holder_and_client() as (holder, client):
+        async with holder_and_client(identity=key_file) as (holder, client):
             await put(client, holder, sign_record(record(seq=5), SERVER_KEY))
             assert held_seq(holder) == 5
             await put(client, holder, sign_record(record(seq=6), SERVER_KEY))

@@ -67,8 +67,8 @@ async def test_a_refusal_at_open_moves_the_span_before_the_first_step(tiny_llama
     x = torch.randn(1, 3, H)
     with trio.fail_after(60):
         async with local_swarm(
-            tiny_llama, [(0, 6), (0, 6)], client=FAST, cache_budget_tokens=16
-        ) as (peers, client):
+            tiny_llama, [(0, 6), (0, 6)], client=FAST, cache_budget_tokens=19
+        ) as (peers, client):  # room for one 16-token session: 16 cache + 3 for its kept answer
             records = {r.peer_id: r for r in await client.find_servers(model, 6)}
             first = [Hop(records[peers[0].peer_id], 0, 6)]
             async with client.inference_session(

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import trio
 
-from swarm_node.errors import RemoteError
+from swarm_node.errors import ConfigError, RemoteError
 from swarm_node.node.client.settings import SessionSettings
-from swarm_node.node.config import ClientConfig, PeerConfig
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
 from tests.process_swarm import server_processes
 from tests.swarm_helpers import LOOPBACK, local_swarm
@@ -58,7 +59,7 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
     model = tiny_llama.name
     flags = [
         *("--throughput", "100", "--max-sessions-per-peer", "1"),
-        *("--max-session-length", "16", "--cache-tokens", "24"),
+        *("--max-session-length", "16", "--cache-tokens", "30"),
     ]
     no_recovery = ClientConfig(max_attempts=0)
     with trio.fail_after(120):
@@ -70,7 +71,7 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
             ):
                 chain = await client.find_chain(model, 6, max_length=16)
                 (hop,) = chain
-                assert hop.server.cache_tokens_left == 24  # --cache-tokens, in its record
+                assert hop.server.cache_tokens_left == 30  # --cache-tokens, in its record
 
                 async def refused(peer: Peer, max_length: int) -> str:
                     with pytest.raises(RemoteError) as caught:
@@ -87,9 +88,25 @@ async def test_serve_flags_set_the_limits_of_a_running_server(tiny_llama: Path) 
                     x = torch.randn(1, 2, H)
                     first = await a.step(x)
                     assert await refused(client, 8) == "too_many_sessions"  # per peer: 1
-                    assert await refused(other, 16) == "cache_full"  # 8 of 24 tokens left
+                    # 11 of 30 tokens left: a holds 16 cache + 3 for its kept answer
+                    assert await refused(other, 16) == "cache_full"
                     async with other.inference_session(
                         chain, SessionSettings(model=model, max_length=8)
                     ) as b:
                         torch.testing.assert_close(await b.step(x), first)
                     assert (await a.step(torch.randn(1, 1, H))).shape == (1, 1, H)  # a goes on
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_peer_cache_share", 1.5, "'max_peer_cache_share' must be in [0.0, 1.0], got 1.5"),
+        ("max_peer_cache_share", -0.1, "'max_peer_cache_share' must be in [0.0, 1.0], got -0.1"),
+        ("send_timeout", 0, "'send_timeout' must be in >= 0.01, got 0"),
+    ],
+)
+def test_share_and_send_timeout_are_checked(field: str, value: float, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServerConfig(model="m", start=0, end=1, **{field: value})
+    defaults = ServerConfig(model="m", start=0, end=1)
+    assert (defaults.max_peer_cache_share, defaults.send_timeout) == (0.5, 30.0)

@@ -42,6 +42,10 @@ SERVED = ServedSpan(
     max_session_length=32,
     max_sessions_per_peer=2,
     cache_budget_tokens=100,
+    max_peer_share=0.5,
+    hidden_size=4,
+    element_bytes=4,
+    token_bytes=256,  # 16 numbers of the hidden size 4: 4 tokens' answers per cache token
 )
 OPEN = OpenSessionRequest(
     model="tiny", start=0, end=6, max_length=16, dtype="float32", compression="none"
@@ -79,10 +83,43 @@ def refused(call, *args, **kwargs) -> ErrorResponse:
 # -- the server: opening -----------------------------------------------------------------------
 
 
-def test_open_reserves_max_length_times_batch() -> None:
-    assert check_open(OPEN, SERVED, peer_sessions=0, cache_tokens_left=100, closing=False) == 16
+def test_open_reserves_the_cache_and_the_kept_answer() -> None:
+    # max_length x batch cache tokens, and the newest answer (max_length x batch x 4 numbers of 4
+    # bytes) in tokens of 256 bytes, rounded up
+    free = {"peer_sessions": 0, "peer_tokens": 0, "closing": False}
+    assert check_open(OPEN, SERVED, cache_tokens_left=100, **free) == 16 + 1
     two = replace(OPEN, batch_size=2)
-    assert check_open(two, SERVED, peer_sessions=1, cache_tokens_left=32, closing=False) == 32
+    assert check_open(two, SERVED, cache_tokens_left=34, **free) == 32 + 2
+    assert check_open(replace(OPEN, max_length=1), SERVED, cache_tokens_left=2, **free) == 1 + 1
+
+
+def test_open_counts_deep_prompts_and_a_client_lora_from_their_declared_sizes() -> None:
+    free = {"peer_sessions": 0, "peer_tokens": 0, "cache_tokens_left": 100, "closing": False}
+    prompts = WireTensor("none", "float32", (6, 8, 4), b"")  # not decoded: its shape is the size
+    opened = replace(OPEN, max_length=1, prompts=prompts)
+    assert check_open(opened, SERVED, **free) == 1 + 3 + 1  # 192 numbers: 3 tokens' bytes
+    assert check_open(replace(OPEN, max_length=1), SERVED, lora_numel=1000, **free) == 1 + 16 + 1
+    answer_ = refused(
+        check_open, replace(opened, prompts=WireTensor("none", "float32", (6, 512, 4), b"")),
+        SERVED, **free,
+    )  # fmt: skip
+    assert (answer_.code, answer_.message) == (
+        "peer_share",
+        "a peer may hold 50 of the 100 cache tokens here: it holds 0 and the session needs "
+        "194 tokens (1 cache + 192 deep prompts + 1 kept answer); close one or use another server",
+    )
+
+
+def test_one_peer_holds_at_most_its_share_and_at_least_one_longest_session() -> None:
+    state = {"peer_sessions": 1, "cache_tokens_left": 100, "closing": False}
+    assert check_open(OPEN, SERVED, peer_tokens=33, **state) == 17  # 50 = half of 100
+    answer_ = refused(check_open, OPEN, SERVED, peer_tokens=34, **state)
+    assert answer_.code == "peer_share"
+    assert answer_.message.startswith(
+        "a peer may hold 50 of the 100 cache tokens here: it holds 34"
+    )
+    assert replace(SERVED, max_peer_share=0.1).max_peer_tokens == 32 + 2  # one 32-token session
+    assert replace(SERVED, max_peer_share=1.0).max_peer_tokens == 100
 
 
 @pytest.mark.parametrize(
@@ -99,12 +136,14 @@ def test_open_reserves_max_length_times_batch() -> None:
         ({"max_length": 33}, {}, "too_long", "'max_length' must be in [1, 32], got 33"),
         ({"batch_size": 65}, {}, "bad_request", "'batch_size' must be in [1, 64], got 65"),
         ({}, {"peer_sessions": 2}, "too_many_sessions", "peer already holds 2 sessions here"),
-        ({}, {"cache_tokens_left": 15}, "cache_full",
-         "attention cache full: the session needs 16 tokens, 15 of 100 are free"),
+        ({}, {"cache_tokens_left": 16}, "cache_full",
+         "attention cache full: the session needs 17 tokens (16 cache + 1 kept answer), 16 of "
+         "100 are free; retry later or use another server"),
     ],
 )  # fmt: skip
 def test_open_refusals(fields: dict, state: dict, code: str, message: str) -> None:
-    kwargs = {"peer_sessions": 0, "cache_tokens_left": 100, "closing": False, **state}
+    kwargs = {"peer_sessions": 0, "peer_tokens": 0, "cache_tokens_left": 100, "closing": False}
+    kwargs.update(state)
     answer_ = refused(check_open, replace(OPEN, **fields), SERVED, **kwargs)
     assert answer_.code == code and answer_.message.startswith(message)
 

@@ -1,8 +1,10 @@
-"""The transport is Noise and yamux only: attacks with the other protocols py-libp2p would accept.
+"""The transport is Noise and yamux only, and negotiation reads a bounded message: the attacks of
+tests/attacks/transport.py against real hosts.
 
 A dialer that speaks /plaintext/2.0.0 can claim any peer id whose public key it knows (every
 server's key is public): against a host with py-libp2p's default options the claim is believed
-(the control below), against a swarm-node peer the connection is refused at negotiation. An honest
+(the control below), against a swarm-node peer the connection is refused at negotiation. A raw
+TCP client announcing a 1 GiB negotiation message is cut off at its length prefix. An honest
 client generating at the same time keeps transformers' tokens exactly.
 """
 
@@ -13,63 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 import trio
-from libp2p import YAMUX_PROTOCOL_ID, Yamux, new_host
+from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
-from libp2p.stream_muxer.mplex.mplex import MPLEX_PROTOCOL_ID, Mplex
 from multiaddr import Multiaddr
 
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.net.host import MUXER_PROTOCOLS, SECURITY_PROTOCOLS, build_host
+from swarm_node.node.net.negotiation import MAX_NEGOTIATION_MESSAGE
+from tests.attacks import AttackTarget
+from tests.attacks.transport import ATTACKS, FLOOD_STOPPED_WITHIN, dial, flood_negotiation, impostor
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK, local_swarm
-
-
-class ClaimingKey:
-    """A private key that names someone else's public key as its own (all plaintext asks)."""
-
-    def __init__(self, private: object, claimed: object) -> None:
-        self._private, self._claimed = private, claimed
-
-    def get_public_key(self) -> object:
-        return self._claimed
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._private, name)
-
-
-def impostor(victim: str) -> object:
-    """A host that speaks plaintext only and, in that handshake, presents ``victim``'s public key as
-    its own: no proof of the private key is asked, so it passes as ``victim``."""
-    public = ID.from_base58(victim).extract_public_key()
-    forged = KeyPair(ClaimingKey(create_new_key_pair().private_key, public), public)
-    return new_host(
-        key_pair=create_new_key_pair(),
-        sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(forged)},
-        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-    )
-
-
-async def dial(host: object, addr: str, probe: str | None = None) -> bool:
-    """Did ``host`` get a connection to ``addr`` (a full multiaddr)? With ``probe``, it also opens
-    a stream of that protocol on the connection (the listener's handler sees whom it came from)."""
-    info = info_from_p2p_addr(Multiaddr(addr))
-    async with host.run(listen_addrs=[Multiaddr(LOOPBACK[0])]):
-        with trio.move_on_after(10):
-            try:
-                await host.connect(info)
-                if probe is not None:
-                    stream = await host.new_stream(info.peer_id, [probe])
-                    await stream.write(b"hello")
-            except Exception:  # noqa: BLE001 (any refusal is what the attack should meet)
-                return False
-            return bool(host.get_network().get_connections(info.peer_id))
-    return False
 
 
 def test_only_noise_and_yamux_are_offered() -> None:
@@ -106,7 +65,26 @@ async def test_a_plaintext_impostor_is_believed_by_defaults_and_refused_by_swarm
             assert not ours.get_network().get_connections(ID.from_base58(victim_id))
 
 
-@pytest.mark.parametrize("attack", ["plaintext-impostor", "mplex-only"])
+async def test_a_negotiation_flood_is_cut_off_at_its_length_prefix() -> None:
+    ours = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
+    with trio.fail_after(30):
+        async with ours.run(listen_addrs=[Multiaddr(LOOPBACK[0])]):
+            addr = f"{ours.get_addrs()[0]}/p2p/{ours.get_id().to_base58()}"
+            sent = await flood_negotiation(addr)
+            assert sent is not None and sent <= FLOOD_STOPPED_WITHIN
+            # the host still negotiates an honest connection
+            other = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
+            assert await dial(other, addr)
+    assert MAX_NEGOTIATION_MESSAGE <= 4096
+
+
+def swarm_target(model: Path, servers: list) -> AttackTarget:
+    return AttackTarget(
+        model=model.name, model_path=model, servers=tuple(s.addrs[0] for s in servers)
+    )
+
+
+@pytest.mark.parametrize("attack", [name for name, _ in ATTACKS])
 async def test_an_honest_client_stays_exact_while_a_server_is_attacked(
     tiny_llama: Path, attack: str
 ) -> None:
@@ -118,16 +96,11 @@ async def test_an_honest_client_stays_exact_while_a_server_is_attacked(
     head = ClientHead.load(Checkpoint.open(tiny_llama))
     with trio.fail_after(90):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
-            if attack == "plaintext-impostor":  # pose as the second server to the first
-                attacker = impostor(servers[1].peer_id)
-            else:  # a real identity, but a muxer we do not speak
-                attacker = new_host(
-                    key_pair=create_new_key_pair(), muxer_opt={MPLEX_PROTOCOL_ID: Mplex}
-                )
+            target = swarm_target(tiny_llama, servers)
             results: dict[str, object] = {}
 
             async def attack_it() -> None:
-                results["connected"] = await dial(attacker, servers[0].addrs[0])
+                results["stopped"] = await dict(ATTACKS)[attack](target)
 
             async def generate() -> None:
                 results["ids"], _ = await generate_tokens(
@@ -141,5 +114,5 @@ async def test_an_honest_client_stays_exact_while_a_server_is_attacked(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(attack_it)
                 nursery.start_soon(generate)
-    assert results["connected"] is False
+    assert results["stopped"] is True
     assert results["ids"].tolist() == expected.tolist()

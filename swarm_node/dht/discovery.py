@@ -9,6 +9,7 @@ cancelled (py-libp2p's own request functions leave the remote waiting on them).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import time
@@ -17,16 +18,16 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.common import ALPHA
+from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
-from libp2p.records.validator import Validator
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -63,10 +64,15 @@ QUERY_ERRORS = (
     ValueError,
     trio.BrokenResourceError,
 )
+# the peer whose inbound DHT stream this task is handling (None outside such a handler)
+_SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("dht_sender", default=None)
 
 
 class RecordValidator(Validator):
-    """KadDHT validator for ``/swarmnode/<peer_id>`` values: signed by that peer, unexpired, not older.
+    """KadDHT validator for ``/swarmnode/<peer_id>`` values: signed by that peer, unexpired, not older,
+    and, in a PUT_VALUE, sent by that peer itself: one peer stores one value here, its own record
+    (no honest peer stores another's; each re-announces its own), so a peer with many identities
+    needs a connection for each.
 
     Runs on every peer that receives a PUT_VALUE and on every value a lookup returns. Expiry is
     wall-clock time (records cross machines), so this is the one place that reads ``time.time()``.
@@ -76,7 +82,12 @@ class RecordValidator(Validator):
         self._held_seq = held_seq
 
     def validate(self, key: str, value: bytes) -> None:
-        verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
+        record = verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
+        sender = _SENDER.get()
+        if sender is not None and sender.to_base58() != record.peer_id:
+            raise RemoteProtocolError(
+                f"record of peer {record.peer_id} must be stored by that peer, got it from {sender}"
+            )
 
     def select(self, key: str, values: list[bytes]) -> int:
         newest = _newest(values, key)
@@ -101,13 +112,32 @@ class SwarmDHT:
 
     def __init__(self, host: IHost) -> None:
         self.host = host
-        self.kad = KadDHT(host, DHTMode.SERVER)
-        self.kad.register_validator(RECORD_NAMESPACE, RecordValidator(self._held_seq))
+        # strict: a value under any other namespace (py-libp2p's /pk/ and /ipns/ included, and keys
+        # with none) is refused, so strangers cannot fill this peer's store and push records out
+        only_ours = NamespacedValidator(
+            {RECORD_NAMESPACE: RecordValidator(self._held_seq)}, strict_validation=True
+        )
+        self.kad = KadDHT(
+            host,
+            DHTMode.SERVER,
+            validator=only_ours,
+            validator_changed=True,
+            strict_validation=True,
+        )
+        host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
         self._key_pair = KeyPair(host.get_private_key(), host.get_public_key())
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
+
+    async def _handle_stream(self, stream: INetStream) -> None:
+        """KadDHT's handler, with the sending peer known to RecordValidator."""
+        token = _SENDER.set(stream.muxed_conn.peer_id)
+        try:
+            await self.kad.handle_stream(stream)
+        finally:
+            _SENDER.reset(token)
 
     def _held_seq(self, key: str) -> int | None:
         """The seq of the record this peer holds under ``key``, so older ones are refused."""
@@ -325,6 +355,14 @@ class SwarmDHT:
                     nursery.start_soon(ask, peer)
         return newest()
 
+    async def server_record(self, peer_id: str) -> ServerRecord | None:
+        """``get_record`` for a peer id as text (None for text that is not a peer id)."""
+        try:
+            peer = ID.from_base58(peer_id)
+        except Exception:  # noqa: BLE001 (base58 and multihash raise several types on garbage)
+            return None
+        return await self.get_record(peer)
+
     async def find_servers(
         self, model: str, blocks: Iterable[int], *, now: float | None = None
     ) -> list[ServerRecord]:
@@ -340,9 +378,7 @@ class SwarmDHT:
 
         records: list[ServerRecord] = []
 
-        async def fetch(info: PeerInfo) -> None:
-            if info.addrs:
-                self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, PEER_ADDR_TTL)
+        async def fetch(info: PeerInfo) -> None:  # addresses: kad_requests put the vouched ones
             rec = await self.get_record(info.peer_id)
             if rec is not None:
                 records.append(rec)

@@ -15,6 +15,11 @@ peers, providers and value out, the same peerstore and routing-table updates); i
 returning an empty answer when the request fails, so the caller can tell "no answer" from "nothing".
 Values are returned as sent: checking a record (signature, key, expiry) is the caller's job, as
 with ``_get_from_peer``. Knows nothing of swarm records, lookups or deadlines.
+
+Where they differ from py-libp2p's, on purpose: an answer writes addresses into the peerstore only
+for the answering peer itself or through a peer's own signed peer record (an unsigned address for a
+third party's id is dropped: it could point that peer's traffic at a victim, or crowd out its real
+addresses), and an answer's providers beyond MAX_PROVIDERS_PER_ANSWER are not read.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT = 1.0  # seconds to send the FIN or RST of a finished or abandoned query
 CLOSER_PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses from FIND_NODE (as py-libp2p)
+# providers read from one GET_PROVIDERS answer: an honest peer lists the servers of one block, a
+# lying one thousands, each costing the asker a record lookup
+MAX_PROVIDERS_PER_ANSWER = 32
 
 
 async def _exchange(
@@ -158,17 +166,34 @@ async def find_node(kad: KadDHT, peer: ID, key: bytes) -> list[ID]:
         return []
     found: list[ID] = []
     for closer in response.closerPeers:
-        if not maybe_consume_signed_record(closer, kad.host) or not closer.id:
+        if not closer.id or not maybe_consume_signed_record(closer, kad.host):
             continue
         closer_id = ID(closer.id)
         if closer_id == kad.host.get_id():
             continue
         if closer_id not in found:
             found.append(closer_id)
-        if addrs := _addrs(list(closer.addrs)):
-            kad.host.get_peerstore().add_addrs(closer_id, addrs, CLOSER_PEER_ADDR_TTL)
+        if addrs := _vouched_addrs(kad, peer, closer):
             await kad.routing_table.add_peer(PeerInfo(closer_id, addrs))
     return found
+
+
+def _vouched_addrs(kad: KadDHT, answering: ID, entry: Message.Peer) -> list[Multiaddr]:
+    """The addresses of an answer's peer ``entry`` (already passed maybe_consume_signed_record) that
+    may be used: with a signed peer record, the ones it put in the peerstore; the unsigned ones
+    only for the answering peer itself (and added to the peerstore then), none for a third party."""
+    entry_id = ID(entry.id)
+    if entry.HasField("signedRecord"):
+        try:
+            return kad.host.get_peerstore().addrs(entry_id)
+        except PeerStoreError:
+            return []
+    if entry_id != answering:
+        return []
+    addrs = _addrs(list(entry.addrs))
+    if addrs:
+        kad.host.get_peerstore().add_addrs(entry_id, addrs, CLOSER_PEER_ADDR_TTL)
+    return addrs
 
 
 async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInfo], list[ID]]:
@@ -180,10 +205,17 @@ async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInf
         log.debug("GET_PROVIDERS answer of %s ignored: its signed peer record was refused", peer)
         return [], []
     providers = [
-        PeerInfo(ID(p.id), _addrs(list(p.addrs)))
-        for p in response.providerPeers
-        if maybe_consume_signed_record(p, kad.host)
+        PeerInfo(ID(p.id), _vouched_addrs(kad, peer, p))
+        for p in response.providerPeers[:MAX_PROVIDERS_PER_ANSWER]
+        if p.id and maybe_consume_signed_record(p, kad.host)
     ]
+    if len(response.providerPeers) > MAX_PROVIDERS_PER_ANSWER:
+        log.info(
+            "GET_PROVIDERS answer of %s lists %d providers; reading the first %d",
+            peer,
+            len(response.providerPeers),
+            MAX_PROVIDERS_PER_ANSWER,
+        )
     closer = [ID(p.id) for p in response.closerPeers]
     return providers, [p for p in closer if p != kad.host.get_id()]
 

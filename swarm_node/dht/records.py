@@ -75,6 +75,26 @@ def record_key(peer_id: str) -> str:
     return f"/{RECORD_NAMESPACE}/{peer_id}"
 
 
+def push_target_problem(
+    record: ServerRecord | None, *, peer_id: str, model: str, block: int, now: float
+) -> str | None:
+    """Why ``peer_id``, holding ``record`` (its valid signed record, or None), is not a server that a
+    session may push block ``block`` of ``model`` to; None when it is."""
+    if record is None:
+        return f"{peer_id} has no valid signed server record"
+    if record.peer_id != peer_id:
+        return f"the record found for {peer_id} is of {record.peer_id}"
+    if record.model != model:
+        return f"{peer_id} serves model {record.model!r}, not {model!r}"
+    if not record.covers(block):
+        return f"{peer_id} announces blocks {record.start}:{record.end}, not block {block}"
+    if not record.is_live(now):
+        return f"{peer_id}'s record is not live (state {record.state}, expires at {record.expires_at:.0f})"
+    if not record.addrs:
+        return f"{peer_id}'s record lists no address"
+    return None
+
+
 def block_key(model: str, block: int) -> str:
     """The DHT provider key of "block ``block`` of ``model``" (a multihash hex string for KadDHT)."""
     digest = hashlib.sha256(f"swarm-node/{model}/block/{block}".encode()).digest()

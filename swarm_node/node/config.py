@@ -20,6 +20,8 @@ COMPRESSIONS = CODECS  # wire codecs a session may name
 SERVER_DEFAULT = "default"  # a session asking for this gets the server's own --compression
 QUANTS = (None, "int8", "nf4")
 DEFAULT_MODEL = "smollm2-135m"
+# a server's default --max-request-tokens, and what clients put in one forward or backward at most
+MAX_REQUEST_TOKENS = 16384
 _BLOCKS_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 MAX_SERVER_ADAPTERS = 64  # dht.records.MAX_ADAPTERS: a record lists at most this many names
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -187,8 +189,46 @@ class ServerConfig:
     max_sessions_per_peer: int = flag(
         16, "sessions one client may hold here at once; more are refused"
     )
+    max_peer_cache_share: float = flag(
+        0.5,
+        "fraction of --cache-tokens one client may hold here (at least one session of "
+        "--max-session-length), counting its sessions' caches and, in cache tokens of the same "
+        "bytes, their deep prompts, own LoRA weights and kept answers; more is refused",
+        metavar="FRACTION",
+    )
     session_idle_timeout: float = flag(
         120.0, "close a client's sessions after this long without a step", metavar="SECONDS"
+    )
+    send_timeout: float = flag(
+        30.0,
+        "seconds one answer may take to reach a client; a client that does not read it in "
+        "time loses its sessions on that stream (and the cache they held)",
+        metavar="SECONDS",
+    )
+    max_request_tokens: int = flag(
+        MAX_REQUEST_TOKENS,
+        "tokens (batch x positions) one forward, backward or step may carry; more are "
+        "refused before compute (a client's prefill chunks carry at most 64 x 256)",
+    )
+    max_activation_mb: int = flag(
+        6144,
+        "estimated activation memory one request may need (a backward's or kept graph's "
+        "saved tensors through the span, attention scores); more is refused before "
+        "compute (SmolLM2 in float32: a batch of 8 x 512 tokens through all 30 blocks is "
+        "estimated at ~4.8 GB)",
+        metavar="MB",
+    )
+    max_queued: int = flag(
+        128, "requests with tensors waiting for (or in) compute, server-wide; more get 'busy'"
+    )
+    max_queued_per_peer: int = flag(
+        32, "requests with tensors one peer may have waiting for (or in) compute here"
+    )
+    max_queued_mb: int = flag(
+        1024, "decoded tensors of the waiting requests, server-wide", metavar="MB"
+    )
+    max_queued_mb_per_peer: int = flag(
+        256, "decoded tensors of one peer's waiting requests", metavar="MB"
     )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
@@ -243,7 +283,18 @@ class ServerConfig:
         _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
         _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
         _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)
+        _check_range("max_peer_cache_share", self.max_peer_cache_share, 0.0, 1.0)
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
+        _check_range("send_timeout", self.send_timeout, 0.01)
+        for name in (
+            "max_request_tokens",
+            "max_activation_mb",
+            "max_queued",
+            "max_queued_per_peer",
+            "max_queued_mb",
+            "max_queued_mb_per_peer",
+        ):
+            check_int(name, getattr(self, name), 1)
         if self.torch_threads is not None:
             _check_range("torch_threads", self.torch_threads, 1, 256)
         _check_choice("compression", self.compression, COMPRESSIONS)
@@ -325,6 +376,33 @@ class ApiConfig:
     max_concurrent: int = flag(
         16, "requests generating at once, more wait their turn (servers allow 16 sessions a peer)"
     )
+    max_waiting: int = flag(
+        64,
+        "requests waiting for their turn beyond --max-concurrent; more are answered 429 "
+        "with Retry-After",
+    )
+    max_body_size: int = flag(
+        2**20, "bytes of a request body; a bigger one is answered 413", metavar="BYTES"
+    )
+    allowed_hosts: tuple[str, ...] = flag(
+        (),
+        "names (or addresses) clients may reach the API by, besides its --host, localhost, "
+        "127.0.0.1 and ::1: other Host headers are refused (DNS rebinding); with --host "
+        "0.0.0.0 list the names other machines use, or * to accept any",
+        "--api-allowed-hosts",
+        metavar="HOST",
+    )
+    api_key: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "help": "a secret every request must send as 'Authorization: Bearer KEY' (the "
+            "map page at / stays open: open it as /#key=KEY); prefer the environment "
+            "variable, which `ps` does not show",
+            "flag": "",
+            "metavar": "KEY",
+        },
+    )
     refresh_interval: float = flag(5.0, "seconds between DHT reads for the swarm map", "--refresh")
     chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
 
@@ -337,8 +415,21 @@ class ApiConfig:
             ("max_context", 2, 1 << 20),
             ("default_max_tokens", 1, 1 << 20),
             ("max_concurrent", 1, 4096),
+            ("max_waiting", 0, 1 << 16),
+            ("max_body_size", 1024, 1 << 34),
         ):
             check_int(name, getattr(self, name), low, high)
+        if not all(isinstance(h, str) and h and h.isascii() for h in self.allowed_hosts):
+            raise ConfigError(
+                f"'allowed_hosts' must be host names or addresses, got {self.allowed_hosts!r}"
+            )
+        if self.api_key is not None and not (
+            isinstance(self.api_key, str)
+            and self.api_key
+            and self.api_key.isascii()
+            and self.api_key.isprintable()
+        ):
+            raise ConfigError("'api_key' must be non-empty printable ASCII text")
         if not self.chain_ttl >= 0:
             raise ConfigError(f"'chain_ttl' must be >= 0 seconds, got {self.chain_ttl!r}")
         if not self.refresh_interval >= 0.1:

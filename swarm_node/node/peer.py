@@ -110,6 +110,7 @@ class Peer:
             compute_limiter=self.compute_limiter,
             throughput=throughput,
             host=self.host,
+            push_targets=self.dht.server_record,
         )
         self.host.set_stream_handler(PROTOCOL_ID, self.server.handle_stream)
         await self.announce()

@@ -191,8 +191,13 @@ ERROR_CODES: dict[str, str] = {
     "unknown_session": "(step, close) no such session open on this stream",
     "too_long": "(open) 'max_length' over the server's limit; (step) past the session's",
     "too_many_sessions": "(open) the peer holds as many sessions here as one peer may",
+    "peer_share": "(open) the session would take the peer past its share of the attention cache",
     "cache_full": "(open) the attention cache has no room for the session now",
     "shutting_down": "(open) the server is leaving or moving: no new sessions",
+    "too_large": "(any with tensors) more tokens, estimated activation memory or decoded bytes "
+    "than the server takes (--max-request-tokens, --max-activation-mb, --max-queued-mb-per-peer)",
+    "busy": "(any with tensors) too many requests wait for this server's compute, from this peer or "
+    "all: retry later or elsewhere",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
     "idle_timeout": "(none, told a client) its sessions were idle too long: closed, with the stream",
 }

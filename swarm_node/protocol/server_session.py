@@ -9,6 +9,7 @@ shell decodes it): only shapes, positions, step ids and peers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,6 +34,35 @@ class PushRefused(RemoteProtocolError):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Holding:
+    """What a session holds, in cache tokens: its attention cache, and in token-equivalents (their
+    bytes over one cache token's) its deep prompts, its client-owned LoRA and the newest answer,
+    kept for a repeated step (at most ``max_length`` tokens of every sequence)."""
+
+    cache: int
+    prompts: int = 0
+    lora: int = 0
+    answer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.cache + self.prompts + self.lora + self.answer
+
+    def __str__(self) -> str:
+        parts = [
+            f"{n} {what}"
+            for what, n in (
+                ("cache", self.cache),
+                ("deep prompts", self.prompts),
+                ("LoRA", self.lora),
+                ("kept answer", self.answer),
+            )
+            if n
+        ]
+        return f"{self.total} tokens ({' + '.join(parts)})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ServedSpan:
     """What a server serves and the limits it puts on sessions."""
 
@@ -44,6 +74,31 @@ class ServedSpan:
     max_session_length: int
     max_sessions_per_peer: int
     cache_budget_tokens: int
+    max_peer_share: float  # of the budget one peer may hold (at least one longest session)
+    hidden_size: int
+    element_bytes: int  # bytes of one number of the served dtype
+    token_bytes: int  # bytes of one cache token: keys and values of every served block
+
+    def in_tokens(self, numel: int) -> int:
+        """The cache tokens whose bytes would hold ``numel`` numbers of the served dtype."""
+        return -(-numel * self.element_bytes // self.token_bytes)
+
+    def holding(
+        self, max_length: int, batch_size: int = 1, *, prompt_numel: int = 0, lora_numel: int = 0
+    ) -> Holding:
+        return Holding(
+            cache=max_length * batch_size,
+            prompts=self.in_tokens(prompt_numel),
+            lora=self.in_tokens(lora_numel),
+            answer=self.in_tokens(max_length * batch_size * self.hidden_size),
+        )
+
+    @property
+    def max_peer_tokens(self) -> int:
+        """What one peer may hold here: its share of the budget, and at least one session of the
+        longest length (so an honest user can always open one where the budget has room)."""
+        share = int(self.max_peer_share * self.cache_budget_tokens)
+        return max(share, self.holding(self.max_session_length).total)
 
 
 def refusal(exc: RequestError) -> ErrorResponse:
@@ -65,10 +120,15 @@ def check_open(
     served: ServedSpan,
     *,
     peer_sessions: int,
+    peer_tokens: int,
     cache_tokens_left: int,
     closing: bool,
+    lora_numel: int = 0,
 ) -> int:
-    """The cache tokens a session of ``req`` needs; RequestError when this server refuses it."""
+    """The cache tokens a session of ``req`` holds (``Holding``); RequestError when this server
+    refuses it. ``peer_tokens``: what the peer holds here already; ``lora_numel``: the numbers of
+    the client-owned LoRA its manifest declares (sizes come from declared shapes: nothing of the
+    request is decoded yet)."""
     if closing:
         raise RequestError("shutting_down", "this server is shutting down; use another")
     check_span(served, req.model, req.start, req.end)
@@ -96,11 +156,22 @@ def check_open(
             f"peer already holds {served.max_sessions_per_peer} sessions here (the limit); "
             "close one or use another server",
         )
-    tokens = req.max_length * req.batch_size
+    prompt_numel = 0 if req.prompts is None else math.prod(req.prompts.shape)
+    holding = served.holding(
+        req.max_length, req.batch_size, prompt_numel=prompt_numel, lora_numel=lora_numel
+    )
+    tokens = holding.total
+    if peer_tokens + tokens > served.max_peer_tokens:
+        raise RequestError(
+            "peer_share",
+            f"a peer may hold {served.max_peer_tokens} of the {served.cache_budget_tokens} cache "
+            f"tokens here: it holds {peer_tokens} and the session needs {holding}; close one or "
+            "use another server",
+        )
     if tokens > cache_tokens_left:
         raise RequestError(
             "cache_full",
-            f"attention cache full: the session needs {tokens} tokens, {cache_tokens_left} "
+            f"attention cache full: the session needs {holding}, {cache_tokens_left} "
             f"of {served.cache_budget_tokens} are free; retry later or use another server",
         )
     return tokens

@@ -23,6 +23,7 @@ class AttackTarget:
     model_path: Path  # the checkpoint folder, for attacks that need the config or weights
     servers: tuple[str, ...]  # each server's full multiaddr (…/p2p/<peer id>), in chain order
     api_url: str | None = None  # http://127.0.0.1:PORT of a `swarm-node api` in front of the swarm
+    api_key: str | None = None  # that API's --api-key (SWARM_API_KEY), if it has one
 
     def peer_id(self, i: int) -> str:
         return self.servers[i].rsplit("/p2p/", 1)[1]

@@ -237,7 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def api_flags(p: argparse.ArgumentParser) -> None:
-    _fields(p, ApiConfig, "host", "port", "max_context", "max_concurrent", "refresh_interval")
+    _fields(
+        p,
+        ApiConfig,
+        "host",
+        "port",
+        "max_context",
+        "max_concurrent",
+        "max_waiting",
+        "max_body_size",
+        "allowed_hosts",
+        "api_key",
+        "refresh_interval",
+    )
 
 
 def _setup_logging(verbose: int) -> None:

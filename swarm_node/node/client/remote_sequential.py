@@ -45,6 +45,7 @@ from swarm_node.node.client.inference_session import open_stream, request
 from swarm_node.node.client.recovery import HopFailed, UnopenedSpan, ban
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
+from swarm_node.node.config import MAX_REQUEST_TOKENS
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
@@ -153,6 +154,7 @@ class RemoteSequential(torch.nn.Module):
                 f"one sequence of {hidden.shape[1]} tokens takes {per_row} bytes; a backward needs "
                 f"frames of about 4x that, over 'max_frame_size' {self.max_frame_size}: send shorter ones"
             )
+        rows = min(rows, max(1, MAX_REQUEST_TOKENS // hidden.shape[1]))  # servers' default limit
         return min(rows, MAX_FORWARD_BATCH, -(-hidden.shape[0] // self.min_pieces))
 
     async def forward_async(

@@ -2,7 +2,8 @@
 
 The only place in the node layer where host options are chosen: a key pair (identity.py), the
 addresses to announce, an optional private-swarm key (swarm_key.py), one connection per peer, Noise
-as the only security protocol and yamux as the only stream muxer (TCP only: QUIC stays off).
+as the only security protocol and yamux as the only stream muxer (TCP only: QUIC stays off), and a
+bound on what multistream negotiation reads before authentication (negotiation.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
+from swarm_node.node.net.negotiation import install_negotiation_bound
+
 # What a connection may negotiate, and nothing else. py-libp2p's defaults also accept
 # /plaintext/2.0.0 (its handshake checks only that a claimed id matches a claimed public key, with no
 # proof of the private key: anyone could pose as any server), secio and TLS, and mplex.
@@ -27,7 +30,10 @@ MUXER_PROTOCOLS = (YAMUX_PROTOCOL_ID,)
 
 
 def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: str | None) -> Any:
-    """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it)."""
+    """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it).
+
+    Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
+    install_negotiation_bound()
     return new_host(
         key_pair=key_pair,
         sec_opt={

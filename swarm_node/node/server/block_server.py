@@ -1,9 +1,10 @@
 """The server side of a peer: holds one span of blocks and runs sessions and forwards for others.
 
 One stream from a client is one connection; the sessions opened on it live as long as the stream (the
-stream's handler task is their scope, so leaving it frees their caches). What a message may do and
-what a refusal says are protocol/server_session.py's rules; this is their trio loop. Heavy torch
-work goes to the one compute thread through ``compute_limiter``.
+stream's handler task is their scope, so leaving it frees their caches; an answer not read within
+--send-timeout ends the stream too). What a message may do and what a refusal says are
+protocol/server_session.py's rules; this is their trio loop. Heavy torch work goes to the one
+compute thread through ``compute_limiter``.
 """
 
 from __future__ import annotations
@@ -12,18 +13,32 @@ import functools
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
 import trio
 
 from swarm_node import __version__, compression
-from swarm_node.errors import ProtocolError, RemoteProtocolError, RequestError, SessionError
+from swarm_node.errors import (
+    ConfigError,
+    ProtocolError,
+    RemoteProtocolError,
+    RequestError,
+    SessionError,
+)
 from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.model.lora_pack import manifest_entries
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
-from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs
+from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs, off_loop
 from swarm_node.node.server import training as server_training
+from swarm_node.node.server.compute_admission import (
+    ComputeLimits,
+    ComputeQueue,
+    check_compute,
+    tensor_bytes,
+)
 from swarm_node.node.server.kept_graphs import KeptGraphs
 from swarm_node.node.server.push import open_push_link
 from swarm_node.node.server.sessions import Gauge, ServerSession
@@ -54,9 +69,12 @@ class BlockServer:
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
         host: Any = None,  # libp2p host, to open push streams to next servers
+        # a peer id's valid signed record (SwarmDHT.server_record): push targets are checked on it
+        push_targets: Callable[[str], Awaitable[Any]] | None = None,
         adapters: dict[str, Any] | None = None,  # name -> model.LoraWeights of this span's blocks
     ) -> None:
         self.host = host
+        self.push_targets = push_targets
         self.adapters = adapters or {}
         self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
         self.span = span
@@ -69,12 +87,15 @@ class BlockServer:
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
+        self.tokens_per_peer: Counter[str] = Counter()  # the cache tokens each peer holds here
         self.active_sessions = 0
         self.closing = False  # shutting down or moving: new sessions are refused
         self.pushed_steps = 0  # steps that arrived from the previous server and were computed
         self.steps = Gauge()  # requests being computed and answered right now
         self.open_sessions = Gauge()  # sessions open on this server
         self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
+        self.limits = ComputeLimits.of(config)
+        self.compute_queue = ComputeQueue(self.limits)  # requests waiting for compute
         self.served = ServedSpan(
             model=model_id,
             start=config.start,
@@ -84,6 +105,10 @@ class BlockServer:
             max_session_length=config.max_session_length,
             max_sessions_per_peer=config.max_sessions_per_peer,
             cache_budget_tokens=config.cache_budget_tokens,
+            max_peer_share=config.max_peer_cache_share,
+            hidden_size=span.hidden_size,
+            element_bytes=torch.empty((), dtype=span.dtype).element_size(),
+            token_bytes=span.cache_bytes_per_token(),
         )
 
     @property
@@ -146,7 +171,7 @@ class BlockServer:
                             await self._end(session)
                         sessions.clear()
                         text = f"no step for {timeout} s; sessions closed"
-                        await conn.send(m.ErrorResponse(code="idle_timeout", message=text))
+                        await self._send(conn, m.ErrorResponse(code="idle_timeout", message=text))
                     break
                 if message is None:
                     break
@@ -160,11 +185,13 @@ class BlockServer:
                     continue
                 with self.steps.held():
                     try:
-                        reply = await self._dispatch(message, sessions, conn)
+                        with self.compute_queue.admit(peer, message):
+                            reply = await self._dispatch(message, sessions, conn)
                     except RequestError as exc:
                         log.debug("refused a %s from %s: %s", type(message).__name__, peer, exc)
                         reply = refusal(exc)
-                    await conn.send(reply)
+                    if not await self._send(conn, reply):
+                        break
         except RemoteProtocolError as exc:
             log.warning("peer %s broke the protocol: %s", peer, exc)
             with trio.move_on_after(1.0):
@@ -183,6 +210,20 @@ class BlockServer:
                     await self._end(session)
                 with trio.move_on_after(1.0):
                     await conn.close()
+
+    async def _send(self, conn: MessageStream, message: Any) -> bool:
+        """Send ``message`` within --send-timeout; False when the peer did not take it in time (the
+        stream is reset: its reader's sessions end and free what they held)."""
+        timeout = self.config.send_timeout
+        with trio.move_on_after(timeout):
+            await conn.send(message)
+            return True
+        log.info(
+            "%s did not read an answer within %s s: resetting its stream", conn.peer_id, timeout
+        )
+        with trio.move_on_after(1.0):
+            await conn.reset()
+        return False
 
     async def _dispatch(
         self, message: Any, sessions: dict[str, ServerSession], conn: MessageStream
@@ -218,13 +259,14 @@ class BlockServer:
         )
 
     # -- checks shared by requests ----------------------------------------------------------------
-    def decode_hidden(
+    async def decode_hidden(
         self, wire: Any, *, batch: int | None, max_tokens: int, dtype: str
     ) -> torch.Tensor:
         hidden_size = self.span.hidden_size
         max_numel = (batch or MAX_FORWARD_BATCH) * max_tokens * hidden_size
+        decode = functools.partial(compression.decode, wire, max_numel=max_numel)
         try:
-            hidden = compression.decode(wire, max_numel=max_numel)
+            hidden = await off_loop(decode, tensor_bytes(wire))
         except RemoteProtocolError as exc:
             raise RequestError("bad_request", f"hidden states: {exc}") from None
         if hidden.ndim != 3 or hidden.shape[2] != hidden_size or hidden.shape[1] < 1:
@@ -253,11 +295,15 @@ class BlockServer:
             req,
             self.served,
             peer_sessions=self.sessions_per_peer[peer],
+            peer_tokens=self.tokens_per_peer[peer],
             cache_tokens_left=self.cache_tokens_left,
             closing=self.closing,
+            lora_numel=self._lora_numel(req),
         )
-        prompts = server_training.decode_prompts(self, req.prompts, start=req.start, end=req.end)
-        lora = server_training.request_lora(self, req)
+        prompts = await server_training.decode_prompts(
+            self, req.prompts, start=req.start, end=req.end
+        )
+        lora = await server_training.request_lora(self, req)
         session_id = secrets.token_hex(8)
         cache = self.span.new_cache(
             req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
@@ -282,21 +328,38 @@ class BlockServer:
             lora=lora,
         )
         self.reserved_tokens += tokens
+        self.tokens_per_peer[peer] += tokens
         self.sessions_per_peer[peer] += 1
         self.active_sessions += 1
         self.open_sessions.add(1)
-        if req.next_peer and self.host is not None:  # the room is reserved before this await
+        # the room is reserved before this await
+        if req.next_peer and self.host is not None and self.push_targets is not None:
             session.push = await open_push_link(
                 self.host,
                 peer_id=req.next_peer,
-                addrs=req.next_addrs,
                 next_session=req.next_session,
                 max_frame_size=self.max_frame_size,
+                model=self.model_id,
+                block=req.end,
+                find_record=self.push_targets,
             )
         log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
         return m.OpenSessionResponse(
             session_id=session_id, max_length=req.max_length, push=session.push is not None
         )
+
+    def _lora_numel(self, req: m.OpenSessionRequest) -> int:
+        """The numbers of the client-owned LoRA a request's manifest declares, before any decode."""
+        if not req.lora_manifest:
+            return 0
+        shapes = self.span.lora_shapes
+        try:
+            _, numel = manifest_entries(
+                req.lora_manifest, shapes=shapes, start=req.start, end=req.end
+            )
+        except ConfigError as exc:
+            raise RequestError("bad_request", f"lora: {exc}") from None
+        return numel
 
     async def _end(self, session: ServerSession) -> None:
         session.rules.close()
@@ -308,9 +371,11 @@ class BlockServer:
         if self.sessions.pop(session.session_id, None) is None:
             return  # released already
         self.reserved_tokens -= session.reserved_tokens
+        self.tokens_per_peer[session.peer_id] -= session.reserved_tokens
         self.sessions_per_peer[session.peer_id] -= 1
         if self.sessions_per_peer[session.peer_id] <= 0:
             del self.sessions_per_peer[session.peer_id]
+            del self.tokens_per_peer[session.peer_id]
         self.active_sessions -= 1
         self.open_sessions.add(-1)
         session.cache = None
@@ -341,7 +406,7 @@ class BlockServer:
             except RequestError as exc:
                 reply = session.rules.push_failed(req.step_id, exc)
             try:
-                await session.conn.send(reply)
+                await self._send(session.conn, reply)
             except ProtocolError as exc:
                 log.debug("could not answer the client of %s: %s", req.session_id, exc)
         return True
@@ -351,7 +416,10 @@ class BlockServer:
     ) -> m.StepResponse:
         """Compute one step the rules admitted, push the output on (if asked) and make the answer."""
         length = session.cache.length
-        hidden = self.decode_hidden(
+        check_compute(
+            self.limits, wire, model_config=self.span.config, dtype=session.dtype, past=length
+        )
+        hidden = await self.decode_hidden(
             wire,
             batch=session.batch_size,
             max_tokens=session.rules.max_length - length,
@@ -372,7 +440,8 @@ class BlockServer:
             raise RequestError("too_long", str(exc)) from None
         session.steps += 1
         session.last_active = trio.current_time()
-        out_wire = compression.encode(out, session.compression)
+        encode = functools.partial(compression.encode, out, session.compression)
+        out_wire = await off_loop(encode, out.nbytes)
         pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
         return session.rules.answered(step_id, out_wire, pushed=pushed)
 

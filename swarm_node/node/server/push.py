@@ -5,15 +5,24 @@ no reply) as well as to the client. A push that cannot be written (the stream br
 server is gone or reset the stream) turns the link off: the client sees ``pushed=False`` in the step's
 answer and sends that step to the next server itself (client-star). This module does NOT know
 sessions, caches or models: the server decides what to push.
+
+The next server is the client's word: it is believed only when that peer's own signed record
+announces the blocks that follow, and it is reached at that record's addresses, not at the ones the
+client named. Otherwise no link is opened (the session answers ``push=False`` and the client sends
+every step there itself, as when the next server is unreachable): a client cannot make a server
+send traffic to a host that is not a server of the next blocks.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from swarm_node.dht.records import ServerRecord, push_target_problem
 from swarm_node.node.net.dialing import open_stream, remember_addrs
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
@@ -59,11 +68,28 @@ class PushLink:
 
 
 async def open_push_link(
-    host: Any, *, peer_id: str, addrs: tuple[str, ...], next_session: str, max_frame_size: int
+    host: Any,
+    *,
+    peer_id: str,
+    next_session: str,
+    max_frame_size: int,
+    model: str,
+    block: int,
+    find_record: Callable[[str], Awaitable[ServerRecord | None]],
 ) -> PushLink | None:
-    """A push stream to ``peer_id`` (reached at ``addrs``); None if unreachable."""
+    """A push stream to ``peer_id``, if its signed record (``find_record``) announces block ``block``
+    of ``model``, at that record's addresses; None (no push) otherwise, or if unreachable."""
+    record = None
+    with trio.move_on_after(PUSH_OPEN_TIMEOUT):
+        record = await find_record(peer_id)
+    problem = push_target_problem(
+        record, peer_id=peer_id, model=model, block=block, now=time.time()
+    )
+    if problem is not None:
+        log.info("push target refused: %s", problem)
+        return None
     try:
-        remember_addrs(host, peer_id, addrs)
+        remember_addrs(host, peer_id, record.addrs)
     except ValueError as exc:
         log.info("not pushing: %s", exc)
         return None

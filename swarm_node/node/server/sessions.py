@@ -26,7 +26,7 @@ class ServerSession:
     dtype: str
     compression: str
     cache: Any  # model.SpanCache
-    reserved_tokens: int
+    reserved_tokens: int  # all it holds, in cache tokens (protocol/server_session.py: Holding)
     conn: MessageStream  # the client's stream: answers to pushed steps go there
     steps: int = 0
     last_active: float = 0.0  # trio time of the last step

@@ -23,20 +23,25 @@ from swarm_node.errors import ConfigError, RemoteProtocolError, RequestError
 from swarm_node.model.lora_pack import manifest_entries, pack_lora, unpack_lora
 from swarm_node.model.prompts import MAX_PRE_SEQ_LEN, check_prompts
 from swarm_node.node.config import COMPRESSIONS
+from swarm_node.node.quick_jobs import off_loop
 from swarm_node.node.server.adapters import adapter_for
+from swarm_node.node.server.compute_admission import check_compute, tensor_bytes
 from swarm_node.node.server.kept_graphs import KeptGraph, SavedBytes
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
 from swarm_node.protocol.server_session import check_span
 
 
-def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Tensor | None:
+async def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Tensor | None:
     """The deep prompts of a request for blocks [start, end), checked, or None when it sent none."""
     if wire is None:
         return None
     hidden_size = server.span.hidden_size
+    max_numel = (end - start) * MAX_PRE_SEQ_LEN * hidden_size
     try:
-        prompts = compression.decode(wire, max_numel=(end - start) * MAX_PRE_SEQ_LEN * hidden_size)
+        prompts = await off_loop(
+            functools.partial(compression.decode, wire, max_numel=max_numel), tensor_bytes(wire)
+        )
     except RemoteProtocolError as exc:
         raise RequestError("bad_request", f"prompts: {exc}") from None
     dtype = server.span.dtype
@@ -46,7 +51,7 @@ def decode_prompts(server: Any, wire: Any, *, start: int, end: int) -> torch.Ten
     return prompts
 
 
-def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int) -> Any:
+async def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int) -> Any:
     """The client-owned LoRA of a request for blocks [start, end) (model.LoraWeights), checked, or
     None when it sent none. The manifest is checked first: it fixes how many numbers to accept."""
     if wire is None:
@@ -56,7 +61,8 @@ def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int
     shapes = server.span.lora_shapes
     try:
         _, numel = manifest_entries(manifest, shapes=shapes, start=start, end=end)
-        flat = compression.decode(wire, max_numel=numel).to(server.span.dtype)  # (N,)
+        decode = functools.partial(compression.decode, wire, max_numel=numel)
+        flat = (await off_loop(decode, tensor_bytes(wire))).to(server.span.dtype)  # (N,)
         lora = unpack_lora(flat, manifest, shapes=shapes, start=start, end=end)
     except (ConfigError, RemoteProtocolError) as exc:
         raise RequestError("bad_request", f"lora: {exc}") from None
@@ -65,65 +71,73 @@ def decode_lora(server: Any, wire: Any, manifest: tuple, *, start: int, end: int
     return lora
 
 
-def _decode_batch(server: Any, wire: Any) -> torch.Tensor:
-    return server.decode_hidden(
-        wire, batch=None, max_tokens=server.config.max_session_length, dtype=server.config.dtype
+async def _decode_batch(server: Any, wire: Any) -> torch.Tensor:
+    return await server.decode_hidden(
+        wire, batch=None, max_tokens=server.config.max_request_tokens, dtype=server.config.dtype
     )
 
 
-def _inputs(
+async def _inputs(
     server: Any, req: m.ForwardRequest | m.BackwardRequest
 ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-    """A forward's or backward's hidden states ``# (B, T, H)``, deep prompts and LoRA, checked."""
+    """A forward's or backward's hidden states ``# (B, T, H)``, deep prompts and LoRA, checked: the
+    sizes from the declared shapes first, then the tensors."""
     check_span(server.served, req.model, req.start, req.end)
     if req.compression not in COMPRESSIONS:
         raise RequestError(
             "bad_request", f"'compression' must be one of {COMPRESSIONS}, got {req.compression!r}"
         )
-    hidden = _decode_batch(server, req.hidden)  # (B, T, H)
-    if hidden.shape[0] > MAX_FORWARD_BATCH:
+    declared = req.hidden.shape
+    if len(declared) == 3 and declared[0] > MAX_FORWARD_BATCH:
         raise RequestError(
             "bad_request",
-            f"a forward or backward takes at most {MAX_FORWARD_BATCH} sequences, got {hidden.shape[0]}",
+            f"a forward or backward takes at most {MAX_FORWARD_BATCH} sequences, got {declared[0]}",
         )
-    prompts = decode_prompts(server, req.prompts, start=req.start, end=req.end)
+    grad = isinstance(req, m.BackwardRequest) or req.keep_graph
+    check_compute(
+        server.limits,
+        req.hidden,
+        model_config=server.span.config,
+        dtype=server.config.dtype,
+        kept_blocks=req.end - req.start if grad else 0,
+    )
+    if isinstance(req, m.BackwardRequest) and req.grad_output.shape != declared:
+        raise RequestError(
+            "bad_request",
+            f"'grad_output' must have the shape of 'hidden' {declared}, got {req.grad_output.shape}",
+        )
+    hidden = await _decode_batch(server, req.hidden)  # (B, T, H)
+    prompts = await decode_prompts(server, req.prompts, start=req.start, end=req.end)
     if prompts is not None and prompts.shape[1] > hidden.shape[1]:
         raise RequestError(
             "bad_request",
             f"prompts must cover at most the {hidden.shape[1]} positions sent, got {prompts.shape[1]}",
         )
-    return hidden, prompts, request_lora(server, req)
+    return hidden, prompts, await request_lora(server, req)
 
 
 async def forward(server: Any, req: m.ForwardRequest, peer: str = "") -> m.ForwardResponse:
     """Blocks [start, end) on a batch of whole sequences, from position 0, without a cache; with
     ``keep_graph``, computed with grad and its graph kept for ``peer``'s backward."""
-    hidden, prompts, lora = _inputs(server, req)
+    hidden, prompts, lora = await _inputs(server, req)
     store = getattr(server, "kept_graphs", None)
     if not req.keep_graph or store is None:
         run = functools.partial(_forward, server.span, hidden, req.start, req.end, prompts, lora)
         out = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
-        return m.ForwardResponse(hidden=compression.encode(out, req.compression))
+        return m.ForwardResponse(hidden=await _encode(out, req.compression))
     run = functools.partial(
         _forward_kept, server.span, hidden, req.start, req.end, prompts, lora, req.lora is not None
     )
     graph = await trio.to_thread.run_sync(run, limiter=server.compute_limiter)
     graph.peer, graph.adapter = peer, req.adapter
     out = graph.out.detach()
-    return m.ForwardResponse(
-        hidden=compression.encode(out, req.compression), graph_id=store.put(graph)
-    )
+    return m.ForwardResponse(hidden=await _encode(out, req.compression), graph_id=store.put(graph))
 
 
 async def backward(server: Any, req: m.BackwardRequest, peer: str = "") -> m.BackwardResponse:
     """Gradients of ``sum(blocks(hidden) * grad_output)`` for ``hidden`` and the prompts."""
-    hidden, prompts, lora = _inputs(server, req)
-    grad_output = _decode_batch(server, req.grad_output)  # (B, T, H)
-    if grad_output.shape != hidden.shape:
-        raise RequestError(
-            "bad_request",
-            f"'grad_output' must have the shape of 'hidden' {tuple(hidden.shape)}, got {tuple(grad_output.shape)}",
-        )
+    hidden, prompts, lora = await _inputs(server, req)
+    grad_output = await _decode_batch(server, req.grad_output)  # (B, T, H), as declared
     owned = req.lora is not None  # the client's own LoRA: its gradient goes back
     store = getattr(server, "kept_graphs", None)
     kept = store.take(req.graph_id, peer) if req.graph_id and store is not None else None
@@ -143,13 +157,17 @@ async def backward(server: Any, req: m.BackwardRequest, peer: str = "") -> m.Bac
             store.misses += 1
     codec = req.compression
     return m.BackwardResponse(
-        grad_input=compression.encode(grad_input, codec),
-        grad_prompts=None if grad_prompts is None else compression.encode(grad_prompts, codec),
-        grad_lora=None if grad_lora is None else compression.encode(grad_lora, "none"),  # exact
+        grad_input=await _encode(grad_input, codec),
+        grad_prompts=None if grad_prompts is None else await _encode(grad_prompts, codec),
+        grad_lora=None if grad_lora is None else await _encode(grad_lora, "none"),  # exact
     )
 
 
-def request_lora(
+async def _encode(tensor: torch.Tensor, codec: str) -> Any:
+    return await off_loop(functools.partial(compression.encode, tensor, codec), tensor.nbytes)
+
+
+async def request_lora(
     server: Any, req: m.OpenSessionRequest | m.ForwardRequest | m.BackwardRequest
 ) -> Any:
     """A named adapter the server holds or the client's own LoRA (not both), or None."""
@@ -160,7 +178,7 @@ def request_lora(
             raise RequestError("unknown_adapter", str(exc)) from None
     if req.adapter:
         raise RequestError("bad_request", "a request takes an 'adapter' name or a 'lora', not both")
-    return decode_lora(server, req.lora, req.lora_manifest, start=req.start, end=req.end)
+    return await decode_lora(server, req.lora, req.lora_manifest, start=req.start, end=req.end)
 
 
 def _forward(

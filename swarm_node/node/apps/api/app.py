@@ -19,8 +19,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from swarm_node.node.apps.api.guard import Guard, allowed_host_names
 from swarm_node.node.apps.api.map_page import PAGE
-from swarm_node.node.apps.api.schema import ApiError, parse_chat, parse_completion
+from swarm_node.node.apps.api.schema import ApiError, parse_chat, parse_completion, parse_json
 
 if TYPE_CHECKING:
     from swarm_node.node.apps.api.service import ApiServer
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
+BODY_TIMEOUT = 60.0  # seconds a client may take to send a request body
 
 
 class EventStream:
@@ -86,17 +88,45 @@ class EventStream:
             nursery.cancel_scope.cancel()
 
 
-async def _body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(
-            400, f"the request body must be valid JSON: {exc}", code="invalid_json"
-        ) from None
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body must be at most {limit} bytes (the API's --max-body-size)",
+        code="request_too_large",
+    )
 
 
-def build_app(api: ApiServer) -> Starlette:
+async def _body(request: Request, limit: int) -> Any:
+    """The JSON body, read no further than ``limit`` bytes (announced or not)."""
+    declared = request.headers.get("content-length", "")
+    if len(declared) > 18 or (declared.isdigit() and int(declared) > limit):
+        raise _too_large(limit)
+    raw = bytearray()
+    with trio.move_on_after(BODY_TIMEOUT) as waited:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise _too_large(limit)
+    if waited.cancelled_caught:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT:g} s")
+    return parse_json(bytes(raw))
+
+
+class Released:
+    """A response that calls ``release`` once it is sent (or abandoned)."""
+
+    def __init__(self, response: Any, release: Callable[[], None]) -> None:
+        self.response = response
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.response(scope, receive, send)
+        finally:
+            self.release()
+
+
+def build_app(api: ApiServer) -> Guard:
     async def page(request: Request) -> Response:
         return HTMLResponse(PAGE)
 
@@ -113,15 +143,24 @@ def build_app(api: ApiServer) -> Starlette:
         api.runtime(name)  # 404 for an unknown model
         return JSONResponse(api.model_card(name))
 
-    async def completions(request: Request) -> Response:
-        return await api.respond(parse_completion(await _body(request)))
+    async def generation(request: Request, parse: Callable[[Any], Any]) -> Any:
+        release = api.admit()  # before the body: waiting requests, bodies included, are bounded
+        try:
+            response = await api.respond(parse(await _body(request, api.config.max_body_size)))
+        except BaseException:
+            release()
+            raise
+        return Released(response, release)
 
-    async def chat(request: Request) -> Response:
-        return await api.respond(parse_chat(await _body(request)))
+    async def completions(request: Request) -> Any:
+        return await generation(request, parse_completion)
+
+    async def chat(request: Request) -> Any:
+        return await generation(request, parse_chat)
 
     async def on_api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -137,7 +176,7 @@ def build_app(api: ApiServer) -> Starlette:
             ApiError(500, "internal error", type="server_error").body(), status_code=500
         )
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page),
             Route("/api/v1/state", state),
@@ -152,3 +191,5 @@ def build_app(api: ApiServer) -> Starlette:
             Exception: on_crash,
         },
     )
+    hosts = allowed_host_names(api.config.host, api.config.allowed_hosts)
+    return Guard(app, hosts=hosts, api_key=api.config.api_key)

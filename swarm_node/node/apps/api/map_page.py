@@ -121,9 +121,12 @@ function drawGeneration(g) {
   for (const r of g.recent) rows.append(line(r, r.error ? "failed: " + r.error : "done"));
 }
 
+const key = new URLSearchParams(location.hash.slice(1)).get("key");  // /#key=KEY with --api-key
 async function refresh() {
   try {
-    const reply = await fetch("api/v1/state", {cache: "no-store"});
+    const headers = key ? {Authorization: "Bearer " + key} : {};
+    const reply = await fetch("api/v1/state", {cache: "no-store", headers});
+    if (reply.status === 401) throw "this API has a key: open this page as /#key=KEY";
     const state = await reply.json();
     document.getElementById("models").replaceChildren(...state.models.map(modelCard));
     drawGeneration(state.generation);

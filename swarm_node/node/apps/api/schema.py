@@ -6,11 +6,14 @@ the HTTP status and OpenAI's error fields. Knows nothing of HTTP servers, tokeni
 
 from __future__ import annotations
 
+import json
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
 MAX_STOPS = 4  # OpenAI's limit on 'stop' strings
+MAX_STOP_CHARS = 256  # of each stop string (every generated token is matched against each)
 
 
 class ApiError(Exception):
@@ -24,6 +27,7 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -31,6 +35,7 @@ class ApiError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {
@@ -43,10 +48,44 @@ class ApiError(Exception):
         }
 
 
+_SHOWN = reprlib.Repr()  # a value in an error message, briefly (nesting, long strings, ints cut)
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxlong, _SHOWN.maxother = 3, 80, 40, 80
+
+
 def _bad(param: str, expectation: str, got: Any) -> ApiError:
     return ApiError(
-        400, f"'{param}' must be {expectation}, got {got!r}", param=param, code="invalid_value"
+        400,
+        f"'{param}' must be {expectation}, got {_SHOWN.repr(got)}",
+        param=param,
+        code="invalid_value",
     )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body: UTF-8 JSON without NaN/Infinity; anything else (nesting too deep for
+    Python's parser, integers past its digit limit) is a 400 like invalid JSON."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except RecursionError:
+        reason = "it is nested too deeply"
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit, NaN
+        reason = str(exc)[:200]
+    raise ApiError(400, f"the request body must be valid JSON: {reason}", code="invalid_json")
+
+
+def _text(value: Any, param: str) -> bool:
+    """A string a tokenizer can take: encodable as UTF-8 (JSON allows lone surrogates)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(param, "valid Unicode text (no lone surrogate)", value) from None
+    return True
 
 
 def _number(
@@ -61,7 +100,11 @@ def _number(
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
         raise _bad(name, "a number", value)
     if value < low or value > high or (open_low and value == low):
         raise _bad(name, f"in {'(' if open_low else '['}{low}, {high}]", value)
@@ -143,15 +186,23 @@ def _common(body: Any) -> dict[str, Any]:
     if (
         not isinstance(stops, tuple)
         or len(stops) > MAX_STOPS
-        or not all(isinstance(s, str) and s for s in stops)
+        or not all(_text(s, "stop") and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
     ):
-        raise _bad("stop", f"a non-empty string or a list of at most {MAX_STOPS} of them", stop)
+        raise _bad(
+            "stop",
+            f"a string of 1 to {MAX_STOP_CHARS} characters or a list of at most {MAX_STOPS} of them",
+            stop,
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise _bad("stream", "true or false", stream)
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise _bad("stream_options", "an object", options)
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool) and include_usage is not None:
+        raise _bad("stream_options.include_usage", "true or false", include_usage)
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
@@ -163,7 +214,7 @@ def _common(body: Any) -> dict[str, Any]:
         stop=stops,
         seed=_int(body, "seed", -(2**63), 2**63 - 1),
         stream=bool(stream),
-        include_usage=bool(options.get("include_usage", False)),
+        include_usage=bool(include_usage),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, open_low=True),
     )
 
@@ -179,7 +230,7 @@ def parse_completion(body: Any) -> CompletionRequest:
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
         return CompletionRequest(prompt=list(prompt), **common)
-    if not isinstance(prompt, str) or not prompt:
+    if not _text(prompt, "prompt") or not prompt:
         raise _bad(
             "prompt", "a non-empty string (or a list of one string, or of token ids)", prompt
         )
@@ -187,13 +238,15 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 
 def _text_content(content: Any, index: int) -> str:
-    if isinstance(content, str):
+    param = f"messages[{index}].content"
+    if _text(content, param):
         return content
     if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" for p in content
+        isinstance(p, dict) and p.get("type") == "text" and _text(p.get("text"), param)
+        for p in content
     ):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise _bad(f"messages[{index}].content", "a string or a list of text parts", content)
+        return "".join(p["text"] for p in content)
+    raise _bad(param, "a string or a list of {type: text, text} parts", content)
 
 
 def parse_chat(body: Any) -> ChatRequest:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.node.apps.api.app import EventStream, build_app
 from swarm_node.node.apps.api.engine import ModelRuntime, missing_blocks, run_generation
+from swarm_node.node.apps.api.guard import is_loopback
 from swarm_node.node.apps.api.schema import (
     ApiError,
     ChatRequest,
@@ -36,6 +37,8 @@ from swarm_node.node.config import ApiConfig
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER = 2  # seconds a refused request (429) is told to wait
+
 
 class ApiServer:
     """A running API: its runtimes, the map's state, and how a request becomes a response."""
@@ -46,6 +49,8 @@ class ApiServer:
         self.runtimes = runtimes
         self.tracker = GenerationTracker()
         self.limiter = trio.CapacityLimiter(config.max_concurrent)
+        self.admitted = 0  # generation requests in the house: reading, waiting or generating
+        self.tokenizing = trio.CapacityLimiter(1)  # one prompt at a time in a worker thread
         self.created = int(time.time())
         self.url = ""  # http://host:port, once listening
         self.refreshed_at: float | None = None
@@ -88,11 +93,33 @@ class ApiServer:
         )
 
     # -- requests -----------------------------------------------------------------------------------
+    def admit(self) -> Callable[[], None]:
+        """Count a generation request in, or refuse it (429) when ``max_concurrent`` generate and
+        ``max_waiting`` wait already; the returned function counts it out (once)."""
+        if self.admitted >= self.config.max_concurrent + self.config.max_waiting:
+            raise ApiError(
+                429,
+                f"this API is busy: {self.config.max_concurrent} requests are generating and "
+                f"{self.config.max_waiting} waiting; retry in {RETRY_AFTER} s",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"retry-after": str(RETRY_AFTER)},
+            )
+        self.admitted += 1
+        released = [False]
+
+        def release() -> None:
+            if not released[0]:
+                released[0] = True
+                self.admitted -= 1
+
+        return release
+
     def runtime(self, name: str) -> ModelRuntime:
         if name not in self.runtimes:
             raise ApiError(
                 404,
-                f"the model {name!r} does not exist here; served models: {sorted(self.runtimes)}",
+                f"the model {name[:100]!r} does not exist here; served models: {sorted(self.runtimes)}",
                 param="model",
                 code="model_not_found",
             )
@@ -104,7 +131,7 @@ class ApiServer:
     async def respond(self, request: CompletionRequest | ChatRequest) -> Response | EventStream:
         runtime = self.runtime(request.model)
         chat = isinstance(request, ChatRequest)
-        prompt_ids = runtime.encode(request)
+        prompt_ids = await trio.to_thread.run_sync(runtime.encode, request, limiter=self.tokenizing)
         sampling = runtime.sampling(request, len(prompt_ids), self.config.default_max_tokens)
         chain = await self._chain(runtime, len(prompt_ids) + sampling.max_new_tokens)
         meta = dict(
@@ -237,6 +264,12 @@ async def serve_api(
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(partial(serve, build_app(api), hconfig))
             api.url = binds[0]
+            if not is_loopback(config.host) and config.api_key is None:
+                log.warning(
+                    "the API listens on %s without --api-key: anyone who reaches it can use "
+                    "the swarm through it (set SWARM_API_KEY)",
+                    api.url,
+                )
             log.info(
                 "OpenAI-compatible API and swarm map at %s (models: %s)",
                 api.url,
