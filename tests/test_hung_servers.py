@@ -22,6 +22,7 @@ from swarm_node.node.client.generation import (
     open_token_session,
 )
 from swarm_node.node.client.hedging import hedged
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.client.step_deadlines import (
     FACTOR,
@@ -36,6 +37,7 @@ from swarm_node.node.peer import open_peer
 from tests.delay_proxy import DelayProxy
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK
+from tests.training_reference import blocks_output
 
 NEW_TOKENS = 10
 SLOW_AFTER = 5  # tokens before the server in use turns slow
@@ -276,3 +278,79 @@ async def test_an_idle_session_replaces_a_frozen_server_before_the_next_step(
                     )
             nursery.cancel_scope.cancel()  # the proxy
     assert [*first[0].tolist(), *second[0, 0:].tolist()] == expected[0].tolist()
+
+
+async def test_a_frozen_server_during_a_backward_is_hedged_and_the_gradients_stay_exact(
+    tiny_llama: Path,
+) -> None:
+    """Training: two servers of blocks 3:6, each behind a proxy. After a few passes (the client
+    learns what a backward of those blocks costs), the one that ran the last forward freezes before
+    its backward: the backward goes to the other one too (which recomputes the forward), the
+    gradients are those computed locally, and the frozen server is not banned (late, not failed)."""
+    ref = reference_model(tiny_llama)
+    torch.manual_seed(3)
+    hidden, prompts, weight = (
+        torch.randn(2, 6, 64),
+        torch.randn(6, 2, 64) * 0.1,
+        torch.randn(2, 6, 64),
+    )
+    h0, p0 = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    (blocks_output(ref, h0, p0) * weight).sum().backward()
+
+    def server(start: int, end: int) -> ServerConfig:
+        return ServerConfig(model=str(tiny_llama), start=start, end=end, throughput=100.0)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            async with AsyncExitStack() as stack:
+                first = await stack.enter_async_context(
+                    open_peer(PeerConfig(listen=LOOPBACK), server=server(0, 3))
+                )
+                entry = tuple(first.addrs[:1])
+                proxies, peers = [], []
+                for _ in range(2):
+                    proxy = DelayProxy(target_port=0, delay=0.0)
+                    port = await nursery.start(proxy.run)
+                    config = PeerConfig(
+                        listen=LOOPBACK,
+                        initial_peers=entry,
+                        announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",),
+                    )
+                    peer = await stack.enter_async_context(open_peer(config, server=server(3, 6)))
+                    tcp = peer.host.get_transport_addrs()[0].value_for_protocol("tcp")
+                    proxy.target_port = int(tcp)
+                    proxies.append(proxy)
+                    peers.append(peer)
+                client = await stack.enter_async_context(
+                    open_peer(
+                        PeerConfig(listen=LOOPBACK, initial_peers=entry),
+                        client=ClientConfig(step_timeout=20.0),
+                    )
+                )
+                known: set[str] = set()
+                while not {peer.peer_id for peer in peers} <= known:
+                    known |= {r.peer_id for r in await client.find_servers(tiny_llama.name, 6)}
+                for peer in peers:  # connected before timing starts
+                    await client.ping(peer.peer_id)
+                remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, seed=0)
+
+                def passes() -> tuple[torch.Tensor, torch.Tensor, str]:
+                    for _ in range(4):  # the client learns what these requests cost
+                        warm = prompts.clone().requires_grad_(True)
+                        (remote(hidden, warm) * weight).sum().backward()
+                    h = hidden.clone().requires_grad_(True)
+                    p = prompts.clone().requires_grad_(True)
+                    out = remote(h, p)
+                    used = {hop.server.peer_id for t in out.grad_fn.traces for hop, *_ in t}
+                    frozen = next(i for i, peer in enumerate(peers) if peer.peer_id in used)
+                    proxies[frozen].delay = 1000.0  # nothing it is sent arrives any more
+                    (out * weight).sum().backward()
+                    return h.grad, p.grad, peers[frozen].peer_id
+
+                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(passes)
+                banned = client.bans.is_banned(frozen_id, trio.current_time())
+            nursery.cancel_scope.cancel()  # the proxies
+    torch.testing.assert_close(h_grad, h0.grad, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(p_grad, p0.grad, atol=1e-5, rtol=1e-6)
+    assert remote.failures == 0 and not banned
+    assert remote.hedged == 1

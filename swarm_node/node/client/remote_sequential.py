@@ -105,6 +105,7 @@ class RemoteSequential(torch.nn.Module):
         # (forward|backward, start, end) -> recent seconds of such requests, by rows x tokens
         self._times: dict[tuple[str, int, int], StepTimes] = {}
         self._hedges = HedgeBudget()
+        self.hedged = 0  # requests a spare server answered first, over this module's life
 
     def forward(
         self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: Any = None
@@ -290,6 +291,8 @@ class RemoteSequential(torch.nn.Module):
             answer = result.value
         if answer[0] is hop:
             times.observe(size, trio.current_time() - t0)
+        else:
+            self.hedged += 1
         return answer
 
     def _fail(self, failure: HopFailed) -> None:
