@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -49,6 +50,7 @@ from swarm_node.protocol import messages as m
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
+JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 
 
 class Peer:
@@ -63,6 +65,8 @@ class Peer:
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
         self._nursery: trio.Nursery | None = None  # open_peer's, for paced provider records
+        # the last late hops, hedges and recoveries of this peer's sessions (newest first)
+        self.journal: deque[dict[str, object]] = deque(maxlen=JOURNAL_LENGTH)
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.announcements = 0  # how many have completed
@@ -335,6 +339,7 @@ class Peer:
             return await self.route(unpushed, start, end, adapter=adapter, max_age=age, avoid=avoid)
 
         return Recovery(
+            journal=self.journal,
             reroute=reroute,
             bans=self.bans,
             max_attempts=config.max_attempts,

@@ -345,6 +345,7 @@ class InferenceSession:
                 "blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
                 *(slot.start, slot.end, ", ".join(p[-8:] for p in late), late_after),
             )
+            recovery.log_event("late", slot.start, slot.end, ours[0].hop.server.peer_id, late_after)
             spares.extend(await recovery.hedge(self, slot, late) or ())
             try:
                 return (

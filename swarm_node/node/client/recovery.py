@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,11 +133,25 @@ class Recovery:
     hedges: list[HedgeEvent] = field(default_factory=list)  # late slots a spare took over
     # set (and replaced by a new one) each time ``events`` or ``hedges`` grows: watchers wait on it
     changed: trio.Event = field(default_factory=trio.Event)
+    # the peer's recent late hops, hedges and recoveries, over all its sessions (the API's map)
+    journal: deque[dict[str, object]] | None = None
 
     def _note(self, events: list, event: RecoveryEvent | HedgeEvent) -> None:
         events.append(event)
         self.changed.set()
         self.changed = trio.Event()
+        if isinstance(event, HedgeEvent):
+            self.log_event("hedge", event.start, event.end, event.replacements[0], event.seconds)
+        else:
+            self.log_event("recovery", event.start, event.end, event.failed, event.seconds)
+
+    def log_event(self, kind: str, start: int, end: int, peer: str, seconds: float) -> None:
+        """One line of ``journal``: a "late" hop (``peer`` no answer in ``seconds``), a "hedge"
+        (``peer`` answered first, ``seconds`` into the step), a "recovery" (``peer`` failed;
+        ``seconds`` to replace it) or "lost" (``peer`` failed and no server could replace it)."""
+        if self.journal is not None:
+            entry = {"at": time.time(), "kind": kind, "blocks": f"{start}:{end}", "peer": peer}
+            self.journal.appendleft({**entry, "seconds": round(seconds, 3)})
 
     async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
@@ -201,6 +216,7 @@ class Recovery:
             await _close_quietly(old)
             return
         await _close_quietly(old)
+        self.log_event("lost", slot.start, slot.end, failure.span.hop.server.peer_id, 0.0)
         blocks = format_blocks(range(slot.start, slot.end))
         first = f"{failure.span.hop.server.peer_id[-8:]}: {failure.cause}"
         last = "" if last_error is failure.cause else f"; then {last_error}"
