@@ -149,6 +149,33 @@ async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path, freeze_
         assert not banned
 
 
+async def test_a_frozen_server_in_a_push_chain_is_hedged(tmp_path: Path) -> None:
+    """Push: the first server sends its output straight to the second, which freezes after a few
+    decode steps; the client, waiting for the second's answer, hedges on the spare of 3:6 and the
+    first server stops pushing to the frozen one. Tokens exact, nothing banned, well within
+    the deadline."""
+    model, input_ids, expected, head = _setup(tmp_path)
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "3:6", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            async with _client(servers, push=True) as client:
+                chain = await _chain(client, model, servers, [(0, 0, 3), (1, 3, 6)])
+                await client.ping(servers[2].peer_id)  # the spare: connected before timing
+                stop = SignalAt(FAIL_AFTER, servers[1], signal.SIGSTOP)
+                ids, stats = await generate_tokens(
+                    client,
+                    head,
+                    input_ids,
+                    SessionSettings(model=model.name, num_blocks=6, dtype="float32", push=True),
+                    SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    chain=chain,
+                    on_tokens=stop,
+                )
+                banned = client.bans.banned(trio.current_time())
+    assert ids[0].tolist() == expected
+    assert [h.late for h in stats.hedges] == [(servers[1].peer_id,)] and not stats.recoveries
+    assert stop.recovery_seconds < STEP_TIMEOUT and not banned
+
+
 async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None:
     model, input_ids, _, head = _setup(tmp_path)
     with trio.fail_after(180):
