@@ -194,7 +194,10 @@ async def test_a_server_answering_nan_is_replaced_or_the_error_is_clean(
             liar.server._run_span = lying
             during = await _completion_or_error(api)
             banned = api.peer.bans.is_banned(liar.peer_id, trio.current_time())
+            events = api.state()["events"]  # the map's list of late hops, hedges, recoveries
     assert before == (200, want) and len(steps) >= 2 and banned
+    kind = "recovery" if replacement else "lost"
+    assert {"kind": kind, "blocks": "3:6", "peer": liar.peer_id}.items() <= events[0].items()
     if replacement:
         assert during == (200, want)
     else:

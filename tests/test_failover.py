@@ -116,14 +116,19 @@ async def test_sigkill_of_the_server_in_use_changes_no_token(tmp_path: Path, pus
     assert kill.recovery_seconds < 2.0 + event.replay_seconds + STEP_TIMEOUT, kill.recovery_seconds
 
 
-async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("freeze_at", [1, 4])
+async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path, freeze_at: int) -> None:
+    """Frozen right after the prefill, no decode step was timed yet: the client waits out its
+    step_timeout and bans the server. Frozen after 3 decode steps, the step is late after
+    step_deadlines.FLOOR..4x its usual time: a spare takes the step over, long before the deadline,
+    and the frozen server, late but not failed, is not banned."""
     model, input_ids, expected, head = _setup(tmp_path)
     with trio.fail_after(180):
         async with server_processes(model, ["0:6", "0:3", "3:6"], extra=FAST_THROUGHPUT) as servers:
             async with _client(servers, push=False) as client:
                 chain = await _chain(client, model, servers, [(0, 0, 6)])
                 # accepts bytes, never answers; its blocks move to the two other servers
-                stop = SignalAt(FAIL_AFTER, servers[0], signal.SIGSTOP)
+                stop = SignalAt(freeze_at, servers[0], signal.SIGSTOP)
                 ids, _ = await generate_tokens(
                     client,
                     head,
@@ -133,9 +138,42 @@ async def test_frozen_server_is_left_within_the_deadline(tmp_path: Path) -> None
                     chain=chain,
                     on_tokens=stop,
                 )
+                banned = client.bans.is_banned(servers[0].peer_id, trio.current_time())
             # server_processes SIGCONTs and kills the frozen server on the way out
     assert ids[0].tolist() == expected
-    assert STEP_TIMEOUT <= stop.recovery_seconds < STEP_TIMEOUT + 5.0, stop.recovery_seconds
+    if freeze_at == 1:
+        assert STEP_TIMEOUT <= stop.recovery_seconds < STEP_TIMEOUT + 5.0, stop.recovery_seconds
+        assert banned
+    else:
+        assert stop.recovery_seconds < STEP_TIMEOUT, stop.recovery_seconds
+        assert not banned
+
+
+async def test_a_frozen_server_in_a_push_chain_is_hedged(tmp_path: Path) -> None:
+    """Push: the first server sends its output straight to the second, which freezes after a few
+    decode steps; the client, waiting for the second's answer, hedges on the spare of 3:6 and the
+    first server stops pushing to the frozen one. Tokens exact, nothing banned, well within
+    the deadline."""
+    model, input_ids, expected, head = _setup(tmp_path)
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "3:6", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            async with _client(servers, push=True) as client:
+                chain = await _chain(client, model, servers, [(0, 0, 3), (1, 3, 6)])
+                await client.ping(servers[2].peer_id)  # the spare: connected before timing
+                stop = SignalAt(FAIL_AFTER, servers[1], signal.SIGSTOP)
+                ids, stats = await generate_tokens(
+                    client,
+                    head,
+                    input_ids,
+                    SessionSettings(model=model.name, num_blocks=6, dtype="float32", push=True),
+                    SamplingConfig(max_new_tokens=NEW_TOKENS),
+                    chain=chain,
+                    on_tokens=stop,
+                )
+                banned = client.bans.banned(trio.current_time())
+    assert ids[0].tolist() == expected
+    assert [h.late for h in stats.hedges] == [(servers[1].peer_id,)] and not stats.recoveries
+    assert stop.recovery_seconds < STEP_TIMEOUT and not banned
 
 
 async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None:

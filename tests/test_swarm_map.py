@@ -40,8 +40,10 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     assert {s["peer_id"] for s in model["servers"]} == {p.peer_id for p in servers}
     assert all(s["state"] == "ONLINE" and s["rtt_ms"] is not None for s in model["servers"])
     assert state["generation"]["completed"] == 1 and state["generation"]["tokens_generated"] == 5
+    assert state["events"] == []  # no late hop, hedge or recovery (tests/test_api_security has one)
 
     assert 'data-ready="1"' in dom, dom[:2000]  # the script ran and drew the state
+    assert '<tbody id="e-rows"></tbody>' in dom
     assert (
         'data-model="tiny-chat"' in dom
         and "6 blocks · 3 server(s)" in dom

@@ -308,9 +308,15 @@ class ClientConfig:
 
     step_timeout: float = flag(
         60.0,
-        "seconds one server may take to answer a step (a prefill chunk included); one that "
-        "misses it (or fails) is banned for a while and its blocks move to other servers",
+        "seconds one server may take to answer a step at most (a prefill chunk included); one "
+        "that misses it (or fails) is banned for a while and its blocks move to other servers. "
+        "A step late past 4x its usual time is also tried on a spare server (not a ban)",
         "--timeout",
+    )
+    idle_ping: float = flag(
+        10.0,
+        "seconds a session may sit idle before the client pings its servers, so that a dead "
+        "or frozen one is replaced before the next step needs it (0: never)",
     )
     lookup_timeout: float = 30.0  # seconds to find every block's servers
     compression: str | None = flag(
@@ -347,6 +353,7 @@ class ClientConfig:
             check_adapter_name(self.adapter)
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
+        _check_range("idle_ping", self.idle_ping, 0.0)
         if self.compression is not None:
             _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("max_length", self.max_length, 1, 1 << 20)

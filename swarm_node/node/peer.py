@@ -10,6 +10,7 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -36,7 +37,7 @@ from swarm_node.dht.routing import (
 )
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import model_id_of
-from swarm_node.node.client.inference_session import InferenceSession, request
+from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, request
 from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
@@ -53,6 +54,7 @@ from swarm_node.protocol import messages as m
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
+JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 
 
 class Peer:
@@ -67,6 +69,8 @@ class Peer:
         self.compute_limiter = trio.CapacityLimiter(1)
         self._seq = 0
         self._nursery: trio.Nursery | None = None  # open_peer's, for paced provider records
+        # the last late hops, hedges and recoveries of this peer's sessions (newest first)
+        self.journal: deque[dict[str, object]] = deque(maxlen=JOURNAL_LENGTH)
         self.moving_to: int | None = None  # first block of the span a placed server is moving to
         self.announced: ServerRecord | None = None  # the last record whose announcement completed
         self.announcements = 0  # how many have completed
@@ -292,6 +296,7 @@ class Peer:
         adapter: str = "",
         max_age: float = 0.0,
         rng: random.Random | None = None,
+        avoid: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
@@ -299,7 +304,7 @@ class Peer:
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
         latency among those that answer a ping (the samples feed ``self.rtt``), costing
         server-to-server hops from the round trips servers publish and leaving out servers whose
-        cache cannot hold ``max_length * batch_size`` tokens.
+        cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
 
         What servers claim is checked: throughputs are capped by what this peer measured
         (``self.observed``) or by the other servers' claims (``trusted_throughputs``), and a server
@@ -311,7 +316,7 @@ class Peer:
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
         servers = trusted_throughputs(servers, self.observed.as_dict())
-        exclude = self.bans.banned(trio.current_time())
+        exclude = self.bans.banned(trio.current_time()) | avoid
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
         crowded = self.shares.crowded()
         if rng is not None:
@@ -368,11 +373,12 @@ class Peer:
             return None
         unpushed = replace(settings, push=False)
 
-        async def reroute(start: int, end: int, attempt: int) -> list[Hop]:
+        async def reroute(start: int, end: int, attempt: int, avoid: frozenset[str]) -> list[Hop]:
             age = math.inf if attempt == 0 else 0.0
-            return await self.route(unpushed, start, end, adapter=adapter, max_age=age)
+            return await self.route(unpushed, start, end, adapter=adapter, max_age=age, avoid=avoid)
 
         return Recovery(
+            journal=self.journal,
             reroute=reroute,
             bans=self.bans,
             max_attempts=config.max_attempts,
@@ -404,6 +410,9 @@ class Peer:
             max_frame_size=self.config.max_frame_size,
             recovery=self._recovery(settings, tuning.adapter or ""),
             observe=self.observe_step,
+            watch=None
+            if config.idle_ping == 0 or self._nursery is None
+            else IdleWatch(every=config.idle_ping, ping=self.ping, spawn=self._nursery.start_soon),
         )
 
 

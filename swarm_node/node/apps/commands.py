@@ -161,6 +161,12 @@ def _describe(stats: GenerationStats) -> str:
             f"{', '.join(p[-8:] for p in event.replacements)} in {event.seconds:.2f} s "
             f"({event.replayed_steps} steps replayed)"
         )
+    for hedge in stats.hedges:
+        text += (
+            f"\nhedged: blocks {hedge.start}:{hedge.end} were late on "
+            f"{', '.join(p[-8:] for p in hedge.late)} (past {hedge.late_after:.2f} s); "
+            f"{', '.join(p[-8:] for p in hedge.replacements)} answered in {hedge.seconds:.2f} s"
+        )
     return text
 
 

@@ -8,7 +8,7 @@ the task that asks the DHT is in ``api/service.py``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,8 +159,10 @@ def swarm_state(
     refreshed_at: float | None,
     api_peer: str,
     refresh_interval: float,
+    events: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The JSON of ``/api/v1/state``."""
+    """The JSON of ``/api/v1/state``; ``events``: the API peer's recent late hops, hedges and
+    recoveries (client/recovery.py's journal), newest first."""
     return {
         "now": now,
         "refreshed_at": refreshed_at,
@@ -168,4 +170,5 @@ def swarm_state(
         "api_peer": api_peer,
         "models": list(models.values()),
         "generation": generation,
+        "events": [dict(e) for e in events],
     }

@@ -60,6 +60,7 @@ class GenerationStats:
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
     recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
+    hedges: list[Any] = field(default_factory=list)  # a HedgeEvent per late slot a spare took
 
     @property
     def tokens_per_second(self) -> float:
@@ -199,6 +200,7 @@ async def continue_tokens(
     ids = input_ids
     recovery = getattr(ts.session, "recovery", None)
     recoveries_before = 0 if recovery is None else len(recovery.events)
+    hedges_before = 0 if recovery is None else len(recovery.hedges)
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
         prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
@@ -245,5 +247,6 @@ async def continue_tokens(
         hidden = next_hidden
     if recovery is not None:
         stats.recoveries = list(recovery.events[recoveries_before:])
+        stats.hedges = list(recovery.hedges[hedges_before:])
     stats.total_time = time.perf_counter() - t0
     return ids, stats

@@ -20,7 +20,9 @@ that pushed it is the one banned and replaced.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +31,17 @@ import trio
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
-from swarm_node.node.client.recovery import HopFailed, Recovery, Slot, UnopenedSpan, sole_error
+from swarm_node.node.client.hedging import hedged
+from swarm_node.node.client.recovery import (
+    HopFailed,
+    Recovery,
+    Slot,
+    UnopenedSpan,
+    ban,
+    sole_error,
+)
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.step_deadlines import HedgeBudget
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
@@ -63,6 +74,15 @@ class RemoteSpan:
         self.answers = HopAnswers(conn.peer_id)
 
 
+@dataclass(frozen=True, kw_only=True)
+class IdleWatch:
+    """How a session checks its servers while it sits idle (a chat waiting for its user)."""
+
+    every: float  # seconds idle before the servers are pinged
+    ping: Callable[[str], Awaitable[object]]  # peer id -> its answer; raises when there is none
+    spawn: Callable[..., object]  # a nursery's start_soon: the watch outlives no session
+
+
 class InferenceSession:
     """Runs hidden states through ``chain`` with a KV cache kept on every server."""
 
@@ -77,6 +97,7 @@ class InferenceSession:
         tuning: HopTuning | None = None,
         recovery: Recovery | None = None,
         observe: Callable[[Hop, float], None] | None = None,
+        watch: IdleWatch | None = None,
     ) -> None:
         self.push = bool(settings.push)
         self.observe = observe  # told the seconds of each one-token client-star step of a hop
@@ -95,6 +116,11 @@ class InferenceSession:
         self.batch_size = settings.batch_size
         self.steps = SessionSteps(settings.max_length)
         self._slots: list[Slot] = []
+        self.hedges = HedgeBudget()
+        self.watch = watch if recovery is not None else None
+        self._busy = trio.Lock()  # a step, or the idle watch's pings and recovery
+        self._idle_since = 0.0
+        self._watching = trio.CancelScope()
 
     @property
     def position(self) -> int:
@@ -129,7 +155,42 @@ class InferenceSession:
         except BaseException:
             await self.aclose()
             raise
+        if self.watch is not None:
+            self._idle_since = trio.current_time()
+            self.watch.spawn(self._watch_idle)
         return self
+
+    async def _watch_idle(self) -> None:
+        """Every ``watch.every`` s without a step, ping the session's servers: one that does not
+        answer has its blocks moved now (recovery), not when the next step needs them."""
+        if self.watch is None:
+            return
+        with self._watching:
+            while True:
+                await trio.sleep_until(self._idle_since + self.watch.every)
+                if trio.current_time() < self._idle_since + self.watch.every:
+                    continue  # a step ran meanwhile
+                async with self._busy:
+                    try:
+                        await self._ping_slots(self.watch)
+                    except Exception as exc:  # noqa: BLE001 (the next step meets it and says so)
+                        log.warning("checking an idle session's servers failed: %s", exc)
+                    self._idle_since = trio.current_time()
+
+    async def _ping_slots(self, watch: IdleWatch) -> None:
+        for slot in list(self._slots):
+            for span in list(slot.spans):
+                try:
+                    with HopFailed.on_failure(span):
+                        await watch.ping(span.conn.peer_id)
+                except HopFailed as failure:
+                    log.warning(
+                        "%s did not answer a ping while the session sat idle (%s): "
+                        "moving blocks %d:%d now",
+                        *(span.conn.peer_id, failure.cause, slot.start, slot.end),
+                    )
+                    await self._recover(slot, failure)
+                    break
 
     async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
         """A stream to ``hop``'s server and a session there for its blocks."""
@@ -173,6 +234,7 @@ class InferenceSession:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._watching.cancel()
         spans = self._spans
         self._slots = []
         with trio.CancelScope(shield=True):
@@ -197,6 +259,13 @@ class InferenceSession:
         A long step (a prefill) is cut into chunks that stream through the chain: while hop i runs
         chunk k, hop i-1 already runs chunk k+1, and no frame outgrows the frame-size limit.
         """
+        async with self._busy:
+            try:
+                return await self._step(hidden)
+            finally:
+                self._idle_since = trio.current_time()
+
+    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self._spans:
             raise SessionError("the inference session is not open")
         tokens = hidden.shape[1]
@@ -213,6 +282,7 @@ class InferenceSession:
         else:
             out = await self._pipelined(hidden, chunk)
         self.steps.advance(tokens)
+        self.hedges.steps += 1
         return out
 
     def chunk_tokens(self, hidden: torch.Tensor) -> int:
@@ -230,17 +300,84 @@ class InferenceSession:
     async def _through_slot(
         self, slot: Slot, hidden: torch.Tensor, position: int, step_id: int
     ) -> torch.Tensor:
-        """One step through one slot, client-star; a failed server is replaced and the step redone."""
+        """One step through one slot, client-star; a failed server is replaced and the step redone,
+        a late one hedged (step_deadlines.py)."""
         while True:
+            t0 = trio.current_time()
+
+            async def ours_step() -> tuple[torch.Tensor, bool]:
+                return await self._run_spans(slot.spans, hidden, position, step_id), True
+
             try:
-                out = hidden
-                for span in slot.spans:
-                    out = await self._hop(span, out, position, step_id)
+                out, _, _ = await self._hedged(slot, hidden, position, step_id, ours_step)
             except HopFailed as failure:
                 await self._recover(slot, failure)
                 continue
+            slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden)
             return out
+
+    async def _run_spans(
+        self, spans: list[RemoteSpan], hidden: torch.Tensor, position: int, step_id: int
+    ) -> torch.Tensor:
+        for span in spans:
+            hidden = await self._hop(span, hidden, position, step_id)
+        return hidden
+
+    async def _hedged(
+        self,
+        slot: Slot,
+        hidden: torch.Tensor,
+        position: int,
+        step_id: int,
+        ours_step: Callable[[], Awaitable[tuple[torch.Tensor, bool]]],
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """``ours_step`` (the step on the slot's servers: its output and whether the client sends
+        the next slot the step), hedged (hedging.py) once late (step_deadlines.py) by the step on
+        spare servers with the slot's history replayed. A late server is not banned (it may be
+        slow, not broken); one that fails is. Returns the output, whether the client sends the
+        next slot the step, and whether spares took the slot over."""
+        recovery, ours = self.recovery, slot.spans
+        late_after = slot.times.late_after(hidden.shape[1], self.step_timeout)
+        if recovery is None or late_after >= self.step_timeout:
+            return (*await ours_step(), False)
+        spares: list[RemoteSpan] = []
+
+        async def spare_step() -> tuple[torch.Tensor, bool] | None:
+            if not self.hedges.allows():
+                return None
+            self.hedges.spend()
+            late = frozenset(span.hop.server.peer_id for span in ours)
+            log.warning(
+                "blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
+                *(slot.start, slot.end, ", ".join(p[-8:] for p in late), late_after),
+            )
+            recovery.log_event("late", slot.start, slot.end, ours[0].hop.server.peer_id, late_after)
+            spares.extend(await recovery.hedge(self, slot, late) or ())
+            try:
+                return (
+                    (await self._run_spans(spares, hidden, position, step_id), True)
+                    if spares
+                    else None
+                )
+            except HopFailed as failure:
+                ban(recovery.bans, failure, recovery.clock())
+                return None
+
+        t0 = time.perf_counter()
+        try:
+            result = await hedged(ours_step, spare_step, late_after, (HopFailed,))
+        except BaseException:
+            await recovery.retire(spares)
+            raise
+        if not result.by_spare:
+            await recovery.retire(spares)
+            return (*result.value, False)
+        if isinstance(result.failure, HopFailed):
+            ban(recovery.bans, result.failure, recovery.clock())
+        await recovery.retire(ours)  # late or failed: the spares hold the slot's cache now
+        recovery.adopt(slot, spares, late_after, time.perf_counter() - t0)
+        return (*result.value, True)
 
     async def _recover(self, slot: Slot, failure: HopFailed) -> None:
         if self.recovery is None:
@@ -323,10 +460,22 @@ class InferenceSession:
         the refusing hop the step itself (what the pusher answered the client, checked)."""
         send = True  # the first hop always hears from us
         for index, slot in enumerate(self._slots):
+            lost = False
             while True:
-                try:
+                t0 = trio.current_time()
+
+                async def ours_step(
+                    slot: Slot = slot, hidden: torch.Tensor = hidden, send: bool = send
+                ) -> tuple[torch.Tensor, bool]:
+                    nonlocal lost
                     out, send_next, lost = await self._push_slot(
                         slot, hidden, step_id, position, send
+                    )
+                    return out, send_next
+
+                try:
+                    out, send_next, moved = await self._hedged(
+                        slot, hidden, position, step_id, ours_step
                     )
                 except HopFailed as failure:
                     pusher = self._pusher(index, failure)
@@ -339,8 +488,9 @@ class InferenceSession:
                     send = True  # the replacement servers were opened without push
                     continue
                 break
-            if lost:  # the client sends this link's steps from now on
+            if lost or (moved and index > 0):  # the client sends this link's steps from now on
                 self._slots[index - 1].spans[-1].pushes = False
+            slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden)
             hidden, send = out, send_next
         return hidden

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import trio
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.routing import Hop, format_blocks
 from swarm_node.errors import LocalProtocolError, MissingBlocksError, ProtocolError, RemoteError
+from swarm_node.node.client.step_deadlines import StepTimes
 from swarm_node.node.net.message_stream import TRANSPORT_ERRORS
 
 if TYPE_CHECKING:
@@ -81,13 +83,15 @@ class Slot:
     # (step id, position, (B, T, H))
     history: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
     failures: int = 0  # recoveries since the slot last completed a step
+    times: StepTimes = field(default_factory=StepTimes)  # of its steps on the servers it has now
 
     def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
         self.history.append((step_id, position, hidden))
         self.failures = 0
 
 
-Reroute = Callable[[int, int, int], Awaitable[list[Hop]]]
+# (start, end, attempt, servers to leave out besides the banned ones) -> a chain for exactly those blocks
+Reroute = Callable[[int, int, int, frozenset[str]], Awaitable[list[Hop]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,17 +108,50 @@ class RecoveryEvent:
     replay_seconds: float  # of which replaying the history
 
 
+@dataclass(frozen=True, slots=True)
+class HedgeEvent:
+    """A late slot's step that spare servers answered first: they carry the slot from then on."""
+
+    start: int
+    end: int
+    late: tuple[str, ...]  # peer ids of the late servers (not banned)
+    replacements: tuple[str, ...]
+    late_after: float  # seconds the step was allowed before it was late
+    seconds: float  # from the step's start to the spare's answer
+
+
 @dataclass(kw_only=True)
 class Recovery:
     """How a session recovers: where to find servers, whom not to use, how many attempts."""
 
-    # (start, end, attempt) -> a chain for exactly those blocks, without banned servers
     reroute: Reroute
     bans: BanList
     max_attempts: int = 5
     retry_delay: float = 0.5  # seconds before the second attempt when no server was found; doubles
     clock: Callable[[], float] = time.monotonic  # the bans' clock
     events: list[RecoveryEvent] = field(default_factory=list)  # slots replaced so far
+    hedges: list[HedgeEvent] = field(default_factory=list)  # late slots a spare took over
+    # set (and replaced by a new one) each time ``events`` or ``hedges`` grows: watchers wait on it
+    changed: trio.Event = field(default_factory=trio.Event)
+    # the peer's recent late hops, hedges and recoveries, over all its sessions (the API's map)
+    journal: deque[dict[str, object]] | None = None
+
+    def _note(self, events: list, event: RecoveryEvent | HedgeEvent) -> None:
+        events.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
+        if isinstance(event, HedgeEvent):
+            self.log_event("hedge", event.start, event.end, event.replacements[0], event.seconds)
+        else:
+            self.log_event("recovery", event.start, event.end, event.failed, event.seconds)
+
+    def log_event(self, kind: str, start: int, end: int, peer: str, seconds: float) -> None:
+        """One line of ``journal``: a "late" hop (``peer`` no answer in ``seconds``), a "hedge"
+        (``peer`` answered first, ``seconds`` into the step), a "recovery" (``peer`` failed;
+        ``seconds`` to replace it) or "lost" (``peer`` failed and no server could replace it)."""
+        if self.journal is not None:
+            entry = {"at": time.time(), "kind": kind, "blocks": f"{start}:{end}", "peer": peer}
+            self.journal.appendleft({**entry, "seconds": round(seconds, 3)})
 
     async def recover(self, session: InferenceSession, slot: Slot, failure: HopFailed) -> None:
         """Replace ``slot``'s servers by others and replay its history there; MissingBlocksError
@@ -133,7 +170,7 @@ class Recovery:
         delay = self.retry_delay
         for attempt in range(self.max_attempts):
             try:
-                chain = await self.reroute(slot.start, slot.end, attempt)
+                chain = await self.reroute(slot.start, slot.end, attempt, frozenset())
             except (MissingBlocksError, trio.TooSlowError) as exc:
                 last_error = exc
                 log.info(
@@ -166,7 +203,7 @@ class Recovery:
                 seconds=time.perf_counter() - t0,
                 replay_seconds=replay_seconds,
             )
-            self.events.append(event)
+            self._note(self.events, event)
             log.info(
                 "blocks %d:%d moved to %s in %.2f s (replaying %d step(s): %.2f s)",
                 slot.start,
@@ -179,6 +216,7 @@ class Recovery:
             await _close_quietly(old)
             return
         await _close_quietly(old)
+        self.log_event("lost", slot.start, slot.end, failure.span.hop.server.peer_id, 0.0)
         blocks = format_blocks(range(slot.start, slot.end))
         first = f"{failure.span.hop.server.peer_id[-8:]}: {failure.cause}"
         last = "" if last_error is failure.cause else f"; then {last_error}"
@@ -186,6 +224,54 @@ class Recovery:
             f"no server for blocks {blocks} of {session.model} after {self.max_attempts} attempts "
             f"(first {first}{last})"
         ) from last_error
+
+    async def hedge(
+        self, session: InferenceSession, slot: Slot, late: frozenset[str]
+    ) -> list[RemoteSpan] | None:
+        """Spare servers for ``slot``'s blocks (none of ``late``, which are not banned: only slow)
+        with the slot's history replayed, ready for the step in flight; None when there is none."""
+        try:
+            chain = await self.reroute(slot.start, slot.end, 0, late)
+            spans, replay_seconds = await self._open_and_replay(session, slot, chain)
+        except (MissingBlocksError, trio.TooSlowError) as exc:
+            log.info("no spare for late blocks %d:%d: %s", slot.start, slot.end, exc)
+            return None
+        except HopFailed as exc:
+            ban(self.bans, exc, self.clock())
+            return None
+        log.info(
+            "hedge: blocks %d:%d also on %s (replayed %d step(s) in %.2f s)",
+            slot.start,
+            slot.end,
+            ", ".join(s.hop.server.peer_id[-8:] for s in spans),
+            len(slot.history),
+            replay_seconds,
+        )
+        return spans
+
+    def adopt(self, slot: Slot, spans: list[RemoteSpan], late_after: float, seconds: float) -> None:
+        """``spans`` (a hedge) answered a step of ``slot`` first: they carry it from now on."""
+        event = HedgeEvent(
+            start=slot.start,
+            end=slot.end,
+            late=tuple(s.hop.server.peer_id for s in slot.spans),
+            replacements=tuple(s.hop.server.peer_id for s in spans),
+            late_after=late_after,
+            seconds=seconds,
+        )
+        self._note(self.hedges, event)
+        log.warning(
+            "blocks %d:%d moved to %s: it answered in %.2f s, before the late server",
+            slot.start,
+            slot.end,
+            ", ".join(p[-8:] for p in event.replacements),
+            seconds,
+        )
+        slot.spans, slot.times = spans, StepTimes()
+
+    async def retire(self, spans: list[RemoteSpan]) -> None:
+        """Drop streams to servers the session stopped using (without a ban)."""
+        await _close_quietly(spans)
 
     async def _open_and_replay(
         self, session: InferenceSession, slot: Slot, chain: list[Hop]

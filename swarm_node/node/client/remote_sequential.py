@@ -9,7 +9,10 @@ of its blocks, which travel with every request). Each forward asks its server to
 for one frame is cut into pieces along the batch that travel concurrently. A hop that fails (error,
 lost stream, deadline) is banned as in inference (the peer's BanList) and its blocks re-routed
 (``Peer.route``): a forward goes on from there over the replacement; a backward first recomputes the
-forward of the failed hop's blocks on the replacement (which keeps that graph in turn).
+forward of the failed hop's blocks on the replacement (which keeps that graph in turn). A hop that is
+late (step_deadlines.py: past 4x the recent time of the same request on those blocks) is hedged
+(hedging.py): the same request goes to another server of its blocks (a backward recomputes its forward
+there) and the first answer is used; a late server is not banned.
 
 The torch side is synchronous: the autograd function hands the network work to the peer's trio loop
 with ``trio.from_thread.run`` (give ``trio_token`` when torch runs in a thread trio did not start).
@@ -19,26 +22,36 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import torch
 import trio
 
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import ConfigError, RemoteProtocolError, SwarmError, check_int
+from swarm_node.errors import (
+    ConfigError,
+    MissingBlocksError,
+    RemoteProtocolError,
+    SwarmError,
+    check_int,
+)
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora import LoraWeights
 from swarm_node.model.lora_pack import pack_lora
+from swarm_node.node.client.hedging import hedged
 from swarm_node.node.client.inference_session import open_stream, request
 from swarm_node.node.client.recovery import HopFailed, UnopenedSpan, ban
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
 from swarm_node.node.config import MAX_REQUEST_TOKENS
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVERS_MAX_AGE = 30.0  # seconds a lookup of the servers is reused (after a failure: none)
 
@@ -89,6 +102,10 @@ class RemoteSequential(torch.nn.Module):
         self.failures = 0  # hops that failed and were re-routed, over this module's life
         self._call_failures = 0  # ... in the current forward or backward pass
         self.keep_graphs = bool(keep_graphs)  # ask servers to keep forward graphs for the backward
+        # (forward|backward, start, end) -> recent seconds of such requests, by rows x tokens
+        self._times: dict[tuple[str, int, int], StepTimes] = {}
+        self._hedges = HedgeBudget()
+        self.hedged = 0  # requests a spare server answered first, over this module's life
 
     def forward(
         self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: Any = None
@@ -187,7 +204,9 @@ class RemoteSequential(torch.nn.Module):
         while i < len(chain):
             hop = chain[i]
             try:
-                y, graph_id = await self._remote_forward(hop, x, tuned)
+                hop, (y, graph_id) = await self._hedged(
+                    "forward", hop, x, tuned, lambda h, x=x: self._remote_forward(h, x, tuned)
+                )
             except HopFailed as failure:
                 self._fail(failure)
                 chain = chain[:i] + await self._route(hop.start, end, tuned)
@@ -202,12 +221,79 @@ class RemoteSequential(torch.nn.Module):
     ) -> torch.Tensor:
         for hop, x, graph_id in reversed(trace):
             try:
-                grad = await self._remote_backward(hop, x, grad, tuned, graph_id)
+                used, (grad_input, parts) = await self._hedged(
+                    "backward",
+                    hop,
+                    x,
+                    tuned,
+                    lambda h, x=x, g=grad, kept=hop, gid=graph_id: self._remote_backward(
+                        h,
+                        x,
+                        g,
+                        tuned,
+                        gid if h is kept else "",  # a spare recomputes the forward
+                    ),
+                )
             except HopFailed as failure:
                 self._fail(failure)  # recompute the forward of these blocks on their new servers
                 _, again = await self._forward_range(x, hop.start, hop.end, tuned)
                 grad = await self._backward_trace(grad, again, tuned)
+                continue
+            tuned.accumulate(used, *parts)  # only the answer used counts: no double gradients
+            grad = grad_input
         return grad
+
+    async def _hedged(
+        self,
+        kind: str,
+        hop: Hop,
+        x: torch.Tensor,
+        tuned: _Tuned,
+        call: Callable[[Hop], Awaitable[T]],
+    ) -> tuple[Hop, T]:
+        """``call(hop)``, also sent to another server of ``hop``'s blocks once it is late; the hop
+        that answered first and its answer."""
+        times = self._times.setdefault((kind, hop.start, hop.end), StepTimes())
+        size = x.shape[0] * x.shape[1]
+        late_after = times.late_after(size, self.timeout)
+        self._hedges.steps += 1
+        t0 = trio.current_time()
+        if late_after >= self.timeout:
+            answer = hop, await call(hop)
+        else:
+
+            async def primary() -> tuple[Hop, T]:
+                return hop, await call(hop)
+
+            async def spare() -> tuple[Hop, T] | None:
+                if not self._hedges.allows():
+                    return None
+                self._hedges.spend()
+                log.warning(
+                    "%s of blocks %d:%d late on %s (no answer in %.2f s): hedging on a spare",
+                    *(kind, hop.start, hop.end, hop.server.peer_id[-8:], late_after),
+                )
+                late = frozenset({hop.server.peer_id})
+                try:
+                    chain = await self._route(hop.start, hop.end, tuned, late)
+                    if len(chain) != 1:
+                        return None
+                    return chain[0], await call(chain[0])
+                except (MissingBlocksError, trio.TooSlowError) as exc:
+                    log.info("no spare for blocks %d:%d: %s", hop.start, hop.end, exc)
+                except HopFailed as failure:
+                    ban(self.peer.bans, failure, trio.current_time())
+                return None
+
+            result = await hedged(primary, spare, late_after, (HopFailed,))
+            if result.failure is not None:
+                ban(self.peer.bans, result.failure, trio.current_time())
+            answer = result.value
+        if answer[0] is hop:
+            times.observe(size, trio.current_time() - t0)
+        else:
+            self.hedged += 1
+        return answer
 
     def _fail(self, failure: HopFailed) -> None:
         self.failures += 1
@@ -220,7 +306,9 @@ class RemoteSequential(torch.nn.Module):
             ) from failure.cause
         ban(self.peer.bans, failure, trio.current_time())
 
-    async def _route(self, start: int, end: int, tuned: _Tuned) -> list[Hop]:
+    async def _route(
+        self, start: int, end: int, tuned: _Tuned, avoid: frozenset[str] = frozenset()
+    ) -> list[Hop]:
         return await self.peer.route(
             self.settings,
             start,
@@ -228,6 +316,7 @@ class RemoteSequential(torch.nn.Module):
             adapter=tuned.hop.adapter,
             max_age=0.0 if self._call_failures else SERVERS_MAX_AGE,
             rng=self._rng,
+            avoid=avoid,
         )
 
     # -- one hop -------------------------------------------------------------------------------
@@ -242,8 +331,8 @@ class RemoteSequential(torch.nn.Module):
 
     async def _remote_backward(
         self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, tuned: _Tuned, graph_id: str = ""
-    ) -> torch.Tensor:
-        """The gradient for the hop's input; its prompts' and LoRA's are added to ``tuned``'s."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """The gradient for the hop's input, and those of its prompts and LoRA (for ``tuned``)."""
         fields = tuned.fields(hop)
         req = m.BackwardRequest(
             grad_output=compression.encode(grad, self.settings.compression),
@@ -261,8 +350,7 @@ class RemoteSequential(torch.nn.Module):
                     raise RemoteProtocolError(f"{name!r} must come back exactly when sent")
                 if sent is not None:
                     parts[name] = _tensor(wire, sent.shape, name)
-        tuned.accumulate(hop, parts.get("grad_prompts"), parts.get("grad_lora"))
-        return grad_input
+        return grad_input, (parts.get("grad_prompts"), parts.get("grad_lora"))
 
     def _common(self, hop: Hop, x: torch.Tensor, fields: dict[str, Any]) -> dict[str, Any]:
         """The fields a forward and a backward request of ``hop`` share."""

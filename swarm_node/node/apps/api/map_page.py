@@ -49,6 +49,9 @@ PAGE = """<!doctype html>
     </div>
     <table><thead><tr><th>request</th><th>model</th><th>kind</th><th>prompt</th><th>new tokens</th>
       <th>first token</th><th>tokens/s</th><th>status</th></tr></thead><tbody id="g-rows"></tbody></table>
+    <h2>Late hops, hedges, recoveries</h2>
+    <table><thead><tr><th>when</th><th>what</th><th>blocks</th><th>server</th><th>seconds</th></tr>
+      </thead><tbody id="e-rows"></tbody></table>
   </section>
 </main>
 <script>
@@ -121,6 +124,14 @@ function drawGeneration(g) {
   for (const r of g.recent) rows.append(line(r, r.error ? "failed: " + r.error : "done"));
 }
 
+const WHAT = {late: "late (no answer yet)", hedge: "hedged: answered first", recovery: "failed: replaced",
+  lost: "failed: no replacement"};
+function drawEvents(events) {
+  document.getElementById("e-rows").replaceChildren(...events.map(e => el("tr", {},
+    el("td", {}, new Date(e.at * 1000).toLocaleTimeString()), el("td", {}, WHAT[e.kind] || e.kind),
+    el("td", {}, e.blocks), el("td", {}, short(e.peer)), el("td", {}, num(e.seconds, 2)))));
+}
+
 const key = new URLSearchParams(location.hash.slice(1)).get("key");  // /#key=KEY with --api-key
 async function refresh() {
   try {
@@ -130,6 +141,7 @@ async function refresh() {
     const state = await reply.json();
     document.getElementById("models").replaceChildren(...state.models.map(modelCard));
     drawGeneration(state.generation);
+    drawEvents(state.events);
     const age = state.refreshed_at === null ? "not yet" : new Date(state.refreshed_at * 1000).toLocaleTimeString();
     document.getElementById("updated").textContent = "DHT read at " + age + " \\u00b7 API peer " + short(state.api_peer);
     document.body.dataset.ready = "1";

@@ -90,6 +90,7 @@ class ApiServer:
             refreshed_at=self.refreshed_at,
             api_peer=self.peer.peer_id,
             refresh_interval=self.config.refresh_interval,
+            events=self.peer.journal,
         )
 
     # -- requests -----------------------------------------------------------------------------------
