@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -126,3 +127,16 @@ def test_help_imports_no_torch_or_libp2p() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_every_flag_field_is_a_flag_of_its_command() -> None:
+    """A config field declared with flag() reaches the command line of the command it configures
+    (a limit added to ServerConfig but not to `serve` is a limit nobody can set)."""
+    commands = {"serve": ServerConfig, "generate": ClientConfig, "api": ApiConfig}
+    dests = {command: {a.dest for c, a in flags() if c == command} for command in commands}
+    for command, config in commands.items():
+        for field in dataclasses.fields(config):
+            if "help" in field.metadata:
+                assert field.name in dests[command], (
+                    f"{config.__name__}.{field.name} not in {command}"
+                )

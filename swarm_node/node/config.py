@@ -317,6 +317,7 @@ class ClientConfig:
         10.0,
         "seconds a session may sit idle before the client pings its servers, so that a dead "
         "or frozen one is replaced before the next step needs it (0: never)",
+        metavar="SECONDS",
     )
     lookup_timeout: float = 30.0  # seconds to find every block's servers
     compression: str | None = flag(

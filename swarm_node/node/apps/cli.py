@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         ServerConfig,
         *("torch_threads", "throughput", "max_session_length", "cache_budget_tokens"),
-        *("max_sessions_per_peer", "session_idle_timeout", "compression", "shutdown_grace"),
-        *("quant", "adapters"),
+        *("max_sessions_per_peer", "max_peer_cache_share", "session_idle_timeout"),
+        *("send_timeout", "max_request_tokens", "max_activation_mb", "max_queued"),
+        *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer"),
+        *("compression", "shutdown_grace", "quant", "adapters"),
     )
 
     gen = sub.add_parser(
@@ -174,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "push",
         "adapter",
         "max_server_share",
+        "idle_ping",
     )
     _add(
         gen,
