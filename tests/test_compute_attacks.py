@@ -39,7 +39,12 @@ from swarm_node.node.server.compute_admission import (
 from swarm_node.node.server.kept_graphs import SavedBytes
 from swarm_node.protocol import messages as m
 from tests.attacks import AttackTarget
-from tests.attacks.compute import attack_compute_flood, attack_huge_backward
+from tests.attacks.compute import (
+    BIG_FRAME,
+    attack_big_frames,
+    attack_compute_flood,
+    attack_huge_backward,
+)
 from tests.model_fixtures import reference_model, tiny_config
 from tests.swarm_helpers import local_swarm
 
@@ -110,6 +115,16 @@ async def test_a_flood_of_forwards_is_bounded_and_the_rest_refused_busy(tiny_lla
     assert queue.refused > 0  # the rest were refused busy
     assert (queue.count, queue.nbytes) == (0, 0)
     assert out["ids"] == out["expected"]
+
+
+async def test_big_frames_arriving_are_bounded_per_peer_and_refused_busy(tiny_llama: Path) -> None:
+    with trio.fail_after(120):
+        out = await attacked_generation(tiny_llama, attack_big_frames)
+    assert out["stopped"] is True
+    budget = out["servers"][0].receiving
+    assert BIG_FRAME <= budget.peak <= budget.per_peer  # held up to one peer's half, no more
+    assert budget.held == 0  # given back with the streams
+    assert out["ids"] == out["expected"]  # an honest session's small frames are never counted
 
 
 async def test_a_prefill_over_the_token_limit_is_refused_and_the_session_goes_on_and_clients_cut_pieces(

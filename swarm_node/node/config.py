@@ -230,6 +230,12 @@ class ServerConfig:
     max_queued_mb_per_peer: int = flag(
         256, "decoded tensors of one peer's waiting requests", metavar="MB"
     )
+    max_receiving_mb: int = flag(
+        256,
+        "request frames being received at once, all peers (one peer: half of it); a frame "
+        "past it is refused 'busy' and its stream closed",
+        metavar="MB",
+    )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
         None,
@@ -293,6 +299,7 @@ class ServerConfig:
             "max_queued_per_peer",
             "max_queued_mb",
             "max_queued_mb_per_peer",
+            "max_receiving_mb",
         ):
             check_int(name, getattr(self, name), 1)
         if self.torch_threads is not None:

@@ -104,6 +104,13 @@ class FrameDecoder:
         """Bytes received but not yet returned as messages."""
         return len(self._buffer)
 
+    @property
+    def needed(self) -> int:
+        """Bytes the buffer holds once the frame being received is whole (what it holds now
+        when even the frame's length prefix is incomplete)."""
+        size = self._frame_size() if self._error is None else None
+        return len(self._buffer) if size is None else max(len(self._buffer), _PREFIX.size + size)
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add received bytes; raises at once if the next frame announces an oversize length."""
         self._raise_if_broken()

@@ -196,8 +196,9 @@ ERROR_CODES: dict[str, str] = {
     "shutting_down": "(open) the server is leaving or moving: no new sessions",
     "too_large": "(any with tensors) more tokens, estimated activation memory or decoded bytes "
     "than the server takes (--max-request-tokens, --max-activation-mb, --max-queued-mb-per-peer)",
-    "busy": "(any with tensors) too many requests wait for this server's compute, from this peer or "
-    "all: retry later or elsewhere",
+    "busy": "(any with tensors) too many requests wait for this server's compute, or too many bytes "
+    "of large frames are arriving (--max-receiving-mb), from this peer or all: retry later or "
+    "elsewhere",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
     "bad_push": "(a pushed step, told its client) refused as bad_request: the pushing server is "
     "at fault; the client sends the step itself",

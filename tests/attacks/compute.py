@@ -8,6 +8,11 @@
   past the server's bound on waiting requests they are refused ``busy``, no stream gets anything
   else, and the server answers an InfoRequest on a fresh stream while it works off the admitted
   ones (those still computing after FLOOD_WAIT are dropped: a slow CPU server is no failure).
+- big_frames: one peer opens BIG_STREAMS streams and on each announces a BIG_FRAME-byte frame (its
+  length prefix and a first MiB of its body, the rest never sent). Stopped: past the server's
+  budget for large frames arriving from one peer (--max-receiving-mb, half of it a peer) the
+  streams are refused ``busy`` before their bodies arrive, at most BIG_HELD_MAX of them are held,
+  and the server answers meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ FLOOD_STREAMS = 96  # three times a server's default --max-queued-per-peer
 FLOOD_REQUEST_BYTES = 1 << 17  # decoded bytes of one flooding request
 FLOOD_WAIT = 8.0  # seconds the flood's answers are awaited (refusals come at once)
 FAILURES = (SwarmError, trio.TooSlowError, *TRANSPORT_ERRORS)
+BIG_FRAME = 48 << 20  # bytes each big_frames stream announces
+BIG_STREAMS = 12  # 576 MiB announced in all
+BIG_HELD_MAX = 2  # 96 MiB: what the default budget lets one peer have arriving at once
+BIG_WAIT = 3.0  # seconds a held stream is watched for a refusal
 
 
 @asynccontextmanager
@@ -87,6 +96,10 @@ async def attack_huge_backward(target: AttackTarget) -> bool:
 
 async def attack_compute_flood(target: AttackTarget) -> bool:
     return await bounded(compute_flood(target))
+
+
+async def attack_big_frames(target: AttackTarget) -> bool:
+    return await bounded(big_frames(target))
 
 
 async def bounded(attack: Coroutine[Any, Any, bool]) -> bool:
@@ -178,7 +191,38 @@ async def compute_flood(target: AttackTarget) -> bool:
         return alive and bounded and others == 0
 
 
+async def big_frames(target: AttackTarget) -> bool:
+    async with attacker(target) as host:
+        try:
+            conns = [await stream(host, target) for _ in range(BIG_STREAMS)]
+        except FAILURES:
+            return False
+        refused: list[bool] = []
+        start = BIG_FRAME.to_bytes(4, "big") + bytes(1 << 20)
+
+        async def announce(conn: MessageStream) -> None:
+            try:
+                await conn.stream.write(start)
+                with trio.move_on_after(BIG_WAIT):
+                    reply = await conn.receive()
+                    refused.append(isinstance(reply, m.ErrorResponse) and reply.code == "busy")
+                    return
+            except FAILURES:
+                pass
+            refused.append(False)  # held: the server waits for the rest of the frame
+
+        async with trio.open_nursery() as nursery:
+            for conn in conns:
+                nursery.start_soon(announce, conn)
+        alive = await still_answers(host, target)
+        for conn in conns:
+            with trio.move_on_after(1.0):
+                await conn.reset()
+        return alive and refused.count(False) <= BIG_HELD_MAX and any(refused)
+
+
 ATTACKS = (
     ("huge_backward", attack_huge_backward),
     ("compute_flood", attack_compute_flood),
+    ("big_frames", attack_big_frames),
 )

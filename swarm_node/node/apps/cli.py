@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         *("torch_threads", "throughput", "max_session_length", "cache_budget_tokens"),
         *("max_sessions_per_peer", "max_peer_cache_share", "session_idle_timeout"),
         *("send_timeout", "max_request_tokens", "max_activation_mb", "max_queued"),
-        *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer"),
+        *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer", "max_receiving_mb"),
         *("compression", "shutdown_grace", "quant", "adapters"),
     )
 

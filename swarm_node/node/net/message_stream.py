@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 
 import trio
 from libp2p.abc import INetStream
@@ -24,14 +26,60 @@ class ConnectionLost(ProtocolError):
     """The stream closed or reset before a whole message arrived."""
 
 
+class ReceiveRefused(RemoteProtocolError):
+    """A frame would take the bytes being received past the receiver's budget."""
+
+
+@dataclass(slots=True)
+class ReceiveBudget:
+    """Bytes of large frames a server is receiving (announced by their length prefixes, counted
+    before their bodies arrive, until decoded): at most ``per_peer`` from one peer and ``total``
+    from all, so that many streams each sending a maximum-size frame cannot take memory without
+    bound. Frames under ``small`` bytes (every decode step and prefill chunk of one sequence) are
+    not counted: a flood of big frames never refuses an honest session's steps."""
+
+    total: int
+    per_peer: int
+    small: int = 1 << 20
+    held: int = 0
+    peak: int = 0
+    _by_peer: Counter[str] = field(default_factory=Counter)
+
+    def resize(self, peer: str, old: int, new: int) -> None:
+        delta = new - old
+        if delta > 0 and self._by_peer[peer] + delta > self.per_peer:
+            raise ReceiveRefused(
+                f"frames being received from one peer must stay under {self.per_peer} bytes, "
+                f"this one needs {new} with {self._by_peer[peer] - old} already held"
+            )
+        if delta > 0 and self.held + delta > self.total:
+            raise ReceiveRefused(
+                f"frames being received from all peers must stay under {self.total} bytes: "
+                "retry later or elsewhere"
+            )
+        self._by_peer[peer] += delta
+        if self._by_peer[peer] <= 0:
+            del self._by_peer[peer]
+        self.held += delta
+        self.peak = max(self.peak, self.held)
+
+
 class MessageStream:
     """Send and receive whole protocol messages on a libp2p stream."""
 
-    def __init__(self, stream: INetStream, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        stream: INetStream,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        budget: ReceiveBudget | None = None,
+    ) -> None:
         self.stream = stream
         self.max_frame_size = max_frame_size
         self._decoder = FrameDecoder(max_frame_size=max_frame_size)
         self._send_lock = trio.Lock()  # whole frames: a server answers a client from several tasks
+        self._budget = budget  # a server's: what this stream's frames take of it is ``_held``
+        self._held = 0
 
     @property
     def peer_id(self) -> str:
@@ -49,6 +97,7 @@ class MessageStream:
         """The next message, or None when the peer closed the stream cleanly between messages."""
         while True:
             message = self._decoder.next_message()
+            self._reserve()
             if message is not None:
                 return message
             try:
@@ -62,6 +111,20 @@ class MessageStream:
                     raise RemoteProtocolError(f"{self.peer_id} closed the stream mid-frame")
                 return None
             self._decoder.feed(data)
+            self._reserve()
+
+    def _reserve(self) -> None:
+        if self._budget is not None:
+            needed = self._decoder.needed
+            needed = needed if needed >= self._budget.small else 0
+            self._budget.resize(self.peer_id, self._held, needed)
+            self._held = needed
+
+    def release(self) -> None:
+        """Give back what this stream's frames held of the receive budget (the stream is done)."""
+        if self._budget is not None:
+            self._budget.resize(self.peer_id, self._held, 0)
+            self._held = 0
 
     async def close(self) -> None:
         try:

@@ -30,7 +30,12 @@ from swarm_node.errors import (
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora_pack import manifest_entries
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
-from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
+from swarm_node.node.net.message_stream import (
+    ConnectionLost,
+    MessageStream,
+    ReceiveBudget,
+    ReceiveRefused,
+)
 from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs, off_loop
 from swarm_node.node.server import training as server_training
 from swarm_node.node.server.compute_admission import (
@@ -96,6 +101,8 @@ class BlockServer:
         self.kept_graphs = KeptGraphs()  # training forwards' graphs awaiting their backward
         self.limits = ComputeLimits.of(config)
         self.compute_queue = ComputeQueue(self.limits)  # requests waiting for compute
+        receiving = config.max_receiving_mb * 2**20  # request frames arriving on every stream
+        self.receiving = ReceiveBudget(total=receiving, per_peer=receiving // 2)
         self.served = ServedSpan(
             model=model_id,
             start=config.start,
@@ -146,7 +153,7 @@ class BlockServer:
 
     # -- the connection loop ----------------------------------------------------------------------
     async def handle_stream(self, stream: Any) -> None:
-        conn = MessageStream(stream, max_frame_size=self.max_frame_size)
+        conn = MessageStream(stream, max_frame_size=self.max_frame_size, budget=self.receiving)
         peer = conn.peer_id
         sessions: dict[str, ServerSession] = {}
         carries_pushes = False
@@ -193,10 +200,12 @@ class BlockServer:
                     if not await self._send(conn, reply):
                         break
         except RemoteProtocolError as exc:
-            log.warning("peer %s broke the protocol: %s", peer, exc)
+            refused = isinstance(exc, ReceiveRefused)
+            log.log(logging.INFO if refused else logging.WARNING, "peer %s: %s", peer, exc)
             with trio.move_on_after(1.0):
                 try:
-                    await conn.send(m.ErrorResponse(code="bad_request", message=str(exc)))
+                    code = "busy" if refused else "bad_request"
+                    await conn.send(m.ErrorResponse(code=code, message=str(exc)))
                 except ProtocolError:
                     pass
         except ConnectionLost as exc:
@@ -204,6 +213,7 @@ class BlockServer:
         except Exception:  # one catch-all per connection: keep serving everyone else
             log.warning("stream from %s failed; closing it", peer, exc_info=True)
         finally:
+            conn.release()
             self.kept_graphs.stream_closed(peer)  # the peer's graphs go with its last stream
             with trio.CancelScope(shield=True):
                 for session in sessions.values():
