@@ -1,4 +1,5 @@
-"""A generation survives a dying server: real `swarm-node serve` processes killed or frozen mid-generation.
+"""A generation survives a dying server: real `swarm-node serve` processes killed or frozen mid-generation
+(and a training backward a frozen one).
 
 The client runs here; the tokens it generates are compared with transformers' greedy generate on the
 same weights (the failure-free answer).
@@ -18,12 +19,14 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import MissingBlocksError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig
 from swarm_node.node.peer import open_peer
 from tests.model_fixtures import make_tiny_model_dir, reference_model
 from tests.process_swarm import ServerProcess, server_processes
 from tests.swarm_helpers import LOOPBACK
+from tests.training_reference import blocks_output
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +177,52 @@ async def test_a_frozen_server_in_a_push_chain_is_hedged(tmp_path: Path) -> None
     assert ids[0].tolist() == expected
     assert [h.late for h in stats.hedges] == [(servers[1].peer_id,)] and not stats.recoveries
     assert stop.recovery_seconds < STEP_TIMEOUT and not banned
+
+
+async def test_a_server_process_frozen_before_its_backward_is_hedged(tmp_path: Path) -> None:
+    """Training: two `serve` processes of blocks 3:6; after a few passes the one that ran the last
+    forward is SIGSTOPped before its backward: the backward also goes to the other (which recomputes
+    the forward), the gradients are the local model's, and the frozen server is not banned."""
+    model, _, _, _ = _setup(tmp_path)
+    ref = reference_model(model)
+    torch.manual_seed(3)
+    hidden, prompts, weight = (
+        torch.randn(2, 6, 64),
+        torch.randn(6, 2, 64) * 0.1,
+        torch.randn(2, 6, 64),
+    )
+    h0, p0 = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    (blocks_output(ref, h0, p0) * weight).sum().backward()
+    with trio.fail_after(300):  # 164 s measured at load average 10 on 2 cores
+        async with server_processes(model, ["0:3", "3:6", "3:6"], extra=FAST_THROUGHPUT) as servers:
+            # a ceiling far above a backward's time: the hedge, not the deadline, must move it
+            config = ClientConfig(step_timeout=60.0, retry_delay=0.2, max_attempts=3)
+            entry = PeerConfig(listen=LOOPBACK, initial_peers=(servers[0].addr,))
+            async with open_peer(entry, client=config) as client:
+                await _chain(client, model, servers, [(0, 0, 3), (1, 3, 6), (2, 3, 6)])
+                for server in servers:  # connected before anything is timed
+                    await client.ping(server.peer_id)
+                remote = RemoteSequential(client, model=model.name, num_blocks=6, seed=0)
+
+                def passes() -> tuple[torch.Tensor, torch.Tensor, str]:
+                    for _ in range(8):  # the client learns what these requests cost
+                        warm = prompts.clone().requires_grad_(True)
+                        (remote(hidden, warm) * weight).sum().backward()
+                    h = hidden.clone().requires_grad_(True)
+                    p = prompts.clone().requires_grad_(True)
+                    out = remote(h, p)
+                    used = {hop.server.peer_id for t in out.grad_fn.traces for hop, *_ in t}
+                    frozen = next(s for s in servers[1:] if s.peer_id in used)
+                    frozen.process.send_signal(signal.SIGSTOP)
+                    (out * weight).sum().backward()
+                    return h.grad, p.grad, frozen.peer_id
+
+                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(passes)
+                banned = client.bans.is_banned(frozen_id, trio.current_time())
+    torch.testing.assert_close(h_grad, h0.grad, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(p_grad, p0.grad, atol=1e-5, rtol=1e-6)
+    # (a warm-up request late on a loaded machine may have been hedged too: the budget allows it)
+    assert remote.failures == 0 and remote.hedged >= 1 and not banned
 
 
 async def test_span_without_replacement_names_its_blocks(tmp_path: Path) -> None:
