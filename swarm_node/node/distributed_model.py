@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from swarm_node.errors import ConfigError, check_int
-from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
@@ -132,9 +131,10 @@ class DistributedModelBase(torch.nn.Module):
             PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig()
         )
         try:
+            identity = loop.run(loop.peer.pin_model, str(path))
             return cls(
                 path=path,
-                model_id=model_id_of(model),
+                model_id=identity.name,
                 head=head,
                 config=checkpoint.config,
                 dtype=dtype,

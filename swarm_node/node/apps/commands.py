@@ -120,6 +120,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     from swarm_node.model import ClientHead, load_tokenizer
 
     path, checkpoint = await _checkpoint(args.model)
+    identity = await peer.pin_model(str(path))
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
     head = await trio.to_thread.run_sync(
         lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
@@ -134,7 +135,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
     )
     settings = SessionSettings(
-        model=model_id_of(args.model),
+        model=identity.name,
         num_blocks=checkpoint.config.num_hidden_layers,
         dtype=args.dtype,
     )

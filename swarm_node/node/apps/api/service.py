@@ -253,6 +253,7 @@ async def serve_api(
     load = partial(ModelRuntime.load, dtype=config.dtype, max_context=config.max_context)
     for model in config.models:
         runtime = await trio.to_thread.run_sync(load, model)
+        await peer.pin_model(str(runtime.path))
         runtimes[runtime.name] = runtime
     api = ApiServer(peer, config, runtimes)
     hconfig = HypercornConfig()
