@@ -99,6 +99,19 @@ def identity_of(model: str, *, cache_dir: Path | None = None) -> ModelIdentity:
     return model_identity(path, name=name, cache_dir=cache)
 
 
+def local_identity(model: str, *, cache_dir: Path | None = None) -> ModelIdentity | None:
+    """``identity_of(model)`` when ``model`` is here already (a folder, a converted bundled model or
+    its digest); None when it is only a name (nothing is converted)."""
+    cache = cache_dir or default_cache_dir()
+    bundled = BUNDLED_MODELS.get(model)
+    if bundled is not None and not is_complete(cache / "models" / bundled.name):
+        return None
+    try:
+        return identity_of(model, cache_dir=cache)
+    except ModelError:
+        return None
+
+
 def _by_digest(prefix: str, cache_dir: Path) -> Path:
     """The bundled model (converted in ``cache_dir``) whose digest starts with ``prefix``."""
     held = []

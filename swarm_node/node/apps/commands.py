@@ -15,7 +15,7 @@ import torch
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import model_id_of
+from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
@@ -208,8 +208,15 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
 
     out = out or sys.stdout
     _need_initial_peers(args)
+    local = await trio.to_thread.run_sync(local_identity, args.model)
+    name = model_id_of(args.model) if local is None else local.name
     async with open_peer(_client_peer(args)) as peer:
-        report = await gather_status(peer, model_id_of(args.model), num_blocks=args.num_blocks)
+        report = await gather_status(
+            peer,
+            name,
+            num_blocks=args.num_blocks,
+            expected_digest="" if local is None else local.digest,
+        )
     out.write((json.dumps(report) if args.json else format_report(report)) + "\n")
     out.flush()
     return 0
