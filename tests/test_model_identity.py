@@ -270,3 +270,30 @@ async def test_int8_servers_are_used_only_when_the_client_accepts_them(tmp_path:
             assert "as 'int8'" in client.left_out["tiny"][servers[1].peer_id]
             assert servers[1].announced is not None and servers[1].announced.quant == "int8"
             assert servers[1].announced.model_digest == servers[0].announced.model_digest
+
+
+# -- tuned files and adapters ----------------------------------------------------------------------
+def test_a_tuned_file_trained_on_other_weights_is_refused(tmp_path: Path) -> None:
+    from swarm_node.model.tuned_files import TunedFile, load_tuned, save_tuned, tuned_id
+
+    a, b = _same_named_models(tmp_path)
+    cache = tmp_path / "cache"
+    mine, other = identity_of(str(a), cache_dir=cache), identity_of(str(b), cache_dir=cache)
+    config = Checkpoint.open(a).config
+    prompts = torch.randn(3, int(config.hidden_size))
+    tuned = TunedFile(
+        model="tiny", method="ptune", start=0, end=6, prompts=prompts, model_digest=mine.digest
+    )
+    path = save_tuned(tmp_path / "p.safetensors", tuned, config=config)
+    back = load_tuned(path, model="tiny", config=config, model_digest=mine.digest)
+    assert back.model_digest == mine.digest and torch.equal(back.prompts, prompts)
+    with pytest.raises(ModelError, match="was trained on other weights of 'tiny'") as caught:
+        load_tuned(path, model="tiny", config=config, model_digest=other.digest)
+    assert mine.digest[:12] in str(caught.value) and other.digest[:12] in str(caught.value)
+    # a file's own id is the digest of its bytes: the same tensors saved again, the same id
+    again = save_tuned(tmp_path / "again.safetensors", tuned, config=config)
+    assert tuned_id(path) == tuned_id(again) and len(tuned_id(path)) == 64
+    changed = save_tuned(
+        tmp_path / "changed.safetensors", replace(tuned, prompts=prompts + 1), config=config
+    )
+    assert tuned_id(changed) != tuned_id(path)

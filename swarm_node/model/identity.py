@@ -141,6 +141,27 @@ def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
     )
 
 
+def safetensors_digest(path: str | os.PathLike[str]) -> str:
+    """The digest of one safetensors file's content: its metadata and each tensor (name, dtype,
+    shape, bytes), in name order: the same tensors saved again give the same digest (the header's
+    own byte layout varies between saves)."""
+    mapped, header, base = _map_safetensors(Path(path))
+    try:
+        hasher = hashlib.sha256(b"swarm-node/safetensors/v1\x00")
+        metadata = header.get("__metadata__", {})
+        hasher.update(
+            json.dumps(metadata, sort_keys=True, separators=(",", ":")).encode() + b"\x00"
+        )
+        for tensor in sorted(k for k in header if k != "__metadata__"):
+            dtype, shape, begin, end = _tensor_entry(header, tensor, len(mapped), base, str(path))
+            hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
+            with memoryview(mapped) as view:
+                hasher.update(view[begin:end])
+        return hasher.hexdigest()
+    finally:
+        mapped.close()
+
+
 def _block_of(tensor: str, prefixes: list[str]) -> int | None:
     for i, prefix in enumerate(prefixes):
         if tensor.startswith(prefix):

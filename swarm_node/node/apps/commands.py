@@ -15,7 +15,7 @@ import torch
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import local_identity, model_id_of
+from swarm_node.model.bundled import identity_of, local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
@@ -102,17 +102,25 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
     prefix = deep = lora = None
     dtype = TORCH_DTYPES[args.dtype]
-    model = model_id_of(args.model)
+    identity = identity_of(args.model)
+    model, digest = identity.name, identity.digest
     if getattr(args, "prompt_file", None) is not None:
         methods = ("ptune", "deep_ptune")
         tuned = load_tuned(
-            args.prompt_file, model=model, config=config, methods=methods, dtype=dtype
+            args.prompt_file,
+            model=model,
+            config=config,
+            methods=methods,
+            dtype=dtype,
+            model_digest=digest,
         )
         prefix = tuned.prompts  # (P, H)
         deep = tuned.deep_prompts_for(int(config.num_hidden_layers))  # (L, P, H) or None
     adapter = getattr(args, "adapter", None)
     if adapter and is_adapter_file(adapter):
-        lora = load_tuned(adapter, model=model, config=config, methods=("lora",), dtype=dtype).lora
+        lora = load_tuned(
+            adapter, model=model, config=config, methods=("lora",), dtype=dtype, model_digest=digest
+        ).lora
     return {"prefix": prefix, "tuning": HopTuning(prompts=deep, lora=lora)}
 
 
