@@ -152,6 +152,8 @@ def test_records_carry_digests_within_bounds() -> None:
         ("model_digest", "A" * 64),
         ("blocks_digest", "a" * 65),
         ("model_digest", 3),
+        ("adapter_ids", ["ab" * 17]),
+        ("adapter_ids", ["AB" * 16]),
     ):
         data = record_fields(record) | {field: value}
         with pytest.raises(RemoteProtocolError, match=field):
@@ -297,3 +299,62 @@ def test_a_tuned_file_trained_on_other_weights_is_refused(tmp_path: Path) -> Non
         tmp_path / "changed.safetensors", replace(tuned, prompts=prompts + 1), config=config
     )
     assert tuned_id(changed) != tuned_id(path)
+
+
+async def test_servers_announce_adapters_by_id_and_refuse_other_base_weights(
+    tmp_path: Path,
+) -> None:
+    from swarm_node.errors import ConfigError
+    from swarm_node.model.identity import adapter_id
+    from swarm_node.node.client.settings import HopTuning
+    from tests.lora_fixtures import merged_reference, save_peft_adapter
+
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    first = save_peft_adapter(model, tmp_path / "first", seed=3)
+    second = save_peft_adapter(model, tmp_path / "second", seed=4)
+    ids = {path: adapter_id(path) for path in (first, second)}
+    assert ids[first] != ids[second] and adapter_id(first) == ids[first]
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 256, (1, 4))
+    expected = merged_reference(model, second).generate(
+        input_ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with trio.fail_after(120):
+        # two servers holding different adapters under one name: the id tells them apart
+        async with local_swarm(
+            model,
+            [(0, 4), (0, 4)],
+            per_server=[
+                {"adapters": (("chat", str(first)),)},
+                {"adapters": (("chat", str(second)),)},
+            ],
+        ) as (servers, client):
+            await client.pin_model(str(model))
+            for server, path in zip(servers, (first, second), strict=True):
+                assert server.announced is not None
+                assert server.announced.adapters == ("chat",)
+                assert server.announced.adapter_ids == (ids[path],)
+            for _ in range(3):
+                chain = await client.find_chain("tiny", 4, adapter=ids[second])
+                assert [h.server.peer_id for h in chain] == [servers[1].peer_id]
+            tokens, _ = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(model)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=4),
+                SamplingConfig(max_new_tokens=6),
+                tuning=HopTuning(adapter=ids[second]),
+            )
+    assert tokens.tolist() == expected.tolist()
+    # an adapter whose config names other base weights is refused when the server loads it
+    config = json.loads((first / "adapter_config.json").read_text())
+    config["swarm_node_model_digest"] = "e" * 64
+    (first / "adapter_config.json").write_text(json.dumps(config))
+    from swarm_node.node.config import ServerConfig
+    from swarm_node.node.server.loading import prepare_span
+
+    server = ServerConfig(
+        model=str(model), start=0, end=4, throughput=1.0, adapters=(("x", str(first)),)
+    )
+    with pytest.raises(ConfigError, match="'--adapters' x=.*trained on other weights"):
+        await prepare_span(server)

@@ -46,6 +46,7 @@ class ServerRecord:
     dtype: str
     version: str
     adapters: tuple[str, ...] = ()  # names of the fine-tuned adapters (LoRA, prompts) it can apply
+    adapter_ids: tuple[str, ...] = ()  # their ids (digests of their files), to name one exactly
     next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, round trip s) to next-block servers
     quant: str = "none"  # how the weights are held: "none" (dtype), "int8" or "nf4"
     bytes_per_block: int = 0  # weight memory of one block as held
@@ -59,6 +60,10 @@ class ServerRecord:
     blocks_digest: str = ""
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
+
+    def holds_adapter(self, adapter: str) -> bool:
+        """Whether this server applies ``adapter``, a name or an id."""
+        return adapter in self.adapters or adapter in self.adapter_ids
 
     def covers(self, block: int) -> bool:
         return self.start <= block < self.end
@@ -122,6 +127,7 @@ def record_fields(record: ServerRecord) -> dict[str, Any]:
     data = dataclasses.asdict(record)
     data["addrs"] = list(record.addrs)
     data["adapters"] = list(record.adapters)
+    data["adapter_ids"] = list(record.adapter_ids)
     data["next_rtts"] = {peer: float(rtt) for peer, rtt in record.next_rtts}
     return data
 
@@ -160,6 +166,7 @@ _OPTIONAL = (
     "blocks_digest",
 )
 DIGEST_HEX = 64  # a sha256 digest in hex
+ADAPTER_ID_HEX = 32  # model.identity.ADAPTER_ID_HEX
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -225,6 +232,13 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     if fields["addrs"] is None:
         raise RemoteProtocolError("server record lacks 'addrs'")
     fields["adapters"] = _str_list(data, "adapters", MAX_ADAPTERS)
+    fields["adapter_ids"] = _str_list(data, "adapter_ids", MAX_ADAPTERS)
+    for adapter in fields["adapter_ids"]:
+        if not (len(adapter) == ADAPTER_ID_HEX and is_digest(adapter + "0" * 32)):
+            raise RemoteProtocolError(
+                f"server record 'adapter_ids' must hold {ADAPTER_ID_HEX} lowercase hex digits each, "
+                f"got {adapter[:80]!r}"
+            )
     fields["next_rtts"] = _next_rtts(data)
     if not 0 <= fields["start"] < fields["end"] <= MAX_BLOCKS:
         raise RemoteProtocolError(

@@ -30,6 +30,7 @@ CACHE_VERSION = 1
 DIGEST_CONTEXT = b"swarm-node/model/v1\x00"
 SPAN_CONTEXT = b"swarm-node/span/v1\x00"
 SHORT = 12  # hex digits shown to people
+ADAPTER_ID_HEX = 32  # hex digits of an adapter's id (records list up to 64 of them)
 MAX_HEADER = 100 << 20  # bytes of a safetensors JSON header
 # config.json entries that say how a file was written, not what the model computes
 _VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash")
@@ -160,6 +161,16 @@ def safetensors_digest(path: str | os.PathLike[str]) -> str:
         return hasher.hexdigest()
     finally:
         mapped.close()
+
+
+def adapter_id(folder: str | os.PathLike[str]) -> str:
+    """A PEFT adapter folder's id: ADAPTER_ID_HEX hex digits of the digest of its
+    ``adapter_config.json`` (canonical JSON) and ``adapter_model.safetensors`` (content)."""
+    folder = Path(folder).expanduser()
+    config = _config_digest(folder / "adapter_config.json")
+    weights = safetensors_digest(folder / "adapter_model.safetensors")
+    digest = hashlib.sha256(b"swarm-node/adapter/v1\x00" + bytes.fromhex(config + weights))
+    return digest.hexdigest()[:ADAPTER_ID_HEX]
 
 
 def _block_of(tensor: str, prefixes: list[str]) -> int | None:

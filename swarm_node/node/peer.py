@@ -47,6 +47,7 @@ from swarm_node.node.net.dialing import connect_initial_peers, open_stream, pars
 from swarm_node.node.net.host import build_host, close_connections, host_peer_id
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.swarm_key import load_swarm_key
+from swarm_node.node.server.adapters import is_adapter_id
 from swarm_node.node.server.block_server import BlockServer
 from swarm_node.node.server.loading import prepare_span
 from swarm_node.node.server.placement import start_placed
@@ -156,7 +157,8 @@ class Peer:
             dtype=self.server.config.dtype,
             version=__version__,
             quant=self.server.config.quant or "none",
-            adapters=tuple(sorted(self.server.adapters)),
+            adapters=tuple(sorted(k for k in self.server.adapters if not is_adapter_id(k))),
+            adapter_ids=tuple(sorted(k for k in self.server.adapters if is_adapter_id(k))),
             bytes_per_block=self.server.span.memory_bytes()
             // (self.server.end - self.server.start),
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
