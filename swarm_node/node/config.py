@@ -155,7 +155,11 @@ class ServerConfig:
     """A server holds blocks ``start..end-1`` of one model, or ``num_blocks`` blocks it chooses itself."""
 
     model: str = flag(
-        MISSING, "bundled model name or a local Hugging Face folder", cli_default=DEFAULT_MODEL
+        MISSING,
+        "bundled model name, a local Hugging Face folder, or the digest (8+ hex digits, as "
+        "`status` shows it) of a bundled model converted here; servers are told apart by the "
+        "digest of their weights, never by the name alone",
+        cli_default=DEFAULT_MODEL,
     )
     start: int = 0
     end: int = 0
