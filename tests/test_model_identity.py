@@ -358,3 +358,32 @@ async def test_servers_announce_adapters_by_id_and_refuse_other_base_weights(
     )
     with pytest.raises(ConfigError, match="'--adapters' x=.*trained on other weights"):
         await prepare_span(server)
+
+
+def test_the_bundled_model_is_named_by_its_digest_too(smollm2_path: Path) -> None:
+    from swarm_node.model.bundled import model_id_of
+
+    identity = identity_of("smollm2-135m")
+    assert identity.name == "smollm2-135m" and len(identity.blocks) == 30
+    assert resolve_model(identity.digest[:8]) == smollm2_path == resolve_model(identity.digest)
+    assert model_id_of(identity.short) == "smollm2-135m"
+    assert identity_of(identity.short) == identity
+
+
+async def test_a_server_whose_blocks_digest_is_not_its_models_is_refused(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    with trio.fail_after(120):
+        async with local_swarm(model, [(0, 4), (0, 4)]) as (servers, client):
+            liar = servers[1]
+            assert liar.identity is not None
+            # its record keeps the model's digest but announces blocks of other weights
+            liar.identity = replace(liar.identity, blocks=("0" * 64,) * 4)
+            await liar.announce()
+            assert liar.announced is not None
+            assert liar.announced.model_digest == servers[0].identity.digest
+            await client.pin_model(str(model))
+            for _ in range(3):
+                chain = await client.find_chain("tiny", 4)
+                assert [h.server.peer_id for h in chain] == [servers[0].peer_id]
+            why = client.left_out["tiny"][liar.peer_id]
+            assert why.startswith(f"{liar.peer_id} announces model ") and "but blocks 0:4" in why
