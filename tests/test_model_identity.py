@@ -100,6 +100,17 @@ def test_config_and_dtype_are_part_of_the_identity(tmp_path: Path) -> None:
     )
 
 
+def test_the_digest_does_not_depend_on_how_the_weights_are_sharded(tmp_path: Path) -> None:
+    single = make_tiny_model_dir(tmp_path / "single", num_layers=3)
+    sharded = make_tiny_model_dir(tmp_path / "sharded", num_layers=3, sharded=True)
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    cache = tmp_path / "cache"
+    assert (
+        identity_of(str(single), cache_dir=cache).digest
+        == identity_of(str(sharded), cache_dir=cache).digest
+    )
+
+
 def test_a_read_only_model_folder_caches_under_the_cache_folder(tmp_path: Path) -> None:
     model = make_tiny_model_dir(tmp_path / "ro", num_layers=2)
     (model / CACHE_FILE).mkdir()  # a cache entry that cannot be written beside the model
