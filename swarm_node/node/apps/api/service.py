@@ -68,7 +68,13 @@ class ApiServer:
 
         for name, runtime in self.runtimes.items():
             try:
-                report = await gather_status(self.peer, name, num_blocks=runtime.num_blocks)
+                pin = self.peer.pins.get(name)
+                report = await gather_status(
+                    self.peer,
+                    name,
+                    num_blocks=runtime.num_blocks,
+                    expected_digest="" if pin is None else pin.digest,
+                )
                 self._views[name] = model_view(
                     report, model=name, num_blocks=runtime.num_blocks, error=None
                 )
