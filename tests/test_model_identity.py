@@ -398,3 +398,33 @@ async def test_a_server_whose_blocks_digest_is_not_its_models_is_refused(tmp_pat
                 assert [h.server.peer_id for h in chain] == [servers[0].peer_id]
             why = client.left_out["tiny"][liar.peer_id]
             assert why.startswith(f"{liar.peer_id} announces model ") and "but blocks 0:4" in why
+
+
+async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    head_only = tmp_path / "client" / "tiny"
+    head_only.mkdir(parents=True)
+    (head_only / "config.json").write_text((model / "config.json").read_text())
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers." not in k},
+        str(head_only / "model.safetensors"),
+    )
+    with pytest.raises(ModelError, match="none of block"):
+        identity_of(str(head_only), cache_dir=tmp_path / "cache")
+    with trio.fail_after(120):
+        async with local_swarm(model, [(0, 4)]) as (servers, client):
+            assert await client.pin_model(str(head_only)) is None and client.pins == {}
+            torch.manual_seed(4)
+            input_ids = torch.randint(0, 256, (1, 4))
+            ids, _ = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(head_only)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=4),
+                SamplingConfig(max_new_tokens=5),
+            )
+    expected = reference_model(model).generate(
+        input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert ids.tolist() == expected.tolist()

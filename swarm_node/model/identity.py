@@ -119,6 +119,13 @@ def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
             for tensor in by_file[file_name]:
                 where = _tensor_entry(header, tensor, len(mapped), base, file_name)
                 entries[tensor] = (*where[:2], len(maps) - 1, *where[2:])
+        held = {_block_of(tensor, prefixes) for tensor in names}
+        absent = [i for i in range(len(prefixes)) if i not in held]
+        if absent:
+            raise ModelError(
+                f"model folder {str(checkpoint.path)!r} must hold the tensors of every block to be "
+                f"identified, it has none of block(s) {absent[:8]}"
+            )
         for tensor in names:
             block = _block_of(tensor, prefixes)
             hasher = rest if block is None else hashers[block]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from swarm_node.errors import ConfigError, check_int
+from swarm_node.model.bundled import model_id_of
 from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
@@ -136,8 +137,8 @@ class DistributedModelBase(torch.nn.Module):
             identity = loop.run(loop.peer.pin_model, str(path))
             return cls(
                 path=path,
-                model_id=identity.name,
-                model_digest=identity.digest,
+                model_id=model_id_of(str(path)) if identity is None else identity.name,
+                model_digest="" if identity is None else identity.digest,
                 head=head,
                 config=checkpoint.config,
                 dtype=dtype,

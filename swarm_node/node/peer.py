@@ -250,11 +250,19 @@ class Peer:
             await conn.close()
         return elapsed, info
 
-    async def pin_model(self, model: str) -> ModelIdentity:
+    async def pin_model(self, model: str) -> ModelIdentity | None:
         """From now on use only servers holding the weights of ``model`` (a name, folder or digest,
         as ``--model`` takes; its digests computed once, then cached) in a variant the client
-        config's ``accept_quant`` allows; its sessions name the model by ``identity.name``."""
-        identity = await trio.to_thread.run_sync(identity_of, model)
+        config's ``accept_quant`` allows; its sessions name the model by ``identity.name``.
+
+        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say one
+        holding only what a client needs (embeddings, norm, head): its servers are then told apart
+        by their announced digests only (a name served with two digests is refused)."""
+        try:
+            identity = await trio.to_thread.run_sync(identity_of, model)
+        except ModelError as exc:
+            log.warning("not pinning the weights of %s: %s", model, exc)
+            return None
         self.pins[identity.name] = ModelPin(
             digest=identity.digest,
             span_digest=identity.span_digest,

@@ -15,7 +15,7 @@ import torch
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import identity_of, local_identity, model_id_of
+from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
@@ -102,8 +102,9 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
     prefix = deep = lora = None
     dtype = TORCH_DTYPES[args.dtype]
-    identity = identity_of(args.model)
-    model, digest = identity.name, identity.digest
+    identity = local_identity(args.model)  # None: a folder that cannot be identified
+    model = model_id_of(args.model) if identity is None else identity.name
+    digest = "" if identity is None else identity.digest
     if getattr(args, "prompt_file", None) is not None:
         methods = ("ptune", "deep_ptune")
         tuned = load_tuned(
@@ -143,7 +144,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
     )
     settings = SessionSettings(
-        model=identity.name,
+        model=model_id_of(str(path)) if identity is None else identity.name,
         num_blocks=checkpoint.config.num_hidden_layers,
         dtype=args.dtype,
     )
