@@ -268,6 +268,8 @@ class Peer:
             span_digest=identity.span_digest,
             quants=self.client_config.accept_quant,
         )
+        self._known.pop(identity.name, None)  # servers found before were not checked against it
+        self._known_at.pop(identity.name, None)
         return identity
 
     def _holding_the_weights(self, model: str, servers: list[ServerRecord]) -> list[ServerRecord]:
