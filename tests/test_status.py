@@ -43,13 +43,19 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
     assert lines[0] == "tiny-llama: 6 blocks, 3 server(s), MISSING blocks 3"
     assert lines[1].startswith("  block 0  ##") and "2 server(s), 200.0 tok/s" in lines[1]
     assert lines[4] == "  block 3  !! MISSING: no server"
-    assert lines[7] == "servers:" and len(lines) == 11
+    assert lines[7] == "servers:" and len(lines) == 13
+    digest = servers[0].identity.digest
+    assert lines[11:] == [
+        "models (by digest):",
+        f"  {digest[:12]} (this client's): 3 server(s) (none), missing blocks 3",
+    ]
     for peer in servers:
         (row,) = [line for line in lines[8:] if peer.peer_id[-8:] in line]
         assert (
             f"blocks {peer.server.start}:{peer.server.end}  100.0 tok/s" in row and " ms  " in row
         )
         assert f"{peer.server.cache_tokens_left} cache tokens free" in row
+        assert row.endswith(f"model {digest[:12]}")
 
     assert (report["model"], report["num_blocks"], report["missing"]) == ("tiny-llama", 6, [3])
     by_block = {b["block"]: set(b["servers"]) for b in report["blocks"]}
@@ -63,6 +69,11 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
         5: {ids[2]},
     }
     assert {s["peer_id"] for s in report["servers"]} == set(ids)
+    assert {s["model_digest"] for s in report["servers"]} == {digest}
+    # by name only: the digests the swarm serves, none of them marked as this client's
+    assert report["expected_digest"] == "" and [
+        (v["digest"], v["local"], v["missing"]) for v in report["variants"]
+    ] == [(digest, False, [3])]
     for s in report["servers"]:
         assert s["throughput"] == 100.0 and 0 < s["rtt_ms"] < 5000 and s["cache_tokens_left"] > 0
 
@@ -109,3 +120,28 @@ def test_status_shows_a_server_moving() -> None:
     assert [s["moving_to"] for s in report["servers"]] == [[2, 6], None]
     rows = format_report(report).splitlines()[-2:]
     assert rows[0].endswith("moving to blocks 2:6") and "moving" not in rows[1]
+
+
+async def test_status_shows_two_revisions_of_a_model_apart(tmp_path: Path) -> None:
+    from tests.model_fixtures import make_tiny_model_dir
+
+    old = make_tiny_model_dir(tmp_path / "old" / "tiny", num_layers=4, seed=1)
+    new = make_tiny_model_dir(tmp_path / "new" / "tiny", num_layers=4, seed=2)
+    spans = [(0, 4), (0, 2), (2, 4), (0, 2)]
+    models = [old, new, new, old]
+    with trio.fail_after(90):
+        async with local_swarm(old, spans, per_server=[{"model": str(m)} for m in models]) as (
+            servers,
+            client,
+        ):
+            args = status_args("--initial-peers", client.addrs[0], "--model", str(new), "--json")
+            report = json.loads(await run_status(args))
+    digest = {path: servers[models.index(path)].identity.digest for path in (old, new)}
+    assert report["expected_digest"] == digest[new]
+    variants = {v["digest"]: v for v in report["variants"]}
+    assert set(variants) == set(digest.values())
+    for path in (old, new):
+        mine = {s.peer_id for s, m in zip(servers, models, strict=True) if m == path}
+        assert set(variants[digest[path]]["servers"]) == mine
+        assert variants[digest[path]]["local"] == (path == new)
+        assert variants[digest[path]]["missing"] == []

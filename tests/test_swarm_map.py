@@ -39,6 +39,11 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     assert model["coverage"] == [2, 2, 2, 2, 1, 1]
     assert {s["peer_id"] for s in model["servers"]} == {p.peer_id for p in servers}
     assert all(s["state"] == "ONLINE" and s["rtt_ms"] is not None for s in model["servers"])
+    digest = servers[0].identity.digest[:12]
+    assert {s["model_digest"] for s in model["servers"]} == {digest}
+    assert model["variants"] == [
+        {"digest": digest, "local": True, "servers": 3, "quants": ["none"], "missing": []}
+    ]
     assert state["generation"]["completed"] == 1 and state["generation"]["tokens_generated"] == 5
     assert state["events"] == []  # no late hop, hedge or recovery (tests/test_api_security has one)
 
@@ -49,6 +54,7 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
         and "6 blocks · 3 server(s)" in dom
         and "every block served" in dom
     )
+    assert f"weights by digest: {digest} (this API's): 3 server(s)" in dom
     cells = re.findall(r'<div class="c(\d)" title="block (\d+): (\d+) server', dom)
     assert [(int(b), int(n)) for _, b, n in cells] == list(enumerate([2, 2, 2, 2, 1, 1]))
     for peer, span in zip(servers, ["0:2", "2:6", "0:4"], strict=True):

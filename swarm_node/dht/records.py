@@ -38,7 +38,7 @@ CLOCK_SKEW = 300.0
 class ServerRecord:
     peer_id: str  # base58 libp2p peer id
     addrs: tuple[str, ...]  # full multiaddrs, with /p2p/<peer_id>
-    model: str  # model id, e.g. "smollm2-135m"
+    model: str  # the model's name, e.g. "smollm2-135m": what lookups are keyed by
     start: int  # first block served
     end: int  # one past the last block served
     throughput: float  # tokens/s this server can push through its span
@@ -46,6 +46,7 @@ class ServerRecord:
     dtype: str
     version: str
     adapters: tuple[str, ...] = ()  # names of the fine-tuned adapters (LoRA, prompts) it can apply
+    adapter_ids: tuple[str, ...] = ()  # their ids (digests of their files), to name one exactly
     next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, round trip s) to next-block servers
     quant: str = "none"  # how the weights are held: "none" (dtype), "int8" or "nf4"
     bytes_per_block: int = 0  # weight memory of one block as held
@@ -53,8 +54,16 @@ class ServerRecord:
     # first block of the span this server is loading to move to (same length), -1 when not moving:
     # placement's claim, so that two servers do not both leave the same blocks (node/placement.py)
     moving_to: int = -1
+    # what the weights are (model/identity.py): sha256 hex of the whole model, and of the blocks
+    # start..end-1 as served ("" from servers that predate digests)
+    model_digest: str = ""
+    blocks_digest: str = ""
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
+
+    def holds_adapter(self, adapter: str) -> bool:
+        """Whether this server applies ``adapter``, a name or an id."""
+        return adapter in self.adapters or adapter in self.adapter_ids
 
     def covers(self, block: int) -> bool:
         return self.start <= block < self.end
@@ -76,16 +85,28 @@ def record_key(peer_id: str) -> str:
 
 
 def push_target_problem(
-    record: ServerRecord | None, *, peer_id: str, model: str, block: int, now: float
+    record: ServerRecord | None,
+    *,
+    peer_id: str,
+    model: str,
+    block: int,
+    now: float,
+    digest: str = "",
 ) -> str | None:
     """Why ``peer_id``, holding ``record`` (its valid signed record, or None), is not a server that a
-    session may push block ``block`` of ``model`` to; None when it is."""
+    session may push block ``block`` of ``model`` (model digest ``digest``, when given) to; None
+    when it is."""
     if record is None:
         return f"{peer_id} has no valid signed server record"
     if record.peer_id != peer_id:
         return f"the record found for {peer_id} is of {record.peer_id}"
     if record.model != model:
         return f"{peer_id} serves model {record.model!r}, not {model!r}"
+    if digest and record.model_digest != digest:
+        return (
+            f"{peer_id} serves other weights of {model!r}: digest "
+            f"{record.model_digest[:12] or 'none'}, not {digest[:12]}"
+        )
     if not record.covers(block):
         return f"{peer_id} announces blocks {record.start}:{record.end}, not block {block}"
     if not record.is_live(now):
@@ -106,6 +127,7 @@ def record_fields(record: ServerRecord) -> dict[str, Any]:
     data = dataclasses.asdict(record)
     data["addrs"] = list(record.addrs)
     data["adapters"] = list(record.adapters)
+    data["adapter_ids"] = list(record.adapter_ids)
     data["next_rtts"] = {peer: float(rtt) for peer, rtt in record.next_rtts}
     return data
 
@@ -130,8 +152,21 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "quant": (str,),
     "bytes_per_block": (int,),
     "moving_to": (int,),
+    "model_digest": (str,),
+    "blocks_digest": (str,),
 }
-_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block", "moving_to")
+_OPTIONAL = (
+    "state",
+    "seq",
+    "expires_at",
+    "quant",
+    "bytes_per_block",
+    "moving_to",
+    "model_digest",
+    "blocks_digest",
+)
+DIGEST_HEX = 64  # a sha256 digest in hex
+ADAPTER_ID_HEX = 32  # model.identity.ADAPTER_ID_HEX
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -197,6 +232,13 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     if fields["addrs"] is None:
         raise RemoteProtocolError("server record lacks 'addrs'")
     fields["adapters"] = _str_list(data, "adapters", MAX_ADAPTERS)
+    fields["adapter_ids"] = _str_list(data, "adapter_ids", MAX_ADAPTERS)
+    for adapter in fields["adapter_ids"]:
+        if not (len(adapter) == ADAPTER_ID_HEX and is_digest(adapter + "0" * 32)):
+            raise RemoteProtocolError(
+                f"server record 'adapter_ids' must hold {ADAPTER_ID_HEX} lowercase hex digits each, "
+                f"got {adapter[:80]!r}"
+            )
     fields["next_rtts"] = _next_rtts(data)
     if not 0 <= fields["start"] < fields["end"] <= MAX_BLOCKS:
         raise RemoteProtocolError(
@@ -221,7 +263,14 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     )
     check("expires_at", math.isfinite(fields.get("expires_at", 0.0)), "finite")
     check("state", fields.get("state", "ONLINE") in STATES, f"one of {STATES}")
+    for name in ("model_digest", "blocks_digest"):
+        check(name, is_digest(fields.get(name, "")), f"{DIGEST_HEX} lowercase hex digits or empty")
     return ServerRecord(**fields)
+
+
+def is_digest(text: str) -> bool:
+    """A sha256 digest as records carry it (64 lowercase hex digits), or "" for none."""
+    return text == "" or (len(text) == DIGEST_HEX and all(c in "0123456789abcdef" for c in text))
 
 
 def decode_record(value: bytes) -> ServerRecord:

@@ -81,7 +81,9 @@ def choose_chain(
     usable = [
         s
         for s in servers
-        if s.model == model and s.peer_id not in exclude and (not adapter or adapter in s.adapters)
+        if s.model == model
+        and s.peer_id not in exclude
+        and (not adapter or s.holds_adapter(adapter))
     ]
     gaps = missing_blocks(usable, start, end)
     if gaps:
@@ -177,7 +179,7 @@ def _usable(
     """Live servers of ``model`` (holding ``adapter``, when one is named) with room for the session;
     MissingBlocksError names what lacks."""
     live = [s for s in servers if s.model == model and s.peer_id not in exclude and s.is_live(now)]
-    candidates = [s for s in live if not adapter or adapter in s.adapters]
+    candidates = [s for s in live if not adapter or s.holds_adapter(adapter)]
     usable = [s for s in candidates if s.throughput > 0 and s.cache_tokens_left >= cache_tokens]
     gaps = missing_blocks(usable, start, end)
     if gaps:

@@ -8,6 +8,7 @@ from swarm_node.model.bundled import (
     BUNDLED_MODELS,
     BundledModel,
     default_cache_dir,
+    identity_of,
     load_tokenizer,
     model_id_of,
     resolve_model,
@@ -15,6 +16,7 @@ from swarm_node.model.bundled import (
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.client_head import ClientHead
 from swarm_node.model.families import FAMILIES, Family, family_for
+from swarm_node.model.identity import ModelIdentity
 from swarm_node.model.kv_cache import SpanCache
 from swarm_node.model.sampling import apply_repetition_penalty, sample_next_token
 from swarm_node.model.span import BlockSpan
@@ -27,10 +29,12 @@ __all__ = [
     "Checkpoint",
     "ClientHead",
     "Family",
+    "ModelIdentity",
     "SpanCache",
     "apply_repetition_penalty",
     "default_cache_dir",
     "family_for",
+    "identity_of",
     "load_tokenizer",
     "model_id_of",
     "resolve_model",

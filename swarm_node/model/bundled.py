@@ -22,17 +22,22 @@ from typing import Any
 
 from swarm_node.errors import ModelError
 from swarm_node.model.checkpoint import Checkpoint
+from swarm_node.model.identity import ModelIdentity, model_identity
 
 log = logging.getLogger(__name__)
 
 
 def model_id_of(model: str) -> str:
-    """The name a model is announced under: a bundled name as is, a folder by its last component."""
+    """The name a model is announced under: a bundled name as is, a folder by its last component,
+    a digest by its bundled model's name."""
     if model in BUNDLED_MODELS:
         return model
+    if is_digest_prefix(model) and not Path(model).is_dir():
+        return resolve_model(model).name
     return model.rstrip("/").rsplit("/", 1)[-1]
 
 
+MIN_DIGEST_PREFIX = 8  # hex digits of a digest that --model takes
 COMPLETE_MARKER = ".swarm-node-complete"  # written last: a folder without it is not a model
 
 
@@ -63,7 +68,8 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: Path | None = None) -> Path:
-    """A bundled model's name or a local model folder -> a validated local model folder."""
+    """A bundled model's name, a local model folder or the digest (its first
+    MIN_DIGEST_PREFIX hex digits or more) of a bundled model -> a validated local model folder."""
     text = os.fspath(name_or_path)
     if text in BUNDLED_MODELS:
         return _ensure_converted(BUNDLED_MODELS[text], cache_dir or default_cache_dir())
@@ -71,9 +77,55 @@ def resolve_model(name_or_path: str | os.PathLike[str], *, cache_dir: Path | Non
     if path.is_dir():
         Checkpoint.open(path)  # ModelError if it is not a usable model folder
         return path
+    if is_digest_prefix(text):
+        return _by_digest(text.lower(), cache_dir or default_cache_dir())
     raise ModelError(
-        f"model must be a bundled model name {sorted(BUNDLED_MODELS)} or an existing model folder, "
-        f"got {text!r}"
+        f"model must be a bundled model name {sorted(BUNDLED_MODELS)}, an existing model folder or "
+        f"a model digest, got {text!r}"
+    )
+
+
+def is_digest_prefix(text: str) -> bool:
+    """Whether ``text`` reads as (the start of) a model digest: MIN_DIGEST_PREFIX to 64 hex digits."""
+    return MIN_DIGEST_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def identity_of(model: str, *, cache_dir: Path | None = None) -> ModelIdentity:
+    """What ``model`` (a name, folder or digest, as resolve_model takes) is: its name and digests
+    (computed once per revision of the files, then read from the cache)."""
+    cache = cache_dir or default_cache_dir()
+    path = resolve_model(model, cache_dir=cache)
+    name = model if model in BUNDLED_MODELS else model_id_of(os.fspath(path))
+    return model_identity(path, name=name, cache_dir=cache)
+
+
+def local_identity(model: str, *, cache_dir: Path | None = None) -> ModelIdentity | None:
+    """``identity_of(model)`` when ``model`` is here already (a folder, a converted bundled model or
+    its digest); None when it is only a name (nothing is converted)."""
+    cache = cache_dir or default_cache_dir()
+    bundled = BUNDLED_MODELS.get(model)
+    if bundled is not None and not is_complete(cache / "models" / bundled.name):
+        return None
+    try:
+        return identity_of(model, cache_dir=cache)
+    except ModelError:
+        return None
+
+
+def _by_digest(prefix: str, cache_dir: Path) -> Path:
+    """The bundled model (converted in ``cache_dir``) whose digest starts with ``prefix``."""
+    held = []
+    for model in BUNDLED_MODELS.values():
+        folder = cache_dir / "models" / model.name
+        if not is_complete(folder):
+            continue
+        identity = model_identity(folder, name=model.name, cache_dir=cache_dir)
+        if identity.digest.startswith(prefix):
+            return folder
+        held.append(identity.describe())
+    raise ModelError(
+        f"model digest {prefix!r} must be one of a bundled model converted here ({held or 'none'}); "
+        "name a model folder instead"
     )
 
 

@@ -55,6 +55,10 @@ class Checkpoint:
     def tensor_names(self) -> list[str]:
         return sorted(self._weight_map)
 
+    def weight_file(self, name: str) -> str:
+        """The file (inside ``path``) holding tensor ``name``."""
+        return self._weight_map[name]
+
     def has_tensor(self, name: str) -> bool:
         return name in self._weight_map
 

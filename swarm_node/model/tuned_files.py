@@ -1,8 +1,10 @@
 """Files of what a client trained: soft prompts (``ptune``), deep prompts (``deep_ptune``) and LoRA
 adapters (``lora``), as safetensors with a small metadata header.
 
-The header (safetensors' string metadata) says which model the file is for, its block range, the
-method and every tensor's shape; loading checks all of it, and the file's size and header length,
+The header (safetensors' string metadata) says which model the file is for (its name and, since
+model digests, ``model_digest``: the weights it was trained on, model/identity.py), its block range,
+the method and every tensor's shape; loading checks all of it (a file trained on other weights is
+refused), and the file's size and header length,
 before any tensor is read. Tensors: ``prompts`` ``# (P, H)``; ``deep_prompts`` ``# (end - start, P,
 H)``; a LoRA's ``model.layers.{i}.{module}.lora_A.weight`` / ``lora_B.weight`` with its scales in the
 header. Knows nothing of peers or of how prompts and adapters are applied (prompts.py, lora.py).
@@ -41,13 +43,14 @@ _FLOAT_DTYPES = {"F32", "F16", "BF16"}
 class TunedFile:
     """What one file holds: trained prompts or a LoRA for blocks ``start..end-1`` of ``model``."""
 
-    model: str  # the model id it was trained on, e.g. "smollm2-135m"
+    model: str  # the name of the model it was trained on, e.g. "smollm2-135m"
     method: str  # "ptune", "deep_ptune" or "lora"
     start: int
     end: int
     prompts: torch.Tensor | None = None  # (P, H): soft prompt before the input embeddings
     deep_prompts: torch.Tensor | None = None  # (end - start, P, H): added before each block
     lora: LoraWeights | None = None
+    model_digest: str = ""  # the digest of the weights it was trained on ("": not recorded)
 
     def deep_prompts_for(self, num_blocks: int) -> torch.Tensor | None:
         """The deep prompts of every block ``# (num_blocks, P, H)``: zeros outside start..end-1."""
@@ -91,6 +94,7 @@ def save_tuned(path: str | Path, tuned: TunedFile, *, config: Any) -> Path:
         "format": FORMAT,
         "version": VERSION,
         "model": tuned.model,
+        "model_digest": tuned.model_digest,
         "method": tuned.method,
         "num_blocks": str(int(config.num_hidden_layers)),
         "hidden_size": str(int(config.hidden_size)),
@@ -107,6 +111,7 @@ def save_tuned(path: str | Path, tuned: TunedFile, *, config: Any) -> Path:
             config=config,
             methods=METHODS,
             where="tuned file to save",
+            model_digest=tuned.model_digest,
         )
     except ModelError as exc:
         raise ConfigError(str(exc)) from None
@@ -123,8 +128,10 @@ def load_tuned(
     methods: tuple[str, ...] = METHODS,
     dtype: torch.dtype = torch.float32,
     max_bytes: int = MAX_TUNED_BYTES,
+    model_digest: str = "",
 ) -> TunedFile:
-    """A tuned file for ``model`` (None: any name) with ``config``'s shapes, checked before reading.
+    """A tuned file for ``model`` (None: any name) with ``config``'s shapes, checked before reading;
+    trained on the weights of ``model_digest`` when both it and the file name a digest.
 
     ModelError names the file, the field, what was expected and what the file holds.
     """
@@ -158,6 +165,7 @@ def load_tuned(
                 config=config,
                 methods=methods,
                 where=where,
+                model_digest=model_digest,
             )
             tensors = {name: f.get_tensor(name).to(dtype) for name in tensors_meta}
     except SafetensorError as exc:
@@ -165,7 +173,13 @@ def load_tuned(
     for name, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise ModelError(f"{where}: tensor {name!r} must be finite, it holds inf or nan")
-    common = dict(model=metadata["model"], method=method, start=start, end=end)
+    common = dict(
+        model=metadata["model"],
+        method=method,
+        start=start,
+        end=end,
+        model_digest=metadata.get("model_digest", ""),
+    )
     if method == "lora":
         try:
             lora = lora_from_state(
@@ -184,10 +198,18 @@ def tuned_of(
     num_blocks: int,
     ptune: Any = None,
     lora: LoraWeights | None = None,
+    model_digest: str = "",
 ) -> TunedFile:
     """What a client trained (a prompts.PromptTuning or a LoRA) as a TunedFile over every block."""
     if method == "lora" and lora is not None:
-        return TunedFile(model=model, method="lora", start=0, end=num_blocks, lora=lora)
+        return TunedFile(
+            model=model,
+            method="lora",
+            start=0,
+            end=num_blocks,
+            lora=lora,
+            model_digest=model_digest,
+        )
     if method in ("ptune", "deep_ptune") and ptune is not None:
         deep = ptune.deep_prompts.detach() if ptune.deep_prompts is not None else None
         return TunedFile(
@@ -197,6 +219,7 @@ def tuned_of(
             end=num_blocks,
             prompts=ptune.prompts.detach(),
             deep_prompts=deep,
+            model_digest=model_digest,
         )
     raise ConfigError(
         f"only a model with tuning_mode 'ptune', 'deep_ptune' or 'lora' has something to save, "
@@ -265,6 +288,7 @@ def _check_header(
     config: Any,
     methods: tuple[str, ...],
     where: str,
+    model_digest: str = "",
 ) -> tuple[str, int, int, dict[str, float]]:
     """Check the header and every tensor's declared shape and dtype; (method, start, end, scales)."""
     err = ModelError
@@ -279,6 +303,16 @@ def _check_header(
     found = _field(metadata, "model", where)
     if model is not None and found != model:
         raise err(f"{where} was trained for model {found!r}; it must be for {model!r}")
+    trained_on = metadata.get("model_digest", "")
+    if not isinstance(trained_on, str) or not (trained_on == "" or _is_digest(trained_on)):
+        raise err(
+            f"{where}: header 'model_digest' must be 64 hex digits, got {str(trained_on)[:80]!r}"
+        )
+    if model_digest and trained_on and trained_on != model_digest:
+        raise err(
+            f"{where} was trained on other weights of {found!r} (model digest {trained_on[:12]}); "
+            f"this model's digest is {model_digest[:12]}"
+        )
     num_blocks, hidden = int(config.num_hidden_layers), int(config.hidden_size)
     for name, want in (("num_blocks", num_blocks), ("hidden_size", hidden)):
         got = _int_field(metadata, name, where)
@@ -338,6 +372,17 @@ def _check_prompt_shapes(
             f"{where}: 'deep_prompts' must have shape ({blocks}, {prompts[0]}, {hidden}) "
             f"(blocks, P, H), got {tuple(shapes['deep_prompts'])}"
         )
+
+
+def tuned_id(path: str | Path) -> str:
+    """A tuned file's own id: the digest of its header and tensors (model/identity.py)."""
+    from swarm_node.model.identity import safetensors_digest
+
+    return safetensors_digest(Path(path).expanduser())
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _short(value: Any) -> str:

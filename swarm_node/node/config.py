@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
+from swarm_node.dht.pinning import QUANTS as WEIGHT_VARIANTS
 from swarm_node.dht.records import MAX_TTL
 from swarm_node.errors import ConfigError, check_int
 
@@ -154,7 +155,11 @@ class ServerConfig:
     """A server holds blocks ``start..end-1`` of one model, or ``num_blocks`` blocks it chooses itself."""
 
     model: str = flag(
-        MISSING, "bundled model name or a local Hugging Face folder", cli_default=DEFAULT_MODEL
+        MISSING,
+        "bundled model name, a local Hugging Face folder, or the digest (8+ hex digits, as "
+        "`status` shows it) of a bundled model converted here; servers are told apart by the "
+        "digest of their weights, never by the name alone",
+        cli_default=DEFAULT_MODEL,
     )
     start: int = 0
     end: int = 0
@@ -356,9 +361,21 @@ class ClientConfig:
         "carry when other servers hold its blocks (1: no bound)",
     )
 
+    accept_quant: tuple[str, ...] = flag(
+        WEIGHT_VARIANTS,
+        "how servers may hold the weights this client pinned (its model folder's): 'none' "
+        "(the folder's exact weights), 'int8', 'nf4'; '--accept-quant none' for exact weights only",
+        choices=WEIGHT_VARIANTS,
+    )
+
     def __post_init__(self) -> None:
         if self.adapter is not None:
             check_adapter_name(self.adapter)
+        if not self.accept_quant or not set(self.accept_quant) <= set(WEIGHT_VARIANTS):
+            raise ConfigError(
+                f"'accept_quant' must be a non-empty subset of {WEIGHT_VARIANTS}, "
+                f"got {self.accept_quant!r}"
+            )
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
         _check_range("idle_ping", self.idle_ping, 0.0)

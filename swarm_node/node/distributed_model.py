@@ -53,6 +53,7 @@ class DistributedModelBase(torch.nn.Module):
         lora_alpha: float = 16.0,
         lora_targets: Sequence[str] = DEFAULT_TARGETS,
         min_pieces: int = 1,
+        model_digest: str = "",  # model/identity.py's digest of the weights (tuned files carry it)
     ) -> None:
         from swarm_node.model.lora import config_linear_shapes
         from swarm_node.model.prompts import PromptTuning
@@ -60,6 +61,7 @@ class DistributedModelBase(torch.nn.Module):
         super().__init__()
         self.path = path
         self.model_id = model_id
+        self.model_digest = model_digest
         self.config = config
         self.dtype = dtype
         self.head = head
@@ -132,9 +134,11 @@ class DistributedModelBase(torch.nn.Module):
             PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig()
         )
         try:
+            identity = loop.run(loop.peer.pin_model, str(path))
             return cls(
                 path=path,
-                model_id=model_id_of(model),
+                model_id=model_id_of(str(path)) if identity is None else identity.name,
+                model_digest="" if identity is None else identity.digest,
                 head=head,
                 config=checkpoint.config,
                 dtype=dtype,
@@ -181,6 +185,7 @@ class DistributedModelBase(torch.nn.Module):
             num_blocks=self.config.num_hidden_layers,
             ptune=self.ptune,
             lora=lora,
+            model_digest=self.model_digest,
         )
         return save_tuned(path, tuned, config=self.config)
 
@@ -189,7 +194,11 @@ class DistributedModelBase(torch.nn.Module):
         from swarm_node.model.tuned_files import copy_tuned, load_tuned
 
         tuned = load_tuned(
-            path, model=self.model_id, config=self.config, dtype=TORCH_DTYPES[self.dtype]
+            path,
+            model=self.model_id,
+            config=self.config,
+            dtype=TORCH_DTYPES[self.dtype],
+            model_digest=self.model_digest,
         )
         copy_tuned(tuned, ptune=self.ptune, lora=None if self.lora is None else self.lora.weights())
 

@@ -22,6 +22,7 @@ from swarm_node import __version__
 from swarm_node.compression import native
 from swarm_node.dht.bans import BanList
 from swarm_node.dht.discovery import SwarmDHT
+from swarm_node.dht.pinning import ModelPin, mixed_digests, pinned
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import (
     ChainShares,
@@ -35,8 +36,9 @@ from swarm_node.dht.routing import (
     spread_exclusion,
     trusted_throughputs,
 )
-from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import model_id_of
+from swarm_node.errors import ConfigError, MissingBlocksError, ModelError
+from swarm_node.model.bundled import identity_of, model_id_of
+from swarm_node.model.identity import ModelIdentity
 from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, request
 from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
@@ -45,6 +47,7 @@ from swarm_node.node.net.dialing import connect_initial_peers, open_stream, pars
 from swarm_node.node.net.host import build_host, close_connections, host_peer_id
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.swarm_key import load_swarm_key
+from swarm_node.node.server.adapters import is_adapter_id
 from swarm_node.node.server.block_server import BlockServer
 from swarm_node.node.server.loading import prepare_span
 from swarm_node.node.server.placement import start_placed
@@ -82,6 +85,9 @@ class Peer:
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
         self.shares = ChainShares(share=client.max_server_share)  # the servers of its last chains
+        self.identity: ModelIdentity | None = None  # what this peer serves
+        self.pins: dict[str, ModelPin] = {}  # model name -> the weights this client expects
+        self.left_out: dict[str, dict[str, str]] = {}  # model -> peer id -> why (last lookup)
 
     @property
     def peer_id(self) -> str:
@@ -111,10 +117,12 @@ class Peer:
         sessions end."""
         span, throughput, adapters = prepared
         old = self.server
+        self.identity = await trio.to_thread.run_sync(identity_of, config.model)
         self.server = BlockServer(
             adapters=adapters,
             span=span,
             model_id=model_id_of(config.model),
+            model_digest=self.identity.digest,
             config=config,
             max_frame_size=self.config.max_frame_size,
             compute_limiter=self.compute_limiter,
@@ -128,7 +136,7 @@ class Peer:
             "serving blocks %d:%d of %s (%s, %.1f tokens/s)",
             config.start,
             config.end,
-            self.server.model_id,
+            self.identity.describe(),
             config.dtype,
             throughput,
         )
@@ -136,7 +144,7 @@ class Peer:
 
     def make_record(self, state: str, ttl: float) -> ServerRecord:
         """This server's record as it would be announced now (a new seq each call)."""
-        assert self.server is not None
+        assert self.server is not None and self.identity is not None
         self._seq += 1
         return ServerRecord(
             peer_id=self.peer_id,
@@ -149,12 +157,15 @@ class Peer:
             dtype=self.server.config.dtype,
             version=__version__,
             quant=self.server.config.quant or "none",
-            adapters=tuple(sorted(self.server.adapters)),
+            adapters=tuple(sorted(k for k in self.server.adapters if not is_adapter_id(k))),
+            adapter_ids=tuple(sorted(k for k in self.server.adapters if is_adapter_id(k))),
             bytes_per_block=self.server.span.memory_bytes()
             // (self.server.end - self.server.start),
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             moving_to=-1 if self.moving_to is None else self.moving_to,
+            model_digest=self.identity.digest,
+            blocks_digest=self.identity.span_digest(self.server.start, self.server.end),
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )
@@ -239,12 +250,53 @@ class Peer:
             await conn.close()
         return elapsed, info
 
+    async def pin_model(self, model: str) -> ModelIdentity | None:
+        """From now on use only servers holding the weights of ``model`` (a name, folder or digest,
+        as ``--model`` takes; its digests computed once, then cached) in a variant the client
+        config's ``accept_quant`` allows; its sessions name the model by ``identity.name``.
+
+        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say one
+        holding only what a client needs (embeddings, norm, head): its servers are then told apart
+        by their announced digests only (a name served with two digests is refused)."""
+        try:
+            identity = await trio.to_thread.run_sync(identity_of, model)
+        except ModelError as exc:
+            log.warning("not pinning the weights of %s: %s", model, exc)
+            return None
+        self.pins[identity.name] = ModelPin(
+            digest=identity.digest,
+            span_digest=identity.span_digest,
+            quants=self.client_config.accept_quant,
+        )
+        self._known.pop(identity.name, None)  # servers found before were not checked against it
+        self._known_at.pop(identity.name, None)
+        return identity
+
+    def _holding_the_weights(self, model: str, servers: list[ServerRecord]) -> list[ServerRecord]:
+        """``servers`` less those not holding the pinned weights of ``model`` (each logged once, and
+        remembered in ``left_out``); without a pin, ModelError if they hold different models."""
+        pin = self.pins.get(model)
+        if pin is None:
+            problem = mixed_digests(servers, model)
+            if problem is not None:
+                raise ModelError(problem)
+            return servers
+        kept, left_out = pinned(servers, pin)
+        before = self.left_out.get(model, {})
+        for peer_id, why in left_out.items():
+            if before.get(peer_id) != why:
+                log.warning("leaving a server of %s out: %s", model, why)
+        self.left_out[model] = left_out
+        return kept
+
     async def find_servers(
         self, model: str, num_blocks: int, *, start: int = 0
     ) -> list[ServerRecord]:
-        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)."""
+        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)
+        holding the weights this client pinned (``pin_model``)."""
         with trio.fail_after(self.client_config.lookup_timeout):
             servers = await self.dht.find_servers(model, range(start, num_blocks))
+        servers = self._holding_the_weights(model, servers)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)
         self._known[model] = list(known.values())
@@ -315,6 +367,26 @@ class Peer:
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
         if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
+        try:
+            return await self._route(settings, servers, start, end, adapter, rng, avoid)
+        except MissingBlocksError as exc:
+            left_out = self.left_out.get(model)
+            if not left_out:
+                raise
+            why = "; ".join(sorted(left_out.values())[:8])
+            raise MissingBlocksError(f"{exc}; servers left out: {why}") from None
+
+    async def _route(
+        self,
+        settings: SessionSettings,
+        servers: list[ServerRecord],
+        start: int,
+        end: int,
+        adapter: str,
+        rng: random.Random | None,
+        avoid: frozenset[str],
+    ) -> list[Hop]:
+        model = settings.model
         servers = trusted_throughputs(servers, self.observed.as_dict())
         exclude = self.bans.banned(trio.current_time()) | avoid
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())

@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter",
         "max_server_share",
         "idle_ping",
+        "accept_quant",
     )
     _add(
         gen,

@@ -15,7 +15,7 @@ import torch
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import model_id_of
+from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
@@ -102,17 +102,26 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
     prefix = deep = lora = None
     dtype = TORCH_DTYPES[args.dtype]
-    model = model_id_of(args.model)
+    identity = local_identity(args.model)  # None: a folder that cannot be identified
+    model = model_id_of(args.model) if identity is None else identity.name
+    digest = "" if identity is None else identity.digest
     if getattr(args, "prompt_file", None) is not None:
         methods = ("ptune", "deep_ptune")
         tuned = load_tuned(
-            args.prompt_file, model=model, config=config, methods=methods, dtype=dtype
+            args.prompt_file,
+            model=model,
+            config=config,
+            methods=methods,
+            dtype=dtype,
+            model_digest=digest,
         )
         prefix = tuned.prompts  # (P, H)
         deep = tuned.deep_prompts_for(int(config.num_hidden_layers))  # (L, P, H) or None
     adapter = getattr(args, "adapter", None)
     if adapter and is_adapter_file(adapter):
-        lora = load_tuned(adapter, model=model, config=config, methods=("lora",), dtype=dtype).lora
+        lora = load_tuned(
+            adapter, model=model, config=config, methods=("lora",), dtype=dtype, model_digest=digest
+        ).lora
     return {"prefix": prefix, "tuning": HopTuning(prompts=deep, lora=lora)}
 
 
@@ -120,6 +129,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     from swarm_node.model import ClientHead, load_tokenizer
 
     path, checkpoint = await _checkpoint(args.model)
+    identity = await peer.pin_model(str(path))
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
     head = await trio.to_thread.run_sync(
         lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
@@ -134,7 +144,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
     )
     settings = SessionSettings(
-        model=model_id_of(args.model),
+        model=model_id_of(str(path)) if identity is None else identity.name,
         num_blocks=checkpoint.config.num_hidden_layers,
         dtype=args.dtype,
     )
@@ -207,8 +217,15 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
 
     out = out or sys.stdout
     _need_initial_peers(args)
+    local = await trio.to_thread.run_sync(local_identity, args.model)
+    name = model_id_of(args.model) if local is None else local.name
     async with open_peer(_client_peer(args)) as peer:
-        report = await gather_status(peer, model_id_of(args.model), num_blocks=args.num_blocks)
+        report = await gather_status(
+            peer,
+            name,
+            num_blocks=args.num_blocks,
+            expected_digest="" if local is None else local.digest,
+        )
     out.write((json.dumps(report) if args.json else format_report(report)) + "\n")
     out.flush()
     return 0

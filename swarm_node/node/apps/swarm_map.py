@@ -114,6 +114,7 @@ def model_view(
             "throughput": [0.0] * num_blocks,
             "missing": list(range(num_blocks)),
             "servers": [],
+            "variants": [],
             "error": error,
             "updated": False,
         }
@@ -144,7 +145,20 @@ def model_view(
                     "version",
                 )
             }
+            | {"model_digest": s.get("model_digest", "")[:12]}
             for s in report["servers"]
+        ],
+        # the weights served under the name, by digest (short): a client uses only its own
+        "variants": [
+            {
+                "digest": v["digest"][:12],
+                "local": v["local"],
+                "servers": len(v["servers"]),
+                "quants": v["quants"],
+                "missing": v["missing"],
+            }
+            for v in report.get("variants", [])
+            if v["digest"]
         ],
         "error": error,
         "updated": True,

@@ -21,17 +21,39 @@ PROBE_BLOCKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
 def coverage_report(
-    servers: Sequence[ServerRecord], *, model: str, num_blocks: int, rtt: Mapping[str, float]
+    servers: Sequence[ServerRecord],
+    *,
+    model: str,
+    num_blocks: int,
+    rtt: Mapping[str, float],
+    expected_digest: str = "",
 ) -> dict[str, Any]:
-    """Every block with the servers covering it; servers with their numbers and round trip."""
+    """Every block with the servers covering it; servers with their numbers and round trip; the
+    variants (model digests) served, each with its own coverage (``expected_digest``: the local
+    model's, marked)."""
     servers = sorted(servers, key=lambda s: (s.start, s.end, s.peer_id))
     blocks = [
         {"block": b, "servers": [s.peer_id for s in servers if s.covers(b)]}
         for b in range(num_blocks)
     ]
+    digests = sorted({s.model_digest for s in servers} | ({expected_digest} - {""}))
+    variants = []
+    for digest in digests:
+        held = [s for s in servers if s.model_digest == digest]
+        variants.append(
+            {
+                "digest": digest,
+                "local": bool(digest) and digest == expected_digest,
+                "servers": [s.peer_id for s in held],
+                "quants": sorted({s.quant for s in held}),
+                "missing": [b for b in range(num_blocks) if not any(s.covers(b) for s in held)],
+            }
+        )
     return {
         "model": model,
         "num_blocks": num_blocks,
+        "expected_digest": expected_digest,
+        "variants": variants,
         "servers": [
             {
                 "peer_id": s.peer_id,
@@ -49,6 +71,8 @@ def coverage_report(
                 "adapters": list(s.adapters),
                 "state": s.state,
                 "moving_to": None if s.moving_span is None else list(s.moving_span),
+                "model_digest": s.model_digest,
+                "blocks_digest": s.blocks_digest,
             }
             for s in servers
         ],
@@ -88,13 +112,30 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
+            + f"  model {s.get('model_digest', '')[:12] or '-'}"
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
             + (f"  moving to blocks {moving[0]}:{moving[1]}" if moving else "")
+        )
+    variants = report.get("variants", [])
+    if not any(v["digest"] for v in variants):  # older servers only: nothing to tell apart
+        variants = []
+    if variants:
+        lines.append("models (by digest):")
+    for variant in variants:
+        digest = variant["digest"][:12] or "no digest (older servers)"
+        mine = " (this client's)" if variant["local"] else ""
+        gaps = variant["missing"]
+        lines.append(
+            f"  {digest}{mine}: {len(variant['servers'])} server(s) "
+            f"({', '.join(variant['quants']) or '-'}), "
+            + (f"missing blocks {format_blocks(gaps)}" if gaps else "every block served")
         )
     return "\n".join(lines)
 
 
-async def gather_status(peer: Any, model: str, *, num_blocks: int | None = None) -> dict[str, Any]:
+async def gather_status(
+    peer: Any, model: str, *, num_blocks: int | None = None, expected_digest: str = ""
+) -> dict[str, Any]:
     """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
     with trio.fail_after(peer.client_config.lookup_timeout):
         if num_blocks is None:
@@ -104,7 +145,9 @@ async def gather_status(peer: Any, model: str, *, num_blocks: int | None = None)
     rtt = await peer.ping_all(servers)
     for peer_id, seconds in rtt.items():
         peer.rtt.observe(peer_id, seconds)
-    return coverage_report(servers, model=model, num_blocks=num_blocks, rtt=rtt)
+    return coverage_report(
+        servers, model=model, num_blocks=num_blocks, rtt=rtt, expected_digest=expected_digest
+    )
 
 
 async def _num_blocks(peer: Any, model: str, servers: Sequence[ServerRecord]) -> int:

@@ -70,6 +70,7 @@ class BlockServer:
         span: Any,  # model.BlockSpan
         model_id: str,
         config: ServerConfig,
+        model_digest: str = "",  # model/identity.py's digest of the weights served
         max_frame_size: int,
         compute_limiter: trio.CapacityLimiter,
         throughput: float,
@@ -84,6 +85,7 @@ class BlockServer:
         self.sessions: dict[str, ServerSession] = {}  # every open session, for pushed steps
         self.span = span
         self.model_id = model_id
+        self.model_digest = model_digest
         self.config = config
         self.max_frame_size = max_frame_size
         self.compute_limiter = compute_limiter
@@ -352,6 +354,7 @@ class BlockServer:
                 next_session=req.next_session,
                 max_frame_size=self.max_frame_size,
                 model=self.model_id,
+                digest=self.model_digest,
                 block=req.end,
                 find_record=self.push_targets,
             )

@@ -14,7 +14,7 @@ import torch
 import trio
 
 from swarm_node.errors import ConfigError
-from swarm_node.model.bundled import model_id_of
+from swarm_node.model.bundled import identity_of, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.config import ServerConfig
 
@@ -53,9 +53,15 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
         per_block / 1e6,
         config.quant or config.dtype,
     )
+    identity = await trio.to_thread.run_sync(identity_of, config.model)
     adapters = await trio.to_thread.run_sync(
         lambda: load_server_adapters(
-            config.adapters, checkpoint.config, start=config.start, end=config.end, dtype=dtype
+            config.adapters,
+            checkpoint.config,
+            start=config.start,
+            end=config.end,
+            dtype=dtype,
+            model_digest=identity.digest,
         )
     )
     throughput = config.throughput

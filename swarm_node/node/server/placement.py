@@ -131,12 +131,13 @@ def _waits_for_others(
 async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -> None:
     """Choose ``config.num_blocks`` blocks for ``peer`` (a node.peer.Peer), serve them, and keep
     re-checking in ``nursery``."""
-    from swarm_node.model import Checkpoint, resolve_model
+    from swarm_node.model import Checkpoint, identity_of, resolve_model
 
     assert config.num_blocks is not None
     path = await trio.to_thread.run_sync(resolve_model, config.model)
     total = (await trio.to_thread.run_sync(Checkpoint.open, path)).config.num_hidden_layers
     model = model_id_of(config.model)
+    digest = (await trio.to_thread.run_sync(identity_of, config.model)).digest
     if config.num_blocks > total:
         raise ConfigError(
             f"'--num-blocks' must be at most the {total} blocks of {model}, got {config.num_blocks}"
@@ -144,8 +145,10 @@ async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -
     rng = random.Random()
 
     async def fetch() -> list[ServerRecord]:
+        """Servers of the same weights: those of other weights under the name cover nothing."""
         with trio.fail_after(peer.client_config.lookup_timeout):
-            return await peer.dht.find_servers(model, range(total))
+            servers = await peer.dht.find_servers(model, range(total))
+        return [s for s in servers if s.model_digest == digest]
 
     start = await choose_start(
         fetch,

@@ -74,16 +74,17 @@ async def open_push_link(
     next_session: str,
     max_frame_size: int,
     model: str,
+    digest: str = "",
     block: int,
     find_record: Callable[[str], Awaitable[ServerRecord | None]],
 ) -> PushLink | None:
     """A push stream to ``peer_id``, if its signed record (``find_record``) announces block ``block``
-    of ``model``, at that record's addresses; None (no push) otherwise, or if unreachable."""
+    of ``model`` (with model digest ``digest``, when given), at that record's addresses; None (no push) otherwise, or if unreachable."""
     record = None
     with trio.move_on_after(PUSH_OPEN_TIMEOUT):
         record = await find_record(peer_id)
     problem = push_target_problem(
-        record, peer_id=peer_id, model=model, block=block, now=time.time()
+        record, peer_id=peer_id, model=model, digest=digest, block=block, now=time.time()
     )
     if problem is not None:
         log.info("push target refused: %s", problem)

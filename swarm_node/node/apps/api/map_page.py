@@ -74,6 +74,10 @@ function modelCard(m) {
     el("h2", {}, m.model),
     el("div", {class: "sub"}, m.num_blocks + " blocks \\u00b7 " + servers + " server(s) \\u00b7 ", status,
        m.error ? el("span", {class: "bad"}, " \\u00b7 " + m.error) : ""));
+  if (m.variants && m.variants.length)
+    card.append(el("div", {class: "sub", "data-role": "variants"}, "weights by digest: " + m.variants.map((v) =>
+      v.digest + (v.local ? " (this API's)" : " (other weights, not used)") + ": " + v.servers + " server(s)"
+      + (v.missing.length ? ", missing blocks " + compact(v.missing) : "")).join(" \\u00b7 ")));
   const bar = el("div", {class: "bar", "data-role": "coverage"});
   m.coverage.forEach((n, b) => bar.append(el("div", {class: "c" + Math.min(n, 3),
     title: "block " + b + ": " + n + " server(s), " + m.throughput[b] + " tok/s"})));
@@ -95,10 +99,10 @@ function modelCard(m) {
       el("td", {}, num(s.throughput, 1)), el("td", {}, s.cache_tokens_left),
       el("td", {}, s.rtt_ms === null ? "unreachable" : num(s.rtt_ms, 1) + " ms"),
       el("td", {class: "state-" + s.state}, s.state), el("td", {}, s.quant === "none" ? s.dtype : s.quant),
-      el("td", {}, s.version)));
+      el("td", {}, s.version), el("td", {}, el("code", {}, s.model_digest || "-"))));
   }
   card.append(el("table", {}, el("thead", {}, el("tr", {}, ...["server", "blocks", "tokens/s", "free cache tokens",
-    "round trip", "state", "weights", "version"].map((h) => el("th", {}, h)))), rows));
+    "round trip", "state", "weights", "version", "model digest"].map((h) => el("th", {}, h)))), rows));
   return card;
 }
 

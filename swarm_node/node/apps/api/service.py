@@ -68,7 +68,13 @@ class ApiServer:
 
         for name, runtime in self.runtimes.items():
             try:
-                report = await gather_status(self.peer, name, num_blocks=runtime.num_blocks)
+                pin = self.peer.pins.get(name)
+                report = await gather_status(
+                    self.peer,
+                    name,
+                    num_blocks=runtime.num_blocks,
+                    expected_digest="" if pin is None else pin.digest,
+                )
                 self._views[name] = model_view(
                     report, model=name, num_blocks=runtime.num_blocks, error=None
                 )
@@ -253,6 +259,7 @@ async def serve_api(
     load = partial(ModelRuntime.load, dtype=config.dtype, max_context=config.max_context)
     for model in config.models:
         runtime = await trio.to_thread.run_sync(load, model)
+        await peer.pin_model(str(runtime.path))
         runtimes[runtime.name] = runtime
     api = ApiServer(peer, config, runtimes)
     hconfig = HypercornConfig()

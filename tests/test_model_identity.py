@@ -1,0 +1,430 @@
+"""Which model is this: digests of the weights, cached, announced, and pinned by clients."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import trio
+from safetensors.torch import load_file, save_file
+
+from swarm_node.dht.pinning import ModelPin, mixed_digests, pin_problem, pinned
+from swarm_node.dht.records import ServerRecord, decode_record, encode_record, record_fields
+from swarm_node.errors import MissingBlocksError, ModelError, RemoteProtocolError
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.model.bundled import identity_of, resolve_model
+from swarm_node.model.identity import CACHE_FILE, model_identity
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.config import ClientConfig
+from tests.model_fixtures import make_tiny_model_dir, reference_model
+from tests.swarm_helpers import local_swarm
+
+
+def _rewrite_block(path: Path, block: int, *, scale: float) -> None:
+    """A new revision of the model in ``path``: one tensor of ``block`` changed, in place."""
+    weights_file = path / "model.safetensors"
+    tensors = load_file(str(weights_file))
+    name = next(n for n in sorted(tensors) if n.startswith(f"model.layers.{block}."))
+    tensors[name] = tensors[name] * scale
+    save_file(tensors, str(weights_file), metadata={"format": "pt"})
+
+
+def test_identity_is_stable_across_processes_and_cached_beside_the_model(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    first = identity_of(str(model), cache_dir=tmp_path / "cache")
+    assert (model / CACHE_FILE).is_file() and len(first.blocks) == 4
+    assert first.name == "tiny" and len(first.digest) == 64
+    # another process, no cache: the same digests from the files alone
+    (model / CACHE_FILE).unlink()
+    code = (
+        "import sys; from pathlib import Path; from swarm_node.model.bundled import identity_of;"
+        "i = identity_of(sys.argv[1], cache_dir=Path(sys.argv[2])); print(i.digest, *i.blocks)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model), str(tmp_path / "other-cache")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    assert out == [first.digest, *first.blocks]
+    # the second time is the cache's: a digest planted in the cache entry comes back unhashed
+    entry = json.loads((model / CACHE_FILE).read_text())
+    entry["digest"] = "ab" * 32
+    (model / CACHE_FILE).write_text(json.dumps(entry))
+    assert identity_of(str(model), cache_dir=tmp_path / "cache").digest == "ab" * 32
+
+
+def test_a_new_revision_is_a_new_model_and_changes_only_its_blocks(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    old = identity_of(str(model), cache_dir=tmp_path / "cache")
+    _rewrite_block(model, 2, scale=1.5)
+    new = identity_of(str(model), cache_dir=tmp_path / "cache")  # the cache notices the rewrite
+    assert new.digest != old.digest
+    assert [a == b for a, b in zip(old.blocks, new.blocks, strict=True)] == [
+        True,
+        True,
+        False,
+        True,
+    ]
+    assert new.span_digest(0, 2) == old.span_digest(0, 2)
+    assert new.span_digest(2, 4) != old.span_digest(2, 4)
+    assert new.span_digest(0, 2) != new.span_digest(1, 3)  # a span's position is part of it
+
+
+def test_config_and_dtype_are_part_of_the_identity(tmp_path: Path) -> None:
+    a = make_tiny_model_dir(tmp_path / "a", num_layers=2)
+    b = make_tiny_model_dir(tmp_path / "b", num_layers=2)  # same seed: same weights, same config
+    cache = tmp_path / "cache"
+    assert (
+        identity_of(str(a), cache_dir=cache).digest == identity_of(str(b), cache_dir=cache).digest
+    )
+    config = json.loads((b / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (b / "config.json").write_text(json.dumps(config))
+    assert (
+        identity_of(str(a), cache_dir=cache).digest != identity_of(str(b), cache_dir=cache).digest
+    )
+    half = make_tiny_model_dir(tmp_path / "half", num_layers=2)
+    tensors = load_file(str(half / "model.safetensors"))
+    save_file({k: v.half() for k, v in tensors.items()}, str(half / "model.safetensors"))
+    assert (
+        identity_of(str(half), cache_dir=cache).digest
+        != identity_of(str(a), cache_dir=cache).digest
+    )
+
+
+def test_the_digest_does_not_depend_on_how_the_weights_are_sharded(tmp_path: Path) -> None:
+    single = make_tiny_model_dir(tmp_path / "single", num_layers=3)
+    sharded = make_tiny_model_dir(tmp_path / "sharded", num_layers=3, sharded=True)
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    cache = tmp_path / "cache"
+    assert (
+        identity_of(str(single), cache_dir=cache).digest
+        == identity_of(str(sharded), cache_dir=cache).digest
+    )
+
+
+def test_a_read_only_model_folder_caches_under_the_cache_folder(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "ro", num_layers=2)
+    (model / CACHE_FILE).mkdir()  # a cache entry that cannot be written beside the model
+    first = model_identity(model, name="ro", cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "identities").glob("*.json"))
+    assert model_identity(model, name="ro", cache_dir=tmp_path / "cache") == first
+
+
+def test_a_broken_safetensors_header_is_a_model_error(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "bad", num_layers=2)
+    checkpoint = Checkpoint.open(model)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated after opening
+    from swarm_node.model.identity import compute_identity
+
+    with pytest.raises(ModelError, match="must lie within the file"):
+        compute_identity(checkpoint, name="bad")
+
+
+def test_digest_names_resolve_to_bundled_models_only(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="model digest 'abcdef12' must be one of a bundled"):
+        resolve_model("abcdef12", cache_dir=tmp_path)
+    with pytest.raises(ModelError, match="or a model digest, got 'abc'"):
+        resolve_model("abc", cache_dir=tmp_path)
+
+
+# -- records and pins ------------------------------------------------------------------------------
+def _record(**fields: object) -> ServerRecord:
+    base = dict(
+        peer_id="A",
+        addrs=("/ip4/127.0.0.1/tcp/1",),
+        model="tiny",
+        start=0,
+        end=2,
+        throughput=1.0,
+        cache_tokens_left=100,
+        dtype="float32",
+        version="x",
+        expires_at=10.0,
+    )
+    return ServerRecord(**{**base, **fields})
+
+
+def test_records_carry_digests_within_bounds() -> None:
+    record = _record(model_digest="a" * 64, blocks_digest="b" * 64)
+    assert decode_record(encode_record(record)) == record
+    import msgpack
+
+    for field, value in (
+        ("model_digest", "A" * 64),
+        ("blocks_digest", "a" * 65),
+        ("model_digest", 3),
+        ("adapter_ids", ["ab" * 17]),
+        ("adapter_ids", ["AB" * 16]),
+    ):
+        data = record_fields(record) | {field: value}
+        with pytest.raises(RemoteProtocolError, match=field):
+            decode_record(msgpack.packb(data, use_bin_type=True))
+    older = record_fields(record)
+    del older["model_digest"], older["blocks_digest"]
+    assert decode_record(msgpack.packb(older, use_bin_type=True)).model_digest == ""
+
+
+def test_pins_say_why_a_server_is_left_out(tmp_path: Path) -> None:
+    identity = identity_of(
+        str(make_tiny_model_dir(tmp_path / "tiny", num_layers=4)), cache_dir=tmp_path
+    )
+    pin = ModelPin(digest=identity.digest, span_digest=identity.span_digest, quants=("none",))
+    good = _record(
+        peer_id="good", model_digest=identity.digest, blocks_digest=identity.span_digest(0, 2)
+    )
+    cases = {
+        "old": (
+            replace(good, peer_id="old", model_digest="", blocks_digest=""),
+            "announces no model digest",
+        ),
+        "other": (replace(good, peer_id="other", model_digest="c" * 64), "serves other weights"),
+        "lying": (
+            replace(good, peer_id="lying", blocks_digest="d" * 64),
+            "but blocks 0:2 with digest",
+        ),
+        "moved": (replace(good, peer_id="moved", start=1, end=3), "but blocks 1:3"),
+        "beyond": (replace(good, peer_id="beyond", start=3, end=6), "announces blocks 3:6"),
+        "int8": (replace(good, peer_id="int8", quant="int8"), "accepts only ['none']"),
+    }
+    assert pin_problem(good, pin) is None
+    kept, left_out = pinned([good, *(r for r, _ in cases.values())], pin)
+    assert kept == [good]
+    for peer, (_, why) in cases.items():
+        assert why in left_out[peer], left_out[peer]
+    assert pin_problem(cases["int8"][0], replace(pin, quants=("none", "int8"))) is None
+    two = [good, cases["other"][0], cases["old"][0]]
+    assert "hold 2 different models" in (mixed_digests(two, "tiny") or "")
+    assert mixed_digests([good, cases["old"][0]], "tiny") is None
+
+
+# -- real swarms -----------------------------------------------------------------------------------
+def _same_named_models(tmp_path: Path) -> tuple[Path, Path]:
+    """Two different models in folders of the same name ("tiny")."""
+    a = make_tiny_model_dir(tmp_path / "a" / "tiny", num_layers=6, seed=1)
+    b = make_tiny_model_dir(tmp_path / "b" / "tiny", num_layers=6, seed=2)
+    return a, b
+
+
+async def test_same_named_models_are_never_chained_together(tmp_path: Path) -> None:
+    a, b = _same_named_models(tmp_path)
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, 256, (1, 5))
+    expected = {
+        path: reference_model(path).generate(
+            input_ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        for path in (a, b)
+    }
+    assert expected[a].tolist() != expected[b].tolist()
+    # each model whole on one server, and halves of both: a mixed chain is possible by name
+    spans = [(0, 6), (0, 6), (0, 3), (3, 6), (0, 3), (3, 6)]
+    models = [a, b, a, b, b, a]
+    per_server = [{"model": str(m)} for m in models]
+    with trio.fail_after(120):
+        async with local_swarm(a, spans, per_server=per_server) as (servers, client):
+            # a client naming the model only: the name is ambiguous, and it says so
+            with pytest.raises(ModelError, match="'tiny' hold 2 different models"):
+                await client.find_chain("tiny", 6)
+            for path in (a, b):
+                identity = await client.pin_model(str(path))
+                mine = {s.peer_id for s, m in zip(servers, models, strict=True) if m == path}
+                for _ in range(3):  # chains differ by latency and spreading: each is pure
+                    chain = await client.find_chain("tiny", 6)
+                    assert {h.server.peer_id for h in chain} <= mine
+                    assert all(h.server.model_digest == identity.digest for h in chain)
+                assert set(client.left_out["tiny"]) == {s.peer_id for s in servers} - mine
+                ids, stats = await generate_tokens(
+                    client,
+                    ClientHead.load(Checkpoint.open(path)),
+                    input_ids,
+                    SessionSettings(model="tiny", num_blocks=6),
+                    SamplingConfig(max_new_tokens=8),
+                )
+                assert ids.tolist() == expected[path].tolist()
+                assert {h.server.peer_id for h in stats.chain} <= mine
+
+
+async def test_a_client_refuses_other_weights_with_a_clear_error(tmp_path: Path) -> None:
+    a, b = _same_named_models(tmp_path)
+    _rewrite_block(b, 4, scale=2.0)
+    with trio.fail_after(120):
+        async with local_swarm(
+            a, [(0, 3), (3, 6)], per_server=[{"model": str(a)}, {"model": str(b)}]
+        ) as (servers, client):
+            await client.pin_model(str(a))
+            with pytest.raises(MissingBlocksError) as caught:
+                await client.find_chain("tiny", 6)
+    message = str(caught.value)
+    assert message.startswith("no server for blocks 3-5 of tiny; servers left out: ")
+    assert f"{servers[1].peer_id} serves other weights of 'tiny'" in message
+
+
+async def test_int8_servers_are_used_only_when_the_client_accepts_them(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    exact_only = ClientConfig(accept_quant=("none",))
+    with trio.fail_after(120):
+        async with local_swarm(
+            model, [(0, 4), (0, 4)], per_server=[{}, {"quant": "int8"}], client=exact_only
+        ) as (servers, client):
+            await client.pin_model(str(model))
+            for _ in range(4):
+                chain = await client.find_chain("tiny", 4)
+                assert [h.server.peer_id for h in chain] == [servers[0].peer_id]
+            assert "as 'int8'" in client.left_out["tiny"][servers[1].peer_id]
+            assert servers[1].announced is not None and servers[1].announced.quant == "int8"
+            assert servers[1].announced.model_digest == servers[0].announced.model_digest
+
+
+# -- tuned files and adapters ----------------------------------------------------------------------
+def test_a_tuned_file_trained_on_other_weights_is_refused(tmp_path: Path) -> None:
+    from swarm_node.model.tuned_files import TunedFile, load_tuned, save_tuned, tuned_id
+
+    a, b = _same_named_models(tmp_path)
+    cache = tmp_path / "cache"
+    mine, other = identity_of(str(a), cache_dir=cache), identity_of(str(b), cache_dir=cache)
+    config = Checkpoint.open(a).config
+    prompts = torch.randn(3, int(config.hidden_size))
+    tuned = TunedFile(
+        model="tiny", method="ptune", start=0, end=6, prompts=prompts, model_digest=mine.digest
+    )
+    path = save_tuned(tmp_path / "p.safetensors", tuned, config=config)
+    back = load_tuned(path, model="tiny", config=config, model_digest=mine.digest)
+    assert back.model_digest == mine.digest and torch.equal(back.prompts, prompts)
+    with pytest.raises(ModelError, match="was trained on other weights of 'tiny'") as caught:
+        load_tuned(path, model="tiny", config=config, model_digest=other.digest)
+    assert mine.digest[:12] in str(caught.value) and other.digest[:12] in str(caught.value)
+    # a file's own id is the digest of its bytes: the same tensors saved again, the same id
+    again = save_tuned(tmp_path / "again.safetensors", tuned, config=config)
+    assert tuned_id(path) == tuned_id(again) and len(tuned_id(path)) == 64
+    changed = save_tuned(
+        tmp_path / "changed.safetensors", replace(tuned, prompts=prompts + 1), config=config
+    )
+    assert tuned_id(changed) != tuned_id(path)
+
+
+async def test_servers_announce_adapters_by_id_and_refuse_other_base_weights(
+    tmp_path: Path,
+) -> None:
+    from swarm_node.errors import ConfigError
+    from swarm_node.model.identity import adapter_id
+    from swarm_node.node.client.settings import HopTuning
+    from tests.lora_fixtures import merged_reference, save_peft_adapter
+
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    first = save_peft_adapter(model, tmp_path / "first", seed=3)
+    second = save_peft_adapter(model, tmp_path / "second", seed=4)
+    ids = {path: adapter_id(path) for path in (first, second)}
+    assert ids[first] != ids[second] and adapter_id(first) == ids[first]
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 256, (1, 4))
+    expected = merged_reference(model, second).generate(
+        input_ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with trio.fail_after(120):
+        # two servers holding different adapters under one name: the id tells them apart
+        async with local_swarm(
+            model,
+            [(0, 4), (0, 4)],
+            per_server=[
+                {"adapters": (("chat", str(first)),)},
+                {"adapters": (("chat", str(second)),)},
+            ],
+        ) as (servers, client):
+            await client.pin_model(str(model))
+            for server, path in zip(servers, (first, second), strict=True):
+                assert server.announced is not None
+                assert server.announced.adapters == ("chat",)
+                assert server.announced.adapter_ids == (ids[path],)
+            for _ in range(3):
+                chain = await client.find_chain("tiny", 4, adapter=ids[second])
+                assert [h.server.peer_id for h in chain] == [servers[1].peer_id]
+            tokens, _ = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(model)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=4),
+                SamplingConfig(max_new_tokens=6),
+                tuning=HopTuning(adapter=ids[second]),
+            )
+    assert tokens.tolist() == expected.tolist()
+    # an adapter whose config names other base weights is refused when the server loads it
+    config = json.loads((first / "adapter_config.json").read_text())
+    config["swarm_node_model_digest"] = "e" * 64
+    (first / "adapter_config.json").write_text(json.dumps(config))
+    from swarm_node.node.config import ServerConfig
+    from swarm_node.node.server.loading import prepare_span
+
+    server = ServerConfig(
+        model=str(model), start=0, end=4, throughput=1.0, adapters=(("x", str(first)),)
+    )
+    with pytest.raises(ConfigError, match="'--adapters' x=.*trained on other weights"):
+        await prepare_span(server)
+
+
+def test_the_bundled_model_is_named_by_its_digest_too(smollm2_path: Path) -> None:
+    from swarm_node.model.bundled import model_id_of
+
+    identity = identity_of("smollm2-135m")
+    assert identity.name == "smollm2-135m" and len(identity.blocks) == 30
+    assert resolve_model(identity.digest[:8]) == smollm2_path == resolve_model(identity.digest)
+    assert model_id_of(identity.short) == "smollm2-135m"
+    assert identity_of(identity.short) == identity
+
+
+async def test_a_server_whose_blocks_digest_is_not_its_models_is_refused(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    with trio.fail_after(120):
+        async with local_swarm(model, [(0, 4), (0, 4)]) as (servers, client):
+            liar = servers[1]
+            assert liar.identity is not None
+            # its record keeps the model's digest but announces blocks of other weights
+            liar.identity = replace(liar.identity, blocks=("0" * 64,) * 4)
+            await liar.announce()
+            assert liar.announced is not None
+            assert liar.announced.model_digest == servers[0].identity.digest
+            await client.pin_model(str(model))
+            for _ in range(3):
+                chain = await client.find_chain("tiny", 4)
+                assert [h.server.peer_id for h in chain] == [servers[0].peer_id]
+            why = client.left_out["tiny"][liar.peer_id]
+            assert why.startswith(f"{liar.peer_id} announces model ") and "but blocks 0:4" in why
+
+
+async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    head_only = tmp_path / "client" / "tiny"
+    head_only.mkdir(parents=True)
+    (head_only / "config.json").write_text((model / "config.json").read_text())
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers." not in k},
+        str(head_only / "model.safetensors"),
+    )
+    with pytest.raises(ModelError, match="none of block"):
+        identity_of(str(head_only), cache_dir=tmp_path / "cache")
+    with trio.fail_after(120):
+        async with local_swarm(model, [(0, 4)]) as (servers, client):
+            assert await client.pin_model(str(head_only)) is None and client.pins == {}
+            torch.manual_seed(4)
+            input_ids = torch.randint(0, 256, (1, 4))
+            ids, _ = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(head_only)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=4),
+                SamplingConfig(max_new_tokens=5),
+            )
+    expected = reference_model(model).generate(
+        input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert ids.tolist() == expected.tolist()
