@@ -24,6 +24,8 @@ MAX_ADAPTERS = 64
 MAX_NEXT_RTTS = 32  # round trips a server publishes to servers of its next blocks
 MAX_BIN_LEN = 1024  # bytes; the public key and signature are the only bin fields (Ed25519: 36, 64)
 STATES = ("JOINING", "ONLINE", "OFFLINE")
+REACHABILITIES = ("public", "private", "unknown")
+MAX_RELAY_SLOTS = 1024
 # Bounds a signed record must keep to be believed: a signature says who wrote a record, not that it
 # is sane. No model has MAX_BLOCKS blocks (the largest served today have ~130); no span pushes
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
@@ -53,6 +55,8 @@ class ServerRecord:
     # first block of the span this server is loading to move to (same length), -1 when not moving:
     # placement's claim, so that two servers do not both leave the same blocks (node/placement.py)
     moving_to: int = -1
+    reachability: str = "unknown"  # "public", "private" (reached through relays) or "unknown"
+    relay_slots: int = 0  # reservations it offers private peers as a relay (0: none)
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
@@ -130,8 +134,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "quant": (str,),
     "bytes_per_block": (int,),
     "moving_to": (int,),
+    "reachability": (str,),
+    "relay_slots": (int,),
 }
-_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block", "moving_to")
+_OPTIONAL = (
+    "state",
+    "seq",
+    "expires_at",
+    "quant",
+    "bytes_per_block",
+    "moving_to",
+    "reachability",
+    "relay_slots",
+)
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -221,6 +236,16 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     )
     check("expires_at", math.isfinite(fields.get("expires_at", 0.0)), "finite")
     check("state", fields.get("state", "ONLINE") in STATES, f"one of {STATES}")
+    check(
+        "reachability",
+        fields.get("reachability", "unknown") in REACHABILITIES,
+        f"one of {REACHABILITIES}",
+    )
+    check(
+        "relay_slots",
+        0 <= fields.get("relay_slots", 0) <= MAX_RELAY_SLOTS,
+        f"in [0, {MAX_RELAY_SLOTS}]",
+    )
     return ServerRecord(**fields)
 
 

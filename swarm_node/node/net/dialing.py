@@ -12,11 +12,12 @@ from typing import Any
 
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.node.net.relay import dial_through_relays, is_circuit
 from swarm_node.protocol import PROTOCOL_ID
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,30 @@ async def open_stream(
     peer = ID.from_base58(peer_id)
     forget_closed_connections(host, peer)  # else py-libp2p may refuse to dial (see there)
     with trio.fail_after(timeout):
+        await connect(host, peer)
         stream = await host.new_stream(peer, [PROTOCOL_ID])
     return MessageStream(stream, max_frame_size=max_frame_size)
+
+
+async def connect(host: Any, peer: ID) -> None:
+    """Make sure a connection to ``peer`` is open: its direct addresses first, then its
+    ``/p2p-circuit`` ones (py-libp2p's swarm never dials those itself)."""
+    if host.get_network().get_connections(peer):
+        return
+    try:
+        addrs = list(host.get_peerstore().addrs(peer))
+    except Exception:  # noqa: BLE001 (an unknown peer: new_stream says so)
+        return
+    relayed = [a for a in addrs if is_circuit(a)]
+    if not relayed:
+        return
+    if len(relayed) < len(addrs):
+        try:
+            await host.connect(PeerInfo(peer, [a for a in addrs if not is_circuit(a)]))
+            return
+        except Exception as exc:  # noqa: BLE001 (not dialable directly: through a relay then)
+            log.debug("no direct connection to %s: %r", peer, exc)
+    await dial_through_relays(host, peer, relayed)
 
 
 def forget_closed_connections(host: Any, peer: ID) -> None:

@@ -1,0 +1,137 @@
+"""Servers behind a NAT, simulated honestly: the private server listens on no address at all (its
+host has no listener, so no peer can open a connection to it: the only way in is a connection it
+opened itself, i.e. the relay's), and clients reach it through py-libp2p's circuit relay v2.
+
+Network namespaces would model a NAT more closely but need privileges this machine's tests do not
+have; a peer with no listener is strictly harder to reach than one behind a NAT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.peer import Peer, open_peer
+from tests.model_fixtures import reference_model
+
+LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
+
+
+def relayed(peer: Peer, other: Peer) -> bool:
+    """Whether ``peer``'s open connections to ``other`` all go through a relay."""
+    from libp2p.peer.id import ID
+
+    conns = [
+        c
+        for c in peer.host.get_network().get_connections(ID.from_base58(other.peer_id))
+        if not c.is_closed
+    ]
+    addrs = [str(a) for c in conns for a in c.get_transport_addresses()]
+    return bool(addrs) and all("/p2p-circuit" in a for a in addrs)
+
+
+@asynccontextmanager
+async def relayed_swarm(
+    model: Path, *, relays: int = 2, client: ClientConfig | None = None, **peer_fields: Any
+) -> AsyncIterator[tuple[list[Any], Peer, Peer]]:
+    """Public relay peers (no blocks), a private server of every block that listens nowhere, and a
+    client: (relay contexts and peers, server, client). The relays' contexts are returned so that a
+    test can take one down."""
+    async with AsyncExitStack() as stack:
+        relay_peers: list[Peer] = []
+        exits: list[AsyncExitStack] = []
+        for _ in range(relays):
+            own = AsyncExitStack()
+            initial = tuple(relay_peers[0].addrs[:1]) if relay_peers else ()
+            relay = await own.enter_async_context(
+                open_peer(
+                    PeerConfig(
+                        listen=LOOPBACK, initial_peers=initial, reachability="public", **peer_fields
+                    )
+                )
+            )
+            stack.push_async_callback(own.aclose)
+            relay_peers.append(relay)
+            exits.append(own)
+        initial = tuple(r.addrs[0] for r in relay_peers)
+        server = await stack.enter_async_context(
+            open_peer(
+                PeerConfig(listen=(), initial_peers=initial, reachability="private"),
+                server=ServerConfig(model=str(model), start=0, end=6, throughput=100.0),
+            )
+        )
+        client_peer = await stack.enter_async_context(
+            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial[:1]), client=client)
+        )
+        yield list(zip(exits, relay_peers, strict=True)), server, client_peer
+
+
+def expected_tokens(model: Path, input_ids: torch.Tensor, n: int) -> list[list[int]]:
+    reference = reference_model(model)
+    return reference.generate(
+        input_ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    ).tolist()
+
+
+async def test_generation_through_a_relay_equals_transformers(tiny_llama: Path) -> None:
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 256, (1, 7))
+    expected = expected_tokens(tiny_llama, input_ids, 10)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    with trio.fail_after(90):
+        async with relayed_swarm(tiny_llama) as (relays, server, client):
+            assert server.host.get_addrs() == []  # no listener: nobody can dial it directly
+            assert server.reachability == "private"
+            assert len(server.addrs) == 2 and all("/p2p-circuit/" in a for a in server.addrs)
+            assert {a.split("/p2p/")[1].split("/")[0] for a in server.addrs} == {
+                p.peer_id for _, p in relays
+            }
+            record = server.announced
+            assert record is not None and record.reachability == "private"
+            assert all(r.relays is not None and r.relays.relay_slots > 0 for _, r in relays)
+            ids, stats = await generate_tokens(
+                client,
+                head,
+                input_ids,
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                SamplingConfig(max_new_tokens=10),
+            )
+            assert relayed(client, server)
+    assert ids.tolist() == expected
+    assert [h.server.peer_id for h in stats.chain] == [server.peer_id]
+
+
+async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
+    """A peer dialable where it says it is learns "public"; one whose announced address is not
+    where its connections come from (a LAN address behind a NAT: 10.x while peers see 127.0.0.1)
+    learns "private" and reserves a relay slot at the public peer."""
+    caplog.set_level("INFO", logger="swarm_node")
+    with trio.fail_after(60):
+        async with open_peer(PeerConfig(listen=LOOPBACK, reachability="public")) as public:
+            initial = (public.addrs[0],)
+            async with (
+                open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial)) as direct,
+                open_peer(
+                    PeerConfig(
+                        listen=LOOPBACK,
+                        initial_peers=initial,
+                        announce_addrs=("/ip4/10.254.0.1/tcp/4001",),
+                    )
+                ) as natted,
+            ):
+                assert direct.reachability == "public"
+                assert natted.reachability == "private"
+                assert natted.addrs[-1] == (f"{public.addrs[0]}/p2p-circuit/p2p/{natted.peer_id}")
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("reachability: public (relay service on") for m in messages)
+    assert any("reachability: private (AutoNAT: 0 of 1 peers" in m for m in messages)
+    assert any(m.startswith("reserved a relay slot at " + public.peer_id) for m in messages)
