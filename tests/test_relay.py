@@ -8,11 +8,13 @@ have; a peer with no listener is strictly harder to reach than one behind a NAT.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import trio
 
@@ -21,7 +23,8 @@ from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.peer import Peer, open_peer
-from tests.model_fixtures import reference_model
+from tests.model_fixtures import make_tiny_model_dir, reference_model
+from tests.process_swarm import server_processes
 
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -69,8 +72,10 @@ async def relayed_swarm(
                 server=ServerConfig(model=str(model), start=0, end=6, throughput=100.0),
             )
         )
-        client_peer = await stack.enter_async_context(
-            open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial[:1]), client=client)
+        client_peer = await stack.enter_async_context(  # no listener: no way in from the server
+            open_peer(
+                PeerConfig(listen=(), initial_peers=initial, reachability="private"), client=client
+            )
         )
         yield list(zip(exits, relay_peers, strict=True)), server, client_peer
 
@@ -135,3 +140,74 @@ async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
     assert any(m.startswith("reachability: public (relay service on") for m in messages)
     assert any("reachability: private (AutoNAT: 0 of 1 peers" in m for m in messages)
     assert any(m.startswith("reserved a relay slot at " + public.peer_id) for m in messages)
+
+
+def relay_of(client: Peer, server: Peer) -> str:
+    """The relay the client's connection to ``server`` goes through."""
+    from libp2p.peer.id import ID
+
+    (conn,) = [
+        c
+        for c in client.host.get_network().get_connections(ID.from_base58(server.peer_id))
+        if not c.is_closed
+    ]
+    (addr,) = [str(a) for a in conn.get_transport_addresses()]
+    return addr.split("/p2p-circuit")[0].rsplit("/p2p/", 1)[1]
+
+
+@pytest.mark.slow
+async def test_losing_the_relay_mid_generation_recovers_through_another(tmp_path: Path) -> None:
+    """Three relays in their own processes (servers of another model: public, relaying); the private
+    server reserves at two. The relay the client's connection goes through is SIGKILLed after 4
+    tokens: the client recovers through the other relay (the same server, replayed), the tokens
+    equal transformers', and the server moves to the third relay and re-announces."""
+    torch.manual_seed(3)
+    input_ids = torch.randint(0, 256, (1, 5))
+    model = make_tiny_model_dir(tmp_path / "tiny-private", num_layers=6, seed=7)
+    relay_model = make_tiny_model_dir(tmp_path / "relay-host", num_layers=2, seed=8)
+    expected = expected_tokens(model, input_ids, 12)
+    head = ClientHead.load(Checkpoint.open(model))
+    extra = ["--throughput", "100", "--reachability", "public"]
+    with trio.fail_after(240):
+        async with server_processes(relay_model, ["0:2"] * 3, extra=extra) as relays:
+            by_id = {r.peer_id: r for r in relays}
+            initial = tuple(r.addr for r in relays)
+            async with (
+                open_peer(
+                    PeerConfig(listen=(), initial_peers=initial, reachability="private"),
+                    server=ServerConfig(model=str(model), start=0, end=6, throughput=100.0),
+                ) as server,
+                open_peer(  # listening nowhere either: no connection from the server to it
+                    PeerConfig(listen=(), initial_peers=initial, reachability="private"),
+                    client=ClientConfig(step_timeout=3.0, retry_delay=0.2, ban_time=0.1),
+                ) as client,
+            ):
+                assert server.relays is not None and len(server.relays.reserved) == 2
+                used: list[str] = []
+
+                def kill_at_4(tokens: torch.Tensor) -> None:
+                    nonlocal_count.append(tokens)
+                    if len(nonlocal_count) == 4:
+                        used.append(relay_of(client, server))
+                        by_id[used[0]].process.send_signal(signal.SIGKILL)
+
+                nonlocal_count: list[torch.Tensor] = []
+                announced = server.announcements
+                ids, stats = await generate_tokens(
+                    client,
+                    head,
+                    input_ids,
+                    SessionSettings(model=model.name, num_blocks=6, dtype="float32"),
+                    SamplingConfig(max_new_tokens=12),
+                    on_tokens=kill_at_4,
+                )
+                (event,) = stats.recoveries
+                assert event.replacements == (server.peer_id,)
+                assert relay_of(client, server) != used[0]
+                while used[0] in server.relays.reserved or len(server.relays.reserved) < 2:
+                    await server.wait_announcement(announced)
+                    announced = server.announcements
+                assert server.announced is not None
+                assert not any(used[0] in a for a in server.announced.addrs)
+                assert len(server.announced.addrs) == 2
+    assert ids.tolist() == expected
