@@ -211,3 +211,60 @@ async def test_losing_the_relay_mid_generation_recovers_through_another(tmp_path
                 assert not any(used[0] in a for a in server.announced.addrs)
                 assert len(server.announced.addrs) == 2
     assert ids.tolist() == expected
+
+
+async def test_relay_limits_cut_an_abusive_circuit_while_others_work(
+    tiny_llama: Path, caplog: Any
+) -> None:
+    """A relay that lets a circuit carry 1 MiB: a peer pushing garbage at the private server
+    through it loses its circuit within the limit, while a client's generation through the same
+    relay, at the same time, gives transformers' tokens."""
+    from libp2p.peer.id import ID
+
+    from swarm_node.node.net.dialing import connect
+    from swarm_node.protocol import PROTOCOL_ID
+
+    caplog.set_level("WARNING", logger="libp2p.relay.circuit_v2.protocol")
+    torch.manual_seed(4)
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = expected_tokens(tiny_llama, input_ids, 10)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    limit = 2**20
+    with trio.fail_after(90):
+        async with (
+            relayed_swarm(tiny_llama, relays=1, relay_max_circuit_mb=1) as (relays, server, client),
+            open_peer(
+                PeerConfig(
+                    listen=(), initial_peers=(relays[0][1].addrs[0],), reachability="private"
+                )
+            ) as attacker,
+        ):
+            sent = 0
+
+            async def abuse() -> None:
+                nonlocal sent
+                target = ID.from_base58(server.peer_id)
+                await attacker.find_servers(tiny_llama.name, 6)  # its relayed addresses
+                await connect(attacker.host, target)
+                stream = await attacker.host.new_stream(target, [PROTOCOL_ID])
+                # one frame announcing 8 MiB (under the server's frame limit: it keeps reading)
+                await stream.write((8 * limit).to_bytes(4, "big"))
+                chunk = b"\xff" * 2**16
+                with pytest.raises(Exception):  # noqa: B017 (reset or closed: py-libp2p's types vary)
+                    while sent < 8 * limit:
+                        await stream.write(chunk)
+                        sent += len(chunk)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(abuse)
+                ids, _ = await generate_tokens(
+                    client,
+                    head,
+                    input_ids,
+                    SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
+                    SamplingConfig(max_new_tokens=10),
+                )
+            assert relayed(client, server)
+    assert limit // 2 <= sent <= 2 * limit, sent  # cut at the limit (plus what the pipes held)
+    assert any("data limit exceeded" in r.getMessage() for r in caplog.records)
+    assert ids.tolist() == expected
