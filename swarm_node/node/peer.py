@@ -98,10 +98,12 @@ class Peer:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers."""
+        """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers; a
+        private peer's are its relayed ones only (nobody can dial where it listens)."""
+        if self.relays is not None and self.relays.status == "private":
+            return self.relays.addrs()
         texts = [str(addr) for addr in self.host.get_addrs()]
-        direct = [text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}" for text in texts]
-        return direct + (self.relays.addrs() if self.relays is not None else [])
+        return [text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}" for text in texts]
 
     @property
     def reachability(self) -> str:

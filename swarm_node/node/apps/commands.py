@@ -56,7 +56,7 @@ async def serve(args: argparse.Namespace) -> int:
         async with open_peer(config, server=server) as peer:
             for addr in peer.addrs:
                 print(addr, flush=True)
-            if not args.initial_peers:
+            if not args.initial_peers and peer.addrs:
                 log.info("started a new swarm; others join with --initial-peers %s", peer.addrs[0])
             async for signum in signals:
                 log.info("got %s: withdrawing and shutting down", signal.Signals(signum).name)

@@ -127,8 +127,10 @@ class Relays:
         return [a for addrs in self.reserved.values() for a in addrs]
 
     def reachable_addrs(self) -> list[Multiaddr]:
-        """Where others reach this peer: its listening addresses, then its relayed ones."""
-        return list(self.host.get_addrs()) + [Multiaddr(a) for a in self.addrs()]
+        """Where others reach this peer: its relayed addresses when private, else where it listens."""
+        if self.status == "private":
+            return [Multiaddr(a) for a in self.addrs()]
+        return list(self.host.get_addrs())
 
     async def run(
         self,
