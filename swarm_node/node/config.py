@@ -114,7 +114,8 @@ class PeerConfig:
 
     listen: tuple[str, ...] = flag(
         ("/ip4/127.0.0.1/tcp/0",),
-        "where to listen (tcp/0: any free port)",
+        "where to listen (tcp/0: any free port; 'none' with --reachability private: nowhere, "
+        "reached through relays only)",
         metavar="MULTIADDR",
         cli_default=("/ip4/0.0.0.0/tcp/0",),
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from swarm_node.errors import ConfigError, SwarmError
@@ -58,8 +58,10 @@ async def open_stream(
 
 
 async def connect(host: Any, peer: ID) -> None:
-    """Make sure a connection to ``peer`` is open: its direct addresses first, then its
-    ``/p2p-circuit`` ones (py-libp2p's swarm never dials those itself)."""
+    """Make sure a connection to ``peer`` is open. A peer known at ``/p2p-circuit`` addresses is
+    private (it announces only those): it is dialed through its relays alone, py-libp2p's swarm
+    never dials those itself, and the other addresses it was seen at (by identify, from behind its
+    NAT) would cost a failed dial first."""
     if host.get_network().get_connections(peer):
         return
     try:
@@ -67,15 +69,8 @@ async def connect(host: Any, peer: ID) -> None:
     except Exception:  # noqa: BLE001 (an unknown peer: new_stream says so)
         return
     relayed = [a for a in addrs if is_circuit(a)]
-    if not relayed:
-        return
-    if len(relayed) < len(addrs):
-        try:
-            await host.connect(PeerInfo(peer, [a for a in addrs if not is_circuit(a)]))
-            return
-        except Exception as exc:  # noqa: BLE001 (not dialable directly: through a relay then)
-            log.debug("no direct connection to %s: %r", peer, exc)
-    await dial_through_relays(host, peer, relayed)
+    if relayed:
+        await dial_through_relays(host, peer, relayed)
 
 
 def forget_closed_connections(host: Any, peer: ID) -> None:

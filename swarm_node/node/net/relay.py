@@ -36,6 +36,7 @@ AUTONAT_PEERS = 3  # peers asked at a check; they must agree (fewer when fewer a
 AUTONAT_TIMEOUT = 10.0  # seconds one peer has to answer
 WATCH_EVERY = 1.0  # seconds between two looks at the relays' connections
 RESERVE_TIMEOUT = 10.0  # seconds one reservation has to be answered
+CIRCUIT_ADDR_TTL = 3600  # seconds the peerstore keeps a private peer's relayed addresses
 
 _DIALERS: weakref.WeakKeyDictionary[Any, CircuitV2Transport] = weakref.WeakKeyDictionary()
 
@@ -70,20 +71,43 @@ def circuit_addrs(relay_id: str, relay_addrs: Sequence[str], peer_id: str) -> li
 
 
 async def dial_through_relays(host: Any, peer: ID, addrs: Sequence[Multiaddr]) -> None:
-    """Connect to ``peer`` at its ``/p2p-circuit`` addresses ``addrs``, one after the other; raises
-    the last error when none works (ConnectionError when this host has no relay transport)."""
+    """Connect to ``peer`` at its ``/p2p-circuit`` addresses ``addrs``: those through relays this
+    host is connected to first, one after the other; raises the last error when none works
+    (ConnectionError when this host has no relay transport).
+
+    py-libp2p's circuit dial first tries every circuit address the peerstore holds for ``peer``,
+    a dead relay's too (each a dial with retries: seconds); while one address is tried, the
+    peerstore holds only that one."""
     dialer = _DIALERS.get(host)
     if dialer is None:
         raise ConnectionError(f"peer {peer} is reachable through relays only, and relays are off")
+    store = host.get_peerstore()
+    ordered = sorted(addrs, key=lambda a: not _relay_open(host, a))
     error: BaseException = ConnectionError(f"peer {peer} has no relay address")
-    for addr in addrs:
-        try:
-            await dialer.dial(addr)
-            return
-        except Exception as exc:  # noqa: BLE001 (a dead relay, a refusal: try the next one)
-            log.debug("dialing %s through %s failed: %r", peer, addr, exc)
-            error = exc
+    try:
+        for addr in ordered:
+            store.clear_addrs(peer)
+            store.add_addrs(peer, [addr], CIRCUIT_ADDR_TTL)
+            try:
+                await dialer.dial(addr)
+                return
+            except Exception as exc:  # noqa: BLE001 (a dead relay, a refusal: try the next one)
+                log.debug("dialing %s through %s failed: %r", peer, addr, exc)
+                error = exc
+    finally:
+        store.clear_addrs(peer)
+        store.add_addrs(peer, list(addrs), CIRCUIT_ADDR_TTL)
     raise error
+
+
+def _relay_open(host: Any, addr: Multiaddr) -> bool:
+    """Whether ``host`` has an open connection to the relay of circuit address ``addr``."""
+    relay_part = str(addr).split("/p2p-circuit")[0]
+    try:
+        relay = ID.from_base58(relay_part.rsplit("/p2p/", 1)[-1])
+    except Exception:  # noqa: BLE001 (no relay id: tried last)
+        return False
+    return _open(host, relay)
 
 
 def _open(host: Any, peer: ID) -> bool:
