@@ -116,7 +116,8 @@ async def test_generation_through_a_relay_equals_transformers(tiny_llama: Path) 
 
 
 async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
-    """A peer dialable where it says it is learns "public"; one whose announced address is not
+    """A peer dialable where it says it is (or at a wildcard address, which stands for its
+    interfaces' addresses) learns "public"; one whose announced address is not
     where its connections come from (a LAN address behind a NAT: 10.x while peers see 127.0.0.1)
     learns "private" and reserves a relay slot at the public peer."""
     caplog.set_level("INFO", logger="swarm_node")
@@ -125,6 +126,9 @@ async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
             initial = (public.addrs[0],)
             async with (
                 open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial)) as direct,
+                open_peer(  # the CLI's default: every interface
+                    PeerConfig(listen=("/ip4/0.0.0.0/tcp/0",), initial_peers=initial)
+                ) as wildcard,
                 open_peer(
                     PeerConfig(
                         listen=LOOPBACK,
@@ -133,7 +137,7 @@ async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
                     )
                 ) as natted,
             ):
-                assert direct.reachability == "public"
+                assert direct.reachability == "public" and wildcard.reachability == "public"
                 assert natted.reachability == "private"
                 assert natted.addrs[-1] == (f"{public.addrs[0]}/p2p-circuit/p2p/{natted.peer_id}")
     messages = [r.getMessage() for r in caplog.records]

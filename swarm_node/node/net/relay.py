@@ -27,6 +27,7 @@ from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, Relay
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import get_available_interfaces
 from multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,27 @@ def _relay_open(host: Any, addr: Multiaddr) -> bool:
 
 def _open(host: Any, peer: ID) -> bool:
     return any(not c.is_closed for c in host.get_network().get_connections(peer))
+
+
+def _concrete(addr: Multiaddr) -> list[Multiaddr]:
+    """``addr``, or for a wildcard (0.0.0.0, ::) the addresses of this machine's interfaces."""
+    text = str(addr)
+    if not text.startswith(("/ip4/0.0.0.0/", "/ip6/::/")):
+        return [addr]
+    try:
+        port = int(addr.value_for_protocol("tcp"))
+    except Exception:  # noqa: BLE001 (not TCP: nothing to dial back)
+        return []
+    return get_available_interfaces(port)
+
+
+def _remote_addrs(host: Any, peer: ID) -> list[Multiaddr]:
+    """The addresses of ``peer`` this host's open, direct connections to it reached."""
+    out = []
+    for conn in host.get_network().get_connections(peer):
+        if not conn.is_closed:
+            out += [a for a in conn.get_transport_addresses() if not is_circuit(a)]
+    return out
 
 
 class Relays:
@@ -209,8 +231,21 @@ class Relays:
             return self.status
         self.autonat.confirmations = len(peers)
         self.autonat.dial_results.clear()
-        with trio.move_on_after(AUTONAT_TIMEOUT * 2):
-            await self.autonat.check_reachability(peers)
+        # a wildcard listen address (0.0.0.0) as the interfaces' addresses: an AutoNAT server dials
+        # back only addresses whose IP is the one it sees (a NAT's public IP is none of them)
+        addrs = [a.to_bytes() for own in self.host.get_addrs() for a in _concrete(own)]
+
+        async def ask(peer: ID) -> None:
+            try:
+                await self.autonat.query_server(peer, addrs=addrs, timeout=AUTONAT_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001 (no answer counts as "could not dial back")
+                log.debug("AutoNAT query to %s failed: %r", peer, exc)
+                self.autonat.dial_results[peer] = False
+
+        async with trio.open_nursery() as nursery:
+            for peer in peers:
+                nursery.start_soon(ask, peer)
+        self.autonat.update_status()
         verdict = {AutoNATStatus.PUBLIC: "public", AutoNATStatus.PRIVATE: "private"}.get(
             self.autonat.get_status(), self.status
         )
@@ -288,7 +323,11 @@ class Relays:
         for seconds, peer_id, addrs in sorted(answered):
             if len(self.reserved) >= self.settings.relays:
                 break
-            self.reserved[peer_id] = circuit_addrs(peer_id, addrs, me)
+            reached = [str(a) for a in _remote_addrs(self.host, ID.from_base58(peer_id))]
+            # where it says it listens, else (a wildcard: 0.0.0.0) where this peer reached it
+            self.reserved[peer_id] = circuit_addrs(peer_id, addrs, me) or circuit_addrs(
+                peer_id, reached, me
+            )
             log.info("reserved a relay slot at %s (%.1f ms)", peer_id, seconds * 1000)
             added = True
         return added
