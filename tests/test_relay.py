@@ -44,11 +44,16 @@ def relayed(peer: Peer, other: Peer) -> bool:
 
 @asynccontextmanager
 async def relayed_swarm(
-    model: Path, *, relays: int = 2, client: ClientConfig | None = None, **peer_fields: Any
-) -> AsyncIterator[tuple[list[Any], Peer, Peer]]:
-    """Public relay peers (no blocks), a private server of every block that listens nowhere, and a
-    client: (relay contexts and peers, server, client). The relays' contexts are returned so that a
-    test can take one down."""
+    model: Path,
+    *,
+    relays: int = 2,
+    client: ClientConfig | None = None,
+    spans: tuple[tuple[int, int], ...] = ((0, 6),),
+    **peer_fields: Any,
+) -> AsyncIterator[tuple[list[Any], Any, Peer]]:
+    """Public relay peers (no blocks), private servers of ``spans`` that listen nowhere, and a
+    client that listens nowhere: (relay contexts and peers, the server (a list with several spans),
+    client). The relays' contexts are returned so that a test can take one down."""
     async with AsyncExitStack() as stack:
         relay_peers: list[Peer] = []
         exits: list[AsyncExitStack] = []
@@ -66,17 +71,21 @@ async def relayed_swarm(
             relay_peers.append(relay)
             exits.append(own)
         initial = tuple(r.addrs[0] for r in relay_peers)
-        server = await stack.enter_async_context(
-            open_peer(
-                PeerConfig(listen=(), initial_peers=initial, reachability="private"),
-                server=ServerConfig(model=str(model), start=0, end=6, throughput=100.0),
+        servers = [
+            await stack.enter_async_context(
+                open_peer(
+                    PeerConfig(listen=(), initial_peers=initial, reachability="private"),
+                    server=ServerConfig(model=str(model), start=start, end=end, throughput=100.0),
+                )
             )
-        )
+            for start, end in spans
+        ]
         client_peer = await stack.enter_async_context(  # no listener: no way in from the server
             open_peer(
                 PeerConfig(listen=(), initial_peers=initial, reachability="private"), client=client
             )
         )
+        server = servers[0] if len(servers) == 1 else servers
         yield list(zip(exits, relay_peers, strict=True)), server, client_peer
 
 
@@ -271,4 +280,27 @@ async def test_relay_limits_cut_an_abusive_circuit_while_others_work(
             assert relayed(client, server)
     assert limit // 2 <= sent <= 2 * limit, sent  # cut at the limit (plus what the pipes held)
     assert any("data limit exceeded" in r.getMessage() for r in caplog.records)
+    assert ids.tolist() == expected
+
+
+async def test_push_between_private_servers_goes_through_relays(tiny_llama: Path) -> None:
+    """Two private servers (0:3, 3:6) and a client, none listening: the first server pushes each step
+    to the second through a relay; the tokens equal transformers'."""
+    torch.manual_seed(5)
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = expected_tokens(tiny_llama, input_ids, 8)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    with trio.fail_after(90):
+        async with relayed_swarm(tiny_llama, spans=((0, 3), (3, 6))) as (_, servers, client):
+            first, second = servers
+            ids, stats = await generate_tokens(
+                client,
+                head,
+                input_ids,
+                SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32", push=True),
+                SamplingConfig(max_new_tokens=8),
+            )
+            assert [h.server.peer_id for h in stats.chain] == [first.peer_id, second.peer_id]
+            assert second.server is not None and second.server.pushed_steps == 8
+            assert relayed(first, second) and relayed(client, first) and relayed(client, second)
     assert ids.tolist() == expected
