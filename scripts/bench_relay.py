@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import statistics
 import sys
@@ -176,6 +177,9 @@ async def run(args: argparse.Namespace) -> dict:
         "relayed_over_direct": round(relayed_rate / direct_rate, 3),
         "relay_loss_to_next_token_s": round(loss.times[args.kill_after] - loss.killed_at, 3),
         "recoveries": len(stats.recoveries),
+        "recovery_s": round(stats.recoveries[0].seconds, 3) if stats.recoveries else None,
+        "replay_s": round(stats.recoveries[0].replay_seconds, 3) if stats.recoveries else None,
+        "load_average": round(os.getloadavg()[0], 2),  # the machine's load while measuring
         "same_tokens": all(o == outputs[0] for o in [*outputs, loss_ids]),
         "runs": {k: [round(v, 2) for v in vs] for k, vs in rates.items()},
     }

@@ -304,3 +304,23 @@ async def test_push_between_private_servers_goes_through_relays(tiny_llama: Path
             assert second.server is not None and second.server.pushed_steps == 8
             assert relayed(first, second) and relayed(client, first) and relayed(client, second)
     assert ids.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"listen": ()}, "'listen' must name at least one multiaddr .or reachability must be"),
+        ({"reachability": "maybe"}, "'reachability' must be one of"),
+        ({"relays": 0}, "'relays' must be an int in .1, 16., got 0"),
+        ({"relay_max_circuit_mb": 0}, "'relay_max_circuit_mb' must be an int in"),
+        ({"relay_max_circuits": True}, "'relay_max_circuits' must be an int in"),
+        ({"relay_max_reservations": 10**6}, "'relay_max_reservations' must be an int in"),
+        ({"relay_max_circuit_seconds": -1}, "'relay_max_circuit_seconds' must be an int in"),
+    ],
+)
+def test_relay_settings_are_checked(fields: dict[str, Any], message: str) -> None:
+    from swarm_node.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        PeerConfig(**fields)
+    assert PeerConfig(listen=(), reachability="private").listen == ()
