@@ -36,6 +36,7 @@ REACHABILITIES = ("auto", "public", "private")
 AUTONAT_PEERS = 3  # peers asked at a check; they must agree (fewer when fewer are connected)
 AUTONAT_TIMEOUT = 10.0  # seconds one peer has to answer
 WATCH_EVERY = 1.0  # seconds between two looks at the relays' connections
+MAX_SEARCH_DELAY = 60.0  # seconds between two searches for relays at most, when none is found
 RESERVE_TIMEOUT = 10.0  # seconds one reservation has to be answered
 CIRCUIT_ADDR_TTL = 3600  # seconds the peerstore keeps a private peer's relayed addresses
 
@@ -275,14 +276,20 @@ class Relays:
         nursery: trio.Nursery,
     ) -> None:
         renewed = trio.current_time()
+        search_at, search_delay = renewed, WATCH_EVERY  # a search that found nobody backs off
         while True:
             lost = [r for r in self.reserved if not _open(self.host, ID.from_base58(r))]
             for relay in lost:
                 log.warning("lost relay %s; looking for another", relay)
                 del self.reserved[relay]
+            if lost:
+                search_at, search_delay = trio.current_time(), WATCH_EVERY
             added = False
-            if self.status == "private" and len(self.reserved) < self.settings.relays:
+            short = self.status == "private" and len(self.reserved) < self.settings.relays
+            if short and trio.current_time() >= search_at:
                 added = await self._reserve_more(await candidates(), nursery)
+                search_delay = WATCH_EVERY if added else min(search_delay * 2, MAX_SEARCH_DELAY)
+                search_at = trio.current_time() + search_delay
             if self.status != "private" and self.reserved:
                 self.reserved.clear()
                 added = True
