@@ -328,3 +328,39 @@ def test_relay_settings_are_checked(fields: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError, match=message):
         PeerConfig(**fields)
     assert PeerConfig(listen=(), reachability="private").listen == ()
+
+
+async def test_relay_refuses_a_circuit_past_the_concurrent_limit(tiny_llama: Path) -> None:
+    """--relay-max-circuits 1: while a client's relayed connection to the private server is open,
+    a second peer's circuit to it is refused; the client's generation goes on exactly."""
+    from libp2p.peer.id import ID
+
+    from swarm_node.node.net.dialing import connect
+
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, 256, (1, 5))
+    expected = expected_tokens(tiny_llama, input_ids, 6)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    settings = SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32")
+    with trio.fail_after(90):
+        async with (
+            relayed_swarm(tiny_llama, relays=1, relay_max_circuits=1) as (relays, server, client),
+            open_peer(
+                PeerConfig(
+                    listen=(), initial_peers=(relays[0][1].addrs[0],), reachability="private"
+                )
+            ) as other,
+        ):
+            first, _ = await generate_tokens(
+                client, head, input_ids, settings, SamplingConfig(max_new_tokens=6)
+            )
+            assert relayed(client, server)
+            await other.find_servers(tiny_llama.name, 6)
+            with pytest.raises(
+                Exception, match="status"
+            ):  # the relay's refusal, as py-libp2p words it
+                await connect(other.host, ID.from_base58(server.peer_id))
+            again, _ = await generate_tokens(
+                client, head, input_ids, settings, SamplingConfig(max_new_tokens=6)
+            )
+    assert first.tolist() == again.tolist() == expected
