@@ -331,3 +331,15 @@ def test_spread_exclusion_leaves_out_the_most_crowded_of_mutual_alternatives() -
     assert out == {"liar"}  # a tie: the one holding the most blocks goes
     out = spread_exclusion(servers, crowded={"liar": 10, "A": 11}, **args)  # type: ignore[arg-type]
     assert out == {"A"}  # A is the most crowded: then the liar is needed
+
+
+def test_a_direct_server_is_preferred_to_a_relayed_one_at_equal_cost() -> None:
+    relayed = ("/ip4/10.0.0.1/tcp/1/p2p/R/p2p-circuit/p2p/P",)
+    for names in (("P", "D"), ("D", "P")):  # whatever the order of the records
+        servers = [
+            rec(n, 0, 8, addrs=relayed if n == "P" else ("/ip4/10.0.0.2/tcp/1",)) for n in names
+        ]
+        assert shape(infer(servers, {"P": 0.02, "D": 0.02}, push=False)) == [("D", 0, 8)]
+    # the relayed round trip measured lower (a relay next door, a far direct server): it wins
+    servers = [rec("P", 0, 8, addrs=relayed), rec("D", 0, 8)]
+    assert shape(infer(servers, {"P": 0.02, "D": 0.05}, push=False)) == [("P", 0, 8)]

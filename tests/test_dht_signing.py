@@ -203,3 +203,41 @@ def test_near_records_raise_only_protocol_error(patch: dict) -> None:
         assert verify(value) == rec()  # only when every patched field kept its value
     except RemoteProtocolError:
         pass
+
+
+def test_relayed_addresses_accepted() -> None:
+    a, b = pid(KEY_A), pid(KEY_B)
+    circuit = f"/ip4/10.0.0.2/tcp/31337/p2p/{b}/p2p-circuit/p2p/{a}"
+    r = rec(addrs=(circuit,), reachability="private")
+    assert verify(sign_record(r, KEY_A)) == r
+    assert verify(sign_record(rec(relay_slots=16, reachability="public"), KEY_A)).relay_slots == 16
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("/ip4/10.0.0.2/tcp/1/p2p/{b}/p2p-circuit/p2p/{b}", "another peer"),  # for someone else
+        ("/ip4/10.0.0.2/tcp/1/p2p/{a}/p2p-circuit/p2p/{a}", "its relay's peer id"),  # self-relay
+        ("/ip4/10.0.0.2/tcp/1/p2p-circuit/p2p/{a}", "its relay's peer id"),  # no relay id
+        ("/p2p/{b}/p2p-circuit/p2p/{a}", "ip4, ip6 or dns"),  # relay at no address
+        ("/ip4/10.0.0.2/tcp/1/p2p/{b}/p2p-circuit/p2p/{b}/p2p-circuit/p2p/{a}", "must end with"),
+        ("/ip4/10.0.0.2/tcp/1/p2p/{b}/p2p-circuit", "must end with"),  # nobody at the end
+    ],
+)
+def test_bad_relayed_addresses_refused(template: str, message: str) -> None:
+    addr = template.format(a=pid(KEY_A), b=pid(KEY_B))
+    with pytest.raises(RemoteProtocolError, match=message):
+        verify(sign_record(rec(addrs=(addr,)), KEY_A))
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"reachability": "everywhere"}, "'reachability' must be one of"),
+        ({"relay_slots": -1}, "'relay_slots' must be in"),
+        ({"relay_slots": 10**6}, "'relay_slots' must be in"),
+    ],
+)
+def test_bad_reachability_fields_refused(patch: dict, message: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=message):
+        verify(sign_record(rec(**patch), KEY_A))

@@ -110,8 +110,9 @@ def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, Se
 class SwarmDHT:
     """Announces this peer's server record and finds the servers of a model's blocks."""
 
-    def __init__(self, host: IHost) -> None:
+    def __init__(self, host: IHost, addrs: Callable[[], list[Multiaddr]] | None = None) -> None:
         self.host = host
+        self.addrs = addrs or host.get_addrs  # where others reach this peer (relayed ones too)
         # strict: a value under any other namespace (py-libp2p's /pk/ and /ipns/ included, and keys
         # with none) is refused, so strangers cannot fill this peer's store and push records out
         only_ours = NamespacedValidator(
@@ -222,9 +223,9 @@ class SwarmDHT:
                 nursery.start_soon(self._ask, peer, ask)
 
     async def _provide(self, key: bytes) -> None:
-        me = PeerInfo(self.host.get_id(), self.host.get_addrs())
-        self.kad.provider_store.add_provider(key, me)
-        await self._ask_closest(key, kad_requests.add_provider)
+        addrs = self.addrs()
+        self.kad.provider_store.add_provider(key, PeerInfo(self.host.get_id(), addrs))
+        await self._ask_closest(key, kad_requests.add_provider, addrs)
 
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:

@@ -25,6 +25,7 @@ addresses), and an answer's providers beyond MAX_PROVIDERS_PER_ANSWER are not re
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 from google.protobuf.message import DecodeError
@@ -253,12 +254,16 @@ async def put_value(kad: KadDHT, peer: ID, key: bytes, record: Record) -> None:
         )
 
 
-async def add_provider(kad: KadDHT, peer: ID, key: bytes) -> None:
-    """ADD_PROVIDER: tell ``peer`` this host provides ``key``. Fire-and-forget, as Kubo and
-    py-libp2p send it: no answer comes, so "sent" is all that can be known."""
+async def add_provider(
+    kad: KadDHT, peer: ID, key: bytes, addrs: Sequence[Multiaddr] | None = None
+) -> None:
+    """ADD_PROVIDER: tell ``peer`` this host provides ``key`` at ``addrs`` (default: where it
+    listens; a private peer gives its relayed addresses). Fire-and-forget, as Kubo and py-libp2p
+    send it: no answer comes, so "sent" is all that can be known."""
     request = _request(kad, Message.MessageType.ADD_PROVIDER, key)
     provider = request.providerPeers.add()
     provider.id = kad.host.get_id().to_bytes()
-    provider.addrs.extend(addr.to_bytes() for addr in kad.host.get_addrs())
+    addrs = kad.host.get_addrs() if addrs is None else addrs
+    provider.addrs.extend(addr.to_bytes() for addr in addrs)
     provider.signedRecord = request.senderRecord
     await _send(kad, peer, request, answer=False)

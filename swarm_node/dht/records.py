@@ -24,6 +24,8 @@ MAX_ADAPTERS = 64
 MAX_NEXT_RTTS = 32  # round trips a server publishes to servers of its next blocks
 MAX_BIN_LEN = 1024  # bytes; the public key and signature are the only bin fields (Ed25519: 36, 64)
 STATES = ("JOINING", "ONLINE", "OFFLINE")
+REACHABILITIES = ("public", "private", "unknown")
+MAX_RELAY_SLOTS = 1024
 # Bounds a signed record must keep to be believed: a signature says who wrote a record, not that it
 # is sane. No model has MAX_BLOCKS blocks (the largest served today have ~130); no span pushes
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
@@ -58,6 +60,8 @@ class ServerRecord:
     # start..end-1 as served ("" from servers that predate digests)
     model_digest: str = ""
     blocks_digest: str = ""
+    reachability: str = "unknown"  # "public", "private" (reached through relays) or "unknown"
+    relay_slots: int = 0  # reservations it offers private peers as a relay (0: none)
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
@@ -154,6 +158,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "moving_to": (int,),
     "model_digest": (str,),
     "blocks_digest": (str,),
+    "reachability": (str,),
+    "relay_slots": (int,),
 }
 _OPTIONAL = (
     "state",
@@ -164,6 +170,8 @@ _OPTIONAL = (
     "moving_to",
     "model_digest",
     "blocks_digest",
+    "reachability",
+    "relay_slots",
 )
 DIGEST_HEX = 64  # a sha256 digest in hex
 ADAPTER_ID_HEX = 32  # model.identity.ADAPTER_ID_HEX
@@ -265,6 +273,16 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     check("state", fields.get("state", "ONLINE") in STATES, f"one of {STATES}")
     for name in ("model_digest", "blocks_digest"):
         check(name, is_digest(fields.get(name, "")), f"{DIGEST_HEX} lowercase hex digits or empty")
+    check(
+        "reachability",
+        fields.get("reachability", "unknown") in REACHABILITIES,
+        f"one of {REACHABILITIES}",
+    )
+    check(
+        "relay_slots",
+        0 <= fields.get("relay_slots", 0) <= MAX_RELAY_SLOTS,
+        f"in [0, {MAX_RELAY_SLOTS}]",
+    )
     return ServerRecord(**fields)
 
 

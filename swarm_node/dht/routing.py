@@ -238,6 +238,11 @@ def chain_latency(
     return total
 
 
+def is_relayed(server: ServerRecord) -> bool:
+    """Whether ``server`` is reached through relays only (every address a ``/p2p-circuit`` one)."""
+    return bool(server.addrs) and all("/p2p-circuit" in a for a in server.addrs)
+
+
 def choose_inference_chain(
     servers: Iterable[ServerRecord],
     *,
@@ -253,7 +258,9 @@ def choose_inference_chain(
     exclude: frozenset[str] = frozenset(),
     adapter: str = "",
 ) -> list[Hop]:
-    """The chain with the lowest expected per-token latency (``chain_latency``), then fewest hops.
+    """The chain with the lowest expected per-token latency (``chain_latency``), then fewest hops,
+    then fewest relayed servers (``is_relayed``: their round trips, measured through the relay,
+    are already in ``rtt``; at equal cost a direct server is preferred).
 
     Only live servers whose cache can hold ``max_length * batch_size`` tokens (and that hold
     ``adapter``, when one is named) take part. Dynamic
@@ -274,17 +281,19 @@ def choose_inference_chain(
         adapter=adapter,
     )
     positions = list(range(start, end + 1))
-    # best[pos][last] = (seconds, hops, previous (pos, last), hop); last = -1: nothing sent yet
-    Entry = tuple[float, int, tuple[int, int] | None, Hop | None]
+    # best[pos][last] = (seconds, hops, relayed hops, previous (pos, last), hop); last = -1: nothing
+    # sent yet
+    Entry = tuple[float, int, int, tuple[int, int] | None, Hop | None]
     best: dict[int, dict[int, Entry]] = {p: {} for p in positions}
-    best[start][-1] = (0.0, 0, None, None)
+    best[start][-1] = (0.0, 0, 0, None, None)
     for pos in positions:
         if pos >= end:
             break
-        for last, (cost, hops, _, _) in list(best[pos].items()):
+        for last, (cost, hops, relayed, _, _) in list(best[pos].items()):
             for i, s in enumerate(usable):
                 if not s.covers(pos):
                     continue
+                via = relayed + is_relayed(s)
                 stop_max = min(s.end, end)
                 for stop in range(pos + 1, stop_max + 1):
                     step = compute_time(s, pos, stop)
@@ -297,14 +306,15 @@ def choose_inference_chain(
                     if push and stop == end:
                         step += _one_way(rtt, s.peer_id)
                     old = best[stop].get(i)
-                    if old is None or (cost + step, hops + 1) < old[:2]:
-                        best[stop][i] = (cost + step, hops + 1, (pos, last), Hop(s, pos, stop))
+                    new = (cost + step, hops + 1, via, (pos, last), Hop(s, pos, stop))
+                    if old is None or new[:3] < old[:3]:
+                        best[stop][i] = new
     assert best[end], "every block is covered, so the DP reaches the end"
-    last = min(best[end], key=lambda i: best[end][i][:2])
+    last = min(best[end], key=lambda i: best[end][i][:3])
     state: tuple[int, int] | None = (end, last)
     chain: list[Hop] = []
     while state is not None:
-        _, _, prev, hop = best[state[0]][state[1]]
+        _, _, _, prev, hop = best[state[0]][state[1]]
         if hop is not None:
             chain.append(hop)
         state = prev

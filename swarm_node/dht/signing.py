@@ -165,3 +165,28 @@ def _check_addrs(record: ServerRecord) -> None:
             raise RemoteProtocolError(
                 f"record of peer {record.peer_id} lists an address of another peer: {text[:100]!r}"
             )
+        if "/p2p-circuit" in text:
+            _check_circuit(record.peer_id, text)
+
+
+def _check_circuit(peer_id: str, text: str) -> None:
+    """A relayed address ``<relay>/p2p/<relay id>/p2p-circuit/p2p/<peer_id>``: one circuit, a relay
+    part that is a direct ip4/ip6/dns address with its own peer id (not the writer's)."""
+    relay, _, rest = text.partition("/p2p-circuit")
+    problem = ""
+    if rest != f"/p2p/{peer_id}":
+        problem = f"must end with /p2p-circuit/p2p/{peer_id}"
+    else:
+        try:
+            relay_id = Multiaddr(relay).get_peer_id()
+            first = Multiaddr(relay).protocols()[0].name
+        except Exception:  # noqa: BLE001 (multiaddr raises several types for bad text)
+            relay_id, first = None, ""
+        if relay_id is None or relay_id == peer_id:
+            problem = "must name its relay's peer id (another peer's) before /p2p-circuit"
+        elif first not in ("ip4", "ip6", "dns", "dns4", "dns6"):
+            problem = "must reach its relay at an ip4, ip6 or dns address"
+    if problem:
+        raise RemoteProtocolError(
+            f"record of peer {peer_id}: relayed address {text[:160]!r} {problem}"
+        )

@@ -115,7 +115,8 @@ class PeerConfig:
 
     listen: tuple[str, ...] = flag(
         ("/ip4/127.0.0.1/tcp/0",),
-        "where to listen (tcp/0: any free port)",
+        "where to listen (tcp/0: any free port; 'none' with --reachability private: nowhere, "
+        "reached through relays only)",
         metavar="MULTIADDR",
         cli_default=("/ip4/0.0.0.0/tcp/0",),
     )
@@ -138,13 +139,48 @@ class PeerConfig:
         "pre-shared key of a private swarm (make one with `swarm-node keygen`)",
         metavar="FILE",
     )
+    reachability: str = flag(
+        "auto",
+        "whether other peers can dial this one: public, private (behind a NAT: reached through "
+        "relays) or auto (ask connected peers with AutoNAT)",
+        choices=("auto", "public", "private"),
+    )
+    no_relay: bool = flag(False, "offer no relay service to private peers, even when public")
+    relay_max_reservations: int = flag(
+        16, "private peers this peer relays for at most (when public)", metavar="N"
+    )
+    relay_max_circuits: int = flag(
+        8, "concurrent relayed connections to one private peer", metavar="N"
+    )
+    relay_max_circuit_mb: int = flag(
+        256, "megabytes one relayed connection may carry (both ways)", metavar="MB"
+    )
+    relay_max_circuit_seconds: int = flag(
+        3600, "seconds one relayed connection may last", metavar="S"
+    )
+    relays: int = flag(2, "relays a private peer keeps a reservation at", metavar="N")
+    relay_reservation_ttl: int = 900  # seconds a reservation lasts at this relay unless renewed
+    relay_renew_every: float = 120.0  # seconds between a private peer's renewals
+    autonat_every: float = 300.0  # seconds between two reachability checks (auto)
     max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
     dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it
     connect_timeout: float = 10.0  # seconds to reach each initial peer
 
     def __post_init__(self) -> None:
-        if not self.listen:
-            raise ConfigError("'listen' must name at least one multiaddr, got none")
+        if not self.listen and self.reachability != "private":
+            raise ConfigError(
+                "'listen' must name at least one multiaddr (or reachability must be 'private': "
+                "reached through relays only), got none"
+            )
+        _check_choice("reachability", self.reachability, ("auto", "public", "private"))
+        check_int("relay_max_reservations", self.relay_max_reservations, 1, 1024)
+        check_int("relay_max_circuits", self.relay_max_circuits, 1, 1024)
+        check_int("relay_max_circuit_mb", self.relay_max_circuit_mb, 1, 2**20)
+        check_int("relay_max_circuit_seconds", self.relay_max_circuit_seconds, 1, 7 * 24 * 3600)
+        check_int("relays", self.relays, 1, 16)
+        check_int("relay_reservation_ttl", self.relay_reservation_ttl, 10, 24 * 3600)
+        _check_range("relay_renew_every", self.relay_renew_every, 1.0)
+        _check_range("autonat_every", self.autonat_every, 1.0)
         _check_range("max_frame_size", self.max_frame_size, 1024)
         _check_range("dht_ttl", self.dht_ttl, 3.0, MAX_TTL)
         _check_range("connect_timeout", self.connect_timeout, 0.01)

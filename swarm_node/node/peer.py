@@ -46,6 +46,7 @@ from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
 from swarm_node.node.net.host import build_host, close_connections, host_peer_id
 from swarm_node.node.net.identity import load_or_create_identity
+from swarm_node.node.net.relay import Relays, RelaySettings
 from swarm_node.node.net.swarm_key import load_swarm_key
 from swarm_node.node.server.adapters import is_adapter_id
 from swarm_node.node.server.block_server import BlockServer
@@ -63,8 +64,16 @@ JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 class Peer:
     """A running peer. Made by ``open_peer``; do not construct directly."""
 
-    def __init__(self, host: Any, dht: SwarmDHT, config: PeerConfig, client: ClientConfig) -> None:
+    def __init__(
+        self,
+        host: Any,
+        dht: SwarmDHT,
+        config: PeerConfig,
+        client: ClientConfig,
+        relays: Relays | None = None,
+    ) -> None:
         self.host = host
+        self.relays = relays
         self.dht = dht
         self.config = config
         self.client_config = client
@@ -95,9 +104,43 @@ class Peer:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers."""
+        """Full multiaddrs of this peer, with /p2p/<id>, to give others as --initial-peers; a
+        private peer's are its relayed ones only (nobody can dial where it listens)."""
+        if self.relays is not None and self.relays.status == "private":
+            return self.relays.addrs()
         texts = [str(addr) for addr in self.host.get_addrs()]
         return [text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}" for text in texts]
+
+    @property
+    def reachability(self) -> str:
+        """ "public", "private" (reached through relays) or "unknown"."""
+        return self.relays.status if self.relays is not None else "unknown"
+
+    async def relay_candidates(self) -> list[tuple[str, list[str]]]:
+        """Peers that may relay for this one: its initial peers, then the servers of its model whose
+        records offer relay slots, as (peer id, addresses)."""
+        out: dict[str, list[str]] = {}
+        for text in self.config.initial_peers:
+            head, _, peer_id = text.rpartition("/p2p/")
+            out.setdefault(peer_id, []).append(head)
+        records: list[ServerRecord] = []
+        if self.server is not None:
+            blocks = range(self.server.span.config.num_hidden_layers)
+            with trio.move_on_after(self.client_config.lookup_timeout):
+                records = await self.dht.find_servers(self.server.model_id, blocks)
+        for rec in records:
+            if rec.relay_slots > 0 and rec.reachability == "public":
+                out.setdefault(rec.peer_id, list(rec.addrs))
+        return list(out.items())
+
+    async def _addresses_changed(self) -> None:
+        if self.server is None:
+            return
+        try:
+            await self.announce()
+            log.info("re-announced at %s", ", ".join(self.addrs) or "no address")
+        except Exception:  # the announce loop retries
+            log.warning("re-announcing new addresses failed", exc_info=True)
 
     # -- serving ---------------------------------------------------------------------------------
     async def start_serving(
@@ -166,6 +209,8 @@ class Peer:
             moving_to=-1 if self.moving_to is None else self.moving_to,
             model_digest=self.identity.digest,
             blocks_digest=self.identity.span_digest(self.server.start, self.server.end),
+            reachability=self.reachability,
+            relay_slots=self.relays.relay_slots if self.relays is not None else 0,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )
@@ -510,9 +555,10 @@ async def open_peer(
     prepared = await prepare_span(server) if server is not None and not placed else None
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
     host = build_host(key_pair=key_pair, announce=announce, psk=psk)
+    relays = Relays(host, relay_settings(config, psk is not None), listening=bool(listen))
     try:
         async with host.run(listen_addrs=listen):
-            dht = SwarmDHT(host)
+            dht = SwarmDHT(host, addrs=relays.reachable_addrs)
             await connect_initial_peers(
                 host,
                 dht,
@@ -521,8 +567,10 @@ async def open_peer(
                 private=config.swarm_key is not None,
             )
             async with dht.running(), trio.open_nursery() as nursery:
-                peer = Peer(host, dht, config, client)
+                peer = Peer(host, dht, config, client, relays)
                 peer._nursery = nursery
+                await nursery.start(relays.run, peer.relay_candidates)
+                relays.changed = peer._addresses_changed
                 try:
                     if server is not None and prepared is not None:
                         await peer.start_serving(server, prepared, nursery)
@@ -536,3 +584,22 @@ async def open_peer(
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None  # one failure comes out as itself
+
+
+def relay_settings(config: PeerConfig, private_swarm: bool) -> RelaySettings:
+    """``config``'s relay fields; no relay service in a private swarm (py-libp2p 0.8.1 puts the
+    swarm key on relayed connections a peer accepts but not on those it dials)."""
+    if private_swarm and config.reachability == "private":
+        log.warning("a private swarm (--swarm-key) cannot use relays: this peer is unreachable")
+    return RelaySettings(
+        reachability=config.reachability,
+        offer=not config.no_relay and not private_swarm,
+        max_reservations=config.relay_max_reservations,
+        max_circuits=config.relay_max_circuits,
+        max_circuit_bytes=config.relay_max_circuit_mb * 2**20,
+        max_circuit_seconds=config.relay_max_circuit_seconds,
+        reservation_ttl=config.relay_reservation_ttl,
+        relays=config.relays,
+        renew_every=config.relay_renew_every,
+        recheck_every=config.autonat_every,
+    )

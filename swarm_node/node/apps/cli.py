@@ -144,7 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(where, "--blocks", metavar="START:END", help="blocks to serve, e.g. 20:40")
     _fields(where, ServerConfig, "num_blocks")
     _fields(serve, ServerConfig, "start_delay", "rebalance_interval", "min_gain")
-    _fields(serve, PeerConfig, "listen", "announce_addrs")
+    _fields(
+        serve,
+        PeerConfig,
+        "listen",
+        "announce_addrs",
+        "reachability",
+        "no_relay",
+        "relay_max_reservations",
+        "relay_max_circuits",
+        "relay_max_circuit_mb",
+        "relay_max_circuit_seconds",
+        "relays",
+    )
     _fields(
         serve,
         ServerConfig,

@@ -51,12 +51,15 @@ async def serve(args: argparse.Namespace) -> int:
     start, end = parse_blocks(args.blocks) if args.blocks is not None else (0, 0)
     values = flag_values(ServerConfig, args) | {"adapters": parse_adapter_flags(args.adapters)}
     server = ServerConfig(**values, start=start, end=end)
-    config = PeerConfig(**flag_values(PeerConfig, args))
+    peer_values = flag_values(PeerConfig, args)
+    if tuple(peer_values["listen"]) == ("none",):  # reached through relays only
+        peer_values["listen"] = ()
+    config = PeerConfig(**peer_values)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_peer(config, server=server) as peer:
             for addr in peer.addrs:
                 print(addr, flush=True)
-            if not args.initial_peers:
+            if not args.initial_peers and peer.addrs:
                 log.info("started a new swarm; others join with --initial-peers %s", peer.addrs[0])
             async for signum in signals:
                 log.info("got %s: withdrawing and shutting down", signal.Signals(signum).name)

@@ -70,6 +70,9 @@ def coverage_report(
                 "version": s.version,
                 "adapters": list(s.adapters),
                 "state": s.state,
+                "reachability": s.reachability,
+                "relayed": any("/p2p-circuit" in a for a in s.addrs),
+                "relay_slots": s.relay_slots,
                 "moving_to": None if s.moving_span is None else list(s.moving_span),
                 "model_digest": s.model_digest,
                 "blocks_digest": s.blocks_digest,
@@ -83,6 +86,14 @@ def coverage_report(
 
 def _short(peer_id: str) -> str:
     return "…" + peer_id[-8:]
+
+
+def _reach(server: dict[str, Any]) -> str:
+    reach = server.get("reachability", "unknown")
+    if reach == "private" or server.get("relayed"):
+        return f"  {reach}, through relays"
+    slots = server.get("relay_slots", 0)
+    return f"  {reach}" + (f", relays for up to {slots}" if slots else "")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -113,6 +124,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
             + f"  model {s.get('model_digest', '')[:12] or '-'}"
+            + _reach(s)
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
             + (f"  moving to blocks {moving[0]}:{moving[1]}" if moving else "")
         )

@@ -17,6 +17,7 @@ from multiaddr import Multiaddr
 
 from swarm_node.errors import ConfigError, SwarmError
 from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.node.net.relay import dial_through_relays, is_circuit
 from swarm_node.protocol import PROTOCOL_ID
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,25 @@ async def open_stream(
     peer = ID.from_base58(peer_id)
     forget_closed_connections(host, peer)  # else py-libp2p may refuse to dial (see there)
     with trio.fail_after(timeout):
+        await connect(host, peer)
         stream = await host.new_stream(peer, [PROTOCOL_ID])
     return MessageStream(stream, max_frame_size=max_frame_size)
+
+
+async def connect(host: Any, peer: ID) -> None:
+    """Make sure a connection to ``peer`` is open. A peer known at ``/p2p-circuit`` addresses is
+    private (it announces only those): it is dialed through its relays alone, py-libp2p's swarm
+    never dials those itself, and the other addresses it was seen at (by identify, from behind its
+    NAT) would cost a failed dial first."""
+    if host.get_network().get_connections(peer):
+        return
+    try:
+        addrs = list(host.get_peerstore().addrs(peer))
+    except Exception:  # noqa: BLE001 (an unknown peer: new_stream says so)
+        return
+    relayed = [a for a in addrs if is_circuit(a)]
+    if relayed:
+        await dial_through_relays(host, peer, relayed)
 
 
 def forget_closed_connections(host: Any, peer: ID) -> None:
