@@ -230,6 +230,17 @@ class ServerConfig:
     max_queued_mb_per_peer: int = flag(
         256, "decoded tensors of one peer's waiting requests", metavar="MB"
     )
+    no_batching: bool = flag(
+        False,
+        "compute every session's decode step alone (default: steps of sessions that wait "
+        "while the server computes run together in its next forward)",
+    )
+    prefill_chunk: int = flag(
+        256,
+        "tokens of a long step (a prefill) computed at a time, other sessions' decode steps "
+        "between the chunks",
+        metavar="TOKENS",
+    )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
         None,
@@ -293,6 +304,7 @@ class ServerConfig:
             "max_queued_per_peer",
             "max_queued_mb",
             "max_queued_mb_per_peer",
+            "prefill_chunk",
         ):
             check_int(name, getattr(self, name), 1)
         if self.torch_threads is not None:
