@@ -4,7 +4,9 @@ computes are computed together in its next forward.
 No window is waited for: a step that finds nothing being computed (a lone client) runs at once, alone,
 on the same path as without batching. Steps that arrive while a computation runs (or waits for the
 compute limiter behind a prefill chunk or a training request) queue; the first of them leads: once it
-holds the limiter it takes every queued step and runs them as one `BlockSpan.forward_batch` (grouped by
+holds the limiter it lets the loop finish the work it has (the steps already received but still a few
+task hops from here: trio's "all tasks blocked", at most MAX_SETTLE_S), takes every queued step and
+runs them as one `BlockSpan.forward_batch` (grouped by
 sub-span; each session keeps its own cache, so they may have any lengths and join or leave between
 any two steps). A step cancelled while it waits leaves the queue; one already taken is computed and
 its answer dropped. Steps of sessions with deep prompts or a LoRA (a server adapter or the client's
@@ -24,8 +26,13 @@ from typing import Any
 
 import torch
 import trio
+import trio.testing
 
 from swarm_node.node.quick_jobs import QuickJobs
+
+# at most this long a leader lets the loop finish what it has (a loop that is never idle, e.g. an
+# application's busy task beside the peer, must not hold a step longer)
+MAX_SETTLE_S = 0.002
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +110,10 @@ class DecodeBatcher:
         try:
             async with self.limiter:
                 if self.enabled:
+                    with trio.move_on_after(MAX_SETTLE_S):
+                        # the steps already received (a stream's bytes take a few task hops to
+                        # become a step here) join: no time window, only the loop's pending work
+                        await trio.testing.wait_all_tasks_blocked()
                     batch, self.pending = self.pending, []
                 else:
                     batch = [job]
