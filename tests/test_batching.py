@@ -14,8 +14,10 @@ import pytest
 import torch
 import trio
 
+from swarm_node.dht.records import decode_record, encode_record
 from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.node.apps.swarm_status import coverage_report, format_report
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
@@ -249,6 +251,11 @@ async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llam
                 await open_one(3, 6)  # session 3 joins, its cache longer than the others'
                 await batched_round([0, 2, 3])
                 await batched_round([0, 2, 3])
+                # visible: the server's record (what `swarm-node status` and the map show)
+                record = decode_record(encode_record(peers[0].make_record("ONLINE", 60.0)))
+                assert (record.sessions, record.batch) == (3, 3)
+                report = coverage_report([record], model=model, num_blocks=6, rtt={})
+                assert "3 session(s), decode batch up to 3" in format_report(report)
                 for box in sessions.values():
                     box["done"].set()
 

@@ -29,6 +29,7 @@ STATES = ("JOINING", "ONLINE", "OFFLINE")
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
 # writer's clock and the reader's.
 MAX_BLOCKS = 4096
+MAX_COUNT = 1 << 20  # bound of a record's session and batch counts
 MAX_THROUGHPUT = 1e6
 MAX_TTL = 24 * 3600.0
 CLOCK_SKEW = 300.0
@@ -53,6 +54,8 @@ class ServerRecord:
     # first block of the span this server is loading to move to (same length), -1 when not moving:
     # placement's claim, so that two servers do not both leave the same blocks (node/placement.py)
     moving_to: int = -1
+    sessions: int = 0  # sessions open on it when announced
+    batch: int = 0  # most sessions' decode steps computed in one forward lately (0: none)
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
@@ -130,8 +133,12 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "quant": (str,),
     "bytes_per_block": (int,),
     "moving_to": (int,),
+    "sessions": (int,),
+    "batch": (int,),
 }
-_OPTIONAL = ("state", "seq", "expires_at", "quant", "bytes_per_block", "moving_to")
+_OPTIONAL = (
+    *("state", "seq", "expires_at", "quant", "bytes_per_block", "moving_to", "sessions", "batch"),
+)
 
 
 def unpack_map(value: bytes) -> dict[Any, Any]:
@@ -214,6 +221,8 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     check("throughput", 0 <= throughput <= MAX_THROUGHPUT, f"in [0, {MAX_THROUGHPUT:g}]")
     check("cache_tokens_left", fields["cache_tokens_left"] >= 0, ">= 0")
     check("bytes_per_block", fields.get("bytes_per_block", 0) >= 0, ">= 0")
+    for name in ("sessions", "batch"):
+        check(name, 0 <= fields.get(name, 0) <= MAX_COUNT, f"in [0, {MAX_COUNT}]")
     moving_to = fields.get("moving_to", -1)
     span = fields["end"] - fields["start"]
     check(

@@ -155,6 +155,8 @@ class Peer:
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             moving_to=-1 if self.moving_to is None else self.moving_to,
+            sessions=self.server.active_sessions,
+            batch=self.server.batcher.batch_lately(trio.current_time()),
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )

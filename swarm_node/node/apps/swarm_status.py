@@ -49,6 +49,8 @@ def coverage_report(
                 "adapters": list(s.adapters),
                 "state": s.state,
                 "moving_to": None if s.moving_span is None else list(s.moving_span),
+                "sessions": s.sessions,
+                "batch": s.batch,
             }
             for s in servers
         ],
@@ -88,6 +90,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"  {_short(s['peer_id'])}  blocks {s['start']}:{s['end']}  {s['throughput']:.1f} tok/s  "
             f"{s['cache_tokens_left']} cache tokens free  round trip {rtt}  "
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
+            + f"  {s.get('sessions', 0)} session(s), decode batch up to {s.get('batch', 0)}"
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
             + (f"  moving to blocks {moving[0]}:{moving[1]}" if moving else "")
         )

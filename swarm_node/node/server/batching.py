@@ -19,7 +19,7 @@ Knows nothing of the wire, rules or budgets: a session's cache is what it always
 from __future__ import annotations
 
 import functools
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +33,7 @@ from swarm_node.node.quick_jobs import QuickJobs
 # at most this long a leader lets the loop finish what it has (a loop that is never idle, e.g. an
 # application's busy task beside the peer, must not hold a step longer)
 MAX_SETTLE_S = 0.002
+BATCH_WINDOW_S = 60.0  # `batch_lately` looks this far back
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +83,11 @@ class DecodeBatcher:
         self.batch_sizes: Counter[int] = Counter()  # sessions per forward -> forwards
         self.last_batch = 0  # sessions in the latest forward
         self.max_batch = 0
+        self.recent: deque[tuple[float, int]] = deque(maxlen=1024)  # (trio time, sessions)
+
+    def batch_lately(self, now: float, window: float = BATCH_WINDOW_S) -> int:
+        """The most sessions one forward computed in the last ``window`` s (0: no step)."""
+        return max((n for t, n in self.recent if t >= now - window), default=0)
 
     @property
     def waiting(self) -> int:
@@ -120,6 +126,7 @@ class DecodeBatcher:
                     self.pending.remove(job)
                 run = functools.partial(self._compute, batch)
                 await self.quick_jobs.run(run, small=True)
+                self.recent.append((trio.current_time(), len(batch)))
         finally:
             for taken in batch:
                 if not taken.finished:
