@@ -120,6 +120,36 @@ async def test_steps_that_wait_together_run_in_one_forward(tiny_llama: Path) -> 
             torch.testing.assert_close(outs[i], span(x[i], alone[i]), **TOL)
 
 
+async def test_a_leader_cancelled_before_it_computes_hands_the_lead_on(tiny_llama: Path) -> None:
+    span = BlockSpan.load(Checkpoint.open(tiny_llama), 0, 6)
+    limiter = trio.CapacityLimiter(1)
+    batcher = DecodeBatcher(span, limiter, max_inline_s=0.1, enabled=True)
+    caches = [span.new_cache(8) for _ in range(3)]
+    leader = trio.CancelScope()
+
+    async def lead() -> None:
+        with leader:
+            await batcher.step(torch.randn(1, 1, H), caches[0], start=0, end=6)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            async with limiter:
+                nursery.start_soon(lead)
+                await _until(lambda: batcher.waiting == 1)
+                for cache in caches[1:]:
+                    nursery.start_soon(
+                        lambda c=cache: batcher.step(torch.randn(1, 1, H), c, start=0, end=6)
+                    )
+                await _until(lambda: batcher.waiting == 3)
+                leader.cancel()  # the leader goes while it waits for the limiter
+                await _until(lambda: batcher.waiting == 2)
+        async with trio.open_nursery() as nursery:  # and later steps still run
+            nursery.start_soon(
+                lambda: batcher.step(torch.randn(1, 1, H), caches[1], start=0, end=6)
+            )
+    assert [c.length for c in caches] == [0, 2, 1] and not batcher.leading
+
+
 async def test_no_batching_runs_every_step_alone(tiny_llama: Path) -> None:
     span = BlockSpan.load(Checkpoint.open(tiny_llama), 0, 6)
     limiter = trio.CapacityLimiter(1)

@@ -128,6 +128,8 @@ class DecodeBatcher:
                 await self.quick_jobs.run(run, small=True)
                 self.recent.append((trio.current_time(), len(batch)))
         finally:
+            if job in self.pending:  # cancelled before it held the limiter: not the next leader
+                self.pending.remove(job)
             for taken in batch:
                 if not taken.finished:
                     taken.error = RuntimeError("the batch of this step did not complete")
