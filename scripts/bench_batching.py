@@ -15,7 +15,11 @@ every session, computed one session at a time (issue 19's client-side batching i
   B's worst token interval during it, less B's median, over one chunk's compute, estimated as A's
   prefill wall time / (chunks + 1) (the chain is pipelined over two servers). A step may wait one
   chunk on each server, so up to ~2 is the bound through this 2-server chain;
-- ``same_tokens``: every session's tokens in every concurrent round equal its solo run.
+- ``same_tokens``: every session's tokens in every concurrent round equal its solo run;
+- ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end of
+  the rounds; records are re-announced every 40 s);
+- ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions
+  in this process before the swarms start (what batching saves where the client keeps up).
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_batching.py [--tokens 32] [--repeats 2]
 
@@ -38,6 +42,7 @@ import torch
 import trio
 
 from swarm_node.model import Checkpoint, ClientHead, resolve_model
+from swarm_node.node.apps.swarm_status import gather_status
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig
@@ -46,6 +51,32 @@ from swarm_node.node.peer import open_peer
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 MODEL = "smollm2-135m"
 LEVELS = (1, 2, 4, 8, 16)
+
+
+def span_forward_ms(threads: int, repeats: int = 7) -> dict[str, float]:
+    """The server side alone, in this process before any peer starts: one decode forward of blocks
+    0:15 for N sessions (caches of 100 positions), median ms; N = 1 is the lone path."""
+    from swarm_node.model import BlockSpan
+
+    torch.set_num_threads(threads)
+    span = BlockSpan.load(Checkpoint.open(resolve_model(MODEL)), 0, 15)
+    caches = [span.new_cache(512) for _ in range(max(LEVELS))]
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        for cache in caches:
+            span(torch.randn(1, 100, span.hidden_size), cache)
+        for n in LEVELS:
+            times = []
+            for _ in range(repeats):
+                steps = [torch.randn(1, 1, span.hidden_size) for _ in range(n)]
+                t0 = time.perf_counter()
+                if n == 1:
+                    span(steps[0], caches[0])
+                else:
+                    span.forward_batch(steps, caches[:n])
+                times.append(time.perf_counter() - t0)
+            out[f"span_forward_ms_{n}"] = round(statistics.median(times) * 1000, 1)
+    return out
 
 
 def start_swarm(extra: list[str], threads: int) -> tuple[list[subprocess.Popen], str]:
@@ -188,6 +219,8 @@ async def bench(on_addr: str, off_addr: str, args: argparse.Namespace) -> dict[s
             lone_step_p50_ms=round(statistics.median(gaps) * 1000, 1),
             lone_step_p95_ms=round(statistics.quantiles(gaps, n=20)[18] * 1000, 1),
         )
+        status = await gather_status(on_peer, MODEL, num_blocks=30)
+        result["batch_seen"] = [s["batch"] for s in status["servers"]]  # records' last 60 s
         delay = await prefill_delay(on, args.prefill, args.chunk)
         result.update({k: round(v, 3) for k, v in delay.items()})
         result["same_tokens"] = same
@@ -205,6 +238,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="the servers' --prefill-chunk")
     args = parser.parse_args()
     logging.getLogger("libp2p").setLevel(logging.ERROR)
+    forward = span_forward_ms(args.server_threads)
     procs: list[subprocess.Popen] = []
     try:
         chunk = ["--prefill-chunk", str(args.chunk)]
@@ -216,6 +250,7 @@ def main() -> None:
     finally:
         for proc in procs:
             proc.kill()
+    result.update(forward)
     result.update(
         model=MODEL,
         tokens_per_session=args.tokens,
