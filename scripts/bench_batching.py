@@ -24,6 +24,14 @@ every session, computed one session at a time (issue 19's client-side batching i
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_batching.py [--tokens 32] [--repeats 2]
 
 Prints one JSON line. On a shared machine the figures carry that load: rerun on a quiet one.
+
+Measured 2026-12-05 on the 2 shared cores (other sessions' work beside it, load average falling from
+~7 to ~2 during the run), --tokens 32 --repeats 2, 1 thread per server: 1 session 10.3 tokens/s,
+2: 10.8 (1.05x), 4: 15.4 (1.49x), 8: 20.0 (1.94x), 16: 23.8 (2.32x); records showed batches of 14
+and 13; lone on/off 11.0 / 9.9 (1.11); lone step p50 61 ms, p95 123 ms; prefill delay 1.6 chunks
+(256-token chunks, ~0.63 s each); same_tokens true. The server side alone: one forward of blocks 0:15
+for 16 sessions ~107 ms against ~42 ms for one. Here the client process (16 sessions' LM heads and
+messages on one loop) is the limit, not the servers: issue 19's client-side batching is next.
 """
 
 from __future__ import annotations

@@ -283,9 +283,11 @@ async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llam
                 await batched_round([0, 2, 3])
                 # visible: the server's record (what `swarm-node status` and the map show)
                 record = decode_record(encode_record(peers[0].make_record("ONLINE", 60.0)))
-                assert (record.sessions, record.batch) == (3, 3)
+                # (the largest batch of the last 60 s: 3 here, or 4 if the generations above met)
+                assert record.sessions == 3 and record.batch == batcher.max_batch >= 3
                 report = coverage_report([record], model=model, num_blocks=6, rtt={})
-                assert "3 session(s), decode batch up to 3" in format_report(report)
+                text = f"3 session(s), decode batch up to {record.batch}"
+                assert text in format_report(report)
                 for box in sessions.values():
                     box["done"].set()
 
