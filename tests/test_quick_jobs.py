@@ -113,9 +113,9 @@ async def test_decode_steps_run_inline_in_a_swarm_and_give_transformers_tokens(
                 SessionSettings(model=tiny_llama.name, num_blocks=6, dtype="float32"),
                 SamplingConfig(max_new_tokens=new_tokens),
             )
-            runs = [
-                (p.server.quick_jobs.thread_runs, p.server.quick_jobs.inline_runs) for p in peers
-            ]
+            # prefills run through the server's QuickJobs, decode steps through its batcher's
+            jobs = [(p.server.quick_jobs, p.server.batcher.quick_jobs) for p in peers]
+            runs = [(a.thread_runs + b.thread_runs, a.inline_runs + b.inline_runs) for a, b in jobs]
     expected = reference_model(tiny_llama).generate(
         input_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
     )

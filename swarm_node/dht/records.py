@@ -31,6 +31,7 @@ MAX_RELAY_SLOTS = 1024
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
 # writer's clock and the reader's.
 MAX_BLOCKS = 4096
+MAX_COUNT = 1 << 20  # bound of a record's session and batch counts
 MAX_THROUGHPUT = 1e6
 MAX_TTL = 24 * 3600.0
 CLOCK_SKEW = 300.0
@@ -62,6 +63,8 @@ class ServerRecord:
     blocks_digest: str = ""
     reachability: str = "unknown"  # "public", "private" (reached through relays) or "unknown"
     relay_slots: int = 0  # reservations it offers private peers as a relay (0: none)
+    sessions: int = 0  # sessions open on it when announced
+    batch: int = 0  # most sessions' decode steps computed in one forward lately (0: none)
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
@@ -160,6 +163,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "blocks_digest": (str,),
     "reachability": (str,),
     "relay_slots": (int,),
+    "sessions": (int,),
+    "batch": (int,),
 }
 _OPTIONAL = (
     "state",
@@ -172,6 +177,8 @@ _OPTIONAL = (
     "blocks_digest",
     "reachability",
     "relay_slots",
+    "sessions",
+    "batch",
 )
 DIGEST_HEX = 64  # a sha256 digest in hex
 ADAPTER_ID_HEX = 32  # model.identity.ADAPTER_ID_HEX
@@ -264,6 +271,8 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     check("throughput", 0 <= throughput <= MAX_THROUGHPUT, f"in [0, {MAX_THROUGHPUT:g}]")
     check("cache_tokens_left", fields["cache_tokens_left"] >= 0, ">= 0")
     check("bytes_per_block", fields.get("bytes_per_block", 0) >= 0, ">= 0")
+    for name in ("sessions", "batch"):
+        check(name, 0 <= fields.get(name, 0) <= MAX_COUNT, f"in [0, {MAX_COUNT}]")
     moving_to = fields.get("moving_to", -1)
     span = fields["end"] - fields["start"]
     check(

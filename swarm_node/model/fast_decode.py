@@ -80,9 +80,30 @@ def decode_step(
 
     Call only where `supports(...)` holds, under inference mode (no autograd).
     """
+    return decode_batch(layers, hidden, [dynamic], [hidden.shape[0]], position_embeddings)
+
+
+def decode_batch(
+    layers: torch.nn.ModuleList,
+    hidden: torch.Tensor,
+    dynamics: list[Any],
+    rows: list[int],
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """One new position of several sessions at once: `hidden` `# (N, 1, H)` holds `rows[i]` rows of
+    session i (in order), whose cache is `dynamics[i]`; `position_embeddings` `# (N or 1, 1, D)`.
+
+    The linears and norms run over all N rows together (the weights are read once); attention runs
+    per session over its own cache, so sessions of different lengths need no mask. With one session
+    this is `decode_step` op for op; with more, a linear over N rows may round differently than over
+    one (BLAS blocking), so a row's output is that of its lone step within float tolerance.
+    """
     batch, new_tokens, _ = hidden.shape
-    cos, sin = position_embeddings  # (1, 1, D) each
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, 1, D): broadcast over heads
+    cos, sin = position_embeddings  # (N or 1, 1, D) each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (N or 1, 1, 1, D): broadcast over heads
+    bounds = [0]
+    for n in rows:
+        bounds.append(bounds[-1] + n)
     for j, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         residual = hidden
@@ -96,18 +117,27 @@ def decode_step(
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, 1, D)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
-        k, v = dynamic.update(k, v, j)  # (B, kv_heads, L, D): the past and this position
-        gqa = getattr(attn, "num_key_value_groups", 1) > 1
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=None,
-            dropout_p=0.0,
-            scale=attn.scaling,
-            is_causal=False,
-            **({"enable_gqa": True} if gqa else {}),
-        )
+        gqa = {"enable_gqa": True} if getattr(attn, "num_key_value_groups", 1) > 1 else {}
+        outs = []
+        for dynamic, a, b in zip(dynamics, bounds, bounds[1:], strict=False):
+            if len(dynamics) > 1:
+                qs, ks, vs = q[a:b], k[a:b], v[a:b]
+            else:
+                qs, ks, vs = q, k, v
+            ks, vs = dynamic.update(ks, vs, j)  # (B, kv_heads, L, D): the past and this position
+            outs.append(
+                F.scaled_dot_product_attention(
+                    qs,
+                    ks,
+                    vs,
+                    attn_mask=None,
+                    dropout_p=0.0,
+                    scale=attn.scaling,
+                    is_causal=False,
+                    **gqa,
+                )
+            )
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         out = out.reshape(out.shape[0], -1, new_tokens, v.shape[-1]).transpose(1, 2).contiguous()
         out = out.reshape(batch, new_tokens, -1).contiguous()
         hidden = residual + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
@@ -118,4 +148,4 @@ def decode_step(
         hidden = residual + F.linear(
             mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias
         )
-    return hidden  # (B, 1, H)
+    return hidden  # (N, 1, H)

@@ -219,6 +219,54 @@ class BlockSpan(torch.nn.Module):
             cache.advance(new_tokens)
         return out
 
+    def forward_batch(
+        self,
+        hiddens: list[torch.Tensor],
+        caches: list[SpanCache],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[torch.Tensor]:
+        """One new position of several sessions `# (B_i, 1, H)`, each with its own cache (of any
+        length, all for blocks `start..end-1`), in one pass over the weights; the outputs in order.
+
+        Where `fast_decode` replays the layers (see `uses_fast_decode`) the rows run together
+        (`fast_decode.decode_batch`, each session's attention over its own cache); elsewhere each
+        session runs `forward` in turn. Inference only: no autograd, prompts or LoRA.
+        """
+        if len(hiddens) != len(caches) or not hiddens:
+            raise ConfigError(
+                f"'hiddens' and 'caches' must be equally long and not empty, got "
+                f"{len(hiddens)} and {len(caches)}"
+            )
+        start, end = self._sub_span(start, end)
+        for hidden, cache in zip(hiddens, caches, strict=True):
+            self._check_hidden(hidden)
+            cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=1)
+        with torch.inference_mode():
+            if len(hiddens) == 1 or not self.uses_fast_decode(1):
+                return [
+                    self.forward(h, c, start=start, end=end)
+                    for h, c in zip(hiddens, caches, strict=True)
+                ]
+            rows = [h.shape[0] for h in hiddens]
+            hidden = torch.cat([h.to(self.dtype) for h in hiddens])  # (N, 1, H)
+            position_ids = torch.cat(
+                [torch.full((n, 1), c.length) for n, c in zip(rows, caches, strict=True)]
+            )  # (N, 1)
+            position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (N, 1, D) x2
+            first, stop = start - self.start, end - self.start
+            out = fast_decode.decode_batch(
+                self.layers[first:stop],
+                hidden,
+                [c.dynamic for c in caches],
+                rows,
+                position_embeddings,
+            )
+        for cache in caches:
+            cache.advance(1)
+        return list(out.split(rows))
+
     def _run(
         self,
         hidden: torch.Tensor,

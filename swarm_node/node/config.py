@@ -277,6 +277,17 @@ class ServerConfig:
         "past it is refused 'busy' and its stream closed",
         metavar="MB",
     )
+    no_batching: bool = flag(
+        False,
+        "compute every session's decode step alone (default: steps of sessions that wait "
+        "while the server computes run together in its next forward)",
+    )
+    prefill_chunk: int = flag(
+        256,
+        "tokens of a long step (a prefill) computed at a time, other sessions' decode steps "
+        "between the chunks",
+        metavar="TOKENS",
+    )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")
     throughput: float | None = flag(
         None,
@@ -341,6 +352,7 @@ class ServerConfig:
             "max_queued_mb",
             "max_queued_mb_per_peer",
             "max_receiving_mb",
+            "prefill_chunk",
         ):
             check_int(name, getattr(self, name), 1)
         if self.torch_threads is not None:

@@ -211,6 +211,8 @@ class Peer:
             blocks_digest=self.identity.span_digest(self.server.start, self.server.end),
             reachability=self.reachability,
             relay_slots=self.relays.relay_slots if self.relays is not None else 0,
+            sessions=self.server.active_sessions,
+            batch=self.server.batcher.batch_lately(trio.current_time()),
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )

@@ -138,6 +138,8 @@ def model_view(
                     "end",
                     "throughput",
                     "cache_tokens_left",
+                    "sessions",
+                    "batch",
                     "rtt_ms",
                     "state",
                     "dtype",

@@ -76,6 +76,8 @@ def coverage_report(
                 "moving_to": None if s.moving_span is None else list(s.moving_span),
                 "model_digest": s.model_digest,
                 "blocks_digest": s.blocks_digest,
+                "sessions": s.sessions,
+                "batch": s.batch,
             }
             for s in servers
         ],
@@ -125,6 +127,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"{s['dtype'] if s['quant'] == 'none' else s['quant']}  v{s['version']}"
             + f"  model {s.get('model_digest', '')[:12] or '-'}"
             + _reach(s)
+            + f"  {s.get('sessions', 0)} session(s), decode batch up to {s.get('batch', 0)}"
             + (f"  adapters: {', '.join(s['adapters'])}" if s.get("adapters") else "")
             + (f"  moving to blocks {moving[0]}:{moving[1]}" if moving else "")
         )

@@ -38,6 +38,7 @@ from swarm_node.node.net.message_stream import (
 )
 from swarm_node.node.quick_jobs import SERVER_MAX_INLINE_S, QuickJobs, off_loop
 from swarm_node.node.server import training as server_training
+from swarm_node.node.server.batching import DecodeBatcher
 from swarm_node.node.server.compute_admission import (
     ComputeLimits,
     ComputeQueue,
@@ -91,6 +92,14 @@ class BlockServer:
         self.compute_limiter = compute_limiter
         # decode steps (one new position) run on the loop's thread while they take <= 0.1 s
         self.quick_jobs = QuickJobs(SERVER_MAX_INLINE_S, compute_limiter)
+        # decode steps of sessions without prompts or LoRA: together when they wait together
+        self.batcher = DecodeBatcher(
+            span,
+            compute_limiter,
+            max_inline_s=SERVER_MAX_INLINE_S,
+            enabled=not config.no_batching,
+            alone=lambda hidden, cache, start, end: self._run_span(hidden, cache, start, end),
+        )
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
@@ -440,17 +449,8 @@ class BlockServer:
             max_tokens=session.rules.max_length - length,
             dtype=session.dtype,
         )
-        run = functools.partial(
-            self._run_span,
-            hidden,
-            session.cache,
-            session.start,
-            session.end,
-            session.prompts,
-            session.lora,
-        )
         try:
-            out = await self.quick_jobs.run(run, small=hidden.dim() == 3 and hidden.shape[1] == 1)
+            out = await self._compute_step(session, hidden)
         except SessionError as exc:
             raise RequestError("too_long", str(exc)) from None
         session.steps += 1
@@ -459,6 +459,30 @@ class BlockServer:
         out_wire = await off_loop(encode, out.nbytes)
         pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
         return session.rules.answered(step_id, out_wire, pushed=pushed)
+
+    async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:
+        """A session's step through its span: a decode step through the batcher (unless prompts or
+        a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
+        taking the compute limiter anew so that other sessions' steps run between them."""
+        cache, start, end = session.cache, session.start, session.end
+        tokens = hidden.shape[1]
+        cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
+        if tokens == 1 and session.prompts is None and session.lora is None:
+            return await self.batcher.step(hidden, cache, start=start, end=end)
+        chunk = self.config.prefill_chunk
+        outs = []
+        for a in range(0, tokens, chunk):
+            run = functools.partial(
+                self._run_span,
+                hidden[:, a : a + chunk],
+                cache,
+                start,
+                end,
+                session.prompts,
+                session.lora,
+            )
+            outs.append(await self.quick_jobs.run(run, small=tokens == 1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _run_span(
         self,

@@ -97,12 +97,13 @@ function modelCard(m) {
     rows.append(el("tr", {"data-peer": s.peer_id},
       el("td", {}, el("code", {title: s.peer_id}, short(s.peer_id))), el("td", {}, s.start + ":" + s.end),
       el("td", {}, num(s.throughput, 1)), el("td", {}, s.cache_tokens_left),
+      el("td", {}, s.sessions), el("td", {}, s.batch),
       el("td", {}, s.rtt_ms === null ? "unreachable" : num(s.rtt_ms, 1) + " ms"),
       el("td", {class: "state-" + s.state}, s.state), el("td", {}, s.quant === "none" ? s.dtype : s.quant),
       el("td", {}, s.version), el("td", {}, el("code", {}, s.model_digest || "-"))));
   }
-  card.append(el("table", {}, el("thead", {}, el("tr", {}, ...["server", "blocks", "tokens/s", "free cache tokens",
-    "round trip", "state", "weights", "version", "model digest"].map((h) => el("th", {}, h)))), rows));
+  card.append(el("table", {}, el("thead", {}, el("tr", {}, ...["server", "blocks", "tokens/s", "free cache tokens", "sessions",
+    "decode batch", "round trip", "state", "weights", "version", "model digest"].map((h) => el("th", {}, h)))), rows));
   return card;
 }
 
