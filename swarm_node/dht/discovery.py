@@ -37,6 +37,7 @@ from swarm_node.dht.records import (
     ServerRecord,
     block_key,
     decode_record,
+    model_key,
     record_key,
     select_newest,
 )
@@ -130,6 +131,7 @@ class SwarmDHT:
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
+        self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
 
     async def _handle_stream(self, stream: INetStream) -> None:
         """KadDHT's handler, with the sending peer known to RecordValidator."""
@@ -166,7 +168,9 @@ class SwarmDHT:
         provide_blocks: bool = True,
         later: trio.Nursery | None = None,
     ) -> None:
-        """Store the record under its key and, if asked, register as provider of each block.
+        """Store the record under its key and, if asked, register as provider of the model's key
+        (first: lookups go there) and of each block's (where lookups go for blocks the model's key
+        did not give).
 
         Locally first (a peer asking this one sees the new record at once), then at the closest
         peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
@@ -175,7 +179,7 @@ class SwarmDHT:
         older one, which expires.
 
         py-libp2p peers drop ADD_PROVIDER beyond PROVIDES_PER_WINDOW from one peer in
-        PROVIDE_WINDOW: the first blocks are provided before this returns, the others in batches
+        PROVIDE_WINDOW: the model and the first blocks are provided before this returns, the others in batches
         one window apart in ``later`` (a nursery; without one, all at once). A newer announcement
         that provides blocks, or is not ONLINE, stops what is left of an older one's batches.
         """
@@ -188,7 +192,9 @@ class SwarmDHT:
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
         span = range(record.start, record.end) if provide_blocks else range(0)
-        blocks = [bytes.fromhex(block_key(record.model, b)) for b in span]
+        keys = [model_key(record.model)] if provide_blocks else []
+        keys += [block_key(record.model, b) for b in span]
+        blocks = [bytes.fromhex(k) for k in keys]
         cut = PROVIDES_PER_WINDOW if later is not None else len(blocks)
         now, rest = blocks[:cut], blocks[cut:]
         async with trio.open_nursery() as nursery:
@@ -257,6 +263,7 @@ class SwarmDHT:
         async with self._query_limiter:
             if self._skip(peer):  # marked unreachable while this query waited for a slot
                 return None
+            self.queries_sent += 1
             with trio.move_on_after(QUERY_TIMEOUT):
                 try:
                     return await query()
@@ -366,29 +373,49 @@ class SwarmDHT:
     async def find_servers(
         self, model: str, blocks: Iterable[int], *, now: float | None = None
     ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model``, looked up in parallel."""
-        providers: dict[ID, PeerInfo] = {}
+        """Live servers of any of ``blocks`` of ``model``.
 
-        async def lookup_block(block: int) -> None:
-            providers.update(await self.find_providers(block_key(model, block)))
-
-        async with trio.open_nursery() as nursery:
-            for block in blocks:
-                nursery.start_soon(lookup_block, block)
-
-        records: list[ServerRecord] = []
-
-        async def fetch(info: PeerInfo) -> None:  # addresses: kad_requests put the vouched ones
-            rec = await self.get_record(info.peer_id)
-            if rec is not None:
-                records.append(rec)
-
-        async with trio.open_nursery() as nursery:
-            for info in providers.values():
-                nursery.start_soon(fetch, info)
+        One lookup of the model's key finds its servers whatever the number of blocks; each
+        server's signed record says which blocks it holds. Only blocks that none of them holds are
+        looked up one by one (in parallel): servers whose model-key announcement has not reached
+        the peers asked yet, or a model key whose provider slots at those peers (20 each) are
+        taken by others."""
+        wanted = set(blocks)
         now = time.time() if now is None else now
-        live = [r for r in records if r.model == model and r.is_live(now)]
+        found = await self._live_records(await self.find_providers(model_key(model)), model, now)
+        covered = {b for r in found.values() for b in range(r.start, r.end)}
+        missing = sorted(wanted - covered)
+        if missing:
+            log.debug("looking up %d block(s) of %s one by one", len(missing), model)
+            providers: dict[ID, PeerInfo] = {}
+
+            async def lookup_block(block: int) -> None:
+                providers.update(await self.find_providers(block_key(model, block)))
+
+            async with trio.open_nursery() as nursery:
+                for block in missing:
+                    nursery.start_soon(lookup_block, block)
+            new = {p: i for p, i in providers.items() if p.to_base58() not in found}
+            found.update(await self._live_records(new, model, now))
+        live = [r for r in found.values() if any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
             self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
         return sorted(live, key=lambda r: (r.start, r.peer_id))
+
+    async def _live_records(
+        self, providers: dict[ID, PeerInfo], model: str, now: float
+    ) -> dict[str, ServerRecord]:
+        """The live records of ``model`` among ``providers``' own, fetched in parallel (addresses
+        come from the signed records: kad_requests put only vouched ones in the peerstore)."""
+        records: dict[str, ServerRecord] = {}
+
+        async def fetch(peer: ID) -> None:
+            rec = await self.get_record(peer)
+            if rec is not None and rec.model == model and rec.is_live(now):
+                records[rec.peer_id] = rec
+
+        async with trio.open_nursery() as nursery:
+            for peer in providers:
+                nursery.start_soon(fetch, peer)
+        return records

@@ -95,10 +95,21 @@ def push_target_problem(
     return None
 
 
+def _provider_key(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return (bytes([0x12, 0x20]) + digest).hex()  # a sha2-256 multihash, as KadDHT expects
+
+
 def block_key(model: str, block: int) -> str:
     """The DHT provider key of "block ``block`` of ``model``" (a multihash hex string for KadDHT)."""
-    digest = hashlib.sha256(f"swarm-node/{model}/block/{block}".encode()).digest()
-    return (bytes([0x12, 0x20]) + digest).hex()  # sha2-256 multihash
+    return _provider_key(f"swarm-node/{model}/block/{block}")
+
+
+def model_key(model: str) -> str:
+    """The DHT provider key of "any block of ``model``": every server of the model provides it, so
+    one lookup finds a model's servers whatever its number of blocks (their spans are in their
+    signed records)."""
+    return _provider_key(f"swarm-node/{model}/servers")
 
 
 def record_fields(record: ServerRecord) -> dict[str, Any]:

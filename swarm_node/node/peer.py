@@ -42,7 +42,14 @@ from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
-from swarm_node.node.net.host import build_host, close_connections, host_peer_id
+from swarm_node.node.net.host import (
+    CLIENT_LIMITS,
+    SERVER_LIMITS,
+    build_host,
+    close_connections,
+    dial_on_demand,
+    host_peer_id,
+)
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.swarm_key import load_swarm_key
 from swarm_node.node.server.block_server import BlockServer
@@ -55,6 +62,7 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
+REFRESH_AFTER = 5.0  # seconds after which reused lookup results are renewed in the background
 
 
 class Peer:
@@ -78,6 +86,7 @@ class Peer:
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
+        self._refreshing: set[str] = set()  # models looked up again in the background now
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
@@ -251,6 +260,22 @@ class Peer:
         self._known_at[model] = trio.current_time()
         return servers
 
+    def _refresh_soon(self, model: str, num_blocks: int) -> None:
+        """Look ``model``'s servers up again in the background, unless that is under way."""
+        if self._nursery is None or model in self._refreshing:
+            return
+        self._refreshing.add(model)
+
+        async def refresh() -> None:
+            try:
+                await self.find_servers(model, num_blocks)
+            except Exception as exc:  # noqa: BLE001 (the servers known stay; the next route retries)
+                log.info("refreshing the servers of %s failed: %r", model, exc)
+            finally:
+                self._refreshing.discard(model)
+
+        self._nursery.start_soon(refresh)
+
     async def ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
         """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
         samples: dict[str, float] = {}
@@ -285,7 +310,7 @@ class Peer:
         )
         adapter = self.client_config.adapter if adapter is None else adapter
         end = num_blocks if end is None else end
-        return await self.route(settings, start, end, adapter=adapter or "")
+        return await self.route(settings, start, end, adapter=adapter or "", max_age=0.0)
 
     async def route(
         self,
@@ -294,13 +319,14 @@ class Peer:
         end: int,
         *,
         adapter: str = "",
-        max_age: float = 0.0,
+        max_age: float | None = None,
         rng: random.Random | None = None,
         avoid: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
-        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With
+        covers the blocks; default: the client config's ``lookup_reuse``, and then one older than
+        REFRESH_AFTER is renewed in the background) that hold ``adapter`` (when named), leaving out banned servers. With
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
         latency among those that answer a ping (the samples feed ``self.rtt``), costing
         server-to-server hops from the round trips servers publish and leaving out servers whose
@@ -312,9 +338,12 @@ class Peer:
         others hold its blocks."""
         model = settings.model
         servers = self._known.get(model, [])
-        fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
-        if not (fresh and servers and not missing_blocks(servers, start, end)):
+        age = trio.current_time() - self._known_at.get(model, -math.inf)
+        reuse = self.client_config.lookup_reuse if max_age is None else max_age
+        if not (age <= reuse and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
+        elif max_age is None and age > REFRESH_AFTER:
+            self._refresh_soon(model, end)
         servers = trusted_throughputs(servers, self.observed.as_dict())
         exclude = self.bans.banned(trio.current_time()) | avoid
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
@@ -437,9 +466,11 @@ async def open_peer(
     placed = server is not None and server.num_blocks is not None and server.end == 0
     prepared = await prepare_span(server) if server is not None and not placed else None
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
-    host = build_host(key_pair=key_pair, announce=announce, psk=psk)
+    limits = CLIENT_LIMITS if server is None else SERVER_LIMITS
+    host = build_host(key_pair=key_pair, announce=announce, psk=psk, limits=limits)
     try:
         async with host.run(listen_addrs=listen):
+            await dial_on_demand(host)
             dht = SwarmDHT(host)
             await connect_initial_peers(
                 host,
