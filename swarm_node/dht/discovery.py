@@ -371,19 +371,20 @@ class SwarmDHT:
         return await self.get_record(peer)
 
     async def find_servers(
-        self, model: str, blocks: Iterable[int], *, now: float | None = None
+        self, model: str, blocks: Iterable[int] | None, *, now: float | None = None
     ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model``.
+        """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's key
+        alone: for a client that does not know the model's size yet).
 
         One lookup of the model's key finds its servers whatever the number of blocks; each
         server's signed record says which blocks it holds. Only blocks that none of them holds are
         looked up one by one (in parallel): servers whose model-key announcement has not reached
         the peers asked yet, or a model key whose provider slots at those peers (20 each) are
         taken by others."""
-        wanted = set(blocks)
         now = time.time() if now is None else now
         found = await self._live_records(await self.find_providers(model_key(model)), model, now)
         covered = {b for r in found.values() for b in range(r.start, r.end)}
+        wanted = covered if blocks is None else set(blocks)
         missing = sorted(wanted - covered)
         if missing:
             log.debug("looking up %d block(s) of %s one by one", len(missing), model)

@@ -249,11 +249,13 @@ class Peer:
         return elapsed, info
 
     async def find_servers(
-        self, model: str, num_blocks: int, *, start: int = 0
+        self, model: str, num_blocks: int | None = None, *, start: int = 0
     ) -> list[ServerRecord]:
-        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)."""
+        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (None: those the model's key
+        gives, whatever their blocks), remembered for routing."""
+        blocks = None if num_blocks is None else range(start, num_blocks)
         with trio.fail_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(model, range(start, num_blocks))
+            servers = await self.dht.find_servers(model, blocks)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)
         self._known[model] = list(known.values())
