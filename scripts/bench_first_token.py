@@ -10,7 +10,8 @@ servers), without and with a delay proxy in front of every server (DELAY seconds
 upper bound on the first token), median of the repeats, by "<servers>@<delay ms>"; `status_s` the
 same for `status`; `import_s`: `import swarm_node.node.apps.commands` (what the CLI's commands need:
 torch and libp2p) in a fresh process, and `import_swarm_node_s`: `import swarm_node` alone.
-Rounds alternate generate and status. Prints one JSON line. Issue 21's targets: first token
+Rounds alternate generate and status. Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main
+(the servers and the CLI both come from that checkout). Issue 21's targets: first token
 <= 2.5 s on loopback whatever the swarm size, <= 2.5 s + 8 round trips with the delay, status
 <= 2 s on loopback.
 """
@@ -30,8 +31,9 @@ from typing import Any
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/ helpers
+# the checkout measured (its swarm_node and tests/ helpers): this one, or BENCH_CHECKOUT (a baseline)
+ROOT = Path(os.environ.get("BENCH_CHECKOUT") or Path(__file__).resolve().parent.parent)
+sys.path.insert(0, str(ROOT))
 
 from swarm_node.model import resolve_model  # noqa: E402
 from swarm_node.node.apps.commands import split_blocks  # noqa: E402
@@ -101,15 +103,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for servers in args.servers:
         for delay in args.delays:
             key = f"{servers}@{round(delay * 1000)}ms"
-            async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
-                peers = await start_swarm(stack, nursery, spans_for(servers, num_blocks), delay)
-                entry = ["--initial-peers", peers[0].addrs[0], "--model", MODEL]
-                generate = [*CLI, "generate", PROMPT, "--max-new-tokens", "1", *entry]
-                status = [*CLI, "status", *entry]
-                gen_times, status_times = [], []
-                for _ in range(args.repeats):
-                    gen_times.append(await timed(generate))
-                    status_times.append(await timed(status))
+            async with trio.open_nursery() as nursery:  # the proxies
+                async with AsyncExitStack() as stack:
+                    spans = spans_for(servers, num_blocks)
+                    peers = await start_swarm(stack, nursery, spans, delay)
+                    entry = ["--initial-peers", peers[0].addrs[0], "--model", MODEL]
+                    generate = [*CLI, "generate", PROMPT, "--max-new-tokens", "1", *entry]
+                    status = [*CLI, "status", *entry]
+                    gen_times, status_times = [], []
+                    for _ in range(args.repeats):
+                        gen_times.append(await timed(generate))
+                        status_times.append(await timed(status))
                 out["cli_first_token_s"][key] = round(statistics.median(gen_times), 3)
                 out["status_s"][key] = round(statistics.median(status_times), 3)
                 print(key, gen_times, status_times, file=sys.stderr, flush=True)

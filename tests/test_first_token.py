@@ -51,6 +51,8 @@ async def test_a_warm_client_routes_again_without_a_dht_query(tiny_llama: Path) 
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (_, client):
             settings = SessionSettings(model=tiny_llama.name)
+            found = await client.find_servers(tiny_llama.name)  # the model's key: no block count
+            assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)]
             first = await client.route(settings, 0, 6)
             before = client.dht.queries_sent
             again = await client.route(settings, 0, 6)  # pings its servers, asks the DHT nothing
