@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
 
+from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+from swarm_node.dht.records import MODEL_KEY_SHARDS, model_key, model_shard
 from swarm_node.model.bundled import model_id_of
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
@@ -97,3 +103,36 @@ async def test_a_client_in_a_20_peer_swarm_stays_within_its_connection_limits(
                 chain = await client.find_chain(tiny_llama.name, 6)
                 assert [(h.start, h.end) for h in chain] == [(b, b + 1) for b in range(6)]
                 assert network.get_total_connections() <= CLIENT_LIMITS.trim_above
+
+
+async def test_servers_a_full_model_key_leaves_out_are_found_by_their_blocks(
+    tiny_llama: Path,
+) -> None:
+    # a peer keeps 20 providers a key (first come, first kept, the departed for 48 h): a model
+    # key that full may leave servers out, so every block is then looked up by its own key too
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            store = servers[0].dht.kad.provider_store
+            holders = (store, client.dht.kad.provider_store)
+            for shard in range(MODEL_KEY_SHARDS):  # full wherever the newcomer could provide
+                key = bytes.fromhex(model_key(tiny_llama.name, shard))
+                for _ in range(PROVIDERS_PER_KEY):
+                    stranger = ID.from_pubkey(create_new_key_pair().public_key)
+                    # an address: py-libp2p takes a PeerInfo without one for false and drops it
+                    info = PeerInfo(stranger, [Multiaddr("/ip4/127.0.0.1/tcp/9")])
+                    for holder in holders:
+                        holder.add_provider(key, info)
+                assert all(len(h.get_providers(key)) >= PROVIDERS_PER_KEY for h in holders)
+            late = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0)
+            initial = tuple(servers[0].addrs[:1])
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=initial), server=late
+            ) as newcomer:
+                shard_key = bytes.fromhex(model_key(tiny_llama.name, model_shard(newcomer.peer_id)))
+                # nor at the newcomer itself, as in a swarm where it is not among the key's closest
+                newcomer.dht.kad.provider_store.providers.pop(shard_key, None)
+                for holder in holders:
+                    listed = {p.peer_id.to_base58() for p in holder.get_providers(shard_key)}
+                    assert newcomer.peer_id not in listed
+                found = await client.find_servers(tiny_llama.name, 6)
+                assert {r.peer_id for r in found} == {servers[0].peer_id, newcomer.peer_id}

@@ -21,7 +21,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
@@ -33,11 +33,13 @@ from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
 from swarm_node.dht.records import (
+    MODEL_KEY_SHARDS,
     RECORD_NAMESPACE,
     ServerRecord,
     block_key,
     decode_record,
     model_key,
+    model_shard,
     record_key,
     select_newest,
 )
@@ -51,6 +53,7 @@ QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
+PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
@@ -192,7 +195,7 @@ class SwarmDHT:
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
         span = range(record.start, record.end) if provide_blocks else range(0)
-        keys = [model_key(record.model)] if provide_blocks else []
+        keys = [model_key(record.model, model_shard(record.peer_id))] if provide_blocks else []
         keys += [block_key(record.model, b) for b in span]
         blocks = [bytes.fromhex(k) for k in keys]
         cut = PROVIDES_PER_WINDOW if later is not None else len(blocks)
@@ -376,16 +379,26 @@ class SwarmDHT:
         """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's key
         alone: for a client that does not know the model's size yet).
 
-        One lookup of the model's key finds its servers whatever the number of blocks; each
-        server's signed record says which blocks it holds. Only blocks that none of them holds are
-        looked up one by one (in parallel): servers whose model-key announcement has not reached
-        the peers asked yet, or a model key whose provider slots at those peers (20 each) are
-        taken by others."""
+        The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
+        number of blocks; each server's signed record says which blocks it holds. Blocks are looked
+        up one by one (in parallel) only where that may miss servers: blocks that none of them
+        holds (a server whose model-key announcement has not reached the peers asked yet), or every
+        block when a model key may be full (PROVIDERS_PER_KEY providers or more: a peer keeps no
+        more, first come first kept, the departed for 48 h)."""
         now = time.time() if now is None else now
-        found = await self._live_records(await self.find_providers(model_key(model)), model, now)
+        shards: list[dict[ID, PeerInfo]] = []
+
+        async def lookup_shard(shard: int) -> None:
+            shards.append(await self.find_providers(model_key(model, shard)))
+
+        async with trio.open_nursery() as nursery:
+            for shard in range(MODEL_KEY_SHARDS):
+                nursery.start_soon(lookup_shard, shard)
+        full = any(len(providers) >= PROVIDERS_PER_KEY for providers in shards)
+        found = await self._live_records({p: i for s in shards for p, i in s.items()}, model, now)
         covered = {b for r in found.values() for b in range(r.start, r.end)}
         wanted = covered if blocks is None else set(blocks)
-        missing = sorted(wanted - covered)
+        missing = sorted(wanted if full else wanted - covered)
         if missing:
             log.debug("looking up %d block(s) of %s one by one", len(missing), model)
             providers: dict[ID, PeerInfo] = {}

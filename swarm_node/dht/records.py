@@ -29,6 +29,7 @@ STATES = ("JOINING", "ONLINE", "OFFLINE")
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
 # writer's clock and the reader's.
 MAX_BLOCKS = 4096
+MODEL_KEY_SHARDS = 4  # provider keys of a model's servers (records.model_key)
 MAX_THROUGHPUT = 1e6
 MAX_TTL = 24 * 3600.0
 CLOCK_SKEW = 300.0
@@ -105,11 +106,17 @@ def block_key(model: str, block: int) -> str:
     return _provider_key(f"swarm-node/{model}/block/{block}")
 
 
-def model_key(model: str) -> str:
-    """The DHT provider key of "any block of ``model``": every server of the model provides it, so
-    one lookup finds a model's servers whatever its number of blocks (their spans are in their
-    signed records)."""
-    return _provider_key(f"swarm-node/{model}/servers")
+def model_key(model: str, shard: int) -> str:
+    """The DHT provider key of "servers of ``model``", one of MODEL_KEY_SHARDS: each server provides
+    the one of its ``model_shard``, so MODEL_KEY_SHARDS lookups find a model's servers whatever its
+    number of blocks (their spans are in their signed records). Shards, because a KadDHT peer keeps
+    20 providers a key: one key would show a lookup 20 servers of a model at most."""
+    return _provider_key(f"swarm-node/{model}/servers/{shard}")
+
+
+def model_shard(peer_id: str) -> int:
+    """Which of the model keys the server ``peer_id`` provides."""
+    return hashlib.sha256(peer_id.encode()).digest()[0] % MODEL_KEY_SHARDS
 
 
 def record_fields(record: ServerRecord) -> dict[str, Any]:

@@ -13,11 +13,11 @@ from typing import Any
 import trio
 
 from swarm_node.dht.records import ServerRecord
-from swarm_node.dht.routing import format_blocks, missing_blocks
+from swarm_node.dht.routing import format_blocks
 from swarm_node.errors import MissingBlocksError
 
 # blocks looked up to find any server (and, through it, how many blocks the model has) when the
-# model's key gives none
+# model's keys give none
 PROBE_BLOCKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
@@ -98,15 +98,12 @@ def format_report(report: dict[str, Any]) -> str:
 async def gather_status(peer: Any, model: str, *, num_blocks: int | None = None) -> dict[str, Any]:
     """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
     with trio.fail_after(peer.client_config.lookup_timeout):
-        servers = await peer.dht.find_servers(model, None, now=time.time())
-        if not servers:  # none through the model's key: some blocks' own keys may know one
-            probe = PROBE_BLOCKS if num_blocks is None else range(num_blocks)
-            servers = await peer.dht.find_servers(model, probe, now=time.time())
         if num_blocks is None:
-            num_blocks = await _num_blocks(peer, model, servers)
-        if missing_blocks(servers, 0, num_blocks):  # the blocks' own keys may know more
-            servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
-    servers = [s for s in servers if s.start < num_blocks]
+            found = await peer.dht.find_servers(model, None)
+            if not found:  # none through the model's keys: some blocks' own keys may know one
+                found = await peer.dht.find_servers(model, PROBE_BLOCKS)
+            num_blocks = await _num_blocks(peer, model, found)
+        servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
     rtt = await peer.ping_all(servers)
     for peer_id, seconds in rtt.items():
         peer.rtt.observe(peer_id, seconds)
