@@ -171,9 +171,9 @@ class SwarmDHT:
         provide_blocks: bool = True,
         later: trio.Nursery | None = None,
     ) -> None:
-        """Store the record under its key and, if asked, register as provider of the model's key
-        (first: lookups go there) and of each block's (where lookups go for blocks the model's key
-        did not give).
+        """Store the record under its key and, if asked, register as provider of the model's key of
+        this peer's shard (first: lookups go there) and of each block's (where lookups go for
+        blocks the model's keys did not give).
 
         Locally first (a peer asking this one sees the new record at once), then at the closest
         peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
@@ -182,9 +182,10 @@ class SwarmDHT:
         older one, which expires.
 
         py-libp2p peers drop ADD_PROVIDER beyond PROVIDES_PER_WINDOW from one peer in
-        PROVIDE_WINDOW: the model and the first blocks are provided before this returns, the others in batches
-        one window apart in ``later`` (a nursery; without one, all at once). A newer announcement
-        that provides blocks, or is not ONLINE, stops what is left of an older one's batches.
+        PROVIDE_WINDOW: the model and the first blocks are provided before this returns, the others
+        in batches one window apart in ``later`` (a nursery; without one, all at once). A newer
+        announcement that provides blocks, or is not ONLINE, stops what is left of an older one's
+        batches.
         """
         key = record_key(record.peer_id)
         value = sign_record(record, self._key_pair)
@@ -411,7 +412,7 @@ class SwarmDHT:
                     nursery.start_soon(lookup_block, block)
             new = {p: i for p, i in providers.items() if p.to_base58() not in found}
             found.update(await self._live_records(new, model, now))
-        live = [r for r in found.values() if any(r.covers(b) for b in wanted)]
+        live = [r for r in found.values() if blocks is None or any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
             self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)

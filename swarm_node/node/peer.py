@@ -6,6 +6,7 @@ runs inference sessions over the swarm as a client.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -35,7 +36,7 @@ from swarm_node.dht.routing import (
     spread_exclusion,
     trusted_throughputs,
 )
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.model.bundled import model_id_of
 from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, request
 from swarm_node.node.client.recovery import Recovery, sole_error
@@ -339,13 +340,19 @@ class Peer:
         already in its share of this peer's recent chains (``self.shares``) is left out where
         others hold its blocks."""
         model = settings.model
+        if max_age is None:
+            again = functools.partial(self.route, settings, start, end, adapter=adapter, rng=rng)
+            try:
+                chain = await again(max_age=self.client_config.lookup_reuse, avoid=avoid)
+            except MissingBlocksError:  # the servers known give no chain now: new ones may
+                return await again(max_age=0.0, avoid=avoid)
+            if trio.current_time() - self._known_at.get(model, -math.inf) > REFRESH_AFTER:
+                self._refresh_soon(model, end)
+            return chain
         servers = self._known.get(model, [])
-        age = trio.current_time() - self._known_at.get(model, -math.inf)
-        reuse = self.client_config.lookup_reuse if max_age is None else max_age
-        if not (age <= reuse and servers and not missing_blocks(servers, start, end)):
+        fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
+        if not (fresh and servers and not missing_blocks(servers, start, end)):
             servers = await self.find_servers(model, end, start=start)
-        elif max_age is None and age > REFRESH_AFTER:
-            self._refresh_soon(model, end)
         servers = trusted_throughputs(servers, self.observed.as_dict())
         exclude = self.bans.banned(trio.current_time()) | avoid
         blocks: dict[str, Any] = dict(model=model, start=start, end=end, now=time.time())
