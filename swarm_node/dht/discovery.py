@@ -21,7 +21,7 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.kad_dht.common import ALPHA, PROTOCOL_ID
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
@@ -33,10 +33,13 @@ from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
 from swarm_node.dht.records import (
+    MODEL_KEY_SHARDS,
     RECORD_NAMESPACE,
     ServerRecord,
     block_key,
     decode_record,
+    model_key,
+    model_shard,
     record_key,
     select_newest,
 )
@@ -50,6 +53,7 @@ QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
+PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
@@ -131,6 +135,7 @@ class SwarmDHT:
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
+        self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
 
     async def _handle_stream(self, stream: INetStream) -> None:
         """KadDHT's handler, with the sending peer known to RecordValidator."""
@@ -167,7 +172,9 @@ class SwarmDHT:
         provide_blocks: bool = True,
         later: trio.Nursery | None = None,
     ) -> None:
-        """Store the record under its key and, if asked, register as provider of each block.
+        """Store the record under its key and, if asked, register as provider of the model's key of
+        this peer's shard (first: lookups go there) and of each block's (where lookups go for
+        blocks the model's keys did not give).
 
         Locally first (a peer asking this one sees the new record at once), then at the closest
         peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
@@ -176,9 +183,10 @@ class SwarmDHT:
         older one, which expires.
 
         py-libp2p peers drop ADD_PROVIDER beyond PROVIDES_PER_WINDOW from one peer in
-        PROVIDE_WINDOW: the first blocks are provided before this returns, the others in batches
-        one window apart in ``later`` (a nursery; without one, all at once). A newer announcement
-        that provides blocks, or is not ONLINE, stops what is left of an older one's batches.
+        PROVIDE_WINDOW: the model and the first blocks are provided before this returns, the others
+        in batches one window apart in ``later`` (a nursery; without one, all at once). A newer
+        announcement that provides blocks, or is not ONLINE, stops what is left of an older one's
+        batches.
         """
         key = record_key(record.peer_id)
         value = sign_record(record, self._key_pair)
@@ -189,7 +197,9 @@ class SwarmDHT:
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
         span = range(record.start, record.end) if provide_blocks else range(0)
-        blocks = [bytes.fromhex(block_key(record.model, b)) for b in span]
+        keys = [model_key(record.model, model_shard(record.peer_id))] if provide_blocks else []
+        keys += [block_key(record.model, b) for b in span]
+        blocks = [bytes.fromhex(k) for k in keys]
         cut = PROVIDES_PER_WINDOW if later is not None else len(blocks)
         now, rest = blocks[:cut], blocks[cut:]
         async with trio.open_nursery() as nursery:
@@ -258,6 +268,7 @@ class SwarmDHT:
         async with self._query_limiter:
             if self._skip(peer):  # marked unreachable while this query waited for a slot
                 return None
+            self.queries_sent += 1
             with trio.move_on_after(QUERY_TIMEOUT):
                 try:
                     return await query()
@@ -365,31 +376,62 @@ class SwarmDHT:
         return await self.get_record(peer)
 
     async def find_servers(
-        self, model: str, blocks: Iterable[int], *, now: float | None = None
+        self, model: str, blocks: Iterable[int] | None, *, now: float | None = None
     ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model``, looked up in parallel."""
-        providers: dict[ID, PeerInfo] = {}
+        """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's key
+        alone: for a client that does not know the model's size yet).
 
-        async def lookup_block(block: int) -> None:
-            providers.update(await self.find_providers(block_key(model, block)))
-
-        async with trio.open_nursery() as nursery:
-            for block in blocks:
-                nursery.start_soon(lookup_block, block)
-
-        records: list[ServerRecord] = []
-
-        async def fetch(info: PeerInfo) -> None:  # addresses: kad_requests put the vouched ones
-            rec = await self.get_record(info.peer_id)
-            if rec is not None:
-                records.append(rec)
-
-        async with trio.open_nursery() as nursery:
-            for info in providers.values():
-                nursery.start_soon(fetch, info)
+        The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
+        number of blocks; each server's signed record says which blocks it holds. Blocks are looked
+        up one by one (in parallel) only where that may miss servers: blocks that none of them
+        holds (a server whose model-key announcement has not reached the peers asked yet), or every
+        block when a model key may be full (PROVIDERS_PER_KEY providers or more: a peer keeps no
+        more, first come first kept, the departed for 48 h)."""
         now = time.time() if now is None else now
-        live = [r for r in records if r.model == model and r.is_live(now)]
+        shards: list[dict[ID, PeerInfo]] = []
+
+        async def lookup_shard(shard: int) -> None:
+            shards.append(await self.find_providers(model_key(model, shard)))
+
+        async with trio.open_nursery() as nursery:
+            for shard in range(MODEL_KEY_SHARDS):
+                nursery.start_soon(lookup_shard, shard)
+        full = any(len(providers) >= PROVIDERS_PER_KEY for providers in shards)
+        found = await self._live_records({p: i for s in shards for p, i in s.items()}, model, now)
+        covered = {b for r in found.values() for b in range(r.start, r.end)}
+        wanted = covered if blocks is None else set(blocks)
+        missing = sorted(wanted if full else wanted - covered)
+        if missing:
+            log.debug("looking up %d block(s) of %s one by one", len(missing), model)
+            providers: dict[ID, PeerInfo] = {}
+
+            async def lookup_block(block: int) -> None:
+                providers.update(await self.find_providers(block_key(model, block)))
+
+            async with trio.open_nursery() as nursery:
+                for block in missing:
+                    nursery.start_soon(lookup_block, block)
+            new = {p: i for p, i in providers.items() if p.to_base58() not in found}
+            found.update(await self._live_records(new, model, now))
+        live = [r for r in found.values() if blocks is None or any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
             self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
         return sorted(live, key=lambda r: (r.start, r.peer_id))
+
+    async def _live_records(
+        self, providers: dict[ID, PeerInfo], model: str, now: float
+    ) -> dict[str, ServerRecord]:
+        """The live records of ``model`` among ``providers``' own, fetched in parallel (addresses
+        come from the signed records: kad_requests put only vouched ones in the peerstore)."""
+        records: dict[str, ServerRecord] = {}
+
+        async def fetch(peer: ID) -> None:
+            rec = await self.get_record(peer)
+            if rec is not None and rec.model == model and rec.is_live(now):
+                records[rec.peer_id] = rec
+
+        async with trio.open_nursery() as nursery:
+            for peer in providers:
+                nursery.start_soon(fetch, peer)
+        return records

@@ -32,6 +32,7 @@ MAX_RELAY_SLOTS = 1024
 # writer's clock and the reader's.
 MAX_BLOCKS = 4096
 MAX_COUNT = 1 << 20  # bound of a record's session and batch counts
+MODEL_KEY_SHARDS = 4  # provider keys of a model's servers (records.model_key)
 MAX_THROUGHPUT = 1e6
 MAX_TTL = 24 * 3600.0
 CLOCK_SKEW = 300.0
@@ -123,10 +124,27 @@ def push_target_problem(
     return None
 
 
+def _provider_key(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return (bytes([0x12, 0x20]) + digest).hex()  # a sha2-256 multihash, as KadDHT expects
+
+
 def block_key(model: str, block: int) -> str:
     """The DHT provider key of "block ``block`` of ``model``" (a multihash hex string for KadDHT)."""
-    digest = hashlib.sha256(f"swarm-node/{model}/block/{block}".encode()).digest()
-    return (bytes([0x12, 0x20]) + digest).hex()  # sha2-256 multihash
+    return _provider_key(f"swarm-node/{model}/block/{block}")
+
+
+def model_key(model: str, shard: int) -> str:
+    """The DHT provider key of "servers of ``model``", one of MODEL_KEY_SHARDS: each server provides
+    the one of its ``model_shard``, so MODEL_KEY_SHARDS lookups find a model's servers whatever its
+    number of blocks (their spans are in their signed records). Shards, because a KadDHT peer keeps
+    20 providers a key: one key would show a lookup 20 servers of a model at most."""
+    return _provider_key(f"swarm-node/{model}/servers/{shard}")
+
+
+def model_shard(peer_id: str) -> int:
+    """Which of the model keys the server ``peer_id`` provides."""
+    return hashlib.sha256(peer_id.encode()).digest()[0] % MODEL_KEY_SHARDS
 
 
 def record_fields(record: ServerRecord) -> dict[str, Any]:

@@ -380,6 +380,9 @@ class ClientConfig:
         metavar="SECONDS",
     )
     lookup_timeout: float = 30.0  # seconds to find every block's servers
+    # seconds a lookup's servers serve new sessions (pinged again each time, and looked up anew in
+    # the background once REFRESH_AFTER old): a long-lived client's next request costs no lookup
+    lookup_reuse: float = 60.0
     compression: str | None = flag(
         None,
         "codec of hidden states on the wire, both ways (default: send uncompressed "
@@ -426,6 +429,7 @@ class ClientConfig:
             )
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)
+        _check_range("lookup_reuse", self.lookup_reuse, 0.0)
         _check_range("idle_ping", self.idle_ping, 0.0)
         if self.compression is not None:
             _check_choice("compression", self.compression, COMPRESSIONS)

@@ -6,6 +6,7 @@ runs inference sessions over the swarm as a client.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -44,7 +45,14 @@ from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
-from swarm_node.node.net.host import build_host, close_connections, host_peer_id
+from swarm_node.node.net.host import (
+    CLIENT_LIMITS,
+    SERVER_LIMITS,
+    build_host,
+    close_connections,
+    dial_on_demand,
+    host_peer_id,
+)
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.relay import Relays, RelaySettings
 from swarm_node.node.net.swarm_key import load_swarm_key
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
+REFRESH_AFTER = 5.0  # seconds after which reused lookup results are renewed in the background
 
 
 class Peer:
@@ -90,6 +99,7 @@ class Peer:
         self.bans = BanList(base=client.ban_time)  # servers that failed this peer's sessions lately
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
+        self._refreshing: set[str] = set()  # models looked up again in the background now
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
@@ -337,18 +347,36 @@ class Peer:
         return kept
 
     async def find_servers(
-        self, model: str, num_blocks: int, *, start: int = 0
+        self, model: str, num_blocks: int | None = None, *, start: int = 0
     ) -> list[ServerRecord]:
-        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (remembered for re-routing)
-        holding the weights this client pinned (``pin_model``)."""
+        """Live servers of blocks ``start..num_blocks-1`` of ``model`` (None: those the model's key
+        gives, whatever their blocks) holding the weights this client pinned (``pin_model``),
+        remembered for routing."""
+        blocks = None if num_blocks is None else range(start, num_blocks)
         with trio.fail_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(model, range(start, num_blocks))
+            servers = await self.dht.find_servers(model, blocks)
         servers = self._holding_the_weights(model, servers)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)
         self._known[model] = list(known.values())
         self._known_at[model] = trio.current_time()
         return servers
+
+    def _refresh_soon(self, model: str, num_blocks: int) -> None:
+        """Look ``model``'s servers up again in the background, unless that is under way."""
+        if self._nursery is None or model in self._refreshing:
+            return
+        self._refreshing.add(model)
+
+        async def refresh() -> None:
+            try:
+                await self.find_servers(model, num_blocks)
+            except Exception as exc:  # noqa: BLE001 (the servers known stay; the next route retries)
+                log.info("refreshing the servers of %s failed: %r", model, exc)
+            finally:
+                self._refreshing.discard(model)
+
+        self._nursery.start_soon(refresh)
 
     async def ping_all(self, servers: Sequence[ServerRecord]) -> dict[str, float]:
         """Ping servers in parallel: peer id -> round trip (s); those that fail are left out."""
@@ -384,7 +412,7 @@ class Peer:
         )
         adapter = self.client_config.adapter if adapter is None else adapter
         end = num_blocks if end is None else end
-        return await self.route(settings, start, end, adapter=adapter or "")
+        return await self.route(settings, start, end, adapter=adapter or "", max_age=0.0)
 
     async def route(
         self,
@@ -393,13 +421,14 @@ class Peer:
         end: int,
         *,
         adapter: str = "",
-        max_age: float = 0.0,
+        max_age: float | None = None,
         rng: random.Random | None = None,
         avoid: frozenset[str] = frozenset(),
     ) -> list[Hop]:
         """A chain for blocks start..end-1 of ``settings.model``, the one way inference and training
         find servers: among those of a new lookup (or of one at most ``max_age`` seconds old that
-        covers the blocks) that hold ``adapter`` (when named), leaving out banned servers. With
+        covers the blocks; default: the client config's ``lookup_reuse``, and then one older than
+        REFRESH_AFTER is renewed in the background) that hold ``adapter`` (when named), leaving out banned servers. With
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
         latency among those that answer a ping (the samples feed ``self.rtt``), costing
         server-to-server hops from the round trips servers publish and leaving out servers whose
@@ -410,6 +439,15 @@ class Peer:
         already in its share of this peer's recent chains (``self.shares``) is left out where
         others hold its blocks."""
         model = settings.model
+        if max_age is None:
+            again = functools.partial(self.route, settings, start, end, adapter=adapter, rng=rng)
+            try:
+                chain = await again(max_age=self.client_config.lookup_reuse, avoid=avoid)
+            except MissingBlocksError:  # the servers known give no chain now: new ones may
+                return await again(max_age=0.0, avoid=avoid)
+            if trio.current_time() - self._known_at.get(model, -math.inf) > REFRESH_AFTER:
+                self._refresh_soon(model, end)
+            return chain
         servers = self._known.get(model, [])
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
         if not (fresh and servers and not missing_blocks(servers, start, end)):
@@ -556,10 +594,12 @@ async def open_peer(
     placed = server is not None and server.num_blocks is not None and server.end == 0
     prepared = await prepare_span(server) if server is not None and not placed else None
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
-    host = build_host(key_pair=key_pair, announce=announce, psk=psk)
+    limits = CLIENT_LIMITS if server is None else SERVER_LIMITS
+    host = build_host(key_pair=key_pair, announce=announce, psk=psk, limits=limits)
     relays = Relays(host, relay_settings(config, psk is not None), listening=bool(listen))
     try:
         async with host.run(listen_addrs=listen):
+            await dial_on_demand(host)
             dht = SwarmDHT(host, addrs=relays.reachable_addrs)
             await connect_initial_peers(
                 host,

@@ -19,6 +19,7 @@ from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
+from swarm_node.node.client.recovery import sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import (
     ApiConfig,
@@ -128,17 +129,41 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     return {"prefix": prefix, "tuning": HopTuning(prompts=deep, lora=lora)}
 
 
-async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
-    from swarm_node.model import ClientHead, load_tokenizer
+def _client_side(
+    args: argparse.Namespace, path: Any
+) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
+    """What the client holds of the model at ``path``, loaded: checkpoint, tokenizer, head, the
+    prompt's ids and the tuned inputs (blocking: imports transformers, reads the weights)."""
+    from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
 
-    path, checkpoint = await _checkpoint(args.model)
-    identity = await peer.pin_model(str(path))
-    tokenizer = await trio.to_thread.run_sync(load_tokenizer, path)
-    head = await trio.to_thread.run_sync(
-        lambda: ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
-    )
+    checkpoint = Checkpoint.open(path)
+    tokenizer = load_tokenizer(path)
+    head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
-    tuned = await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
+    return checkpoint, tokenizer, head, input_ids, tuned_inputs(args, checkpoint.config)
+
+
+async def _find_servers_early(peer: Peer, model: str) -> None:
+    """Look the model's servers up while the client's side loads; routing then reuses them."""
+    try:
+        await peer.find_servers(model)
+    except trio.TooSlowError:
+        log.info("looking up the servers of %s timed out; routing will try again", model)
+
+
+async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
+    """Generate from ``args.prompt``: the client's side loads in a thread while the swarm is looked
+    up, so neither waits for the other."""
+    path, _ = await _checkpoint(args.model)
+    identity = await peer.pin_model(str(path))  # servers found from now on hold these weights
+    model = model_id_of(str(path)) if identity is None else identity.name
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_find_servers_early, peer, model)
+            loaded = await trio.to_thread.run_sync(_client_side, args, path)
+    except BaseExceptionGroup as group:
+        raise sole_error(group) or group from None
+    checkpoint, tokenizer, head, input_ids, tuned = loaded
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=getattr(args, "temperature", 0.0),
@@ -147,7 +172,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
     )
     settings = SessionSettings(
-        model=model_id_of(str(path)) if identity is None else identity.name,
+        model=model,
         num_blocks=checkpoint.config.num_hidden_layers,
         dtype=args.dtype,
     )

@@ -16,7 +16,8 @@ from swarm_node.dht.records import ServerRecord
 from swarm_node.dht.routing import format_blocks
 from swarm_node.errors import MissingBlocksError
 
-# blocks looked up to find any server (and, through it, how many blocks the model has)
+# blocks looked up to find any server (and, through it, how many blocks the model has) when the
+# model's keys give none
 PROBE_BLOCKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128)
 
 
@@ -154,7 +155,9 @@ async def gather_status(
     """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
     with trio.fail_after(peer.client_config.lookup_timeout):
         if num_blocks is None:
-            found = await peer.dht.find_servers(model, PROBE_BLOCKS)
+            found = await peer.dht.find_servers(model, None)
+            if not found:  # none through the model's keys: some blocks' own keys may know one
+                found = await peer.dht.find_servers(model, PROBE_BLOCKS)
             num_blocks = await _num_blocks(peer, model, found)
         servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
     rtt = await peer.ping_all(servers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -29,8 +30,45 @@ SECURITY_PROTOCOLS = (NOISE_PROTOCOL_ID,)
 MUXER_PROTOCOLS = (YAMUX_PROTOCOL_ID,)
 
 
-def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: str | None) -> Any:
-    """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it).
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionLimits:
+    """How many connections a host keeps open. Above ``trim_above``, py-libp2p closes idle ones (no
+    open stream, older than ``grace`` seconds) down to ``trim_to``; beyond ``most`` it refuses new
+    ones, dialed or inbound. Nothing dials to fill them: py-libp2p's auto-connector, which dials the
+    peerstore up to a target (200 connections by default), is stopped by ``dial_on_demand``."""
+
+    trim_to: int
+    trim_above: int
+    most: int
+    grace: float = 20.0
+
+    def connection_config(self) -> ConnectionConfig:
+        return ConnectionConfig(
+            # one connection per peer: with more, every dial waits 250 ms for a second connection
+            max_connections_per_peer=1,
+            max_connections=self.most,
+            min_connections=0,
+            low_watermark=self.trim_to,
+            high_watermark=self.trim_above,
+            grace_period=self.grace,
+        )
+
+
+# a client: the servers of its chains and the peers of its latest lookups
+CLIENT_LIMITS = ConnectionLimits(trim_to=16, trim_above=32, most=128)
+# a server: its DHT neighbours, the next servers it pushes to, and its clients
+SERVER_LIMITS = ConnectionLimits(trim_to=64, trim_above=192, most=512)
+
+
+def build_host(
+    *,
+    key_pair: KeyPair,
+    announce: Sequence[Multiaddr] | None,
+    psk: str | None,
+    limits: ConnectionLimits = SERVER_LIMITS,
+) -> Any:
+    """A host that is not listening yet (``async with host.run(listen_addrs=...)`` starts it; then
+    call ``dial_on_demand``).
 
     Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
     install_negotiation_bound()
@@ -42,11 +80,18 @@ def build_host(*, key_pair: KeyPair, announce: Sequence[Multiaddr] | None, psk: 
             )
         },
         muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
-        # one connection per peer: with more, every dial waits 250 ms for a second connection
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        connection_config=limits.connection_config(),
         announce_addrs=list(announce) if announce else None,
         psk=psk,
     )
+
+
+async def dial_on_demand(host: Any) -> None:
+    """Stop py-libp2p's auto-connector on a running host: it dials to fill a connection target
+    ("initiating 200 new dials"); ours dials the peers its lookups and sessions need, no others."""
+    network = host.get_network()
+    await network.event_background_nursery_created.wait()  # the auto-connector starts right after
+    await network.auto_connector.stop()
 
 
 async def close_connections(host: Any, *, timeout: float = 2.0) -> None:
@@ -55,8 +100,20 @@ async def close_connections(host: Any, *, timeout: float = 2.0) -> None:
     Left to py-libp2p's shutdown, a departed peer's connections stayed open at the other end (nobody
     reading them): a server's next DHT request on one waited out its whole deadline (3 s at every
     withdrawal in a test swarm, measured)."""
+    network = host.get_network()
+
+    async def close(conn: Any) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:  # noqa: BLE001 (leaving anyway; py-libp2p's close catches the same)
+            logging.getLogger(__name__).debug("closing a connection failed: %r", exc)
+
     with trio.move_on_after(timeout):
-        await host.get_network().close()
+        # at once: each close waits 0.1-0.2 s in yamux, so the swarm's one by one took seconds
+        async with trio.open_nursery() as nursery:
+            for conn in network.get_connections():
+                nursery.start_soon(close, conn)
+        await network.close()
 
 
 def host_peer_id(host: Any) -> str:

@@ -1,0 +1,138 @@
+"""A first token without waiting on the swarm's size: a lookup costs the same number of DHT queries
+for 2 blocks as for 30, a client's host keeps few connections open, and a warm client's next chain
+costs no lookup."""
+
+from __future__ import annotations
+
+import random
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from multiaddr import Multiaddr
+
+from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+from swarm_node.dht.records import MODEL_KEY_SHARDS, model_key, model_shard
+from swarm_node.model.bundled import model_id_of
+from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.config import PeerConfig, ServerConfig
+from swarm_node.node.net.host import CLIENT_LIMITS, SERVER_LIMITS
+from swarm_node.node.peer import Peer, open_peer
+from tests.model_fixtures import make_tiny_model_dir
+from tests.swarm_helpers import LOOPBACK, local_swarm
+
+
+async def lookup_cost(client: Peer, model: str, num_blocks: int) -> int:
+    """DHT queries of one lookup of every block of ``model`` (all of its servers found)."""
+    before = client.dht.queries_sent
+    found = await client.find_servers(model, num_blocks)
+    assert sorted((r.start, r.end) for r in found) == [
+        (0, num_blocks // 2),
+        (num_blocks // 2, num_blocks),
+    ]
+    return client.dht.queries_sent - before
+
+
+async def test_a_lookup_costs_as_many_queries_for_30_blocks_as_for_2(
+    tmp_path: Path,
+) -> None:
+    # one lookup per block asked each block's closest peers: ~15x the queries for 30 blocks
+    costs = {}
+    with trio.fail_after(120):
+        for blocks in (2, 30):
+            path = make_tiny_model_dir(tmp_path / f"tiny-{blocks}", num_layers=blocks)
+            spans = [(0, blocks // 2), (blocks // 2, blocks)]
+            async with local_swarm(path, spans) as (_, client):
+                model = model_id_of(str(path))
+                costs[blocks] = min([await lookup_cost(client, model, blocks) for _ in range(2)])
+    assert costs[30] <= costs[2] + 1, costs
+    assert costs[30] < 30, costs
+
+
+async def test_a_warm_client_routes_again_without_a_dht_query(tiny_llama: Path) -> None:
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (_, client):
+            settings = SessionSettings(model=tiny_llama.name)
+            found = await client.find_servers(tiny_llama.name)  # the model's key: no block count
+            assert sorted((r.start, r.end) for r in found) == [(0, 3), (3, 6)]
+            first = await client.route(settings, 0, 6)
+            before = client.dht.queries_sent
+            again = await client.route(settings, 0, 6)  # pings its servers, asks the DHT nothing
+            assert client.dht.queries_sent == before
+            assert [(h.start, h.end) for h in again] == [(h.start, h.end) for h in first]
+            fresh = await client.route(settings, 0, 6, max_age=0.0)  # asked for: a new lookup
+            assert client.dht.queries_sent > before
+            assert [(h.start, h.end) for h in fresh] == [(0, 3), (3, 6)]
+
+
+@pytest.mark.slow
+async def test_a_client_in_a_20_peer_swarm_stays_within_its_connection_limits(
+    tiny_llama: Path,
+) -> None:
+    rng = random.Random(1)
+    spans = [(b % 6, b % 6 + 1) for b in range(19)]
+    with trio.fail_after(240):
+        async with AsyncExitStack() as stack:
+            servers: list[Peer] = []
+            for start, end in spans:
+                initial = tuple(rng.choice(servers).addrs[:1]) if servers else ()
+                server = ServerConfig(model=str(tiny_llama), start=start, end=end, throughput=1.0)
+                servers.append(
+                    await stack.enter_async_context(
+                        open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial), server=server)
+                    )
+                )
+            client = await stack.enter_async_context(
+                open_peer(PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1])))
+            )
+            network = client.host.get_network()
+            info = network.get_conn_mgr_info()
+            assert (info.low_watermark, info.high_watermark) == (
+                CLIENT_LIMITS.trim_to,
+                CLIENT_LIMITS.trim_above,
+            )
+            assert network.connection_config.max_connections == CLIENT_LIMITS.most
+            assert network.connection_config.min_connections == 0
+            served = servers[0].host.get_network().connection_config
+            assert (served.max_connections, served.min_connections) == (SERVER_LIMITS.most, 0)
+            for _ in range(3):
+                chain = await client.find_chain(tiny_llama.name, 6)
+                assert [(h.start, h.end) for h in chain] == [(b, b + 1) for b in range(6)]
+                assert network.get_total_connections() <= CLIENT_LIMITS.trim_above
+
+
+async def test_servers_a_full_model_key_leaves_out_are_found_by_their_blocks(
+    tiny_llama: Path,
+) -> None:
+    # a peer keeps 20 providers a key (first come, first kept, the departed for 48 h): a model
+    # key that full may leave servers out, so every block is then looked up by its own key too
+    with trio.fail_after(120):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
+            store = servers[0].dht.kad.provider_store
+            holders = (store, client.dht.kad.provider_store)
+            for shard in range(MODEL_KEY_SHARDS):  # full wherever the newcomer could provide
+                key = bytes.fromhex(model_key(tiny_llama.name, shard))
+                for _ in range(PROVIDERS_PER_KEY):
+                    stranger = ID.from_pubkey(create_new_key_pair().public_key)
+                    # an address: py-libp2p takes a PeerInfo without one for false and drops it
+                    info = PeerInfo(stranger, [Multiaddr("/ip4/127.0.0.1/tcp/9")])
+                    for holder in holders:
+                        holder.add_provider(key, info)
+                assert all(len(h.get_providers(key)) >= PROVIDERS_PER_KEY for h in holders)
+            late = ServerConfig(model=str(tiny_llama), start=0, end=6, throughput=100.0)
+            initial = tuple(servers[0].addrs[:1])
+            async with open_peer(
+                PeerConfig(listen=LOOPBACK, initial_peers=initial), server=late
+            ) as newcomer:
+                shard_key = bytes.fromhex(model_key(tiny_llama.name, model_shard(newcomer.peer_id)))
+                # nor at the newcomer itself, as in a swarm where it is not among the key's closest
+                newcomer.dht.kad.provider_store.providers.pop(shard_key, None)
+                for holder in holders:
+                    listed = {p.peer_id.to_base58() for p in holder.get_providers(shard_key)}
+                    assert newcomer.peer_id not in listed
+                found = await client.find_servers(tiny_llama.name, 6)
+                assert {r.peer_id for r in found} == {servers[0].peer_id, newcomer.peer_id}
