@@ -26,7 +26,7 @@ from swarm_node.node.peer import open_peer
 from tests.model_fixtures import make_tiny_model_dir, reference_model
 from tests.process_swarm import ServerProcess, server_processes
 from tests.swarm_helpers import LOOPBACK
-from tests.training_reference import blocks_output
+from tests.training_reference import blocks_output, grads_across_a_freeze
 
 pytestmark = pytest.mark.slow
 
@@ -204,20 +204,14 @@ async def test_a_server_process_frozen_before_its_backward_is_hedged(tmp_path: P
                     await client.ping(server.peer_id)
                 remote = RemoteSequential(client, model=model.name, num_blocks=6, seed=0)
 
-                def passes() -> tuple[torch.Tensor, torch.Tensor, str]:
-                    for _ in range(8):  # the client learns what these requests cost
-                        warm = prompts.clone().requires_grad_(True)
-                        (remote(hidden, warm) * weight).sum().backward()
-                    h = hidden.clone().requires_grad_(True)
-                    p = prompts.clone().requires_grad_(True)
-                    out = remote(h, p)
-                    used = {hop.server.peer_id for t in out.grad_fn.traces for hop, *_ in t}
+                def freeze(used: set[str]) -> str:
                     frozen = next(s for s in servers[1:] if s.peer_id in used)
                     frozen.process.send_signal(signal.SIGSTOP)
-                    (out * weight).sum().backward()
-                    return h.grad, p.grad, frozen.peer_id
+                    return frozen.peer_id
 
-                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(passes)
+                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(
+                    lambda: grads_across_a_freeze(remote, hidden, prompts, weight, freeze, warm=8)
+                )
                 banned = client.bans.is_banned(frozen_id, trio.current_time())
     torch.testing.assert_close(h_grad, h0.grad, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(p_grad, p0.grad, atol=1e-5, rtol=1e-6)

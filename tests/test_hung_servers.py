@@ -38,7 +38,7 @@ from swarm_node.node.peer import open_peer
 from tests.delay_proxy import DelayProxy
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import LOOPBACK
-from tests.training_reference import blocks_output
+from tests.training_reference import blocks_output, grads_across_a_freeze
 
 NEW_TOKENS = 10
 SLOW_AFTER = 5  # tokens before the server in use turns slow
@@ -335,20 +335,14 @@ async def test_a_frozen_server_during_a_backward_is_hedged_and_the_gradients_sta
                     await client.ping(peer.peer_id)
                 remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, seed=0)
 
-                def passes() -> tuple[torch.Tensor, torch.Tensor, str]:
-                    for _ in range(4):  # the client learns what these requests cost
-                        warm = prompts.clone().requires_grad_(True)
-                        (remote(hidden, warm) * weight).sum().backward()
-                    h = hidden.clone().requires_grad_(True)
-                    p = prompts.clone().requires_grad_(True)
-                    out = remote(h, p)
-                    used = {hop.server.peer_id for t in out.grad_fn.traces for hop, *_ in t}
+                def freeze(used: set[str]) -> str:
                     frozen = next(i for i, peer in enumerate(peers) if peer.peer_id in used)
                     proxies[frozen].delay = 1000.0  # nothing it is sent arrives any more
-                    (out * weight).sum().backward()
-                    return h.grad, p.grad, peers[frozen].peer_id
+                    return peers[frozen].peer_id
 
-                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(passes)
+                h_grad, p_grad, frozen_id = await trio.to_thread.run_sync(
+                    lambda: grads_across_a_freeze(remote, hidden, prompts, weight, freeze, warm=4)
+                )
                 banned = client.bans.is_banned(frozen_id, trio.current_time())
             nursery.cancel_scope.cancel()  # the proxies
     torch.testing.assert_close(h_grad, h0.grad, atol=1e-5, rtol=1e-6)

@@ -144,3 +144,25 @@ def lora_hooks(ref: Any, lora: Any) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def grads_across_a_freeze(
+    remote: Any,
+    hidden: torch.Tensor,
+    prompts: torch.Tensor,
+    weight: torch.Tensor,
+    freeze: Any,
+    *,
+    warm: int,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``warm`` forward and backward passes of a RemoteSequential (the client learns what its
+    requests cost), then one more whose backward comes after ``freeze(peer ids its forward used)``
+    froze one of those servers and returned its id: the input's and prompts' gradients of that
+    last pass ``(out * weight).sum()``, and the frozen id. Blocking: run it in a worker thread."""
+    for _ in range(warm):
+        (remote(hidden, prompts.clone().requires_grad_(True)) * weight).sum().backward()
+    h, p = hidden.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    out = remote(h, p)
+    frozen = freeze({hop.server.peer_id for trace in out.grad_fn.traces for hop, *_ in trace})
+    (out * weight).sum().backward()
+    return h.grad, p.grad, frozen
