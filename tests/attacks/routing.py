@@ -119,7 +119,7 @@ def lie_in_pushes(bad: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Peer
 async def attack_push_liar(target: AttackTarget) -> bool:
     """Serve the blocks before the target server of the latest blocks and push it NaN; stopped
     when an honest push-mode client bans the liar and not the target server, and its outputs are
-    those of the target's own chain (client-star) to the bit."""
+    those of the target's own chain (client-star), to the bit but for batching with other sessions."""
     ckpt = Checkpoint.open(target.model_path)
     joined = PeerConfig(listen=LOOPBACK, initial_peers=target.servers[:1])
     client_config = ClientConfig(step_timeout=5.0, retry_delay=0.05, max_attempts=3)
@@ -155,7 +155,12 @@ async def attack_push_liar(target: AttackTarget) -> bool:
                 now = trio.current_time()
                 blamed = client.bans.is_banned(liar.peer_id, now)
                 spared = not client.bans.is_banned(victim.peer_id, now)
-            exact = all(torch.equal(o, e) for o, e in zip(outputs, expected, strict=True))
+            # equal but for batching: a server computing this step together with other sessions'
+            # (tests/test_batching.py's tolerance); a NaN or a skipped block is far outside it
+            exact = all(
+                torch.allclose(o, e, atol=1e-4, rtol=1e-4)
+                for o, e in zip(outputs, expected, strict=True)
+            )
             return blamed and spared and exact
     return False  # out of time: not shown stopped
 
