@@ -58,27 +58,34 @@ def exact(results: dict[str, Any]) -> bool:
     return results["ids"].tolist() == results["expected"].tolist()
 
 
+async def attack_beside_honest(path: Path, attack: Any) -> dict[str, Any]:
+    """``attack`` against a 2-server local swarm while an honest client generates (``exact``):
+    its verdict, the honest results, and the sessions the second server holds afterwards."""
+    results: dict[str, Any] = {}
+    with trio.fail_after(120):
+        async with local_swarm(path, [(0, 3), (3, 6)]) as (servers, _):
+            target = AttackTarget(
+                model=path.name, model_path=path, servers=tuple(p.addrs[0] for p in servers)
+            )
+
+            async def run() -> None:
+                results["stopped"] = await attack(target)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                nursery.start_soon(honest_generation, path, servers, results)
+            assert servers[1].server is not None
+            results["target_sessions"] = len(servers[1].server.sessions)
+    return results
+
+
 async def test_a_throughput_liar_carries_at_most_its_share_of_a_clients_chains(
     tiny_llama: Path,
 ) -> None:
     # the attack serves every block honestly but announces 1e6 tokens/s (signed: records.py's
     # ceiling); an honest client's 40 chains (inference and training) go through it at most half
     # the time, and it ranks as the honest servers' claims, not 1e6
-    results: dict[str, Any] = {}
-    with trio.fail_after(120):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
-            target = AttackTarget(
-                model=tiny_llama.name,
-                model_path=tiny_llama,
-                servers=tuple(p.addrs[0] for p in servers),
-            )
-
-            async def attack() -> None:
-                results["stopped"] = await attack_throughput_liar(target)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(attack)
-                nursery.start_soon(honest_generation, tiny_llama, servers, results)
+    results = await attack_beside_honest(tiny_llama, attack_throughput_liar)
     assert results["stopped"] is True
     assert exact(results)
 
@@ -234,22 +241,8 @@ async def test_a_training_hop_answering_another_dtype_is_the_one_banned(tiny_lla
 async def test_the_push_liar_attack_is_stopped(tiny_llama: Path) -> None:
     # the same lie from a server the attacker runs (tests/attacks/routing.py): an honest client in
     # push mode bans the liar, not the target server it pushed NaN to, and its outputs are exact
-    results: dict[str, Any] = {}
-    with trio.fail_after(120):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
-            target = AttackTarget(
-                model=tiny_llama.name,
-                model_path=tiny_llama,
-                servers=tuple(p.addrs[0] for p in servers),
-            )
-
-            async def attack() -> None:
-                results["stopped"] = await attack_push_liar(target)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(attack)
-                nursery.start_soon(honest_generation, tiny_llama, servers, results)
-            assert servers[1].server is not None and not servers[1].server.sessions
+    results = await attack_beside_honest(tiny_llama, attack_push_liar)
+    assert results["target_sessions"] == 0  # the target server closed the liar's sessions too
     assert results["stopped"] is True
     assert exact(results)
 
