@@ -1,17 +1,25 @@
 #!/usr/bin/env python
-"""Inference speed: local transformers generate vs the same weights through 1- and 2-server loopback swarms.
+"""Inference speed: local transformers generate vs the same weights through loopback swarms, every
+measurement in its own clean process.
 
-SmolLM2-135M, float32, greedy, 64 new tokens. The servers are real `swarm-node serve` processes; the
-client runs here. Runs are interleaved (local, 1-server, 2-server client-star, 2-server with push:
-the first server hands its output straight to the second) and repeated; the figures are the medians
-of the ratios paired within each repetition, because these 2-core machines drift.
+SmolLM2-135M, float32, greedy, 64 new tokens. The servers are real `swarm-node serve` processes at
+their defaults; each measurement (local transformers, or a swarm client) is a fresh process that
+loads, warms up with a 4-token generation and then times one generation. The local baseline runs at
+torch's defaults with none of this program's settings in its environment, so nothing the swarm does
+slows it (a process that has run swarm clients keeps thread teams that steal the cores: measured
+40% slower). Runs alternate within each round; the figures are medians over rounds, the ratios
+medians of the ratios paired within a round, because these shared machines drift.
 
-The targets compare against transformers' generate. A swarm server runs its blocks with
-model/fast_decode.py, a leaner decode step than transformers' layers (same bits), so the run
-"local-loop" is also measured: the same BlockSpan and head in this process, no network; the ratio
-1-server / local-loop is what the protocol and the second process cost.
+Two views:
+- co-located: the client and the servers share this machine's cores, every process at its defaults,
+  against local generate at torch's default threads (1 server, 2 servers client-star, 2 servers with
+  push: the first server hands its output straight to the second);
+- dedicated: each process pinned to cores of its own, as on separate machines, against local on the
+  same number of cores per process (1 server: client on core 0, server on core 1, each 1 thread, vs
+  local on core 0 with 1 thread). With 2 cores there is no dedicated 2-server run; on a machine with
+  more cores, --dedicated-cores gives each process that many.
 
-    .venv/bin/python scripts/bench_inference.py [--repeats 5] [--new-tokens 64] [--server-threads 2]
+    .venv/bin/python scripts/bench_inference.py [--repeats 5] [--new-tokens 64] [--quick]
 
 Prints one JSON line.
 """
@@ -19,8 +27,9 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -28,159 +37,106 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import trio
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_processes import THREAD_VARS, run_worker, start_server, stop  # noqa: E402
 
-from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model
-from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.settings import SessionSettings
-from swarm_node.node.config import PeerConfig
-from swarm_node.node.peer import open_peer
-
-CLI = str(Path(sys.executable).with_name("swarm-node"))
 PROMPT = "The capital of France is"
-RUNS = ("local", "1-server", "2-server", "2-server-push", "local-loop")
+MODEL = "smollm2-135m"
 
 
-class Clock:
-    """A transformers streamer that notes when each new token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.skipped_prompt = False
-
-    def put(self, value: Any) -> None:
-        if not self.skipped_prompt:
-            self.skipped_prompt = True
-            return
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
+# ---- workers: each runs in its own process and prints one JSON line ----
 
 
-def local_run(model: Any, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    clock = Clock()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(
-            input_ids,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-        )
-    ttft = clock.times[0] - t0
-    tps = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
-    return ttft, tps
+def local_worker(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from swarm_node.model.bundled import resolve_model
 
-def local_loop_run(
-    span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int
-) -> tuple[float, float]:
-    """Greedy decoding with the swarm's own pieces (BlockSpan of all blocks, ClientHead) in this process."""
-    cache = span.new_cache(input_ids.shape[1] + new_tokens)
-    times = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        hidden = head.embed(input_ids)
-        for _ in range(new_tokens):
-            token = head.logits(span(hidden, cache)[:, -1:, :])[:, -1, :].argmax(-1)
-            times.append(time.perf_counter())
-            hidden = head.embed(token[:, None])
-    return times[0] - t0, (len(times) - 1) / (times[-1] - times[0])
+    path = resolve_model(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run on past EOS, as the swarm runs do
+    input_ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt").input_ids
 
+    class Clock:  # a streamer noting when each new token arrives
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.prompt_seen = False
 
-def start_servers(spans: list[tuple[int, int]], threads: int) -> tuple[list[subprocess.Popen], str]:
-    processes: list[subprocess.Popen] = []
-    first_addr = ""
-    for start, end in spans:
-        cmd = [
-            CLI,
-            "serve",
-            "--blocks",
-            f"{start}:{end}",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--torch-threads",
-            str(threads),
-            "--throughput",
-            "100",
-        ]
-        if first_addr:
-            cmd += ["--initial-peers", first_addr]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        processes.append(proc)
-        addr = proc.stdout.readline().strip() if proc.stdout else ""
-        if not addr:
-            raise SystemExit(f"server {start}:{end} did not start")
-        first_addr = first_addr or addr
-    return processes, first_addr
+        def put(self, value: Any) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
 
+        def end(self) -> None:
+            pass
 
-async def swarm_runs(
-    addrs: dict[str, str],
-    head: Any,
-    input_ids: torch.Tensor,
-    local: Any,
-    span: Any,
-    args: argparse.Namespace,
-) -> dict:
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}
-    remote: dict[str, list[float]] = {
-        name: [] for name in ("1-server", "2-server", "2-server-push")
+    def run(new: int) -> tuple[list[int], float, float]:
+        clock = Clock()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids, max_new_tokens=new, do_sample=False, streamer=clock)
+        steady = (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+        return out[0, input_ids.shape[1] :].tolist(), clock.times[0] - t0, steady
+
+    run(4)
+    tokens, ttft, tps = run(args.new_tokens)
+    return {
+        "tokens": tokens,
+        "ttft_s": ttft,
+        "tokens_per_s": tps,
+        "threads": torch.get_num_threads(),
     }
-    sampling = SamplingConfig(max_new_tokens=args.new_tokens)
-    async with (
-        open_peer(PeerConfig(initial_peers=(addrs["1-server"],))) as one,
-        open_peer(PeerConfig(initial_peers=(addrs["2-server"],))) as two,
-    ):
-        clients = {"1-server": one, "2-server": two}
-        chains = {name: await peer.find_chain("smollm2-135m", 30) for name, peer in clients.items()}
-        runs = [(name, clients[name], chains[name], False) for name in clients]
-        runs.append(("2-server-push", two, chains["2-server"], True))
-        for _name, peer, chain, push in runs:  # warm-up: caches, allocators, connections
-            await generate_tokens(
-                peer,
-                head,
-                input_ids,
-                SessionSettings(model="smollm2-135m", num_blocks=30, dtype="float32", push=push),
-                SamplingConfig(max_new_tokens=4),
-                chain=chain,
+
+
+def swarm_worker(args: argparse.Namespace) -> dict:
+    importlib.import_module("swarm_node")  # first, as a user's program would: its thread settings
+    import torch
+    import trio
+
+    from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
+    from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+    from swarm_node.node.client.settings import SessionSettings
+    from swarm_node.node.config import PeerConfig
+    from swarm_node.node.peer import open_peer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model(MODEL)
+    input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
+    head = ClientHead.load(Checkpoint.open(path))
+    blocks = head.config.num_hidden_layers
+
+    async def main() -> dict:
+        async with open_peer(PeerConfig(initial_peers=(args.addr,))) as peer:
+            chain = await peer.find_chain(MODEL, blocks)
+            settings = SessionSettings(
+                model=MODEL, num_blocks=blocks, dtype="float32", push=args.push
             )
-        local_run(local, input_ids, 4)
-        local_loop_run(span, head, input_ids, 4)
-        for rep in range(args.repeats):
-            results["local"].append(
-                await trio.to_thread.run_sync(local_run, local, input_ids, args.new_tokens)
-            )
-            for name, peer, chain, push in runs:
-                _, stats = await generate_tokens(
-                    peer,
-                    head,
-                    input_ids,
-                    SessionSettings(
-                        model="smollm2-135m", num_blocks=30, dtype="float32", push=push
-                    ),
-                    sampling,
-                    chain=chain,
+
+            async def run(new: int) -> tuple[list[int], Any]:
+                out, stats = await generate_tokens(
+                    peer, head, input_ids, settings, SamplingConfig(max_new_tokens=new), chain=chain
                 )
-                results[name].append((stats.time_to_first_token, stats.tokens_per_second))
-                remote[name].append(stats.remote_time / stats.new_tokens)
-            results["local-loop"].append(
-                await trio.to_thread.run_sync(
-                    local_loop_run, span, head, input_ids, args.new_tokens
-                )
-            )
-            print(
-                f"repeat {rep + 1}/{args.repeats}: "
-                + ", ".join(f"{k} {v[-1][1]:.1f} tok/s" for k, v in results.items()),
-                file=sys.stderr,
-            )
-    results["remote_ms_per_token"] = {
-        k: round(1000 * statistics.median(v), 1) for k, v in remote.items()
-    }
-    return results
+                return out[0, input_ids.shape[1] :].tolist(), stats
+
+            await run(4)
+            tokens, stats = await run(args.new_tokens)
+            return {
+                "tokens": tokens,
+                "ttft_s": stats.time_to_first_token,
+                "tokens_per_s": stats.tokens_per_second,
+                "remote_ms_per_token": 1000 * stats.remote_time / stats.new_tokens,
+                "threads": torch.get_num_threads(),
+                "env": {k: os.environ.get(k) for k in THREAD_VARS if os.environ.get(k)},
+            }
+
+    return trio.run(main)
+
+
+# ---- the orchestrator: starts servers, alternates worker processes (no torch work here) ----
 
 
 def main() -> None:
@@ -189,63 +145,113 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--server-threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 32 tokens")
+    parser.add_argument("--no-dedicated", action="store_true", help="co-located runs only")
+    parser.add_argument(
+        "--swarm-env",
+        nargs="*",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the servers and swarm clients (not the local baseline), to compare "
+        "settings: e.g. GOMP_SPINCOUNT=300000 is libgomp's own spinning",
+    )
+    parser.add_argument("--worker", choices=("local", "swarm"), help=argparse.SUPPRESS)
+    parser.add_argument("--addr", help=argparse.SUPPRESS)
+    parser.add_argument("--push", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.getLogger("libp2p").setLevel(logging.ERROR)
-
-    path = resolve_model("smollm2-135m")
-    from transformers import AutoModelForCausalLM
-
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(path)
-    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    checkpoint = Checkpoint.open(path)
-    head = ClientHead.load(checkpoint)
-    span = BlockSpan.load(checkpoint, 0, checkpoint.num_blocks)
+    if args.worker:
+        result = (local_worker if args.worker == "local" else swarm_worker)(args)
+        print(json.dumps(result))
+        return
+    if args.quick:
+        args.repeats, args.new_tokens = 2, 32
+    swarm_env = dict(item.split("=", 1) for item in args.swarm_env)
+    cores = sorted(os.sched_getaffinity(0))
+    dedicated = not args.no_dedicated and len(cores) >= 2
     procs: list[subprocess.Popen] = []
     try:
-        p1, a1 = start_servers([(0, 30)], args.server_threads)
-        procs += p1
-        p2, a2 = start_servers([(0, 15), (15, 30)], args.server_threads)
-        procs += p2
-        results = trio.run(
-            swarm_runs, {"1-server": a1, "2-server": a2}, head, input_ids, local, span, args
-        )
+        p, one = start_server("0:30", env=swarm_env)
+        procs.append(p)
+        p, two = start_server("0:15", env=swarm_env)
+        procs.append(p)
+        p, _ = start_server("15:30", two, env=swarm_env)
+        procs.append(p)
+        runs: dict[str, tuple[str, list[str], set[int] | None]] = {
+            "local": ("local", [], None),
+            "1-server": ("swarm", ["--addr", one], None),
+            "2-server": ("swarm", ["--addr", two], None),
+            "2-server-push": ("swarm", ["--addr", two, "--push"], None),
+        }
+        if dedicated:
+            p, solo = start_server("0:30", threads=1, cores={cores[1]}, env=swarm_env)
+            procs.append(p)
+            runs["dedicated-local"] = ("local", ["--threads", "1"], {cores[0]})
+            runs["dedicated-1-server"] = (
+                "swarm",
+                ["--addr", solo, "--threads", "1"],
+                {cores[0]},
+            )
+        results: dict[str, list[dict]] = {name: [] for name in runs}
+        for rnd in range(args.repeats):
+            order = list(runs) if rnd % 2 == 0 else list(reversed(runs))
+            for name in order:
+                kind, extra, pin = runs[name]
+                results[name].append(
+                    run_worker(
+                        __file__,
+                        [kind, "--new-tokens", str(args.new_tokens), *extra],
+                        cores=pin,
+                        env=swarm_env if kind == "swarm" else None,
+                    )
+                )
+            print(
+                f"round {rnd + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {v[-1]['tokens_per_s']:.1f}" for k, v in results.items())
+                + " tokens/s",
+                file=sys.stderr,
+            )
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+        stop(procs)
 
-    def paired(name: str, index: int, invert: bool = False, baseline: str = "local") -> float:
-        ratios = []
-        for mine, base in zip(results[name], results[baseline], strict=True):
-            ratios.append(base[index] / mine[index] if invert else mine[index] / base[index])
-        return round(statistics.median(ratios), 3)
+    def median(name: str, key: str) -> float:
+        return round(statistics.median(r[key] for r in results[name]), 3)
 
-    out = {
+    def ratio(name: str, base: str) -> float:
+        pairs = zip(results[name], results[base], strict=True)
+        return round(statistics.median(m["tokens_per_s"] / b["tokens_per_s"] for m, b in pairs), 3)
+
+    tokens = {json.dumps(r["tokens"]) for rs in results.values() for r in rs}
+    co_located = {
+        f"{n}_vs_local": ratio(n, "local") for n in ("1-server", "2-server", "2-server-push")
+    }
+    out: dict[str, Any] = {
         "benchmark": "inference",
-        "model": "smollm2-135m",
+        "model": MODEL,
         "dtype": "float32",
         "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "server_torch_threads": args.server_threads,
-        "torch_threads_local": torch.get_num_threads(),
-        "tokens_per_s_median": {
-            k: round(statistics.median(v[1] for v in results[k]), 2) for k in RUNS
+        "rounds": args.repeats,
+        "cores": len(cores),
+        "tokens_per_s_median": {n: median(n, "tokens_per_s") for n in results},
+        "ttft_s_median": {n: median(n, "ttft_s") for n in results},
+        "remote_ms_per_token_median": {
+            n: median(n, "remote_ms_per_token")
+            for n in results
+            if "remote_ms_per_token" in results[n][0]
         },
-        "ttft_s_median": {k: round(statistics.median(v[0] for v in results[k]), 4) for k in RUNS},
-        "remote_ms_per_token_median": results["remote_ms_per_token"],
-        "ratio_1server_vs_local_tokens_per_s": paired("1-server", 1),
-        "ratio_2server_vs_local_tokens_per_s": paired("2-server", 1),
-        "ratio_2server_push_vs_local_tokens_per_s": paired("2-server-push", 1),
-        "ratio_local_loop_vs_local_tokens_per_s": paired("local-loop", 1),
-        "ratio_1server_vs_local_loop_tokens_per_s": paired("1-server", 1, baseline="local-loop"),
-        "ratio_2server_vs_local_loop_tokens_per_s": paired("2-server", 1, baseline="local-loop"),
-        "ratio_local_vs_1server_ttft": paired("1-server", 0, invert=True),
-        "ratio_local_vs_2server_ttft": paired("2-server", 0, invert=True),
-        "ratio_local_vs_2server_push_ttft": paired("2-server-push", 0, invert=True),
-        "targets": {"1server_vs_local": 0.95, "2server_vs_local": 0.8},
+        "threads": {n: results[n][0]["threads"] for n in results},
+        "swarm_client_env": results["1-server"][0]["env"],
+        "co_located": co_located,
+        "dedicated": (
+            {"1-server_vs_local": ratio("dedicated-1-server", "dedicated-local")}
+            if dedicated
+            else "needs 2 cores"
+        ),
+        "same_tokens": len(tokens) == 1,
+        "targets": {
+            "co_located": {"1-server_vs_local": 0.85, "2-server_vs_local": 0.75},
+            "dedicated": {"1-server_vs_local": 0.95},
+        },
     }
     print(json.dumps(out))
 

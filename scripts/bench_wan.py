@@ -4,8 +4,9 @@
 Every peer (servers and the client) sits behind a userspace proxy adding DELAY seconds one way
 (tests/delay_proxy.py), so every link has that delay. SmolLM2-135M, float32, greedy, 64 new tokens.
 The bound is ``1 / (compute + hops x delay)``: compute is the per-token time of the same blocks and
-head run locally, back to back (one BlockSpan of every block, no network), hops N + 1 with push, 2N
-client-star. These machines drift by +-20% within a minute, so each run generates its tokens in
+head run locally, back to back (one BlockSpan of every block, no network), in a clean process of its
+own at torch's defaults (never in this one, which runs the swarm: scripts/bench_processes.py says
+why), hops N + 1 with push, 2N client-star. These machines drift by +-20% within a minute, so each run generates its tokens in
 segments of ``--segment`` tokens through one session and measures the local compute
 (``--local-tokens`` tokens) before the first segment and after each one: a segment is judged against
 the mean of the two figures around it, and a run's ``of_bound`` is its bound time over its measured
@@ -27,12 +28,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helpers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_processes import CleanProcess, serve_jobs  # noqa: E402
 
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.apps.commands import split_blocks  # noqa: E402
@@ -40,30 +42,50 @@ from swarm_node.node.client.generation import SamplingConfig, continue_tokens, o
 from swarm_node.node.client.settings import SessionSettings  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
+if TYPE_CHECKING:
+    import torch
+
 PROMPT = "The capital of France is"
 MODEL = "smollm2-135m"
 
 
-def local_compute(span: Any, head: Any, input_ids: torch.Tensor, new_tokens: int) -> float:
-    """Median seconds a token through every block of ``span`` plus the head, greedy, here (no network)."""
-    num_blocks = span.end
-    cache = span.new_cache(input_ids.shape[1] + new_tokens + 1, batch_size=1)
-    times = []
-    with torch.inference_mode():
-        hidden = head.embed(input_ids)
-        for _ in range(new_tokens):
-            t0 = time.perf_counter()
-            out = span.forward(hidden, cache, start=0, end=num_blocks)
-            token = head.logits(out[:, -1:, :])[:, -1, :].argmax(-1)
-            hidden = head.embed(token[:, None])
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])  # the first is the prompt
+def baseline_worker(args: argparse.Namespace) -> None:
+    """Answers "compute" jobs: median seconds a token through every block plus the head, greedy,
+    back to back in this clean process (no network)."""
+    import torch
+
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    path = resolve_model(MODEL)
+    checkpoint = Checkpoint.open(path)
+    head = ClientHead.load(checkpoint)
+    span = BlockSpan.load(checkpoint, 0, checkpoint.num_blocks)
+    input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
+
+    def compute(tokens: int) -> dict[str, Any]:
+        cache = span.new_cache(input_ids.shape[1] + tokens + 1, batch_size=1)
+        times = []
+        with torch.inference_mode():
+            hidden = head.embed(input_ids)
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                out = span.forward(hidden, cache, start=0, end=span.end)
+                token = head.logits(out[:, -1:, :])[:, -1, :].argmax(-1)
+                hidden = head.embed(token[:, None])
+                times.append(time.perf_counter() - t0)
+        return {
+            "s": statistics.median(times[1:]),
+            "threads": torch.get_num_threads(),
+        }  # [0]: prompt
+
+    serve_jobs({"compute": compute})
 
 
 async def one_run(
     client: Any,
     head: Any,
-    span: Any,
+    baseline: CleanProcess,
+    num_blocks: int,
     input_ids: torch.Tensor,
     chain: list[Any],
     push: bool,
@@ -72,15 +94,17 @@ async def one_run(
     """One generation of ``--new-tokens`` in segments of ``--segment`` tokens, the local compute
     measured before the first segment and after each one; each segment is judged against the mean
     of the two local figures around it (the machine drifts within one run)."""
+    import torch  # loaded by now (swarm_node first: its thread settings)
+
     hops = len(chain) + 1 if push else 2 * len(chain)
     seconds = tokens = bound_seconds = 0.0
     compute_ms: list[float] = []
-    before = local_compute(span, head, input_ids, args.local_tokens)
+    before = baseline.ask("compute", tokens=args.local_tokens)["s"]
     async with open_token_session(
         client,
         SessionSettings(
             model=MODEL,
-            num_blocks=span.end,
+            num_blocks=num_blocks,
             dtype="float32",
             push=push,
             max_length=input_ids.shape[1] + args.new_tokens + 1,
@@ -95,7 +119,7 @@ async def one_run(
                 head, ts, fresh, SamplingConfig(max_new_tokens=count)
             )
             ids = torch.cat([ids, out[:, fresh.shape[1] :]], dim=1)
-            after = local_compute(span, head, input_ids, args.local_tokens)
+            after = baseline.ask("compute", tokens=args.local_tokens)["s"]
             here = (before + after) / 2  # the local rate around this very segment
             before = after
             if fresh.shape[1]:  # the first segment: its first token comes with the prompt's prefill
@@ -120,9 +144,18 @@ async def one_run(
 async def swarm_runs(
     path: Path, head: Any, input_ids: torch.Tensor, args: argparse.Namespace
 ) -> dict:
-    checkpoint = Checkpoint.open(path)
-    num_blocks = checkpoint.config.num_hidden_layers
-    span = BlockSpan.load(checkpoint, 0, num_blocks)  # every block, for the local baseline
+    num_blocks = Checkpoint.open(path).config.num_hidden_layers
+    threads = [] if args.torch_threads is None else ["--torch-threads", str(args.torch_threads)]
+    baseline = CleanProcess(__file__, threads)
+    try:
+        return await runs_of_each_size(head, baseline, num_blocks, input_ids, args)
+    finally:
+        baseline.close()
+
+
+async def runs_of_each_size(
+    head: Any, baseline: CleanProcess, num_blocks: int, input_ids: torch.Tensor, args: Any
+) -> dict:
     out: dict[str, Any] = {}
     for n in args.servers:
         async with trio.open_nursery() as nursery:
@@ -137,7 +170,9 @@ async def swarm_runs(
                 per_mode: dict[str, list[dict[str, Any]]] = {"client-star": [], "push": []}
                 for _ in range(args.repeats):
                     for mode, push in (("client-star", False), ("push", True)):
-                        ids, row = await one_run(client, head, span, input_ids, chain, push, args)
+                        ids, row = await one_run(
+                            client, head, baseline, num_blocks, input_ids, chain, push, args
+                        )
                         outputs.append(ids)
                         per_mode[mode].append(row)
                 for mode, rows in per_mode.items():
@@ -173,7 +208,13 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    parser.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.baseline_worker:
+        baseline_worker(args)
+        return
+    import torch
+
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see scripts/bench_finetune.py
+import torch
+import trio
 
-import torch  # noqa: E402
-import trio  # noqa: E402
-
-from swarm_node import DistributedModelForCausalLM  # noqa: E402
-from swarm_node.model import load_tokenizer, resolve_model  # noqa: E402
-from swarm_node.node.config import PeerConfig, ServerConfig  # noqa: E402
+from swarm_node import DistributedModelForCausalLM
+from swarm_node.model import load_tokenizer, resolve_model
+from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.peer import open_peer  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "pirate_qa.txt"

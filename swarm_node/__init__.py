@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 from typing import Any
 
+from swarm_node.threads import settle_threads
+
+settle_threads()  # before anything loads torch (swarm_node/threads.py says why)
+
 __all__ = [
     "ApiConfig",
     "ClientConfig",
