@@ -107,7 +107,7 @@ def swarm_worker(args: argparse.Namespace) -> dict:
     path = resolve_model(MODEL)
     input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
     head = ClientHead.load(Checkpoint.open(path))
-    blocks = head.config.num_hidden_layers
+    blocks = Checkpoint.open(path).num_blocks
 
     async def main() -> dict:
         async with open_peer(PeerConfig(initial_peers=(args.addr,))) as peer:

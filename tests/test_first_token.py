@@ -136,3 +136,33 @@ async def test_servers_a_full_model_key_leaves_out_are_found_by_their_blocks(
                     assert newcomer.peer_id not in listed
                 found = await client.find_servers(tiny_llama.name, 6)
                 assert {r.peer_id for r in found} == {servers[0].peer_id, newcomer.peer_id}
+
+
+COLD_CLIENT_PROBE = """
+import argparse, json, sys
+from swarm_node.node.apps.commands import _client_side
+args = argparse.Namespace(
+    model=sys.argv[1], dtype="float32", prompt="hello", chat=False, adapter=None, prompt_file=None
+)
+_client_side(args, sys.argv[1])
+heavy = ("transformers", "torch._dynamo", "torch.distributed.tensor")
+print(json.dumps([name for name in heavy if name in sys.modules]))
+"""
+
+
+@pytest.mark.slow
+def test_a_cold_generate_client_loads_without_transformers(tiny_chat_llama: Path) -> None:
+    """`generate`'s client side (config, tokenizer, head) imports neither transformers (~1.6 s) nor
+    torch's compiler (~1.4 s, pulled in by a random init on the meta device)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", COLD_CLIENT_PROBE, str(tiny_chat_llama)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -129,8 +129,16 @@ def _by_digest(prefix: str, cache_dir: Path) -> Path:
     )
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """The tokenizer saved in a model folder (ModelError if there is none)."""
+def load_tokenizer(path: str | os.PathLike[str], *, plain: bool = False) -> Any:
+    """The tokenizer saved in a model folder (ModelError if there is none); ``plain``: through the
+    `tokenizers` library alone where that tokenizes exactly as transformers (model/plain_tokenizer.py),
+    for a client that must start fast."""
+    if plain:
+        from swarm_node.model.plain_tokenizer import PlainTokenizer, plain_settings
+
+        settings = plain_settings(Path(path))
+        if settings is not None:
+            return PlainTokenizer(Path(path), settings)
     from transformers import AutoTokenizer
 
     try:

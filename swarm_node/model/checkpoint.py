@@ -2,6 +2,12 @@
 
 Reads only the tensors asked for (safetensors memory-maps the file and copies just those bytes).
 Never torch.load, never pickle. Knows nothing of layers, spans or peers.
+
+The config comes in two depths. ``setting(name)`` reads config.json's own value (plain JSON), which
+is all a client's head and its generation need; ``config`` is transformers' config object, built on
+first use (importing transformers and the family's config class costs ~1.5 s, a cold client's
+largest cost: issue 21), and answers ``setting`` for a name config.json leaves to the family's
+default.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,9 +32,12 @@ NameFilter = Iterable[str] | Callable[[str], bool]
 class Checkpoint:
     """Config + tensor index of one model folder; open with `Checkpoint.open(path)`."""
 
-    def __init__(self, path: Path, config: Any, family: Family, weight_map: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, settings: dict[str, Any], family: Family, weight_map: dict[str, str]
+    ) -> None:
         self.path = path
-        self.config = config
+        self.settings = settings  # config.json as written
+        self._config: Any = None  # transformers' config, built on first use
         self.family = family
         self._weight_map = weight_map  # tensor name -> file name inside `path`
         self.names_read: list[str] = []  # every tensor name load_tensors has read, in order
@@ -40,9 +50,22 @@ class Checkpoint:
         if not (path / "config.json").is_file():
             found = sorted(p.name for p in path.iterdir())[:20]
             raise ModelError(f"model folder {str(path)!r} must hold config.json, found {found}")
-        config = _read_config(path)
-        family = family_for(config)
-        return cls(path, config, family, _read_weight_map(path))
+        settings = _read_settings(path)
+        family = family_for(SimpleNamespace(model_type=settings.get("model_type")))
+        return cls(path, settings, family, _read_weight_map(path))
+
+    @property
+    def config(self) -> Any:
+        """transformers' config of the model (imports transformers on first use)."""
+        if self._config is None:
+            self._config = _read_config(self.path)
+        return self._config
+
+    def setting(self, name: str) -> Any:
+        """config.json's ``name``, else the family's default from transformers' config."""
+        if name in self.settings:
+            return self.settings[name]
+        return getattr(self.config, name, None)
 
     @property
     def model_type(self) -> str:
@@ -50,7 +73,7 @@ class Checkpoint:
 
     @property
     def num_blocks(self) -> int:
-        return int(self.config.num_hidden_layers)
+        return int(self.setting("num_hidden_layers"))
 
     def tensor_names(self) -> list[str]:
         return sorted(self._weight_map)
@@ -95,6 +118,18 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {self.model_type}, {self.num_blocks} blocks)"
+
+
+def _read_settings(path: Path) -> dict[str, Any]:
+    try:
+        settings = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"config.json in {str(path)!r} cannot be read: {exc}") from exc
+    if not isinstance(settings, dict):
+        raise ModelError(
+            f"config.json in {str(path)!r} must be a JSON object, got {type(settings).__name__}"
+        )
+    return settings
 
 
 def _read_config(path: Path) -> Any:

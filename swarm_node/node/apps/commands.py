@@ -99,6 +99,14 @@ def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
+def has_tuned_files(args: argparse.Namespace) -> bool:
+    """Whether ``generate`` was given ``--prompt-file`` or an ``--adapter`` file."""
+    adapter = getattr(args, "adapter", None)
+    return getattr(args, "prompt_file", None) is not None or bool(
+        adapter and is_adapter_file(adapter)
+    )
+
+
 def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """``generate``'s ``--prompt-file FILE`` and ``--adapter FILE`` as ``generate_tokens`` arguments
     (``prefix`` and ``tuning``: deep prompts, client LoRA), each file checked against the model."""
@@ -137,10 +145,15 @@ def _client_side(
     from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
 
     checkpoint = Checkpoint.open(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, plain=not args.chat)  # a chat template needs transformers
     head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
-    return checkpoint, tokenizer, head, input_ids, tuned_inputs(args, checkpoint.config)
+    tuned = (
+        tuned_inputs(args, checkpoint.config)  # imports transformers: only for tuned files
+        if has_tuned_files(args)
+        else {"prefix": None, "tuning": HopTuning(prompts=None, lora=None)}
+    )
+    return checkpoint, tokenizer, head, input_ids, tuned
 
 
 async def _find_servers_early(peer: Peer, model: str) -> None:
@@ -169,11 +182,11 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         temperature=getattr(args, "temperature", 0.0),
         top_p=getattr(args, "top_p", 1.0),
         seed=getattr(args, "seed", None),
-        eos_token_ids=model_eos_ids(checkpoint.config, tokenizer),
+        eos_token_ids=model_eos_ids(checkpoint.setting("eos_token_id"), tokenizer),
     )
     settings = SessionSettings(
         model=model,
-        num_blocks=checkpoint.config.num_hidden_layers,
+        num_blocks=checkpoint.num_blocks,
         dtype=args.dtype,
     )
     if not args.chat:
@@ -211,7 +224,7 @@ def _describe(stats: GenerationStats) -> str:
 async def generate(args: argparse.Namespace) -> int:
     config = _client_peer(args)
     _need_initial_peers(args)
-    if args.prompt_file is not None or (args.adapter and is_adapter_file(args.adapter)):
+    if has_tuned_files(args):
         _, checkpoint = await _checkpoint(args.model)  # bad files fail before any networking
         await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
@@ -307,7 +320,7 @@ async def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"preparing {args.model} (converted once, then cached)...", file=sys.stderr, flush=True)
     _, checkpoint = await _checkpoint(args.model)
-    num_blocks = checkpoint.config.num_hidden_layers
+    num_blocks = checkpoint.num_blocks
     spans = split_blocks(num_blocks, args.servers)
     async with AsyncExitStack() as stack:
         servers: list[Peer] = []

@@ -34,9 +34,9 @@ UNSUPPORTED_OFF = {
 }
 
 
-def model_eos_ids(config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """The model's end-of-sequence token ids: its config's, else its tokenizer's."""
-    eos = config.eos_token_id
+def model_eos_ids(eos: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The model's end-of-sequence token ids: its config's ``eos`` (an id, ids or None), else its
+    tokenizer's."""
     return _eos_tuple(tokenizer.eos_token_id if eos is None else eos)
 
 

@@ -53,16 +53,15 @@ class ModelRuntime:
         path = resolve_model(model)
         checkpoint = Checkpoint.open(path)
         tokenizer = load_tokenizer(path)
-        config = checkpoint.config
-        limit = int(getattr(config, "max_position_embeddings", max_context) or max_context)
+        limit = int(checkpoint.setting("max_position_embeddings") or max_context)
         return cls(
             name=model_id_of(model),
             path=path,
             head=ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype]),
             tokenizer=tokenizer,
-            num_blocks=int(config.num_hidden_layers),
+            num_blocks=checkpoint.num_blocks,
             context_length=min(limit, max_context),
-            eos_token_ids=model_eos_ids(config, tokenizer),
+            eos_token_ids=model_eos_ids(checkpoint.setting("eos_token_id"), tokenizer),
             dtype=dtype,
         )
 
