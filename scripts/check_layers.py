@@ -107,6 +107,10 @@ def defined_private_names(tree: ast.AST) -> set[str]:
     return {n for n in names if n.startswith("_")}
 
 
+# the standard library's public names that start with an underscore
+STDLIB_PUBLIC = {"os._exit", "sys._getframe"}
+
+
 def is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
@@ -139,6 +143,8 @@ def check_source(source: str, module: str, rel: str, *, is_package: bool = False
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and is_private(node.attr) and node.attr not in own:
             owner = ast.unparse(node.value)
+            if f"{owner}.{node.attr}" in STDLIB_PUBLIC:
+                continue
             problems.append(
                 f"{rel}:{node.lineno}: uses {owner}.{node.attr}, a private name of another module"
             )
