@@ -10,10 +10,11 @@ servers), without and with a delay proxy in front of every server (DELAY seconds
 upper bound on the first token), median of the repeats, by "<servers>@<delay ms>"; `status_s` the
 same for `status`; `import_s`: `import swarm_node.node.apps.commands` (what the CLI's commands need:
 torch and libp2p) in a fresh process, and `import_swarm_node_s`: `import swarm_node` alone.
-Rounds alternate generate and status. Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main
+Rounds alternate generate and status. `warm_lookup_ms`: a long-lived Python client's chain for a
+next request (after its first), median of 5. Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main
 (the servers and the CLI both come from that checkout). Issue 21's targets: first token
 <= 2.5 s on loopback whatever the swarm size, <= 2.5 s + 8 round trips with the delay, status
-<= 2 s on loopback.
+<= 2 s on loopback, a warm client's next request <= 50 ms of lookup.
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ async def timed(command: list[str]) -> float:
     return elapsed
 
 
+async def warm_lookup_ms(peers: list[Peer], num_blocks: int) -> float:
+    """A long-lived Python client's chain for its second request, after a first one (median ms)."""
+    config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(peers[0].addrs[:1]))
+    async with open_peer(config) as client:
+        await client.find_chain(MODEL, num_blocks)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            await client.find_chain(MODEL, num_blocks)
+            times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 1)
+
+
 def import_seconds(module: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -98,8 +112,8 @@ def import_seconds(module: str) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from swarm_node.model import Checkpoint
 
-    num_blocks = Checkpoint.open(resolve_model(MODEL)).config.num_hidden_layers
-    out: dict[str, Any] = {"cli_first_token_s": {}, "status_s": {}}
+    num_blocks = Checkpoint.open(resolve_model(MODEL)).num_blocks
+    out: dict[str, Any] = {"cli_first_token_s": {}, "status_s": {}, "warm_lookup_ms": {}}
     for servers in args.servers:
         for delay in args.delays:
             key = f"{servers}@{round(delay * 1000)}ms"
@@ -114,6 +128,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     for _ in range(args.repeats):
                         gen_times.append(await timed(generate))
                         status_times.append(await timed(status))
+                    out["warm_lookup_ms"][key] = await warm_lookup_ms(peers, num_blocks)
                 out["cli_first_token_s"][key] = round(statistics.median(gen_times), 3)
                 out["status_s"][key] = round(statistics.median(status_times), 3)
                 print(key, gen_times, status_times, file=sys.stderr, flush=True)

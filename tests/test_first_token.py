@@ -97,6 +97,7 @@ async def test_a_client_in_a_20_peer_swarm_stays_within_its_connection_limits(
             )
             assert network.connection_config.max_connections == CLIENT_LIMITS.most
             assert network.connection_config.min_connections == 0
+            assert network.retry_config.max_retries == CLIENT_LIMITS.dial_retries == 0
             served = servers[0].host.get_network().connection_config
             assert (served.max_connections, served.min_connections) == (SERVER_LIMITS.most, 0)
             for _ in range(3):

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from libp2p import YAMUX_PROTOCOL_ID, Yamux, create_new_x25519_key_pair, new_host
 from libp2p.crypto.keys import KeyPair
-from libp2p.network.config import ConnectionConfig
+from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
@@ -41,6 +41,10 @@ class ConnectionLimits:
     trim_above: int
     most: int
     grace: float = 20.0
+    # dials of a peer that refused: py-libp2p tries 3 more times with backoff (~1.4 s), and a
+    # lookup's answers name departed clients and servers often (a CLI client's `status` waited
+    # 1.45 s for one, measured): a client has spare servers and lookups ask several peers
+    dial_retries: int = 0
 
     def connection_config(self) -> ConnectionConfig:
         return ConnectionConfig(
@@ -57,7 +61,7 @@ class ConnectionLimits:
 # a client: the servers of its chains and the peers of its latest lookups
 CLIENT_LIMITS = ConnectionLimits(trim_to=16, trim_above=32, most=128)
 # a server: its DHT neighbours, the next servers it pushes to, and its clients
-SERVER_LIMITS = ConnectionLimits(trim_to=64, trim_above=192, most=512)
+SERVER_LIMITS = ConnectionLimits(trim_to=64, trim_above=192, most=512, dial_retries=1)
 
 
 def build_host(
@@ -72,7 +76,7 @@ def build_host(
 
     Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
     install_negotiation_bound()
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={
             NOISE_PROTOCOL_ID: NoiseTransport(
@@ -84,6 +88,8 @@ def build_host(
         announce_addrs=list(announce) if announce else None,
         psk=psk,
     )
+    host.get_network().retry_config = RetryConfig(max_retries=limits.dial_retries)
+    return host
 
 
 async def dial_on_demand(host: Any) -> None:
