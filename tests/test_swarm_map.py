@@ -48,6 +48,7 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     assert state["events"] == []  # no late hop, hedge or recovery (tests/test_api_security has one)
 
     assert 'data-ready="1"' in dom, dom[:2000]  # the script ran and drew the state
+    assert '<a href="chat" id="chat-link">' in dom  # the chat page beside the map
     assert '<tbody id="e-rows"></tbody>' in dom
     assert (
         'data-model="tiny-chat"' in dom
