@@ -3,7 +3,6 @@ swarms: SmolLM2 on 2 servers for the answers, the tiny model for the errors a us
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -187,6 +186,10 @@ async def test_chat_page_shows_a_missing_key_and_a_recovery(tiny_chat_llama: Pat
         ):
             config = ApiConfig(models=(str(tiny_chat_llama),), port=0, api_key=key)
             async with open_api(client, config) as api:
+                async with httpx.AsyncClient(base_url=api.url, timeout=60) as http:
+                    page = await http.get("/chat")  # the page itself needs no key: its script does
+                assert page.status_code == 200 and "<title>swarm-node chat</title>" in page.text
+                assert "script-src 'sha256-" in page.headers["content-security-policy"]
                 headers = {"Authorization": f"Bearer {key}"}
                 async with httpx.AsyncClient(base_url=api.url, headers=headers, timeout=60) as http:
                     reply = await http.post(
@@ -225,8 +228,10 @@ async def test_chat_page_shows_a_missing_key_and_a_recovery(tiny_chat_llama: Pat
 
 
 def test_chat_page_is_self_contained() -> None:
-    from swarm_node.node.apps.api.chat_page import PAGE
+    from swarm_node.node.apps.api.chat_page import HEADERS, PAGE
 
     assert "http://" not in PAGE and "https://" not in PAGE  # nothing fetched from elsewhere
     assert "innerHTML" not in PAGE and "insertAdjacentHTML" not in PAGE and "eval(" not in PAGE
-    json.dumps(PAGE)  # plain text
+    assert PAGE.count("<script>") == 1  # the one script the policy's hash allows
+    policy = HEADERS["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy

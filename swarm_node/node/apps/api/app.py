@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from swarm_node.node.apps.api.chat_page import HEADERS as CHAT_HEADERS
 from swarm_node.node.apps.api.chat_page import PAGE as CHAT_PAGE
 from swarm_node.node.apps.api.guard import Guard, allowed_host_names
 from swarm_node.node.apps.api.map_page import PAGE as MAP_PAGE
@@ -132,7 +133,7 @@ def build_app(api: ApiServer) -> Guard:
         return HTMLResponse(MAP_PAGE)
 
     async def chat_page(request: Request) -> Response:
-        return HTMLResponse(CHAT_PAGE)
+        return HTMLResponse(CHAT_PAGE, headers=CHAT_HEADERS)
 
     async def state(request: Request) -> Response:
         return JSONResponse(api.state())

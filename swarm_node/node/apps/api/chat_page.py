@@ -2,8 +2,13 @@
 
 Its script talks to ``/v1/chat/completions`` with streaming like any OpenAI client and reads the
 final chunk's ``swarm`` field (engine.swarm_report) to show which server ran which blocks. Model
-output and every error message are inserted as text (``textContent`` / text nodes), never as HTML.
+output and every error message are inserted as text (``textContent`` / text nodes), never as HTML;
+``HEADERS``' content security policy runs no script but the page's own (by its hash) and lets it
+reach nothing but this API.
 """
+
+import base64
+import hashlib
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -308,3 +313,18 @@ loadModels().then(() => {
 </body>
 </html>
 """
+
+
+def _script_hash(page: str) -> str:
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    return base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+
+
+HEADERS = {
+    "content-security-policy": (
+        f"default-src 'none'; script-src 'sha256-{_script_hash(PAGE)}'; "
+        "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+}
