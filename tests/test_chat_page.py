@@ -166,6 +166,10 @@ def browse_tiny(url: str, key: str) -> dict[str, Any]:
         settings(page, temperature="0", max_tokens="8")
         page.click("#regenerate")  # retry the failed request, now with the key
         seen["recovered"] = reply_view(finished(page, 0))
+        page.goto("about:blank")
+        page.goto(f"{url}/chat#key={key}")  # the key in the address, as the map takes it
+        page.locator("body[data-models='1']").wait_for()
+        seen["map_link"] = page.locator("#map-link").get_attribute("href")
     return seen
 
 
@@ -214,7 +218,7 @@ async def test_chat_page_shows_a_missing_key_and_a_recovery(tiny_chat_llama: Pat
     assert "needs its key" in seen["notice"] and seen["key_focused"] == "api-key"
     without = seen["without_key"]
     assert without["state"] == "error" and "needs its key" in without["notes"]
-    assert seen["notice_after"] == ""
+    assert seen["notice_after"] == "" and seen["map_link"] == f"./#key={key}"
     recovered = seen["recovered"]
     assert recovered["state"] == "done" and recovered["text"] == want
     assert len(steps) >= 2
@@ -235,3 +239,37 @@ def test_chat_page_is_self_contained() -> None:
     assert PAGE.count("<script>") == 1  # the one script the policy's hash allows
     policy = HEADERS["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+
+
+def test_the_swarm_field_names_recoveries_and_hedges() -> None:
+    from swarm_node.node.apps.api.engine import swarm_report
+    from swarm_node.node.client.generation import GenerationStats
+    from swarm_node.node.client.recovery import HedgeEvent, RecoveryEvent
+
+    stats = GenerationStats(new_tokens=3, total_time=1.2, time_to_first_token=0.2)
+    stats.recoveries = [
+        RecoveryEvent(
+            start=3,
+            end=6,
+            failed="lost",
+            replacements=("spare",),
+            attempts=1,
+            replayed_steps=2,
+            seconds=0.51234,
+            replay_seconds=0.1,
+        )
+    ]
+    stats.hedges = [
+        HedgeEvent(
+            start=0, end=3, late=("slow",), replacements=("fast",), late_after=1, seconds=1.2
+        )
+    ]
+    assert swarm_report(stats) == {
+        "chain": [],
+        "recoveries": [
+            {"blocks": "3:6", "failed": "lost", "replacements": ["spare"], "seconds": 0.512}
+        ],
+        "hedges": [{"blocks": "0:3", "late": ["slow"], "replacements": ["fast"], "seconds": 1.2}],
+        "time_to_first_token_s": 0.2,
+        "tokens_per_s": 2.0,
+    }

@@ -61,7 +61,7 @@ PAGE = """<!doctype html>
   <h1>swarm-node &middot; chat</h1>
   <label for="model" class="grow">model <select id="model" aria-label="model"></select>
     <span id="model-name"></span></label>
-  <a href="./">swarm map</a>
+  <a href="./" id="map-link">swarm map</a>
   <details class="settings" id="settings"><summary>Settings</summary>
     <div class="fields">
       <label>temperature (0: greedy)<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
@@ -96,6 +96,7 @@ function el(tag, attrs, ...children) {
 
 const keyFromUrl = new URLSearchParams(location.hash.slice(1)).get("key");  // /chat#key=KEY
 if (keyFromUrl) $("api-key").value = keyFromUrl;
+if (location.hash) $("map-link").setAttribute("href", "./" + location.hash);  // the map takes the key too
 const conversation = [];  // {role, content} sent with every request
 let running = null;  // the reply under way: {controller, view}
 let lastView = null;  // the last reply's view (regenerate replaces it)

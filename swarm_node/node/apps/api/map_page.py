@@ -139,6 +139,7 @@ function drawEvents(events) {
 }
 
 const key = new URLSearchParams(location.hash.slice(1)).get("key");  // /#key=KEY with --api-key
+if (location.hash) document.getElementById("chat-link").setAttribute("href", "chat" + location.hash);
 async function refresh() {
   try {
     const headers = key ? {Authorization: "Bearer " + key} : {};
