@@ -170,6 +170,8 @@ def browse_tiny(url: str, key: str) -> dict[str, Any]:
         page.goto(f"{url}/chat#key={key}")  # the key in the address, as the map takes it
         page.locator("body[data-models='1']").wait_for()
         seen["map_link"] = page.locator("#map-link").get_attribute("href")
+        page.set_viewport_size({"width": 390, "height": 800})  # a phone
+        seen["phone_width"] = page.evaluate("document.documentElement.scrollWidth")
     return seen
 
 
@@ -219,6 +221,7 @@ async def test_chat_page_shows_a_missing_key_and_a_recovery(tiny_chat_llama: Pat
     without = seen["without_key"]
     assert without["state"] == "error" and "needs its key" in without["notes"]
     assert seen["notice_after"] == "" and seen["map_link"] == f"./#key={key}"
+    assert seen["phone_width"] <= 390  # nothing wider than a phone's screen
     recovered = seen["recovered"]
     assert recovered["state"] == "done" and recovered["text"] == want
     assert len(steps) >= 2

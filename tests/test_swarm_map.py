@@ -82,8 +82,9 @@ async def _first_line(stream: trio.abc.ReceiveStream) -> str:
 
 
 @pytest.mark.slow
-async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
-    with trio.fail_after(180):
+async def test_api_command_as_a_process(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    with trio.fail_after(180), log.open("wb") as stderr:
         async with local_swarm(tiny_chat_llama, [(0, 6)]) as (servers, _):
             async with trio.open_nursery() as nursery:
                 process = await nursery.start(
@@ -99,6 +100,7 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                             "0",
                         ],
                         stdout=subprocess.PIPE,
+                        stderr=stderr,
                         task_status=task_status,
                         check=False,
                     )
@@ -107,6 +109,7 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                 assert url.startswith("http://127.0.0.1:")
                 async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                     models = (await http.get("/v1/models")).json()
+                    page = await http.get("/chat")
                     chat = (
                         await http.post(
                             "/v1/chat/completions",
@@ -120,6 +123,8 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                 process.send_signal(signal.SIGINT)
                 assert await process.wait() == 0
     assert [m["id"] for m in models["data"]] == ["tiny-chat"]
+    assert page.status_code == 200 and "<title>swarm-node chat</title>" in page.text
+    assert f"swarm map at {url}/; chat at {url}/chat" in log.read_text()  # printed at start
     assert (
         chat["usage"]["completion_tokens"] == 3
         and chat["choices"][0]["message"]["role"] == "assistant"
