@@ -178,6 +178,7 @@ def browse_tiny(url: str, key: str) -> dict[str, Any]:
 FAST = ClientConfig(step_timeout=5.0, retry_delay=0.05, max_attempts=3)
 
 
+@pytest.mark.slow  # a chromium process
 async def test_chat_page_shows_a_missing_key_and_a_recovery(tiny_chat_llama: Path) -> None:
     # The server of blocks 3:6 in the API's chain starts answering NaN on its second step (its own
     # code changed, as in tests/test_api_security.py): the client replaces it mid-reply with the
