@@ -6,14 +6,25 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.swarm-node-installed
 
-# The swarm map's browser test (tests/test_swarm_map.py) drives headless Chromium: Debian's chromium.
-if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
-    && ! command -v google-chrome >/dev/null; then
+# The swarm map's and the chat page's browser tests (tests/test_swarm_map.py, tests/test_chat_page.py)
+# drive headless Chromium: Debian's chromium at /usr/bin/chromium (Playwright launches that binary; its
+# own browser download is not used).
+if ! [ -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "swarm-node setup: installing chromium (headless browser for the swarm map test)" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    echo "swarm-node setup: installing chromium (headless browser for the browser tests)" >&2
+    apt_log=$(mktemp)
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >"$apt_log" 2>&1; then
+      tail -n 20 "$apt_log" >&2
+      echo "swarm-node setup: 'apt-get install chromium' failed (above); the browser tests need /usr/bin/chromium" >&2
+      exit 1
+    fi
+    rm -f "$apt_log"
+    [ -x /usr/bin/chromium ] \
+      || { echo "swarm-node setup: chromium was installed but /usr/bin/chromium is missing" >&2; exit 1; }
   else
-    echo "swarm-node setup: WARNING: no chromium; the swarm map test needs it: sudo apt-get install chromium" >&2
+    echo "swarm-node setup: /usr/bin/chromium is missing; the browser tests need it: sudo apt-get install chromium" >&2
+    exit 1
   fi
 fi
 

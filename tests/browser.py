@@ -1,11 +1,16 @@
 """Headless Chromium (Debian's ``chromium`` package) driven as a process: the DOM after the page's
-scripts ran, or a screenshot. Used by the swarm map test and scripts/swarm_map_screenshot.py."""
+scripts ran, or a screenshot (the swarm map test, scripts/swarm_map_screenshot.py); or driven
+through Playwright (``chromium_page``: typing, clicking, waiting on the DOM) for the chat page.
+Playwright's own browser download is not used: it launches Debian's /usr/bin/chromium."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -66,3 +71,45 @@ async def screenshot(
     if not await trio.Path(path).is_file():
         raise RuntimeError(f"chromium did not write the screenshot {path}")
     return path
+
+
+CHROMIUM = "/usr/bin/chromium"
+PLAYWRIGHT_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
+@contextmanager
+def chromium_page(
+    *, timeout_s: float = 60.0, width: int = 1100, height: int = 800
+) -> Iterator[Any]:
+    """A Playwright page in Debian's Chromium with a fresh profile, every wait and action bounded by
+    ``timeout_s``. Playwright's sync API: use it from one worker thread (trio.to_thread)."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        raise FileNotFoundError(f"{CHROMIUM} is missing; {INSTALL_HINT}")
+    with (
+        tempfile.TemporaryDirectory(prefix="swarm-node-playwright-") as profile,
+        sync_playwright() as playwright,
+    ):
+        context = playwright.chromium.launch_persistent_context(
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=list(PLAYWRIGHT_ARGS),
+            viewport={"width": width, "height": height},
+            timeout=timeout_s * 1000,
+        )
+        try:
+            context.set_default_timeout(timeout_s * 1000)
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()

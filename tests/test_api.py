@@ -131,6 +131,19 @@ async def test_completions_chat_and_streams_match_transformers(tiny_chat_llama: 
     assert "".join(c.choices[0].delta.content or "" for c in chat_chunks) == want_chat
     assert chat_chunks[-1].choices[0].finish_reason == "length"
     assert len({c.id for c in chat_chunks}) == 1
+    # the 'swarm' extension (the chat page's chain): in the finish chunk and the whole response,
+    # kept by the OpenAI client as an extra field
+    assert [c.model_extra.get("swarm") is not None for c in chat_chunks] == [False] * (
+        len(chat_chunks) - 1
+    ) + [True]
+    for swarm in (chat_chunks[-1].model_extra["swarm"], chat.model_extra["swarm"]):
+        hops = [f"{hop['blocks']}@{hop['peer'][-8:]}" for hop in swarm["chain"]]
+        assert hops == state["generation"]["recent"][0]["chain"] and len(hops) == 2
+        assert swarm["recoveries"] == [] and swarm["hedges"] == []
+        assert swarm["time_to_first_token_s"] > 0 and swarm["tokens_per_s"] > 0
+    assert [c.model_extra.get("swarm") is not None for c in chunks] == [False] * (
+        len(chunks) - 2
+    ) + [True, False]  # the usage chunk comes after the finish chunk
 
     assert got["sampled"][0] == got["sampled"][1]  # the same seed, the same text
     generation = state["generation"]

@@ -48,6 +48,7 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     assert state["events"] == []  # no late hop, hedge or recovery (tests/test_api_security has one)
 
     assert 'data-ready="1"' in dom, dom[:2000]  # the script ran and drew the state
+    assert '<a href="chat" id="chat-link">' in dom  # the chat page beside the map
     assert '<tbody id="e-rows"></tbody>' in dom
     assert (
         'data-model="tiny-chat"' in dom
@@ -81,8 +82,9 @@ async def _first_line(stream: trio.abc.ReceiveStream) -> str:
 
 
 @pytest.mark.slow
-async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
-    with trio.fail_after(180):
+async def test_api_command_as_a_process(tiny_chat_llama: Path, tmp_path: Path) -> None:
+    log = tmp_path / "stderr.txt"
+    with trio.fail_after(180), log.open("wb") as stderr:
         async with local_swarm(tiny_chat_llama, [(0, 6)]) as (servers, _):
             async with trio.open_nursery() as nursery:
                 process = await nursery.start(
@@ -98,6 +100,7 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                             "0",
                         ],
                         stdout=subprocess.PIPE,
+                        stderr=stderr,
                         task_status=task_status,
                         check=False,
                     )
@@ -106,6 +109,7 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                 assert url.startswith("http://127.0.0.1:")
                 async with httpx.AsyncClient(base_url=url, timeout=60) as http:
                     models = (await http.get("/v1/models")).json()
+                    page = await http.get("/chat")
                     chat = (
                         await http.post(
                             "/v1/chat/completions",
@@ -119,6 +123,8 @@ async def test_api_command_as_a_process(tiny_chat_llama: Path) -> None:
                 process.send_signal(signal.SIGINT)
                 assert await process.wait() == 0
     assert [m["id"] for m in models["data"]] == ["tiny-chat"]
+    assert page.status_code == 200 and "<title>swarm-node chat</title>" in page.text
+    assert f"swarm map at {url}/; chat at {url}/chat" in log.read_text()  # printed at start
     assert (
         chat["usage"]["completion_tokens"] == 3
         and chat["choices"][0]["message"]["role"] == "assistant"

@@ -283,7 +283,7 @@ async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
         async with open_api(peer, config) as api:
             print(
                 f"OpenAI-compatible API at {api.url}/v1 (models: {', '.join(api.runtimes)}); "
-                f"swarm map at {api.url}/",
+                f"swarm map at {api.url}/; chat at {api.url}/chat",
                 file=sys.stderr,
             )
             print(api.url, flush=True)

@@ -19,8 +19,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from swarm_node.node.apps.api.chat_page import HEADERS as CHAT_HEADERS
+from swarm_node.node.apps.api.chat_page import PAGE as CHAT_PAGE
 from swarm_node.node.apps.api.guard import Guard, allowed_host_names
-from swarm_node.node.apps.api.map_page import PAGE
+from swarm_node.node.apps.api.map_page import PAGE as MAP_PAGE
 from swarm_node.node.apps.api.schema import ApiError, parse_chat, parse_completion, parse_json
 
 if TYPE_CHECKING:
@@ -127,8 +129,11 @@ class Released:
 
 
 def build_app(api: ApiServer) -> Guard:
-    async def page(request: Request) -> Response:
-        return HTMLResponse(PAGE)
+    async def map_page(request: Request) -> Response:
+        return HTMLResponse(MAP_PAGE)
+
+    async def chat_page(request: Request) -> Response:
+        return HTMLResponse(CHAT_PAGE, headers=CHAT_HEADERS)
 
     async def state(request: Request) -> Response:
         return JSONResponse(api.state())
@@ -178,7 +183,8 @@ def build_app(api: ApiServer) -> Guard:
 
     app = Starlette(
         routes=[
-            Route("/", page),
+            Route("/", map_page),
+            Route("/chat", chat_page),
             Route("/api/v1/state", state),
             Route("/v1/models", models),
             Route("/v1/models/{name:path}", model),

@@ -173,6 +173,35 @@ class TextAssembler:
         return piece
 
 
+def swarm_report(stats: GenerationStats) -> dict[str, Any]:
+    """The ``swarm`` field of a response (an extension OpenAI clients ignore): which blocks ran on
+    which server, the servers replaced mid-reply (recoveries) or overtaken by spares (hedges), and
+    the client's timings."""
+    return {
+        "chain": [{"blocks": f"{h.start}:{h.end}", "peer": h.server.peer_id} for h in stats.chain],
+        "recoveries": [
+            {
+                "blocks": f"{e.start}:{e.end}",
+                "failed": e.failed,
+                "replacements": list(e.replacements),
+                "seconds": round(e.seconds, 3),
+            }
+            for e in stats.recoveries
+        ],
+        "hedges": [
+            {
+                "blocks": f"{e.start}:{e.end}",
+                "late": list(e.late),
+                "replacements": list(e.replacements),
+                "seconds": round(e.seconds, 3),
+            }
+            for e in stats.hedges
+        ],
+        "time_to_first_token_s": round(stats.time_to_first_token, 4),
+        "tokens_per_s": round(stats.tokens_per_second, 2),
+    }
+
+
 def missing_blocks(model: str, exc: MissingBlocksError) -> ApiError:
     return ApiError(
         503,

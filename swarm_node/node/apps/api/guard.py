@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from swarm_node.node.apps.api.schema import ApiError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-OPEN_PATHS = frozenset({"/"})  # the map page's static HTML (its script sends the key)
+OPEN_PATHS = frozenset({"/", "/chat"})  # the pages' static HTML (their scripts send the key)
 
 
 def host_name(header: str) -> str:

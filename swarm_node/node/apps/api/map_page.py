@@ -16,7 +16,7 @@ PAGE = """<!doctype html>
   * { box-sizing: border-box; }
   body { margin:0; background:var(--bg); color:var(--text); font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif; }
   header { padding:16px 24px; border-bottom:1px solid var(--line); display:flex; align-items:baseline; gap:16px; }
-  header h1 { margin:0; font-size:20px; } header .dim { color:var(--dim); }
+  header h1 { margin:0; font-size:20px; } header .dim { color:var(--dim); } header a { color:var(--accent); margin-left:auto; }
   main { padding:16px 24px; display:grid; gap:16px; }
   .card { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:14px 16px; }
   .card h2 { margin:0 0 4px; font-size:16px; } .sub { color:var(--dim); margin-bottom:10px; }
@@ -39,7 +39,8 @@ PAGE = """<!doctype html>
 </style>
 </head>
 <body>
-<header><h1>swarm-node &middot; swarm map</h1><span class="dim" id="updated">loading&hellip;</span></header>
+<header><h1>swarm-node &middot; swarm map</h1><span class="dim" id="updated">loading&hellip;</span>
+  <a href="chat" id="chat-link">chat with the swarm &rarr;</a></header>
 <main>
   <div id="models"></div>
   <section class="card" id="generation"><h2>Live generation</h2><div class="sub">this API's requests</div>
@@ -138,6 +139,7 @@ function drawEvents(events) {
 }
 
 const key = new URLSearchParams(location.hash.slice(1)).get("key");  // /#key=KEY with --api-key
+if (location.hash) document.getElementById("chat-link").setAttribute("href", "chat" + location.hash);
 async function refresh() {
   try {
     const headers = key ? {Authorization: "Bearer " + key} : {};

@@ -21,7 +21,12 @@ from starlette.responses import JSONResponse, Response
 
 from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.node.apps.api.app import EventStream, build_app
-from swarm_node.node.apps.api.engine import ModelRuntime, missing_blocks, run_generation
+from swarm_node.node.apps.api.engine import (
+    ModelRuntime,
+    missing_blocks,
+    run_generation,
+    swarm_report,
+)
 from swarm_node.node.apps.api.guard import is_loopback
 from swarm_node.node.apps.api.schema import (
     ApiError,
@@ -32,6 +37,7 @@ from swarm_node.node.apps.api.schema import (
     usage,
 )
 from swarm_node.node.apps.swarm_map import GenerationTracker, model_view, swarm_state
+from swarm_node.node.client.generation import GenerationStats
 from swarm_node.node.client.recovery import sole_error
 from swarm_node.node.config import ApiConfig
 
@@ -148,7 +154,7 @@ class ApiServer:
             chat=chat,
         )
 
-        async def generate(on_text: Any) -> tuple[str, str, int]:
+        async def generate(on_text: Any) -> tuple[str, str, GenerationStats]:
             async with self.limiter:
                 request_id = self.tracker.start(
                     model=runtime.name,
@@ -184,18 +190,17 @@ class ApiServer:
                         error=error,
                         chain=[f"{h.start}:{h.end}@{h.server.peer_id[-8:]}" for h in chain],
                     )
-            return text, finish, stats.new_tokens
+            return text, finish, stats
 
         if not request.stream:
-            text, finish, new_tokens = await generate(None)
-            return JSONResponse(
-                completion_object(
-                    **meta,
-                    text=text,
-                    finish_reason=finish,
-                    usage_counts=usage(len(prompt_ids), new_tokens),
-                )
+            text, finish, stats = await generate(None)
+            body = completion_object(
+                **meta,
+                text=text,
+                finish_reason=finish,
+                usage_counts=usage(len(prompt_ids), stats.new_tokens),
             )
+            return JSONResponse({**body, "swarm": swarm_report(stats)})
 
         async def produce(emit: Any) -> None:
             first = [True]
@@ -204,15 +209,16 @@ class ApiServer:
                 emit(chunk_object(**meta, text=piece, finish_reason=None, first=first[0]))
                 first[0] = False
 
-            _, finish, new_tokens = await generate(on_text)
-            emit(chunk_object(**meta, text="", finish_reason=finish, first=first[0]))
+            _, finish, stats = await generate(on_text)
+            last = chunk_object(**meta, text="", finish_reason=finish, first=first[0])
+            emit({**last, "swarm": swarm_report(stats)})
             if request.include_usage:
                 emit(
                     chunk_object(
                         **meta,
                         text=None,
                         finish_reason=None,
-                        usage_counts=usage(len(prompt_ids), new_tokens),
+                        usage_counts=usage(len(prompt_ids), stats.new_tokens),
                     )
                 )
 
@@ -279,7 +285,8 @@ async def serve_api(
                     api.url,
                 )
             log.info(
-                "OpenAI-compatible API and swarm map at %s (models: %s)",
+                "OpenAI-compatible API, swarm map and chat (%s/chat) at %s (models: %s)",
+                api.url,
                 api.url,
                 ", ".join(runtimes),
             )
