@@ -4,18 +4,21 @@
 # make test-fast   the pure and in-process tests only (-m "not slow"), for development:
 #                  4.9 min on 2 cores (2026-12-05, 587 tests; 8.5 min before peers closed their
 #                  connections on leaving); `make test` runs everything
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup setup-test demo test test-fast lint bench
 
 setup:
 	@bash scripts/setup_env.sh
 
+setup-test:  # the same, and headless Chromium for the browser tests is a must
+	@SWARM_BROWSER_REQUIRED=1 bash scripts/setup_env.sh
+
 demo: setup
 	.venv/bin/swarm-node demo
 
-test: setup
+test: setup-test
 	.venv/bin/python -m pytest -q
 
-test-fast: setup
+test-fast: setup-test
 	.venv/bin/python -m pytest -q -m "not slow"
 
 lint: setup
