@@ -145,3 +145,16 @@ async def test_status_shows_two_revisions_of_a_model_apart(tmp_path: Path) -> No
         assert set(variants[digest[path]]["servers"]) == mine
         assert variants[digest[path]]["local"] == (path == new)
         assert variants[digest[path]]["missing"] == []
+
+
+async def test_a_lookup_past_its_deadline_is_a_clear_error(tiny_llama: Path) -> None:
+    from dataclasses import replace
+
+    from swarm_node.errors import MissingBlocksError
+    from swarm_node.node.apps.swarm_status import gather_status
+
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (_, client):
+            client.client_config = replace(client.client_config, lookup_timeout=0.001)
+            with pytest.raises(MissingBlocksError, match="took longer than 0.001 s"):
+                await gather_status(client, "tiny-llama")

@@ -153,13 +153,22 @@ async def gather_status(
     peer: Any, model: str, *, num_blocks: int | None = None, expected_digest: str = ""
 ) -> dict[str, Any]:
     """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
-    with trio.fail_after(peer.client_config.lookup_timeout):
+    timeout = peer.client_config.lookup_timeout
+    with trio.move_on_after(timeout) as lookup:
+        servers: list[ServerRecord] = []
         if num_blocks is None:
-            found = await peer.dht.find_servers(model, None)
-            if not found:  # none through the model's keys: some blocks' own keys may know one
-                found = await peer.dht.find_servers(model, PROBE_BLOCKS)
-            num_blocks = await _num_blocks(peer, model, found)
-        servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
+            servers = await peer.dht.find_servers(model, None, now=time.time())
+            if not servers:  # none through the model's keys: some blocks' own keys may know one
+                servers = await peer.dht.find_servers(model, PROBE_BLOCKS)
+            num_blocks = await _num_blocks(peer, model, servers)
+        covered = {b for rec in servers for b in range(rec.start, rec.end)}
+        if not covered.issuperset(range(num_blocks)):  # else the model's keys told everything
+            servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
+    if lookup.cancelled_caught or num_blocks is None:
+        raise MissingBlocksError(
+            f"looking up the servers of {model!r} took longer than {timeout:g} s (the DHT "
+            "peers asked did not answer in time); try again, or give --initial-peers closer by"
+        )
     rtt = await peer.ping_all(servers)
     for peer_id, seconds in rtt.items():
         peer.rtt.observe(peer_id, seconds)
