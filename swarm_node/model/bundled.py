@@ -90,13 +90,16 @@ def is_digest_prefix(text: str) -> bool:
     return MIN_DIGEST_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def identity_of(model: str, *, cache_dir: Path | None = None) -> ModelIdentity:
+def identity_of(
+    model: str, *, cache_dir: Path | None = None, verify: tuple[int, int] | None = None
+) -> ModelIdentity:
     """What ``model`` (a name, folder or digest, as resolve_model takes) is: its name and digests
-    (computed once per revision of the files, then read from the cache)."""
+    (computed once per revision of the files, then read from the cache; with ``verify``, blocks
+    start..end-1 of the files checked against the cache: identity.model_identity)."""
     cache = cache_dir or default_cache_dir()
     path = resolve_model(model, cache_dir=cache)
     name = model if model in BUNDLED_MODELS else model_id_of(os.fspath(path))
-    return model_identity(path, name=name, cache_dir=cache)
+    return model_identity(path, name=name, cache_dir=cache, verify=verify)
 
 
 def local_identity(model: str, *, cache_dir: Path | None = None) -> ModelIdentity | None:

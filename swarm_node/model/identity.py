@@ -3,9 +3,10 @@
 A model's id is ``sha256(config digest, digest of the tensors outside the blocks, each block's
 digest)``; a block's digest covers the name, dtype, shape and raw bytes of each of its tensors, read
 straight from the safetensors files (memory-mapped, no torch). Computed once and cached beside the
-model (or under the cache folder when the model's folder is read-only), keyed by the size and
-modification time of config.json and every weight file: a new revision written over the old one is
-hashed again. Knows nothing of spans or peers.
+model (or under the cache folder when the model's folder is read-only), keyed by the size,
+modification time and inode of config.json and every weight file: a new revision written over the
+old one is hashed again. A server verifies the blocks it loads against the cache (``verify``):
+what it announces is what it holds. Knows nothing of peers.
 """
 
 from __future__ import annotations
@@ -69,16 +70,39 @@ def span_digest(blocks: tuple[str, ...] | list[str], start: int) -> str:
     return hasher.hexdigest()
 
 
-def model_identity(path: str | os.PathLike[str], *, name: str, cache_dir: Path) -> ModelIdentity:
+def model_identity(
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    cache_dir: Path,
+    verify: tuple[int, int] | None = None,
+) -> ModelIdentity:
     """The identity of the model folder ``path`` (a Checkpoint), from its cache when the files are
-    the ones hashed, else computed (reading every weight once) and cached."""
+    the ones hashed (same size, modification time and inode), else computed (reading every weight
+    once) and cached.
+
+    ``verify`` (start, end): a cached identity is checked against the files' blocks start..end-1
+    (hashed again: what a server loads is what it announces). A block whose bytes changed under an
+    unchanged size and modification time (a copy that kept the times, a disk error) makes the
+    whole identity computed again and cached anew, with a WARNING."""
     checkpoint = Checkpoint.open(path)
     folder = checkpoint.path
     stamp = _stamp(folder, checkpoint)
     for cache in _cache_paths(folder, cache_dir):
         found = _read_cache(cache, stamp)
-        if found is not None:
-            return ModelIdentity(name=name, **found)
+        if found is None:
+            continue
+        identity = ModelIdentity(name=name, **found)
+        changed = [] if verify is None else changed_blocks(checkpoint, identity, *verify)
+        if not changed:
+            return identity
+        log.warning(
+            "the weights of block(s) %s in %s are not those identified before (size and "
+            "modification time unchanged): identifying the model again",
+            changed,
+            folder,
+        )
+        break
     computed = compute_identity(checkpoint, name=name)
     entry = {
         "version": CACHE_VERSION,
@@ -100,16 +124,61 @@ def model_identity(path: str | os.PathLike[str], *, name: str, cache_dir: Path) 
     return computed
 
 
+def changed_blocks(
+    checkpoint: Checkpoint, identity: ModelIdentity, start: int, end: int
+) -> list[int]:
+    """The blocks of ``start..end-1`` whose tensors in the files do not hash to ``identity``'s
+    digests (each read once, memory-mapped)."""
+    if not 0 <= start < end <= len(identity.blocks):
+        raise ModelError(
+            f"blocks to verify must satisfy 0 <= start < end <= {len(identity.blocks)}, "
+            f"got {start}:{end}"
+        )
+    _, blocks = _digests(checkpoint, range(start, end))
+    return [
+        b
+        for b, digest in zip(range(start, end), blocks, strict=True)
+        if digest != identity.blocks[b]
+    ]
+
+
 def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
     """Hash the config and every tensor (no cache)."""
     config_digest = _config_digest(checkpoint.path / "config.json")
+    rest, blocks = _digests(checkpoint, None)
+    top = hashlib.sha256(DIGEST_CONTEXT)
+    for part in (config_digest, rest, *blocks):
+        top.update(bytes.fromhex(part))
+    return ModelIdentity(
+        name=name,
+        digest=top.hexdigest(),
+        config_digest=config_digest,
+        rest_digest=rest,
+        blocks=blocks,
+    )
+
+
+def _digests(checkpoint: Checkpoint, span: range | None) -> tuple[str, tuple[str, ...]]:
+    """(digest of the tensors outside the blocks, each block's digest): of every block, or only of
+    those in ``span`` (then the first is "")."""
     prefixes = [checkpoint.family.layer_prefix(i) for i in range(checkpoint.num_blocks)]
-    hashers = [hashlib.sha256() for _ in prefixes]
+    every = range(len(prefixes))
+    wanted = every if span is None else span
+    hashers = {b: hashlib.sha256() for b in wanted}
     rest = hashlib.sha256()
     names = checkpoint.tensor_names()  # sorted: the digest does not depend on file layout
+    held = {_block_of(tensor, prefixes) for tensor in names}
+    absent = [i for i in wanted if i not in held]
+    if absent:
+        raise ModelError(
+            f"model folder {str(checkpoint.path)!r} must hold the tensors of every block to be "
+            f"identified, it has none of block(s) {absent[:8]}"
+        )
     by_file: dict[str, list[str]] = {}
     for tensor in names:
-        by_file.setdefault(checkpoint.weight_file(tensor), []).append(tensor)
+        block = _block_of(tensor, prefixes)
+        if block in hashers or (block is None and span is None):
+            by_file.setdefault(checkpoint.weight_file(tensor), []).append(tensor)
     entries: dict[str, tuple[str, list[int], int, int, int]] = {}
     maps: list[mmap.mmap] = []
     try:
@@ -119,33 +188,20 @@ def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
             for tensor in by_file[file_name]:
                 where = _tensor_entry(header, tensor, len(mapped), base, file_name)
                 entries[tensor] = (*where[:2], len(maps) - 1, *where[2:])
-        held = {_block_of(tensor, prefixes) for tensor in names}
-        absent = [i for i in range(len(prefixes)) if i not in held]
-        if absent:
-            raise ModelError(
-                f"model folder {str(checkpoint.path)!r} must hold the tensors of every block to be "
-                f"identified, it has none of block(s) {absent[:8]}"
-            )
         for tensor in names:
+            if tensor not in entries:
+                continue
             block = _block_of(tensor, prefixes)
             hasher = rest if block is None else hashers[block]
             dtype, shape, index, begin, end = entries[tensor]
             hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
             with memoryview(maps[index]) as view:
                 hasher.update(view[begin:end])
-        blocks = tuple(h.hexdigest() for h in hashers)
     finally:
         for mapped in maps:
             mapped.close()
-    top = hashlib.sha256(DIGEST_CONTEXT)
-    for part in (config_digest, rest.hexdigest(), *blocks):
-        top.update(bytes.fromhex(part))
-    return ModelIdentity(
-        name=name,
-        digest=top.hexdigest(),
-        config_digest=config_digest,
-        rest_digest=rest.hexdigest(),
-        blocks=blocks,
+    return ("" if span is not None else rest.hexdigest()), tuple(
+        hashers[b].hexdigest() for b in wanted
     )
 
 
