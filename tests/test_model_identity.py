@@ -494,10 +494,12 @@ async def test_servers_announce_adapters_by_id_and_refuse_other_base_weights(
 
 
 def test_the_bundled_model_is_named_by_its_digest_too(smollm2_path: Path) -> None:
-    from swarm_node.model.bundled import model_id_of
+    from swarm_node.model.bundled import BUNDLED_MODELS, model_id_of
 
     identity = identity_of("smollm2-135m")
     assert identity.name == "smollm2-135m" and len(identity.blocks) == 30
+    # the conversion with DESIGN.md's library versions is the reference one
+    assert identity.digest == BUNDLED_MODELS["smollm2-135m"].digest
     assert resolve_model(identity.digest[:8]) == smollm2_path == resolve_model(identity.digest)
     assert model_id_of(identity.short) == "smollm2-135m"
     assert identity_of(identity.short) == identity
@@ -532,7 +534,7 @@ async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_p
         {k: v for k, v in tensors.items() if ".layers." not in k},
         str(head_only / "model.safetensors"),
     )
-    with pytest.raises(ModelError, match="none of block"):
+    with pytest.raises(ModelError, match="holds none of the model's blocks, so it must hold a"):
         identity_of(str(head_only), cache_dir=tmp_path / "cache")
     with trio.fail_after(120):
         async with local_swarm(model, [(0, 4)]) as (servers, client):
@@ -549,4 +551,59 @@ async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_p
     expected = reference_model(model).generate(
         input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
     )
+    assert ids.tolist() == expected.tolist()
+
+
+def _head_only(model: Path, folder: Path) -> Path:
+    """What a client needs of ``model``: config.json and the tensors outside the blocks."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((model / "config.json").read_text())
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers." not in k}, str(folder / "model.safetensors")
+    )
+    return folder
+
+
+async def test_a_client_with_the_manifest_but_no_blocks_pins_the_weights(tmp_path: Path) -> None:
+    from swarm_node.model.identity import MANIFEST_FILE
+
+    a, b = _same_named_models(tmp_path)
+    cache = tmp_path / "cache"
+    expected_identity = identity_of(str(b), cache_dir=cache)
+    client_folder = _head_only(b, tmp_path / "client" / "tiny")
+    manifest = json.loads((b / CACHE_FILE).read_text())
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert identity_of(str(client_folder), cache_dir=cache) == expected_identity
+    # a manifest must add up and describe the folder it is in
+    for field, value in (("blocks", ["0" * 64] * 6), ("config_digest", "1" * 64)):
+        (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest | {field: value}))
+        with pytest.raises(ModelError, match="must describe this folder's model: .*manifest"):
+            identity_of(str(client_folder), cache_dir=cache)
+    identity_of(str(a), cache_dir=cache)
+    other = json.loads((a / CACHE_FILE).read_text())
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(other))  # model a's, beside b's head
+    with pytest.raises(ModelError, match="non-block tensors' digest"):
+        identity_of(str(client_folder), cache_dir=cache)
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, 256, (1, 4))
+    expected = reference_model(b).generate(
+        input_ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with trio.fail_after(120):
+        async with local_swarm(
+            a, [(0, 6), (0, 6)], per_server=[{"model": str(a)}, {"model": str(b)}]
+        ) as (servers, client):
+            pinned_identity = await client.pin_model(str(client_folder))
+            assert pinned_identity is not None
+            assert pinned_identity.digest == expected_identity.digest
+            ids, stats = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(client_folder)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=6),
+                SamplingConfig(max_new_tokens=6),
+            )
+    assert {h.server.peer_id for h in stats.chain} == {servers[1].peer_id}
     assert ids.tolist() == expected.tolist()

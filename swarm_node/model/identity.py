@@ -27,6 +27,7 @@ from swarm_node.model.checkpoint import INDEX_FILE, Checkpoint
 log = logging.getLogger(__name__)
 
 CACHE_FILE = ".swarm-node-identity.json"
+MANIFEST_FILE = "swarm-node-manifest.json"  # the same, shipped beside a client's head (no stamp)
 CACHE_VERSION = 1
 DIGEST_CONTEXT = b"swarm-node/model/v1\x00"
 SPAN_CONTEXT = b"swarm-node/span/v1\x00"
@@ -103,6 +104,8 @@ def model_identity(
             folder,
         )
         break
+    if not _holds_blocks(checkpoint):
+        return manifest_identity(checkpoint, name=name)
     computed = compute_identity(checkpoint, name=name)
     entry = {
         "version": CACHE_VERSION,
@@ -122,6 +125,57 @@ def model_identity(
         except OSError as exc:
             log.debug("cannot cache the identity of %s at %s: %r", folder, cache, exc)
     return computed
+
+
+def manifest_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
+    """The identity of a folder holding no blocks (a client's: config, embeddings, norm, head),
+    from the manifest beside it (MANIFEST_FILE, or CACHE_FILE copied from the model's folder).
+    What the folder holds is checked: the manifest's config and non-block digests against the
+    files, its model digest against its parts; its block digests are what the client expects of
+    servers."""
+    folder = checkpoint.path
+    found = None
+    for file_name in (MANIFEST_FILE, CACHE_FILE):
+        found = _read_cache(folder / file_name, None)
+        if found is not None:
+            break
+    if found is None:
+        raise ModelError(
+            f"model folder {str(folder)!r} holds none of the model's blocks, so it must hold a "
+            f"manifest to be identified ({MANIFEST_FILE}, or the {CACHE_FILE} of the model's "
+            "folder), found none"
+        )
+    identity = ModelIdentity(name=name, **found)
+    config_digest = _config_digest(folder / "config.json")
+    rest, _ = _digests(checkpoint, None, blocks_needed=False)
+    top = hashlib.sha256(DIGEST_CONTEXT)
+    for part in (identity.config_digest, identity.rest_digest, *identity.blocks):
+        top.update(bytes.fromhex(part))
+    problems = [
+        f"{what} digest {held[:12]} in the manifest, {actual[:12]} {where}"
+        for what, held, actual, where in (
+            ("config", identity.config_digest, config_digest, "in config.json"),
+            ("non-block tensors'", identity.rest_digest, rest, "in the weight files"),
+            ("model", identity.digest, top.hexdigest(), "from the manifest's parts"),
+        )
+        if held != actual
+    ]
+    if len(identity.blocks) != checkpoint.num_blocks:
+        problems.append(
+            f"{len(identity.blocks)} block digests in the manifest, {checkpoint.num_blocks} "
+            "blocks in config.json"
+        )
+    if problems:
+        raise ModelError(
+            f"the manifest in {str(folder)!r} must describe this folder's model: "
+            + "; ".join(problems)
+        )
+    return identity
+
+
+def _holds_blocks(checkpoint: Checkpoint) -> bool:
+    prefixes = [checkpoint.family.layer_prefix(i) for i in range(checkpoint.num_blocks)]
+    return any(_block_of(tensor, prefixes) is not None for tensor in checkpoint.tensor_names())
 
 
 def changed_blocks(
@@ -158,11 +212,13 @@ def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
     )
 
 
-def _digests(checkpoint: Checkpoint, span: range | None) -> tuple[str, tuple[str, ...]]:
+def _digests(
+    checkpoint: Checkpoint, span: range | None, *, blocks_needed: bool = True
+) -> tuple[str, tuple[str, ...]]:
     """(digest of the tensors outside the blocks, each block's digest): of every block, or only of
-    those in ``span`` (then the first is "")."""
+    those in ``span`` (then the first is ""); ``blocks_needed=False``: the first alone."""
     prefixes = [checkpoint.family.layer_prefix(i) for i in range(checkpoint.num_blocks)]
-    every = range(len(prefixes))
+    every = range(len(prefixes)) if blocks_needed else range(0)
     wanted = every if span is None else span
     hashers = {b: hashlib.sha256() for b in wanted}
     rest = hashlib.sha256()
@@ -315,14 +371,15 @@ def _cache_paths(folder: Path, cache_dir: Path) -> list[Path]:
     return [folder / CACHE_FILE, cache_dir / "identities" / f"{keyed}.json"]
 
 
-def _read_cache(path: Path, stamp: dict[str, list[int]]) -> dict[str, Any] | None:
+def _read_cache(path: Path, stamp: dict[str, list[int]] | None) -> dict[str, Any] | None:
+    """The digests in the cache entry ``path`` if it is one of files with ``stamp`` (None: any)."""
     try:
         entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("version") != CACHE_VERSION:
         return None
-    if entry.get("stamp") != stamp:
+    if stamp is not None and entry.get("stamp") != stamp:
         return None
     blocks = entry.get("blocks")
     fields = (entry.get("digest"), entry.get("config_digest"), entry.get("rest_digest"))
