@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ SPAN_CONTEXT = b"swarm-node/span/v1\x00"
 SHORT = 12  # hex digits shown to people
 ADAPTER_ID_HEX = 32  # hex digits of an adapter's id (records list up to 64 of them)
 MAX_HEADER = 100 << 20  # bytes of a safetensors JSON header
+HASH_WORKERS = min(8, os.cpu_count() or 1)  # blocks hashed at once
 # config.json entries that say how a file was written, not what the model computes
 _VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash")
 
@@ -244,15 +246,23 @@ def _digests(
             for tensor in by_file[file_name]:
                 where = _tensor_entry(header, tensor, len(mapped), base, file_name)
                 entries[tensor] = (*where[:2], len(maps) - 1, *where[2:])
+        groups: dict[int | None, list[str]] = {}
         for tensor in names:
-            if tensor not in entries:
-                continue
-            block = _block_of(tensor, prefixes)
-            hasher = rest if block is None else hashers[block]
-            dtype, shape, index, begin, end = entries[tensor]
-            hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
-            with memoryview(maps[index]) as view:
-                hasher.update(view[begin:end])
+            if tensor in entries:
+                groups.setdefault(_block_of(tensor, prefixes), []).append(tensor)
+
+        def hash_group(group: int | None) -> None:
+            hasher = rest if group is None else hashers[group]
+            for tensor in groups[group]:
+                dtype, shape, index, begin, end = entries[tensor]
+                hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
+                with memoryview(maps[index]) as view:
+                    hasher.update(view[begin:end])
+
+        # blocks hash independently, each on a thread (hashlib lets go of the GIL for large
+        # buffers); the pool is joined before the files are unmapped
+        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+            list(pool.map(hash_group, groups))
     finally:
         for mapped in maps:
             mapped.close()
