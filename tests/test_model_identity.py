@@ -607,3 +607,34 @@ async def test_a_client_with_the_manifest_but_no_blocks_pins_the_weights(tmp_pat
             )
     assert {h.server.peer_id for h in stats.chain} == {servers[1].peer_id}
     assert ids.tolist() == expected.tolist()
+
+
+async def test_a_name_anyone_can_claim_does_not_hide_a_pinned_models_servers(
+    tmp_path: Path,
+) -> None:
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
+
+    from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+
+    a, b = _same_named_models(tmp_path)
+    with trio.fail_after(120):
+        async with local_swarm(
+            a, [(0, 6), (0, 6)], per_server=[{"model": str(a)}, {"model": str(b)}]
+        ) as (servers, client):
+            # strangers fill every key of the name "tiny", where the server of b announces too
+            for shard in range(MODEL_KEY_SHARDS):
+                key = bytes.fromhex(model_key("tiny", shard))
+                for _ in range(PROVIDERS_PER_KEY):
+                    stranger = ID.from_pubkey(create_new_key_pair().public_key)
+                    info = PeerInfo(stranger, [Multiaddr("/ip4/127.0.0.1/tcp/9")])
+                    for holder in (*servers, client):
+                        holder.dht.kad.provider_store.add_provider(key, info)
+            identity = await client.pin_model(str(a))
+            assert identity is not None
+            found = await client.find_servers("tiny", 6)
+            assert [s.peer_id for s in found] == [servers[0].peer_id]
+            chain = await client.find_chain("tiny", 6)
+            assert [h.server.peer_id for h in chain] == [servers[0].peer_id]

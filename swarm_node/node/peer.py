@@ -314,11 +314,13 @@ class Peer:
     async def pin_model(self, model: str) -> ModelIdentity | None:
         """From now on use only servers holding the weights of ``model`` (a name, folder or digest,
         as ``--model`` takes; its digests computed once, then cached) in a variant the client
-        config's ``accept_quant`` and ``accept_dtype`` allow; its sessions name the model by ``identity.name``.
+        config's ``accept_quant`` and ``accept_dtype`` allow; its sessions name the model by
+        ``identity.name``. A folder holding only what a client needs (embeddings, norm, head) is
+        identified by the manifest beside it (model/identity.py's ``manifest_identity``).
 
-        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say one
-        holding only what a client needs (embeddings, norm, head): its servers are then told apart
-        by their announced digests only (a name served with two digests is refused)."""
+        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say such
+        a folder without a manifest: its servers are then told apart by their announced digests
+        only (a name served with two digests is refused)."""
         try:
             identity = await trio.to_thread.run_sync(identity_of, model)
         except ModelError as exc:
