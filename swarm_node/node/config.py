@@ -285,7 +285,8 @@ class ServerConfig:
     no_verify_weights: bool = flag(
         False,
         "trust the cached digests of the blocks served (default: the blocks' weights are hashed "
-        "again at load, ~1 s per 2 GB, and checked against the digests this server announces)",
+        "again at load, about as long as reading them once, and checked against the digests "
+        "this server announces)",
     )
     prefill_chunk: int = flag(
         256,
