@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +15,15 @@ import trio
 from safetensors.torch import load_file, save_file
 
 from swarm_node.dht.pinning import ModelPin, mixed_digests, pin_problem, pinned
-from swarm_node.dht.records import ServerRecord, decode_record, encode_record, record_fields
+from swarm_node.dht.records import (
+    MODEL_KEY_SHARDS,
+    ServerRecord,
+    block_key,
+    decode_record,
+    encode_record,
+    model_key,
+    record_fields,
+)
 from swarm_node.errors import MissingBlocksError, ModelError, RemoteProtocolError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.model.bundled import identity_of, resolve_model
@@ -119,6 +128,55 @@ def test_a_read_only_model_folder_caches_under_the_cache_folder(tmp_path: Path) 
     assert model_identity(model, name="ro", cache_dir=tmp_path / "cache") == first
 
 
+def _rewrite_in_place_keeping_times(path: Path, block: int) -> None:
+    """Change one value of ``block``'s first tensor in place: same size, inode and times."""
+    weights_file = path / "model.safetensors"
+    before = weights_file.stat()
+    raw = weights_file.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    name = next(n for n in sorted(header) if n.startswith(f"model.layers.{block}."))
+    offset = 8 + header_len + header[name]["data_offsets"][0]
+    with weights_file.open("r+b") as f:
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in raw[offset : offset + 4]))
+    os.utime(weights_file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = weights_file.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
+    )
+
+
+async def test_a_server_verifies_the_blocks_it_loads_against_the_cached_digests(
+    tmp_path: Path,
+) -> None:
+    from swarm_node.model.identity import changed_blocks, compute_identity
+    from swarm_node.node.config import ServerConfig
+    from swarm_node.node.server.loading import prepare_span
+
+    model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
+    cache = tmp_path / "cache"
+    cached = identity_of(str(model), cache_dir=cache)
+    _rewrite_in_place_keeping_times(model, 3)  # the cache cannot see it: size and times unchanged
+    truth = compute_identity(Checkpoint.open(model), name="tiny")
+    assert truth.digest != cached.digest
+    assert identity_of(str(model), cache_dir=cache) == cached  # the cache alone trusts the stamp
+    assert changed_blocks(Checkpoint.open(model), cached, 0, 4) == [3]
+    assert changed_blocks(Checkpoint.open(model), cached, 0, 3) == []
+    # a server of blocks 0:3 loads none of the changed bytes: the cache stands
+    assert identity_of(str(model), cache_dir=cache, verify=(0, 3)) == cached
+    # a server of blocks 2:4 hashes what it loads, finds block 3 changed, identifies the model anew
+    with trio.fail_after(60):
+        config = ServerConfig(model=str(model), start=2, end=4, throughput=1.0)
+        await prepare_span(replace(config, no_verify_weights=True))
+        assert identity_of(str(model)) == cached  # told not to verify: the cache stands
+        await prepare_span(config)
+    assert identity_of(str(model), cache_dir=cache, verify=(0, 4)) == truth
+    assert identity_of(str(model)) == truth  # the cache was rewritten: later starts announce it
+
+
 def test_a_broken_safetensors_header_is_a_model_error(tmp_path: Path) -> None:
     model = make_tiny_model_dir(tmp_path / "bad", num_layers=2)
     checkpoint = Checkpoint.open(model)
@@ -174,11 +232,46 @@ def test_records_carry_digests_within_bounds() -> None:
     assert decode_record(msgpack.packb(older, use_bin_type=True)).model_digest == ""
 
 
+def test_the_largest_record_an_honest_server_writes_fits() -> None:
+    from libp2p import generate_new_ed25519_identity
+    from libp2p.peer.id import ID
+
+    from swarm_node.dht.records import MAX_ADAPTERS, MAX_ADDRS, MAX_NEXT_RTTS, MAX_RECORD_SIZE
+    from swarm_node.dht.signing import sign_record, verify_record
+    from swarm_node.model.identity import ADAPTER_ID_HEX
+
+    keys = [generate_new_ed25519_identity() for _ in range(2)]
+    me, relay = (ID.from_pubkey(k.public_key).to_base58() for k in keys)
+    relayed = f"/ip6/2001:db8:ffff:ffff:ffff:ffff:ffff:ffff/tcp/65535/p2p/{relay}/p2p-circuit"
+    record = _record(
+        peer_id=me,
+        addrs=tuple(f"{relayed}/p2p/{me}" for _ in range(MAX_ADDRS)),
+        model="m" * 128,
+        start=4000,
+        end=4096,
+        adapters=tuple(f"{i:02d}" + "a" * 62 for i in range(MAX_ADAPTERS)),  # names: 64 at most
+        adapter_ids=tuple(f"{i:0{ADAPTER_ID_HEX}x}" for i in range(MAX_ADAPTERS)),
+        next_rtts=tuple((relay[:-2] + f"{i:02d}", 0.125) for i in range(MAX_NEXT_RTTS)),
+        model_digest="a" * 64,
+        blocks_digest="b" * 64,
+        version="0.1.0.dev123+gabcdef0",
+        expires_at=1000.0,
+    )
+    value = sign_record(record, keys[0])
+    assert 10 * 1024 < len(value) <= MAX_RECORD_SIZE
+    assert verify_record(value, key=f"/swarmnode/{me}", now=500.0) == record
+
+
 def test_pins_say_why_a_server_is_left_out(tmp_path: Path) -> None:
     identity = identity_of(
         str(make_tiny_model_dir(tmp_path / "tiny", num_layers=4)), cache_dir=tmp_path
     )
-    pin = ModelPin(digest=identity.digest, span_digest=identity.span_digest, quants=("none",))
+    pin = ModelPin(
+        digest=identity.digest,
+        span_digest=identity.span_digest,
+        quants=("none",),
+        dtypes=("float32",),
+    )
     good = _record(
         peer_id="good", model_digest=identity.digest, blocks_digest=identity.span_digest(0, 2)
     )
@@ -195,6 +288,10 @@ def test_pins_say_why_a_server_is_left_out(tmp_path: Path) -> None:
         "moved": (replace(good, peer_id="moved", start=1, end=3), "but blocks 1:3"),
         "beyond": (replace(good, peer_id="beyond", start=3, end=6), "announces blocks 3:6"),
         "int8": (replace(good, peer_id="int8", quant="int8"), "accepts only ['none']"),
+        "bf16": (
+            replace(good, peer_id="bf16", dtype="bfloat16"),
+            "computes blocks 0:2 in 'bfloat16', and this client accepts only ['float32']",
+        ),
     }
     assert pin_problem(good, pin) is None
     kept, left_out = pinned([good, *(r for r, _ in cases.values())], pin)
@@ -202,6 +299,7 @@ def test_pins_say_why_a_server_is_left_out(tmp_path: Path) -> None:
     for peer, (_, why) in cases.items():
         assert why in left_out[peer], left_out[peer]
     assert pin_problem(cases["int8"][0], replace(pin, quants=("none", "int8"))) is None
+    assert pin_problem(cases["bf16"][0], replace(pin, dtypes=("float32", "bfloat16"))) is None
     two = [good, cases["other"][0], cases["old"][0]]
     assert "hold 2 different models" in (mixed_digests(two, "tiny") or "")
     assert mixed_digests([good, cases["old"][0]], "tiny") is None
@@ -238,11 +336,20 @@ async def test_same_named_models_are_never_chained_together(tmp_path: Path) -> N
             for path in (a, b):
                 identity = await client.pin_model(str(path))
                 mine = {s.peer_id for s, m in zip(servers, models, strict=True) if m == path}
+                # the DHT keys are the digest's: only servers of these weights are found under them
+                keys = [model_key(identity.digest, shard) for shard in range(MODEL_KEY_SHARDS)]
+                keys += [block_key(identity.digest, b) for b in range(6)]
+                under_digest: set[str] = set()
+                for key in keys:
+                    under_digest |= {p.to_base58() for p in await client.dht.find_providers(key)}
+                assert under_digest == mine
+                found = await client.dht.find_servers("tiny", range(6), digest=identity.digest)
+                assert {s.peer_id for s in found} == mine
                 for _ in range(3):  # chains differ by latency and spreading: each is pure
                     chain = await client.find_chain("tiny", 6)
                     assert {h.server.peer_id for h in chain} <= mine
                     assert all(h.server.model_digest == identity.digest for h in chain)
-                assert set(client.left_out["tiny"]) == {s.peer_id for s in servers} - mine
+                assert not client.left_out.get("tiny")  # the others are not even found
                 ids, stats = await generate_tokens(
                     client,
                     ClientHead.load(Checkpoint.open(path)),
@@ -271,18 +378,33 @@ async def test_a_client_refuses_other_weights_with_a_clear_error(tmp_path: Path)
 
 async def test_int8_servers_are_used_only_when_the_client_accepts_them(tmp_path: Path) -> None:
     model = make_tiny_model_dir(tmp_path / "tiny", num_layers=4)
-    exact_only = ClientConfig(accept_quant=("none",))
+    exact_only = ClientConfig(accept_quant=("none",), accept_dtype=("float32",))
     with trio.fail_after(120):
         async with local_swarm(
-            model, [(0, 4), (0, 4)], per_server=[{}, {"quant": "int8"}], client=exact_only
+            model,
+            [(0, 4), (0, 4), (0, 4)],
+            per_server=[{}, {"quant": "int8"}, {"dtype": "bfloat16"}],
+            client=exact_only,
         ) as (servers, client):
             await client.pin_model(str(model))
             for _ in range(4):
                 chain = await client.find_chain("tiny", 4)
                 assert [h.server.peer_id for h in chain] == [servers[0].peer_id]
             assert "as 'int8'" in client.left_out["tiny"][servers[1].peer_id]
-            assert servers[1].announced is not None and servers[1].announced.quant == "int8"
-            assert servers[1].announced.model_digest == servers[0].announced.model_digest
+            assert "in 'bfloat16'" in client.left_out["tiny"][servers[2].peer_id]
+            records = [s.announced for s in servers]
+            assert all(r is not None for r in records)
+            # variants of one digest: the same weights, declared as held
+            assert [(r.quant, r.dtype) for r in records] == [  # type: ignore[union-attr]
+                ("none", "float32"),
+                ("int8", "float32"),
+                ("none", "bfloat16"),
+            ]
+            assert len({r.model_digest for r in records}) == 1  # type: ignore[union-attr]
+            # a client whose policy accepts int8 uses it
+            client.pins["tiny"] = replace(client.pins["tiny"], quants=("int8",))
+            chain = await client.find_chain("tiny", 4)
+            assert [h.server.peer_id for h in chain] == [servers[1].peer_id]
 
 
 # -- tuned files and adapters ----------------------------------------------------------------------
@@ -372,10 +494,12 @@ async def test_servers_announce_adapters_by_id_and_refuse_other_base_weights(
 
 
 def test_the_bundled_model_is_named_by_its_digest_too(smollm2_path: Path) -> None:
-    from swarm_node.model.bundled import model_id_of
+    from swarm_node.model.bundled import BUNDLED_MODELS, model_id_of
 
     identity = identity_of("smollm2-135m")
     assert identity.name == "smollm2-135m" and len(identity.blocks) == 30
+    # the conversion with DESIGN.md's library versions is the reference one
+    assert identity.digest == BUNDLED_MODELS["smollm2-135m"].digest
     assert resolve_model(identity.digest[:8]) == smollm2_path == resolve_model(identity.digest)
     assert model_id_of(identity.short) == "smollm2-135m"
     assert identity_of(identity.short) == identity
@@ -410,7 +534,7 @@ async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_p
         {k: v for k, v in tensors.items() if ".layers." not in k},
         str(head_only / "model.safetensors"),
     )
-    with pytest.raises(ModelError, match="none of block"):
+    with pytest.raises(ModelError, match="holds none of the model's blocks, so it must hold a"):
         identity_of(str(head_only), cache_dir=tmp_path / "cache")
     with trio.fail_after(120):
         async with local_swarm(model, [(0, 4)]) as (servers, client):
@@ -428,3 +552,89 @@ async def test_a_client_folder_without_blocks_is_not_pinned_but_still_safe(tmp_p
         input_ids, max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     assert ids.tolist() == expected.tolist()
+
+
+def _head_only(model: Path, folder: Path) -> Path:
+    """What a client needs of ``model``: config.json and the tensors outside the blocks."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text((model / "config.json").read_text())
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(
+        {k: v for k, v in tensors.items() if ".layers." not in k}, str(folder / "model.safetensors")
+    )
+    return folder
+
+
+async def test_a_client_with_the_manifest_but_no_blocks_pins_the_weights(tmp_path: Path) -> None:
+    from swarm_node.model.identity import MANIFEST_FILE
+
+    a, b = _same_named_models(tmp_path)
+    cache = tmp_path / "cache"
+    expected_identity = identity_of(str(b), cache_dir=cache)
+    client_folder = _head_only(b, tmp_path / "client" / "tiny")
+    manifest = json.loads((b / CACHE_FILE).read_text())
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert identity_of(str(client_folder), cache_dir=cache) == expected_identity
+    # a manifest must add up and describe the folder it is in
+    for field, value in (("blocks", ["0" * 64] * 6), ("config_digest", "1" * 64)):
+        (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest | {field: value}))
+        with pytest.raises(ModelError, match="must describe this folder's model: .*manifest"):
+            identity_of(str(client_folder), cache_dir=cache)
+    identity_of(str(a), cache_dir=cache)
+    other = json.loads((a / CACHE_FILE).read_text())
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(other))  # model a's, beside b's head
+    with pytest.raises(ModelError, match="non-block tensors' digest"):
+        identity_of(str(client_folder), cache_dir=cache)
+    (client_folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    torch.manual_seed(6)
+    input_ids = torch.randint(0, 256, (1, 4))
+    expected = reference_model(b).generate(
+        input_ids, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    with trio.fail_after(120):
+        async with local_swarm(
+            a, [(0, 6), (0, 6)], per_server=[{"model": str(a)}, {"model": str(b)}]
+        ) as (servers, client):
+            pinned_identity = await client.pin_model(str(client_folder))
+            assert pinned_identity is not None
+            assert pinned_identity.digest == expected_identity.digest
+            ids, stats = await generate_tokens(
+                client,
+                ClientHead.load(Checkpoint.open(client_folder)),
+                input_ids,
+                SessionSettings(model="tiny", num_blocks=6),
+                SamplingConfig(max_new_tokens=6),
+            )
+    assert {h.server.peer_id for h in stats.chain} == {servers[1].peer_id}
+    assert ids.tolist() == expected.tolist()
+
+
+async def test_a_name_anyone_can_claim_does_not_hide_a_pinned_models_servers(
+    tmp_path: Path,
+) -> None:
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+    from multiaddr import Multiaddr
+
+    from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+
+    a, b = _same_named_models(tmp_path)
+    with trio.fail_after(120):
+        async with local_swarm(
+            a, [(0, 6), (0, 6)], per_server=[{"model": str(a)}, {"model": str(b)}]
+        ) as (servers, client):
+            # strangers fill every key of the name "tiny", where the server of b announces too
+            for shard in range(MODEL_KEY_SHARDS):
+                key = bytes.fromhex(model_key("tiny", shard))
+                for _ in range(PROVIDERS_PER_KEY):
+                    stranger = ID.from_pubkey(create_new_key_pair().public_key)
+                    info = PeerInfo(stranger, [Multiaddr("/ip4/127.0.0.1/tcp/9")])
+                    for holder in (*servers, client):
+                        holder.dht.kad.provider_store.add_provider(key, info)
+            identity = await client.pin_model(str(a))
+            assert identity is not None
+            found = await client.find_servers("tiny", 6)
+            assert [s.peer_id for s in found] == [servers[0].peer_id]
+            chain = await client.find_chain("tiny", 6)
+            assert [h.server.peer_id for h in chain] == [servers[0].peer_id]

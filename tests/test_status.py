@@ -47,7 +47,7 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
     digest = servers[0].identity.digest
     assert lines[11:] == [
         "models (by digest):",
-        f"  {digest[:12]} (this client's): 3 server(s) (none), missing blocks 3",
+        f"  {digest[:12]} (this client's): 3 server(s) (3 float32), missing blocks 3",
     ]
     for peer in servers:
         (row,) = [line for line in lines[8:] if peer.peer_id[-8:] in line]
@@ -145,6 +145,7 @@ async def test_status_shows_two_revisions_of_a_model_apart(tmp_path: Path) -> No
         assert set(variants[digest[path]]["servers"]) == mine
         assert variants[digest[path]]["local"] == (path == new)
         assert variants[digest[path]]["missing"] == []
+        assert variants[digest[path]]["held_as"] == {"float32": 2}
 
 
 async def test_a_lookup_past_its_deadline_is_a_clear_error(tiny_llama: Path) -> None:

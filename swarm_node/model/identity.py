@@ -3,9 +3,10 @@
 A model's id is ``sha256(config digest, digest of the tensors outside the blocks, each block's
 digest)``; a block's digest covers the name, dtype, shape and raw bytes of each of its tensors, read
 straight from the safetensors files (memory-mapped, no torch). Computed once and cached beside the
-model (or under the cache folder when the model's folder is read-only), keyed by the size and
-modification time of config.json and every weight file: a new revision written over the old one is
-hashed again. Knows nothing of spans or peers.
+model (or under the cache folder when the model's folder is read-only), keyed by the size,
+modification time and inode of config.json and every weight file: a new revision written over the
+old one is hashed again. A server verifies the blocks it loads against the cache (``verify``):
+what it announces is what it holds. Knows nothing of peers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,14 @@ from swarm_node.model.checkpoint import INDEX_FILE, Checkpoint
 log = logging.getLogger(__name__)
 
 CACHE_FILE = ".swarm-node-identity.json"
+MANIFEST_FILE = "swarm-node-manifest.json"  # the same, shipped beside a client's head (no stamp)
 CACHE_VERSION = 1
 DIGEST_CONTEXT = b"swarm-node/model/v1\x00"
 SPAN_CONTEXT = b"swarm-node/span/v1\x00"
 SHORT = 12  # hex digits shown to people
 ADAPTER_ID_HEX = 32  # hex digits of an adapter's id (records list up to 64 of them)
 MAX_HEADER = 100 << 20  # bytes of a safetensors JSON header
+HASH_WORKERS = min(8, os.cpu_count() or 1)  # blocks hashed at once
 # config.json entries that say how a file was written, not what the model computes
 _VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "_commit_hash")
 
@@ -69,16 +73,41 @@ def span_digest(blocks: tuple[str, ...] | list[str], start: int) -> str:
     return hasher.hexdigest()
 
 
-def model_identity(path: str | os.PathLike[str], *, name: str, cache_dir: Path) -> ModelIdentity:
+def model_identity(
+    path: str | os.PathLike[str],
+    *,
+    name: str,
+    cache_dir: Path,
+    verify: tuple[int, int] | None = None,
+) -> ModelIdentity:
     """The identity of the model folder ``path`` (a Checkpoint), from its cache when the files are
-    the ones hashed, else computed (reading every weight once) and cached."""
+    the ones hashed (same size, modification time and inode), else computed (reading every weight
+    once) and cached.
+
+    ``verify`` (start, end): a cached identity is checked against the files' blocks start..end-1
+    (hashed again: what a server loads is what it announces). A block whose bytes changed under an
+    unchanged size and modification time (a copy that kept the times, a disk error) makes the
+    whole identity computed again and cached anew, with a WARNING."""
     checkpoint = Checkpoint.open(path)
     folder = checkpoint.path
     stamp = _stamp(folder, checkpoint)
     for cache in _cache_paths(folder, cache_dir):
         found = _read_cache(cache, stamp)
-        if found is not None:
-            return ModelIdentity(name=name, **found)
+        if found is None:
+            continue
+        identity = ModelIdentity(name=name, **found)
+        changed = [] if verify is None else changed_blocks(checkpoint, identity, *verify)
+        if not changed:
+            return identity
+        log.warning(
+            "the weights of block(s) %s in %s are not those identified before (size and "
+            "modification time unchanged): identifying the model again",
+            changed,
+            folder,
+        )
+        break
+    if not _holds_blocks(checkpoint):
+        return manifest_identity(checkpoint, name=name)
     computed = compute_identity(checkpoint, name=name)
     entry = {
         "version": CACHE_VERSION,
@@ -100,16 +129,114 @@ def model_identity(path: str | os.PathLike[str], *, name: str, cache_dir: Path) 
     return computed
 
 
+def manifest_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
+    """The identity of a folder holding no blocks (a client's: config, embeddings, norm, head),
+    from the manifest beside it (MANIFEST_FILE, or CACHE_FILE copied from the model's folder).
+    What the folder holds is checked: the manifest's config and non-block digests against the
+    files, its model digest against its parts; its block digests are what the client expects of
+    servers."""
+    folder = checkpoint.path
+    found = None
+    for file_name in (MANIFEST_FILE, CACHE_FILE):
+        found = _read_cache(folder / file_name, None)
+        if found is not None:
+            break
+    if found is None:
+        raise ModelError(
+            f"model folder {str(folder)!r} holds none of the model's blocks, so it must hold a "
+            f"manifest to be identified ({MANIFEST_FILE}, or the {CACHE_FILE} of the model's "
+            "folder), found none"
+        )
+    identity = ModelIdentity(name=name, **found)
+    config_digest = _config_digest(folder / "config.json")
+    rest, _ = _digests(checkpoint, None, blocks_needed=False)
+    top = hashlib.sha256(DIGEST_CONTEXT)
+    for part in (identity.config_digest, identity.rest_digest, *identity.blocks):
+        top.update(bytes.fromhex(part))
+    problems = [
+        f"{what} digest {held[:12]} in the manifest, {actual[:12]} {where}"
+        for what, held, actual, where in (
+            ("config", identity.config_digest, config_digest, "in config.json"),
+            ("non-block tensors'", identity.rest_digest, rest, "in the weight files"),
+            ("model", identity.digest, top.hexdigest(), "from the manifest's parts"),
+        )
+        if held != actual
+    ]
+    if len(identity.blocks) != checkpoint.num_blocks:
+        problems.append(
+            f"{len(identity.blocks)} block digests in the manifest, {checkpoint.num_blocks} "
+            "blocks in config.json"
+        )
+    if problems:
+        raise ModelError(
+            f"the manifest in {str(folder)!r} must describe this folder's model: "
+            + "; ".join(problems)
+        )
+    return identity
+
+
+def _holds_blocks(checkpoint: Checkpoint) -> bool:
+    prefixes = [checkpoint.family.layer_prefix(i) for i in range(checkpoint.num_blocks)]
+    return any(_block_of(tensor, prefixes) is not None for tensor in checkpoint.tensor_names())
+
+
+def changed_blocks(
+    checkpoint: Checkpoint, identity: ModelIdentity, start: int, end: int
+) -> list[int]:
+    """The blocks of ``start..end-1`` whose tensors in the files do not hash to ``identity``'s
+    digests (each read once, memory-mapped)."""
+    if not 0 <= start < end <= len(identity.blocks):
+        raise ModelError(
+            f"blocks to verify must satisfy 0 <= start < end <= {len(identity.blocks)}, "
+            f"got {start}:{end}"
+        )
+    _, blocks = _digests(checkpoint, range(start, end))
+    return [
+        b
+        for b, digest in zip(range(start, end), blocks, strict=True)
+        if digest != identity.blocks[b]
+    ]
+
+
 def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
     """Hash the config and every tensor (no cache)."""
     config_digest = _config_digest(checkpoint.path / "config.json")
+    rest, blocks = _digests(checkpoint, None)
+    top = hashlib.sha256(DIGEST_CONTEXT)
+    for part in (config_digest, rest, *blocks):
+        top.update(bytes.fromhex(part))
+    return ModelIdentity(
+        name=name,
+        digest=top.hexdigest(),
+        config_digest=config_digest,
+        rest_digest=rest,
+        blocks=blocks,
+    )
+
+
+def _digests(
+    checkpoint: Checkpoint, span: range | None, *, blocks_needed: bool = True
+) -> tuple[str, tuple[str, ...]]:
+    """(digest of the tensors outside the blocks, each block's digest): of every block, or only of
+    those in ``span`` (then the first is ""); ``blocks_needed=False``: the first alone."""
     prefixes = [checkpoint.family.layer_prefix(i) for i in range(checkpoint.num_blocks)]
-    hashers = [hashlib.sha256() for _ in prefixes]
+    every = range(len(prefixes)) if blocks_needed else range(0)
+    wanted = every if span is None else span
+    hashers = {b: hashlib.sha256() for b in wanted}
     rest = hashlib.sha256()
     names = checkpoint.tensor_names()  # sorted: the digest does not depend on file layout
+    held = {_block_of(tensor, prefixes) for tensor in names}
+    absent = [i for i in wanted if i not in held]
+    if absent:
+        raise ModelError(
+            f"model folder {str(checkpoint.path)!r} must hold the tensors of every block to be "
+            f"identified, it has none of block(s) {absent[:8]}"
+        )
     by_file: dict[str, list[str]] = {}
     for tensor in names:
-        by_file.setdefault(checkpoint.weight_file(tensor), []).append(tensor)
+        block = _block_of(tensor, prefixes)
+        if block in hashers or (block is None and span is None):
+            by_file.setdefault(checkpoint.weight_file(tensor), []).append(tensor)
     entries: dict[str, tuple[str, list[int], int, int, int]] = {}
     maps: list[mmap.mmap] = []
     try:
@@ -119,33 +246,28 @@ def compute_identity(checkpoint: Checkpoint, *, name: str) -> ModelIdentity:
             for tensor in by_file[file_name]:
                 where = _tensor_entry(header, tensor, len(mapped), base, file_name)
                 entries[tensor] = (*where[:2], len(maps) - 1, *where[2:])
-        held = {_block_of(tensor, prefixes) for tensor in names}
-        absent = [i for i in range(len(prefixes)) if i not in held]
-        if absent:
-            raise ModelError(
-                f"model folder {str(checkpoint.path)!r} must hold the tensors of every block to be "
-                f"identified, it has none of block(s) {absent[:8]}"
-            )
+        groups: dict[int | None, list[str]] = {}
         for tensor in names:
-            block = _block_of(tensor, prefixes)
-            hasher = rest if block is None else hashers[block]
-            dtype, shape, index, begin, end = entries[tensor]
-            hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
-            with memoryview(maps[index]) as view:
-                hasher.update(view[begin:end])
-        blocks = tuple(h.hexdigest() for h in hashers)
+            if tensor in entries:
+                groups.setdefault(_block_of(tensor, prefixes), []).append(tensor)
+
+        def hash_group(group: int | None) -> None:
+            hasher = rest if group is None else hashers[group]
+            for tensor in groups[group]:
+                dtype, shape, index, begin, end = entries[tensor]
+                hasher.update(f"{tensor}\x00{dtype}\x00{shape}\x00".encode())
+                with memoryview(maps[index]) as view:
+                    hasher.update(view[begin:end])
+
+        # blocks hash independently, each on a thread (hashlib lets go of the GIL for large
+        # buffers); the pool is joined before the files are unmapped
+        with ThreadPoolExecutor(max_workers=HASH_WORKERS) as pool:
+            list(pool.map(hash_group, groups))
     finally:
         for mapped in maps:
             mapped.close()
-    top = hashlib.sha256(DIGEST_CONTEXT)
-    for part in (config_digest, rest.hexdigest(), *blocks):
-        top.update(bytes.fromhex(part))
-    return ModelIdentity(
-        name=name,
-        digest=top.hexdigest(),
-        config_digest=config_digest,
-        rest_digest=rest.hexdigest(),
-        blocks=blocks,
+    return ("" if span is not None else rest.hexdigest()), tuple(
+        hashers[b].hexdigest() for b in wanted
     )
 
 
@@ -259,14 +381,15 @@ def _cache_paths(folder: Path, cache_dir: Path) -> list[Path]:
     return [folder / CACHE_FILE, cache_dir / "identities" / f"{keyed}.json"]
 
 
-def _read_cache(path: Path, stamp: dict[str, list[int]]) -> dict[str, Any] | None:
+def _read_cache(path: Path, stamp: dict[str, list[int]] | None) -> dict[str, Any] | None:
+    """The digests in the cache entry ``path`` if it is one of files with ``stamp`` (None: any)."""
     try:
         entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(entry, dict) or entry.get("version") != CACHE_VERSION:
         return None
-    if entry.get("stamp") != stamp:
+    if stamp is not None and entry.get("stamp") != stamp:
         return None
     blocks = entry.get("blocks")
     fields = (entry.get("digest"), entry.get("config_digest"), entry.get("rest_digest"))

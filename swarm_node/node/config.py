@@ -282,6 +282,12 @@ class ServerConfig:
         "compute every session's decode step alone (default: steps of sessions that wait "
         "while the server computes run together in its next forward)",
     )
+    no_verify_weights: bool = flag(
+        False,
+        "trust the cached digests of the blocks served (default: the blocks' weights are hashed "
+        "again at load, about as long as reading them once, and checked against the digests "
+        "this server announces)",
+    )
     prefill_chunk: int = flag(
         256,
         "tokens of a long step (a prefill) computed at a time, other sessions' decode steps "
@@ -418,6 +424,13 @@ class ClientConfig:
         "(the folder's exact weights), 'int8', 'nf4'; '--accept-quant none' for exact weights only",
         choices=WEIGHT_VARIANTS,
     )
+    accept_dtype: tuple[str, ...] = flag(
+        DTYPES,
+        "dtypes servers may compute the weights this client pinned in (a server converting "
+        "float32 weights to bfloat16 holds them rounded); '--accept-dtype float32' for full "
+        "precision only",
+        choices=DTYPES,
+    )
 
     def __post_init__(self) -> None:
         if self.adapter is not None:
@@ -426,6 +439,10 @@ class ClientConfig:
             raise ConfigError(
                 f"'accept_quant' must be a non-empty subset of {WEIGHT_VARIANTS}, "
                 f"got {self.accept_quant!r}"
+            )
+        if not self.accept_dtype or not set(self.accept_dtype) <= set(DTYPES):
+            raise ConfigError(
+                f"'accept_dtype' must be a non-empty subset of {DTYPES}, got {self.accept_dtype!r}"
             )
         _check_range("step_timeout", self.step_timeout, 0.001)
         _check_range("lookup_timeout", self.lookup_timeout, 0.001)

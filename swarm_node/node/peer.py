@@ -137,7 +137,9 @@ class Peer:
         if self.server is not None:
             blocks = range(self.server.span.config.num_hidden_layers)
             with trio.move_on_after(self.client_config.lookup_timeout):
-                records = await self.dht.find_servers(self.server.model_id, blocks)
+                records = await self.dht.find_servers(
+                    self.server.model_id, blocks, digest=self.server.model_digest
+                )
         for rec in records:
             if rec.relay_slots > 0 and rec.reachability == "public":
                 out.setdefault(rec.peer_id, list(rec.addrs))
@@ -266,7 +268,9 @@ class Peer:
             return {}
         servers: list[ServerRecord] = []
         with trio.move_on_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(self.server.model_id, [self.server.end])
+            servers = await self.dht.find_servers(
+                self.server.model_id, [self.server.end], digest=self.server.model_digest
+            )
         samples = await self.ping_all([s for s in servers if s.peer_id != self.peer_id])
         for peer_id, seconds in samples.items():
             self.next_rtt.observe(peer_id, seconds)
@@ -310,11 +314,13 @@ class Peer:
     async def pin_model(self, model: str) -> ModelIdentity | None:
         """From now on use only servers holding the weights of ``model`` (a name, folder or digest,
         as ``--model`` takes; its digests computed once, then cached) in a variant the client
-        config's ``accept_quant`` allows; its sessions name the model by ``identity.name``.
+        config's ``accept_quant`` and ``accept_dtype`` allow; its sessions name the model by
+        ``identity.name``. A folder holding only what a client needs (embeddings, norm, head) is
+        identified by the manifest beside it (model/identity.py's ``manifest_identity``).
 
-        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say one
-        holding only what a client needs (embeddings, norm, head): its servers are then told apart
-        by their announced digests only (a name served with two digests is refused)."""
+        None (nothing pinned, a WARNING logged) for a folder that cannot be identified, say such
+        a folder without a manifest: its servers are then told apart by their announced digests
+        only (a name served with two digests is refused)."""
         try:
             identity = await trio.to_thread.run_sync(identity_of, model)
         except ModelError as exc:
@@ -324,6 +330,7 @@ class Peer:
             digest=identity.digest,
             span_digest=identity.span_digest,
             quants=self.client_config.accept_quant,
+            dtypes=self.client_config.accept_dtype,
         )
         self._known.pop(identity.name, None)  # servers found before were not checked against it
         self._known_at.pop(identity.name, None)
@@ -350,11 +357,18 @@ class Peer:
         self, model: str, num_blocks: int | None = None, *, start: int = 0
     ) -> list[ServerRecord]:
         """Live servers of blocks ``start..num_blocks-1`` of ``model`` (None: those the model's key
-        gives, whatever their blocks) holding the weights this client pinned (``pin_model``),
-        remembered for routing."""
+        gives, whatever their blocks) holding the weights this client pinned (``pin_model``:
+        looked up under their digest), remembered for routing. When the digest's keys leave
+        blocks uncovered, the name's are asked too: servers found there holding other weights are
+        left out with the reason (``left_out``), so that a missing block's error says why."""
         blocks = None if num_blocks is None else range(start, num_blocks)
+        pin = self.pins.get(model)
         with trio.fail_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(model, blocks)
+            digest = "" if pin is None else pin.digest
+            servers = await self.dht.find_servers(model, blocks, digest=digest)
+            if digest and num_blocks is not None and missing_blocks(servers, start, num_blocks):
+                by_peer = {s.peer_id: s for s in await self.dht.find_servers(model, blocks)}
+                servers = list({**by_peer, **{s.peer_id: s for s in servers}}.values())
         servers = self._holding_the_weights(model, servers)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)

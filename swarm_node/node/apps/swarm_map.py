@@ -157,6 +157,7 @@ def model_view(
                 "local": v["local"],
                 "servers": len(v["servers"]),
                 "quants": v["quants"],
+                "held_as": v.get("held_as", {}),
                 "missing": v["missing"],
             }
             for v in report.get("variants", [])

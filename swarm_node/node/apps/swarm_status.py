@@ -47,6 +47,10 @@ def coverage_report(
                 "local": bool(digest) and digest == expected_digest,
                 "servers": [s.peer_id for s in held],
                 "quants": sorted({s.quant for s in held}),
+                "held_as": {
+                    label: sum(1 for s in held if _held_as(s) == label)
+                    for label in sorted({_held_as(s) for s in held})
+                },
                 "missing": [b for b in range(num_blocks) if not any(s.covers(b) for s in held)],
             }
         )
@@ -85,6 +89,11 @@ def coverage_report(
         "blocks": blocks,
         "missing": [b["block"] for b in blocks if not b["servers"]],
     }
+
+
+def _held_as(server: ServerRecord) -> str:
+    """The variant a server holds its weights in: its quantization, or the dtype it computes in."""
+    return server.dtype if server.quant == "none" else server.quant
 
 
 def _short(peer_id: str) -> str:
@@ -143,7 +152,7 @@ def format_report(report: dict[str, Any]) -> str:
         gaps = variant["missing"]
         lines.append(
             f"  {digest}{mine}: {len(variant['servers'])} server(s) "
-            f"({', '.join(variant['quants']) or '-'}), "
+            f"({', '.join(f'{n} {v}' for v, n in variant.get('held_as', {}).items()) or '-'}), "
             + (f"missing blocks {format_blocks(gaps)}" if gaps else "every block served")
         )
     return "\n".join(lines)

@@ -53,7 +53,17 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
         per_block / 1e6,
         config.quant or config.dtype,
     )
-    identity = await trio.to_thread.run_sync(identity_of, config.model)
+    t0 = time.perf_counter()
+    verify = None if config.no_verify_weights else (config.start, config.end)
+    identity = await trio.to_thread.run_sync(lambda: identity_of(config.model, verify=verify))
+    log.info(
+        "weights of blocks %d:%d are model %s (%s in %.1f s)",
+        config.start,
+        config.end,
+        identity.describe(),
+        "identified from the cache" if verify is None else "verified",
+        time.perf_counter() - t0,
+    )
     adapters = await trio.to_thread.run_sync(
         lambda: load_server_adapters(
             config.adapters,

@@ -145,10 +145,10 @@ async def start_placed(peer: Any, config: ServerConfig, nursery: trio.Nursery) -
     rng = random.Random()
 
     async def fetch() -> list[ServerRecord]:
-        """Servers of the same weights: those of other weights under the name cover nothing."""
+        """Servers of the same weights (looked up under their digest): those of other weights
+        under the name cover nothing."""
         with trio.fail_after(peer.client_config.lookup_timeout):
-            servers = await peer.dht.find_servers(model, range(total))
-        return [s for s in servers if s.model_digest == digest]
+            return await peer.dht.find_servers(model, range(total), digest=digest)
 
     start = await choose_start(
         fetch,

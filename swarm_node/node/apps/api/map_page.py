@@ -78,6 +78,7 @@ function modelCard(m) {
   if (m.variants && m.variants.length)
     card.append(el("div", {class: "sub", "data-role": "variants"}, "weights by digest: " + m.variants.map((v) =>
       v.digest + (v.local ? " (this API's)" : " (other weights, not used)") + ": " + v.servers + " server(s)"
+      + " (" + Object.entries(v.held_as || {}).map(([k, n]) => n + " " + k).join(", ") + ")"
       + (v.missing.length ? ", missing blocks " + compact(v.missing) : "")).join(" \\u00b7 ")));
   const bar = el("div", {class: "bar", "data-role": "coverage"});
   m.coverage.forEach((n, b) => bar.append(el("div", {class: "c" + Math.min(n, 3),
