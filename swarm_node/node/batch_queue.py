@@ -4,7 +4,10 @@ A job that finds nothing computing (a lone user) runs at once, alone. Jobs that 
 computes (or waits for the limiter) queue; the first of them leads: once it holds the limiter it lets
 the loop finish the work it has (jobs already received but still a few task hops from here: trio's
 "all tasks blocked", at most ``MAX_SETTLE_S``), takes every queued job and hands the list to
-``compute``, which sets each job's ``out`` or ``error``. A job cancelled while it waits leaves the
+``compute``, which sets each job's ``out`` or ``error``. While ``others()`` says other users may
+submit (a server with several sessions), the leader settles and computes in a worker thread, so the
+loop goes on receiving the jobs that will form the next batch; a lone user's job skips the settling
+and runs inline while such jobs are quick (node/quick_jobs.py): a thread hop costs it ~0.5 ms. A job cancelled while it waits leaves the
 queue; one already taken is computed and its answer dropped. The server batches its sessions' decode
 steps this way (server/batching.py), the client its sessions' heads (client/head_batching.py).
 
@@ -64,12 +67,12 @@ class BatchQueue(Generic[J]):
         max_inline_s: float,
         limiter: trio.CapacityLimiter | None = None,
         enabled: bool = True,
-        settle: Callable[[], bool] = lambda: True,
+        others: Callable[[], bool] = lambda: True,
     ) -> None:
         self.compute = compute  # sets every job's out or error (in a worker thread or inline)
         self.limiter = limiter
         self.enabled = enabled  # False: every job runs alone
-        self.settle = settle  # whether a leader lets the loop finish its work first
+        self.others = others  # whether other users may submit jobs soon
         self.quick_jobs = QuickJobs(max_inline_s)  # the limiter is held around its runs
         self.pending: list[J] = []
         self.leading = False
@@ -123,8 +126,9 @@ class BatchQueue(Generic[J]):
         limiter: AbstractAsyncContextManager[Any] = self.limiter or nullcontext()
         try:
             async with limiter:
+                crowded = self.enabled and self.others()
                 if self.enabled:
-                    if self.settle():
+                    if crowded:
                         with trio.move_on_after(MAX_SETTLE_S):
                             # the jobs already received (a stream's bytes take a few task hops to
                             # become a job here) join: no time window, only the loop's pending work
@@ -137,7 +141,8 @@ class BatchQueue(Generic[J]):
                 self.last_batch = len(batch)
                 self.max_batch = max(self.max_batch, len(batch))
                 self.batch_sizes[len(batch)] += 1
-                await self.quick_jobs.run(functools.partial(self.compute, batch), small=True)
+                run = functools.partial(self.compute, batch)
+                await self.quick_jobs.run(run, small=not crowded)
                 self.recent.append((trio.current_time(), len(batch)))
         finally:
             if job in self.pending:  # cancelled before it held the limiter: not the next leader

@@ -3,8 +3,9 @@ sessions of one process (an API serving many requests, many `generate` calls) re
 is busy run as one matmul over all their rows; each session then samples its own token (its own
 settings, generator and repetition penalty) and embeds it.
 
-A lone session runs its head at once, as before, without letting the loop settle first; a batch forms
-from the sessions whose answers came while the head computed (node/batch_queue.py). A row's logits
+A lone session runs its head at once, as before (inline while quick, no settling); while several
+sessions decode, the head runs in a worker thread and a batch forms from the sessions whose answers
+came meanwhile (node/batch_queue.py). A row's logits
 are its lone ones within float tolerance (a linear over N rows may round unlike one over one row).
 
 Knows nothing of chains, servers or text.
@@ -37,8 +38,8 @@ class HeadBatcher(BatchQueue[HeadJob]):
     """One client head's decode steps, several sessions' at once when they wait together."""
 
     def __init__(self, head: Any, *, max_inline_s: float = CLIENT_MAX_INLINE_S) -> None:
-        # a leader lets the loop settle only while other sessions may be on their way
-        super().__init__(self._compute, max_inline_s=max_inline_s, settle=lambda: self.users > 1)
+        # a leader lets the loop settle, and computes off it, only while other sessions decode
+        super().__init__(self._compute, max_inline_s=max_inline_s, others=lambda: self.users > 1)
         self.head = head  # model.ClientHead
         self.users = 0  # sessions decoding through this head now
 

@@ -44,8 +44,15 @@ class DecodeBatcher(BatchQueue[DecodeJob]):
         max_inline_s: float,
         enabled: bool,
         alone: Callable[[torch.Tensor, Any, int, int], torch.Tensor] | None = None,
+        others: Callable[[], bool] = lambda: True,
     ) -> None:
-        super().__init__(self._compute, max_inline_s=max_inline_s, limiter=limiter, enabled=enabled)
+        super().__init__(
+            self._compute,
+            max_inline_s=max_inline_s,
+            limiter=limiter,
+            enabled=enabled,
+            others=others,  # whether other sessions are open (see BatchQueue)
+        )
         self.span = span  # model.BlockSpan
         # a step computed by itself: (hidden, cache, start, end) -> output; default span.forward
         self.alone = alone or (lambda h, c, s, e: span.forward(h, c, start=s, end=e))
