@@ -20,7 +20,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.apps.swarm_status import coverage_report, format_report
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.server.batching import DecodeBatcher
 from tests.model_fixtures import TINY_FAMILIES, TINY_HIDDEN, make_tiny_model_dir, reference_model
@@ -346,3 +346,48 @@ async def test_one_sessions_failure_and_recovery_leave_the_others_alone(tiny_lla
                 for i in range(3):
                     nursery.start_soon(generate, i)
     assert [got[i] for i in range(3)] == [e.tolist() for e in expected]
+
+
+async def test_sessions_with_deep_prompts_stay_out_of_batches(tiny_llama: Path) -> None:
+    """A session with deep prompts runs its decode steps alone (its inputs differ per session);
+    two plain sessions beside it batch; every output is its lone forward's."""
+    model = tiny_llama.name
+    local = BlockSpan.load(Checkpoint.open(tiny_llama), 0, 6)
+    gen = torch.Generator().manual_seed(11)
+    deep = torch.randn(6, 2, H, generator=gen) * 0.3
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (peers, client):
+            batcher = peers[0].server.batcher
+            (record,) = await client.find_servers(model, 6)
+            chain = [Hop(record, 0, 6)]
+            settings = SessionSettings(model=model, max_length=16)
+            async with (
+                client.inference_session(chain, settings, HopTuning(prompts=deep)) as tuned,
+                client.inference_session(chain, settings) as q,
+                client.inference_session(chain, settings) as r,
+            ):
+                sessions = {"tuned": tuned, "q": q, "r": r}
+                caches = {name: local.new_cache(16) for name in sessions}
+                prompts = {"tuned": deep}
+                with torch.inference_mode():
+                    for name, session in sessions.items():
+                        x = torch.randn(1, 3, H, generator=gen)
+                        local(x, caches[name], prompts=prompts.get(name))
+                        await session.step(x)
+                xs = {name: torch.randn(1, 1, H, generator=gen) for name in sessions}
+                outs: dict[str, torch.Tensor] = {}
+
+                async def one(name: str) -> None:
+                    outs[name] = await sessions[name].step(xs[name])
+
+                async with trio.open_nursery() as nursery:
+                    async with peers[0].compute_limiter:
+                        for name in sessions:
+                            nursery.start_soon(one, name)
+                        await batcher.wait_until_waiting(2)
+    assert sum(n * count for n, count in batcher.batch_sizes.items()) == 2  # q's and r's steps
+    assert batcher.batch_sizes[2] == 1
+    with torch.inference_mode():
+        for name in sessions:
+            want = local(xs[name], caches[name], prompts=prompts.get(name))
+            torch.testing.assert_close(outs[name], want, **TOL)
