@@ -1,4 +1,5 @@
-"""The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally.
+"""The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally
+(the head batched with the other sessions of this process that wait with it: head_batching.py).
 
 ``generate_tokens`` opens a session for one call; ``open_token_session`` keeps one open across
 ``continue_tokens`` calls (a chat): each sends only the tokens the servers' caches do not hold yet. Knows nothing of
