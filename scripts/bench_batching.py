@@ -4,34 +4,35 @@ with batching on vs off, and decode steps behind a 2048-token prefill.
 
 SmolLM2-135M-Instruct, float32, greedy, through two 2-server swarms of real `swarm-node serve`
 processes on loopback (blocks 0:15 and 15:30): one serving with batching (the default), one with
---no-batching, each its own swarm; the client (this process) holds the embeddings and the LM head of
-every session, computed one session at a time (issue 19's client-side batching is not built).
+--no-batching. Every measurement runs in its own clean client process (``--worker``, torch at its
+defaults) holding the embeddings and the LM head of its sessions (batched across them,
+client/head_batching.py); rounds alternate the order of the levels and of on/off; medians.
 
 - ``ratio_N_over_1``: aggregate tokens/s of N sessions at once over one session's, on the batching
-  swarm, each level the median of --repeats rounds (``tokens_s_N`` beside them);
-- ``lone_on_over_off``: a lone session's tokens/s, batching on over off, rounds alternating;
+  swarm (``tokens_s_N`` beside them); issue 19's target: ``ratio_8_over_1`` >= 3;
+- ``lone_on_over_off``: a lone session's tokens/s, batching on over off (target >= 0.97);
 - ``lone_step_p50_ms`` / ``lone_step_p95_ms``: a lone session's per-token intervals (batching on);
 - ``prefill_delay_over_chunk``: while session B decodes alone, session A sends a 2048-token prompt;
-  B's worst token interval during it, less B's median, over one chunk's compute, estimated as A's
-  prefill wall time / (chunks + 1) (the chain is pipelined over two servers). A step may wait one
-  chunk on each server, so up to ~2 is the bound through this 2-server chain;
+  B's worst token interval during it, less B's median, over one chunk's compute through the chain
+  (``chunk_compute_ms``: a 256-token chunk after 1024 cached positions through blocks 0:15 plus
+  through 15:30, timed alone at the servers' threads before the swarms start). A step waits at most
+  for the chunk a server is computing, on each server: <= 1 chunk through the chain (the target),
+  <= 2 of one server's share (``prefill_delay_over_server_chunk``);
 - ``same_tokens``: every session's tokens in every concurrent round equal its solo run;
-- ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end of
-  the rounds; records are re-announced every 40 s);
-- ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions
-  in this process before the swarms start (what batching saves where the client keeps up).
+- ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end);
+- ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions.
 
-    PYTHONPATH=$PWD .venv/bin/python scripts/bench_batching.py [--tokens 32] [--repeats 2]
+    PYTHONPATH=$PWD .venv/bin/python scripts/bench_batching.py [--quick] [--tokens 32] [--rounds 3]
 
-Prints one JSON line. On a shared machine the figures carry that load: rerun on a quiet one.
+Prints one JSON line (progress on stderr). On a shared machine the figures carry that load
+(``loadavg_before_after``): rerun on a quiet one.
 
-Measured 2026-12-05 on the 2 shared cores (other sessions' work beside it, load average falling from
-~7 to ~2 during the run), --tokens 32 --repeats 2, 1 thread per server: 1 session 10.3 tokens/s,
-2: 10.8 (1.05x), 4: 15.4 (1.49x), 8: 20.0 (1.94x), 16: 23.8 (2.32x); records showed batches of 14
-and 13; lone on/off 11.0 / 9.9 (1.11); lone step p50 61 ms, p95 123 ms; prefill delay 1.6 chunks
-(256-token chunks, ~0.63 s each); same_tokens true. The server side alone: one forward of blocks 0:15
-for 16 sessions ~107 ms against ~42 ms for one. Here the client process (16 sessions' LM heads and
-messages on one loop) is the limit, not the servers: issue 19's client-side batching is next.
+Measured 2026-12-05 on the 2 shared cores before the client's head was batched (other sessions'
+work beside it, load average falling from ~7 to ~2), --tokens 32, 2 rounds, 1 thread per server,
+one client process for all levels: 1 session 10.3 tokens/s, 2: 10.8 (1.05x), 4: 15.4 (1.49x),
+8: 20.0 (1.94x), 16: 23.8 (2.32x); lone on/off 1.11; lone step p50 61 ms, p95 123 ms; prefill
+delay 1.6 of one server's chunk (~0.63 s); same_tokens true; one forward of blocks 0:15 for 16
+sessions ~107 ms against ~42 ms for one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -61,13 +63,16 @@ MODEL = "smollm2-135m"
 LEVELS = (1, 2, 4, 8, 16)
 
 
-def span_forward_ms(threads: int, repeats: int = 7) -> dict[str, float]:
-    """The server side alone, in this process before any peer starts: one decode forward of blocks
-    0:15 for N sessions (caches of 100 positions), median ms; N = 1 is the lone path."""
+def span_forward_ms(threads: int, chunk: int, repeats: int = 7) -> dict[str, float]:
+    """The server side alone, in a clean process at the servers' threads: one decode forward of
+    blocks 0:15 for N sessions (caches of 100 positions), median ms (N = 1 is the lone path); and
+    one prefill chunk of ``chunk`` tokens after 1024 cached positions through blocks 0:15 and
+    15:30 (what a decode step may wait for on each server behind a 2048-token prefill)."""
     from swarm_node.model import BlockSpan
 
     torch.set_num_threads(threads)
-    span = BlockSpan.load(Checkpoint.open(resolve_model(MODEL)), 0, 15)
+    checkpoint = Checkpoint.open(resolve_model(MODEL))
+    span = BlockSpan.load(checkpoint, 0, 15)
     caches = [span.new_cache(512) for _ in range(max(LEVELS))]
     out: dict[str, float] = {}
     with torch.inference_mode():
@@ -84,6 +89,16 @@ def span_forward_ms(threads: int, repeats: int = 7) -> dict[str, float]:
                     span.forward_batch(steps, caches[:n])
                 times.append(time.perf_counter() - t0)
             out[f"span_forward_ms_{n}"] = round(statistics.median(times) * 1000, 1)
+        for start, end in ((0, 15), (15, 30)):
+            part = span if start == 0 else BlockSpan.load(checkpoint, start, end)
+            times = []
+            for _ in range(3):
+                cache = part.new_cache(1024 + chunk)
+                part(torch.randn(1, 1024, part.hidden_size), cache)
+                t0 = time.perf_counter()
+                part(torch.randn(1, chunk, part.hidden_size), cache)
+                times.append(time.perf_counter() - t0)
+            out[f"chunk_ms_{start}_{end}"] = round(statistics.median(times) * 1000, 1)
     return out
 
 
@@ -148,13 +163,14 @@ class Runner:
         return outs, time.perf_counter() - t0
 
 
-async def prefill_delay(runner: Runner, prompt_len: int, chunk: int) -> dict[str, float]:
+async def prefill_delay(runner: Runner, prompt_len: int) -> dict[str, Any]:
+    """Session B decodes alone; once it is decoding, session A sends a ``prompt_len``-token
+    prompt: B's token intervals, and when A's prefill (its first token) started and ended."""
     gen = torch.Generator().manual_seed(7)
     long_ids = torch.randint(0, 49152, (1, prompt_len), generator=gen)
     short = torch.randint(0, 49152, (1, 8), generator=gen)
     window: dict[str, float] = {}
     times: list[float] = []
-
     decoding = trio.Event()
 
     async def decoder() -> None:
@@ -166,105 +182,141 @@ async def prefill_delay(runner: Runner, prompt_len: int, chunk: int) -> dict[str
         window["start"] = time.perf_counter()
         await runner.one(long_ids, new=1)
         window["end"] = time.perf_counter()
-    gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False)]
-    during = [g for g, t in gaps if window["start"] <= t <= window["end"] + 0.5]
-    lone = statistics.median(g for g, t in gaps if t < window["start"] or t > window["end"] + 0.5)
-    chunks = -(-prompt_len // chunk)
-    chunk_s = (window["end"] - window["start"]) / (chunks + 1)
-    worst = max(during, default=lone)
-    return {
-        "prefill_s": window["end"] - window["start"],
-        "chunk_s_estimate": chunk_s,
-        "lone_gap_ms": lone * 1000,
-        "worst_gap_during_prefill_ms": worst * 1000,
-        "prefill_delay_over_chunk": (worst - lone) / chunk_s,
-    }
+    return {"times": times, **window}
 
 
-async def bench(on_addr: str, off_addr: str, args: argparse.Namespace) -> dict[str, Any]:
+async def work(args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement (``args.worker``) in this clean process, against the swarm at ``args.addr``."""
     head = ClientHead.load(Checkpoint.open(resolve_model(MODEL)))
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 49152, (1, 6 + i % 5), generator=gen) for i in range(max(LEVELS))]
-    result: dict[str, Any] = {}
-    async with (
-        open_peer(PeerConfig(initial_peers=(on_addr,))) as on_peer,
-        open_peer(PeerConfig(initial_peers=(off_addr,))) as off_peer,
-    ):
-        on, off = Runner(on_peer, head, args.tokens), Runner(off_peer, head, args.tokens)
-        await on.one(prompts[0], new=2)  # warm-up both swarms
-        await off.one(prompts[0], new=2)
-        solo = [(await on.one(p))[0] for p in prompts]
-        lone_rates: dict[str, list[float]] = {"on": [], "off": []}
-        gaps: list[float] = []
-        for _ in range(args.repeats):
-            for name, runner in (("on", on), ("off", off)):
-                t0 = time.perf_counter()
-                ids, times = await runner.one(prompts[0])
-                lone_rates[name].append(len(ids) / (time.perf_counter() - t0))
-                if name == "on":
-                    gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
-        same = True
-        rates: dict[int, list[float]] = {n: [] for n in LEVELS}
-        for rep in range(args.repeats):
-            for n in LEVELS:
-                outs, wall = await on.together(prompts[:n])
-                same = same and outs == solo[:n]
-                rates[n].append(sum(map(len, outs)) / wall)
-                print(f"repeat {rep + 1}: {n} sessions {rates[n][-1]:.1f} tok/s", file=sys.stderr)
-        one = statistics.median(rates[1])
-        for n in LEVELS:
-            result[f"tokens_s_{n}"] = round(statistics.median(rates[n]), 2)
-            if n > 1:
-                result[f"ratio_{n}_over_1"] = round(statistics.median(rates[n]) / one, 3)
-        on_rate, off_rate = (
-            statistics.median(lone_rates["on"]),
-            statistics.median(lone_rates["off"]),
-        )
-        result.update(
-            lone_tokens_s_on=round(on_rate, 2),
-            lone_tokens_s_off=round(off_rate, 2),
-            lone_on_over_off=round(on_rate / off_rate, 3),
-            lone_step_p50_ms=round(statistics.median(gaps) * 1000, 1),
-            lone_step_p95_ms=round(statistics.quantiles(gaps, n=20)[18] * 1000, 1),
-        )
-        status = await gather_status(on_peer, MODEL, num_blocks=30)
-        result["batch_seen"] = [s["batch"] for s in status["servers"]]  # records' last 60 s
-        delay = await prefill_delay(on, args.prefill, args.chunk)
-        result.update({k: round(v, 3) for k, v in delay.items()})
-        result["same_tokens"] = same
-    return result
+    async with open_peer(PeerConfig(initial_peers=(args.addr,))) as peer:
+        runner = Runner(peer, head, args.tokens)
+        await runner.one(prompts[0], new=2)  # warm-up
+        if args.worker == "solo":
+            return {"outs": [(await runner.one(p))[0] for p in prompts]}
+        if args.worker == "prefill":
+            out = await prefill_delay(runner, args.prefill)
+            status = await gather_status(peer, MODEL, num_blocks=30)
+            return {**out, "batch_seen": [s["batch"] for s in status["servers"]]}
+        if args.sessions == 1:
+            t0 = time.perf_counter()
+            ids, times = await runner.one(prompts[0])
+            wall = time.perf_counter() - t0
+            gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+            return {"outs": [ids], "tokens": len(ids), "wall": wall, "gaps": gaps}
+        outs, wall = await runner.together(prompts[: args.sessions])
+        return {"outs": outs, "tokens": sum(map(len, outs)), "wall": wall}
+
+
+def measure(args: argparse.Namespace, kind: str, addr: str = "", sessions: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--addr", addr, "--sessions", str(sessions)]
+    cmd += ["--tokens", str(args.tokens), "--prefill", str(args.prefill)]
+    cmd += ["--chunk", str(args.chunk), "--server-threads", str(args.server_threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"the {kind} worker failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prefill_figures(run: dict[str, Any], forward: dict[str, float]) -> dict[str, Any]:
+    """B's worst token interval during A's prefill, less B's median interval, over one chunk's
+    compute through the chain (blocks 0:15 then 15:30, measured alone) and over one server's."""
+    times, start, end = run["times"], run["start"], run["end"]
+    gaps = [(b - a, b) for a, b in zip(times, times[1:], strict=False)]
+    during = [g for g, t in gaps if start <= t <= end + 0.5]
+    lone = statistics.median(g for g, t in gaps if t < start or t > end + 0.5)
+    delay = max(during, default=lone) - lone
+    server_chunks = [forward["chunk_ms_0_15"] / 1000, forward["chunk_ms_15_30"] / 1000]
+    return {
+        "prefill_s": round(end - start, 3),
+        "lone_gap_ms": round(lone * 1000, 1),
+        "worst_gap_during_prefill_ms": round((delay + lone) * 1000, 1),
+        "chunk_compute_ms": round(sum(server_chunks) * 1000, 1),
+        "prefill_delay_over_chunk": round(delay / sum(server_chunks), 3),
+        "prefill_delay_over_server_chunk": round(delay / max(server_chunks), 3),
+        "batch_seen": run["batch_seen"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--quick", action="store_true", help="1 round of 16 tokens a session")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per session")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--server-threads", type=int, default=1)
     parser.add_argument("--prefill", type=int, default=2048, help="tokens of the long prompt")
     parser.add_argument("--chunk", type=int, default=256, help="the servers' --prefill-chunk")
+    parser.add_argument(
+        "--worker", choices=("span", "solo", "together", "prefill"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--addr", help=argparse.SUPPRESS)
+    parser.add_argument("--sessions", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("libp2p").setLevel(logging.ERROR)
-    forward = span_forward_ms(args.server_threads)
+    if args.worker == "span":
+        print(json.dumps(span_forward_ms(args.server_threads, args.chunk)))
+        return
+    if args.worker:
+        print(json.dumps(trio.run(work, args)))
+        return
+    if args.quick:
+        args.rounds, args.tokens = 1, 16
+    load_before = os.getloadavg()
+    forward = measure(args, "span")  # before the swarms start
     procs: list[subprocess.Popen] = []
+    rates: dict[int, list[float]] = {n: [] for n in LEVELS}
+    lone: dict[str, list[float]] = {"on": [], "off": []}
+    gaps: list[float] = []
     try:
         chunk = ["--prefill-chunk", str(args.chunk)]
         on_procs, on_addr = start_swarm(chunk, args.server_threads)
         procs += on_procs
         off_procs, off_addr = start_swarm([*chunk, "--no-batching"], args.server_threads)
         procs += off_procs
-        result = trio.run(bench, on_addr, off_addr, args)
+        solo = measure(args, "solo", on_addr)["outs"]
+        same = True
+        for r in range(args.rounds):
+            for n in LEVELS if r % 2 == 0 else LEVELS[::-1]:
+                run = measure(args, "together", on_addr, n)
+                same = same and run["outs"] == solo[:n]
+                rates[n].append(run["tokens"] / run["wall"])
+                print(f"round {r + 1}: {n} sessions {rates[n][-1]:.1f} tok/s", file=sys.stderr)
+            for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                run = measure(args, "together", on_addr if name == "on" else off_addr)
+                lone[name].append(run["tokens"] / run["wall"])
+                gaps += run["gaps"] if name == "on" else []
+        prefill = measure(args, "prefill", on_addr)
     finally:
         for proc in procs:
             proc.kill()
+    one = statistics.median(rates[1])
+    result: dict[str, Any] = {}
+    for n in LEVELS:
+        result[f"tokens_s_{n}"] = round(statistics.median(rates[n]), 2)
+        if n > 1:
+            result[f"ratio_{n}_over_1"] = round(statistics.median(rates[n]) / one, 3)
+    on_rate, off_rate = statistics.median(lone["on"]), statistics.median(lone["off"])
+    result.update(
+        lone_tokens_s_on=round(on_rate, 2),
+        lone_tokens_s_off=round(off_rate, 2),
+        lone_on_over_off=round(on_rate / off_rate, 3),
+        lone_step_p50_ms=round(statistics.median(gaps) * 1000, 1),
+        lone_step_p95_ms=round(statistics.quantiles(gaps, n=20)[18] * 1000, 1),
+        same_tokens=same,
+    )
+    result.update(prefill_figures(prefill, forward))
     result.update(forward)
     result.update(
         model=MODEL,
         tokens_per_session=args.tokens,
-        repeats=args.repeats,
+        rounds=args.rounds,
         server_threads=args.server_threads,
+        prefill_tokens=args.prefill,
         prefill_chunk=args.chunk,
+        loadavg_before_after=[round(load_before[0], 2), round(os.getloadavg()[0], 2)],
     )
     print(json.dumps(result))
 

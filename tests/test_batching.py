@@ -8,6 +8,7 @@ greedy tokens of every session equal transformers' for that session alone.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.apps.swarm_status import coverage_report, format_report
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.server.batching import DecodeBatcher
 from tests.model_fixtures import TINY_FAMILIES, TINY_HIDDEN, make_tiny_model_dir, reference_model
@@ -28,12 +29,6 @@ from tests.swarm_helpers import local_swarm
 H = TINY_HIDDEN
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 FAST = ClientConfig(step_timeout=10.0, retry_delay=0.05, max_attempts=4)
-
-
-async def _until(condition, poll: float = 0.002) -> None:
-    """Wait (under the caller's deadline) until ``condition()`` holds."""
-    while not condition():  # noqa: ASYNC110 (counters, not events)
-        await trio.sleep(poll)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -99,16 +94,16 @@ async def test_steps_that_wait_together_run_in_one_forward(tiny_llama: Path) -> 
             async with limiter:  # the server is busy: steps queue
                 for i in (1, 2, 3):
                     nursery.start_soon(step, i, x[i])
-                await _until(lambda: batcher.waiting == 3)
+                await batcher.wait_until_waiting(3)
 
                 async def leaves() -> None:
                     with cancelled:
                         await batcher.step(x[0], caches[0], start=0, end=6)
 
                 nursery.start_soon(leaves)
-                await _until(lambda: batcher.waiting == 4)
+                await batcher.wait_until_waiting(4)
                 cancelled.cancel()  # its client went away before the batch formed
-                await _until(lambda: batcher.waiting == 3)
+                await batcher.wait_until_waiting(3)
         assert batcher.batch_sizes == {1: 1, 3: 1} and batcher.max_batch == 3
     assert [c.length for c in caches] == [3, 4, 5, 6]  # the leaver's cache did not grow
     with torch.inference_mode():
@@ -135,14 +130,14 @@ async def test_a_leader_cancelled_before_it_computes_hands_the_lead_on(tiny_llam
         async with trio.open_nursery() as nursery:
             async with limiter:
                 nursery.start_soon(lead)
-                await _until(lambda: batcher.waiting == 1)
+                await batcher.wait_until_waiting(1)
                 for cache in caches[1:]:
                     nursery.start_soon(
                         lambda c=cache: batcher.step(torch.randn(1, 1, H), c, start=0, end=6)
                     )
-                await _until(lambda: batcher.waiting == 3)
+                await batcher.wait_until_waiting(3)
                 leader.cancel()  # the leader goes while it waits for the limiter
-                await _until(lambda: batcher.waiting == 2)
+                await batcher.wait_until_waiting(2)
         async with trio.open_nursery() as nursery:  # and later steps still run
             nursery.start_soon(
                 lambda: batcher.step(torch.randn(1, 1, H), caches[1], start=0, end=6)
@@ -162,22 +157,28 @@ async def test_no_batching_runs_every_step_alone(tiny_llama: Path) -> None:
                     nursery.start_soon(
                         lambda c=cache: batcher.step(torch.randn(1, 1, H), c, start=0, end=6)
                     )
-                await _until(lambda: batcher.waiting == 3)
+                await batcher.wait_until_waiting(3)
     assert batcher.batch_sizes == {1: 3} and [c.length for c in caches] == [1, 1, 1]
 
 
 async def test_a_decode_step_runs_between_chunks_of_a_long_prefill(tiny_llama: Path) -> None:
     """Session A's 16-token prefill in chunks of 4; session B's decode step, sent while A's first
-    chunk waits, runs right after that chunk: the order is read off the span's own rotary calls."""
+    chunk computes, runs right after that chunk: the order is read off the span's own rotary calls
+    (A's first chunk holds its worker thread until B's step waits in the server's batcher)."""
     model = tiny_llama.name
     seen: list[tuple[int, int]] = []  # (rows, positions) of each forward through the span
+    first_chunk = trio.Event()
+    go = threading.Event()
+
+    def hold_first_chunk(mod, args, kwargs, out) -> None:
+        seen.append(tuple(kwargs["position_ids"].shape))
+        if seen == [(1, 4)]:
+            trio.from_thread.run_sync(first_chunk.set)
+            go.wait(60)
+
     with trio.fail_after(90):
         async with local_swarm(tiny_llama, [(0, 6)], prefill_chunk=4) as (peers, client):
             server = peers[0].server
-            server.span.rotary.register_forward_hook(
-                lambda mod, args, kwargs, out: seen.append(tuple(kwargs["position_ids"].shape)),
-                with_kwargs=True,
-            )
             (record,) = await client.find_servers(model, 6)
             chain = [Hop(record, 0, 6)]
             settings = SessionSettings(model=model, max_length=32)
@@ -186,14 +187,16 @@ async def test_a_decode_step_runs_between_chunks_of_a_long_prefill(tiny_llama: P
                 client.inference_session(chain, settings) as b,
             ):
                 await b.step(torch.randn(1, 3, H))
-                seen.clear()
-                async with trio.open_nursery() as nursery:
-                    async with peers[0].compute_limiter:
+                server.span.rotary.register_forward_hook(hold_first_chunk, with_kwargs=True)
+                try:
+                    async with trio.open_nursery() as nursery:
                         nursery.start_soon(a.step, torch.randn(1, 16, H))
-                        limiter = peers[0].compute_limiter
-                        await _until(lambda: limiter.statistics().tasks_waiting == 1)
+                        await first_chunk.wait()  # A's first chunk computes (in a worker thread)
                         nursery.start_soon(b.step, torch.randn(1, 1, H))
-                        await _until(lambda: limiter.statistics().tasks_waiting == 2)
+                        await server.batcher.wait_until_waiting(1)  # B waits for the limiter
+                        go.set()
+                finally:
+                    go.set()
     assert seen == [(1, 4), (1, 1), (1, 4), (1, 4), (1, 4)]
 
 
@@ -267,7 +270,7 @@ async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llam
                         async with peers[0].compute_limiter:
                             for i in members:
                                 nursery.start_soon(one, i)
-                            await _until(lambda: batcher.waiting == len(members))
+                            await batcher.wait_until_waiting(len(members))
                     assert batcher.batch_sizes[len(members)] == before + 1
                     with torch.inference_mode():
                         for i in members:
@@ -277,7 +280,7 @@ async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llam
                     await open_one(i, n)
                 await batched_round([0, 1, 2])
                 sessions[1]["done"].set()  # session 1 leaves
-                await _until(lambda: len(peers[0].server.sessions) == 2)
+                await peers[0].server.open_sessions.wait_value(2)
                 await open_one(3, 6)  # session 3 joins, its cache longer than the others'
                 await batched_round([0, 2, 3])
                 await batched_round([0, 2, 3])
@@ -343,3 +346,48 @@ async def test_one_sessions_failure_and_recovery_leave_the_others_alone(tiny_lla
                 for i in range(3):
                     nursery.start_soon(generate, i)
     assert [got[i] for i in range(3)] == [e.tolist() for e in expected]
+
+
+async def test_sessions_with_deep_prompts_stay_out_of_batches(tiny_llama: Path) -> None:
+    """A session with deep prompts runs its decode steps alone (its inputs differ per session);
+    two plain sessions beside it batch; every output is its lone forward's."""
+    model = tiny_llama.name
+    local = BlockSpan.load(Checkpoint.open(tiny_llama), 0, 6)
+    gen = torch.Generator().manual_seed(11)
+    deep = torch.randn(6, 2, H, generator=gen) * 0.3
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (peers, client):
+            batcher = peers[0].server.batcher
+            (record,) = await client.find_servers(model, 6)
+            chain = [Hop(record, 0, 6)]
+            settings = SessionSettings(model=model, max_length=16)
+            async with (
+                client.inference_session(chain, settings, HopTuning(prompts=deep)) as tuned,
+                client.inference_session(chain, settings) as q,
+                client.inference_session(chain, settings) as r,
+            ):
+                sessions = {"tuned": tuned, "q": q, "r": r}
+                caches = {name: local.new_cache(16) for name in sessions}
+                prompts = {"tuned": deep}
+                with torch.inference_mode():
+                    for name, session in sessions.items():
+                        x = torch.randn(1, 3, H, generator=gen)
+                        local(x, caches[name], prompts=prompts.get(name))
+                        await session.step(x)
+                xs = {name: torch.randn(1, 1, H, generator=gen) for name in sessions}
+                outs: dict[str, torch.Tensor] = {}
+
+                async def one(name: str) -> None:
+                    outs[name] = await sessions[name].step(xs[name])
+
+                async with trio.open_nursery() as nursery:
+                    async with peers[0].compute_limiter:
+                        for name in sessions:
+                            nursery.start_soon(one, name)
+                        await batcher.wait_until_waiting(2)
+    assert sum(n * count for n, count in batcher.batch_sizes.items()) == 2  # q's and r's steps
+    assert batcher.batch_sizes[2] == 1
+    with torch.inference_mode():
+        for name in sessions:
+            want = local(xs[name], caches[name], prompts=prompts.get(name))
+            torch.testing.assert_close(outs[name], want, **TOL)

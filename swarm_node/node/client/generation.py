@@ -1,4 +1,5 @@
-"""The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally.
+"""The client's decode loop: embed locally, run the chain remotely, norm + LM head + sampling locally
+(the head batched with the other sessions of this process that wait with it: head_batching.py).
 
 ``generate_tokens`` opens a session for one call; ``open_token_session`` keeps one open across
 ``continue_tokens`` calls (a chat): each sends only the tokens the servers' caches do not hold yet. Knows nothing of
@@ -20,8 +21,8 @@ import trio
 
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, check_int
+from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,6 @@ class TokenSession:
         self.prefix_len = 0 if prefix is None else prefix.shape[0]
         self.ids = torch.zeros(batch_size, 0, dtype=torch.int64)  # (B, n)
         self.fed = 0
-        # the head and sampling run inline while quick (a worker-thread hop costs ~0.5-1 ms here)
-        self.quick_jobs = QuickJobs(CLIENT_MAX_INLINE_S)
 
     @property
     def pending(self) -> torch.Tensor:
@@ -202,49 +201,50 @@ async def continue_tokens(
     recoveries_before = 0 if recovery is None else len(recovery.events)
     hedges_before = 0 if recovery is None else len(recovery.hedges)
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
+    heads = head_batcher(head)  # the head runs batched with other sessions' that wait with it
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
         prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
-    for i in range(sampling.max_new_tokens):
-        t_step = time.perf_counter()
-        out = await ts.session.step(hidden)  # (B, T', H)
-        ts.fed += hidden.shape[1] - (ts.prefix_len if ts.fed == 0 else 0)
-        stats.remote_time += time.perf_counter() - t_step
-        seen = ts.ids
+    with heads.using():  # while this session decodes, a batch may wait a moment for it
+        for i in range(sampling.max_new_tokens):
+            t_step = time.perf_counter()
+            out = await ts.session.step(hidden)  # (B, T', H)
+            ts.fed += hidden.shape[1] - (ts.prefix_len if ts.fed == 0 else 0)
+            stats.remote_time += time.perf_counter() - t_step
+            seen = ts.ids
 
-        def pick(
-            out: torch.Tensor = out, seen: torch.Tensor = seen, finished: torch.Tensor = finished
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = head.logits(out[:, -1:, :])[:, -1, :].float()  # (B, V)
-            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
-            token = sample_next_token(
-                logits,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                generator=generator,
-            )
-            token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
-            return token, head.embed(token[:, None])  # the next input, in the same thread hop
+            def pick(
+                logits: torch.Tensor, seen: torch.Tensor = seen, finished: torch.Tensor = finished
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+                token = sample_next_token(
+                    logits,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    generator=generator,
+                )
+                token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
+                return token, head.embed(token[:, None])  # the next input, in the same hop
 
-        token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
-        if i == 0:
-            stats.time_to_first_token = time.perf_counter() - t0
-        stats.new_tokens += 1
-        if on_tokens is not None:
-            on_tokens(token)
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()):
-            stats.finish_reason = "eos"
-            break
-        if stopping is not None and stopping(ids):
-            stats.finish_reason = "stop"
-            break
-        if i + 1 == sampling.max_new_tokens:
-            break
-        hidden = next_hidden
+            token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B, 1, H)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
+            if i == 0:
+                stats.time_to_first_token = time.perf_counter() - t0
+            stats.new_tokens += 1
+            if on_tokens is not None:
+                on_tokens(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                stats.finish_reason = "eos"
+                break
+            if stopping is not None and stopping(ids):
+                stats.finish_reason = "stop"
+                break
+            if i + 1 == sampling.max_new_tokens:
+                break
+            hidden = next_hidden
     if recovery is not None:
         stats.recoveries = list(recovery.events[recoveries_before:])
         stats.hedges = list(recovery.hedges[hedges_before:])

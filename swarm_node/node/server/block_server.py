@@ -99,6 +99,7 @@ class BlockServer:
             max_inline_s=SERVER_MAX_INLINE_S,
             enabled=not config.no_batching,
             alone=lambda hidden, cache, start, end: self._run_span(hidden, cache, start, end),
+            others=lambda: len(self.sessions) > 1,
         )
         self.throughput = throughput
         self.reserved_tokens = 0

@@ -45,12 +45,13 @@ class ServerSession:
 
 
 class Gauge:
-    """A count of things in progress that can be waited on until it drops to zero."""
+    """A count of things in progress that can be waited on until it drops to zero (or any value)."""
 
     def __init__(self) -> None:
         self.value = 0
         self._zero = trio.Event()
         self._zero.set()
+        self._changed = trio.Event()  # set, and replaced, on every change
 
     def add(self, delta: int) -> None:
         if self.value == 0 and delta > 0:
@@ -59,6 +60,13 @@ class Gauge:
         if self.value <= 0:
             self.value = 0
             self._zero.set()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_value(self, value: int) -> None:
+        """Return once the count is ``value``."""
+        while self.value != value:
+            await self._changed.wait()
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

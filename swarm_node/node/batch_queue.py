@@ -1,0 +1,162 @@
+"""Continuous batching without a window: jobs that arrive while a batch computes run together next.
+
+A job that finds nothing computing (a lone user) runs at once, alone. Jobs that arrive while a batch
+computes (or waits for the limiter) queue; the first of them leads: once it holds the limiter it lets
+the loop finish the work it has (jobs already received but still a few task hops from here: trio's
+"all tasks blocked", at most ``MAX_SETTLE_S``), takes every queued job and hands the list to
+``compute``, which sets each job's ``out`` or ``error``. While ``others()`` says other users may
+submit (a server with several sessions), the leader settles and computes in a worker thread, so the
+loop goes on receiving the jobs that will form the next batch; a lone user's job skips the settling
+and runs inline while such jobs are quick (node/quick_jobs.py): a thread hop costs it ~0.5 ms. A job cancelled while it waits leaves the
+queue; one already taken is computed and its answer dropped. The server batches its sessions' decode
+steps this way (server/batching.py), the client its sessions' heads (client/head_batching.py).
+
+Knows nothing of models, sessions or peers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter, deque
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import trio
+import trio.testing
+
+from swarm_node.node.quick_jobs import QuickJobs
+
+# at most this long a leader lets the loop finish what it has (a loop that is never idle, e.g. an
+# application's busy task beside the peer, must not hold a job longer)
+MAX_SETTLE_S = 0.002
+BATCH_WINDOW_S = 60.0  # `batch_lately` looks this far back
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class BatchJob:
+    out: Any = None
+    error: BaseException | None = None
+    handed: bool = False  # made the next leader
+    led: bool = False
+    woken: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.out is not None or self.error is not None
+
+    def result(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        if self.out is None:  # our invariant: a leader finishes every job it took
+            raise AssertionError("a job left its batch without an answer")
+        return self.out
+
+
+J = TypeVar("J", bound=BatchJob)
+
+
+class BatchQueue(Generic[J]):
+    """Runs ``compute(jobs)`` for jobs submitted by many tasks, together when they wait together."""
+
+    def __init__(
+        self,
+        compute: Callable[[list[J]], None],
+        *,
+        max_inline_s: float,
+        limiter: trio.CapacityLimiter | None = None,
+        enabled: bool = True,
+        others: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.compute = compute  # sets every job's out or error (in a worker thread or inline)
+        self.limiter = limiter
+        self.enabled = enabled  # False: every job runs alone
+        self.others = others  # whether other users may submit jobs soon
+        self.quick_jobs = QuickJobs(max_inline_s)  # the limiter is held around its runs
+        self.pending: list[J] = []
+        self.leading = False
+        self.batch_sizes: Counter[int] = Counter()  # jobs per compute -> computes
+        self.last_batch = 0
+        self.max_batch = 0
+        self.recent: deque[tuple[float, int]] = deque(maxlen=1024)  # (trio time, jobs)
+        self._changed = trio.Event()  # set, and replaced, whenever the queue changes
+
+    def batch_lately(self, now: float, window: float = BATCH_WINDOW_S) -> int:
+        """The most jobs one compute took in the last ``window`` s (0: none)."""
+        return max((n for t, n in self.recent if t >= now - window), default=0)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.pending)
+
+    async def wait_until_waiting(self, n: int) -> None:
+        """Return once exactly ``n`` jobs wait (a busy limiter holds them)."""
+        while len(self.pending) != n:
+            await self._changed.wait()
+
+    def _queue_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def submit(self, job: J) -> Any:
+        """``job``'s result, computed alone or in a batch."""
+        self.pending.append(job)
+        self._queue_changed()
+        try:
+            if self.leading:
+                await job.woken.wait()  # computed in a leader's batch, or handed the lead
+            if not job.finished:
+                await self._lead(job)
+        finally:
+            if job in self.pending:  # cancelled before any batch took it
+                self._remove(job)
+            if job.handed and not job.led:  # cancelled after it was handed the lead
+                self._pass_lead()
+        return job.result()
+
+    def _remove(self, job: J) -> None:
+        self.pending.remove(job)
+        self._queue_changed()
+
+    async def _lead(self, job: J) -> None:
+        job.led = True
+        self.leading = True
+        batch: list[J] = []
+        limiter: AbstractAsyncContextManager[Any] = self.limiter or nullcontext()
+        try:
+            async with limiter:
+                crowded = self.enabled and self.others()
+                if self.enabled:
+                    if crowded:
+                        with trio.move_on_after(MAX_SETTLE_S):
+                            # the jobs already received (a stream's bytes take a few task hops to
+                            # become a job here) join: no time window, only the loop's pending work
+                            await trio.testing.wait_all_tasks_blocked()
+                    batch, self.pending = self.pending, []
+                else:
+                    batch = [job]
+                    self.pending.remove(job)
+                self._queue_changed()
+                self.last_batch = len(batch)
+                self.max_batch = max(self.max_batch, len(batch))
+                self.batch_sizes[len(batch)] += 1
+                run = functools.partial(self.compute, batch)
+                await self.quick_jobs.run(run, small=not crowded)
+                self.recent.append((trio.current_time(), len(batch)))
+        finally:
+            if job in self.pending:  # cancelled before it held the limiter: not the next leader
+                self._remove(job)
+            for taken in batch:
+                if not taken.finished:
+                    taken.error = RuntimeError("the batch of this job did not complete")
+                taken.woken.set()
+            self._pass_lead()
+
+    def _pass_lead(self) -> None:
+        if self.pending:
+            nxt = self.pending[0]
+            nxt.handed = True
+            nxt.woken.set()
+        else:
+            self.leading = False

@@ -1,0 +1,83 @@
+"""The client's head, batched across sessions: the norm + LM head of decode steps that several
+sessions of one process (an API serving many requests, many `generate` calls) reach while the head
+is busy run as one matmul over all their rows; each session then samples its own token (its own
+settings, generator and repetition penalty) and embeds it.
+
+A lone session runs its head at once, as before (inline while quick, no settling); while several
+sessions decode, the head runs in a worker thread and a batch forms from the sessions whose answers
+came meanwhile (node/batch_queue.py). A row's logits
+are its lone ones within float tolerance (a linear over N rows may round unlike one over one row).
+
+Knows nothing of chains, servers or text.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from swarm_node.node.batch_queue import BatchJob, BatchQueue
+from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S
+
+# logits (B, V) -> (token (B,), the token's embedding (B, 1, H))
+Pick = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(eq=False, slots=True, kw_only=True)
+class HeadJob(BatchJob):
+    hidden: torch.Tensor  # (B, 1, H): a session's last position
+    pick: Pick
+
+
+class HeadBatcher(BatchQueue[HeadJob]):
+    """One client head's decode steps, several sessions' at once when they wait together."""
+
+    def __init__(self, head: Any, *, max_inline_s: float = CLIENT_MAX_INLINE_S) -> None:
+        # a leader lets the loop settle, and computes off it, only while other sessions decode
+        super().__init__(self._compute, max_inline_s=max_inline_s, others=lambda: self.users > 1)
+        self.head = head  # model.ClientHead
+        self.users = 0  # sessions decoding through this head now
+
+    @contextmanager
+    def using(self) -> Iterator[HeadBatcher]:
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+
+    async def next_token(self, hidden: torch.Tensor, pick: Pick) -> tuple[torch.Tensor, Any]:
+        """``pick(logits # (B, V))`` of a session's last hidden state ``# (B, 1, H)``."""
+        return await self.submit(HeadJob(hidden=hidden, pick=pick))
+
+    def _compute(self, batch: list[HeadJob]) -> None:
+        with torch.inference_mode():
+            try:
+                hidden = torch.cat([job.hidden for job in batch])  # (N, 1, H)
+                logits = self.head.logits(hidden)[:, -1, :].float()  # (N, V)
+            except Exception as exc:  # noqa: BLE001 (handed to each session's own caller)
+                for job in batch:
+                    job.error = exc
+                return
+            rows = logits.split([job.hidden.shape[0] for job in batch])
+            for job, row in zip(batch, rows, strict=True):
+                try:
+                    job.out = job.pick(row)
+                except Exception as exc:  # noqa: BLE001 (handed to the session's own caller)
+                    job.error = exc
+
+
+_BATCHERS: weakref.WeakKeyDictionary[Any, HeadBatcher] = weakref.WeakKeyDictionary()
+
+
+def head_batcher(head: Any) -> HeadBatcher:
+    """The batcher every session of this process shares for ``head``."""
+    batcher = _BATCHERS.get(head)
+    if batcher is None:
+        batcher = _BATCHERS[head] = HeadBatcher(head)
+    return batcher
