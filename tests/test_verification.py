@@ -134,3 +134,47 @@ async def test_an_honest_swarm_is_checked_and_never_accused(tiny_llama: Path) ->
                 assert stats.rollbacks == 0
                 assert stats.checked_positions >= 5 + 9  # every answer of the chain's servers
             assert not client.bans.banned(trio.current_time())
+
+
+MIXED = [  # a session's servers compute in its dtype: float32 here, weights as held
+    {"compression": "none"},
+    {"quant": "int8", "compression": "float16"},
+    {"compression": "blockwise8"},
+    {"compression": "bfloat16"},
+    {"quant": "int8", "compression": "none"},
+    {"compression": "blockwise8-64"},
+]
+
+
+async def test_honest_servers_of_any_weights_and_codec_are_never_accused(
+    tiny_llama: Path,
+) -> None:
+    # float32 and int8 weights, each server answering in another codec, every step checked: each
+    # chain's servers compared with others within the calibrated bounds; nobody is accused
+    model = tiny_llama.name
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    always = ClientConfig(step_timeout=20.0, retry_delay=0.05, max_attempts=3, verify_rate=1.0)
+    spans = [(0, 3)] * 3 + [(3, 6)] * 3
+    torch.manual_seed(2)
+    with trio.fail_after(240):
+        async with local_swarm(tiny_llama, spans, client=always, per_server=MIXED) as (
+            servers,
+            client,
+        ):
+            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            for i in range(3):
+                chain = [
+                    Hop(records[servers[i].peer_id], 0, 3),
+                    Hop(records[servers[3 + (i + 1) % 3].peer_id], 3, 6),
+                ]
+                _, stats = await generate_tokens(
+                    client,
+                    head,
+                    torch.randint(0, 256, (1, 6)),
+                    SessionSettings(model=model, num_blocks=6),
+                    SamplingConfig(max_new_tokens=8),
+                    chain=chain,
+                )
+                assert stats.rollbacks == 0
+                assert stats.checked_positions >= 2 * (6 + 7)
+            assert not client.bans.banned(trio.current_time())
