@@ -14,13 +14,26 @@ import torch
 import trio
 
 from swarm_node.dht.routing import Hop
-from swarm_node.model import Checkpoint, ClientHead
+from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.node.client.evidence import Evidence, recomputed_error, signed_by
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.peer import Peer
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
+
+
+async def records_of(client: Peer, model: str, servers: list[Peer]) -> dict[str, Any]:
+    """Every server's record, once a lookup finds them all (a provider record of a block may be
+    published a little after the server's own)."""
+    wanted = {s.peer_id for s in servers}
+    while True:
+        records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+        if wanted <= set(records):
+            return records
+        await trio.sleep(0.2)
+
 
 CHECKED = ClientConfig(step_timeout=10.0, retry_delay=0.05, max_attempts=3, verify_rate=0.25)
 
@@ -86,7 +99,7 @@ async def test_a_lying_server_is_caught_banned_and_its_lies_undone(
     with trio.fail_after(240):
         async with local_swarm(tiny_llama, spans, client=CHECKED) as (servers, client):
             liar, tail = servers[0], servers[1]
-            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            records = await records_of(client, model, servers)
             chain = [Hop(records[liar.peer_id], 0, 3), Hop(records[tail.peer_id], 3, 6)]
             MISBEHAVIOURS[misbehaviour](liar)
             taken: list[int] = []
@@ -105,6 +118,14 @@ async def test_a_lying_server_is_caught_banned_and_its_lies_undone(
     assert banned == {liar.peer_id}
     assert stats.rollbacks >= 1 and stats.new_tokens == 24
     assert client.bans.is_banned(liar.peer_id, now + CHECKED.verify_ban - 60)
+    # the evidence: the liar signed each input and answer; anyone with blocks 0-2 sees it wrong
+    found = stats.findings[0]
+    evidence = found.evidence
+    assert found.liar == liar.peer_id and evidence is not None and signed_by(evidence)
+    honest = BlockSpan.load(Checkpoint.open(tiny_llama), 0, 3)
+    assert recomputed_error(evidence, honest) > found.bound
+    forged = Evidence(server=tail.peer_id, steps=evidence.steps, wrong=evidence.wrong)
+    assert not signed_by(forged)  # nobody can pin it on another server
 
 
 async def test_an_honest_swarm_is_checked_and_never_accused(tiny_llama: Path) -> None:
@@ -161,7 +182,7 @@ async def test_honest_servers_of_any_weights_and_codec_are_never_accused(
             servers,
             client,
         ):
-            records = {r.peer_id: r for r in await client.find_servers(model, 6)}
+            records = await records_of(client, model, servers)
             for i in range(3):
                 chain = [
                     Hop(records[servers[i].peer_id], 0, 3),

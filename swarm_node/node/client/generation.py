@@ -64,6 +64,7 @@ class GenerationStats:
     hedges: list[Any] = field(default_factory=list)  # a HedgeEvent per late slot a spare took
     rollbacks: int = 0  # times a server caught lying sent the session back (verification.py)
     checked_positions: int = 0  # server answers (positions) spot checks compared, this session
+    findings: list[Any] = field(default_factory=list)  # servers caught lying (verification.Finding)
 
     @property
     def tokens_per_second(self) -> float:
@@ -279,6 +280,7 @@ async def continue_tokens(
     verifier = getattr(ts.session, "verifier", None)
     if verifier is not None:
         stats.checked_positions = verifier.stats.positions
+        stats.findings = list(verifier.found)
     if recovery is not None:
         stats.recoveries = list(recovery.events[recoveries_before:])
         stats.hedges = list(recovery.hedges[hedges_before:])

@@ -502,7 +502,8 @@ class InferenceSession:
         if not bool(torch.isfinite(out).all()):
             raise RemoteProtocolError(f"{span.conn.peer_id} returned hidden states with inf or nan")
         if span.answered is not None:
-            span.answered.append(Answer(span.answered_to, sent, out, reply.hidden.codec))
+            answer = Answer(span.answered_to, sent, out, reply.hidden, reply.step_id, reply.receipt)
+            span.answered.append(answer)
             span.answered_to += sent.shape[1]
         return out
 

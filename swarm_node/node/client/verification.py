@@ -31,11 +31,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import trio
 
+from swarm_node import compression
 from swarm_node.dht.bans import BanList
+from swarm_node.dht.receipts import Receipt
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import MissingBlocksError, SwarmError
+from swarm_node.node.client.evidence import Evidence, SignedStep, digest
 from swarm_node.node.client.recovery import HopFailed, Reroute, UnopenedSpan, close_quietly
 from swarm_node.node.client.tolerances import bound, position_errors, weights_kind
+from swarm_node.protocol.tensors import WireTensor
 
 if TYPE_CHECKING:
     from swarm_node.node.client.inference_session import InferenceSession, RemoteSpan
@@ -57,12 +61,19 @@ class RolledBack(SwarmError):
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One step a server answered: its input and output ``# (B, T, H)`` and the answer's codec."""
+    """One step a server answered: its input and output ``# (B, T, H)``, the answer as it
+    travelled, and the server's signature of the step's receipt."""
 
     position: int
     sent: torch.Tensor
     out: torch.Tensor
-    codec: str
+    wire: WireTensor
+    step_id: int
+    receipt: str
+
+    @property
+    def codec(self) -> str:
+        return self.wire.codec
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +87,7 @@ class Finding:
     error: float  # its relative distance from the checker there
     bound: float
     epoch: int  # rollbacks the session had done when the check began
+    evidence: Evidence | None = None  # its signed steps up to the wrong one (evidence.py)
 
 
 @dataclass(slots=True, eq=False)
@@ -121,7 +133,8 @@ class Verifier:
         self.ban_seconds = ban_seconds
         self.rng = rng or random.Random()
         self.checkers: dict[RemoteSpan, Checker] = {}
-        self.findings: list[Finding] = []
+        self.findings: list[Finding] = []  # not acted on yet
+        self.found: list[Finding] = []  # every server caught lying in this session
         self.rollbacks: list[int] = []  # positions the session rolled back to, in order
         self.stats = VerifyStats()
         self._due: list[RemoteSpan] = []
@@ -222,6 +235,7 @@ class Verifier:
                 error=float(errors[first]),
                 bound=limit,
                 epoch=epoch,
+                evidence=evidence_of(session, span, answered, base + first),
             )
             await self._break_tie(session, span, checker, answered[: checker.done], ours, wrong)
 
@@ -323,6 +337,7 @@ class Verifier:
                 if vs_ours <= limit < vs_theirs:
                     self._condemn(checked, span.hop, vs_theirs, limit)
                     self.findings.append(wrong)
+                    self.found.append(wrong)
                     return
                 if vs_theirs <= limit < vs_ours:
                     for helper, other in zip(helpers, checker.spans, strict=True):
@@ -379,3 +394,30 @@ async def run_chain(
                 piece = session.output(span, reply, piece)
         outs.append(piece)
     return torch.cat(outs, dim=1), codecs
+
+
+def evidence_of(
+    session: InferenceSession, span: RemoteSpan, answered: list[Answer], wrong: int
+) -> Evidence:
+    """``span``'s signed steps from position 0 to the end of the one holding position ``wrong``
+    (the inputs as the client sent them: ``session.uplink``, deterministic)."""
+    steps = []
+    hop = span.hop
+    for answer in answered:
+        if answer.position > wrong:
+            break
+        sent = compression.encode(answer.sent, session.uplink)
+        receipt = Receipt(
+            model=hop.server.model_digest,
+            start=hop.start,
+            end=hop.end,
+            session_id=span.session_id,
+            step_id=answer.step_id,
+            position=answer.position,
+            input_digest=digest(sent),
+            output_digest=digest(answer.wire),
+        )
+        steps.append(
+            SignedStep(receipt=receipt, signature=answer.receipt, sent=sent, answer=answer.wire)
+        )
+    return Evidence(server=hop.server.peer_id, steps=tuple(steps), wrong=wrong)
