@@ -75,6 +75,9 @@ class RemoteSpan:
         self.answers = HopAnswers(conn.peer_id)
         self.answered: list[Answer] | None = None  # what it was sent and answered, when checked
         self.answered_to = 0  # positions answered
+        # it answered a step another server pushed it: what it computed from is that server's
+        # word, not what the client recorded, so its answers are not checked (verification.py)
+        self.pushed_into = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -611,6 +614,7 @@ class InferenceSession:
                     reply = await self.receive_step(span, step_id)
                 else:
                     reply, lost = await self._pushed_answer(span, step_id)
+                    span.pushed_into = span.pushed_into or reply is not None
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)

@@ -141,10 +141,13 @@ class Verifier:
         self._wake = trio.Event()
 
     def stepped(self, spans: list[RemoteSpan]) -> None:
-        """A step went through ``spans``: each is due a check with probability ``rate``."""
+        """A step went through ``spans``: each is due a check with probability ``rate``, and after
+        its first step (the prompt, or a replacement's replayed history) always."""
         for span in spans:
-            if span not in self._due and self.rng.random() < self.rate:
+            first = span not in self.checkers
+            if span not in self._due and (first or self.rng.random() < self.rate):
                 self._due.append(span)
+                self.checkers.setdefault(span, Checker())
                 self._wake.set()
 
     async def run(self, session: InferenceSession) -> None:
@@ -197,7 +200,7 @@ class Verifier:
         async with checker.lock:
             answered = span.answered or []
             new = answered[checker.done :]
-            if not new or self.clock() < checker.no_checker_until:
+            if not new or span.pushed_into or self.clock() < checker.no_checker_until:
                 return
             if checker.spans is None and not await self._open_checker(session, span, checker):
                 return
