@@ -27,6 +27,10 @@ class BanList:
         self._until[peer] = max(self._until.get(peer, now), now + seconds)
         return seconds
 
+    def ban_for(self, peer: str, now: float, seconds: float) -> None:
+        """Ban ``peer`` for ``seconds`` at least, past ``cap`` (a server caught lying, not failing)."""
+        self._until[peer] = max(self._until.get(peer, now), now + seconds)
+
     def forgive(self, peer: str) -> None:
         """The peer served well again: its next failure starts from the first ban."""
         self._failures.pop(peer, None)

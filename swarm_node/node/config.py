@@ -417,6 +417,15 @@ class ClientConfig:
         "the most of this client's chains (of any 20 in a row, in blocks run) one server may "
         "carry when other servers hold its blocks (1: no bound)",
     )
+    verify_rate: float = flag(
+        0.05,
+        "chance that a step makes each server of a session due a spot check: another server "
+        "with the same blocks recomputes, in the background, every position it answered since "
+        "its last check; a lie a third server confirms bans it and rolls the session back to "
+        "the last position that agreed (docs/verification.md; 0: off)",
+        metavar="FRACTION",
+    )
+    verify_ban: float = 24 * 3600.0  # seconds a server caught lying is avoided
 
     accept_quant: tuple[str, ...] = flag(
         WEIGHT_VARIANTS,
@@ -455,6 +464,8 @@ class ClientConfig:
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
         _check_range("max_server_share", self.max_server_share, 0.05, 1.0)
+        _check_range("verify_rate", self.verify_rate, 0.0, 1.0)
+        _check_range("verify_ban", self.verify_ban, 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,7 +40,12 @@ from swarm_node.dht.routing import (
 from swarm_node.errors import ConfigError, MissingBlocksError, ModelError
 from swarm_node.model.bundled import identity_of, model_id_of
 from swarm_node.model.identity import ModelIdentity
-from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, request
+from swarm_node.node.client.inference_session import (
+    IdleWatch,
+    InferenceSession,
+    Verify,
+    request,
+)
 from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
@@ -584,6 +589,13 @@ class Peer:
             watch=None
             if config.idle_ping == 0 or self._nursery is None
             else IdleWatch(every=config.idle_ping, ping=self.ping, spawn=self._nursery.start_soon),
+            verify=None
+            if config.verify_rate == 0 or self._nursery is None
+            else Verify(
+                rate=config.verify_rate,
+                ban_seconds=config.verify_ban,
+                spawn=self._nursery.start_soon,
+            ),
         )
 
 

@@ -101,6 +101,7 @@ class StepResponse:
     step_id: int
     hidden: WireTensor  # (B, T, H)
     pushed: bool = False  # the output also went to the next server (the client need not send it)
+    receipt: str = ""  # the server's signature (hex) of the step's receipt (dht/receipts.py)
 
 
 @dataclass(frozen=True, slots=True)

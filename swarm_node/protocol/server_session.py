@@ -242,10 +242,16 @@ class SessionRules:
                 f"{shape[1]} new would exceed it",
             )
 
-    def answered(self, step_id: int, hidden: WireTensor, *, pushed: bool) -> StepResponse:
+    def answered(
+        self, step_id: int, hidden: WireTensor, *, pushed: bool, receipt: str = ""
+    ) -> StepResponse:
         """The answer to a computed step, kept for its duplicates."""
         self.last_reply = StepResponse(
-            session_id=self.session_id, step_id=step_id, hidden=hidden, pushed=pushed
+            session_id=self.session_id,
+            step_id=step_id,
+            hidden=hidden,
+            pushed=pushed,
+            receipt=receipt,
         )
         return self.last_reply
 

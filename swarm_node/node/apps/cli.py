@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter",
         "max_server_share",
         "idle_ping",
+        "verify_rate",
         "accept_quant",
         "accept_dtype",
     )

@@ -23,6 +23,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.verification import RolledBack
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class GenerationStats:
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
     recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
     hedges: list[Any] = field(default_factory=list)  # a HedgeEvent per late slot a spare took
+    rollbacks: int = 0  # times a server caught lying sent the session back (verification.py)
+    checked_positions: int = 0  # server answers (positions) spot checks compared, this session
+    findings: list[Any] = field(default_factory=list)  # servers caught lying (verification.Finding)
 
     @property
     def tokens_per_second(self) -> float:
@@ -139,6 +143,7 @@ async def generate_tokens(
     chain: Sequence[Hop] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
+    on_retract: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate, in a session of
     ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix`` and
@@ -153,7 +158,9 @@ async def generate_tokens(
     async with open_token_session(
         peer, settings, tuning=tuning, prefix=prefix, chain=chain
     ) as session:
-        return await continue_tokens(head, session, input_ids, sampling, on_tokens, stopping)
+        return await continue_tokens(
+            head, session, input_ids, sampling, on_tokens, stopping, on_retract
+        )
 
 
 async def continue_tokens(
@@ -163,10 +170,16 @@ async def continue_tokens(
     sampling: SamplingConfig,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
+    on_retract: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Go on with what ``ts`` holds: ``input_ids`` ``# (B, T)`` (may be empty, ``# (B, 0)``, to just
     go on) -> ``# (B, T + new)``. ``on_tokens(token # (B,))`` sees each new token;
-    ``stopping(ids # (B, T + new))`` returning True ends generation after that token."""
+    ``stopping(ids # (B, T + new))`` returning True ends generation after that token.
+
+    When a spot check finds that a server lied (verification.py), the session goes back to the
+    last position that agreed and the tokens after it are generated again: ``on_retract(n)`` hears
+    that the last ``n`` tokens ``on_tokens`` saw are taken back. Before returning, every server is
+    checked up to its last answer, so the tokens returned are those of honest servers."""
     from swarm_node.model import apply_repetition_penalty, sample_next_token
 
     if input_ids.ndim != 2:
@@ -196,7 +209,7 @@ async def continue_tokens(
         pad = (sampling.eos_token_ids or (0,))[0]
     finished = torch.zeros(batch, dtype=torch.bool)
     ts.ids = torch.cat([ts.ids, input_ids.to(torch.int64)], dim=1)
-    ids = input_ids
+    given = ts.ids.shape[1]  # tokens before the first one generated here
     recovery = getattr(ts.session, "recovery", None)
     recoveries_before = 0 if recovery is None else len(recovery.events)
     hedges_before = 0 if recovery is None else len(recovery.hedges)
@@ -206,10 +219,30 @@ async def continue_tokens(
         prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
     with heads.using():  # while this session decodes, a batch may wait a moment for it
-        for i in range(sampling.max_new_tokens):
-            t_step = time.perf_counter()
-            out = await ts.session.step(hidden)  # (B, T', H)
-            ts.fed += hidden.shape[1] - (ts.prefix_len if ts.fed == 0 else 0)
+        done = False
+        while True:
+            try:
+                if done:  # every server checked up to its last answer before the tokens are final
+                    settle = getattr(ts.session, "settle", None)
+                    if settle is not None:
+                        await settle()
+                    break
+                t_step = time.perf_counter()
+                out = await ts.session.step(hidden)  # (B, T', H)
+            except RolledBack as back:
+                taken = rewind(ts, back.position, given)
+                stats.rollbacks += 1
+                stats.new_tokens = ts.ids.shape[1] - given
+                finished = torch.isin(ts.ids[:, given:], eos).any(dim=1)
+                log.warning("%s; %d token(s) taken back", back, taken)
+                if on_retract is not None and taken:
+                    on_retract(taken)
+                hidden = await trio.to_thread.run_sync(
+                    rewound_input, head, ts, back.position, batch
+                )
+                done = False
+                continue
+            ts.fed = ts.ids.shape[1]
             stats.remote_time += time.perf_counter() - t_step
             seen = ts.ids
 
@@ -228,25 +261,53 @@ async def continue_tokens(
                 return token, head.embed(token[:, None])  # the next input, in the same hop
 
             token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B, 1, H)
-            ids = torch.cat([ids, token[:, None]], dim=1)
             ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
-            if i == 0:
+            if stats.new_tokens == 0 and not stats.time_to_first_token:
                 stats.time_to_first_token = time.perf_counter() - t0
             stats.new_tokens += 1
             if on_tokens is not None:
                 on_tokens(token)
             finished |= torch.isin(token, eos)
+            done = True
             if bool(finished.all()):
                 stats.finish_reason = "eos"
-                break
-            if stopping is not None and stopping(ids):
+            elif stopping is not None and stopping(
+                torch.cat([input_ids, ts.ids[:, given:]], dim=1)
+            ):
                 stats.finish_reason = "stop"
-                break
-            if i + 1 == sampling.max_new_tokens:
-                break
+            elif stats.new_tokens >= sampling.max_new_tokens:
+                stats.finish_reason = "length"
+            else:
+                done = False
             hidden = next_hidden
+    ids = torch.cat([input_ids.to(torch.int64), ts.ids[:, given:]], dim=1)
+    verifier = getattr(ts.session, "verifier", None)
+    if verifier is not None:
+        stats.checked_positions = verifier.stats.positions
+        stats.findings = list(verifier.found)
     if recovery is not None:
         stats.recoveries = list(recovery.events[recoveries_before:])
         stats.hedges = list(recovery.hedges[hedges_before:])
     stats.total_time = time.perf_counter() - t0
     return ids, stats
+
+
+def rewind(ts: TokenSession, position: int, given: int) -> int:
+    """The session went back to ``position``: keep the tokens whose positions it still holds, the
+    one after them and every one of the first ``given`` (the caller's); return how many generated
+    tokens were taken back."""
+    fed = max(0, position - ts.prefix_len)
+    keep = max(fed + 1, given)
+    taken = max(0, ts.ids.shape[1] - keep)
+    ts.ids, ts.fed = ts.ids[:, :keep], fed
+    return taken
+
+
+def rewound_input(head: Any, ts: TokenSession, position: int, batch: int) -> torch.Tensor:
+    """What to send after a rewind to ``position``: the soft prompt's rest, if any, and the
+    tokens the caches lack ``# (B, T, H)``."""
+    hidden = head.embed(ts.pending)
+    if ts.prefix is not None and position < ts.prefix_len:
+        prefix = ts.prefix[position:].to(hidden.dtype).expand(batch, -1, -1)
+        hidden = torch.cat([prefix, hidden], dim=1)
+    return hidden

@@ -41,7 +41,8 @@ from swarm_node.node.client.recovery import (
     sole_error,
 )
 from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.client.step_deadlines import HedgeBudget
+from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
+from swarm_node.node.client.verification import Answer, RolledBack, Verifier
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
@@ -72,6 +73,20 @@ class RemoteSpan:
         self.session_id = session_id
         self.pushes = pushes  # this server pushes its output to the next span's server
         self.answers = HopAnswers(conn.peer_id)
+        self.answered: list[Answer] | None = None  # what it was sent and answered, when checked
+        self.answered_to = 0  # positions answered
+        # it answered a step another server pushed it: what it computed from is that server's
+        # word, not what the client recorded, so its answers are not checked (verification.py)
+        self.pushed_into = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verify:
+    """How a session spot-checks its servers (verification.py)."""
+
+    rate: float  # the chance that a step makes a server due a check
+    ban_seconds: float  # how long a server caught lying is banned
+    spawn: Callable[..., object]  # a nursery's start_soon: the checks run beside the steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +113,7 @@ class InferenceSession:
         recovery: Recovery | None = None,
         observe: Callable[[Hop, float], None] | None = None,
         watch: IdleWatch | None = None,
+        verify: Verify | None = None,
     ) -> None:
         self.push = bool(settings.push)
         self.observe = observe  # told the seconds of each one-token client-star step of a hop
@@ -121,6 +137,18 @@ class InferenceSession:
         self._busy = trio.Lock()  # a step, or the idle watch's pings and recovery
         self._idle_since = 0.0
         self._watching = trio.CancelScope()
+        self.verifier: Verifier | None = None
+        self._spawn_checks: Callable[..., object] | None = None
+        if verify is not None and verify.rate > 0 and recovery is not None:
+            self.verifier = Verifier(
+                rate=verify.rate,
+                reroute=recovery.reroute,
+                bans=recovery.bans,
+                clock=recovery.clock,
+                ban_seconds=verify.ban_seconds,
+            )
+            self._spawn_checks = verify.spawn
+        self._checking = trio.CancelScope()
 
     @property
     def position(self) -> int:
@@ -158,7 +186,18 @@ class InferenceSession:
         if self.watch is not None:
             self._idle_since = trio.current_time()
             self.watch.spawn(self._watch_idle)
+        if self._spawn_checks is not None:
+            self._spawn_checks(self._run_checks)
         return self
+
+    async def _run_checks(self) -> None:
+        if self.verifier is not None:
+            with self._checking:
+                await self.verifier.run(self)
+
+    def live_spans(self) -> list[RemoteSpan]:
+        """The servers the session runs its steps on now."""
+        return self._spans
 
     async def _watch_idle(self) -> None:
         """Every ``watch.every`` s without a step, ping the session's servers: one that does not
@@ -215,7 +254,10 @@ class InferenceSession:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await conn.close()
             raise
-        return RemoteSpan(hop, conn, reply.session_id, pushes=reply.push)
+        span = RemoteSpan(hop, conn, reply.session_id, pushes=reply.push)
+        if self.verifier is not None:
+            span.answered = []
+        return span
 
     def _push_fields(self, following: RemoteSpan | None, previous: str) -> dict[str, Any]:
         """Where this hop pushes to (the session opened on the next hop) and whom it takes pushes from."""
@@ -235,6 +277,9 @@ class InferenceSession:
 
     async def aclose(self) -> None:
         self._watching.cancel()
+        self._checking.cancel()
+        if self.verifier is not None:
+            await self.verifier.aclose()
         spans = self._spans
         self._slots = []
         with trio.CancelScope(shield=True):
@@ -261,9 +306,54 @@ class InferenceSession:
         """
         async with self._busy:
             try:
+                await self._apply_findings()
                 return await self._step(hidden)
             finally:
                 self._idle_since = trio.current_time()
+
+    async def settle(self) -> None:
+        """Check every server up to its last answer now (the end of a generation: nothing is left
+        unchecked); RolledBack when one lied, like ``step``."""
+        if self.verifier is None:
+            return
+        async with self._busy:
+            await self.verifier.settle(self)
+            await self._apply_findings()
+
+    async def _apply_findings(self) -> None:
+        """A check found a server lying: roll every hop back to the first position it got wrong
+        and raise RolledBack (the caller redoes the steps from there)."""
+        found = None if self.verifier is None else self.verifier.finding()
+        if found is None or found.position >= self.position:
+            return
+        await self.roll_back(found.position)
+        raise RolledBack(found.position, found.liar)
+
+    async def roll_back(self, position: int) -> None:
+        """Every hop's cache back to its first ``position`` positions: new sessions (on the same
+        servers, or others where a server is banned now) with the slot's history up to there
+        replayed."""
+        recovery = self.recovery
+        assert recovery is not None and self.verifier is not None
+        for slot in self._slots:
+            slot.history = _truncated(slot.history, position)
+            banned = recovery.bans.banned(recovery.clock())
+            chain = [span.hop for span in slot.spans]
+            for attempt in range(recovery.max_attempts + 1):
+                if attempt or any(hop.server.peer_id in banned for hop in chain):
+                    chain = await recovery.reroute(slot.start, slot.end, attempt, frozenset())
+                try:
+                    spans, _ = await recovery.open_and_replay(self, slot, chain)
+                    break
+                except HopFailed as failure:
+                    ban(recovery.bans, failure, recovery.clock())
+                    if attempt == recovery.max_attempts:
+                        raise
+            old, slot.spans, slot.times = slot.spans, spans, StepTimes()
+            await self.verifier.forget(old)
+            await recovery.retire(old)
+        self.steps.position = position
+        self.verifier.rollbacks.append(position)
 
     async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self._spans:
@@ -283,6 +373,8 @@ class InferenceSession:
             out = await self._pipelined(hidden, chunk)
         self.steps.advance(tokens)
         self.hedges.steps += 1
+        if self.verifier is not None:
+            self.verifier.stepped(self._spans)
         return out
 
     def chunk_tokens(self, hidden: torch.Tensor) -> int:
@@ -412,6 +504,10 @@ class InferenceSession:
             )
         if not bool(torch.isfinite(out).all()):
             raise RemoteProtocolError(f"{span.conn.peer_id} returned hidden states with inf or nan")
+        if span.answered is not None:
+            answer = Answer(span.answered_to, sent, out, reply.hidden, reply.step_id, reply.receipt)
+            span.answered.append(answer)
+            span.answered_to += sent.shape[1]
         return out
 
     async def _pipelined(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -518,6 +614,7 @@ class InferenceSession:
                     reply = await self.receive_step(span, step_id)
                 else:
                     reply, lost = await self._pushed_answer(span, step_id)
+                    span.pushed_into = span.pushed_into or reply is not None
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
@@ -566,3 +663,16 @@ class InferenceSession:
                 if reply is not None:
                     return reply
                 log.debug("dropped an answer to an older step from %s", span.conn.peer_id)
+
+
+def _truncated(
+    history: list[tuple[int, int, torch.Tensor]], position: int
+) -> list[tuple[int, int, torch.Tensor]]:
+    """The steps of ``history`` before ``position`` (a step across it cut there)."""
+    kept = []
+    for step_id, at, hidden in history:
+        if at + hidden.shape[1] <= position:
+            kept.append((step_id, at, hidden))
+        elif at < position:
+            kept.append((step_id, at, hidden[:, : position - at]))
+    return kept

@@ -160,7 +160,7 @@ class Recovery:
         ban(self.bans, failure, self.clock())
         slot.failures += 1
         if slot.failures > self.max_attempts:  # replacements keep failing the same step
-            await _close_quietly(slot.spans)
+            await close_quietly(slot.spans)
             raise MissingBlocksError(
                 f"no server for blocks {format_blocks(range(slot.start, slot.end))} of {session.model} after "
                 f"{self.max_attempts} attempts (every replacement failed: last {failure.cause})"
@@ -185,7 +185,7 @@ class Recovery:
                     delay *= 2
                 continue
             try:
-                spans, replay_seconds = await self._open_and_replay(session, slot, chain)
+                spans, replay_seconds = await self.open_and_replay(session, slot, chain)
             except HopFailed as exc:
                 last_error = exc.cause
                 ban(self.bans, exc, self.clock())
@@ -213,9 +213,9 @@ class Recovery:
                 event.replayed_steps,
                 replay_seconds,
             )
-            await _close_quietly(old)
+            await close_quietly(old)
             return
-        await _close_quietly(old)
+        await close_quietly(old)
         self.log_event("lost", slot.start, slot.end, failure.span.hop.server.peer_id, 0.0)
         blocks = format_blocks(range(slot.start, slot.end))
         first = f"{failure.span.hop.server.peer_id[-8:]}: {failure.cause}"
@@ -232,7 +232,7 @@ class Recovery:
         with the slot's history replayed, ready for the step in flight; None when there is none."""
         try:
             chain = await self.reroute(slot.start, slot.end, 0, late)
-            spans, replay_seconds = await self._open_and_replay(session, slot, chain)
+            spans, replay_seconds = await self.open_and_replay(session, slot, chain)
         except (MissingBlocksError, trio.TooSlowError) as exc:
             log.info("no spare for late blocks %d:%d: %s", slot.start, slot.end, exc)
             return None
@@ -271,9 +271,9 @@ class Recovery:
 
     async def retire(self, spans: list[RemoteSpan]) -> None:
         """Drop streams to servers the session stopped using (without a ban)."""
-        await _close_quietly(spans)
+        await close_quietly(spans)
 
-    async def _open_and_replay(
+    async def open_and_replay(
         self, session: InferenceSession, slot: Slot, chain: list[Hop]
     ) -> tuple[list[RemoteSpan], float]:
         """Sessions on ``chain`` (no push: the client sends every step) with the slot's history
@@ -288,7 +288,7 @@ class Recovery:
             for span in spans:
                 inputs = await replay(session, span, slot.history, inputs)
         except BaseException:
-            await _close_quietly(spans)
+            await close_quietly(spans)
             raise
         return spans, time.perf_counter() - t0
 
@@ -357,7 +357,7 @@ def sole_error(group: BaseExceptionGroup) -> BaseException | None:
     return leaves[0] if len(leaves) == 1 else None
 
 
-async def _close_quietly(spans: list[RemoteSpan]) -> None:
+async def close_quietly(spans: list[RemoteSpan]) -> None:
     """Drop streams to servers we stopped using, without waiting on a server that may be hung."""
     with trio.CancelScope(shield=True):
         for span in spans:

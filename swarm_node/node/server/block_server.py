@@ -20,6 +20,7 @@ import torch
 import trio
 
 from swarm_node import __version__, compression
+from swarm_node.dht.receipts import Receipt, sign_receipt, wire_digest
 from swarm_node.errors import (
     ConfigError,
     ProtocolError,
@@ -459,7 +460,26 @@ class BlockServer:
         encode = functools.partial(compression.encode, out, session.compression)
         out_wire = await off_loop(encode, out.nbytes)
         pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
-        return session.rules.answered(step_id, out_wire, pushed=pushed)
+        receipt = self._receipt(session, step_id, position, wire, out_wire)
+        return session.rules.answered(step_id, out_wire, pushed=pushed, receipt=receipt)
+
+    def _receipt(
+        self, session: ServerSession, step_id: int, position: int, wire: Any, out: Any
+    ) -> str:
+        """This server's signature of the step's receipt (dht/receipts.py); "" without a key."""
+        if self.host is None:
+            return ""
+        receipt = Receipt(
+            model=self.model_digest,
+            start=session.start,
+            end=session.end,
+            session_id=session.session_id,
+            step_id=step_id,
+            position=position,
+            input_digest=wire_digest(wire.codec, wire.dtype, wire.shape, wire.data),
+            output_digest=wire_digest(out.codec, out.dtype, out.shape, out.data),
+        )
+        return sign_receipt(receipt, self.host.get_private_key())
 
     async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:
         """A session's step through its span: a decode step through the batcher (unless prompts or
