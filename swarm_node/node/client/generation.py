@@ -7,6 +7,7 @@ tokenizers or text: stopping on strings is the caller's ``stopping`` callback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ import trio
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.speculative import Speculation
 from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class GenerationStats:
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
+    steps: int = 0  # trips through the chain (fewer than new_tokens when drafts were accepted)
+    draft_tokens: int = 0  # draft tokens the servers verified (speculative decoding)
+    accepted_tokens: int = 0  # of which were accepted
     recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
     hedges: list[Any] = field(default_factory=list)  # a HedgeEvent per late slot a spare took
 
@@ -140,10 +145,12 @@ async def generate_tokens(
     chain: Sequence[Hop] | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
+    speculation: Speculation | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate, in a session of
     ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix`` and
-    ``chain`` are those of ``open_token_session``, the callbacks those of ``continue_tokens``."""
+    ``chain`` are those of ``open_token_session``, the callbacks and ``speculation`` those of
+    ``continue_tokens``."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(
             f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
@@ -154,7 +161,9 @@ async def generate_tokens(
     async with open_token_session(
         peer, settings, tuning=tuning, prefix=prefix, chain=chain
     ) as session:
-        return await continue_tokens(head, session, input_ids, sampling, on_tokens, stopping)
+        return await continue_tokens(
+            head, session, input_ids, sampling, on_tokens, stopping, speculation
+        )
 
 
 async def continue_tokens(
@@ -164,10 +173,15 @@ async def continue_tokens(
     sampling: SamplingConfig,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
+    speculation: Speculation | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Go on with what ``ts`` holds: ``input_ids`` ``# (B, T)`` (may be empty, ``# (B, 0)``, to just
     go on) -> ``# (B, T + new)``. ``on_tokens(token # (B,))`` sees each new token;
-    ``stopping(ids # (B, T + new))`` returning True ends generation after that token."""
+    ``stopping(ids # (B, T + new))`` returning True ends generation after that token.
+
+    ``speculation`` (batch 1, every server able to roll its cache back; else plain decoding): a
+    step carries drafted tokens after the last one, the chain verifies them all in one trip, and
+    the servers forget the rejected ones with the next step (speculative.py)."""
     from swarm_node.model import apply_repetition_penalty, sample_next_token
 
     if input_ids.ndim != 2:
@@ -205,11 +219,19 @@ async def continue_tokens(
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
         prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
-    for i in range(sampling.max_new_tokens):
+    spec = speculation if batch == 1 else None
+    while True:
         t_step = time.perf_counter()
+        drafts: list[int] = []
+        if spec is not None and getattr(ts.session, "can_truncate", False):
+            drafts = await spec.drafts(ts.ids[0], sampling.max_new_tokens - stats.new_tokens - 1)
+            if drafts:
+                hidden = torch.cat([hidden, head.embed(torch.tensor([drafts]))], dim=1)
+        position = ts.session.position
         out = await ts.session.step(hidden)  # (B, T', H)
         ts.fed += hidden.shape[1] - (ts.prefix_len if ts.fed == 0 else 0)
         stats.remote_time += time.perf_counter() - t_step
+        stats.steps += 1
         seen = ts.ids
 
         def pick(
@@ -227,22 +249,41 @@ async def continue_tokens(
             token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
             return token, head.embed(token[:, None])  # the next input, in the same thread hop
 
-        token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
-        if i == 0:
-            stats.time_to_first_token = time.perf_counter() - t0
-        stats.new_tokens += 1
-        if on_tokens is not None:
-            on_tokens(token)
-        finished |= torch.isin(token, eos)
-        if bool(finished.all()):
-            stats.finish_reason = "eos"
+        if drafts and spec is not None:
+            verify = functools.partial(spec.verify, head, out, seen[0], drafts, sampling, generator)
+            picked, next_hidden = await ts.quick_jobs.run(verify)  # [1 + accepted], (1, 1, H)
+            tokens = [torch.tensor([t]) for t in picked]
+        else:
+            token, next_hidden = await ts.quick_jobs.run(pick)  # (B,), (B, 1, H)
+            tokens = [token]
+        emitted = 0
+        for token in tokens:
+            emitted += 1
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
+            if stats.new_tokens == 0:
+                stats.time_to_first_token = time.perf_counter() - t0
+            stats.new_tokens += 1
+            if on_tokens is not None:
+                on_tokens(token)
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                stats.finish_reason = "eos"
+            elif stopping is not None and stopping(ids):
+                stats.finish_reason = "stop"
+            elif stats.new_tokens < sampling.max_new_tokens:
+                continue
             break
-        if stopping is not None and stopping(ids):
-            stats.finish_reason = "stop"
-            break
-        if i + 1 == sampling.max_new_tokens:
+        if spec is not None:
+            spec.length.observe(len(drafts), len(tokens), time.perf_counter() - t_step)
+        if drafts:
+            stats.draft_tokens += len(drafts)
+            stats.accepted_tokens += len(tokens) - 1
+            # the servers keep what they were sent up to the newest emitted token's predecessor
+            rejected = len(drafts) - (emitted - 1)
+            ts.fed -= rejected
+            ts.session.truncate(position + hidden.shape[1] - rejected)
+        if stats.finish_reason != "length" or stats.new_tokens >= sampling.max_new_tokens:
             break
         hidden = next_hidden
     if recovery is not None:
