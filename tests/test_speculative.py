@@ -246,3 +246,69 @@ async def test_servers_that_cannot_roll_back_get_plain_decoding(tmp_path: Path) 
             )
     assert ids[0].tolist() == expected
     assert stats.draft_tokens == 0 and stats.steps == NEW
+
+
+class PartlyRight:
+    """Drafts two right tokens, then wrong ones: every step accepts 2 and rolls back the rest."""
+
+    def __init__(self, expected: list[int]) -> None:
+        self.expected = expected
+
+    def draft(self, ids: list[int], k: int) -> list[int]:
+        future = self.expected[len(ids) : len(ids) + k]
+        return [t if i < 2 else (t + 1) % 256 for i, t in enumerate(future)]
+
+
+@pytest.mark.slow
+async def test_a_server_killed_mid_speculation_recovers_to_the_same_tokens(tmp_path: Path) -> None:
+    """SIGKILL of a `swarm-node serve` process between a verification step and the next (whose
+    roll back it never hears): the replacement is replayed the accepted tokens only."""
+    import signal
+
+    from swarm_node.dht.routing import Hop
+    from swarm_node.node.config import PeerConfig
+    from swarm_node.node.peer import open_peer
+    from tests.process_swarm import server_processes
+    from tests.swarm_helpers import LOOPBACK
+
+    model = make_tiny_model_dir(tmp_path / "tiny-spec-failover", num_layers=6, seed=5)
+    torch.manual_seed(15)
+    input_ids = torch.randint(0, 256, (1, 5))
+    expected = reference_ids(model, input_ids, 20)
+    head = ClientHead.load(Checkpoint.open(model))
+    emitted: list[int] = []
+    extra = ["--throughput", "100"]
+    with trio.fail_after(180):
+        async with server_processes(model, ["0:3", "3:6", "0:6"], extra=extra) as servers:
+            victim = servers[1]
+
+            def kill_after_five(token: torch.Tensor) -> None:
+                emitted.append(int(token))
+                if len(emitted) == 5:  # the first token of the second verification step
+                    victim.process.send_signal(signal.SIGKILL)
+
+            config = ClientConfig(step_timeout=3.0, retry_delay=0.2, max_attempts=3)
+            peer_config = PeerConfig(listen=LOOPBACK, initial_peers=(servers[0].addr,))
+            async with open_peer(peer_config, client=config) as client:
+                records: dict = {}
+                while not all(s.peer_id in records for s in servers[:2]):
+                    found = await client.find_servers(model.name, 6)
+                    records.update((r.peer_id, r) for r in found)
+                chain = [
+                    Hop(records[servers[0].peer_id], 0, 3),
+                    Hop(records[victim.peer_id], 3, 6),
+                ]
+                ids, stats = await generate_tokens(
+                    client,
+                    head,
+                    input_ids,
+                    settings(model),
+                    SamplingConfig(max_new_tokens=20),
+                    chain=chain,
+                    on_tokens=kill_after_five,
+                    speculation=fixed(PartlyRight(expected), tokens=4),
+                )
+    assert ids[0].tolist() == expected
+    (event,) = stats.recoveries
+    assert event.failed == victim.peer_id
+    assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens

@@ -58,7 +58,7 @@ def sampling_probs(
     logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int = 0
 ) -> torch.Tensor:
     """Logits `# (B, V)` -> the distribution `sample_next_token` draws from `# (B, V)` (temperature
-    > 0; settings as checked there). Speculative sampling accepts drafts against it."""
+    > 0; settings as checked there), not normalised after top-p (as `torch.multinomial` takes it)."""
     with torch.inference_mode():
         logits = logits.detach().float()
         if 0 < top_k < logits.shape[-1]:

@@ -61,11 +61,12 @@ def accept_drafts(
                 return emitted
             continue
         probs = sampling_probs(row, temperature=temperature, top_p=top_p, top_k=top_k)[0]  # (V,)
+        probs = probs / probs.sum()  # top-p leaves the kept mass unnormalised
         if j == k:
             emitted.append(_draw(probs, generator))
             return emitted
         draft = drafts[j]
-        q = None if draft_probs is None else draft_probs[j].float()
+        q = None if draft_probs is None else draft_probs[j].float() / draft_probs[j].sum()
         q_draft = 1.0 if q is None else float(q[draft])
         u = float(torch.rand((), generator=generator))
         if q_draft > 0 and u * q_draft < float(probs[draft]):  # u < p / q
