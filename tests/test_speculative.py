@@ -11,7 +11,7 @@ import pytest
 import torch
 import trio
 
-from swarm_node.errors import RequestError, SessionError
+from swarm_node.errors import ConfigError, RequestError, SessionError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.drafting import DraftLength, PromptLookup
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
@@ -312,3 +312,59 @@ async def test_a_server_killed_mid_speculation_recovers_to_the_same_tokens(tmp_p
     (event,) = stats.recoveries
     assert event.failed == victim.peer_id
     assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens
+
+
+def test_draft_length_adapts_and_turns_itself_off() -> None:
+    from swarm_node.node.client import drafting
+
+    length = DraftLength(max_tokens=6)
+    assert length.next(10) == 0  # a plain step is timed first
+    length.observe(0, 1, 0.10)
+    assert length.next(10) == 6 and length.next(3) == 3
+    length.observe(6, 3, 0.12)  # cut: shorter
+    assert length.tokens == 5
+    length.observe(5, 6, 0.12)  # all accepted: longer (at most max_tokens)
+    assert length.tokens == 6 and length.acceptance == 7 / 11
+    for _ in range(drafting.WINDOW):  # paying: 3 tokens in 0.12 s against 1 in 0.10 s
+        length.observe(6, 3, 0.12)
+    assert length.next(10) > 0
+    for _ in range(drafting.WINDOW):  # not paying: 1 token in 0.12 s
+        length.observe(2, 1, 0.12)
+    off_for = drafting.FIRST_BACKOFF
+    for _ in range(off_for):
+        assert length.next(10) == 0
+        length.observe(0, 1, 0.10)
+    assert length.next(10) > 0  # tried again, and off for twice as long when it still does not pay
+    for _ in range(drafting.WINDOW):
+        length.observe(length.next(10), 1, 0.12)
+    assert length.backoff == 4 * off_for and length.off_until == length.steps + 2 * off_for
+    with pytest.raises(ConfigError, match=r"'emitted' must be in \[1, 3\], got 4"):
+        length.observe(2, 4, 0.1)
+
+
+@pytest.mark.parametrize("layers", [6, 2], ids=["same-model", "truncated-copy"])
+async def test_a_draft_model_drafts_and_greedy_stays_exact(tiny_llama: Path, layers: int) -> None:
+    """A local draft model (here the target itself, or its first 2 blocks: a worse drafter)."""
+    from transformers import AutoModelForCausalLM
+
+    from swarm_node.node.client.drafting import DraftModel
+
+    torch.manual_seed(16)
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = reference_ids(tiny_llama, input_ids, 20)
+    draft = DraftModel(AutoModelForCausalLM.from_pretrained(tiny_llama, num_hidden_layers=layers))
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, CHAINS[2]) as (_, client):
+            ids, stats = await generate_tokens(
+                client,
+                head,
+                input_ids,
+                settings(tiny_llama),
+                SamplingConfig(max_new_tokens=20),
+                speculation=fixed(draft, tokens=4),
+            )
+    assert ids[0].tolist() == expected
+    assert stats.draft_tokens > 0
+    if layers == 6:
+        assert stats.accepted_tokens == stats.draft_tokens and stats.steps == 4

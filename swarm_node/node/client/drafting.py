@@ -86,9 +86,7 @@ class DraftModel:
         drafts: list[int] = []
         with torch.inference_mode():
             for _ in range(k):
-                out = self.model(
-                    input_ids=torch.tensor([feed]), past_key_values=self.cache, use_cache=True
-                )
+                out = self.model(input_ids=torch.tensor([feed]), cache=self.cache, use_cache=True)
                 token = int(out.logits[0, -1].argmax())
                 drafts.append(token)
                 feed = [token]
