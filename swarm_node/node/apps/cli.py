@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "max_server_share",
         "idle_ping",
         "accept_quant",
+        "speculative",
+        "draft",
+        "draft_tokens",
     )
     _add(
         gen,
@@ -275,6 +278,7 @@ def api_flags(p: argparse.ArgumentParser) -> None:
         "allowed_hosts",
         "api_key",
         "refresh_interval",
+        "speculative",
     )
 
 
