@@ -103,10 +103,11 @@ def test_keep_rules_and_old_servers() -> None:
 
 
 def test_prompt_lookup_drafts_the_latest_continuation() -> None:
-    lookup = PromptLookup(max_ngram=2)
+    lookup = PromptLookup(max_ngram=2, min_ngram=1)
     assert lookup.draft([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]
     assert lookup.draft([1, 2, 3, 9, 3], 2) == [9, 3]  # a 1-gram when no 2-gram matches
     assert lookup.draft([1, 2, 3], 4) == []
+    assert PromptLookup().draft([1, 2, 3, 9, 3], 2) == []  # the default needs 2 tokens to match
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ class PromptLookup:
     propose what followed them."""
 
     max_ngram: int = 3
-    min_ngram: int = 1
+    min_ngram: int = 2  # a lone token's earlier continuation is mostly a wasted draft
 
     def __post_init__(self) -> None:
         check_int("min_ngram", self.min_ngram, 1)
