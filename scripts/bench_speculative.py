@@ -3,9 +3,10 @@
 
 SmolLM2-135M-Instruct (float32, greedy, chat template) on 2 servers with push; every peer sits behind
 a userspace proxy adding DELAY seconds one way (tests/delay_proxy.py), as in bench_wan.py. Two prompt
-sets: "repetitive" (edit a given piece of code, quote a given passage: the answer repeats the prompt)
-and "chat" (open questions). Each round generates every prompt once without and once with
-speculation (adaptive prompt lookup, the default drafter), alternating which goes first; a set's
+sets: "repetitive" (quote a given passage: the answer repeats the prompt; the 135M model rewrites
+code it is asked to edit rather than copying it) and "chat" (open questions). Each round generates
+every prompt once without and once with speculation (adaptive prompt lookup, the default drafter),
+alternating which goes first; a set's
 figure per round is its tokens over its seconds (prefill included, the same for both), and the
 speedup is the median over rounds of with/without. ``same_tokens``: greedy output identical with
 and without. Figures measured on a shared machine are under load: the absolute tokens/s are printed
@@ -42,30 +43,21 @@ from swarm_node.node.client.speculative import Speculation  # noqa: E402
 from tests.swarm_helpers import proxied_swarm  # noqa: E402
 
 MODEL = "smollm2-135m"
-CODE = """def compute(values):
-    total = 0
-    count = 0
-    for value in values:
-        if value is None:
-            continue
-        total += value
-        count += 1
-    if count == 0:
-        return 0.0
-    return total / count
-"""
-PASSAGE = (
+PASSAGES = (
     "The swarm keeps every block of the model on some server. A client looks the servers up, "
     "picks a chain that covers every block, and sends the hidden states of each new token "
     "through it. When a server fails, the client finds another for exactly its blocks and "
-    "replays what it had sent, so the text it generates does not change."
+    "replays what it had sent, so the text it generates does not change.",
+    "Peers find each other through a distributed hash table. Each server signs a record that "
+    "names the blocks it holds, its addresses and its throughput. Records expire unless renewed, "
+    "so a server that leaves is soon forgotten, and a client never has to trust a central list.",
+    "A server at home sits behind a router that drops connections from outside. It reserves a "
+    "slot on a public relay and announces the relayed address instead, so clients reach it "
+    "through the relay without any port forwarding, and its traffic stays encrypted end to end.",
 )
 PROMPTS = {
-    "repetitive": [
-        f"Rename the function `compute` to `average` in this code and show the whole code:\n\n{CODE}",
-        f"Repeat this passage word for word:\n\n{PASSAGE}",
-        f"Add a docstring to this function and show the whole function:\n\n{CODE}",
-    ],
+    # SmolLM2-135M does not copy code it is asked to edit (it rewrites it): quoting stands in
+    "repetitive": [f"Repeat this text word for word:\n\n{p}" for p in PASSAGES],
     "chat": [
         "What are three tips for staying healthy?",
         "Write a short story about a robot who learns to paint.",

@@ -369,3 +369,56 @@ async def test_a_draft_model_drafts_and_greedy_stays_exact(tiny_llama: Path, lay
     assert stats.draft_tokens > 0
     if layers == 6:
         assert stats.accepted_tokens == stats.draft_tokens and stats.steps == 4
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+async def test_other_families_speculate_exactly(tmp_path: Path, family: str) -> None:
+    """Tiny random models of the other families (llama above): drafts partly right, with push."""
+    model = make_tiny_model_dir(tmp_path / family, family=family, num_layers=4, seed=7)
+    torch.manual_seed(17)
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = reference_ids(model, input_ids)
+    head = ClientHead.load(Checkpoint.open(model))
+    with trio.fail_after(90):
+        async with local_swarm(model, [(0, 2), (2, 4)], client=ClientConfig(push=True)) as (
+            _,
+            client,
+        ):
+            ids, stats = await generate_tokens(
+                client,
+                head,
+                input_ids,
+                SessionSettings(model=model.name, num_blocks=4, dtype="float32", push=True),
+                SamplingConfig(max_new_tokens=NEW),
+                speculation=fixed(PartlyRight(expected)),
+            )
+    assert ids[0].tolist() == expected
+    assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens
+
+
+@pytest.mark.slow
+async def test_smollm2_speculates_exactly(smollm2_path: Path) -> None:
+    """The real SmolLM2 quoting a passage: prompt lookup's drafts are accepted, greedy unchanged."""
+    from swarm_node.model import load_tokenizer
+    from swarm_node.node.apps.commands import encode_prompt
+
+    passage = (
+        "Peers find each other through a distributed hash table. Each server signs a record that "
+        "names the blocks it holds, its addresses and its throughput."
+    )
+    tokenizer = load_tokenizer(smollm2_path)
+    input_ids = encode_prompt(tokenizer, f"Repeat this text word for word:\n\n{passage}", chat=True)
+    expected = reference_ids(smollm2_path, input_ids, 24)
+    head = ClientHead.load(Checkpoint.open(smollm2_path))
+    with trio.fail_after(240):
+        async with local_swarm("smollm2-135m", [(0, 15), (15, 30)]) as (_, client):
+            ids, stats = await generate_tokens(
+                client,
+                head,
+                input_ids,
+                SessionSettings(model="smollm2-135m", num_blocks=30, dtype="float32"),
+                SamplingConfig(max_new_tokens=24),
+                speculation=fixed(PromptLookup(), tokens=8),
+            )
+    assert ids[0].tolist() == expected
+    assert stats.accepted_tokens >= 8 and stats.steps <= 16
