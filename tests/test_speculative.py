@@ -422,3 +422,25 @@ async def test_smollm2_speculates_exactly(smollm2_path: Path) -> None:
             )
     assert ids[0].tolist() == expected
     assert stats.accepted_tokens >= 8 and stats.steps <= 16
+
+
+async def test_speculation_through_a_compressed_chain(tiny_llama: Path) -> None:
+    """float16 on the wire both ways (a verification step is just a wider tensor): the tiny
+    model's margins are wide enough that greedy output stays transformers'."""
+    torch.manual_seed(18)
+    input_ids = torch.randint(0, 256, (1, 6))
+    expected = reference_ids(tiny_llama, input_ids)
+    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    client = ClientConfig(compression="float16", push=True)
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, CHAINS[2], client=client) as (_, client_peer):
+            ids, stats = await generate_tokens(
+                client_peer,
+                head,
+                input_ids,
+                settings(tiny_llama, push=True, compression="float16"),
+                SamplingConfig(max_new_tokens=NEW),
+                speculation=fixed(PartlyRight(expected)),
+            )
+    assert ids[0].tolist() == expected
+    assert stats.accepted_tokens > 0 and stats.draft_tokens > stats.accepted_tokens
