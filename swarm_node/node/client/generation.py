@@ -274,7 +274,7 @@ async def continue_tokens(
             elif stats.new_tokens < sampling.max_new_tokens:
                 continue
             break
-        if spec is not None:
+        if spec is not None and hidden.shape[1] == len(drafts) + 1:  # a prefill is not timed
             spec.length.observe(len(drafts), len(tokens), time.perf_counter() - t_step)
         if drafts:
             stats.draft_tokens += len(drafts)
