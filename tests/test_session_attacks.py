@@ -18,6 +18,7 @@ from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from tests.attacks import Attack, AttackTarget
 from tests.attacks.sessions import (
+    attack_bad_keep,
     attack_oversized_prompt,
     attack_pings_only,
     attack_session_hoard,
@@ -123,5 +124,14 @@ async def test_a_client_that_never_reads_loses_its_session_at_the_send_deadline(
     with trio.fail_after(120):
         attack = partial(never_reads, within=3.0)
         async with under_attack(tiny_llama, attack, send_timeout=1.0) as (stopped, servers):
+            assert stopped
+            assert all_released(servers[0])
+
+
+async def test_bad_roll_backs_are_refused_and_the_session_goes_on(tiny_llama: Path) -> None:
+    # 'keep' past the cache, unequal to the position or a forward "roll back": bad_request each,
+    # the stream and session keep working, an honest roll back works
+    with trio.fail_after(90):
+        async with under_attack(tiny_llama, attack_bad_keep) as (stopped, servers):
             assert stopped
             assert all_released(servers[0])

@@ -55,6 +55,26 @@ class SpanCache:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 
+    @property
+    def can_truncate(self) -> bool:
+        """Whether `truncate` can roll back any length: no layer keeps only a sliding window
+        (a window's dropped positions are gone)."""
+        return not any(hasattr(layer, "sliding_window") for layer in self.dynamic.layers)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on: the cache is then the one that never saw them
+        (the kept keys and values are the same numbers)."""
+        if not self.can_truncate:
+            raise SessionError("this cache keeps sliding windows: it cannot be rolled back")
+        if type(length) is not int or not 0 <= length <= self.length:
+            raise SessionError(
+                f"'length' must be an int in [0, {self.length}] (the positions held), got {length!r}"
+            )
+        if length < self.length:
+            for layer in self.dynamic.layers:
+                layer.crop(length - self.length)  # negative: how many positions go
+            self.length = length
+
     def __repr__(self) -> str:
         return (
             f"SpanCache(blocks {self.start}:{self.end}, {self.length}/{self.max_length} positions, "

@@ -50,7 +50,17 @@ def sample_next_token(
         logits = logits.detach()
         if temperature == 0:
             return logits.argmax(dim=-1)  # (B,)
-        logits = logits.float()
+        probs = sampling_probs(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+def sampling_probs(
+    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int = 0
+) -> torch.Tensor:
+    """Logits `# (B, V)` -> the distribution `sample_next_token` draws from `# (B, V)` (temperature
+    > 0; settings as checked there), not normalised after top-p (as `torch.multinomial` takes it)."""
+    with torch.inference_mode():
+        logits = logits.detach().float()
         if 0 < top_k < logits.shape[-1]:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,7 +70,7 @@ def sample_next_token(
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of strictly better tokens
             sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        return probs
 
 
 def apply_repetition_penalty(

@@ -427,6 +427,20 @@ class ClientConfig:
     )
     verify_ban: float = 24 * 3600.0  # seconds a server caught lying is avoided
 
+    speculative: bool = flag(
+        False,
+        "speculative decoding: each step also carries draft tokens (prompt lookup, or --draft) "
+        "that the chain verifies in the same trip; drafting turns itself off while it does not "
+        "pay; the same tokens greedy, the same distribution sampling",
+    )
+    draft: str | None = flag(
+        None,
+        "a small local draft model with the swarm model's tokenizer (a bundled name or a "
+        "folder) for --speculative, instead of prompt lookup",
+        metavar="MODEL",
+    )
+    draft_tokens: int = flag(10, "the most draft tokens one speculative step carries")
+
     accept_quant: tuple[str, ...] = flag(
         WEIGHT_VARIANTS,
         "how servers may hold the weights this client pinned (its model folder's): 'none' "
@@ -461,6 +475,7 @@ class ClientConfig:
             _check_choice("compression", self.compression, COMPRESSIONS)
         _check_range("max_length", self.max_length, 1, 1 << 20)
         check_int("max_attempts", self.max_attempts, 0, 100)
+        check_int("draft_tokens", self.draft_tokens, 1, 64)
         _check_range("retry_delay", self.retry_delay, 0.0, 60.0)
         _check_range("ban_time", self.ban_time, 0.0)
         _check_range("max_server_share", self.max_server_share, 0.05, 1.0)
@@ -515,6 +530,11 @@ class ApiConfig:
         },
     )
     refresh_interval: float = flag(5.0, "seconds between DHT reads for the swarm map", "--refresh")
+    speculative: bool = flag(
+        False,
+        "speculative decoding with prompt lookup for every request (drafts the chain verifies "
+        "in one trip; off by itself while it does not pay; the same output distribution)",
+    )
     chain_ttl: float = 10.0  # seconds a chain found for one request serves the next ones
 
     def __post_init__(self) -> None:

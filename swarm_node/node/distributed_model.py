@@ -24,7 +24,11 @@ from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
 from swarm_node.node.client.generation import GenerationStats, continue_tokens, generate_tokens
-from swarm_node.node.client.generation_options import sampling_from, stop_string_checker
+from swarm_node.node.client.generation_options import (
+    sampling_from,
+    speculation_from,
+    stop_string_checker,
+)
 from swarm_node.node.client.model_session import ModelSession
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import HopTuning, SessionSettings
@@ -289,6 +293,9 @@ class DistributedModelForCausalLM(DistributedModelBase):
         Settings come from ``generation_config`` (a transformers ``GenerationConfig``) overridden by
         keyword arguments of the same names: max_new_tokens, do_sample, temperature, top_p, top_k,
         repetition_penalty, eos_token_id, pad_token_id. ``stop_strings`` need the ``tokenizer``.
+        Speculative decoding as transformers spells it: ``prompt_lookup_num_tokens=N`` (drafts
+        from the text so far) or ``assistant_model=`` (a small local model with the same
+        tokenizer); greedy output stays the same, sampling keeps its distribution.
         Inside ``inference_session()`` (or with ``session=``) the call continues that session.
         Trained prompts or the client's LoRA take part, as in training.
         """
@@ -299,6 +306,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
             if session is None:
                 raise ConfigError("'input_ids' are needed outside an inference session")
             input_ids = torch.zeros(1, 0, dtype=torch.int64)
+        speculation, kwargs = speculation_from(generation_config, kwargs)
         sampling = sampling_from(generation_config, kwargs, self.config, seed=seed)
         stopping = stop_string_checker(stop_strings, tokenizer, input_ids.shape[1])
         if streamer is not None:
@@ -308,7 +316,13 @@ class DistributedModelForCausalLM(DistributedModelBase):
         async def run() -> torch.Tensor:
             if session is not None:  # an open session carries its own tuning (set when it opened)
                 ids, stats = await continue_tokens(
-                    self.head, session.token_session, input_ids, sampling, on_tokens, stopping
+                    self.head,
+                    session.token_session,
+                    input_ids,
+                    sampling,
+                    on_tokens,
+                    stopping,
+                    speculation,
                 )
             else:
                 prefix, tuning = self.tuned_inputs()
@@ -322,6 +336,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
                     prefix=prefix,
                     on_tokens=on_tokens,
                     stopping=stopping,
+                    speculation=speculation,
                 )
             self.last_stats = stats
             return ids

@@ -51,6 +51,15 @@ class SessionSteps:
     def advance(self, tokens: int) -> None:
         self.position += tokens
 
+    def truncate(self, length: int) -> None:
+        """The servers' caches keep only their first ``length`` positions from the next step on."""
+        if type(length) is not int or not 0 <= length <= self.position:
+            raise SessionError(
+                f"'length' must be an int in [0, {self.position}] (the positions the session "
+                f"holds), got {length!r}"
+            )
+        self.position = length
+
 
 class HopAnswers:
     """What one server's stream answers to steps: older steps' answers (duplicates) are dropped,

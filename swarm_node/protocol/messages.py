@@ -85,6 +85,7 @@ class OpenSessionResponse:
     session_id: str
     max_length: int = _at_least(1)
     push: bool = False  # this server will push every step's output to the next server
+    keep: bool = False  # this server takes a step's 'keep' (rolls its attention cache back)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,11 @@ class StepRequest:
     step_id: int
     position: int  # tokens the client believes are already in the server's cache
     hidden: WireTensor  # (B, T, H)
+    # Roll back first (-1: no): the server cuts the session's attention cache to its first 'keep'
+    # positions, then appends this step's; 'position' must then equal 'keep'. A server that does
+    # not know the field ignores it and refuses the position (it only answers OpenSessionResponse
+    # 'keep' = True when it knows it).
+    keep: int = _at_least(-1, default=-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +119,7 @@ class PushStepRequest:
     step_id: int
     position: int
     hidden: WireTensor  # (B, T, H)
+    keep: int = _at_least(-1, default=-1)  # the client's roll back, as in StepRequest
 
 
 @dataclass(frozen=True, slots=True)

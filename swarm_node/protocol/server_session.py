@@ -189,10 +189,13 @@ class SessionRules:
     """One session's steps: each starts at the cache's length, ids only grow (the newest step's
     answer is kept for a duplicate), and pushes come only from ``prev_peer``."""
 
-    def __init__(self, *, session_id: str, max_length: int, prev_peer: str = "") -> None:
+    def __init__(
+        self, *, session_id: str, max_length: int, prev_peer: str = "", keeps: bool = False
+    ) -> None:
         self.session_id = session_id
         self.max_length = max_length
         self.prev_peer = prev_peer  # the previous span's server ("": the session takes no pushes)
+        self.keeps = keeps  # the cache can be rolled back: steps may carry 'keep'
         self.last_reply: StepResponse | None = None  # the answer to the newest step
         self.closed = False
 
@@ -211,7 +214,7 @@ class SessionRules:
                     f"'step_id' must be above the session's newest step {last.step_id} (or equal, "
                     f"to repeat it), got {req.step_id}",
                 )
-        self._check_tokens(req.position, req.hidden, cache_length)
+        self._check_tokens(req.position, req.hidden, cache_length, req.keep)
         return None
 
     def push(self, req: PushStepRequest, sender: str, cache_length: int) -> bool:
@@ -225,10 +228,27 @@ class SessionRules:
             )
         if self.last_reply is not None and req.step_id <= self.last_reply.step_id:
             return False
-        self._check_tokens(req.position, req.hidden, cache_length)
+        self._check_tokens(req.position, req.hidden, cache_length, req.keep)
         return True
 
-    def _check_tokens(self, position: int, hidden: WireTensor, cache_length: int) -> None:
+    def _check_tokens(
+        self, position: int, hidden: WireTensor, cache_length: int, keep: int = -1
+    ) -> None:
+        """The step's positions; with ``keep`` >= 0 the cache is first cut to ``keep`` positions
+        (the shell cuts it once every check passed)."""
+        if keep >= 0:
+            if not self.keeps:
+                raise RequestError(
+                    "bad_request",
+                    f"'keep' must be -1 here (this session's cache cannot be rolled back), got {keep}",
+                )
+            if keep > cache_length or position != keep:
+                raise RequestError(
+                    "bad_request",
+                    f"'keep' must be at most the session's cache length {cache_length} and equal "
+                    f"'position' {position}, got {keep}",
+                )
+            cache_length = keep
         if position != cache_length:
             raise RequestError(
                 "bad_request",

@@ -220,9 +220,38 @@ async def never_reads(target: AttackTarget, *, within: float) -> bool:
     return False
 
 
+async def attack_bad_keep(target: AttackTarget) -> bool:
+    """Steps whose roll back ('keep', speculative decoding) is past the cache, not the step's
+    position, or forward: each must be refused on a stream that keeps working, and an honest roll
+    back must still work. Stopped: all refused as bad_request and the session still steps."""
+    with trio.move_on_after(20):
+        async with attacker(target) as conn:
+            info = await ask(conn, m.InfoRequest())
+            opened = await open_longest(conn, info, (16,))
+            if opened is None:
+                return True
+            session = opened[1]
+            hidden = info.hidden_size
+            first = m.StepRequest(session, 1, 0, zeros(info, 1, 3, hidden))
+            if not isinstance(await ask(conn, first), m.StepResponse):
+                return False
+            for step_id, (position, keep) in enumerate(((5, 5), (2, 1), (3, 4), (0, 2)), 2):
+                bad = m.StepRequest(session, step_id, position, zeros(info, 1, 1, hidden), keep)
+                reply = await ask(conn, bad)
+                if not (isinstance(reply, m.ErrorResponse) and reply.code == "bad_request"):
+                    return False
+            honest = m.StepRequest(session, 9, 1, zeros(info, 1, 2, hidden), keep=1)
+            after = m.StepRequest(session, 10, 3, zeros(info, 1, 1, hidden))
+            return isinstance(await ask(conn, honest), m.StepResponse) and isinstance(
+                await ask(conn, after), m.StepResponse
+            )
+    return False
+
+
 ATTACKS = (
     ("pings_only", attack_pings_only),
     ("session_hoard", attack_session_hoard),
     ("oversized_prompt", attack_oversized_prompt),
     ("never_reads", attack_never_reads),
+    ("bad_keep", attack_bad_keep),
 )

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         "verify_rate",
         "accept_quant",
         "accept_dtype",
+        "speculative",
+        "draft",
+        "draft_tokens",
     )
     _add(
         gen,
@@ -277,6 +280,7 @@ def api_flags(p: argparse.ArgumentParser) -> None:
         "allowed_hosts",
         "api_key",
         "refresh_interval",
+        "speculative",
     )
 
 

@@ -17,10 +17,12 @@ import trio
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.model.dtypes import TORCH_DTYPES
+from swarm_node.node.client.drafting import DraftModel
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import model_eos_ids
 from swarm_node.node.client.recovery import sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.speculative import Speculation
 from swarm_node.node.config import (
     ApiConfig,
     ClientConfig,
@@ -177,6 +179,15 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None
     checkpoint, tokenizer, head, input_ids, tuned = loaded
+    speculation = None
+    if getattr(args, "speculative", False):
+        draft = getattr(args, "draft", None)
+        draft_model = (
+            None if draft is None else await trio.to_thread.run_sync(DraftModel.load, draft)
+        )
+        speculation = Speculation.of(
+            draft_model=draft_model, num_tokens=getattr(args, "draft_tokens", 10)
+        )
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=getattr(args, "temperature", 0.0),
@@ -193,7 +204,14 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         out.write(args.prompt)
     stream = TextStream(tokenizer, out)
     _, stats = await generate_tokens(
-        peer, head, input_ids, settings, sampling, on_tokens=stream, **tuned
+        peer,
+        head,
+        input_ids,
+        settings,
+        sampling,
+        on_tokens=stream,
+        speculation=speculation,
+        **tuned,
     )
     out.write("\n")
     out.flush()
@@ -206,6 +224,11 @@ def _describe(stats: GenerationStats) -> str:
         f"chain: {hops}\n{stats.new_tokens} new tokens, first after {stats.time_to_first_token:.2f} s, "
         f"{stats.tokens_per_second:.1f} tokens/s after that"
     )
+    if stats.draft_tokens:
+        text += (
+            f"\nspeculative: {stats.new_tokens} tokens in {stats.steps} steps, "
+            f"{stats.accepted_tokens} of {stats.draft_tokens} draft tokens accepted"
+        )
     for event in stats.recoveries:
         text += (
             f"\nrecovered: blocks {event.start}:{event.end} moved from {event.failed[-8:]} to "

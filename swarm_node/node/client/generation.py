@@ -23,6 +23,7 @@ from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, check_int
 from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.speculative import Speculation
 from swarm_node.node.client.verification import RolledBack
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class GenerationStats:
     total_time: float = 0.0
     remote_time: float = 0.0  # seconds spent waiting for the chain (steps)
     finish_reason: str = "length"  # "length", "eos" or "stop" (the stopping callback said so)
+    steps: int = 0  # trips through the chain (fewer than new_tokens when drafts were accepted)
+    draft_tokens: int = 0  # draft tokens the servers verified (speculative decoding)
+    accepted_tokens: int = 0  # of which were accepted
     recoveries: list[Any] = field(default_factory=list)  # a RecoveryEvent per replaced server
     hedges: list[Any] = field(default_factory=list)  # a HedgeEvent per late slot a spare took
     rollbacks: int = 0  # times a server caught lying sent the session back (verification.py)
@@ -144,10 +148,12 @@ async def generate_tokens(
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
     on_retract: Callable[[int], None] | None = None,
+    speculation: Speculation | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate, in a session of
     ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix`` and
-    ``chain`` are those of ``open_token_session``, the callbacks those of ``continue_tokens``."""
+    ``chain`` are those of ``open_token_session``, the callbacks and ``speculation`` those of
+    ``continue_tokens``."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(
             f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
@@ -159,7 +165,7 @@ async def generate_tokens(
         peer, settings, tuning=tuning, prefix=prefix, chain=chain
     ) as session:
         return await continue_tokens(
-            head, session, input_ids, sampling, on_tokens, stopping, on_retract
+            head, session, input_ids, sampling, on_tokens, stopping, on_retract, speculation
         )
 
 
@@ -171,6 +177,7 @@ async def continue_tokens(
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
     on_retract: Callable[[int], None] | None = None,
+    speculation: Speculation | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Go on with what ``ts`` holds: ``input_ids`` ``# (B, T)`` (may be empty, ``# (B, 0)``, to just
     go on) -> ``# (B, T + new)``. ``on_tokens(token # (B,))`` sees each new token;
@@ -179,7 +186,11 @@ async def continue_tokens(
     When a spot check finds that a server lied (verification.py), the session goes back to the
     last position that agreed and the tokens after it are generated again: ``on_retract(n)`` hears
     that the last ``n`` tokens ``on_tokens`` saw are taken back. Before returning, every server is
-    checked up to its last answer, so the tokens returned are those of honest servers."""
+    checked up to its last answer, so the tokens returned are those of honest servers.
+
+    ``speculation`` (batch 1, every server able to roll its cache back; else plain decoding): a
+    step carries drafted tokens after the last one, the chain verifies them all in one trip, and
+    the servers forget the rejected ones with the next step (speculative.py)."""
     from swarm_node.model import apply_repetition_penalty, sample_next_token
 
     if input_ids.ndim != 2:
@@ -218,9 +229,11 @@ async def continue_tokens(
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
         prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
+    spec = speculation if batch == 1 else None
     with heads.using():  # while this session decodes, a batch may wait a moment for it
         done = False
         while True:
+            drafts: list[int] = []
             try:
                 if done:  # every server checked up to its last answer before the tokens are final
                     settle = getattr(ts.session, "settle", None)
@@ -228,6 +241,12 @@ async def continue_tokens(
                         await settle()
                     break
                 t_step = time.perf_counter()
+                if spec is not None and getattr(ts.session, "can_truncate", False):
+                    left = sampling.max_new_tokens - stats.new_tokens - 1
+                    drafts = await spec.drafts(ts.ids[0], left)
+                    if drafts:
+                        hidden = torch.cat([hidden, head.embed(torch.tensor([drafts]))], dim=1)
+                position = ts.session.position
                 out = await ts.session.step(hidden)  # (B, T', H)
             except RolledBack as back:
                 taken = rewind(ts, back.position, given)
@@ -242,8 +261,9 @@ async def continue_tokens(
                 )
                 done = False
                 continue
-            ts.fed = ts.ids.shape[1]
+            ts.fed = ts.ids.shape[1]  # the drafts are not in ids (yet)
             stats.remote_time += time.perf_counter() - t_step
+            stats.steps += 1
             seen = ts.ids
 
             def pick(
@@ -260,25 +280,43 @@ async def continue_tokens(
                 token = torch.where(finished, torch.full_like(token, pad), token)  # (B,)
                 return token, head.embed(token[:, None])  # the next input, in the same hop
 
-            token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B, 1, H)
-            ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
-            if stats.new_tokens == 0 and not stats.time_to_first_token:
-                stats.time_to_first_token = time.perf_counter() - t0
-            stats.new_tokens += 1
-            if on_tokens is not None:
-                on_tokens(token)
-            finished |= torch.isin(token, eos)
-            done = True
-            if bool(finished.all()):
-                stats.finish_reason = "eos"
-            elif stopping is not None and stopping(
-                torch.cat([input_ids, ts.ids[:, given:]], dim=1)
-            ):
-                stats.finish_reason = "stop"
-            elif stats.new_tokens >= sampling.max_new_tokens:
-                stats.finish_reason = "length"
+            if drafts and spec is not None:  # [1 + accepted], (1, 1, H)
+                picked, next_hidden = spec.verify(head, out, seen[0], drafts, sampling, generator)
+                tokens = [torch.tensor([t]) for t in picked]
             else:
-                done = False
+                token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B,1,H)
+                tokens = [token]
+            emitted = 0
+            for token in tokens:
+                emitted += 1
+                ts.ids = torch.cat([ts.ids, token[:, None]], dim=1)
+                if stats.new_tokens == 0 and not stats.time_to_first_token:
+                    stats.time_to_first_token = time.perf_counter() - t0
+                stats.new_tokens += 1
+                if on_tokens is not None:
+                    on_tokens(token)
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()):
+                    stats.finish_reason = "eos"
+                elif stopping is not None and stopping(
+                    torch.cat([input_ids, ts.ids[:, given:]], dim=1)
+                ):
+                    stats.finish_reason = "stop"
+                elif stats.new_tokens < sampling.max_new_tokens:
+                    continue
+                else:
+                    stats.finish_reason = "length"
+                done = True
+                break
+            if spec is not None and hidden.shape[1] == len(drafts) + 1:  # a prefill is not timed
+                spec.length.observe(len(drafts), len(tokens), time.perf_counter() - t_step)
+            if drafts:
+                stats.draft_tokens += len(drafts)
+                stats.accepted_tokens += len(tokens) - 1
+                # the servers keep what they were sent up to the newest emitted token's predecessor
+                rejected = len(drafts) - (emitted - 1)
+                ts.fed = ts.ids.shape[1] - 1
+                ts.session.truncate(position + hidden.shape[1] - rejected)
             hidden = next_hidden
     ids = torch.cat([input_ids.to(torch.int64), ts.ids[:, given:]], dim=1)
     verifier = getattr(ts.session, "verifier", None)

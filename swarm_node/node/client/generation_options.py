@@ -1,4 +1,5 @@
-"""transformers-style generation settings -> our ``SamplingConfig``, and stop strings -> a stopping check.
+"""transformers-style generation settings -> our ``SamplingConfig`` (and ``Speculation``), and stop
+strings -> a stopping check.
 
 Pure: a ``GenerationConfig`` (or anything with its attribute names) and keyword overrides in, a
 validated ``SamplingConfig`` out. Knows nothing of peers or sessions.
@@ -13,6 +14,7 @@ import torch
 
 from swarm_node.errors import ConfigError
 from swarm_node.node.client.generation import SamplingConfig
+from swarm_node.node.client.speculative import Speculation
 
 # keyword arguments of transformers' generate that we honour
 SUPPORTED = (
@@ -94,6 +96,33 @@ def sampling_from(
         ),
         pad_token_id=pad if pad is not None else getattr(model_config, "pad_token_id", None),
     )
+
+
+def speculation_from(
+    generation_config: Any, overrides: Mapping[str, Any]
+) -> tuple[Speculation | None, dict[str, Any]]:
+    """transformers' ``assistant_model=`` (a draft model with the same tokenizer) or
+    ``prompt_lookup_num_tokens=`` (also read from the config) -> a ``Speculation`` (None: plain
+    decoding), and the other keyword arguments."""
+    rest = dict(overrides)
+    assistant = rest.pop("assistant_model", None)
+    lookup = rest.pop("prompt_lookup_num_tokens", None)
+    if lookup is None and generation_config is not None:
+        lookup = getattr(generation_config, "prompt_lookup_num_tokens", None)
+    if assistant is None and lookup is None:
+        return None, rest
+    if assistant is not None and lookup is not None:
+        raise ConfigError(
+            "pass either 'assistant_model' or 'prompt_lookup_num_tokens', not both "
+            f"(got a {type(assistant).__name__} and {lookup!r})"
+        )
+    if lookup is not None and (type(lookup) is not int or not 1 <= lookup <= 64):
+        raise ConfigError(f"'prompt_lookup_num_tokens' must be an int in [1, 64], got {lookup!r}")
+    if assistant is not None and not callable(assistant):
+        raise ConfigError(
+            f"'assistant_model' must be a causal LM (a torch module), got {type(assistant).__name__}"
+        )
+    return Speculation.of(draft_model=assistant, num_tokens=lookup or 10), rest
 
 
 def normalize_stops(

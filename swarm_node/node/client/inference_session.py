@@ -66,12 +66,18 @@ async def request(conn: MessageStream, message: Any, expect: type, *, timeout: f
 
 class RemoteSpan:
     def __init__(
-        self, hop: Hop, conn: MessageStream, session_id: str, pushes: bool = False
+        self,
+        hop: Hop,
+        conn: MessageStream,
+        session_id: str,
+        pushes: bool = False,
+        keeps: bool = False,
     ) -> None:
         self.hop = hop
         self.conn = conn
         self.session_id = session_id
         self.pushes = pushes  # this server pushes its output to the next span's server
+        self.keeps = keeps  # this server rolls its cache back on a step's 'keep'
         self.answers = HopAnswers(conn.peer_id)
         self.answered: list[Answer] | None = None  # what it was sent and answered, when checked
         self.answered_to = 0  # positions answered
@@ -149,10 +155,38 @@ class InferenceSession:
             )
             self._spawn_checks = verify.spawn
         self._checking = trio.CancelScope()
+        self._keep: int | None = None  # a roll back the next step carries to every server
 
     @property
     def position(self) -> int:
         return self.steps.position
+
+    @property
+    def can_truncate(self) -> bool:
+        """Whether every server of the chain now rolls its cache back (``truncate``)."""
+        spans = self._spans
+        return bool(spans) and all(span.keeps for span in spans)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (rejected draft tokens), with no round trip of
+        its own: the next step carries the roll back to each server (``StepRequest.keep``), and a
+        server replaced before then is replayed only the first ``length`` positions. SessionError
+        when a server cannot roll back (an older version; see ``can_truncate``)."""
+        if length == self.position:
+            return
+        if not self.can_truncate:
+            old = [s.conn.peer_id for s in self._spans if not s.keeps]
+            raise SessionError(
+                f"cannot roll the session back to {length} positions: servers {old} do not take "
+                "'keep' (an older version, or sliding-window layers); check 'can_truncate'"
+            )
+        self.steps.truncate(length)
+        for slot in self._slots:
+            slot.truncate(length)
+        self._keep = length
+        if self.verifier is not None and self._spawn_checks is not None:
+            for stale in self.verifier.truncated(self._spans, length):
+                self._spawn_checks(self.verifier.drop_checker, stale)
 
     @property
     def _spans(self) -> list[RemoteSpan]:
@@ -254,7 +288,7 @@ class InferenceSession:
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await conn.close()
             raise
-        span = RemoteSpan(hop, conn, reply.session_id, pushes=reply.push)
+        span = RemoteSpan(hop, conn, reply.session_id, pushes=reply.push, keeps=reply.keep)
         if self.verifier is not None:
             span.answered = []
         return span
@@ -372,6 +406,7 @@ class InferenceSession:
         else:
             out = await self._pipelined(hidden, chunk)
         self.steps.advance(tokens)
+        self._keep = None
         self.hedges.steps += 1
         if self.verifier is not None:
             self.verifier.stepped(self._spans)
@@ -643,8 +678,9 @@ class InferenceSession:
         self, span: RemoteSpan, hidden: torch.Tensor, step_id: int, position: int
     ) -> None:
         wire = compression.encode(hidden, self.uplink)
+        keep = self._keep if self._keep == position and span.keeps else -1
         req = m.StepRequest(
-            session_id=span.session_id, step_id=step_id, position=position, hidden=wire
+            session_id=span.session_id, step_id=step_id, position=position, hidden=wire, keep=keep
         )
         with trio.fail_after(self.step_timeout):
             await span.conn.send(req)

@@ -89,6 +89,15 @@ class Slot:
         self.history.append((step_id, position, hidden))
         self.failures = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget the inputs of positions from ``length`` on (rejected draft tokens): a replay
+        rebuilds a cache of exactly ``length`` positions."""
+        kept = []
+        for step_id, position, hidden in self.history:
+            if position < length:
+                kept.append((step_id, position, hidden[:, : length - position]))
+        self.history = kept
+
 
 # (start, end, attempt, servers to leave out besides the banned ones) -> a chain for exactly those blocks
 Reroute = Callable[[int, int, int, frozenset[str]], Awaitable[list[Hop]]]

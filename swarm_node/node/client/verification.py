@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -216,7 +216,7 @@ class Verifier:
                 ours, codecs = await run_chain(session, checker.spans, sent, base, checker)
             except HopFailed as failure:  # the checker failed: another one next time
                 log.info("checker for %s failed: %s", span.hop.server.peer_id[-8:], failure)
-                await self._drop_checker(checker)
+                await self.drop_checker(checker)
                 return
             checker.done += len(new)
             checker.position += sent.shape[1]
@@ -302,7 +302,32 @@ class Verifier:
             return None
         return spans
 
-    async def _drop_checker(self, checker: Checker) -> None:
+    def truncated(self, spans: list[RemoteSpan], length: int) -> list[Checker]:
+        """The session forgot every position from ``length`` on (speculative decoding's rejected
+        drafts): each server's answers past it are forgotten too (one that straddles it is cut;
+        its wire and receipt stay whole, as signed), and a checker whose cache went past it starts
+        over. Returns the checkers left behind: close them (``drop_checker``)."""
+        stale: list[Checker] = []
+        for span in spans:
+            if span.answered is None:
+                continue
+            kept: list[Answer] = []
+            for answer in span.answered:
+                if answer.position >= length:
+                    break
+                cut = length - answer.position
+                if cut < answer.sent.shape[1]:
+                    answer = replace(answer, sent=answer.sent[:, :cut], out=answer.out[:, :cut])
+                kept.append(answer)
+            span.answered = kept
+            span.answered_to = min(span.answered_to, length)
+            checker = self.checkers.get(span)
+            if checker is not None and checker.position > length:
+                stale.append(checker)
+                self.checkers[span] = Checker()
+        return stale
+
+    async def drop_checker(self, checker: Checker) -> None:
         if checker.spans:
             await close_quietly(checker.spans)
         checker.spans, checker.done, checker.position = None, 0, 0
@@ -345,7 +370,7 @@ class Verifier:
                 if vs_theirs <= limit < vs_ours:
                     for helper, other in zip(helpers, checker.spans, strict=True):
                         self._condemn(helper, other.hop, vs_ours, limit)
-                    await self._drop_checker(checker)
+                    await self.drop_checker(checker)
                     return
                 verdict = f"it agrees with neither ({vs_theirs:.2e}, {vs_ours:.2e} > {limit:.2e})"
             finally:
@@ -356,7 +381,7 @@ class Verifier:
             *(checked[-8:], ",".join(p[-8:] for p in helpers), span.hop.start, span.hop.end),
             verdict,
         )
-        await self._drop_checker(checker)
+        await self.drop_checker(checker)
 
     def _condemn(self, peer: str, hop: Hop, error: float, limit: float) -> None:
         """Ban a server two others outvoted."""

@@ -334,7 +334,10 @@ class BlockServer:
             req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
         )
         rules = SessionRules(
-            session_id=session_id, max_length=req.max_length, prev_peer=req.prev_peer
+            session_id=session_id,
+            max_length=req.max_length,
+            prev_peer=req.prev_peer,
+            keeps=cache.can_truncate,
         )
         codec = self.config.compression if req.compression == SERVER_DEFAULT else req.compression
         session = sessions[session_id] = self.sessions[session_id] = ServerSession(
@@ -371,7 +374,10 @@ class BlockServer:
             )
         log.debug("opened session %s for %s (blocks %d:%d)", session_id, peer, req.start, req.end)
         return m.OpenSessionResponse(
-            session_id=session_id, max_length=req.max_length, push=session.push is not None
+            session_id=session_id,
+            max_length=req.max_length,
+            push=session.push is not None,
+            keep=rules.keeps,
         )
 
     def _lora_numel(self, req: m.OpenSessionRequest) -> int:
@@ -410,7 +416,9 @@ class BlockServer:
         session = find_session(sessions, req.session_id)
         async with session.lock:
             done = session.rules.step(req, session.cache_length)
-            return done or await self._run_step(session, req.step_id, req.position, req.hidden)
+            return done or await self._run_step(
+                session, req.step_id, req.position, req.hidden, req.keep
+            )
 
     async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
         """A step the previous server pushed: compute it and answer the session's client (a step
@@ -424,7 +432,9 @@ class BlockServer:
             try:
                 if not session.rules.push(req, sender, session.cache_length):
                     return True  # the client sent it first
-                reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
+                reply: Any = await self._run_step(
+                    session, req.step_id, req.position, req.hidden, req.keep
+                )
                 self.pushed_steps += 1
             except PushRefused as exc:
                 log.warning("%s", exc)
@@ -438,10 +448,11 @@ class BlockServer:
         return True
 
     async def _run_step(
-        self, session: ServerSession, step_id: int, position: int, wire: Any
+        self, session: ServerSession, step_id: int, position: int, wire: Any, keep: int = -1
     ) -> m.StepResponse:
-        """Compute one step the rules admitted, push the output on (if asked) and make the answer."""
-        length = session.cache.length
+        """Compute one step the rules admitted (first rolling the cache back to ``keep`` positions,
+        when >= 0, once the step is known good), push it on (if asked) and make the answer."""
+        length = session.cache.length if keep < 0 else keep
         check_compute(
             self.limits, wire, model_config=self.span.config, dtype=session.dtype, past=length
         )
@@ -451,6 +462,8 @@ class BlockServer:
             max_tokens=session.rules.max_length - length,
             dtype=session.dtype,
         )
+        if keep >= 0:
+            session.cache.truncate(keep)
         try:
             out = await self._compute_step(session, hidden)
         except SessionError as exc:
@@ -459,7 +472,9 @@ class BlockServer:
         session.last_active = trio.current_time()
         encode = functools.partial(compression.encode, out, session.compression)
         out_wire = await off_loop(encode, out.nbytes)
-        pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
+        pushed = session.push is not None and await session.push.push(
+            step_id, position, out_wire, keep
+        )
         receipt = self._receipt(session, step_id, position, wire, out_wire)
         return session.rules.answered(step_id, out_wire, pushed=pushed, receipt=receipt)
 

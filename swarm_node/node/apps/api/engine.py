@@ -26,6 +26,7 @@ from swarm_node.node.apps.api.schema import (
 from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
 from swarm_node.node.client.generation_options import find_stop, model_eos_ids
 from swarm_node.node.client.settings import SessionSettings
+from swarm_node.node.client.speculative import Speculation
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +222,11 @@ async def run_generation(
     chain: Sequence[Any] | None = None,
     on_text: Callable[[str], None] | None = None,
     on_token: Callable[[int], None] | None = None,
+    speculative: bool = False,
 ) -> tuple[str, str, GenerationStats]:
     """Generate in its own inference session: (text, finish reason "stop"/"length", stats).
-    ``on_text`` receives each piece of text as soon as it is safe to send."""
+    ``on_text`` receives each piece of text as soon as it is safe to send; ``speculative``: with
+    prompt lookup drafts (the same output distribution)."""
     assembler = TextAssembler(runtime.tokenizer, stops)
 
     def on_tokens(token: torch.Tensor) -> None:
@@ -247,6 +250,7 @@ async def run_generation(
             on_tokens=on_tokens,
             stopping=lambda _ids: assembler.stopped,
             chain=chain,
+            speculation=Speculation.of() if speculative else None,
         )
     except MissingBlocksError as exc:
         raise missing_blocks(runtime.name, exc) from None

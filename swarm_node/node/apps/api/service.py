@@ -173,6 +173,7 @@ class ApiServer:
                         chain=chain,
                         on_text=on_text,
                         on_token=lambda _t: self.tracker.token(request_id, trio.current_time()),
+                        speculative=self.config.speculative,
                     )
                     error = None
                 except ApiError as exc:
