@@ -12,11 +12,13 @@ do not change its earlier ones (causal attention), so ``attention_mask`` only ma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
 
 from swarm_node.errors import ConfigError, check_int
 from swarm_node.model.bundled import model_id_of
@@ -24,8 +26,13 @@ from swarm_node.model.client_lora import DEFAULT_TARGETS, ClientLora
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.prompts import TUNING_MODES as PROMPT_MODES
 from swarm_node.node.client.generation import GenerationStats, continue_tokens, generate_tokens
-from swarm_node.node.client.generation_options import sampling_from, stop_string_checker
+from swarm_node.node.client.generation_options import (
+    SUPPORTED,
+    sampling_from,
+    stop_string_checker,
+)
 from swarm_node.node.client.model_session import ModelSession
+from swarm_node.node.client.remote_cache import RemoteCache
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client_loop import ClientLoop
@@ -34,8 +41,12 @@ from swarm_node.node.config import ClientConfig, PeerConfig
 TUNING_MODES = (*PROMPT_MODES, "lora")
 
 
-class DistributedModelBase(torch.nn.Module):
-    """Embeddings, norm and head here (frozen), optional prompts (trainable), blocks on the swarm."""
+class DistributedModelBase(PreTrainedModel):
+    """Embeddings, norm and head here (frozen), optional prompts (trainable), blocks on the swarm.
+    A transformers ``PreTrainedModel`` of the family's config (``.config``, ``.device``, ``.dtype``:
+    the head's), built from the checkpoint's client part: ``from_pretrained`` is ours."""
+
+    main_input_name = "input_ids"
 
     def __init__(
         self,
@@ -58,12 +69,11 @@ class DistributedModelBase(torch.nn.Module):
         from swarm_node.model.lora import config_linear_shapes
         from swarm_node.model.prompts import PromptTuning
 
-        super().__init__()
+        super().__init__(config)
         self.path = path
         self.model_id = model_id
         self.model_digest = model_digest
-        self.config = config
-        self.dtype = dtype
+        self.dtype_name = dtype  # of the swarm's sessions ("float32", ...); ``.dtype`` is torch's
         self.head = head
         self.loop = loop
         self.tuning_mode = tuning_mode
@@ -197,7 +207,7 @@ class DistributedModelBase(torch.nn.Module):
             path,
             model=self.model_id,
             config=self.config,
-            dtype=TORCH_DTYPES[self.dtype],
+            dtype=TORCH_DTYPES[self.dtype_name],
             model_digest=self.model_digest,
         )
         copy_tuned(tuned, ptune=self.ptune, lora=None if self.lora is None else self.lora.weights())
@@ -224,22 +234,47 @@ def _check_right_padded(mask: torch.Tensor, input_ids: torch.Tensor) -> None:
         )
 
 
-class DistributedModelForCausalLM(DistributedModelBase):
-    """``forward(input_ids, labels=...)`` -> loss and logits; ``generate`` like transformers'."""
+class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
+    """``forward(input_ids, labels=...)`` -> loss and logits; ``generate`` is transformers' own
+    (every strategy, logits processor, stopping criterion, streamer; beam search reorders the
+    servers' caches), with our decode loop as the fast path for the calls it covers (see ``generate``)."""
 
     last_stats: GenerationStats | None = None
     active_session: ModelSession | None = None
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        *,
+        cache: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs: Any,
     ) -> Any:
         """Logits ``# (B, T, V)`` of the input positions (not the prompt's), and with ``labels``
-        (-100: ignored) the mean next-token cross-entropy, as transformers computes it."""
-        from transformers.modeling_outputs import CausalLMOutput
+        (-100: ignored) the mean next-token cross-entropy, as transformers computes it. With a
+        ``cache`` (generate() makes one) the new positions go through the servers' caches."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
 
+        asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
+        if asked:
+            raise ConfigError(f"{asked} cannot be returned: the blocks run on the swarm")
+        if isinstance(cache, RemoteCache):
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ConfigError(
+                    "'attention_mask' must be all ones in generation: the servers' caches hold "
+                    "every position (give rows of one length, without padding)"
+                )
+            if inputs_embeds is None:
+                with torch.no_grad():
+                    inputs_embeds = self.head.embed(input_ids)  # (B, T, H)
+            out = cache.step(inputs_embeds)  # (B, T, H)
+            logits = self.head.logits(out[:, -logits_to_keep:] if logits_to_keep else out)
+            return CausalLMOutputWithPast(logits=logits, cache=cache)
+        if input_ids is None:
+            raise ConfigError("'input_ids' are needed (a forward without a cache)")
         hidden = self.body(input_ids, attention_mask)[:, self.pre_seq_len :]  # (B, T, H)
         logits = self.head.logits(hidden)  # (B, T, V)
         loss = None
@@ -255,7 +290,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
                 labels[:, 1:].reshape(-1),
                 ignore_index=-100,
             )
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def tuned_inputs(self) -> tuple[torch.Tensor | None, HopTuning]:
         """What training made that generation uses too: (soft prompt, deep prompts and client LoRA)."""
@@ -274,7 +309,7 @@ class DistributedModelForCausalLM(DistributedModelBase):
 
     def generate(
         self,
-        input_ids: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
         generation_config: Any = None,
         *,
         streamer: Any = None,
@@ -282,19 +317,140 @@ class DistributedModelForCausalLM(DistributedModelBase):
         tokenizer: Any = None,
         session: ModelSession | None = None,
         seed: int | None = None,
+        decode_loop: str = "auto",
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Like transformers' generate: returns ``input_ids`` followed by the new tokens ``# (B, T + new)``.
+    ) -> Any:
+        """transformers' generate over the swarm: returns ``input_ids`` followed by the new tokens
+        ``# (B, T + new)`` (or transformers' output object with ``return_dict_in_generate``).
 
-        Settings come from ``generation_config`` (a transformers ``GenerationConfig``) overridden by
-        keyword arguments of the same names: max_new_tokens, do_sample, temperature, top_p, top_k,
-        repetition_penalty, eos_token_id, pad_token_id. ``stop_strings`` need the ``tokenizer``.
-        Inside ``inference_session()`` (or with ``session=``) the call continues that session.
-        Trained prompts or the client's LoRA take part, as in training.
+        ``decode_loop``: "transformers" (transformers' loop; every setting), "swarm" (ours:
+        greedy and sampling with max_new_tokens, do_sample, temperature, top_p, top_k,
+        repetition_penalty, eos_token_id, pad_token_id; a ``seed`` of its own generator) or "auto":
+        ours for greedy with those settings only and for calls with ``seed``, transformers' for
+        everything else (sampling draws from torch's global generator, as transformers does).
+        Inside ``inference_session()`` (or with ``session=``) the call continues that session:
+        ``inputs`` are the new tokens only, and the answer starts with them.
         """
         if self.loop.closed:
             raise ConfigError("the model is closed")
+        if decode_loop not in DECODE_LOOPS:
+            raise ConfigError(f"'decode_loop' must be one of {DECODE_LOOPS}, got {decode_loop!r}")
         session = session or self.active_session
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        ours = decode_loop == "swarm" or (
+            decode_loop == "auto" and swarm_loop_covers(generation_config, kwargs, seed)
+        )
+        if ours:
+            return self._swarm_generate(
+                input_ids,
+                generation_config,
+                streamer,
+                stop_strings,
+                tokenizer,
+                session,
+                seed,
+                kwargs,
+            )
+        if stop_strings is not None:
+            kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+        if session is not None:
+            return self._continue_session(input_ids, generation_config, session, streamer, kwargs)
+        t0 = time.perf_counter()
+        self._caches: list[RemoteCache] = []
+        try:
+            out = GenerationMixin.generate(
+                self, input_ids, generation_config, streamer=streamer, **kwargs
+            )
+        finally:
+            for cache in self._caches:
+                cache.close()
+        if self._caches:
+            self._note_stats(self._caches[-1].token_session, input_ids, out, t0)
+        return out
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """transformers' hook: the cache of one generate() call is a session over the swarm."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+            return
+        cache = RemoteCache(run=self.loop.run, max_length=max_cache_length, opener=self._open)
+        self._caches.append(cache)
+        model_kwargs["cache"] = cache
+
+    def _open(self, batch_size: int, max_length: int) -> tuple[Any, Callable[[], None]]:
+        session = ModelSession(self, max_length + self.pre_seq_len, batch_size=batch_size)
+        session.open()
+        return session.token_session, session.close
+
+    def _continue_session(
+        self,
+        input_ids: torch.Tensor | None,
+        generation_config: Any,
+        session: ModelSession,
+        streamer: Any,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """transformers' loop on an open session: the whole text so far goes in (transformers
+        sends only what the servers' caches lack), the answer is cut back to ``input_ids`` + new."""
+        ts = session.token_session
+        before = ts.ids.shape[1]
+        new = torch.zeros(ts.batch_size, 0, dtype=torch.int64) if input_ids is None else input_ids
+        whole = torch.cat([ts.ids, new.to(torch.int64)], dim=1)
+        if whole.shape[1] < 1:
+            raise ConfigError(
+                "'input_ids' must have at least one token when the session holds none"
+            )
+        kwargs.setdefault("attention_mask", torch.ones_like(whole))
+        cache = RemoteCache(
+            run=self.loop.run, max_length=ts.max_length - ts.prefix_len, token_session=ts
+        )
+        t0 = time.perf_counter()
+        out = GenerationMixin.generate(
+            self, whole, generation_config, streamer=streamer, cache=cache, **kwargs
+        )
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        if sequences.shape[0] == ts.batch_size:
+            ts.ids = sequences
+        self._note_stats(ts, new, sequences[:, before:], t0)
+        if isinstance(out, torch.Tensor):
+            return sequences[:, before:]
+        out.sequences = sequences[:, before:]
+        return out
+
+    def _note_stats(self, ts: Any, input_ids: Any, out: Any, t0: float) -> None:
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        prompt = 0 if input_ids is None else input_ids.shape[1]
+        recovery = getattr(ts.session, "recovery", None)
+        self.last_stats = GenerationStats(
+            chain=list(ts.chain),
+            prompt_tokens=prompt,
+            new_tokens=sequences.shape[1] - prompt,
+            total_time=time.perf_counter() - t0,
+            recoveries=[] if recovery is None else list(recovery.events),
+            hedges=[] if recovery is None else list(recovery.hedges),
+        )
+
+    def _swarm_generate(
+        self,
+        input_ids: torch.Tensor | None,
+        generation_config: Any,
+        streamer: Any,
+        stop_strings: str | Sequence[str] | None,
+        tokenizer: Any,
+        session: ModelSession | None,
+        seed: int | None,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Our decode loop (generation.py): the fast path for greedy and seeded sampling."""
         if input_ids is None:
             if session is None:
                 raise ConfigError("'input_ids' are needed outside an inference session")
@@ -333,6 +489,21 @@ class DistributedModelForCausalLM(DistributedModelBase):
                 streamer.end()
 
 
+DECODE_LOOPS = ("auto", "swarm", "transformers")
+
+
+def swarm_loop_covers(generation_config: Any, kwargs: dict[str, Any], seed: int | None) -> bool:
+    """Does our decode loop give what transformers' would (greedy with the settings it knows), or
+    was it asked for (``seed``, its own generator's)?"""
+    if seed is not None:
+        return True
+    values = dict(kwargs)
+    if generation_config is not None:
+        values = {**generation_config.to_diff_dict(), **values}
+    extra = set(values) - set(SUPPORTED) - {"transformers_version", "bos_token_id"}
+    return not extra and not values.get("do_sample")
+
+
 class DistributedModelForSequenceClassification(DistributedModelBase):
     """A trainable linear ``score`` head on the last real token's final hidden state (as
     transformers' LlamaForSequenceClassification), over the remote blocks."""
@@ -342,7 +513,7 @@ class DistributedModelForSequenceClassification(DistributedModelBase):
         check_int("num_labels", num_labels, 1)
         self.num_labels = num_labels
         self.score = torch.nn.Linear(
-            self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype]
+            self.head.hidden_size, num_labels, bias=False, dtype=TORCH_DTYPES[self.dtype_name]
         )
         torch.nn.init.normal_(self.score.weight, std=0.02)
 

@@ -93,6 +93,9 @@ class StepRequest:
     step_id: int
     position: int  # tokens the client believes are already in the server's cache
     hidden: WireTensor  # (B, T, H)
+    # Beam search: before this step, row i of the session's cache becomes what row reorder[i] was
+    # (one index per row of the session's batch; empty: the rows stay as they are).
+    reorder: tuple[int, ...] = _list(MAX_FORWARD_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class PushStepRequest:
     step_id: int
     position: int
     hidden: WireTensor  # (B, T, H)
+    reorder: tuple[int, ...] = _list(MAX_FORWARD_BATCH)  # the client's step's, passed on
 
 
 @dataclass(frozen=True, slots=True)

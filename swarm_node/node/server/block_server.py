@@ -332,7 +332,10 @@ class BlockServer:
             req.max_length, batch_size=req.batch_size, start=req.start, end=req.end
         )
         rules = SessionRules(
-            session_id=session_id, max_length=req.max_length, prev_peer=req.prev_peer
+            session_id=session_id,
+            max_length=req.max_length,
+            prev_peer=req.prev_peer,
+            batch_size=req.batch_size,
         )
         codec = self.config.compression if req.compression == SERVER_DEFAULT else req.compression
         session = sessions[session_id] = self.sessions[session_id] = ServerSession(
@@ -408,7 +411,9 @@ class BlockServer:
         session = find_session(sessions, req.session_id)
         async with session.lock:
             done = session.rules.step(req, session.cache_length)
-            return done or await self._run_step(session, req.step_id, req.position, req.hidden)
+            return done or await self._run_step(
+                session, req.step_id, req.position, req.hidden, req.reorder
+            )
 
     async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
         """A step the previous server pushed: compute it and answer the session's client (a step
@@ -422,7 +427,9 @@ class BlockServer:
             try:
                 if not session.rules.push(req, sender, session.cache_length):
                     return True  # the client sent it first
-                reply: Any = await self._run_step(session, req.step_id, req.position, req.hidden)
+                reply: Any = await self._run_step(
+                    session, req.step_id, req.position, req.hidden, req.reorder
+                )
                 self.pushed_steps += 1
             except PushRefused as exc:
                 log.warning("%s", exc)
@@ -436,7 +443,12 @@ class BlockServer:
         return True
 
     async def _run_step(
-        self, session: ServerSession, step_id: int, position: int, wire: Any
+        self,
+        session: ServerSession,
+        step_id: int,
+        position: int,
+        wire: Any,
+        reorder: tuple[int, ...] = (),
     ) -> m.StepResponse:
         """Compute one step the rules admitted, push the output on (if asked) and make the answer."""
         length = session.cache.length
@@ -449,6 +461,8 @@ class BlockServer:
             max_tokens=session.rules.max_length - length,
             dtype=session.dtype,
         )
+        if reorder:
+            session.cache.reorder(reorder)
         try:
             out = await self._compute_step(session, hidden)
         except SessionError as exc:
@@ -457,7 +471,9 @@ class BlockServer:
         session.last_active = trio.current_time()
         encode = functools.partial(compression.encode, out, session.compression)
         out_wire = await off_loop(encode, out.nbytes)
-        pushed = session.push is not None and await session.push.push(step_id, position, out_wire)
+        pushed = session.push is not None and await session.push.push(
+            step_id, position, out_wire, reorder
+        )
         return session.rules.answered(step_id, out_wire, pushed=pushed)
 
     async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,18 @@ class PushLink:
         self.conn: MessageStream | None = conn
         self.next_session = next_session
 
-    async def push(self, step_id: int, position: int, hidden: Any) -> bool:
+    async def push(
+        self, step_id: int, position: int, hidden: Any, reorder: tuple[int, ...] = ()
+    ) -> bool:
         """Send one step's output on; False (and the link is off from now on) if it failed."""
         if self.conn is None:
             return False
         message = m.PushStepRequest(
-            session_id=self.next_session, step_id=step_id, position=position, hidden=hidden
+            session_id=self.next_session,
+            step_id=step_id,
+            position=position,
+            hidden=hidden,
+            reorder=reorder,
         )
         with trio.move_on_after(PUSH_SEND_TIMEOUT):
             try:
