@@ -18,6 +18,7 @@ from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from tests.attacks import Attack, AttackTarget
 from tests.attacks.sessions import (
+    attack_bad_reorder,
     attack_oversized_prompt,
     attack_pings_only,
     attack_session_hoard,
@@ -123,5 +124,14 @@ async def test_a_client_that_never_reads_loses_its_session_at_the_send_deadline(
     with trio.fail_after(120):
         attack = partial(never_reads, within=3.0)
         async with under_attack(tiny_llama, attack, send_timeout=1.0) as (stopped, servers):
+            assert stopped
+            assert all_released(servers[0])
+
+
+async def test_reorders_naming_rows_the_session_lacks_are_refused(tiny_llama: Path) -> None:
+    # beam search's 'reorder' indexes the cache's rows: out of range or of the wrong length is a
+    # bad_request, the cache untouched, and the session goes on
+    with trio.fail_after(90):
+        async with under_attack(tiny_llama, attack_bad_reorder) as (stopped, servers):
             assert stopped
             assert all_released(servers[0])
