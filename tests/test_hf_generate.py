@@ -227,3 +227,33 @@ async def test_smollm2_stop_strings_and_chat_pipeline(smollm2_path: Path) -> Non
     assert tokenizer.decode(got[0][0, ids.shape[1] :]) == " Paris."  # stopped at the period
     assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
     assert got[2] == want[2] and "Paris" in got[2]
+
+
+async def test_assisted_generation_needs_server_side_rollback(tiny_chat_llama: Path) -> None:
+    """prompt_lookup_num_tokens= and assistant_model= crop the cache after a rejected draft: with
+    the servers' truncate (the speculative-decoding work) they give transformers' tokens; without
+    it the call says what is missing."""
+    from swarm_node.node.client.remote_cache import can_crop
+
+    ids = torch.randint(0, 256, (1, 6)).repeat(1, 3)  # repeats: prompt lookup finds drafts
+    reference = reference_model(tiny_chat_llama)
+    settings = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    want = reference.generate(ids, **settings)
+    with trio.fail_after(120):
+        async with local_swarm(tiny_chat_llama, [(0, 3), (3, 6)]) as (servers, _):
+
+            def use(model: DistributedModelForCausalLM) -> list[Any]:
+                got: list[Any] = []
+                for assisted in ({"prompt_lookup_num_tokens": 3}, {"assistant_model": reference}):
+                    try:
+                        got.append(model.generate(ids, **assisted, **settings))
+                    except NotImplementedError as exc:
+                        got.append(str(exc))
+                return got
+
+            got = await trio.to_thread.run_sync(_with_model, tiny_chat_llama, servers, use)
+    for out in got:
+        if can_crop():
+            assert out.tolist() == want.tolist()
+        else:
+            assert "needs server-side rollback" in out and "speculative-decoding" in out

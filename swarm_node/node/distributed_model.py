@@ -32,7 +32,7 @@ from swarm_node.node.client.generation_options import (
     stop_string_checker,
 )
 from swarm_node.node.client.model_session import ModelSession
-from swarm_node.node.client.remote_cache import RemoteCache
+from swarm_node.node.client.remote_cache import NO_ROLLBACK, RemoteCache, can_crop
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client_loop import ClientLoop
@@ -353,6 +353,11 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
             )
         if stop_strings is not None:
             kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+        assisted = kwargs.get("assistant_model") is not None or kwargs.get(
+            "prompt_lookup_num_tokens", getattr(generation_config, "prompt_lookup_num_tokens", None)
+        )
+        if assisted and not can_crop():
+            raise NotImplementedError(NO_ROLLBACK)
         if session is not None:
             return self._continue_session(input_ids, generation_config, session, streamer, kwargs)
         t0 = time.perf_counter()
@@ -364,8 +369,9 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
         finally:
             for cache in self._caches:
                 cache.close()
-        if self._caches:
-            self._note_stats(self._caches[-1].token_session, input_ids, out, t0)
+        opened = [c.token_session for c in self._caches if c.token_session is not None]
+        if opened:
+            self._note_stats(opened[-1], input_ids, out, t0)
         return out
 
     def _prepare_cache_for_generation(

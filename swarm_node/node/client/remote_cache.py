@@ -18,6 +18,19 @@ import torch
 from transformers.cache_utils import Cache
 
 from swarm_node.errors import ConfigError
+from swarm_node.node.client.inference_session import InferenceSession
+
+NO_ROLLBACK = (
+    "cropping the remote caches (assisted generation: assistant_model=, prompt_lookup_num_tokens=) "
+    "needs server-side rollback (InferenceSession.truncate, from the speculative-decoding work), "
+    "which this build does not have"
+)
+
+
+def can_crop() -> bool:
+    """Can the servers' caches be cut back (the speculative-decoding work's truncate)?"""
+    return hasattr(InferenceSession, "truncate")
+
 
 # (batch size, max_length) -> a TokenSession (generation.py) opened for them, and its closer
 Opener = Callable[[int, int], tuple[Any, Callable[[], None]]]
@@ -108,11 +121,8 @@ class RemoteCache(Cache):
             raise ConfigError(f"crop to {keep} positions: the cache holds {held}")
         truncate = getattr(ts.session, "truncate", None)
         if truncate is None:
-            raise NotImplementedError(
-                "cropping the remote caches needs server-side rollback (InferenceSession.truncate, "
-                "from the speculative-decoding work), which this build does not have"
-            )
-        self.run(_awaited, truncate, keep)
+            raise NotImplementedError(NO_ROLLBACK)
+        self.run(_awaited, truncate, ts.prefix_len + keep)  # the servers hold the soft prompt too
         ts.fed = keep
         ts.ids = ts.ids[:, :keep]
 
