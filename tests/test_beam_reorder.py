@@ -37,7 +37,7 @@ def test_the_rules_check_reorder_against_the_batch() -> None:
             RequestError, match=r"'reorder' must be empty or 2 row indices in \[0, 2\)"
         ):
             rules.step(_step(rows), 0)
-    with pytest.raises(LocalProtocolError, match="'reorder' must be a list of at most 64"):
+    with pytest.raises(LocalProtocolError, match="'reorder' must be a list of at most 64 ints"):
         encode_message(_step(tuple(range(65))))
 
 

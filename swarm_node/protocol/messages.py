@@ -317,6 +317,7 @@ def check_field(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
                 return items
         kinds = typing.get_args(rule.item)
         what = f"[{', '.join(k.__name__ for k in kinds)}] lists" if kinds else "strs"
+        what = "ints >= 0" if rule.item is int else what
         raise error(
             f"{name!r} must be a list of at most {rule.max_items} {what} (each str at most "
             f"{MAX_ITEM_CHARS} chars), got {short_repr(value)}"
