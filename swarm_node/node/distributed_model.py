@@ -162,22 +162,51 @@ class DistributedModelBase(PreTrainedModel):
             loop.close()
             raise
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head.lm_head
+
     @property
     def pre_seq_len(self) -> int:
         return 0 if self.ptune is None else self.ptune.pre_seq_len
 
     def body(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids ``# (B, T)`` -> the last block's output ``# (B, P + T, H)`` (soft prompt first)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.shape[1] < 1:
-            raise ConfigError(
-                f"'input_ids' must be a (batch, tokens >= 1) tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
-            )
+        """Token ids ``# (B, T)`` (or their embeddings ``# (B, T, H)``, e.g. PEFT's prompt tuning
+        puts its virtual tokens first) -> the last block's output ``# (B, P + T, H)`` (soft prompt
+        first)."""
+        if inputs_embeds is None:
+            if (
+                not isinstance(input_ids, torch.Tensor)
+                or input_ids.ndim != 2
+                or input_ids.shape[1] < 1
+            ):
+                raise ConfigError(
+                    f"'input_ids' must be a (batch, tokens >= 1) tensor, got {getattr(input_ids, 'shape', input_ids)!r}"
+                )
+            with torch.no_grad():
+                hidden = self.head.embed(input_ids).clone()  # (B, T, H), not an inference tensor
+        else:
+            width = self.head.hidden_size
+            shape = getattr(inputs_embeds, "shape", inputs_embeds)
+            if (
+                not isinstance(inputs_embeds, torch.Tensor)
+                or len(shape) != 3
+                or shape[1] < 1
+                or shape[2] != width
+            ):
+                raise ConfigError(
+                    f"'inputs_embeds' must be a (batch, tokens >= 1, {width}) tensor, got {shape!r}"
+                )
+            hidden = inputs_embeds.to(self.head.embed_tokens.weight.dtype)  # (B, T, H)
         if attention_mask is not None:
-            _check_right_padded(attention_mask, input_ids)
-        with torch.no_grad():
-            hidden = self.head.embed(input_ids).clone()  # (B, T, H), not an inference tensor
+            _check_right_padded(attention_mask, hidden[..., 0])
         prompts = None
         if self.ptune is not None:
             hidden = self.ptune.prepend(hidden)  # (B, P + T, H)
@@ -273,15 +302,13 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
             out = cache.step(inputs_embeds)  # (B, T, H)
             logits = self.head.logits(out[:, -logits_to_keep:] if logits_to_keep else out)
             return CausalLMOutputWithPast(logits=logits, cache=cache)
-        if input_ids is None:
-            raise ConfigError("'input_ids' are needed (a forward without a cache)")
-        hidden = self.body(input_ids, attention_mask)[:, self.pre_seq_len :]  # (B, T, H)
+        hidden = self.body(input_ids, attention_mask, inputs_embeds)[:, self.pre_seq_len :]
         logits = self.head.logits(hidden)  # (B, T, V)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
+            if labels.shape != hidden.shape[:2]:
                 raise ConfigError(
-                    f"'labels' must have the shape of 'input_ids' {tuple(input_ids.shape)}, got {tuple(labels.shape)}"
+                    f"'labels' must have the shape of the inputs {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}"
                 )
             if attention_mask is not None:
                 labels = labels.masked_fill(attention_mask == 0, -100)
@@ -362,6 +389,7 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
             return self._continue_session(input_ids, generation_config, session, streamer, kwargs)
         t0 = time.perf_counter()
         self._caches: list[RemoteCache] = []
+        self._prompt_tokens = 0 if input_ids is None else input_ids.shape[1]
         try:
             out = GenerationMixin.generate(
                 self, input_ids, generation_config, streamer=streamer, **kwargs
@@ -388,7 +416,12 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
             return
-        cache = RemoteCache(run=self.loop.run, max_length=max_cache_length, opener=self._open)
+        cache = RemoteCache(
+            run=self.loop.run,
+            max_length=max_cache_length,
+            opener=self._open,
+            prompt_tokens=self._prompt_tokens,
+        )
         self._caches.append(cache)
         model_kwargs["cache"] = cache
 

@@ -46,6 +46,7 @@ class RemoteCache(Cache):
         max_length: int,  # positions the session holds (the soft prompt's not included)
         opener: Opener | None = None,
         token_session: Any = None,
+        prompt_tokens: int = 0,  # of the call; a first step with more (PEFT's virtual tokens) adds room
     ) -> None:
         super().__init__(layers=[])
         if (opener is None) == (token_session is None):  # our invariant, not user input
@@ -54,13 +55,15 @@ class RemoteCache(Cache):
         self.max_cache_length = max_length
         self.opener = opener
         self.token_session = token_session
+        self.prompt_tokens = prompt_tokens
         self._close: Callable[[], None] | None = None
 
-    def open(self, batch_size: int) -> Any:
-        """The session, opened for ``batch_size`` rows at the first step."""
+    def open(self, batch_size: int, tokens: int) -> Any:
+        """The session, opened for ``batch_size`` rows at the first step (of ``tokens``)."""
         ts = self.token_session
         if ts is None:
             assert self.opener is not None
+            self.max_cache_length += max(0, tokens - self.prompt_tokens)
             ts, self._close = self.opener(batch_size, self.max_cache_length)
             self.token_session = ts
         elif ts.batch_size != batch_size:
@@ -80,8 +83,8 @@ class RemoteCache(Cache):
     def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """The chain's output ``# (B, T, H)`` for the new positions ``# (B, T, H)``; the soft prompt
         (prompt tuning) goes first, once per session."""
-        ts = self.open(hidden.shape[0])
         tokens = hidden.shape[1]
+        ts = self.open(hidden.shape[0], tokens)
         if ts.fed == 0 and ts.prefix is not None:
             prefix = ts.prefix.to(hidden.dtype).expand(hidden.shape[0], -1, -1)
             hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T, H)
