@@ -290,6 +290,11 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
         asked = [k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k)]
         if asked:
             raise ConfigError(f"{asked} cannot be returned: the blocks run on the swarm")
+        if cache is not None and not isinstance(cache, RemoteCache):
+            raise ConfigError(
+                f"'cache' must be the RemoteCache generate() makes (the servers hold the attention "
+                f"caches), got {type(cache).__name__}"
+            )
         if isinstance(cache, RemoteCache):
             if attention_mask is not None and not bool(attention_mask.all()):
                 raise ConfigError(

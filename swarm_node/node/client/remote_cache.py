@@ -108,7 +108,7 @@ class RemoteCache(Cache):
         if ts is None:
             raise ConfigError("reorder_cache before the first step: the session holds no rows yet")
         rows = beam_idx.to("cpu", torch.int64)
-        ts.session.reorder(rows.tolist())
+        self.run(_awaited, ts.session.reorder, rows.tolist())  # in the loop that owns the session
         if ts.ids.shape[0] == rows.shape[0]:
             ts.ids = ts.ids.index_select(0, rows)
 
