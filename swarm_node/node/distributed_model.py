@@ -543,7 +543,8 @@ def swarm_loop_covers(generation_config: Any, kwargs: dict[str, Any], seed: int 
         return True
     values = dict(kwargs)
     if generation_config is not None:
-        values = {**generation_config.to_diff_dict(), **values}
+        diff = getattr(generation_config, "to_diff_dict", None)  # a GenerationConfig's set fields
+        values = {**(diff() if diff else vars(generation_config)), **values}
     extra = set(values) - set(SUPPORTED) - {"transformers_version", "bos_token_id"}
     return not extra and not values.get("do_sample")
 
