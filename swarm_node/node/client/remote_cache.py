@@ -132,7 +132,9 @@ class RemoteCache(Cache):
     @property
     def is_croppable(self) -> bool:
         ts = self.token_session
-        return ts is not None and hasattr(ts.session, "truncate")
+        if ts is None or not hasattr(ts.session, "truncate"):
+            return False
+        return bool(getattr(ts.session, "can_truncate", True))  # every server rolls back
 
     @property
     def is_compileable(self) -> bool:
