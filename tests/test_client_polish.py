@@ -142,22 +142,31 @@ async def test_generate_calls_continue_one_session(tiny_chat_llama: Path) -> Non
 
 
 async def test_unsupported_settings_are_refused(tiny_chat_llama: Path) -> None:
+    # beam search and min_length were refused before generate() became transformers' own; what a
+    # swarm cannot do is still refused, each with its reason
+    left_padded = torch.tensor([[0, 1, 1]])
     with trio.fail_after(120):
         async with local_swarm(tiny_chat_llama, [(0, 6)]) as (servers, _):
 
             def use(model: DistributedModelForCausalLM) -> list[str]:
                 errors = []
-                for kwargs in ({"num_beams": 2}, {"min_length": 3}, {"stop_strings": "x"}):
+                for kwargs in (
+                    {"stop_strings": "x"},
+                    {"attention_mask": left_padded, "max_new_tokens": 2},
+                    {"output_hidden_states": True, "return_dict_in_generate": True},
+                    {"decode_loop": "beams"},
+                ):
                     try:
-                        model.generate(torch.tensor([[1, 2]]), **kwargs)
+                        model.generate(torch.tensor([[1, 2, 3]]), **kwargs)
                     except ConfigError as exc:
                         errors.append(str(exc))
                 return errors
 
             errors = await trio.to_thread.run_sync(_with_model, tiny_chat_llama, servers, use)
-    assert "'num_beams' must be 1" in errors[0]
-    assert "unsupported arguments ['min_length']" in errors[1]
-    assert "need the 'tokenizer'" in errors[2]
+    assert "need the 'tokenizer'" in errors[0]
+    assert "'attention_mask' must be all ones in generation" in errors[1]
+    assert "cannot be returned: the blocks run on the swarm" in errors[2]
+    assert "'decode_loop' must be one of" in errors[3]
 
 
 def test_repetition_penalty_and_top_k_are_transformers_rules() -> None:

@@ -50,7 +50,9 @@ def _field_strategy(rule):
         return st.booleans()
     if rule.kind is tuple:
         item = st.text(max_size=40)
-        if rule.item is not str:  # a LoraEntry
+        if rule.item is int:  # row indices (a step's reorder)
+            item = st.integers(0, MAX_INT)
+        elif rule.item is not str:  # a LoraEntry
             item = st.tuples(
                 item, st.integers(0, MAX_INT), st.floats(allow_nan=False, allow_infinity=False)
             )

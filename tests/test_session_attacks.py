@@ -19,6 +19,7 @@ from swarm_node.node.client.settings import SessionSettings
 from tests.attacks import Attack, AttackTarget
 from tests.attacks.sessions import (
     attack_bad_keep,
+    attack_bad_reorder,
     attack_oversized_prompt,
     attack_pings_only,
     attack_session_hoard,
@@ -133,5 +134,14 @@ async def test_bad_roll_backs_are_refused_and_the_session_goes_on(tiny_llama: Pa
     # the stream and session keep working, an honest roll back works
     with trio.fail_after(90):
         async with under_attack(tiny_llama, attack_bad_keep) as (stopped, servers):
+            assert stopped
+            assert all_released(servers[0])
+
+
+async def test_reorders_naming_rows_the_session_lacks_are_refused(tiny_llama: Path) -> None:
+    # beam search's 'reorder' indexes the cache's rows: out of range or of the wrong length is a
+    # bad_request, the cache untouched, and the session goes on
+    with trio.fail_after(90):
+        async with under_attack(tiny_llama, attack_bad_reorder) as (stopped, servers):
             assert stopped
             assert all_released(servers[0])

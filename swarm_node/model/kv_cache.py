@@ -52,6 +52,14 @@ class SpanCache:
                 f"cannot take {new_tokens} more"
             )
 
+    def reorder(self, rows: tuple[int, ...]) -> None:
+        """Row i of the cache becomes what row ``rows[i]`` was (beam search); the caller checked
+        that there is one index per row, each below ``batch_size``."""
+        import torch
+
+        if self.length:
+            self.dynamic.reorder_cache(torch.tensor(rows, dtype=torch.int64))
+
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 

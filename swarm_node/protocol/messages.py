@@ -99,6 +99,9 @@ class StepRequest:
     # not know the field ignores it and refuses the position (it only answers OpenSessionResponse
     # 'keep' = True when it knows it).
     keep: int = _at_least(-1, default=-1)
+    # Beam search: before this step, row i of the session's cache becomes what row reorder[i] was
+    # (one index per row of the session's batch; empty: the rows stay as they are).
+    reorder: tuple[int, ...] = _list(MAX_FORWARD_BATCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,7 @@ class PushStepRequest:
     position: int
     hidden: WireTensor  # (B, T, H)
     keep: int = _at_least(-1, default=-1)  # the client's roll back, as in StepRequest
+    reorder: tuple[int, ...] = _list(MAX_FORWARD_BATCH)  # the client's step's, passed on
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +325,7 @@ def check_field(rule: FieldRule, value: Any, error: type[ProtocolError]) -> Any:
                 return items
         kinds = typing.get_args(rule.item)
         what = f"[{', '.join(k.__name__ for k in kinds)}] lists" if kinds else "strs"
+        what = "ints >= 0" if rule.item is int else what
         raise error(
             f"{name!r} must be a list of at most {rule.max_items} {what} (each str at most "
             f"{MAX_ITEM_CHARS} chars), got {short_repr(value)}"

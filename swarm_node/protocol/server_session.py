@@ -24,7 +24,7 @@ from swarm_node.protocol.messages import (
     StepRequest,
     StepResponse,
 )
-from swarm_node.protocol.tensors import WireTensor
+from swarm_node.protocol.tensors import WireTensor, short_repr
 
 T = TypeVar("T")
 
@@ -190,10 +190,17 @@ class SessionRules:
     answer is kept for a duplicate), and pushes come only from ``prev_peer``."""
 
     def __init__(
-        self, *, session_id: str, max_length: int, prev_peer: str = "", keeps: bool = False
+        self,
+        *,
+        session_id: str,
+        max_length: int,
+        prev_peer: str = "",
+        keeps: bool = False,
+        batch_size: int = 1,
     ) -> None:
         self.session_id = session_id
         self.max_length = max_length
+        self.batch_size = batch_size  # rows of the cache, which a step's 'reorder' indexes
         self.prev_peer = prev_peer  # the previous span's server ("": the session takes no pushes)
         self.keeps = keeps  # the cache can be rolled back: steps may carry 'keep'
         self.last_reply: StepResponse | None = None  # the answer to the newest step
@@ -215,6 +222,7 @@ class SessionRules:
                     f"to repeat it), got {req.step_id}",
                 )
         self._check_tokens(req.position, req.hidden, cache_length, req.keep)
+        self._check_reorder(req.reorder)
         return None
 
     def push(self, req: PushStepRequest, sender: str, cache_length: int) -> bool:
@@ -229,7 +237,17 @@ class SessionRules:
         if self.last_reply is not None and req.step_id <= self.last_reply.step_id:
             return False
         self._check_tokens(req.position, req.hidden, cache_length, req.keep)
+        self._check_reorder(req.reorder)
         return True
+
+    def _check_reorder(self, reorder: tuple[int, ...]) -> None:
+        rows = self.batch_size
+        if reorder and (len(reorder) != rows or max(reorder) >= rows):
+            raise RequestError(
+                "bad_request",
+                f"'reorder' must be empty or {rows} row indices in [0, {rows}) (the session's "
+                f"batch size), got {short_repr(list(reorder))}",
+            )
 
     def _check_tokens(
         self, position: int, hidden: WireTensor, cache_length: int, keep: int = -1

@@ -245,6 +245,30 @@ async def attack_bad_keep(target: AttackTarget) -> bool:
             return isinstance(await ask(conn, honest), m.StepResponse) and isinstance(
                 await ask(conn, after), m.StepResponse
             )
+
+
+async def attack_bad_reorder(target: AttackTarget) -> bool:
+    """Steps whose 'reorder' (beam search's row indices) name rows the session does not have, or
+    too few of them: each must be refused (bad_request) without touching the cache, and the
+    session must go on from where it was. A list longer than the wire allows is refused at the
+    frame (the stream closes). Stopped: every bad step refused, and the next good step answered."""
+    with trio.move_on_after(30):
+        async with attacker(target) as conn:
+            info = await ask(conn, m.InfoRequest())
+            reply = await ask(conn, open_request(info, 8, batch_size=2))
+            if not isinstance(reply, m.OpenSessionResponse):
+                return True  # no session to attack
+            session, hidden = reply.session_id, zeros(info, 2, 1, info.hidden_size)
+            if not isinstance(
+                await ask(conn, m.StepRequest(session, 1, 0, hidden)), m.StepResponse
+            ):
+                return False
+            for step_id, rows in enumerate([(0, 2), (1,), (0, 1, 1), (5, 5)], start=2):
+                bad = await ask(conn, m.StepRequest(session, step_id, 1, hidden, reorder=rows))
+                if not (isinstance(bad, m.ErrorResponse) and bad.code == "bad_request"):
+                    return False
+            good = await ask(conn, m.StepRequest(session, 9, 1, hidden, reorder=(1, 0)))
+            return isinstance(good, m.StepResponse)
     return False
 
 
@@ -254,4 +278,5 @@ ATTACKS = (
     ("oversized_prompt", attack_oversized_prompt),
     ("never_reads", attack_never_reads),
     ("bad_keep", attack_bad_keep),
+    ("bad_reorder", attack_bad_reorder),
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import trio
 
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
-from swarm_node.errors import RemoteError, RemoteProtocolError, SessionError
+from swarm_node.errors import ConfigError, RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.client.hedging import hedged
 from swarm_node.node.client.recovery import (
     HopFailed,
@@ -156,10 +156,34 @@ class InferenceSession:
             self._spawn_checks = verify.spawn
         self._checking = trio.CancelScope()
         self._keep: int | None = None  # a roll back the next step carries to every server
+        self._reorder: tuple[int, ...] = ()  # rows the next step reorders the caches by
+        self._step_reorder: tuple[int, tuple[int, ...]] = (0, ())  # (step id, rows) in flight
 
     @property
     def position(self) -> int:
         return self.steps.position
+
+    def reorder(self, rows: Sequence[int]) -> None:
+        """Beam search: row i of every server's cache becomes what row ``rows[i]`` is now. Sent
+        with the next step (no round trip of its own); several calls before a step compose."""
+        rows = tuple(rows)
+        size = self.batch_size
+        if len(rows) != size or not all(type(r) is int and 0 <= r < size for r in rows):
+            raise ConfigError(
+                f"'rows' must be {size} row indices in [0, {size}) (the session's batch size), "
+                f"got {list(rows)[:16]}"
+            )
+        if self.verifier is not None and self._spawn_checks is not None:
+            for stale in self.verifier.reordered(self._spans, rows):
+                self._spawn_checks(self.verifier.drop_checker, stale)
+        pending = self._reorder
+        rows = tuple(pending[r] for r in rows) if pending else rows
+        self._reorder = () if rows == tuple(range(size)) else rows
+
+    def reorder_of(self, step_id: int) -> tuple[int, ...]:
+        """The rows step ``step_id`` reorders the caches by (empty for every other step)."""
+        at, rows = self._step_reorder
+        return rows if step_id == at else ()
 
     @property
     def can_truncate(self) -> bool:
@@ -394,6 +418,7 @@ class InferenceSession:
             raise SessionError("the inference session is not open")
         tokens = hidden.shape[1]
         self.steps.check(tokens)
+        self._step_reorder, self._reorder = (self.steps.step_id + 1, self._reorder), ()
         chunk = self.chunk_tokens(hidden)
         if self.push:  # chunks one after another: each travels the whole chain by itself
             outs = []
@@ -441,7 +466,7 @@ class InferenceSession:
                 await self._recover(slot, failure)
                 continue
             slot.times.observe(hidden.shape[1], trio.current_time() - t0)
-            slot.remember(step_id, position, hidden)
+            slot.remember(step_id, position, hidden, self.reorder_of(step_id))
             return out
 
     async def _run_spans(
@@ -622,7 +647,7 @@ class InferenceSession:
             if lost or (moved and index > 0):  # the client sends this link's steps from now on
                 self._slots[index - 1].spans[-1].pushes = False
             slot.times.observe(hidden.shape[1], trio.current_time() - t0)
-            slot.remember(step_id, position, hidden)
+            slot.remember(step_id, position, hidden, self.reorder_of(step_id))
             hidden, send = out, send_next
         return hidden
 
@@ -680,7 +705,12 @@ class InferenceSession:
         wire = compression.encode(hidden, self.uplink)
         keep = self._keep if self._keep == position and span.keeps else -1
         req = m.StepRequest(
-            session_id=span.session_id, step_id=step_id, position=position, hidden=wire, keep=keep
+            session_id=span.session_id,
+            step_id=step_id,
+            position=position,
+            hidden=wire,
+            keep=keep,
+            reorder=self.reorder_of(step_id),
         )
         with trio.fail_after(self.step_timeout):
             await span.conn.send(req)

@@ -17,10 +17,12 @@ from swarm_node.node.client.generation import open_token_session
 
 
 class ModelSession:
-    def __init__(self, model: Any, max_length: int) -> None:
+    def __init__(self, model: Any, max_length: int, *, batch_size: int = 1) -> None:
         check_int("max_length", max_length, 1)
+        check_int("batch_size", batch_size, 1)
         self.model = model
         self.max_length = max_length
+        self.batch_size = batch_size
         self.token_session: Any = None
         self._close: trio.Event | None = None
         self._closed: trio.Event | None = None
@@ -33,7 +35,7 @@ class ModelSession:
     async def _hold(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         model = self.model
         prefix, tuning = model.tuned_inputs()
-        settings = replace(model.settings, max_length=self.max_length)
+        settings = replace(model.settings, max_length=self.max_length, batch_size=self.batch_size)
         self._close, self._closed = trio.Event(), trio.Event()
         try:
             async with open_token_session(
@@ -45,20 +47,27 @@ class ModelSession:
         finally:
             self._closed.set()
 
-    def __enter__(self) -> ModelSession:
-        model = self.model
-        loop = model.loop
+    def open(self) -> None:
+        """Open the session in the client loop's nursery (``close`` ends it)."""
+        loop = self.model.loop
         if loop.closed or loop.nursery is None:
             raise ConfigError("the model is closed")
+        loop.run(loop.nursery.start, self._hold)
+
+    def __enter__(self) -> ModelSession:
+        model = self.model
         if model.active_session is not None:
             raise ConfigError("an inference session is already open on this model; close it first")
-        loop.run(loop.nursery.start, self._hold)
+        self.open()
         model.active_session = self
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.model.active_session = None
+        self.close()
+
+    def close(self) -> None:
         model = self.model
-        model.active_session = None
         if model.loop.closed or self._close is None or self._closed is None:
             return
         close, closed = self._close, self._closed

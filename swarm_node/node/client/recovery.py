@@ -85,7 +85,14 @@ class Slot:
     failures: int = 0  # recoveries since the slot last completed a step
     times: StepTimes = field(default_factory=StepTimes)  # of its steps on the servers it has now
 
-    def remember(self, step_id: int, position: int, hidden: torch.Tensor) -> None:
+    def remember(
+        self, step_id: int, position: int, hidden: torch.Tensor, reorder: tuple[int, ...] = ()
+    ) -> None:
+        """Keep a step that the slot's servers computed; a step that reordered their caches' rows
+        (``reorder``) reorders the rows of what came before, so a replay rebuilds the same caches."""
+        if reorder:
+            rows = torch.tensor(reorder, dtype=torch.int64)
+            self.history = [(s, p, h.index_select(0, rows)) for s, p, h in self.history]
         self.history.append((step_id, position, hidden))
         self.failures = 0
 

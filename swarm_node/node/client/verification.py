@@ -327,6 +327,25 @@ class Verifier:
                 self.checkers[span] = Checker()
         return stale
 
+    def reordered(self, spans: list[RemoteSpan], rows: tuple[int, ...]) -> list[Checker]:
+        """Beam search moved the caches' rows (row i becomes what row ``rows[i]`` was): what each
+        server answered moves the same way (a checker's replay of it then builds the moved
+        cache), and every checker starts over. Returns the checkers left behind: close them."""
+        index = torch.tensor(rows, dtype=torch.long)
+        stale: list[Checker] = []
+        for span in spans:
+            if span.answered is None:
+                continue
+            span.answered = [
+                replace(a, sent=a.sent.index_select(0, index), out=a.out.index_select(0, index))
+                for a in span.answered
+            ]
+            checker = self.checkers.get(span)
+            if checker is not None and checker.position > 0:
+                stale.append(checker)
+                self.checkers[span] = Checker()
+        return stale
+
     async def drop_checker(self, checker: Checker) -> None:
         if checker.spans:
             await close_quietly(checker.spans)

@@ -338,6 +338,7 @@ class BlockServer:
             max_length=req.max_length,
             prev_peer=req.prev_peer,
             keeps=cache.can_truncate,
+            batch_size=req.batch_size,
         )
         codec = self.config.compression if req.compression == SERVER_DEFAULT else req.compression
         session = sessions[session_id] = self.sessions[session_id] = ServerSession(
@@ -417,7 +418,7 @@ class BlockServer:
         async with session.lock:
             done = session.rules.step(req, session.cache_length)
             return done or await self._run_step(
-                session, req.step_id, req.position, req.hidden, req.keep
+                session, req.step_id, req.position, req.hidden, req.keep, req.reorder
             )
 
     async def _pushed_step(self, req: m.PushStepRequest, sender: str) -> bool:
@@ -433,7 +434,7 @@ class BlockServer:
                 if not session.rules.push(req, sender, session.cache_length):
                     return True  # the client sent it first
                 reply: Any = await self._run_step(
-                    session, req.step_id, req.position, req.hidden, req.keep
+                    session, req.step_id, req.position, req.hidden, req.keep, req.reorder
                 )
                 self.pushed_steps += 1
             except PushRefused as exc:
@@ -448,7 +449,13 @@ class BlockServer:
         return True
 
     async def _run_step(
-        self, session: ServerSession, step_id: int, position: int, wire: Any, keep: int = -1
+        self,
+        session: ServerSession,
+        step_id: int,
+        position: int,
+        wire: Any,
+        keep: int = -1,
+        reorder: tuple[int, ...] = (),
     ) -> m.StepResponse:
         """Compute one step the rules admitted (first rolling the cache back to ``keep`` positions,
         when >= 0, once the step is known good), push it on (if asked) and make the answer."""
@@ -464,6 +471,8 @@ class BlockServer:
         )
         if keep >= 0:
             session.cache.truncate(keep)
+        if reorder:
+            session.cache.reorder(reorder)
         try:
             out = await self._compute_step(session, hidden)
         except SessionError as exc:
@@ -473,7 +482,7 @@ class BlockServer:
         encode = functools.partial(compression.encode, out, session.compression)
         out_wire = await off_loop(encode, out.nbytes)
         pushed = session.push is not None and await session.push.push(
-            step_id, position, out_wire, keep
+            step_id, position, out_wire, keep, reorder
         )
         receipt = self._receipt(session, step_id, position, wire, out_wire)
         return session.rules.answered(step_id, out_wire, pushed=pushed, receipt=receipt)

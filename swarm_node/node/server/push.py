@@ -40,9 +40,16 @@ class PushLink:
         self.conn: MessageStream | None = conn
         self.next_session = next_session
 
-    async def push(self, step_id: int, position: int, hidden: Any, keep: int = -1) -> bool:
-        """Send one step's output on (with the client's roll back ``keep``, as it came); False
-        (and the link is off from now on) if it failed."""
+    async def push(
+        self,
+        step_id: int,
+        position: int,
+        hidden: Any,
+        keep: int = -1,
+        reorder: tuple[int, ...] = (),
+    ) -> bool:
+        """Send one step's output on (with the client's roll back ``keep`` and row ``reorder``,
+        as they came); False (and the link is off from now on) if it failed."""
         if self.conn is None:
             return False
         message = m.PushStepRequest(
@@ -51,6 +58,7 @@ class PushLink:
             position=position,
             hidden=hidden,
             keep=keep,
+            reorder=reorder,
         )
         with trio.move_on_after(PUSH_SEND_TIMEOUT):
             try:
