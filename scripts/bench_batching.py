@@ -17,7 +17,9 @@ client/head_batching.py); rounds alternate the order of the levels and of on/off
   (``chunk_compute_ms``: a 256-token chunk after 1024 cached positions through blocks 0:15 plus
   through 15:30, timed alone at the servers' threads before the swarms start). A step waits at most
   for the chunk a server is computing, on each server: <= 1 chunk through the chain (the target),
-  <= 2 of one server's share (``prefill_delay_over_server_chunk``);
+  <= 2 of one server's share (``prefill_delay_over_server_chunk``); ``..._as_run``: over the chunks'
+  time as they ran (the prefill's wall time / (chunks + 1) per server, x2), which a loaded machine
+  stretches beyond the chunk timed alone;
 - ``same_tokens``: every session's tokens in every concurrent round equal its solo run;
 - ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end);
 - ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions.
@@ -219,7 +221,7 @@ def measure(args: argparse.Namespace, kind: str, addr: str = "", sessions: int =
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def prefill_figures(run: dict[str, Any], forward: dict[str, float]) -> dict[str, Any]:
+def prefill_figures(run: dict[str, Any], forward: dict[str, float], chunks: int) -> dict[str, Any]:
     """B's worst token interval during A's prefill, less B's median interval, over one chunk's
     compute through the chain (blocks 0:15 then 15:30, measured alone) and over one server's."""
     times, start, end = run["times"], run["start"], run["end"]
@@ -235,6 +237,9 @@ def prefill_figures(run: dict[str, Any], forward: dict[str, float]) -> dict[str,
         "chunk_compute_ms": round(sum(server_chunks) * 1000, 1),
         "prefill_delay_over_chunk": round(delay / sum(server_chunks), 3),
         "prefill_delay_over_server_chunk": round(delay / max(server_chunks), 3),
+        # the same over the chunks as they ran (a loaded machine slows them): the prefill's wall
+        # time, pipelined over the 2 servers, is (chunks + 1) of one server's chunk
+        "prefill_delay_over_chunk_as_run": round(delay / (2 * (end - start) / (chunks + 1)), 3),
         "batch_seen": run["batch_seen"],
     }
 
@@ -307,7 +312,7 @@ def main() -> None:
         lone_step_p95_ms=round(statistics.quantiles(gaps, n=20)[18] * 1000, 1),
         same_tokens=same,
     )
-    result.update(prefill_figures(prefill, forward))
+    result.update(prefill_figures(prefill, forward, -(-args.prefill // args.chunk)))
     result.update(forward)
     result.update(
         model=MODEL,

@@ -5,9 +5,10 @@ computes (or waits for the limiter) queue; the first of them leads: once it hold
 the loop finish the work it has (jobs already received but still a few task hops from here: trio's
 "all tasks blocked", at most ``MAX_SETTLE_S``), takes every queued job and hands the list to
 ``compute``, which sets each job's ``out`` or ``error``. While ``others()`` says other users may
-submit (a server with several sessions), the leader settles and computes in a worker thread, so the
-loop goes on receiving the jobs that will form the next batch; a lone user's job skips the settling
-and runs inline while such jobs are quick (node/quick_jobs.py): a thread hop costs it ~0.5 ms. A job cancelled while it waits leaves the
+submit (a server with several sessions), the leader settles and (``off_loop_when_crowded``) computes
+in a worker thread, so the loop goes on receiving the jobs that will form the next batch; a lone
+user's job skips the settling and runs inline while such jobs are quick (node/quick_jobs.py): a
+thread hop costs it ~0.5 ms. A job cancelled while it waits leaves the
 queue; one already taken is computed and its answer dropped. The server batches its sessions' decode
 steps this way (server/batching.py), the client its sessions' heads (client/head_batching.py).
 
@@ -68,11 +69,13 @@ class BatchQueue(Generic[J]):
         limiter: trio.CapacityLimiter | None = None,
         enabled: bool = True,
         others: Callable[[], bool] = lambda: True,
+        off_loop_when_crowded: bool = True,
     ) -> None:
         self.compute = compute  # sets every job's out or error (in a worker thread or inline)
         self.limiter = limiter
         self.enabled = enabled  # False: every job runs alone
         self.others = others  # whether other users may submit jobs soon
+        self.off_loop_when_crowded = off_loop_when_crowded
         self.quick_jobs = QuickJobs(max_inline_s)  # the limiter is held around its runs
         self.pending: list[J] = []
         self.leading = False
@@ -142,7 +145,7 @@ class BatchQueue(Generic[J]):
                 self.max_batch = max(self.max_batch, len(batch))
                 self.batch_sizes[len(batch)] += 1
                 run = functools.partial(self.compute, batch)
-                await self.quick_jobs.run(run, small=not crowded)
+                await self.quick_jobs.run(run, small=not (crowded and self.off_loop_when_crowded))
                 self.recent.append((trio.current_time(), len(batch)))
         finally:
             if job in self.pending:  # cancelled before it held the limiter: not the next leader

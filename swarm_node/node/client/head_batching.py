@@ -4,8 +4,8 @@ is busy run as one matmul over all their rows; each session then samples its own
 settings, generator and repetition penalty) and embeds it.
 
 A lone session runs its head at once, as before (inline while quick, no settling); while several
-sessions decode, the head runs in a worker thread and a batch forms from the sessions whose answers
-came meanwhile (node/batch_queue.py). A row's logits
+sessions decode, a batch forms from the sessions whose answers arrived while the head computed or
+while its leader let the loop settle (node/batch_queue.py). A row's logits
 are its lone ones within float tolerance (a linear over N rows may round unlike one over one row).
 
 Knows nothing of chains, servers or text.
@@ -38,8 +38,15 @@ class HeadBatcher(BatchQueue[HeadJob]):
     """One client head's decode steps, several sessions' at once when they wait together."""
 
     def __init__(self, head: Any, *, max_inline_s: float = CLIENT_MAX_INLINE_S) -> None:
-        # a leader lets the loop settle, and computes off it, only while other sessions decode
-        super().__init__(self._compute, max_inline_s=max_inline_s, others=lambda: self.users > 1)
+        # a leader lets the loop settle only while other sessions decode; it computes where a lone
+        # head would (a second thread's OpenMP team would spin beside the loop's: with the client
+        # at torch's default threads, 2 sessions ran at half one session's aggregate tokens/s)
+        super().__init__(
+            self._compute,
+            max_inline_s=max_inline_s,
+            others=lambda: self.users > 1,
+            off_loop_when_crowded=False,
+        )
         self.head = head  # model.ClientHead
         self.users = 0  # sessions decoding through this head now
 
