@@ -87,6 +87,17 @@ class TextStream:
         self.out.flush()
         self.printed = text
 
+    def retract(self, n: int) -> None:
+        """The last ``n`` tokens are taken back (a server was caught lying): say so, and print
+        the new text generated so far again from its start."""
+        del self.ids[len(self.ids) - n :]
+        self.printed = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(
+            f"\n[a server was caught lying: {n} token(s) taken back; the new text so far:]\n"
+            f"{self.printed}"
+        )
+        self.out.flush()
+
 
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
     if chat:
@@ -179,8 +190,16 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     if not args.chat:
         out.write(args.prompt)
     stream = TextStream(tokenizer, out)
+
     _, stats = await generate_tokens(
-        peer, head, input_ids, settings, sampling, on_tokens=stream, **tuned
+        peer,
+        head,
+        input_ids,
+        settings,
+        sampling,
+        on_tokens=stream,
+        on_retract=stream.retract,
+        **tuned,
     )
     out.write("\n")
     out.flush()
