@@ -89,6 +89,17 @@ class TextStream:
         self.out.flush()
         self.printed = text
 
+    def retract(self, n: int) -> None:
+        """The last ``n`` tokens are taken back (a server was caught lying): say so, and print
+        the new text generated so far again from its start."""
+        del self.ids[len(self.ids) - n :]
+        self.printed = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(
+            f"\n[a server was caught lying: {n} token(s) taken back; the new text so far:]\n"
+            f"{self.printed}"
+        )
+        self.out.flush()
+
 
 def encode_prompt(tokenizer: Any, prompt: str, *, chat: bool) -> torch.Tensor:
     if chat:
@@ -203,6 +214,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
     if not args.chat:
         out.write(args.prompt)
     stream = TextStream(tokenizer, out)
+
     _, stats = await generate_tokens(
         peer,
         head,
@@ -211,6 +223,7 @@ async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> Gene
         sampling,
         on_tokens=stream,
         speculation=speculation,
+        on_retract=stream.retract,
         **tuned,
     )
     out.write("\n")

@@ -41,7 +41,7 @@ from swarm_node.node.client.recovery import (
     sole_error,
 )
 from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
+from swarm_node.node.client.step_deadlines import HedgeBudget
 from swarm_node.node.client.verification import Answer, RolledBack, Verifier
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
@@ -391,25 +391,11 @@ class InferenceSession:
         """Every hop's cache back to its first ``position`` positions: new sessions (on the same
         servers, or others where a server is banned now) with the slot's history up to there
         replayed."""
-        recovery = self.recovery
-        assert recovery is not None and self.verifier is not None
+        assert self.recovery is not None and self.verifier is not None
         for slot in self._slots:
-            slot.history = _truncated(slot.history, position)
-            banned = recovery.bans.banned(recovery.clock())
-            chain = [span.hop for span in slot.spans]
-            for attempt in range(recovery.max_attempts + 1):
-                if attempt or any(hop.server.peer_id in banned for hop in chain):
-                    chain = await recovery.reroute(slot.start, slot.end, attempt, frozenset())
-                try:
-                    spans, _ = await recovery.open_and_replay(self, slot, chain)
-                    break
-                except HopFailed as failure:
-                    ban(recovery.bans, failure, recovery.clock())
-                    if attempt == recovery.max_attempts:
-                        raise
-            old, slot.spans, slot.times = slot.spans, spans, StepTimes()
+            old = slot.spans
+            await self.recovery.rewind(self, slot, position)
             await self.verifier.forget(old)
-            await recovery.retire(old)
         self.steps.position = position
         self.verifier.rollbacks.append(position)
 
@@ -729,16 +715,3 @@ class InferenceSession:
                 if reply is not None:
                     return reply
                 log.debug("dropped an answer to an older step from %s", span.conn.peer_id)
-
-
-def _truncated(
-    history: list[tuple[int, int, torch.Tensor]], position: int
-) -> list[tuple[int, int, torch.Tensor]]:
-    """The steps of ``history`` before ``position`` (a step across it cut there)."""
-    kept = []
-    for step_id, at, hidden in history:
-        if at + hidden.shape[1] <= position:
-            kept.append((step_id, at, hidden))
-        elif at < position:
-            kept.append((step_id, at, hidden[:, : position - at]))
-    return kept

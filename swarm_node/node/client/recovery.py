@@ -285,6 +285,25 @@ class Recovery:
         )
         slot.spans, slot.times = spans, StepTimes()
 
+    async def rewind(self, session: InferenceSession, slot: Slot, position: int) -> None:
+        """``slot``'s caches back to their first ``position`` positions: new sessions (on the same
+        servers, or others where one is banned now) with its history up to there replayed."""
+        slot.history = _truncated(slot.history, position)
+        banned = self.bans.banned(self.clock())
+        chain = [span.hop for span in slot.spans]
+        for attempt in range(self.max_attempts + 1):
+            if attempt or any(hop.server.peer_id in banned for hop in chain):
+                chain = await self.reroute(slot.start, slot.end, attempt, frozenset())
+            try:
+                spans, _ = await self.open_and_replay(session, slot, chain)
+                break
+            except HopFailed as failure:
+                ban(self.bans, failure, self.clock())
+                if attempt == self.max_attempts:
+                    raise
+        old, slot.spans, slot.times = slot.spans, spans, StepTimes()
+        await self.retire(old)
+
     async def retire(self, spans: list[RemoteSpan]) -> None:
         """Drop streams to servers the session stopped using (without a ban)."""
         await close_quietly(spans)
@@ -379,3 +398,16 @@ async def close_quietly(spans: list[RemoteSpan]) -> None:
         for span in spans:
             with trio.move_on_after(CLOSE_TIMEOUT):
                 await span.conn.reset()
+
+
+def _truncated(
+    history: list[tuple[int, int, torch.Tensor]], position: int
+) -> list[tuple[int, int, torch.Tensor]]:
+    """The steps of ``history`` before ``position`` (a step across it cut there)."""
+    kept = []
+    for step_id, at, hidden in history:
+        if at + hidden.shape[1] <= position:
+            kept.append((step_id, at, hidden))
+        elif at < position:
+            kept.append((step_id, at, hidden[:, : position - at]))
+    return kept

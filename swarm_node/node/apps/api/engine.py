@@ -228,9 +228,21 @@ async def run_generation(
     ``on_text`` receives each piece of text as soon as it is safe to send; ``speculative``: with
     prompt lookup drafts (the same output distribution)."""
     assembler = TextAssembler(runtime.tokenizer, stops)
+    shown: list[int] = []  # the tokens generated so far, for a rollback to rebuild the text
+
+    def on_retract(n: int) -> None:
+        """A server was caught lying: the last ``n`` tokens are redone (verification.py). The
+        text is rebuilt from the rest; what a stream already sent stays sent."""
+        nonlocal assembler
+        del shown[len(shown) - n :]
+        assembler = TextAssembler(runtime.tokenizer, stops)
+        for token_id in shown:
+            if token_id not in runtime.eos_token_ids:
+                assembler.add(token_id)
 
     def on_tokens(token: torch.Tensor) -> None:
         token_id = int(token[0])
+        shown.append(token_id)
         if on_token is not None:
             on_token(token_id)
         if token_id in runtime.eos_token_ids:
@@ -251,6 +263,7 @@ async def run_generation(
             stopping=lambda _ids: assembler.stopped,
             chain=chain,
             speculation=Speculation.of() if speculative else None,
+            on_retract=on_retract,
         )
     except MissingBlocksError as exc:
         raise missing_blocks(runtime.name, exc) from None
