@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from swarm_node.dht.records import (
+    MAX_RECORD_SIZE,
     ServerRecord,
     decode_record,
     encode_record,
@@ -82,8 +83,8 @@ def test_garbage_record_raises_only_protocol_error(blob: bytes) -> None:
 
 
 def test_oversize_record_rejected() -> None:
-    with pytest.raises(RemoteProtocolError, match="<= 8192 bytes"):
-        decode_record(b"\x00" * 9000)
+    with pytest.raises(RemoteProtocolError, match=f"<= {MAX_RECORD_SIZE} bytes"):
+        decode_record(b"\x00" * (MAX_RECORD_SIZE + 1))
 
 
 def test_select_newest_and_liveness() -> None:

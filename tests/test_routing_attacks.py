@@ -268,8 +268,8 @@ async def test_a_push_that_never_comes_bans_no_one_and_the_client_sends_it(
             ) as honest:
                 expected = [await honest.step(x) for x in inputs]
 
-            async def silent(step_id: int, position: int, hidden: Any) -> bool:
-                return True  # "pushed"
+            async def silent(step_id: int, position: int, hidden: Any, *_: Any) -> bool:
+                return True  # "pushed" (and any roll back or reorder with it)
 
             async def lied_to() -> None:
                 pushed = SessionSettings(model=model, max_length=16, push=True)
