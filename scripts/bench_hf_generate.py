@@ -24,25 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_processes import TokenClock  # noqa: E402
+
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 PROMPT = "The capital of France is"
 LOOPS = ("swarm", "transformers")
-
-
-class Clock:
-    """A streamer that notes when each new token arrives (the prompt's put is skipped)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
 
 
 def measure(addr: str, loop: str, new_tokens: int) -> dict[str, Any]:
@@ -54,7 +41,7 @@ def measure(addr: str, loop: str, new_tokens: int) -> dict[str, Any]:
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=[addr]) as model:
         model.generate(ids, max_new_tokens=4, decode_loop=loop)
-        clock = Clock()
+        clock = TokenClock()
         t0 = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, decode_loop=loop, streamer=clock)
     steady = clock.times[-1] - clock.times[0]

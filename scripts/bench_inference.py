@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_processes import THREAD_VARS, run_worker, start_server, stop  # noqa: E402
+from bench_processes import THREAD_VARS, TokenClock, run_worker, start_server, stop  # noqa: E402
 
 PROMPT = "The capital of France is"
 MODEL = "smollm2-135m"
@@ -60,21 +60,8 @@ def local_worker(args: argparse.Namespace) -> dict:
     model.generation_config.eos_token_id = None  # run on past EOS, as the swarm runs do
     input_ids = AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt").input_ids
 
-    class Clock:  # a streamer noting when each new token arrives
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if self.prompt_seen:
-                self.times.append(time.perf_counter())
-            self.prompt_seen = True
-
-        def end(self) -> None:
-            pass
-
     def run(new: int) -> tuple[list[int], float, float]:
-        clock = Clock()
+        clock = TokenClock()
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids, max_new_tokens=new, do_sample=False, streamer=clock)

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,19 @@ def serve_jobs(handlers: dict[str, Callable[..., dict[str, Any]]]) -> None:
     for line in sys.stdin:
         job = json.loads(line)
         print(json.dumps(handlers[job.pop("job")](**job)), flush=True)
+
+
+class TokenClock:
+    """A transformers streamer that notes when each new token arrives (the prompt's put skipped)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
