@@ -99,7 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = Checkpoint.open(path)
     tokenizer = load_tokenizer(path)
     head = ClientHead.load(checkpoint)
-    eos = model_eos_ids(checkpoint.config, tokenizer)
+    eos = model_eos_ids(checkpoint.setting("eos_token_id"), tokenizer)
     args.num_blocks = checkpoint.config.num_hidden_layers
     sets = {name: prompts[: args.prompts] for name, prompts in PROMPTS.items()}
     inputs = {
