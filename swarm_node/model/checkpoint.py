@@ -62,9 +62,11 @@ class Checkpoint:
         return self._config
 
     def setting(self, name: str) -> Any:
-        """config.json's ``name``, else the family's default from transformers' config."""
-        if name in self.settings:
-            return self.settings[name]
+        """config.json's ``name`` (under the family's own name for it), else the family's default
+        from transformers' config."""
+        stored = self.family.setting_name(name)
+        if stored in self.settings:
+            return self.settings[stored]
         return getattr(self.config, name, None)
 
     @property

@@ -3,11 +3,12 @@
 `embed(ids) -> hidden` before the first span, `logits(hidden) -> logits` after the last.
 Knows nothing of spans, sampling or peers.
 
-Every family in model/families.py has the same three parts (an ``nn.Embedding``, an RMS norm, a
-bias-free ``nn.Linear``), so the head is built here in plain torch from config.json's numbers, never
-through transformers' model classes: a client starts ~2 s sooner (issue 21), and ``RMSNorm``
-computes exactly what transformers' Llama/Mistral/Qwen2/Qwen3 norms compute (the tests compare
-logits with transformers' model bit for bit).
+Every family in model/families.py has the same parts (an ``nn.Embedding``, a final norm, an
+``nn.Linear``) and a few extras its row names (Gemma scales the embeddings and soft-caps the logits,
+BLOOM normalises the embeddings), so the head is built here in plain torch from config.json's
+numbers, never through transformers' model classes: a client starts ~2 s sooner (issue 21), and
+each norm computes exactly what the family's transformers norm computes (tests/test_model.py and
+tests/test_families_head.py compare with transformers' modules bit for bit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from swarm_node.errors import ConfigError
 from swarm_node.model.checkpoint import Checkpoint
+from swarm_node.model.families import Family
 from swarm_node.model.skeleton import materialize
 
 
@@ -38,6 +40,42 @@ class RMSNorm(torch.nn.Module):
         return self.weight * hidden_states.to(input_dtype)
 
 
+class GemmaRMSNorm(torch.nn.Module):
+    """transformers' Gemma2RMSNorm / Gemma3RMSNorm: in float32, scaled by (1 + weight)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = x.float()
+        output = output * torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + self.eps)
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """transformers' Gemma*TextScaledWordEmbedding: rows times `scale`, rounded to the weights'
+    dtype first (sqrt(hidden_size) as a float32 tensor, cast)."""
+
+    def __init__(self, *args: Any, scale: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, device=self.weight.device).to(self.weight.dtype)
+        return super().forward(input_ids) * scale
+
+
+def _norm(kind: str, hidden: int, eps: float) -> torch.nn.Module:
+    if kind == "gemma_rms":
+        return GemmaRMSNorm(hidden, eps=eps)
+    if kind == "layer":
+        return torch.nn.LayerNorm(hidden, eps=eps)
+    return RMSNorm(hidden, eps=eps)
+
+
 class ClientHead(torch.nn.Module):
     """Embeddings + final norm + LM head of one model; load with `ClientHead.load`."""
 
@@ -49,11 +87,15 @@ class ClientHead(torch.nn.Module):
         lm_head: torch.nn.Linear,
         dtype: torch.dtype,
         tied: bool,
+        embed_norm: torch.nn.Module | None = None,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
-        self.embed_tokens = embed_tokens
+        self.embed_tokens = embed_tokens  # with the family's scaling (Gemma) inside
+        self.embed_norm = embed_norm  # BLOOM's LayerNorm of the embeddings, else None
         self.norm = norm
         self.lm_head = lm_head
+        self.softcap = softcap  # Gemma's final logit soft-capping, else None
         self.dtype = dtype
         self.tied = tied  # lm_head.weight is embed_tokens.weight
         self.hidden_size = int(embed_tokens.embedding_dim)
@@ -68,19 +110,22 @@ class ClientHead(torch.nn.Module):
             int(checkpoint.setting("hidden_size")),
             int(checkpoint.setting("vocab_size")),
         )
+        eps = float(checkpoint.setting(family.eps))
         with torch.device("meta"):
             # given its weight, nn.Embedding skips its random init, whose meta version imports
             # torch._dynamo (~1.4 s)
             shape = torch.empty((vocab, hidden))
-            embed = torch.nn.Embedding(
-                vocab, hidden, checkpoint.setting("pad_token_id"), _weight=shape
-            )
-            norm = RMSNorm(hidden, eps=float(checkpoint.setting("rms_norm_eps")))
-            lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+            embed = _embedding(family, vocab, hidden, checkpoint.setting("pad_token_id"), shape)
+            norm = _norm(family.head_norm, hidden, eps)
+            embed_norm = None if family.embed_norm is None else _norm("layer", hidden, eps)
+            bias = checkpoint.has_tensor(family.lm_head + ".bias")
+            lm_head = torch.nn.Linear(hidden, vocab, bias=bias)
         materialize(embed, checkpoint, family.embed + ".", dtype=dtype)
         materialize(norm, checkpoint, family.norm + ".", dtype=dtype)
-        tied = bool(checkpoint.setting("tie_word_embeddings")) or not (
-            checkpoint.has_tensor(family.lm_head + ".weight")
+        if embed_norm is not None:
+            materialize(embed_norm, checkpoint, f"{family.embed_norm}.", dtype=dtype)
+        tied = not checkpoint.has_tensor(family.lm_head + ".weight") or bool(
+            checkpoint.setting("tie_word_embeddings")
         )
         # Tied: the head shares the embedding's Parameter (one copy, one set of gradients);
         # anything else it has (a bias) still comes from the file.
@@ -92,6 +137,8 @@ class ClientHead(torch.nn.Module):
             lm_head=lm_head,
             dtype=dtype,
             tied=tied,
+            embed_norm=embed_norm,
+            softcap=None if family.softcap is None else checkpoint.setting(family.softcap),
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,7 +156,15 @@ class ClientHead(torch.nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         with self._mode(False):
-            return self.embed_tokens(input_ids)  # (B, T, H)
+            return self.block_input(self.embed_tokens(input_ids))  # (B, T, H)
+
+    def block_input(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Embeddings (``embed_tokens``' output, or a caller's own) -> what the first block takes:
+        the family's embedding norm applied (BLOOM), else as they are."""
+        if self.embed_norm is None:
+            return embeds
+        with self._mode(embeds.requires_grad):
+            return self.embed_norm(embeds.to(self.dtype))  # (B, T, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states `# (B, T, H)` -> logits `# (B, T, V)` (norm, then head)."""
@@ -123,10 +178,21 @@ class ClientHead(torch.nn.Module):
                 f"got {tuple(getattr(hidden, 'shape', ()))}"
             )
         with self._mode(hidden.requires_grad):
-            return self.lm_head(self.norm(hidden.to(self.dtype)))  # (B, T, V)
+            logits = self.lm_head(self.norm(hidden.to(self.dtype)))  # (B, T, V)
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits
 
     def _mode(self, input_requires_grad: bool) -> contextlib.AbstractContextManager[Any]:
         needs_grad = torch.is_grad_enabled() and (
             input_requires_grad or any(p.requires_grad for p in self.parameters())
         )
         return contextlib.nullcontext() if needs_grad else torch.inference_mode()
+
+
+def _embedding(
+    family: Family, vocab: int, hidden: int, pad: int | None, weight: torch.Tensor
+) -> torch.nn.Embedding:
+    if family.embed_scale:
+        return ScaledEmbedding(vocab, hidden, pad, _weight=weight, scale=hidden**0.5)
+    return torch.nn.Embedding(vocab, hidden, pad, _weight=weight)

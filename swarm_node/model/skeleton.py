@@ -13,6 +13,7 @@ import torch
 
 from swarm_node.errors import ModelError
 from swarm_node.model.checkpoint import Checkpoint
+from swarm_node.model.families import Family
 
 
 def meta_skeleton(config: Any) -> torch.nn.Module:
@@ -38,16 +39,21 @@ def materialize(
     *,
     dtype: torch.dtype,
     extra: dict[str, torch.Tensor] | None = None,
+    family: Family | None = None,
 ) -> None:
     """Give `module` (on meta) real weights: tensors `prefix + local_name` from the checkpoint.
 
     Loads exactly the module's own parameter/buffer names (strict), frozen (requires_grad False).
-    `extra` supplies local names that do not come from the file (e.g. a tied lm_head).
+    `extra` supplies local names that do not come from the file (e.g. a tied lm_head); `family`
+    (for a decoder layer) maps names the file keeps otherwise (`layer_tensors`).
     """
     extra = extra or {}
     local_names = [n for n in module.state_dict() if n not in extra]
-    loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
-    state = {n: loaded[prefix + n] for n in local_names} | extra
+    if family is None:
+        loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
+        state = {n: loaded[prefix + n] for n in local_names} | extra
+    else:
+        state = layer_tensors(checkpoint, family, prefix, local_names, dtype=dtype) | extra
     module.to_empty(device="cpu")
     try:
         module.load_state_dict(state, strict=True, assign=True)
@@ -56,3 +62,28 @@ def materialize(
             f"tensors under {prefix!r} in {str(checkpoint.path)!r} do not fit the config: {exc}"
         ) from exc
     module.requires_grad_(False)
+
+
+def layer_tensors(
+    checkpoint: Checkpoint, family: Family, prefix: str, names: list[str], *, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """A layer's tensors by module name: read as named where the file has that name, else under
+    the family's file name, or stacked from one tensor per expert (families.Stacked)."""
+    stacked = {rule.target: rule for rule in family.stacked}
+    direct: dict[str, str] = {}
+    built: dict[str, torch.Tensor] = {}
+    for name in names:
+        rule = stacked.get(name)
+        if rule is None or checkpoint.has_tensor(prefix + name):
+            held = checkpoint.has_tensor(prefix + name)
+            direct[name] = prefix + (name if held else family.file_name(name))
+            continue
+        experts = int(checkpoint.setting(rule.count))
+        parts = []
+        for part in rule.parts:
+            files = [prefix + part.format(e=e) for e in range(experts)]
+            loaded = checkpoint.load_tensors(files, dtype=dtype)
+            parts.append(torch.stack([loaded.pop(f) for f in files]))  # (E, out, in)
+        built[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    loaded = checkpoint.load_tensors(list(direct.values()), dtype=dtype)
+    return {name: loaded[file] for name, file in direct.items()} | built

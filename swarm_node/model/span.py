@@ -19,8 +19,9 @@ from tqdm import tqdm
 from swarm_node.errors import ConfigError, ModelError, check_int
 from swarm_node.model import fast_decode
 from swarm_node.model.checkpoint import Checkpoint
-from swarm_node.model.families import layer_types
+from swarm_node.model.families import Family, cache_heads, check_config, family_for, layer_types
 from swarm_node.model.kv_cache import SpanCache
+from swarm_node.model.layer_calls import layer_inputs, run_layer
 from swarm_node.model.lora import LoraWeights, active_lora, check_lora, linear_shapes, lora_applied
 from swarm_node.model.prompts import add_prompt
 from swarm_node.model.quantization import check_quant, quantize_linears, weight_bytes
@@ -39,7 +40,7 @@ class BlockSpan(torch.nn.Module):
         start: int,
         end: int,
         layers: torch.nn.ModuleList,
-        rotary: torch.nn.Module,
+        rotary: torch.nn.Module | None,
         dtype: torch.dtype,
         quant: str | None = None,
     ) -> None:
@@ -51,7 +52,8 @@ class BlockSpan(torch.nn.Module):
         self.dtype = dtype
         self.quant = quant  # None, "int8" or "nf4": how the layers' linear weights are held
         self.layers = layers
-        self.rotary = rotary
+        self.rotary = rotary  # None for alibi families (BLOOM)
+        self.family: Family = family_for(config)
         self.layer_types = layer_types(config)[start:end]
         self._lora_shapes: dict[str, tuple[int, int]] | None = None
         self._fast_decode: bool | None = None  # fast_decode.supports(...), asked on first use
@@ -80,7 +82,7 @@ class BlockSpan(torch.nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"'dtype' must be a floating torch.dtype, got {dtype!r}")
         check_quant(quant)
-        layer_types(checkpoint.config)  # ModelError now for attention kinds we cannot mask
+        check_config(checkpoint.config)  # ModelError now for settings we cannot run
         skeleton = meta_skeleton(checkpoint.config)
         family = checkpoint.family
         all_layers = submodule(skeleton, family.layers)
@@ -96,17 +98,22 @@ class BlockSpan(torch.nn.Module):
             leave=False,
         )
         for local, layer in enumerate(progress):
-            materialize(layer, checkpoint, family.layer_prefix(start + local), dtype=dtype)
+            prefix = family.layer_prefix(start + local)
+            materialize(layer, checkpoint, prefix, dtype=dtype, family=family)
             if quant is not None:
                 quantize_linears(layer, quant, compute_dtype=dtype)
-            attn = getattr(layer, "self_attn", None)
+            attn = getattr(layer, family.attention, None)
             if attn is None or not hasattr(attn, "layer_idx"):
-                raise ModelError(f"{type(layer).__name__} has no self_attn.layer_idx to re-index")
+                raise ModelError(
+                    f"{type(layer).__name__} has no {family.attention}.layer_idx to re-index"
+                )
             attn.layer_idx = local  # the span's cache holds only its own layers
         config = skeleton.config
-        rotary_cls = type(submodule(skeleton, family.rotary))
-        with torch.device("cpu"):  # real inv_freq buffers, not the skeleton's meta ones
-            rotary = rotary_cls(config=config)
+        rotary = None
+        if family.rotary is not None:
+            rotary_cls = type(submodule(skeleton, family.rotary))
+            with torch.device("cpu"):  # real inv_freq buffers, not the skeleton's meta ones
+                rotary = rotary_cls(config=config)
         return cls(
             config=config,
             start=start,
@@ -163,7 +170,7 @@ class BlockSpan(torch.nn.Module):
         head_dim = getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads = cache_heads(config)
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * batch_size * kv_heads * head_dim * element
 
@@ -276,8 +283,6 @@ class BlockSpan(torch.nn.Module):
         stop: int,
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
         position_ids = torch.arange(past, past + new_tokens, device=hidden.device)[None]  # (1, T)
@@ -286,40 +291,24 @@ class BlockSpan(torch.nn.Module):
             return fast_decode.decode_step(
                 self.layers[first:stop], hidden, dynamic, position_embeddings
             )
-        mask_kwargs = dict(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            cache=dynamic,
-            position_ids=position_ids,
-        )
         layers = self.layers[first:stop]
         kinds = self.layer_types[first:stop]
-        masks = {}
-        if "full_attention" in kinds:
-            masks["full_attention"] = create_causal_mask(**mask_kwargs)
-        if "sliding_attention" in kinds:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
+        inputs = layer_inputs(
+            self.family, self.config, self.rotary, hidden, dynamic, position_ids, past, kinds
+        )
+        attention = self.family.attention
         if first:  # a sub-span: its cache holds only its own layers, indexed from 0
             for local, layer in enumerate(layers):
-                layer.self_attn.layer_idx = local
+                getattr(layer, attention).layer_idx = local
         try:
             for j, (layer, kind) in enumerate(zip(layers, kinds, strict=True)):
                 if prompts is not None:
                     hidden = add_prompt(hidden, prompts[j], past)
-                hidden = layer(
-                    hidden,
-                    attention_mask=masks[kind],
-                    position_ids=position_ids,
-                    cache=dynamic,
-                    use_cache=dynamic is not None,
-                    position_embeddings=position_embeddings,
-                )
+                hidden = run_layer(self.family, layer, hidden, inputs[kind], position_ids, dynamic)
         finally:
             if first:
                 for local, layer in enumerate(layers, start=first):
-                    layer.self_attn.layer_idx = local
+                    getattr(layer, attention).layer_idx = local
         return hidden  # (B, T, H)
 
     def uses_fast_decode(self, new_tokens: int) -> bool:

@@ -205,7 +205,7 @@ class DistributedModelBase(PreTrainedModel):
                 raise ConfigError(
                     f"'inputs_embeds' must be a (batch, tokens >= 1, {width}) tensor, got {shape!r}"
                 )
-            hidden = inputs_embeds.to(self.head.embed_tokens.weight.dtype)  # (B, T, H)
+            hidden = self.head.block_input(inputs_embeds.to(self.head.embed_tokens.weight.dtype))
         if attention_mask is not None:
             _check_right_padded(attention_mask, hidden[..., 0])
         prompts = None
@@ -305,6 +305,8 @@ class DistributedModelForCausalLM(DistributedModelBase, GenerationMixin):
             if inputs_embeds is None:
                 with torch.no_grad():
                     inputs_embeds = self.head.embed(input_ids)  # (B, T, H)
+            else:
+                inputs_embeds = self.head.block_input(inputs_embeds)
             out = cache.step(inputs_embeds)  # (B, T, H)
             logits = self.head.logits(out[:, -logits_to_keep:] if logits_to_keep else out)
             return CausalLMOutputWithPast(logits=logits, cache=cache)

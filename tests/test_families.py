@@ -1,0 +1,180 @@
+"""Mixtral, Phi-3, Gemma 2/3, Falcon and BLOOM spans and heads against transformers on tiny random
+models (tests/family_fixtures.py): greedy tokens, hidden states, the plain-torch head's parts,
+cache sizes, checkpoints with fused experts, and the settings refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm_node.errors import ModelError
+from swarm_node.model import BlockSpan, Checkpoint, ClientHead, sample_next_token
+from swarm_node.model.families import family_for
+from tests.family_fixtures import SLIDING, VARIANTS, make_variant_dir
+from tests.model_fixtures import TINY_HIDDEN, reference_model
+
+PROMPT = torch.tensor([[5, 77, 13, 200, 42, 9, 128, 3, 99, 61, 17]])  # (1, 11): past the window
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {v: make_variant_dir(root / v, v, seed=i) for i, v in enumerate(VARIANTS)}
+
+
+@pytest.fixture(scope="module")
+def references(variant_dirs):
+    return {v: reference_model(path) for v, path in variant_dirs.items()}
+
+
+def _chain(path: Path, bounds, dtype=torch.float32):
+    checkpoint = Checkpoint.open(path)
+    spans = [BlockSpan.load(checkpoint, a, b, dtype=dtype) for a, b in bounds]
+    return ClientHead.load(checkpoint, dtype=dtype), spans
+
+
+def _greedy(head, spans, prompt, new_tokens, chunks):
+    caches = [span.new_cache(max_length=64) for span in spans]
+    ids, pieces = prompt, list(prompt.tensor_split(chunks, dim=1))
+    for _ in range(new_tokens):
+        for piece in pieces:
+            hidden = head.embed(piece)
+            for span, cache in zip(spans, caches, strict=True):
+                hidden = span(hidden, cache)
+        token = sample_next_token(head.logits(hidden)[:, -1], temperature=0, top_p=1.0)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        pieces = [token[:, None]]
+    return ids
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_tokens_equal_transformers(variant_dirs, references, variant, chunks):
+    # chunks=3: the prompt arrives in pieces, each attending to a cache (alibi over past keys,
+    # sliding windows already full)
+    head, spans = _chain(variant_dirs[variant], [(0, 1), (1, 4)])
+    assert not any(span.uses_fast_decode(1) for span in spans)  # the generic path: see docs
+    got = _greedy(head, spans, PROMPT, 8, chunks)
+    want = references[variant].generate(
+        PROMPT, attention_mask=torch.ones_like(PROMPT), do_sample=False, max_new_tokens=8
+    )
+    assert got.tolist() == want.tolist()
+    assert len(set(got[0, PROMPT.shape[1] :].tolist())) > 2  # the model does not just repeat
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cacheless_forward_equals_transformers_logits(variant_dirs, references, variant):
+    head, spans = _chain(variant_dirs[variant], [(0, 2), (2, 4)])
+    with torch.no_grad():
+        want = references[variant](PROMPT).logits  # (1, T, V)
+        hidden = head.embed(PROMPT)
+        for span in spans:
+            hidden = span(hidden)
+        got = head.logits(hidden)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _block_io(
+    ref, variant: str, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """transformers' own (first block's input, final norm's input, logits) for ``ids``."""
+    family = family_for(ref.config)
+    seen: dict[str, torch.Tensor] = {}
+    first = ref.get_submodule(family.layers)[0]
+    norm = ref.get_submodule(family.norm)
+    hooks = [
+        first.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0])),
+        norm.register_forward_pre_hook(lambda m, args: seen.setdefault("last", args[0])),
+    ]
+    try:
+        with torch.no_grad():
+            logits = ref(ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen["in"], seen["last"], logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_plain_torch_head_equals_transformers_modules(variant_dirs, variant, dtype):
+    """Embedding (Gemma's scaling, BLOOM's norm), final norm (Gemma's 1 + w in float32,
+    LayerNorm) and logits (Gemma's soft-capping), bit for bit, in float32 and bfloat16."""
+    path = variant_dirs[variant]
+    ref = reference_model(path, dtype=dtype)
+    first_in, last, logits = _block_io(ref, variant, PROMPT)
+    head = ClientHead.load(Checkpoint.open(path), dtype=dtype)
+    assert torch.equal(head.embed(PROMPT), first_in)
+    assert torch.equal(head.logits(last), logits)
+    assert torch.equal(head.norm(last), ref.get_submodule(family_for(ref.config).norm)(last))
+
+
+def test_gemma_head_parts(variant_dirs):
+    head = ClientHead.load(Checkpoint.open(variant_dirs["gemma2"]))
+    assert head.softcap == 30.0 and head.embed_tokens.scale == TINY_HIDDEN**0.5
+    big = torch.full((1, 1, TINY_HIDDEN), 1e4)
+    assert head.logits(big).abs().max() <= 30.0  # capped
+    bloom = ClientHead.load(Checkpoint.open(variant_dirs["bloom"]))
+    assert bloom.softcap is None and isinstance(bloom.embed_norm, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cache_bytes_per_token_matches_real_cache(variant_dirs, variant):
+    _, (span,) = _chain(variant_dirs[variant], [(1, 4)])
+    cache = span.new_cache(max_length=16, batch_size=2)
+    tokens = SLIDING - 1  # within Gemma's window: every layer keeps every position
+    span(torch.randn(2, tokens, TINY_HIDDEN), cache)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.dynamic.layers)
+    assert held == tokens * span.cache_bytes_per_token(batch_size=2)
+
+
+def test_gemma_sliding_cache_cannot_roll_back(variant_dirs):
+    _, (span,) = _chain(variant_dirs["gemma3"], [(0, 4)])
+    assert span.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert not span.new_cache(max_length=8).can_truncate
+
+
+def test_mixtral_reads_per_expert_tensors_of_its_blocks_only(variant_dirs):
+    checkpoint = Checkpoint.open(variant_dirs["mixtral"])
+    assert checkpoint.has_tensor("model.layers.1.block_sparse_moe.experts.3.w2.weight")
+    BlockSpan.load(checkpoint, 1, 3)
+    assert checkpoint.names_read
+    assert all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in checkpoint.names_read)
+    assert "model.layers.2.block_sparse_moe.experts.0.w3.weight" in checkpoint.names_read
+
+
+def test_mixtral_file_with_fused_experts_loads_the_same(tmp_path, variant_dirs, references):
+    """A folder whose experts are already fused (transformers' in-memory names) loads as is."""
+    from safetensors.torch import save_file
+
+    ref = references["mixtral"]
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    (folder / "config.json").write_text((variant_dirs["mixtral"] / "config.json").read_text())
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(folder / "model.safetensors"))
+    got = _greedy(*_chain(folder, [(0, 2), (2, 4)]), PROMPT, 4, 1)
+    want = _greedy(*_chain(variant_dirs["mixtral"], [(0, 2), (2, 4)]), PROMPT, 4, 1)
+    assert got.tolist() == want.tolist()
+
+
+def test_bloom_config_names_are_read_without_transformers(variant_dirs):
+    checkpoint = Checkpoint.open(variant_dirs["bloom"])
+    assert "n_layer" in checkpoint.settings and "num_hidden_layers" not in checkpoint.settings
+    assert checkpoint.num_blocks == 4 and checkpoint.setting("num_attention_heads") == 4
+
+
+@pytest.mark.parametrize(
+    ("variant", "overrides", "match"),
+    [
+        ("falcon", {"alibi": True}, "'alibi' must be false"),
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ],
+)
+def test_settings_a_span_cannot_run_are_refused(tmp_path, variant, overrides, match):
+    path = make_variant_dir(tmp_path, variant, num_layers=2, **overrides)
+    with pytest.raises(ModelError, match=match):
+        BlockSpan.load(Checkpoint.open(path), 0, 1)
