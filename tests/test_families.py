@@ -225,3 +225,18 @@ def test_a_gguf_split_over_packages_is_joined_checked_and_cleaned_up(tmp_path, m
     monkeypatch.setitem(bundled.BUNDLED_MODELS, "gone-split", replace(model, name="gone-split"))
     with pytest.raises(ModelError, match=r"must ship .*m\.gguf\.part1"):
         bundled.resolve_model("gone-split", cache_dir=tmp_path / "cache")
+
+
+def test_int8_spans_of_the_families_stay_close_and_falcon_refuses(variant_dirs):
+    from swarm_node.errors import ConfigError
+
+    hidden = torch.randn(1, 6, TINY_HIDDEN)
+    for variant in ("mixtral", "phi3", "gemma3", "bloom"):
+        checkpoint = Checkpoint.open(variant_dirs[variant])
+        exact = BlockSpan.load(checkpoint, 0, 2)(hidden)
+        int8 = BlockSpan.load(checkpoint, 0, 2, quant="int8")
+        assert int8.memory_bytes() < BlockSpan.load(checkpoint, 0, 2).memory_bytes()
+        cosine = torch.nn.functional.cosine_similarity(int8(hidden), exact, dim=-1)
+        assert cosine.min() > 0.98, (variant, cosine)
+    with pytest.raises(ConfigError, match="'quant' must be None for falcon blocks"):
+        BlockSpan.load(Checkpoint.open(variant_dirs["falcon"]), 0, 2, quant="int8")

@@ -61,3 +61,28 @@ async def test_gemma3_270m_through_two_servers_generates_like_transformers(gemma
     assert got.tolist() == want.tolist()
     # the 270M base model answers " the capital of the country of France. It is the largest ..."
     assert "France" in tokenizer.decode(got[0, prompt.shape[1] :])
+
+
+def test_gemma3_270m_tokenizes_as_transformers(gemma3) -> None:
+    from tests.test_plain_tokenizer import same_as_transformers
+
+    same_as_transformers(gemma3[0])  # GemmaTokenizer runs tokenizer.json's pipeline
+
+
+def test_a_cold_gemma3_270m_client_loads_without_transformers(gemma3) -> None:
+    """`generate`'s client side of the real model: plain tokenizer, plain-torch head (tied
+    262k-token embedding scaled by sqrt(640), Gemma's norm), no transformers or torch compiler."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_first_token import COLD_CLIENT_PROBE
+
+    done = subprocess.run(
+        [sys.executable, "-c", COLD_CLIENT_PROBE, str(gemma3[0])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
-PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# GemmaTokenizer (Gemma 3 270M's): a TokenizersBackend that keeps tokenizer.json's pipeline when
+# loaded from one (tests/test_families_real.py compares them on the real vocabulary)
+PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GemmaTokenizer")
 # tokenizer_config.json options by which transformers departs from tokenizer.json
 CHANGES_BEHAVIOUR = (
     "add_bos_token",

@@ -39,21 +39,16 @@ def materialize(
     *,
     dtype: torch.dtype,
     extra: dict[str, torch.Tensor] | None = None,
-    family: Family | None = None,
 ) -> None:
     """Give `module` (on meta) real weights: tensors `prefix + local_name` from the checkpoint.
 
     Loads exactly the module's own parameter/buffer names (strict), frozen (requires_grad False).
-    `extra` supplies local names that do not come from the file (e.g. a tied lm_head); `family`
-    (for a decoder layer) maps names the file keeps otherwise (`layer_tensors`).
+    `extra` supplies local names that do not come from the file (e.g. a tied lm_head).
     """
     extra = extra or {}
     local_names = [n for n in module.state_dict() if n not in extra]
-    if family is None:
-        loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
-        state = {n: loaded[prefix + n] for n in local_names} | extra
-    else:
-        state = layer_tensors(checkpoint, family, prefix, local_names, dtype=dtype) | extra
+    loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
+    state = {n: loaded[prefix + n] for n in local_names} | extra
     module.to_empty(device="cpu")
     try:
         module.load_state_dict(state, strict=True, assign=True)
@@ -64,19 +59,23 @@ def materialize(
     module.requires_grad_(False)
 
 
-def layer_tensors(
+def converted_tensors(
     checkpoint: Checkpoint, family: Family, prefix: str, names: list[str], *, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """A layer's tensors by module name: read as named where the file has that name, else under
-    the family's file name, or stacked from one tensor per expert (families.Stacked)."""
+    """The tensors of a layer's module names `names` that the file keeps under other names: read
+    under the family's file name (renames), or stacked from one tensor per expert
+    (families.Stacked). Names the file holds as they are, or not at all, are left out (for
+    `materialize`, which reads the first and names the second)."""
     stacked = {rule.target: rule for rule in family.stacked}
-    direct: dict[str, str] = {}
-    built: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
     for name in names:
+        if checkpoint.has_tensor(prefix + name):
+            continue
         rule = stacked.get(name)
-        if rule is None or checkpoint.has_tensor(prefix + name):
-            held = checkpoint.has_tensor(prefix + name)
-            direct[name] = prefix + (name if held else family.file_name(name))
+        if rule is None:
+            renamed = prefix + family.file_name(name)
+            if renamed != prefix + name and checkpoint.has_tensor(renamed):
+                out[name] = checkpoint.load_tensors([renamed], dtype=dtype)[renamed]
             continue
         experts = int(checkpoint.setting(rule.count))
         parts = []
@@ -84,6 +83,5 @@ def layer_tensors(
             files = [prefix + part.format(e=e) for e in range(experts)]
             loaded = checkpoint.load_tensors(files, dtype=dtype)
             parts.append(torch.stack([loaded.pop(f) for f in files]))  # (E, out, in)
-        built[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    loaded = checkpoint.load_tensors(list(direct.values()), dtype=dtype)
-    return {name: loaded[file] for name, file in direct.items()} | built
+        out[name] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out

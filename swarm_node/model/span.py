@@ -25,7 +25,7 @@ from swarm_node.model.layer_calls import layer_inputs, run_layer
 from swarm_node.model.lora import LoraWeights, active_lora, check_lora, linear_shapes, lora_applied
 from swarm_node.model.prompts import add_prompt
 from swarm_node.model.quantization import check_quant, quantize_linears, weight_bytes
-from swarm_node.model.skeleton import materialize, meta_skeleton, submodule
+from swarm_node.model.skeleton import converted_tensors, materialize, meta_skeleton, submodule
 
 MAX_CACHE_LENGTH = 1 << 20  # sanity bound for new_cache arguments
 
@@ -99,9 +99,14 @@ class BlockSpan(torch.nn.Module):
         )
         for local, layer in enumerate(progress):
             prefix = family.layer_prefix(start + local)
-            materialize(layer, checkpoint, prefix, dtype=dtype, family=family)
-            if quant is not None:
-                quantize_linears(layer, quant, compute_dtype=dtype)
+            names = list(layer.state_dict())
+            extra = converted_tensors(checkpoint, family, prefix, names, dtype=dtype)
+            materialize(layer, checkpoint, prefix, dtype=dtype, extra=extra)
+            if quant is not None and not quantize_linears(layer, quant, compute_dtype=dtype):
+                raise ConfigError(
+                    f"'quant' must be None for {family.model_type} blocks, which hold no "
+                    f"nn.Linear to quantize (their own linear classes), got {quant!r}"
+                )
             attn = getattr(layer, family.attention, None)
             if attn is None or not hasattr(attn, "layer_idx"):
                 raise ModelError(
