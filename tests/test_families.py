@@ -77,7 +77,7 @@ def test_cacheless_forward_equals_transformers_logits(variant_dirs, references, 
 
 
 def _block_io(
-    ref, variant: str, ids: torch.Tensor
+    ref, variant: str, ids: torch.Tensor, *, grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """transformers' own (first block's input, final norm's input, logits) for ``ids``."""
     family = family_for(ref.config)
@@ -89,7 +89,7 @@ def _block_io(
         norm.register_forward_pre_hook(lambda m, args: seen.setdefault("last", args[0])),
     ]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             logits = ref(ids).logits
     finally:
         for hook in hooks:
@@ -240,3 +240,64 @@ def test_int8_spans_of_the_families_stay_close_and_falcon_refuses(variant_dirs):
         assert cosine.min() > 0.98, (variant, cosine)
     with pytest.raises(ConfigError, match="'quant' must be None for falcon blocks"):
         BlockSpan.load(Checkpoint.open(variant_dirs["falcon"]), 0, 2, quant="int8")
+
+
+LORA_TARGETS = {
+    "mixtral": ("self_attn.q_proj", "self_attn.v_proj"),
+    "phi3": ("self_attn.qkv_proj", "mlp.down_proj"),
+    "gemma2": ("self_attn.q_proj", "mlp.up_proj"),
+    "gemma3": ("self_attn.v_proj", "self_attn.o_proj"),
+    "falcon": ("self_attention.query_key_value", "mlp.dense_4h_to_h"),
+    "falcon-7b": ("self_attention.query_key_value", "self_attention.dense"),
+    "bloom": ("self_attention.query_key_value", "mlp.dense_h_to_4h"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(LORA_TARGETS))
+def test_client_lora_on_each_family_equals_hooks_on_transformers(variant_dirs, references, variant):
+    """A client-owned LoRA on the family's own Linear names: two spans' output and the adapter's
+    gradients equal transformers' whole model with the same deltas added by forward hooks."""
+    from swarm_node.model.client_lora import ClientLora
+    from swarm_node.model.lora import config_linear_shapes
+
+    ref = references[variant]
+    family = family_for(ref.config)
+    lora = ClientLora(
+        shapes=config_linear_shapes(ref.config),
+        blocks=range(4),
+        targets=LORA_TARGETS[variant],
+        rank=4,
+        alpha=8.0,
+    )
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.normal_(std=0.05)  # trained-looking, not zeros
+    weights = lora.weights()
+    head, spans = _chain(variant_dirs[variant], [(0, 2), (2, 4)])
+    hidden = head.embed(PROMPT)
+    for span in spans:
+        hidden = span(hidden, lora=weights.for_blocks(span.start, span.end))
+    hidden.square().mean().backward()
+    got = {k: p.grad.clone() for k, p in lora.named_parameters()}
+    lora.zero_grad()
+
+    hooks = []
+    for block, modules in weights.modules.items():
+        layer = ref.get_submodule(family.layers)[block]
+        for name, mod in modules.items():
+            hooks.append(
+                layer.get_submodule(name).register_forward_hook(
+                    lambda m, args, out, mod=mod: out + (args[0] @ mod.a.T @ mod.b.T) * mod.scale
+                )
+            )
+    try:
+        ref.requires_grad_(False)
+        _, last, _ = _block_io(ref, variant, PROMPT, grad=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(hidden, last, rtol=1e-5, atol=1e-5)
+    last.square().mean().backward()
+    for key, param in lora.named_parameters():
+        torch.testing.assert_close(got[key], param.grad, rtol=1e-4, atol=1e-6)
+    assert max(g.abs().max() for g in got.values()) > 1e-4
