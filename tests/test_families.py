@@ -301,3 +301,16 @@ def test_client_lora_on_each_family_equals_hooks_on_transformers(variant_dirs, r
     for key, param in lora.named_parameters():
         torch.testing.assert_close(got[key], param.grad, rtol=1e-4, atol=1e-6)
     assert max(g.abs().max() for g in got.values()) > 1e-4
+
+
+@pytest.mark.parametrize("cap", ["30", -1.0, True])
+def test_a_bad_softcap_in_config_is_refused(tmp_path, variant_dirs, cap):
+    import json
+    import shutil
+
+    folder = shutil.copytree(variant_dirs["gemma2"], tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["final_logit_softcapping"] = cap
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="'final_logit_softcapping' must be a number > 0 or null"):
+        ClientHead.load(Checkpoint.open(folder))

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, ModelError
 from swarm_node.model.checkpoint import Checkpoint
 from swarm_node.model.families import Family
 from swarm_node.model.skeleton import materialize
@@ -138,7 +138,7 @@ class ClientHead(torch.nn.Module):
             dtype=dtype,
             tied=tied,
             embed_norm=embed_norm,
-            softcap=None if family.softcap is None else checkpoint.setting(family.softcap),
+            softcap=_softcap(checkpoint, family),
         )
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -196,3 +196,12 @@ def _embedding(
     if family.embed_scale:
         return ScaledEmbedding(vocab, hidden, pad, _weight=weight, scale=hidden**0.5)
     return torch.nn.Embedding(vocab, hidden, pad, _weight=weight)
+
+
+def _softcap(checkpoint: Checkpoint, family: Family) -> float | None:
+    cap = None if family.softcap is None else checkpoint.setting(family.softcap)
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, int | float) or not 0 < cap < float("inf"):
+        raise ModelError(f"config '{family.softcap}' must be a number > 0 or null, got {cap!r}")
+    return float(cap)
