@@ -31,7 +31,7 @@ if ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
-WANT="$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
+WANT="$(cat pyproject.toml requirements.lock scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
