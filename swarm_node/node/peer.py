@@ -230,6 +230,7 @@ class Peer:
             relay_slots=self.relays.relay_slots if self.relays is not None else 0,
             sessions=self.server.active_sessions,
             batch=self.server.batcher.batch_lately(trio.current_time()),
+            operator=self.server.config.operator,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )
