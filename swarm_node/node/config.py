@@ -437,6 +437,22 @@ class ClientConfig:
         metavar="FRACTION",
     )
     verify_ban: float = 24 * 3600.0  # seconds a server caught lying is avoided
+    publish_evidence: bool = flag(
+        False,
+        "publish signed evidence against each server a spot check catches lying to the DHT "
+        "(its signed receipts; the activations only with --publish-activations)",
+    )
+    publish_activations: bool = flag(
+        False,
+        "with --publish-evidence: publish the lying steps' inputs and answers too, so others "
+        "can re-run them (they reveal something of the prompt)",
+    )
+    trust_evidence: bool = flag(
+        False,
+        "look up published evidence against the servers found, re-run it on another server of "
+        "the blocks, and ban the accused when it holds (evidence without activations is not "
+        "acted on)",
+    )
 
     speculative: bool = flag(
         False,

@@ -125,8 +125,10 @@ class Verifier:
         clock: Callable[[], float],
         ban_seconds: float,
         rng: random.Random | None = None,
+        on_found: Callable[[Finding], object] | None = None,
     ) -> None:
         self.rate = rate
+        self.on_found = on_found  # hears of each server caught lying (evidence to publish)
         self.reroute = reroute
         self.bans = bans
         self.clock = clock
@@ -387,6 +389,8 @@ class Verifier:
                     self._condemn(checked, span.hop, vs_theirs, limit)
                     self.findings.append(wrong)
                     self.found.append(wrong)
+                    if self.on_found is not None:
+                        self.on_found(wrong)
                     return
                 if vs_theirs <= limit < vs_ours:
                     for helper, other in zip(helpers, checker.spans, strict=True):
