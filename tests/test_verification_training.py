@@ -72,10 +72,9 @@ async def test_honest_training_hops_are_checked_and_never_accused(tiny_llama: Pa
     hidden, weight = torch.randn(3, 6, 64), torch.randn(3, 6, 64)
     expected = local_pass(ref, hidden, weight)
     with trio.fail_after(180):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6), (0, 6)], client=ALWAYS) as (
-            _,
-            client,
-        ):
+        # two servers for each hop: whichever the pass draws, another of its blocks checks it
+        spans = [(0, 3), (3, 6), (0, 3), (3, 6)]
+        async with local_swarm(tiny_llama, spans, client=ALWAYS) as (_, client):
             remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, seed=1)
             for _ in range(3):
                 got = await trio.to_thread.run_sync(remote_pass, remote, hidden, weight)

@@ -71,6 +71,7 @@ from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
+EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is looked up again
 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
@@ -107,7 +108,7 @@ class Peer:
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self._refreshing: set[str] = set()  # models looked up again in the background now
-        self._evidence_looked_up: set[str] = set()  # servers whose published evidence was sought
+        self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
@@ -380,9 +381,10 @@ class Peer:
                 servers = list({**by_peer, **{s.peer_id: s for s in servers}}.values())
         servers = self._holding_the_weights(model, servers)
         if self.client_config.trust_evidence and self._nursery is not None:
+            now = trio.current_time()
             for record in servers:
-                if record.peer_id not in self._evidence_looked_up:
-                    self._evidence_looked_up.add(record.peer_id)
+                if now >= self._evidence_sought.get(record.peer_id, -math.inf) + EVIDENCE_AGAIN:
+                    self._evidence_sought[record.peer_id] = now
                     self._nursery.start_soon(self._check_evidence, model, record)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)

@@ -24,8 +24,10 @@ MARGIN = 4.0  # bound / the largest honest distance measured
 # - SmolLM2-135M (30 blocks, hidden 576), reduced to fit the time it takes on CPU:
 #   `--model smollm2-135m --runs 3 --tokens 16 --kinds float32,bfloat16` (float32/float32
 #   6.7e-06, bfloat16/float32 6.7e-02, bfloat16/bfloat16 2.7e-02; codecs: float16 3.2e-04,
-#   bfloat16 2.6e-03, blockwise8 8.7e-02, blockwise8-64 1.3e-02) -- int8 and nf4 not measured
-#   on SmolLM2 (bitsandbytes on CPU: over 40 min for the full run).
+#   bfloat16 2.6e-03, blockwise8 8.7e-02, blockwise8-64 1.3e-02), and
+#   `--model smollm2-135m --runs 2 --tokens 8 --kinds float32,int8` (float32/int8 6.3e-02,
+#   int8/int8 1.4e-06) -- nf4 not measured on SmolLM2 (bitsandbytes on CPU: the full run took
+#   over 40 min).
 # nf4 on
 # so narrow a random model keeps little (distance ~1 from float32): like-for-like checkers (the
 # verifier prefers them) are what catches small lies there. A session's servers all compute in
