@@ -65,7 +65,7 @@ PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from recor
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
 PROVIDES_PER_WINDOW = 10
-MAX_EVIDENCE_HELD = 256  # evidence values (each <= 64 KiB) a peer stores for others
+MAX_EVIDENCE_HELD = 64  # evidence values (each <= 256 KiB) a peer stores for others: 16 MiB
 MAX_EVIDENCE_PER_REPORTER = 4
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys

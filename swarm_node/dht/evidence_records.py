@@ -31,7 +31,8 @@ from swarm_node.protocol.tensors import WireTensor
 
 EVIDENCE_NAMESPACE = "swarmevidence"
 EVIDENCE_CONTEXT = b"swarm-node/evidence/v1\x00"  # a signature over evidence is never anything else
-MAX_EVIDENCE_SIZE = 64 * 1024  # bytes of one signed value
+# bytes of one signed value: the inputs and answers of ~55 positions of SmolLM2 (hidden 576, float32)
+MAX_EVIDENCE_SIZE = 256 * 1024
 MAX_EVIDENCE_STEPS = 256
 MAX_DIMS = 4
 _RECEIPT_TYPES = {f.name: (str if f.type == "str" else int) for f in fields(Receipt)}
