@@ -20,18 +20,20 @@ ALWAYS = ClientConfig(step_timeout=10.0, retry_delay=0.05, max_attempts=3, verif
 TOL = dict(atol=1e-5, rtol=1e-6)  # as tests/test_remote_training.py: float32 rounding
 
 
-def local_pass(ref, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
+def local_pass(ref, hidden, weight, prompts=None) -> tuple[torch.Tensor, ...]:
     h = hidden.detach().clone().requires_grad_(True)
-    out = blocks_output(ref, h)
+    p = None if prompts is None else prompts.detach().clone().requires_grad_(True)
+    out = blocks_output(ref, h, p)
     (out * weight).sum().backward()
-    return out.detach(), h.grad
+    return (out.detach(), h.grad) + (() if p is None else (p.grad,))
 
 
-def remote_pass(remote, hidden, weight) -> tuple[torch.Tensor, torch.Tensor]:
+def remote_pass(remote, hidden, weight, prompts=None) -> tuple[torch.Tensor, ...]:
     h = hidden.detach().clone().requires_grad_(True)
-    out = remote(h)
+    p = None if prompts is None else prompts.detach().clone().requires_grad_(True)
+    out = remote(h, p)
     (out * weight).sum().backward()
-    return out.detach(), h.grad
+    return (out.detach(), h.grad) + (() if p is None else (p.grad,))
 
 
 async def test_a_lying_training_server_is_caught_and_its_answers_not_used(
@@ -68,16 +70,18 @@ async def test_a_lying_training_server_is_caught_and_its_answers_not_used(
 
 async def test_honest_training_hops_are_checked_and_never_accused(tiny_llama: Path) -> None:
     ref = reference_model(tiny_llama)
+    # with deep prompts: the backward's gradients for them are compared too
     torch.manual_seed(4)
     hidden, weight = torch.randn(3, 6, 64), torch.randn(3, 6, 64)
-    expected = local_pass(ref, hidden, weight)
+    prompts = torch.randn(6, 2, 64) * 0.1
+    expected = local_pass(ref, hidden, weight, prompts)
     with trio.fail_after(180):
         # two servers for each hop: whichever the pass draws, another of its blocks checks it
         spans = [(0, 3), (3, 6), (0, 3), (3, 6)]
         async with local_swarm(tiny_llama, spans, client=ALWAYS) as (_, client):
             remote = RemoteSequential(client, model=tiny_llama.name, num_blocks=6, seed=1)
             for _ in range(3):
-                got = await trio.to_thread.run_sync(remote_pass, remote, hidden, weight)
+                got = await trio.to_thread.run_sync(remote_pass, remote, hidden, weight, prompts)
                 for a, b in zip(got, expected, strict=True):
                     torch.testing.assert_close(a, b, **TOL)
             stats = remote.checks.stats

@@ -281,7 +281,7 @@ class RemoteSequential(torch.nn.Module):
                 primary=lambda: self._hedged(kind, hop, x, tuned, call),
                 again=again,
                 other=other,
-                tensor=lambda answer: answer[0],  # the output, or the gradient for the input
+                tensors=_compared,
                 codec=self.settings.compression,
             ),
         )
@@ -429,6 +429,13 @@ class RemoteSequential(torch.nn.Module):
         for streams in idle.values():
             for conn in streams:
                 await conn.close()
+
+
+def _compared(answer: Any) -> list[torch.Tensor | None]:
+    """What a training check compares: a forward's output (and graph id, not compared), or a
+    backward's gradients for the input, the prompts and the LoRA."""
+    first, rest = answer
+    return [first] if isinstance(rest, str) else [first, *rest]
 
 
 async def _ask(

@@ -1,8 +1,9 @@
 """Spot checks of training hops (remote_sequential.py): a forward or backward sent to a server is,
 with probability ``rate``, also sent to another server of the same blocks, at the same time (the
 pass waits for the slower of the two, not for one after the other). The answers (a forward's
-output, a backward's gradient for the input) are compared position by position within the
-calibrated bound (tolerances.py), as inference checks are. A mismatch goes to a third server: the
+output; a backward's gradients for the input, the deep prompts and the client-owned LoRA) are
+compared position by position within the calibrated bound (tolerances.py), as inference checks
+are. A mismatch goes to a third server: the
 one of the two it disagrees with is banned for ``ban_seconds`` and the answer of the honest one is
 used, so the pass goes on with honest numbers. No third server, or one agreeing with neither:
 nobody is banned and the first answer is used (logged).
@@ -50,7 +51,7 @@ class CheckedCall(Generic[T]):
     other: Callable[
         [frozenset[str]], Awaitable[Hop | None]
     ]  # a server of the blocks, none of these
-    tensor: Callable[[T], torch.Tensor]  # the answer's compared tensor # (B, T, H)
+    tensors: Callable[[T], list[torch.Tensor | None]]  # the answer's compared tensors
     codec: str  # the codec both answers travel in
     hop: Hop  # the hop as the pass chose it
 
@@ -94,7 +95,7 @@ class TrainingChecks:
             return used, answer
         other, theirs = checked[0]
         limit = _bound(used, other, call.codec)
-        error = _error(call.tensor(answer), call.tensor(theirs))
+        error = _error(call.tensors(answer), call.tensors(theirs))
         self.stats.checks += 1
         if error <= limit:
             return used, answer
@@ -132,10 +133,10 @@ class TrainingChecks:
         third: list[tuple[Hop, T]] = []
         await self._ask_other(call, avoid, third)
         if third:
-            judge = call.tensor(third[0][1])
+            judge = call.tensors(third[0][1])
             for honest, liar in ((first, second), (second, first)):
-                vs_honest = _error(call.tensor(honest[1]), judge)
-                vs_liar = _error(call.tensor(liar[1]), judge)
+                vs_honest = _error(call.tensors(honest[1]), judge)
+                vs_liar = _error(call.tensors(liar[1]), judge)
                 if vs_honest <= _bound(honest[0], third[0][0], call.codec) and vs_liar > _bound(
                     liar[0], third[0][0], call.codec
                 ):
@@ -168,5 +169,17 @@ def _bound(a: Hop, b: Hop, codec: str) -> float:
     return bound(kinds, (codec, codec))
 
 
-def _error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(position_errors(a.float(), b.float()).max())
+def _error(ours: list[torch.Tensor | None], theirs: list[torch.Tensor | None]) -> float:
+    """The largest relative distance between two answers' tensors, each compared along its last
+    dimension (a flat gradient as one vector); a tensor one answer lacks counts as a mismatch."""
+    worst = 0.0
+    for a, b in zip(ours, theirs, strict=True):
+        if a is None or b is None:
+            if (a is None) != (b is None):
+                return float("inf")
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        rows = a.reshape(1, -1, a.shape[-1]) if a.ndim else a.reshape(1, 1, 1)
+        worst = max(worst, float(position_errors(rows, b.reshape(rows.shape)).max()))
+    return worst
