@@ -2,24 +2,32 @@
 """How well spot checks (node/client/verification.py) catch lying servers, what they cost, and
 that they accuse nobody honest. One JSON line.
 
-In one process, a tiny-Llama swarm on loopback: blocks 0-2 on three servers (the first one lies),
-blocks 3-5 on two. For each misbehaviour (1% relative noise on every answer; 5% noise on a random
-1 step in 10; the last block skipped; the input returned) it runs sessions of one-token steps on
-the chain [liar, honest] at the client's --verify-rate and counts the steps until the liar is
-found (the session's first step is always checked, then a server is due a check with probability
-rate per step). ``detection``: misbehaviour -> {rate (found within the target), median_steps}.
-``false_accusations`` over ``honest_runs``: greedy generations on an honest swarm (float32 and
-int8 servers answering in every codec, chains drawn by the router) that banned or rolled back
-anything. ``tokens_per_s_on_over_off``: greedy generations with checks on and off, interleaved,
-medians (absolute tokens/s beside). The machine may be shared: say so beside the figures.
+Detection and false accusations, in one process: a tiny-Llama swarm on loopback: blocks 0-2 on three
+servers (the first one lies), blocks 3-5 on two. For each misbehaviour (1% relative noise on every
+answer; 5% noise on a random 1 step in 10; the last block skipped; the input returned) it runs
+sessions of one-token steps on the chain [liar, honest] at the client's --rate and counts the steps
+until the liar is found (the session's first step is always checked, then a server is due a check
+with probability rate per step). ``detection``: misbehaviour -> {rate (found within the target),
+median_steps}. ``false_accusations`` over ``honest_runs``: greedy generations on an honest swarm
+(float32 and int8 servers answering in every codec, chains drawn by the router) that banned or
+rolled back anything.
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_verify.py [--quick] [--rate 0.05]
+Speed, in separate processes: four real ``swarm-node serve`` processes of --model (SmolLM2 by
+default; two per half of its blocks, so every hop has a checker in another process), and for each
+round a fresh client process that generates greedily with checks on and off alternately (--pairs of
+each; which goes first alternates by round). ``tokens_per_s_on_over_off``: the median of the ratios
+of neighbouring on/off generations; absolute medians beside, and the load average. The time of a
+generation includes the final check of every server (``settle``). The machine may be shared: the
+load is printed; the figures are only indicative under load.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_verify.py [--quick] [--speed-only] [--rate 0.05]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -32,6 +40,9 @@ import torch
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_processes import run_worker, start_server, stop  # noqa: E402
 
 from swarm_node.dht.bans import BanList  # noqa: E402
 from swarm_node.dht.routing import Hop  # noqa: E402
@@ -50,6 +61,7 @@ from tests.test_verification import (  # noqa: E402
     skip_last_block,
 )
 
+PROMPT = "The capital of France is"
 H = 64  # the tiny model's hidden size
 TARGETS = {"noise-1pct": 32, "one-step-in-ten": 400, "skips-last-block": 32, "returns-input": 32}
 
@@ -126,47 +138,117 @@ async def honest(path: Path, config: ClientConfig, runs: int, new_tokens: int) -
     return {"false_accusations": accused, "honest_runs": runs, "positions_checked": checked}
 
 
-async def speed(path: Path, config: ClientConfig, rounds: int, new_tokens: int) -> dict:
-    model = path.name
-    head = ClientHead.load(Checkpoint.open(path))
-    rates: dict[str, list[float]] = {"on": [], "off": []}
-    spans = [(0, 3), (3, 6), (0, 3), (3, 6)]
-    async with local_swarm(path, spans, client=config) as (_, client):
-        for round_ in range(rounds):
-            for mode in ("on", "off") if round_ % 2 == 0 else ("off", "on"):
-                rate = config.verify_rate if mode == "on" else 0.0
-                client.client_config = replace(config, verify_rate=rate)
-                _, stats = await generate_tokens(
-                    client,
-                    head,
-                    torch.randint(0, 256, (1, 8)),
-                    SessionSettings(model=model, num_blocks=6),
-                    SamplingConfig(max_new_tokens=new_tokens),
-                )
-                rates[mode].append(new_tokens / stats.total_time)
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+def speed_worker(args: argparse.Namespace) -> dict:
+    """A fresh client process: generations with checks on (at ``args.rate``) and off, alternating
+    (``args.pairs`` of each, the first mode alternating with ``args.flip``)."""
+    from swarm_node.model import load_tokenizer, resolve_model
+    from swarm_node.node.config import PeerConfig
+    from swarm_node.node.peer import open_peer
+
+    path = resolve_model(args.model)
+    checkpoint = Checkpoint.open(path)
+    head = ClientHead.load(checkpoint)
+    input_ids = load_tokenizer(path)(PROMPT, return_tensors="pt").input_ids
+    settings = SessionSettings(model=args.model, num_blocks=checkpoint.num_blocks)
+    config = ClientConfig(verify_rate=args.rate)
+    modes = ("off", "on") if args.flip else ("on", "off")
+
+    async def run() -> dict:
+        runs: dict[str, list[dict]] = {"on": [], "off": []}
+        async with open_peer(PeerConfig(initial_peers=(args.addr,)), client=config) as peer:
+            await generate_tokens(peer, head, input_ids, settings, SamplingConfig(max_new_tokens=4))
+            sampling = SamplingConfig(max_new_tokens=args.new_tokens)
+            for _ in range(args.pairs):
+                for mode in modes:
+                    rate = args.rate if mode == "on" else 0.0
+                    peer.client_config = replace(config, verify_rate=rate)
+                    out, stats = await generate_tokens(peer, head, input_ids, settings, sampling)
+                    runs[mode].append(
+                        {
+                            "tokens": out[0, input_ids.shape[1] :].tolist(),
+                            "tokens_per_s": stats.new_tokens / stats.total_time,
+                            "checked_positions": stats.checked_positions,
+                            "accused": len(stats.findings) + stats.rollbacks,
+                        }
+                    )
+        return runs
+
+    return trio.run(run)
+
+
+def speed(args: argparse.Namespace) -> dict:
+    """Tokens/s with checks on and off: real ``swarm-node serve`` processes (two servers for each
+    half of the model, so each hop has a checker on another process), a fresh client process per
+    round running generations with checks on and off alternately; the median of the on/off ratios
+    of neighbouring generations, and the medians of each mode's tokens/s."""
+    from swarm_node.model import resolve_model
+
+    procs = []
+    blocks = Checkpoint.open(resolve_model(args.model)).num_blocks
+    half = f"{blocks // 2}"
+    model = ("--model", args.model)
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    try:
+        first, addr = start_server(f"0:{half}", extra=model)
+        procs.append(first)
+        for span in (f"{half}:{blocks}", f"0:{half}", f"{half}:{blocks}"):
+            procs.append(start_server(span, addr, extra=model)[0])
+        for round_ in range(args.speed_rounds):
+            flags = ["--addr", addr, "--model", args.model, "--rate", str(args.rate)]
+            flags += ["--new-tokens", str(args.new_tokens), "--pairs", str(args.pairs)]
+            got = run_worker(__file__, flags + (["--flip"] if round_ % 2 else []))
+            for mode in runs:
+                runs[mode] += got[mode]
+            print(
+                f"round {round_ + 1}: on "
+                + ", ".join(f"{r['tokens_per_s']:.2f}" for r in got["on"])
+                + "; off "
+                + ", ".join(f"{r['tokens_per_s']:.2f}" for r in got["off"])
+                + f" tokens/s (load {os.getloadavg()[0]:.1f})",
+                file=sys.stderr,
+            )
+    finally:
+        stop(procs)
+    on = [r["tokens_per_s"] for r in runs["on"]]
+    off = [r["tokens_per_s"] for r in runs["off"]]
+    every = runs["on"] + runs["off"]
     return {
-        "tokens_per_s_on_over_off": on / off,
-        "tokens_per_s_on": on,
-        "tokens_per_s_off": off,
-        "speed_rounds": rounds,
-        "speed_tokens": new_tokens,
+        "tokens_per_s_on_over_off": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+        "tokens_per_s_on": statistics.median(on),
+        "tokens_per_s_off": statistics.median(off),
+        "speed_model": args.model,
+        "speed_generations_each": len(on),
+        "speed_tokens": args.new_tokens,
+        "same_tokens": all(r["tokens"] == every[0]["tokens"] for r in every),
+        "checked_positions_per_run": statistics.median(r["checked_positions"] for r in runs["on"]),
+        "speed_accused": sum(r["accused"] for r in runs["on"]),
     }
 
 
-async def main(args: argparse.Namespace) -> None:
+async def in_process(args: argparse.Namespace) -> dict:
     path = make_tiny_model_dir(Path(tempfile.mkdtemp()) / "tiny-llama", num_layers=6)
     config = ClientConfig(
         step_timeout=20.0, retry_delay=0.05, max_attempts=3, verify_rate=args.rate
     )
-    quick = args.quick
+    result: dict = {"detection": await detection(path, config, 3 if args.quick else 40, args.seed)}
+    result.update(await honest(path, config, 10 if args.quick else 200, 16))
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.worker:
+        print(json.dumps(speed_worker(args)))
+        return
     t0 = time.perf_counter()
-    result = {"bench": "verify", "verify_rate": args.rate, "quick": quick}
-    result["detection"] = await detection(path, config, 3 if quick else 40, args.seed)
-    result.update(await honest(path, config, 10 if quick else 200, 16))
-    result.update(await speed(path, config, 4 if quick else 12, 32))
+    result: dict = {"bench": "verify", "verify_rate": args.rate, "quick": args.quick}
+    result["load_at_start"] = os.getloadavg()[0]
+    if not args.speed_only:
+        result.update(trio.run(in_process, args))
+    if args.quick:
+        args.speed_rounds = min(args.speed_rounds, 2)
+    result.update(speed(args))
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["load"] = "shared 2-core machine unless rerun on a quiet one"
+    result["load_at_end"] = os.getloadavg()[0]
     print(json.dumps(result))
 
 
@@ -175,4 +257,12 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="few runs (a smoke test)")
     parser.add_argument("--rate", type=float, default=ClientConfig().verify_rate)
     parser.add_argument("--seed", type=int, default=0)
-    trio.run(main, parser.parse_args())
+    parser.add_argument("--speed-only", action="store_true", help="only tokens/s on vs off")
+    parser.add_argument("--model", default="smollm2-135m", help="the speed runs' model")
+    parser.add_argument("--speed-rounds", type=int, default=4, help="client processes")
+    parser.add_argument("--pairs", type=int, default=3, help="on/off pairs per client process")
+    parser.add_argument("--flip", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--addr", help=argparse.SUPPRESS)
+    main(parser.parse_args())

@@ -32,6 +32,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
+from swarm_node.dht.evidence_records import (
+    EVIDENCE_NAMESPACE,
+    PublishedEvidence,
+    evidence_key,
+    sign_evidence,
+    verify_evidence,
+)
 from swarm_node.dht.records import (
     MODEL_KEY_SHARDS,
     RECORD_NAMESPACE,
@@ -58,6 +65,8 @@ PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from recor
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
 PROVIDES_PER_WINDOW = 10
+MAX_EVIDENCE_HELD = 64  # evidence values (each <= 256 KiB) a peer stores for others: 16 MiB
+MAX_EVIDENCE_PER_REPORTER = 4
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
@@ -99,6 +108,51 @@ class RecordValidator(Validator):
         return 0 if newest is None else newest[0]
 
 
+class EvidenceValidator(Validator):
+    """KadDHT validator for ``/swarmevidence/<peer_id>`` values (evidence_records.py): signed by
+    their reporter, who must store them itself; the latest to expire wins. A peer takes at most
+    MAX_EVIDENCE_HELD values from others, MAX_EVIDENCE_PER_REPORTER from any one reporter
+    (anyone may report: these bound what strangers can make it hold)."""
+
+    def __init__(self) -> None:
+        self._taken: dict[str, tuple[str, float]] = {}  # key -> (reporter, expires at)
+
+    def validate(self, key: str, value: bytes) -> None:
+        now = time.time()
+        evidence = verify_evidence(value, key=key, now=now)
+        sender = _SENDER.get()
+        if sender is None:  # our own, or an answer to our lookup: not stored for others
+            return
+        if sender.to_base58() != evidence.reporter:
+            raise RemoteProtocolError(
+                f"evidence of reporter {evidence.reporter} must be stored by it, got it from {sender}"
+            )
+        self._taken = {k: v for k, v in self._taken.items() if v[1] > now}
+        if key not in self._taken:
+            mine = sum(reporter == evidence.reporter for reporter, _ in self._taken.values())
+            if len(self._taken) >= MAX_EVIDENCE_HELD or mine >= MAX_EVIDENCE_PER_REPORTER:
+                raise RemoteProtocolError(
+                    f"evidence: this peer holds {len(self._taken)} from others ({mine} from "
+                    f"{evidence.reporter}; at most {MAX_EVIDENCE_HELD}, "
+                    f"{MAX_EVIDENCE_PER_REPORTER} per reporter)"
+                )
+        self._taken[key] = (evidence.reporter, evidence.expires_at)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        found = _valid_evidence(values, key)
+        return max(found, key=lambda f: f[1].expires_at)[0] if found else 0
+
+
+def _valid_evidence(values: list[bytes], key: str) -> list[tuple[int, PublishedEvidence]]:
+    valid = []
+    for i, value in enumerate(values):
+        try:
+            valid.append((i, verify_evidence(value, key=key, now=time.time())))
+        except RemoteProtocolError as exc:
+            log.info("dropping evidence under %s: %s", key, exc)
+    return valid
+
+
 def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, ServerRecord] | None:
     """(index, record) of the newest of ``values`` that is a valid record under ``key`` now
     (signature, key, expiry: a stale local copy is dropped too); drops are logged for ``peer``."""
@@ -121,7 +175,11 @@ class SwarmDHT:
         # strict: a value under any other namespace (py-libp2p's /pk/ and /ipns/ included, and keys
         # with none) is refused, so strangers cannot fill this peer's store and push records out
         only_ours = NamespacedValidator(
-            {RECORD_NAMESPACE: RecordValidator(self._held_seq)}, strict_validation=True
+            {
+                RECORD_NAMESPACE: RecordValidator(self._held_seq),
+                EVIDENCE_NAMESPACE: EvidenceValidator(),
+            },
+            strict_validation=True,
         )
         self.kad = KadDHT(
             host,
@@ -236,6 +294,35 @@ class SwarmDHT:
         addrs = self.addrs()
         self.kad.provider_store.add_provider(key, PeerInfo(self.host.get_id(), addrs))
         await self._ask_closest(key, kad_requests.add_provider, addrs)
+
+    async def publish_evidence(self, evidence: PublishedEvidence) -> None:
+        """Sign ``evidence`` (this peer is its reporter) and store it here and at the peers
+        closest to its key; LocalProtocolError when it does not fit (evidence_records.py)."""
+        value = sign_evidence(evidence, self._key_pair)
+        key = evidence_key(evidence.accused).encode()
+        self.kad.validator.validate(key.decode(), value)
+        self.kad.value_store.put(key, value)
+        put_record = make_signed_put_record(key, value, self.host.get_private_key())
+        await self._ask_closest(key, kad_requests.put_value, put_record)
+
+    async def find_evidence(self, accused: str) -> PublishedEvidence | None:
+        """The valid evidence against ``accused`` held here or at the peers closest to its key
+        (the latest to expire), or None."""
+        key_str = evidence_key(accused)
+        key = key_str.encode()
+        local = self.kad.value_store.get(key)
+        values = [] if local is None else [local.value]
+
+        async def ask(peer: ID) -> None:
+            value = await self._ask(peer, lambda: kad_requests.get_value(self.kad, peer, key))
+            if isinstance(value, bytes):
+                values.append(value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in await self._closest_peers(key):
+                nursery.start_soon(ask, peer)
+        found = _valid_evidence(values, key_str)
+        return max(found, key=lambda f: f[1].expires_at)[1] if found else None
 
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:

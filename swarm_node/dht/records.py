@@ -28,6 +28,7 @@ MAX_BIN_LEN = 1024  # bytes; the public key and signature are the only bin field
 STATES = ("JOINING", "ONLINE", "OFFLINE")
 REACHABILITIES = ("public", "private", "unknown")
 MAX_RELAY_SLOTS = 1024
+MAX_OPERATOR = 64  # characters of a record's operator name
 # Bounds a signed record must keep to be believed: a signature says who wrote a record, not that it
 # is sane. No model has MAX_BLOCKS blocks (the largest served today have ~130); no span pushes
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
@@ -68,6 +69,9 @@ class ServerRecord:
     relay_slots: int = 0  # reservations it offers private peers as a relay (0: none)
     sessions: int = 0  # sessions open on it when announced
     batch: int = 0  # most sessions' decode steps computed in one forward lately (0: none)
+    # who runs it, as its operator says (`serve --operator`; "": unsaid): spot checks prefer a
+    # checker of another operator (node/client/verification.py)
+    operator: str = ""
     seq: int = 0  # grows with every announcement; the highest wins
     expires_at: float = 0.0  # seconds on the announcing clock (wall clock, shared)
 
@@ -205,6 +209,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "relay_slots": (int,),
     "sessions": (int,),
     "batch": (int,),
+    "operator": (str,),
 }
 _OPTIONAL = (
     "state",
@@ -219,6 +224,7 @@ _OPTIONAL = (
     "relay_slots",
     "sessions",
     "batch",
+    "operator",
 )
 DIGEST_HEX = 64  # a sha256 digest in hex
 ADAPTER_ID_HEX = 32  # model.identity.ADAPTER_ID_HEX
@@ -331,6 +337,12 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
         "relay_slots",
         0 <= fields.get("relay_slots", 0) <= MAX_RELAY_SLOTS,
         f"in [0, {MAX_RELAY_SLOTS}]",
+    )
+    operator = fields.get("operator", "")
+    check(
+        "operator",
+        len(operator) <= MAX_OPERATOR and operator.isprintable(),
+        f"printable, at most {MAX_OPERATOR} characters",
     )
     return ServerRecord(**fields)
 

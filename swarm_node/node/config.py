@@ -14,7 +14,7 @@ from typing import Any
 
 from swarm_node.choices import CODECS, DTYPES
 from swarm_node.dht.pinning import QUANTS as WEIGHT_VARIANTS
-from swarm_node.dht.records import MAX_TTL
+from swarm_node.dht.records import MAX_OPERATOR, MAX_TTL
 from swarm_node.errors import ConfigError, check_int
 
 COMPRESSIONS = CODECS  # wire codecs a session may name
@@ -325,9 +325,20 @@ class ServerConfig:
         "steps being computed this long to finish",
         metavar="SECONDS",
     )
+    operator: str = flag(
+        "",
+        "who runs this server (a name, at most 64 characters), announced in its signed record: "
+        "clients' spot checks prefer a checker of another operator (default: unsaid)",
+        metavar="NAME",
+    )
 
     def __post_init__(self) -> None:
         check_server_adapters(self.adapters)
+        if len(self.operator) > MAX_OPERATOR or not self.operator.isprintable():
+            raise ConfigError(
+                f"'operator' must be printable and at most {MAX_OPERATOR} characters, "
+                f"got {self.operator[:80]!r} ({len(self.operator)} characters)"
+            )
         _check_choice("dtype", self.dtype, DTYPES)
         if self.num_blocks is None or (self.start, self.end) != (0, 0):
             if not 0 <= self.start < self.end:
@@ -426,6 +437,22 @@ class ClientConfig:
         metavar="FRACTION",
     )
     verify_ban: float = 24 * 3600.0  # seconds a server caught lying is avoided
+    publish_evidence: bool = flag(
+        False,
+        "publish signed evidence against each server a spot check catches lying to the DHT "
+        "(its signed receipts; the activations only with --publish-activations)",
+    )
+    publish_activations: bool = flag(
+        False,
+        "with --publish-evidence: publish the lying steps' inputs and answers too, so others "
+        "can re-run them (they reveal something of the prompt)",
+    )
+    trust_evidence: bool = flag(
+        False,
+        "look up published evidence against the servers found, re-run it on another server of "
+        "the blocks, and ban the accused when it holds (evidence without activations is not "
+        "acted on)",
+    )
 
     speculative: bool = flag(
         False,

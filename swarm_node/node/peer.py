@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -40,6 +40,7 @@ from swarm_node.dht.routing import (
 from swarm_node.errors import ConfigError, MissingBlocksError, ModelError
 from swarm_node.model.bundled import identity_of, model_id_of
 from swarm_node.model.identity import ModelIdentity
+from swarm_node.node.client import evidence_trust
 from swarm_node.node.client.inference_session import (
     IdleWatch,
     InferenceSession,
@@ -48,6 +49,7 @@ from swarm_node.node.client.inference_session import (
 )
 from swarm_node.node.client.recovery import Recovery, sole_error
 from swarm_node.node.client.settings import HopTuning, SessionSettings
+from swarm_node.node.client.verification import Finding
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
 from swarm_node.node.net.host import (
@@ -69,6 +71,7 @@ from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
 
 log = logging.getLogger(__name__)
+EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is looked up again
 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
@@ -105,6 +108,7 @@ class Peer:
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self._refreshing: set[str] = set()  # models looked up again in the background now
+        self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
@@ -230,6 +234,7 @@ class Peer:
             relay_slots=self.relays.relay_slots if self.relays is not None else 0,
             sessions=self.server.active_sessions,
             batch=self.server.batcher.batch_lately(trio.current_time()),
+            operator=self.server.config.operator,
             seq=time.time_ns() // 1000 + self._seq,  # survives restarts with the same identity
             expires_at=time.time() + ttl,
         )
@@ -375,11 +380,37 @@ class Peer:
                 by_peer = {s.peer_id: s for s in await self.dht.find_servers(model, blocks)}
                 servers = list({**by_peer, **{s.peer_id: s for s in servers}}.values())
         servers = self._holding_the_weights(model, servers)
+        if self.client_config.trust_evidence and self._nursery is not None:
+            now = trio.current_time()
+            for record in servers:
+                if now >= self._evidence_sought.get(record.peer_id, -math.inf) + EVIDENCE_AGAIN:
+                    self._evidence_sought[record.peer_id] = now
+                    self._nursery.start_soon(self._check_evidence, model, record)
         known = {s.peer_id: s for s in self._known.get(model, [])}
         known.update((s.peer_id, s) for s in servers)
         self._known[model] = list(known.values())
         self._known_at[model] = trio.current_time()
         return servers
+
+    def _publish_evidence(self, finding: Finding) -> None:
+        """A spot check caught a liar: publish the evidence, in the background (--publish-evidence)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(
+                self._best_effort,
+                evidence_trust.publish(
+                    self, finding, activations=self.client_config.publish_activations
+                ),
+            )
+
+    async def _check_evidence(self, model: str, record: ServerRecord) -> None:
+        await self._best_effort(evidence_trust.check(self, model, record))
+
+    @staticmethod
+    async def _best_effort(work: Awaitable[object]) -> None:
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 (evidence is best effort: it never ends the peer)
+            log.warning("evidence: %r", exc)
 
     def _refresh_soon(self, model: str, num_blocks: int) -> None:
         """Look ``model``'s servers up again in the background, unless that is under way."""
@@ -595,6 +626,7 @@ class Peer:
                 rate=config.verify_rate,
                 ban_seconds=config.verify_ban,
                 spawn=self._nursery.start_soon,
+                on_found=self._publish_evidence if config.publish_evidence else None,
             ),
         )
 

@@ -10,6 +10,10 @@
   forged addresses never reached a peerstore). The peers that ask are whoever looks servers up
   meanwhile (an honest client starting a session, a server finding its next servers); the test
   makes its client look up and checks the client's peerstore and providers too.
+- evidence_flood: a stranger publishes evidence (dht/evidence_records.py) as its own reporter
+  against many fresh identities, evidence signed by another reporter, and an oversized value under
+  /swarmevidence/. Stopped: at most MAX_EVIDENCE_PER_REPORTER of the first are stored, none of
+  the others.
 - push_redirect: a client opens a session on the first server naming a "victim" host (a real
   libp2p peer that serves nothing) as the next server to push to. Stopped: the session answers
   push=False and the victim gets no stream and no connection from the server.
@@ -38,7 +42,14 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
-from swarm_node.dht.discovery import QUERY_ERRORS
+from swarm_node.dht.discovery import MAX_EVIDENCE_PER_REPORTER, QUERY_ERRORS
+from swarm_node.dht.evidence_records import (
+    PublishedEvidence,
+    PublishedStep,
+    evidence_key,
+    sign_evidence,
+)
+from swarm_node.dht.receipts import Receipt, sign_receipt
 from swarm_node.dht.records import ServerRecord, record_key
 from swarm_node.dht.signing import sign_record, verify_record
 from swarm_node.node.client.inference_session import request
@@ -263,8 +274,66 @@ async def attack_push_redirect(target: AttackTarget) -> bool:
     return False
 
 
+EVIDENCE_FLOOD = 12  # evidence values the stranger PUTs as its own reporter
+
+
+def evidence_against(accused: KeyPair, reporter: KeyPair) -> tuple[bytes, bytes]:
+    """(key, value): signed evidence of one step ``accused`` signed, reported by ``reporter``."""
+    digest = "ab" * 32
+    receipt = Receipt(
+        model=digest,
+        start=0,
+        end=1,
+        session_id="s",
+        step_id=1,
+        position=0,
+        input_digest=digest,
+        output_digest=digest,
+    )
+    step = PublishedStep(receipt=receipt, signature=sign_receipt(receipt, accused.private_key))
+    accused_id = ID.from_pubkey(accused.public_key).to_base58()
+    evidence = PublishedEvidence(
+        accused=accused_id,
+        reporter=ID.from_pubkey(reporter.public_key).to_base58(),
+        steps=(step,),
+        wrong=0,
+        error=1.0,
+        bound=1e-3,
+        expires_at=time.time() + 600,
+    )
+    return evidence_key(accused_id).encode(), sign_evidence(evidence, reporter)
+
+
+async def attack_evidence_flood(target: AttackTarget) -> bool:
+    key_pair = create_new_key_pair()
+    host = build_host(key_pair=key_pair, announce=None, psk=None)
+    server = info_from_p2p_addr(Multiaddr(target.servers[0]))
+    own = [evidence_against(create_new_key_pair(), key_pair) for _ in range(EVIDENCE_FLOOD)]
+    foreign = [evidence_against(create_new_key_pair(), create_new_key_pair())]
+    oversized = [(own[0][0], b"\x00" * OVERSIZED_VALUE)]
+    async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+        kad = KadDHT(host, DHTMode.CLIENT)
+        with trio.move_on_after(ATTACK_TIMEOUT):
+            await host.connect(server)
+            stored: dict[str, int] = {"own": 0, "other": 0}
+            for kind, puts in (("own", own), ("other", foreign + oversized)):
+                for key, value in puts:
+                    signed = make_signed_put_record(key, value, key_pair.private_key)
+                    try:
+                        await kad_requests.put_value(kad, server.peer_id, key, signed)
+                        stored[kind] += 1
+                    except QUERY_ERRORS:
+                        pass
+            held = foreign[0][0]
+            leaked = await kad_requests.get_value(kad, server.peer_id, held) is not None
+            # a reporter's first few are taken (anyone may report), the rest and the others not
+            return stored["own"] == MAX_EVIDENCE_PER_REPORTER and not stored["other"] and not leaked
+    return False
+
+
 ATTACKS = (
     ("foreign_key_flood", attack_foreign_key_flood),
+    ("evidence_flood", attack_evidence_flood),
     ("provider_flood", attack_provider_flood),
     ("push_redirect", attack_push_redirect),
 )

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         *("send_timeout", "max_request_tokens", "max_activation_mb", "max_queued"),
         *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer", "max_receiving_mb"),
         *("compression", "shutdown_grace", "quant", "adapters"),
-        *("no_batching", "prefill_chunk", "no_verify_weights"),
+        *("no_batching", "prefill_chunk", "no_verify_weights", "operator"),
     )
 
     gen = sub.add_parser(
@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "max_server_share",
         "idle_ping",
         "verify_rate",
+        "publish_evidence",
+        "publish_activations",
+        "trust_evidence",
         "accept_quant",
         "accept_dtype",
         "speculative",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarm_node import compression
+from swarm_node.dht.evidence_records import PublishedEvidence, PublishedStep
 from swarm_node.dht.receipts import Receipt, verify_receipt, wire_digest
 from swarm_node.node.client.tolerances import position_errors
 from swarm_node.protocol.tensors import WireTensor
@@ -63,3 +64,45 @@ def recomputed_error(evidence: Evidence, span: object) -> float:
         honest = span.forward(inputs, start=first.start, end=first.end)  # type: ignore[attr-defined]
     errors = position_errors(honest, torch.cat(answers, dim=1))  # (T,)
     return float(errors[evidence.wrong :].max())
+
+
+def published(
+    found: Evidence,
+    *,
+    reporter: str,
+    error: float,
+    bound: float,
+    expires_at: float,
+    activations: bool,
+) -> PublishedEvidence:
+    """``found`` as the DHT carries it: every step with its inputs and answers (``activations``),
+    else the wrong step's signed receipt alone."""
+    steps = found.steps if activations else found.steps[-1:]
+    return PublishedEvidence(
+        accused=found.server,
+        reporter=reporter,
+        steps=tuple(
+            PublishedStep(
+                receipt=s.receipt,
+                signature=s.signature,
+                sent=s.sent if activations else None,
+                answer=s.answer if activations else None,
+            )
+            for s in steps
+        ),
+        wrong=found.wrong,
+        error=error,
+        bound=bound,
+        expires_at=expires_at,
+    )
+
+
+def republished(evidence: PublishedEvidence) -> Evidence | None:
+    """Published evidence with its activations as ``Evidence`` (None: it has none)."""
+    if not evidence.has_activations:
+        return None
+    steps = tuple(
+        SignedStep(receipt=s.receipt, signature=s.signature, sent=s.sent, answer=s.answer)  # type: ignore[arg-type]
+        for s in evidence.steps
+    )
+    return Evidence(server=evidence.accused, steps=steps, wrong=evidence.wrong)

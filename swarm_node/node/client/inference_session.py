@@ -93,6 +93,7 @@ class Verify:
     rate: float  # the chance that a step makes a server due a check
     ban_seconds: float  # how long a server caught lying is banned
     spawn: Callable[..., object]  # a nursery's start_soon: the checks run beside the steps
+    on_found: Callable[..., object] | None = None  # hears of each liar found (its Finding)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +153,7 @@ class InferenceSession:
                 bans=recovery.bans,
                 clock=recovery.clock,
                 ban_seconds=verify.ban_seconds,
+                on_found=verify.on_found,
             )
             self._spawn_checks = verify.spawn
         self._checking = trio.CancelScope()

@@ -45,6 +45,7 @@ from swarm_node.node.client.inference_session import open_stream, request
 from swarm_node.node.client.recovery import HopFailed, UnopenedSpan, ban
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
+from swarm_node.node.client.verify_training import CheckedCall, TrainingChecks
 from swarm_node.node.config import MAX_REQUEST_TOKENS
 from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
 from swarm_node.protocol import messages as m
@@ -106,6 +107,13 @@ class RemoteSequential(torch.nn.Module):
         self._times: dict[tuple[str, int, int], StepTimes] = {}
         self._hedges = HedgeBudget()
         self.hedged = 0  # requests a spare server answered first, over this module's life
+        config = peer.client_config
+        self.checks = TrainingChecks(  # spot checks of hops (verify_training.py)
+            rate=config.verify_rate,
+            bans=peer.bans,
+            ban_seconds=config.verify_ban,
+            rng=random.Random(None if seed is None else seed + 1),
+        )
 
     def forward(
         self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, lora: Any = None
@@ -204,8 +212,13 @@ class RemoteSequential(torch.nn.Module):
         while i < len(chain):
             hop = chain[i]
             try:
-                hop, (y, graph_id) = await self._hedged(
-                    "forward", hop, x, tuned, lambda h, x=x: self._remote_forward(h, x, tuned)
+                hop, (y, graph_id) = await self._checked(
+                    "forward",
+                    hop,
+                    x,
+                    tuned,
+                    lambda h, x=x: self._remote_forward(h, x, tuned),
+                    lambda h, x=x: self._remote_forward(h, x, tuned, keep=False),
                 )
             except HopFailed as failure:
                 self._fail(failure)
@@ -221,7 +234,7 @@ class RemoteSequential(torch.nn.Module):
     ) -> torch.Tensor:
         for hop, x, graph_id in reversed(trace):
             try:
-                used, (grad_input, parts) = await self._hedged(
+                used, (grad_input, parts) = await self._checked(
                     "backward",
                     hop,
                     x,
@@ -233,6 +246,7 @@ class RemoteSequential(torch.nn.Module):
                         tuned,
                         gid if h is kept else "",  # a spare recomputes the forward
                     ),
+                    lambda h, x=x, g=grad: self._remote_backward(h, x, g, tuned),
                 )
             except HopFailed as failure:
                 self._fail(failure)  # recompute the forward of these blocks on their new servers
@@ -242,6 +256,35 @@ class RemoteSequential(torch.nn.Module):
             tuned.accumulate(used, *parts)  # only the answer used counts: no double gradients
             grad = grad_input
         return grad
+
+    async def _checked(
+        self,
+        kind: str,
+        hop: Hop,
+        x: torch.Tensor,
+        tuned: _Tuned,
+        call: Callable[[Hop], Awaitable[T]],
+        again: Callable[[Hop], Awaitable[T]],
+    ) -> tuple[Hop, T]:
+        """``_hedged``, and sometimes the same request to another server of ``hop``'s blocks at
+        once (``again``: keeping no graph), the answers compared (verify_training.py)."""
+        if not self.checks.due():
+            return await self._hedged(kind, hop, x, tuned, call)
+
+        async def other(avoid: frozenset[str]) -> Hop | None:
+            chain = await self._route(hop.start, hop.end, tuned, avoid | {hop.server.peer_id})
+            return chain[0] if len(chain) == 1 else None
+
+        return await self.checks.run(
+            CheckedCall(
+                hop=hop,
+                primary=lambda: self._hedged(kind, hop, x, tuned, call),
+                again=again,
+                other=other,
+                tensors=_compared,
+                codec=self.settings.compression,
+            ),
+        )
 
     async def _hedged(
         self,
@@ -321,10 +364,12 @@ class RemoteSequential(torch.nn.Module):
 
     # -- one hop -------------------------------------------------------------------------------
     async def _remote_forward(
-        self, hop: Hop, x: torch.Tensor, tuned: _Tuned
+        self, hop: Hop, x: torch.Tensor, tuned: _Tuned, keep: bool = True
     ) -> tuple[torch.Tensor, str]:
         """The hop's output and the id of the graph its server kept ("": none)."""
-        req = m.ForwardRequest(keep_graph=tuned.keep, **self._common(hop, x, tuned.fields(hop)))
+        req = m.ForwardRequest(
+            keep_graph=tuned.keep and keep, **self._common(hop, x, tuned.fields(hop))
+        )
         with HopFailed.on_failure(UnopenedSpan(hop)):
             reply = await self._call(hop.server.peer_id, req, m.ForwardResponse)
             return _tensor(reply.hidden, x.shape, "hidden", dtype=x.dtype), reply.graph_id
@@ -384,6 +429,13 @@ class RemoteSequential(torch.nn.Module):
         for streams in idle.values():
             for conn in streams:
                 await conn.close()
+
+
+def _compared(answer: Any) -> list[torch.Tensor | None]:
+    """What a training check compares: a forward's output (and graph id, not compared), or a
+    backward's gradients for the input, the prompts and the LoRA."""
+    first, rest = answer
+    return [first] if isinstance(rest, str) else [first, *rest]
 
 
 async def _ask(

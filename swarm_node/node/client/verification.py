@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -125,8 +125,10 @@ class Verifier:
         clock: Callable[[], float],
         ban_seconds: float,
         rng: random.Random | None = None,
+        on_found: Callable[[Finding], object] | None = None,
     ) -> None:
         self.rate = rate
+        self.on_found = on_found  # hears of each server caught lying (evidence to publish)
         self.reroute = reroute
         self.bans = bans
         self.clock = clock
@@ -274,19 +276,21 @@ class Verifier:
         self, session: InferenceSession, hop: Hop, avoid: frozenset[str]
     ) -> list[RemoteSpan] | None:
         """Sessions for ``hop``'s blocks on servers none of ``avoid`` (None: there are none)."""
-        try:
-            chain = await self.reroute(hop.start, hop.end, 0, avoid)
-        except (MissingBlocksError, trio.TooSlowError) as exc:
-            log.debug("no other server for blocks %d:%d: %s", hop.start, hop.end, exc)
-            return None
-        if any(h.server.peer_id in avoid for h in chain):
+
+        async def find(avoiding: frozenset[str]) -> list[Hop] | None:
+            try:
+                chain = await self.reroute(hop.start, hop.end, 0, avoiding)
+            except (MissingBlocksError, trio.TooSlowError) as exc:
+                log.debug("no other server for blocks %d:%d: %s", hop.start, hop.end, exc)
+                return None
+            return None if any(h.server.peer_id in avoiding for h in chain) else chain
+
+        chain, avoid = await other_operator(find, hop, avoid)
+        if chain is None:
             return None
         unlike = frozenset(h.server.peer_id for h in chain if _kind(h) != _kind(hop))
         if unlike:  # servers rounding as ``hop``'s does give the tightest bound: any there?
-            try:
-                alike = await self.reroute(hop.start, hop.end, 0, avoid | unlike)
-            except (MissingBlocksError, trio.TooSlowError):
-                alike = []
+            alike = await find(avoid | unlike)
             if alike and all(_kind(h) == _kind(hop) for h in alike):
                 chain = alike
         spans: list[RemoteSpan] = []
@@ -385,6 +389,8 @@ class Verifier:
                     self._condemn(checked, span.hop, vs_theirs, limit)
                     self.findings.append(wrong)
                     self.found.append(wrong)
+                    if self.on_found is not None:
+                        self.on_found(wrong)
                     return
                 if vs_theirs <= limit < vs_ours:
                     for helper, other in zip(helpers, checker.spans, strict=True):
@@ -415,6 +421,36 @@ class Verifier:
 
 def _kind(hop: Hop) -> str:
     return weights_kind(hop.server.dtype, hop.server.quant)
+
+
+OPERATOR_TRIES = 4  # lookups for a checker of another operator before taking one of the same
+
+
+async def other_operator(
+    find: Callable[[frozenset[str]], Awaitable[list[Hop] | None]],
+    hop: Hop,
+    avoid: frozenset[str],
+) -> tuple[list[Hop] | None, frozenset[str]]:
+    """``find(avoid)``'s chain for ``hop``'s blocks, preferring one with no server of ``hop``'s
+    operator (when its record names one): servers of that operator are left out while others
+    are found. The chain (None: none at all) and what a further lookup should avoid."""
+    chain = await find(avoid)
+    operator = hop.server.operator
+    for _ in range(OPERATOR_TRIES if operator else 0):
+        same = frozenset(h.server.peer_id for h in chain or () if h.server.operator == operator)
+        if not same:
+            break
+        other = await find(avoid | same)
+        if other is None:  # only servers of the same operator hold the blocks: still other peers
+            log.debug(
+                "no checker of another operator than %r for blocks %d:%d",
+                operator,
+                hop.start,
+                hop.end,
+            )
+            break
+        avoid, chain = avoid | same, other
+    return chain, avoid
 
 
 async def run_chain(
