@@ -59,10 +59,24 @@ class ClientHead(torch.nn.Module):
         self.hidden_size = int(embed_tokens.embedding_dim)
         self.vocab_size = int(embed_tokens.num_embeddings)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head's weights are and its embeddings and logits come out."""
+        return self.embed_tokens.weight.device
+
     @classmethod
-    def load(cls, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32) -> ClientHead:
+    def load(
+        cls,
+        checkpoint: Checkpoint,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> ClientHead:
+        """Reads only the embeddings, the final norm and the LM head (when not tied), each tensor
+        streamed to ``device``."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"'dtype' must be a floating torch.dtype, got {dtype!r}")
+        device = torch.device(device)
         family = checkpoint.family
         hidden, vocab = (
             int(checkpoint.setting("hidden_size")),
@@ -77,15 +91,17 @@ class ClientHead(torch.nn.Module):
             )
             norm = RMSNorm(hidden, eps=float(checkpoint.setting("rms_norm_eps")))
             lm_head = torch.nn.Linear(hidden, vocab, bias=False)
-        materialize(embed, checkpoint, family.embed + ".", dtype=dtype)
-        materialize(norm, checkpoint, family.norm + ".", dtype=dtype)
+        materialize(embed, checkpoint, family.embed + ".", dtype=dtype, device=device)
+        materialize(norm, checkpoint, family.norm + ".", dtype=dtype, device=device)
         tied = bool(checkpoint.setting("tie_word_embeddings")) or not (
             checkpoint.has_tensor(family.lm_head + ".weight")
         )
         # Tied: the head shares the embedding's Parameter (one copy, one set of gradients);
         # anything else it has (a bias) still comes from the file.
         extra = {"weight": embed.weight} if tied else None
-        materialize(lm_head, checkpoint, family.lm_head + ".", dtype=dtype, extra=extra)
+        materialize(
+            lm_head, checkpoint, family.lm_head + ".", dtype=dtype, extra=extra, device=device
+        )
         return cls(
             embed_tokens=embed,
             norm=norm,
@@ -109,7 +125,7 @@ class ClientHead(torch.nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         with self._mode(False):
-            return self.embed_tokens(input_ids)  # (B, T, H)
+            return self.embed_tokens(input_ids.to(self.device))  # (B, T, H), on the head's device
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states `# (B, T, H)` -> logits `# (B, T, V)` (norm, then head)."""
@@ -123,7 +139,7 @@ class ClientHead(torch.nn.Module):
                 f"got {tuple(getattr(hidden, 'shape', ()))}"
             )
         with self._mode(hidden.requires_grad):
-            return self.lm_head(self.norm(hidden.to(self.dtype)))  # (B, T, V)
+            return self.lm_head(self.norm(hidden.to(self.device, self.dtype)))  # (B, T, V)
 
     def _mode(self, input_requires_grad: bool) -> contextlib.AbstractContextManager[Any]:
         needs_grad = torch.is_grad_enabled() and (
