@@ -38,6 +38,7 @@ GPU_HEADROOM = 2 * 2**30  # bytes a GPU keeps free for activations, workspaces a
 HOST_HEADROOM = 2 * 2**30  # bytes of the host's available memory left to everything else
 AUTO_CACHE_TOKENS = 16384  # reserved per block when both the blocks and the cache are "auto"
 NF4_BLOCK = 64  # bitsandbytes' nf4 block: one 8-bit absmax per 64 weights (double quantized)
+NF4_TABLES = 256 * 4 + 64  # bytes of each nf4 linear's code table and nested statistics
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +78,7 @@ def block_bytes(checkpoint: Any, index: int, dtype: torch.dtype, quant: str | No
             total += numel + 4 * entry.shape[0]
         elif linear:
             total += numel // 2 + numel // NF4_BLOCK + 4 * (numel // (NF4_BLOCK * 256) + 1)
+            total += NF4_TABLES
         else:
             total += numel * dtype.itemsize
     return total
