@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import trio
 
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import identity_of, model_id_of
-from swarm_node.model.devices import device_label, free_memory, resolve_device
+from swarm_node.model.devices import device_label, free_memory, resolve_device, resolve_dtype
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.config import ServerConfig
 
@@ -38,8 +39,9 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
             f"'--blocks' {config.start}:{config.end} is out of range: {model_id_of(config.model)} "
             f"has {num_blocks} blocks (0:{num_blocks})"
         )
+    device = resolve_device(config.device)  # open_peer resolved them already; a caller may not
+    config = replace(config, device=str(device), dtype=resolve_dtype(config.dtype, device))
     dtype = TORCH_DTYPES[config.dtype]
-    device = resolve_device(config.device)
     t0 = time.perf_counter()
     span = await trio.to_thread.run_sync(
         lambda: BlockSpan.load(
