@@ -87,7 +87,7 @@ def local_worker(folder: str, prompt_tokens: int, new_tokens: int) -> dict:
     from bench_processes import TokenClock
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE, device_map=DEVICE).eval()
     torch.manual_seed(0)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens), device=DEVICE)

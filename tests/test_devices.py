@@ -18,7 +18,7 @@ from swarm_node.compression import codecs
 from swarm_node.errors import ConfigError, RemoteError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.model.devices import is_out_of_memory, resolve_device, resolve_dtype
-from swarm_node.node.apps.cli import main
+from swarm_node.node.apps.cli import build_parser, main
 from swarm_node.node.apps.commands import resolve_client_device
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.inference_session import request
@@ -78,6 +78,18 @@ def test_a_client_command_resolves_auto_on_this_machine() -> None:
     args = argparse.Namespace(device="cpu", dtype="bfloat16")
     resolve_client_device(args)
     assert (args.device, args.dtype) == ("cpu", "bfloat16")
+
+
+def test_the_serve_command_line_takes_auto_and_a_device() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--num-blocks", "auto", "--cache-tokens", "auto", "--device", "cuda:1"]
+    )
+    assert (args.num_blocks, args.cache_budget_tokens, args.device) == ("auto", "auto", "cuda:1")
+    assert (args.dtype, args.max_memory_mb) == ("auto", None)
+    args = build_parser().parse_args(["serve", "--num-blocks", "3", "--max-memory-mb", "900"])
+    assert (args.num_blocks, args.cache_budget_tokens, args.max_memory_mb) == (3, 65536, 900)
+    args = build_parser().parse_args(["generate", "hi", "--device", "cpu", "--dtype", "float16"])
+    assert (args.device, args.dtype) == ("cpu", "float16")
 
 
 def test_auto_fields_of_a_server_config() -> None:
@@ -244,8 +256,20 @@ async def test_out_of_memory_in_a_step_is_refused_and_the_server_goes_on(tiny_ll
                 hidden=compression.encode(x, "none"),
             )
             answer = await request(conn, step, m.StepResponse, timeout=5)
+            failures["left"] = 1  # a forward (training) has no state to lose: refused alike
+            forward = m.ForwardRequest(
+                model=tiny_llama.name,
+                start=0,
+                end=6,
+                compression="none",
+                hidden=compression.encode(x, "none"),
+            )
+            with pytest.raises(RemoteError, match="out_of_memory: a forward: the server's cpu"):
+                await request(conn, forward, m.ForwardResponse, timeout=5)
+            again = await request(conn, forward, m.ForwardResponse, timeout=5)
             handle.remove()
     assert torch.equal(compression.decode(answer.hidden, max_numel=10**6), expected)
+    assert torch.equal(compression.decode(again.hidden, max_numel=10**6), expected)
 
 
 def test_out_of_memory_errors_are_recognised() -> None:

@@ -530,6 +530,7 @@ class ApiConfig:
     )
     port: int = flag(8000, "HTTP port (0 picks a free one)", env="SWARM_API_PORT")
     dtype: str = "float32"  # of the client head and hidden states
+    device: str = "cpu"  # of the client head (the commands resolve --device auto)
     max_context: int = flag(
         2048, "prompt + completion tokens of a request (at most the model's own limit)"
     )
@@ -576,6 +577,7 @@ class ApiConfig:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
         _check_choice("dtype", self.dtype, DTYPES)
+        check_device(self.device)
         for name, low, high in (
             ("port", 0, 65535),
             ("max_context", 2, 1 << 20),

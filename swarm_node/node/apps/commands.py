@@ -320,7 +320,8 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
 
 
 def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> ApiConfig:
-    return ApiConfig(models=models, dtype=args.dtype, **flag_values(ApiConfig, args))
+    values = flag_values(ApiConfig, args)
+    return ApiConfig(models=models, dtype=args.dtype, device=args.device, **values)
 
 
 async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
