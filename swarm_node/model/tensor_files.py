@@ -1,11 +1,12 @@
 """Single tensors out of a safetensors file with plain reads: no memory map, no other tensor touched.
 
-safetensors' ``safe_open`` maps the whole shard; every page a read touches then counts in the
-process's resident memory until the file is closed, so loading one block of a 5 GB shard could hold
-twice the block. Here the header is parsed once (checked: a JSON object of at most
-``MAX_HEADER_BYTES``, every entry a known dtype, a shape of ints, offsets inside the file whose
-length is the shape's bytes) and each tensor is read straight into its own buffer: what is resident
-is the tensors asked for, nothing else (the page cache is the kernel's, not the process's).
+safetensors' ``safe_open`` maps the whole shard, and a tensor of the file's own dtype comes back as
+a view of that map: the weights a server computes with would be the file's pages, resident once
+touched, shared with the page cache, and changed (or a SIGBUS) if the file is rewritten under the
+server, after its digests were checked. Here the header is parsed once (checked: a JSON object of
+at most ``MAX_HEADER_BYTES``, every entry a known dtype, a shape of ints, offsets inside the file
+whose length is the shape's bytes) and each tensor is read straight into a buffer of its own: the
+process holds exactly the tensors asked for, owned, nothing else of the file.
 Knows nothing of models, layers or devices.
 """
 
