@@ -14,7 +14,14 @@ import pytest
 from swarm_node.choices import CODECS
 from swarm_node.node.apps.cli import build_parser
 from swarm_node.node.apps.commands import flag_values
-from swarm_node.node.config import DEFAULT_MODEL, ApiConfig, ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.config import (
+    DEFAULT_MODEL,
+    ApiConfig,
+    ClientConfig,
+    PeerConfig,
+    ServerConfig,
+    count_or_auto,
+)
 
 
 def flags() -> list[tuple[str, argparse.Action]]:
@@ -51,9 +58,9 @@ def sample(action: argparse.Action) -> tuple[str, object]:
         one = list(action.choices)[-1]
         return one, [one] if action.nargs == "+" else one
     kind = action.type or str
-    raw, value = {int: ("7", 7), float: ("0.5", 0.5), Path: ("k.key", Path("k.key"))}.get(
-        kind, ("abc", "abc")
-    )
+    samples = {int: ("7", 7), float: ("0.5", 0.5), Path: ("k.key", Path("k.key"))}
+    samples[count_or_auto] = ("auto", "auto")
+    raw, value = samples.get(kind, ("abc", "abc"))
     return (f"{raw} {raw}", [value, value]) if action.nargs == "+" else (raw, value)
 
 

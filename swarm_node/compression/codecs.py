@@ -77,6 +77,9 @@ class _Codec:
     encode: Callable[[torch.Tensor], memoryview]  # contiguous CPU tensor -> payload bytes
     decode: Callable[[memoryview, int, torch.dtype], torch.Tensor]  # -> 1-D, original dtype
     payload_nbytes: Callable[[int, torch.dtype], int]  # (numel, original dtype) -> bytes
+    # a tensor on a GPU (or any device) -> the same payload bytes, computed on that device so
+    # that only the payload crosses to the host (no float32 copy of the tensor there)
+    encode_on_device: Callable[[torch.Tensor], memoryview]
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -114,6 +117,20 @@ def _decode_bfloat16(payload: memoryview, numel: int, dtype: torch.dtype) -> tor
     return _from_bytes(payload, numel, torch.bfloat16).to(dtype)
 
 
+def _host_bytes(tensor: torch.Tensor) -> memoryview:
+    return _as_bytes(tensor.to("cpu").contiguous())
+
+
+def _float16_on_device(tensor: torch.Tensor) -> memoryview:
+    if tensor.dtype != torch.float16:
+        tensor = tensor.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16)
+    return _host_bytes(tensor)
+
+
+def _bfloat16_on_device(tensor: torch.Tensor) -> memoryview:
+    return _host_bytes(tensor.to(torch.bfloat16))
+
+
 def _own_itemsize(numel: int, dtype: torch.dtype) -> int:
     return numel * dtype.itemsize
 
@@ -129,13 +146,16 @@ def _blockwise_codec(block: int) -> _Codec:
             payload, numel, block, dtype
         ),
         payload_nbytes=lambda numel, dtype: blockwise8.payload_nbytes(numel, block),
+        encode_on_device=lambda tensor: memoryview(
+            blockwise8.encode_payload_torch(tensor, block).cpu().numpy()
+        ),
     )
 
 
 _CODECS: dict[str, _Codec] = {
-    "none": _Codec(_as_bytes, _from_bytes, _own_itemsize),
-    "float16": _Codec(_encode_float16, _decode_float16, _two_bytes),
-    "bfloat16": _Codec(_encode_bfloat16, _decode_bfloat16, _two_bytes),
+    "none": _Codec(_as_bytes, _from_bytes, _own_itemsize, _host_bytes),
+    "float16": _Codec(_encode_float16, _decode_float16, _two_bytes, _float16_on_device),
+    "bfloat16": _Codec(_encode_bfloat16, _decode_bfloat16, _two_bytes, _bfloat16_on_device),
     "blockwise8": _blockwise_codec(blockwise8.BLOCK_SIZES["blockwise8"]),
     "blockwise8-64": _blockwise_codec(blockwise8.BLOCK_SIZES["blockwise8-64"]),
 }
@@ -160,7 +180,9 @@ def encode(tensor: torch.Tensor, codec: str) -> WireTensor:
     """``tensor`` as a WireTensor under ``codec``; raises LocalProtocolError on a bad argument.
 
     For codec "none" (and "float16" of a float16 tensor) on a contiguous CPU tensor, ``data`` is a
-    view of the tensor's memory, not a copy: frame it before changing the tensor in place.
+    view of the tensor's memory, not a copy: frame it before changing the tensor in place. A
+    tensor on another device (a GPU) is cast or quantized there and only the payload's bytes
+    are copied to the host (``_Codec.encode_on_device``): the same bytes as from the host.
     """
     if codec not in _CODECS:
         raise LocalProtocolError(f"'codec' must be one of {CODECS}, got {codec!r}")
@@ -175,8 +197,11 @@ def encode(tensor: torch.Tensor, codec: str) -> WireTensor:
         raise LocalProtocolError(
             f"'tensor' must have at most {MAX_NDIM} dimensions, got {tensor.dim()}"
         )
-    tensor = tensor.detach().to("cpu").contiguous()
-    data = _CODECS[codec].encode(tensor)
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        data = _CODECS[codec].encode(tensor.contiguous())
+    else:  # cast or quantized where it lives; only the payload comes to the host
+        data = _CODECS[codec].encode_on_device(tensor)
     return WireTensor(codec=codec, dtype=dtype_name, shape=tuple(tensor.shape), data=data)
 
 

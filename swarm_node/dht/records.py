@@ -34,6 +34,7 @@ MAX_OPERATOR = 64  # characters of a record's operator name
 # MAX_THROUGHPUT tokens/s; no record is valid for longer than MAX_TTL, plus CLOCK_SKEW between the
 # writer's clock and the reader's.
 MAX_BLOCKS = 4096
+DEVICE_KINDS = ("", "cpu", "cuda", "mps")  # a record's device: the kind, never a card's name
 MAX_COUNT = 1 << 20  # bound of a record's session and batch counts
 MODEL_KEY_SHARDS = 4  # provider keys of a model's servers (records.model_key)
 MAX_THROUGHPUT = 1e6
@@ -57,6 +58,8 @@ class ServerRecord:
     next_rtts: tuple[tuple[str, float], ...] = ()  # (peer id, round trip s) to next-block servers
     quant: str = "none"  # how the weights are held: "none" (dtype), "int8" or "nf4"
     bytes_per_block: int = 0  # weight memory of one block as held
+    cache_bytes_per_token: int = 0  # attention-cache memory one token takes in one block
+    device: str = ""  # what computes the blocks: "cpu", "cuda", "mps" ("": not said)
     state: str = "ONLINE"
     # first block of the span this server is loading to move to (same length), -1 when not moving:
     # placement's claim, so that two servers do not both leave the same blocks (node/placement.py)
@@ -202,6 +205,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "expires_at": (int, float),
     "quant": (str,),
     "bytes_per_block": (int,),
+    "cache_bytes_per_token": (int,),
+    "device": (str,),
     "moving_to": (int,),
     "model_digest": (str,),
     "blocks_digest": (str,),
@@ -217,6 +222,8 @@ _OPTIONAL = (
     "expires_at",
     "quant",
     "bytes_per_block",
+    "cache_bytes_per_token",
+    "device",
     "moving_to",
     "model_digest",
     "blocks_digest",
@@ -317,6 +324,8 @@ def record_from_map(data: dict[Any, Any]) -> ServerRecord:
     check("throughput", 0 <= throughput <= MAX_THROUGHPUT, f"in [0, {MAX_THROUGHPUT:g}]")
     check("cache_tokens_left", fields["cache_tokens_left"] >= 0, ">= 0")
     check("bytes_per_block", fields.get("bytes_per_block", 0) >= 0, ">= 0")
+    check("cache_bytes_per_token", fields.get("cache_bytes_per_token", 0) >= 0, ">= 0")
+    check("device", fields.get("device", "") in DEVICE_KINDS, f"one of {DEVICE_KINDS}")
     for name in ("sessions", "batch"):
         check(name, 0 <= fields.get(name, 0) <= MAX_COUNT, f"in [0, {MAX_COUNT}]")
     moving_to = fields.get("moving_to", -1)

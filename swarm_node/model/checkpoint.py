@@ -1,6 +1,6 @@
 """A local Hugging Face model folder: its config and lazy, per-tensor access to its safetensors.
 
-Reads only the tensors asked for (safetensors memory-maps the file and copies just those bytes).
+Reads only the tensors asked for, each with plain reads into its own buffer (tensor_files.py).
 Never torch.load, never pickle. Knows nothing of layers, spans or peers.
 
 The config comes in two depths. ``setting(name)`` reads config.json's own value (plain JSON), which
@@ -13,7 +13,7 @@ default.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 
 from swarm_node.errors import ModelError
 from swarm_node.model.families import Family, family_for
+from swarm_node.model.tensor_files import TensorEntry, read_header, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,6 +42,7 @@ class Checkpoint:
         self.family = family
         self._weight_map = weight_map  # tensor name -> file name inside `path`
         self.names_read: list[str] = []  # every tensor name load_tensors has read, in order
+        self._headers: dict[str, dict[str, TensorEntry]] = {}  # file name -> its tensors
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -88,12 +90,28 @@ class Checkpoint:
         return name in self._weight_map
 
     def load_tensors(
-        self, names: NameFilter, *, dtype: torch.dtype | None = None
+        self,
+        names: NameFilter,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
     ) -> dict[str, torch.Tensor]:
         """The tensors named (or accepted by a predicate), read one by one, cast to `dtype` if set.
 
         An explicit name list must all exist (ModelError lists the missing ones).
         """
+        return dict(self.iter_tensors(names, dtype=dtype, device=device))
+
+    def iter_tensors(
+        self,
+        names: NameFilter,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time: each read with plain reads into its own buffer (only the
+        bytes of the tensors asked for; model/tensor_files.py), moved to ``device`` and then cast
+        to ``dtype``, before the next one is read: the host holds one tensor in flight."""
         if callable(names):
             wanted = [n for n in self._weight_map if names(n)]
         else:
@@ -107,16 +125,31 @@ class Checkpoint:
         by_file: dict[str, list[str]] = {}
         for name in wanted:
             by_file.setdefault(self._weight_map[name], []).append(name)
-        from safetensors import safe_open
-
-        out: dict[str, torch.Tensor] = {}
         for file_name, file_names in by_file.items():
-            with safe_open(str(self.path / file_name), framework="pt", device="cpu") as f:
+            path = self.path / file_name
+            entries = self._headers.get(file_name)
+            if entries is None:
+                entries = self._headers[file_name] = read_header(path)
+            absent = [n for n in file_names if n not in entries]
+            if absent:
+                raise ModelError(f"{str(path)!r} must hold tensors {absent[:5]}, they are absent")
+            with open(path, "rb") as f:
                 for name in file_names:
-                    tensor = f.get_tensor(name)
-                    out[name] = tensor.to(dtype) if dtype is not None else tensor
+                    tensor = read_tensor(f, entries[name])
+                    if device is not None:
+                        tensor = tensor.to(device)
+                    if dtype is not None:
+                        tensor = tensor.to(dtype)
                     self.names_read.append(name)
-        return out
+                    yield name, tensor
+
+    def tensor_entry(self, name: str) -> TensorEntry:
+        """Dtype, shape and bytes of tensor ``name`` as stored (reads its file's header once)."""
+        file_name = self._weight_map[name]
+        entries = self._headers.get(file_name)
+        if entries is None:
+            entries = self._headers[file_name] = read_header(self.path / file_name)
+        return entries[name]
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {self.model_type}, {self.num_blocks} blocks)"

@@ -101,10 +101,24 @@ class ClientHead(torch.nn.Module):
         self.hidden_size = int(embed_tokens.embedding_dim)
         self.vocab_size = int(embed_tokens.num_embeddings)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the head's weights are and its embeddings and logits come out."""
+        return self.embed_tokens.weight.device
+
     @classmethod
-    def load(cls, checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32) -> ClientHead:
+    def load(
+        cls,
+        checkpoint: Checkpoint,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> ClientHead:
+        """Reads only the embeddings, the final norm and the LM head (when not tied), each tensor
+        streamed to ``device``."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ConfigError(f"'dtype' must be a floating torch.dtype, got {dtype!r}")
+        device = torch.device(device)
         family = checkpoint.family
         hidden, vocab = (
             int(checkpoint.setting("hidden_size")),
@@ -120,17 +134,19 @@ class ClientHead(torch.nn.Module):
             embed_norm = None if family.embed_norm is None else _norm("layer", hidden, eps)
             bias = checkpoint.has_tensor(family.lm_head + ".bias")
             lm_head = torch.nn.Linear(hidden, vocab, bias=bias)
-        materialize(embed, checkpoint, family.embed + ".", dtype=dtype)
-        materialize(norm, checkpoint, family.norm + ".", dtype=dtype)
+        materialize(embed, checkpoint, family.embed + ".", dtype=dtype, device=device)
+        materialize(norm, checkpoint, family.norm + ".", dtype=dtype, device=device)
         if embed_norm is not None:
-            materialize(embed_norm, checkpoint, f"{family.embed_norm}.", dtype=dtype)
+            materialize(embed_norm, checkpoint, f"{family.embed_norm}.", dtype=dtype, device=device)
         tied = not checkpoint.has_tensor(family.lm_head + ".weight") or bool(
             checkpoint.setting("tie_word_embeddings")
         )
         # Tied: the head shares the embedding's Parameter (one copy, one set of gradients);
         # anything else it has (a bias) still comes from the file.
         extra = {"weight": embed.weight} if tied else None
-        materialize(lm_head, checkpoint, family.lm_head + ".", dtype=dtype, extra=extra)
+        materialize(
+            lm_head, checkpoint, family.lm_head + ".", dtype=dtype, extra=extra, device=device
+        )
         return cls(
             embed_tokens=embed,
             norm=norm,
@@ -156,7 +172,8 @@ class ClientHead(torch.nn.Module):
                 f"[{int(input_ids.min())}, {int(input_ids.max())}]"
             )
         with self._mode(False):
-            return self.block_input(self.embed_tokens(input_ids))  # (B, T, H)
+            # (B, T, H), on the head's device
+            return self.block_input(self.embed_tokens(input_ids.to(self.device)))
 
     def block_input(self, embeds: torch.Tensor) -> torch.Tensor:
         """Embeddings (``embed_tokens``' output, or a caller's own) -> what the first block takes:
@@ -164,7 +181,7 @@ class ClientHead(torch.nn.Module):
         if self.embed_norm is None:
             return embeds
         with self._mode(embeds.requires_grad):
-            return self.embed_norm(embeds.to(self.dtype))  # (B, T, H)
+            return self.embed_norm(embeds.to(self.device, self.dtype))  # (B, T, H)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states `# (B, T, H)` -> logits `# (B, T, V)` (norm, then head)."""
@@ -178,7 +195,7 @@ class ClientHead(torch.nn.Module):
                 f"got {tuple(getattr(hidden, 'shape', ()))}"
             )
         with self._mode(hidden.requires_grad):
-            logits = self.lm_head(self.norm(hidden.to(self.dtype)))  # (B, T, V)
+            logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype)))  # (B, T, V)
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             return logits

@@ -82,7 +82,8 @@ class LoraWeights:
     def numel(self) -> int:
         return sum(t.numel() for t in self.tensors())
 
-    def to(self, dtype: torch.dtype) -> LoraWeights:
+    def to(self, dtype: torch.dtype | torch.device) -> LoraWeights:
+        """The same modules cast to a dtype, or moved to a device (autograd flows back)."""
         return LoraWeights(
             {
                 i: {n: LoraModule(m.a.to(dtype), m.b.to(dtype), m.scale) for n, m in mods.items()}

@@ -7,6 +7,7 @@ loaded from a Checkpoint by name. Knows nothing of caches or peers.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,23 +40,39 @@ def materialize(
     *,
     dtype: torch.dtype,
     extra: dict[str, torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], object] | None = None,
 ) -> None:
-    """Give `module` (on meta) real weights: tensors `prefix + local_name` from the checkpoint.
+    """Give `module` (on meta) real weights on `device`: tensors `prefix + local_name` from the
+    checkpoint, streamed one at a time to the device (the host holds one tensor in flight).
 
     Loads exactly the module's own parameter/buffer names (strict), frozen (requires_grad False).
     `extra` supplies local names that do not come from the file (e.g. a tied lm_head).
+    `progress(nbytes)` is called after each tensor with the bytes it holds on the device.
     """
     extra = extra or {}
     local_names = [n for n in module.state_dict() if n not in extra]
-    loaded = checkpoint.load_tensors([prefix + n for n in local_names], dtype=dtype)
-    state = {n: loaded[prefix + n] for n in local_names} | extra
-    module.to_empty(device="cpu")
+    state = dict(extra)
+    tensors = checkpoint.iter_tensors([prefix + n for n in local_names], dtype=dtype, device=device)
+    for name, tensor in tensors:
+        state[name.removeprefix(prefix)] = tensor
+        if progress is not None:
+            progress(tensor.nbytes)
+    on_host = torch.device(device).type == "cpu"
+    if on_host:  # untouched host pages cost nothing; a GPU's would be a second copy of the block
+        module.to_empty(device=device)
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:  # shape mismatch between config and file
         raise ModelError(
             f"tensors under {prefix!r} in {str(checkpoint.path)!r} do not fit the config: {exc}"
         ) from exc
+    if not on_host:  # buffers outside the state dict, as to_empty leaves them
+        for sub in module.modules():
+            for name, buffer in list(sub.named_buffers(recurse=False)):
+                if buffer is not None and buffer.is_meta:
+                    empty = torch.empty_like(buffer, device=device)
+                    sub.register_buffer(name, empty, persistent=False)  # persistent: in state
     module.requires_grad_(False)
 
 

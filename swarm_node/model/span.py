@@ -43,8 +43,10 @@ class BlockSpan(torch.nn.Module):
         rotary: torch.nn.Module | None,
         dtype: torch.dtype,
         quant: str | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        self.device = device or torch.device("cpu")  # weights, caches and outputs live here
         self.config = config
         self.start = start
         self.end = end
@@ -67,12 +69,17 @@ class BlockSpan(torch.nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         quant: str | None = None,
+        device: torch.device | str = "cpu",
     ) -> BlockSpan:
         """Blocks `start..end-1` from the checkpoint; `quant` "int8"/"nf4" quantizes their linears.
 
-        Quantizing imports bitsandbytes (seconds) and replaces each layer's nn.Linear weights one
-        layer at a time, so the float weights of only one layer are ever held at once.
+        Tensors stream one at a time from the files to `device` (the host holds one in flight; a
+        bar counts the bytes on a terminal). Quantizing imports bitsandbytes (seconds) and
+        replaces each layer's nn.Linear weights one layer at a time, on the host, quantized as
+        they move to `device` (bitsandbytes' CUDA kernels on a GPU), so the float weights of only
+        one layer are ever held at once.
         """
+        device = torch.device(device)
         total = checkpoint.num_blocks
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= total):
             raise ConfigError(
@@ -90,23 +97,36 @@ class BlockSpan(torch.nn.Module):
         # a bar on a terminal only (tqdm turns itself off when stderr is not one): loading a big span,
         # or quantizing it, takes a while
         progress = tqdm(
-            layers,
-            desc=f"loading blocks {start}:{end}",
-            unit="block",
+            desc=f"loading blocks {start}:{end} to {device}",
+            unit="B",
+            unit_scale=True,
             disable=None,
             file=sys.stderr,
             leave=False,
         )
-        for local, layer in enumerate(progress):
+        host = torch.device("cpu")
+        for local, layer in enumerate(layers):
             prefix = family.layer_prefix(start + local)
+            on = host if quant is not None else device  # bitsandbytes quantizes host weights
             names = list(layer.state_dict())
             extra = converted_tensors(checkpoint, family, prefix, names, dtype=dtype)
-            materialize(layer, checkpoint, prefix, dtype=dtype, extra=extra)
-            if quant is not None and not quantize_linears(layer, quant, compute_dtype=dtype):
-                raise ConfigError(
-                    f"'quant' must be None for {family.model_type} blocks, which hold no "
-                    f"nn.Linear to quantize (their own linear classes), got {quant!r}"
-                )
+            extra = {name: tensor.to(on) for name, tensor in extra.items()}
+            materialize(
+                layer,
+                checkpoint,
+                prefix,
+                dtype=dtype,
+                extra=extra,
+                device=on,
+                progress=progress.update,
+            )
+            if quant is not None:
+                if not quantize_linears(layer, quant, compute_dtype=dtype, device=str(device)):
+                    raise ConfigError(
+                        f"'quant' must be None for {family.model_type} blocks, which hold no "
+                        f"nn.Linear to quantize (their own linear classes), got {quant!r}"
+                    )
+                layer.to(device)  # what is not a Linear (norms)
             attn = getattr(layer, family.attention, None)
             if attn is None or not hasattr(attn, "layer_idx"):
                 raise ModelError(
@@ -114,10 +134,11 @@ class BlockSpan(torch.nn.Module):
                 )
             attn.layer_idx = local  # the span's cache holds only its own layers
         config = skeleton.config
+        progress.close()
         rotary = None
         if family.rotary is not None:
             rotary_cls = type(submodule(skeleton, family.rotary))
-            with torch.device("cpu"):  # real inv_freq buffers, not the skeleton's meta ones
+            with device:  # real inv_freq buffers, not the skeleton's meta ones
                 rotary = rotary_cls(config=config)
         return cls(
             config=config,
@@ -127,6 +148,7 @@ class BlockSpan(torch.nn.Module):
             rotary=rotary,
             dtype=dtype,
             quant=quant,
+            device=device,
         )
 
     @property
@@ -223,10 +245,13 @@ class BlockSpan(torch.nn.Module):
             or (lora is not None and lora.requires_grad)
         )
         mode = contextlib.nullcontext() if needs_grad else torch.inference_mode()
+        if prompts is not None:
+            prompts = prompts.to(self.device)
+        if lora is not None and self.device.type != "cpu":
+            lora = lora.to(self.device)
         with mode, lora_applied(self.layers, self.start, lora):
-            out = self._run(
-                hidden.to(self.dtype), cache, past, start - self.start, end - self.start, prompts
-            )
+            hidden = hidden.to(device=self.device, dtype=self.dtype)
+            out = self._run(hidden, cache, past, start - self.start, end - self.start, prompts)
         if cache is not None:
             cache.advance(new_tokens)
         return out
@@ -262,10 +287,10 @@ class BlockSpan(torch.nn.Module):
                     for h, c in zip(hiddens, caches, strict=True)
                 ]
             rows = [h.shape[0] for h in hiddens]
-            hidden = torch.cat([h.to(self.dtype) for h in hiddens])  # (N, 1, H)
+            hidden = torch.cat([h.to(self.device, self.dtype) for h in hiddens])  # (N, 1, H)
             position_ids = torch.cat(
                 [torch.full((n, 1), c.length) for n, c in zip(rows, caches, strict=True)]
-            )  # (N, 1)
+            ).to(self.device)  # (N, 1)
             position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (N, 1, D) x2
             first, stop = start - self.start, end - self.start
             out = fast_decode.decode_batch(
@@ -340,4 +365,4 @@ class BlockSpan(torch.nn.Module):
     def extra_repr(self) -> str:
         quant = f", {self.quant} weights" if self.quant else ""
         blocks = f"blocks {self.start}:{self.end} of {self.config.num_hidden_layers}"
-        return f"{blocks}, {self.dtype}{quant}"
+        return f"{blocks}, {self.dtype}{quant} on {self.device}"

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from swarm_node.choices import CODECS, DTYPES
+from swarm_node.choices import AUTO, CODECS, DTYPES, check_device
 from swarm_node.dht.pinning import QUANTS as WEIGHT_VARIANTS
 from swarm_node.dht.records import MAX_OPERATOR, MAX_TTL
 from swarm_node.errors import ConfigError, check_int
@@ -94,6 +94,11 @@ def parse_blocks(text: str) -> tuple[int, int]:
     if start >= end:
         raise ConfigError(f"'--blocks' must have START < END, got {text!r}")
     return start, end
+
+
+def count_or_auto(text: str) -> int | str:
+    """A command line's ``--num-blocks``/``--cache-tokens``: an int, or 'auto'."""
+    return AUTO if text.strip() == AUTO else int(text)
 
 
 def _check_choice(name: str, value: object, choices: tuple[Any, ...]) -> None:
@@ -199,12 +204,14 @@ class ServerConfig:
     )
     start: int = 0
     end: int = 0
-    num_blocks: int | None = flag(
+    num_blocks: int | str | None = flag(
         None,
         "serve N blocks chosen from the DHT records: where the weakest coverage (by "
         "throughput) rises most; re-checked every --rebalance-interval s, moving only when "
-        "the gain passes --min-gain and no block is left uncovered",
-        metavar="N",
+        "the gain passes --min-gain and no block is left uncovered; 'auto': as many as fit in "
+        "the device's free memory (or --max-memory-mb) beside the attention cache (--cache-tokens)",
+        metavar="N|auto",
+        kind=count_or_auto,
     )
     start_delay: float = flag(
         3.0,
@@ -222,10 +229,34 @@ class ServerConfig:
     )
     # seconds sessions on the old span may take to finish before a move cuts them
     move_grace: float = 60.0
-    dtype: str = flag("float32", "weights and hidden-state dtype", choices=DTYPES)
+    device: str = flag(
+        AUTO,
+        "where the blocks (weights, attention caches, kept graphs, adapters) live and compute: "
+        "auto (the first CUDA device, else the CPU), cpu, cuda, cuda:N or mps",
+        metavar="DEVICE",
+    )
+    dtype: str = flag(
+        AUTO,
+        "weights and hidden-state dtype; auto: bfloat16 on a GPU that has it (float16 on older "
+        "ones and on mps), float32 on the CPU (peers of one swarm must agree: a session's "
+        "dtype is its servers')",
+        choices=(AUTO, *DTYPES),
+    )
+    max_memory_mb: int | None = flag(
+        None,
+        "device memory this server may take for its blocks and attention cache, for "
+        "--num-blocks auto and --cache-tokens auto (default: what the device has free at "
+        "start, less a margin for activations)",
+        metavar="MB",
+    )
     max_session_length: int = flag(4096, "tokens one session may hold")
-    cache_budget_tokens: int = flag(
-        64 * 1024, "attention-cache budget in tokens across all sessions", "--cache-tokens"
+    cache_budget_tokens: int | str = flag(
+        64 * 1024,
+        "attention-cache budget in tokens across all sessions; 'auto': what the device's free "
+        "memory (or --max-memory-mb) holds once the blocks are loaded",
+        "--cache-tokens",
+        metavar="TOKENS|auto",
+        kind=count_or_auto,
     )
     max_sessions_per_peer: int = flag(
         16, "sessions one client may hold here at once; more are refused"
@@ -339,13 +370,16 @@ class ServerConfig:
                 f"'operator' must be printable and at most {MAX_OPERATOR} characters, "
                 f"got {self.operator[:80]!r} ({len(self.operator)} characters)"
             )
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_device(self.device)
+        _check_choice("dtype", self.dtype, (AUTO, *DTYPES))
+        if self.max_memory_mb is not None:
+            check_int("max_memory_mb", self.max_memory_mb, 1)
         if self.num_blocks is None or (self.start, self.end) != (0, 0):
             if not 0 <= self.start < self.end:
                 raise ConfigError(
                     f"'blocks' must satisfy 0 <= START < END, got {self.start}:{self.end}"
                 )
-        if self.num_blocks is not None:
+        if self.num_blocks is not None and self.num_blocks != AUTO:
             check_int("num_blocks", self.num_blocks, 1)
             if (self.start, self.end) != (0, 0) and self.end - self.start != self.num_blocks:
                 raise ConfigError(
@@ -356,7 +390,8 @@ class ServerConfig:
         _check_range("min_gain", self.min_gain, 0.0)
         _check_range("move_grace", self.move_grace, 0.0)
         _check_range("max_session_length", self.max_session_length, 1, 1 << 20)
-        _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
+        if self.cache_budget_tokens != AUTO:
+            _check_range("cache_budget_tokens", self.cache_budget_tokens, 1)
         _check_range("max_sessions_per_peer", self.max_sessions_per_peer, 1)
         _check_range("max_peer_cache_share", self.max_peer_cache_share, 0.0, 1.0)
         _check_range("session_idle_timeout", self.session_idle_timeout, 0.01)
@@ -522,6 +557,7 @@ class ApiConfig:
     )
     port: int = flag(8000, "HTTP port (0 picks a free one)", env="SWARM_API_PORT")
     dtype: str = "float32"  # of the client head and hidden states
+    device: str = "cpu"  # of the client head (the commands resolve --device auto)
     max_context: int = flag(
         2048, "prompt + completion tokens of a request (at most the model's own limit)"
     )
@@ -568,6 +604,7 @@ class ApiConfig:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ConfigError(f"'models' must name at least one model, got {self.models!r}")
         _check_choice("dtype", self.dtype, DTYPES)
+        check_device(self.device)
         for name, low, high in (
             ("port", 0, 65535),
             ("max_context", 2, 1 << 20),

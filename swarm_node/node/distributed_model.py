@@ -119,6 +119,7 @@ class DistributedModelBase(PreTrainedModel):
         *,
         initial_peers: Sequence[str],
         dtype: str = "float32",
+        device: str = "cpu",
         tuning_mode: str | None = None,
         pre_seq_len: int = 16,
         client_config: ClientConfig | None = None,
@@ -129,9 +130,14 @@ class DistributedModelBase(PreTrainedModel):
 
         ``tuning_mode``: None (nothing to train), ``"ptune"`` / ``"deep_ptune"`` (``pre_seq_len``
         prompt vectors) or ``"lora"`` (client-owned LoRA; ``lora_rank``, ``lora_alpha``,
-        ``lora_targets`` among ``fields``)."""
+        ``lora_targets`` among ``fields``). ``device``: where the head (embeddings, norm, LM head)
+        and what trains here live ("cpu", "cuda", "cuda:N", "mps" or "auto"); ``dtype`` "auto"
+        is the device's (model/devices.py), to match servers on the same kind of device."""
         from swarm_node.model import Checkpoint, ClientHead, resolve_model
+        from swarm_node.model.devices import resolve_device, resolve_dtype
 
+        torch_device = resolve_device(device)
+        dtype = resolve_dtype(dtype, torch_device)
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"'dtype' must be one of {tuple(TORCH_DTYPES)}, got {dtype!r}")
         if tuning_mode not in TUNING_MODES:
@@ -140,13 +146,13 @@ class DistributedModelBase(PreTrainedModel):
             raise ConfigError("'initial_peers' must name at least one peer of the swarm, got none")
         path = resolve_model(model)
         checkpoint = Checkpoint.open(path)
-        head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype])
+        head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype], device=torch_device)
         loop = ClientLoop(
             PeerConfig(initial_peers=tuple(initial_peers)), client_config or ClientConfig()
         )
         try:
             identity = loop.run(loop.peer.pin_model, str(path))
-            return cls(
+            model = cls(
                 path=path,
                 model_id=model_id_of(str(path)) if identity is None else identity.name,
                 model_digest="" if identity is None else identity.digest,
@@ -159,6 +165,8 @@ class DistributedModelBase(PreTrainedModel):
                 compression=compression,
                 **fields,
             )
+            on_host = torch_device.type == "cpu"
+            return model if on_host else model.to(torch_device)  # prompts or LoRA trained here
         except BaseException:
             loop.close()
             raise

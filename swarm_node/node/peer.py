@@ -66,6 +66,7 @@ from swarm_node.node.net.swarm_key import load_swarm_key
 from swarm_node.node.server.adapters import is_adapter_id
 from swarm_node.node.server.block_server import BlockServer
 from swarm_node.node.server.loading import prepare_span
+from swarm_node.node.server.memory import resolve_server
 from swarm_node.node.server.placement import start_placed
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
@@ -225,6 +226,9 @@ class Peer:
             adapter_ids=tuple(sorted(k for k in self.server.adapters if is_adapter_id(k))),
             bytes_per_block=self.server.span.memory_bytes()
             // (self.server.end - self.server.start),
+            cache_bytes_per_token=self.server.span.cache_bytes_per_token()
+            // (self.server.end - self.server.start),
+            device=self.server.span.device.type,
             next_rtts=tuple(sorted(self.next_rtt.as_dict().items()))[:MAX_NEXT_RTTS],
             state=state,
             moving_to=-1 if self.moving_to is None else self.moving_to,
@@ -649,6 +653,8 @@ async def open_peer(
     listen = [parse_multiaddr(a, "listen") for a in config.listen]
     announce = [parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
+    if server is not None:  # "auto" device, dtype, blocks or cache made concrete (memory.py)
+        server, _ = await trio.to_thread.run_sync(resolve_server, server)
     placed = server is not None and server.num_blocks is not None and server.end == 0
     prepared = await prepare_span(server) if server is not None and not placed else None
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop

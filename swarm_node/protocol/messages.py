@@ -211,6 +211,9 @@ ERROR_CODES: dict[str, str] = {
     "busy": "(any with tensors) too many requests wait for this server's compute, or too many bytes "
     "of large frames are arriving (--max-receiving-mb), from this peer or all: retry later or "
     "elsewhere",
+    "out_of_memory": "(any with tensors) the server's device ran out of memory computing it: "
+    "refused (a step's session is closed, its cache freed), the server goes on; retry later or "
+    "elsewhere",
     "push_failed": "(a pushed step, told its client) it failed here: the client sends it itself",
     "bad_push": "(a pushed step, told its client) refused as bad_request: the pushing server is "
     "at fault; the client sends the step itself",

@@ -24,13 +24,19 @@ from typing import Any, get_args, get_origin, get_type_hints
 import trio
 
 from swarm_node.errors import SwarmError
-from swarm_node.node.config import ApiConfig, ClientConfig, PeerConfig, ServerConfig
+from swarm_node.node.config import (
+    ApiConfig,
+    ClientConfig,
+    PeerConfig,
+    ServerConfig,
+    count_or_auto,
+)
 
 log = logging.getLogger("swarm_node.cli")
 
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True}
 _BOOLS |= {"0": False, "false": False, "no": False, "off": False}
-_KINDS = {int: "an int", float: "a number"}
+_KINDS = {int: "an int", float: "a number", count_or_auto: "an int or 'auto'"}
 
 
 class _BadEnv:
@@ -99,6 +105,7 @@ def _fields(p: Any, cls: type, *names: str) -> None:
         meta = dict(by_name[name].metadata)
         flag = meta.pop("flag") or "--" + name.replace("_", "-")
         kind, nargs = _kind(hints[name])
+        kind = meta.pop("kind", kind)
         if kind is not bool and "choices" not in meta:
             meta.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
         default = meta.pop("cli_default", by_name[name].default)
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        _fields(p, ServerConfig, "model", "dtype")
+        _fields(p, ServerConfig, "model", "dtype", "device")
         _fields(p, PeerConfig, "initial_peers", "identity", "swarm_key")
 
     serve = sub.add_parser(
@@ -165,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         *("send_timeout", "max_request_tokens", "max_activation_mb", "max_queued"),
         *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer", "max_receiving_mb"),
         *("compression", "shutdown_grace", "quant", "adapters"),
-        *("no_batching", "prefill_chunk", "no_verify_weights", "operator"),
+        *("no_batching", "prefill_chunk", "no_verify_weights", "operator", "max_memory_mb"),
     )
 
     gen = sub.add_parser(
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a local swarm on 127.0.0.1 with the model split between servers, "
         "answer a prompt, and show which peer served which blocks.",
     )
-    _fields(demo, ServerConfig, "model", "dtype")
+    _fields(demo, ServerConfig, "model", "dtype", "device")
     _add(demo, "--servers", kind=int, default=2, help="number of server peers")
     _add(demo, "--prompt", default="The capital of France is", help="the text to continue")
     _add(demo, "--max-new-tokens", kind=int, default=24, help="tokens to generate")

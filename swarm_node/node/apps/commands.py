@@ -46,6 +46,15 @@ def flag_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
     return {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
 
 
+def resolve_client_device(args: argparse.Namespace) -> None:
+    """``--device``/``--dtype`` of a client command made concrete ("auto": model/devices.py): the
+    head computes there, and sessions ask servers for that dtype."""
+    from swarm_node.model.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    args.device, args.dtype = str(device), resolve_dtype(args.dtype, device)
+
+
 def _client_peer(args: argparse.Namespace) -> PeerConfig:
     return PeerConfig(listen=CLIENT_LISTEN, **flag_values(PeerConfig, args))
 
@@ -159,7 +168,8 @@ def _client_side(
 
     checkpoint = Checkpoint.open(path)
     tokenizer = load_tokenizer(path, plain=not args.chat)  # a chat template needs transformers
-    head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype])
+    device = getattr(args, "device", "cpu")  # resolve_client_device made it concrete
+    head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype], device=device)
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
     tuned = (
         tuned_inputs(args, checkpoint.config)  # imports transformers: only for tuned files
@@ -258,6 +268,7 @@ def _describe(stats: GenerationStats) -> str:
 
 
 async def generate(args: argparse.Namespace) -> int:
+    resolve_client_device(args)
     config = _client_peer(args)
     _need_initial_peers(args)
     if has_tuned_files(args):
@@ -309,7 +320,8 @@ async def status(args: argparse.Namespace, out: Any = None) -> int:
 
 
 def _api_config(args: argparse.Namespace, models: tuple[str, ...]) -> ApiConfig:
-    return ApiConfig(models=models, dtype=args.dtype, **flag_values(ApiConfig, args))
+    values = flag_values(ApiConfig, args)
+    return ApiConfig(models=models, dtype=args.dtype, device=args.device, **values)
 
 
 async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
@@ -331,6 +343,7 @@ async def _serve_api_until_signal(peer: Peer, config: Any) -> None:
 async def api(args: argparse.Namespace) -> int:
     """Serve the OpenAI-compatible API and the swarm map over the swarm until SIGINT/SIGTERM."""
     _need_initial_peers(args)
+    resolve_client_device(args)
     config = _api_config(args, (args.model, *args.also_model))
     async with open_peer(_client_peer(args)) as peer:
         await _serve_api_until_signal(peer, config)
@@ -353,6 +366,7 @@ def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
 async def demo(args: argparse.Namespace) -> int:
     if not 1 <= args.servers <= 8:
         raise ConfigError(f"'--servers' must be in [1, 8], got {args.servers}")
+    resolve_client_device(args)  # the servers and the client agree on one dtype
     t0 = time.perf_counter()
     print(f"preparing {args.model} (converted once, then cached)...", file=sys.stderr, flush=True)
     _, checkpoint = await _checkpoint(args.model)
@@ -365,7 +379,13 @@ async def demo(args: argparse.Namespace) -> int:
             peer = await stack.enter_async_context(
                 open_peer(
                     PeerConfig(listen=CLIENT_LISTEN, initial_peers=initial),
-                    server=ServerConfig(model=args.model, start=start, end=end, dtype=args.dtype),
+                    server=ServerConfig(
+                        model=args.model,
+                        start=start,
+                        end=end,
+                        dtype=args.dtype,
+                        device=args.device,
+                    ),
                 )
             )
             servers.append(peer)

@@ -72,6 +72,8 @@ def coverage_report(
                 "dtype": s.dtype,
                 "quant": s.quant,
                 "bytes_per_block": s.bytes_per_block,
+                "cache_bytes_per_token": s.cache_bytes_per_token,
+                "device": s.device,
                 "version": s.version,
                 "adapters": list(s.adapters),
                 "state": s.state,

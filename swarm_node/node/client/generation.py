@@ -227,7 +227,7 @@ async def continue_tokens(
     hidden = await trio.to_thread.run_sync(head.embed, new)  # (B, T', H)
     heads = head_batcher(head)  # the head runs batched with other sessions' that wait with it
     if ts.fed == 0 and ts.prefix is not None:  # the soft prompt goes first, once per session
-        prefix = ts.prefix.to(hidden.dtype).expand(batch, -1, -1)
+        prefix = ts.prefix.to(hidden.device, hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
     spec = speculation if batch == 1 else None
     with heads.using():  # while this session decodes, a batch may wait a moment for it

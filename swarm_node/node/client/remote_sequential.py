@@ -175,7 +175,8 @@ class RemoteSequential(torch.nn.Module):
         done = await self._each(
             lambda x: self._forward_range(x, self.start, self.end, tuned), pieces
         )
-        return torch.cat([out for out, _ in done]).to(hidden.dtype), [trace for _, trace in done]
+        out = torch.cat([out for out, _ in done]).to(hidden.device, hidden.dtype)
+        return out, [trace for _, trace in done]
 
     async def backward_async(
         self, grad: torch.Tensor, traces: list[Trace], tuned: _Tuned
@@ -186,7 +187,7 @@ class RemoteSequential(torch.nn.Module):
         tuned.zero_grads()  # a second backward of the same graph starts over
         grads = list(grad.to(TORCH_DTYPES[self.settings.dtype]).split(rows))
         outs = await self._each(lambda g, t: self._backward_trace(g, t, tuned), grads, traces)
-        return torch.cat(outs).to(grad.dtype)
+        return torch.cat(outs).to(grad.device, grad.dtype)  # the wire's answers come to the host
 
     async def _each(self, fn: Any, *columns: list[Any]) -> list[Any]:
         """``[await fn(*row) for row in zip(*columns)]``, concurrently, at most
@@ -528,7 +529,7 @@ class _RemoteBlocks(torch.autograd.Function):
         tuned = _Tuned(blocks, prompts, lora, flat, keep)
         out, traces = blocks.run(blocks.forward_async, hidden.detach(), tuned)
         ctx.blocks, ctx.traces, ctx.tuned = blocks, traces, tuned
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (prompts, flat))
+        ctx.kinds = tuple(None if t is None else (t.device, t.dtype) for t in (prompts, flat))
         return out
 
     @staticmethod
@@ -536,7 +537,7 @@ class _RemoteBlocks(torch.autograd.Function):
         blocks: RemoteSequential = ctx.blocks
         tuned: _Tuned = ctx.tuned
         grad_hidden = blocks.run(blocks.backward_async, grad.contiguous(), ctx.traces, tuned)
-        prompts_dtype, flat_dtype = ctx.dtypes
-        grad_prompts = None if tuned.grad_prompts is None else tuned.grad_prompts.to(prompts_dtype)
-        grad_flat = None if tuned.grad_lora is None else tuned.grad_lora.to(flat_dtype)
+        prompts_kind, flat_kind = ctx.kinds  # (device, dtype) of each input
+        grad_prompts = None if tuned.grad_prompts is None else tuned.grad_prompts.to(*prompts_kind)
+        grad_flat = None if tuned.grad_lora is None else tuned.grad_lora.to(*flat_kind)
         return grad_hidden, grad_prompts, grad_flat, None, None, None

@@ -62,7 +62,7 @@ class Speculation:
         whose last k + 1 positions follow ``seen`` ``# (n,)`` and each draft, and the next step's
         input ``# (1, 1, H)``: the last of them, embedded."""
         k = len(drafts)
-        logits = head.logits(out[:, -(k + 1) :, :])[0].float()  # (k + 1, V)
+        logits = head.logits(out[:, -(k + 1) :, :])[0].float().cpu()  # (k + 1, V)
         tokens = accept_drafts(
             logits,
             drafts,

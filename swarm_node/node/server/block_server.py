@@ -47,6 +47,7 @@ from swarm_node.node.server.compute_admission import (
     tensor_bytes,
 )
 from swarm_node.node.server.kept_graphs import KeptGraphs
+from swarm_node.node.server.memory import out_of_memory_refusal, out_of_memory_refused
 from swarm_node.node.server.push import open_push_link
 from swarm_node.node.server.sessions import Gauge, ServerSession
 from swarm_node.protocol import messages as m
@@ -263,9 +264,11 @@ class BlockServer:
             await self._end(session)
             return session.rules.close()
         if isinstance(message, m.ForwardRequest):
-            return await server_training.forward(self, message, conn.peer_id)
+            with out_of_memory_refused(self.span.device, "a forward"):
+                return await server_training.forward(self, message, conn.peer_id)
         if isinstance(message, m.BackwardRequest):
-            return await server_training.backward(self, message, conn.peer_id)
+            with out_of_memory_refused(self.span.device, "a backward"):
+                return await server_training.backward(self, message, conn.peer_id)
         raise RequestError("bad_request", f"a server does not accept {type(message).__name__}")
 
     def info(self) -> m.InfoResponse:
@@ -477,6 +480,12 @@ class BlockServer:
             out = await self._compute_step(session, hidden)
         except SessionError as exc:
             raise RequestError("too_long", str(exc)) from None
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            refusal = out_of_memory_refusal(exc, self.span.device, "a step")
+            if refusal is None:
+                raise
+            await self._end(session)  # its cache may hold part of the step: freed, not kept
+            raise refusal from None
         session.steps += 1
         session.last_active = trio.current_time()
         encode = functools.partial(compression.encode, out, session.compression)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import trio
 
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import identity_of, model_id_of
+from swarm_node.model.devices import device_label, free_memory, resolve_device, resolve_dtype
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.config import ServerConfig
 
@@ -37,21 +39,27 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
             f"'--blocks' {config.start}:{config.end} is out of range: {model_id_of(config.model)} "
             f"has {num_blocks} blocks (0:{num_blocks})"
         )
+    device = resolve_device(config.device)  # open_peer resolved them already; a caller may not
+    config = replace(config, device=str(device), dtype=resolve_dtype(config.dtype, device))
     dtype = TORCH_DTYPES[config.dtype]
     t0 = time.perf_counter()
     span = await trio.to_thread.run_sync(
         lambda: BlockSpan.load(
-            checkpoint, config.start, config.end, dtype=dtype, quant=config.quant
+            checkpoint, config.start, config.end, dtype=dtype, quant=config.quant, device=device
         )
     )
-    per_block = span.memory_bytes() // (config.end - config.start)
+    blocks = config.end - config.start
     log.info(
-        "loaded blocks %d:%d in %.1f s: %.1f MB per block (%s)",
+        "loaded blocks %d:%d to %s in %.1f s: %.1f MB of weights per block (%s) + %.1f KB of "
+        "attention cache per token per block; %s",
         config.start,
         config.end,
+        device_label(device),
         time.perf_counter() - t0,
-        per_block / 1e6,
+        span.memory_bytes() / blocks / 1e6,
         config.quant or config.dtype,
+        span.cache_bytes_per_token() / blocks / 1e3,
+        f"{free_memory(device) / 1e9:.1f} GB left free on it",
     )
     t0 = time.perf_counter()
     verify = None if config.no_verify_weights else (config.start, config.end)
@@ -74,6 +82,8 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
             model_digest=identity.digest,
         )
     )
+    if device.type != "cpu":  # adapters live with the blocks they adapt
+        adapters = {name: lora.to(device) for name, lora in adapters.items()}
     throughput = config.throughput
     if throughput is None:
         throughput = await trio.to_thread.run_sync(lambda: measured_throughput(span, config, dtype))
@@ -88,7 +98,7 @@ def measured_throughput(span: Any, config: ServerConfig, dtype: torch.dtype) -> 
         model=model_id_of(config.model),
         dtype=config.dtype,
         quant=config.quant,
-        device=device_name(),
+        device=device_name(span.device),
         threads=torch.get_num_threads(),
     )
     throughput, cached = span_throughput(span, key=key, dtype=dtype, cache_dir=default_cache_dir())

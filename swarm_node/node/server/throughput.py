@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from swarm_node.model.devices import synchronize
+
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "throughput.json"
@@ -42,9 +44,11 @@ def measure_seconds_per_block(span: Any, *, dtype: torch.dtype, repeats: int = 8
     hidden = torch.zeros(1, 1, span.hidden_size, dtype=dtype)
     with torch.inference_mode():
         span.forward(hidden, cache, start=span.start, end=span.end)  # warm-up
+        synchronize(span.device)
         t0 = time.perf_counter()
         for _ in range(repeats):
             span.forward(hidden, cache, start=span.start, end=span.end)
+        synchronize(span.device)  # a GPU's kernels finish after the calls return
         elapsed = time.perf_counter() - t0
     return max(elapsed, 1e-9) / repeats / (span.end - span.start)
 

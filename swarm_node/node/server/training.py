@@ -273,6 +273,6 @@ def _backward(
             out, inputs = kept.out, kept.inputs
         else:
             out, inputs = _graph(span, hidden, start, end, prompts, lora, owned)
-        grads = list(torch.autograd.grad(out, inputs, grad_output.to(out.dtype)))
+        grads = list(torch.autograd.grad(out, inputs, grad_output.to(out.device, out.dtype)))
     grad_flat = grads.pop() if owned else None
     return grads[0], (grads[1] if prompts is not None else None), grad_flat, used

@@ -45,7 +45,7 @@ class ModelRuntime:
     dtype: str
 
     @classmethod
-    def load(cls, model: str, *, dtype: str, max_context: int) -> ModelRuntime:
+    def load(cls, model: str, *, dtype: str, max_context: int, device: str = "cpu") -> ModelRuntime:
         """Blocking (files, torch): call it from a worker thread."""
         from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model
         from swarm_node.model.bundled import model_id_of
@@ -58,7 +58,7 @@ class ModelRuntime:
         return cls(
             name=model_id_of(model),
             path=path,
-            head=ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype]),
+            head=ClientHead.load(checkpoint, dtype=TORCH_DTYPES[dtype], device=device),
             tokenizer=tokenizer,
             num_blocks=checkpoint.num_blocks,
             context_length=min(limit, max_context),

@@ -263,7 +263,9 @@ async def serve_api(
     from hypercorn.trio import serve
 
     runtimes: dict[str, ModelRuntime] = {}
-    load = partial(ModelRuntime.load, dtype=config.dtype, max_context=config.max_context)
+    load = partial(
+        ModelRuntime.load, dtype=config.dtype, device=config.device, max_context=config.max_context
+    )
     for model in config.models:
         runtime = await trio.to_thread.run_sync(load, model)
         await peer.pin_model(str(runtime.path))
