@@ -171,6 +171,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
     same = True
     traces: list[dict[str, Any]] = []
+    per_prompt: dict[tuple[str, int], list[float]] = {}  # each round's with/without, per prompt
     async with trio.open_nursery() as nursery:
         spans = split_blocks(args.num_blocks, 2)
         async with proxied_swarm(MODEL, spans, args.delay, nursery, throughput=None) as (_, client):
@@ -192,17 +193,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                     for p, ids in enumerate(prompts):
                         order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
-                        outputs = {}
+                        outputs, rates = {}, {}
                         for mode in order:
                             outputs[mode], row = await generate(
                                 client, head, ids, args, eos, mode == "spec"
                             )
                             row["runs"] = 1
+                            rates[mode] = row["tokens"] / row["seconds"]
                             for key in totals[mode]:
                                 totals[mode][key] += row[key]
                             if mode == "spec":
                                 traces.append({"round": r, "set": name, "prompt": p, **row})
                         same = same and outputs["plain"] == outputs["spec"]
+                        per_prompt.setdefault((name, p), []).append(rates["spec"] / rates["plain"])
                     rounds[name].append(totals)
             nursery.cancel_scope.cancel()
     out: dict[str, Any] = {"traces": traces}
@@ -210,6 +213,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out[name] = summary(rows)
         out[f"speedup_{name}"] = out[name].pop("speedup")
         out[f"decode_speedup_{name}"] = out[name].pop("decode_speedup")
+        out[name]["per_prompt_speedup"] = [
+            round(statistics.median(per_prompt[(name, p)]), 3) for p in range(len(inputs[name]))
+        ]
     out["same_tokens"] = same
     return out
 
