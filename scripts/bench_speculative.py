@@ -4,16 +4,19 @@
 SmolLM2-135M-Instruct (float32, greedy, chat template) on 2 servers with push; every peer sits behind
 a userspace proxy adding DELAY seconds one way (tests/delay_proxy.py), as in bench_wan.py. Two prompt
 sets: "repetitive" (quote a given passage: the answer repeats the prompt; the 135M model rewrites
-code it is asked to edit rather than copying it) and "chat" (open questions). Each round generates
-every prompt once without and once with speculation (adaptive prompt lookup, the default drafter),
-alternating which goes first; a set's
-figure per round is its tokens over its seconds (prefill included, the same for both), and the
-speedup is the median over rounds of with/without. ``same_tokens``: greedy output identical with
-and without. Figures measured on a shared machine are under load: the absolute tokens/s are printed
-beside the ratios.
+code it is asked to edit rather than copying it, and paraphrases the first passage more than the
+others) and "chat" (open questions). Each round generates every prompt once without and once with
+speculation (adaptive prompt lookup, the default drafter), alternating which goes first; a set's
+figure per round is its tokens over its seconds (prefill included, the same for both:
+``speedup_*``) and its tokens after the first over the seconds after the first (``decode_speedup_*``),
+and the speedups are medians over rounds of with/without. ``same_tokens``: greedy output identical
+with and without. Per set: acceptance, tokens per trip, a trip's seconds with and without drafts.
+Figures measured on a shared machine are under load: the absolute tokens/s and the load average
+are printed beside the ratios. ``--trace FILE`` writes every trip (drafts, tokens, seconds) of
+every speculative run as JSON lines.
 
     .venv/bin/python scripts/bench_speculative.py [--quick] [--delay 0.05] [--new-tokens 64]
-                                                  [--rounds 3] [--draft-tokens 10]
+                                                  [--rounds 3] [--draft-tokens 10] [--trace FILE]
 
 Prints one JSON line.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ helper
 
 from swarm_node.model import Checkpoint, ClientHead, load_tokenizer, resolve_model  # noqa: E402
 from swarm_node.node.apps.commands import encode_prompt, split_blocks  # noqa: E402
+from swarm_node.node.client.drafting import DraftLength  # noqa: E402
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens  # noqa: E402
 from swarm_node.node.client.generation_options import model_eos_ids  # noqa: E402
 from swarm_node.node.client.settings import SessionSettings  # noqa: E402
@@ -66,6 +71,18 @@ PROMPTS = {
 }
 
 
+class TracedLength(DraftLength):
+    """The adaptive draft length, remembering every trip it was told of."""
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.trips: list[tuple[int, int, float]] = []  # (drafted, emitted, seconds)
+
+    def observe(self, drafted: int, emitted: int, seconds: float) -> None:
+        self.trips.append((drafted, emitted, round(seconds, 4)))
+        super().observe(drafted, emitted, seconds)
+
+
 async def generate(
     client: Any,
     head: Any,
@@ -74,7 +91,8 @@ async def generate(
     eos: tuple[int, ...],
     spec: bool,
 ) -> tuple[list[int], dict[str, Any]]:
-    speculation = Speculation.of(num_tokens=args.draft_tokens) if spec else None
+    length = TracedLength(max_tokens=args.draft_tokens)
+    speculation = Speculation(length=length) if spec else None
     t0 = time.perf_counter()
     out, stats = await generate_tokens(
         client,
@@ -88,10 +106,54 @@ async def generate(
     return out[0].tolist(), {
         "tokens": stats.new_tokens,
         "seconds": seconds,
+        "first_s": stats.time_to_first_token,
         "steps": stats.steps,
         "drafted": stats.draft_tokens,
         "accepted": stats.accepted_tokens,
+        "trips": length.trips,
     }
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A set's figures over its rounds (each round: both modes' totals over the set's prompts)."""
+    out: dict[str, Any] = {}
+    for name, rate in (
+        ("", lambda t: t["tokens"] / t["seconds"]),
+        ("decode_", lambda t: (t["tokens"] - t["runs"]) / (t["seconds"] - t["first_s"])),
+    ):
+        rates = {mode: [rate(t[mode]) for t in rows] for mode in ("plain", "spec")}
+        ratios = [s / p for s, p in zip(rates["spec"], rates["plain"], strict=True)]
+        out[f"{name}speedup"] = round(statistics.median(ratios), 3)
+        out[f"{name}ratios"] = [round(x, 3) for x in ratios]
+        for mode in ("plain", "spec"):
+            out[f"{name}{mode}_tokens_per_s"] = [round(x, 2) for x in rates[mode]]
+    trips = [trip for t in rows for trip in t["spec"]["trips"]]
+    drafting = [trip for trip in trips if trip[0]]
+    plain_trips = [trip[2] for trip in trips if not trip[0]]
+    drafted = sum(t["spec"]["drafted"] for t in rows)
+    accepted = sum(t["spec"]["accepted"] for t in rows)
+    out.update(
+        acceptance=round(accepted / drafted, 3) if drafted else 0.0,
+        drafted=drafted,
+        accepted=accepted,
+        tokens_per_trip=round(
+            sum(t["spec"]["tokens"] for t in rows) / max(1, sum(t["spec"]["steps"] for t in rows)),
+            2,
+        ),
+        trips_with_drafts=len(drafting),
+        trips_without=len(plain_trips),
+        drafts_per_trip=round(sum(d for d, _, _ in drafting) / len(drafting), 2)
+        if drafting
+        else 0.0,
+        tokens_per_trip_with_drafts=round(sum(e for _, e, _ in drafting) / len(drafting), 2)
+        if drafting
+        else 0.0,
+        trip_s_with_drafts=round(statistics.median(s for _, _, s in drafting), 3)
+        if drafting
+        else None,
+        trip_s_without=round(statistics.median(plain_trips), 3) if plain_trips else None,
+    )
+    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,51 +170,52 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sets}
     same = True
+    traces: list[dict[str, Any]] = []
+    per_prompt: dict[tuple[str, int], list[float]] = {}  # each round's with/without, per prompt
     async with trio.open_nursery() as nursery:
         spans = split_blocks(args.num_blocks, 2)
         async with proxied_swarm(MODEL, spans, args.delay, nursery, throughput=None) as (_, client):
             await client.find_chain(MODEL, args.num_blocks, push=True, max_length=1024)
             for r in range(args.rounds):
                 for name, prompts in inputs.items():
-                    totals = {
-                        m: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "steps": 0}
+                    totals: dict[str, dict[str, Any]] = {
+                        m: {
+                            "tokens": 0,
+                            "seconds": 0.0,
+                            "first_s": 0.0,
+                            "runs": 0,
+                            "drafted": 0,
+                            "accepted": 0,
+                            "steps": 0,
+                            "trips": [],
+                        }
                         for m in ("plain", "spec")
                     }
-                    for ids in prompts:
+                    for p, ids in enumerate(prompts):
                         order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
-                        outputs = {}
+                        outputs, rates = {}, {}
                         for mode in order:
                             outputs[mode], row = await generate(
                                 client, head, ids, args, eos, mode == "spec"
                             )
+                            row["runs"] = 1
+                            rates[mode] = row["tokens"] / row["seconds"]
                             for key in totals[mode]:
                                 totals[mode][key] += row[key]
+                            if mode == "spec":
+                                traces.append({"round": r, "set": name, "prompt": p, **row})
                         same = same and outputs["plain"] == outputs["spec"]
+                        per_prompt.setdefault((name, p), []).append(rates["spec"] / rates["plain"])
                     rounds[name].append(totals)
             nursery.cancel_scope.cancel()
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"traces": traces}
     for name, rows in rounds.items():
-        rate = {
-            mode: [t[mode]["tokens"] / t[mode]["seconds"] for t in rows]
-            for mode in ("plain", "spec")
-        }
-        ratios = [s / p for s, p in zip(rate["spec"], rate["plain"], strict=True)]
-        drafted = sum(t["spec"]["drafted"] for t in rows)
-        accepted = sum(t["spec"]["accepted"] for t in rows)
-        out[f"speedup_{name}"] = round(statistics.median(ratios), 3)
-        out[name] = {
-            "ratios": [round(x, 3) for x in ratios],
-            "plain_tokens_per_s": [round(x, 2) for x in rate["plain"]],
-            "spec_tokens_per_s": [round(x, 2) for x in rate["spec"]],
-            "acceptance": round(accepted / drafted, 3) if drafted else 0.0,
-            "drafted": drafted,
-            "accepted": accepted,
-            "tokens_per_step": round(
-                sum(t["spec"]["tokens"] for t in rows)
-                / max(1, sum(t["spec"]["steps"] for t in rows)),
-                2,
-            ),
-        }
+        out[name] = summary(rows)
+        out[f"speedup_{name}"] = out[name].pop("speedup")
+        out[f"decode_speedup_{name}"] = out[name].pop("decode_speedup")
+        out[name]["per_prompt_speedup"] = [
+            round(statistics.median(per_prompt[(name, p)]), 3) for p in range(len(inputs[name]))
+        ]
     out["same_tokens"] = same
     return out
 
@@ -170,12 +233,19 @@ def main() -> None:
     parser.add_argument(
         "--draft-tokens", type=int, default=10, help="the most drafts a step carries"
     )
-    parser.add_argument("--quick", action="store_true", help="1 round, 1 prompt a set, 32 tokens")
+    parser.add_argument("--trace", help="write every speculative run's trips here (JSON lines)")
+    parser.add_argument("--quick", action="store_true", help="1 round, 48 tokens")
     args = parser.parse_args()
     if args.quick:
-        args.rounds, args.prompts, args.new_tokens = 1, 1, 32
+        args.rounds, args.new_tokens = 1, 48
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    load_before = os.getloadavg()
     runs = trio.run(run, args)
+    load_after = os.getloadavg()
+    traces = runs.pop("traces")
+    if args.trace:
+        with open(args.trace, "w") as file:
+            file.writelines(json.dumps(line) + "\n" for line in traces)
     print(
         json.dumps(
             {
@@ -189,7 +259,13 @@ def main() -> None:
                 "prompts_per_set": args.prompts,
                 "draft_tokens": args.draft_tokens,
                 "torch_threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "load_average_1_5_15": {
+                    "before": [round(x, 2) for x in load_before],
+                    "after": [round(x, 2) for x in load_after],
+                },
                 "targets": {"speedup_repetitive": 2.0, "speedup_chat": 0.97},
+                "adaptive_length": "expected tokens/s (drafting.DraftLength)",
                 **runs,
             }
         )

@@ -318,27 +318,46 @@ async def test_a_server_killed_mid_speculation_recovers_to_the_same_tokens(tmp_p
 def test_draft_length_adapts_and_turns_itself_off() -> None:
     from swarm_node.node.client import drafting
 
-    length = DraftLength(max_tokens=6)
-    assert length.next(10) == 0  # a plain step is timed first
-    length.observe(0, 1, 0.10)
-    assert length.next(10) == 6 and length.next(3) == 3
-    length.observe(6, 3, 0.12)  # cut: shorter
-    assert length.tokens == 5
-    length.observe(5, 6, 0.12)  # all accepted: longer (at most max_tokens)
-    assert length.tokens == 6 and length.acceptance == 7 / 11
-    for _ in range(drafting.WINDOW):  # paying: 3 tokens in 0.12 s against 1 in 0.10 s
-        length.observe(6, 3, 0.12)
-    assert length.next(10) > 0
-    for _ in range(drafting.WINDOW):  # not paying: 1 token in 0.12 s
-        length.observe(2, 1, 0.12)
-    off_for = drafting.FIRST_BACKOFF
-    for _ in range(off_for):
-        assert length.next(10) == 0
+    assert DraftLength(max_tokens=6, adaptive=False).next(10) == 6
+    assert DraftLength(max_tokens=6, adaptive=False).next(3) == 3
+    length = DraftLength(max_tokens=12)
+    first = length.next(100)
+    assert 1 <= first < 12  # before anything is measured: the prior's guess, not the cap
+    length.observe(0, 1, 0.10)  # a plain step: 0.10 s
+    for _ in range(4):  # every draft accepted, each costing 1% of a plain step: draft the most
+        k = length.next(100)
+        length.observe(k, k + 1, 0.10 + 0.001 * k)
+    assert length.next(100) == 12 and length.next(5) == 5
+    assert length.acceptance == 1.0 and length.per_draft_s < 0.002
+
+    cheap, dear = DraftLength(max_tokens=12), DraftLength(max_tokens=12)
+    for length, per_draft in ((cheap, 0.001), (dear, 0.03)):  # half the drafts accepted
         length.observe(0, 1, 0.10)
-    assert length.next(10) > 0  # tried again, and off for twice as long when it still does not pay
-    for _ in range(drafting.WINDOW):
-        length.observe(length.next(10), 1, 0.12)
-    assert length.backoff == 4 * off_for and length.off_until == length.steps + 2 * off_for
+        for _ in range(8):
+            k = length.next(100)
+            length.observe(k, k // 2 + 1, 0.10 + per_draft * k)
+    assert 0 < dear.next(100) < cheap.next(100)  # dearer drafts: shorter ones
+
+    length = DraftLength(max_tokens=12)  # drafts that never pay turn drafting off within steps
+    length.observe(0, 1, 0.10)
+    steps = 0
+    while (k := length.next(100)) > 0:
+        length.observe(k, 1, 0.10 + 0.01 * k)
+        steps += 1
+        assert steps < 12
+    off_for = drafting.FIRST_BACKOFF
+    assert length.off_until == length.steps + off_for
+    for _ in range(off_for):
+        assert length.next(100) == 0
+        length.observe(0, 1, 0.10)
+    assert length.next(100) > 0  # tried again; off for twice as long when it still does not pay
+    while (k := length.next(100)) > 0:
+        length.observe(k, 1, 0.10 + 0.01 * k)
+    assert length.off_until == length.steps + 2 * off_for
+    length.off_until = 0
+    k = length.next(100)
+    length.observe(k, 2, 0.10 + 0.01 * k)  # a draft accepted: the back-off starts over
+    assert length.backoff == off_for
     with pytest.raises(ConfigError, match=r"'emitted' must be in \[1, 3\], got 4"):
         length.observe(2, 4, 0.1)
 

@@ -23,6 +23,10 @@ from tests.test_api import MODEL, api_swarm, client_of, reference_text
 async def test_python_generate_takes_assistant_model_and_prompt_lookup(
     tiny_chat_llama: Path,
 ) -> None:
+    """Both of transformers' spellings, across a session's turns, and cut by a stop string: the
+    tokens of plain greedy decoding."""
+    from transformers import AutoTokenizer
+
     reference = reference_model(tiny_chat_llama)
     torch.manual_seed(21)
     prompt = torch.randint(0, 256, (1, 6))
@@ -55,6 +59,17 @@ async def test_python_generate_takes_assistant_model_and_prompt_lookup(
                         out["turn2"] = model.generate(
                             turn2, max_new_tokens=6, assistant_model=reference
                         )
+                    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_llama)
+                    stop = tokenizer.decode(want[0, 9:11])  # inside the first run of drafts
+                    for name, extra in (("plain", {}), ("spec", {"assistant_model": reference})):
+                        out[f"stop_{name}"] = model.generate(
+                            prompt,
+                            max_new_tokens=12,
+                            stop_strings=stop,
+                            tokenizer=tokenizer,
+                            **extra,
+                        )
+                        out[f"stop_{name}_stats"] = model.last_stats
                     with pytest.raises(ConfigError, match="not both"):
                         model.generate(
                             prompt, assistant_model=reference, prompt_lookup_num_tokens=3
@@ -67,6 +82,10 @@ async def test_python_generate_takes_assistant_model_and_prompt_lookup(
     assert got["assisted"].tolist() == got["lookup"].tolist() == want.tolist()
     assert got["stats"].accepted_tokens > 0 and got["stats"].steps < 12
     assert got["turn2"].tolist() == torch.cat([turn2, want2[:, -6:]], dim=1).tolist()
+    stopped = got["stop_plain"]  # the stop string cut a run of accepted drafts: the same tokens
+    assert got["stop_spec"].tolist() == stopped.tolist() == want[:, : stopped.shape[1]].tolist()
+    assert stopped.shape[1] < want.shape[1] and got["stop_spec_stats"].finish_reason == "stop"
+    assert got["stop_spec_stats"].steps < got["stop_plain_stats"].steps
 
 
 async def test_generate_command_with_speculative_and_draft(tiny_chat_llama: Path) -> None:

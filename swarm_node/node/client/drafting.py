@@ -4,15 +4,15 @@ Two drafters behind one method, ``draft(ids, k) -> up to k tokens`` (point masse
 rule of model/speculation.py needs no draft distribution): ``PromptLookup`` (the continuation of the
 latest earlier occurrence of the text's last n-gram; no model, the default) and ``DraftModel`` (a small
 local causal LM with the swarm model's tokenizer, greedy, keeping its own attention cache).
-``DraftLength`` adapts k to what the drafts earn and drafts nothing while speculative steps make
-fewer tokens per second than plain ones. Knows nothing of sessions, servers or text.
+``DraftLength`` picks k for the most expected tokens per second from the measured acceptance and
+the measured cost of a draft token, and drafts nothing while no k beats a plain step. Knows
+nothing of sessions, servers or text.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -94,24 +94,32 @@ class DraftModel:
         return drafts
 
 
-OFF_MARGIN = 0.97  # drafting turns off when it makes fewer than this many times plain tokens/s
-WINDOW = 6  # speculative steps compared with plain ones
-FIRST_BACKOFF = 16  # plain steps before drafting is tried again; doubles each time it fails
+PRIOR_ACCEPTANCE = 0.7  # a draft token's chance before any step says (after its predecessor's)
+PRIOR_COST = 0.05  # a draft token's seconds, in plain steps, before a speculative step is timed
+MEMORY = 0.8  # weight of older evidence, per speculative step
+MIN_GAIN = 1.02  # drafts only where the expected tokens/s beat a plain step's by this much
+FIRST_BACKOFF = 16  # steps without drafts once they stop paying; doubles each time they fail again
 MAX_BACKOFF = 256
 
 
 @dataclass(kw_only=True)
 class DraftLength:
-    """How many tokens to draft for the next step. Grows by 2 after a step that accepted every
-    draft, shrinks by 1 after one that did not (transformers' heuristic for assistant models); with
-    ``adaptive``, drafting stops for a while (growing) when the last WINDOW speculative steps made
-    fewer tokens per second than plain steps do (a plain step is timed first)."""
+    """How many tokens to draft for the next step: the k that maximises the expected tokens per
+    second ``E(k) / t(k)``. ``E(k) = 1 + a + ... + a^k`` (a draft is accepted with probability
+    ``a`` once its predecessor was) and ``t(k) = plain + k * per_draft`` (drafting, and the k more
+    positions every server and the client's head compute: ~0 on a GPU, a few % of a trip each on
+    a CPU), all three measured as the generation goes, recent steps weighing more. With
+    ``adaptive`` False: always ``max_tokens``. When no k beats a plain step by MIN_GAIN, drafting
+    stops for FIRST_BACKOFF steps (twice as long each time it fails again), then the evidence is
+    forgotten and it is tried again."""
 
     max_tokens: int = 10
     adaptive: bool = True
-    tokens: int = field(default=0)  # the length now (0: max_tokens at the start)
-    plain_s: float | None = None  # moving average of a plain step's seconds
-    window: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    plain_s: float | None = None  # a plain step's seconds (moving average)
+    extra_s: float = 0.0  # seconds speculative steps took past plain ones (decaying sum) ...
+    extra_tokens: float = 0.0  # ... for this many draft tokens (decaying sum)
+    hits: float = PRIOR_ACCEPTANCE  # drafts accepted (decaying; the prior counts as one draft)
+    misses: float = 1.0 - PRIOR_ACCEPTANCE  # steps whose drafts were cut by a rejection
     steps: int = 0
     off_until: int = 0  # no drafts before this step
     backoff: int = FIRST_BACKOFF
@@ -120,16 +128,44 @@ class DraftLength:
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, 1)
-        if not self.tokens:
-            self.tokens = self.max_tokens
 
     def next(self, room: int) -> int:
         """Tokens to draft, at most ``room`` (0: a plain step)."""
         if room < 1 or self.steps < self.off_until:
             return 0
-        if self.adaptive and self.plain_s is None:
-            return 0  # time a plain step first
-        return min(self.tokens, room)
+        if not self.adaptive:
+            return min(self.max_tokens, room)
+        k = self.best()
+        if k == 0:
+            self.off_until = self.steps + self.backoff
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            self.hits, self.misses = PRIOR_ACCEPTANCE, 1.0 - PRIOR_ACCEPTANCE
+        return min(k, room)
+
+    def best(self) -> int:
+        """The draft length with the most expected tokens per second (0: drafts do not pay)."""
+        plain = self.plain_s or 1.0  # before any step is timed, only ratios matter
+        per_draft = self.per_draft_s
+        a = self.acceptance_rate
+        best, best_k, expected = MIN_GAIN / plain, 0, 1.0
+        for k in range(1, self.max_tokens + 1):
+            expected += a**k
+            rate = expected / (plain + k * per_draft)
+            if rate > best:
+                best, best_k = rate, k
+        return best_k
+
+    @property
+    def per_draft_s(self) -> float:
+        """Seconds one more draft token adds to a step."""
+        plain = self.plain_s or 1.0
+        prior = PRIOR_COST * plain  # weighs as much as one timed draft token
+        return max(0.0, (self.extra_s + prior) / (self.extra_tokens + 1.0))
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Recent chance of a draft being accepted once the one before it was."""
+        return self.hits / (self.hits + self.misses)
 
     def observe(self, drafted: int, emitted: int, seconds: float) -> None:
         """A step with ``drafted`` draft tokens (0: plain) emitted ``emitted`` tokens in ``seconds``
@@ -140,24 +176,19 @@ class DraftLength:
         if drafted == 0:
             self.plain_s = seconds if self.plain_s is None else 0.8 * self.plain_s + 0.2 * seconds
             return
+        if self.plain_s is None:  # no plain step yet: the prior's split of this one
+            self.plain_s = seconds / (1.0 + PRIOR_COST * drafted)
+        accepted = emitted - 1
         self.drafted += drafted
-        self.accepted += emitted - 1
-        if emitted == drafted + 1:
-            self.tokens = min(self.tokens + 2, self.max_tokens)
-        else:
-            self.tokens = max(1, self.tokens - 1)
-        self.window.append((emitted, seconds))
-        if not self.adaptive or self.plain_s is None or len(self.window) < WINDOW:
-            return
-        tokens_per_s = sum(e for e, _ in self.window) / max(sum(s for _, s in self.window), 1e-9)
-        if tokens_per_s < OFF_MARGIN / self.plain_s:
-            self.off_until = self.steps + self.backoff
-            self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-            self.window.clear()
-            self.tokens = max(1, self.tokens // 2)
-        else:
+        self.accepted += accepted
+        self.hits = MEMORY * self.hits + accepted
+        self.misses = MEMORY * self.misses + (accepted < drafted)
+        self.extra_s = MEMORY * self.extra_s + (seconds - self.plain_s)
+        self.extra_tokens = MEMORY * self.extra_tokens + drafted
+        if accepted:
             self.backoff = FIRST_BACKOFF
 
     @property
     def acceptance(self) -> float:
+        """Draft tokens accepted over those sent, over the whole generation."""
         return self.accepted / self.drafted if self.drafted else 0.0

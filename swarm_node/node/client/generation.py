@@ -281,7 +281,9 @@ async def continue_tokens(
                 return token, head.embed(token[:, None])  # the next input, in the same hop
 
             if drafts and spec is not None:  # [1 + accepted], (1, 1, H)
-                picked, next_hidden = spec.verify(head, out, seen[0], drafts, sampling, generator)
+                picked, next_hidden = await spec.verify(
+                    head, out, seen[0], drafts, sampling, generator
+                )
                 tokens = [torch.tensor([t]) for t in picked]
             else:
                 token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B,1,H)

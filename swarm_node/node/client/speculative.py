@@ -4,12 +4,15 @@ The decode loop (generation.py) asks ``drafts`` for tokens to send after the las
 through the chain in one step (every server computes all k + 1 positions with its cache), then asks
 ``verify`` which tokens to emit (model/speculation.py's rule: the same tokens as plain greedy
 decoding, or exactly its distribution when sampling) and rolls the servers back to them
-(``InferenceSession.truncate``). Knows nothing of streams or servers.
+(``InferenceSession.truncate``). The head over k + 1 positions runs as the plain head does: on the
+event loop while it is quick, else in a worker thread (quick_jobs.py). Knows nothing of streams or
+servers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,6 +20,7 @@ import trio
 
 from swarm_node.model.speculation import accept_drafts
 from swarm_node.node.client.drafting import Drafter, DraftLength, DraftModel, PromptLookup
+from swarm_node.node.quick_jobs import CLIENT_MAX_INLINE_S, QuickJobs
 
 
 @dataclass(kw_only=True)
@@ -25,6 +29,7 @@ class Speculation:
 
     drafter: Drafter = field(default_factory=PromptLookup)
     length: DraftLength = field(default_factory=DraftLength)
+    jobs: QuickJobs = field(default_factory=lambda: QuickJobs(CLIENT_MAX_INLINE_S))
 
     @classmethod
     def of(
@@ -49,8 +54,8 @@ class Speculation:
             return self.drafter.draft(tokens, k)[:k]
         return (await trio.to_thread.run_sync(self.drafter.draft, tokens, k))[:k]
 
-    @staticmethod
-    def verify(
+    async def verify(
+        self,
         head: Any,
         out: torch.Tensor,
         seen: torch.Tensor,
@@ -61,8 +66,21 @@ class Speculation:
         """The tokens a verification step emits, from the chain's output ``out`` ``# (1, T, H)``
         whose last k + 1 positions follow ``seen`` ``# (n,)`` and each draft, and the next step's
         input ``# (1, 1, H)``: the last of them, embedded."""
+        job = partial(self.accept, head, out, seen, drafts, sampling, generator)
+        return await self.jobs.run(job)
+
+    @staticmethod
+    def accept(
+        head: Any,
+        out: torch.Tensor,
+        seen: torch.Tensor,
+        drafts: list[int],
+        sampling: Any,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], torch.Tensor]:
         k = len(drafts)
-        logits = head.logits(out[:, -(k + 1) :, :])[0].float().cpu()  # (k + 1, V)
+        with torch.inference_mode():
+            logits = head.logits(out[:, -(k + 1) :, :])[0].float().cpu()  # (k + 1, V)
         tokens = accept_drafts(
             logits,
             drafts,
@@ -73,4 +91,5 @@ class Speculation:
             repetition_penalty=sampling.repetition_penalty,
             generator=generator,
         )
-        return tokens, head.embed(torch.tensor([[tokens[-1]]]))
+        with torch.inference_mode():
+            return tokens, head.embed(torch.tensor([[tokens[-1]]]))
