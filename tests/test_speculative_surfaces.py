@@ -99,6 +99,7 @@ async def test_generate_command_with_speculative_and_draft(tiny_chat_llama: Path
             argv = ["generate", prompt, "--model", str(tiny_chat_llama), "--max-new-tokens", "10"]
             argv += ["--speculative", "--draft", str(tiny_chat_llama), "--draft-tokens", "3"]
             args = build_parser().parse_args(argv)
+            commands.resolve_client_device(args)  # as `generate` does first ("auto" -> concrete)
             out = io.StringIO()
             stats = await commands._generate_with(client, args, out)
     assert out.getvalue() == prompt + want + "\n"
