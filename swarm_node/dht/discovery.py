@@ -313,23 +313,49 @@ class SwarmDHT:
                 break
         return sort_peer_ids_by_distance(key, list(known))[:count]
 
-    async def find_providers(self, key_hex: str) -> dict[ID, PeerInfo]:
-        """Providers of a block key: the local store merged with the answers of the closest peers.
+    async def find_providers(
+        self,
+        key_hex: str,
+        found_some: Callable[[list[PeerInfo]], None] | None = None,
+        count: int = BUCKET_SIZE,
+    ) -> dict[ID, PeerInfo]:
+        """Providers of a key: the local store merged with the answers of the peers closest to it.
 
-        All of the (up to 20) closest: a provider stores itself at the peers *it* finds closest,
-        and routing tables differ; asking only the 8 closest missed 2 of 12 servers in a 20-peer
-        swarm."""
+        One iterative walk: GET_PROVIDERS answers name closer peers too, so the closest peers known
+        (those connected included) are asked, then the closer ones their answers named, until the
+        ``count`` closest known have all been asked (LOOKUP_ROUNDS at most). All of the closest:
+        a provider stores itself at the peers *it* finds closest, and routing tables differ;
+        asking only the 8 closest missed 2 of 12 servers in a 20-peer swarm. ``found_some`` hears
+        each batch of new providers as it comes (the local ones first)."""
         key = bytes.fromhex(key_hex)
         found = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
+        if found and found_some is not None:
+            found_some(list(found.values()))
+        known = set(self.kad.routing_table.find_local_closest_peers(key, count))
+        known.update(self.host.get_connected_peers())
+        asked: set[ID] = set()
 
         async def ask(peer: ID) -> None:
             answer = await self._ask(peer, lambda: kad_requests.get_providers(self.kad, peer, key))
-            for info in answer[0] if answer else ():
-                found.setdefault(info.peer_id, info)
+            if answer is None:
+                return
+            providers, closer = answer
+            new = [info for info in providers if info.peer_id not in found]
+            found.update((info.peer_id, info) for info in new)
+            if new and found_some is not None:
+                found_some(new)
+            known.update(closer)
 
-        async with trio.open_nursery() as nursery:
-            for peer in await self._closest_peers(key):
-                nursery.start_soon(ask, peer)
+        for _ in range(LOOKUP_ROUNDS):
+            known = {p for p in known if not self._skip(p)}
+            nearest = sort_peer_ids_by_distance(key, list(known))[:count]
+            batch = [p for p in nearest if p not in asked]
+            if not batch:
+                break
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    asked.add(peer)
+                    nursery.start_soon(ask, peer)
         return found
 
     async def get_record(self, peer_id: ID) -> ServerRecord | None:
@@ -382,6 +408,7 @@ class SwarmDHT:
         *,
         now: float | None = None,
         digest: str = "",
+        enough: Callable[[list[ServerRecord]], bool] | None = None,
     ) -> list[ServerRecord]:
         """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's keys
         alone: for a client that does not know the model's size yet) holding the weights of
@@ -390,25 +417,47 @@ class SwarmDHT:
         the servers of every digest announced under it (a caller refuses a mixture).
 
         The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
-        number of blocks; each server's signed record says which blocks it holds. Blocks are looked
-        up one by one (in parallel) only where that may miss servers: blocks that none of them
-        holds (a server whose model-key announcement has not reached the peers asked yet), or every
-        block when a model key may be full (PROVIDERS_PER_KEY providers or more: a peer keeps no
-        more, first come first kept, the departed for 48 h). Blocks are keyed by digest: without
-        one, under each digest the model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the
-        name (servers that predate digests)."""
+        number of blocks; each server's signed record, fetched as soon as its provider entry
+        arrives, says which blocks it holds. Blocks are looked up one by one (in parallel) only
+        where that may miss servers: blocks that none of them holds (a server whose model-key
+        announcement has not reached the peers asked yet), or every block when a model key may be
+        full (PROVIDERS_PER_KEY providers or more: a peer keeps no more, first come first kept,
+        the departed for 48 h). Blocks are keyed by digest: without one, under each digest the
+        model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the name (servers that predate
+        digests).
+
+        ``enough(records)``: a caller that needs some servers soon rather than all of them (a
+        chain for a first token) stops the walk at the first records it calls enough; records
+        being fetched then still arrive, the per-block lookups are skipped."""
         now = time.time() if now is None else now
-        shards: list[dict[ID, PeerInfo]] = []
+        found: dict[str, ServerRecord] = {}
+        counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
 
-        async def lookup_shard(shard: int) -> None:
-            shards.append(await self.find_providers(model_key(digest or model, shard)))
+        async with trio.open_nursery() as fetching:
+            async with trio.open_nursery() as walking:
+                fetched: set[ID] = set()
 
-        async with trio.open_nursery() as nursery:
-            for shard in range(MODEL_KEY_SHARDS):
-                nursery.start_soon(lookup_shard, shard)
-        full = any(len(providers) >= PROVIDERS_PER_KEY for providers in shards)
-        merged = {p: i for s in shards for p, i in s.items()}
-        found = await self._live_records(merged, model, digest, now)
+                async def fetch(peer: ID) -> None:
+                    await self._fetch_live(peer, model, digest, now, found)
+                    full = max(counts) >= PROVIDERS_PER_KEY
+                    if enough is not None and not full and enough(list(found.values())):
+                        walking.cancel_scope.cancel()
+
+                def found_some(shard: int, providers: list[PeerInfo]) -> None:
+                    counts[shard] += len(providers)
+                    for info in providers:
+                        if info.peer_id not in fetched:
+                            fetched.add(info.peer_id)
+                            fetching.start_soon(fetch, info.peer_id)
+
+                for shard in range(MODEL_KEY_SHARDS):
+                    key = model_key(digest or model, shard)
+                    walking.start_soon(
+                        self.find_providers, key, functools.partial(found_some, shard)
+                    )
+        full = max(counts) >= PROVIDERS_PER_KEY
+        if enough is not None and not full and enough(list(found.values())):
+            return self._learned(found.values(), blocks)
         covered = {b for r in found.values() for b in range(r.start, r.end)}
         wanted = covered if blocks is None else set(blocks)
         missing = sorted(wanted if full else wanted - covered)
@@ -427,11 +476,30 @@ class SwarmDHT:
                         nursery.start_soon(lookup_block, weights, block)
             new = {p: i for p, i in providers.items() if p.to_base58() not in found}
             found.update(await self._live_records(new, model, digest, now))
-        live = [r for r in found.values() if blocks is None or any(r.covers(b) for b in wanted)]
+        return self._learned(found.values(), blocks)
+
+    def _learned(
+        self, records: Iterable[ServerRecord], blocks: Iterable[int] | None
+    ) -> list[ServerRecord]:
+        """Those of ``records`` holding any of ``blocks`` (None: all), their signed addresses
+        noted in the peerstore, by first block."""
+        wanted = None if blocks is None else set(blocks)
+        live = [r for r in records if wanted is None or any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
             self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
         return sorted(live, key=lambda r: (r.start, r.peer_id))
+
+    async def _fetch_live(
+        self, peer: ID, model: str, digest: str, now: float, into: dict[str, ServerRecord]
+    ) -> None:
+        """``peer``'s record into ``into`` if it is live and of ``model`` (of ``digest``'s
+        weights, when given)."""
+        rec = await self.get_record(peer)
+        if rec is None or rec.model != model or not rec.is_live(now):
+            return
+        if not digest or rec.model_digest == digest:
+            into[rec.peer_id] = rec
 
     async def _live_records(
         self, providers: dict[ID, PeerInfo], model: str, digest: str, now: float
@@ -440,15 +508,7 @@ class SwarmDHT:
         ``providers``' own, fetched in parallel (addresses come from the signed records:
         kad_requests put only vouched ones in the peerstore)."""
         records: dict[str, ServerRecord] = {}
-
-        async def fetch(peer: ID) -> None:
-            rec = await self.get_record(peer)
-            if rec is None or rec.model != model or not rec.is_live(now):
-                return
-            if not digest or rec.model_digest == digest:
-                records[rec.peer_id] = rec
-
         async with trio.open_nursery() as nursery:
             for peer in providers:
-                nursery.start_soon(fetch, peer)
+                nursery.start_soon(self._fetch_live, peer, model, digest, now, records)
         return records
