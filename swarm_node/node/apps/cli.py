@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "speculative",
         "draft",
         "draft_tokens",
+        "lookup_reuse",
     )
     _add(
         gen,
