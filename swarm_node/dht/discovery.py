@@ -60,6 +60,8 @@ MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for lo
 PROVIDES_PER_WINDOW = 10
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
+ANSWER_FRESH = 5.0  # seconds a server's answer to a record request stands in for a ping
+MAX_ANSWERS_KEPT = 1024  # such answers remembered at once
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -137,6 +139,8 @@ class SwarmDHT:
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
+        # server -> (round trip of its answer to a record request, trio time): recent_answers
+        self._answered: dict[str, tuple[float, float]] = {}
 
     async def _handle_stream(self, stream: INetStream) -> None:
         """KadDHT's handler, with the sending peer known to RecordValidator."""
@@ -318,6 +322,7 @@ class SwarmDHT:
         key_hex: str,
         found_some: Callable[[list[PeerInfo]], None] | None = None,
         count: int = BUCKET_SIZE,
+        go_on: Callable[[], bool] | None = None,
     ) -> dict[ID, PeerInfo]:
         """Providers of a key: the local store merged with the answers of the peers closest to it.
 
@@ -326,7 +331,8 @@ class SwarmDHT:
         ``count`` closest known have all been asked (LOOKUP_ROUNDS at most). All of the closest:
         a provider stores itself at the peers *it* finds closest, and routing tables differ;
         asking only the 8 closest missed 2 of 12 servers in a 20-peer swarm. ``found_some`` hears
-        each batch of new providers as it comes (the local ones first)."""
+        each batch of new providers as it comes (the local ones first); ``go_on()`` False ends the
+        walk before its next round (one round always runs)."""
         key = bytes.fromhex(key_hex)
         found = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
         if found and found_some is not None:
@@ -347,6 +353,8 @@ class SwarmDHT:
             known.update(closer)
 
         for _ in range(LOOKUP_ROUNDS):
+            if asked and go_on is not None and not go_on():
+                break
             known = {p for p in known if not self._skip(p)}
             nearest = sort_peer_ids_by_distance(key, list(known))[:count]
             batch = [p for p in nearest if p not in asked]
@@ -373,8 +381,10 @@ class SwarmDHT:
         if local is not None:
             values.append(local.value)
 
-        async def ask(peer: ID) -> None:
-            value = await self._ask(peer, lambda: kad_requests.get_value(self.kad, peer, key))
+        async def ask(peer: ID, timed: list[float] | None = None) -> None:
+            value = await self._ask(
+                peer, lambda: kad_requests.get_value(self.kad, peer, key, timed=timed)
+            )
             if isinstance(value, bytes):
                 values.append(value)
 
@@ -384,14 +394,35 @@ class SwarmDHT:
 
         if not self._skip(peer_id):
             answered = len(values)
-            await ask(peer_id)
+            timed: list[float] = []
+            await ask(peer_id, timed)
             if len(values) > answered and (found := newest()) is not None:
+                self._note_answer(peer_id.to_base58(), timed)
                 return found
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
                 if peer != peer_id:  # asked above, or skipped as unreachable
                     nursery.start_soon(ask, peer)
         return newest()
+
+    def _note_answer(self, peer_id: str, timed: list[float]) -> None:
+        now = trio.current_time()
+        if len(self._answered) >= MAX_ANSWERS_KEPT:
+            self._answered = {p: a for p, a in self._answered.items() if now - a[1] <= ANSWER_FRESH}
+        if timed and len(self._answered) < MAX_ANSWERS_KEPT:
+            self._answered[peer_id] = (timed[0], now)
+
+    def recent_answers(self, peer_ids: Iterable[str]) -> dict[str, float]:
+        """Round trips (seconds, the stream's opening not counted) of the record requests that
+        servers among ``peer_ids`` answered themselves in the last ANSWER_FRESH seconds (a
+        lookup's): as good as a ping's, without the ping. Each is handed out once."""
+        now = trio.current_time()
+        out = {}
+        for peer_id in peer_ids:
+            answer = self._answered.pop(peer_id, None)
+            if answer is not None and now - answer[1] <= ANSWER_FRESH:
+                out[peer_id] = answer[0]
+        return out
 
     async def server_record(self, peer_id: str) -> ServerRecord | None:
         """``get_record`` for a peer id as text (None for text that is not a peer id)."""
@@ -427,37 +458,42 @@ class SwarmDHT:
         digests).
 
         ``enough(records)``: a caller that needs some servers soon rather than all of them (a
-        chain for a first token) stops the walk at the first records it calls enough; records
-        being fetched then still arrive, the per-block lookups are skipped."""
+        chain for a first token) ends the walks after the round under way once the records found
+        are enough (those being fetched still arrive); the per-block lookups are then skipped."""
         now = time.time() if now is None else now
         found: dict[str, ServerRecord] = {}
         counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
+        fetched: set[ID] = set()
+
+        def satisfied() -> bool:
+            full = max(counts) >= PROVIDERS_PER_KEY
+            return enough is not None and not full and enough(list(found.values()))
 
         async with trio.open_nursery() as fetching:
+
+            def found_some(shard: int, providers: list[PeerInfo]) -> None:
+                counts[shard] += len(providers)
+                for info in providers:
+                    if info.peer_id not in fetched:
+                        fetched.add(info.peer_id)
+                        fetching.start_soon(
+                            self._fetch_live, info.peer_id, model, digest, now, found
+                        )
+
             async with trio.open_nursery() as walking:
-                fetched: set[ID] = set()
-
-                async def fetch(peer: ID) -> None:
-                    await self._fetch_live(peer, model, digest, now, found)
-                    full = max(counts) >= PROVIDERS_PER_KEY
-                    if enough is not None and not full and enough(list(found.values())):
-                        walking.cancel_scope.cancel()
-
-                def found_some(shard: int, providers: list[PeerInfo]) -> None:
-                    counts[shard] += len(providers)
-                    for info in providers:
-                        if info.peer_id not in fetched:
-                            fetched.add(info.peer_id)
-                            fetching.start_soon(fetch, info.peer_id)
-
                 for shard in range(MODEL_KEY_SHARDS):
                     key = model_key(digest or model, shard)
                     walking.start_soon(
-                        self.find_providers, key, functools.partial(found_some, shard)
+                        functools.partial(
+                            self.find_providers,
+                            key,
+                            functools.partial(found_some, shard),
+                            go_on=lambda: not satisfied(),
+                        )
                     )
-        full = max(counts) >= PROVIDERS_PER_KEY
-        if enough is not None and not full and enough(list(found.values())):
+        if satisfied():
             return self._learned(found.values(), blocks)
+        full = max(counts) >= PROVIDERS_PER_KEY
         covered = {b for r in found.values() for b in range(r.start, r.end)}
         wanted = covered if blocks is None else set(blocks)
         missing = sorted(wanted if full else wanted - covered)

@@ -473,7 +473,8 @@ class Peer:
         covers the blocks; default: the client config's ``lookup_reuse``, and then one older than
         REFRESH_AFTER is renewed in the background) that hold ``adapter`` (when named), leaving out banned servers. With
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
-        latency among those that answer a ping (the samples feed ``self.rtt``), costing
+        latency among those that answer a ping, or answered the lookup itself just now (the round
+        trips feed ``self.rtt``), costing
         server-to-server hops from the round trips servers publish and leaving out servers whose
         cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
 
@@ -536,7 +537,8 @@ class Peer:
             self.shares.record(chain)
             return chain
         candidates = [s for s in servers if s.peer_id not in exclude]
-        samples = await self.ping_all(candidates)
+        samples = self.dht.recent_answers(s.peer_id for s in candidates)  # a lookup's: no ping
+        samples |= await self.ping_all([s for s in candidates if s.peer_id not in samples])
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
