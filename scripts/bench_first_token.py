@@ -15,7 +15,8 @@ and `import_swarm_node_s`: `import swarm_node` alone. Rounds alternate generate 
 `warm_lookup_ms`: a long-lived Python client's chain for a next request (after its first), median
 of 5. `load`: the load average after each swarm size (the figures are indicative on a shared
 machine). Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main (the servers and the CLI
-both come from that checkout). Issue 21's targets: first token <= 2.5 s on loopback whatever the
+both come from that checkout), or `--compare /path/to/main`: that checkout's CLI against the same
+swarms, rounds alternating with this one's (`compare` in the JSON). Issue 21's targets: first token <= 2.5 s on loopback whatever the
 swarm size, <= 2.5 s + 8 round trips with the delay, status <= 2 s on loopback, a warm client's next
 request <= 50 ms of lookup.
 """
@@ -131,10 +132,13 @@ async def start_swarm(
     return processes, addrs[0]
 
 
-async def timed(command: list[str], first_after: str = "") -> tuple[float, float]:
-    """Seconds from starting ``command`` to its first stdout text past ``first_after`` (a
-    generate's first token after the prompt it echoes; "": its first output) and to its exit."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+async def timed(
+    command: list[str], first_after: str = "", root: Path = ROOT
+) -> tuple[float, float]:
+    """Seconds from starting ``command`` (with ``root``'s swarm_node) to its first stdout text
+    past ``first_after`` (a generate's first token after the prompt it echoes; "": its first
+    output) and to its exit."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
     t0 = time.perf_counter()
     first = None
     out = b""
@@ -202,11 +206,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 generate = [*CLI, "generate", PROMPT, "--max-new-tokens", "1", *common]
                 status = [*CLI, "status", *common]
                 firsts, exits, status_times = [], [], []
+                base: dict[str, list[float]] = {"first": [], "exit": [], "status": []}
                 for _ in range(args.repeats):
                     first, done = await timed(generate, PROMPT)
                     firsts.append(first)
                     exits.append(done)
                     status_times.append((await timed(status))[1])
+                    if args.compare is not None:  # the same swarm, the other checkout's client
+                        first, done = await timed(generate, PROMPT, args.compare)
+                        base["first"].append(first)
+                        base["exit"].append(done)
+                        base["status"].append((await timed(status, "", args.compare))[1])
+                if args.compare is not None:
+                    out.setdefault("compare", {})[key] = {
+                        "cli_first_token_s": round(statistics.median(base["first"]), 3),
+                        "cli_exit_s": round(statistics.median(base["exit"]), 3),
+                        "status_s": round(statistics.median(base["status"]), 3),
+                    }
+                    print(key, "compare", base, file=sys.stderr, flush=True)
                 out["warm_lookup_ms"][key] = await warm_lookup_ms(entry, num_blocks)
                 out["cli_first_token_s"][key] = round(statistics.median(firsts), 3)
                 out["cli_exit_s"][key] = round(statistics.median(exits), 3)
@@ -227,6 +244,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-process", type=int, default=4, help="servers a server process hosts")
     parser.add_argument("--quick", action="store_true", help="1 and 8 servers, one repeat")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also time the CLI of this checkout against the same swarms, rounds alternating",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--initial", default="", help=argparse.SUPPRESS)
