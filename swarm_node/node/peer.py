@@ -105,9 +105,7 @@ class Peer:
         self._known: dict[str, list[ServerRecord]] = {}  # model -> servers found by lookups
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self._refreshing: set[str] = set()  # models looked up again in the background now
-        self._partial: set[str] = (
-            set()
-        )  # models whose last lookup stopped at a first chain's servers
+        self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
