@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -142,25 +143,28 @@ async def timed(
     t0 = time.perf_counter()
     first = None
     out = b""
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            functools.partial(
-                trio.run_process,
-                command,
-                stdout=subprocess.PIPE,
-                capture_stderr=True,
-                env=env,
-                check=False,
+    with tempfile.TemporaryFile() as errors:  # its last line names a failure
+        async with trio.open_nursery() as nursery:
+            process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                    env=env,
+                    check=False,
+                )
             )
-        )
-        assert process.stdout is not None
-        while chunk := await process.stdout.receive_some(4096):
-            out += chunk
-            if first is None and len(out) > len(first_after.encode()):
-                first = time.perf_counter() - t0
-    elapsed = time.perf_counter() - t0
-    if process.returncode != 0 or first is None:
-        raise RuntimeError(f"{command[3:5]} failed ({process.returncode}): {out[-500:]!r}")
+            assert process.stdout is not None
+            while chunk := await process.stdout.receive_some(4096):
+                out += chunk
+                if first is None and len(out) > len(first_after.encode()):
+                    first = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        if process.returncode != 0 or first is None:
+            errors.seek(0)
+            error = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+            raise RuntimeError(f"{command[3]} exited with {process.returncode}: {error}")
     return first, elapsed
 
 
@@ -208,26 +212,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 firsts, exits, status_times = [], [], []
                 base: dict[str, list[float]] = {"first": [], "exit": [], "status": []}
                 for _ in range(args.repeats):
-                    first, done = await timed(generate, PROMPT)
-                    firsts.append(first)
-                    exits.append(done)
-                    status_times.append((await timed(status))[1])
-                    if args.compare is not None:  # the same swarm, the other checkout's client
-                        first, done = await timed(generate, PROMPT, args.compare)
-                        base["first"].append(first)
-                        base["exit"].append(done)
-                        base["status"].append((await timed(status, "", args.compare))[1])
+                    try:
+                        first, done = await timed(generate, PROMPT)
+                        firsts.append(first)
+                        exits.append(done)
+                        status_times.append((await timed(status))[1])
+                        if args.compare is not None:  # the same swarm, the other checkout's client
+                            first, done = await timed(generate, PROMPT, args.compare)
+                            base["first"].append(first)
+                            base["exit"].append(done)
+                            base["status"].append((await timed(status, "", args.compare))[1])
+                    except RuntimeError as exc:  # noted; the other measurements go on
+                        out.setdefault("errors", {}).setdefault(key, []).append(str(exc))
+                        print(key, exc, file=sys.stderr, flush=True)
                 if args.compare is not None:
                     out.setdefault("compare", {})[key] = {
-                        "cli_first_token_s": round(statistics.median(base["first"]), 3),
-                        "cli_exit_s": round(statistics.median(base["exit"]), 3),
-                        "status_s": round(statistics.median(base["status"]), 3),
+                        name: round(statistics.median(base[part]), 3) if base[part] else None
+                        for name, part in (
+                            ("cli_first_token_s", "first"),
+                            ("cli_exit_s", "exit"),
+                            ("status_s", "status"),
+                        )
                     }
                     print(key, "compare", base, file=sys.stderr, flush=True)
                 out["warm_lookup_ms"][key] = await warm_lookup_ms(entry, num_blocks)
-                out["cli_first_token_s"][key] = round(statistics.median(firsts), 3)
-                out["cli_exit_s"][key] = round(statistics.median(exits), 3)
-                out["status_s"][key] = round(statistics.median(status_times), 3)
+                for name, times in (
+                    ("cli_first_token_s", firsts),
+                    ("cli_exit_s", exits),
+                    ("status_s", status_times),
+                ):
+                    out[name][key] = round(statistics.median(times), 3) if times else None
                 out["load"][key] = [round(x, 2) for x in os.getloadavg()]
                 print(
                     key, firsts, exits, status_times, out["load"][key], file=sys.stderr, flush=True
