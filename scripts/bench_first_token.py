@@ -42,6 +42,7 @@ import trio
 ROOT = Path(os.environ.get("BENCH_CHECKOUT") or Path(__file__).resolve().parent.parent)
 sys.path.insert(0, str(ROOT))
 
+from swarm_node.errors import SwarmError  # noqa: E402
 from swarm_node.model import resolve_model  # noqa: E402
 from swarm_node.node.apps.commands import split_blocks  # noqa: E402
 from swarm_node.node.client.settings import SessionSettings  # noqa: E402
@@ -235,7 +236,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     }
                     print(key, "compare", base, file=sys.stderr, flush=True)
-                out["warm_lookup_ms"][key] = await warm_lookup_ms(entry, num_blocks)
+                try:
+                    out["warm_lookup_ms"][key] = await warm_lookup_ms(entry, num_blocks)
+                except (trio.TooSlowError, SwarmError) as exc:  # its first lookup failed
+                    out["warm_lookup_ms"][key] = None
+                    out.setdefault("errors", {}).setdefault(key, []).append(repr(exc))
                 for name, times in (
                     ("cli_first_token_s", firsts),
                     ("cli_exit_s", exits),
