@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -67,6 +68,38 @@ async def test_a_warm_client_routes_again_without_a_dht_query(tiny_llama: Path) 
             fresh = await client.route(settings, 0, 6, max_age=0.0)  # asked for: a new lookup
             assert client.dht.queries_sent > before
             assert [(h.start, h.end) for h in fresh] == [(0, 3), (3, 6)]
+
+
+def count_pings(peer: Peer) -> list[str]:
+    """The peer ids ``peer`` pings from now on (each ping still goes to its server)."""
+    pinged: list[str] = []
+    real = peer.ping
+
+    async def ping(peer_id: str) -> tuple[float, Any]:
+        pinged.append(peer_id)
+        return await real(peer_id)
+
+    peer.ping = ping  # type: ignore[method-assign]
+    return pinged
+
+
+async def test_a_chain_pings_no_server_that_answered_its_lookup(tiny_llama: Path) -> None:
+    # a ping is a stream and a round trip more per server before the first token: the servers
+    # that sent their own records a moment ago are known to answer, and how fast
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
+            pinged = count_pings(client)
+            chain = await client.find_chain(tiny_llama.name, 6)  # a new lookup
+            assert [(h.server.peer_id, h.start, h.end) for h in chain] == [
+                (servers[0].peer_id, 0, 3),
+                (servers[1].peer_id, 3, 6),
+            ]
+            assert pinged == []
+            rtts = client.rtt.as_dict()
+            assert set(rtts) == {p.peer_id for p in servers}
+            assert all(0 < r < 5 for r in rtts.values())
+            await client.route(SessionSettings(model=tiny_llama.name), 0, 6)  # no lookup
+            assert sorted(pinged) == sorted(p.peer_id for p in servers)
 
 
 @pytest.mark.slow

@@ -159,3 +159,17 @@ async def test_a_lookup_past_its_deadline_is_a_clear_error(tiny_llama: Path) -> 
             client.client_config = replace(client.client_config, lookup_timeout=0.001)
             with pytest.raises(MissingBlocksError, match="took longer than 0.001 s"):
                 await gather_status(client, "tiny-llama")
+
+
+async def test_status_pings_each_server_once(tiny_llama: Path) -> None:
+    # the block count comes from the servers' answers to the pings the map shows: no probe first
+    from swarm_node.node.apps.swarm_status import gather_status
+    from tests.test_first_token import count_pings
+
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 2), (2, 6), (2, 6)]) as (servers, client):
+            pinged = count_pings(client)
+            report = await gather_status(client, tiny_llama.name)
+            assert report["num_blocks"] == 6 and report["missing"] == []
+            assert sorted(pinged) == sorted(p.peer_id for p in servers)
+            assert all(0 < s["rtt_ms"] < 5000 for s in report["servers"])

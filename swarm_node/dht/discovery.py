@@ -69,6 +69,8 @@ MAX_EVIDENCE_HELD = 64  # evidence values (each <= 256 KiB) a peer stores for ot
 MAX_EVIDENCE_PER_REPORTER = 4
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
+ANSWER_FRESH = 5.0  # seconds a server's answer to a record request stands in for a ping
+MAX_ANSWERS_KEPT = 1024  # such answers remembered at once
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -195,6 +197,8 @@ class SwarmDHT:
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
+        # server -> (round trip of its answer to a record request, trio time): recent_answers
+        self._answered: dict[str, tuple[float, float]] = {}
 
     async def _handle_stream(self, stream: INetStream) -> None:
         """KadDHT's handler, with the sending peer known to RecordValidator."""
@@ -400,23 +404,53 @@ class SwarmDHT:
                 break
         return sort_peer_ids_by_distance(key, list(known))[:count]
 
-    async def find_providers(self, key_hex: str) -> dict[ID, PeerInfo]:
-        """Providers of a block key: the local store merged with the answers of the closest peers.
+    async def find_providers(
+        self,
+        key_hex: str,
+        found_some: Callable[[list[PeerInfo]], None] | None = None,
+        count: int = BUCKET_SIZE,
+        go_on: Callable[[], bool] | None = None,
+    ) -> dict[ID, PeerInfo]:
+        """Providers of a key: the local store merged with the answers of the peers closest to it.
 
-        All of the (up to 20) closest: a provider stores itself at the peers *it* finds closest,
-        and routing tables differ; asking only the 8 closest missed 2 of 12 servers in a 20-peer
-        swarm."""
+        One iterative walk: GET_PROVIDERS answers name closer peers too, so the closest peers known
+        (those connected included) are asked, then the closer ones their answers named, until the
+        ``count`` closest known have all been asked (LOOKUP_ROUNDS at most). All of the closest:
+        a provider stores itself at the peers *it* finds closest, and routing tables differ;
+        asking only the 8 closest missed 2 of 12 servers in a 20-peer swarm. ``found_some`` hears
+        each batch of new providers as it comes (the local ones first); ``go_on()`` False ends the
+        walk before its next round (one round always runs)."""
         key = bytes.fromhex(key_hex)
         found = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
+        if found and found_some is not None:
+            found_some(list(found.values()))
+        known = set(self.kad.routing_table.find_local_closest_peers(key, count))
+        known.update(self.host.get_connected_peers())
+        asked: set[ID] = set()
 
         async def ask(peer: ID) -> None:
             answer = await self._ask(peer, lambda: kad_requests.get_providers(self.kad, peer, key))
-            for info in answer[0] if answer else ():
-                found.setdefault(info.peer_id, info)
+            if answer is None:
+                return
+            providers, closer = answer
+            new = [info for info in providers if info.peer_id not in found]
+            found.update((info.peer_id, info) for info in new)
+            if new and found_some is not None:
+                found_some(new)
+            known.update(closer)
 
-        async with trio.open_nursery() as nursery:
-            for peer in await self._closest_peers(key):
-                nursery.start_soon(ask, peer)
+        for _ in range(LOOKUP_ROUNDS):
+            if asked and go_on is not None and not go_on():
+                break
+            known = {p for p in known if not self._skip(p)}
+            nearest = sort_peer_ids_by_distance(key, list(known))[:count]
+            batch = [p for p in nearest if p not in asked]
+            if not batch:
+                break
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    asked.add(peer)
+                    nursery.start_soon(ask, peer)
         return found
 
     async def get_record(self, peer_id: ID) -> ServerRecord | None:
@@ -434,8 +468,10 @@ class SwarmDHT:
         if local is not None:
             values.append(local.value)
 
-        async def ask(peer: ID) -> None:
-            value = await self._ask(peer, lambda: kad_requests.get_value(self.kad, peer, key))
+        async def ask(peer: ID, timed: list[float] | None = None) -> None:
+            value = await self._ask(
+                peer, lambda: kad_requests.get_value(self.kad, peer, key, timed=timed)
+            )
             if isinstance(value, bytes):
                 values.append(value)
 
@@ -445,14 +481,35 @@ class SwarmDHT:
 
         if not self._skip(peer_id):
             answered = len(values)
-            await ask(peer_id)
+            timed: list[float] = []
+            await ask(peer_id, timed)
             if len(values) > answered and (found := newest()) is not None:
+                self._note_answer(peer_id.to_base58(), timed)
                 return found
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
                 if peer != peer_id:  # asked above, or skipped as unreachable
                     nursery.start_soon(ask, peer)
         return newest()
+
+    def _note_answer(self, peer_id: str, timed: list[float]) -> None:
+        now = trio.current_time()
+        if len(self._answered) >= MAX_ANSWERS_KEPT:
+            self._answered = {p: a for p, a in self._answered.items() if now - a[1] <= ANSWER_FRESH}
+        if timed and len(self._answered) < MAX_ANSWERS_KEPT:
+            self._answered[peer_id] = (timed[0], now)
+
+    def recent_answers(self, peer_ids: Iterable[str]) -> dict[str, float]:
+        """Round trips (seconds, the stream's opening not counted) of the record requests that
+        servers among ``peer_ids`` answered themselves in the last ANSWER_FRESH seconds (a
+        lookup's): as good as a ping's, without the ping. Each is handed out once."""
+        now = trio.current_time()
+        out = {}
+        for peer_id in peer_ids:
+            answer = self._answered.pop(peer_id, None)
+            if answer is not None and now - answer[1] <= ANSWER_FRESH:
+                out[peer_id] = answer[0]
+        return out
 
     async def server_record(self, peer_id: str) -> ServerRecord | None:
         """``get_record`` for a peer id as text (None for text that is not a peer id)."""
@@ -469,6 +526,7 @@ class SwarmDHT:
         *,
         now: float | None = None,
         digest: str = "",
+        enough: Callable[[list[ServerRecord]], bool] | None = None,
     ) -> list[ServerRecord]:
         """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's keys
         alone: for a client that does not know the model's size yet) holding the weights of
@@ -477,25 +535,52 @@ class SwarmDHT:
         the servers of every digest announced under it (a caller refuses a mixture).
 
         The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
-        number of blocks; each server's signed record says which blocks it holds. Blocks are looked
-        up one by one (in parallel) only where that may miss servers: blocks that none of them
-        holds (a server whose model-key announcement has not reached the peers asked yet), or every
-        block when a model key may be full (PROVIDERS_PER_KEY providers or more: a peer keeps no
-        more, first come first kept, the departed for 48 h). Blocks are keyed by digest: without
-        one, under each digest the model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the
-        name (servers that predate digests)."""
+        number of blocks; each server's signed record, fetched as soon as its provider entry
+        arrives, says which blocks it holds. Blocks are looked up one by one (in parallel) only
+        where that may miss servers: blocks that none of them holds (a server whose model-key
+        announcement has not reached the peers asked yet), or every block when a model key may be
+        full (PROVIDERS_PER_KEY providers or more: a peer keeps no more, first come first kept,
+        the departed for 48 h). Blocks are keyed by digest: without one, under each digest the
+        model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the name (servers that predate
+        digests).
+
+        ``enough(records)``: a caller that needs some servers soon rather than all of them (a
+        chain for a first token) ends the walks after the round under way once the records found
+        are enough (those being fetched still arrive); the per-block lookups are then skipped."""
         now = time.time() if now is None else now
-        shards: list[dict[ID, PeerInfo]] = []
+        found: dict[str, ServerRecord] = {}
+        counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
+        fetched: set[ID] = set()
 
-        async def lookup_shard(shard: int) -> None:
-            shards.append(await self.find_providers(model_key(digest or model, shard)))
+        def satisfied() -> bool:
+            full = max(counts) >= PROVIDERS_PER_KEY
+            return enough is not None and not full and enough(list(found.values()))
 
-        async with trio.open_nursery() as nursery:
-            for shard in range(MODEL_KEY_SHARDS):
-                nursery.start_soon(lookup_shard, shard)
-        full = any(len(providers) >= PROVIDERS_PER_KEY for providers in shards)
-        merged = {p: i for s in shards for p, i in s.items()}
-        found = await self._live_records(merged, model, digest, now)
+        async with trio.open_nursery() as fetching:
+
+            def found_some(shard: int, providers: list[PeerInfo]) -> None:
+                counts[shard] += len(providers)
+                for info in providers:
+                    if info.peer_id not in fetched:
+                        fetched.add(info.peer_id)
+                        fetching.start_soon(
+                            self._fetch_live, info.peer_id, model, digest, now, found
+                        )
+
+            async with trio.open_nursery() as walking:
+                for shard in range(MODEL_KEY_SHARDS):
+                    key = model_key(digest or model, shard)
+                    walking.start_soon(
+                        functools.partial(
+                            self.find_providers,
+                            key,
+                            functools.partial(found_some, shard),
+                            go_on=lambda: not satisfied(),
+                        )
+                    )
+        if satisfied():
+            return self._learned(found.values(), blocks)
+        full = max(counts) >= PROVIDERS_PER_KEY
         covered = {b for r in found.values() for b in range(r.start, r.end)}
         wanted = covered if blocks is None else set(blocks)
         missing = sorted(wanted if full else wanted - covered)
@@ -514,11 +599,30 @@ class SwarmDHT:
                         nursery.start_soon(lookup_block, weights, block)
             new = {p: i for p, i in providers.items() if p.to_base58() not in found}
             found.update(await self._live_records(new, model, digest, now))
-        live = [r for r in found.values() if blocks is None or any(r.covers(b) for b in wanted)]
+        return self._learned(found.values(), blocks)
+
+    def _learned(
+        self, records: Iterable[ServerRecord], blocks: Iterable[int] | None
+    ) -> list[ServerRecord]:
+        """Those of ``records`` holding any of ``blocks`` (None: all), their signed addresses
+        noted in the peerstore, by first block."""
+        wanted = None if blocks is None else set(blocks)
+        live = [r for r in records if wanted is None or any(r.covers(b) for b in wanted)]
         for rec in live:
             addrs = [Multiaddr(a) for a in rec.addrs]
             self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
         return sorted(live, key=lambda r: (r.start, r.peer_id))
+
+    async def _fetch_live(
+        self, peer: ID, model: str, digest: str, now: float, into: dict[str, ServerRecord]
+    ) -> None:
+        """``peer``'s record into ``into`` if it is live and of ``model`` (of ``digest``'s
+        weights, when given)."""
+        rec = await self.get_record(peer)
+        if rec is None or rec.model != model or not rec.is_live(now):
+            return
+        if not digest or rec.model_digest == digest:
+            into[rec.peer_id] = rec
 
     async def _live_records(
         self, providers: dict[ID, PeerInfo], model: str, digest: str, now: float
@@ -527,15 +631,7 @@ class SwarmDHT:
         ``providers``' own, fetched in parallel (addresses come from the signed records:
         kad_requests put only vouched ones in the peerstore)."""
         records: dict[str, ServerRecord] = {}
-
-        async def fetch(peer: ID) -> None:
-            rec = await self.get_record(peer)
-            if rec is None or rec.model != model or not rec.is_live(now):
-                return
-            if not digest or rec.model_digest == digest:
-                records[rec.peer_id] = rec
-
         async with trio.open_nursery() as nursery:
             for peer in providers:
-                nursery.start_soon(fetch, peer)
+                nursery.start_soon(self._fetch_live, peer, model, digest, now, records)
         return records

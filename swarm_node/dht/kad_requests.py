@@ -61,12 +61,16 @@ async def _exchange(
     key: bytes,
     *,
     forget_unreachable: bool = False,
+    timed: list[float] | None = None,
 ) -> Message:
     """One request, one answer on a new stream; the stream is released however this ends.
 
     ``forget_unreachable``: a peer no stream can be opened to leaves the routing table (what
-    py-libp2p's FIND_NODE does; a peer that opens one and then resets it, say busy, stays)."""
-    return await _send(kad, peer, _request(kad, kind, key), forget_unreachable=forget_unreachable)
+    py-libp2p's FIND_NODE does; a peer that opens one and then resets it, say busy, stays).
+    ``timed``: gets the seconds from sending the request to its answer (a round trip, opening
+    the stream not counted)."""
+    request = _request(kad, kind, key)
+    return await _send(kad, peer, request, forget_unreachable=forget_unreachable, timed=timed)
 
 
 def _request(kad: KadDHT, kind: Message.MessageType.ValueType, key: bytes) -> Message:
@@ -84,6 +88,7 @@ async def _send(
     *,
     forget_unreachable: bool = False,
     answer: bool = True,
+    timed: list[float] | None = None,
 ) -> Message:
     """``request`` on a new stream, then its answer (``answer=False``: none is read, the stream is
     closed once the request is written)."""
@@ -95,6 +100,7 @@ async def _send(
         raise
     answered = False
     try:
+        sent_at = trio.current_time()
         await stream.write(encode_varint_prefixed(request.SerializeToString()))
         if not answer:
             answered = True  # sent whole: close, the remote handler reads it and sees EOF
@@ -107,6 +113,8 @@ async def _send(
                 f"{MAX_DHT_MESSAGE_SIZE} bytes, got {exc}"
             ) from None
         answered = True
+        if timed is not None:
+            timed.append(trio.current_time() - sent_at)
     finally:
         await _release(stream, peer, answered)
     response = Message()
@@ -221,12 +229,15 @@ async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInf
     return providers, [p for p in closer if p != kad.host.get_id()]
 
 
-async def get_value(kad: KadDHT, peer: ID, key: bytes) -> bytes | None:
-    """GET_VALUE: the value ``peer`` holds under ``key``, unchecked; None when it holds none."""
+async def get_value(
+    kad: KadDHT, peer: ID, key: bytes, *, timed: list[float] | None = None
+) -> bytes | None:
+    """GET_VALUE: the value ``peer`` holds under ``key``, unchecked; None when it holds none.
+    ``timed``: as ``_exchange``'s."""
     if peer == kad.host.get_id():
         local = kad.value_store.get(key)
         return None if local is None else local.value
-    response = await _exchange(kad, peer, Message.MessageType.GET_VALUE, key)
+    response = await _exchange(kad, peer, Message.MessageType.GET_VALUE, key, timed=timed)
     if response.type != Message.MessageType.GET_VALUE or not response.HasField("record"):
         return None
     if not response.record.value:

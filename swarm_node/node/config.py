@@ -432,9 +432,13 @@ class ClientConfig:
         metavar="SECONDS",
     )
     lookup_timeout: float = 30.0  # seconds to find every block's servers
-    # seconds a lookup's servers serve new sessions (pinged again each time, and looked up anew in
-    # the background once REFRESH_AFTER old): a long-lived client's next request costs no lookup
-    lookup_reuse: float = 60.0
+    lookup_reuse: float = flag(
+        60.0,
+        "seconds the servers a lookup found serve new sessions without another lookup (pinged "
+        "again each time, and looked up anew in the background after 5 s): a long-lived "
+        "client's next request costs no lookup (0: look up before every session)",
+        metavar="SECONDS",
+    )
     compression: str | None = flag(
         None,
         "codec of hidden states on the wire, both ways (default: send uncompressed "

@@ -110,6 +110,7 @@ class Peer:
         self._known_at: dict[str, float] = {}  # model -> trio time of its last lookup
         self._refreshing: set[str] = set()  # models looked up again in the background now
         self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
+        self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
@@ -368,18 +369,39 @@ class Peer:
         return kept
 
     async def find_servers(
-        self, model: str, num_blocks: int | None = None, *, start: int = 0
+        self,
+        model: str,
+        num_blocks: int | None = None,
+        *,
+        start: int = 0,
+        leaving_out: frozenset[str] | None = None,
     ) -> list[ServerRecord]:
         """Live servers of blocks ``start..num_blocks-1`` of ``model`` (None: those the model's key
         gives, whatever their blocks) holding the weights this client pinned (``pin_model``:
         looked up under their digest), remembered for routing. When the digest's keys leave
         blocks uncovered, the name's are asked too: servers found there holding other weights are
-        left out with the reason (``left_out``), so that a missing block's error says why."""
+        left out with the reason (``left_out``), so that a missing block's error says why.
+
+        ``leaving_out`` (a chain's lookup, with ``num_blocks``): the lookup stops at the first
+        servers that hold every block less those in it (sooner, and maybe not all of them)."""
         blocks = None if num_blocks is None else range(start, num_blocks)
         pin = self.pins.get(model)
+        enough = None
+        cut: list[bool] = []
+        if leaving_out is not None and num_blocks is not None:
+
+            def enough(records: list[ServerRecord]) -> bool:
+                usable = [r for r in records if r.peer_id not in leaving_out]
+                cut[:] = [not missing_blocks(usable, start, num_blocks)]
+                return cut[0]
+
         with trio.fail_after(self.client_config.lookup_timeout):
             digest = "" if pin is None else pin.digest
-            servers = await self.dht.find_servers(model, blocks, digest=digest)
+            servers = await self.dht.find_servers(model, blocks, digest=digest, enough=enough)
+            if cut and cut[0]:
+                self._partial.add(model)
+            else:
+                self._partial.discard(model)
             if digest and num_blocks is not None and missing_blocks(servers, start, num_blocks):
                 by_peer = {s.peer_id: s for s in await self.dht.find_servers(model, blocks)}
                 servers = list({**by_peer, **{s.peer_id: s for s in servers}}.values())
@@ -484,7 +506,8 @@ class Peer:
         covers the blocks; default: the client config's ``lookup_reuse``, and then one older than
         REFRESH_AFTER is renewed in the background) that hold ``adapter`` (when named), leaving out banned servers. With
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
-        latency among those that answer a ping (the samples feed ``self.rtt``), costing
+        latency among those that answer a ping, or answered the lookup itself just now (the round
+        trips feed ``self.rtt``), costing
         server-to-server hops from the round trips servers publish and leaving out servers whose
         cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
 
@@ -505,9 +528,16 @@ class Peer:
         servers = self._known.get(model, [])
         fresh = trio.current_time() - self._known_at.get(model, -math.inf) <= max_age
         if not (fresh and servers and not missing_blocks(servers, start, end)):
-            servers = await self.find_servers(model, end, start=start)
+            leaving_out = self.bans.banned(trio.current_time()) | avoid
+            servers = await self.find_servers(model, end, start=start, leaving_out=leaving_out)
         try:
-            return await self._route(settings, servers, start, end, adapter, rng, avoid)
+            try:
+                return await self._route(settings, servers, start, end, adapter, rng, avoid)
+            except MissingBlocksError:
+                if model not in self._partial:
+                    raise
+                servers = await self.find_servers(model, end, start=start)  # all of them
+                return await self._route(settings, servers, start, end, adapter, rng, avoid)
         except MissingBlocksError as exc:
             left_out = self.left_out.get(model)
             if not left_out:
@@ -540,7 +570,8 @@ class Peer:
             self.shares.record(chain)
             return chain
         candidates = [s for s in servers if s.peer_id not in exclude]
-        samples = await self.ping_all(candidates)
+        samples = self.dht.recent_answers(s.peer_id for s in candidates)  # a lookup's: no ping
+        samples |= await self.ping_all([s for s in candidates if s.peer_id not in samples])
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
         unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)

@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "speculative",
         "draft",
         "draft_tokens",
+        "lookup_reuse",
     )
     _add(
         gen,

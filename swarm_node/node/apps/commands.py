@@ -56,7 +56,11 @@ def resolve_client_device(args: argparse.Namespace) -> None:
 
 
 def _client_peer(args: argparse.Namespace) -> PeerConfig:
-    return PeerConfig(listen=CLIENT_LISTEN, **flag_values(PeerConfig, args))
+    """A client's peer: it only dials out (servers answer on its own connections), so it is not
+    checked for reachability (AutoNAT's dial-back: a connection handshake before the first
+    lookup) and offers no relay."""
+    values = {"reachability": "public", "no_relay": True} | flag_values(PeerConfig, args)
+    return PeerConfig(listen=CLIENT_LISTEN, **values)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -179,10 +183,11 @@ def _client_side(
     return checkpoint, tokenizer, head, input_ids, tuned
 
 
-async def _find_servers_early(peer: Peer, model: str) -> None:
-    """Look the model's servers up while the client's side loads; routing then reuses them."""
+async def _find_servers_early(peer: Peer, model: str, num_blocks: int) -> None:
+    """Look the model's servers up while the client's side loads (stopping at the first that hold
+    every block); routing then reuses them."""
     try:
-        await peer.find_servers(model)
+        await peer.find_servers(model, num_blocks, leaving_out=frozenset())
     except trio.TooSlowError:
         log.info("looking up the servers of %s timed out; routing will try again", model)
 
@@ -190,12 +195,12 @@ async def _find_servers_early(peer: Peer, model: str) -> None:
 async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
     """Generate from ``args.prompt``: the client's side loads in a thread while the swarm is looked
     up, so neither waits for the other."""
-    path, _ = await _checkpoint(args.model)
+    path, checkpoint = await _checkpoint(args.model)
     identity = await peer.pin_model(str(path))  # servers found from now on hold these weights
     model = model_id_of(str(path)) if identity is None else identity.name
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_find_servers_early, peer, model)
+            nursery.start_soon(_find_servers_early, peer, model, checkpoint.num_blocks)
             loaded = await trio.to_thread.run_sync(_client_side, args, path)
     except BaseExceptionGroup as group:
         raise sole_error(group) or group from None

@@ -163,40 +163,55 @@ def format_report(report: dict[str, Any]) -> str:
 async def gather_status(
     peer: Any, model: str, *, num_blocks: int | None = None, expected_digest: str = ""
 ) -> dict[str, Any]:
-    """Ask the swarm: every server of ``model``, pinged, as a coverage report."""
+    """Ask the swarm: every server of ``model``, pinged, as a coverage report. One round where the
+    model's keys tell everything: the servers they give are pinged together, and the first answer
+    says how many blocks the model has (unless ``num_blocks`` does)."""
     timeout = peer.client_config.lookup_timeout
+    rtt: dict[str, float] = {}
     with trio.move_on_after(timeout) as lookup:
-        servers: list[ServerRecord] = []
+        servers: list[ServerRecord] = await peer.dht.find_servers(model, None, now=time.time())
+        if not servers and num_blocks is None:  # some blocks' own keys may know one
+            servers = await peer.dht.find_servers(model, PROBE_BLOCKS)
+        told = await _ping_all(peer, servers, rtt)
+        num_blocks = num_blocks if num_blocks is not None else told
         if num_blocks is None:
-            servers = await peer.dht.find_servers(model, None, now=time.time())
-            if not servers:  # none through the model's keys: some blocks' own keys may know one
-                servers = await peer.dht.find_servers(model, PROBE_BLOCKS)
-            num_blocks = await _num_blocks(peer, model, servers)
+            raise MissingBlocksError(
+                f"no server of {model!r} answered (looked up blocks "
+                f"{format_blocks(PROBE_BLOCKS)}); check the model name, or pass --num-blocks to "
+                "see the empty map anyway"
+            )
         covered = {b for rec in servers for b in range(rec.start, rec.end)}
         if not covered.issuperset(range(num_blocks)):  # else the model's keys told everything
+            known = {rec.peer_id for rec in servers}
             servers = await peer.dht.find_servers(model, range(num_blocks), now=time.time())
+            await _ping_all(peer, [rec for rec in servers if rec.peer_id not in known], rtt)
     if lookup.cancelled_caught or num_blocks is None:
         raise MissingBlocksError(
             f"looking up the servers of {model!r} took longer than {timeout:g} s (the DHT "
             "peers asked did not answer in time); try again, or give --initial-peers closer by"
         )
-    rtt = await peer.ping_all(servers)
-    for peer_id, seconds in rtt.items():
-        peer.rtt.observe(peer_id, seconds)
     return coverage_report(
         servers, model=model, num_blocks=num_blocks, rtt=rtt, expected_digest=expected_digest
     )
 
 
-async def _num_blocks(peer: Any, model: str, servers: Sequence[ServerRecord]) -> int:
-    """The model's block count, as the first server that answers tells it."""
-    for rec in servers:
+async def _ping_all(
+    peer: Any, servers: Sequence[ServerRecord], rtt: dict[str, float]
+) -> int | None:
+    """Ping ``servers`` together (round trips into ``rtt`` and the peer's estimator); the block
+    count of the model as the first server that answered tells it (None: none answered)."""
+    told: list[int] = []
+
+    async def ping(rec: ServerRecord) -> None:
         try:
-            _, info = await peer.ping(rec.peer_id)
-        except Exception:  # noqa: BLE001 (any failure: ask the next server)
-            continue
-        return int(info.num_blocks)
-    raise MissingBlocksError(
-        f"no server of {model!r} answered (looked up blocks {format_blocks(PROBE_BLOCKS)}); "
-        "check the model name, or pass --num-blocks to see the empty map anyway"
-    )
+            seconds, info = await peer.ping(rec.peer_id)
+        except Exception:  # noqa: BLE001 (a server that fails a ping is shown without a round trip)
+            return
+        rtt[rec.peer_id] = seconds
+        peer.rtt.observe(rec.peer_id, seconds)
+        told.append(int(info.num_blocks))
+
+    async with trio.open_nursery() as nursery:
+        for rec in servers:
+            nursery.start_soon(ping, rec)
+    return told[0] if told else None

@@ -38,6 +38,7 @@ from swarm_node.node.client.recovery import (
     Slot,
     UnopenedSpan,
     ban,
+    close_quietly,
     sole_error,
 )
 from swarm_node.node.client.settings import HopTuning, SessionSettings
@@ -219,7 +220,10 @@ class InferenceSession:
         return [span for slot in self._slots for span in slot.spans]
 
     async def __aenter__(self) -> InferenceSession:
+        opened: dict[int, RemoteSpan | Exception] = {}  # no push: every hop's, opened at once
         try:
+            if not self.push:
+                await self._open_together(opened)
             following: RemoteSpan | None = None
             # push: open from the last hop back, so each server learns the next one's session id
             for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
@@ -228,7 +232,10 @@ class InferenceSession:
                 slot = Slot(start=hop.start, end=hop.end, spans=[])
                 try:
                     with HopFailed.on_failure(UnopenedSpan(hop)):
-                        following = await self.open_span(
+                        done = opened.pop(i, None)
+                        if isinstance(done, Exception):
+                            raise done
+                        following = done or await self.open_span(
                             hop, **self._push_fields(following, previous)
                         )
                     slot.spans.append(following)
@@ -241,6 +248,7 @@ class InferenceSession:
             if self.push:
                 self._slots.reverse()
         except BaseException:
+            await close_quietly([span for span in opened.values() if isinstance(span, RemoteSpan)])
             await self.aclose()
             raise
         if self.watch is not None:
@@ -290,6 +298,22 @@ class InferenceSession:
                     )
                     await self._recover(slot, failure)
                     break
+
+    async def _open_together(self, opened: dict[int, RemoteSpan | Exception]) -> None:
+        """Open a session on every hop at once (without push none needs another's session id: a
+        chain's opening costs one round of stream and request, not one per hop): each hop's span,
+        or what opening it raised, into ``opened`` by index (raised again in chain order, where
+        recovery sees it)."""
+
+        async def open_one(i: int) -> None:
+            try:
+                opened[i] = await self.open_span(self.chain[i])
+            except Exception as exc:  # noqa: BLE001 (raised again in order by __aenter__)
+                opened[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.chain)):
+                nursery.start_soon(open_one, i)
 
     async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
         """A stream to ``hop``'s server and a session there for its blocks."""
