@@ -43,6 +43,8 @@ WATCH_EVERY = 1.0  # seconds between two looks at the relays' connections
 MAX_SEARCH_DELAY = 60.0  # seconds between two searches for relays at most, when none is found
 RESERVE_TIMEOUT = 10.0  # seconds one reservation has to be answered
 CIRCUIT_ADDR_TTL = 3600  # seconds the peerstore keeps a private peer's relayed addresses
+DIAL_BACK_TIMEOUT = 8.0  # seconds an AutoNAT answer's dial back may take (the asker waits 10)
+PROBE_TAG = "swarm-node:autonat"  # a peer in an AutoNAT exchange: its connection is not trimmed
 
 _DIALERS: weakref.WeakKeyDictionary[Any, CircuitV2Transport] = weakref.WeakKeyDictionary()
 
@@ -162,6 +164,30 @@ def _remote_addrs(host: Any, peer: ID) -> list[Multiaddr]:
     return out
 
 
+class _AutoNAT(AutoNATService):
+    """py-libp2p's AutoNAT, answering after a dial back on a fresh connection: 0.8.1's calls
+    ``host.connect``, which returns at once when the asker is connected, as it always is (it asked
+    over that connection): a firewalled machine that others cannot dial was told it is public."""
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        network = self.host.get_network()
+        network.protect(peer_id, PROBE_TAG)  # one connection per peer (host.py): keep the asker's
+        try:
+            for raw in addrs:
+                with trio.move_on_after(DIAL_BACK_TIMEOUT):
+                    try:
+                        conn = await network.dial_addr(Multiaddr(raw), peer_id)
+                    except Exception as exc:  # noqa: BLE001 (unreachable there: try the next)
+                        log.debug("AutoNAT dial back to %s failed: %r", peer_id, exc)
+                        continue
+                    with trio.CancelScope(shield=True):
+                        await conn.close()
+                    return bytes(raw)
+            return None
+        finally:
+            network.unprotect(peer_id, PROBE_TAG)
+
+
 class Relays:
     """A peer's reachability, its relay service and (when private) its reservations."""
 
@@ -185,7 +211,7 @@ class Relays:
         self.dialer = CircuitV2Transport(
             host, self.protocol, RelayConfig(roles=RelayRole.STOP, limits=limits)
         )
-        self.autonat = AutoNATService(host, serve=True)
+        self.autonat = _AutoNAT(host, serve=True)
         self.direct = DirectUpgrades(host, hole_punch=settings.hole_punch)
         self.reserved: dict[str, list[str]] = {}  # relay peer id -> this peer's addresses there
         self.changed: Callable[[], Awaitable[None]] | None = None  # called when addresses change
@@ -264,11 +290,15 @@ class Relays:
         addrs = [a.to_bytes() for own in self.host.get_addrs() for a in _concrete(own)]
 
         async def ask(peer: ID) -> None:
+            network = self.host.get_network()
+            network.protect(peer, PROBE_TAG)  # its dial back must not trim the connection asking
             try:
                 await self.autonat.query_server(peer, addrs=addrs, timeout=AUTONAT_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 (no answer counts as "could not dial back")
                 log.debug("AutoNAT query to %s failed: %r", peer, exc)
                 self.autonat.dial_results[peer] = False
+            finally:
+                network.unprotect(peer, PROBE_TAG)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
