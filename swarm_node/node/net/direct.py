@@ -26,12 +26,14 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
 DIRECT_WAIT = 2.0  # seconds a dial through a relay waits for the direct connection it tries for
 RETIRE_EVERY = 0.5  # seconds between two looks for relayed connections that carry nothing
 PROTECT_TAG = "swarm-node:relayed"
+MAX_PEER_ADDRS = 8  # addresses of a peer's DCUtR message this peer dials (py-libp2p: ~400 in 4 KiB)
 
 _UPGRADES: weakref.WeakKeyDictionary[Any, DirectUpgrades] = weakref.WeakKeyDictionary()
 
@@ -49,10 +51,15 @@ def open_connections(host: Any, peer: ID) -> tuple[list[Any], list[Any]]:
 
 class _HolePunch(DCUtRProtocol):
     """py-libp2p's DCUtR, except that it closes no relayed connection (DirectUpgrades does, once
-    the connection carries no stream)."""
+    the connection carries no stream), and dials at most MAX_PEER_ADDRS of the addresses a peer
+    sends (each is dialed at once, three rounds: a peer could have this one dial hundreds of
+    addresses of its choosing)."""
 
     def _schedule_relay_close(self, peer_id: ID) -> None:
         return None
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Multiaddr]:
+        return super()._decode_observed_addrs(addr_bytes[:MAX_PEER_ADDRS])
 
 
 class DirectUpgrades:
@@ -90,6 +97,10 @@ class DirectUpgrades:
         """Try once to reach ``peer`` directly (it is reached through a relay): True if a direct
         connection is open after the attempt."""
         if self.protocol is not None:
+            # a fresh budget: py-libp2p allows 3 attempts per peer until a disconnection, and its
+            # auto-drive spends them within seconds of the relayed connection (before this peer
+            # may have had an address to give, or its NAT a mapping)
+            self.protocol.on_peer_disconnected(peer)
             try:
                 await self.protocol.initiate_hole_punch(peer)
             except Exception as exc:  # noqa: BLE001 (a failed punch leaves the relayed connection)
