@@ -44,7 +44,6 @@ MAX_SEARCH_DELAY = 60.0  # seconds between two searches for relays at most, when
 RESERVE_TIMEOUT = 10.0  # seconds one reservation has to be answered
 CIRCUIT_ADDR_TTL = 3600  # seconds the peerstore keeps a private peer's relayed addresses
 DIAL_BACK_TIMEOUT = 8.0  # seconds an AutoNAT answer's dial back may take (the asker waits 10)
-PROBE_TAG = "swarm-node:autonat"  # a peer in an AutoNAT exchange: its connection is not trimmed
 
 _DIALERS: weakref.WeakKeyDictionary[Any, CircuitV2Transport] = weakref.WeakKeyDictionary()
 
@@ -165,27 +164,42 @@ def _remote_addrs(host: Any, peer: ID) -> list[Multiaddr]:
 
 
 class _AutoNAT(AutoNATService):
-    """py-libp2p's AutoNAT, answering after a dial back on a fresh connection: 0.8.1's calls
-    ``host.connect``, which returns at once when the asker is connected, as it always is (it asked
-    over that connection): a firewalled machine that others cannot dial was told it is public."""
+    """py-libp2p's AutoNAT, answering after a dial back of its own: 0.8.1's calls ``host.connect``,
+    which returns at once when the asker is connected, as it always is (it asked over that
+    connection): a firewalled machine that others cannot dial was told it is public.
+
+    The dial back is a TCP connection to the address and a Noise handshake proving the asker's id
+    there, then closed: never a connection of the swarm (with one connection per peer, a second
+    one would take new streams and cut them when closed)."""
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
-        network = self.host.get_network()
-        network.protect(peer_id, PROBE_TAG)  # one connection per peer (host.py): keep the asker's
-        try:
-            for raw in addrs:
-                with trio.move_on_after(DIAL_BACK_TIMEOUT):
-                    try:
-                        conn = await network.dial_addr(Multiaddr(raw), peer_id)
-                    except Exception as exc:  # noqa: BLE001 (unreachable there: try the next)
-                        log.debug("AutoNAT dial back to %s failed: %r", peer_id, exc)
-                        continue
-                    with trio.CancelScope(shield=True):
-                        await conn.close()
+        for raw in addrs:
+            with trio.move_on_after(DIAL_BACK_TIMEOUT):
+                try:
+                    await _handshake(self.host, Multiaddr(raw), peer_id)
                     return bytes(raw)
-            return None
-        finally:
-            network.unprotect(peer_id, PROBE_TAG)
+                except Exception as exc:  # noqa: BLE001 (unreachable there: try the next)
+                    log.debug("AutoNAT dial back to %s failed: %r", peer_id, exc)
+        return None
+
+
+async def _handshake(host: Any, addr: Multiaddr, peer: ID) -> None:
+    """Dial ``addr`` and authenticate ``peer`` there (swarm key, Noise), then hang up."""
+    network = host.get_network()
+    transport = network.transport_manager.transport_for_dialing(addr)
+    if transport is None:
+        raise ConnectionError(f"no transport dials {addr}")
+    raw = await transport.dial(addr)
+    try:
+        if network.psk is not None:
+            raw = new_protected_conn(raw, network.psk)
+        await network.upgrader.upgrade_security(raw, True, peer)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await raw.close()
+            except Exception as exc:  # noqa: BLE001 (hanging up: the verdict is made)
+                log.debug("closing the AutoNAT dial back failed: %r", exc)
 
 
 class Relays:
@@ -290,15 +304,11 @@ class Relays:
         addrs = [a.to_bytes() for own in self.host.get_addrs() for a in _concrete(own)]
 
         async def ask(peer: ID) -> None:
-            network = self.host.get_network()
-            network.protect(peer, PROBE_TAG)  # its dial back must not trim the connection asking
             try:
                 await self.autonat.query_server(peer, addrs=addrs, timeout=AUTONAT_TIMEOUT)
             except Exception as exc:  # noqa: BLE001 (no answer counts as "could not dial back")
                 log.debug("AutoNAT query to %s failed: %r", peer, exc)
                 self.autonat.dial_results[peer] = False
-            finally:
-                network.unprotect(peer, PROBE_TAG)
 
         async with trio.open_nursery() as nursery:
             for peer in peers:
