@@ -3,18 +3,25 @@
 
 `swarm-node serve` processes: two public relays (servers of a tiny model of their own, so that they
 hold none of the benchmarked blocks), a public server of blocks 0:H, and two servers of blocks H:L,
-one public and one private (--reachability private: it announces only its relayed addresses). The
-client runs here and listens nowhere, so its connection to the private server is relayed end to end.
-Rounds alternate the direct chain and the relayed one (side by side: these machines drift); then the
-public H:L server leaves and the relay carrying the client's connection is SIGKILLed after
---kill-after tokens: the client recovers through the private server's other relay.
+three of blocks H:L: one public, and two private ones that listen nowhere (--reachability private
+--listen none: they announce only relayed addresses and nothing can dial them). Two clients run
+here: one listens nowhere, so its connection to the "relayed" private server is relayed end to end;
+the other listens on 127.0.0.1, as a client on a public address, and uses the "upgraded" private
+server: once it reaches it through a relay, DCUtR has that server dial it back and the sessions go
+direct (node/net/direct.py; or the server's DHT reached it directly first: ``upgrades`` says which).
+Rounds alternate the three chains (side by side: these machines drift); then the public H:L server
+and the upgraded one leave and the relay carrying the first client's connection to the relayed
+server is SIGKILLed after --kill-after tokens: the client recovers through that server's other
+relay.
 
 Prints one JSON line: tokens/s of each chain (the steady decode: first to last token),
-``relayed_over_direct``, ``relay_loss_to_next_token_s`` (SIGKILL of the relay to the next token)
-and ``same_tokens`` (every generation, the one with the loss too, gave the same tokens).
+``relayed_over_direct``, ``upgraded_over_direct`` (with ``upgrades``: peers the client reached
+through a relay and then directly, and ``upgraded_connection``: how it reaches that server at the
+end), ``relay_loss_to_next_token_s`` (SIGKILL of the relay to the next token) and ``same_tokens``
+(every generation, the one with the loss too, gave the same tokens).
 
     .venv/bin/python scripts/bench_relay.py [--model smollm2-135m] [--new-tokens 32]
-        [--kill-after 12] [--repeats 3]
+        [--kill-after 12] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -64,6 +71,18 @@ class Timeline:
 
     def tokens_per_s(self) -> float:
         return (len(self.times) - 1) / (self.times[-1] - self.times[0])
+
+
+def connection_kind(client: Peer, server_id: str) -> str:
+    """How ``client`` reaches ``server_id`` now: "direct", "relayed", "both" or "none"."""
+    from libp2p.peer.id import ID
+
+    from swarm_node.node.net.direct import open_connections
+
+    direct, relayed = open_connections(client.host, ID.from_base58(server_id))
+    return {(1, 0): "direct", (0, 1): "relayed", (1, 1): "both"}.get(
+        (min(len(direct), 1), min(len(relayed), 1)), "none"
+    )
 
 
 def relay_in_use(client: Peer, server_id: str) -> str:
@@ -116,16 +135,33 @@ async def run(args: argparse.Namespace) -> dict:
                 + ["--listen", "none"],  # no inbound path at all: the relays are the only way in
                 started,
             )
+            upgraded = await start_server(  # the same, for the client that listens
+                nursery,
+                [*common, "--blocks", f"{half}:{layers}", "--reachability", "private"]
+                + ["--listen", "none"],
+                started,
+            )
             by_id: dict[str, ServerProcess] = {r.peer_id: r for r in relays}
             client_config = ClientConfig(
                 step_timeout=args.step_timeout, retry_delay=0.2, ban_time=0.1
             )
-            async with open_peer(  # listening nowhere: the private server cannot dial it directly
-                PeerConfig(listen=(), reachability="private", initial_peers=tuple(initial)),
-                client=client_config,
-            ) as client:
+            async with (
+                open_peer(  # listening nowhere: no server can open a direct connection to it
+                    PeerConfig(listen=(), reachability="private", initial_peers=tuple(initial)),
+                    client=client_config,
+                ) as client,
+                open_peer(  # dialable, as on a public address: the upgraded server dials it back
+                    PeerConfig(
+                        listen=("/ip4/127.0.0.1/tcp/0",),
+                        reachability="public",
+                        no_relay=True,
+                        initial_peers=tuple(initial),
+                    ),
+                    client=client_config,
+                ) as public_client,
+            ):
                 records = {}
-                while not all(s.peer_id in records for s in (first, direct, private)):
+                while not all(s.peer_id in records for s in (first, direct, private, upgraded)):
                     records.update((r.peer_id, r) for r in await client.find_servers(model, layers))
 
                 def chain(second: ServerProcess) -> list[Hop]:
@@ -136,7 +172,7 @@ async def run(args: argparse.Namespace) -> dict:
 
                 async def generate(second: ServerProcess, timeline: Timeline):
                     ids, stats = await generate_tokens(
-                        client,
+                        public_client if second is upgraded else client,
                         head,
                         input_ids,
                         settings,
@@ -148,17 +184,23 @@ async def run(args: argparse.Namespace) -> dict:
 
                 await generate(direct, Timeline())  # warm-up: connections, first-call costs
                 await generate(private, Timeline())
-                rates: dict[str, list[float]] = {"direct": [], "relayed": []}
+                await generate(upgraded, Timeline())
+                rates: dict[str, list[float]] = {"direct": [], "relayed": [], "upgraded": []}
                 outputs = []
                 for r in range(args.repeats):
-                    order = [("direct", direct), ("relayed", private)]
+                    order = [("direct", direct), ("relayed", private), ("upgraded", upgraded)]
                     for name, second in order if r % 2 == 0 else order[::-1]:
                         timeline = Timeline()
                         ids, _ = await generate(second, timeline)
                         rates[name].append(timeline.tokens_per_s())
                         outputs.append(ids)
-                direct.process.send_signal(signal.SIGTERM)  # recovery must use the private server
-                await direct.process.wait()
+                upgraded_kind = connection_kind(public_client, upgraded.peer_id)
+                relayed_kind = connection_kind(client, private.peer_id)
+                watch = public_client.relays
+                upgrades = watch.direct.upgraded if watch is not None else 0
+                for gone in (direct, upgraded):  # recovery must use the private server
+                    gone.process.send_signal(signal.SIGTERM)
+                    await gone.process.wait()
                 loss = Timeline(
                     args.kill_after, lambda: by_id[relay_in_use(client, private.peer_id)]
                 )
@@ -168,6 +210,7 @@ async def run(args: argparse.Namespace) -> dict:
             stop_all(started)
     direct_rate = statistics.median(rates["direct"])
     relayed_rate = statistics.median(rates["relayed"])
+    upgraded_rate = statistics.median(rates["upgraded"])
     return {
         "model": model,
         "new_tokens": args.new_tokens,
@@ -175,6 +218,11 @@ async def run(args: argparse.Namespace) -> dict:
         "direct_tokens_per_s": round(direct_rate, 2),
         "relayed_tokens_per_s": round(relayed_rate, 2),
         "relayed_over_direct": round(relayed_rate / direct_rate, 3),
+        "upgraded_tokens_per_s": round(upgraded_rate, 2),
+        "upgraded_over_direct": round(upgraded_rate / direct_rate, 3),
+        "upgrades": upgrades,
+        "upgraded_connection": upgraded_kind,
+        "relayed_connection": relayed_kind,
         "relay_loss_to_next_token_s": round(loss.times[args.kill_after] - loss.killed_at, 3),
         "recoveries": len(stats.recoveries),
         "recovery_s": round(stats.recoveries[0].seconds, 3) if stats.recoveries else None,
@@ -191,8 +239,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--kill-after", type=int, default=12)
     parser.add_argument("--step-timeout", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3, help="direct / relayed pairs")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the three chains")
+    parser.add_argument("--quick", action="store_true", help="16 tokens, one round (developing)")
     args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.kill_after = 16, 1, min(args.kill_after, 8)
     if not 1 <= args.kill_after < args.new_tokens:
         parser.error("--kill-after must be in [1, --new-tokens)")
     logging.basicConfig(level=logging.WARNING)

@@ -155,6 +155,30 @@ async def test_auto_reachability_asks_peers_with_autonat(caplog: Any) -> None:
     assert any(m.startswith("reserved a relay slot at " + public.peer_id) for m in messages)
 
 
+async def test_autonat_dials_back_on_a_fresh_connection(free_tcp_port: int, caplog: Any) -> None:
+    """A firewalled machine with no NAT: its address is the one peers see (127.0.0.1), but nothing
+    answers at the port it announces (a closed port: what a firewall leaves of a listener). The
+    AutoNAT peer, though connected to it already, dials that address afresh, fails, and the machine
+    learns "private"; the same peer announcing where it listens learns "public"."""
+    caplog.set_level("INFO", logger="swarm_node")
+    closed = f"/ip4/127.0.0.1/tcp/{free_tcp_port}"
+    with trio.fail_after(60):
+        async with open_peer(PeerConfig(listen=LOOPBACK, reachability="public")) as public:
+            initial = (public.addrs[0],)
+            async with (
+                open_peer(
+                    PeerConfig(listen=LOOPBACK, initial_peers=initial, announce_addrs=(closed,))
+                ) as firewalled,
+                open_peer(PeerConfig(listen=LOOPBACK, initial_peers=initial)) as open_one,
+            ):
+                assert firewalled.reachability == "private"
+                assert open_one.reachability == "public"
+                assert firewalled.relays is not None and firewalled.relays.reserved
+                assert await open_one.relays.check_reachability() == "public"  # asked again
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("reachability: private (AutoNAT: 0 of 1 peers" in m for m in messages)
+
+
 def relay_of(client: Peer, server: Peer) -> str:
     """The relay the client's connection to ``server`` goes through."""
     from libp2p.peer.id import ID

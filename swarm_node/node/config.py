@@ -151,6 +151,10 @@ class PeerConfig:
         choices=("auto", "public", "private"),
     )
     no_relay: bool = flag(False, "offer no relay service to private peers, even when public")
+    no_hole_punch: bool = flag(
+        False,
+        "keep relayed connections relayed: no direct connection tried (DCUtR hole punching)",
+    )
     relay_max_reservations: int = flag(
         16, "private peers this peer relays for at most (when public)", metavar="N"
     )

@@ -691,7 +691,7 @@ async def open_peer(
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
     limits = CLIENT_LIMITS if server is None else SERVER_LIMITS
     host = build_host(key_pair=key_pair, announce=announce, psk=psk, limits=limits)
-    relays = Relays(host, relay_settings(config, psk is not None), listening=bool(listen))
+    relays = Relays(host, relay_settings(config), listening=bool(listen))
     try:
         async with host.run(listen_addrs=listen):
             await dial_on_demand(host)
@@ -723,14 +723,11 @@ async def open_peer(
         raise sole_error(group) or group from None  # one failure comes out as itself
 
 
-def relay_settings(config: PeerConfig, private_swarm: bool) -> RelaySettings:
-    """``config``'s relay fields; no relay service in a private swarm (py-libp2p 0.8.1 puts the
-    swarm key on relayed connections a peer accepts but not on those it dials)."""
-    if private_swarm and config.reachability == "private":
-        log.warning("a private swarm (--swarm-key) cannot use relays: this peer is unreachable")
+def relay_settings(config: PeerConfig) -> RelaySettings:
+    """``config``'s relay fields (in a private swarm too: relayed connections carry the key)."""
     return RelaySettings(
         reachability=config.reachability,
-        offer=not config.no_relay and not private_swarm,
+        offer=not config.no_relay,
         max_reservations=config.relay_max_reservations,
         max_circuits=config.relay_max_circuits,
         max_circuit_bytes=config.relay_max_circuit_mb * 2**20,
@@ -739,4 +736,5 @@ def relay_settings(config: PeerConfig, private_swarm: bool) -> RelaySettings:
         relays=config.relays,
         renew_every=config.relay_renew_every,
         recheck_every=config.autonat_every,
+        hole_punch=not config.no_hole_punch,
     )

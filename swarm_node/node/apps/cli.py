@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "announce_addrs",
         "reachability",
         "no_relay",
+        "no_hole_punch",
         "relay_max_reservations",
         "relay_max_circuits",
         "relay_max_circuit_mb",

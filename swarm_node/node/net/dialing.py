@@ -16,6 +16,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
 from swarm_node.errors import ConfigError, SwarmError
+from swarm_node.node.net.direct import try_direct
 from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.node.net.relay import dial_through_relays, is_circuit
 from swarm_node.protocol import PROTOCOL_ID
@@ -61,7 +62,8 @@ async def connect(host: Any, peer: ID) -> None:
     """Make sure a connection to ``peer`` is open. A peer known at ``/p2p-circuit`` addresses is
     private (it announces only those): it is dialed through its relays alone, py-libp2p's swarm
     never dials those itself, and the other addresses it was seen at (by identify, from behind its
-    NAT) would cost a failed dial first."""
+    NAT) would cost a failed dial first. Reached through a relay, it is then tried directly
+    (direct.py: a dial of its direct addresses, or a hole punch), for a moment."""
     if host.get_network().get_connections(peer):
         return
     try:
@@ -71,6 +73,7 @@ async def connect(host: Any, peer: ID) -> None:
     relayed = [a for a in addrs if is_circuit(a)]
     if relayed:
         await dial_through_relays(host, peer, relayed)
+        await try_direct(host, peer)
 
 
 def forget_closed_connections(host: Any, peer: ID) -> None:

@@ -20,15 +20,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from libp2p.connection_types import ConnectionType
 from libp2p.host.autonat import AutoNATService, AutoNATStatus
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.relay.circuit_v2 import CircuitV2Protocol, CircuitV2Transport, RelayLimits
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.security.pnet.protector import new_protected_conn
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import get_available_interfaces
 from multiaddr import Multiaddr
+
+from swarm_node.node.net.direct import DirectUpgrades
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ WATCH_EVERY = 1.0  # seconds between two looks at the relays' connections
 MAX_SEARCH_DELAY = 60.0  # seconds between two searches for relays at most, when none is found
 RESERVE_TIMEOUT = 10.0  # seconds one reservation has to be answered
 CIRCUIT_ADDR_TTL = 3600  # seconds the peerstore keeps a private peer's relayed addresses
+DIAL_BACK_TIMEOUT = 8.0  # seconds an AutoNAT answer's dial back may take (the asker waits 10)
 
 _DIALERS: weakref.WeakKeyDictionary[Any, CircuitV2Transport] = weakref.WeakKeyDictionary()
 
@@ -55,6 +60,7 @@ class RelaySettings:
     relays: int  # relays a private peer keeps a reservation at
     renew_every: float  # seconds between two renewals of a private peer's reservations
     recheck_every: float  # seconds between two AutoNAT checks in "auto" mode
+    hole_punch: bool = True  # try for a direct connection to peers reached through a relay (DCUtR)
 
 
 def is_circuit(addr: str | Multiaddr) -> bool:
@@ -84,6 +90,7 @@ async def dial_through_relays(host: Any, peer: ID, addrs: Sequence[Multiaddr]) -
     if dialer is None:
         raise ConnectionError(f"peer {peer} is reachable through relays only, and relays are off")
     store = host.get_peerstore()
+    direct = [a for a in store.addrs(peer) if not is_circuit(a)]
     ordered = sorted(addrs, key=lambda a: not _relay_open(host, a))
     error: BaseException = ConnectionError(f"peer {peer} has no relay address")
     try:
@@ -91,15 +98,34 @@ async def dial_through_relays(host: Any, peer: ID, addrs: Sequence[Multiaddr]) -
             store.clear_addrs(peer)
             store.add_addrs(peer, [addr], CIRCUIT_ADDR_TTL)
             try:
-                await dialer.dial(addr)
+                await _dial_circuit(host, dialer, addr)
                 return
             except Exception as exc:  # noqa: BLE001 (a dead relay, a refusal: try the next one)
                 log.debug("dialing %s through %s failed: %r", peer, addr, exc)
                 error = exc
-    finally:
+    finally:  # with the direct ones known (identify's, a hole punch tries them)
+        direct += [a for a in store.addrs(peer) if not is_circuit(a) and a not in direct]
         store.clear_addrs(peer)
-        store.add_addrs(peer, list(addrs), CIRCUIT_ADDR_TTL)
+        store.add_addrs(peer, list(addrs) + direct, CIRCUIT_ADDR_TTL)
     raise error
+
+
+async def _dial_circuit(host: Any, dialer: CircuitV2Transport, addr: Multiaddr) -> None:
+    """py-libp2p's circuit dial (CircuitV2Transport.dial), with this host's swarm key on the
+    relayed connection as on every other: 0.8.1 puts it on the relayed connections a peer accepts,
+    not on those it dials, so two peers of a private swarm could not talk through a relay."""
+    relay_addr, peer = dialer.parse_circuit_ma(addr)
+    relay_id = relay_addr.get_peer_id()
+    relay = relay_id if isinstance(relay_id, ID) else ID.from_base58(str(relay_id))
+    raw = await dialer.dial_peer_info(
+        PeerInfo(peer, [addr]), relay_info=PeerInfo(relay, [relay_addr])
+    )
+    psk = host.get_network().psk
+    if psk is not None:
+        raw = new_protected_conn(raw, psk)
+    conn = await host.upgrade_outbound_connection(raw, peer)
+    # what the accepting side's relay protocol does: the swarm cannot read these through the key
+    conn.set_transport_info([addr], ConnectionType.RELAYED)
 
 
 def _relay_open(host: Any, addr: Multiaddr) -> bool:
@@ -137,6 +163,45 @@ def _remote_addrs(host: Any, peer: ID) -> list[Multiaddr]:
     return out
 
 
+class _AutoNAT(AutoNATService):
+    """py-libp2p's AutoNAT, answering after a dial back of its own: 0.8.1's calls ``host.connect``,
+    which returns at once when the asker is connected, as it always is (it asked over that
+    connection): a firewalled machine that others cannot dial was told it is public.
+
+    The dial back is a TCP connection to the address and a Noise handshake proving the asker's id
+    there, then closed: never a connection of the swarm (with one connection per peer, a second
+    one would take new streams and cut them when closed)."""
+
+    async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
+        for raw in addrs:
+            with trio.move_on_after(DIAL_BACK_TIMEOUT):
+                try:
+                    await _handshake(self.host, Multiaddr(raw), peer_id)
+                    return bytes(raw)
+                except Exception as exc:  # noqa: BLE001 (unreachable there: try the next)
+                    log.debug("AutoNAT dial back to %s failed: %r", peer_id, exc)
+        return None
+
+
+async def _handshake(host: Any, addr: Multiaddr, peer: ID) -> None:
+    """Dial ``addr`` and authenticate ``peer`` there (swarm key, Noise), then hang up."""
+    network = host.get_network()
+    transport = network.transport_manager.transport_for_dialing(addr)
+    if transport is None:
+        raise ConnectionError(f"no transport dials {addr}")
+    raw = await transport.dial(addr)
+    try:
+        if network.psk is not None:
+            raw = new_protected_conn(raw, network.psk)
+        await network.upgrader.upgrade_security(raw, True, peer)
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await raw.close()
+            except Exception as exc:  # noqa: BLE001 (hanging up: the verdict is made)
+                log.debug("closing the AutoNAT dial back failed: %r", exc)
+
+
 class Relays:
     """A peer's reachability, its relay service and (when private) its reservations."""
 
@@ -160,7 +225,8 @@ class Relays:
         self.dialer = CircuitV2Transport(
             host, self.protocol, RelayConfig(roles=RelayRole.STOP, limits=limits)
         )
-        self.autonat = AutoNATService(host, serve=True)
+        self.autonat = _AutoNAT(host, serve=True)
+        self.direct = DirectUpgrades(host, hole_punch=settings.hole_punch)
         self.reserved: dict[str, list[str]] = {}  # relay peer id -> this peer's addresses there
         self.changed: Callable[[], Awaitable[None]] | None = None  # called when addresses change
 
@@ -192,6 +258,7 @@ class Relays:
             _DIALERS[self.host] = self.dialer
             try:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self.direct.run)
                     auto = self.settings.reachability == "auto" and self.status != "private"
                     if auto:
                         await self.check_reachability()

@@ -1,0 +1,182 @@
+"""Direct connections to peers first reached through a relay: py-libp2p's DCUtR (hole punching),
+with every relayed connection kept for as long as it carries a stream.
+
+When a peer dials another through a relay, it tries at once to reach it directly: a plain dial of
+the addresses it knows for it, then DCUtR (both peers exchange their observed addresses through the
+relay and dial each other at the same moment, so that their NATs let the other's packets in). New
+streams then go to the direct connection (py-libp2p prefers a direct connection to a relayed one).
+
+A session's stream lives as long as the session: moving it would cost a replay. So a session that
+began on the relayed connection ends there, with every step, and the relayed connection is closed
+as soon as it carries no stream any more. py-libp2p 0.8.1 would cut it instead: its DCUtR closes
+a relayed connection 60 s after the direct one verifies, whatever it carries, and its swarm, allowed
+one connection per peer (host.py), trims the older connection when the direct one arrives. Here
+DCUtR closes nothing, and a peer with a relayed connection is protected from trimming.
+
+Knows nothing of sessions: it looks only at connections and their open streams.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+log = logging.getLogger(__name__)
+
+DIRECT_WAIT = 2.0  # seconds a dial through a relay waits for the direct connection it tries for
+RETIRE_EVERY = 0.5  # seconds between two looks for relayed connections that carry nothing
+PROTECT_TAG = "swarm-node:relayed"
+MAX_PEER_ADDRS = 8  # addresses of a peer's DCUtR message this peer dials (py-libp2p: ~400 in 4 KiB)
+
+_UPGRADES: weakref.WeakKeyDictionary[Any, DirectUpgrades] = weakref.WeakKeyDictionary()
+
+
+def is_relayed(conn: Any) -> bool:
+    addrs = conn.get_transport_addresses()
+    return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+
+
+def open_connections(host: Any, peer: ID) -> tuple[list[Any], list[Any]]:
+    """``host``'s open connections to ``peer``: (direct ones, relayed ones)."""
+    conns = [c for c in host.get_network().get_connections(peer) if not c.is_closed]
+    return [c for c in conns if not is_relayed(c)], [c for c in conns if is_relayed(c)]
+
+
+class _HolePunch(DCUtRProtocol):
+    """py-libp2p's DCUtR, except that it closes no relayed connection (DirectUpgrades does, once
+    the connection carries no stream), and dials at most MAX_PEER_ADDRS of the addresses a peer
+    sends (each is dialed at once, three rounds: a peer could have this one dial hundreds of
+    addresses of its choosing)."""
+
+    def _schedule_relay_close(self, peer_id: ID) -> None:
+        return None
+
+    def _decode_observed_addrs(self, addr_bytes: list[bytes]) -> list[Multiaddr]:
+        return super()._decode_observed_addrs(addr_bytes[:MAX_PEER_ADDRS])
+
+
+class DirectUpgrades:
+    """A host's DCUtR service (``hole_punch``: answers and starts hole punches) and the keeper of
+    its relayed connections (always: protected while open, closed once idle beside a direct one)."""
+
+    def __init__(self, host: Any, *, hole_punch: bool) -> None:
+        self.host = host
+        self.protocol = _HolePunch(host) if hole_punch else None
+        self.upgraded = 0  # peers first reached through a relay and then directly
+        self.retired = 0  # relayed connections closed once a direct one carried the traffic
+        self.changed = trio.Event()  # set (and replaced) when a peer's connections change kind
+        self._protected: set[ID] = set()
+        self._seen_direct: set[ID] = set()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.protocol is not None:
+                nursery.start_soon(self._serve, self.protocol)
+                await self.protocol.event_started.wait()
+            _UPGRADES[self.host] = self
+            try:
+                task_status.started()
+                await self._keep_relayed()
+            finally:
+                _UPGRADES.pop(self.host, None)
+
+    async def _serve(self, protocol: DCUtRProtocol) -> None:
+        async with background_trio_service(protocol):
+            await trio.sleep_forever()
+
+    async def upgrade(self, peer: ID) -> bool:
+        """Try once to reach ``peer`` directly (it is reached through a relay): True if a direct
+        connection is open after the attempt."""
+        if self.protocol is not None:
+            # a fresh budget: py-libp2p allows 3 attempts per peer until a disconnection, and its
+            # auto-drive spends them within seconds of the relayed connection (before this peer
+            # may have had an address to give, or its NAT a mapping)
+            self.protocol.on_peer_disconnected(peer)
+            try:
+                await self.protocol.initiate_hole_punch(peer)
+            except Exception as exc:  # noqa: BLE001 (a failed punch leaves the relayed connection)
+                log.debug("hole punch to %s failed: %r", peer, exc)
+        return bool(open_connections(self.host, peer)[0])
+
+    def upgrade_soon(self, peer: ID) -> trio.Event:
+        """Start ``upgrade(peer)`` in the background: the event is set when it is over."""
+        done = trio.Event()
+
+        async def attempt() -> None:
+            try:
+                await self.upgrade(peer)
+            finally:
+                done.set()
+
+        if self.protocol is None or self._nursery is None:
+            done.set()
+        else:
+            self._nursery.start_soon(attempt)
+        return done
+
+    async def _keep_relayed(self) -> None:
+        while True:
+            network = self.host.get_network()
+            for peer in list(network.connections):
+                direct, relayed = open_connections(self.host, peer)
+                if relayed and peer not in self._protected:
+                    network.protect(peer, PROTECT_TAG)
+                    self._protected.add(peer)
+                if direct and relayed and peer not in self._seen_direct:
+                    self._seen_direct.add(peer)
+                    self.upgraded += 1
+                    log.info(
+                        "direct connection to %s (was relayed: the relayed one stays while it "
+                        "carries %d stream(s))",
+                        peer,
+                        sum(len(c.get_streams()) for c in relayed),
+                    )
+                    self._signal()
+                if direct:
+                    for conn in relayed:
+                        if not conn.get_streams():
+                            await self._retire(peer, conn)
+            for peer in list(self._protected):
+                if not open_connections(self.host, peer)[1]:
+                    network.unprotect(peer, PROTECT_TAG)
+                    self._protected.discard(peer)
+                    self._seen_direct.discard(peer)
+                    self._signal()
+            await trio.sleep(RETIRE_EVERY)
+
+    async def _retire(self, peer: ID, conn: Any) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:  # noqa: BLE001 (closing anyway; py-libp2p's close catches the same)
+            log.debug("closing the relayed connection to %s failed: %r", peer, exc)
+        self.retired += 1
+        log.info("closed the relayed connection to %s: its traffic goes direct", peer)
+        self._signal()
+
+    def _signal(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+async def try_direct(host: Any, peer: ID) -> None:
+    """``peer`` was just reached through a relay: try to reach it directly, waiting at most
+    DIRECT_WAIT seconds (the attempt goes on in the background after that)."""
+    upgrades = _UPGRADES.get(host)
+    if upgrades is None:
+        return
+    done = upgrades.upgrade_soon(peer)
+    with trio.move_on_after(DIRECT_WAIT):
+        await done.wait()
+
+
+def upgrades_of(host: Any) -> DirectUpgrades | None:
+    return _UPGRADES.get(host)
