@@ -34,6 +34,7 @@ DIRECT_WAIT = 2.0  # seconds a dial through a relay waits for the direct connect
 RETIRE_EVERY = 0.5  # seconds between two looks for relayed connections that carry nothing
 PROTECT_TAG = "swarm-node:relayed"
 MAX_PEER_ADDRS = 8  # addresses of a peer's DCUtR message this peer dials (py-libp2p: ~400 in 4 KiB)
+MAX_RELAYED_PEERS = 1024  # peers remembered as reached through a relay and not yet directly
 
 _UPGRADES: weakref.WeakKeyDictionary[Any, DirectUpgrades] = weakref.WeakKeyDictionary()
 
@@ -73,7 +74,7 @@ class DirectUpgrades:
         self.retired = 0  # relayed connections closed once a direct one carried the traffic
         self.changed = trio.Event()  # set (and replaced) when a peer's connections change kind
         self._protected: set[ID] = set()
-        self._seen_direct: set[ID] = set()
+        self._relayed_only: dict[ID, None] = {}  # reached through a relay, not directly since
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -83,10 +84,13 @@ class DirectUpgrades:
                 nursery.start_soon(self._serve, self.protocol)
                 await self.protocol.event_started.wait()
             _UPGRADES[self.host] = self
+            notifee = _ConnectionEvents(self)
+            self.host.get_network().register_notifee(notifee)
             try:
                 task_status.started()
                 await self._keep_relayed()
             finally:
+                self.host.get_network().remove_notifee(notifee)
                 _UPGRADES.pop(self.host, None)
 
     async def _serve(self, protocol: DCUtRProtocol) -> None:
@@ -131,16 +135,8 @@ class DirectUpgrades:
                 if relayed and peer not in self._protected:
                     network.protect(peer, PROTECT_TAG)
                     self._protected.add(peer)
-                if direct and relayed and peer not in self._seen_direct:
-                    self._seen_direct.add(peer)
-                    self.upgraded += 1
-                    log.info(
-                        "direct connection to %s (was relayed: the relayed one stays while it "
-                        "carries %d stream(s))",
-                        peer,
-                        sum(len(c.get_streams()) for c in relayed),
-                    )
-                    self._signal()
+                if relayed and not direct:  # also those marked relayed after they opened
+                    self._note_relayed(peer)
                 if direct:
                     for conn in relayed:
                         if not conn.get_streams():
@@ -149,7 +145,6 @@ class DirectUpgrades:
                 if not open_connections(self.host, peer)[1]:
                     network.unprotect(peer, PROTECT_TAG)
                     self._protected.discard(peer)
-                    self._seen_direct.discard(peer)
                     self._signal()
             await trio.sleep(RETIRE_EVERY)
 
@@ -162,9 +157,60 @@ class DirectUpgrades:
         log.info("closed the relayed connection to %s: its traffic goes direct", peer)
         self._signal()
 
+    def _note_relayed(self, peer: ID) -> None:
+        if peer not in self._relayed_only:
+            self._relayed_only[peer] = None
+            while len(self._relayed_only) > MAX_RELAYED_PEERS:
+                del self._relayed_only[next(iter(self._relayed_only))]
+
     def _signal(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def connected(self, peer: ID, conn: Any) -> None:
+        """A new connection to ``peer``: counted as an upgrade when it is direct and the peer was
+        reached through a relay (counted here, as it opens: the relayed connection may be closed by
+        the other side before a periodic look would have seen both)."""
+        if is_relayed(conn):
+            if not open_connections(self.host, peer)[0]:
+                self._note_relayed(peer)
+            return
+        if peer in self._relayed_only:
+            del self._relayed_only[peer]
+            self.upgraded += 1
+            relayed = open_connections(self.host, peer)[1]
+            log.info(
+                "direct connection to %s (was relayed: the relayed one stays while it "
+                "carries %d stream(s))",
+                peer,
+                sum(len(c.get_streams()) for c in relayed),
+            )
+            self._signal()
+
+
+class _ConnectionEvents:
+    """py-libp2p's network notifications, handed to DirectUpgrades (connections only)."""
+
+    def __init__(self, upgrades: DirectUpgrades) -> None:
+        self.upgrades = upgrades
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self.upgrades.connected(conn.muxed_conn.peer_id, conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        pass
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
 
 
 async def try_direct(host: Any, peer: ID) -> None:
