@@ -31,6 +31,14 @@ if ! [ -x /usr/bin/chromium ]; then
   fi
 fi
 
+# The NAT lab (tests/test_nat_lab.py) builds masquerading routers with nftables in network
+# namespaces; without nft (or without unprivileged namespaces) it skips, saying why.
+if [ -n "${SWARM_BROWSER_REQUIRED:-}" ] && ! command -v nft >/dev/null && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then  # make test / test-fast only
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables; } >/dev/null 2>&1 \
+    || echo "swarm-node setup: could not install nftables (only the NAT lab test needs it; it will skip)" >&2
+fi
+
 WANT="$(cat pyproject.toml requirements.lock scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
