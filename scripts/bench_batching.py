@@ -56,6 +56,7 @@ import trio
 from swarm_node.model import Checkpoint, ClientHead, resolve_model
 from swarm_node.node.apps.swarm_status import gather_status
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
@@ -207,8 +208,17 @@ async def work(args: argparse.Namespace) -> dict[str, Any]:
             wall = time.perf_counter() - t0
             gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
             return {"outs": [ids], "tokens": len(ids), "wall": wall, "gaps": gaps}
+        heads = head_batcher(head)
+        heads.batch_sizes.clear()
+        cpu = time.process_time()
         outs, wall = await runner.together(prompts[: args.sessions])
-        return {"outs": outs, "tokens": sum(map(len, outs)), "wall": wall}
+        return {
+            "outs": outs,
+            "tokens": sum(map(len, outs)),
+            "wall": wall,
+            "client_cpu_s": time.process_time() - cpu,
+            "head_batches": {str(k): v for k, v in sorted(heads.batch_sizes.items())},
+        }
 
 
 def measure(args: argparse.Namespace, kind: str, addr: str = "", sessions: int = 1) -> dict:
