@@ -6,8 +6,9 @@ leads: once it holds the limiter it gathers (``_gather``): it lets the loop fini
 (jobs already received but still a few task hops from here: trio's "all tasks blocked", at most
 ``MAX_SETTLE_S``), then waits for the users whose next job is due soon: each user's jobs come at
 a rhythm (a session's steps go round its chain), so a user whose job is expected within about one
-batch's compute (never more than ``MAX_GATHER_S``) and not long overdue is waited for, and one
-that went quiet is not. Without this, the jobs of sessions that move through a
+batch's compute (never more than ``MAX_GATHER_S``) and not long overdue is waited for, as long as
+jobs keep coming (each within ``GATHER_GAP_S`` of the one before: a due session may be held in
+another server's or the client's gathering), and one that went quiet is not. Without this, the jobs of sessions that move through a
 chain together reach a server one message apart and split into batches of one or two: every
 split costs nearly a whole forward. The leader then takes every queued job and hands the list to
 ``compute``, which sets each job's ``out`` or ``error``. While ``users()`` says other users may
@@ -41,6 +42,7 @@ MAX_SETTLE_S = 0.002
 # a crowded leader waits for the jobs due within one batch's compute and this (at most MAX_GATHER_S)
 MIN_GATHER_S = 0.003
 MAX_GATHER_S = 0.25
+GATHER_GAP_S = 0.004  # and while each job comes at most this long after the one before
 BATCH_WINDOW_S = 60.0  # `batch_lately` looks this far back
 MAX_RHYTHMS = 1024  # users whose rhythm is kept (quiet ones are forgotten first)
 
@@ -213,10 +215,12 @@ class BatchQueue(Generic[J]):
         now = trio.current_time()
         deadline = now + min(MAX_GATHER_S, self.compute_s + MIN_GATHER_S)
         while self._due(now, deadline):
-            with trio.move_on_at(deadline):
+            # a due session held elsewhere (in another server's or the client's gathering) must not
+            # hold this batch: wait only while jobs keep coming, each within GATHER_GAP_S
+            with trio.move_on_at(min(deadline, now + GATHER_GAP_S)) as waited:
                 await self._changed.wait()
             now = trio.current_time()
-            if now >= deadline:
+            if waited.cancelled_caught:
                 return
 
     def _due(self, now: float, until: float) -> bool:
