@@ -22,7 +22,11 @@ client/head_batching.py); rounds alternate the order of the levels and of on/off
   stretches beyond the chunk timed alone;
 - ``same_tokens``: every session's tokens in every concurrent round equal its solo run;
 - ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end);
-- ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions.
+- ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions;
+- ``cpu_ms_per_token``: per level, CPU ms per generated token of [the client process, server
+  0:15, server 15:30] (the servers' over the whole worker run, its start included; medians): what
+  a loaded machine does not hide. With N sessions both cores are busy, so aggregate tokens/s is
+  bound near 2000 / their sum; ``client_head_batches``: how many sessions' heads ran together.
 
     PYTHONPATH=$PWD .venv/bin/python scripts/bench_batching.py [--quick] [--tokens 32] [--rounds 3]
 
@@ -47,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,7 @@ import trio
 from swarm_node.model import Checkpoint, ClientHead, resolve_model
 from swarm_node.node.apps.swarm_status import gather_status
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig
 from swarm_node.node.peer import open_peer
@@ -201,24 +207,51 @@ async def work(args: argparse.Namespace) -> dict[str, Any]:
             out = await prefill_delay(runner, args.prefill)
             status = await gather_status(peer, MODEL, num_blocks=30)
             return {**out, "batch_seen": [s["batch"] for s in status["servers"]]}
+        cpu = time.process_time()
         if args.sessions == 1:
             t0 = time.perf_counter()
             ids, times = await runner.one(prompts[0])
             wall = time.perf_counter() - t0
             gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-            return {"outs": [ids], "tokens": len(ids), "wall": wall, "gaps": gaps}
+            out = {"outs": [ids], "tokens": len(ids), "wall": wall, "gaps": gaps}
+            return {**out, "client_cpu_s": time.process_time() - cpu}
+        heads = head_batcher(head)
+        heads.batch_sizes.clear()
         outs, wall = await runner.together(prompts[: args.sessions])
-        return {"outs": outs, "tokens": sum(map(len, outs)), "wall": wall}
+        return {
+            "outs": outs,
+            "tokens": sum(map(len, outs)),
+            "wall": wall,
+            "client_cpu_s": time.process_time() - cpu,
+            "head_batches": {str(k): v for k, v in sorted(heads.batch_sizes.items())},
+        }
 
 
-def measure(args: argparse.Namespace, kind: str, addr: str = "", sessions: int = 1) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    args: argparse.Namespace,
+    kind: str,
+    addr: str = "",
+    sessions: int = 1,
+    servers: list[subprocess.Popen] = (),  # type: ignore[assignment]
+) -> dict:
+    """One worker process's run; ``server_cpu_s``: the servers' CPU seconds over it (the worker's
+    start, warm-up and sessions' opening included)."""
     cmd = [sys.executable, __file__, "--worker", kind, "--addr", addr, "--sessions", str(sessions)]
     cmd += ["--tokens", str(args.tokens), "--prefill", str(args.prefill)]
     cmd += ["--chunk", str(args.chunk), "--server-threads", str(args.server_threads)]
+    before = [cpu_seconds(p.pid) for p in servers]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the {kind} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["server_cpu_s"] = [cpu_seconds(p.pid) - b for p, b in zip(servers, before, strict=True)]
+    return out
 
 
 def prefill_figures(run: dict[str, Any], forward: dict[str, float], chunks: int) -> dict[str, Any]:
@@ -271,8 +304,11 @@ def main() -> None:
         args.rounds, args.tokens = 1, 16
     load_before = os.getloadavg()
     forward = measure(args, "span")  # before the swarms start
+    forward.pop("server_cpu_s")
     procs: list[subprocess.Popen] = []
     rates: dict[int, list[float]] = {n: [] for n in LEVELS}
+    cpu: dict[int, list[list[float]]] = {n: [] for n in LEVELS}  # [client, 2 servers] s/token
+    heads: dict[int, Counter[str]] = {n: Counter() for n in LEVELS}  # head batch size -> count
     lone: dict[str, list[float]] = {"on": [], "off": []}
     gaps: list[float] = []
     try:
@@ -285,9 +321,13 @@ def main() -> None:
         same = True
         for r in range(args.rounds):
             for n in LEVELS if r % 2 == 0 else LEVELS[::-1]:
-                run = measure(args, "together", on_addr, n)
+                run = measure(args, "together", on_addr, n, on_procs)
                 same = same and run["outs"] == solo[:n]
                 rates[n].append(run["tokens"] / run["wall"])
+                cpu[n].append(
+                    [x / run["tokens"] for x in (run["client_cpu_s"], *run["server_cpu_s"])]
+                )
+                heads[n].update(run.get("head_batches", {}))
                 print(f"round {r + 1}: {n} sessions {rates[n][-1]:.1f} tok/s", file=sys.stderr)
             for name in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 run = measure(args, "together", on_addr if name == "on" else off_addr)
@@ -312,6 +352,11 @@ def main() -> None:
         lone_step_p95_ms=round(statistics.quantiles(gaps, n=20)[18] * 1000, 1),
         same_tokens=same,
     )
+    result["cpu_ms_per_token"] = {  # median over rounds: [client, server 0:15, server 15:30]
+        str(n): [round(statistics.median(r[i] for r in cpu[n]) * 1000, 1) for i in range(3)]
+        for n in LEVELS
+    }
+    result["client_head_batches"] = {str(n): dict(heads[n]) for n in LEVELS if n > 1}
     result.update(prefill_figures(prefill, forward, -(-args.prefill // args.chunk)))
     result.update(forward)
     result.update(

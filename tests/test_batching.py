@@ -19,6 +19,7 @@ from swarm_node.dht.records import decode_record, encode_record
 from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.apps.swarm_status import coverage_report, format_report
+from swarm_node.node.batch_queue import BatchJob, BatchQueue
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig
@@ -113,6 +114,57 @@ async def test_steps_that_wait_together_run_in_one_forward(tiny_llama: Path) -> 
             span(torch.randn(1, n + 2, H, generator=gen), cache)
         for i in range(4):
             torch.testing.assert_close(outs[i], span(x[i], alone[i]), **TOL)
+
+
+async def rhythm_batches(
+    clock: trio.testing.MockClock, starts: dict[str, float], steps: dict[str, int]
+) -> tuple[list[list[str]], dict[str, list[float]]]:
+    """Users submitting ``steps[u]`` jobs each, at ``starts[u]`` + 0, 1, 2, ... s (a session going
+    round its chain at a steady rhythm), to a queue whose batches take 0.2 s of (virtual) compute:
+    the users of each batch, and how long each job waited beyond its compute."""
+    batches: list[list[str]] = []
+    waits: dict[str, list[float]] = {u: [] for u in starts}
+
+    def compute(jobs: list[BatchJob]) -> None:
+        batches.append([job.user for job in jobs])
+        clock.jump(0.2)
+        for job in jobs:
+            job.out = job.user
+
+    queue: BatchQueue[BatchJob] = BatchQueue(
+        compute, max_inline_s=1.0, users=lambda: 2, off_loop_when_crowded=False
+    )
+    queue.quick_jobs.recent = 0.0  # inline: the compute moves the clock on the loop's thread
+
+    begin = trio.current_time()
+
+    async def user(name: str) -> None:
+        for k in range(steps[name]):
+            await trio.sleep_until(begin + starts[name] + k)
+            sent = trio.current_time()
+            await queue.submit(BatchJob(user=name))
+            waits[name].append(trio.current_time() - sent - 0.2)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for name in starts:
+                nursery.start_soon(user, name)
+    return batches, waits
+
+
+async def test_a_leader_waits_for_the_sessions_due_and_not_for_quiet_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # b comes 2 ms after a: once b's rhythm is known, a's batch waits for it (due within one
+    # batch's compute, and coming within the gap), and they go on together
+    batches, _ = await rhythm_batches(autojump_clock, {"a": 0.0, "b": 0.002}, {"a": 6, "b": 6})
+    assert batches[:2] == [["a"], ["b"]] and [sorted(b) for b in batches[-3:]] == [["a", "b"]] * 3
+    # b comes 0.6 s after a: later than a batch's compute, so nobody waits for anybody
+    batches, waits = await rhythm_batches(autojump_clock, {"a": 0.0, "b": 0.6}, {"a": 5, "b": 5})
+    assert all(len(b) == 1 for b in batches) and max(waits["a"] + waits["b"]) < 0.01
+    # c stops after 2 jobs: a waits for it no longer than the gap, and soon not at all
+    batches, waits = await rhythm_batches(autojump_clock, {"a": 0.0, "c": 0.1}, {"a": 8, "c": 2})
+    assert max(waits["a"]) <= 0.0041 and max(waits["a"][-4:]) < 1e-9
 
 
 async def test_a_leader_cancelled_before_it_computes_hands_the_lead_on(tiny_llama: Path) -> None:

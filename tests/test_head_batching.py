@@ -79,4 +79,4 @@ async def test_a_lone_session_runs_its_head_at_once(tiny_llama: Path) -> None:
                 torch.randn(1, 1, H), lambda logits: (logits.argmax(-1), logits[:, :1])
             )
             assert token.shape == (1,) and embedded.shape == (1, 1)
-    assert batcher.batch_sizes == {1: 3} and batcher.users == 0
+    assert batcher.batch_sizes == {1: 3} and batcher.decoding == 0

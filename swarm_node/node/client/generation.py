@@ -230,7 +230,7 @@ async def continue_tokens(
         prefix = ts.prefix.to(hidden.device, hidden.dtype).expand(batch, -1, -1)
         hidden = torch.cat([prefix, hidden], dim=1)  # (B, P + T', H)
     spec = speculation if batch == 1 else None
-    with heads.using():  # while this session decodes, a batch may wait a moment for it
+    with heads.using() as user:  # while this session decodes, a batch may wait a moment for it
         done = False
         while True:
             drafts: list[int] = []
@@ -286,7 +286,7 @@ async def continue_tokens(
                 )
                 tokens = [torch.tensor([t]) for t in picked]
             else:
-                token, next_hidden = await heads.next_token(out[:, -1:, :], pick)  # (B,), (B,1,H)
+                token, next_hidden = await heads.next_token(out[:, -1:, :], pick, user=user)
                 tokens = [token]
             emitted = 0
             for token in tokens:

@@ -14,7 +14,7 @@ Knows nothing of chains, servers or text.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -44,23 +44,26 @@ class HeadBatcher(BatchQueue[HeadJob]):
         super().__init__(
             self._compute,
             max_inline_s=max_inline_s,
-            others=lambda: self.users > 1,
+            users=lambda: self.decoding,
             off_loop_when_crowded=False,
         )
         self.head = head  # model.ClientHead
-        self.users = 0  # sessions decoding through this head now
+        self.decoding = 0  # sessions decoding through this head now
 
     @contextmanager
-    def using(self) -> Iterator[HeadBatcher]:
-        self.users += 1
+    def using(self) -> Iterator[object]:
+        """While a session decodes: yields its ``user`` for ``next_token``."""
+        self.decoding += 1
         try:
-            yield self
+            yield object()
         finally:
-            self.users -= 1
+            self.decoding -= 1
 
-    async def next_token(self, hidden: torch.Tensor, pick: Pick) -> tuple[torch.Tensor, Any]:
+    async def next_token(
+        self, hidden: torch.Tensor, pick: Pick, *, user: Hashable = None
+    ) -> tuple[torch.Tensor, Any]:
         """``pick(logits # (B, V))`` of a session's last hidden state ``# (B, 1, H)``."""
-        return await self.submit(HeadJob(hidden=hidden, pick=pick))
+        return await self.submit(HeadJob(hidden=hidden, pick=pick, user=user))
 
     def _compute(self, batch: list[HeadJob]) -> None:
         with torch.inference_mode():

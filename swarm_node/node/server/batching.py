@@ -15,7 +15,7 @@ Knows nothing of the wire, rules or budgets: a session's cache is what it always
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,22 +44,26 @@ class DecodeBatcher(BatchQueue[DecodeJob]):
         max_inline_s: float,
         enabled: bool,
         alone: Callable[[torch.Tensor, Any, int, int], torch.Tensor] | None = None,
-        others: Callable[[], bool] = lambda: True,
+        users: Callable[[], int] = lambda: 2,
     ) -> None:
         super().__init__(
             self._compute,
             max_inline_s=max_inline_s,
             limiter=limiter,
             enabled=enabled,
-            others=others,  # whether other sessions are open (see BatchQueue)
+            users=users,  # how many sessions may send decode steps (see BatchQueue)
         )
         self.span = span  # model.BlockSpan
         # a step computed by itself: (hidden, cache, start, end) -> output; default span.forward
         self.alone = alone or (lambda h, c, s, e: span.forward(h, c, start=s, end=e))
 
-    async def step(self, hidden: torch.Tensor, cache: Any, *, start: int, end: int) -> torch.Tensor:
-        """The span's output for one new position of one session; its cache grows by one."""
-        return await self.submit(DecodeJob(hidden=hidden, cache=cache, start=start, end=end))
+    async def step(
+        self, hidden: torch.Tensor, cache: Any, *, start: int, end: int, user: Hashable = None
+    ) -> torch.Tensor:
+        """The span's output for one new position of one session (``user``: its id); its cache
+        grows by one."""
+        job = DecodeJob(hidden=hidden, cache=cache, start=start, end=end, user=user)
+        return await self.submit(job)
 
     def _compute(self, batch: list[DecodeJob]) -> None:
         """Every job's output, one forward per sub-span (in a worker thread or inline)."""

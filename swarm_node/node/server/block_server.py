@@ -101,7 +101,7 @@ class BlockServer:
             max_inline_s=SERVER_MAX_INLINE_S,
             enabled=not config.no_batching,
             alone=lambda hidden, cache, start, end: self._run_span(hidden, cache, start, end),
-            others=lambda: len(self.sessions) > 1,
+            users=lambda: len(self.sessions),
         )
         self.throughput = throughput
         self.reserved_tokens = 0
@@ -522,7 +522,9 @@ class BlockServer:
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
         if tokens == 1 and session.prompts is None and session.lora is None:
-            return await self.batcher.step(hidden, cache, start=start, end=end)
+            return await self.batcher.step(
+                hidden, cache, start=start, end=end, user=session.session_id
+            )
         chunk = self.config.prefill_chunk
         outs = []
         for a in range(0, tokens, chunk):
