@@ -82,6 +82,7 @@ async def serve_spans(spans: list[tuple[int, int]], delay: float, initial: str) 
                         listen=LOOPBACK,
                         initial_peers=(first,) if first else (),
                         announce_addrs=announce,
+                        reachability="public",  # the proxy forwards only once the peer listens
                     ),
                     server=ServerConfig(model=MODEL, start=start, end=end, throughput=100.0),
                 )

@@ -76,8 +76,13 @@ async def proxied_swarm(
                 target_port=0, delay=delay
             )  # the target is known once the peer listens
             port = await nursery.start(proxy.run)
+            # public at the proxy's address, which forwards only once the peer listens (an
+            # AutoNAT dial back before that would find it private)
             config = PeerConfig(
-                listen=LOOPBACK, initial_peers=entry, announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",)
+                listen=LOOPBACK,
+                initial_peers=entry,
+                announce_addrs=(f"/ip4/127.0.0.1/tcp/{port}",),
+                reachability="public",
             )
             server = None
             if span is not None:

@@ -225,8 +225,17 @@ async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInf
             len(response.providerPeers),
             MAX_PROVIDERS_PER_ANSWER,
         )
-    closer = [ID(p.id) for p in response.closerPeers]
-    return providers, [p for p in closer if p != kad.host.get_id()]
+    closer: list[ID] = []
+    for entry in response.closerPeers:  # as FIND_NODE's: with the addresses they may be dialed at
+        if not entry.id or not maybe_consume_signed_record(entry, kad.host):
+            continue
+        closer_id = ID(entry.id)
+        if closer_id == kad.host.get_id() or closer_id in closer:
+            continue
+        closer.append(closer_id)
+        if addrs := _vouched_addrs(kad, peer, entry):
+            await kad.routing_table.add_peer(PeerInfo(closer_id, addrs))
+    return providers, closer
 
 
 async def get_value(
