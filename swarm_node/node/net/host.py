@@ -3,7 +3,8 @@
 The only place in the node layer where host options are chosen: a key pair (identity.py), the
 addresses to announce, an optional private-swarm key (swarm_key.py), one connection per peer, Noise
 as the only security protocol and yamux as the only stream muxer (TCP only: QUIC stays off), and a
-bound on what multistream negotiation reads before authentication (negotiation.py).
+bound on what multistream negotiation reads before authentication (negotiation.py), and frames
+written whole whatever cancels their writer (whole_writes.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from swarm_node.node.net.negotiation import install_negotiation_bound
+from swarm_node.node.net.whole_writes import install_whole_writes
 
 # What a connection may negotiate, and nothing else. py-libp2p's defaults also accept
 # /plaintext/2.0.0 (its handshake checks only that a claimed id matches a claimed public key, with no
@@ -76,6 +78,7 @@ def build_host(
 
     Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
     install_negotiation_bound()
+    install_whole_writes()
     host = new_host(
         key_pair=key_pair,
         sec_opt={
