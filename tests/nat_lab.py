@@ -59,6 +59,23 @@ def namespace() -> subprocess.Popen:
     return subprocess.Popen(["unshare", "-n", "sleep", str(LAB_SECONDS + 60)])
 
 
+def wait_own_namespace(proc: subprocess.Popen, seconds: float) -> None:
+    """Until ``proc`` is in a network namespace of its own (its unshare done)."""
+    mine = os.readlink("/proc/self/ns/net")
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/ns/net") != mine:
+                return
+        except OSError:
+            pass  # between fork and exec: /proc/PID/ns may not be readable yet
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{proc.args} not in a namespace of its own within {seconds} s")
+        time.sleep(0.01)
+
+
 def link(a: int | None, a_if: str, a_ip: str, b: int | None, b_if: str, b_ip: str) -> None:
     run("ip", "link", "add", "name", a_if, "type", "veth", "peer", "name", b_if)
     for pid, name, ip in ((a, a_if, a_ip), (b, b_if, b_ip)):
@@ -73,7 +90,8 @@ def build() -> tuple[list[subprocess.Popen], int, int]:
     """The namespaces: (their holder processes, host A's pid, host B's pid)."""
     holders = [namespace() for _ in range(4)]
     router_a, host_a, router_b, host_b = (h.pid for h in holders)
-    time.sleep(0.2)  # the holders' unshare must be done before their namespaces are used
+    for holder in holders:  # each holder's unshare must be done before its namespace is used
+        wait_own_namespace(holder, 10)
     run("ip", "link", "set", "lo", "up")
     run("sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")  # the internet routes A <-> B
     link(None, "wa", "203.0.113.1/30", router_a, "wan", "203.0.113.2/30")

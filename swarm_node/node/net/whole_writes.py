@@ -14,6 +14,7 @@ anyway (its peer stopped reading), which is then closed.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import trio
 from libp2p.io.exceptions import IOException
@@ -26,9 +27,16 @@ WRITE_DEADLINE = 60.0  # seconds one frame may take to reach the socket once beg
 PY_LIBP2P_WRITE_FRAME = Yamux._write_frame  # what install_whole_writes replaces (a test's control)
 
 
+# one writer at a time on each connection (py-libp2p's own lock is private to it)
+_write_locks: weakref.WeakKeyDictionary[Yamux, trio.Lock] = weakref.WeakKeyDictionary()
+
+
 async def write_whole_frame(self: Yamux, data: bytes) -> None:
     """Yamux._write_frame: one writer at a time, each frame written whole or the connection closed."""
-    async with self._write_lock:
+    lock = _write_locks.get(self)
+    if lock is None:
+        lock = _write_locks[self] = trio.Lock()
+    async with lock:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + WRITE_DEADLINE
             await self.secured_conn.write(data)
