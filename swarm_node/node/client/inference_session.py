@@ -38,8 +38,8 @@ import trio
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, RemoteError, RemoteProtocolError, SessionError
-from swarm_node.node.client.evidence import signed_input
 from swarm_node.node.client.hedging import hedged
+from swarm_node.node.client.push_proof import PushUnproven, last_answer, proven
 from swarm_node.node.client.recovery import (
     HopFailed,
     Recovery,
@@ -72,18 +72,6 @@ async def request(conn: MessageStream, message: Any, expect: type, *, timeout: f
         await conn.send(message)
         reply = await conn.receive()
     return answer(reply, expect, peer=conn.peer_id, asked=type(message).__name__)
-
-
-class PushUnproven(Exception):
-    """A server answered a pushed step without a signed receipt of having computed it from what
-    the pushing server answered the client (checked sessions only)."""
-
-    def __init__(self, span: RemoteSpan) -> None:
-        super().__init__(
-            f"{span.hop.server.peer_id} gave no signed proof that it computed from the pushed "
-            f"input the client holds (blocks {span.hop.start}:{span.hop.end})"
-        )
-        self.span = span
 
 
 class RemoteSpan:
@@ -552,6 +540,9 @@ class InferenceSession:
         except BaseException:
             await recovery.retire(spares)
             raise
+        if isinstance(result.failure, PushUnproven):  # pushed on, maybe: _unpush redoes the step
+            await recovery.retire(spares)
+            raise result.failure
         if not result.by_spare:
             await recovery.retire(spares)
             return (*result.value, False)
@@ -695,7 +686,7 @@ class InferenceSession:
                 self._slots[index - 1].spans[-1].pushes = False
             slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden, self.reorder_of(step_id))
-            hidden, send, given = out, send_next, _last_answer(slot)
+            hidden, send, given = out, send_next, last_answer(slot.spans)
         return hidden
 
     async def _unpush(self, index: int, slot: Slot, position: int, unproven: PushUnproven) -> None:
@@ -733,7 +724,7 @@ class InferenceSession:
         """The slot's output, whether the client must send the step to the next slot itself, and
         whether the step pushed to the slot never came (``_pushed_answer``). ``given``: the input
         as the hop before answered it; a checked session's server must prove it computed from
-        exactly that (PushUnproven)."""
+        exactly that (push_proof.py)."""
         lost = False
         for span in slot.spans:
             pushed = None
@@ -744,11 +735,7 @@ class InferenceSession:
                 else:
                     reply, lost = await self._pushed_answer(span, step_id)
                     if reply is not None and self.verifier is not None:
-                        if given is None or not signed_input(
-                            span.hop, span.session_id, position, given, reply
-                        ):
-                            raise PushUnproven(span)
-                        pushed = given
+                        pushed = proven(span, position, given, reply)
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
@@ -803,9 +790,3 @@ class InferenceSession:
                 if reply is not None:
                     return reply
                 log.debug("dropped an answer to an older step from %s", span.conn.peer_id)
-
-
-def _last_answer(slot: Slot) -> WireTensor | None:
-    """The wire of the last answer of ``slot``'s last server, where answers are logged."""
-    answered = slot.spans[-1].answered
-    return answered[-1].wire if answered else None
