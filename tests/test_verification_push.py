@@ -8,20 +8,26 @@ input than it answers) is redone by the client, nobody banned."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 
 from swarm_node import compression
+from swarm_node.dht.receipts import Receipt, sign_receipt
 from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
-from swarm_node.node.client.evidence import recomputed_error, signed_by
+from swarm_node.node.client.evidence import digest, recomputed_error, signed_by
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+from swarm_node.node.client.push_proof import PushUnproven, proven
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.peer import Peer
+from swarm_node.protocol.messages import StepResponse
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm
 from tests.test_verification import NOISE, lie_in_answers, records_of
@@ -73,6 +79,39 @@ def signs_no_receipts(server_peer: Peer) -> None:
     """An older server: its answers carry no signed receipt."""
     assert server_peer.server is not None
     server_peer.server._receipt = lambda *_: ""  # type: ignore[method-assign]
+
+
+def test_a_pushed_input_is_proven_only_by_the_servers_signature_over_it() -> None:
+    key = create_new_key_pair()
+    server = SimpleNamespace(peer_id=ID.from_pubkey(key.public_key).to_base58(), model_digest="d")
+    span = SimpleNamespace(hop=SimpleNamespace(server=server, start=2, end=4), session_id="s1")
+    given, other = (compression.encode(torch.randn(1, 1, 64), "float16") for _ in range(2))
+    out = compression.encode(torch.randn(1, 1, 64), "float16")
+
+    def answer(computed_from: Any, position: int = 7) -> StepResponse:
+        receipt = Receipt(
+            model="d",
+            start=2,
+            end=4,
+            session_id="s1",
+            step_id=3,
+            position=position,
+            input_digest=digest(computed_from),
+            output_digest=digest(out),
+        )
+        signature = sign_receipt(receipt, key.private_key)
+        return StepResponse(session_id="s1", step_id=3, hidden=out, receipt=signature)
+
+    assert proven(span, 7, given, answer(given)) is given  # type: ignore[arg-type]
+    unproven = [
+        (given, answer(other)),  # it computed from another input than the client holds
+        (given, answer(given, position=8)),  # a receipt of another step
+        (None, answer(given)),  # nothing to compare with
+        (given, StepResponse(session_id="s1", step_id=3, hidden=out)),  # no receipt at all
+    ]
+    for held, reply in unproven:
+        with pytest.raises(PushUnproven):
+            proven(span, 7, held, reply)  # type: ignore[arg-type]
 
 
 async def test_a_lying_middle_server_of_a_push_chain_is_caught(tiny_llama: Path) -> None:
