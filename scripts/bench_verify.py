@@ -8,7 +8,9 @@ answer; 5% noise on a random 1 step in 10; the last block skipped; the input ret
 sessions of one-token steps on the chain [liar, honest] at the client's --rate and counts the steps
 until the liar is found (the session's first step is always checked, then a server is due a check
 with probability rate per step). ``detection``: misbehaviour -> {rate (found within the target),
-median_steps}. ``false_accusations`` over ``honest_runs``: greedy generations on an honest swarm
+median_steps}. With --push the liar is instead the middle server of a push chain of three
+(blocks 0-1, 2-3 on three servers of which the first of 2-3 lies, 4-5), checked through the
+servers' signed receipts. ``false_accusations`` over ``honest_runs``: greedy generations on an honest swarm
 (float32 and int8 servers answering in every codec, chains drawn by the router) that banned or
 rolled back anything.
 
@@ -21,6 +23,7 @@ generation includes the final check of every server (``settle``). The machine ma
 load is printed; the figures are only indicative under load.
 
     PYTHONPATH=. .venv/bin/python scripts/bench_verify.py [--quick] [--speed-only] [--rate 0.05]
+        [--detection-only [--runs 40] [--honest-runs 200] [--push]]
 """
 
 from __future__ import annotations
@@ -79,9 +82,9 @@ def misbehaviours(seed: int) -> dict:
     }
 
 
-async def steps_to_find(client, chain, model: str, liar: str, limit: int) -> int | None:
+async def steps_to_find(client, chain, model: str, liar: str, limit: int, push: bool) -> int | None:
     """One-token steps on ``chain`` until the liar is found (its step count) or ``limit``."""
-    settings = SessionSettings(model=model, max_length=limit + 1)
+    settings = SessionSettings(model=model, max_length=limit + 1, push=push)
     async with client.inference_session(chain, settings) as session:
         for step in range(1, limit + 1):
             try:
@@ -93,19 +96,31 @@ async def steps_to_find(client, chain, model: str, liar: str, limit: int) -> int
     return None
 
 
-async def detection(path: Path, config: ClientConfig, runs: int, seed: int) -> dict:
+async def detection(
+    path: Path, config: ClientConfig, runs: int, seed: int, push: bool = False
+) -> dict:
     model, out = path.name, {}
-    spans = [(0, 3), (3, 6), (0, 3), (0, 3), (3, 6)]
+    if push:  # the liar: the middle server (blocks 2-3) of a push chain of three
+        spans = [(2, 4), (0, 2), (4, 6), (2, 4), (2, 4)]
+        bounds = [(0, 2), (2, 4), (4, 6)]
+    else:
+        spans = [(0, 3), (3, 6), (0, 3), (0, 3), (3, 6)]
+        bounds = [(0, 3), (3, 6)]
     for name, install in misbehaviours(seed).items():
         found: list[int | None] = []
         async with local_swarm(path, spans, client=config) as (servers, client):
             records = await records_of(client, model, servers)
-            liar, tail = servers[0], servers[1]
-            chain = [Hop(records[liar.peer_id], 0, 3), Hop(records[tail.peer_id], 3, 6)]
+            liar = servers[0]
+            by_start = {}
+            for server in servers[:3]:
+                by_start.setdefault(server.server.start, server)
+            chain = [Hop(records[by_start[a].peer_id], a, b) for a, b in bounds]
             install(liar)
             for _ in range(runs):
                 client.bans = BanList(base=config.ban_time)  # each run meets the liar afresh
-                found.append(await steps_to_find(client, chain, model, liar.peer_id, TARGETS[name]))
+                found.append(
+                    await steps_to_find(client, chain, model, liar.peer_id, TARGETS[name], push)
+                )
         caught = [s for s in found if s is not None]
         out[name] = {
             "rate": len(caught) / runs,
@@ -230,8 +245,11 @@ async def in_process(args: argparse.Namespace) -> dict:
     config = ClientConfig(
         step_timeout=20.0, retry_delay=0.05, max_attempts=3, verify_rate=args.rate
     )
-    result: dict = {"detection": await detection(path, config, 3 if args.quick else 40, args.seed)}
-    result.update(await honest(path, config, 10 if args.quick else 200, 16))
+    runs = args.runs or (3 if args.quick else 40)
+    honest_runs = args.honest_runs or (10 if args.quick else 200)
+    result: dict = {"detection": await detection(path, config, runs, args.seed, args.push)}
+    result["push"] = args.push
+    result.update(await honest(path, config, honest_runs, 16))
     return result
 
 
@@ -246,7 +264,8 @@ def main(args: argparse.Namespace) -> None:
         result.update(trio.run(in_process, args))
     if args.quick:
         args.speed_rounds = min(args.speed_rounds, 2)
-    result.update(speed(args))
+    if not args.detection_only:
+        result.update(speed(args))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["load_at_end"] = os.getloadavg()[0]
     print(json.dumps(result))
@@ -258,6 +277,14 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=ClientConfig().verify_rate)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speed-only", action="store_true", help="only tokens/s on vs off")
+    parser.add_argument(
+        "--detection-only", action="store_true", help="only detection and false accusations"
+    )
+    parser.add_argument("--runs", type=int, default=0, help="runs per misbehaviour (0: 40)")
+    parser.add_argument("--honest-runs", type=int, default=0, help="honest runs (0: 200)")
+    parser.add_argument(
+        "--push", action="store_true", help="the liar is the middle server of a push chain"
+    )
     parser.add_argument("--model", default="smollm2-135m", help="the speed runs' model")
     parser.add_argument("--speed-rounds", type=int, default=4, help="client processes")
     parser.add_argument("--pairs", type=int, default=3, help="on/off pairs per client process")

@@ -12,12 +12,13 @@ Pure: libp2p's crypto and peer ids, hashlib and msgpack; no sockets, no torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import asdict, dataclass
 
 import msgpack
-from libp2p.crypto.keys import PrivateKey
+from libp2p.crypto.keys import PrivateKey, PublicKey
 from libp2p.peer.id import ID
 
 RECEIPT_CONTEXT = b"swarm-node/step-receipt/v1\x00"  # a receipt's signature is never anything else
@@ -54,12 +55,17 @@ def sign_receipt(receipt: Receipt, key: PrivateKey) -> str:
     return key.sign(_signed_bytes(receipt)).hex()
 
 
+@functools.lru_cache(maxsize=1024)  # a session checks the same few servers' receipts every step
+def _public_key(peer_id: str) -> PublicKey | None:
+    return ID.from_base58(peer_id).extract_public_key()
+
+
 def verify_receipt(receipt: Receipt, signature: str, peer_id: str) -> bool:
     """Whether ``peer_id`` (an Ed25519 peer id carries its public key) signed ``receipt``."""
     if not isinstance(signature, str) or len(signature) != SIGNATURE_HEX:
         return False
     try:
-        key = ID.from_base58(peer_id).extract_public_key()
+        key = _public_key(peer_id)
         return bool(
             key is not None and key.verify(_signed_bytes(receipt), bytes.fromhex(signature))
         )

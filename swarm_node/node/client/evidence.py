@@ -19,7 +19,9 @@ import torch
 from swarm_node import compression
 from swarm_node.dht.evidence_records import PublishedEvidence, PublishedStep
 from swarm_node.dht.receipts import Receipt, verify_receipt, wire_digest
+from swarm_node.dht.routing import Hop
 from swarm_node.node.client.tolerances import position_errors
+from swarm_node.protocol.messages import StepResponse
 from swarm_node.protocol.tensors import WireTensor
 
 
@@ -40,6 +42,24 @@ class Evidence:
 
 def digest(wire: WireTensor) -> str:
     return wire_digest(wire.codec, wire.dtype, tuple(wire.shape), wire.data)
+
+
+def signed_input(
+    hop: Hop, session_id: str, position: int, given: WireTensor, reply: StepResponse
+) -> bool:
+    """Whether ``hop``'s server signed that it computed ``reply`` from exactly ``given``: a step
+    another server pushed it, which the client holds only as that server answered it."""
+    receipt = Receipt(
+        model=hop.server.model_digest,
+        start=hop.start,
+        end=hop.end,
+        session_id=session_id,
+        step_id=reply.step_id,
+        position=position,
+        input_digest=digest(given),
+        output_digest=digest(reply.hidden),
+    )
+    return verify_receipt(receipt, reply.receipt, hop.server.peer_id)
 
 
 def signed_by(evidence: Evidence) -> bool:

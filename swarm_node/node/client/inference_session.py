@@ -15,6 +15,13 @@ Which hop is blamed: every answer is checked (the shape and dtype sent, finite) 
 uses or forwards it, so client-star, a hop that refuses its input refuses what the client checked
 and is itself at fault. Push: a server refuses a bad pushed input with ``bad_push``, and the server
 that pushed it is the one banned and replaced.
+
+Checked sessions (verification.py) check the servers of a push chain as any other: the answer to a
+pushed step counts only with the server's signed receipt of having computed it from exactly what
+the pushing server answered the client (so the client holds the true input of every hop). Without
+it (a server that signs no receipts, or a pusher that pushed something else than it answered) the
+caches from that hop on go back to before the step, the client sends the step itself, and those
+links carry no pushes again (``PushUnproven``); nobody is banned: either server may have lied.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, RemoteError, RemoteProtocolError, SessionError
 from swarm_node.node.client.hedging import hedged
+from swarm_node.node.client.push_proof import PushUnproven, last_answer, proven
 from swarm_node.node.client.recovery import (
     HopFailed,
     Recovery,
@@ -49,6 +57,7 @@ from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.client_session import HopAnswers, SessionSteps, answer
+from swarm_node.protocol.tensors import WireTensor
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +91,6 @@ class RemoteSpan:
         self.answers = HopAnswers(conn.peer_id)
         self.answered: list[Answer] | None = None  # what it was sent and answered, when checked
         self.answered_to = 0  # positions answered
-        # it answered a step another server pushed it: what it computed from is that server's
-        # word, not what the client recorded, so its answers are not checked (verification.py)
-        self.pushed_into = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -530,10 +536,13 @@ class InferenceSession:
 
         t0 = time.perf_counter()
         try:
-            result = await hedged(ours_step, spare_step, late_after, (HopFailed,))
+            result = await hedged(ours_step, spare_step, late_after, (HopFailed, PushUnproven))
         except BaseException:
             await recovery.retire(spares)
             raise
+        if isinstance(result.failure, PushUnproven):  # pushed on, maybe: _unpush redoes the step
+            await recovery.retire(spares)
+            raise result.failure
         if not result.by_spare:
             await recovery.retire(spares)
             return (*result.value, False)
@@ -564,10 +573,17 @@ class InferenceSession:
             self.observe(span.hop, trio.current_time() - t0)
         return out
 
-    def output(self, span: RemoteSpan, reply: m.StepResponse, sent: torch.Tensor) -> torch.Tensor:
+    def output(
+        self,
+        span: RemoteSpan,
+        reply: m.StepResponse,
+        sent: torch.Tensor,
+        given: WireTensor | None = None,
+    ) -> torch.Tensor:
         """The hidden states of a step's answer, checked before anything uses them: the shape and
         dtype of what was sent, and finite (a server answering otherwise has failed: recovery
-        replaces it, rather than the next hop or the head being blamed for its output)."""
+        replaces it, rather than the next hop or the head being blamed for its output).
+        ``given``: the input as another server pushed it (``sent`` is its decoding)."""
         out = compression.decode(reply.hidden, max_numel=sent.numel())
         if out.shape != sent.shape or out.dtype != sent.dtype:
             raise RemoteProtocolError(
@@ -577,7 +593,9 @@ class InferenceSession:
         if not bool(torch.isfinite(out).all()):
             raise RemoteProtocolError(f"{span.conn.peer_id} returned hidden states with inf or nan")
         if span.answered is not None:
-            answer = Answer(span.answered_to, sent, out, reply.hidden, reply.step_id, reply.receipt)
+            answer = Answer(
+                span.answered_to, sent, out, reply.hidden, reply.step_id, reply.receipt, given
+            )
             span.answered.append(answer)
             span.answered_to += sent.shape[1]
         return out
@@ -627,17 +645,21 @@ class InferenceSession:
         dtype) blames the pusher: that server is the one banned and replaced, and the client sends
         the refusing hop the step itself (what the pusher answered the client, checked)."""
         send = True  # the first hop always hears from us
+        given: WireTensor | None = None  # the slot's input as the hop before answered it
         for index, slot in enumerate(self._slots):
             lost = False
             while True:
                 t0 = trio.current_time()
 
                 async def ours_step(
-                    slot: Slot = slot, hidden: torch.Tensor = hidden, send: bool = send
+                    slot: Slot = slot,
+                    hidden: torch.Tensor = hidden,
+                    send: bool = send,
+                    given: WireTensor | None = given,
                 ) -> tuple[torch.Tensor, bool]:
                     nonlocal lost
                     out, send_next, lost = await self._push_slot(
-                        slot, hidden, step_id, position, send
+                        slot, hidden, step_id, position, send, given
                     )
                     return out, send_next
 
@@ -645,6 +667,10 @@ class InferenceSession:
                     out, send_next, moved = await self._hedged(
                         slot, hidden, position, step_id, ours_step
                     )
+                except PushUnproven as unproven:
+                    await self._unpush(index, slot, position, unproven)
+                    send = True
+                    continue
                 except HopFailed as failure:
                     pusher = self._pusher(index, failure)
                     if pusher is None:
@@ -660,8 +686,21 @@ class InferenceSession:
                 self._slots[index - 1].spans[-1].pushes = False
             slot.times.observe(hidden.shape[1], trio.current_time() - t0)
             slot.remember(step_id, position, hidden, self.reorder_of(step_id))
-            hidden, send = out, send_next
+            hidden, send, given = out, send_next, last_answer(slot.spans)
         return hidden
+
+    async def _unpush(self, index: int, slot: Slot, position: int, unproven: PushUnproven) -> None:
+        """A pushed step's answer came without proof of its input: the caches of ``slot`` and of
+        every slot after it (pushes may have carried the step on) back to before the step, in
+        fresh sessions on the same servers that take no pushes; the client sends them the step."""
+        assert self.recovery is not None and self.verifier is not None
+        log.warning("%s: the client sends the step itself from now on", unproven)
+        if index > 0:
+            self._slots[index - 1].spans[-1].pushes = False
+        for later in self._slots[index:]:
+            old = later.spans
+            await self.recovery.rewind(self, later, position)
+            await self.verifier.forget(old)
 
     def _pusher(self, index: int, failure: HopFailed) -> RemoteSpan | None:
         """The span that pushed what slot ``index``'s first span refused (``bad_push``), if so."""
@@ -674,24 +713,34 @@ class InferenceSession:
         return pusher if pusher.pushes else None
 
     async def _push_slot(
-        self, slot: Slot, hidden: torch.Tensor, step_id: int, position: int, send: bool
+        self,
+        slot: Slot,
+        hidden: torch.Tensor,
+        step_id: int,
+        position: int,
+        send: bool,
+        given: WireTensor | None,
     ) -> tuple[torch.Tensor, bool, bool]:
         """The slot's output, whether the client must send the step to the next slot itself, and
-        whether the step pushed to the slot never came (``_pushed_answer``)."""
+        whether the step pushed to the slot never came (``_pushed_answer``). ``given``: the input
+        as the hop before answered it; a checked session's server must prove it computed from
+        exactly that (push_proof.py)."""
         lost = False
         for span in slot.spans:
+            pushed = None
             with HopFailed.on_failure(span):
                 if send:
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
                 else:
                     reply, lost = await self._pushed_answer(span, step_id)
-                    span.pushed_into = span.pushed_into or reply is not None
+                    if reply is not None and self.verifier is not None:
+                        pushed = proven(span, position, given, reply)
                 if reply is None:  # the previous server's push failed here: send it ourselves
                     await self.send_step(span, hidden, step_id, position)
                     reply = await self.receive_step(span, step_id)
-                hidden = self.output(span, reply, hidden)
-            send = not (span.pushes and reply.pushed)
+                hidden = self.output(span, reply, hidden, pushed)
+            send, given = not (span.pushes and reply.pushed), reply.hidden
         return hidden, send, lost
 
     async def _pushed_answer(

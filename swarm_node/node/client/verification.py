@@ -8,7 +8,10 @@ same blocks (other peers; the one carrying the blocks is never its own checker),
 continues the checker's own cache, and compares the answers position by position within the
 calibrated bound (tolerances.py). So every position a server answered is compared once a check
 comes; ``rate`` sets how soon (a check every 1/rate steps on average) and how many round trips the
-checkers take, not which positions are looked at.
+checkers take, not which positions are looked at. A server of a push chain is checked as any
+other: its answer to a pushed step is logged only once its signed receipt shows that it computed
+from exactly what the pushing server answered the client (inference_session.py), so the client
+holds its true input.
 
 A mismatch is settled by a third server (other than both), which replays the whole log as a
 prefill: the one of the two it agrees with is honest; the other is banned for ``ban_seconds``. A
@@ -62,7 +65,8 @@ class RolledBack(SwarmError):
 @dataclass(frozen=True, slots=True)
 class Answer:
     """One step a server answered: its input and output ``# (B, T, H)``, the answer as it
-    travelled, and the server's signature of the step's receipt."""
+    travelled, the server's signature of the step's receipt, and the input as it travelled when
+    another server pushed it (its receipt proved it: inference_session.py)."""
 
     position: int
     sent: torch.Tensor
@@ -70,6 +74,7 @@ class Answer:
     wire: WireTensor
     step_id: int
     receipt: str
+    given: WireTensor | None = None
 
     @property
     def codec(self) -> str:
@@ -202,7 +207,7 @@ class Verifier:
         async with checker.lock:
             answered = span.answered or []
             new = answered[checker.done :]
-            if not new or span.pushed_into or self.clock() < checker.no_checker_until:
+            if not new or self.clock() < checker.no_checker_until:
                 return
             if checker.spans is None and not await self._open_checker(session, span, checker):
                 return
@@ -483,13 +488,16 @@ def evidence_of(
     session: InferenceSession, span: RemoteSpan, answered: list[Answer], wrong: int
 ) -> Evidence:
     """``span``'s signed steps from position 0 to the end of the one holding position ``wrong``
-    (the inputs as the client sent them: ``session.uplink``, deterministic)."""
+    (the inputs as they travelled: pushed, or as the client sent them, ``session.uplink``,
+    deterministic)."""
     steps = []
     hop = span.hop
     for answer in answered:
         if answer.position > wrong:
             break
-        sent = compression.encode(answer.sent, session.uplink)
+        sent = answer.given
+        if sent is None:
+            sent = compression.encode(answer.sent, session.uplink)
         receipt = Receipt(
             model=hop.server.model_digest,
             start=hop.start,
