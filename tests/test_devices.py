@@ -191,7 +191,22 @@ async def test_a_server_sized_by_its_memory_reports_it_in_its_record(tiny_llama:
             assert record.cache_tokens_left == tokens
 
 
-async def test_an_explicit_cpu_device_serves_the_same_tokens(tiny_llama: Path) -> None:
+def mapped_ranges(folder: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapping a file of ``folder`` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(folder.resolve())):
+            a, b = fields[0].split("-")
+            ranges.append((int(a, 16), int(b, 16)))
+    return ranges
+
+
+@pytest.mark.parametrize("mmap_weights", [False, True])
+async def test_an_explicit_cpu_device_serves_the_same_tokens(
+    tiny_llama: Path, mmap_weights: bool
+) -> None:
+    """Also with --mmap-weights: the weights are then views of a map of the model's file."""
     torch.manual_seed(0)
     input_ids = torch.randint(0, 256, (1, 7))
     expected = reference_model(tiny_llama).generate(
@@ -199,8 +214,14 @@ async def test_an_explicit_cpu_device_serves_the_same_tokens(tiny_llama: Path) -
     )
     head = ClientHead.load(Checkpoint.open(tiny_llama), device="cpu")
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], device="cpu") as (peers, client):
+        async with local_swarm(
+            tiny_llama, [(0, 3), (3, 6)], device="cpu", mmap_weights=mmap_weights
+        ) as (peers, client):
             assert all(p.server.span.device == torch.device("cpu") for p in peers)
+            weights = [w for p in peers for w in p.server.span.layers.parameters()]
+            ranges = mapped_ranges(tiny_llama)
+            in_file = {any(a <= w.data_ptr() < b for a, b in ranges) for w in weights}
+            assert in_file == {mmap_weights}
             ids, _ = await generate_tokens(
                 client,
                 head,
