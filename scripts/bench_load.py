@@ -103,8 +103,10 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str, mode:
     stop.set()
     peak = _status("VmHWM") if exact else max(sampled)
     span_bytes = span.memory_bytes()
+    t0 = time.perf_counter()
     with torch.inference_mode():  # touches every weight: what serving holds
         span(torch.zeros(1, 1, span.hidden_size))
+    first_forward = time.perf_counter() - t0
     anon, mapped = _status("RssAnon") - anon, _status("RssFile") - mapped
     files = sorted({checkpoint.weight_file(n) for n in checkpoint.names_read})
     return {
@@ -118,6 +120,7 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str, mode:
         "peak_rss_over_span_bytes": round((peak - before) / span_bytes, 4),
         "peak_measured_by": "VmHWM" if exact else "sampling",
         "mode": mode,
+        "first_forward_s": round(first_forward, 3),  # a mapped span reads its pages here
         "tensors_mapped": len(checkpoint.names_mapped),
         # after a forward: private memory (the process's own) and file pages (shared, reclaimable)
         "anon_after_forward_over_span_bytes": round(anon / span_bytes, 4),

@@ -116,15 +116,16 @@ def run_in_process(name: str, ctx: Context, timeout: float) -> dict:
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        code = None
+    finally:  # also when this run is stopped (SIGTERM, ^C): nothing of the part outlives it
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
         reader.join(timeout=5)
+    if code is None:
         return {"error": f"timed out after {timeout:.0f} s (killed with what it started)"}
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # anything it left behind
-    except ProcessLookupError:
-        pass
-    reader.join(timeout=5)
     if code != 0 or not result_file.exists():
         return {"error": f"exit status {code}", "output_tail": list(tail)[-12:]}
     return json.loads(result_file.read_text())
@@ -199,11 +200,16 @@ def part_timeouts(args: argparse.Namespace, size: str) -> dict[str, float]:
     return timeouts
 
 
+def stopped(signum: int, frame: object) -> None:
+    raise SystemExit(f"gpu_check.py: stopped by signal {signum}")
+
+
 def main() -> None:
     args = parse_args()
     if args.part:
         part_main(args.part, args.context)
         return
+    signal.signal(signal.SIGTERM, stopped)  # the running part is killed on the way out
     import torch
 
     parts = [name.strip() for name in args.parts.split(",") if name.strip()]
