@@ -13,6 +13,12 @@ loads the span with `BlockSpan.load`. `peak_rss_over_span_bytes` is the worst sp
 (peak RSS - RSS before) / the bytes the span's weights hold. Without --checkpoint the shaped
 checkpoint is written under --workdir (default /tmp) and deleted afterwards (`--keep` keeps it);
 `df` first: an 8B float16 checkpoint is ~16 GB.
+
+`--modes read,mmap` measures each span both ways (rounds alternate): "mmap" is a CPU server's
+--mmap-weights (the tensors stored in the served dtype are views of a private map of the files).
+After the load, a forward touches every weight; `anon_after_forward_over_span_bytes` is then the
+process's own memory and `file_after_forward_over_span_bytes` the file's pages it maps (shared
+with the page cache and other processes of the same file, reclaimable).
 """
 
 from __future__ import annotations
@@ -64,8 +70,9 @@ def _reset_peak() -> bool:
         return False
 
 
-def child(folder: str, start: int, end: int, dtype_name: str, device: str) -> dict:
-    """Load blocks start..end-1 of ``folder`` in this process; what it cost."""
+def child(folder: str, start: int, end: int, dtype_name: str, device: str, mode: str) -> dict:
+    """Load blocks start..end-1 of ``folder`` in this process (``mode`` "mmap": a memory map of
+    the files, --mmap-weights); what it cost, at load and once a forward touched every weight."""
     import gc
 
     import torch
@@ -73,10 +80,11 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str) -> di
     from swarm_node.model import BlockSpan, Checkpoint
     from swarm_node.model.skeleton import meta_skeleton
 
-    checkpoint = Checkpoint.open(folder)
+    checkpoint = Checkpoint.open(folder, memory_map=mode == "mmap")
     meta_skeleton(checkpoint.config)  # imports the family's modeling code: not the load's cost
     gc.collect()
     before = _status("VmRSS")
+    anon, mapped = _status("RssAnon"), _status("RssFile")
     sampled = [before]
     stop = threading.Event()
     exact = _reset_peak()
@@ -95,6 +103,11 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str) -> di
     stop.set()
     peak = _status("VmHWM") if exact else max(sampled)
     span_bytes = span.memory_bytes()
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # touches every weight: what serving holds
+        span(torch.zeros(1, 1, span.hidden_size))
+    first_forward = time.perf_counter() - t0
+    anon, mapped = _status("RssAnon") - anon, _status("RssFile") - mapped
     files = sorted({checkpoint.weight_file(n) for n in checkpoint.names_read})
     return {
         "start": start,
@@ -106,6 +119,12 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str) -> di
         "peak_rss": peak,
         "peak_rss_over_span_bytes": round((peak - before) / span_bytes, 4),
         "peak_measured_by": "VmHWM" if exact else "sampling",
+        "mode": mode,
+        "first_forward_s": round(first_forward, 3),  # a mapped span reads its pages here
+        "tensors_mapped": len(checkpoint.names_mapped),
+        # after a forward: private memory (the process's own) and file pages (shared, reclaimable)
+        "anon_after_forward_over_span_bytes": round(anon / span_bytes, 4),
+        "file_after_forward_over_span_bytes": round(mapped / span_bytes, 4),
         "tensors_read": len(checkpoint.names_read),
         "only_span_tensors": all(
             n.startswith(f"{checkpoint.family.layers}.")
@@ -116,10 +135,10 @@ def child(folder: str, start: int, end: int, dtype_name: str, device: str) -> di
     }
 
 
-def run_child(folder: Path, start: int, end: int, dtype: str, device: str) -> dict:
+def run_child(folder: Path, start: int, end: int, dtype: str, device: str, mode: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(folder), str(start), str(end)]
-        + ["--dtype", dtype, "--device", device],
+        + ["--dtype", dtype, "--device", device, "--modes", mode],
         capture_output=True,
         text=True,
         check=False,
@@ -142,10 +161,19 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     p.add_argument("--keep", action="store_true", help="keep the checkpoint written")
+    p.add_argument(
+        "--modes",
+        default="read",
+        help="read (each span reads its own copy), mmap (--mmap-weights), or read,mmap (rounds "
+        "alternate)",
+    )
     args = p.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= {"read", "mmap"}:
+        p.error(f"--modes must be read, mmap or read,mmap, got {args.modes!r}")
     if args.child:
         folder, start, end = args.child
-        print(json.dumps(child(folder, int(start), int(end), args.dtype, args.device)))
+        print(json.dumps(child(folder, int(start), int(end), args.dtype, args.device, modes[0])))
         return
     folder, made = args.checkpoint, None
     if folder is None:
@@ -159,15 +187,20 @@ def main() -> None:
         rows = []
         for blocks in args.spans:
             start = max(0, (total - blocks) // 2)
-            runs = [
-                run_child(folder, start, start + blocks, args.dtype, args.device)
-                for _ in range(args.repeats)
-            ]
-            row = runs[0] | {
-                "seconds": statistics.median(r["seconds"] for r in runs),
-                "peak_rss_over_span_bytes": max(r["peak_rss_over_span_bytes"] for r in runs),
-            }
-            rows.append(row)
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for _ in range(args.repeats):
+                for mode in modes:  # rounds alternate
+                    runs[mode].append(
+                        run_child(folder, start, start + blocks, args.dtype, args.device, mode)
+                    )
+            for mode in modes:
+                row = runs[mode][0] | {
+                    "seconds": statistics.median(r["seconds"] for r in runs[mode]),
+                    "peak_rss_over_span_bytes": max(
+                        r["peak_rss_over_span_bytes"] for r in runs[mode]
+                    ),
+                }
+                rows.append(row)
         print(
             json.dumps(
                 {
@@ -178,7 +211,12 @@ def main() -> None:
                     "dtype": args.dtype,
                     "device": args.device,
                     "spans": rows,
-                    "peak_rss_over_span_bytes": max(r["peak_rss_over_span_bytes"] for r in rows),
+                    "peak_rss_over_span_bytes": {
+                        mode: max(r["peak_rss_over_span_bytes"] for r in rows if r["mode"] == mode)
+                        for mode in modes
+                    }
+                    if len(modes) > 1
+                    else max(r["peak_rss_over_span_bytes"] for r in rows),
                 }
             )
         )

@@ -25,6 +25,7 @@ from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.node.peer import open_peer
 from swarm_node.node.server.memory import (
     AUTO_CACHE_TOKENS,
@@ -190,7 +191,22 @@ async def test_a_server_sized_by_its_memory_reports_it_in_its_record(tiny_llama:
             assert record.cache_tokens_left == tokens
 
 
-async def test_an_explicit_cpu_device_serves_the_same_tokens(tiny_llama: Path) -> None:
+def mapped_ranges(folder: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process mapping a file of ``folder`` (/proc/self/maps)."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(folder.resolve())):
+            a, b = fields[0].split("-")
+            ranges.append((int(a, 16), int(b, 16)))
+    return ranges
+
+
+@pytest.mark.parametrize("mmap_weights", [False, True])
+async def test_an_explicit_cpu_device_serves_the_same_tokens(
+    tiny_llama: Path, mmap_weights: bool
+) -> None:
+    """Also with --mmap-weights: the weights are then views of a map of the model's file."""
     torch.manual_seed(0)
     input_ids = torch.randint(0, 256, (1, 7))
     expected = reference_model(tiny_llama).generate(
@@ -198,8 +214,14 @@ async def test_an_explicit_cpu_device_serves_the_same_tokens(tiny_llama: Path) -
     )
     head = ClientHead.load(Checkpoint.open(tiny_llama), device="cpu")
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)], device="cpu") as (peers, client):
+        async with local_swarm(
+            tiny_llama, [(0, 3), (3, 6)], device="cpu", mmap_weights=mmap_weights
+        ) as (peers, client):
             assert all(p.server.span.device == torch.device("cpu") for p in peers)
+            weights = [w for p in peers for w in p.server.span.layers.parameters()]
+            ranges = mapped_ranges(tiny_llama)
+            in_file = {any(a <= w.data_ptr() < b for a, b in ranges) for w in weights}
+            assert in_file == {mmap_weights}
             ids, _ = await generate_tokens(
                 client,
                 head,
@@ -270,6 +292,103 @@ async def test_out_of_memory_in_a_step_is_refused_and_the_server_goes_on(tiny_ll
             handle.remove()
     assert torch.equal(compression.decode(answer.hidden, max_numel=10**6), expected)
     assert torch.equal(compression.decode(again.hidden, max_numel=10**6), expected)
+
+
+async def test_out_of_memory_in_a_decode_batch_refuses_each_member_and_the_server_goes_on(
+    tiny_llama: Path,
+) -> None:
+    """Three sessions' decode steps wait together (the compute limiter held) and run as one
+    forward; inside it the allocator really fails (the second session's cache asks the CPU for
+    4 EiB as it grows, after the first's has grown). Each of the three is refused with
+    out_of_memory and closed, its cache freed; a session outside the batch goes on exactly, and new
+    sessions are served exactly, batched again with it."""
+    gen = torch.Generator().manual_seed(3)
+    tol = {"atol": 1e-4, "rtol": 1e-4}  # a batched linear may round unlike a lone one
+
+    def greedy_update(*args: object, **kwargs: object) -> None:
+        torch.empty(2**62, dtype=torch.uint8)
+
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 6)], max_session_length=32) as (servers, client):
+            server, limiter = servers[0].server, servers[0].compute_limiter
+            span, batcher = server.span, server.batcher
+            local: dict[str, object] = {}  # session -> its cache in a local run of the same span
+
+            async def open_session(name: str) -> tuple[MessageStream, str]:
+                conn = await open_stream(
+                    client.host, servers[0].peer_id, max_frame_size=2**26, timeout=5
+                )
+                opened = await request(
+                    conn, _open(tiny_llama.name), m.OpenSessionResponse, timeout=5
+                )
+                local[name] = span.new_cache(16)
+                return conn, opened.session_id
+
+            async def step(conn: MessageStream, session_id: str, name: str, x: torch.Tensor):
+                req = m.StepRequest(
+                    session_id=session_id,
+                    step_id=local[name].length + 1,
+                    position=local[name].length,
+                    hidden=compression.encode(x, "none"),
+                )
+                answer = await request(conn, req, m.StepResponse, timeout=10)
+                return compression.decode(answer.hidden, max_numel=10**6)
+
+            async def batched(members: dict[str, tuple], outs: dict, errors: dict) -> dict:
+                xs = {name: torch.randn(1, 1, 64, generator=gen) for name in members}
+
+                async def one(name: str) -> None:
+                    try:
+                        outs[name] = await step(*members[name], name, xs[name])
+                    except RemoteError as exc:
+                        errors[name] = str(exc)
+
+                before = batcher.batch_sizes[len(members)]
+                async with trio.open_nursery() as nursery:
+                    async with limiter:  # the server is busy: the steps queue together
+                        for name in members:
+                            nursery.start_soon(one, name)
+                        await batcher.wait_until_waiting(len(members))
+                assert batcher.batch_sizes[len(members)] == before + 1  # one forward
+                return xs
+
+            sessions = {name: await open_session(name) for name in "abcd"}
+            for i, (name, (conn, sid)) in enumerate(sessions.items()):
+                x = torch.randn(1, 2 + i, 64, generator=gen)  # caches of different lengths
+                got = await step(conn, sid, name, x)
+                with torch.inference_mode():
+                    assert torch.equal(got, span(x, local[name]))
+            reserved = server.reserved_tokens
+            server.sessions[sessions["b"][1]].cache.dynamic.update = greedy_update
+            outs: dict = {}
+            errors: dict = {}
+            members = {name: sessions[name] for name in "abc"}
+            await batched(members, outs, errors)
+            assert outs == {} and sorted(errors) == ["a", "b", "c"]
+            for text in errors.values():
+                assert "out_of_memory: a step: the server's cpu ran out of memory" in text
+            assert set(server.sessions) == {sessions["d"][1]}  # a, b, c closed, caches freed
+            assert server.reserved_tokens == reserved // 4
+            with pytest.raises(RemoteError, match="unknown_session"):
+                await step(*sessions["a"], "a", torch.randn(1, 1, 64, generator=gen))
+
+            x = torch.randn(1, 1, 64, generator=gen)  # d, outside the batch, goes on exactly
+            got = await step(*sessions["d"], "d", x)
+            with torch.inference_mode():
+                assert torch.equal(got, span(x, local["d"]))
+            fresh = {name: await open_session(name) for name in "ef"}
+            for name, (conn, sid) in fresh.items():
+                x = torch.randn(1, 4, 64, generator=gen)
+                got = await step(conn, sid, name, x)
+                with torch.inference_mode():
+                    assert torch.equal(got, span(x, local[name]))
+            members = {"d": sessions["d"], **fresh}
+            errors.clear()
+            xs = await batched(members, outs, errors)
+            assert errors == {}
+            with torch.inference_mode():
+                for name in members:
+                    torch.testing.assert_close(outs[name], span(xs[name], local[name]), **tol)
 
 
 def test_out_of_memory_errors_are_recognised() -> None:

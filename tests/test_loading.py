@@ -7,6 +7,7 @@ intermediate 3584, GQA 16/4 heads, vocab 16384, 8 blocks of ~27 MB in float16, ~
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -91,6 +92,32 @@ def test_four_of_eight_blocks_load_within_their_own_memory(shaped: Path) -> None
     assert grew <= 1.3 * row["span_bytes"] + RSS_CONSTANT, row
     assert row["only_span_tensors"] and row["tensors_read"] == 4 * 9
     assert len(row["shards_touched"]) == 2
+
+
+def test_a_memory_mapped_span_copies_nothing_and_computes_the_same(shaped: Path) -> None:
+    """--mmap-weights: blocks 2:6 as views of a map of the files. A fresh process grows by a small
+    part of the span's bytes at load; once a forward touched every weight they are the file's
+    pages (shared with the page cache), not the process's own memory. In this process the mapped
+    span computes bit for bit what a span that read its weights computes, after its checkpoint
+    object is gone (the tensors keep the map alive)."""
+    script = str(ROOT / "scripts" / "bench_load.py")
+    row = run_script(script, "--child", str(shaped), "2", "6", "--modes", "mmap")
+    assert row["mode"] == "mmap" and row["tensors_mapped"] == row["tensors_read"] == 4 * 9
+    assert row["peak_rss"] - row["rss_before"] <= 0.1 * row["span_bytes"] + RSS_CONSTANT, row
+    assert row["anon_after_forward_over_span_bytes"] < 0.1, row
+    assert row["file_after_forward_over_span_bytes"] > 0.9, row
+    read = BlockSpan.load(Checkpoint.open(shaped), 2, 4, dtype=torch.float16)
+    mapped_checkpoint = Checkpoint.open(shaped, memory_map=True)
+    mapped = BlockSpan.load(mapped_checkpoint, 2, 4, dtype=torch.float16)
+    assert len(mapped_checkpoint.names_mapped) == 2 * 9
+    del mapped_checkpoint
+    gc.collect()
+    x = torch.randn(1, 5, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(mapped(x), read(x))
+    as_float32 = Checkpoint.open(shaped, memory_map=True)  # another dtype: read and cast
+    BlockSpan.load(as_float32, 2, 3, dtype=torch.float32)
+    assert as_float32.names_mapped == []
 
 
 def test_a_span_reads_only_its_blocks_and_the_client_only_its_head(shaped: Path) -> None:

@@ -1,6 +1,8 @@
 """A local Hugging Face model folder: its config and lazy, per-tensor access to its safetensors.
 
-Reads only the tensors asked for, each with plain reads into its own buffer (tensor_files.py).
+Reads only the tensors asked for, each with plain reads into its own buffer (tensor_files.py), or,
+opened with ``memory_map=True``, as views of a map of its file where they stay on the CPU in the
+file's dtype.
 Never torch.load, never pickle. Knows nothing of layers, spans or peers.
 
 The config comes in two depths. ``setting(name)`` reads config.json's own value (plain JSON), which
@@ -22,7 +24,13 @@ import torch
 
 from swarm_node.errors import ModelError
 from swarm_node.model.families import Family, family_for
-from swarm_node.model.tensor_files import TensorEntry, read_header, read_tensor
+from swarm_node.model.tensor_files import (
+    TensorEntry,
+    map_file,
+    map_tensor,
+    read_header,
+    read_tensor,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,7 +42,13 @@ class Checkpoint:
     """Config + tensor index of one model folder; open with `Checkpoint.open(path)`."""
 
     def __init__(
-        self, path: Path, settings: dict[str, Any], family: Family, weight_map: dict[str, str]
+        self,
+        path: Path,
+        settings: dict[str, Any],
+        family: Family,
+        weight_map: dict[str, str],
+        *,
+        memory_map: bool = False,
     ) -> None:
         self.path = path
         self.settings = settings  # config.json as written
@@ -43,9 +57,11 @@ class Checkpoint:
         self._weight_map = weight_map  # tensor name -> file name inside `path`
         self.names_read: list[str] = []  # every tensor name load_tensors has read, in order
         self._headers: dict[str, dict[str, TensorEntry]] = {}  # file name -> its tensors
+        self.memory_map = memory_map  # tensors that stay on the CPU as stored: views of a map
+        self.names_mapped: list[str] = []  # the names read that are views of a map
 
     @classmethod
-    def open(cls, path: str | Path) -> Checkpoint:
+    def open(cls, path: str | Path, *, memory_map: bool = False) -> Checkpoint:
         path = Path(path).expanduser()
         if not path.is_dir():
             raise ModelError(f"model folder {str(path)!r} must be an existing directory, it is not")
@@ -54,7 +70,7 @@ class Checkpoint:
             raise ModelError(f"model folder {str(path)!r} must hold config.json, found {found}")
         settings = _read_settings(path)
         family = family_for(SimpleNamespace(model_type=settings.get("model_type")))
-        return cls(path, settings, family, _read_weight_map(path))
+        return cls(path, settings, family, _read_weight_map(path), memory_map=memory_map)
 
     @property
     def config(self) -> Any:
@@ -122,6 +138,7 @@ class Checkpoint:
                     f"checkpoint {str(self.path)!r} must hold tensors {missing[:5]}"
                     f"{' ...' if len(missing) > 5 else ''}, they are absent"
                 )
+        stays_on_host = device is None or torch.device(device).type == "cpu"
         by_file: dict[str, list[str]] = {}
         for name in wanted:
             by_file.setdefault(self._weight_map[name], []).append(name)
@@ -134,8 +151,16 @@ class Checkpoint:
             if absent:
                 raise ModelError(f"{str(path)!r} must hold tensors {absent[:5]}, they are absent")
             with open(path, "rb") as f:
+                mapped = map_file(f) if self.memory_map and stays_on_host else None
                 for name in file_names:
-                    tensor = read_tensor(f, entries[name])
+                    entry = entries[name]
+                    tensor = None
+                    if mapped is not None and dtype in (None, entry.dtype):
+                        tensor = map_tensor(mapped, entry)
+                    if tensor is not None:
+                        self.names_mapped.append(name)
+                    else:
+                        tensor = read_tensor(f, entry)
                     if device is not None:
                         tensor = tensor.to(device)
                     if dtype is not None:

@@ -7,6 +7,9 @@ server, after its digests were checked. Here the header is parsed once (checked:
 at most ``MAX_HEADER_BYTES``, every entry a known dtype, a shape of ints, offsets inside the file
 whose length is the shape's bytes) and each tensor is read straight into a buffer of its own: the
 process holds exactly the tensors asked for, owned, nothing else of the file.
+``map_tensor`` is the other way, asked for explicitly (a CPU server's --mmap-weights): a view of a
+private map of the file, whose untouched pages cost nothing and whose pages are shared with the
+page cache and other processes of the same file until written.
 Knows nothing of models, layers or devices.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -122,3 +126,18 @@ def read_tensor(f: object, entry: TensorEntry) -> torch.Tensor:
                 raise ModelError(f"a safetensors file ended inside a tensor at byte {done}")
             done += got
     return out
+
+
+def map_file(f: object) -> mmap.mmap:
+    """A private (copy-on-write) map of the whole open binary file ``f``."""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # type: ignore[attr-defined]
+
+
+def map_tensor(mapped: mmap.mmap, entry: TensorEntry) -> torch.Tensor | None:
+    """The tensor of ``entry`` as a view of ``mapped`` (nothing copied), or None where it cannot be
+    one: empty, or not aligned to its dtype in the file."""
+    if not entry.nbytes or entry.offset % entry.dtype.itemsize:
+        return None
+    count = entry.nbytes // entry.dtype.itemsize
+    flat = torch.frombuffer(mapped, dtype=entry.dtype, count=count, offset=entry.offset)
+    return flat.view(entry.shape)

@@ -348,6 +348,13 @@ class ServerConfig:
         "less memory per block, slower on CPU (default: --dtype weights)",
         choices=QUANTS[1:],
     )
+    mmap_weights: bool = flag(
+        False,
+        "on a CPU, serve the weights stored in the served dtype from a private memory map of the "
+        "checkpoint's files: untouched pages cost nothing and servers of one file on one host "
+        "share its pages, but a file rewritten under the server changes what it serves (default: "
+        "each span reads its own copy)",
+    )
     adapters: tuple[tuple[str, str], ...] = flag(
         (),
         "LoRA adapters to hold, each a folder in PEFT's format (adapter_config.json + "

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         *("max_sessions_per_peer", "max_peer_cache_share", "session_idle_timeout"),
         *("send_timeout", "max_request_tokens", "max_activation_mb", "max_queued"),
         *("max_queued_per_peer", "max_queued_mb", "max_queued_mb_per_peer", "max_receiving_mb"),
-        *("compression", "shutdown_grace", "quant", "adapters"),
+        *("compression", "shutdown_grace", "quant", "adapters", "mmap_weights"),
         *("no_batching", "prefill_chunk", "no_verify_weights", "operator", "max_memory_mb"),
     )
 

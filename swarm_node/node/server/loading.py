@@ -32,7 +32,9 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     path = await trio.to_thread.run_sync(resolve_model, config.model)
-    checkpoint = await trio.to_thread.run_sync(Checkpoint.open, path)
+    checkpoint = await trio.to_thread.run_sync(
+        lambda: Checkpoint.open(path, memory_map=config.mmap_weights)
+    )
     num_blocks = checkpoint.config.num_hidden_layers
     if config.end > num_blocks:
         raise ConfigError(
@@ -61,6 +63,13 @@ async def prepare_span(config: ServerConfig) -> tuple[Any, float, dict[str, Any]
         span.cache_bytes_per_token() / blocks / 1e3,
         f"{free_memory(device) / 1e9:.1f} GB left free on it",
     )
+    if config.mmap_weights:
+        log.info(
+            "%d of %d tensors of the span are views of a memory map of the files (--mmap-weights: "
+            "on a CPU, where the file's dtype is the served one)",
+            len(checkpoint.names_mapped),
+            len(checkpoint.names_read),
+        )
     t0 = time.perf_counter()
     verify = None if config.no_verify_weights else (config.start, config.end)
     identity = await trio.to_thread.run_sync(lambda: identity_of(config.model, verify=verify))
