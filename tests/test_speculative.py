@@ -107,7 +107,7 @@ def test_prompt_lookup_drafts_the_longest_then_latest_continuation() -> None:
     assert lookup.draft([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # equally long: latest
     assert lookup.draft([1, 2, 3, 9, 3], 2) == [9, 3]  # a 1-gram when no 2-gram matches
     assert lookup.draft([1, 2, 3], 4) == []
-    assert PromptLookup(min_ngram=2).draft([1, 2, 3, 9, 3], 2) == []
+    assert PromptLookup().draft([1, 2, 3, 9, 3], 2) == []  # the default needs 2 tokens to match
     # the occurrence whose preceding tokens agree longest wins over a later, shorter one
     text = [7, 8, 1, 2, 3, 4, 9, 2, 3, 5, 7, 8, 1, 2, 3]
     assert PromptLookup().draft(text, 2) == [4, 9]
@@ -121,7 +121,7 @@ def test_prompt_lookup_drafts_by_kind_of_match() -> None:
     """A lone token's match drafts by its own (lower) acceptance: its misses neither shorten nor
     turn off the drafts of long matches, which copy a passage."""
     length = DraftLength(max_tokens=10)
-    spec = Speculation(length=length)
+    spec = Speculation(drafter=PromptLookup(min_ngram=1), length=length)
     length.observe(0, 1, 0.10)
     lone = [5, 1, 2, 3, 4, 6, 7, 8, 4]  # only the last token, 4, occurred before
     long = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6]

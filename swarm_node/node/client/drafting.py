@@ -49,11 +49,11 @@ class PromptLookup:
     """Prompt lookup decoding (Saxena 2023, transformers' ``prompt_lookup_num_tokens``): find the
     earlier place in the text whose preceding tokens agree longest with the text's last tokens (at
     least ``min_ngram``, compared up to ``max_ngram``; on a tie the latest), and propose what
-    followed it. The agreeing length is the match's kind of evidence: a lone token's continuation
-    is accepted far less often than a long one's, so DraftLength keeps their acceptance apart."""
+    followed it. The agreeing length is the match's kind of evidence: a short match's continuation
+    is accepted less often than a long one's, so DraftLength keeps their acceptance apart."""
 
     max_ngram: int = 16
-    min_ngram: int = 1
+    min_ngram: int = 2  # a lone token's continuation: ~25% right, and a trip with drafts costs more
 
     def __post_init__(self) -> None:
         check_int("min_ngram", self.min_ngram, 1)
