@@ -141,14 +141,13 @@ class Evidence:
     (decaying, the prior counting as one draft), and when this kind may draft again."""
 
     prior: float = PRIOR_ACCEPTANCE
-    hits: float = -1.0  # -1: the prior's
-    misses: float = -1.0
+    hits: float = field(init=False)
+    misses: float = field(init=False)
     off_until: int = 0  # no drafts of this kind before this step
     backoff: int = FIRST_BACKOFF
 
     def __post_init__(self) -> None:
-        if self.hits < 0:
-            self.forget()
+        self.forget()
 
     def forget(self) -> None:
         self.hits, self.misses = self.prior, 1.0 - self.prior
