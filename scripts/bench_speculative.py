@@ -76,10 +76,10 @@ class TracedLength(DraftLength):
 
     def __init__(self, **fields: Any) -> None:
         super().__init__(**fields)
-        self.trips: list[tuple[int, int, float]] = []  # (drafted, emitted, seconds)
+        self.trips: list[tuple[int, int, float, int]] = []  # (drafted, emitted, seconds, kind)
 
     def observe(self, drafted: int, emitted: int, seconds: float) -> None:
-        self.trips.append((drafted, emitted, round(seconds, 4)))
+        self.trips.append((drafted, emitted, round(seconds, 4), self.kind if drafted else 0))
         super().observe(drafted, emitted, seconds)
 
 
@@ -130,6 +130,10 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     trips = [trip for t in rows for trip in t["spec"]["trips"]]
     drafting = [trip for trip in trips if trip[0]]
     plain_trips = [trip[2] for trip in trips if not trip[0]]
+    kinds: dict[str, list[int]] = {}  # per kind of match: [trips, drafted, accepted]
+    for drafted, emitted, _, kind in drafting:
+        row = kinds.setdefault(str(kind), [0, 0, 0])
+        row[0], row[1], row[2] = row[0] + 1, row[1] + drafted, row[2] + emitted - 1
     drafted = sum(t["spec"]["drafted"] for t in rows)
     accepted = sum(t["spec"]["accepted"] for t in rows)
     out.update(
@@ -142,13 +146,12 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         trips_with_drafts=len(drafting),
         trips_without=len(plain_trips),
-        drafts_per_trip=round(sum(d for d, _, _ in drafting) / len(drafting), 2)
+        drafts_per_trip=round(sum(t[0] for t in drafting) / len(drafting), 2) if drafting else 0.0,
+        tokens_per_trip_with_drafts=round(sum(t[1] for t in drafting) / len(drafting), 2)
         if drafting
         else 0.0,
-        tokens_per_trip_with_drafts=round(sum(e for _, e, _ in drafting) / len(drafting), 2)
-        if drafting
-        else 0.0,
-        trip_s_with_drafts=round(statistics.median(s for _, _, s in drafting), 3)
+        trips_drafted_accepted_by_kind=kinds,
+        trip_s_with_drafts=round(statistics.median(t[2] for t in drafting), 3)
         if drafting
         else None,
         trip_s_without=round(statistics.median(plain_trips), 3) if plain_trips else None,
@@ -172,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     same = True
     traces: list[dict[str, Any]] = []
     per_prompt: dict[tuple[str, int], list[float]] = {}  # each round's with/without, per prompt
+    per_prompt_trips: dict[tuple[str, int], list[float]] = {}  # each round's tokens a trip
     async with trio.open_nursery() as nursery:
         spans = split_blocks(args.num_blocks, 2)
         async with proxied_swarm(MODEL, spans, args.delay, nursery, throughput=None) as (_, client):
@@ -204,6 +208,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                 totals[mode][key] += row[key]
                             if mode == "spec":
                                 traces.append({"round": r, "set": name, "prompt": p, **row})
+                                per_prompt_trips.setdefault((name, p), []).append(
+                                    row["tokens"] / max(1, row["steps"])
+                                )
                         same = same and outputs["plain"] == outputs["spec"]
                         per_prompt.setdefault((name, p), []).append(rates["spec"] / rates["plain"])
                     rounds[name].append(totals)
@@ -215,6 +222,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         out[f"decode_speedup_{name}"] = out[name].pop("decode_speedup")
         out[name]["per_prompt_speedup"] = [
             round(statistics.median(per_prompt[(name, p)]), 3) for p in range(len(inputs[name]))
+        ]
+        out[name]["per_prompt_tokens_per_trip"] = [
+            round(statistics.median(per_prompt_trips[(name, p)]), 2)
+            for p in range(len(inputs[name]))
         ]
     out["same_tokens"] = same
     return out
@@ -265,7 +276,7 @@ def main() -> None:
                     "after": [round(x, 2) for x in load_after],
                 },
                 "targets": {"speedup_repetitive": 2.0, "speedup_chat": 0.97},
-                "adaptive_length": "expected tokens/s (drafting.DraftLength)",
+                "adaptive_length": "expected tokens/s, acceptance per kind of match (drafting.DraftLength)",
                 **runs,
             }
         )

@@ -13,7 +13,7 @@ import trio
 
 from swarm_node.errors import ConfigError, RequestError, SessionError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
-from swarm_node.node.client.drafting import DraftLength, PromptLookup
+from swarm_node.node.client.drafting import DraftLength, Match, PromptLookup
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.client.speculative import Speculation
@@ -102,12 +102,36 @@ def test_keep_rules_and_old_servers() -> None:
         unable.step(old_server_sees, cache_length=9)
 
 
-def test_prompt_lookup_drafts_the_latest_continuation() -> None:
+def test_prompt_lookup_drafts_the_longest_then_latest_continuation() -> None:
     lookup = PromptLookup(max_ngram=2, min_ngram=1)
-    assert lookup.draft([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]
+    assert lookup.draft([1, 2, 3, 4, 1, 2, 5, 6, 1, 2], 3) == [5, 6, 1]  # equally long: latest
     assert lookup.draft([1, 2, 3, 9, 3], 2) == [9, 3]  # a 1-gram when no 2-gram matches
     assert lookup.draft([1, 2, 3], 4) == []
     assert PromptLookup().draft([1, 2, 3, 9, 3], 2) == []  # the default needs 2 tokens to match
+    # the occurrence whose preceding tokens agree longest wins over a later, shorter one
+    text = [7, 8, 1, 2, 3, 4, 9, 2, 3, 5, 7, 8, 1, 2, 3]
+    assert PromptLookup().draft(text, 2) == [4, 9]
+    assert PromptLookup(max_ngram=2).draft(text, 2) == [5, 7]
+    found = PromptLookup().match(text)
+    assert found is not None and (found.start, found.context, found.kind) == (5, 5, 2)
+    assert [Match(start=0, context=c).kind for c in (1, 2, 5, 6, 40)] == [1, 2, 2, 6, 6]
+
+
+def test_prompt_lookup_drafts_by_kind_of_match() -> None:
+    """A lone token's match drafts by its own (lower) acceptance: its misses neither shorten nor
+    turn off the drafts of long matches, which copy a passage."""
+    length = DraftLength(max_tokens=10)
+    spec = Speculation(drafter=PromptLookup(min_ngram=1), length=length)
+    length.observe(0, 1, 0.10)
+    lone = [5, 1, 2, 3, 4, 6, 7, 8, 4]  # only the last token, 4, occurred before
+    long = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6]
+    first_lone = len(spec.lookup(spec.drafter, lone, 100))
+    first_long = len(spec.lookup(spec.drafter, long, 100))
+    assert 1 <= first_lone < first_long  # priors: ~0.3 for a lone token, 0.7+ for long matches
+    while drafts := spec.lookup(spec.drafter, lone, 100):  # lone-token drafts keep failing
+        length.observe(len(drafts), 1, 0.10 + 0.003 * len(drafts))
+    assert length.of(1).off_until > length.steps
+    assert len(spec.lookup(spec.drafter, long, 100)) == first_long
 
 
 @pytest.mark.parametrize(
@@ -346,18 +370,18 @@ def test_draft_length_adapts_and_turns_itself_off() -> None:
         steps += 1
         assert steps < 12
     off_for = drafting.FIRST_BACKOFF
-    assert length.off_until == length.steps + off_for
+    assert length.of(0).off_until == length.steps + off_for
     for _ in range(off_for):
         assert length.next(100) == 0
         length.observe(0, 1, 0.10)
     assert length.next(100) > 0  # tried again; off for twice as long when it still does not pay
     while (k := length.next(100)) > 0:
         length.observe(k, 1, 0.10 + 0.01 * k)
-    assert length.off_until == length.steps + 2 * off_for
-    length.off_until = 0
+    assert length.of(0).off_until == length.steps + 2 * off_for
+    length.of(0).off_until = 0
     k = length.next(100)
     length.observe(k, 2, 0.10 + 0.01 * k)  # a draft accepted: the back-off starts over
-    assert length.backoff == off_for
+    assert length.of(0).backoff == off_for
     with pytest.raises(ConfigError, match=r"'emitted' must be in \[1, 3\], got 4"):
         length.observe(2, 4, 0.1)
 

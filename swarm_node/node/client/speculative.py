@@ -46,13 +46,21 @@ class Speculation:
 
     async def drafts(self, ids: torch.Tensor, room: int) -> list[int]:
         """Draft tokens to follow ``ids`` ``# (n,)``, at most ``room`` (none: a plain step)."""
+        tokens = ids.tolist()
+        if isinstance(self.drafter, PromptLookup):
+            return self.lookup(self.drafter, tokens, room)
         k = self.length.next(room)
         if k < 1:
             return []
-        tokens = ids.tolist()
-        if isinstance(self.drafter, PromptLookup):
-            return self.drafter.draft(tokens, k)[:k]
         return (await trio.to_thread.run_sync(self.drafter.draft, tokens, k))[:k]
+
+    def lookup(self, drafter: PromptLookup, tokens: list[int], room: int) -> list[int]:
+        """Prompt lookup's drafts, as many as its match's kind of evidence says pay."""
+        found = drafter.match(tokens)
+        if found is None:
+            return []
+        k = self.length.next(room, found.kind)
+        return tokens[found.start : found.start + k]
 
     async def verify(
         self,
