@@ -24,6 +24,7 @@ from multiaddr import Multiaddr
 
 from swarm_node.node.net.negotiation import install_negotiation_bound
 from swarm_node.node.net.whole_writes import install_whole_writes
+from swarm_node.node.net.window_updates import install_half_window_updates
 
 # What a connection may negotiate, and nothing else. py-libp2p's defaults also accept
 # /plaintext/2.0.0 (its handshake checks only that a claimed id matches a claimed public key, with no
@@ -79,6 +80,7 @@ def build_host(
     Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
     install_negotiation_bound()
     install_whole_writes()
+    install_half_window_updates()
     host = new_host(
         key_pair=key_pair,
         sec_opt={
