@@ -19,7 +19,7 @@ from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
 from multiaddr import Multiaddr
 
 from swarm_node.node.net.host import build_host
-from swarm_node.node.net.window_updates import PY_LIBP2P_WINDOW_UPDATE, update_at_half_window
+from swarm_node.node.net.window_updates import PY_LIBP2P_WINDOW_UPDATE
 
 ECHO = "/echo-chunks/1.0.0"
 ROUND_TRIPS = 300
@@ -53,16 +53,19 @@ async def exchanged(stream: Any, payload: bytes) -> bytes:
     return bytes(echoed)
 
 
-async def with_connection(work: Any, window_update: Any = update_at_half_window) -> Any:
-    """``work(new_stream)`` over a connection of two real hosts whose streams send their window
-    updates with ``window_update``."""
+async def with_connection(work: Any, *replaced: tuple[type, str, Any]) -> Any:
+    """``work(new_stream)`` over a connection of two real hosts, with each ``(class, name,
+    function)`` of ``replaced`` in place of what build_host installed (a test's control)."""
     server = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
     client = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
-    YamuxStream._auto_tune_and_send_window_update = window_update  # after build_host installs
+    installed = [(cls, name, getattr(cls, name)) for cls, name, _ in replaced]
+    for cls, name, function in replaced:
+        setattr(cls, name, function)
     try:
         return await _with_connection(server, client, work)
     finally:
-        YamuxStream._auto_tune_and_send_window_update = update_at_half_window
+        for cls, name, function in installed:
+            setattr(cls, name, function)
 
 
 async def _with_connection(server: Any, client: Any, work: Any) -> Any:
@@ -104,7 +107,9 @@ async def ping_pong(new_stream: Any) -> None:
 
 async def test_py_libp2p_sends_a_window_update_a_read(window_updates: Counter[str]) -> None:
     with trio.fail_after(60):
-        await with_connection(ping_pong, PY_LIBP2P_WINDOW_UPDATE)
+        await with_connection(
+            ping_pong, (YamuxStream, "_auto_tune_and_send_window_update", PY_LIBP2P_WINDOW_UPDATE)
+        )
     assert window_updates["frames"] >= ROUND_TRIPS  # the control: about one per read, each side
 
 

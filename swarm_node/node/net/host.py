@@ -23,6 +23,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from swarm_node.node.net.negotiation import install_negotiation_bound
+from swarm_node.node.net.noise_reads import install_buffered_noise_reads
 from swarm_node.node.net.whole_writes import install_whole_writes
 from swarm_node.node.net.window_updates import install_half_window_updates
 
@@ -81,6 +82,7 @@ def build_host(
     install_negotiation_bound()
     install_whole_writes()
     install_half_window_updates()
+    install_buffered_noise_reads()
     host = new_host(
         key_pair=key_pair,
         sec_opt={
