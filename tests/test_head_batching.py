@@ -7,12 +7,13 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 import trio
 
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.head_batching import HeadBatcher, head_batcher
-from tests.model_fixtures import TINY_HIDDEN
+from tests.model_fixtures import TINY_FAMILIES, TINY_HIDDEN, make_tiny_model_dir
 
 H = TINY_HIDDEN
 TOL = {"atol": 1e-4, "rtol": 1e-4}
@@ -80,3 +81,17 @@ async def test_a_lone_session_runs_its_head_at_once(tiny_llama: Path) -> None:
             )
             assert token.shape == (1,) and embedded.shape == (1, 1)
     assert batcher.batch_sizes == {1: 3} and batcher.decoding == 0
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_batch_logits_are_each_rows_lone_logits(tmp_path: Path, family: str, tie: bool) -> None:
+    head = ClientHead.load(Checkpoint.open(make_tiny_model_dir(tmp_path, family, tie=tie)))
+    rows = torch.randn(5, 1, H, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.inference_mode():
+        lone = torch.cat([head.logits(rows[i : i + 1]) for i in range(5)])
+        for n in (2, 3, 5):
+            batched = head.batch_logits(rows[:n])
+            assert batched.shape == lone[:n].shape
+            torch.testing.assert_close(batched, lone[:n], **TOL)
+            assert torch.equal(batched.argmax(-1), lone[:n].argmax(-1))

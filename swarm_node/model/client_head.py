@@ -200,6 +200,23 @@ class ClientHead(torch.nn.Module):
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             return logits
 
+    def batch_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Several sessions' last positions `# (N, 1, H)` -> logits `# (N, 1, V)`, inference only:
+        `logits` within float tolerance, computed as the head's weight times the rows' transpose.
+        On a CPU that reads the weight once for every row: SmolLM2's 576 x 49152 head took
+        13, 16, 17, 21, 25 ms of CPU for 1, 2, 3, 4, 8 rows this way against 15, 37, 48, 33, 44 ms
+        as `logits` (torch's linear over 2-3 rows takes a slower path than over one or four)."""
+        if type(self.lm_head) is not torch.nn.Linear or hidden.dim() != 3 or hidden.shape[1] != 1:
+            return self.logits(hidden)
+        with torch.inference_mode():
+            rows = self.norm(hidden.to(self.device, self.dtype))[:, 0, :]  # (N, H)
+            logits = (self.lm_head.weight @ rows.T).T  # (N, V)
+            if self.lm_head.bias is not None:
+                logits = logits + self.lm_head.bias
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits.contiguous()[:, None, :]  # (N, 1, V)
+
     def _mode(self, input_requires_grad: bool) -> contextlib.AbstractContextManager[Any]:
         needs_grad = torch.is_grad_enabled() and (
             input_requires_grad or any(p.requires_grad for p in self.parameters())

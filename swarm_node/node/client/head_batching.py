@@ -69,9 +69,8 @@ class HeadBatcher(BatchQueue[HeadJob]):
         with torch.inference_mode():
             try:
                 hidden = torch.cat([job.hidden for job in batch])  # (N, 1, H)
-                logits = (
-                    self.head.logits(hidden)[:, -1, :].float().cpu()
-                )  # (N, V), sampled on the host
+                head = self.head.logits if hidden.shape[0] == 1 else self.head.batch_logits
+                logits = head(hidden)[:, -1, :].float().cpu()  # (N, V), sampled on the host
             except Exception as exc:  # noqa: BLE001 (handed to each session's own caller)
                 for job in batch:
                     job.error = exc

@@ -23,7 +23,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from multiaddr import Multiaddr
 
 from swarm_node.node.net.negotiation import install_negotiation_bound
+from swarm_node.node.net.noise_reads import install_buffered_noise_reads
 from swarm_node.node.net.whole_writes import install_whole_writes
+from swarm_node.node.net.window_updates import install_half_window_updates
 
 # What a connection may negotiate, and nothing else. py-libp2p's defaults also accept
 # /plaintext/2.0.0 (its handshake checks only that a claimed id matches a claimed public key, with no
@@ -79,6 +81,8 @@ def build_host(
     Its multistream negotiation reads at most negotiation.MAX_NEGOTIATION_MESSAGE bytes a message."""
     install_negotiation_bound()
     install_whole_writes()
+    install_half_window_updates()
+    install_buffered_noise_reads()
     host = new_host(
         key_pair=key_pair,
         sec_opt={
