@@ -77,6 +77,7 @@ EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 REFRESH_AFTER = 5.0  # seconds after which reused lookup results are renewed in the background
+NEXT_LOOKUP_EVERY = 300.0  # seconds a server pings the next block's servers it found, unlooked
 
 
 class Peer:
@@ -114,6 +115,8 @@ class Peer:
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
         self._answered_at: dict[str, float] = {}  # server -> trio time of its last answer here
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
+        # (trio time, block, servers) of its last lookup of the servers of the block after its span
+        self._next_servers: tuple[float, int, list[ServerRecord]] | None = None
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
         self.shares = ChainShares(share=client.max_server_share)  # the servers of its last chains
         self.identity: ModelIdentity | None = None  # what this peer serves
@@ -282,12 +285,21 @@ class Peer:
         assert self.server is not None
         if self.server.end >= self.server.span.config.num_hidden_layers:
             return {}
-        servers: list[ServerRecord] = []
-        with trio.move_on_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(
-                self.server.model_id, [self.server.end], digest=self.server.model_digest
-            )
-        samples = await self.ping_all([s for s in servers if s.peer_id != self.peer_id])
+        block, now = self.server.end, trio.current_time()
+        known = self._next_servers
+        if known is not None and known[1] == block and now - known[0] < NEXT_LOOKUP_EVERY:
+            servers = known[2]  # a lookup was ~125 DHT queries a round in a 32-server swarm
+        else:
+            servers = []
+            with trio.move_on_after(self.client_config.lookup_timeout):
+                servers = await self.dht.find_servers(
+                    self.server.model_id, [block], digest=self.server.model_digest
+                )
+            servers = [s for s in servers if s.peer_id != self.peer_id]
+            self._next_servers = (now, block, servers) if servers else None
+        samples = await self.ping_all(servers)
+        if len(samples) < len(servers):  # one left or failed: look again next round
+            self._next_servers = None
         for peer_id, seconds in samples.items():
             self.next_rtt.observe(peer_id, seconds)
         return samples
