@@ -13,7 +13,10 @@ prompt it echoes), median of the repeats, by "<servers>@<delay ms>"; `cli_exit_s
 swarm_node.node.apps.commands` (what the CLI's commands need: torch and libp2p) in a fresh process,
 and `import_swarm_node_s`: `import swarm_node` alone. Rounds alternate generate and status.
 `warm_lookup_ms`: a long-lived Python client's chain for a next request (after its first), median
-of 5. `load`: the load average after each swarm size (the figures are indicative on a shared
+of 5. Timing starts once the swarm is settled, as a user meets it (`settle`): its servers use
+fewer than --settle-cores cores over 5 s (their start-up's announcements done), or --settle-most
+seconds passed; `swarm_cores`: the cores they used over the last 5 s before the timing (their
+idle load). `load`: the load average after each swarm size (the figures are indicative on a shared
 machine). Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main (the servers and the CLI
 both come from that checkout), or `--compare /path/to/main`: that checkout's CLI against the same
 swarms, rounds alternating with this one's (`compare` in the JSON). Issue 21's targets: first token <= 2.5 s on loopback whatever the
@@ -184,6 +187,30 @@ async def warm_lookup_ms(entry: str, num_blocks: int) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
+def cpu_seconds(processes: list[trio.Process]) -> float:
+    """CPU seconds (user + system) the server processes have used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for process in processes:
+        with open(f"/proc/{process.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+async def settle(processes: list[trio.Process], *, below: float, most: float) -> float:
+    """Wait until the swarm is settled, as a user meets it: its servers together use less than
+    ``below`` cores over 5 s (their start-up's announcements, provides and first round-trip
+    measurements done), or ``most`` seconds passed. Returns the cores of the last 5 s."""
+    deadline = time.perf_counter() + most
+    while True:
+        t0, c0 = time.perf_counter(), cpu_seconds(processes)
+        await trio.sleep(5.0)
+        cores = (cpu_seconds(processes) - c0) / (time.perf_counter() - t0)
+        if cores < below or time.perf_counter() >= deadline:
+            return round(cores, 3)
+
+
 def import_seconds(module: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
@@ -200,6 +227,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cli_exit_s": {},
         "status_s": {},
         "warm_lookup_ms": {},
+        "swarm_cores": {},
         "load": {},
     }
     for servers in args.servers:
@@ -208,6 +236,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with trio.open_nursery() as nursery:  # the server processes
                 spans = spans_for(servers, num_blocks)
                 processes, entry = await start_swarm(nursery, spans, delay, args.per_process)
+                out["swarm_cores"][key] = await settle(
+                    processes, below=args.settle_cores, most=args.settle_most
+                )
                 common = ["--initial-peers", entry, "--model", MODEL]
                 generate = [*CLI, "generate", PROMPT, "--max-new-tokens", "1", *common]
                 status = [*CLI, "status", *common]
@@ -264,6 +295,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--per-process", type=int, default=4, help="servers a server process hosts")
     parser.add_argument("--quick", action="store_true", help="1 and 8 servers, one repeat")
+    parser.add_argument(
+        "--settle-cores",
+        type=float,
+        default=0.3,
+        help="timing starts once the servers use fewer cores than this over 5 s",
+    )
+    parser.add_argument(
+        "--settle-most", type=float, default=120.0, help="or once this many seconds passed"
+    )
     parser.add_argument(
         "--compare",
         type=Path,

@@ -36,7 +36,14 @@ from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
 from swarm_node.dht.discovery import QUERY_ERRORS, SwarmDHT
-from swarm_node.dht.records import ServerRecord, block_key, model_key, model_shard, record_key
+from swarm_node.dht.records import (
+    ServerRecord,
+    block_key,
+    decode_record,
+    model_key,
+    model_shard,
+    record_key,
+)
 from swarm_node.dht.signing import sign_record, verify_record
 from swarm_node.errors import RemoteProtocolError
 from tests.swarm_helpers import LOOPBACK
@@ -393,3 +400,48 @@ async def test_more_blocks_than_one_provide_window_all_reach_a_peer() -> None:
                     await handled.done.receive()
     assert first == list(range(PROVIDES_PER_WINDOW - 1))
     assert [p.peer_id for p in peer.kad.provider_store.get_providers(model)] == [me]
+
+
+async def test_an_announcement_sends_no_provider_key_again_that_nothing_changed_for() -> None:
+    # a settled swarm's servers re-announced every key to its closest peers every 30-40 s (most
+    # of their idle DHT traffic); the record still goes out each time, the keys only when the
+    # closest peers known changed (or REPROVIDE_EVERY passed, or the addresses)
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            server, peer, newcomer = [await stack.enter_async_context(dht_peer()) for _ in range(3)]
+            await link(server, peer)
+            me = server.host.get_id().to_base58()
+
+            def record(seq: int) -> ServerRecord:
+                return ServerRecord(
+                    peer_id=me,
+                    addrs=(f"{server.host.get_addrs()[0]}/p2p/{me}",),
+                    model=MODEL,
+                    start=0,
+                    end=3,
+                    throughput=1.0,
+                    cache_tokens_left=128,
+                    dtype="float32",
+                    version="0",
+                    seq=seq,
+                    expires_at=time.time() + 600,
+                )
+
+            await server.announce(record(1))
+            keys = server.provides_sent
+            assert keys == 4  # the model's key (this peer's shard) and 3 blocks
+            record_key_bytes = record_key(me).encode()
+            await server.announce(record(2))
+            assert server.provides_sent == keys  # nothing changed: no key sent again
+            held = peer.kad.value_store.get(record_key_bytes)
+            assert held is not None and decode_record(held.value).seq == 2  # the record went
+            handled = HandledStreams(newcomer.kad)
+            newcomer.host.set_stream_handler(KAD_PROTOCOL, handled.handle)
+            await link(server, newcomer)  # a new peer among the closest known: all of them again
+            await server.announce(record(3))
+            assert server.provides_sent == 2 * keys
+            block = bytes.fromhex(block_key(MODEL, 2))
+            while server.host.get_id() not in {
+                p.peer_id for p in newcomer.kad.provider_store.get_providers(block)
+            }:  # an ADD_PROVIDER gets no answer: wait for the newcomer's handlers
+                await handled.done.receive()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
@@ -19,11 +20,12 @@ from multiaddr import Multiaddr
 from swarm_node.dht.discovery import PROVIDERS_PER_KEY
 from swarm_node.dht.records import MODEL_KEY_SHARDS, model_key, model_shard
 from swarm_node.model.bundled import model_id_of
+from swarm_node.node import peer as peer_module
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.host import CLIENT_LIMITS, SERVER_LIMITS
 from swarm_node.node.peer import Peer, open_peer
-from tests.model_fixtures import make_tiny_model_dir
+from tests.model_fixtures import TINY_HIDDEN, make_tiny_model_dir
 from tests.swarm_helpers import LOOPBACK, local_swarm
 
 
@@ -83,7 +85,9 @@ def count_pings(peer: Peer) -> list[str]:
     return pinged
 
 
-async def test_a_chain_pings_no_server_that_answered_its_lookup(tiny_llama: Path) -> None:
+async def test_a_chain_pings_no_server_that_answered_its_lookup(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # a ping is a stream and a round trip more per server before the first token: the servers
     # that sent their own records a moment ago are known to answer, and how fast
     with trio.fail_after(60):
@@ -98,8 +102,29 @@ async def test_a_chain_pings_no_server_that_answered_its_lookup(tiny_llama: Path
             rtts = client.rtt.as_dict()
             assert set(rtts) == {p.peer_id for p in servers}
             assert all(0 < r < 5 for r in rtts.values())
-            await client.route(SessionSettings(model=tiny_llama.name), 0, 6)  # no lookup
+            settings = SessionSettings(model=tiny_llama.name)
+            await client.route(settings, 0, 6)  # no lookup, and they answered just now: no ping
+            assert pinged == []
+            monkeypatch.setattr(peer_module, "ANSWER_FRESH", 0.0)  # their answers are old now
+            await client.route(settings, 0, 6)
             assert sorted(pinged) == sorted(p.peer_id for p in servers)
+
+
+async def test_a_warm_client_pings_no_server_of_its_last_session(tiny_llama: Path) -> None:
+    # a long-lived client's next request (the API's, the Python model's): the servers that
+    # answered its last steps a moment ago need no ping (351 ms of its route at 25 ms one way)
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
+            settings = SessionSettings(model=tiny_llama.name, max_length=16)
+            chain = await client.route(settings, 0, 6)
+            await trio.sleep(peer_module.ANSWER_FRESH)  # the lookup's answers are old now
+            async with client.inference_session(chain, settings) as session:
+                await session.step(torch.zeros(1, 2, TINY_HIDDEN))  # the prompt
+                await session.step(torch.zeros(1, 1, TINY_HIDDEN))  # a token: timed per hop
+            pinged = count_pings(client)
+            again = await client.route(settings, 0, 6)
+            assert pinged == []
+            assert [h.server.peer_id for h in again] == [h.server.peer_id for h in chain]
 
 
 @pytest.mark.slow

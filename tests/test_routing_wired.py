@@ -39,6 +39,9 @@ async def test_servers_publish_round_trips_to_next_servers(tiny_llama: Path) -> 
         async with local_swarm(tiny_llama, [(0, 2), (2, 4), (4, 6)]) as (servers, client):
             first, second, last = servers
             assert set(await first.measure_next_rtts()) == {second.peer_id}
+            before = first.dht.queries_sent
+            assert set(await first.measure_next_rtts()) == {second.peer_id}  # pings, no lookup
+            assert first.dht.queries_sent == before
             assert set(await second.measure_next_rtts()) == {last.peer_id}
             assert await last.measure_next_rtts() == {}  # nothing after the last block
             await first.announce()

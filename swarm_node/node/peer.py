@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -22,7 +22,7 @@ import trio
 from swarm_node import __version__
 from swarm_node.compression import native
 from swarm_node.dht.bans import BanList
-from swarm_node.dht.discovery import SwarmDHT
+from swarm_node.dht.discovery import ANSWER_FRESH, MAX_ANSWERS_KEPT, SwarmDHT
 from swarm_node.dht.pinning import ModelPin, mixed_digests, pinned
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import (
@@ -77,6 +77,7 @@ EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 REFRESH_AFTER = 5.0  # seconds after which reused lookup results are renewed in the background
+NEXT_LOOKUP_EVERY = 300.0  # seconds a server pings the next block's servers it found, unlooked
 
 
 class Peer:
@@ -112,7 +113,10 @@ class Peer:
         self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
+        self._answered_at: dict[str, float] = {}  # server -> trio time of its last answer here
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
+        # (trio time, block, servers) of its last lookup of the servers of the block after its span
+        self._next_servers: tuple[float, int, list[ServerRecord]] | None = None
         self.observed = ThroughputEstimator()  # tokens/s of the servers this peer's sessions timed
         self.shares = ChainShares(share=client.max_server_share)  # the servers of its last chains
         self.identity: ModelIdentity | None = None  # what this peer serves
@@ -281,12 +285,21 @@ class Peer:
         assert self.server is not None
         if self.server.end >= self.server.span.config.num_hidden_layers:
             return {}
-        servers: list[ServerRecord] = []
-        with trio.move_on_after(self.client_config.lookup_timeout):
-            servers = await self.dht.find_servers(
-                self.server.model_id, [self.server.end], digest=self.server.model_digest
-            )
-        samples = await self.ping_all([s for s in servers if s.peer_id != self.peer_id])
+        block, now = self.server.end, trio.current_time()
+        known = self._next_servers
+        if known is not None and known[1] == block and now - known[0] < NEXT_LOOKUP_EVERY:
+            servers = known[2]  # a lookup was ~125 DHT queries a round in a 32-server swarm
+        else:
+            servers = []
+            with trio.move_on_after(self.client_config.lookup_timeout):
+                servers = await self.dht.find_servers(
+                    self.server.model_id, [block], digest=self.server.model_digest
+                )
+            servers = [s for s in servers if s.peer_id != self.peer_id]
+            self._next_servers = (now, block, servers) if servers else None
+        samples = await self.ping_all(servers)
+        if len(samples) < len(servers):  # one left or failed: look again next round
+            self._next_servers = None
         for peer_id, seconds in samples.items():
             self.next_rtt.observe(peer_id, seconds)
         return samples
@@ -322,6 +335,7 @@ class Peer:
             t0 = trio.current_time()
             info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
             elapsed = trio.current_time() - t0
+            self._note_answer(peer_id)
         finally:
             await conn.close()
         return elapsed, info
@@ -571,10 +585,15 @@ class Peer:
             return chain
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = self.dht.recent_answers(s.peer_id for s in candidates)  # a lookup's: no ping
-        samples |= await self.ping_all([s for s in candidates if s.peer_id not in samples])
+        lately = self._answered_lately(s.peer_id for s in candidates if s.peer_id not in samples)
+        samples |= await self.ping_all(
+            [s for s in candidates if s.peer_id not in samples and s.peer_id not in lately]
+        )
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
-        unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in samples)
+            self._note_answer(peer_id)  # the lookup's answers are noted here
+        answered = samples.keys() | lately
+        unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in answered)
         exclude = spread_exclusion(
             servers,
             exclude=exclude | unreachable,
@@ -597,10 +616,32 @@ class Peer:
         self.shares.record(chain)
         return chain
 
+    def _note_answer(self, peer_id: str) -> None:
+        now = trio.current_time()
+        if len(self._answered_at) >= MAX_ANSWERS_KEPT:
+            self._answered_at = {
+                p: t for p, t in self._answered_at.items() if now - t <= ANSWER_FRESH
+            }
+        if len(self._answered_at) < MAX_ANSWERS_KEPT:
+            self._answered_at[peer_id] = now
+
+    def _answered_lately(self, peer_ids: Iterable[str]) -> set[str]:
+        """Those of ``peer_ids`` that answered a ping or a step of this peer in the last
+        ANSWER_FRESH seconds and have a round trip: a route needs no ping of them (as of a
+        lookup's answers): a warm client's next chain costs no round trip."""
+        now = trio.current_time()
+        return {
+            p
+            for p in peer_ids
+            if now - self._answered_at.get(p, -math.inf) <= ANSWER_FRESH
+            and self.rtt.get(p) is not None
+        }
+
     def observe_step(self, hop: Hop, seconds: float) -> None:
         """A one-token step of ``hop`` took ``seconds`` (sent to answered): fold the server's
         compute rate into ``self.observed`` (its round trip taken off, at most 3/4 of the time)."""
         peer = hop.server.peer_id
+        self._note_answer(peer)
         compute = max(seconds - (self.rtt.get(peer) or 0.0), seconds / 4)
         if compute <= 0:
             return

@@ -27,11 +27,15 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
+from multiaddr.protocols import P_P2P_CIRCUIT
 
 log = logging.getLogger(__name__)
 
 DIRECT_WAIT = 2.0  # seconds a dial through a relay waits for the direct connection it tries for
 RETIRE_EVERY = 0.5  # seconds between two looks for relayed connections that carry nothing
+# the same while none is known: a look at every connection was ~20% of a settled 32-server swarm's
+# servers' idle CPU at twice a second; one opening wakes the look at once
+QUIET_LOOK_EVERY = 5.0
 PROTECT_TAG = "swarm-node:relayed"
 MAX_PEER_ADDRS = 8  # addresses of a peer's DCUtR message this peer dials (py-libp2p: ~400 in 4 KiB)
 MAX_RELAYED_PEERS = 1024  # peers remembered as reached through a relay and not yet directly
@@ -40,14 +44,22 @@ _UPGRADES: weakref.WeakKeyDictionary[Any, DirectUpgrades] = weakref.WeakKeyDicti
 
 
 def is_relayed(conn: Any) -> bool:
+    # by protocol code, not text: _keep_relayed asks for every connection twice a second, and
+    # a multiaddr's str() was most of a settled 32-server swarm's idle CPU in this loop
     addrs = conn.get_transport_addresses()
-    return bool(addrs) and all("/p2p-circuit" in str(a) for a in addrs)
+    return bool(addrs) and all(
+        any(p.code == P_P2P_CIRCUIT for p in addr.protocols()) for addr in addrs
+    )
 
 
 def open_connections(host: Any, peer: ID) -> tuple[list[Any], list[Any]]:
     """``host``'s open connections to ``peer``: (direct ones, relayed ones)."""
-    conns = [c for c in host.get_network().get_connections(peer) if not c.is_closed]
-    return [c for c in conns if not is_relayed(c)], [c for c in conns if is_relayed(c)]
+    direct: list[Any] = []
+    relayed: list[Any] = []
+    for conn in host.get_network().get_connections(peer):
+        if not conn.is_closed:
+            (relayed if is_relayed(conn) else direct).append(conn)
+    return direct, relayed
 
 
 class _HolePunch(DCUtRProtocol):
@@ -75,6 +87,7 @@ class DirectUpgrades:
         self.changed = trio.Event()  # set (and replaced) when a peer's connections change kind
         self._protected: set[ID] = set()
         self._relayed_only: dict[ID, None] = {}  # reached through a relay, not directly since
+        self._relayed_opened = trio.Event()  # set when a relayed connection opens
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -146,7 +159,9 @@ class DirectUpgrades:
                     network.unprotect(peer, PROTECT_TAG)
                     self._protected.discard(peer)
                     self._signal()
-            await trio.sleep(RETIRE_EVERY)
+            with trio.move_on_after(RETIRE_EVERY if self._protected else QUIET_LOOK_EVERY):
+                await self._relayed_opened.wait()
+            self._relayed_opened = trio.Event()
 
     async def _retire(self, peer: ID, conn: Any) -> None:
         try:
@@ -172,6 +187,7 @@ class DirectUpgrades:
         reached through a relay (counted here, as it opens: the relayed connection may be closed by
         the other side before a periodic look would have seen both)."""
         if is_relayed(conn):
+            self._relayed_opened.set()
             if not open_connections(self.host, peer)[0]:
                 self._note_relayed(peer)
             return
