@@ -15,6 +15,7 @@ import trio
 
 from swarm_node.dht.routing import Hop
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
+from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.node.client.evidence import Evidence, recomputed_error, signed_by
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
 from swarm_node.node.client.settings import SessionSettings
@@ -167,18 +168,20 @@ MIXED = [  # a session's servers compute in its dtype: float32 here, weights as 
 ]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 async def test_honest_servers_of_any_weights_and_codec_are_never_accused(
-    tiny_llama: Path,
+    tiny_llama: Path, dtype: str
 ) -> None:
-    # float32 and int8 weights, each server answering in another codec, every step checked: each
-    # chain's servers compared with others within the calibrated bounds; nobody is accused
+    # sessions in ``dtype`` on servers holding it or int8 weights, each answering in another codec,
+    # every step checked: each chain's servers compared with others within the calibrated bounds
+    # (a session's servers all compute in its dtype); nobody is accused
     model = tiny_llama.name
-    head = ClientHead.load(Checkpoint.open(tiny_llama))
+    head = ClientHead.load(Checkpoint.open(tiny_llama), dtype=TORCH_DTYPES[dtype])
     always = ClientConfig(step_timeout=20.0, retry_delay=0.05, max_attempts=3, verify_rate=1.0)
     spans = [(0, 3)] * 3 + [(3, 6)] * 3
     torch.manual_seed(2)
     with trio.fail_after(240):
-        async with local_swarm(tiny_llama, spans, client=always, per_server=MIXED) as (
+        async with local_swarm(tiny_llama, spans, dtype=dtype, client=always, per_server=MIXED) as (
             servers,
             client,
         ):
@@ -192,40 +195,7 @@ async def test_honest_servers_of_any_weights_and_codec_are_never_accused(
                     client,
                     head,
                     torch.randint(0, 256, (1, 6)),
-                    SessionSettings(model=model, num_blocks=6),
-                    SamplingConfig(max_new_tokens=8),
-                    chain=chain,
-                )
-                assert stats.rollbacks == 0
-                assert stats.checked_positions >= 2 * (6 + 7)
-            assert not client.bans.banned(trio.current_time())
-
-
-async def test_honest_bfloat16_servers_of_any_weights_and_codec_are_never_accused(
-    tiny_llama: Path,
-) -> None:
-    # the same in bfloat16: a bfloat16 session's servers (bfloat16 and int8 weights, every codec)
-    # compared with each other within the bfloat16 bounds; nobody is accused
-    model = tiny_llama.name
-    head = ClientHead.load(Checkpoint.open(tiny_llama), dtype=torch.bfloat16)
-    always = ClientConfig(step_timeout=20.0, retry_delay=0.05, max_attempts=3, verify_rate=1.0)
-    spans = [(0, 3)] * 3 + [(3, 6)] * 3
-    torch.manual_seed(3)
-    with trio.fail_after(240):
-        async with local_swarm(
-            tiny_llama, spans, dtype="bfloat16", client=always, per_server=MIXED
-        ) as (servers, client):
-            records = await records_of(client, model, servers)
-            for i in range(3):
-                chain = [
-                    Hop(records[servers[i].peer_id], 0, 3),
-                    Hop(records[servers[3 + (i + 1) % 3].peer_id], 3, 6),
-                ]
-                _, stats = await generate_tokens(
-                    client,
-                    head,
-                    torch.randint(0, 256, (1, 6)),
-                    SessionSettings(model=model, num_blocks=6, dtype="bfloat16"),
+                    SessionSettings(model=model, num_blocks=6, dtype=dtype),
                     SamplingConfig(max_new_tokens=8),
                     chain=chain,
                 )
