@@ -200,16 +200,26 @@ async def big_frames(target: AttackTarget) -> bool:
         refused: list[bool] = []
         start = BIG_FRAME.to_bytes(4, "big") + bytes(1 << 20)
 
-        async def announce(conn: MessageStream) -> None:
+        async def write_start(conn: MessageStream) -> None:
             try:
                 await conn.stream.write(start)
-                with trio.move_on_after(BIG_WAIT):
-                    reply = await conn.receive()
-                    refused.append(isinstance(reply, m.ErrorResponse) and reply.code == "busy")
-                    return
             except FAILURES:
-                pass
-            refused.append(False)  # held: the server waits for the rest of the frame
+                pass  # refused and reset: the verdict is the reply's
+
+        async def announce(conn: MessageStream) -> None:
+            # the reply is awaited while the frame's start is written: a refused stream's body is
+            # not read, so yamux gives it no window for the rest of that MiB
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_start, conn)
+                verdict = False  # held: the server waits for the rest of the frame
+                with trio.move_on_after(BIG_WAIT):
+                    try:
+                        reply = await conn.receive()
+                        verdict = isinstance(reply, m.ErrorResponse) and reply.code == "busy"
+                    except FAILURES:
+                        pass
+                refused.append(verdict)
+                nursery.cancel_scope.cancel()
 
         async with trio.open_nursery() as nursery:
             for conn in conns:
