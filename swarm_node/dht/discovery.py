@@ -172,6 +172,29 @@ def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, Se
     return valid[select_newest([r for _, r in valid])] if valid else None
 
 
+class RecentAnswers:
+    """What peers answered lately: a value each (a round trip, say) with the trio time it came, at
+    most MAX_ANSWERS_KEPT kept (those older than ANSWER_FRESH are dropped to make room)."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, tuple[float, float]] = {}
+
+    def note(self, peer_id: str, value: float = 0.0) -> None:
+        now = trio.current_time()
+        if len(self._answers) >= MAX_ANSWERS_KEPT:
+            self._answers = {p: a for p, a in self._answers.items() if now - a[1] <= ANSWER_FRESH}
+        if len(self._answers) < MAX_ANSWERS_KEPT:
+            self._answers[peer_id] = (value, now)
+
+    def fresh(self, peer_id: str, *, within: float, take: bool = False) -> float | None:
+        """The value ``peer_id`` answered in the last ``within`` seconds, or None (``take``:
+        forgotten once read)."""
+        answer = self._answers.pop(peer_id, None) if take else self._answers.get(peer_id)
+        if answer is None or trio.current_time() - answer[1] > within:
+            return None
+        return answer[0]
+
+
 class SwarmDHT:
     """Announces this peer's server record and finds the servers of a model's blocks."""
 
@@ -202,7 +225,7 @@ class SwarmDHT:
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
         # server -> (round trip of its answer to a record request, trio time): recent_answers
-        self._answered: dict[str, tuple[float, float]] = {}
+        self._answered = RecentAnswers()  # record requests' round trips, by server
         # provider key -> (trio time, addresses, closest peers known) of its last provide
         self._provided: dict[bytes, tuple[float, tuple[Multiaddr, ...], frozenset[ID]]] = {}
         self.provides_sent = 0  # provider keys sent to their closest peers
@@ -521,22 +544,18 @@ class SwarmDHT:
         return newest()
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:
-        now = trio.current_time()
-        if len(self._answered) >= MAX_ANSWERS_KEPT:
-            self._answered = {p: a for p, a in self._answered.items() if now - a[1] <= ANSWER_FRESH}
-        if timed and len(self._answered) < MAX_ANSWERS_KEPT:
-            self._answered[peer_id] = (timed[0], now)
+        if timed:
+            self._answered.note(peer_id, timed[0])
 
     def recent_answers(self, peer_ids: Iterable[str]) -> dict[str, float]:
         """Round trips (seconds, the stream's opening not counted) of the record requests that
         servers among ``peer_ids`` answered themselves in the last ANSWER_FRESH seconds (a
         lookup's): as good as a ping's, without the ping. Each is handed out once."""
-        now = trio.current_time()
         out = {}
         for peer_id in peer_ids:
-            answer = self._answered.pop(peer_id, None)
-            if answer is not None and now - answer[1] <= ANSWER_FRESH:
-                out[peer_id] = answer[0]
+            seconds = self._answered.fresh(peer_id, within=ANSWER_FRESH, take=True)
+            if seconds is not None:
+                out[peer_id] = seconds
         return out
 
     async def server_record(self, peer_id: str) -> ServerRecord | None:

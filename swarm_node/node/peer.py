@@ -22,7 +22,7 @@ import trio
 from swarm_node import __version__
 from swarm_node.compression import native
 from swarm_node.dht.bans import BanList
-from swarm_node.dht.discovery import ANSWER_FRESH, MAX_ANSWERS_KEPT, SwarmDHT
+from swarm_node.dht.discovery import ANSWER_FRESH, RecentAnswers, SwarmDHT
 from swarm_node.dht.pinning import ModelPin, mixed_digests, pinned
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import (
@@ -113,7 +113,7 @@ class Peer:
         self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
-        self._answered_at: dict[str, float] = {}  # server -> trio time of its last answer here
+        self._answered_at = RecentAnswers()  # servers' pings and steps answered here
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         # (trio time, block, servers) of its last lookup of the servers of the block after its span
         self._next_servers: tuple[float, int, list[ServerRecord]] | None = None
@@ -617,23 +617,16 @@ class Peer:
         return chain
 
     def _note_answer(self, peer_id: str) -> None:
-        now = trio.current_time()
-        if len(self._answered_at) >= MAX_ANSWERS_KEPT:
-            self._answered_at = {
-                p: t for p, t in self._answered_at.items() if now - t <= ANSWER_FRESH
-            }
-        if len(self._answered_at) < MAX_ANSWERS_KEPT:
-            self._answered_at[peer_id] = now
+        self._answered_at.note(peer_id)
 
     def _answered_lately(self, peer_ids: Iterable[str]) -> set[str]:
         """Those of ``peer_ids`` that answered a ping or a step of this peer in the last
         ANSWER_FRESH seconds and have a round trip: a route needs no ping of them (as of a
         lookup's answers): a warm client's next chain costs no round trip."""
-        now = trio.current_time()
         return {
             p
             for p in peer_ids
-            if now - self._answered_at.get(p, -math.inf) <= ANSWER_FRESH
+            if self._answered_at.fresh(p, within=ANSWER_FRESH) is not None
             and self.rtt.get(p) is not None
         }
 
