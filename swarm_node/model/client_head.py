@@ -100,6 +100,8 @@ class ClientHead(torch.nn.Module):
         self.tied = tied  # lm_head.weight is embed_tokens.weight
         self.hidden_size = int(embed_tokens.embedding_dim)
         self.vocab_size = int(embed_tokens.num_embeddings)
+        self._row_norm: torch.Tensor | None = None  # verify_logits' bound, for _row_norm_key
+        self._row_norm_key: tuple[int, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -185,15 +187,7 @@ class ClientHead(torch.nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last span's hidden states `# (B, T, H)` -> logits `# (B, T, V)` (norm, then head)."""
-        if (
-            not isinstance(hidden, torch.Tensor)
-            or hidden.dim() != 3
-            or (hidden.shape[2] != self.hidden_size)
-        ):
-            raise ConfigError(
-                f"'hidden' must have shape (B, T, {self.hidden_size}), "
-                f"got {tuple(getattr(hidden, 'shape', ()))}"
-            )
+        self._check_hidden(hidden)
         with self._mode(hidden.requires_grad):
             logits = self.lm_head(self.norm(hidden.to(self.device, self.dtype)))  # (B, T, V)
             if self.softcap is not None:
@@ -210,12 +204,74 @@ class ClientHead(torch.nn.Module):
             return self.logits(hidden)
         with torch.inference_mode():
             rows = self.norm(hidden.to(self.device, self.dtype))[:, 0, :]  # (N, H)
-            logits = (self.lm_head.weight @ rows.T).T  # (N, V)
+            return self._rows_logits(rows)[:, None, :]  # (N, 1, V)
+
+    def verify_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One sequence's positions `# (1, T, H)` -> logits `# (T, V)`, inference only, and a bound
+        `# (T,)` on how far each row's logits may lie from `logits` of that position alone (None:
+        they are `logits`' own rows).
+
+        On a CPU in float32 the rows run as the weight times their transpose (`batch_logits`: 8-9
+        ms of CPU for 2-3 SmolLM2 rows against 29-39 ms as one linear), which sums in another
+        order than `logits`; the bound is float32's worst case for a dot product of H terms
+        (Higham's gamma_{H+2}, any order: ``gamma * |w_v| * |x|`` from the exact sum for each,
+        with the largest row norm of the weight, plus the bias and the soft cap), so a caller that needs `logits`' argmax
+        recomputes the rows whose top two lie closer than twice the bound (``row_logits``).
+        Elsewhere (a GPU, half precision, another head) `logits` itself.
+        """
+        self._check_hidden(hidden)
+        cpu_f32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if type(self.lm_head) is not torch.nn.Linear or not cpu_f32 or hidden.shape[0] != 1:
+            with torch.inference_mode():
+                return self.logits(hidden)[0], None
+        with torch.inference_mode():
+            rows = self.norm(hidden.to(self.device, self.dtype))[0]  # (T, H)
+            logits = self._rows_logits(rows)  # (T, V)
+            unit = torch.finfo(torch.float32).eps / 2
+            terms = (self.hidden_size + 2) * unit
+            gamma = terms / (1 - terms)
+            size = rows.norm(dim=-1) * self._max_row_norm()  # (T,)
             if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits.contiguous()[:, None, :]  # (N, 1, V)
+                size = size + self.lm_head.bias.abs().max()
+            bound = 2 * gamma * size  # each within gamma * size of the exact sum
+            if self.softcap is not None:  # tanh is 1-Lipschitz; its own rounding near the cap
+                bound = bound + 4 * unit * self.softcap
+            return logits, bound
+
+    def row_logits(self, hidden: torch.Tensor, row: int) -> torch.Tensor:
+        """`logits` of position ``row`` of ``hidden`` `# (1, T, H)` alone `# (V,)`: what a plain
+        decode step computes for it."""
+        with torch.inference_mode():
+            return self.logits(hidden[:, row : row + 1, :])[0, 0]
+
+    def _rows_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        logits = (self.lm_head.weight @ rows.T).T  # (N, V)
+        if self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.contiguous()
+
+    def _max_row_norm(self) -> torch.Tensor:
+        """The largest norm of a row of the head's weight, computed once per weight tensor (the
+        head is frozen at inference; a weight replaced or moved is measured again)."""
+        weight = self.lm_head.weight
+        key = (id(weight), weight.data_ptr())
+        if self._row_norm is None or self._row_norm_key != key:
+            self._row_norm = weight.detach().norm(dim=1).max()
+            self._row_norm_key = key
+        return self._row_norm
+
+    def _check_hidden(self, hidden: torch.Tensor) -> None:
+        if (
+            not isinstance(hidden, torch.Tensor)
+            or hidden.dim() != 3
+            or (hidden.shape[2] != self.hidden_size)
+        ):
+            raise ConfigError(
+                f"'hidden' must have shape (B, T, {self.hidden_size}), "
+                f"got {tuple(getattr(hidden, 'shape', ()))}"
+            )
 
     def _mode(self, input_requires_grad: bool) -> contextlib.AbstractContextManager[Any]:
         needs_grad = torch.is_grad_enabled() and (

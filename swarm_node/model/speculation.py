@@ -15,7 +15,7 @@ Pure torch: the target's logits in, tokens out. Knows nothing of models, drafter
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,12 +34,18 @@ def accept_drafts(
     repetition_penalty: float = 1.0,
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    bound: torch.Tensor | None = None,
+    exact_row: Callable[[int], torch.Tensor] | None = None,
 ) -> list[int]:
     """The tokens a step emits: the accepted drafts and one more (1 to k + 1 tokens).
 
     ``logits`` ``# (k + 1, V)``: the target's, after the last emitted token and after each draft;
     ``seen`` ``# (n,)``: the tokens before the drafts (for the repetition penalty);
-    ``draft_probs`` ``# (k, V)``: the distributions the drafts were drawn from (None: point masses).
+    ``draft_probs`` ``# (k, V)``: the distributions the drafts were drawn from (None: point masses);
+    ``bound`` ``# (k + 1,)``: how far each row of ``logits`` may lie from the plain decoder's logits
+    of that position (ClientHead.verify_logits): greedy takes row j from ``exact_row(j)`` ``# (V,)``
+    where its top two lie within twice that (times the repetition penalty), so that a near tie goes
+    the plain decoder's way.
     """
     k = len(drafts)
     if logits.dim() != 2 or logits.shape[0] != k + 1:
@@ -55,6 +61,12 @@ def accept_drafts(
         context = torch.cat([seen, torch.tensor(emitted, dtype=seen.dtype)])[None]  # (1, n + j)
         row = apply_repetition_penalty(logits[j : j + 1].float(), context, repetition_penalty)
         if temperature == 0:
+            if exact_row is not None and bound is not None:
+                scale = max(repetition_penalty, 1 / repetition_penalty)
+                if _near_tie(row[0], 2 * scale * float(bound[j])):
+                    row = apply_repetition_penalty(
+                        exact_row(j)[None].float(), context, repetition_penalty
+                    )
             token = int(row.argmax(dim=-1))
             emitted.append(token)
             if j == k or token != drafts[j]:
@@ -80,6 +92,13 @@ def accept_drafts(
         emitted.append(_draw(residual if float(residual.sum()) > 0 else probs, generator))
         return emitted
     raise AssertionError("unreachable: the last position always returns")
+
+
+def _near_tie(row: torch.Tensor, within: float) -> bool:
+    if row.shape[0] < 2:
+        return False
+    top = row.topk(2).values
+    return float(top[0] - top[1]) <= within
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -5,8 +5,9 @@ through the chain in one step (every server computes all k + 1 positions with it
 ``verify`` which tokens to emit (model/speculation.py's rule: the same tokens as plain greedy
 decoding, or exactly its distribution when sampling) and rolls the servers back to them
 (``InferenceSession.truncate``). The head over k + 1 positions runs as the plain head does: on the
-event loop while it is quick, else in a worker thread (quick_jobs.py). Knows nothing of streams or
-servers.
+event loop while it is quick, else in a worker thread (quick_jobs.py), as one matrix product
+(ClientHead.verify_logits) whose greedy near ties are decided by the plain head's row. Knows nothing
+of streams or servers.
 """
 
 from __future__ import annotations
@@ -87,10 +88,10 @@ class Speculation:
         generator: torch.Generator | None,
     ) -> tuple[list[int], torch.Tensor]:
         k = len(drafts)
-        with torch.inference_mode():
-            logits = head.logits(out[:, -(k + 1) :, :])[0].float().cpu()  # (k + 1, V)
+        rows = out[:, -(k + 1) :, :]  # (1, k + 1, H)
+        logits, bound = head.verify_logits(rows)  # (k + 1, V), (k + 1,) or None
         tokens = accept_drafts(
-            logits,
+            logits.float().cpu(),
             drafts,
             seen,
             temperature=sampling.temperature,
@@ -98,6 +99,8 @@ class Speculation:
             top_k=sampling.top_k,
             repetition_penalty=sampling.repetition_penalty,
             generator=generator,
+            bound=None if bound is None else bound.cpu(),
+            exact_row=lambda j: head.row_logits(rows, j).float().cpu(),
         )
         with torch.inference_mode():
             return tokens, head.embed(torch.tensor([[tokens[-1]]]))
