@@ -1,4 +1,5 @@
-"""model/fast_decode.py: a decode step gives transformers' layers' bits, and runs only where it may."""
+"""model/fast_decode.py: a decode step (one position, or a speculative step's several after others)
+gives transformers' layers' bits, and runs only where it may."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from swarm_node.model import BlockSpan, Checkpoint
 from swarm_node.model.lora import lora_applied, lora_from_state
+from swarm_node.model.span import FAST_TOKENS
 from tests.model_fixtures import TINY_FAMILIES, TINY_HIDDEN, make_tiny_model_dir
 
 
@@ -31,7 +33,7 @@ def _slow(span: BlockSpan) -> BlockSpan:
 def _decode(
     span: BlockSpan, prompt: torch.Tensor, steps: list[torch.Tensor], **sub
 ) -> list[torch.Tensor]:
-    """Outputs of a prefill and of each one-position step, then each layer's cached keys and values."""
+    """Outputs of a prefill and of each step, then each layer's cached keys and values."""
     cache = span.new_cache(32, batch_size=prompt.shape[0], **sub)
     with torch.inference_mode():
         outs = [span(prompt, cache, **sub)]
@@ -47,11 +49,13 @@ def test_decode_steps_are_bit_for_bit_transformers(dirs, name, dtype) -> None:
     slow = _slow(BlockSpan.load(checkpoint, 0, 6, dtype=dtype))
     assert fast.uses_fast_decode(1) is False  # not under inference mode: autograd may be wanted
     with torch.inference_mode():
-        assert fast.uses_fast_decode(1) and not fast.uses_fast_decode(2)
+        assert fast.uses_fast_decode(1) and fast.uses_fast_decode(FAST_TOKENS)
+        assert not fast.uses_fast_decode(FAST_TOKENS + 1)
         assert not slow.uses_fast_decode(1)
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randn(2, 5, TINY_HIDDEN, generator=gen)
-    steps = [torch.randn(2, 1, TINY_HIDDEN, generator=gen) for _ in range(6)]
+    # one-position steps and a speculative step's several (causal among themselves)
+    steps = [torch.randn(2, t, TINY_HIDDEN, generator=gen) for t in (1, 3, 1, 5, 1, 2)]
     got, want = _decode(fast, prompt, steps), _decode(slow, prompt, steps)
     assert len(got) == 1 + 6 + 6 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     # a sub-span: its cache holds only its own layers, numbered from 0

@@ -65,6 +65,12 @@ def _rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return norm.weight * x.to(dtype)
 
 
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    x = x[:, :, None, :, :].expand(batch, heads, groups, length, dim)
+    return x.reshape(batch, heads * groups, length, dim)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -75,12 +81,22 @@ def decode_step(
     hidden: torch.Tensor,
     dynamic: Any,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    past: int = 0,
 ) -> torch.Tensor:
-    """`hidden` `# (B, 1, H)` of one new position through `layers`; layer j appends to cache layer j.
+    """`hidden` `# (B, T, H)` of T new positions after `past` cached ones through `layers`; layer j
+    appends to cache layer j. Several positions (a speculative step's drafts) attend as transformers'
+    sdpa path has them: through its causal mask, the key/value heads repeated for grouped queries.
 
     Call only where `supports(...)` holds, under inference mode (no autograd).
     """
-    return decode_batch(layers, hidden, [dynamic], [hidden.shape[0]], position_embeddings)
+    new_tokens = hidden.shape[1]
+    mask = None
+    if new_tokens > 1:  # position past + i sees keys 0..past + i
+        keys = torch.arange(past + new_tokens, device=hidden.device)
+        queries = torch.arange(past, past + new_tokens, device=hidden.device)
+        mask = (keys[None, :] <= queries[:, None])[None, None]  # (1, 1, T, past + T)
+    rows = [hidden.shape[0]]
+    return decode_batch(layers, hidden, [dynamic], rows, position_embeddings, mask=mask)
 
 
 def decode_batch(
@@ -89,6 +105,8 @@ def decode_batch(
     dynamics: list[Any],
     rows: list[int],
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One new position of several sessions at once: `hidden` `# (N, 1, H)` holds `rows[i]` rows of
     session i (in order), whose cache is `dynamics[i]`; `position_embeddings` `# (N or 1, 1, D)`.
@@ -97,6 +115,7 @@ def decode_batch(
     per session over its own cache, so sessions of different lengths need no mask. With one session
     this is `decode_step` op for op; with more, a linear over N rows may round differently than over
     one (BLAS blocking), so a row's output is that of its lone step within float tolerance.
+    `mask` (`decode_step`'s, one session only): several new positions, causal among themselves.
     """
     batch, new_tokens, _ = hidden.shape
     cos, sin = position_embeddings  # (N or 1, 1, D) each
@@ -117,7 +136,8 @@ def decode_batch(
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, 1, D)
         q = (q * cos) + (_rotate_half(q) * sin)
         k = (k * cos) + (_rotate_half(k) * sin)
-        gqa = {"enable_gqa": True} if getattr(attn, "num_key_value_groups", 1) > 1 else {}
+        groups = getattr(attn, "num_key_value_groups", 1)
+        gqa = {"enable_gqa": True} if groups > 1 and mask is None else {}
         outs = []
         for dynamic, a, b in zip(dynamics, bounds, bounds[1:], strict=False):
             if len(dynamics) > 1:
@@ -125,12 +145,14 @@ def decode_batch(
             else:
                 qs, ks, vs = q, k, v
             ks, vs = dynamic.update(ks, vs, j)  # (B, kv_heads, L, D): the past and this position
+            if groups > 1 and mask is not None:  # transformers' sdpa repeats them under a mask
+                ks, vs = _repeat_kv(ks, groups), _repeat_kv(vs, groups)
             outs.append(
                 F.scaled_dot_product_attention(
                     qs,
                     ks,
                     vs,
-                    attn_mask=None,
+                    attn_mask=mask,
                     dropout_p=0.0,
                     scale=attn.scaling,
                     is_causal=False,

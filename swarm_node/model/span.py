@@ -28,6 +28,9 @@ from swarm_node.model.quantization import check_quant, quantize_linears, weight_
 from swarm_node.model.skeleton import converted_tensors, materialize, meta_skeleton, submodule
 
 MAX_CACHE_LENGTH = 1 << 20  # sanity bound for new_cache arguments
+# A cached step of up to this many positions after others (a speculative step's drafts) may take
+# fast_decode too; a prompt, or its chunks, takes transformers' path (its mask, or none at position 0)
+FAST_TOKENS = 32
 
 
 class BlockSpan(torch.nn.Module):
@@ -316,10 +319,11 @@ class BlockSpan(torch.nn.Module):
         new_tokens = hidden.shape[1]
         dynamic = cache.dynamic if cache is not None else None
         position_ids = torch.arange(past, past + new_tokens, device=hidden.device)[None]  # (1, T)
-        if dynamic is not None and prompts is None and self.uses_fast_decode(new_tokens):
+        fast = self.uses_fast_decode(new_tokens) and (new_tokens == 1 or past > 0)
+        if dynamic is not None and prompts is None and fast:
             position_embeddings = self.rotary(hidden, position_ids=position_ids)  # (cos, sin)
             return fast_decode.decode_step(
-                self.layers[first:stop], hidden, dynamic, position_embeddings
+                self.layers[first:stop], hidden, dynamic, position_embeddings, past
             )
         layers = self.layers[first:stop]
         kinds = self.layer_types[first:stop]
@@ -342,10 +346,12 @@ class BlockSpan(torch.nn.Module):
         return hidden  # (B, T, H)
 
     def uses_fast_decode(self, new_tokens: int) -> bool:
-        """Whether a cached step of `new_tokens` positions, no prompts, runs `fast_decode.decode_step`
-        (same bits as transformers' layers, a sixth less time): one position, no autograd, no LoRA,
-        and layers it replays exactly."""
-        if new_tokens != 1 or not torch.is_inference_mode_enabled() or active_lora() is not None:
+        """Whether a cached step of `new_tokens` positions after others, no prompts, runs
+        `fast_decode.decode_step` (same bits as transformers' layers, a sixth less time for one
+        position): 1 to FAST_TOKENS positions, no autograd, no LoRA, and layers it replays exactly."""
+        if not 1 <= new_tokens <= FAST_TOKENS:
+            return False
+        if not torch.is_inference_mode_enabled() or active_lora() is not None:
             return False
         if self._fast_decode is None:
             self._fast_decode = fast_decode.supports(self.layers, self.config, self.layer_types)
