@@ -215,9 +215,9 @@ class ClientHead(torch.nn.Module):
         ms of CPU for 2-3 SmolLM2 rows against 29-39 ms as one linear), which sums in another
         order than `logits`; the bound is float32's worst case for a dot product of H terms
         (Higham's gamma_{H+2}, any order: ``gamma * |w_v| * |x|`` from the exact sum for each,
-        with the largest row norm of the weight, plus the bias and the soft cap), so a caller that needs `logits`' argmax
-        recomputes the rows whose top two lie closer than twice the bound (``row_logits``).
-        Elsewhere (a GPU, half precision, another head) `logits` itself.
+        with the largest row norm of the weight, plus the bias and the soft cap), so a caller
+        that needs `logits`' argmax recomputes the rows whose top two lie closer than twice the
+        bound (``row_logits``). Elsewhere (a GPU, half precision, another head) `logits` itself.
         """
         self._check_hidden(hidden)
         cpu_f32 = self.device.type == "cpu" and self.dtype == torch.float32

@@ -5,8 +5,10 @@ transformers' decoder layers spend part of a SmolLM2 decode step in Python betwe
 the time through them, step for step (`scripts/bench_decode_step.py`; a first probe, steps not
 interleaved, saw 44.6 against 37.5 ms). This module replays, op for op, what
 the pinned transformers' Llama, Mistral, Qwen2 and Qwen3 layers do for one new position with an
-sdpa cache and no mask, so the result is bit-for-bit theirs (tests/test_fast_decode.py compares
-`torch.equal` per family) and the cache is the same DynamicCache the slow path fills.
+sdpa cache and no mask (and for a speculative step's few positions after cached ones: their
+causal mask, key/value heads repeated), so the result is bit-for-bit theirs
+(tests/test_fast_decode.py compares `torch.equal` per family) and the cache is the same
+DynamicCache the slow path fills.
 
 Anything else (prefill, LoRA, deep prompts, quantized or unknown layers, sliding windows, eager
 attention) takes transformers' path: `supports(...)` says which. Knows nothing of sessions or peers.

@@ -1,7 +1,8 @@
 """A contiguous span of decoder blocks run with transformers' own layer classes.
 
-Decode steps of one position take fast_decode.py where it replays those layers exactly (same bits,
-less Python); everything else (prefill, LoRA, prompts, autograd) goes through the layers themselves.
+Decode steps of one position (or a speculative step's few after others) take fast_decode.py where it
+replays those layers exactly (same bits, less Python); everything else (prefill, LoRA, prompts,
+autograd) goes through the layers themselves.
 
 `BlockSpan(hidden, cache) -> hidden`: hidden states of new positions in, of the same positions out,
 the cache (one per session) grows. Knows nothing of tokens, sessions, peers or the wire.
