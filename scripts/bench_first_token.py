@@ -10,8 +10,9 @@ several servers), without and with a delay proxy in front of every server (DELAY
 `cli_first_token_s`: from starting the generate process to its first token on stdout (after the
 prompt it echoes), median of the repeats, by "<servers>@<delay ms>"; `cli_exit_s` to its exit
 (after the spot checks of its servers); `status_s` the same for `status`; `import_s`: `import
-swarm_node.node.apps.commands` (what the CLI's commands need: torch and libp2p) in a fresh process,
-and `import_swarm_node_s`: `import swarm_node` alone. Rounds alternate generate and status.
+swarm_node.node.apps.commands` (what the CLI's commands need: libp2p; torch since 2026-12-06 no
+longer) in a fresh process, `import_generate_s` that and what `generate` imports in its worker
+thread (torch, the client's side), and `import_swarm_node_s`: `import swarm_node` alone. Rounds alternate generate and status.
 `warm_lookup_ms`: a long-lived Python client's chain for a next request (after its first), median
 of 5. Timing starts once the swarm is settled, as a user meets it (`settle`): its servers use
 fewer than --settle-cores cores over 5 s (their start-up's announcements done), or --settle-most
@@ -58,6 +59,10 @@ from tests.swarm_helpers import LOOPBACK  # noqa: E402
 MODEL = "smollm2-135m"
 PROMPT = "The capital of France is"
 CLI = [sys.executable, "-m", "swarm_node.node.apps.cli"]
+# what `generate` imports before its first token (the commands, then torch and the client's side)
+GENERATE_MODULES = (
+    "swarm_node.node.apps.commands, swarm_node.node.client.generation, swarm_node.model.client_head"
+)
 
 
 def spans_for(servers: int, num_blocks: int) -> list[tuple[int, int]]:
@@ -157,6 +162,7 @@ async def timed(
                     stdout=subprocess.PIPE,
                     stderr=errors,
                     env=env,
+                    cwd=root,  # `python -m` puts its folder first on the path, before PYTHONPATH
                     check=False,
                 )
             )
@@ -214,7 +220,7 @@ async def settle(processes: list[trio.Process], *, below: float, most: float) ->
 def import_seconds(module: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=env)
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, env=env, cwd=ROOT)
     return time.perf_counter() - t0
 
 
@@ -327,6 +333,7 @@ def main() -> None:
             statistics.median(import_seconds("swarm_node.node.apps.commands") for _ in range(3)), 3
         ),
         "import_swarm_node_s": round(import_seconds("swarm_node"), 3),
+        "import_generate_s": round(import_seconds(GENERATE_MODULES), 3),
         "load_before": [round(x, 2) for x in os.getloadavg()],
     }
     result |= trio.run(run, args)

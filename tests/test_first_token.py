@@ -17,7 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
-from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+from swarm_node.dht.discovery import PROVIDERS_PER_KEY, RECORD_FETCHES_AT_ONCE
 from swarm_node.dht.records import MODEL_KEY_SHARDS, model_key, model_shard
 from swarm_node.model.bundled import model_id_of
 from swarm_node.node import peer as peer_module
@@ -125,6 +125,38 @@ async def test_a_warm_client_pings_no_server_of_its_last_session(tiny_llama: Pat
             again = await client.route(settings, 0, 6)
             assert pinged == []
             assert [h.server.peer_id for h in again] == [h.server.peer_id for h in chain]
+
+
+def count_record_fetches(peer: Peer) -> list[str]:
+    """The servers whose records ``peer``'s lookups fetch from now on (each still fetched)."""
+    fetched: list[str] = []
+    real = peer.dht.get_record
+
+    async def get_record(peer_id: Any) -> Any:
+        fetched.append(peer_id.to_base58())
+        return await real(peer_id)
+
+    peer.dht.get_record = get_record  # type: ignore[method-assign]
+    return fetched
+
+
+@pytest.mark.slow
+async def test_a_chain_lookup_fetches_the_records_of_about_a_chain_not_of_every_server(
+    tiny_llama: Path,
+) -> None:
+    # a fresh client of a 32-server swarm dialed every server for its record (32 handshakes on
+    # both sides) when a few cover the model; a complete lookup (status) still asks them all
+    servers_count = RECORD_FETCHES_AT_ONCE + 4
+    with trio.fail_after(180):
+        async with local_swarm(tiny_llama, [(0, 6)] * servers_count) as (servers, client):
+            fetched = count_record_fetches(client)
+            chain = await client.find_chain(tiny_llama.name, 6)
+            assert [(h.start, h.end) for h in chain] == [(0, 6)]
+            assert 1 <= len(set(fetched)) <= RECORD_FETCHES_AT_ONCE < servers_count, fetched
+            fetched.clear()
+            found = await client.find_servers(tiny_llama.name, 6)  # every server of the blocks
+    assert {r.peer_id for r in found} == {p.peer_id for p in servers}
+    assert set(fetched) == {p.peer_id for p in servers}
 
 
 @pytest.mark.slow

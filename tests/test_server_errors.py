@@ -240,26 +240,18 @@ def test_malformed_blocks_flag(text: str) -> None:
         parse_blocks(text)
 
 
-def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str], tiny_llama: Path) -> None:
     assert main(["serve", "--blocks", "ten:20"]) == 2
     assert (
         "'--blocks' must look like START:END (e.g. 0:15), got 'ten:20'" in capsys.readouterr().err
     )
-    assert (
-        main(
-            [
-                "generate",
-                "hi",
-                "--model",
-                "no-such-model",
-                "--initial-peers",
-                "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHPevRC5wBG7ooxYwFP8HLN7Hn682edvYswGWx2Dk5jYz",
-            ]
-        )
-        == 2
-    )
-    err = capsys.readouterr().err
-    assert "could not reach any initial peer" in err  # without files to check, it dials first
+    unreachable = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHPevRC5wBG7ooxYwFP8HLN7Hn682edvYswGWx2Dk5jYz"
+    argv = ["generate", "hi", "--initial-peers", unreachable, "--model"]
+    assert main([*argv, str(tiny_llama)]) == 2
+    assert "could not reach any initial peer" in capsys.readouterr().err
+    # the model is found before any dial (its client's side loads while the peer starts)
+    assert main([*argv, "no-such-model"]) == 2
+    assert "model must be a bundled model name" in capsys.readouterr().err
     assert main(["generate", "hi"]) == 2
     assert "'--initial-peers' must name at least one peer" in capsys.readouterr().err
     with pytest.raises(SystemExit):

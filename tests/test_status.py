@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,31 @@ async def test_status_text_and_json(tiny_llama: Path) -> None:
     ] == [(digest, False, [3])]
     for s in report["servers"]:
         assert s["throughput"] == 100.0 and 0 < s["rtt_ms"] < 5000 and s["cache_tokens_left"] > 0
+
+
+STATUS_PROBE = """
+import sys
+from swarm_node.node.apps.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+
+
+async def test_status_imports_neither_torch_nor_transformers(tiny_llama: Path) -> None:
+    """The whole `swarm-node status` command (parse, import, lookup, pings, report) in a fresh
+    process: it reads records and pings servers, so it loads neither torch (~1.2 s of a cold
+    start) nor transformers."""
+    argv = ["status", "--initial-peers", "", "--model", str(tiny_llama), "--json"]
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (_, client):
+            argv[2] = client.addrs[0]
+            done = await trio.run_process(
+                [sys.executable, "-c", STATUS_PROBE, *argv], capture_stdout=True, check=False
+            )
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0 and lines[-1] == "0 []", lines
+    report = json.loads(lines[0])
+    assert (report["num_blocks"], report["missing"], len(report["servers"])) == (6, [], 2)
 
 
 async def test_status_needs_initial_peers_and_a_known_model(tiny_llama: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -60,6 +61,9 @@ QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
+# servers whose records one lookup fetches at once (each a dial when not connected): a chain's
+# lookup starts no more once the records found cover the chain
+RECORD_FETCHES_AT_ONCE = MAX_CONCURRENT_QUERIES
 PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
@@ -593,38 +597,49 @@ class SwarmDHT:
 
         ``enough(records)``: a caller that needs some servers soon rather than all of them (a
         chain for a first token) ends the walks after the round under way once the records found
-        are enough (those being fetched still arrive); the per-block lookups are then skipped."""
+        are enough, and dials no more servers for their records (RECORD_FETCHES_AT_ONCE at a
+        time, those already connected first; those being fetched still arrive): a fresh client
+        of a big swarm connects to about the servers of a chain, not to every server; the
+        per-block lookups are then skipped."""
         now = time.time() if now is None else now
         found: dict[str, ServerRecord] = {}
         counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
         fetched: set[ID] = set()
+        # providers whose records are to be fetched, in the order found (bounded by the walks)
+        send, receive = trio.open_memory_channel[ID](math.inf)
 
         def satisfied() -> bool:
             full = max(counts) >= PROVIDERS_PER_KEY
             return enough is not None and not full and enough(list(found.values()))
 
+        async def fetch_records() -> None:
+            async for peer in receive:
+                if not satisfied():
+                    await self._fetch_live(peer, model, digest, now, found)
+
+        def found_some(shard: int, providers: list[PeerInfo]) -> None:
+            counts[shard] += len(providers)
+            connected = set(self.host.get_connected_peers())
+            for info in sorted(providers, key=lambda i: i.peer_id not in connected):
+                if info.peer_id not in fetched:
+                    fetched.add(info.peer_id)
+                    send.send_nowait(info.peer_id)
+
         async with trio.open_nursery() as fetching:
-
-            def found_some(shard: int, providers: list[PeerInfo]) -> None:
-                counts[shard] += len(providers)
-                for info in providers:
-                    if info.peer_id not in fetched:
-                        fetched.add(info.peer_id)
-                        fetching.start_soon(
-                            self._fetch_live, info.peer_id, model, digest, now, found
+            for _ in range(RECORD_FETCHES_AT_ONCE):
+                fetching.start_soon(fetch_records)
+            with send:  # closed once the walks end: the fetchers finish what is queued
+                async with trio.open_nursery() as walking:
+                    for shard in range(MODEL_KEY_SHARDS):
+                        key = model_key(digest or model, shard)
+                        walking.start_soon(
+                            functools.partial(
+                                self.find_providers,
+                                key,
+                                functools.partial(found_some, shard),
+                                go_on=lambda: not satisfied(),
+                            )
                         )
-
-            async with trio.open_nursery() as walking:
-                for shard in range(MODEL_KEY_SHARDS):
-                    key = model_key(digest or model, shard)
-                    walking.start_soon(
-                        functools.partial(
-                            self.find_providers,
-                            key,
-                            functools.partial(found_some, shard),
-                            go_on=lambda: not satisfied(),
-                        )
-                    )
         if satisfied():
             return self._learned(found.values(), blocks)
         full = max(counts) >= PROVIDERS_PER_KEY

@@ -18,19 +18,16 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from swarm_node.errors import ModelError
 from swarm_node.model.families import Family, family_for
-from swarm_node.model.tensor_files import (
-    TensorEntry,
-    map_file,
-    map_tensor,
-    read_header,
-    read_tensor,
-)
+
+if TYPE_CHECKING:  # torch loads with the first tensor read: opening a folder, its config and its
+    # index (a model's identity, `swarm-node status`) needs none
+    import torch
+
+    from swarm_node.model.tensor_files import TensorEntry
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,6 +135,10 @@ class Checkpoint:
                     f"checkpoint {str(self.path)!r} must hold tensors {missing[:5]}"
                     f"{' ...' if len(missing) > 5 else ''}, they are absent"
                 )
+        import torch
+
+        from swarm_node.model.tensor_files import map_file, map_tensor, read_header, read_tensor
+
         stays_on_host = device is None or torch.device(device).type == "cpu"
         by_file: dict[str, list[str]] = {}
         for name in wanted:
@@ -170,6 +171,8 @@ class Checkpoint:
 
     def tensor_entry(self, name: str) -> TensorEntry:
         """Dtype, shape and bytes of tensor ``name`` as stored (reads its file's header once)."""
+        from swarm_node.model.tensor_files import read_header
+
         file_name = self._weight_map[name]
         entries = self._headers.get(file_name)
         if entries is None:
@@ -225,7 +228,7 @@ def _read_weight_map(path: Path) -> dict[str, str]:
         from safetensors import SafetensorError, safe_open
 
         try:
-            with safe_open(str(single), framework="pt", device="cpu") as f:
+            with safe_open(str(single), framework="numpy") as f:  # "pt" would import torch
                 return {name: SINGLE_FILE for name in f.keys()}
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{str(single)!r} is not a readable safetensors file: {exc}") from exc

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -40,16 +40,6 @@ from swarm_node.dht.routing import (
 from swarm_node.errors import ConfigError, MissingBlocksError, ModelError
 from swarm_node.model.bundled import identity_of, model_id_of
 from swarm_node.model.identity import ModelIdentity
-from swarm_node.node.client import evidence_trust
-from swarm_node.node.client.inference_session import (
-    IdleWatch,
-    InferenceSession,
-    Verify,
-    request,
-)
-from swarm_node.node.client.recovery import Recovery, sole_error
-from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.client.verification import Finding
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import connect_initial_peers, open_stream, parse_multiaddr
 from swarm_node.node.net.host import (
@@ -63,13 +53,17 @@ from swarm_node.node.net.host import (
 from swarm_node.node.net.identity import load_or_create_identity
 from swarm_node.node.net.relay import Relays, RelaySettings
 from swarm_node.node.net.swarm_key import load_swarm_key
-from swarm_node.node.server.adapters import is_adapter_id
-from swarm_node.node.server.block_server import BlockServer
-from swarm_node.node.server.loading import prepare_span
-from swarm_node.node.server.memory import resolve_server
-from swarm_node.node.server.placement import start_placed
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
+from swarm_node.protocol.client_session import answer
+
+if TYPE_CHECKING:  # these load torch: imported where a session or a server needs them, so that
+    # a peer that only looks the swarm up (`swarm-node status`) never loads it
+    from swarm_node.node.client.inference_session import InferenceSession
+    from swarm_node.node.client.recovery import Recovery
+    from swarm_node.node.client.settings import HopTuning, SessionSettings
+    from swarm_node.node.client.verification import Finding
+    from swarm_node.node.server.block_server import BlockServer
 
 log = logging.getLogger(__name__)
 EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is looked up again
@@ -185,6 +179,8 @@ class Peer:
         """Serve ``prepared`` (a loaded span, its throughput and its LoRA adapters) from now on and
         announce it; returns the server it replaces, whose open streams keep running until their
         sessions end."""
+        from swarm_node.node.server.block_server import BlockServer
+
         span, throughput, adapters = prepared
         old = self.server
         self.identity = await trio.to_thread.run_sync(identity_of, config.model)
@@ -214,6 +210,8 @@ class Peer:
 
     def make_record(self, state: str, ttl: float) -> ServerRecord:
         """This server's record as it would be announced now (a new seq each call)."""
+        from swarm_node.node.server.adapters import is_adapter_id
+
         assert self.server is not None and self.identity is not None
         self._seq += 1
         return ServerRecord(
@@ -333,8 +331,11 @@ class Peer:
         )
         try:
             t0 = trio.current_time()
-            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
+            with trio.fail_after(timeout):
+                await conn.send(m.InfoRequest())
+                reply = await conn.receive()
             elapsed = trio.current_time() - t0
+            info = answer(reply, m.InfoResponse, peer=conn.peer_id, asked="InfoRequest")
             self._note_answer(peer_id)
         finally:
             await conn.close()
@@ -434,6 +435,8 @@ class Peer:
 
     def _publish_evidence(self, finding: Finding) -> None:
         """A spot check caught a liar: publish the evidence, in the background (--publish-evidence)."""
+        from swarm_node.node.client import evidence_trust
+
         if self._nursery is not None:
             self._nursery.start_soon(
                 self._best_effort,
@@ -443,6 +446,8 @@ class Peer:
             )
 
     async def _check_evidence(self, model: str, record: ServerRecord) -> None:
+        from swarm_node.node.client import evidence_trust
+
         await self._best_effort(evidence_trust.check(self, model, record))
 
     @staticmethod
@@ -497,6 +502,8 @@ class Peer:
     ) -> list[Hop]:
         """``route`` over blocks start..end-1 of ``model`` after a new lookup; ``adapter``: only
         servers holding this LoRA adapter (default: the client config's; "": any server)."""
+        from swarm_node.node.client.settings import SessionSettings
+
         settings = SessionSettings(
             model=model, push=push, max_length=max_length, batch_size=batch_size
         )
@@ -644,6 +651,8 @@ class Peer:
     def _recovery(self, settings: SessionSettings, adapter: str) -> Recovery | None:
         """How a session replaces a failed server (None when the config turns it off): from the
         servers already known first (no lookup: fastest), then after new lookups."""
+        from swarm_node.node.client.recovery import Recovery
+
         config = self.client_config
         if config.max_attempts == 0:
             return None
@@ -668,6 +677,9 @@ class Peer:
         """A session over ``chain`` (``settings``' None fields: the client config's); ``tuning``:
         deep prompts of every block of the model and a named adapter or client-owned LoRA, each
         server getting its blocks' part at open."""
+        from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, Verify
+        from swarm_node.node.client.settings import HopTuning
+
         if settings.max_length < 1:
             raise ConfigError(f"'max_length' must be an int >= 1, got {settings.max_length!r}")
         config = self.client_config
@@ -718,10 +730,14 @@ async def open_peer(
     listen = [parse_multiaddr(a, "listen") for a in config.listen]
     announce = [parse_multiaddr(a, "announce_addrs") for a in config.announce_addrs] or None
     psk = load_swarm_key(config.swarm_key) if config.swarm_key is not None else None
+    prepared = None
     if server is not None:  # "auto" device, dtype, blocks or cache made concrete (memory.py)
+        from swarm_node.node.server.loading import prepare_span
+        from swarm_node.node.server.memory import resolve_server
+
         server, _ = await trio.to_thread.run_sync(resolve_server, server)
-    placed = server is not None and server.num_blocks is not None and server.end == 0
-    prepared = await prepare_span(server) if server is not None and not placed else None
+        placed = server.num_blocks is not None and server.end == 0
+        prepared = None if placed else await prepare_span(server)
     await trio.to_thread.run_sync(native.decode_kernel)  # a first compile never holds the loop
     limits = CLIENT_LIMITS if server is None else SERVER_LIMITS
     host = build_host(key_pair=key_pair, announce=announce, psk=psk, limits=limits)
@@ -746,6 +762,8 @@ async def open_peer(
                     if server is not None and prepared is not None:
                         await peer.start_serving(server, prepared, nursery)
                     elif server is not None:  # --num-blocks: choose where, with the swarm in view
+                        from swarm_node.node.server.placement import start_placed
+
                         await start_placed(peer, server, nursery)
                     yield peer
                 finally:
@@ -754,6 +772,8 @@ async def open_peer(
                         await close_connections(host)
                     nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        from swarm_node.node.client.recovery import sole_error
+
         raise sole_error(group) or group from None  # one failure comes out as itself
 
 

@@ -1,4 +1,8 @@
-"""What each ``swarm-node`` subcommand does, over the library's front door ``open_peer``."""
+"""What each ``swarm-node`` subcommand does, over the library's front door ``open_peer``.
+
+Imports no torch at module level: ``status`` never loads it, and ``generate`` loads it (with the
+client's side of the model) in a worker thread while its peer starts and looks the swarm up.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,15 @@ import logging
 import signal
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import trio
 
 from swarm_node.errors import ConfigError
 from swarm_node.model.bundled import local_identity, model_id_of
-from swarm_node.model.dtypes import TORCH_DTYPES
-from swarm_node.node.client.drafting import DraftModel
-from swarm_node.node.client.generation import GenerationStats, SamplingConfig, generate_tokens
-from swarm_node.node.client.generation_options import model_eos_ids
-from swarm_node.node.client.recovery import sole_error
-from swarm_node.node.client.settings import HopTuning, SessionSettings
-from swarm_node.node.client.speculative import Speculation
 from swarm_node.node.config import (
     ApiConfig,
     ClientConfig,
@@ -33,6 +30,11 @@ from swarm_node.node.config import (
     parse_blocks,
 )
 from swarm_node.node.peer import Peer, open_peer
+
+if TYPE_CHECKING:
+    import torch
+
+    from swarm_node.node.client.generation import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,9 @@ def has_tuned_files(args: argparse.Namespace) -> bool:
 def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
     """``generate``'s ``--prompt-file FILE`` and ``--adapter FILE`` as ``generate_tokens`` arguments
     (``prefix`` and ``tuning``: deep prompts, client LoRA), each file checked against the model."""
+    from swarm_node.model.dtypes import TORCH_DTYPES
     from swarm_node.model.tuned_files import load_tuned
+    from swarm_node.node.client.settings import HopTuning
 
     prefix = deep = lora = None
     dtype = TORCH_DTYPES[args.dtype]
@@ -167,8 +171,10 @@ def _client_side(
     args: argparse.Namespace, path: Any
 ) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
     """What the client holds of the model at ``path``, loaded: checkpoint, tokenizer, head, the
-    prompt's ids and the tuned inputs (blocking: imports transformers, reads the weights)."""
+    prompt's ids and the tuned inputs (blocking: imports torch, reads the weights)."""
     from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
+    from swarm_node.model.dtypes import TORCH_DTYPES
+    from swarm_node.node.client.settings import HopTuning
 
     checkpoint = Checkpoint.open(path)
     tokenizer = load_tokenizer(path, plain=not args.chat)  # a chat template needs transformers
@@ -183,6 +189,57 @@ def _client_side(
     return checkpoint, tokenizer, head, input_ids, tuned
 
 
+def _loaded_client_side(
+    args: argparse.Namespace, path: Any
+) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
+    """``_client_side`` on the device ``--device``/``--dtype`` resolve to, with the modules that
+    generating needs imported (blocking: what a worker thread does while the peer starts)."""
+    import swarm_node.node.client.generation  # noqa: F401 (imported here, off the event loop)
+
+    resolve_client_device(args)
+    return _client_side(args, path)
+
+
+class _ClientSide:
+    """The client's side of the model at ``path`` (of ``num_blocks`` blocks), loading in a worker
+    thread from ``run``'s start: torch's import and the weights' reading overlap with the peer's
+    start and the lookup on the event loop (where either waits: module code holds the GIL)."""
+
+    def __init__(self, path: Any, num_blocks: int) -> None:
+        self.path = path
+        self.num_blocks = num_blocks
+        self._done = trio.Event()
+        self._loaded: tuple[Any, Any, Any, torch.Tensor, dict[str, Any]] | None = None
+
+    async def run(self, args: argparse.Namespace) -> None:
+        # abandoned when cancelled: a peer that failed to start does not wait for the weights
+        self._loaded = await trio.to_thread.run_sync(
+            _loaded_client_side, args, self.path, abandon_on_cancel=True
+        )
+        self._done.set()
+
+    async def loaded(self) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
+        await self._done.wait()
+        assert self._loaded is not None
+        return self._loaded
+
+
+@asynccontextmanager
+async def _loading_client_side(args: argparse.Namespace) -> AsyncIterator[_ClientSide]:
+    """``args.model``'s client's side loading in the background inside the block (a bundled model
+    converted first, once); a failure to load ends the block with that error."""
+    path, checkpoint = await _checkpoint(args.model)
+    side = _ClientSide(path, checkpoint.num_blocks)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side.run, args)
+            yield side
+    except BaseExceptionGroup as group:
+        from swarm_node.node.client.recovery import sole_error
+
+        raise sole_error(group) or group from None
+
+
 async def _find_servers_early(peer: Peer, model: str, num_blocks: int) -> None:
     """Look the model's servers up while the client's side loads (stopping at the first that hold
     every block); routing then reuses them."""
@@ -192,19 +249,26 @@ async def _find_servers_early(peer: Peer, model: str, num_blocks: int) -> None:
         log.info("looking up the servers of %s timed out; routing will try again", model)
 
 
-async def _generate_with(peer: Peer, args: argparse.Namespace, out: Any) -> GenerationStats:
-    """Generate from ``args.prompt``: the client's side loads in a thread while the swarm is looked
-    up, so neither waits for the other."""
-    path, checkpoint = await _checkpoint(args.model)
-    identity = await peer.pin_model(str(path))  # servers found from now on hold these weights
-    model = model_id_of(str(path)) if identity is None else identity.name
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_find_servers_early, peer, model, checkpoint.num_blocks)
-            loaded = await trio.to_thread.run_sync(_client_side, args, path)
-    except BaseExceptionGroup as group:
-        raise sole_error(group) or group from None
-    checkpoint, tokenizer, head, input_ids, tuned = loaded
+async def _generate_with(
+    peer: Peer, args: argparse.Namespace, out: Any, side: _ClientSide | None = None
+) -> GenerationStats:
+    """Generate from ``args.prompt`` with ``args.model``, whose client's side ``side`` is loading
+    (None: starts loading now): the swarm is looked up meanwhile, so neither waits for the other."""
+    if side is None:
+        async with _loading_client_side(args) as side:
+            return await _generate_with(peer, args, out, side)
+    path = str(side.path)
+    identity = await peer.pin_model(path)  # servers found from now on hold these weights
+    model = model_id_of(path) if identity is None else identity.name
+    await _find_servers_early(peer, model, side.num_blocks)
+    checkpoint, tokenizer, head, input_ids, tuned = await side.loaded()
+    # torch is loaded by now (by the worker thread): these import no more than their own modules
+    from swarm_node.node.client.drafting import DraftModel
+    from swarm_node.node.client.generation import SamplingConfig, generate_tokens
+    from swarm_node.node.client.generation_options import model_eos_ids
+    from swarm_node.node.client.settings import SessionSettings
+    from swarm_node.node.client.speculative import Speculation
+
     speculation = None
     if getattr(args, "speculative", False):
         draft = getattr(args, "draft", None)
@@ -273,16 +337,16 @@ def _describe(stats: GenerationStats) -> str:
 
 
 async def generate(args: argparse.Namespace) -> int:
-    resolve_client_device(args)
     config = _client_peer(args)
     _need_initial_peers(args)
-    if has_tuned_files(args):
-        _, checkpoint = await _checkpoint(args.model)  # bad files fail before any networking
+    if has_tuned_files(args):  # bad files fail before any networking
+        await trio.to_thread.run_sync(resolve_client_device, args)
+        _, checkpoint = await _checkpoint(args.model)
         await trio.to_thread.run_sync(tuned_inputs, args, checkpoint.config)
     adapter = args.adapter if args.adapter and not is_adapter_file(args.adapter) else None
     client = ClientConfig(**flag_values(ClientConfig, args) | {"adapter": adapter})
-    async with open_peer(config, client=client) as peer:
-        stats = await _generate_with(peer, args, sys.stdout)
+    async with _loading_client_side(args) as side, open_peer(config, client=client) as peer:
+        stats = await _generate_with(peer, args, sys.stdout, side)
     print(_describe(stats), file=sys.stderr)
     return 0
 
