@@ -30,6 +30,7 @@ from swarm_node.errors import (
 )
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora_pack import manifest_entries
+from swarm_node.model.partial_steps import PartialStep
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.net.message_stream import (
     ConnectionLost,
@@ -517,27 +518,35 @@ class BlockServer:
     async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:
         """A session's step through its span: a decode step through the batcher (unless prompts or
         a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
-        taking the compute limiter anew so that other sessions' steps run between them."""
+        computed block by block, giving the compute limiter up after a block while decode steps
+        wait for it (FIFO: they run before the chunk's next block)."""
         cache, start, end = session.cache, session.start, session.end
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
-        if tokens == 1 and session.prompts is None and session.lora is None:
-            return await self.batcher.step(
-                hidden, cache, start=start, end=end, user=session.session_id
-            )
+        prompts, lora = session.prompts, session.lora
+        if tokens == 1:
+            if prompts is None and lora is None:
+                return await self.batcher.step(
+                    hidden, cache, start=start, end=end, user=session.session_id
+                )
+            run = functools.partial(self._run_span, hidden, cache, start, end, prompts, lora)
+            return await self.quick_jobs.run(run)
         chunk = self.config.prefill_chunk
         outs = []
         for a in range(0, tokens, chunk):
-            run = functools.partial(
-                self._run_span,
+            step = PartialStep.begin(
+                self.span,
                 hidden[:, a : a + chunk],
                 cache,
-                start,
-                end,
-                session.prompts,
-                session.lora,
+                start=start,
+                end=end,
+                prompts=prompts,
+                lora=lora,
             )
-            outs.append(await self.quick_jobs.run(run, small=tokens == 1))
+            part = functools.partial(step.run, give_way=lambda: self.batcher.waiting > 0)
+            while not await self.quick_jobs.run(part, small=False):
+                pass  # decode steps took the limiter between two blocks
+            outs.append(step.hidden)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _run_span(
