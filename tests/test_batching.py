@@ -213,13 +213,30 @@ async def test_no_batching_runs_every_step_alone(tiny_llama: Path) -> None:
     assert batcher.batch_sizes == {1: 3} and [c.length for c in caches] == [1, 1, 1]
 
 
+class WatchedLane:
+    """The server's prefill lane (a trio.Lock) that says when a chunk queues behind another."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.queued = trio.Event()
+
+    async def __aenter__(self) -> None:
+        if self.lock.locked():
+            self.queued.set()
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.lock.release()
+
+
 async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llama: Path) -> None:
     """Session A's 16-token prefill in chunks of 4 through 6 blocks; session B's decode step, sent
     while A's first chunk computes its first block, runs right after that block, before the chunk's
-    second: the order is read off the span's own calls (the rotary embedding once a step, each
-    block of A's chunks; A's first block holds its worker thread until B's step waits in the
-    server's batcher). A's chunks give way only while decode steps wait: the other chunks run
-    their 6 blocks in one go."""
+    second; session C's 4-token prefill, sent then too, waits for A's chunk to end (chunks take
+    turns, a chunk each; only decode steps come between blocks). The order is read off the span's
+    own calls (the rotary embedding once a step, each block of a chunk; A's first block holds its
+    worker thread until B's step waits in the server's batcher and C's in the prefill lane). A's
+    chunks give way only while decode steps wait: the other chunks run their 6 blocks in one go."""
     model = tiny_llama.name
     seen: list[tuple[str, int]] = []  # ("rotary", positions) of each step, ("block", i) of A's
     first_block = trio.Event()
@@ -230,7 +247,9 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llam
 
     def block_called(i: int):
         def hook(mod, args, kwargs, out) -> None:
-            if args[0].shape[1] == 4:  # A's chunks (B's decode step replays its layers' ops)
+            if (
+                args[0].shape[1] == 4
+            ):  # A's and C's chunks (B's decode step replays its layers' ops)
                 seen.append(("block", i))
             if seen == [("rotary", 4), ("block", 0)]:
                 trio.from_thread.run_sync(first_block.set)
@@ -247,8 +266,10 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llam
             async with (
                 client.inference_session(chain, settings) as a,
                 client.inference_session(chain, settings) as b,
+                client.inference_session(chain, settings) as c,
             ):
                 await b.step(torch.randn(1, 3, H))
+                server.prefill_lane = lane = WatchedLane()
                 server.span.rotary.register_forward_hook(rotary_called, with_kwargs=True)
                 for i, layer in enumerate(server.span.layers):
                     layer.register_forward_hook(block_called(i), with_kwargs=True)
@@ -256,13 +277,15 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llam
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(a.step, torch.randn(1, 16, H))
                         await first_block.wait()  # A's first block ran (in a worker thread)
+                        nursery.start_soon(c.step, torch.randn(1, 4, H))
+                        await lane.queued.wait()  # C's chunk waits for A's in the lane
                         nursery.start_soon(b.step, torch.randn(1, 1, H))
                         await server.batcher.wait_until_waiting(1)  # B waits for the limiter
                         go.set()
                 finally:
                     go.set()
     chunk = [("rotary", 4), *(("block", i) for i in range(6))]
-    assert seen == [*chunk[:2], ("rotary", 1), *chunk[2:], *chunk * 3]
+    assert seen == [*chunk[:2], ("rotary", 1), *chunk[2:], *chunk * 4]  # A's, C's, A's 3
 
 
 async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llama: Path) -> None:

@@ -104,6 +104,10 @@ class BlockServer:
             alone=lambda hidden, cache, start, end: self._run_span(hidden, cache, start, end),
             users=lambda: len(self.sessions),
         )
+        # one long step's chunk at a time competes for the compute limiter: a chunk that gives
+        # way hands it to the decode steps waiting, not to other sessions' chunks (they take turns
+        # here, a chunk each)
+        self.prefill_lane = trio.Lock()
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
@@ -519,7 +523,8 @@ class BlockServer:
         """A session's step through its span: a decode step through the batcher (unless prompts or
         a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
         computed block by block, giving the compute limiter up after a block while decode steps
-        wait for it (FIFO: they run before the chunk's next block)."""
+        wait for it (FIFO: they run before the chunk's next block; other sessions' chunks wait in
+        the prefill lane, and take turns with this one chunk by chunk)."""
         cache, start, end = session.cache, session.start, session.end
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
@@ -544,8 +549,9 @@ class BlockServer:
                 lora=lora,
             )
             part = functools.partial(step.run, give_way=lambda: self.batcher.waiting > 0)
-            while not await self.quick_jobs.run(part, small=False):
-                pass  # decode steps took the limiter between two blocks
+            async with self.prefill_lane:
+                while not await self.quick_jobs.run(part, small=False):
+                    pass  # decode steps took the limiter between two blocks
             outs.append(step.hidden)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
