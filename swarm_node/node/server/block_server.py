@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -523,8 +524,8 @@ class BlockServer:
         """A session's step through its span: a decode step through the batcher (unless prompts or
         a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
         computed block by block, giving the compute limiter up after a block while decode steps
-        wait for it (FIFO: they run before the chunk's next block; other sessions' chunks wait in
-        the prefill lane, and take turns with this one chunk by chunk)."""
+        wait for it (``_chunk_part``; FIFO: they run before the chunk's next blocks; other
+        sessions' chunks wait in the prefill lane, and take turns with this one chunk by chunk)."""
         cache, start, end = session.cache, session.start, session.end
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
@@ -548,12 +549,25 @@ class BlockServer:
                 prompts=prompts,
                 lora=lora,
             )
-            part = functools.partial(step.run, give_way=lambda: self.batcher.waiting > 0)
+            part = functools.partial(self._chunk_part, step)
             async with self.prefill_lane:
                 while not await self.quick_jobs.run(part, small=False):
                     pass  # decode steps took the limiter between two blocks
             outs.append(step.hidden)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _chunk_part(self, step: PartialStep) -> bool:
+        """Blocks of a long step's chunk (in a worker thread) until it is done (True) or decode
+        steps wait and this part has computed as long as a decode batch takes lately (equal turns:
+        a prefill under a steady stream of decode steps still gets half the compute)."""
+        began = time.perf_counter()
+
+        def give_way() -> bool:
+            return (
+                self.batcher.waiting > 0 and time.perf_counter() - began >= self.batcher.compute_s
+            )
+
+        return step.run(give_way)
 
     def _run_span(
         self,
