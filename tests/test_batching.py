@@ -229,14 +229,19 @@ class WatchedLane:
         self.lock.release()
 
 
-async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("batch_s", [0.0, 3600.0])
+async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(
+    tiny_llama: Path, batch_s: float
+) -> None:
     """Session A's 16-token prefill in chunks of 4 through 6 blocks; session B's decode step, sent
     while A's first chunk computes its first block, runs right after that block, before the chunk's
     second; session C's 4-token prefill, sent then too, waits for A's chunk to end (chunks take
     turns, a chunk each; only decode steps come between blocks). The order is read off the span's
     own calls (the rotary embedding once a step, each block of a chunk; A's first block holds its
     worker thread until B's step waits in the server's batcher and C's in the prefill lane). A's
-    chunks give way only while decode steps wait: the other chunks run their 6 blocks in one go."""
+    chunks give way only while decode steps wait: the other chunks run their 6 blocks in one go.
+    Equal turns: a chunk gives way only once it has computed as long as a decode batch takes
+    (``batch_s``, the batcher's recent compute); with an hour, B waits for A's whole chunk."""
     model = tiny_llama.name
     seen: list[tuple[str, int]] = []  # ("rotary", positions) of each step, ("block", i) of A's
     first_block = trio.Event()
@@ -270,6 +275,7 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llam
             ):
                 await b.step(torch.randn(1, 3, H))
                 server.prefill_lane = lane = WatchedLane()
+                server.batcher.compute_s = batch_s
                 server.span.rotary.register_forward_hook(rotary_called, with_kwargs=True)
                 for i, layer in enumerate(server.span.layers):
                     layer.register_forward_hook(block_called(i), with_kwargs=True)
@@ -285,7 +291,8 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(tiny_llam
                 finally:
                     go.set()
     chunk = [("rotary", 4), *(("block", i) for i in range(6))]
-    assert seen == [*chunk[:2], ("rotary", 1), *chunk[2:], *chunk * 4]  # A's, C's, A's 3
+    cut = 2 if batch_s == 0 else len(chunk)
+    assert seen == [*chunk[:cut], ("rotary", 1), *chunk[cut:], *chunk * 4]  # A's, C's, A's 3
 
 
 async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llama: Path) -> None:
