@@ -235,8 +235,8 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(
 ) -> None:
     """Session A's 16-token prefill in chunks of 4 through 6 blocks; session B's decode step, sent
     while A's first chunk computes its first block, runs right after that block, before the chunk's
-    second; session C's 4-token prefill, sent then too, waits for A's chunk to end (chunks take
-    turns, a chunk each; only decode steps come between blocks). The order is read off the span's
+    second; session C's 8-token prefill, sent then too, waits for A's chunk to end (long steps'
+    chunks take turns, a chunk each; only decode steps come between blocks). The order is read off the span's
     own calls (the rotary embedding once a step, each block of a chunk; A's first block holds its
     worker thread until B's step waits in the server's batcher and C's in the prefill lane). A's
     chunks give way only while decode steps wait: the other chunks run their 6 blocks in one go.
@@ -283,7 +283,7 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(a.step, torch.randn(1, 16, H))
                         await first_block.wait()  # A's first block ran (in a worker thread)
-                        nursery.start_soon(c.step, torch.randn(1, 4, H))
+                        nursery.start_soon(c.step, torch.randn(1, 8, H))
                         await lane.queued.wait()  # C's chunk waits for A's in the lane
                         nursery.start_soon(b.step, torch.randn(1, 1, H))
                         await server.batcher.wait_until_waiting(1)  # B waits for the limiter
@@ -292,7 +292,7 @@ async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(
                     go.set()
     chunk = [("rotary", 4), *(("block", i) for i in range(6))]
     cut = 2 if batch_s == 0 else len(chunk)
-    assert seen == [*chunk[:cut], ("rotary", 1), *chunk[cut:], *chunk * 4]  # A's, C's, A's 3
+    assert seen == [*chunk[:cut], ("rotary", 1), *chunk[cut:], *chunk * 5]  # C, A, C, A, A
 
 
 async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llama: Path) -> None:

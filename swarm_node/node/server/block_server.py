@@ -106,8 +106,8 @@ class BlockServer:
             users=lambda: len(self.sessions),
         )
         # one long step's chunk at a time competes for the compute limiter: a chunk that gives
-        # way hands it to the decode steps waiting, not to other sessions' chunks (they take turns
-        # here, a chunk each)
+        # way hands it to the decode steps waiting, not to other long steps' chunks (they take
+        # turns here, a chunk each)
         self.prefill_lane = trio.Lock()
         self.throughput = throughput
         self.reserved_tokens = 0
@@ -522,22 +522,25 @@ class BlockServer:
 
     async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:
         """A session's step through its span: a decode step through the batcher (unless prompts or
-        a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
+        a LoRA make it the session's own); a step shorter than --prefill-chunk tokens whole, in
+        its turn at the compute limiter (a burst of new sessions' short prompts all go before the
+        decode steps that come after them, so those sessions start decoding together); a step of
+        a chunk or more (a long prompt, which a client sends a chunk a step) in chunks, each
         computed block by block, giving the compute limiter up after a block while decode steps
-        wait for it (``_chunk_part``; FIFO: they run before the chunk's next blocks; other
-        sessions' chunks wait in the prefill lane, and take turns with this one chunk by chunk)."""
+        wait for it (``_chunk_part``; FIFO: they run before the chunk's next blocks; other long
+        steps' chunks wait in the prefill lane, taking turns a chunk each)."""
         cache, start, end = session.cache, session.start, session.end
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
         prompts, lora = session.prompts, session.lora
-        if tokens == 1:
-            if prompts is None and lora is None:
-                return await self.batcher.step(
-                    hidden, cache, start=start, end=end, user=session.session_id
-                )
-            run = functools.partial(self._run_span, hidden, cache, start, end, prompts, lora)
-            return await self.quick_jobs.run(run)
+        if tokens == 1 and prompts is None and lora is None:
+            return await self.batcher.step(
+                hidden, cache, start=start, end=end, user=session.session_id
+            )
         chunk = self.config.prefill_chunk
+        if tokens < chunk:
+            run = functools.partial(self._run_span, hidden, cache, start, end, prompts, lora)
+            return await self.quick_jobs.run(run, small=tokens == 1)
         outs = []
         for a in range(0, tokens, chunk):
             step = PartialStep.begin(
