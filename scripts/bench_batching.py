@@ -13,13 +13,15 @@ client/head_batching.py); rounds alternate the order of the levels and of on/off
 - ``lone_on_over_off``: a lone session's tokens/s, batching on over off (target >= 0.97);
 - ``lone_step_p50_ms`` / ``lone_step_p95_ms``: a lone session's per-token intervals (batching on);
 - ``prefill_delay_over_chunk``: while session B decodes alone, session A sends a 2048-token prompt;
-  B's worst token interval during it, less B's median, over one chunk's compute through the chain
-  (``chunk_compute_ms``: a 256-token chunk after 1024 cached positions through blocks 0:15 plus
-  through 15:30, timed alone at the servers' threads before the swarms start). A step waits at most
-  for the chunk a server is computing, on each server: <= 1 chunk through the chain (the target),
-  <= 2 of one server's share (``prefill_delay_over_server_chunk``); ``..._as_run``: over the chunks'
-  time as they ran (the prefill's wall time / (chunks + 1) per server, x2), which a loaded machine
-  stretches beyond the chunk timed alone;
+  B's worst token interval during it (B decodes until 16 tokens after it), less B's median interval
+  outside it, over one chunk's compute through the chain (``chunk_compute_ms``: a 256-token chunk
+  after 1024 cached positions through blocks 0:15 plus through 15:30, timed alone at the servers'
+  threads before the swarms start); the target: <= 1. A chunk gives way to the decode steps waiting
+  after each of its blocks, so a step waits on each server for at most the block being computed
+  (1/15 of a chunk here), then for its own compute slowed by the prefill's beside it on the 2 cores
+  (``gap_p50_during_prefill_ms`` against ``lone_gap_ms``); ``..._over_server_chunk``: over one
+  server's share; ``..._as_run``: over the chunks' time as they ran (the prefill's wall time /
+  (chunks + 1) per server, x2), which a loaded machine stretches beyond the chunk timed alone;
 - ``same_tokens``: every session's tokens in every concurrent round equal its solo run;
 - ``batch_seen``: each server's record's largest decode batch of its last 60 s (read at the end);
 - ``span_forward_ms_N``: the server's side alone, one decode forward of blocks 0:15 for N sessions;
@@ -69,6 +71,7 @@ from swarm_node.node.peer import open_peer
 CLI = str(Path(sys.executable).with_name("swarm-node"))
 MODEL = "smollm2-135m"
 LEVELS = (1, 2, 4, 8, 16)
+AFTER_PREFILL_MAX = 1000  # tokens session B may decode while a long prompt's prefill runs
 
 
 def span_forward_ms(threads: int, chunk: int, repeats: int = 7) -> dict[str, float]:
@@ -137,9 +140,10 @@ class Runner:
         new: int | None = None,
         times: list[float] | None = None,
         third: trio.Event | None = None,
+        stopping: Any = None,
     ) -> tuple[list[int], list[float]]:
         """A session's generated ids and the times its tokens arrived (appended to ``times``);
-        ``third`` is set when its third token arrives."""
+        ``third`` is set when its third token arrives; ``stopping(ids)``: generate_tokens'."""
         times = [] if times is None else times
 
         def arrived(_: torch.Tensor) -> None:
@@ -155,6 +159,7 @@ class Runner:
             settings,
             SamplingConfig(max_new_tokens=new or self.tokens),
             on_tokens=arrived,
+            stopping=stopping,
         )
         return out[0, ids.shape[1] :].tolist(), times
 
@@ -173,7 +178,8 @@ class Runner:
 
 async def prefill_delay(runner: Runner, prompt_len: int) -> dict[str, Any]:
     """Session B decodes alone; once it is decoding, session A sends a ``prompt_len``-token
-    prompt: B's token intervals, and when A's prefill (its first token) started and ended."""
+    prompt: B's token intervals (B goes on until 16 tokens after A's prefill ended, at most
+    ``AFTER_PREFILL_MAX`` tokens), and when A's prefill (its first token) started and ended."""
     gen = torch.Generator().manual_seed(7)
     long_ids = torch.randint(0, 49152, (1, prompt_len), generator=gen)
     short = torch.randint(0, 49152, (1, 8), generator=gen)
@@ -181,8 +187,12 @@ async def prefill_delay(runner: Runner, prompt_len: int) -> dict[str, Any]:
     times: list[float] = []
     decoding = trio.Event()
 
+    def after_prefill(_: torch.Tensor) -> bool:
+        return "end" in window and sum(t > window["end"] for t in times) >= 16
+
     async def decoder() -> None:
-        await runner.one(short, new=4 * runner.tokens, times=times, third=decoding)
+        new = AFTER_PREFILL_MAX
+        await runner.one(short, new=new, times=times, third=decoding, stopping=after_prefill)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(decoder)
@@ -267,6 +277,7 @@ def prefill_figures(run: dict[str, Any], forward: dict[str, float], chunks: int)
         "prefill_s": round(end - start, 3),
         "lone_gap_ms": round(lone * 1000, 1),
         "worst_gap_during_prefill_ms": round((delay + lone) * 1000, 1),
+        "gap_p50_during_prefill_ms": round(statistics.median(during or [lone]) * 1000, 1),
         "chunk_compute_ms": round(sum(server_chunks) * 1000, 1),
         "prefill_delay_over_chunk": round(delay / sum(server_chunks), 3),
         "prefill_delay_over_server_chunk": round(delay / max(server_chunks), 3),

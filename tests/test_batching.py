@@ -213,20 +213,54 @@ async def test_no_batching_runs_every_step_alone(tiny_llama: Path) -> None:
     assert batcher.batch_sizes == {1: 3} and [c.length for c in caches] == [1, 1, 1]
 
 
-async def test_a_decode_step_runs_between_chunks_of_a_long_prefill(tiny_llama: Path) -> None:
-    """Session A's 16-token prefill in chunks of 4; session B's decode step, sent while A's first
-    chunk computes, runs right after that chunk: the order is read off the span's own rotary calls
-    (A's first chunk holds its worker thread until B's step waits in the server's batcher)."""
+class WatchedLane:
+    """The server's prefill lane (a trio.Lock) that says when a chunk queues behind another."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self.queued = trio.Event()
+
+    async def __aenter__(self) -> None:
+        if self.lock.locked():
+            self.queued.set()
+        await self.lock.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.lock.release()
+
+
+@pytest.mark.parametrize("batch_s", [0.0, 3600.0])
+async def test_a_decode_step_runs_between_two_blocks_of_a_long_prefill(
+    tiny_llama: Path, batch_s: float
+) -> None:
+    """Session A's 16-token prefill in chunks of 4 through 6 blocks; session B's decode step, sent
+    while A's first chunk computes its first block, runs right after that block, before the chunk's
+    second; session C's 8-token prefill, sent then too, waits for A's chunk to end (long steps'
+    chunks take turns, a chunk each; only decode steps come between blocks). The order is read off the span's
+    own calls (the rotary embedding once a step, each block of a chunk; A's first block holds its
+    worker thread until B's step waits in the server's batcher and C's in the prefill lane). A's
+    chunks give way only while decode steps wait: the other chunks run their 6 blocks in one go.
+    Equal turns: a chunk gives way only once it has computed as long as a decode batch takes
+    (``batch_s``, the batcher's recent compute); with an hour, B waits for A's whole chunk."""
     model = tiny_llama.name
-    seen: list[tuple[int, int]] = []  # (rows, positions) of each forward through the span
-    first_chunk = trio.Event()
+    seen: list[tuple[str, int]] = []  # ("rotary", positions) of each step, ("block", i) of A's
+    first_block = trio.Event()
     go = threading.Event()
 
-    def hold_first_chunk(mod, args, kwargs, out) -> None:
-        seen.append(tuple(kwargs["position_ids"].shape))
-        if seen == [(1, 4)]:
-            trio.from_thread.run_sync(first_chunk.set)
-            go.wait(60)
+    def rotary_called(mod, args, kwargs, out) -> None:
+        seen.append(("rotary", kwargs["position_ids"].shape[1]))
+
+    def block_called(i: int):
+        def hook(mod, args, kwargs, out) -> None:
+            if (
+                args[0].shape[1] == 4
+            ):  # A's and C's chunks (B's decode step replays its layers' ops)
+                seen.append(("block", i))
+            if seen == [("rotary", 4), ("block", 0)]:
+                trio.from_thread.run_sync(first_block.set)
+                go.wait(60)
+
+        return hook
 
     with trio.fail_after(90):
         async with local_swarm(tiny_llama, [(0, 6)], prefill_chunk=4) as (peers, client):
@@ -237,19 +271,28 @@ async def test_a_decode_step_runs_between_chunks_of_a_long_prefill(tiny_llama: P
             async with (
                 client.inference_session(chain, settings) as a,
                 client.inference_session(chain, settings) as b,
+                client.inference_session(chain, settings) as c,
             ):
                 await b.step(torch.randn(1, 3, H))
-                server.span.rotary.register_forward_hook(hold_first_chunk, with_kwargs=True)
+                server.prefill_lane = lane = WatchedLane()
+                server.batcher.compute_s = batch_s
+                server.span.rotary.register_forward_hook(rotary_called, with_kwargs=True)
+                for i, layer in enumerate(server.span.layers):
+                    layer.register_forward_hook(block_called(i), with_kwargs=True)
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(a.step, torch.randn(1, 16, H))
-                        await first_chunk.wait()  # A's first chunk computes (in a worker thread)
+                        await first_block.wait()  # A's first block ran (in a worker thread)
+                        nursery.start_soon(c.step, torch.randn(1, 8, H))
+                        await lane.queued.wait()  # C's chunk waits for A's in the lane
                         nursery.start_soon(b.step, torch.randn(1, 1, H))
                         await server.batcher.wait_until_waiting(1)  # B waits for the limiter
                         go.set()
                 finally:
                     go.set()
-    assert seen == [(1, 4), (1, 1), (1, 4), (1, 4), (1, 4)]
+    chunk = [("rotary", 4), *(("block", i) for i in range(6))]
+    cut = 2 if batch_s == 0 else len(chunk)
+    assert seen == [*chunk[:cut], ("rotary", 1), *chunk[cut:], *chunk * 5]  # C, A, C, A, A
 
 
 async def test_concurrent_sessions_batch_and_give_each_ones_own_tokens(tiny_llama: Path) -> None:

@@ -229,19 +229,11 @@ class BlockSpan(torch.nn.Module):
         `lora` (blocks of this span; see lora.py) adds a LoRA to the blocks' Linears for this call
         only, without touching the frozen weights; its tensors may require grad.
         """
-        self._check_hidden(hidden)
-        start, end = self._sub_span(start, end)
-        if lora is not None:
-            check_lora(lora, shapes=self.lora_shapes, start=self.start, end=self.end)
-        batch, new_tokens, _ = hidden.shape
-        past = 0
-        if cache is not None:
-            cache.check_step(start=start, end=end, batch_size=batch, new_tokens=new_tokens)
-            past = cache.length
-        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != end - start):
-            raise ConfigError(
-                f"'prompts' must have shape ({end - start}, P, H), got {tuple(prompts.shape)}"
-            )
+        start, end = self.check_step(
+            hidden, cache, start=start, end=end, prompts=prompts, lora=lora
+        )
+        new_tokens = hidden.shape[1]
+        past = 0 if cache is None else cache.length
         needs_grad = torch.is_grad_enabled() and (
             hidden.requires_grad
             or (prompts is not None and prompts.requires_grad)
@@ -259,6 +251,30 @@ class BlockSpan(torch.nn.Module):
         if cache is not None:
             cache.advance(new_tokens)
         return out
+
+    def check_step(
+        self,
+        hidden: Any,
+        cache: SpanCache | None,
+        *,
+        start: int | None,
+        end: int | None,
+        prompts: torch.Tensor | None = None,
+        lora: LoraWeights | None = None,
+    ) -> tuple[int, int]:
+        """ConfigError / SessionError unless `forward` can take these; the sub-span's blocks."""
+        self._check_hidden(hidden)
+        start, end = self._sub_span(start, end)
+        if lora is not None:
+            check_lora(lora, shapes=self.lora_shapes, start=self.start, end=self.end)
+        if cache is not None:
+            batch, new_tokens, _ = hidden.shape
+            cache.check_step(start=start, end=end, batch_size=batch, new_tokens=new_tokens)
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != end - start):
+            raise ConfigError(
+                f"'prompts' must have shape ({end - start}, P, H), got {tuple(prompts.shape)}"
+            )
+        return start, end
 
     def forward_batch(
         self,
@@ -326,22 +342,61 @@ class BlockSpan(torch.nn.Module):
             return fast_decode.decode_step(
                 self.layers[first:stop], hidden, dynamic, position_embeddings, past
             )
+        inputs = self.layer_inputs(hidden, dynamic, position_ids, past, first, stop)
+        return self.run_layers(hidden, dynamic, inputs, position_ids, past, first, stop, prompts)
+
+    def layer_inputs(
+        self,
+        hidden: torch.Tensor,
+        dynamic: Any,
+        position_ids: torch.Tensor,
+        past: int,
+        first: int,
+        stop: int,
+    ) -> dict[str, Any]:
+        """Masks and positions, per attention kind, of layers `first..stop-1` (indices in the span)
+        for new positions `position_ids` `# (1, T)` after `past` cached ones: made before any
+        layer's cache grows."""
+        return layer_inputs(
+            self.family,
+            self.config,
+            self.rotary,
+            hidden,
+            dynamic,
+            position_ids,
+            past,
+            self.layer_types[first:stop],
+        )
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        dynamic: Any,
+        inputs: dict[str, Any],
+        position_ids: torch.Tensor,
+        past: int,
+        first: int,
+        stop: int,
+        prompts: torch.Tensor | None = None,
+        *,
+        base: int | None = None,
+    ) -> torch.Tensor:
+        """Layers `first..stop-1` (indices in the span) of a step whose cache holds the layers from
+        `base` on (default `first`), indexed from 0 there; `prompts[j]` goes before layer `base + j`."""
+        base = first if base is None else base
         layers = self.layers[first:stop]
         kinds = self.layer_types[first:stop]
-        inputs = layer_inputs(
-            self.family, self.config, self.rotary, hidden, dynamic, position_ids, past, kinds
-        )
         attention = self.family.attention
-        if first:  # a sub-span: its cache holds only its own layers, indexed from 0
-            for local, layer in enumerate(layers):
+        if base:  # a sub-span: its cache holds only its own layers, indexed from 0
+            for local, layer in enumerate(layers, start=first - base):
                 getattr(layer, attention).layer_idx = local
         try:
-            for j, (layer, kind) in enumerate(zip(layers, kinds, strict=True)):
+            for j, (layer, kind) in enumerate(zip(layers, kinds, strict=True), start=first - base):
                 if prompts is not None:
                     hidden = add_prompt(hidden, prompts[j], past)
                 hidden = run_layer(self.family, layer, hidden, inputs[kind], position_ids, dynamic)
         finally:
-            if first:
+            if base:
                 for local, layer in enumerate(layers, start=first):
                     getattr(layer, attention).layer_idx = local
         return hidden  # (B, T, H)

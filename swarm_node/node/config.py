@@ -325,8 +325,8 @@ class ServerConfig:
     )
     prefill_chunk: int = flag(
         256,
-        "tokens of a long step (a prefill) computed at a time, other sessions' decode steps "
-        "between the chunks",
+        "tokens of a long step (a prefill) computed at a time; a step of a chunk or more gives "
+        "way to other sessions' decode steps after any of its blocks",
         metavar="TOKENS",
     )
     torch_threads: int | None = flag(None, "torch threads (default: torch's)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,6 +31,7 @@ from swarm_node.errors import (
 )
 from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora_pack import manifest_entries
+from swarm_node.model.partial_steps import PartialStep
 from swarm_node.node.config import COMPRESSIONS, SERVER_DEFAULT, ServerConfig
 from swarm_node.node.net.message_stream import (
     ConnectionLost,
@@ -103,6 +105,10 @@ class BlockServer:
             alone=lambda hidden, cache, start, end: self._run_span(hidden, cache, start, end),
             users=lambda: len(self.sessions),
         )
+        # one long step's chunk at a time competes for the compute limiter: a chunk that gives
+        # way hands it to the decode steps waiting, not to other long steps' chunks (they take
+        # turns here, a chunk each)
+        self.prefill_lane = trio.Lock()
         self.throughput = throughput
         self.reserved_tokens = 0
         self.sessions_per_peer: Counter[str] = Counter()
@@ -516,29 +522,55 @@ class BlockServer:
 
     async def _compute_step(self, session: ServerSession, hidden: torch.Tensor) -> torch.Tensor:
         """A session's step through its span: a decode step through the batcher (unless prompts or
-        a LoRA make it the session's own), a long step in chunks of --prefill-chunk tokens, each
-        taking the compute limiter anew so that other sessions' steps run between them."""
+        a LoRA make it the session's own); a step shorter than --prefill-chunk tokens whole, in
+        its turn at the compute limiter (a burst of new sessions' short prompts all go before the
+        decode steps that come after them, so those sessions start decoding together); a step of
+        a chunk or more (a long prompt, which a client sends a chunk a step) in chunks, each
+        computed block by block, giving the compute limiter up after a block while decode steps
+        wait for it (``_chunk_part``; FIFO: they run before the chunk's next blocks; other long
+        steps' chunks wait in the prefill lane, taking turns a chunk each)."""
         cache, start, end = session.cache, session.start, session.end
         tokens = hidden.shape[1]
         cache.check_step(start=start, end=end, batch_size=hidden.shape[0], new_tokens=tokens)
-        if tokens == 1 and session.prompts is None and session.lora is None:
+        prompts, lora = session.prompts, session.lora
+        if tokens == 1 and prompts is None and lora is None:
             return await self.batcher.step(
                 hidden, cache, start=start, end=end, user=session.session_id
             )
         chunk = self.config.prefill_chunk
+        if tokens < chunk:
+            run = functools.partial(self._run_span, hidden, cache, start, end, prompts, lora)
+            return await self.quick_jobs.run(run, small=tokens == 1)
         outs = []
         for a in range(0, tokens, chunk):
-            run = functools.partial(
-                self._run_span,
+            step = PartialStep.begin(
+                self.span,
                 hidden[:, a : a + chunk],
                 cache,
-                start,
-                end,
-                session.prompts,
-                session.lora,
+                start=start,
+                end=end,
+                prompts=prompts,
+                lora=lora,
             )
-            outs.append(await self.quick_jobs.run(run, small=tokens == 1))
+            part = functools.partial(self._chunk_part, step)
+            async with self.prefill_lane:
+                while not await self.quick_jobs.run(part, small=False):
+                    pass  # decode steps took the limiter between two blocks
+            outs.append(step.hidden)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _chunk_part(self, step: PartialStep) -> bool:
+        """Blocks of a long step's chunk (in a worker thread) until it is done (True) or decode
+        steps wait and this part has computed as long as a decode batch takes lately (equal turns:
+        a prefill under a steady stream of decode steps still gets half the compute)."""
+        began = time.perf_counter()
+
+        def give_way() -> bool:
+            return (
+                self.batcher.waiting > 0 and time.perf_counter() - began >= self.batcher.compute_s
+            )
+
+        return step.run(give_way)
 
     def _run_span(
         self,
