@@ -141,3 +141,26 @@ async def test_failed_push_is_reported_and_duplicates_are_dropped(tiny_llama: Pa
             ) as star:
                 torch.testing.assert_close(await star.step(x), first)
                 torch.testing.assert_close(await star.step(y), second)
+
+
+async def test_a_push_targets_record_serves_the_sessions_of_a_minute(tiny_llama: Path) -> None:
+    # The first server checks the next one's signed record before it pushes there: fetched for the
+    # first session, reused by the next ones (discovery.PUSH_RECORD_REUSE), each still pushed.
+    x = torch.randn(1, 2, H)
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, CHAINS[2]) as (peers, client):
+            fetched = []
+            get_record = peers[0].dht.get_record
+
+            async def counted(peer_id):  # the real lookup, counted
+                fetched.append(peer_id.to_base58())
+                return await get_record(peer_id)
+
+            peers[0].dht.get_record = counted
+            chain = await client.find_chain(tiny_llama.name, 6)
+            settings = SessionSettings(model=tiny_llama.name, push=True, max_length=8)
+            for _ in range(3):
+                async with client.inference_session(chain, settings) as s:
+                    await s.step(x)
+    assert fetched == [peers[1].peer_id]
+    assert [p.server.pushed_steps for p in peers] == [0, 3]

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -56,6 +56,7 @@ from swarm_node.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+V = TypeVar("V")
 
 QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
@@ -79,6 +80,10 @@ ANSWER_FRESH = 5.0  # seconds a server's answer to a record request stands in fo
 # server's ~350 DHT queries a minute in a settled 32-server swarm, most of its idle CPU
 REPROVIDE_EVERY = 600.0
 MAX_ANSWERS_KEPT = 1024  # such answers remembered at once
+# seconds a server's record stands for its next check as a push target: a session opened with
+# push then costs the server no round trip to the next server for it (its record was signed and
+# valid when fetched; a target that moved since turns the push off when a push fails)
+PUSH_RECORD_REUSE = 60.0
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -176,21 +181,22 @@ def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, Se
     return valid[select_newest([r for _, r in valid])] if valid else None
 
 
-class RecentAnswers:
-    """What peers answered lately: a value each (a round trip, say) with the trio time it came, at
-    most MAX_ANSWERS_KEPT kept (those older than ANSWER_FRESH are dropped to make room)."""
+class RecentAnswers(Generic[V]):
+    """What peers answered lately: a value each (a round trip, a record) with the trio time it
+    came, at most MAX_ANSWERS_KEPT kept (those older than ``keep_for`` are dropped to make room)."""
 
-    def __init__(self) -> None:
-        self._answers: dict[str, tuple[float, float]] = {}
+    def __init__(self, keep_for: float = ANSWER_FRESH) -> None:
+        self._answers: dict[str, tuple[V, float]] = {}
+        self._keep_for = keep_for
 
-    def note(self, peer_id: str, value: float = 0.0) -> None:
+    def note(self, peer_id: str, value: V) -> None:
         now = trio.current_time()
         if len(self._answers) >= MAX_ANSWERS_KEPT:
-            self._answers = {p: a for p, a in self._answers.items() if now - a[1] <= ANSWER_FRESH}
+            self._answers = {p: a for p, a in self._answers.items() if now - a[1] <= self._keep_for}
         if len(self._answers) < MAX_ANSWERS_KEPT:
             self._answers[peer_id] = (value, now)
 
-    def fresh(self, peer_id: str, *, within: float, take: bool = False) -> float | None:
+    def fresh(self, peer_id: str, *, within: float, take: bool = False) -> V | None:
         """The value ``peer_id`` answered in the last ``within`` seconds, or None (``take``:
         forgotten once read)."""
         answer = self._answers.pop(peer_id, None) if take else self._answers.get(peer_id)
@@ -229,7 +235,10 @@ class SwarmDHT:
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
         # server -> (round trip of its answer to a record request, trio time): recent_answers
-        self._answered = RecentAnswers()  # record requests' round trips, by server
+        self._answered: RecentAnswers[float] = (
+            RecentAnswers()
+        )  # record requests' round trips, by server
+        self._push_records: RecentAnswers[ServerRecord] = RecentAnswers(PUSH_RECORD_REUSE)
         # provider key -> (trio time, addresses, closest peers known) of its last provide
         self._provided: dict[bytes, tuple[float, tuple[Multiaddr, ...], frozenset[ID]]] = {}
         self.provides_sent = 0  # provider keys sent to their closest peers
@@ -563,12 +572,19 @@ class SwarmDHT:
         return out
 
     async def server_record(self, peer_id: str) -> ServerRecord | None:
-        """``get_record`` for a peer id as text (None for text that is not a peer id)."""
+        """``get_record`` for a peer id as text (None for text that is not a peer id), or the
+        record it gave in the last PUSH_RECORD_REUSE seconds (the caller checks its expiry)."""
+        known = self._push_records.fresh(peer_id, within=PUSH_RECORD_REUSE)
+        if known is not None:
+            return known
         try:
             peer = ID.from_base58(peer_id)
         except Exception:  # noqa: BLE001 (base58 and multihash raise several types on garbage)
             return None
-        return await self.get_record(peer)
+        record = await self.get_record(peer)
+        if record is not None:
+            self._push_records.note(peer_id, record)
+        return record
 
     async def find_servers(
         self,

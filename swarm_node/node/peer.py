@@ -107,7 +107,9 @@ class Peer:
         self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
-        self._answered_at = RecentAnswers()  # servers' pings and steps answered here
+        self._answered_at: RecentAnswers[float] = (
+            RecentAnswers()
+        )  # servers' pings and steps answered here
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         # (trio time, block, servers) of its last lookup of the servers of the block after its span
         self._next_servers: tuple[float, int, list[ServerRecord]] | None = None
@@ -624,7 +626,7 @@ class Peer:
         return chain
 
     def _note_answer(self, peer_id: str) -> None:
-        self._answered_at.note(peer_id)
+        self._answered_at.note(peer_id, 0.0)
 
     def _answered_lately(self, peer_ids: Iterable[str]) -> set[str]:
         """Those of ``peer_ids`` that answered a ping or a step of this peer in the last

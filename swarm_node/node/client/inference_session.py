@@ -227,9 +227,12 @@ class InferenceSession:
 
     async def __aenter__(self) -> InferenceSession:
         opened: dict[int, RemoteSpan | Exception] = {}  # no push: every hop's, opened at once
+        streams: dict[int, MessageStream | Exception] = {}  # push: every hop's stream, at once
         try:
             if not self.push:
                 await self._open_together(opened)
+            else:
+                await self._streams_together(streams)
             following: RemoteSpan | None = None
             # push: open from the last hop back, so each server learns the next one's session id
             for i in reversed(range(len(self.chain))) if self.push else range(len(self.chain)):
@@ -239,10 +242,13 @@ class InferenceSession:
                 try:
                     with HopFailed.on_failure(UnopenedSpan(hop)):
                         done = opened.pop(i, None)
+                        stream = streams.pop(i, None)
                         if isinstance(done, Exception):
                             raise done
+                        if isinstance(stream, Exception):
+                            raise stream
                         following = done or await self.open_span(
-                            hop, **self._push_fields(following, previous)
+                            hop, conn=stream, **self._push_fields(following, previous)
                         )
                     slot.spans.append(following)
                 except HopFailed as failure:  # gone since the lookup: its blocks go elsewhere now
@@ -255,6 +261,10 @@ class InferenceSession:
                 self._slots.reverse()
         except BaseException:
             await close_quietly([span for span in opened.values() if isinstance(span, RemoteSpan)])
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                for stream in streams.values():
+                    if isinstance(stream, MessageStream):
+                        await stream.close()
             await self.aclose()
             raise
         if self.watch is not None:
@@ -321,8 +331,31 @@ class InferenceSession:
             for i in range(len(self.chain)):
                 nursery.start_soon(open_one, i)
 
-    async def open_span(self, hop: Hop, **push_fields: str) -> RemoteSpan:
-        """A stream to ``hop``'s server and a session there for its blocks."""
+    async def _streams_together(self, streams: dict[int, MessageStream | Exception]) -> None:
+        """A push chain's sessions open one after another (each server learns the next one's
+        session id), but their streams need no such order: every hop's stream, or what opening
+        it raised, into ``streams`` by index, all at once (one round of stream negotiation)."""
+
+        async def open_one(i: int) -> None:
+            try:
+                streams[i] = await open_stream(
+                    self.host,
+                    self.chain[i].server.peer_id,
+                    max_frame_size=self.max_frame_size,
+                    timeout=self.step_timeout,
+                )
+            except Exception as exc:  # noqa: BLE001 (raised again in order by __aenter__)
+                streams[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.chain)):
+                nursery.start_soon(open_one, i)
+
+    async def open_span(
+        self, hop: Hop, *, conn: MessageStream | None = None, **push_fields: str
+    ) -> RemoteSpan:
+        """A session for ``hop``'s blocks on its server, on ``conn`` (a stream to it) or a new
+        stream."""
         req = m.OpenSessionRequest(
             model=self.model,
             start=hop.start,
@@ -335,9 +368,10 @@ class InferenceSession:
             **push_fields,
         )
         timeout = self.step_timeout
-        conn = await open_stream(
-            self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=timeout
-        )
+        if conn is None:
+            conn = await open_stream(
+                self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=timeout
+            )
         try:
             reply = await request(conn, req, m.OpenSessionResponse, timeout=timeout)
         except BaseException:
@@ -373,16 +407,9 @@ class InferenceSession:
         spans = self._spans
         self._slots = []
         with trio.CancelScope(shield=True):
-            for span in spans:
-                close = m.CloseSessionRequest(session_id=span.session_id)
-                with trio.move_on_after(2.0):
-                    try:
-                        await request(span.conn, close, m.CloseSessionResponse, timeout=2.0)
-                    except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
-                        log.debug("closing session on %s: %s", span.conn.peer_id, exc)
-                    except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
-                        log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
-                    await span.conn.close()
+            async with trio.open_nursery() as nursery:  # every hop at once: one round trip in all
+                for span in spans:
+                    nursery.start_soon(_close_span, span)
 
     @property
     def hops(self) -> list[Hop]:
@@ -790,3 +817,16 @@ class InferenceSession:
                 if reply is not None:
                     return reply
                 log.debug("dropped an answer to an older step from %s", span.conn.peer_id)
+
+
+async def _close_span(span: RemoteSpan) -> None:
+    """Ends a span's session on its server (best effort, within 2 s) and closes the stream."""
+    close = m.CloseSessionRequest(session_id=span.session_id)
+    with trio.move_on_after(2.0):
+        try:
+            await request(span.conn, close, m.CloseSessionResponse, timeout=2.0)
+        except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
+            log.debug("closing session on %s: %s", span.conn.peer_id, exc)
+        except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
+            log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
+        await span.conn.close()
