@@ -52,6 +52,10 @@ def env_name(action: argparse.Action) -> str:
 
 def sample(action: argparse.Action) -> tuple[str, object]:
     """An environment value for ``action`` and the value it must arrive as."""
+    if isinstance(
+        action, argparse.BooleanOptionalAction
+    ):  # on by default: the variable turns it off
+        return ("no", False)
     if action.nargs == 0:  # store_true / count
         return ("yes", True) if action.const is True else ("2", 2)
     if action.choices:
@@ -83,7 +87,11 @@ def test_a_bad_environment_value_names_its_variable(
     for command, action in flags():
         if action.type in bad:
             raw, expect = "abc", f"must be {bad[action.type]}, got 'abc'"
-        elif action.choices or action.const is True:
+        elif (
+            action.choices
+            or action.const is True
+            or isinstance(action, argparse.BooleanOptionalAction)
+        ):
             raw, expect = "bogus", "must be one of"
         else:
             continue

@@ -240,14 +240,16 @@ def test_malformed_blocks_flag(text: str) -> None:
         parse_blocks(text)
 
 
-def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str], tiny_llama: Path) -> None:
+def test_cli_reports_bad_flags(capsys: pytest.CaptureFixture[str], tiny_chat_llama: Path) -> None:
     assert main(["serve", "--blocks", "ten:20"]) == 2
     assert (
         "'--blocks' must look like START:END (e.g. 0:15), got 'ten:20'" in capsys.readouterr().err
     )
     unreachable = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWHPevRC5wBG7ooxYwFP8HLN7Hn682edvYswGWx2Dk5jYz"
     argv = ["generate", "hi", "--initial-peers", unreachable, "--model"]
-    assert main([*argv, str(tiny_llama)]) == 2
+    # a whole model folder (tokenizer too): the model's side loads while the peer dials, so a
+    # folder without a tokenizer could fail first and say so instead
+    assert main([*argv, str(tiny_chat_llama)]) == 2
     assert "could not reach any initial peer" in capsys.readouterr().err
     # the model is found before any dial (its client's side loads while the peer starts)
     assert main([*argv, "no-such-model"]) == 2

@@ -505,10 +505,11 @@ class ClientConfig:
     )
 
     speculative: bool = flag(
-        False,
+        True,
         "speculative decoding: each step also carries draft tokens (prompt lookup, or --draft) "
         "that the chain verifies in the same trip; drafting turns itself off while it does not "
-        "pay; the same tokens greedy, the same distribution sampling",
+        "pay; the same tokens greedy, the same distribution sampling (measured 2.02x on text "
+        "that repeats its prompt, 0.98x on open chat: docs/speculative.md)",
     )
     draft: str | None = flag(
         None,

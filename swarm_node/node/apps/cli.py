@@ -83,8 +83,8 @@ def _add(p: Any, *names: str, help: str, kind: Any = str, env: str = "", **kw: A
     if raw:
         kw["default"] = _from_env(env, raw, kind, kw.get("nargs"), kw.get("choices"))
         kw.pop("required", None)
-    if kind is bool:
-        kw.setdefault("action", "store_true")
+    if kind is bool:  # a flag on by default is turned off with --no-FLAG
+        kw.setdefault("action", argparse.BooleanOptionalAction if default else "store_true")
     elif "action" not in kw and kind is not str:
         kw["type"] = kind
     p.add_argument(*names, help=f"{help} ({note}env {env})".replace("%", "%%"), **kw)
