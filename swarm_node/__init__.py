@@ -8,8 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from typing import Any
-
+from swarm_node.lazy_names import lazy_names
 from swarm_node.threads import settle_threads
 
 settle_threads()  # before anything loads torch (swarm_node/threads.py says why)
@@ -41,10 +40,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # Lazy, so `import swarm_node` (and `swarm-node --help`) stays fast: torch and libp2p load on use.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'swarm_node' has no attribute {name!r}")
+# lazy, so `import swarm_node` (and `swarm-node --help`) stays fast: torch and libp2p load on use
+__getattr__ = lazy_names(__name__, _LAZY, globals())

@@ -6,7 +6,7 @@ kernel's build, started by every peer) needs no torch.
 
 from __future__ import annotations
 
-from typing import Any
+from swarm_node.lazy_names import lazy_names
 
 __all__ = [
     "BLOCK_ERROR_BOUNDS",
@@ -20,11 +20,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from swarm_node.compression import codecs
-
-        value = getattr(codecs, name)
-        globals()[name] = value  # later uses are plain attribute reads
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, dict.fromkeys(__all__, f"{__name__}.codecs"), globals())

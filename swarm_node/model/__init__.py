@@ -8,7 +8,7 @@ below load their module (and torch) on first use, so that a peer that only looks
 
 from __future__ import annotations
 
-from typing import Any
+from swarm_node.lazy_names import lazy_names
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -55,11 +55,4 @@ _LAZY = {
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value  # later uses are plain attribute reads
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {k: f"{__name__}.{v}" for k, v in _LAZY.items()}, globals())
