@@ -234,10 +234,9 @@ class SwarmDHT:
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
-        # server -> (round trip of its answer to a record request, trio time): recent_answers
-        self._answered: RecentAnswers[float] = (
-            RecentAnswers()
-        )  # record requests' round trips, by server
+        # server -> round trip of its answer to a record request: recent_answers
+        self._answered: RecentAnswers[float] = RecentAnswers()
+        # server -> its record, when it was a push target: server_record
         self._push_records: RecentAnswers[ServerRecord] = RecentAnswers(PUSH_RECORD_REUSE)
         # provider key -> (trio time, addresses, closest peers known) of its last provide
         self._provided: dict[bytes, tuple[float, tuple[Multiaddr, ...], frozenset[ID]]] = {}

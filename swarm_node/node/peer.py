@@ -51,11 +51,11 @@ from swarm_node.node.net.host import (
     host_peer_id,
 )
 from swarm_node.node.net.identity import load_or_create_identity
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.net.relay import Relays, RelaySettings
 from swarm_node.node.net.swarm_key import load_swarm_key
 from swarm_node.protocol import PROTOCOL_ID
 from swarm_node.protocol import messages as m
-from swarm_node.protocol.client_session import answer
 
 if TYPE_CHECKING:  # these load torch: imported where a session or a server needs them, so that
     # a peer that only looks the swarm up (`swarm-node status`) never loads it
@@ -107,9 +107,7 @@ class Peer:
         self._evidence_sought: dict[str, float] = {}  # server -> when its evidence was looked up
         self._partial: set[str] = set()  # models whose last lookup stopped at a chain's servers
         self.rtt = RttEstimator()  # smoothed round trips to the servers this peer pinged
-        self._answered_at: RecentAnswers[float] = (
-            RecentAnswers()
-        )  # servers' pings and steps answered here
+        self._answered_at: RecentAnswers[float] = RecentAnswers()  # pings and steps answered here
         self.next_rtt = RttEstimator()  # a server's round trips to the servers of its next blocks
         # (trio time, block, servers) of its last lookup of the servers of the block after its span
         self._next_servers: tuple[float, int, list[ServerRecord]] | None = None
@@ -333,11 +331,8 @@ class Peer:
         )
         try:
             t0 = trio.current_time()
-            with trio.fail_after(timeout):
-                await conn.send(m.InfoRequest())
-                reply = await conn.receive()
+            info = await request(conn, m.InfoRequest(), m.InfoResponse, timeout=timeout)
             elapsed = trio.current_time() - t0
-            info = answer(reply, m.InfoResponse, peer=conn.peer_id, asked="InfoRequest")
             self._note_answer(peer_id)
         finally:
             await conn.close()

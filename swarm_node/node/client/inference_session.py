@@ -54,9 +54,9 @@ from swarm_node.node.client.step_deadlines import HedgeBudget
 from swarm_node.node.client.verification import Answer, RolledBack, Verifier
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
-from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.node.net.message_stream import MessageStream, request
 from swarm_node.protocol import messages as m
-from swarm_node.protocol.client_session import HopAnswers, SessionSteps, answer
+from swarm_node.protocol.client_session import HopAnswers, SessionSteps
 from swarm_node.protocol.tensors import WireTensor
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,6 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK = 256  # tokens per step frame when a long prompt streams through the chain
 
 Piece = tuple[int, int, torch.Tensor]  # (step id, position, hidden states # (B, T, H))
-
-
-async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
-    """Send one request and wait for its answer under a deadline; ErrorResponse -> RemoteError."""
-    with trio.fail_after(timeout):
-        await conn.send(message)
-        reply = await conn.receive()
-    return answer(reply, expect, peer=conn.peer_id, asked=type(message).__name__)
 
 
 class RemoteSpan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 from libp2p.abc import INetStream
@@ -12,6 +13,7 @@ from libp2p.exceptions import BaseLibp2pError
 
 from swarm_node.errors import ProtocolError, RemoteProtocolError
 from swarm_node.protocol import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, encode_message
+from swarm_node.protocol.client_session import answer
 from swarm_node.protocol.messages import Message
 
 log = logging.getLogger(__name__)
@@ -137,3 +139,11 @@ class MessageStream:
             await self.stream.reset()
         except TRANSPORT_ERRORS as exc:
             log.debug("resetting a stream to %s: %r", self.peer_id, exc)
+
+
+async def request(conn: MessageStream, message: Any, expect: type, *, timeout: float) -> Any:
+    """Send one request and wait for its answer under a deadline; ErrorResponse -> RemoteError."""
+    with trio.fail_after(timeout):
+        await conn.send(message)
+        reply = await conn.receive()
+    return answer(reply, expect, peer=conn.peer_id, asked=type(message).__name__)
