@@ -257,3 +257,40 @@ def test_a_cold_generate_client_loads_without_transformers(tiny_chat_llama: Path
         check=True,
     )
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+async def test_servers_hand_out_no_client_that_has_gone(tiny_llama: Path) -> None:
+    """Clients run the DHT in client mode: servers keep none of them in their routing tables, so a
+    later client's lookup walks to no peer that has exited (each a dial: refused on loopback, a
+    timeout over a network). A peer that serves the DHT without blocks is kept as before."""
+    from libp2p.kad_dht.common import PROTOCOL_ID
+    from libp2p.kad_dht.kad_dht import DHTMode
+
+    model = model_id_of(str(tiny_llama))
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
+            entry = tuple(servers[0].addrs[:1])
+            gone = []
+            for _ in range(3):  # as `generate` and `status` processes: a lookup, then exit
+                async with open_peer(PeerConfig(listen=LOOPBACK, initial_peers=entry)) as once:
+                    assert once.dht.kad.mode == DHTMode.CLIENT
+                    assert len(await once.find_servers(model, 6)) == 2
+                    gone.append(once.host.get_id())
+                    with pytest.raises(Exception) as refused:
+                        await servers[1].host.new_stream(once.host.get_id(), [PROTOCOL_ID])
+                    chain = [refused.value, refused.value.__cause__, refused.value.__context__]
+                    assert "protocol not supported" in " ".join(map(str, chain)), chain
+            # a DHT server without blocks (a bootstrap peer) is added once identify says so
+            config = PeerConfig(listen=LOOPBACK, initial_peers=entry, dht_mode="server")
+            async with open_peer(config) as bootstrap:
+                assert len(await bootstrap.find_servers(model, 6)) == 2
+                while not servers[0].dht.kad.routing_table.peer_in_table(bootstrap.host.get_id()):
+                    await trio.sleep(0.01)  # the server's identify of it, in its background
+                before = client.dht.queries_sent
+                assert len(await client.find_servers(model, 6)) == 2
+                assert client.dht.queries_sent > before
+            for server in servers:
+                table = server.dht.kad.routing_table
+                assert not [p for p in gone if table.peer_in_table(p)]
+                assert server.dht.kad.clients_not_added >= 1
+            assert not client.dht._unreachable  # no lookup of it met a peer that had gone

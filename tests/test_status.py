@@ -29,8 +29,8 @@ async def run_status(args: argparse.Namespace) -> str:
 
 async def test_status_text_and_json(tiny_llama: Path) -> None:
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 2), (0, 3), (4, 6)]) as (servers, client):
-            entry = client.addrs[0]
+        async with local_swarm(tiny_llama, [(0, 2), (0, 3), (4, 6)]) as (servers, _):
+            entry = servers[0].addrs[0]  # a server: a client joined through one answers no DHT
             text = await run_status(
                 status_args("--initial-peers", entry, "--model", str(tiny_llama))
             )
@@ -93,8 +93,8 @@ async def test_status_imports_neither_torch_nor_transformers(tiny_llama: Path) -
     start) nor transformers."""
     argv = ["status", "--initial-peers", "", "--model", str(tiny_llama), "--json"]
     with trio.fail_after(90):
-        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (_, client):
-            argv[2] = client.addrs[0]
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
+            argv[2] = servers[0].addrs[0]
             done = await trio.run_process(
                 [sys.executable, "-c", STATUS_PROBE, *argv], capture_stdout=True, check=False
             )
@@ -108,12 +108,17 @@ async def test_status_needs_initial_peers_and_a_known_model(tiny_llama: Path) ->
     with pytest.raises(ConfigError, match="'--initial-peers' must name at least one peer"):
         await commands.status(status_args())
     with trio.fail_after(60):
-        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, client):
-            args = status_args("--initial-peers", client.addrs[0], "--model", "no-such-model")
+        async with local_swarm(tiny_llama, [(0, 6)]) as (servers, _):
+            args = status_args("--initial-peers", servers[0].addrs[0], "--model", "no-such-model")
             with pytest.raises(Exception, match="no server of 'no-such-model' answered"):
                 await commands.status(args, io.StringIO())
             args = status_args(
-                "--initial-peers", client.addrs[0], "--model", "no-such-model", "--num-blocks", "3"
+                "--initial-peers",
+                servers[0].addrs[0],
+                "--model",
+                "no-such-model",
+                "--num-blocks",
+                "3",
             )
             text = await run_status(args)
     assert text.splitlines()[0] == "no-such-model: 3 blocks, 0 server(s), MISSING blocks 0-2"
@@ -158,9 +163,11 @@ async def test_status_shows_two_revisions_of_a_model_apart(tmp_path: Path) -> No
     with trio.fail_after(90):
         async with local_swarm(old, spans, per_server=[{"model": str(m)} for m in models]) as (
             servers,
-            client,
+            _,
         ):
-            args = status_args("--initial-peers", client.addrs[0], "--model", str(new), "--json")
+            args = status_args(
+                "--initial-peers", servers[0].addrs[0], "--model", str(new), "--json"
+            )
             report = json.loads(await run_status(args))
     digest = {path: servers[models.index(path)].identity.digest for path in (old, new)}
     assert report["expected_digest"] == digest[new]

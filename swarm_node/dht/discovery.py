@@ -93,6 +93,9 @@ QUERY_ERRORS = (
     ValueError,
     trio.BrokenResourceError,
 )
+# peers a server checks at once for whether they serve the DHT (see ServersOnlyKad): a stranger
+# opening DHT streams from many identities costs this many identify exchanges at a time, at most
+MAX_KAD_CHECKS = 32
 # the peer whose inbound DHT stream this task is handling (None outside such a handler)
 _SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("dht_sender", default=None)
 
@@ -205,10 +208,87 @@ class RecentAnswers(Generic[V]):
         return answer[0]
 
 
-class SwarmDHT:
-    """Announces this peer's server record and finds the servers of a model's blocks."""
+class ServersOnlyKad(KadDHT):
+    """KadDHT whose routing table takes only peers that serve the DHT.
 
-    def __init__(self, host: IHost, addrs: Callable[[], list[Multiaddr]] | None = None) -> None:
+    py-libp2p adds every peer that opens a DHT stream to this one (it skips its own check that the
+    peer serves the protocol): each `generate` or `status` process was then handed to every later
+    lookup as a closer peer for as long as the table kept it, long after it exited, and each fresh
+    client dialled those dead ones (loopback: +0.3 s to a first token after 6 runs against one
+    server; over a network each a dial timeout). Here a peer new to the table that opened a stream
+    is added once identify says it serves the DHT (clients run it in client mode: they do not), a
+    round trip in the background; MAX_KAD_CHECKS such checks at once, others are not added.
+    """
+
+    def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
+        super().__init__(host, *args, **kwargs)
+        self._checks: trio.Nursery | None = None
+        self._checking: set[ID] = set()
+        self.clients_not_added = 0  # peers that opened DHT streams without serving the DHT
+
+    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
+        if not skip_server_mode_check or self.routing_table.peer_in_table(peer_id):
+            return await super().add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
+        served = serves_kad(self.host, peer_id)
+        if served is None and self._checks is not None and len(self._checking) < MAX_KAD_CHECKS:
+            self._checking.add(peer_id)
+            self._checks.start_soon(self._check_then_add, peer_id)
+        elif served:
+            return await super().add_peer(peer_id)
+        elif served is False:
+            self.clients_not_added += 1
+        return False
+
+    async def _check_then_add(self, peer_id: ID) -> None:
+        try:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                await self.host._identify_peer(peer_id, reason="kad")  # type: ignore[attr-defined]
+            if serves_kad(self.host, peer_id):
+                await super().add_peer(peer_id)
+            else:
+                self.clients_not_added += 1
+        except Exception as exc:  # noqa: BLE001 (a peer gone or garbled: it is simply not added)
+            log.debug("could not tell whether %s serves the DHT: %r", peer_id, exc)
+        finally:
+            self._checking.discard(peer_id)
+
+    @asynccontextmanager
+    async def checking(self) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            self._checks = nursery
+            try:
+                yield
+            finally:
+                self._checks = None
+                nursery.cancel_scope.cancel()
+
+
+def serves_kad(host: IHost, peer_id: ID) -> bool | None:
+    """Whether ``peer_id`` offers the DHT protocol as identify told this host, None before."""
+    try:
+        protocols = host.get_peerstore().get_protocols(peer_id)
+    except Exception:  # noqa: BLE001 (py-libp2p raises PeerStoreError for a peer it never met)
+        return None
+    if not protocols:
+        return None
+    return str(PROTOCOL_ID) in protocols
+
+
+class SwarmDHT:
+    """Announces this peer's server record and finds the servers of a model's blocks.
+
+    A server (``serving``) answers others' DHT queries and keeps records and provider entries for
+    them; a client (``serving=False``: `generate`, `status`, the API, a Python client) runs the DHT
+    in client mode, as Kademlia's clients do: it asks and answers nothing, so no server's routing
+    table hands it out to others once it has gone."""
+
+    def __init__(
+        self,
+        host: IHost,
+        addrs: Callable[[], list[Multiaddr]] | None = None,
+        *,
+        serving: bool = True,
+    ) -> None:
         self.host = host
         self.addrs = addrs or host.get_addrs  # where others reach this peer (relayed ones too)
         # strict: a value under any other namespace (py-libp2p's /pk/ and /ipns/ included, and keys
@@ -220,14 +300,16 @@ class SwarmDHT:
             },
             strict_validation=True,
         )
-        self.kad = KadDHT(
+        self.serving = serving
+        self.kad = ServersOnlyKad(
             host,
-            DHTMode.SERVER,
+            DHTMode.SERVER if serving else DHTMode.CLIENT,
             validator=only_ours,
             validator_changed=True,
             strict_validation=True,
         )
-        host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
+        if serving:
+            host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
         self._key_pair = KeyPair(host.get_private_key(), host.get_public_key())
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
@@ -263,7 +345,7 @@ class SwarmDHT:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[SwarmDHT]:
         """Run KadDHT's own service (routing table refresh, inbound queries) inside the block."""
-        async with background_trio_service(self.kad):
+        async with background_trio_service(self.kad), self.kad.checking():
             yield self
 
     async def add_bootstrap_peer(self, peer_id: ID) -> None:
@@ -394,8 +476,8 @@ class SwarmDHT:
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:
         until = self._unreachable.get(peer)
-        if until is None:
-            return peer == self.host.get_id()
+        if until is None:  # a connected client (identify: no DHT served) is not asked either
+            return peer == self.host.get_id() or serves_kad(self.host, peer) is False
         if until <= trio.current_time():
             del self._unreachable[peer]
             return False

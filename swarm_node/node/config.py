@@ -174,6 +174,10 @@ class PeerConfig:
     max_frame_size: int = 64 * 2**20  # bytes; bigger frames are refused before allocation
     dht_ttl: float = 120.0  # seconds a server record stays valid; re-announced every third of it
     connect_timeout: float = 10.0  # seconds to reach each initial peer
+    # server: answer others' DHT queries and hold records for them; client: ask only (Kademlia's
+    # client mode: no server's routing table hands this peer out once it has gone); auto: server
+    # when it serves blocks or starts a swarm (no initial peers: others join through it)
+    dht_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.listen and self.reachability != "private":
@@ -182,6 +186,7 @@ class PeerConfig:
                 "reached through relays only), got none"
             )
         _check_choice("reachability", self.reachability, ("auto", "public", "private"))
+        _check_choice("dht_mode", self.dht_mode, ("auto", "server", "client"))
         check_int("relay_max_reservations", self.relay_max_reservations, 1, 1024)
         check_int("relay_max_circuits", self.relay_max_circuits, 1, 1024)
         check_int("relay_max_circuit_mb", self.relay_max_circuit_mb, 1, 2**20)

@@ -742,7 +742,7 @@ async def open_peer(
     try:
         async with host.run(listen_addrs=listen):
             await dial_on_demand(host)
-            dht = SwarmDHT(host, addrs=relays.reachable_addrs)
+            dht = SwarmDHT(host, addrs=relays.reachable_addrs, serving=_dht_server(config, server))
             await connect_initial_peers(
                 host,
                 dht,
@@ -772,6 +772,13 @@ async def open_peer(
         from swarm_node.node.client.recovery import sole_error
 
         raise sole_error(group) or group from None  # one failure comes out as itself
+
+
+def _dht_server(config: PeerConfig, server: ServerConfig | None) -> bool:
+    """Whether this peer runs the DHT in server mode (PeerConfig.dht_mode)."""
+    if config.dht_mode == "auto":
+        return server is not None or not config.initial_peers
+    return config.dht_mode == "server"
 
 
 def relay_settings(config: PeerConfig) -> RelaySettings:
