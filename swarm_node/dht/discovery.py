@@ -22,6 +22,8 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
+from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
@@ -30,6 +32,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_length_prefixed_protobuf
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
@@ -96,6 +99,7 @@ QUERY_ERRORS = (
 # peers a server checks at once for whether they serve the DHT (see ServersOnlyKad): a stranger
 # opening DHT streams from many identities costs this many identify exchanges at a time, at most
 MAX_KAD_CHECKS = 32
+MAX_IDENTIFY_BYTES = 64 * 1024  # an identify answer read for such a check (py-libp2p's: ~1 KB)
 # the peer whose inbound DHT stream this task is handling (None outside such a handler)
 _SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("dht_sender", default=None)
 
@@ -242,7 +246,8 @@ class ServersOnlyKad(KadDHT):
     async def _check_then_add(self, peer_id: ID) -> None:
         try:
             with trio.move_on_after(QUERY_TIMEOUT):
-                await self.host._identify_peer(peer_id, reason="kad")  # type: ignore[attr-defined]
+                protocols = await identify_protocols(self.host, peer_id)
+                self.host.get_peerstore().add_protocols(peer_id, protocols)
             if serves_kad(self.host, peer_id):
                 await super().add_peer(peer_id)
             else:
@@ -261,6 +266,19 @@ class ServersOnlyKad(KadDHT):
             finally:
                 self._checks = None
                 nursery.cancel_scope.cancel()
+
+
+async def identify_protocols(host: IHost, peer_id: ID) -> list[str]:
+    """The protocols ``peer_id`` offers, asked over the identify protocol (one round trip on the
+    connection it has with this host)."""
+    stream = await host.new_stream(peer_id, [IDENTIFY_PROTOCOL])
+    try:
+        data = await read_length_prefixed_protobuf(stream, max_length=MAX_IDENTIFY_BYTES)
+    finally:
+        await stream.reset()
+    answer = Identify()
+    answer.ParseFromString(data)
+    return list(answer.protocols)
 
 
 def serves_kad(host: IHost, peer_id: ID) -> bool | None:
