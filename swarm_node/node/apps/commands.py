@@ -194,10 +194,18 @@ def _loaded_client_side(
 ) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
     """``_client_side`` on the device ``--device``/``--dtype`` resolve to, with the modules that
     generating needs imported (blocking: what a worker thread does while the peer starts)."""
+    started = time.perf_counter()
     import swarm_node.node.client.generation  # noqa: F401 (imported here, off the event loop)
 
+    imported = time.perf_counter()
     resolve_client_device(args)
-    return _client_side(args, path)
+    side = _client_side(args, path)
+    log.debug(
+        "client's side of the model ready in %.2f s (%.2f s of it torch and the client's modules)",
+        time.perf_counter() - started,
+        imported - started,
+    )
+    return side
 
 
 class _ClientSide:
@@ -261,6 +269,7 @@ async def _generate_with(
     identity = await peer.pin_model(path)  # servers found from now on hold these weights
     model = model_id_of(path) if identity is None else identity.name
     await _find_servers_early(peer, model, side.num_blocks)
+    log.debug("servers of %s looked up", model)
     checkpoint, tokenizer, head, input_ids, tuned = await side.loaded()
     # torch is loaded by now (by the worker thread): these import no more than their own modules
     from swarm_node.node.client.drafting import DraftModel
