@@ -245,17 +245,22 @@ class ServersOnlyKad(KadDHT):
 
     async def _check_then_add(self, peer_id: ID) -> None:
         try:
-            with trio.move_on_after(QUERY_TIMEOUT):
-                protocols = await identify_protocols(self.host, peer_id)
-                self.host.get_peerstore().add_protocols(peer_id, protocols)
-            if serves_kad(self.host, peer_id):
-                await super().add_peer(peer_id)
-            else:
-                self.clients_not_added += 1
+            await self.check_then_add(peer_id)
         except Exception as exc:  # noqa: BLE001 (a peer gone or garbled: it is simply not added)
             log.debug("could not tell whether %s serves the DHT: %r", peer_id, exc)
         finally:
             self._checking.discard(peer_id)
+
+    async def check_then_add(self, peer_id: ID) -> bool:
+        """Ask ``peer_id`` over identify which protocols it offers (QUERY_TIMEOUT at most) and add
+        it to the routing table if it serves the DHT; whether it was added."""
+        with trio.move_on_after(QUERY_TIMEOUT):
+            protocols = await identify_protocols(self.host, peer_id)
+            self.host.get_peerstore().add_protocols(peer_id, protocols)
+        if serves_kad(self.host, peer_id):
+            return await super().add_peer(peer_id)
+        self.clients_not_added += 1
+        return False
 
     @asynccontextmanager
     async def checking(self) -> AsyncIterator[None]:
