@@ -67,7 +67,10 @@ LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 # servers whose records one lookup fetches at once (each a dial when not connected): a chain's
 # lookup starts no more once the records found cover the chain
-RECORD_FETCHES_AT_ONCE = MAX_CONCURRENT_QUERIES
+# (its own slots: each asks a different server; with the walks' 8 it waited behind them) 16: in a
+# 32-server swarm of 8 spans a chain was covered after ~24 records, 3 rounds of 8 (the first 8 of
+# 32 cover all 8 spans 1 time in 20, the first 16 2 times in 3)
+RECORD_FETCHES_AT_ONCE = 16
 PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
@@ -337,6 +340,8 @@ class SwarmDHT:
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
+        # a server asked for its own record: one query to each of several peers at once
+        self._record_limiter = trio.CapacityLimiter(RECORD_FETCHES_AT_ONCE)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
         # server -> round trip of its answer to a record request: recent_answers
@@ -516,15 +521,21 @@ class SwarmDHT:
         self._unreachable[peer] = trio.current_time() + UNREACHABLE_FOR
         self.kad.routing_table.remove_peer(peer)
 
-    async def _ask(self, peer: ID, query: Callable[[], Awaitable[T]]) -> T | None:
-        """One query to one peer under QUERY_TIMEOUT, at most MAX_CONCURRENT_QUERIES at a time.
+    async def _ask(
+        self,
+        peer: ID,
+        query: Callable[[], Awaitable[T]],
+        limiter: trio.CapacityLimiter | None = None,
+    ) -> T | None:
+        """One query to one peer under QUERY_TIMEOUT, at most MAX_CONCURRENT_QUERIES at a time
+        (or as ``limiter`` allows: servers asked for their own records have theirs).
 
         A peer that does not answer in time is skipped by lookups for a while; a peer that answers
         with an error (say, it reset a stream because it was busy) is not. The deadline starts once
         the query has a slot, and a query still waiting for one when its peer is marked unreachable
         is dropped: queries queued behind a silent peer do not each wait QUERY_TIMEOUT for it.
         """
-        async with self._query_limiter:
+        async with limiter or self._query_limiter:
             if self._skip(peer):  # marked unreachable while this query waited for a slot
                 return None
             self.queries_sent += 1
@@ -638,7 +649,9 @@ class SwarmDHT:
 
         async def ask(peer: ID, timed: list[float] | None = None) -> None:
             value = await self._ask(
-                peer, lambda: kad_requests.get_value(self.kad, peer, key, timed=timed)
+                peer,
+                lambda: kad_requests.get_value(self.kad, peer, key, timed=timed),
+                self._record_limiter if peer == peer_id else None,
             )
             if isinstance(value, bytes):
                 values.append(value)
