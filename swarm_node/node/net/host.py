@@ -3,8 +3,9 @@
 The only place in the node layer where host options are chosen: a key pair (identity.py), the
 addresses to announce, an optional private-swarm key (swarm_key.py), one connection per peer, Noise
 as the only security protocol and yamux as the only stream muxer (TCP only: QUIC stays off), and a
-bound on what multistream negotiation reads before authentication (negotiation.py), and frames
-written whole whatever cancels their writer (whole_writes.py).
+bound on what multistream negotiation reads before authentication (negotiation.py), negotiations
+that send the header and the protocol together (pipelined_select.py), and frames written whole
+whatever cancels their writer (whole_writes.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from multiaddr import Multiaddr
 
 from swarm_node.node.net.negotiation import install_negotiation_bound
 from swarm_node.node.net.noise_reads import install_buffered_noise_reads
+from swarm_node.node.net.pipelined_select import install_pipelined_select
 from swarm_node.node.net.whole_writes import install_whole_writes
 from swarm_node.node.net.window_updates import install_half_window_updates
 
@@ -83,6 +85,7 @@ def build_host(
     install_whole_writes()
     install_half_window_updates()
     install_buffered_noise_reads()
+    install_pipelined_select()
     host = new_host(
         key_pair=key_pair,
         sec_opt={
