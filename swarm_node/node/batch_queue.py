@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import trio
-import trio.testing
 
 from swarm_node.node.quick_jobs import QuickJobs
 
@@ -209,6 +208,10 @@ class BatchQueue(Generic[J]):
     async def _gather(self) -> None:
         """Let the jobs on their way join the batch: those already received, then those of the
         users due within about one batch's compute (see the module's docstring)."""
+        # imported where first needed: trio.testing imports pytest where it is installed (0.07 s
+        # of every cold client; servers import it at start: server/batching.py)
+        import trio.testing
+
         with trio.move_on_after(MAX_SETTLE_S):
             # a stream's bytes take a few task hops to become a job here: the loop's pending work
             await trio.testing.wait_all_tasks_blocked()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import trio
+import trio.testing  # noqa: F401 (node/batch_queue.py's gathering: imported at start, not mid-batch)
 
 from swarm_node.node.batch_queue import BatchJob, BatchQueue
 
