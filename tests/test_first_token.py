@@ -296,3 +296,16 @@ async def test_servers_hand_out_no_client_that_has_gone(tiny_llama: Path) -> Non
                 assert not [p for p in gone if table.peer_in_table(p)]
                 assert server.dht.kad.clients_not_added >= 1
             assert not client.dht._unreachable  # no lookup of it met a peer that had gone
+
+
+async def test_a_client_entered_through_a_client_is_told_to_name_a_server(tiny_llama: Path) -> None:
+    """A client answers no DHT queries, so a peer whose only initial peer is a client finds no
+    server: the error says so, and what to give instead."""
+    from swarm_node.errors import MissingBlocksError
+
+    with trio.fail_after(60):
+        async with local_swarm(tiny_llama, [(0, 6)]) as (_, client):
+            config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(client.addrs[:1]))
+            async with open_peer(config) as lost:
+                with pytest.raises(MissingBlocksError, match="must name a server of the swarm"):
+                    await lost.find_chain(model_id_of(str(tiny_llama)), 6)

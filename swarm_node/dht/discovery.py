@@ -501,6 +501,27 @@ class SwarmDHT:
         found = _valid_evidence(values, key_str)
         return max(found, key=lambda f: f[1].expires_at)[1] if found else None
 
+    async def knows_dht_servers(self) -> bool:
+        """Whether a peer this one knows (its routing table, its connections) serves the DHT and
+        answered of late; peers whose protocols are not known yet are asked over identify (an
+        error path's round trip: a lookup that found nothing)."""
+        peers = set(self.kad.routing_table.get_peer_ids()) | set(self.host.get_connected_peers())
+        peers.discard(self.host.get_id())
+
+        async def identify(peer: ID) -> None:
+            try:
+                protocols = await identify_protocols(self.host, peer)
+                self.host.get_peerstore().add_protocols(peer, protocols)
+            except Exception as exc:  # noqa: BLE001 (gone or garbled: it serves nothing)
+                log.debug("could not identify %s: %r", peer, exc)
+
+        with trio.move_on_after(QUERY_TIMEOUT):  # all of them at once, under one deadline
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    if serves_kad(self.host, peer) is None:
+                        nursery.start_soon(identify, peer)
+        return any(not self._skip(p) and serves_kad(self.host, p) is not False for p in peers)
+
     # -- finding -------------------------------------------------------------------------------
     def _skip(self, peer: ID) -> bool:
         until = self._unreachable.get(peer)

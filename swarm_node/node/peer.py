@@ -71,6 +71,10 @@ EVIDENCE_AGAIN = 600.0  # seconds before published evidence against a server is 
 PING_TIMEOUT = 5.0
 JOURNAL_LENGTH = 20  # recent late hops, hedges and recoveries a peer remembers
 REFRESH_AFTER = 5.0  # seconds after which reused lookup results are renewed in the background
+NO_DHT_SERVER = (
+    "no peer this one knows serves the DHT: '--initial-peers' must name a server of the swarm "
+    "(a client, such as another `generate`, `status` or the API, answers no DHT queries)"
+)
 NEXT_LOOKUP_EVERY = 300.0  # seconds a server pings the next block's servers it found, unlooked
 
 
@@ -558,6 +562,8 @@ class Peer:
                 return await self._route(settings, servers, start, end, adapter, rng, avoid)
         except MissingBlocksError as exc:
             left_out = self.left_out.get(model)
+            if not servers and not await self.dht.knows_dht_servers():
+                raise MissingBlocksError(f"{exc}: {NO_DHT_SERVER}") from None
             if not left_out:
                 raise
             why = "; ".join(sorted(left_out.values())[:8])
