@@ -22,17 +22,14 @@ import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.crypto.keys import KeyPair
 from libp2p.exceptions import BaseLibp2pError
-from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
-from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, PROTOCOL_ID
-from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import read_length_prefixed_protobuf
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
@@ -54,6 +51,7 @@ from swarm_node.dht.records import (
     record_key,
     select_newest,
 )
+from swarm_node.dht.servers_only import ServersOnlyKad, learn_protocols, serves_kad
 from swarm_node.dht.signing import sign_record, verify_record
 from swarm_node.errors import RemoteProtocolError
 
@@ -99,10 +97,6 @@ QUERY_ERRORS = (
     ValueError,
     trio.BrokenResourceError,
 )
-# peers a server checks at once for whether they serve the DHT (see ServersOnlyKad): a stranger
-# opening DHT streams from many identities costs this many identify exchanges at a time, at most
-MAX_KAD_CHECKS = 32
-MAX_IDENTIFY_BYTES = 64 * 1024  # an identify answer read for such a check (py-libp2p's: ~1 KB)
 # the peer whose inbound DHT stream this task is handling (None outside such a handler)
 _SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("dht_sender", default=None)
 
@@ -215,97 +209,12 @@ class RecentAnswers(Generic[V]):
         return answer[0]
 
 
-class ServersOnlyKad(KadDHT):
-    """KadDHT whose routing table takes only peers that serve the DHT.
-
-    py-libp2p adds every peer that opens a DHT stream to this one (it skips its own check that the
-    peer serves the protocol): each `generate` or `status` process was then handed to every later
-    lookup as a closer peer for as long as the table kept it, long after it exited, and each fresh
-    client dialled those dead ones (loopback: +0.3 s to a first token after 6 runs against one
-    server; over a network each a dial timeout). Here a peer new to the table that opened a stream
-    is added once identify says it serves the DHT (clients run it in client mode: they do not), a
-    round trip in the background; MAX_KAD_CHECKS such checks at once, others are not added.
-    """
-
-    def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
-        super().__init__(host, *args, **kwargs)
-        self._checks: trio.Nursery | None = None
-        self._checking: set[ID] = set()
-        self.clients_not_added = 0  # peers that opened DHT streams without serving the DHT
-
-    async def add_peer(self, peer_id: ID, *, skip_server_mode_check: bool = False) -> bool:
-        if not skip_server_mode_check or self.routing_table.peer_in_table(peer_id):
-            return await super().add_peer(peer_id, skip_server_mode_check=skip_server_mode_check)
-        served = serves_kad(self.host, peer_id)
-        if served is None and self._checks is not None and len(self._checking) < MAX_KAD_CHECKS:
-            self._checking.add(peer_id)
-            self._checks.start_soon(self._check_then_add, peer_id)
-        elif served:
-            return await super().add_peer(peer_id)
-        elif served is False:
-            self.clients_not_added += 1
-        return False
-
-    async def _check_then_add(self, peer_id: ID) -> None:
-        try:
-            await self.check_then_add(peer_id)
-        except Exception as exc:  # noqa: BLE001 (a peer gone or garbled: it is simply not added)
-            log.debug("could not tell whether %s serves the DHT: %r", peer_id, exc)
-        finally:
-            self._checking.discard(peer_id)
-
-    async def check_then_add(self, peer_id: ID) -> bool:
-        """Ask ``peer_id`` over identify which protocols it offers (QUERY_TIMEOUT at most) and add
-        it to the routing table if it serves the DHT; whether it was added."""
-        with trio.move_on_after(QUERY_TIMEOUT):
-            protocols = await identify_protocols(self.host, peer_id)
-            self.host.get_peerstore().add_protocols(peer_id, protocols)
-        if serves_kad(self.host, peer_id):
-            return await super().add_peer(peer_id)
-        self.clients_not_added += 1
-        return False
-
-    @asynccontextmanager
-    async def checking(self) -> AsyncIterator[None]:
-        async with trio.open_nursery() as nursery:
-            self._checks = nursery
-            try:
-                yield
-            finally:
-                self._checks = None
-                nursery.cancel_scope.cancel()
-
-
-async def identify_protocols(host: IHost, peer_id: ID) -> list[str]:
-    """The protocols ``peer_id`` offers, asked over the identify protocol (one round trip on the
-    connection it has with this host)."""
-    stream = await host.new_stream(peer_id, [IDENTIFY_PROTOCOL])
-    try:
-        data = await read_length_prefixed_protobuf(stream, max_length=MAX_IDENTIFY_BYTES)
-    finally:
-        await stream.reset()
-    answer = Identify()
-    answer.ParseFromString(data)
-    return list(answer.protocols)
-
-
-def serves_kad(host: IHost, peer_id: ID) -> bool | None:
-    """Whether ``peer_id`` offers the DHT protocol as identify told this host, None before."""
-    try:
-        protocols = host.get_peerstore().get_protocols(peer_id)
-    except Exception:  # noqa: BLE001 (py-libp2p raises PeerStoreError for a peer it never met)
-        return None
-    if not protocols:
-        return None
-    return str(PROTOCOL_ID) in protocols
-
-
 class SwarmDHT:
     """Announces this peer's server record and finds the servers of a model's blocks.
 
     A server (``serving``) answers others' DHT queries and keeps records and provider entries for
     them; a client (``serving=False``: `generate`, `status`, the API, a Python client) runs the DHT
-    in client mode, as Kademlia's clients do: it asks and answers nothing, so no server's routing
+    in client mode, as Kademlia's clients do: it asks but answers nothing, so no server's routing
     table hands it out to others once it has gone."""
 
     def __init__(
@@ -510,8 +419,7 @@ class SwarmDHT:
 
         async def identify(peer: ID) -> None:
             try:
-                protocols = await identify_protocols(self.host, peer)
-                self.host.get_peerstore().add_protocols(peer, protocols)
+                await learn_protocols(self.host, peer)
             except Exception as exc:  # noqa: BLE001 (gone or garbled: it serves nothing)
                 log.debug("could not identify %s: %r", peer, exc)
 
