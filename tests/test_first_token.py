@@ -294,7 +294,7 @@ async def test_servers_hand_out_no_client_that_has_gone(tiny_llama: Path) -> Non
             for server in servers:
                 table = server.dht.kad.routing_table
                 assert not [p for p in gone if table.peer_in_table(p)]
-                assert server.dht.kad.clients_not_added >= 1
+            assert servers[1].dht.kad.clients_not_added >= len(gone)  # its checks above
             assert not client.dht._unreachable  # no lookup of it met a peer that had gone
 
 
