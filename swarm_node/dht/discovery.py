@@ -40,6 +40,7 @@ from swarm_node.dht.evidence_records import (
     sign_evidence,
     verify_evidence,
 )
+from swarm_node.dht.peer_records import install_in_kad
 from swarm_node.dht.records import (
     MODEL_KEY_SHARDS,
     RECORD_NAMESPACE,
@@ -236,6 +237,7 @@ class SwarmDHT:
             strict_validation=True,
         )
         self.serving = serving
+        install_in_kad()  # py-libp2p's DHT code checks each peer record's signature once too
         self.kad = ServersOnlyKad(
             host,
             DHTMode.SERVER if serving else DHTMode.CLIENT,

@@ -10,9 +10,10 @@ stream for good and holds one of the 12 inbound slots KadDHT has; once they are 
 every new stream and lookups get empty answers from a live peer. Here the stream is closed after
 an answer and reset otherwise, under a shield, so a query cut off by its deadline frees the slot.
 
-Each function reads the answer exactly as py-libp2p's does (the same signed-record checks, the same
-peers, providers and value out, the same peerstore and routing-table updates); it raises instead of
-returning an empty answer when the request fails, so the caller can tell "no answer" from "nothing".
+Each function reads the answer exactly as py-libp2p's does (the same signed-record checks, each
+envelope's signature checked once: peer_records.py; the same peers, providers and value out, the
+same peerstore and routing-table updates); it raises instead of returning an empty answer when the
+request fails, so the caller can tell "no answer" from "nothing".
 Values are returned as sent: checking a record (signature, key, expiry) is the caller's job, as
 with ``_get_from_peer``. Knows nothing of swarm records, lookups or deadlines.
 
@@ -35,7 +36,6 @@ from libp2p.io.exceptions import MessageTooLarge
 from libp2p.kad_dht.common import MAX_DHT_MESSAGE_SIZE, PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
-from libp2p.kad_dht.utils import maybe_consume_signed_record
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PeerStoreError, env_to_send_in_RPC
@@ -43,6 +43,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from multiaddr import Multiaddr
 from multiaddr.exceptions import Error as MultiaddrError
 
+from swarm_node.dht.peer_records import consume_signed_record
 from swarm_node.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,13 @@ async def find_node(kad: KadDHT, peer: ID, key: bytes) -> list[ID]:
     )
     if response.type != Message.MessageType.FIND_NODE:
         return []
-    if not maybe_consume_signed_record(response, kad.host, peer):
+    if not consume_signed_record(response, kad.host, peer):
         log.debug("FIND_NODE answer of %s ignored: its signed peer record was refused", peer)
         kad.routing_table.remove_peer(peer)
         return []
     found: list[ID] = []
     for closer in response.closerPeers:
-        if not closer.id or not maybe_consume_signed_record(closer, kad.host):
+        if not closer.id or not consume_signed_record(closer, kad.host):
             continue
         closer_id = ID(closer.id)
         if closer_id == kad.host.get_id():
@@ -188,7 +189,7 @@ async def find_node(kad: KadDHT, peer: ID, key: bytes) -> list[ID]:
 
 
 def _vouched_addrs(kad: KadDHT, answering: ID, entry: Message.Peer) -> list[Multiaddr]:
-    """The addresses of an answer's peer ``entry`` (already passed maybe_consume_signed_record) that
+    """The addresses of an answer's peer ``entry`` (already passed consume_signed_record) that
     may be used: with a signed peer record, the ones it put in the peerstore; the unsigned ones
     only for the answering peer itself (and added to the peerstore then), none for a third party."""
     entry_id = ID(entry.id)
@@ -210,13 +211,13 @@ async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInf
     response = await _exchange(kad, peer, Message.MessageType.GET_PROVIDERS, key)
     if response.type != Message.MessageType.GET_PROVIDERS:
         return [], []
-    if not maybe_consume_signed_record(response, kad.host, peer):
+    if not consume_signed_record(response, kad.host, peer):
         log.debug("GET_PROVIDERS answer of %s ignored: its signed peer record was refused", peer)
         return [], []
     providers = [
         PeerInfo(ID(p.id), _vouched_addrs(kad, peer, p))
         for p in response.providerPeers[:MAX_PROVIDERS_PER_ANSWER]
-        if p.id and maybe_consume_signed_record(p, kad.host)
+        if p.id and consume_signed_record(p, kad.host)
     ]
     if len(response.providerPeers) > MAX_PROVIDERS_PER_ANSWER:
         log.info(
@@ -227,7 +228,7 @@ async def get_providers(kad: KadDHT, peer: ID, key: bytes) -> tuple[list[PeerInf
         )
     closer: list[ID] = []
     for entry in response.closerPeers:  # as FIND_NODE's: with the addresses they may be dialed at
-        if not entry.id or not maybe_consume_signed_record(entry, kad.host):
+        if not entry.id or not consume_signed_record(entry, kad.host):
             continue
         closer_id = ID(entry.id)
         if closer_id == kad.host.get_id() or closer_id in closer:
@@ -251,7 +252,7 @@ async def get_value(
         return None
     if not response.record.value:
         return None
-    if not maybe_consume_signed_record(response, kad.host, peer):
+    if not consume_signed_record(response, kad.host, peer):
         log.debug("GET_VALUE answer of %s ignored: its signed peer record was refused", peer)
         return None
     return response.record.value
@@ -268,7 +269,7 @@ async def put_value(kad: KadDHT, peer: ID, key: bytes, record: Record) -> None:
         raise RemoteProtocolError(
             f"{peer} did not confirm storing the value (answer type {response.type})"
         )
-    if not maybe_consume_signed_record(response, kad.host, peer):
+    if not consume_signed_record(response, kad.host, peer):
         raise RemoteProtocolError(
             f"PUT_VALUE answer of {peer} refused: its signed peer record is invalid"
         )
