@@ -309,3 +309,19 @@ async def test_a_client_entered_through_a_client_is_told_to_name_a_server(tiny_l
             async with open_peer(config) as lost:
                 with pytest.raises(MissingBlocksError, match="must name a server of the swarm"):
                     await lost.find_chain(model_id_of(str(tiny_llama)), 6)
+
+
+async def test_a_client_runs_no_routing_table_refresh(tiny_llama: Path) -> None:
+    """py-libp2p refreshes a routing table by looking its own id up, at start: a client of a
+    32-server swarm dialled ~10 servers for it while `generate` looked its chain up (0.3 s of its
+    first token). A client runs none: its table holds its initial peer and fills from its lookups."""
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 6)] * 4) as (servers, _):
+            entry = servers[0]
+            config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(entry.addrs[:1]))
+            async with open_peer(config) as client:
+                await client.dht.kad.refresh_routing_table()
+                assert set(client.host.get_connected_peers()) == {entry.host.get_id()}
+                assert client.dht.kad.routing_table.get_peer_ids() == [entry.host.get_id()]
+                chain = await client.find_chain(model_id_of(str(tiny_llama)), 6)
+                assert [(h.start, h.end) for h in chain] == [(0, 6)]

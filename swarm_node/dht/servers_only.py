@@ -18,7 +18,7 @@ from libp2p.abc import IHost
 from libp2p.identity.identify.identify import ID as IDENTIFY_PROTOCOL
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.kad_dht.common import PROTOCOL_ID
-from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.utils.varint import read_length_prefixed_protobuf
 
@@ -42,6 +42,14 @@ class ServersOnlyKad(KadDHT):
     is added once identify says it serves the DHT (clients run it in client mode: they do not), a
     round trip in the background; MAX_KAD_CHECKS such checks at once, others are not added.
     """
+
+    async def refresh_routing_table(self) -> None:
+        """A server's: py-libp2p's (a lookup of its own id, at start and every 5 minutes). A client
+        runs none: its table holds its initial peers and fills from its own lookups' answers, and
+        the self-lookup dialled ~10 servers of a 32-server swarm while a fresh `generate` looked its
+        chain up (0.3 s of its first token, measured)."""
+        if self.mode == DHTMode.SERVER:
+            await super().refresh_routing_table()
 
     def __init__(self, host: IHost, *args: Any, **kwargs: Any) -> None:
         super().__init__(host, *args, **kwargs)
