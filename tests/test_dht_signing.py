@@ -10,6 +10,7 @@ from libp2p import generate_new_ed25519_identity
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
+from swarm_node.dht import signing
 from swarm_node.dht.records import MAX_RECORD_SIZE, ServerRecord, record_fields, record_key
 from swarm_node.dht.signing import canonical_bytes, sign_fields, sign_record, verify_record
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
@@ -241,3 +242,33 @@ def test_bad_relayed_addresses_refused(template: str, message: str) -> None:
 def test_bad_reachability_fields_refused(patch: dict, message: str) -> None:
     with pytest.raises(RemoteProtocolError, match=message):
         verify(sign_record(rec(**patch), KEY_A))
+
+
+def test_a_value_s_signature_is_checked_once_and_its_time_rules_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a server re-checked two signatures on every PUT_VALUE it took (validate, then select)
+    checked: list[str] = []
+    real = signing._check_signature
+
+    def check(data: object, public_key: object, peer_id: str) -> None:
+        checked.append(peer_id)
+        real(data, public_key, peer_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(signing, "_check_signature", check)
+    value = sign_record(rec(seq=11, expires_at=99.0), KEY_A)
+    assert verify(value).seq == 11
+    assert verify(value, now=60.0).seq == 11
+    assert len(checked) == 1
+    with pytest.raises(RemoteProtocolError, match="expired"):
+        verify(value, now=99.5)
+    with pytest.raises(RemoteProtocolError, match="older than"):
+        verify(value, previous_seq=12)
+    with pytest.raises(RemoteProtocolError, match="another key"):
+        verify(value, key=record_key(pid(KEY_B)))
+    forged = tamper(value, throughput=99.0)
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        verify(forged)
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        verify(forged)
+    assert len(checked) == 1 + 2  # a value refused is checked again each time it comes

@@ -6,12 +6,14 @@ map, unknown fields included (a newer server's extra fields are covered, an olde
 them). Canonical: msgpack of the map with keys sorted at every level, floats as float64, ints in
 their shortest form: what ``canonical_bytes`` returns.
 
-Pure: libp2p's crypto and peer-id code, no sockets, no clocks (callers pass ``now``). Knows nothing
-of KadDHT; discovery.py plugs ``verify_record`` into its validator.
+Pure: libp2p's crypto and peer-id code, no sockets, no clocks (callers pass ``now``); a record's
+time-independent checks are done once per distinct value. Knows nothing of KadDHT; discovery.py
+plugs ``verify_record`` into its validator.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +39,10 @@ PUBLIC_KEY = "public_key"
 SIGNATURE = "signature"
 SIGNING_CONTEXT = b"swarm-node/server-record/v1\x00"  # so a record signature is never anything else
 MAX_DEPTH = 16  # nesting of maps/lists in a record (ours use 2)
+VERIFIED_KEPT = 2048  # records remembered as passing the checks that do not depend on the time
+
+# sha256(key, value) -> its record (frozen): what _signed_record found valid
+_verified: dict[bytes, ServerRecord] = {}
 
 
 def _canonical(item: Any, depth: int) -> Any:
@@ -119,6 +125,36 @@ def verify_record(
     ``now < expires_at <= now + MAX_TTL + CLOCK_SKEW``; addresses that parse, each of this peer (no
     /p2p/ of another); ``seq >= previous_seq``.
     """
+    record = _signed_record(value, key)
+    if record.expires_at <= now:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} expired at {record.expires_at:.3f}, now is {now:.3f}"
+        )
+    if record.expires_at > now + MAX_TTL + CLOCK_SKEW:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} must expire within {MAX_TTL + CLOCK_SKEW:.0f} s, "
+            f"got {record.expires_at - now:.0f} s from now"
+        )
+    if previous_seq is not None and record.seq < previous_seq:
+        raise RemoteProtocolError(
+            f"record of peer {record.peer_id} has seq {record.seq}, "
+            f"older than the {previous_seq} already held"
+        )
+    return record
+
+
+def _signed_record(value: bytes, key: str) -> ServerRecord:
+    """The record in ``value`` if it passes every rule that does not depend on the time: remembered
+    (by a hash of key and value, VERIFIED_KEPT of them): a server re-checked the signatures of the
+    record it held and of the one it was sent on every PUT_VALUE (validate, then select), and
+    lookups meet the same records again and again."""
+    digest = None
+    if isinstance(value, bytes) and len(value) <= MAX_RECORD_SIZE:  # else unpack_map says why
+        named = key.encode()  # its length first: no other key and value hash the same way
+        digest = hashlib.sha256(len(named).to_bytes(8, "big") + named + value).digest()
+        known = _verified.get(digest)
+        if known is not None:
+            return known
     data = unpack_map(value)
     record = record_from_map(data)
     if key != record_key(record.peer_id):
@@ -132,21 +168,11 @@ def verify_record(
             f"record of peer {record.peer_id} carries the public key of {signer}"
         )
     _check_signature(data, public_key, record.peer_id)
-    if record.expires_at <= now:
-        raise RemoteProtocolError(
-            f"record of peer {record.peer_id} expired at {record.expires_at:.3f}, now is {now:.3f}"
-        )
-    if record.expires_at > now + MAX_TTL + CLOCK_SKEW:
-        raise RemoteProtocolError(
-            f"record of peer {record.peer_id} must expire within {MAX_TTL + CLOCK_SKEW:.0f} s, "
-            f"got {record.expires_at - now:.0f} s from now"
-        )
     _check_addrs(record)
-    if previous_seq is not None and record.seq < previous_seq:
-        raise RemoteProtocolError(
-            f"record of peer {record.peer_id} has seq {record.seq}, "
-            f"older than the {previous_seq} already held"
-        )
+    if digest is not None:
+        if len(_verified) >= VERIFIED_KEPT:
+            del _verified[next(iter(_verified))]
+        _verified[digest] = record
     return record
 
 
