@@ -534,10 +534,13 @@ class Peer:
         covers the blocks; default: the client config's ``lookup_reuse``, and then one older than
         REFRESH_AFTER is renewed in the background) that hold ``adapter`` (when named), leaving out banned servers. With
         ``rng`` (training), drawn in proportion to throughput; else the lowest expected per-token
-        latency among those that answer a ping, or answered the lookup itself just now (the round
-        trips feed ``self.rtt``), costing
-        server-to-server hops from the round trips servers publish and leaving out servers whose
-        cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
+        latency, costing server-to-server hops from the round trips servers publish and leaving out
+        servers whose cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
+        Every server of that chain has answered the lookup itself or a ping just now (the round
+        trips feed ``self.rtt``): a server not measured yet counts at DEFAULT_LATENCY, those of the
+        chosen chain that have not answered lately are pinged, and the chain is chosen again with
+        their round trips (without those that did not answer) until all of its servers have: a
+        chain of 8 among 32 servers costs 8 pings (each a dial that the session reuses), not 32.
 
         What servers claim is checked: throughputs are capped by what this peer measured
         (``self.observed``) or by the other servers' claims (``trusted_throughputs``), and a server
@@ -601,36 +604,42 @@ class Peer:
             return chain
         candidates = [s for s in servers if s.peer_id not in exclude]
         samples = self.dht.recent_answers(s.peer_id for s in candidates)  # a lookup's: no ping
-        lately = self._answered_lately(s.peer_id for s in candidates if s.peer_id not in samples)
-        samples |= await self.ping_all(
-            [s for s in candidates if s.peer_id not in samples and s.peer_id not in lately]
+        answered = set(samples) | self._answered_lately(
+            s.peer_id for s in candidates if s.peer_id not in samples
         )
+        unreachable: set[str] = set()
+        while True:  # each round pings at least one server more, or returns
+            self._observe(samples)  # the lookup's answers are noted here too
+            chain = choose_inference_chain(
+                servers,
+                rtt=self.rtt.as_dict(),
+                server_rtt=server_rtts(servers),
+                push=self.client_config.push if settings.push is None else settings.push,
+                max_length=settings.max_length,
+                batch_size=settings.batch_size,
+                exclude=spread_exclusion(
+                    servers,
+                    exclude=exclude | unreachable,
+                    crowded=crowded,
+                    cache_tokens=settings.max_length * settings.batch_size,
+                    adapter=adapter,
+                    **blocks,
+                ),
+                adapter=adapter,
+                **blocks,
+            )
+            unmeasured = [h.server for h in chain if h.server.peer_id not in answered]
+            if not unmeasured:
+                self.shares.record(chain)
+                return chain
+            samples = await self.ping_all(unmeasured)
+            answered |= samples.keys()
+            unreachable |= {s.peer_id for s in unmeasured if s.peer_id not in samples}
+
+    def _observe(self, samples: dict[str, float]) -> None:
         for peer_id, seconds in samples.items():
             self.rtt.observe(peer_id, seconds)
-            self._note_answer(peer_id)  # the lookup's answers are noted here
-        answered = samples.keys() | lately
-        unreachable = frozenset(s.peer_id for s in candidates if s.peer_id not in answered)
-        exclude = spread_exclusion(
-            servers,
-            exclude=exclude | unreachable,
-            crowded=crowded,
-            cache_tokens=settings.max_length * settings.batch_size,
-            adapter=adapter,
-            **blocks,
-        )
-        chain = choose_inference_chain(
-            servers,
-            rtt=self.rtt.as_dict(),
-            server_rtt=server_rtts(servers),
-            push=self.client_config.push if settings.push is None else settings.push,
-            max_length=settings.max_length,
-            batch_size=settings.batch_size,
-            exclude=exclude,
-            adapter=adapter,
-            **blocks,
-        )
-        self.shares.record(chain)
-        return chain
+            self._note_answer(peer_id)
 
     def _note_answer(self, peer_id: str) -> None:
         self._answered_at.note(peer_id, 0.0)
