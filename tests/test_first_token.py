@@ -89,16 +89,20 @@ async def test_a_chain_pings_no_server_that_answered_its_lookup(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a ping is a stream and a round trip more per server before the first token: the servers
-    # that sent their own records a moment ago are known to answer, and how fast
+    # that sent their own records a moment ago are known to answer, and how fast; those whose
+    # records came from a copy at the entry (no dial) are pinged: the route takes them
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
             pinged = count_pings(client)
+            answered = count_record_fetches(client)  # asked of the servers themselves
             chain = await client.find_chain(tiny_llama.name, 6)  # a new lookup
             assert [(h.server.peer_id, h.start, h.end) for h in chain] == [
                 (servers[0].peer_id, 0, 3),
                 (servers[1].peer_id, 3, 6),
             ]
-            assert pinged == []
+            assert servers[0].peer_id in answered  # the entry: connected, asked itself
+            assert sorted(pinged + answered) == sorted(p.peer_id for p in servers)
+            pinged.clear()
             rtts = client.rtt.as_dict()
             assert set(rtts) == {p.peer_id for p in servers}
             assert all(0 < r < 5 for r in rtts.values())
@@ -125,6 +129,38 @@ async def test_a_warm_client_pings_no_server_of_its_last_session(tiny_llama: Pat
             again = await client.route(settings, 0, 6)
             assert pinged == []
             assert [h.server.peer_id for h in again] == [h.server.peer_id for h in chain]
+
+
+async def test_a_route_pings_the_servers_it_takes_not_every_server_found(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a chain of 8 hops among 32 servers pinged all 32 (a dial each) before its first token
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3)] * 3 + [(3, 6)] * 3) as (servers, client):
+            found = await client.find_servers(tiny_llama.name, 6)  # a complete lookup
+            assert {r.peer_id for r in found} == {p.peer_id for p in servers}
+            settings = SessionSettings(model=tiny_llama.name)
+            await client.route(settings, 0, 6)  # takes the lookup's answers as round trips
+            monkeypatch.setattr(peer_module, "ANSWER_FRESH", 0.0)  # none of them fresh now
+            pinged = count_pings(client)
+            chain = await client.route(settings, 0, 6)
+            assert [(h.start, h.end) for h in chain] == [(0, 3), (3, 6)]
+            assert sorted(pinged) == sorted(h.server.peer_id for h in chain)
+
+
+@pytest.mark.slow
+async def test_a_chain_lookup_connects_to_its_entry_and_its_chain_only(tiny_llama: Path) -> None:
+    # records of servers it is not connected to are read from their copies at the entry (a swarm
+    # under BUCKET_SIZE peers: the entry holds every record), and the route dials the two it takes
+    with trio.fail_after(180):
+        async with local_swarm(tiny_llama, [(0, 3)] * 4 + [(3, 6)] * 4) as (servers, _):
+            entry = servers[0]
+            config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(entry.addrs[:1]))
+            async with open_peer(config) as client:
+                chain = await client.find_chain(tiny_llama.name, 6)
+                assert [(h.start, h.end) for h in chain] == [(0, 3), (3, 6)]
+                connected = {p.to_base58() for p in client.host.get_connected_peers()}
+                assert connected == {entry.peer_id} | {h.server.peer_id for h in chain}
 
 
 def count_record_fetches(peer: Peer) -> list[str]:

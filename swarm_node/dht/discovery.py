@@ -70,6 +70,12 @@ MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
 # 32-server swarm of 8 spans a chain was covered after ~24 records, 3 rounds of 8 (the first 8 of
 # 32 cover all 8 spans 1 time in 20, the first 16 2 times in 3)
 RECORD_FETCHES_AT_ONCE = 16
+# record copies asked of connected peers at once (a KadDHT peer answers 12 streams at once, all
+# askers together; a chain's walks ask the entry 4, one a model key, then wait for the records)
+COPY_ASKS_AT_ONCE = 8
+# seconds a chain's walk waits for the records of the providers found so far before asking farther
+# peers (each a dial): in a 32-server swarm the entry's answers and copies cover a chain most times
+WALK_WAITS_FOR_RECORDS = 0.5
 PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
@@ -253,6 +259,8 @@ class SwarmDHT:
         self._query_limiter = trio.CapacityLimiter(MAX_CONCURRENT_QUERIES)
         # a server asked for its own record: one query to each of several peers at once
         self._record_limiter = trio.CapacityLimiter(RECORD_FETCHES_AT_ONCE)
+        # copies of records asked of connected peers (record_copy)
+        self._copy_limiter = trio.CapacityLimiter(COPY_ASKS_AT_ONCE)
         self._paced = trio.CancelScope()  # the batches of provider records still to send
         self.queries_sent = 0  # DHT queries this peer has sent (a lookup's cost is a difference)
         # server -> round trip of its answer to a record request: recent_answers
@@ -519,7 +527,7 @@ class SwarmDHT:
         key_hex: str,
         found_some: Callable[[list[PeerInfo]], None] | None = None,
         count: int = BUCKET_SIZE,
-        go_on: Callable[[], bool] | None = None,
+        go_on: Callable[[], Awaitable[bool]] | None = None,
     ) -> dict[ID, PeerInfo]:
         """Providers of a key: the local store merged with the answers of the peers closest to it.
 
@@ -528,8 +536,8 @@ class SwarmDHT:
         ``count`` closest known have all been asked (LOOKUP_ROUNDS at most). All of the closest:
         a provider stores itself at the peers *it* finds closest, and routing tables differ;
         asking only the 8 closest missed 2 of 12 servers in a 20-peer swarm. ``found_some`` hears
-        each batch of new providers as it comes (the local ones first); ``go_on()`` False ends the
-        walk before its next round (one round always runs)."""
+        each batch of new providers as it comes (the local ones first); ``await go_on()`` False ends
+        the walk before its next round (one round always runs)."""
         key = bytes.fromhex(key_hex)
         found = {p.peer_id: p for p in self.kad.provider_store.get_providers(key)}
         if found and found_some is not None:
@@ -550,7 +558,7 @@ class SwarmDHT:
             known.update(closer)
 
         for _ in range(LOOKUP_ROUNDS):
-            if asked and go_on is not None and not go_on():
+            if asked and go_on is not None and not await go_on():
                 break
             known = {p for p in known if not self._skip(p)}
             nearest = sort_peer_ids_by_distance(key, list(known))[:count]
@@ -603,6 +611,25 @@ class SwarmDHT:
                 if peer != peer_id:  # asked above, or skipped as unreachable
                     nursery.start_soon(ask, peer)
         return newest()
+
+    async def record_copy(self, peer_id: ID) -> ServerRecord | None:
+        """A valid record of a server from its copy at the connected DHT server closest to its key
+        (copies sit at the BUCKET_SIZE peers closest to it: in a 32-server swarm, 20 of 32), None
+        when that peer holds none: no dial. A copy may be a re-announcement older than the
+        server's own, and says nothing of how fast the server answers (the route pings the servers
+        it takes)."""
+        key_str = record_key(peer_id.to_base58())
+        holders = [p for p in self.host.get_connected_peers() if not self._skip(p)]
+        if not holders:
+            return None
+        holder = sort_peer_ids_by_distance(key_str.encode(), holders)[0]
+        value = await self._ask(
+            holder,
+            lambda: kad_requests.get_value(self.kad, holder, key_str.encode()),
+            self._copy_limiter,
+        )
+        found = None if not isinstance(value, bytes) else _newest([value], key_str, holder)
+        return None if found is None else found[1]
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:
         if timed:
@@ -663,9 +690,13 @@ class SwarmDHT:
         chain for a first token) ends the walks once the records found are enough (the queries
         under way are cancelled: they waited up to a round trip more, 0.3 s of a first token at
         25 ms a hop), and dials no more servers for their records (RECORD_FETCHES_AT_ONCE at a
-        time, those already connected first; those being fetched still arrive): a fresh client
-        of a big swarm connects to about the servers of a chain, not to every server; the
-        per-block lookups are then skipped."""
+        time, those already connected first; those being fetched still arrive): a server not
+        connected is read from its copy at a connected peer (``record_copy``) and dialled only if
+        no copy was found and the records found fall short once the walks end, and a walk asks
+        farther peers only once the records of the providers found so far are in. A fresh client
+        of a 32-server swarm then dials about the servers of its chain (the route pings them and
+        the session reuses the connections), not every server; the per-block lookups are then
+        skipped."""
         now = time.time() if now is None else now
         found: dict[str, ServerRecord] = {}
         counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
@@ -678,13 +709,39 @@ class SwarmDHT:
             return enough is not None and not full and enough(list(found.values()))
 
         walks = trio.CancelScope()  # cancelled once the records found are enough
+        pending = [0]  # providers queued or being fetched
+        fetched_lot = trio.lowlevel.ParkingLot()  # woken as each fetch ends
+
+        copies = enough is not None  # a chain's lookup: copies first, dials only if they fall short
+        not_copied: list[ID] = []  # servers not connected whose copies were not found
 
         async def fetch_records() -> None:
             async for peer in receive:
-                if not satisfied():
-                    await self._fetch_live(peer, model, digest, now, found)
+                try:
+                    if satisfied():
+                        pass
+                    elif copies and peer not in self.host.get_connected_peers():
+                        rec = await self.record_copy(peer)
+                        if rec is None:
+                            not_copied.append(peer)
+                        else:
+                            self._keep_live(rec, model, digest, now, found)
+                    else:
+                        await self._fetch_live(peer, model, digest, now, found)
+                finally:
+                    pending[0] -= 1
+                    fetched_lot.unpark_all()
                 if satisfied():
                     walks.cancel()
+
+        async def go_on() -> bool:
+            # a chain's walk asks farther peers (each a dial) once the records of the providers
+            # found so far are in (mostly copies at the connected entry: no dial) and do not cover
+            # the chain, or WALK_WAITS_FOR_RECORDS passed
+            with trio.move_on_after(WALK_WAITS_FOR_RECORDS if enough is not None else 0):
+                while pending[0] and not satisfied():
+                    await fetched_lot.park()
+            return not satisfied()
 
         def found_some(shard: int, providers: list[PeerInfo]) -> None:
             counts[shard] += len(providers)
@@ -692,6 +749,7 @@ class SwarmDHT:
             for info in sorted(providers, key=lambda i: i.peer_id not in connected):
                 if info.peer_id not in fetched:
                     fetched.add(info.peer_id)
+                    pending[0] += 1
                     send.send_nowait(info.peer_id)
 
         async with trio.open_nursery() as fetching:
@@ -706,9 +764,18 @@ class SwarmDHT:
                                 self.find_providers,
                                 key,
                                 functools.partial(found_some, shard),
-                                go_on=lambda: not satisfied(),
+                                go_on=go_on,
                             )
                         )
+        if not_copied and not satisfied():  # their own records after all: a dial each
+
+            async def fetch_own(peer: ID) -> None:
+                if not satisfied():
+                    await self._fetch_live(peer, model, digest, now, found)
+
+            async with trio.open_nursery() as nursery:
+                for peer in not_copied:
+                    nursery.start_soon(fetch_own, peer)
         if satisfied():
             return self._learned(found.values(), blocks)
         full = max(counts) >= PROVIDERS_PER_KEY
@@ -750,7 +817,14 @@ class SwarmDHT:
         """``peer``'s record into ``into`` if it is live and of ``model`` (of ``digest``'s
         weights, when given)."""
         rec = await self.get_record(peer)
-        if rec is None or rec.model != model or not rec.is_live(now):
+        if rec is not None:
+            self._keep_live(rec, model, digest, now, into)
+
+    @staticmethod
+    def _keep_live(
+        rec: ServerRecord, model: str, digest: str, now: float, into: dict[str, ServerRecord]
+    ) -> None:
+        if rec.model != model or not rec.is_live(now):
             return
         if not digest or rec.model_digest == digest:
             into[rec.peer_id] = rec
