@@ -148,6 +148,22 @@ async def test_a_route_pings_the_servers_it_takes_not_every_server_found(
             assert sorted(pinged) == sorted(h.server.peer_id for h in chain)
 
 
+async def test_a_chain_pinged_while_torch_loads_is_routed_without_a_ping(tiny_llama: Path) -> None:
+    # a cold `generate` pings its chain's servers (a dial each) while its side of the model loads;
+    # its route after finds them answered (8 dials after the load at 25 ms a hop: ~0.2 s)
+    model = model_id_of(str(tiny_llama))
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3)] * 2 + [(3, 6)] * 2) as (servers, _):
+            config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(servers[0].addrs[:1]))
+            async with open_peer(config) as client:
+                await client.find_servers(model, 6, leaving_out=frozenset())
+                await client.ping_a_chain(model, 0, 6)
+                pinged = count_pings(client)
+                chain = await client.route(SessionSettings(model=model, max_length=16), 0, 6)
+                assert [(h.start, h.end) for h in chain] == [(0, 3), (3, 6)]
+                assert pinged == []
+
+
 @pytest.mark.slow
 async def test_a_chain_lookup_connects_to_its_entry_and_its_chain_only(tiny_llama: Path) -> None:
     # records of servers it is not connected to are read from their copies at the entry (a swarm

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,6 +26,7 @@ from swarm_node.dht.discovery import ANSWER_FRESH, RecentAnswers, SwarmDHT
 from swarm_node.dht.pinning import ModelPin, mixed_digests, pinned
 from swarm_node.dht.records import MAX_NEXT_RTTS, ServerRecord
 from swarm_node.dht.routing import (
+    DEFAULT_LATENCY,
     ChainShares,
     Hop,
     RttEstimator,
@@ -537,10 +538,11 @@ class Peer:
         latency, costing server-to-server hops from the round trips servers publish and leaving out
         servers whose cache cannot hold ``max_length * batch_size`` tokens, and those in ``avoid``.
         Every server of that chain has answered the lookup itself or a ping just now (the round
-        trips feed ``self.rtt``): a server not measured yet counts at DEFAULT_LATENCY, those of the
-        chosen chain that have not answered lately are pinged, and the chain is chosen again with
-        their round trips (without those that did not answer) until all of its servers have: a
-        chain of 8 among 32 servers costs 8 pings (each a dial that the session reuses), not 32.
+        trips feed ``self.rtt``): a server not measured yet counts farther than the farthest that
+        answered (DEFAULT_LATENCY at least), those of the chosen chain that have not answered lately
+        are pinged, and the chain is chosen again with their round trips (without those that did
+        not answer) until all of its servers have: a chain of 8 among 32 servers costs 8 pings
+        (each a dial that the session reuses), not 32.
 
         What servers claim is checked: throughputs are capped by what this peer measured
         (``self.observed``) or by the other servers' claims (``trusted_throughputs``), and a server
@@ -578,9 +580,18 @@ class Peer:
             why = "; ".join(sorted(left_out.values())[:8])
             raise MissingBlocksError(f"{exc}; servers left out: {why}") from None
 
+    async def ping_a_chain(self, model: str, start: int, end: int) -> None:
+        """Ping the servers that a chain over blocks start..end-1 of ``model`` would take now, among
+        those found (each a dial that the chain's session then reuses): a cold `generate` does
+        this while torch and its side of the model load, so that its route finds them answered
+        (ANSWER_FRESH) instead of dialling them after (8 dials at 25 ms a hop: ~0.2 s)."""
+        wants = _ChainWants(model=model)
+        adapter = self.client_config.adapter or ""
+        await self._route(wants, self._known.get(model, []), start, end, adapter, None, frozenset())
+
     async def _route(
         self,
-        settings: SessionSettings,
+        settings: SessionSettings | _ChainWants,
         servers: list[ServerRecord],
         start: int,
         end: int,
@@ -610,9 +621,16 @@ class Peer:
         unreachable: set[str] = set()
         while True:  # each round pings at least one server more, or returns
             self._observe(samples)  # the lookup's answers are noted here too
+            rtt = self.rtt.as_dict()
+            # a server not measured counts a quarter farther than the farthest that answered
+            # (DEFAULT_LATENCY at least): assumed nearer, or as near, each round would try the
+            # unmeasured ones next (3 rounds of pings at 25 ms a hop, measured)
+            farthest = max([0.0, *(rtt[p] for p in answered if p in rtt)])
+            assumed = max(DEFAULT_LATENCY, 1.25 * farthest)
+            rtt |= {s.peer_id: assumed for s in candidates if s.peer_id not in rtt}
             chain = choose_inference_chain(
                 servers,
-                rtt=self.rtt.as_dict(),
+                rtt=rtt,
                 server_rtt=server_rtts(servers),
                 push=self.client_config.push if settings.push is None else settings.push,
                 max_length=settings.max_length,
@@ -728,6 +746,16 @@ class Peer:
                 on_found=self._publish_evidence if config.publish_evidence else None,
             ),
         )
+
+
+@dataclass(frozen=True)
+class _ChainWants:
+    """What ``_route`` reads of a session's settings, for a chain chosen before torch is loaded."""
+
+    model: str
+    push: bool | None = None
+    max_length: int = 1
+    batch_size: int = 1
 
 
 @asynccontextmanager

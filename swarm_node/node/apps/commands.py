@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from swarm_node.errors import ConfigError
+from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.model.bundled import local_identity, model_id_of
 from swarm_node.node.config import (
     ApiConfig,
@@ -250,11 +250,15 @@ async def _loading_client_side(args: argparse.Namespace) -> AsyncIterator[_Clien
 
 async def _find_servers_early(peer: Peer, model: str, num_blocks: int) -> None:
     """Look the model's servers up while the client's side loads (stopping at the first that hold
-    every block); routing then reuses them."""
+    every block) and ping those a chain would take (a dial each, that the session reuses); routing
+    then reuses both."""
     try:
         await peer.find_servers(model, num_blocks, leaving_out=frozenset())
+        await peer.ping_a_chain(model, 0, num_blocks)
     except trio.TooSlowError:
         log.info("looking up the servers of %s timed out; routing will try again", model)
+    except MissingBlocksError as exc:  # routing tries again, and says why if it fails too
+        log.info("no chain of %s yet: %s", model, exc)
 
 
 async def _generate_with(
