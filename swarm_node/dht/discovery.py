@@ -73,8 +73,9 @@ RECORD_FETCHES_AT_ONCE = 16
 # record copies asked of connected peers at once (a KadDHT peer answers 12 streams at once, all
 # askers together; a chain's walks ask the entry 4, one a model key, then wait for the records)
 COPY_ASKS_AT_ONCE = 8
-# seconds a chain's walk waits for the records of the providers found so far before asking farther
-# peers (each a dial): in a 32-server swarm the entry's answers and copies cover a chain most times
+# seconds a chain's walk waits for the copies of the records of the providers found so far before
+# asking farther peers (each a dial): in a 32-server swarm the entry's answers and copies cover a
+# chain most times
 WALK_WAITS_FOR_RECORDS = 0.5
 PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
 PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
@@ -628,7 +629,8 @@ class SwarmDHT:
             lambda: kad_requests.get_value(self.kad, holder, key_str.encode()),
             self._copy_limiter,
         )
-        found = None if not isinstance(value, bytes) else _newest([value], key_str, holder)
+        # an expired or missing copy is no news (a peer keeps what it was sent until it expires)
+        found = None if not isinstance(value, bytes) else _newest([value], key_str)
         return None if found is None else found[1]
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:
@@ -715,22 +717,17 @@ class SwarmDHT:
 
         async def fetch_records() -> None:
             async for peer in receive:
-                waited = True  # counted in pending until its copy is read (or it needs none)
+                rec = None
                 try:
-                    rec = None
                     if copies and not satisfied() and peer not in self.host.get_connected_peers():
                         rec = await self.record_copy(peer)
-                    pending[0] -= 1
-                    waited = False
-                    fetched_lot.unpark_all()
-                    if rec is not None:
-                        self._keep_live(rec, model, digest, now, found)
-                    elif not satisfied():  # its own record (a copy may be missing or expired)
-                        await self._fetch_live(peer, model, digest, now, found)
                 finally:
-                    if waited:
-                        pending[0] -= 1
-                        fetched_lot.unpark_all()
+                    pending[0] -= 1
+                    fetched_lot.unpark_all()
+                if rec is not None:
+                    self._keep_live(rec, model, digest, now, found)
+                elif not satisfied():  # its own record (a copy may be missing or expired)
+                    await self._fetch_live(peer, model, digest, now, found)
                 if satisfied():
                     walks.cancel()
 
