@@ -97,7 +97,7 @@ def altered_after_signing(value: bytes, **fields: object) -> bytes:
 async def test_forged_records_from_a_peer_are_received_and_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="swarm_node.dht.discovery")
+    caplog.set_level(logging.INFO, logger="swarm_node.dht")
     with trio.fail_after(60):
         async with holder_and_client() as (holder, client):
             provide_for_server(holder)
@@ -130,7 +130,7 @@ async def test_forged_records_from_a_peer_are_received_and_refused(
 async def test_an_expired_record_held_by_a_peer_is_not_used(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="swarm_node.dht.discovery")
+    caplog.set_level(logging.INFO, logger="swarm_node.dht")
     with trio.fail_after(60):
         async with holder_and_client() as (holder, client):
             provide_for_server(holder)
@@ -205,7 +205,7 @@ async def test_a_signed_but_insane_record_is_refused_and_the_lookup_goes_on(
     # A signature says who wrote a record, not that it is sane: each of these, signed by its own
     # server, is served by a real peer and dropped by the client, and the honest server of the same
     # blocks is still found (a record whose address did not parse used to stop the whole lookup).
-    caplog.set_level(logging.INFO, logger="swarm_node.dht.discovery")
+    caplog.set_level(logging.INFO, logger="swarm_node.dht")
     honest = replace(
         record(),
         peer_id=GOOD.to_base58(),

@@ -9,7 +9,6 @@ cancelled (py-libp2p's own request functions leave the remote waiting on them).
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import logging
 import math
@@ -28,7 +27,7 @@ from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.record import make_signed_put_record
-from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -38,7 +37,6 @@ from swarm_node.dht.evidence_records import (
     PublishedEvidence,
     evidence_key,
     sign_evidence,
-    verify_evidence,
 )
 from swarm_node.dht.peer_records import install_in_kad
 from swarm_node.dht.records import (
@@ -50,10 +48,16 @@ from swarm_node.dht.records import (
     model_key,
     provider_keys,
     record_key,
-    select_newest,
 )
 from swarm_node.dht.servers_only import ServersOnlyKad, learn_protocols, serves_kad
-from swarm_node.dht.signing import sign_record, verify_record
+from swarm_node.dht.signing import sign_record
+from swarm_node.dht.validators import (
+    SENDER,
+    EvidenceValidator,
+    RecordValidator,
+    newest_record,
+    valid_evidence,
+)
 from swarm_node.errors import RemoteProtocolError
 
 log = logging.getLogger(__name__)
@@ -82,8 +86,6 @@ PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from recor
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
 PROVIDES_PER_WINDOW = 10
-MAX_EVIDENCE_HELD = 64  # evidence values (each <= 256 KiB) a peer stores for others: 16 MiB
-MAX_EVIDENCE_PER_REPORTER = 4
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
 MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
 ANSWER_FRESH = 5.0  # seconds a server's answer to a record request stands in for a ping
@@ -105,92 +107,6 @@ QUERY_ERRORS = (
     ValueError,
     trio.BrokenResourceError,
 )
-# the peer whose inbound DHT stream this task is handling (None outside such a handler)
-_SENDER: contextvars.ContextVar[ID | None] = contextvars.ContextVar("dht_sender", default=None)
-
-
-class RecordValidator(Validator):
-    """KadDHT validator for ``/swarmnode/<peer_id>`` values: signed by that peer, unexpired, not older,
-    and, in a PUT_VALUE, sent by that peer itself: one peer stores one value here, its own record
-    (no honest peer stores another's; each re-announces its own), so a peer with many identities
-    needs a connection for each.
-
-    Runs on every peer that receives a PUT_VALUE and on every value a lookup returns. Expiry is
-    wall-clock time (records cross machines), so this is the one place that reads ``time.time()``.
-    """
-
-    def __init__(self, held_seq: Callable[[str], int | None]) -> None:
-        self._held_seq = held_seq
-
-    def validate(self, key: str, value: bytes) -> None:
-        record = verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
-        sender = _SENDER.get()
-        if sender is not None and sender.to_base58() != record.peer_id:
-            raise RemoteProtocolError(
-                f"record of peer {record.peer_id} must be stored by that peer, got it from {sender}"
-            )
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        newest = _newest(values, key)
-        return 0 if newest is None else newest[0]
-
-
-class EvidenceValidator(Validator):
-    """KadDHT validator for ``/swarmevidence/<peer_id>`` values (evidence_records.py): signed by
-    their reporter, who must store them itself; the latest to expire wins. A peer takes at most
-    MAX_EVIDENCE_HELD values from others, MAX_EVIDENCE_PER_REPORTER from any one reporter
-    (anyone may report: these bound what strangers can make it hold)."""
-
-    def __init__(self) -> None:
-        self._taken: dict[str, tuple[str, float]] = {}  # key -> (reporter, expires at)
-
-    def validate(self, key: str, value: bytes) -> None:
-        now = time.time()
-        evidence = verify_evidence(value, key=key, now=now)
-        sender = _SENDER.get()
-        if sender is None:  # our own, or an answer to our lookup: not stored for others
-            return
-        if sender.to_base58() != evidence.reporter:
-            raise RemoteProtocolError(
-                f"evidence of reporter {evidence.reporter} must be stored by it, got it from {sender}"
-            )
-        self._taken = {k: v for k, v in self._taken.items() if v[1] > now}
-        if key not in self._taken:
-            mine = sum(reporter == evidence.reporter for reporter, _ in self._taken.values())
-            if len(self._taken) >= MAX_EVIDENCE_HELD or mine >= MAX_EVIDENCE_PER_REPORTER:
-                raise RemoteProtocolError(
-                    f"evidence: this peer holds {len(self._taken)} from others ({mine} from "
-                    f"{evidence.reporter}; at most {MAX_EVIDENCE_HELD}, "
-                    f"{MAX_EVIDENCE_PER_REPORTER} per reporter)"
-                )
-        self._taken[key] = (evidence.reporter, evidence.expires_at)
-
-    def select(self, key: str, values: list[bytes]) -> int:
-        found = _valid_evidence(values, key)
-        return max(found, key=lambda f: f[1].expires_at)[0] if found else 0
-
-
-def _valid_evidence(values: list[bytes], key: str) -> list[tuple[int, PublishedEvidence]]:
-    valid = []
-    for i, value in enumerate(values):
-        try:
-            valid.append((i, verify_evidence(value, key=key, now=time.time())))
-        except RemoteProtocolError as exc:
-            log.info("dropping evidence under %s: %s", key, exc)
-    return valid
-
-
-def _newest(values: list[bytes], key: str, peer: object = None) -> tuple[int, ServerRecord] | None:
-    """(index, record) of the newest of ``values`` that is a valid record under ``key`` now
-    (signature, key, expiry: a stale local copy is dropped too); drops are logged for ``peer``."""
-    valid: list[tuple[int, ServerRecord]] = []
-    for i, value in enumerate(values):
-        try:
-            valid.append((i, verify_record(value, key=key, now=time.time())))
-        except RemoteProtocolError as exc:
-            if peer is not None:
-                log.info("dropping a record for %s: %s", peer, exc)
-    return valid[select_newest([r for _, r in valid])] if valid else None
 
 
 class RecentAnswers(Generic[V]):
@@ -274,11 +190,11 @@ class SwarmDHT:
 
     async def _handle_stream(self, stream: INetStream) -> None:
         """KadDHT's handler, with the sending peer known to RecordValidator."""
-        token = _SENDER.set(stream.muxed_conn.peer_id)
+        token = SENDER.set(stream.muxed_conn.peer_id)
         try:
             await self.kad.handle_stream(stream)
         finally:
-            _SENDER.reset(token)
+            SENDER.reset(token)
 
     def _held_seq(self, key: str) -> int | None:
         """The seq of the record this peer holds under ``key``, so older ones are refused."""
@@ -418,7 +334,7 @@ class SwarmDHT:
         async with trio.open_nursery() as nursery:
             for peer in await self._closest_peers(key):
                 nursery.start_soon(ask, peer)
-        found = _valid_evidence(values, key_str)
+        found = valid_evidence(values, key_str)
         return max(found, key=lambda f: f[1].expires_at)[1] if found else None
 
     async def knows_dht_servers(self) -> bool:
@@ -597,7 +513,7 @@ class SwarmDHT:
                 values.append(value)
 
         def newest() -> ServerRecord | None:
-            found = _newest(values, key_str, peer_id)
+            found = newest_record(values, key_str, peer_id)
             return None if found is None else found[1]
 
         if not self._skip(peer_id):
@@ -630,7 +546,7 @@ class SwarmDHT:
             self._copy_limiter,
         )
         # an expired or missing copy is no news (a peer keeps what it was sent until it expires)
-        found = None if not isinstance(value, bytes) else _newest([value], key_str)
+        found = None if not isinstance(value, bytes) else newest_record([value], key_str)
         return None if found is None else found[1]
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:

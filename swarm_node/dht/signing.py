@@ -7,7 +7,7 @@ them). Canonical: msgpack of the map with keys sorted at every level, floats as 
 their shortest form: what ``canonical_bytes`` returns.
 
 Pure: libp2p's crypto and peer-id code, no sockets, no clocks (callers pass ``now``); a record's
-time-independent checks are done once per distinct value. Knows nothing of KadDHT; discovery.py
+time-independent checks are done once per distinct value. Knows nothing of KadDHT; validators.py
 plugs ``verify_record`` into its validator.
 """
 

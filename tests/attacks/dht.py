@@ -42,7 +42,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 from multiaddr import Multiaddr
 
 from swarm_node.dht import kad_requests
-from swarm_node.dht.discovery import MAX_EVIDENCE_PER_REPORTER, QUERY_ERRORS
+from swarm_node.dht.discovery import QUERY_ERRORS
 from swarm_node.dht.evidence_records import (
     PublishedEvidence,
     PublishedStep,
@@ -52,6 +52,7 @@ from swarm_node.dht.evidence_records import (
 from swarm_node.dht.receipts import Receipt, sign_receipt
 from swarm_node.dht.records import ServerRecord, record_key
 from swarm_node.dht.signing import sign_record, verify_record
+from swarm_node.dht.validators import MAX_EVIDENCE_PER_REPORTER
 from swarm_node.node.client.inference_session import request
 from swarm_node.node.net.dialing import open_stream, remember_addrs
 from swarm_node.node.net.host import build_host
