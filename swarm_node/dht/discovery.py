@@ -647,15 +647,33 @@ class SwarmDHT:
                 if satisfied():
                     walks.cancel()
 
-        async def go_on() -> bool:
-            # a chain's walk asks farther peers (each a dial) once the copies of the records of the
-            # providers found so far are read (at the connected entry: no dial, a round trip) and
-            # do not cover the chain, or WALK_WAITS_FOR_RECORDS passed; not waiting on servers
-            # asked themselves (a dial each: 0.5-0.8 s at 25 ms a hop)
+        walked: set[int] = set()  # the model keys whose walks have done a round (or ended)
+
+        def round_done(shard: int) -> None:
+            walked.add(shard)
+            fetched_lot.unpark_all()
+
+        async def go_on(shard: int) -> bool:
+            # a chain's walk asks farther peers (each a dial) once every model key's walk has done
+            # a round and the copies of the records of the providers found so far are read (at the
+            # connected entry: no dial, a round trip) and do not cover the chain, or
+            # WALK_WAITS_FOR_RECORDS passed; not waiting on servers asked themselves (a dial each:
+            # 0.5-0.8 s at 25 ms a hop)
+            round_done(shard)
             with trio.move_on_after(WALK_WAITS_FOR_RECORDS if enough is not None else 0):
-                while pending[0] and not satisfied():
+                while (pending[0] or len(walked) < MODEL_KEY_SHARDS) and not satisfied():
                     await fetched_lot.park()
             return not satisfied()
+
+        async def walk(shard: int) -> None:
+            try:
+                await self.find_providers(
+                    model_key(digest or model, shard),
+                    functools.partial(found_some, shard),
+                    go_on=functools.partial(go_on, shard),
+                )
+            finally:
+                round_done(shard)
 
         def found_some(shard: int, providers: list[PeerInfo]) -> None:
             counts[shard] += len(providers)
@@ -672,15 +690,7 @@ class SwarmDHT:
             with send, walks:  # closed once the walks end: the fetchers finish what is queued
                 async with trio.open_nursery() as walking:
                     for shard in range(MODEL_KEY_SHARDS):
-                        key = model_key(digest or model, shard)
-                        walking.start_soon(
-                            functools.partial(
-                                self.find_providers,
-                                key,
-                                functools.partial(found_some, shard),
-                                go_on=go_on,
-                            )
-                        )
+                        walking.start_soon(walk, shard)
         if satisfied():
             return self._learned(found.values(), blocks)
         full = max(counts) >= PROVIDERS_PER_KEY
