@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from multiaddr import Multiaddr
 
+from swarm_node.dht.directory import DIRECTORY_PROTOCOL
 from swarm_node.dht.discovery import PROVIDERS_PER_KEY, RECORD_FETCHES_AT_ONCE
 from swarm_node.dht.records import MODEL_KEY_SHARDS, model_key, model_shard
 from swarm_node.model.bundled import model_id_of
@@ -89,8 +90,8 @@ async def test_a_chain_pings_no_server_that_answered_its_lookup(
     tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # a ping is a stream and a round trip more per server before the first token: the servers
-    # that sent their own records a moment ago are known to answer, and how fast; those whose
-    # records came from a copy at the entry (no dial) are pinged: the route takes them
+    # that answered the lookup a moment ago (the entry, its directory) are known to answer, and
+    # how fast; those whose records came from the entry (no dial) are pinged: the route takes them
     with trio.fail_after(60):
         async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, client):
             pinged = count_pings(client)
@@ -100,8 +101,8 @@ async def test_a_chain_pings_no_server_that_answered_its_lookup(
                 (servers[0].peer_id, 0, 3),
                 (servers[1].peer_id, 3, 6),
             ]
-            assert servers[0].peer_id in answered  # the entry: connected, asked itself
-            assert sorted(pinged + answered) == sorted(p.peer_id for p in servers)
+            assert answered == []  # the entry's directory listed both records
+            assert pinged == [servers[1].peer_id]
             pinged.clear()
             rtts = client.rtt.as_dict()
             assert set(rtts) == {p.peer_id for p in servers}
@@ -193,18 +194,26 @@ def count_record_fetches(peer: Peer) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("directory", [True, False], ids=["directory", "entry-without-directory"])
 async def test_a_chain_lookup_fetches_the_records_of_about_a_chain_not_of_every_server(
-    tiny_llama: Path,
+    tiny_llama: Path, directory: bool
 ) -> None:
     # a fresh client of a 32-server swarm dialed every server for its record (32 handshakes on
-    # both sides) when a few cover the model; a complete lookup (status) still asks them all
+    # both sides) when a few cover the model; a complete lookup (status) still asks them all.
+    # The entry's directory lists the records it holds (dht/directory.py): none is fetched; an
+    # entry without one (an older version) leaves it to the walk, which fetches about a chain's
     servers_count = RECORD_FETCHES_AT_ONCE + 4
     with trio.fail_after(180):
         async with local_swarm(tiny_llama, [(0, 6)] * servers_count) as (servers, client):
+            if not directory:
+                servers[0].host.remove_stream_handler(DIRECTORY_PROTOCOL)
             fetched = count_record_fetches(client)
             chain = await client.find_chain(tiny_llama.name, 6)
             assert [(h.start, h.end) for h in chain] == [(0, 6)]
-            assert 1 <= len(set(fetched)) <= RECORD_FETCHES_AT_ONCE < servers_count, fetched
+            if directory:
+                assert fetched == []
+            else:
+                assert 1 <= len(set(fetched)) <= RECORD_FETCHES_AT_ONCE < servers_count, fetched
             fetched.clear()
             found = await client.find_servers(tiny_llama.name, 6)  # every server of the blocks
     assert {r.peer_id for r in found} == {p.peer_id for p in servers}

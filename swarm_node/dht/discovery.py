@@ -31,7 +31,7 @@ from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from swarm_node.dht import kad_requests
+from swarm_node.dht import directory, kad_requests
 from swarm_node.dht.evidence_records import (
     EVIDENCE_NAMESPACE,
     PublishedEvidence,
@@ -98,6 +98,10 @@ MAX_ANSWERS_KEPT = 1024  # such answers remembered at once
 # push then costs the server no round trip to the next server for it (its record was signed and
 # valid when fetched; a target that moved since turns the push off when a push fails)
 PUSH_RECORD_REUSE = 60.0
+SIGNED_KEPT = 4096  # signed record values kept, the newest of each server (for directory answers)
+# seconds a chain's walks wait for the directory answer of the peer entered through (connected: a
+# round trip) before walking themselves: one that covers the chain ends the lookup there
+DIRECTORY_HEAD_START = 0.3
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -168,8 +172,12 @@ class SwarmDHT:
             validator_changed=True,
             strict_validation=True,
         )
+        # server -> (its newest valid record seen, that record's signed value): directory answers
+        self._signed: dict[str, tuple[ServerRecord, bytes]] = {}
+        self.directory = directory.Directory(self._directory_lookup, self._held_records)
         if serving:
             host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
+            host.set_stream_handler(directory.DIRECTORY_PROTOCOL, self.directory.handle_stream)
         self._key_pair = KeyPair(host.get_private_key(), host.get_public_key())
         self._unreachable: dict[ID, float] = {}  # peer -> trio time until which lookups skip it
         # KadDHT resets inbound streams beyond 12 at once: stay under that towards any one peer.
@@ -514,7 +522,7 @@ class SwarmDHT:
 
         def newest() -> ServerRecord | None:
             found = newest_record(values, key_str, peer_id)
-            return None if found is None else found[1]
+            return None if found is None else self._note_signed(found[1], values[found[0]])
 
         if not self._skip(peer_id):
             answered = len(values)
@@ -547,7 +555,50 @@ class SwarmDHT:
         )
         # an expired or missing copy is no news (a peer keeps what it was sent until it expires)
         found = None if not isinstance(value, bytes) else newest_record([value], key_str)
-        return None if found is None else found[1]
+        return None if found is None else self._note_signed(found[1], value)
+
+    def _note_signed(self, record: ServerRecord, value: bytes) -> ServerRecord:
+        """Keep ``value``, ``record`` signed, for directory answers (the newest seq of a server);
+        returns ``record``."""
+        held = self._signed.get(record.peer_id)
+        if held is not None and held[0].seq > record.seq:
+            return record
+        if record.peer_id not in self._signed and len(self._signed) >= SIGNED_KEPT:
+            now = time.time()
+            self._signed = {p: h for p, h in self._signed.items() if h[0].expires_at > now}
+            if len(self._signed) >= SIGNED_KEPT:
+                del self._signed[next(iter(self._signed))]
+        self._signed[record.peer_id] = (record, value)
+        return record
+
+    def _held_records(self, model: str, digest: str) -> directory.Entries:
+        """The valid live records of ``model`` (``digest``: of those weights) this peer holds:
+        copies in its store, and the newest it fetched of each server, each with its signed value."""
+        now = time.time()
+        held: dict[str, tuple[ServerRecord, bytes]] = {}
+        prefix = record_key("").encode()
+        for key, (stored, _) in list(self.kad.value_store.store.items()):
+            if key.startswith(prefix):
+                found = newest_record([stored.value], key.decode(errors="replace"))
+                if found is not None:
+                    held[found[1].peer_id] = (found[1], stored.value)
+        for rec, value in self._signed.values():
+            if rec.peer_id not in held or held[rec.peer_id][0].seq < rec.seq:
+                held[rec.peer_id] = (rec, value)
+        return [
+            (rec, value)
+            for rec, value in held.values()
+            if rec.model == model
+            and rec.is_live(now)
+            and (not digest or rec.model_digest == digest)
+        ]
+
+    async def _directory_lookup(self, model: str, digest: str) -> list[tuple[ServerRecord, bytes]]:
+        """The servers of ``model`` (``digest``: of those weights) a complete lookup finds, each
+        with its signed record, for directory answers."""
+        found = await self.find_servers(model, None, digest=digest)
+        signed = [(rec, self._signed.get(rec.peer_id)) for rec in found]
+        return [(rec, held[1]) for rec, held in signed if held is not None and held[0] == rec]
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:
         if timed:
@@ -665,8 +716,41 @@ class SwarmDHT:
                     await fetched_lot.park()
             return not satisfied()
 
+        asked_directory = trio.Event()
+
+        async def from_directory() -> None:
+            # the servers the peer entered through knows of (its own lookup's records): a chain
+            # they cover needs no walk
+            try:
+                entry = next(
+                    (p for p in self.host.get_connected_peers() if not self._skip(p)), None
+                )
+                if entry is None:
+                    return
+                timed: list[float] = []
+                values = await self._ask(
+                    entry,
+                    lambda: directory.ask(self.host, entry, model, digest, timed=timed),
+                    self._copy_limiter,
+                )
+                self._note_answer(entry.to_base58(), timed)  # as good as a ping of it
+                for value in values or ():
+                    rec = directory.verified(value)
+                    if rec is not None and rec.peer_id not in found:
+                        self._keep_live(rec, model, digest, now, found)
+                        fetched.add(ID.from_base58(rec.peer_id))
+            finally:
+                asked_directory.set()
+            if satisfied():
+                walks.cancel()
+
         async def walk(shard: int) -> None:
             try:
+                if copies:
+                    with trio.move_on_after(DIRECTORY_HEAD_START):
+                        await asked_directory.wait()
+                    if satisfied():
+                        return
                 await self.find_providers(
                     model_key(digest or model, shard),
                     functools.partial(found_some, shard),
@@ -689,6 +773,8 @@ class SwarmDHT:
                 fetching.start_soon(fetch_records)
             with send, walks:  # closed once the walks end: the fetchers finish what is queued
                 async with trio.open_nursery() as walking:
+                    if copies:
+                        walking.start_soon(from_directory)
                     for shard in range(MODEL_KEY_SHARDS):
                         walking.start_soon(walk, shard)
         if satisfied():

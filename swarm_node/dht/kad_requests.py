@@ -117,7 +117,7 @@ async def _send(
         if timed is not None:
             timed.append(trio.current_time() - sent_at)
     finally:
-        await _release(stream, peer, answered)
+        await release_stream(stream, peer, answered)
     response = Message()
     try:
         response.ParseFromString(data)
@@ -128,7 +128,7 @@ async def _send(
     return response
 
 
-async def _release(stream: INetStream, peer: ID, answered: bool) -> None:
+async def release_stream(stream: INetStream, peer: ID, answered: bool) -> None:
     """Close after an answer (the remote handler sees EOF), reset otherwise: the remote slot is
     freed either way. Shielded, so a cancelled query still sends it; bounded, so a stuck
     connection cannot hold the caller."""

@@ -14,6 +14,12 @@
   against many fresh identities, evidence signed by another reporter, and an oversized value under
   /swarmevidence/. Stopped: at most MAX_EVIDENCE_PER_REPORTER of the first are stored, none of
   the others.
+- directory_flood: a stranger connects to a server and, on its directory protocol
+  (dht/directory.py), sends a request longer than MAX_REQUEST_BYTES, holds
+  DIRECTORY_STREAMS_PER_PEER streams open without a request and opens one more, then asks for
+  DIRECTORY_MODELS_ASKED models that do not exist, one after another. Stopped: the long request
+  and the extra stream get no answer, each made-up model an empty one in time; the test checks
+  the server keeps at most MAX_MODELS_KEPT answers and holds no stream afterwards.
 - push_redirect: a client opens a session on the first server naming a "victim" host (a real
   libp2p peer that serves nothing) as the next server to push to. Stopped: the session answers
   push=False and the victim gets no stream and no connection from the server.
@@ -41,7 +47,7 @@ from libp2p.records.record import make_signed_put_record
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
-from swarm_node.dht import kad_requests
+from swarm_node.dht import directory, kad_requests
 from swarm_node.dht.discovery import QUERY_ERRORS
 from swarm_node.dht.evidence_records import (
     PublishedEvidence,
@@ -68,6 +74,8 @@ OVERSIZED_VALUE = 900 * 1024  # bytes of the oversized value under our namespace
 FORGED_PROVIDERS = 5000  # providers in each lying GET_PROVIDERS answer
 ASK_WINDOW = 15.0  # seconds the lying peer waits to be asked
 REFLECTION_GRACE = 2.0  # seconds it waits after an answer for an asker to dial the victim
+DIRECTORY_MODELS_ASKED = directory.MAX_MODELS_KEPT + 4
+REFUSAL_WAIT = 2.0  # seconds a refused directory stream may take to be closed or reset
 
 
 def foreign_puts(key_pair: KeyPair) -> list[tuple[bytes, bytes]]:
@@ -332,7 +340,47 @@ async def attack_evidence_flood(target: AttackTarget) -> bool:
     return False
 
 
+async def _no_answer(stream: object, within: float) -> bool:
+    """Whether ``stream`` ends (closed, reset) without an answer within ``within`` seconds."""
+    with trio.move_on_after(within):
+        try:
+            data = await read_varint_prefixed_bytes_limited(stream, directory.MAX_ANSWER_BYTES)
+        except Exception:  # noqa: BLE001 (reset or closed: refused)
+            return True
+        return not data
+    return False
+
+
+async def attack_directory_flood(target: AttackTarget) -> bool:
+    host = build_host(key_pair=create_new_key_pair(), announce=None, psk=None)
+    server = info_from_p2p_addr(Multiaddr(target.servers[0]))
+    protocol = [directory.DIRECTORY_PROTOCOL]
+    async with host.run(listen_addrs=[Multiaddr(LISTEN)]):
+        with trio.move_on_after(ATTACK_TIMEOUT):
+            await host.connect(server)
+            long = await host.new_stream(server.peer_id, protocol)
+            await long.write(encode_varint_prefixed(b"\x80" * (directory.MAX_REQUEST_BYTES + 1)))
+            long_refused = await _no_answer(long, directory.READ_TIMEOUT + REFUSAL_WAIT)
+            await kad_requests.release_stream(long, server.peer_id, False)
+            held = [
+                await host.new_stream(server.peer_id, protocol)
+                for _ in range(directory.DIRECTORY_STREAMS_PER_PEER)
+            ]
+            extra = await host.new_stream(server.peer_id, protocol)
+            extra_refused = await _no_answer(extra, REFUSAL_WAIT)
+            for stream in [*held, extra]:
+                await kad_requests.release_stream(stream, server.peer_id, False)
+            empty = 0
+            for i in range(DIRECTORY_MODELS_ASKED):
+                with trio.move_on_after(directory.LOOKUP_TIMEOUT + REFUSAL_WAIT):
+                    made_up = f"no-such-model-{i}-{time.time_ns()}"
+                    empty += not await directory.ask(host, server.peer_id, made_up, "")
+            return long_refused and extra_refused and empty == DIRECTORY_MODELS_ASKED
+    return False
+
+
 ATTACKS = (
+    ("directory_flood", attack_directory_flood),
     ("foreign_key_flood", attack_foreign_key_flood),
     ("evidence_flood", attack_evidence_flood),
     ("provider_flood", attack_provider_flood),
