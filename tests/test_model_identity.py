@@ -617,7 +617,7 @@ async def test_a_name_anyone_can_claim_does_not_hide_a_pinned_models_servers(
     from libp2p.peer.peerinfo import PeerInfo
     from multiaddr import Multiaddr
 
-    from swarm_node.dht.discovery import PROVIDERS_PER_KEY
+    from swarm_node.dht.finding import PROVIDERS_PER_KEY
 
     a, b = _same_named_models(tmp_path)
     with trio.fail_after(120):

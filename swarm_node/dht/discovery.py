@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -31,19 +30,19 @@ from libp2p.records.validator import NamespacedValidator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from swarm_node.dht import directory, kad_requests
+from swarm_node.dht import directory, finding, kad_requests
 from swarm_node.dht.evidence_records import (
     EVIDENCE_NAMESPACE,
     PublishedEvidence,
     evidence_key,
     sign_evidence,
 )
+from swarm_node.dht.finding import RECORD_FETCHES_AT_ONCE
 from swarm_node.dht.peer_records import install_in_kad
 from swarm_node.dht.records import (
     MODEL_KEY_SHARDS,
     RECORD_NAMESPACE,
     ServerRecord,
-    block_key,
     decode_record,
     model_key,
     provider_keys,
@@ -68,40 +67,27 @@ QUERY_TIMEOUT = 3.0  # seconds for one peer's answer during a lookup
 UNREACHABLE_FOR = 60.0  # seconds a peer that failed to answer is skipped by lookups
 LOOKUP_ROUNDS = 4  # iterative FIND_NODE rounds at most
 MAX_CONCURRENT_QUERIES = 8  # DHT queries this peer has in flight at once
-# servers whose records one lookup fetches at once (each a dial when not connected): a chain's
-# lookup starts no more once the records found cover the chain
-# (its own slots: each asks a different server; with the walks' 8 it waited behind them) 16: in a
-# 32-server swarm of 8 spans a chain was covered after ~24 records, 3 rounds of 8 (the first 8 of
-# 32 cover all 8 spans 1 time in 20, the first 16 2 times in 3)
-RECORD_FETCHES_AT_ONCE = 16
 # record copies asked of connected peers at once (a KadDHT peer answers 12 streams at once, all
 # askers together; a chain's walks ask the entry 4, one a model key, then wait for the records)
 COPY_ASKS_AT_ONCE = 8
-# seconds a chain's walk waits for the copies of the records of the providers found so far before
-# asking farther peers (each a dial): in a 32-server swarm the entry's answers and copies cover a
-# chain most times
-WALK_WAITS_FOR_RECORDS = 0.5
-PROVIDERS_PER_KEY = BUCKET_SIZE  # providers a py-libp2p peer keeps under one key
-PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses learned from records
 MAX_FIND_NODE_KEY = 50  # bytes: py-libp2p peers reset a FIND_NODE stream for longer keys
 # py-libp2p's KadDHT takes at most 10 ADD_PROVIDER from one peer in a 10 s window and drops the rest
 PROVIDES_PER_WINDOW = 10
 PROVIDE_WINDOW = 10.5  # seconds between batches: the window, and a margin for clocks and delivery
-MAX_DIGESTS_PER_NAME = 4  # digests a lookup by name follows to their block keys
 ANSWER_FRESH = 5.0  # seconds a server's answer to a record request stands in for a ping
 # seconds an announcement leaves a provider key unsent when it went out with the same addresses
 # to the same closest peers known (py-libp2p keeps an entry 48 h): every 30-40 s was ~200 of a
 # server's ~350 DHT queries a minute in a settled 32-server swarm, most of its idle CPU
 REPROVIDE_EVERY = 600.0
 MAX_ANSWERS_KEPT = 1024  # such answers remembered at once
+# seconds before expiring that a record held is fetched again from its server for directory
+# answers (records are re-announced every third of their TTL: 40 s of the default 120)
+DIRECTORY_RECORD_MARGIN = 60.0
 # seconds a server's record stands for its next check as a push target: a session opened with
 # push then costs the server no round trip to the next server for it (its record was signed and
 # valid when fetched; a target that moved since turns the push off when a push fails)
 PUSH_RECORD_REUSE = 60.0
 SIGNED_KEPT = 4096  # signed record values kept, the newest of each server (for directory answers)
-# seconds a chain's walks wait for the directory answer of the peer entered through (connected: a
-# round trip) before walking themselves: one that covers the chain ends the lookup there
-DIRECTORY_HEAD_START = 0.3
 # a peer that refused, reset or garbled one query: it answered, so it is not skipped as unreachable
 QUERY_ERRORS = (
     BaseLibp2pError,
@@ -593,12 +579,52 @@ class SwarmDHT:
             and (not digest or rec.model_digest == digest)
         ]
 
-    async def _directory_lookup(self, model: str, digest: str) -> list[tuple[ServerRecord, bytes]]:
-        """The servers of ``model`` (``digest``: of those weights) a complete lookup finds, each
-        with its signed record, for directory answers."""
-        found = await self.find_servers(model, None, digest=digest)
-        signed = [(rec, self._signed.get(rec.peer_id)) for rec in found]
-        return [(rec, held[1]) for rec, held in signed if held is not None and held[0] == rec]
+    async def _directory_lookup(self, model: str, digest: str) -> directory.Entries:
+        """The servers of ``model`` (``digest``: of those weights) for directory answers, each
+        with its signed record: the providers of the model's keys that this peer holds and that
+        the ALPHA peers closest to each key name (one round, not a complete walk: an answer is a
+        shortcut, the asker walks for what it misses), and the records it holds, those it does
+        not hold or that expire within DIRECTORY_RECORD_MARGIN asked of their servers."""
+        providers: dict[ID, PeerInfo] = {}
+
+        async def one_round() -> bool:
+            return False
+
+        async def walk(shard: int) -> None:
+            key = model_key(digest or model, shard)
+            providers.update(await self.find_providers(key, count=ALPHA, go_on=one_round))
+
+        async with trio.open_nursery() as nursery:
+            for shard in range(MODEL_KEY_SHARDS):
+                nursery.start_soon(walk, shard)
+        soon = time.time() + DIRECTORY_RECORD_MARGIN
+        held = {rec.peer_id: rec for rec, _ in self._held_records(model, digest)}
+        async with trio.open_nursery() as nursery:
+            for peer in providers:
+                rec = held.get(peer.to_base58())
+                if rec is None or rec.expires_at < soon:
+                    nursery.start_soon(self.get_record, peer)  # kept by _note_signed
+        return self._held_records(model, digest)
+
+    async def ask_directory(self, model: str, digest: str) -> list[ServerRecord]:
+        """The valid records of servers of ``model`` that a connected DHT server (the peer entered
+        through) lists (dht/directory.py; ``digest``: of those weights), unfiltered by liveness
+        or model: the caller keeps what it wants. Its answer's round trip stands in for a ping
+        of it (``recent_answers``). Empty when no connected peer answers."""
+        connected = [p for p in self.host.get_connected_peers() if not self._skip(p)]
+        # a peer known to serve the DHT first (one not identified yet may be a client)
+        connected.sort(key=lambda p: serves_kad(self.host, p) is not True)
+        if not connected:
+            return []
+        entry, timed = connected[0], []
+        values = await self._ask(
+            entry,
+            lambda: directory.ask(self.host, entry, model, digest, timed=timed),
+            self._copy_limiter,
+        )
+        self._note_answer(entry.to_base58(), timed)
+        records = (directory.verified(value) for value in values or ())
+        return [rec for rec in records if rec is not None]
 
     def _note_answer(self, peer_id: str, timed: list[float]) -> None:
         if timed:
@@ -639,205 +665,7 @@ class SwarmDHT:
         digest: str = "",
         enough: Callable[[list[ServerRecord]], bool] | None = None,
     ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model`` (None: of any block, the model's keys
-        alone: for a client that does not know the model's size yet) holding the weights of
-        ``digest`` (model/identity.py), looked up under the digest's keys: servers of other weights
-        are never found, whatever name they claim. Without a digest, under the name's model keys:
-        the servers of every digest announced under it (a caller refuses a mixture).
-
-        The model's keys (MODEL_KEY_SHARDS of them, in parallel) give its servers whatever the
-        number of blocks; each server's signed record, fetched as soon as its provider entry
-        arrives, says which blocks it holds. Blocks are looked up one by one (in parallel) only
-        where that may miss servers: blocks that none of them holds (a server whose model-key
-        announcement has not reached the peers asked yet), or every block when a model key may be
-        full (PROVIDERS_PER_KEY providers or more: a peer keeps no more, first come first kept,
-        the departed for 48 h). Blocks are keyed by digest: without one, under each digest the
-        model's keys gave (MAX_DIGESTS_PER_NAME at most) and under the name (servers that predate
-        digests).
-
-        ``enough(records)``: a caller that needs some servers soon rather than all of them (a
-        chain for a first token) ends the walks once the records found are enough (the queries
-        under way are cancelled: they waited up to a round trip more, 0.3 s of a first token at
-        25 ms a hop), and dials no more servers for their records (RECORD_FETCHES_AT_ONCE at a
-        time, those already connected first; those being fetched still arrive): a server not
-        connected is read from its copy at a connected peer (``record_copy``: no dial) and asked
-        itself only when that peer holds no valid copy, and a walk asks farther peers only once
-        the records of the providers found so far are in. A fresh client of a 32-server swarm then
-        dials about the servers of its chain (the route pings them and the session reuses the
-        connections), not every server; the per-block lookups are then skipped."""
-        now = time.time() if now is None else now
-        found: dict[str, ServerRecord] = {}
-        counts = [0] * MODEL_KEY_SHARDS  # providers each model key gave
-        fetched: set[ID] = set()
-        # providers whose records are to be fetched, in the order found (bounded by the walks)
-        send, receive = trio.open_memory_channel[ID](math.inf)
-
-        def satisfied() -> bool:
-            full = max(counts) >= PROVIDERS_PER_KEY
-            return enough is not None and not full and enough(list(found.values()))
-
-        walks = trio.CancelScope()  # cancelled once the records found are enough
-        pending = [0]  # providers queued, or being read from a copy
-        fetched_lot = trio.lowlevel.ParkingLot()  # woken as each of those ends
-
-        copies = enough is not None  # a chain's lookup: a copy first, the server if none
-
-        async def fetch_records() -> None:
-            async for peer in receive:
-                rec = None
-                try:
-                    if copies and not satisfied() and peer not in self.host.get_connected_peers():
-                        rec = await self.record_copy(peer)
-                finally:
-                    pending[0] -= 1
-                    fetched_lot.unpark_all()
-                if rec is not None:
-                    self._keep_live(rec, model, digest, now, found)
-                elif not satisfied():  # its own record (a copy may be missing or expired)
-                    await self._fetch_live(peer, model, digest, now, found)
-                if satisfied():
-                    walks.cancel()
-
-        walked: set[int] = set()  # the model keys whose walks have done a round (or ended)
-
-        def round_done(shard: int) -> None:
-            walked.add(shard)
-            fetched_lot.unpark_all()
-
-        async def go_on(shard: int) -> bool:
-            # a chain's walk asks farther peers (each a dial) once every model key's walk has done
-            # a round and the copies of the records of the providers found so far are read (at the
-            # connected entry: no dial, a round trip) and do not cover the chain, or
-            # WALK_WAITS_FOR_RECORDS passed; not waiting on servers asked themselves (a dial each:
-            # 0.5-0.8 s at 25 ms a hop)
-            round_done(shard)
-            with trio.move_on_after(WALK_WAITS_FOR_RECORDS if enough is not None else 0):
-                while (pending[0] or len(walked) < MODEL_KEY_SHARDS) and not satisfied():
-                    await fetched_lot.park()
-            return not satisfied()
-
-        asked_directory = trio.Event()
-
-        async def from_directory() -> None:
-            # the servers the peer entered through knows of (its own lookup's records): a chain
-            # they cover needs no walk
-            try:
-                entry = next(
-                    (p for p in self.host.get_connected_peers() if not self._skip(p)), None
-                )
-                if entry is None:
-                    return
-                timed: list[float] = []
-                values = await self._ask(
-                    entry,
-                    lambda: directory.ask(self.host, entry, model, digest, timed=timed),
-                    self._copy_limiter,
-                )
-                self._note_answer(entry.to_base58(), timed)  # as good as a ping of it
-                for value in values or ():
-                    rec = directory.verified(value)
-                    if rec is not None and rec.peer_id not in found:
-                        self._keep_live(rec, model, digest, now, found)
-                        fetched.add(ID.from_base58(rec.peer_id))
-            finally:
-                asked_directory.set()
-            if satisfied():
-                walks.cancel()
-
-        async def walk(shard: int) -> None:
-            try:
-                if copies:
-                    with trio.move_on_after(DIRECTORY_HEAD_START):
-                        await asked_directory.wait()
-                    if satisfied():
-                        return
-                await self.find_providers(
-                    model_key(digest or model, shard),
-                    functools.partial(found_some, shard),
-                    go_on=functools.partial(go_on, shard),
-                )
-            finally:
-                round_done(shard)
-
-        def found_some(shard: int, providers: list[PeerInfo]) -> None:
-            counts[shard] += len(providers)
-            connected = set(self.host.get_connected_peers())
-            for info in sorted(providers, key=lambda i: i.peer_id not in connected):
-                if info.peer_id not in fetched:
-                    fetched.add(info.peer_id)
-                    pending[0] += 1
-                    send.send_nowait(info.peer_id)
-
-        async with trio.open_nursery() as fetching:
-            for _ in range(RECORD_FETCHES_AT_ONCE):
-                fetching.start_soon(fetch_records)
-            with send, walks:  # closed once the walks end: the fetchers finish what is queued
-                async with trio.open_nursery() as walking:
-                    if copies:
-                        walking.start_soon(from_directory)
-                    for shard in range(MODEL_KEY_SHARDS):
-                        walking.start_soon(walk, shard)
-        if satisfied():
-            return self._learned(found.values(), blocks)
-        full = max(counts) >= PROVIDERS_PER_KEY
-        covered = {b for r in found.values() for b in range(r.start, r.end)}
-        wanted = covered if blocks is None else set(blocks)
-        missing = sorted(wanted if full else wanted - covered)
-        if missing:
-            announced = sorted({r.model_digest for r in found.values()} - {""})
-            under = [digest] if digest else [model, *announced[:MAX_DIGESTS_PER_NAME]]
-            log.debug("looking up %d block(s) of %s one by one", len(missing), model)
-            providers: dict[ID, PeerInfo] = {}
-
-            async def lookup_block(weights: str, block: int) -> None:
-                providers.update(await self.find_providers(block_key(weights, block)))
-
-            async with trio.open_nursery() as nursery:
-                for weights in under:
-                    for block in missing:
-                        nursery.start_soon(lookup_block, weights, block)
-            new = {p: i for p, i in providers.items() if p.to_base58() not in found}
-            found.update(await self._live_records(new, model, digest, now))
-        return self._learned(found.values(), blocks)
-
-    def _learned(
-        self, records: Iterable[ServerRecord], blocks: Iterable[int] | None
-    ) -> list[ServerRecord]:
-        """Those of ``records`` holding any of ``blocks`` (None: all), their signed addresses
-        noted in the peerstore, by first block."""
-        wanted = None if blocks is None else set(blocks)
-        live = [r for r in records if wanted is None or any(r.covers(b) for b in wanted)]
-        for rec in live:
-            addrs = [Multiaddr(a) for a in rec.addrs]
-            self.host.get_peerstore().add_addrs(ID.from_base58(rec.peer_id), addrs, PEER_ADDR_TTL)
-        return sorted(live, key=lambda r: (r.start, r.peer_id))
-
-    async def _fetch_live(
-        self, peer: ID, model: str, digest: str, now: float, into: dict[str, ServerRecord]
-    ) -> None:
-        """``peer``'s record into ``into`` if it is live and of ``model`` (of ``digest``'s
-        weights, when given)."""
-        rec = await self.get_record(peer)
-        if rec is not None:
-            self._keep_live(rec, model, digest, now, into)
-
-    @staticmethod
-    def _keep_live(
-        rec: ServerRecord, model: str, digest: str, now: float, into: dict[str, ServerRecord]
-    ) -> None:
-        if rec.model != model or not rec.is_live(now):
-            return
-        if not digest or rec.model_digest == digest:
-            into[rec.peer_id] = rec
-
-    async def _live_records(
-        self, providers: dict[ID, PeerInfo], model: str, digest: str, now: float
-    ) -> dict[str, ServerRecord]:
-        """The live records of ``model`` (of ``digest``'s weights, when given) among
-        ``providers``' own, fetched in parallel (addresses come from the signed records:
-        kad_requests put only vouched ones in the peerstore)."""
-        records: dict[str, ServerRecord] = {}
-        async with trio.open_nursery() as nursery:
-            for peer in providers:
-                nursery.start_soon(self._fetch_live, peer, model, digest, now, records)
-        return records
+        """Live servers of any of ``blocks`` of ``model``: finding.find_servers."""
+        return await finding.find_servers(
+            self, model, blocks, now=now, digest=digest, enough=enough
+        )

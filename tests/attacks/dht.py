@@ -366,9 +366,14 @@ async def attack_directory_flood(target: AttackTarget) -> bool:
                 await host.new_stream(server.peer_id, protocol)
                 for _ in range(directory.DIRECTORY_STREAMS_PER_PEER)
             ]
-            extra = await host.new_stream(server.peer_id, protocol)
-            extra_refused = await _no_answer(extra, REFUSAL_WAIT)
-            for stream in [*held, extra]:
+            try:
+                extra = await host.new_stream(server.peer_id, protocol)
+            except QUERY_ERRORS:  # reset before its negotiation was answered: refused as well
+                extra_refused = True
+            else:
+                extra_refused = await _no_answer(extra, REFUSAL_WAIT)
+                held.append(extra)
+            for stream in held:
                 await kad_requests.release_stream(stream, server.peer_id, False)
             empty = 0
             for i in range(DIRECTORY_MODELS_ASKED):
