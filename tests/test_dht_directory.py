@@ -34,7 +34,7 @@ from swarm_node.dht.directory import (
     sample,
     verified,
 )
-from swarm_node.dht.records import ServerRecord, record_fields
+from swarm_node.dht.records import ServerRecord, record_fields, record_key
 from swarm_node.dht.signing import sign_fields, sign_record
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
 from swarm_node.model.bundled import model_id_of
@@ -170,6 +170,32 @@ async def test_a_chain_lookup_takes_the_entrys_directory_and_walks_nothing(
                 found = await client.find_servers(model, 6)
                 assert {r.peer_id for r in found} == {s.peer_id for s in servers}
                 assert walked
+            assert entry.dht.directory.lookups == 1
+
+
+async def test_an_entry_looks_up_the_servers_it_did_not_hold_for_its_next_asker(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the entry holds no record of the second server (its copy gone, none fetched): the first
+    # client's answer leaves blocks 3:6 uncovered and it walks; the entry then looks the model up
+    # (providers, and the records it lacks from their servers) and the next client walks nothing
+    monkeypatch.setattr(finding, "DIRECTORY_HEAD_START", 60.0)
+    with trio.fail_after(90):
+        async with local_swarm(tiny_llama, [(0, 3), (3, 6)]) as (servers, _):
+            entry, other = servers
+            model = model_id_of(str(tiny_llama))
+            entry.dht.kad.value_store.store.pop(record_key(other.peer_id).encode(), None)
+            entry.dht._signed.pop(other.peer_id, None)  # noqa: SLF001 (what it fetched itself)
+            config = PeerConfig(listen=LOOPBACK, initial_peers=tuple(entry.addrs[:1]))
+            walks = []
+            for _ in range(2):
+                async with open_peer(config) as client:
+                    walked = count_walks(client)
+                    chain = await client.find_chain(model, 6)
+                    assert [h.server.peer_id for h in chain] == [entry.peer_id, other.peer_id]
+                    walks.append(len(walked))
+                await entry.dht.directory.lookups_done()  # the one it started after answering
+            assert walks[0] > 0 and walks[1] == 0, walks
             assert entry.dht.directory.lookups == 1
 
 

@@ -215,6 +215,7 @@ class Directory:
         self._held = held
         self._kept: dict[tuple[str, str], _Kept] = {}
         self._looking: set[tuple[str, str]] = set()
+        self._looked = trio.lowlevel.ParkingLot()  # woken as each lookup ends
         self._streams = 0
         self._per_peer: collections.Counter[ID] = collections.Counter()
         self.lookups = 0  # lookups run for askers (tests, logs)
@@ -226,6 +227,11 @@ class Directory:
     @property
     def models_kept(self) -> int:
         return len(self._kept)
+
+    async def lookups_done(self) -> None:
+        """Return once no lookup is running."""
+        while self._looking:
+            await self._looked.park()
 
     async def handle_stream(self, stream: INetStream) -> None:
         peer = stream.muxed_conn.peer_id
@@ -245,7 +251,7 @@ class Directory:
             self._per_peer[peer] -= 1
             if not self._per_peer[peer]:
                 del self._per_peer[peer]
-        if key is not None:  # answered from what was kept: look again for the next askers
+        if key is not None:  # reserved while answering: look it up for the next askers
             await self._refresh(key)
 
     async def _answer(self, stream: INetStream, peer: ID) -> tuple[str, str] | None:
@@ -264,7 +270,7 @@ class Directory:
                 return None
             kept = self._kept.get(key)
             now = trio.current_time()
-            if kept is None or now - kept.at > DIRECTORY_FRESH:
+            if self._reserve(key):
                 again = key
             entries = {rec.peer_id: (rec, value) for rec, value in self._held(*key)}
             if kept is not None and now - kept.at <= DIRECTORY_KEPT:
@@ -281,21 +287,29 @@ class Directory:
             trio.ClosedResourceError,
         ) as exc:
             log.debug("directory stream of %s failed: %r", peer, exc)
+        except BaseException:  # cancelled, or a bug: the reserved lookup will not run
+            if again is not None:
+                self._looking.discard(again)
+                self._looked.unpark_all()
+            raise
         finally:
             await release_stream(stream, peer, answered)
         return again
 
-    async def _refresh(self, key: tuple[str, str]) -> None:
-        """Look ``key`` up; nothing when it is being looked up, was less than DIRECTORY_FRESH
-        ago, or LOOKUPS_AT_ONCE run already."""
-        if key in self._looking:
-            return
+    def _reserve(self, key: tuple[str, str]) -> bool:
+        """Whether to look ``key`` up now (then marked as being looked up, before the answer
+        goes out: ``lookups_done`` waits for it): not when it is being looked up, was less than
+        DIRECTORY_FRESH ago, or LOOKUPS_AT_ONCE run already."""
         kept = self._kept.get(key)
         if kept is not None and trio.current_time() - kept.at <= DIRECTORY_FRESH:
-            return
-        if len(self._looking) >= LOOKUPS_AT_ONCE:
-            return
+            return False
+        if key in self._looking or len(self._looking) >= LOOKUPS_AT_ONCE:
+            return False
         self._looking.add(key)
+        return True
+
+    async def _refresh(self, key: tuple[str, str]) -> None:
+        """Look ``key`` (reserved) up and keep what it finds."""
         try:
             self.lookups += 1
             with trio.move_on_after(LOOKUP_TIMEOUT) as deadline:
@@ -313,3 +327,4 @@ class Directory:
             self._kept[key] = _Kept(trio.current_time(), entries)
         finally:
             self._looking.discard(key)
+            self._looked.unpark_all()
