@@ -36,12 +36,12 @@ import msgpack
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.exceptions import BaseLibp2pError, ParseError
+from libp2p.exceptions import ParseError
 from libp2p.io.exceptions import MessageTooLarge
 from libp2p.peer.id import ID
 from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_bytes_limited
 
-from swarm_node.dht.kad_requests import release_stream
+from swarm_node.dht.kad_requests import STREAM_ERRORS, exchange, release_stream
 from swarm_node.dht.records import MAX_RECORD_SIZE, ServerRecord, decode_record, record_key
 from swarm_node.dht.validators import newest_record
 from swarm_node.errors import LocalProtocolError, RemoteProtocolError
@@ -182,22 +182,7 @@ async def ask(
     gets the seconds from sending the request to its answer (a round trip, as a ping's)."""
     request = encode_request(model, digest)
     stream = await host.new_stream(peer, [DIRECTORY_PROTOCOL])
-    answered = False
-    try:
-        sent_at = trio.current_time()
-        await stream.write(encode_varint_prefixed(request))
-        try:
-            data = await read_varint_prefixed_bytes_limited(stream, MAX_ANSWER_BYTES)
-        except (MessageTooLarge, ParseError) as exc:
-            raise RemoteProtocolError(
-                f"directory answer from {peer} must be a varint-prefixed message of at most "
-                f"{MAX_ANSWER_BYTES} bytes, got {exc}"
-            ) from None
-        answered = True
-        if timed is not None:
-            timed.append(trio.current_time() - sent_at)
-    finally:
-        await release_stream(stream, peer, answered)
+    data = await exchange(stream, peer, request, MAX_ANSWER_BYTES, "directory answer", timed=timed)
     return decode_answer(data)
 
 
@@ -280,12 +265,7 @@ class Directory:
             values = sample(list(entries.values()), time.time())
             await stream.write(encode_varint_prefixed(encode_answer(values)))
             answered = True
-        except (
-            BaseLibp2pError,
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-        ) as exc:
+        except STREAM_ERRORS as exc:
             log.debug("directory stream of %s failed: %r", peer, exc)
         except BaseException:  # cancelled, or a bug: the reserved lookup will not run
             if again is not None:

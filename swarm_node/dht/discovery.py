@@ -656,16 +656,6 @@ class SwarmDHT:
             self._push_records.note(peer_id, record)
         return record
 
-    async def find_servers(
-        self,
-        model: str,
-        blocks: Iterable[int] | None,
-        *,
-        now: float | None = None,
-        digest: str = "",
-        enough: Callable[[list[ServerRecord]], bool] | None = None,
-    ) -> list[ServerRecord]:
-        """Live servers of any of ``blocks`` of ``model``: finding.find_servers."""
-        return await finding.find_servers(
-            self, model, blocks, now=now, digest=digest, enough=enough
-        )
+    # finding.find_servers as a method (its first parameter is this SwarmDHT): live servers of
+    # a model's blocks, a chain's or all of them
+    find_servers = finding.find_servers

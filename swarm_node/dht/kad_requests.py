@@ -53,6 +53,8 @@ CLOSER_PEER_ADDR_TTL = 3600  # seconds the peerstore keeps addresses from FIND_N
 # providers read from one GET_PROVIDERS answer: an honest peer lists the servers of one block, a
 # lying one thousands, each costing the asker a record lookup
 MAX_PROVIDERS_PER_ANSWER = 32
+# what writing to, reading from or closing a stream raises when the peer or the connection is gone
+STREAM_ERRORS = (BaseLibp2pError, OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 async def _exchange(
@@ -99,25 +101,16 @@ async def _send(
         if forget_unreachable:
             kad.routing_table.remove_peer(peer)
         raise
-    answered = False
-    try:
-        sent_at = trio.current_time()
-        await stream.write(encode_varint_prefixed(request.SerializeToString()))
-        if not answer:
-            answered = True  # sent whole: close, the remote handler reads it and sees EOF
-            return Message()
-        try:  # the length is checked against the limit before the body is read
-            data = await read_varint_prefixed_bytes_limited(stream, MAX_DHT_MESSAGE_SIZE)
-        except (MessageTooLarge, ParseError) as exc:
-            raise RemoteProtocolError(
-                f"DHT answer from {peer} must be a varint-prefixed message of at most "
-                f"{MAX_DHT_MESSAGE_SIZE} bytes, got {exc}"
-            ) from None
-        answered = True
-        if timed is not None:
-            timed.append(trio.current_time() - sent_at)
-    finally:
-        await release_stream(stream, peer, answered)
+    sent = request.SerializeToString()
+    if not answer:
+        written = False
+        try:
+            await stream.write(encode_varint_prefixed(sent))
+            written = True  # sent whole: close, the remote handler reads it and sees EOF
+        finally:
+            await release_stream(stream, peer, written)
+        return Message()
+    data = await exchange(stream, peer, sent, MAX_DHT_MESSAGE_SIZE, "DHT answer", timed=timed)
     response = Message()
     try:
         response.ParseFromString(data)
@@ -128,6 +121,38 @@ async def _send(
     return response
 
 
+async def exchange(
+    stream: INetStream,
+    peer: ID,
+    request: bytes,
+    max_size: int,
+    what: str,
+    *,
+    timed: list[float] | None = None,
+) -> bytes:
+    """Write ``request`` varint-prefixed, then read one varint-prefixed answer of at most
+    ``max_size`` bytes (the length is checked before the body is read; RemoteProtocolError
+    naming ``what`` otherwise); the stream is released however this ends. ``timed`` gets the
+    seconds from sending to the answer (a round trip, opening the stream not counted)."""
+    answered = False
+    try:
+        sent_at = trio.current_time()
+        await stream.write(encode_varint_prefixed(request))
+        try:
+            data = await read_varint_prefixed_bytes_limited(stream, max_size)
+        except (MessageTooLarge, ParseError) as exc:
+            raise RemoteProtocolError(
+                f"{what} from {peer} must be a varint-prefixed message of at most {max_size} "
+                f"bytes, got {exc}"
+            ) from None
+        answered = True
+        if timed is not None:
+            timed.append(trio.current_time() - sent_at)
+        return data
+    finally:
+        await release_stream(stream, peer, answered)
+
+
 async def release_stream(stream: INetStream, peer: ID, answered: bool) -> None:
     """Close after an answer (the remote handler sees EOF), reset otherwise: the remote slot is
     freed either way. Shielded, so a cancelled query still sends it; bounded, so a stuck
@@ -136,12 +161,7 @@ async def release_stream(stream: INetStream, peer: ID, answered: bool) -> None:
         with trio.move_on_after(RELEASE_TIMEOUT):
             try:
                 await (stream.close() if answered else stream.reset())
-            except (
-                BaseLibp2pError,
-                OSError,
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-            ) as exc:
+            except STREAM_ERRORS as exc:
                 log.debug("releasing a DHT stream to %s failed: %r", peer, exc)
 
 
