@@ -76,7 +76,10 @@ async def find_servers(
     digests).
 
     ``enough(records)``: a caller that needs some servers soon rather than all of them (a
-    chain for a first token) ends the walks once the records found are enough (the queries
+    chain for a first token) first asks the peer it entered through for the servers it knows
+    (``SwarmDHT.ask_directory``, dht/directory.py; the walks wait up to DIRECTORY_HEAD_START for
+    its answer and run only if it leaves the chain uncovered), ends the walks once the records
+    found are enough (the queries
     under way are cancelled: they waited up to a round trip more, 0.3 s of a first token at
     25 ms a hop), and dials no more servers for their records (RECORD_FETCHES_AT_ONCE at a
     time, those already connected first; those being fetched still arrive): a server not
