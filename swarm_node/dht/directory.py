@@ -1,11 +1,11 @@
 """The servers of a model from one peer that knows them: a chain's lookup in one round trip.
 
 A DHT server answers DIRECTORY_PROTOCOL ("the servers of model M, of digest D") at once with the
-signed records it holds (``held``: the copies in its store, the records it fetched) and those its
-last lookup of the model found (``lookup``: SwarmDHT's, one round at the peers closest to the
-model's keys and the records it lacks); after answering, it looks the model up again when that
-lookup is older than DIRECTORY_FRESH (or there was none), so an asker never waits on a lookup and
-the next asker gets what it found. A fresh client asks the peer it entered through, already
+signed records it holds (``held``: the copies stored at it, the records it fetched); after
+answering, it looks the model up again (``lookup``: SwarmDHT's, one round at the peers closest to
+the model's keys, and the records it lacks fetched) when its last lookup of it is older than
+DIRECTORY_FRESH (or there was none), so an asker never waits on a lookup and the next asker gets
+what it found. A fresh client asks the peer it entered through, already
 connected: no dial, no walk. In a 32-server swarm at 25 ms a hop a chain's lookup took 1.4-1.6 s
 (providers from the walks, then each record from a copy or, where the entry held none, from the
 server itself: a dial each); with the directory, 0.13-0.19 s.
@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -57,11 +57,8 @@ MAX_ANSWER_BYTES = 1 << 20
 # servers of any one block an answer lists at most (a big swarm's answer is a sample of it, each
 # block still covered): a chain needs one, the route chooses among the fastest few
 COVER_PER_BLOCK = 8
-DIRECTORY_FRESH = 20.0  # seconds a lookup's records are answered before it is looked up again
-# seconds they are answered at all (each record also carries its own expiry, checked when
-# answering and by the asker)
-DIRECTORY_KEPT = 120.0
-MAX_MODELS_KEPT = 16  # (model, digest) lookups kept; the longest unrefreshed goes first
+DIRECTORY_FRESH = 20.0  # seconds after a lookup of a model before an asker starts another
+MAX_MODELS_KEPT = 16  # (model, digest) whose last lookup is remembered; the oldest goes first
 LOOKUPS_AT_ONCE = 2  # lookups askers' requests may have running at once on this peer
 LOOKUP_TIMEOUT = 10.0  # seconds for one (what it found by then is dropped)
 READ_TIMEOUT = 3.0  # seconds for a request to arrive whole
@@ -69,7 +66,7 @@ DIRECTORY_STREAMS_AT_ONCE = 16
 DIRECTORY_STREAMS_PER_PEER = 2
 
 Entries = list[tuple[ServerRecord, bytes]]  # records, each with its signed value
-Lookup = Callable[[str, str], Awaitable[Entries]]
+Lookup = Callable[[str, str], Awaitable[None]]  # fills what ``held`` answers
 
 
 def encode_request(model: str, digest: str) -> bytes:
@@ -187,19 +184,14 @@ async def ask(
     return decode_answer(data)
 
 
-@dataclass
-class _Kept:
-    at: float  # trio time of the lookup that found them
-    entries: list[tuple[ServerRecord, bytes]] = field(default_factory=list)
-
-
 class Directory:
-    """A DHT server's side: answers requests from what ``lookup`` found (module docstring)."""
+    """A DHT server's side: answers requests from what ``held`` gives, which ``lookup`` fills
+    (module docstring)."""
 
     def __init__(self, lookup: Lookup, held: Callable[[str, str], Entries]) -> None:
         self._lookup = lookup
         self._held = held
-        self._kept: dict[tuple[str, str], _Kept] = {}
+        self._kept: dict[tuple[str, str], float] = {}  # -> trio time of its last lookup
         self._looking: set[tuple[str, str]] = set()
         self._looked = trio.lowlevel.ParkingLot()  # woken as each lookup ends
         self._streams = 0
@@ -254,16 +246,9 @@ class Directory:
                     log.debug("bad directory request from %s: %s", peer, exc)
             if key is None:
                 return None
-            kept = self._kept.get(key)
-            now = trio.current_time()
             if self._reserve(key):
                 again = key
-            entries = {rec.peer_id: (rec, value) for rec, value in self._held(*key)}
-            if kept is not None and now - kept.at <= DIRECTORY_KEPT:
-                for rec, value in kept.entries:
-                    if rec.peer_id not in entries or entries[rec.peer_id][0].seq < rec.seq:
-                        entries[rec.peer_id] = (rec, value)
-            values = sample(list(entries.values()), time.time())
+            values = sample(self._held(*key), time.time())
             await stream.write(encode_varint_prefixed(encode_answer(values)))
             answered = True
         except STREAM_ERRORS as exc:
@@ -281,8 +266,7 @@ class Directory:
         """Whether to look ``key`` up now (then marked as being looked up, before the answer
         goes out: ``lookups_done`` waits for it): not when it is being looked up, was less than
         DIRECTORY_FRESH ago, or LOOKUPS_AT_ONCE run already."""
-        kept = self._kept.get(key)
-        if kept is not None and trio.current_time() - kept.at <= DIRECTORY_FRESH:
+        if trio.current_time() - self._kept.get(key, -math.inf) <= DIRECTORY_FRESH:
             return False
         if key in self._looking or len(self._looking) >= LOOKUPS_AT_ONCE:
             return False
@@ -290,12 +274,12 @@ class Directory:
         return True
 
     async def _refresh(self, key: tuple[str, str]) -> None:
-        """Look ``key`` (reserved) up and keep what it finds."""
+        """Look ``key`` (reserved) up; remember when, once it completed."""
         try:
             self.lookups += 1
             with trio.move_on_after(LOOKUP_TIMEOUT) as deadline:
                 try:
-                    entries = await self._lookup(*key)
+                    await self._lookup(*key)
                 except Exception:  # a failed lookup answers nothing new; the next asker tries
                     log.warning("looking up the servers of %s failed", key[0], exc_info=True)
                     return
@@ -304,8 +288,8 @@ class Directory:
                 return
             self._kept.pop(key, None)
             if len(self._kept) >= MAX_MODELS_KEPT:
-                del self._kept[min(self._kept, key=lambda k: self._kept[k].at)]
-            self._kept[key] = _Kept(trio.current_time(), entries)
+                del self._kept[min(self._kept, key=self._kept.__getitem__)]
+            self._kept[key] = trio.current_time()
         finally:
             self._looking.discard(key)
             self._looked.unpark_all()

@@ -144,12 +144,15 @@ class SwarmDHT:
         # with none) is refused, so strangers cannot fill this peer's store and push records out
         only_ours = NamespacedValidator(
             {
-                RECORD_NAMESPACE: RecordValidator(self._held_seq),
+                RECORD_NAMESPACE: RecordValidator(self._held_seq, self._note_signed),
                 EVIDENCE_NAMESPACE: EvidenceValidator(),
             },
             strict_validation=True,
         )
         self.serving = serving
+        # server -> (its newest valid record seen, that record's signed value): those stored here
+        # (RecordValidator passed them) and those fetched, for directory answers
+        self._signed: dict[str, tuple[ServerRecord, bytes]] = {}
         install_in_kad()  # py-libp2p's DHT code checks each peer record's signature once too
         self.kad = ServersOnlyKad(
             host,
@@ -158,8 +161,6 @@ class SwarmDHT:
             validator_changed=True,
             strict_validation=True,
         )
-        # server -> (its newest valid record seen, that record's signed value): directory answers
-        self._signed: dict[str, tuple[ServerRecord, bytes]] = {}
         self.directory = directory.Directory(self._directory_lookup, self._held_records)
         if serving:
             host.set_stream_handler(PROTOCOL_ID, self._handle_stream)
@@ -558,33 +559,23 @@ class SwarmDHT:
         return record
 
     def _held_records(self, model: str, digest: str) -> directory.Entries:
-        """The valid live records of ``model`` (``digest``: of those weights) this peer holds:
-        copies in its store, and the newest it fetched of each server, each with its signed value."""
+        """The live records of ``model`` (``digest``: of those weights) this peer holds (stored
+        here or fetched: ``_signed``), each with its signed value."""
         now = time.time()
-        held: dict[str, tuple[ServerRecord, bytes]] = {}
-        prefix = record_key("").encode()
-        for key, (stored, _) in list(self.kad.value_store.store.items()):
-            if key.startswith(prefix):
-                found = newest_record([stored.value], key.decode(errors="replace"))
-                if found is not None:
-                    held[found[1].peer_id] = (found[1], stored.value)
-        for rec, value in self._signed.values():
-            if rec.peer_id not in held or held[rec.peer_id][0].seq < rec.seq:
-                held[rec.peer_id] = (rec, value)
         return [
             (rec, value)
-            for rec, value in held.values()
+            for rec, value in self._signed.values()
             if rec.model == model
             and rec.is_live(now)
             and (not digest or rec.model_digest == digest)
         ]
 
-    async def _directory_lookup(self, model: str, digest: str) -> directory.Entries:
-        """The servers of ``model`` (``digest``: of those weights) for directory answers, each
-        with its signed record: the providers of the model's keys that this peer holds and that
-        the ALPHA peers closest to each key name (one round, not a complete walk: an answer is a
-        shortcut, the asker walks for what it misses), and the records it holds, those it does
-        not hold or that expire within DIRECTORY_RECORD_MARGIN asked of their servers."""
+    async def _directory_lookup(self, model: str, digest: str) -> None:
+        """Fetch, for directory answers, the records of the servers of ``model`` (``digest``: of
+        those weights) that this peer lacks or that expire within DIRECTORY_RECORD_MARGIN, from
+        the servers themselves: those among the providers of the model's keys that this peer
+        holds and that the ALPHA peers closest to each key name (one round, not a complete walk:
+        an answer is a shortcut, the asker walks for what it misses)."""
         providers: dict[ID, PeerInfo] = {}
 
         async def one_round() -> bool:
@@ -604,7 +595,6 @@ class SwarmDHT:
                 rec = held.get(peer.to_base58())
                 if rec is None or rec.expires_at < soon:
                     nursery.start_soon(self.get_record, peer)  # kept by _note_signed
-        return self._held_records(model, digest)
 
     async def ask_directory(self, model: str, digest: str) -> list[ServerRecord]:
         """The valid records of servers of ``model`` that a connected DHT server (the peer entered

@@ -36,8 +36,13 @@ class RecordValidator(Validator):
     wall-clock time (records cross machines), so this is the one place that reads ``time.time()``.
     """
 
-    def __init__(self, held_seq: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        held_seq: Callable[[str], int | None],
+        on_valid: Callable[[ServerRecord, bytes], object] | None = None,
+    ) -> None:
         self._held_seq = held_seq
+        self._on_valid = on_valid  # hears each record that passes, with its signed value
 
     def validate(self, key: str, value: bytes) -> None:
         record = verify_record(value, key=key, now=time.time(), previous_seq=self._held_seq(key))
@@ -46,6 +51,8 @@ class RecordValidator(Validator):
             raise RemoteProtocolError(
                 f"record of peer {record.peer_id} must be stored by that peer, got it from {sender}"
             )
+        if self._on_valid is not None:
+            self._on_valid(record, value)
 
     def select(self, key: str, values: list[bytes]) -> int:
         newest = newest_record(values, key)
