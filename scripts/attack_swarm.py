@@ -207,8 +207,8 @@ async def health_check(
     import httpx
     import trio
 
-    from swarm_node.node.client.inference_session import request
     from swarm_node.node.net.dialing import open_stream
+    from swarm_node.node.net.message_stream import request
     from swarm_node.protocol import DEFAULT_MAX_FRAME_SIZE
     from swarm_node.protocol import messages as m
 

@@ -17,7 +17,9 @@ thread (torch, the client's side), and `import_swarm_node_s`: `import swarm_node
 of 5. Timing starts once the swarm is settled, as a user meets it (`settle`): its servers use
 fewer than --settle-cores cores over 5 s (their start-up's announcements done), or --settle-most
 seconds passed; `swarm_cores`: the cores they used over the last 5 s before the timing (their
-idle load). `load`: the load average after each swarm size (the figures are indicative on a shared
+idle load); `swarm_cpu_per_generate_s`: the CPU seconds the servers used while a generate ran
+(median; on this 2-core machine whatever they use is taken from the client's cores: announcements
+and lookups of other servers that fall during a run slow it). `load`: the load average after each swarm size (the figures are indicative on a shared
 machine). Prints one JSON line. A baseline: BENCH_CHECKOUT=/path/to/main (the servers and the CLI
 both come from that checkout), or `--compare /path/to/main`: that checkout's CLI against the same
 swarms, rounds alternating with this one's (`compare` in the JSON). Issue 21's targets: first token <= 2.5 s on loopback whatever the
@@ -234,6 +236,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "status_s": {},
         "warm_lookup_ms": {},
         "swarm_cores": {},
+        "swarm_cpu_per_generate_s": {},
         "load": {},
     }
     for servers in args.servers:
@@ -248,11 +251,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 common = ["--initial-peers", entry, "--model", MODEL]
                 generate = [*CLI, "generate", PROMPT, "--max-new-tokens", "1", *common]
                 status = [*CLI, "status", *common]
-                firsts, exits, status_times = [], [], []
+                firsts, exits, status_times, swarm_cpu = [], [], [], []
                 base: dict[str, list[float]] = {"first": [], "exit": [], "status": []}
                 for _ in range(args.repeats):
                     try:
+                        before = cpu_seconds(processes)
                         first, done = await timed(generate, PROMPT)
+                        swarm_cpu.append(cpu_seconds(processes) - before)
                         firsts.append(first)
                         exits.append(done)
                         status_times.append((await timed(status))[1])
@@ -285,6 +290,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ("status_s", status_times),
                 ):
                     out[name][key] = round(statistics.median(times), 3) if times else None
+                if swarm_cpu:
+                    out["swarm_cpu_per_generate_s"][key] = round(statistics.median(swarm_cpu), 2)
                 out["load"][key] = [round(x, 2) for x in os.getloadavg()]
                 print(
                     key, firsts, exits, status_times, out["load"][key], file=sys.stderr, flush=True

@@ -21,12 +21,12 @@ from swarm_node import compression
 from swarm_node.errors import ConfigError, RemoteError, RequestError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.recovery import is_server_failure
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import MAX_REQUEST_TOKENS, ServerConfig
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.quick_jobs import OFF_LOOP_BYTES, off_loop
 from swarm_node.node.server.compute_admission import (
     MB,

@@ -21,11 +21,10 @@ from swarm_node.model.devices import is_out_of_memory, resolve_device, resolve_d
 from swarm_node.node.apps.cli import build_parser, main
 from swarm_node.node.apps.commands import resolve_client_device
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
-from swarm_node.node.net.message_stream import MessageStream
+from swarm_node.node.net.message_stream import MessageStream, request
 from swarm_node.node.peer import open_peer
 from swarm_node.node.server.memory import (
     AUTO_CACHE_TOKENS,

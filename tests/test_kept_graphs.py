@@ -10,9 +10,9 @@ import trio
 import trio.testing
 
 from swarm_node import compression
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.server.kept_graphs import KeptGraph, KeptGraphs
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model

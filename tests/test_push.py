@@ -13,9 +13,9 @@ from swarm_node import compression
 from swarm_node.errors import ProtocolError, RemoteError
 from swarm_node.model import Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.inference_session import open_stream
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
+from swarm_node.node.net.dialing import open_stream
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model
 from tests.swarm_helpers import local_swarm

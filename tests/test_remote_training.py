@@ -12,10 +12,10 @@ import trio
 from swarm_node import compression
 from swarm_node.errors import RemoteError
 from swarm_node.model.client_lora import ClientLora
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.remote_sequential import RemoteSequential
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import reference_model

@@ -22,10 +22,10 @@ from swarm_node.errors import (
     SessionError,
 )
 from swarm_node.node.apps.cli import main
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_blocks
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.swarm_helpers import LOOPBACK, local_swarm

@@ -9,10 +9,10 @@ import trio
 
 from swarm_node import compression
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import ClientConfig
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.protocol import messages as m
 from tests.model_fixtures import make_tiny_model_dir
 from tests.swarm_helpers import local_swarm

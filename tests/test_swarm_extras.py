@@ -12,11 +12,11 @@ from swarm_node import compression
 from swarm_node.errors import ConfigError
 from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import SessionSettings
 from swarm_node.node.config import PeerConfig, ServerConfig
 from swarm_node.node.net.dialing import open_stream
 from swarm_node.node.net.identity import load_or_create_identity
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.swarm_helpers import LOOPBACK, local_swarm

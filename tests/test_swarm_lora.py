@@ -18,10 +18,10 @@ from swarm_node.model import BlockSpan, Checkpoint, ClientHead
 from swarm_node.model.lora import load_peft_adapter
 from swarm_node.node.apps.cli import main
 from swarm_node.node.client.generation import SamplingConfig, generate_tokens
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.config import ClientConfig, PeerConfig, ServerConfig, parse_adapter_flags
 from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import request
 from swarm_node.node.peer import open_peer
 from swarm_node.protocol import messages as m
 from tests.lora_fixtures import merged_reference, save_peft_adapter

@@ -17,8 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 # GemmaTokenizer (Gemma 3 270M's): a TokenizersBackend that keeps tokenizer.json's pipeline when
 # loaded from one (tests/test_families_real.py compares them on the real vocabulary)
 PLAIN_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GemmaTokenizer")
@@ -74,13 +72,15 @@ class PlainTokenizer:
     def __call__(self, text: str, return_tensors: str | None = None) -> SimpleNamespace:
         ids = self.encode(text)
         if return_tensors == "pt":
+            import torch  # here: counting a prompt's tokens before torch has loaded needs none
+
             return SimpleNamespace(input_ids=torch.tensor([ids], dtype=torch.long))
         if return_tensors is not None:
             raise ValueError(f"'return_tensors' must be 'pt' or None, got {return_tensors!r}")
         return SimpleNamespace(input_ids=ids)
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor (or an array) of ids
             ids = ids.tolist()
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

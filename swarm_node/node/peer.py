@@ -60,6 +60,7 @@ from swarm_node.protocol import messages as m
 
 if TYPE_CHECKING:  # these load torch: imported where a session or a server needs them, so that
     # a peer that only looks the swarm up (`swarm-node status`) never loads it
+    from swarm_node.node.client.early_spans import EarlySpans
     from swarm_node.node.client.inference_session import InferenceSession
     from swarm_node.node.client.recovery import Recovery
     from swarm_node.node.client.settings import HopTuning, SessionSettings
@@ -585,13 +586,13 @@ class Peer:
         those found (each a dial that the chain's session then reuses): a cold `generate` does
         this while torch and its side of the model load, so that its route finds them answered
         (ANSWER_FRESH) instead of dialling them after (8 dials at 25 ms a hop: ~0.2 s)."""
-        wants = _ChainWants(model=model)
+        wants = ChainWants(model=model)
         adapter = self.client_config.adapter or ""
         await self._route(wants, self._known.get(model, []), start, end, adapter, None, frozenset())
 
     async def _route(
         self,
-        settings: SessionSettings | _ChainWants,
+        settings: SessionSettings | ChainWants,
         servers: list[ServerRecord],
         start: int,
         end: int,
@@ -708,11 +709,17 @@ class Peer:
         )
 
     def inference_session(
-        self, chain: list[Hop], settings: SessionSettings, tuning: HopTuning | None = None
+        self,
+        chain: list[Hop],
+        settings: SessionSettings,
+        tuning: HopTuning | None = None,
+        *,
+        early: EarlySpans | None = None,
     ) -> InferenceSession:
         """A session over ``chain`` (``settings``' None fields: the client config's); ``tuning``:
         deep prompts of every block of the model and a named adapter or client-owned LoRA, each
-        server getting its blocks' part at open."""
+        server getting its blocks' part at open; ``early``: sessions opened on the chain's servers
+        before this one (early_spans.py), taken where they match."""
         from swarm_node.node.client.inference_session import IdleWatch, InferenceSession, Verify
         from swarm_node.node.client.settings import HopTuning
 
@@ -745,11 +752,12 @@ class Peer:
                 spawn=self._nursery.start_soon,
                 on_found=self._publish_evidence if config.publish_evidence else None,
             ),
+            early=early,
         )
 
 
 @dataclass(frozen=True)
-class _ChainWants:
+class ChainWants:
     """What ``_route`` reads of a session's settings, for a chain chosen before torch is loaded."""
 
     model: str

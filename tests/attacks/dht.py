@@ -59,9 +59,9 @@ from swarm_node.dht.receipts import Receipt, sign_receipt
 from swarm_node.dht.records import ServerRecord, record_key
 from swarm_node.dht.signing import sign_record, verify_record
 from swarm_node.dht.validators import MAX_EVIDENCE_PER_REPORTER
-from swarm_node.node.client.inference_session import request
 from swarm_node.node.net.dialing import open_stream, remember_addrs
 from swarm_node.node.net.host import build_host
+from swarm_node.node.net.message_stream import request
 from swarm_node.protocol import PROTOCOL_ID as SWARM_PROTOCOL
 from swarm_node.protocol import messages as m
 from tests.attacks import AttackTarget

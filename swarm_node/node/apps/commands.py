@@ -7,11 +7,12 @@ client's side of the model) in a worker thread while its peer starts and looks t
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ import trio
 
 from swarm_node.errors import ConfigError, MissingBlocksError
 from swarm_node.model.bundled import local_identity, model_id_of
+from swarm_node.node.client.early_spans import EarlySpans, early_spans, open_plain_sessions
 from swarm_node.node.config import (
     ApiConfig,
     ClientConfig,
@@ -29,11 +31,12 @@ from swarm_node.node.config import (
     parse_adapter_flags,
     parse_blocks,
 )
-from swarm_node.node.peer import Peer, open_peer
+from swarm_node.node.peer import ChainWants, Peer, open_peer
 
 if TYPE_CHECKING:
     import torch
 
+    from swarm_node.dht.routing import Hop
     from swarm_node.node.client.generation import GenerationStats
 
 log = logging.getLogger(__name__)
@@ -168,16 +171,18 @@ def tuned_inputs(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
 
 def _client_side(
-    args: argparse.Namespace, path: Any
+    args: argparse.Namespace, path: Any, tokenizer: Any = None
 ) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
-    """What the client holds of the model at ``path``, loaded: checkpoint, tokenizer, head, the
-    prompt's ids and the tuned inputs (blocking: imports torch, reads the weights)."""
+    """What the client holds of the model at ``path``, loaded: checkpoint, tokenizer (``tokenizer``
+    when given), head, the prompt's ids and the tuned inputs (blocking: imports torch, reads the
+    weights)."""
     from swarm_node.model import Checkpoint, ClientHead, load_tokenizer
     from swarm_node.model.dtypes import TORCH_DTYPES
     from swarm_node.node.client.settings import HopTuning
 
     checkpoint = Checkpoint.open(path)
-    tokenizer = load_tokenizer(path, plain=not args.chat)  # a chat template needs transformers
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path, plain=not args.chat)  # a chat template needs transformers
     device = getattr(args, "device", "cpu")  # resolve_client_device made it concrete
     head = ClientHead.load(checkpoint, dtype=TORCH_DTYPES[args.dtype], device=device)
     input_ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
@@ -190,16 +195,24 @@ def _client_side(
 
 
 def _loaded_client_side(
-    args: argparse.Namespace, path: Any
+    args: argparse.Namespace, path: Any, counted: Callable[[int], object] | None = None
 ) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
     """``_client_side`` on the device ``--device``/``--dtype`` resolve to, with the modules that
-    generating needs imported (blocking: what a worker thread does while the peer starts)."""
+    generating needs imported (blocking: what a worker thread does while the peer starts).
+    ``counted``: told the prompt's length in tokens first, before torch is imported (a plain
+    prompt: the tokenizer needs no torch), so that sessions can open meanwhile."""
     started = time.perf_counter()
+    tokenizer = None
+    if counted is not None and not args.chat:
+        from swarm_node.model import load_tokenizer
+
+        tokenizer = load_tokenizer(path, plain=True)
+        counted(len(tokenizer(args.prompt).input_ids))
     import swarm_node.node.client.generation  # noqa: F401 (imported here, off the event loop)
 
     imported = time.perf_counter()
     resolve_client_device(args)
-    side = _client_side(args, path)
+    side = _client_side(args, path, tokenizer)
     log.debug(
         "client's side of the model ready in %.2f s (%.2f s of it torch and the client's modules)",
         time.perf_counter() - started,
@@ -218,13 +231,33 @@ class _ClientSide:
         self.num_blocks = num_blocks
         self._done = trio.Event()
         self._loaded: tuple[Any, Any, Any, torch.Tensor, dict[str, Any]] | None = None
+        self._counted = trio.Event()
+        self._prompt_tokens: int | None = None
 
     async def run(self, args: argparse.Namespace) -> None:
-        # abandoned when cancelled: a peer that failed to start does not wait for the weights
-        self._loaded = await trio.to_thread.run_sync(
-            _loaded_client_side, args, self.path, abandon_on_cancel=True
-        )
+        token = trio.lowlevel.current_trio_token()
+
+        def counted(tokens: int) -> None:  # in the worker thread
+            trio.from_thread.run_sync(self._count, tokens, trio_token=token)
+
+        try:
+            # abandoned when cancelled: a peer that failed to start does not wait for the weights
+            self._loaded = await trio.to_thread.run_sync(
+                _loaded_client_side, args, self.path, counted, abandon_on_cancel=True
+            )
+        finally:
+            self._counted.set()  # a load that failed, or a chat prompt: no count comes
         self._done.set()
+
+    def _count(self, tokens: int) -> None:
+        self._prompt_tokens = tokens
+        self._counted.set()
+
+    async def prompt_tokens(self) -> int | None:
+        """The prompt's length in tokens, once the worker thread has counted them (before torch
+        is loaded); None when it counts none (a chat prompt) or the load failed first."""
+        await self._counted.wait()
+        return self._prompt_tokens
 
     async def loaded(self) -> tuple[Any, Any, Any, torch.Tensor, dict[str, Any]]:
         await self._done.wait()
@@ -274,6 +307,59 @@ async def _generate_with(
     model = model_id_of(path) if identity is None else identity.name
     await _find_servers_early(peer, model, side.num_blocks)
     log.debug("servers of %s looked up", model)
+    async with early_spans() as early:
+        chain = await _open_sessions_early(peer, args, side, model, early)
+        return await _generate_loaded(peer, args, out, side, model, chain, early)
+
+
+def _early_dtype(args: argparse.Namespace) -> str | None:
+    """The dtype ``generate``'s sessions will ask for, where it is known before torch is loaded:
+    ``--dtype`` when named; float32 for "auto" on the CPU (``--device cpu``, or "auto" where this
+    machine has no NVIDIA device); else None (torch's view of the device decides)."""
+    device = getattr(args, "device", "cpu")  # as _client_side reads it
+    if args.dtype != "auto":  # named, or resolved by now (resolve_client_device)
+        return str(args.dtype)
+    if device == "cpu" or (device == "auto" and not glob.glob("/dev/nvidia[0-9]*")):
+        return "float32"
+    return None
+
+
+async def _open_sessions_early(
+    peer: Peer, args: argparse.Namespace, side: _ClientSide, model: str, early: EarlySpans
+) -> list[Hop] | None:
+    """The chain ``generate`` takes, its sessions opening in ``early`` while torch and the client's
+    side of the model load (the prompt counted, the chain chosen: early_spans.py); None where they
+    open after the load, as before (a chat prompt, tuned files, a dtype that only torch can
+    resolve, push or a named adapter, no chain found yet)."""
+    dtype = _early_dtype(args)
+    if dtype is None or args.chat or has_tuned_files(args):
+        return None
+    tokens = await side.prompt_tokens()
+    if tokens is None:
+        return None
+    max_length = tokens + args.max_new_tokens  # as generate_tokens sizes the session
+    try:
+        chain = await peer.route(ChainWants(model=model, max_length=max_length), 0, side.num_blocks)
+    except (MissingBlocksError, trio.TooSlowError) as exc:  # routing after the load says why
+        log.info("no chain to open sessions on while loading: %s", exc)
+        return None
+    if not open_plain_sessions(early, peer, chain, model=model, max_length=max_length, dtype=dtype):
+        return None
+    log.debug("opening sessions on %d servers while the client's side loads", len(chain))
+    return chain
+
+
+async def _generate_loaded(
+    peer: Peer,
+    args: argparse.Namespace,
+    out: Any,
+    side: _ClientSide,
+    model: str,
+    chain: list[Hop] | None,
+    early: EarlySpans,
+) -> GenerationStats:
+    """``_generate_with`` once the client's side is loaded, on ``chain`` (None: routed now) with
+    the sessions opened in ``early``."""
     checkpoint, tokenizer, head, input_ids, tuned = await side.loaded()
     # torch is loaded by now (by the worker thread): these import no more than their own modules
     from swarm_node.node.client.drafting import DraftModel
@@ -313,6 +399,8 @@ async def _generate_with(
         input_ids,
         settings,
         sampling,
+        chain=chain,
+        early=early if chain is not None else None,
         on_tokens=stream,
         speculation=speculation,
         on_retract=stream.retract,

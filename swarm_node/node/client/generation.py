@@ -21,6 +21,7 @@ import trio
 
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, check_int
+from swarm_node.node.client.early_spans import EarlySpans
 from swarm_node.node.client.head_batching import head_batcher
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client.speculative import Speculation
@@ -113,19 +114,21 @@ async def open_token_session(
     tuning: HopTuning | None = None,
     prefix: torch.Tensor | None = None,
     chain: Sequence[Hop] | None = None,
+    early: EarlySpans | None = None,
 ) -> AsyncIterator[TokenSession]:
     """A session holding up to ``settings.max_length`` positions for ``continue_tokens`` calls.
 
     Fine-tuning results: ``tuning`` (model/prompts.py's deep prompts ``# (L, P, H)``, a named adapter
     or a client-owned LoRA) goes to the servers; a soft prompt ``prefix`` ``# (P, H)`` goes before the
-    first tokens' embeddings (it takes P of the ``max_length`` positions).
+    first tokens' embeddings (it takes P of the ``max_length`` positions). ``early``: sessions
+    opened on ``chain``'s servers before this one (early_spans.py).
     """
     if settings.max_length < 1:
         raise ConfigError(f"'max_length' must be an int >= 1, got {settings.max_length!r}")
     tuning = (tuning or HopTuning()).resolved(peer.client_config.adapter)
     if chain is None:
         chain = await peer.route(settings, 0, settings.num_blocks, adapter=tuning.adapter)
-    async with peer.inference_session(list(chain), settings, tuning) as session:
+    async with peer.inference_session(list(chain), settings, tuning, early=early) as session:
         yield TokenSession(
             session,
             list(chain),
@@ -145,15 +148,16 @@ async def generate_tokens(
     tuning: HopTuning | None = None,
     prefix: torch.Tensor | None = None,
     chain: Sequence[Hop] | None = None,
+    early: EarlySpans | None = None,
     on_tokens: Callable[[torch.Tensor], None] | None = None,
     stopping: Callable[[torch.Tensor], bool] | None = None,
     on_retract: Callable[[int], None] | None = None,
     speculation: Speculation | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """input_ids ``# (B, T)`` -> ``# (B, T + new)``, like transformers' generate, in a session of
-    ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix`` and
-    ``chain`` are those of ``open_token_session``, the callbacks and ``speculation`` those of
-    ``continue_tokens``."""
+    ``settings`` sized for this call (its max_length and batch size); ``tuning``, ``prefix``,
+    ``chain`` and ``early`` are those of ``open_token_session``, the callbacks and ``speculation``
+    those of ``continue_tokens``."""
     if input_ids.ndim != 2 or input_ids.shape[1] < 1:
         raise ConfigError(
             f"'input_ids' must have shape (batch, tokens >= 1), got {tuple(input_ids.shape)}"
@@ -162,7 +166,7 @@ async def generate_tokens(
     max_length = input_ids.shape[1] + sampling.max_new_tokens + prefix_len
     settings = replace(settings, max_length=max_length, batch_size=input_ids.shape[0])
     async with open_token_session(
-        peer, settings, tuning=tuning, prefix=prefix, chain=chain
+        peer, settings, tuning=tuning, prefix=prefix, chain=chain, early=early
     ) as session:
         return await continue_tokens(
             head, session, input_ids, sampling, on_tokens, stopping, on_retract, speculation

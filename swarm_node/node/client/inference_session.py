@@ -38,6 +38,7 @@ import trio
 from swarm_node import compression
 from swarm_node.dht.routing import Hop
 from swarm_node.errors import ConfigError, RemoteError, RemoteProtocolError, SessionError
+from swarm_node.node.client.early_spans import EarlySpans, close_session, open_session_on
 from swarm_node.node.client.hedging import hedged
 from swarm_node.node.client.push_proof import PushUnproven, last_answer, proven
 from swarm_node.node.client.recovery import (
@@ -54,7 +55,7 @@ from swarm_node.node.client.step_deadlines import HedgeBudget
 from swarm_node.node.client.verification import Answer, RolledBack, Verifier
 from swarm_node.node.config import SERVER_DEFAULT
 from swarm_node.node.net.dialing import open_stream
-from swarm_node.node.net.message_stream import MessageStream, request
+from swarm_node.node.net.message_stream import MessageStream
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.client_session import HopAnswers, SessionSteps
 from swarm_node.protocol.tensors import WireTensor
@@ -120,8 +121,12 @@ class InferenceSession:
         observe: Callable[[Hop, float], None] | None = None,
         watch: IdleWatch | None = None,
         verify: Verify | None = None,
+        early: EarlySpans | None = None,
     ) -> None:
         self.push = bool(settings.push)
+        self.early = (
+            early  # sessions opened on the chain's servers before this one (early_spans.py)
+        )
         self.observe = observe  # told the seconds of each one-token client-star step of a hop
         self.tuning = tuning or HopTuning()  # each hop gets its blocks' part at open
         self.recovery = recovery  # None: a failed server ends the session
@@ -251,6 +256,8 @@ class InferenceSession:
                 self._slots.append(slot)
             if self.push:
                 self._slots.reverse()
+            if self.early is not None:
+                self.early.close_rest()
         except BaseException:
             await close_quietly([span for span in opened.values() if isinstance(span, RemoteSpan)])
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
@@ -346,8 +353,8 @@ class InferenceSession:
     async def open_span(
         self, hop: Hop, *, conn: MessageStream | None = None, **push_fields: str
     ) -> RemoteSpan:
-        """A session for ``hop``'s blocks on its server, on ``conn`` (a stream to it) or a new
-        stream."""
+        """A session for ``hop``'s blocks on its server: on ``conn`` (a stream to it), the one
+        opened early with this very request (early_spans.py), or on a new stream."""
         req = m.OpenSessionRequest(
             model=self.model,
             start=hop.start,
@@ -359,17 +366,15 @@ class InferenceSession:
             **self.tuning.fields(hop.start, hop.end, self.dtype),
             **push_fields,
         )
-        timeout = self.step_timeout
-        if conn is None:
-            conn = await open_stream(
-                self.host, hop.server.peer_id, max_frame_size=self.max_frame_size, timeout=timeout
-            )
-        try:
-            reply = await request(conn, req, m.OpenSessionResponse, timeout=timeout)
-        except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await conn.close()
-            raise
+        taken = None if conn is not None or self.early is None else await self.early.take(hop, req)
+        conn, reply = taken or await open_session_on(
+            self.host,
+            hop.server.peer_id,
+            req,
+            max_frame_size=self.max_frame_size,
+            timeout=self.step_timeout,
+            conn=conn,
+        )
         span = RemoteSpan(hop, conn, reply.session_id, pushes=reply.push, keeps=reply.keep)
         if self.verifier is not None:
             span.answered = []
@@ -813,12 +818,4 @@ class InferenceSession:
 
 async def _close_span(span: RemoteSpan) -> None:
     """Ends a span's session on its server (best effort, within 2 s) and closes the stream."""
-    close = m.CloseSessionRequest(session_id=span.session_id)
-    with trio.move_on_after(2.0):
-        try:
-            await request(span.conn, close, m.CloseSessionResponse, timeout=2.0)
-        except (RemoteError, RemoteProtocolError, trio.TooSlowError) as exc:
-            log.debug("closing session on %s: %s", span.conn.peer_id, exc)
-        except Exception as exc:  # noqa: BLE001 (the server may be gone; the close is best effort)
-            log.debug("closing session on %s failed: %r", span.conn.peer_id, exc)
-        await span.conn.close()
+    await close_session(span.conn, span.session_id)

@@ -41,13 +41,13 @@ from swarm_node.model.dtypes import TORCH_DTYPES
 from swarm_node.model.lora import LoraWeights
 from swarm_node.model.lora_pack import pack_lora
 from swarm_node.node.client.hedging import hedged
-from swarm_node.node.client.inference_session import open_stream, request
 from swarm_node.node.client.recovery import HopFailed, UnopenedSpan, ban
 from swarm_node.node.client.settings import HopTuning, SessionSettings
 from swarm_node.node.client.step_deadlines import HedgeBudget, StepTimes
 from swarm_node.node.client.verify_training import CheckedCall, TrainingChecks
 from swarm_node.node.config import MAX_REQUEST_TOKENS
-from swarm_node.node.net.message_stream import ConnectionLost, MessageStream
+from swarm_node.node.net.dialing import open_stream
+from swarm_node.node.net.message_stream import ConnectionLost, MessageStream, request
 from swarm_node.protocol import messages as m
 from swarm_node.protocol.messages import MAX_FORWARD_BATCH
 
