@@ -2,7 +2,8 @@
 """A new user's first token: `swarm-node generate ... --max-new-tokens 1` and `swarm-node status`,
 each a fresh CLI process, against loopback swarms of 1, 8 and 32 servers of SmolLM2-135M (servers
 in processes of --per-process each; with 8 and 32 the model is split in 4 and 8 spans, each held by
-several servers), without and with a delay proxy in front of every server (DELAY seconds one way).
+several servers), without and with a delay proxy in front of every server (DELAY seconds one way;
+since 2026-12-06 16:00 the proxies do not spin for precision: each chunk up to 1 ms late).
 
     .venv/bin/python scripts/bench_first_token.py [--servers 1 8 32] [--delays 0 0.025] [--repeats 3]
     .venv/bin/python scripts/bench_first_token.py --quick     # 1 and 8 servers, one repeat
@@ -83,7 +84,9 @@ async def serve_spans(spans: list[tuple[int, int]], delay: float, initial: str) 
             proxy = None
             announce: tuple[str, ...] = ()
             if delay > 0:
-                proxy = DelayProxy(target_port=0, delay=delay)
+                # no spinning (tests/delay_proxy.py): each chunk up to 1 ms late, not ~0.5
+                # CPU-seconds a generate taken from the client's 2 cores by 32 proxies
+                proxy = DelayProxy(target_port=0, delay=delay, timer_slack=0.0)
                 port = await nursery.start(proxy.run)
                 announce = (f"/ip4/127.0.0.1/tcp/{port}",)
             peer = await stack.enter_async_context(

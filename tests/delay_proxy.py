@@ -22,7 +22,10 @@ QUEUE_CHUNKS = 1024  # chunks in flight per direction before the reader waits (b
 # trio's epoll wait rounds its timeout up to whole milliseconds, so sleep_until alone writes a chunk
 # 0.5 ms late on average (up to 0.9; a worker thread's nanosleep is later still on these VMs, 0.8 ms,
 # its wake-up being slow): the proxy wakes TIMER_SLACK early and spins the rest (0.5 ms of CPU a
-# chunk on average), so a link's delay is what was asked within microseconds.
+# chunk on average), so a link's delay is what was asked within microseconds. ``timer_slack=0``
+# spins not at all: each chunk up to 1 ms late (0.5 on average), for a run where the proxies' CPU
+# would be taken from what is measured (bench_first_token.py: 32 proxies and their servers share
+# 2 cores with the client; spinning cost them ~0.45 CPU-seconds more a generate, measured).
 TIMER_SLACK = 0.001
 
 
@@ -31,6 +34,7 @@ class DelayProxy:
     target_port: int
     delay: float  # seconds added to each direction
     bandwidth: float | None = None  # bytes/s per direction per connection; None: no cap
+    timer_slack: float = TIMER_SLACK  # seconds spun before each write (see TIMER_SLACK); 0: none
     target_host: str = "127.0.0.1"
     listen_host: str = "127.0.0.1"
     port: int | None = None  # the listening port, once run() has started
@@ -40,6 +44,8 @@ class DelayProxy:
             raise ValueError(f"'delay' must be finite and >= 0 seconds, got {self.delay}")
         if self.bandwidth is not None and not self.bandwidth > 0:
             raise ValueError(f"'bandwidth' must be > 0 bytes/s or None, got {self.bandwidth}")
+        if not (math.isfinite(self.timer_slack) and 0 <= self.timer_slack <= 0.01):
+            raise ValueError(f"'timer_slack' must be 0..0.01 seconds, got {self.timer_slack}")
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=self.listen_host)
@@ -91,9 +97,9 @@ class DelayProxy:
     ) -> None:
         async with queue:
             async for release, data in queue:
-                await trio.sleep_until(release - TIMER_SLACK)
-                while trio.current_time() < release:
-                    pass  # at most TIMER_SLACK + the loop's lateness; see TIMER_SLACK
+                await trio.sleep_until(release - self.timer_slack)
+                while self.timer_slack and trio.current_time() < release:
+                    pass  # at most timer_slack + the loop's lateness; see TIMER_SLACK
                 try:
                     if not data:
                         await dst.send_eof()

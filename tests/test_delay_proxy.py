@@ -34,10 +34,13 @@ async def receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(out)
 
 
-async def test_round_trip_is_twice_the_one_way_delay() -> None:
+@pytest.mark.parametrize("timer_slack", [0.001, 0.0], ids=["spinning", "not-spinning"])
+async def test_round_trip_is_twice_the_one_way_delay(timer_slack: float) -> None:
+    # not spinning, each chunk is written up to ~1 ms late (trio's epoll rounds its timeout up),
+    # never early
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            stream = await start_echo_behind_proxy(nursery, delay=0.05)
+            stream = await start_echo_behind_proxy(nursery, delay=0.05, timer_slack=timer_slack)
             for i in range(3):
                 message = b"ping %d" % i
                 t0 = trio.current_time()
@@ -83,3 +86,5 @@ def test_bad_settings() -> None:
         DelayProxy(target_port=1, delay=-1)
     with pytest.raises(ValueError, match="'bandwidth' must be > 0"):
         DelayProxy(target_port=1, delay=0, bandwidth=0)
+    with pytest.raises(ValueError, match="'timer_slack' must be 0..0.01"):
+        DelayProxy(target_port=1, delay=0, timer_slack=-0.001)
