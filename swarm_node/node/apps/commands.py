@@ -400,7 +400,7 @@ async def _generate_loaded(
         settings,
         sampling,
         chain=chain,
-        early=early if chain is not None else None,
+        early=early,
         on_tokens=stream,
         speculation=speculation,
         on_retract=stream.retract,

@@ -172,10 +172,8 @@ class EarlySpans:
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
                 for opening in self._openings.values():
-                    if opening.opened is not None and not (opening.adopted or opening.closed):
-                        opening.closed = True
-                        conn, reply = opening.opened
-                        nursery.start_soon(close_session, conn, reply.session_id)
+                    if not opening.adopted:
+                        nursery.start_soon(self._close, opening)
 
 
 def open_plain_sessions(
